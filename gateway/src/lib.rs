@@ -1,0 +1,17 @@
+//! The stagefs gateway: owns a block device as a shared staging area for many clients.
+//!
+//! Layers, from the bottom: [`io`] (the `IoEngine` trait and its io_uring and psync backends over
+//! an `O_DIRECT` [`device`]), [`format`] (on-device structures), [`recovery`] (the start-up scan),
+//! [`staging`] (the log: group commit, index, reclaim, upload bookkeeping), [`drain`] (upload
+//! workers), [`volume`] (open, format, recover) and [`service`] (gRPC, a thin shell).
+
+pub mod aligned;
+pub mod device;
+pub mod drain;
+pub mod format;
+pub mod inspect;
+pub mod io;
+pub mod recovery;
+pub mod service;
+pub mod staging;
+pub mod volume;

@@ -1,1 +1,217 @@
-fn main() {}
+//! `stagefs-gateway`: serve a staging device over gRPC, or inspect one offline.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gateway::drain::{self, DrainConfig};
+use gateway::io::EngineKind;
+use gateway::service::StagingService;
+use gateway::volume::{open_volume, VolumeOptions};
+use proto::staging::staging_server::StagingServer;
+use shared::size::parse_size;
+use shared::store::{open_store, S3Options};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "stagefs-gateway",
+    version,
+    about = "stagefs gateway: durable shared staging on a block device, drained to an object store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Recover the staging log on DEVICE and serve it over gRPC, draining blocks to the store.
+    Serve(ServeArgs),
+    /// Print what a device holds (superblocks, segments, waiting and corrupt records), offline.
+    Inspect {
+        /// Staging device or file.
+        #[arg(long)]
+        device: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// List every block record with its device offset and state.
+        #[arg(long)]
+        records: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Staging device: a raw block device, or a regular file (created and preallocated if missing).
+    #[arg(long)]
+    device: PathBuf,
+    /// Size of the file created when --device does not exist (e.g. 64GiB).
+    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    device_size: u64,
+    /// Segment size used when formatting (default: device/64, between 8 MiB and 64 MiB).
+    #[arg(long, value_parser = parse_size)]
+    segment_size: Option<u64>,
+    /// Format the device if it holds no valid stagefs superblock (destroys what it holds).
+    /// A device with a valid stagefs log is never reformatted.
+    #[arg(long)]
+    format: bool,
+    /// Object store: file:///dir, memory:// or s3://bucket[/prefix] (credentials from AWS_*).
+    #[arg(long)]
+    store: String,
+    /// Address to serve gRPC on; port 0 picks a free port (printed as "listening on ADDR").
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// I/O engine; uring falls back to psync (logged) where io_uring is unavailable.
+    #[arg(long, value_enum, default_value = "uring")]
+    io_engine: EngineKind,
+    /// Concurrent uploads.
+    #[arg(long, default_value_t = 8)]
+    upload_concurrency: usize,
+    /// Upload bandwidth limit in bytes per second (e.g. 100MiB); 0 for none.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    upload_bandwidth: u64,
+    /// Wait this long after staging before uploading (blocks deleted meanwhile are never uploaded).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    upload_delay: Duration,
+    /// Failed attempts (permanent errors) after which a block is quarantined. Store outages
+    /// (unreachable, timeouts, 5xx) are retried without limit and never quarantine.
+    #[arg(long, default_value_t = 5)]
+    upload_max_attempts: u32,
+    /// First retry delay after a failed upload; doubles on each failure.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "200ms")]
+    retry_initial: Duration,
+    /// Longest retry delay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    retry_max: Duration,
+    /// How long a write waits for space on a full device before RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    full_wait: Duration,
+    /// Start with uploads held (resume with the SetUploadsPaused RPC).
+    #[arg(long)]
+    uploads_paused: bool,
+    /// S3 endpoint (e.g. http://127.0.0.1:9000); default from AWS_ENDPOINT / AWS_ENDPOINT_URL.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 region; default from AWS_REGION / AWS_DEFAULT_REGION.
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Allow plain-HTTP S3 endpoints.
+    #[arg(long)]
+    s3_allow_http: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Inspect {
+                device,
+                json,
+                records,
+            } => {
+                let inspection = gateway::inspect::inspect(&device, records).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&inspection)?);
+                } else {
+                    inspection.print_text();
+                }
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stagefs-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let s3 = S3Options {
+        endpoint: args.s3_endpoint.clone(),
+        region: args.s3_region.clone(),
+        allow_http: args.s3_allow_http,
+    };
+    let store = open_store(&args.store, &s3)?;
+    let log = open_volume(&VolumeOptions {
+        path: args.device.clone(),
+        create_size: args.device_size,
+        segment_size: args.segment_size,
+        format: args.format,
+        engine: args.io_engine,
+        full_wait: args.full_wait,
+        uploads_paused: args.uploads_paused,
+    })
+    .await?;
+    let shutdown = CancellationToken::new();
+    let workers = drain::start(
+        log.clone(),
+        store.clone(),
+        DrainConfig {
+            concurrency: args.upload_concurrency,
+            bandwidth: (args.upload_bandwidth > 0).then_some(args.upload_bandwidth),
+            delay: args.upload_delay,
+            max_attempts: args.upload_max_attempts.max(1),
+            retry_initial: args.retry_initial,
+            retry_max: args.retry_max,
+        },
+        shutdown.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let service = StagingService {
+        log: log.clone(),
+        store,
+        store_url: args.store.clone(),
+    };
+    tracing::info!(%addr, device = %args.device.display(), store = %args.store, "gateway serving");
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    tonic::transport::Server::builder()
+        .add_service(
+            StagingServer::new(service)
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await?;
+    tracing::info!("stopped accepting requests; in-flight acknowledgements finished");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(workers)).await;
+    log.shutdown().await;
+    tracing::info!("gateway stopped; staged data is intact on the device");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

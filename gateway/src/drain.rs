@@ -1,0 +1,370 @@
+//! The upload drain: workers take staged blocks oldest first and PUT them to the object store.
+//!
+//! Failures are split in two. A store that cannot be reached, times out or answers 5xx is an
+//! outage: every worker backs off together (exponentially, capped) and retries without limit, so
+//! an outage never quarantines data. A failure that names the block or the request (permission
+//! denied, a block that fails its checksum on the device) counts against that block, which is
+//! quarantined after `max_attempts`: kept on the device, shown in Status, retried on request or
+//! on restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tokio_util::sync::CancellationToken;
+
+use crate::staging::{NextUpload, StagingError, StagingLog, UploadJob};
+
+#[derive(Debug, Clone)]
+pub struct DrainConfig {
+    pub concurrency: usize,
+    /// Bytes per second, across all workers; `None` for no limit.
+    pub bandwidth: Option<u64>,
+    /// Blocks are uploaded no sooner than this after they were staged.
+    pub delay: Duration,
+    pub max_attempts: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// Shared state of the workers: the store outage backoff and the bandwidth budget.
+struct Shared {
+    staging: Arc<StagingLog>,
+    store: Arc<dyn ObjectStore>,
+    config: DrainConfig,
+    outage: Mutex<Outage>,
+    bandwidth_next: tokio::sync::Mutex<Instant>,
+}
+
+struct Outage {
+    until: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Starts the workers; they stop (after their current upload) when `shutdown` is cancelled.
+pub fn start(
+    staging: Arc<StagingLog>,
+    store: Arc<dyn ObjectStore>,
+    config: DrainConfig,
+    shutdown: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let shared = Arc::new(Shared {
+        outage: Mutex::new(Outage {
+            until: None,
+            backoff: config.retry_initial,
+        }),
+        staging,
+        store,
+        bandwidth_next: tokio::sync::Mutex::new(Instant::now()),
+        config,
+    });
+    (0..shared.config.concurrency.max(1))
+        .map(|_| tokio::spawn(worker(shared.clone(), shutdown.clone())))
+        .collect()
+}
+
+async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let wakeup = shared.staging.upload_wakeup.notified();
+        tokio::pin!(wakeup);
+        wakeup.as_mut().enable();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let outage_until = shared
+            .outage
+            .lock()
+            .unwrap()
+            .until
+            .filter(|t| *t > Instant::now());
+        let wait_until = match outage_until {
+            Some(t) => Some(t),
+            None => match shared.staging.next_upload(shared.config.delay) {
+                NextUpload::Ready(job) => {
+                    upload(&shared, job).await;
+                    continue;
+                }
+                NextUpload::WaitUntil(t) => Some(t),
+                NextUpload::Idle => None,
+            },
+        };
+        let sleep = async {
+            match wait_until {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = &mut wakeup => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+async fn upload(shared: &Shared, job: UploadJob) {
+    let staging = &shared.staging;
+    let data = match staging.read_for_upload(&job).await {
+        Ok(data) => data,
+        Err(StagingError::Corrupt { reason, .. }) => {
+            staging.quarantine(
+                &job,
+                format!("block fails verification on the device: {reason}"),
+            );
+            return;
+        }
+        Err(e) => {
+            let backoff = shared.config.retry_initial;
+            staging.fail_upload(
+                &job,
+                e.to_string(),
+                true,
+                shared.config.max_attempts,
+                backoff,
+            );
+            return;
+        }
+    };
+    if let Some(rate) = shared.config.bandwidth {
+        let start = {
+            let mut next = shared.bandwidth_next.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(data.len() as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
+    let path = Path::from(job.key.to_string());
+    match shared.store.put(&path, PutPayload::from_bytes(data)).await {
+        Ok(_) => {
+            {
+                let mut outage = shared.outage.lock().unwrap();
+                outage.until = None;
+                outage.backoff = shared.config.retry_initial;
+            }
+            if staging.complete_upload(&job) {
+                // Deleted while it was being uploaded: remove the object we just wrote.
+                if let Err(e) = shared.store.delete(&path).await {
+                    tracing::warn!(key = %job.key, error = %e, "could not delete the object of a block deleted during its upload");
+                }
+            }
+        }
+        Err(error) => {
+            let permanent = is_permanent(&error);
+            let backoff = if permanent {
+                shared.config.retry_initial * 2u32.saturating_pow(job.entry.failed_attempts.min(16))
+            } else {
+                let mut outage = shared.outage.lock().unwrap();
+                let backoff = outage.backoff;
+                outage.until = Some(Instant::now() + backoff);
+                outage.backoff = (backoff * 2).min(shared.config.retry_max);
+                backoff
+            }
+            .min(shared.config.retry_max);
+            tracing::warn!(key = %job.key, %error, permanent, retry_in = ?backoff, "upload failed");
+            staging.fail_upload(
+                &job,
+                error.to_string(),
+                permanent,
+                shared.config.max_attempts,
+                backoff,
+            );
+        }
+    }
+}
+
+/// Errors that say something about this request or block rather than about the store's health.
+fn is_permanent(error: &object_store::Error) -> bool {
+    use object_store::Error::*;
+    matches!(
+        error,
+        PermissionDenied { .. }
+            | Unauthenticated { .. }
+            | InvalidPath { .. }
+            | NotImplemented { .. }
+            | UnknownConfigurationKey { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Drain behaviour against in-memory stores with injected faults a real server cannot be
+    //! made to produce on demand.
+    use super::*;
+    use crate::io::EngineKind;
+    use crate::volume::{open_volume, VolumeOptions};
+    use object_store::memory::InMemory;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails PUTs: the first `outage` ones as an unreachable store, all of them with permission
+    /// errors for the blocks of slice 13.
+    #[derive(Debug)]
+    struct FaultyStore {
+        inner: InMemory,
+        outage: AtomicU32,
+    }
+
+    impl std::fmt::Display for FaultyStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "FaultyStore")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for FaultyStore {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            if location.as_ref().contains("/13_") {
+                return Err(object_store::Error::PermissionDenied {
+                    path: location.to_string(),
+                    source: "injected".into(),
+                });
+            }
+            if self.outage.load(Ordering::SeqCst) > 0 {
+                self.outage.fetch_sub(1, Ordering::SeqCst);
+                return Err(object_store::Error::Generic {
+                    store: "faulty",
+                    source: "connection refused (injected)".into(),
+                });
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn outage_retries_forever_and_permission_errors_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = open_volume(&VolumeOptions {
+            path: dir.path().join("dev"),
+            create_size: 64 << 20,
+            segment_size: Some(8 << 20),
+            format: false,
+            engine: EngineKind::Psync,
+            full_wait: Duration::from_secs(1),
+            uploads_paused: false,
+        })
+        .await
+        .unwrap();
+        let store = Arc::new(FaultyStore {
+            inner: InMemory::new(),
+            outage: AtomicU32::new(20),
+        });
+        let config = DrainConfig {
+            concurrency: 4,
+            bandwidth: None,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(10),
+        };
+        let shutdown = CancellationToken::new();
+        let workers = start(volume.clone(), store.clone(), config, shutdown.clone());
+        let mut keys = Vec::new();
+        for slice in 10..16u64 {
+            let key = shared::BlockKey::new(slice, 0, 5000).unwrap();
+            let data = vec![slice as u8; 5000];
+            volume
+                .write_block(
+                    key,
+                    crate::service::record_with(&key, &data),
+                    crc32c::crc32c(&data),
+                )
+                .await
+                .unwrap();
+            keys.push(key);
+        }
+        let bad = shared::BlockKey::new(13, 0, 5000).unwrap();
+        let mut changes = volume.subscribe_changes();
+        loop {
+            let snap = volume.snapshot();
+            if snap.queue_len == 0 && snap.blocks_uploading == 0 {
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(10), changes.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        for key in &keys {
+            let state = volume.entry(key).unwrap().state;
+            if *key == bad {
+                assert_eq!(state, crate::staging::BlockState::Quarantined);
+                // Quarantined data stays readable on the device.
+                assert_eq!(
+                    &volume.read_block(key).await.unwrap().0[..],
+                    &vec![13u8; 5000][..]
+                );
+            } else {
+                assert_eq!(state, crate::staging::BlockState::Uploaded, "{key}");
+                let got = store
+                    .inner
+                    .get(&Path::from(key.to_string()))
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                assert_eq!(&got[..], &vec![key.slice_id as u8; 5000][..]);
+            }
+        }
+        let snap = volume.snapshot();
+        assert_eq!(snap.quarantined.len(), 1);
+        assert_eq!(snap.quarantined[0].1.failed_attempts, 3);
+        assert!(
+            snap.counters.upload_retries >= 20,
+            "outage retries counted: {}",
+            snap.counters.upload_retries
+        );
+        assert_eq!(volume.retry_quarantined(), 1);
+        shutdown.cancel();
+        for w in workers {
+            w.await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! io_uring backend: tokio-uring runs on its own thread; requests arrive over a channel and each
+//! is spawned as a task there, so many reads and writes are in flight in one ring at once.
+
+use std::fs::File;
+use std::io;
+use std::rc::Rc;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+use super::IoEngine;
+use crate::aligned::AlignedBuf;
+
+enum Request {
+    Write {
+        buf: AlignedBuf,
+        offset: u64,
+        reply: oneshot::Sender<io::Result<AlignedBuf>>,
+    },
+    Read {
+        buf: AlignedBuf,
+        offset: u64,
+        reply: oneshot::Sender<io::Result<AlignedBuf>>,
+    },
+    Sync {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+pub struct UringEngine {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+const RING_ENTRIES: u32 = 256;
+
+impl UringEngine {
+    /// Starts the ring thread; fails (so the caller can fall back) if io_uring cannot be set up.
+    pub fn new(file: File) -> io::Result<Self> {
+        let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        std::thread::Builder::new()
+            .name("stagefs-uring".into())
+            .spawn(move || {
+                let runtime =
+                    match tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)) {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                runtime.block_on(async move {
+                    let file = Rc::new(tokio_uring::fs::File::from_std(file));
+                    let _ = ready_tx.send(Ok(()));
+                    while let Some(request) = inbox.recv().await {
+                        let file = file.clone();
+                        tokio_uring::spawn(async move { serve(&file, request).await });
+                    }
+                });
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("io_uring thread exited during start-up"))??;
+        Ok(UringEngine { requests })
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Request,
+    ) -> BoxFuture<'static, io::Result<T>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.requests.send(make(reply));
+        Box::pin(async move {
+            sent.map_err(|_| io::Error::other("io_uring thread has stopped"))?;
+            answer
+                .await
+                .map_err(|_| io::Error::other("io_uring thread dropped a request"))?
+        })
+    }
+}
+
+async fn serve(file: &tokio_uring::fs::File, request: Request) {
+    match request {
+        Request::Write { buf, offset, reply } => {
+            let (result, buf) = file.write_all_at(buf, offset).await;
+            let _ = reply.send(result.map(|()| buf));
+        }
+        Request::Read { buf, offset, reply } => {
+            let (result, buf) = file.read_exact_at(buf, offset).await;
+            let _ = reply.send(result.map(|()| buf));
+        }
+        Request::Sync { reply } => {
+            let _ = reply.send(file.sync_data().await);
+        }
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn write_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>> {
+        self.submit(|reply| Request::Write { buf, offset, reply })
+    }
+
+    fn read_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>> {
+        self.submit(|reply| Request::Read { buf, offset, reply })
+    }
+
+    fn sync(&self) -> BoxFuture<'static, io::Result<()>> {
+        self.submit(|reply| Request::Sync { reply })
+    }
+
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+}

@@ -1,0 +1,401 @@
+//! The gRPC staging service: a thin shell over [`StagingLog`] that validates input and maps
+//! errors to status codes in one place.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use proto::staging::staging_server::Staging;
+use proto::staging::{self as pb, write_block_request::Frame};
+use shared::BlockKey;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::aligned::AlignedBuf;
+use crate::format::{record_len, RECORD_HEADER_BYTES};
+use crate::staging::{BlockState, StagingError, StagingLog};
+
+pub struct StagingService {
+    pub log: Arc<StagingLog>,
+    pub store: Arc<dyn ObjectStore>,
+    pub store_url: String,
+}
+
+impl From<StagingError> for Status {
+    fn from(e: StagingError) -> Status {
+        let message = e.to_string();
+        match e {
+            StagingError::Full { .. } => Status::resource_exhausted(message),
+            StagingError::Failed(_) | StagingError::Io(_) | StagingError::ShuttingDown => {
+                Status::unavailable(message)
+            }
+            StagingError::Conflict { .. } => Status::already_exists(message),
+            StagingError::NotFound(_) => Status::not_found(message),
+            StagingError::Corrupt { .. } => Status::data_loss(message),
+        }
+    }
+}
+
+fn parse_key(key: &str) -> Result<BlockKey, Status> {
+    key.parse::<BlockKey>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn proto_state(state: BlockState) -> pb::BlockState {
+    match state {
+        BlockState::Staged => pb::BlockState::Staged,
+        BlockState::Uploading => pb::BlockState::Uploading,
+        BlockState::Uploaded => pb::BlockState::Uploaded,
+        BlockState::Quarantined => pb::BlockState::Quarantined,
+        BlockState::Deleted => pb::BlockState::Deleted,
+    }
+}
+
+/// A record buffer for `key` holding `data` where the log expects it (used by tests and tools).
+pub fn record_with(key: &BlockKey, data: &[u8]) -> AlignedBuf {
+    let key_len = key.to_string().len();
+    let mut record = AlignedBuf::zeroed(record_len(key_len, data.len()) as usize);
+    record[RECORD_HEADER_BYTES + key_len..RECORD_HEADER_BYTES + key_len + data.len()]
+        .copy_from_slice(data);
+    record
+}
+
+fn timeout_of(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+#[tonic::async_trait]
+impl Staging for StagingService {
+    async fn write_block(
+        &self,
+        request: Request<Streaming<pb::WriteBlockRequest>>,
+    ) -> Result<Response<pb::WriteBlockResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::WriteBlockRequest {
+                frame: Some(Frame::Header(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first WriteBlock frame must be a header (key, total_len, crc32c)",
+                ))
+            }
+            Some(Err(status)) => return Err(status),
+            None => {
+                return Err(Status::invalid_argument(
+                    "empty WriteBlock stream: no header",
+                ))
+            }
+        };
+        let key = parse_key(&header.key)?;
+        if header.total_len != key.len() {
+            return Err(Status::invalid_argument(format!(
+                "total_len {} does not match the length {} in block key {}",
+                header.total_len,
+                key.len(),
+                header.key
+            )));
+        }
+        let key_len = header.key.len();
+        let total = key.len() as usize;
+        let mut record = AlignedBuf::zeroed(record_len(key_len, total) as usize);
+        let data_start = RECORD_HEADER_BYTES + key_len;
+        let mut received = 0usize;
+        let mut crc = 0u32;
+        while let Some(frame) = stream.next().await {
+            let data = match frame? {
+                pb::WriteBlockRequest {
+                    frame: Some(Frame::Data(d)),
+                } => d,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "block {key}: a second header frame or an empty frame after the header"
+                    )))
+                }
+            };
+            if received + data.len() > total {
+                return Err(Status::invalid_argument(format!(
+                    "block {key}: stream carries more than total_len {total} bytes"
+                )));
+            }
+            record[data_start + received..data_start + received + data.len()]
+                .copy_from_slice(&data);
+            crc = crc32c::crc32c_append(crc, &data);
+            received += data.len();
+        }
+        if received != total {
+            return Err(Status::invalid_argument(format!(
+                "block {key}: stream truncated, got {received} of {total} bytes"
+            )));
+        }
+        if crc != header.crc32c {
+            return Err(Status::data_loss(format!(
+                "block {key}: crc32c mismatch, header says {:#010x}, data has {crc:#010x}",
+                header.crc32c
+            )));
+        }
+        let sequence = self
+            .log
+            .write_block(key, record, crc)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(%key, error = %e, "WriteBlock refused");
+            })?;
+        Ok(Response::new(pb::WriteBlockResponse { sequence }))
+    }
+
+    async fn read_block(
+        &self,
+        request: Request<pb::ReadBlockRequest>,
+    ) -> Result<Response<pb::ReadBlockResponse>, Status> {
+        let req = request.into_inner();
+        let key = parse_key(&req.key)?;
+        let (data, state) = self.log.read_block(&key).await.inspect_err(|e| {
+            if let StagingError::Corrupt { .. } = e {
+                tracing::error!(%key, error = %e, "staged block fails verification; not served");
+            }
+        })?;
+        let len = data.len() as u64;
+        if req.offset > len {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end of block {key} ({len} bytes)",
+                req.offset
+            )));
+        }
+        let end = if req.length == 0 {
+            len
+        } else {
+            req.offset.saturating_add(req.length).min(len)
+        };
+        let data = data.slice(req.offset as usize..end as usize);
+        let crc32c = crc32c::crc32c(&data);
+        Ok(Response::new(pb::ReadBlockResponse {
+            data,
+            crc32c,
+            state: proto_state(state) as i32,
+        }))
+    }
+
+    async fn stat_blocks(
+        &self,
+        request: Request<pb::StatBlocksRequest>,
+    ) -> Result<Response<pb::StatBlocksResponse>, Status> {
+        let mut blocks = Vec::new();
+        for key_text in request.into_inner().keys {
+            let key = parse_key(&key_text)?;
+            blocks.push(match self.log.entry(&key) {
+                Some(e) => pb::BlockStat {
+                    key: key_text,
+                    state: proto_state(e.state) as i32,
+                    len: e.data_len as u64,
+                    failed_attempts: e.failed_attempts,
+                    last_error: e.last_error.unwrap_or_default(),
+                },
+                None => pb::BlockStat {
+                    key: key_text,
+                    state: pb::BlockState::Unknown as i32,
+                    len: key.len(),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(pb::StatBlocksResponse { blocks }))
+    }
+
+    async fn wait_uploaded(
+        &self,
+        request: Request<pb::WaitUploadedRequest>,
+    ) -> Result<Response<pb::WaitUploadedResponse>, Status> {
+        let req = request.into_inner();
+        let keys = req
+            .keys
+            .iter()
+            .map(|k| parse_key(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let deadline = timeout_of(req.timeout_ms).map(|t| Instant::now() + t);
+        let mut changes = self.log.subscribe_changes();
+        // Keys the gateway does not know must already be in the store; checked once.
+        for key in &keys {
+            if self.log.entry(key).is_none() {
+                match self.store.head(&Path::from(key.to_string())).await {
+                    Ok(_) => {}
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(Status::not_found(format!(
+                            "block {key} is neither staged here nor in the object store"
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(Status::unavailable(format!(
+                            "cannot check block {key} in the object store: {e}"
+                        )))
+                    }
+                }
+            }
+        }
+        loop {
+            changes.borrow_and_update();
+            let mut waiting = 0;
+            for key in &keys {
+                match self.log.entry(key).map(|e| (e.state, e.last_error)) {
+                    None | Some((BlockState::Uploaded, _)) => {}
+                    Some((BlockState::Quarantined, error)) => {
+                        return Err(Status::failed_precondition(format!(
+                            "block {key} is quarantined after failed uploads: {}",
+                            error.unwrap_or_default()
+                        )))
+                    }
+                    Some((BlockState::Deleted, _)) => {
+                        return Err(Status::failed_precondition(format!(
+                            "block {key} was deleted and will not be uploaded"
+                        )))
+                    }
+                    Some(_) => waiting += 1,
+                }
+            }
+            if waiting == 0 {
+                return Ok(Response::new(pb::WaitUploadedResponse {}));
+            }
+            let changed = changes.changed();
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d.into(), changed).await.is_err() {
+                        return Err(Status::deadline_exceeded(format!(
+                            "{waiting} of {} blocks are not uploaded yet",
+                            keys.len()
+                        )));
+                    }
+                }
+                None => {
+                    let _ = changed.await;
+                }
+            }
+        }
+    }
+
+    async fn delete_blocks(
+        &self,
+        request: Request<pb::DeleteBlocksRequest>,
+    ) -> Result<Response<pb::DeleteBlocksResponse>, Status> {
+        let keys = request
+            .into_inner()
+            .keys
+            .iter()
+            .map(|k| parse_key(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (dropped, not_pending) = self.log.delete_blocks(&keys).await?;
+        Ok(Response::new(pb::DeleteBlocksResponse {
+            dropped,
+            not_pending,
+        }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let deadline = timeout_of(request.into_inner().timeout_ms).map(|t| Instant::now() + t);
+        let mut changes = self.log.subscribe_changes();
+        loop {
+            changes.borrow_and_update();
+            let (backlog, paused) = self.log.upload_backlog();
+            if backlog == 0 {
+                break;
+            }
+            if paused {
+                return Err(Status::failed_precondition(format!(
+                    "uploads are paused with {backlog} blocks waiting; resume them first"
+                )));
+            }
+            let changed = changes.changed();
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d.into(), changed).await.is_err() {
+                        return Err(Status::deadline_exceeded(format!(
+                            "{backlog} blocks still wait for upload"
+                        )));
+                    }
+                }
+                None => {
+                    let _ = changed.await;
+                }
+            }
+        }
+        Ok(Response::new(pb::DrainResponse {
+            status: Some(self.status_now()),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status_now()))
+    }
+
+    async fn retry_quarantined(
+        &self,
+        _request: Request<pb::RetryQuarantinedRequest>,
+    ) -> Result<Response<pb::RetryQuarantinedResponse>, Status> {
+        Ok(Response::new(pb::RetryQuarantinedResponse {
+            requeued: self.log.retry_quarantined(),
+        }))
+    }
+
+    async fn set_uploads_paused(
+        &self,
+        request: Request<pb::SetUploadsPausedRequest>,
+    ) -> Result<Response<pb::SetUploadsPausedResponse>, Status> {
+        let paused = request.into_inner().paused;
+        tracing::info!(paused, "uploads paused state changed by request");
+        self.log.set_uploads_paused(paused);
+        Ok(Response::new(pb::SetUploadsPausedResponse {}))
+    }
+}
+
+impl StagingService {
+    fn status_now(&self) -> pb::StatusResponse {
+        let log = &self.log;
+        let snap = log.snapshot();
+        let sb = &log.sb;
+        pb::StatusResponse {
+            gateway_id: uuid::Uuid::from_bytes(sb.gateway_id).to_string(),
+            generation: sb.generation,
+            device_path: log.device_path.display().to_string(),
+            io_engine: log.io_engine_name().to_string(),
+            store_url: self.store_url.clone(),
+            device_bytes: sb.device_bytes,
+            segment_bytes: sb.segment_bytes,
+            segments_total: snap.segments_total,
+            segments_free: snap.segments_free,
+            device_used_bytes: (snap.segments_total - snap.segments_free) * sb.segment_bytes,
+            blocks_staged: snap.blocks_staged,
+            bytes_staged: snap.bytes_staged,
+            blocks_uploading: snap.blocks_uploading,
+            queue_len: snap.queue_len,
+            oldest_waiting_age_ms: snap.oldest_waiting.as_millis() as u64,
+            upload_bytes_per_sec: snap.upload_bytes_per_sec,
+            uploaded_blocks_total: snap.counters.uploaded_blocks,
+            uploaded_bytes_total: snap.counters.uploaded_bytes,
+            upload_retries_total: snap.counters.upload_retries,
+            upload_failures_total: snap.counters.upload_failures,
+            blocks_quarantined: snap.quarantined.len() as u64,
+            quarantined: snap
+                .quarantined
+                .into_iter()
+                .map(|(key, e)| pb::QuarantinedBlock {
+                    key,
+                    len: e.data_len as u64,
+                    failed_attempts: e.failed_attempts,
+                    last_error: e.last_error.unwrap_or_default(),
+                })
+                .collect(),
+            uploads_paused: snap.uploads_paused,
+            last_store_error: snap.last_store_error,
+            recovery_ms: log.recovery.duration.as_millis() as u64,
+            recovered_blocks: log.recovery.blocks,
+            corrupt_records: log.recovery.corrupt.len() as u64,
+            writers_waiting_for_space: snap.writers_waiting_for_space,
+        }
+    }
+}

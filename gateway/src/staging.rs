@@ -1,0 +1,1071 @@
+//! The staging log: blocks appended to a ring of segments on the device, acknowledged only once
+//! durable, indexed in memory, handed to the upload drain oldest first, and reclaimed segment by
+//! segment once nothing in the oldest segment still waits for upload.
+//!
+//! Group commit: writers write their records concurrently at offsets handed out in lsn order; a
+//! single sync task issues `fdatasync` for everything written so far and acknowledges, in one go,
+//! every writer whose record lies below the *durability watermark*: the highest lsn below which
+//! every write has completed. An acknowledged record therefore never sits behind a hole, so the
+//! recovery scan, which stops at the first hole, always finds it.
+//!
+//! Space: segments form a ring, reclaimed strictly from the oldest (tail), so a record that states
+//! an upload or a delete always outlives the block it speaks of. One segment is kept in reserve
+//! for those small records so that the drain can always make progress on a full device.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shared::BlockKey;
+use tokio::sync::{watch, Notify};
+
+use crate::aligned::{AlignedBuf, ALIGN};
+use crate::format::{
+    record_len, RecordHeader, RecordKind, SegmentHeader, Superblock, RECORD_HEADER_BYTES,
+};
+use crate::io::IoEngine;
+use crate::recovery::{CorruptRecord, ScanReport};
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum StagingError {
+    #[error("staging device is full: {waiting_bytes} bytes wait for upload and no space was freed within {waited:?}")]
+    Full {
+        waited: Duration,
+        waiting_bytes: u64,
+    },
+    #[error("staging device failed, the gateway accepts no more writes until restarted: {0}")]
+    Failed(String),
+    #[error("block {key} is already staged with different content (crc32c {existing:#010x}, now {new:#010x})")]
+    Conflict {
+        key: String,
+        existing: u32,
+        new: u32,
+    },
+    #[error("block {0} is not held by this gateway")]
+    NotFound(String),
+    #[error("block {key} failed verification on the device: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("device I/O error: {0}")]
+    Io(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl StagingError {
+    /// Whether a caller may retry the same request later and expect it to succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StagingError::Full { .. } | StagingError::Io(_) | StagingError::ShuttingDown
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    Staged,
+    Uploading,
+    Uploaded,
+    Quarantined,
+    Deleted,
+}
+
+impl BlockState {
+    /// Still needs to reach the object store: pins its segment.
+    fn is_pending(self) -> bool {
+        matches!(
+            self,
+            BlockState::Staged | BlockState::Uploading | BlockState::Quarantined
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub lsn: u64,
+    pub segment: usize,
+    pub segment_sequence: u64,
+    pub device_offset: u64,
+    pub data_len: u32,
+    pub data_crc: u32,
+    pub state: BlockState,
+    pub staged_at: Instant,
+    pub failed_attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl Entry {
+    fn record_len(&self, key: &str) -> u64 {
+        record_len(key.len(), self.data_len as usize)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegmentUse {
+    Free,
+    Live,
+    /// Taken off the ring; its header is being invalidated before it may be reused.
+    Reclaiming,
+}
+
+#[derive(Debug)]
+struct Segment {
+    use_: SegmentUse,
+    sequence: u64,
+    /// Blocks in this segment that still need to reach the object store.
+    pending: u64,
+    keys: Vec<BlockKey>,
+}
+
+/// One unit of work for the upload drain.
+#[derive(Debug, Clone)]
+pub struct UploadJob {
+    pub key: BlockKey,
+    pub lsn: u64,
+    pub entry: Entry,
+}
+
+pub enum NextUpload {
+    Ready(UploadJob),
+    /// Nothing is due before this instant (upload delay or retry backoff).
+    WaitUntil(Instant),
+    Idle,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub uploaded_blocks: u64,
+    pub uploaded_bytes: u64,
+    pub upload_retries: u64,
+    pub upload_failures: u64,
+}
+
+struct LogState {
+    segments: Vec<Segment>,
+    head: usize,
+    tail: usize,
+    live: usize,
+    head_offset: u64,
+    next_lsn: u64,
+    next_sequence: u64,
+    /// Lsns handed out whose device write has not completed yet.
+    inflight: BTreeSet<u64>,
+    index: HashMap<BlockKey, Entry>,
+    /// Blocks waiting for upload, oldest first.
+    queue: BTreeMap<u64, BlockKey>,
+    /// Blocks waiting to be retried after a failed upload, by due time.
+    retry: BTreeMap<(Instant, u64), BlockKey>,
+    pending_uploaded: Vec<u64>,
+    failed: Option<String>,
+    waiting_for_space: u64,
+    uploads_paused: bool,
+    counters: Counters,
+    last_store_error: Option<String>,
+    recent_uploads: VecDeque<(Instant, u64)>,
+}
+
+pub struct RecoveryInfo {
+    pub duration: Duration,
+    pub blocks: u64,
+    pub corrupt: Vec<CorruptRecord>,
+}
+
+pub struct StagingLog {
+    engine: Arc<dyn IoEngine>,
+    pub sb: Superblock,
+    pub device_path: PathBuf,
+    state: Mutex<LogState>,
+    /// Highest durable lsn, or the reason the device failed.
+    synced: watch::Sender<Result<u64, String>>,
+    sync_kick: Notify,
+    space_freed: Notify,
+    reclaim_kick: Notify,
+    /// Bumped on every block state change (uploads done, quarantine, delete): wakes waiters.
+    changed: watch::Sender<u64>,
+    /// Wakes the upload drain: new work, or a pause lifted.
+    pub upload_wakeup: Notify,
+    full_wait: Duration,
+    pub recovery: RecoveryInfo,
+}
+
+/// Data block records may not take the last free segment: it is kept for upload and delete
+/// records, so the drain can always record progress and free space.
+const RESERVED_SEGMENTS: usize = 1;
+const META_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+const MAX_META_ENTRIES: usize = 64 * 1024;
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl StagingLog {
+    /// Builds the log from a recovery scan and starts its sync, reclaim and bookkeeping tasks.
+    pub fn open(
+        engine: Arc<dyn IoEngine>,
+        sb: Superblock,
+        device_path: PathBuf,
+        scan: ScanReport,
+        scan_duration: Duration,
+        full_wait: Duration,
+        uploads_paused: bool,
+    ) -> Arc<Self> {
+        let count = sb.segment_count as usize;
+        let mut segments: Vec<Segment> = (0..count)
+            .map(|_| Segment {
+                use_: SegmentUse::Free,
+                sequence: 0,
+                pending: 0,
+                keys: Vec::new(),
+            })
+            .collect();
+        for seg in &scan.segments {
+            let s = &mut segments[seg.index as usize];
+            s.use_ = SegmentUse::Live;
+            s.sequence = seg.sequence;
+        }
+        let now = Instant::now();
+        let mut index: HashMap<BlockKey, Entry> = HashMap::new();
+        let mut queue = BTreeMap::new();
+        let mut recovered = 0;
+        let mut corrupt = scan.corrupt.clone();
+        for block in &scan.blocks {
+            let key: BlockKey = match block.key.parse() {
+                Ok(k) => k,
+                Err(e) => {
+                    corrupt.push(CorruptRecord {
+                        segment: block.segment as u64,
+                        device_offset: block.device_offset,
+                        key: Some(block.key.clone()),
+                        reason: format!("record has a checksum-valid but unusable key: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let state = if scan.deleted.contains(&block.lsn) {
+                BlockState::Deleted
+            } else if scan.uploaded.contains(&block.lsn) {
+                BlockState::Uploaded
+            } else {
+                BlockState::Staged
+            };
+            segments[block.segment].keys.push(key);
+            if let Some(existing) = index.get(&key) {
+                // A second record of an immutable block (a retried write): the first one stands
+                // unless it was deleted.
+                if existing.state != BlockState::Deleted {
+                    continue;
+                }
+            }
+            if state == BlockState::Staged {
+                segments[block.segment].pending += 1;
+                queue.insert(block.lsn, key);
+                recovered += 1;
+            }
+            index.insert(
+                key,
+                Entry {
+                    lsn: block.lsn,
+                    segment: block.segment,
+                    segment_sequence: block.segment_sequence,
+                    device_offset: block.device_offset,
+                    data_len: block.header.data_len,
+                    data_crc: block.header.data_crc,
+                    state,
+                    staged_at: now,
+                    failed_attempts: 0,
+                    last_error: None,
+                },
+            );
+        }
+        let (head, tail, live, head_offset) = match (scan.segments.first(), scan.segments.last()) {
+            (Some(first), Some(last)) => (
+                last.index as usize,
+                first.index as usize,
+                scan.segments.len(),
+                last.bytes,
+            ),
+            // Nothing live: the next segment opened will be the first of the ring.
+            _ => (count - 1, 0, 0, sb.segment_bytes),
+        };
+        let state = LogState {
+            segments,
+            head,
+            tail,
+            live,
+            head_offset,
+            next_lsn: scan.max_lsn + 1,
+            next_sequence: scan.max_segment_sequence + 1,
+            inflight: BTreeSet::new(),
+            index,
+            queue,
+            retry: BTreeMap::new(),
+            pending_uploaded: Vec::new(),
+            failed: None,
+            waiting_for_space: 0,
+            uploads_paused,
+            counters: Counters::default(),
+            last_store_error: None,
+            recent_uploads: VecDeque::new(),
+        };
+        for c in &corrupt {
+            tracing::error!(segment = c.segment, device_offset = c.device_offset, key = ?c.key, reason = %c.reason, "corrupt record found during recovery; it is never served or uploaded");
+        }
+        let log = Arc::new(StagingLog {
+            engine,
+            sb,
+            device_path,
+            synced: watch::channel(Ok(scan.max_lsn)).0,
+            state: Mutex::new(state),
+            sync_kick: Notify::new(),
+            space_freed: Notify::new(),
+            reclaim_kick: Notify::new(),
+            changed: watch::channel(0).0,
+            upload_wakeup: Notify::new(),
+            full_wait,
+            recovery: RecoveryInfo {
+                duration: scan_duration,
+                blocks: recovered,
+                corrupt,
+            },
+        });
+        tokio::spawn(log.clone().sync_task());
+        tokio::spawn(log.clone().reclaim_task());
+        tokio::spawn(log.clone().meta_flush_task());
+        log.reclaim_kick.notify_one();
+        log
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn io_engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    // ---------------------------------------------------------------- writing
+
+    /// Stages one block whose data already sits in `record` at offset `RECORD_HEADER_BYTES + key
+    /// length`; returns once it is durable. An identical block already held is acknowledged
+    /// without a second write.
+    pub async fn write_block(
+        &self,
+        key: BlockKey,
+        mut record: AlignedBuf,
+        data_crc: u32,
+    ) -> Result<u64, StagingError> {
+        if let Some(existing) = self.lock().index.get(&key) {
+            if existing.state != BlockState::Deleted {
+                if existing.data_crc != data_crc {
+                    return Err(StagingError::Conflict {
+                        key: key.to_string(),
+                        existing: existing.data_crc,
+                        new: data_crc,
+                    });
+                }
+                return Ok(existing.lsn);
+            }
+        }
+        let key_text = key.to_string();
+        let lsn = self
+            .append(
+                RecordKind::Block,
+                key_text.as_bytes(),
+                &mut record,
+                key.block_len,
+                data_crc,
+                true,
+            )
+            .await?;
+        let (lsn, segment, device_offset, segment_sequence) = lsn;
+        let mut st = self.lock();
+        st.segments[segment].keys.push(key);
+        if let Some(existing) = st.index.get(&key) {
+            if existing.state != BlockState::Deleted {
+                // A concurrent write of the same block won the race; this record is redundant.
+                return Ok(existing.lsn);
+            }
+        }
+        st.segments[segment].pending += 1;
+        st.queue.insert(lsn, key);
+        st.index.insert(
+            key,
+            Entry {
+                lsn,
+                segment,
+                segment_sequence,
+                device_offset,
+                data_len: key.block_len,
+                data_crc,
+                state: BlockState::Staged,
+                staged_at: Instant::now(),
+                failed_attempts: 0,
+                last_error: None,
+            },
+        );
+        drop(st);
+        self.upload_wakeup.notify_waiters();
+        Ok(lsn)
+    }
+
+    /// Allocates space, writes the record, waits until it is durable.
+    /// Returns (lsn, segment index, device offset, segment sequence).
+    async fn append(
+        &self,
+        kind: RecordKind,
+        key: &[u8],
+        record: &mut AlignedBuf,
+        data_len: u32,
+        data_crc: u32,
+        is_data: bool,
+    ) -> Result<(u64, usize, u64, u64), StagingError> {
+        let len = record.len() as u64;
+        let started = Instant::now();
+        let alloc = loop {
+            let notified = self.space_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(reason) = &st.failed {
+                    return Err(StagingError::Failed(reason.clone()));
+                }
+                if let Some(alloc) = st.allocate(len, is_data, &self.sb) {
+                    break alloc;
+                }
+                st.waiting_for_space += 1;
+            }
+            self.reclaim_kick.notify_one();
+            let left = self.full_wait.saturating_sub(started.elapsed());
+            let timed_out = tokio::time::timeout(left, notified).await.is_err();
+            let mut st = self.lock();
+            st.waiting_for_space -= 1;
+            if timed_out {
+                let waiting_bytes = st
+                    .index
+                    .values()
+                    .filter(|e| e.state.is_pending())
+                    .map(|e| e.data_len as u64)
+                    .sum();
+                tracing::warn!(waited = ?self.full_wait, waiting_bytes, "staging device full: refusing a write");
+                return Err(StagingError::Full {
+                    waited: self.full_wait,
+                    waiting_bytes,
+                });
+            }
+        };
+        RecordHeader {
+            kind,
+            key_len: key.len() as u16,
+            data_len,
+            segment_sequence: alloc.segment_sequence,
+            generation: self.sb.generation,
+            lsn: alloc.lsn,
+            data_crc,
+        }
+        .encode(record, key);
+
+        let header_write = alloc.new_segment.map(|(lsn, offset, header)| {
+            let engine = self.engine.clone();
+            async move { (lsn, engine.write_at(header, offset).await) }
+        });
+        let buf = std::mem::replace(record, AlignedBuf::zeroed(ALIGN));
+        let (header_result, record_result) = futures::join!(
+            async {
+                match header_write {
+                    Some(w) => Some(w.await),
+                    None => None,
+                }
+            },
+            self.engine.write_at(buf, alloc.device_offset)
+        );
+        {
+            let mut st = self.lock();
+            let mut failures = Vec::new();
+            if let Some((lsn, result)) = header_result {
+                match result {
+                    Ok(_) => {
+                        st.inflight.remove(&lsn);
+                    }
+                    Err(e) => failures.push(format!("segment header write at lsn {lsn}: {e}")),
+                }
+            }
+            match record_result {
+                Ok(buf) => {
+                    *record = buf;
+                    st.inflight.remove(&alloc.lsn);
+                }
+                Err(e) => failures.push(format!(
+                    "record write at device offset {}: {e}",
+                    alloc.device_offset
+                )),
+            }
+            if !failures.is_empty() {
+                // The failed write stays in `inflight`, so the watermark never passes it and
+                // nothing written after it is acknowledged.
+                let reason = failures.join("; ");
+                tracing::error!(device = %self.device_path.display(), %reason, "device write failed; refusing further writes");
+                st.failed.get_or_insert(reason.clone());
+                drop(st);
+                self.sync_kick.notify_one();
+                return Err(StagingError::Failed(reason));
+            }
+        }
+        self.wait_durable(alloc.lsn).await?;
+        Ok((
+            alloc.lsn,
+            alloc.segment,
+            alloc.device_offset,
+            alloc.segment_sequence,
+        ))
+    }
+
+    async fn wait_durable(&self, lsn: u64) -> Result<(), StagingError> {
+        let mut synced = self.synced.subscribe();
+        loop {
+            match &*synced.borrow_and_update() {
+                Ok(durable) if *durable >= lsn => return Ok(()),
+                Ok(_) => {}
+                Err(reason) => return Err(StagingError::Failed(reason.clone())),
+            }
+            self.sync_kick.notify_one();
+            if synced.changed().await.is_err() {
+                return Err(StagingError::ShuttingDown);
+            }
+        }
+    }
+
+    /// The group commit: one fdatasync covers every write completed before it started.
+    async fn sync_task(self: Arc<Self>) {
+        loop {
+            self.sync_kick.notified().await;
+            loop {
+                let (watermark, failed) = {
+                    let st = self.lock();
+                    (st.watermark(), st.failed.clone())
+                };
+                let durable = match &*self.synced.borrow() {
+                    Ok(d) => *d,
+                    Err(_) => return,
+                };
+                if watermark <= durable {
+                    if let Some(reason) = failed {
+                        // Writers behind a failed write can never become durable: fail them.
+                        let _previous = self.synced.send_replace(Err(reason));
+                        return;
+                    }
+                    break;
+                }
+                match self.engine.sync().await {
+                    Ok(()) => {
+                        let _previous = self.synced.send_replace(Ok(watermark));
+                    }
+                    Err(e) => {
+                        let reason = format!("fdatasync failed: {e}");
+                        tracing::error!(device = %self.device_path.display(), %reason, "refusing further writes");
+                        self.lock().failed.get_or_insert(reason.clone());
+                        let _previous = self.synced.send_replace(Err(reason));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- space
+
+    /// Frees the oldest segments once nothing in them still needs uploading.
+    async fn reclaim_task(self: Arc<Self>) {
+        loop {
+            self.reclaim_kick.notified().await;
+            loop {
+                let victim = {
+                    let mut st = self.lock();
+                    let tail = st.tail;
+                    if st.live <= 1 || st.segments[tail].pending > 0 || st.failed.is_some() {
+                        break;
+                    }
+                    st.segments[tail].use_ = SegmentUse::Reclaiming;
+                    st.live -= 1;
+                    st.tail = (tail + 1) % st.segments.len();
+                    tail
+                };
+                // Zero the header so a restart does not resurrect the segment. Its index entries
+                // (uploaded blocks) stay readable until the segment is reused: reads verify.
+                let offset = self.sb.segment_offset(victim as u64);
+                let result = self
+                    .engine
+                    .write_at(AlignedBuf::zeroed(ALIGN), offset)
+                    .await;
+                let mut st = self.lock();
+                match result {
+                    Ok(_) => st.segments[victim].use_ = SegmentUse::Free,
+                    Err(e) => {
+                        tracing::error!(segment = victim, error = %e, "cannot invalidate a reclaimed segment header; refusing further writes");
+                        st.failed
+                            .get_or_insert(format!("segment header invalidation failed: {e}"));
+                        break;
+                    }
+                }
+                drop(st);
+                self.space_freed.notify_waiters();
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- reading
+
+    pub fn entry(&self, key: &BlockKey) -> Option<Entry> {
+        self.lock().index.get(key).cloned()
+    }
+
+    /// The block's bytes, verified against their checksums on the device.
+    pub async fn read_block(&self, key: &BlockKey) -> Result<(Bytes, BlockState), StagingError> {
+        let entry = self
+            .entry(key)
+            .filter(|e| e.state != BlockState::Deleted)
+            .ok_or_else(|| StagingError::NotFound(key.to_string()))?;
+        match self.read_verified(key, &entry).await {
+            Ok(bytes) => Ok((bytes, entry.state)),
+            Err(StagingError::Corrupt { .. }) if !entry.state.is_pending() => {
+                // An uploaded block whose segment was reused since: not here any more.
+                Err(StagingError::NotFound(key.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_verified(&self, key: &BlockKey, entry: &Entry) -> Result<Bytes, StagingError> {
+        let key_text = key.to_string();
+        let len = entry.record_len(&key_text) as usize;
+        let buf = self
+            .engine
+            .read_at(AlignedBuf::zeroed(len), entry.device_offset)
+            .await
+            .map_err(|e| {
+                StagingError::Io(format!(
+                    "reading {key_text} at device offset {}: {e}",
+                    entry.device_offset
+                ))
+            })?;
+        let corrupt = |reason: &str| StagingError::Corrupt {
+            key: key_text.clone(),
+            reason: reason.to_string(),
+        };
+        let header = RecordHeader::decode(&buf, entry.segment_sequence)
+            .map_err(|_| corrupt("record header invalid"))?;
+        if header.lsn != entry.lsn
+            || header.kind != RecordKind::Block
+            || header.data_len != entry.data_len
+        {
+            return Err(corrupt("record header does not match the index"));
+        }
+        if &buf[RECORD_HEADER_BYTES..header.data_offset()] != key_text.as_bytes() {
+            return Err(corrupt("record key does not match"));
+        }
+        let range = header.data_offset()..header.data_offset() + header.data_len as usize;
+        if crc32c::crc32c(&buf[range.clone()]) != header.data_crc {
+            return Err(corrupt("data checksum mismatch"));
+        }
+        Ok(Bytes::from_owner(buf).slice(range))
+    }
+
+    // ---------------------------------------------------------------- uploads
+
+    /// The oldest block due for upload, marked as uploading.
+    pub fn next_upload(&self, delay: Duration) -> NextUpload {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if st.uploads_paused {
+            return NextUpload::Idle;
+        }
+        // Retries that are due go back into the ordered queue.
+        while let Some((&(due, lsn), &key)) = st.retry.iter().next() {
+            if due > now {
+                break;
+            }
+            st.retry.remove(&(due, lsn));
+            st.queue.insert(lsn, key);
+        }
+        let next_retry = st.retry.keys().next().map(|(due, _)| *due);
+        let Some((&lsn, &key)) = st.queue.iter().next() else {
+            return next_retry.map_or(NextUpload::Idle, NextUpload::WaitUntil);
+        };
+        let Some(entry) = st.index.get_mut(&key) else {
+            st.queue.remove(&lsn);
+            return NextUpload::WaitUntil(now);
+        };
+        let due = entry.staged_at + delay;
+        if due > now {
+            return NextUpload::WaitUntil(next_retry.map_or(due, |r| r.min(due)));
+        }
+        entry.state = BlockState::Uploading;
+        let entry = entry.clone();
+        st.queue.remove(&lsn);
+        NextUpload::Ready(UploadJob { key, lsn, entry })
+    }
+
+    /// Reads a block for upload, verified. A block that fails verification is quarantined.
+    pub async fn read_for_upload(&self, job: &UploadJob) -> Result<Bytes, StagingError> {
+        self.read_verified(&job.key, &job.entry).await
+    }
+
+    /// Records a finished upload. Returns true if the block was deleted meanwhile (the caller
+    /// then removes the object it just wrote).
+    pub fn complete_upload(&self, job: &UploadJob) -> bool {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.counters.uploaded_blocks += 1;
+        st.counters.uploaded_bytes += job.entry.data_len as u64;
+        st.recent_uploads
+            .push_back((now, job.entry.data_len as u64));
+        while st
+            .recent_uploads
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            st.recent_uploads.pop_front();
+        }
+        st.last_store_error = None;
+        let deleted = match st.index.get_mut(&job.key) {
+            Some(e) if e.lsn == job.lsn && e.state == BlockState::Uploading => {
+                e.state = BlockState::Uploaded;
+                let segment = e.segment;
+                st.segments[segment].pending -= 1;
+                st.pending_uploaded.push(job.lsn);
+                false
+            }
+            _ => true,
+        };
+        drop(st);
+        self.changed.send_modify(|v| *v += 1);
+        self.reclaim_kick.notify_one();
+        deleted
+    }
+
+    /// Records a failed upload. Transient failures (the store unreachable or overloaded) retry
+    /// without limit; `permanent` failures count towards quarantine after `max_attempts`.
+    pub fn fail_upload(
+        &self,
+        job: &UploadJob,
+        error: String,
+        permanent: bool,
+        max_attempts: u32,
+        backoff: Duration,
+    ) {
+        let mut st = self.lock();
+        st.counters.upload_retries += 1;
+        st.last_store_error = Some(error.clone());
+        let Some(e) = st.index.get_mut(&job.key).filter(|e| e.lsn == job.lsn) else {
+            return;
+        };
+        if e.state != BlockState::Uploading {
+            // Deleted while uploading: nothing to retry; its segment was already unpinned.
+            return;
+        }
+        e.last_error = Some(error.clone());
+        if permanent {
+            e.failed_attempts += 1;
+        }
+        if permanent && e.failed_attempts >= max_attempts {
+            e.state = BlockState::Quarantined;
+            st.counters.upload_failures += 1;
+            tracing::error!(key = %job.key, attempts = max_attempts, %error, "upload failed repeatedly: block quarantined (its data stays on the device)");
+            drop(st);
+            self.changed.send_modify(|v| *v += 1);
+            return;
+        }
+        e.state = BlockState::Staged;
+        st.retry
+            .insert((Instant::now() + backoff, job.lsn), job.key);
+    }
+
+    /// Quarantines a block whose record fails verification on the device: it is never uploaded.
+    pub fn quarantine(&self, job: &UploadJob, reason: String) {
+        let mut st = self.lock();
+        if let Some(e) = st.index.get_mut(&job.key).filter(|e| e.lsn == job.lsn) {
+            e.state = BlockState::Quarantined;
+            e.last_error = Some(reason.clone());
+            st.counters.upload_failures += 1;
+        }
+        drop(st);
+        tracing::error!(key = %job.key, %reason, "block quarantined");
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn retry_quarantined(&self) -> u64 {
+        let mut st = self.lock();
+        let keys: Vec<(BlockKey, u64)> = st
+            .index
+            .iter_mut()
+            .filter(|(_, e)| e.state == BlockState::Quarantined)
+            .map(|(k, e)| {
+                e.state = BlockState::Staged;
+                e.failed_attempts = 0;
+                (*k, e.lsn)
+            })
+            .collect();
+        for (key, lsn) in &keys {
+            st.queue.insert(*lsn, *key);
+        }
+        drop(st);
+        self.upload_wakeup.notify_waiters();
+        keys.len() as u64
+    }
+
+    pub fn set_uploads_paused(&self, paused: bool) {
+        self.lock().uploads_paused = paused;
+        self.upload_wakeup.notify_waiters();
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Writes the accumulated upload completions as one record now and then. They only save a
+    /// re-upload after a restart, so they are not waited for by anyone.
+    async fn meta_flush_task(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(META_FLUSH_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.flush_uploaded().await {
+                tracing::debug!(error = %e, "upload completions not recorded yet");
+            }
+        }
+    }
+
+    pub async fn flush_uploaded(&self) -> Result<(), StagingError> {
+        let lsns: Vec<u64> = {
+            let mut st = self.lock();
+            let n = st.pending_uploaded.len().min(MAX_META_ENTRIES);
+            st.pending_uploaded.drain(..n).collect()
+        };
+        if lsns.is_empty() {
+            return Ok(());
+        }
+        let result = self.append_lsn_record(RecordKind::Uploaded, &lsns).await;
+        if result.is_err() {
+            self.lock().pending_uploaded.extend(lsns);
+        }
+        result
+    }
+
+    async fn append_lsn_record(&self, kind: RecordKind, lsns: &[u64]) -> Result<(), StagingError> {
+        let data_len = lsns.len() * 8;
+        let mut record = AlignedBuf::zeroed(record_len(0, data_len) as usize);
+        for (i, lsn) in lsns.iter().enumerate() {
+            record[RECORD_HEADER_BYTES + i * 8..RECORD_HEADER_BYTES + i * 8 + 8]
+                .copy_from_slice(&lsn.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + data_len]);
+        self.append(kind, b"", &mut record, data_len as u32, crc, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops staged blocks of deleted data: those not yet uploaded never will be. Durable before
+    /// it returns. Returns (dropped, not pending).
+    pub async fn delete_blocks(&self, keys: &[BlockKey]) -> Result<(u64, u64), StagingError> {
+        let mut lsns = Vec::new();
+        let mut not_pending = 0;
+        {
+            let mut st = self.lock();
+            for key in keys {
+                let Some(e) = st.index.get_mut(key) else {
+                    not_pending += 1;
+                    continue;
+                };
+                let was = e.state;
+                if !was.is_pending() {
+                    not_pending += 1;
+                    continue;
+                }
+                e.state = BlockState::Deleted;
+                let (lsn, segment) = (e.lsn, e.segment);
+                lsns.push(lsn);
+                st.queue.remove(&lsn);
+                st.retry.retain(|_, k| k != key);
+                st.segments[segment].pending -= 1;
+            }
+        }
+        if !lsns.is_empty() {
+            for chunk in lsns.chunks(MAX_META_ENTRIES) {
+                self.append_lsn_record(RecordKind::Deleted, chunk).await?;
+            }
+            self.changed.send_modify(|v| *v += 1);
+            self.reclaim_kick.notify_one();
+        }
+        Ok((lsns.len() as u64, not_pending))
+    }
+
+    /// A receiver that changes whenever a block changes state.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Number of blocks still waiting for (or in) upload, quarantined ones excepted.
+    pub fn upload_backlog(&self) -> (u64, bool) {
+        let st = self.lock();
+        let uploading = st
+            .index
+            .values()
+            .filter(|e| e.state == BlockState::Uploading)
+            .count() as u64;
+        (
+            (st.queue.len() + st.retry.len()) as u64 + uploading,
+            st.uploads_paused,
+        )
+    }
+
+    pub fn uploads_paused(&self) -> bool {
+        self.lock().uploads_paused
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        let now = Instant::now();
+        let mut snap = Snapshot {
+            segments_total: st.segments.len() as u64,
+            segments_free: st
+                .segments
+                .iter()
+                .filter(|s| s.use_ == SegmentUse::Free)
+                .count() as u64,
+            queue_len: (st.queue.len() + st.retry.len()) as u64,
+            counters: st.counters.clone(),
+            uploads_paused: st.uploads_paused,
+            last_store_error: st.last_store_error.clone().unwrap_or_default(),
+            writers_waiting_for_space: st.waiting_for_space,
+            ..Default::default()
+        };
+        for (key, e) in &st.index {
+            match e.state {
+                BlockState::Staged | BlockState::Uploading | BlockState::Quarantined => {
+                    snap.blocks_staged += 1;
+                    snap.bytes_staged += e.data_len as u64;
+                    if e.state == BlockState::Staged {
+                        snap.oldest_waiting =
+                            snap.oldest_waiting.max(now.duration_since(e.staged_at));
+                    }
+                    if e.state == BlockState::Uploading {
+                        snap.blocks_uploading += 1;
+                    }
+                    if e.state == BlockState::Quarantined {
+                        snap.quarantined.push((key.to_string(), e.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let window: u64 = st.recent_uploads.iter().map(|(_, b)| b).sum();
+        snap.upload_bytes_per_sec = window as f64 / RATE_WINDOW.as_secs_f64();
+        snap
+    }
+
+    /// Flushes bookkeeping records before a clean exit.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.flush_uploaded().await {
+            tracing::warn!(error = %e, "could not record the last upload completions; they will be uploaded again after restart");
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub segments_total: u64,
+    pub segments_free: u64,
+    pub blocks_staged: u64,
+    pub bytes_staged: u64,
+    pub blocks_uploading: u64,
+    pub queue_len: u64,
+    pub oldest_waiting: Duration,
+    pub upload_bytes_per_sec: f64,
+    pub counters: Counters,
+    pub quarantined: Vec<(String, Entry)>,
+    pub uploads_paused: bool,
+    pub last_store_error: String,
+    pub writers_waiting_for_space: u64,
+}
+
+struct Allocation {
+    lsn: u64,
+    segment: usize,
+    segment_sequence: u64,
+    device_offset: u64,
+    /// (lsn, device offset, header buffer) when a new segment was opened for this record.
+    new_segment: Option<(u64, u64, AlignedBuf)>,
+}
+
+impl LogState {
+    /// Highest lsn below which every write has completed.
+    fn watermark(&self) -> u64 {
+        match self.inflight.first() {
+            Some(first) => first - 1,
+            None => self.next_lsn - 1,
+        }
+    }
+
+    fn take_lsn(&mut self) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        self.inflight.insert(lsn);
+        lsn
+    }
+
+    fn allocate(&mut self, len: u64, is_data: bool, sb: &Superblock) -> Option<Allocation> {
+        let mut new_segment = None;
+        if self.head_offset + len > sb.segment_bytes {
+            let count = self.segments.len();
+            let next = (self.head + 1) % count;
+            let free = self
+                .segments
+                .iter()
+                .filter(|s| s.use_ == SegmentUse::Free)
+                .count();
+            let reserve = if is_data { RESERVED_SEGMENTS } else { 0 };
+            if self.segments[next].use_ != SegmentUse::Free || free <= reserve {
+                return None;
+            }
+            // Reuse: index entries still pointing into the segment's previous life go away.
+            let old_sequence = self.segments[next].sequence;
+            for key in std::mem::take(&mut self.segments[next].keys) {
+                if self
+                    .index
+                    .get(&key)
+                    .is_some_and(|e| e.segment == next && e.segment_sequence == old_sequence)
+                {
+                    self.index.remove(&key);
+                }
+            }
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
+            let seg = &mut self.segments[next];
+            seg.use_ = SegmentUse::Live;
+            seg.sequence = sequence;
+            seg.pending = 0;
+            if self.live == 0 {
+                self.tail = next;
+            }
+            self.live += 1;
+            self.head = next;
+            self.head_offset = ALIGN as u64;
+            let mut header = AlignedBuf::zeroed(ALIGN);
+            SegmentHeader {
+                sequence,
+                generation: sb.generation,
+                device_uuid: sb.device_uuid,
+            }
+            .encode(&mut header);
+            let header_lsn = self.take_lsn();
+            new_segment = Some((header_lsn, sb.segment_offset(next as u64), header));
+        }
+        let lsn = self.take_lsn();
+        let device_offset = sb.segment_offset(self.head as u64) + self.head_offset;
+        self.head_offset += len;
+        Some(Allocation {
+            lsn,
+            segment: self.head,
+            segment_sequence: self.segments[self.head].sequence,
+            device_offset,
+            new_segment,
+        })
+    }
+}

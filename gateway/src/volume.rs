@@ -1,0 +1,205 @@
+//! Opening a staging volume: device, superblocks, format, recovery scan, staging log.
+//!
+//! `serve` formats a device only when it holds no valid stagefs superblock, and then only if the
+//! file was just created or `--format` was given: a device with a live log is never wiped by a
+//! start-up. Each start bumps the superblock generation (written to the older copy first, so a
+//! torn write leaves the newer one intact); records carry the generation they were written in.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::aligned::{AlignedBuf, ALIGN};
+use crate::device::{open_device, DeviceError};
+use crate::format::{
+    record_len, Superblock, SuperblockError, DATA_START, FORMAT_VERSION, MAX_KEY_BYTES,
+};
+use crate::io::{open_engine, EngineKind, IoEngine};
+use crate::recovery::{scan, ScanReport};
+use crate::staging::StagingLog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("{path} holds no valid stagefs superblock; pass --format to format it (this destroys its content)")]
+    NotFormatted { path: PathBuf },
+    #[error("{path} holds a stagefs log of format version {found}; this gateway reads version {FORMAT_VERSION} only, refusing to touch it")]
+    FormatVersion { path: PathBuf, found: u32 },
+    #[error("segment size {segment} is invalid for a {device}-byte device: it must be a multiple of {ALIGN}, at least {min} bytes, and leave room for at least 3 segments")]
+    Geometry { segment: u64, device: u64, min: u64 },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    pub path: PathBuf,
+    /// Size of the file created when `path` does not exist.
+    pub create_size: u64,
+    /// Segment size when formatting; `None` picks one from the device size.
+    pub segment_size: Option<u64>,
+    pub format: bool,
+    pub engine: EngineKind,
+    pub full_wait: Duration,
+    pub uploads_paused: bool,
+}
+
+/// The smallest segment that holds the largest record plus the segment header.
+pub fn min_segment_size() -> u64 {
+    let largest = record_len(MAX_KEY_BYTES, shared::BLOCK_SIZE as usize) + ALIGN as u64;
+    largest.next_power_of_two()
+}
+
+fn default_segment_size(device: u64) -> u64 {
+    (device / 64).clamp(min_segment_size(), 64 << 20) / ALIGN as u64 * ALIGN as u64
+}
+
+/// Reads both superblock copies; the valid one with the highest generation wins.
+pub async fn read_superblocks(
+    engine: &Arc<dyn IoEngine>,
+) -> std::io::Result<[Result<Superblock, SuperblockError>; 2]> {
+    let buf = engine.read_at(AlignedBuf::zeroed(2 * ALIGN), 0).await?;
+    Ok([
+        Superblock::decode(&buf[..ALIGN]),
+        Superblock::decode(&buf[ALIGN..]),
+    ])
+}
+
+pub fn best_superblock(
+    copies: &[Result<Superblock, SuperblockError>; 2],
+) -> Option<(usize, &Superblock)> {
+    copies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.as_ref().ok().map(|sb| (i, sb)))
+        .max_by_key(|(_, sb)| sb.generation)
+}
+
+async fn write_superblock(
+    engine: &Arc<dyn IoEngine>,
+    sb: &Superblock,
+    copy: usize,
+) -> std::io::Result<()> {
+    let mut buf = AlignedBuf::zeroed(ALIGN);
+    sb.encode(&mut buf);
+    engine.write_at(buf, (copy * ALIGN) as u64).await?;
+    Ok(())
+}
+
+/// Opens (and if allowed, formats) the volume, recovers it and returns the running staging log.
+pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, VolumeError> {
+    let device = open_device(&opts.path, opts.create_size, true)?;
+    let io = |source| VolumeError::Io {
+        path: opts.path.clone(),
+        source,
+    };
+    let engine = open_engine(opts.engine, device.file).map_err(io)?;
+    let copies = read_superblocks(&engine).await.map_err(io)?;
+    let sb = match best_superblock(&copies) {
+        Some((copy, sb)) => {
+            let mut sb = sb.clone();
+            sb.generation += 1;
+            write_superblock(&engine, &sb, 1 - copy).await.map_err(io)?;
+            engine.sync().await.map_err(io)?;
+            sb
+        }
+        None => {
+            if let Some(found) = copies.iter().find_map(|c| match c {
+                Err(SuperblockError::Version(v)) => Some(*v),
+                _ => None,
+            }) {
+                return Err(VolumeError::FormatVersion {
+                    path: opts.path.clone(),
+                    found,
+                });
+            }
+            if !(device.created || opts.format) {
+                return Err(VolumeError::NotFormatted {
+                    path: opts.path.clone(),
+                });
+            }
+            format(&engine, device.size, opts.segment_size)
+                .await
+                .map_err(|e| match e {
+                    FormatError::Geometry(g) => g,
+                    FormatError::Io(source) => io(source),
+                })?
+        }
+    };
+    tracing::info!(
+        device = %opts.path.display(),
+        engine = engine.name(),
+        generation = sb.generation,
+        segments = sb.segment_count,
+        segment_bytes = sb.segment_bytes,
+        "recovering staging log"
+    );
+    let started = Instant::now();
+    let report: ScanReport = scan(&engine, &sb).await.map_err(io)?;
+    let took = started.elapsed();
+    let log = StagingLog::open(
+        engine,
+        sb,
+        opts.path.clone(),
+        report,
+        took,
+        opts.full_wait,
+        opts.uploads_paused,
+    );
+    tracing::info!(
+        blocks_waiting = log.recovery.blocks,
+        corrupt_records = log.recovery.corrupt.len(),
+        took_ms = took.as_millis() as u64,
+        "staging log recovered"
+    );
+    Ok(log)
+}
+
+pub enum FormatError {
+    Geometry(VolumeError),
+    Io(std::io::Error),
+}
+
+/// Writes a fresh, empty log: both superblocks, then a sync.
+pub async fn format(
+    engine: &Arc<dyn IoEngine>,
+    device_bytes: u64,
+    segment_size: Option<u64>,
+) -> Result<Superblock, FormatError> {
+    let segment = segment_size.unwrap_or_else(|| default_segment_size(device_bytes));
+    let min = min_segment_size();
+    let count = device_bytes.saturating_sub(DATA_START) / segment.max(1);
+    if segment % ALIGN as u64 != 0 || segment < min || count < 3 {
+        return Err(FormatError::Geometry(VolumeError::Geometry {
+            segment,
+            device: device_bytes,
+            min,
+        }));
+    }
+    let sb = Superblock {
+        format_version: FORMAT_VERSION,
+        device_uuid: *uuid::Uuid::new_v4().as_bytes(),
+        gateway_id: *uuid::Uuid::new_v4().as_bytes(),
+        generation: 1,
+        device_bytes,
+        segment_bytes: segment,
+        segment_count: count,
+    };
+    for copy in 0..2 {
+        write_superblock(engine, &sb, copy)
+            .await
+            .map_err(FormatError::Io)?;
+    }
+    engine.sync().await.map_err(FormatError::Io)?;
+    tracing::info!(
+        device_bytes,
+        segment_bytes = segment,
+        segments = count,
+        "formatted staging device"
+    );
+    Ok(sb)
+}
