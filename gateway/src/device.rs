@@ -73,17 +73,10 @@ pub fn open_device(path: &Path, create_size: u64, writable: bool) -> Result<Devi
             },
         })?;
     if writable {
-        let lock = nix::fcntl::Flock::lock(
-            file.try_clone().map_err(|source| DeviceError::Open {
-                path: path.into(),
-                source,
-            })?,
-            nix::fcntl::FlockArg::LockExclusiveNonblock,
-        );
-        match lock {
-            // The lock lives as long as the open file description, which `file` keeps open.
-            Ok(guard) => std::mem::forget(guard),
-            Err(_) => return Err(DeviceError::Busy { path: path.into() }),
+        // The lock belongs to this open file description and goes away when `file` is closed.
+        // SAFETY: flock on a valid open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DeviceError::Busy { path: path.into() });
         }
     }
     let size = if is_block {

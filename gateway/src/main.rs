@@ -108,6 +108,7 @@ struct ServeArgs {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -188,6 +189,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("listening on {addr}");
     std::io::stdout().flush()?;
     tonic::transport::Server::builder()
+        // 4 MiB blocks need windows far above HTTP/2's 64 KiB default to stream at device speed.
+        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
+        .tcp_nodelay(true)
         .add_service(
             StagingServer::new(service)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shared::BlockKey;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::format::{
@@ -188,6 +189,9 @@ pub struct StagingLog {
     pub upload_wakeup: Notify,
     full_wait: Duration,
     pub recovery: RecoveryInfo,
+    /// Stops the sync, reclaim and bookkeeping tasks.
+    stop: CancellationToken,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Data block records may not take the last free segment: it is kept for upload and delete
@@ -326,10 +330,27 @@ impl StagingLog {
                 blocks: recovered,
                 corrupt,
             },
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
         });
-        tokio::spawn(log.clone().sync_task());
-        tokio::spawn(log.clone().reclaim_task());
-        tokio::spawn(log.clone().meta_flush_task());
+        let tasks: [std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>; 3] = [
+            Box::pin(log.clone().sync_task()),
+            Box::pin(log.clone().reclaim_task()),
+            Box::pin(log.clone().meta_flush_task()),
+        ];
+        let handles = tasks
+            .into_iter()
+            .map(|task| {
+                let stop = log.stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = task => {}
+                    }
+                })
+            })
+            .collect();
+        *log.tasks.lock().unwrap() = handles;
         log.reclaim_kick.notify_one();
         log
     }
@@ -960,13 +981,20 @@ impl StagingLog {
         snap
     }
 
-    /// Flushes bookkeeping records before a clean exit.
+    /// Flushes bookkeeping records and stops the background tasks (which releases the device
+    /// once the last handle is dropped).
     pub async fn shutdown(&self) {
         if let Err(e) = self.flush_uploaded().await {
             tracing::warn!(error = %e, "could not record the last upload completions; they will be uploaded again after restart");
         }
+        self.stop.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        futures::future::join_all(tasks).await;
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 #[derive(Debug, Default)]
 pub struct Snapshot {

@@ -28,6 +28,13 @@ pub enum VolumeError {
     FormatVersion { path: PathBuf, found: u32 },
     #[error("segment size {segment} is invalid for a {device}-byte device: it must be a multiple of {ALIGN}, at least {min} bytes, and leave room for at least 3 segments")]
     Geometry { segment: u64, device: u64, min: u64 },
+    #[error("{path} is {size} bytes; a staging device needs at least {min} bytes (3 segments of {segment})")]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        min: u64,
+        segment: u64,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -48,14 +55,21 @@ pub struct VolumeOptions {
     pub uploads_paused: bool,
 }
 
-/// The smallest segment that holds the largest record plus the segment header.
-pub fn min_segment_size() -> u64 {
-    let largest = record_len(MAX_KEY_BYTES, shared::BLOCK_SIZE as usize) + ALIGN as u64;
-    largest.next_power_of_two()
+/// Bytes a full-size block record takes on the device.
+fn full_block_record() -> u64 {
+    record_len(MAX_KEY_BYTES, shared::BLOCK_SIZE as usize)
 }
 
+/// The smallest segment: its header plus one full-size block record.
+pub fn min_segment_size() -> u64 {
+    ALIGN as u64 + full_block_record()
+}
+
+/// About 1/64 of the device, as a whole number (2..=16) of full-size block records so that
+/// segments of 4 MiB blocks waste no space at their end.
 fn default_segment_size(device: u64) -> u64 {
-    (device / 64).clamp(min_segment_size(), 64 << 20) / ALIGN as u64 * ALIGN as u64
+    let blocks = (device / 64 / shared::BLOCK_SIZE).clamp(2, 16);
+    ALIGN as u64 + blocks * full_block_record()
 }
 
 /// Reads both superblock copies; the valid one with the highest generation wins.

@@ -9,3 +9,7 @@ pub mod staging {
 
 /// Largest gRPC message either side accepts: one 4 MiB block plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control windows for both sides: a whole block may be in flight per stream.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
