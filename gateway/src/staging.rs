@@ -404,11 +404,15 @@ impl StagingLog {
         st.segments[segment].keys.push(key);
         if let Some(existing) = st.index.get(&key) {
             if existing.state != BlockState::Deleted {
-                // A concurrent write of the same block won the race; this record is redundant.
-                return Ok(existing.lsn);
+                // A concurrent write of the same block won the race; this record is redundant
+                // and releases the pin its allocation took.
+                let existing_lsn = existing.lsn;
+                st.segments[segment].pending -= 1;
+                drop(st);
+                self.reclaim_kick.notify_one();
+                return Ok(existing_lsn);
             }
         }
-        st.segments[segment].pending += 1;
         st.queue.insert(lsn, key);
         st.index.insert(
             key,
@@ -757,7 +761,10 @@ impl StagingLog {
                 st.pending_uploaded.push(job.lsn);
                 false
             }
-            _ => true,
+            // Deleted while it was uploading: the object just written must go. (A newer record of
+            // the same key, staged after a delete, keeps its object.)
+            Some(e) => e.lsn == job.lsn && e.state == BlockState::Deleted,
+            None => false,
         };
         drop(st);
         self.changed.send_modify(|v| *v += 1);
@@ -805,7 +812,11 @@ impl StagingLog {
     /// Quarantines a block whose record fails verification on the device: it is never uploaded.
     pub fn quarantine(&self, job: &UploadJob, reason: String) {
         let mut st = self.lock();
-        if let Some(e) = st.index.get_mut(&job.key).filter(|e| e.lsn == job.lsn) {
+        if let Some(e) = st
+            .index
+            .get_mut(&job.key)
+            .filter(|e| e.lsn == job.lsn && e.state == BlockState::Uploading)
+        {
             e.state = BlockState::Quarantined;
             e.last_error = Some(reason.clone());
             st.counters.upload_failures += 1;
@@ -1088,6 +1099,11 @@ impl LogState {
         let lsn = self.take_lsn();
         let device_offset = sb.segment_offset(self.head as u64) + self.head_offset;
         self.head_offset += len;
+        if is_data {
+            // Pinned from now on, not from the acknowledgement: a segment must never be reclaimed
+            // while a block write into it is still in flight.
+            self.segments[self.head].pending += 1;
+        }
         Some(Allocation {
             lsn,
             segment: self.head,
