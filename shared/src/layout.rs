@@ -21,7 +21,9 @@ pub struct BlockKey {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("block key {key:?} is malformed: expected chunks/<id/1000000>/<id/1000>/<id>_<index>_<len>")]
+    #[error(
+        "block key {key:?} is malformed: expected chunks/<id/1000000>/<id/1000>/<id>_<index>_<len>"
+    )]
     Malformed { key: String },
     #[error("block key {key:?} has directories that do not match slice id {slice_id}")]
     WrongDirectories { key: String, slice_id: u64 },
@@ -31,7 +33,11 @@ pub enum KeyError {
 
 impl BlockKey {
     pub fn new(slice_id: u64, block_index: u32, block_len: u32) -> Result<Self, KeyError> {
-        let key = BlockKey { slice_id, block_index, block_len };
+        let key = BlockKey {
+            slice_id,
+            block_index,
+            block_len,
+        };
         key.check_len()?;
         Ok(key)
     }
@@ -91,21 +97,35 @@ impl FromStr for BlockKey {
         };
         let number = |t: &str| -> Result<u64, KeyError> {
             // Canonical decimal only, so one block has exactly one key.
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) || (t.len() > 1 && t.starts_with('0')) {
+            if t.is_empty()
+                || !t.bytes().all(|b| b.is_ascii_digit())
+                || (t.len() > 1 && t.starts_with('0'))
+            {
                 return Err(malformed());
             }
             t.parse::<u64>().map_err(|_| malformed())
         };
         let slice_id = number(id)?;
         if number(d1)? != slice_id / 1_000_000 || number(d2)? != slice_id / 1_000 {
-            return Err(KeyError::WrongDirectories { key: s.to_string(), slice_id });
+            return Err(KeyError::WrongDirectories {
+                key: s.to_string(),
+                slice_id,
+            });
         }
         let block_index = u32::try_from(number(index)?).map_err(|_| malformed())?;
         let len = number(len)?;
         if len == 0 || len > BLOCK_SIZE {
-            return Err(KeyError::BadLength { key: s.to_string(), len, max: BLOCK_SIZE });
+            return Err(KeyError::BadLength {
+                key: s.to_string(),
+                len,
+                max: BLOCK_SIZE,
+            });
         }
-        Ok(BlockKey { slice_id, block_index, block_len: len as u32 })
+        Ok(BlockKey {
+            slice_id,
+            block_index,
+            block_len: len as u32,
+        })
     }
 }
 

@@ -14,7 +14,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => return Err(format!("unknown size suffix {other:?} in {text:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size suffix {other:?} in {text:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     number
         .checked_mul(1u64 << shift)

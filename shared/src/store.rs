@@ -25,7 +25,10 @@ pub struct S3Options {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreUrlError {
     #[error("store URL {url:?} is not a URL: {source}")]
-    Parse { url: String, source: url::ParseError },
+    Parse {
+        url: String,
+        source: url::ParseError,
+    },
     #[error("store URL {url:?} has unsupported scheme {scheme:?} (use file:///dir, memory:// or s3://bucket)")]
     Scheme { url: String, scheme: String },
     #[error("store URL {url:?} names no bucket")]
@@ -33,23 +36,39 @@ pub enum StoreUrlError {
     #[error("cannot use local store directory {dir:?}: {source}")]
     LocalDir { dir: String, source: std::io::Error },
     #[error("cannot configure object store {url:?}: {source}")]
-    Configure { url: String, source: object_store::Error },
+    Configure {
+        url: String,
+        source: object_store::Error,
+    },
 }
 
 /// Opens the object store a URL names.
 pub fn open_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>, StoreUrlError> {
-    let parsed = url::Url::parse(url).map_err(|source| StoreUrlError::Parse { url: url.into(), source })?;
+    let parsed = url::Url::parse(url).map_err(|source| StoreUrlError::Parse {
+        url: url.into(),
+        source,
+    })?;
     match parsed.scheme() {
         "memory" => Ok(Arc::new(InMemory::new())),
         "file" => {
             let dir = parsed.path().to_string();
-            std::fs::create_dir_all(&dir).map_err(|source| StoreUrlError::LocalDir { dir: dir.clone(), source })?;
-            let store = LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|source| StoreUrlError::Configure { url: url.into(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| StoreUrlError::LocalDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            let store = LocalFileSystem::new_with_prefix(&dir).map_err(|source| {
+                StoreUrlError::Configure {
+                    url: url.into(),
+                    source,
+                }
+            })?;
             Ok(Arc::new(store))
         }
         "s3" => {
-            let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| StoreUrlError::NoBucket { url: url.into() })?;
+            let bucket = parsed
+                .host_str()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| StoreUrlError::NoBucket { url: url.into() })?;
             let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
                 .with_retry(RetryConfig {
@@ -72,7 +91,10 @@ pub fn open_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>, Sto
                 builder = builder.with_allow_http(true);
             }
             let store: Arc<dyn ObjectStore> =
-                Arc::new(builder.build().map_err(|source| StoreUrlError::Configure { url: url.into(), source })?);
+                Arc::new(builder.build().map_err(|source| StoreUrlError::Configure {
+                    url: url.into(),
+                    source,
+                })?);
             let prefix = parsed.path().trim_matches('/');
             if prefix.is_empty() {
                 Ok(store)
@@ -80,7 +102,10 @@ pub fn open_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>, Sto
                 Ok(Arc::new(PrefixStore::new(store, Path::from(prefix))))
             }
         }
-        other => Err(StoreUrlError::Scheme { url: url.into(), scheme: other.into() }),
+        other => Err(StoreUrlError::Scheme {
+            url: url.into(),
+            scheme: other.into(),
+        }),
     }
 }
 
@@ -90,8 +115,14 @@ mod tests {
 
     #[test]
     fn rejects_unknown_schemes_and_missing_buckets() {
-        assert!(matches!(open_store("ftp://x", &S3Options::default()), Err(StoreUrlError::Scheme { .. })));
-        assert!(matches!(open_store("not a url", &S3Options::default()), Err(StoreUrlError::Parse { .. })));
+        assert!(matches!(
+            open_store("ftp://x", &S3Options::default()),
+            Err(StoreUrlError::Scheme { .. })
+        ));
+        assert!(matches!(
+            open_store("not a url", &S3Options::default()),
+            Err(StoreUrlError::Parse { .. })
+        ));
         assert!(open_store("memory://", &S3Options::default()).is_ok());
     }
 }
