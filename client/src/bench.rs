@@ -1,0 +1,109 @@
+//! Benchmarks that measure stagefs components against the limits of the hardware under them.
+//!
+//! `stagefs bench gateway` ([`gateway`]) measures a gateway it starts itself on a device file:
+//! first the raw limits of that device ([`raw`]), then what the gateway makes of them over gRPC
+//! ([`load`], [`rpc`]), the upload drain against direct object store PUTs, and crash recovery
+//! ([`process`] owns the gateway process). [`report`] turns the figures into a table or JSON.
+//!
+//! Every fallible step returns [`BenchError`]; nothing here panics on bad input.
+
+pub mod gateway;
+pub mod load;
+pub mod process;
+pub mod raw;
+pub mod report;
+pub mod rpc;
+
+use std::path::PathBuf;
+
+/// Everything that can stop a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("invalid arguments: {0}")]
+    Args(String),
+    #[error("{what} {path:?}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find the gateway binary: {0}")]
+    GatewayBinary(String),
+    #[error("gateway: {0}")]
+    Gateway(String),
+    #[error("cannot connect to the gateway at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("gateway RPC {rpc} failed: {code:?}: {message}")]
+    Rpc {
+        rpc: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("object store {url}: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    StoreUrl(#[from] shared::store::StoreUrlError),
+    #[error(transparent)]
+    Key(#[from] shared::KeyError),
+    #[error("benchmark task failed: {0}")]
+    Task(String),
+}
+
+impl BenchError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        BenchError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn rpc(rpc: &'static str, status: tonic::Status) -> Self {
+        BenchError::Rpc {
+            rpc,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for BenchError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        BenchError::Task(e.to_string())
+    }
+}
+
+/// Progress lines go to stderr so that stdout carries only the result (table or JSON).
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!("[bench] {}", format_args!($($arg)*))
+    };
+}
+pub(crate) use progress;
+
+/// Bytes per MiB, for throughput figures.
+pub(crate) const MIB: f64 = 1024.0 * 1024.0;
+
+/// Throughput in MiB/s; 0 when no time passed.
+pub(crate) fn mib_per_s(bytes: u64, elapsed: std::time::Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / MIB / secs
+    } else {
+        0.0
+    }
+}
+
+/// `a / b`, or `None` when `b` is not a positive number (the limit could not be measured).
+pub(crate) fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
+}
