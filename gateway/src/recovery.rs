@@ -58,58 +58,96 @@ pub struct ScanReport {
     pub max_segment_sequence: u64,
 }
 
-const READ_WINDOW: usize = 8 << 20;
+/// Segments are read in chunks of this size, all in flight at once.
+const READ_CHUNK: u64 = 8 << 20;
 
-/// Scans every live segment of the device described by `sb`.
+/// Scans every live segment of the device described by `sb`. The next segment is read while
+/// the current one is verified, and each segment is read with all its chunks in flight, so the
+/// scan runs at the device's read bandwidth rather than at one request at a time.
 pub async fn scan(engine: &Arc<dyn IoEngine>, sb: &Superblock) -> std::io::Result<ScanReport> {
     let mut live = Vec::new();
-    for index in 0..sb.segment_count {
-        let header = engine
-            .read_at(AlignedBuf::zeroed(ALIGN), sb.segment_offset(index))
-            .await?;
-        if let Some(h) = SegmentHeader::decode(&header) {
+    let headers = futures::future::join_all(
+        (0..sb.segment_count)
+            .map(|index| engine.read_at(AlignedBuf::zeroed(ALIGN), sb.segment_offset(index))),
+    )
+    .await;
+    for (index, header) in headers.into_iter().enumerate() {
+        if let Some(h) = SegmentHeader::decode(&header?) {
             if h.device_uuid == sb.device_uuid {
-                live.push((h.sequence, index));
+                live.push((h.sequence, index as u64));
             }
         }
     }
     live.sort_unstable();
     let mut report = ScanReport::default();
-    for (sequence, index) in live {
-        scan_segment(engine, sb, index, sequence, &mut report).await?;
+    let mut next = live
+        .first()
+        .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+    for (i, &(sequence, index)) in live.iter().enumerate() {
+        let segment = next
+            .take()
+            .expect("a read was started for every live segment");
+        next = live
+            .get(i + 1)
+            .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+        let data = segment.await.map_err(std::io::Error::other)??;
+        scan_segment(&data, sb, index, sequence, &mut report);
         report.max_segment_sequence = report.max_segment_sequence.max(sequence);
     }
     Ok(report)
 }
 
-async fn scan_segment(
-    engine: &Arc<dyn IoEngine>,
+async fn read_segment(
+    engine: Arc<dyn IoEngine>,
+    sb: Superblock,
+    index: u64,
+) -> std::io::Result<Vec<AlignedBuf>> {
+    let base = sb.segment_offset(index);
+    let reads = (0..sb.segment_bytes.div_ceil(READ_CHUNK)).map(|c| {
+        let len = READ_CHUNK.min(sb.segment_bytes - c * READ_CHUNK);
+        engine.read_at(AlignedBuf::zeroed(len as usize), base + c * READ_CHUNK)
+    });
+    futures::future::try_join_all(reads).await
+}
+
+/// A segment's bytes, held as consecutive chunks.
+struct SegmentBytes<'a>(&'a [AlignedBuf]);
+
+impl SegmentBytes<'_> {
+    /// `len` bytes from `pos`, borrowed when they lie in one chunk, copied when they straddle two.
+    fn range(&self, pos: usize, len: usize) -> std::borrow::Cow<'_, [u8]> {
+        let chunk = READ_CHUNK as usize;
+        let (first, at) = (pos / chunk, pos % chunk);
+        if at + len <= self.0[first].len() {
+            return std::borrow::Cow::Borrowed(&self.0[first][at..at + len]);
+        }
+        let mut out = Vec::with_capacity(len);
+        let mut pos = pos;
+        while out.len() < len {
+            let (c, at) = (pos / chunk, pos % chunk);
+            let take = (self.0[c].len() - at).min(len - out.len());
+            out.extend_from_slice(&self.0[c][at..at + take]);
+            pos += take;
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+fn scan_segment(
+    chunks: &[AlignedBuf],
     sb: &Superblock,
     index: u64,
     sequence: u64,
     report: &mut ScanReport,
-) -> std::io::Result<()> {
+) {
+    let bytes = SegmentBytes(chunks);
     let base = sb.segment_offset(index);
     let seg_bytes = sb.segment_bytes as usize;
-    // A sliding window over the segment; a record that does not fit is re-read from its start.
-    let mut window = AlignedBuf::zeroed(READ_WINDOW.min(seg_bytes));
-    let mut window_start = usize::MAX;
     let mut pos = ALIGN; // past the segment header
     let (mut last_lsn, mut last_generation) = (0u64, 0u64);
     let mut records = 0;
     while pos + ALIGN <= seg_bytes {
-        let wanted_prefix = ALIGN;
-        if window_start == usize::MAX
-            || pos + wanted_prefix > window_start + window.len()
-            || pos < window_start
-        {
-            let len = window.len().min(seg_bytes - pos);
-            window = resize(window, len.max(ALIGN));
-            window = engine.read_at(window, base + pos as u64).await?;
-            window_start = pos;
-        }
-        let at = pos - window_start;
-        let header = match RecordHeader::decode(&window[at..], sequence) {
+        let header = match RecordHeader::decode(&bytes.range(pos, ALIGN), sequence) {
             Ok(h) => h,
             Err(RecordError::End) => break,
             Err(RecordError::HeaderChecksum) => {
@@ -138,16 +176,9 @@ async fn scan_segment(
             });
             break;
         }
-        if pos + rec_len > window_start + window.len() {
-            let len = rec_len.max(READ_WINDOW.min(seg_bytes - pos));
-            window = resize(window, len);
-            window = engine.read_at(window, base + pos as u64).await?;
-            window_start = pos;
-        }
-        let at = pos - window_start;
-        let record = &window[at..at + rec_len];
-        let key_bytes = &record[RECORD_HEADER_BYTES..header.data_offset()];
-        let key = String::from_utf8_lossy(key_bytes).into_owned();
+        let record = bytes.range(pos, rec_len);
+        let key = String::from_utf8_lossy(&record[RECORD_HEADER_BYTES..header.data_offset()])
+            .into_owned();
         let data = &record[header.data_offset()..header.data_offset() + header.data_len as usize];
         last_lsn = header.lsn;
         last_generation = header.generation;
@@ -193,14 +224,4 @@ async fn scan_segment(
         records,
         bytes: pos as u64,
     });
-    Ok(())
-}
-
-fn resize(buf: AlignedBuf, len: usize) -> AlignedBuf {
-    let len = crate::aligned::align_up(len as u64) as usize;
-    if buf.len() == len {
-        buf
-    } else {
-        AlignedBuf::zeroed(len)
-    }
 }

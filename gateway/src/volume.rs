@@ -26,7 +26,7 @@ pub enum VolumeError {
     NotFormatted { path: PathBuf },
     #[error("{path} holds a stagefs log of format version {found}; this gateway reads version {FORMAT_VERSION} only, refusing to touch it")]
     FormatVersion { path: PathBuf, found: u32 },
-    #[error("segment size {segment} is invalid for a {device}-byte device: it must be a multiple of {ALIGN}, at least {min} bytes, and leave room for at least 3 segments")]
+    #[error("segment size {segment} is invalid for a {device}-byte device: it must be a multiple of {ALIGN}, between {min} and {MAX_SEGMENT_BYTES} bytes, and leave room for at least 3 segments")]
     Geometry { segment: u64, device: u64, min: u64 },
     #[error("{path} is {size} bytes; a staging device needs at least {min} bytes (3 segments of {segment})")]
     TooSmall {
@@ -54,6 +54,9 @@ pub struct VolumeOptions {
     pub full_wait: Duration,
     pub uploads_paused: bool,
 }
+
+/// Recovery holds two segments in memory at once (one verified, the next being read).
+pub const MAX_SEGMENT_BYTES: u64 = 256 << 20;
 
 /// Bytes a full-size block record takes on the device.
 fn full_block_record() -> u64 {
@@ -187,7 +190,7 @@ pub async fn format(
     let segment = segment_size.unwrap_or_else(|| default_segment_size(device_bytes));
     let min = min_segment_size();
     let count = device_bytes.saturating_sub(DATA_START) / segment.max(1);
-    if segment % ALIGN as u64 != 0 || segment < min || count < 3 {
+    if segment % ALIGN as u64 != 0 || segment < min || segment > MAX_SEGMENT_BYTES || count < 3 {
         return Err(FormatError::Geometry(VolumeError::Geometry {
             segment,
             device: device_bytes,

@@ -13,3 +13,6 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// HTTP/2 flow-control windows for both sides: a whole block may be in flight per stream.
 pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
+/// HTTP/2 DATA frame size both sides accept (the protocol default is 16 KiB).
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;

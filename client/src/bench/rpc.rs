@@ -39,6 +39,7 @@ pub async fn connect(addr: SocketAddr) -> Result<Client, BenchError> {
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .max_frame_size(Some(proto::MAX_FRAME_BYTES))
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES));
     let channel = endpoint

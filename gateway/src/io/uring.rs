@@ -28,7 +28,8 @@ enum Request {
 }
 
 pub struct UringEngine {
-    requests: mpsc::UnboundedSender<Request>,
+    requests: Option<mpsc::UnboundedSender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 const RING_ENTRIES: u32 = 256;
@@ -38,7 +39,7 @@ impl UringEngine {
     pub fn new(file: File) -> io::Result<Self> {
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("stagefs-uring".into())
             .spawn(move || {
                 let runtime =
@@ -61,7 +62,10 @@ impl UringEngine {
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("io_uring thread exited during start-up"))??;
-        Ok(UringEngine { requests })
+        Ok(UringEngine {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
     }
 
     fn submit<T: Send + 'static>(
@@ -69,13 +73,28 @@ impl UringEngine {
         make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Request,
     ) -> BoxFuture<'static, io::Result<T>> {
         let (reply, answer) = oneshot::channel();
-        let sent = self.requests.send(make(reply));
+        let sent = self
+            .requests
+            .as_ref()
+            .expect("engine is running")
+            .send(make(reply));
         Box::pin(async move {
             sent.map_err(|_| io::Error::other("io_uring thread has stopped"))?;
             answer
                 .await
                 .map_err(|_| io::Error::other("io_uring thread dropped a request"))?
         })
+    }
+}
+
+impl Drop for UringEngine {
+    /// Closes the request channel and waits for the ring thread, so the device file is closed
+    /// (and its lock released) when the engine is gone.
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

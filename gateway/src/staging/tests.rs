@@ -124,3 +124,37 @@ async fn full_device_refuses_then_recovers_after_uploads() {
     put(&log, 1000, 4 << 20).await.unwrap();
     log.shutdown().await;
 }
+
+#[tokio::test]
+async fn recovery_reads_records_straddling_read_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path(), 128 << 20);
+    opts.segment_size = None; // default: whole 4 MiB records, segments over one 8 MiB read chunk
+    opts.engine = EngineKind::Uring;
+    let log = open_volume(&opts).await.unwrap();
+    assert!(log.sb.segment_bytes > 8 << 20);
+    let mut keys = Vec::new();
+    for slice in 1..=10 {
+        keys.push(
+            put(&log, slice, (4 << 20) - slice as u32 * 999)
+                .await
+                .unwrap(),
+        );
+    }
+    log.shutdown().await;
+    drop(log);
+    let log = open_volume(&opts).await.unwrap();
+    assert!(
+        log.recovery.corrupt.is_empty(),
+        "{:?}",
+        log.recovery.corrupt
+    );
+    assert_eq!(log.recovery.blocks, 10);
+    for key in &keys {
+        assert_eq!(
+            &log.read_block(key).await.unwrap().0[..],
+            &block(key.slice_id, key.block_len).1[..]
+        );
+    }
+    log.shutdown().await;
+}
