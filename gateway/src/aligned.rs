@@ -20,7 +20,24 @@ pub const fn align_up(n: u64) -> u64 {
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Allocated bytes; `len <= cap`. Buffers of [`POOLED_CAPACITY`] go back to the pool.
+    cap: usize,
 }
+
+/// Capacity of pooled buffers: the largest record (4 MiB of data plus header, key and padding).
+pub const POOLED_CAPACITY: usize = (shared::BLOCK_SIZE as usize) + 2 * ALIGN;
+/// Buffers kept for reuse; beyond that they are freed. 64 x 4 MiB = 256 MiB at most.
+const POOL_LIMIT: usize = 64;
+/// Requests at least this large are served from the pool.
+const POOL_MIN: usize = 256 * 1024;
+
+/// Large record buffers are reused: a fresh 4 MiB allocation costs an mmap, a page fault per
+/// 4 KiB page and an munmap, which at device speed is a large share of the write path's CPU.
+static POOL: std::sync::Mutex<Vec<SendPtr>> = std::sync::Mutex::new(Vec::new());
+
+struct SendPtr(NonNull<u8>);
+// SAFETY: the pool owns the allocations it holds; nobody else has a pointer to them.
+unsafe impl Send for SendPtr {}
 
 // SAFETY: AlignedBuf uniquely owns its allocation, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
@@ -37,7 +54,33 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
+    }
+
+    /// A buffer of `len` bytes (a positive multiple of [`ALIGN`]) whose content is unspecified:
+    /// for data about to be overwritten whole (device reads, records being filled). Large ones
+    /// come from a pool.
+    pub fn uninit(len: usize) -> Self {
+        assert!(
+            len > 0 && len % ALIGN == 0,
+            "aligned buffer length {len} must be a positive multiple of {ALIGN}"
+        );
+        if !(POOL_MIN..=POOLED_CAPACITY).contains(&len) {
+            return Self::zeroed(len);
+        }
+        let reused = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match reused {
+            Some(SendPtr(ptr)) => AlignedBuf {
+                ptr,
+                len,
+                cap: POOLED_CAPACITY,
+            },
+            None => {
+                let mut buf = Self::zeroed(POOLED_CAPACITY);
+                buf.len = len;
+                buf
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -51,11 +94,18 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this exact layout.
+        if self.cap == POOLED_CAPACITY {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_LIMIT {
+                pool.push(SendPtr(self.ptr));
+                return;
+            }
+        }
+        // SAFETY: allocated in `zeroed` with exactly this size and alignment.
         unsafe {
             dealloc(
                 self.ptr.as_ptr(),
-                Layout::from_size_align_unchecked(self.len, ALIGN),
+                Layout::from_size_align_unchecked(self.cap, ALIGN),
             )
         }
     }
@@ -106,6 +156,20 @@ unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_buffers_are_reused_with_the_requested_length() {
+        let first = AlignedBuf::uninit(4 << 20);
+        let ptr = first.as_ptr();
+        assert_eq!(first.len(), 4 << 20);
+        drop(first);
+        let second = AlignedBuf::uninit(1 << 20);
+        assert_eq!(second.len(), 1 << 20);
+        assert_eq!(second.as_ptr() as usize % ALIGN, 0);
+        // Another test may race for the pool; when it does not, the allocation is reused.
+        let _maybe_reused = second.as_ptr() == ptr;
+        assert_eq!(AlignedBuf::uninit(ALIGN).len(), ALIGN);
+    }
 
     #[test]
     fn is_aligned_and_zeroed() {

@@ -99,8 +99,10 @@ impl Staging for StagingService {
         }
         let key_len = header.key.len();
         let total = key.len() as usize;
-        let mut record = AlignedBuf::zeroed(record_len(key_len, total) as usize);
+        let mut record = AlignedBuf::uninit(record_len(key_len, total) as usize);
         let data_start = RECORD_HEADER_BYTES + key_len;
+        // A reused buffer holds an earlier record: zero the padding after this one's data.
+        record[data_start + total..].fill(0);
         let mut received = 0usize;
         let mut crc = 0u32;
         while let Some(frame) = stream.next().await {

@@ -373,7 +373,7 @@ impl StagingLog {
     pub async fn write_block(
         &self,
         key: BlockKey,
-        mut record: AlignedBuf,
+        record: AlignedBuf,
         data_crc: u32,
     ) -> Result<u64, StagingError> {
         if let Some(existing) = self.lock().index.get(&key) {
@@ -393,7 +393,7 @@ impl StagingLog {
             .append(
                 RecordKind::Block,
                 key_text.as_bytes(),
-                &mut record,
+                record,
                 key.block_len,
                 data_crc,
                 true,
@@ -440,7 +440,7 @@ impl StagingLog {
         &self,
         kind: RecordKind,
         key: &[u8],
-        record: &mut AlignedBuf,
+        mut record: AlignedBuf,
         data_len: u32,
         data_crc: u32,
         is_data: bool,
@@ -489,13 +489,12 @@ impl StagingLog {
             lsn: alloc.lsn,
             data_crc,
         }
-        .encode(record, key);
+        .encode(&mut record, key);
 
         let header_write = alloc.new_segment.map(|(lsn, offset, header)| {
             let engine = self.engine.clone();
             async move { (lsn, engine.write_at(header, offset).await) }
         });
-        let buf = std::mem::replace(record, AlignedBuf::zeroed(ALIGN));
         let (header_result, record_result) = futures::join!(
             async {
                 match header_write {
@@ -503,7 +502,7 @@ impl StagingLog {
                     None => None,
                 }
             },
-            self.engine.write_at(buf, alloc.device_offset)
+            self.engine.write_at(record, alloc.device_offset)
         );
         {
             let mut st = self.lock();
@@ -517,8 +516,7 @@ impl StagingLog {
                 }
             }
             match record_result {
-                Ok(buf) => {
-                    *record = buf;
+                Ok(_) => {
                     st.inflight.remove(&alloc.lsn);
                 }
                 Err(e) => failures.push(format!(
@@ -666,7 +664,7 @@ impl StagingLog {
         let len = entry.record_len(&key_text) as usize;
         let buf = self
             .engine
-            .read_at(AlignedBuf::zeroed(len), entry.device_offset)
+            .read_at(AlignedBuf::uninit(len), entry.device_offset)
             .await
             .map_err(|e| {
                 StagingError::Io(format!(
@@ -888,7 +886,7 @@ impl StagingLog {
                 .copy_from_slice(&lsn.to_le_bytes());
         }
         let crc = crc32c::crc32c(&record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + data_len]);
-        self.append(kind, b"", &mut record, data_len as u32, crc, false)
+        self.append(kind, b"", record, data_len as u32, crc, false)
             .await
             .map(|_| ())
     }
