@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The stagefs test command: installs the test dependencies (scripts/setup.sh), builds the binaries
+# the integration tests start, then runs every unit and integration test of the workspace.
+#
+#   scripts/test.sh [extra `cargo test` arguments, e.g. -- --nocapture]
+#
+# STAGEFS_TEST_PROFILE=release builds and tests the release binaries instead of debug ones.
+# STAGEFS_CRASH_ROUNDS=N sets the number of kill/restart rounds of the crash test (default 20).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+scripts/setup.sh
+
+profile="${STAGEFS_TEST_PROFILE:-debug}"
+case "$profile" in
+    debug) build_flags=() ;;
+    release) build_flags=(--release) ;;
+    *) echo "STAGEFS_TEST_PROFILE must be debug or release, not $profile" >&2; exit 2 ;;
+esac
+
+echo "test: cargo build --bins ${build_flags[*]}"
+cargo build --bins "${build_flags[@]}"
+
+# The integration tests start exactly the binaries just built.
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+export STAGEFS_BIN_DIR="$target_dir/$profile"
+
+echo "test: cargo test --workspace (binaries from $STAGEFS_BIN_DIR)"
+exec cargo test --workspace "$@"

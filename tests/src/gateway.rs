@@ -1,0 +1,474 @@
+//! The gateway process: `stagefs-gateway serve` on a file-backed device.
+//!
+//! [`Gateway::builder`] collects the command line; [`GatewayBuilder::start`] spawns it and waits for
+//! the `listening on <addr>` line on stdout. Its stderr (the tracing log) is appended to
+//! `gateway.log` in the scratch directory across restarts, with a `=== stagefs-tests: start #N`
+//! marker line before each start, so tests can grep it ([`Gateway::log`],
+//! [`Gateway::current_log`]). Its stdout is copied to `gateway.stdout`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::staging::staging_client::StagingClient;
+use serde::Deserialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::binaries::gateway_binary;
+use crate::s3::S3Server;
+
+/// How long a gateway may take to print `listening on`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a gateway may take to exit after SIGTERM.
+pub const SIGTERM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The command line of a gateway; see [`Gateway::builder`].
+#[derive(Debug, Clone)]
+pub struct GatewayBuilder {
+    dir: PathBuf,
+    device: PathBuf,
+    device_size: String,
+    engine: String,
+    store_args: Vec<String>,
+    env: Vec<(String, String)>,
+    extra: Vec<String>,
+}
+
+impl GatewayBuilder {
+    /// The device file (default `<dir>/device.img`; created and formatted by the gateway).
+    pub fn device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.device = path.into();
+        self
+    }
+
+    /// `--device-size` (default `256MiB`).
+    pub fn device_size(mut self, size: &str) -> Self {
+        self.device_size = size.to_string();
+        self
+    }
+
+    /// One extra argument, e.g. `--uploads-paused`.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// Extra arguments, e.g. `["--full-wait", "2s"]`.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The full argument list, starting with `serve`.
+    pub fn command_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "serve".to_string(),
+            "--device".into(),
+            self.device.display().to_string(),
+            "--device-size".into(),
+            self.device_size.clone(),
+        ];
+        args.extend(self.store_args.iter().cloned());
+        args.extend([
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--io-engine".into(),
+            self.engine.clone(),
+        ]);
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Spawns the gateway and waits until it listens.
+    pub async fn start(self) -> Gateway {
+        let mut gateway = Gateway {
+            args: self.command_args(),
+            env: self.env,
+            device: self.device,
+            engine: self.engine,
+            log_path: self.dir.join("gateway.log"),
+            stdout_path: self.dir.join("gateway.stdout"),
+            child: None,
+            addr: None,
+            starts: 0,
+        };
+        gateway.spawn_and_wait().await;
+        gateway
+    }
+}
+
+/// A `stagefs-gateway serve` process (running or stopped). Dropping it kills the process.
+pub struct Gateway {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    device: PathBuf,
+    engine: String,
+    log_path: PathBuf,
+    stdout_path: PathBuf,
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+    starts: u32,
+}
+
+impl Gateway {
+    /// A gateway in scratch directory `dir`, storing to `s3`, with I/O engine `engine`
+    /// (`uring` or `psync`), a 256 MiB device at `<dir>/device.img` and no extra flags.
+    pub fn builder(dir: &Path, s3: &S3Server, engine: &str) -> GatewayBuilder {
+        GatewayBuilder {
+            dir: dir.to_path_buf(),
+            device: dir.join("device.img"),
+            device_size: "256MiB".into(),
+            engine: engine.into(),
+            store_args: s3.gateway_args(),
+            env: s3.gateway_env(),
+            extra: Vec::new(),
+        }
+    }
+
+    async fn spawn_and_wait(&mut self) {
+        assert!(self.child.is_none(), "the gateway is already running");
+        self.starts += 1;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
+        writeln!(
+            log,
+            "=== stagefs-tests: start #{}: stagefs-gateway {}",
+            self.starts,
+            self.args.join(" ")
+        )
+        .expect("write the gateway log");
+        let binary = gateway_binary();
+        let mut command = Command::new(&binary);
+        command
+            .args(&self.args)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+
+        // A thread copies stdout to gateway.stdout and reports the `listening on` line.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout_copy = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stdout_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.stdout_path.display()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<SocketAddr, String>>();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(stdout_copy, "{line}");
+                if let Some(rest) = line.trim().strip_prefix("listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(
+                            rest.trim()
+                                .parse::<SocketAddr>()
+                                .map_err(|e| format!("cannot parse the address in {line:?}: {e}")),
+                        );
+                    }
+                }
+            }
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(Err(
+                    "stdout closed before a `listening on <addr>` line".into()
+                ));
+            }
+        });
+
+        let outcome = tokio::time::timeout(START_TIMEOUT, rx).await;
+        let problem = match outcome {
+            Ok(Ok(Ok(addr))) => {
+                self.child = Some(child);
+                self.addr = Some(addr);
+                self.verify_engine().await;
+                return;
+            }
+            Ok(Ok(Err(problem))) => problem,
+            Ok(Err(_)) => "the stdout reader went away".to_string(),
+            Err(_) => format!(
+                "no `listening on <addr>` line within {} s",
+                START_TIMEOUT.as_secs()
+            ),
+        };
+        // Give a crashing process a moment to finish writing its log, then report.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Some(s) = child.try_wait().expect("poll the gateway") {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if status.is_none() {
+            let _ = child.kill();
+            status = child.wait().ok();
+        }
+        panic!(
+            "gateway start #{} failed: {problem}; exit status {status:?}\ncommand: {} {}\nstderr tail ({}):\n{}",
+            self.starts,
+            binary.display(),
+            self.args.join(" "),
+            self.log_path.display(),
+            crate::tail(&self.current_log(), 40)
+        );
+    }
+
+    /// Checks that the gateway runs the requested I/O engine (Status.io_engine). A `uring` gateway
+    /// may fall back to psync only where this host refuses io_uring.
+    async fn verify_engine(&self) {
+        let mut client = self.client().await;
+        let status = crate::blocks::status(&mut client).await;
+        let running = status.io_engine.to_lowercase();
+        let ok = match self.engine.as_str() {
+            "uring" if running.contains("uring") => true,
+            "uring" if !io_uring_available() => {
+                eprintln!("[stagefs-tests] io_uring is unavailable on this host; the uring gateway runs {running:?}");
+                true
+            }
+            "psync" => running.contains("psync"),
+            _ => false,
+        };
+        assert!(
+            ok,
+            "started the gateway with --io-engine {} but Status.io_engine is {:?}; log tail:\n{}",
+            self.engine,
+            status.io_engine,
+            crate::tail(&self.current_log(), 20)
+        );
+    }
+
+    /// Starts the gateway again with the same arguments (same device). A still-running process is
+    /// killed first (SIGKILL).
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        self.spawn_and_wait().await;
+    }
+
+    /// Kills the gateway with SIGKILL and reaps it: a crash.
+    pub fn kill9(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        self.addr = None;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Sends SIGTERM and waits (up to [`SIGTERM_TIMEOUT`]) for the process to exit; returns its
+    /// exit status. Panics (after SIGKILL) if it does not exit in time.
+    pub async fn sigterm(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .expect("sigterm: the gateway is not running");
+        self.addr = None;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .expect("send SIGTERM to the gateway");
+        let deadline = Instant::now() + SIGTERM_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the gateway") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the gateway did not exit within {} s of SIGTERM; stderr tail:\n{}",
+                    SIGTERM_TIMEOUT.as_secs(),
+                    crate::tail(&self.current_log(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process is running (it may have crashed on its own).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().expect("poll the gateway").is_none(),
+            None => false,
+        }
+    }
+
+    /// The exit status if the process has exited on its own.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|child| child.try_wait().expect("poll the gateway"))
+    }
+
+    /// The address it listens on (changes on every restart).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("the gateway is not running")
+    }
+
+    /// A gRPC endpoint URL, `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The device file.
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// The I/O engine (`uring` or `psync`).
+    pub fn engine(&self) -> &str {
+        &self.engine
+    }
+
+    /// A new connection to the staging service, accepting messages up to
+    /// [`proto::MAX_MESSAGE_BYTES`].
+    pub async fn client(&self) -> StagingClient<Channel> {
+        let url = self.url();
+        let channel = Endpoint::from_shared(url.clone())
+            .expect("valid endpoint URL")
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the gateway at {url}: {e}"));
+        StagingClient::new(channel)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// The whole stderr log of every run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The stderr log of the latest run only.
+    pub fn current_log(&self) -> String {
+        let log = self.log();
+        match log.rfind("=== stagefs-tests: start #") {
+            Some(at) => log[at..].to_string(),
+            None => log,
+        }
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Runs `stagefs-gateway inspect --device <device> --json --records` and parses its report.
+    pub async fn inspect(&self) -> InspectReport {
+        inspect(&self.device).await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether this process may create an io_uring instance (containers often forbid it).
+pub fn io_uring_available() -> bool {
+    // struct io_uring_params is 120 bytes; zeroed is a valid request for a 1-entry ring.
+    let mut params = [0u32; 30];
+    // SAFETY: io_uring_setup only writes into `params`, which is large enough.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is a descriptor this function just opened.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+/// Runs `stagefs-gateway inspect --device <device> --json --records`; panics if it fails or its
+/// output does not follow the JSON contract.
+pub async fn inspect(device: &Path) -> InspectReport {
+    let binary = gateway_binary();
+    let output = tokio::process::Command::new(&binary)
+        .args(["inspect", "--device"])
+        .arg(device)
+        .args(["--json", "--records"])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {} inspect: {e}", binary.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "`stagefs-gateway inspect --device {} --json --records` failed with {}\nstdout:\n{}\nstderr:\n{}",
+        device.display(),
+        output.status,
+        crate::tail(&stdout, 20),
+        crate::tail(&String::from_utf8_lossy(&output.stderr), 20)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("`stagefs-gateway inspect --json` printed something that is not the documented JSON report: {e}\n{stdout}")
+    })
+}
+
+/// `stagefs-gateway inspect --json [--records]`: the state of a device.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InspectReport {
+    pub format_version: u32,
+    pub device_uuid: String,
+    pub gateway_id: String,
+    pub generation: u64,
+    pub device_bytes: u64,
+    pub segment_bytes: u64,
+    pub superblocks: Vec<InspectSuperblock>,
+    pub segments: Vec<InspectSegment>,
+    pub records_waiting: u64,
+    pub bytes_waiting: u64,
+    pub corrupt_records: Vec<InspectCorruptRecord>,
+    /// Only with `--records`.
+    #[serde(default)]
+    pub records: Vec<InspectRecord>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InspectSuperblock {
+    pub copy: u32,
+    pub valid: bool,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InspectSegment {
+    pub index: u64,
+    pub sequence: u64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InspectCorruptRecord {
+    pub segment: u64,
+    pub device_offset: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InspectRecord {
+    pub key: String,
+    pub segment: u64,
+    /// Device offset of the record header.
+    pub device_offset: u64,
+    /// Device offset of the block's first data byte.
+    pub data_offset: u64,
+    pub len: u64,
+    /// `waiting`, `uploaded` or `deleted`.
+    pub state: String,
+}
