@@ -16,6 +16,7 @@ use crate::aligned::AlignedBuf;
 use crate::format::{record_len, RECORD_HEADER_BYTES};
 use crate::staging::{BlockState, StagingError, StagingLog};
 
+#[derive(Clone)]
 pub struct StagingService {
     pub log: Arc<StagingLog>,
     pub store: Arc<dyn ObjectStore>,
@@ -88,63 +89,71 @@ impl Staging for StagingService {
                 ))
             }
         };
-        let key = parse_key(&header.key)?;
-        if header.total_len != key.len() {
-            return Err(Status::invalid_argument(format!(
-                "total_len {} does not match the length {} in block key {}",
-                header.total_len,
-                key.len(),
-                header.key
-            )));
-        }
-        let key_len = header.key.len();
-        let total = key.len() as usize;
-        let mut record = AlignedBuf::uninit(record_len(key_len, total) as usize);
-        let data_start = RECORD_HEADER_BYTES + key_len;
-        // A reused buffer holds an earlier record: zero the padding after this one's data.
-        record[data_start + total..].fill(0);
-        let mut received = 0usize;
-        let mut crc = 0u32;
+        let (key, mut record) = IncomingBlock::start(&header)?;
         while let Some(frame) = stream.next().await {
-            let data = match frame? {
+            match frame? {
                 pb::WriteBlockRequest {
-                    frame: Some(Frame::Data(d)),
-                } => d,
+                    frame: Some(Frame::Data(data)),
+                } => record.append(&data)?,
                 _ => {
                     return Err(Status::invalid_argument(format!(
                         "block {key}: a second header frame or an empty frame after the header"
                     )))
                 }
-            };
-            if received + data.len() > total {
-                return Err(Status::invalid_argument(format!(
-                    "block {key}: stream carries more than total_len {total} bytes"
-                )));
             }
-            record[data_start + received..data_start + received + data.len()]
-                .copy_from_slice(&data);
-            crc = crc32c::crc32c_append(crc, &data);
-            received += data.len();
         }
-        if received != total {
-            return Err(Status::invalid_argument(format!(
-                "block {key}: stream truncated, got {received} of {total} bytes"
-            )));
-        }
-        if crc != header.crc32c {
-            return Err(Status::data_loss(format!(
-                "block {key}: crc32c mismatch, header says {:#010x}, data has {crc:#010x}",
-                header.crc32c
-            )));
-        }
-        let sequence = self
-            .log
-            .write_block(key, record, crc)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(%key, error = %e, "WriteBlock refused");
-            })?;
+        let sequence = self.stage(key, record.finish(header.crc32c)?).await?;
         Ok(Response::new(pb::WriteBlockResponse { sequence }))
+    }
+
+    type WriteBlocksStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WriteBlocksResponse, Status>>;
+
+    async fn write_blocks(
+        &self,
+        request: Request<Streaming<pb::WriteBlocksRequest>>,
+    ) -> Result<Response<Self::WriteBlocksStream>, Status> {
+        let mut stream = request.into_inner();
+        let (responses, out) = tokio::sync::mpsc::channel(WRITE_BLOCKS_IN_FLIGHT);
+        let service = self.clone();
+        // Bounds the blocks of one stream held in memory while they are being staged.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(WRITE_BLOCKS_IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(message) = stream.next().await {
+                let request = match message {
+                    Ok(r) => r,
+                    Err(status) => {
+                        tracing::debug!(%status, "WriteBlocks stream ended by the client");
+                        break;
+                    }
+                };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (service, responses) = (service.clone(), responses.clone());
+                tokio::spawn(async move {
+                    let result = service.stage_whole(&request).await;
+                    let response = match result {
+                        Ok(sequence) => pb::WriteBlocksResponse {
+                            request_id: request.request_id,
+                            sequence,
+                            ..Default::default()
+                        },
+                        Err(status) => pb::WriteBlocksResponse {
+                            request_id: request.request_id,
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                            sequence: 0,
+                        },
+                    };
+                    drop(permit);
+                    let _ = responses.send(Ok(response)).await;
+                });
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        )))
     }
 
     async fn read_block(
@@ -355,7 +364,102 @@ impl Staging for StagingService {
     }
 }
 
+/// A block being received: validated header, data accumulating in its record buffer.
+struct IncomingBlock {
+    key: BlockKey,
+    record: AlignedBuf,
+    data_start: usize,
+    received: usize,
+    crc: u32,
+}
+
+impl IncomingBlock {
+    fn start(header: &pb::BlockHeader) -> Result<(BlockKey, IncomingBlock), Status> {
+        let key = parse_key(&header.key)?;
+        if header.total_len != key.len() {
+            return Err(Status::invalid_argument(format!(
+                "total_len {} does not match the length {} in block key {}",
+                header.total_len,
+                key.len(),
+                header.key
+            )));
+        }
+        let key_len = header.key.len();
+        let total = key.len() as usize;
+        let mut record = AlignedBuf::uninit(record_len(key_len, total) as usize);
+        let data_start = RECORD_HEADER_BYTES + key_len;
+        // A reused buffer holds an earlier record: zero the padding after this one's data.
+        record[data_start + total..].fill(0);
+        Ok((
+            key,
+            IncomingBlock {
+                key,
+                record,
+                data_start,
+                received: 0,
+                crc: 0,
+            },
+        ))
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<(), Status> {
+        let total = self.key.len() as usize;
+        if self.received + data.len() > total {
+            return Err(Status::invalid_argument(format!(
+                "block {}: stream carries more than total_len {total} bytes",
+                self.key
+            )));
+        }
+        let at = self.data_start + self.received;
+        self.record[at..at + data.len()].copy_from_slice(data);
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.received += data.len();
+        Ok(())
+    }
+
+    /// The record, once every byte arrived and the checksum matches the header's.
+    fn finish(self, expected_crc: u32) -> Result<(AlignedBuf, u32), Status> {
+        let total = self.key.len() as usize;
+        if self.received != total {
+            return Err(Status::invalid_argument(format!(
+                "block {}: stream truncated, got {} of {total} bytes",
+                self.key, self.received
+            )));
+        }
+        if self.crc != expected_crc {
+            return Err(Status::data_loss(format!(
+                "block {}: crc32c mismatch, header says {expected_crc:#010x}, data has {:#010x}",
+                self.key, self.crc
+            )));
+        }
+        Ok((self.record, self.crc))
+    }
+}
+
+/// Blocks of one WriteBlocks stream being staged at once.
+const WRITE_BLOCKS_IN_FLIGHT: usize = 64;
+
 impl StagingService {
+    async fn stage(&self, key: BlockKey, (record, crc): (AlignedBuf, u32)) -> Result<u64, Status> {
+        Ok(self
+            .log
+            .write_block(key, record, crc)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(%key, error = %e, "block write refused");
+            })?)
+    }
+
+    async fn stage_whole(&self, request: &pb::WriteBlocksRequest) -> Result<u64, Status> {
+        let header = request
+            .header
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("WriteBlocks request without a header"))?;
+        let (key, mut block) = IncomingBlock::start(header)?;
+        block.append(&request.data)?;
+        self.stage(key, block.finish(header.crc32c)?).await
+    }
+
     fn status_now(&self) -> pb::StatusResponse {
         let log = &self.log;
         let snap = log.snapshot();

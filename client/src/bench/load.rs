@@ -37,6 +37,25 @@ impl fmt::Display for ChannelMode {
     }
 }
 
+/// How each block travels to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// One `WriteBlock` RPC per block.
+    Rpc,
+    /// One long-lived `WriteBlocks` stream per writer, one message per block.
+    Stream,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Rpc => "WriteBlock RPC per block",
+            Transport::Stream => "WriteBlocks stream",
+        })
+    }
+}
+
 /// Hands out distinct slice ids, starting from a random base so that runs against the same
 /// object store do not reuse each other's keys.
 pub struct SliceIds(AtomicU64);
@@ -155,6 +174,7 @@ pub async fn run(
     ids: Arc<SliceIds>,
     payload: Payload,
     stop: Stop,
+    transport: Transport,
 ) -> Result<LoadResult, BenchError> {
     let block_len = u32::try_from(payload.len())
         .map_err(|_| BenchError::Args(format!("block of {} bytes is too large", payload.len())))?;
@@ -168,6 +188,10 @@ pub async fn run(
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut keys = Vec::new();
+            let mut stream = match transport {
+                Transport::Stream => Some(rpc::BlockStream::open(&mut client).await?),
+                Transport::Rpc => None,
+            };
             loop {
                 if stop.after.is_some_and(|d| start.elapsed() >= d) {
                     break;
@@ -180,7 +204,10 @@ pub async fn run(
                 }
                 let key = BlockKey::new(ids.next(), 0, block_len)?;
                 let sent = Instant::now();
-                rpc::write_block(&mut client, &key, &payload).await?;
+                match &mut stream {
+                    Some(stream) => stream.write(&key, &payload).await?,
+                    None => rpc::write_block(&mut client, &key, &payload).await?,
+                };
                 latencies.push(sent.elapsed());
                 keys.push(key.to_string());
             }

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::load::ChannelMode;
+use super::load::{ChannelMode, Transport};
 
 /// Lower bounds the ratios should reach.
 pub const TARGET_INGEST_RATIO_16: f64 = 0.6;
@@ -44,6 +44,10 @@ pub struct Report {
 
     pub group_commit_writers: usize,
     pub group_commit_mode: Option<ChannelMode>,
+    /// The faster of the two transports; its figures are the group_commit_* ones.
+    pub group_commit_transport: Option<Transport>,
+    pub group_commit_rpc_blocks_per_s: f64,
+    pub group_commit_stream_blocks_per_s: f64,
     pub group_commit_blocks: u64,
     pub group_commit_blocks_per_s: f64,
     pub group_commit_p50_ms: f64,
@@ -166,10 +170,14 @@ impl Report {
             [
                 format!("group commit x{}", self.group_commit_writers),
                 format!(
-                    "{:.0} blocks/s, p50 {:.2} ms, p99 {:.2} ms",
+                    "{:.0} blocks/s, p50 {:.2} ms, p99 {:.2} ms, {} (RPC per block: {:.0}/s)",
                     self.group_commit_blocks_per_s,
                     self.group_commit_p50_ms,
-                    self.group_commit_p99_ms
+                    self.group_commit_p99_ms,
+                    self.group_commit_transport
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    self.group_commit_rpc_blocks_per_s
                 ),
                 format!("raw fdatasync {:.0}/s", self.raw_fsync_per_s),
                 fmt_ratio(self.group_commit_ratio),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use proto::staging::staging_client::StagingClient;
 use proto::staging::{
     write_block_request, BlockHeader, DeleteBlocksRequest, DrainRequest, SetUploadsPausedRequest,
-    StatusRequest, StatusResponse, WriteBlockRequest,
+    StatusRequest, StatusResponse, WriteBlockRequest, WriteBlocksRequest, WriteBlocksResponse,
 };
 use rand::RngCore;
 use shared::BlockKey;
@@ -110,6 +110,72 @@ pub async fn write_block(
         .await
         .map_err(|status| BenchError::rpc("WriteBlock", status))?;
     Ok(response.into_inner().sequence)
+}
+
+/// A `WriteBlocks` stream: many blocks over one RPC, one acknowledgement each.
+pub struct BlockStream {
+    requests: tokio::sync::mpsc::Sender<WriteBlocksRequest>,
+    responses: tonic::Streaming<WriteBlocksResponse>,
+    next_id: u64,
+}
+
+impl BlockStream {
+    pub async fn open(client: &mut Client) -> Result<Self, BenchError> {
+        let (requests, rx) = tokio::sync::mpsc::channel(16);
+        let responses = client
+            .write_blocks(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|status| BenchError::rpc("WriteBlocks", status))?
+            .into_inner();
+        Ok(BlockStream {
+            requests,
+            responses,
+            next_id: 0,
+        })
+    }
+
+    /// Sends one whole block and waits for its acknowledgement (durable on the device).
+    pub async fn write(&mut self, key: &BlockKey, payload: &Payload) -> Result<u64, BenchError> {
+        self.next_id += 1;
+        let request = WriteBlocksRequest {
+            request_id: self.next_id,
+            header: Some(BlockHeader {
+                key: key.to_string(),
+                total_len: payload.len() as u64,
+                crc32c: payload.crc32c,
+            }),
+            data: payload.data.clone(),
+        };
+        let closed = || {
+            BenchError::rpc(
+                "WriteBlocks",
+                tonic::Status::unavailable("stream closed by the gateway"),
+            )
+        };
+        self.requests.send(request).await.map_err(|_| closed())?;
+        let response = self
+            .responses
+            .message()
+            .await
+            .map_err(|status| BenchError::rpc("WriteBlocks", status))?
+            .ok_or_else(closed)?;
+        if response.request_id != self.next_id {
+            return Err(BenchError::rpc(
+                "WriteBlocks",
+                tonic::Status::internal(format!(
+                    "acknowledgement for request {} while waiting for {}",
+                    response.request_id, self.next_id
+                )),
+            ));
+        }
+        if response.code != 0 {
+            return Err(BenchError::rpc(
+                "WriteBlocks",
+                tonic::Status::new(response.code.into(), response.message),
+            ));
+        }
+        Ok(response.sequence)
+    }
 }
 
 /// Drops staged blocks so the staging log can reclaim their space. Returns how many were dropped.
