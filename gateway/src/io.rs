@@ -18,6 +18,12 @@ use crate::aligned::AlignedBuf;
 pub trait IoEngine: Send + Sync + 'static {
     /// Writes all of `buf` at `offset` (both aligned); hands the buffer back.
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>>;
+    /// Writes `bufs` back to back from `offset`, as one vectored write; hands them back.
+    fn writev_at(
+        &self,
+        bufs: Vec<AlignedBuf>,
+        offset: u64,
+    ) -> BoxFuture<'static, io::Result<Vec<AlignedBuf>>>;
     /// Fills all of `buf` from `offset` (both aligned).
     fn read_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>>;
     /// Makes every completed write durable (fdatasync).
@@ -72,6 +78,24 @@ mod tests {
             .for_each(|(i, b)| *b = (i % 251) as u8);
         let expected = buf.to_vec();
         engine.write_at(buf, ALIGN as u64 * 3).await.unwrap();
+        // A vectored write lands its buffers back to back.
+        let parts: Vec<AlignedBuf> = (1..=3u8)
+            .map(|i| {
+                let mut b = AlignedBuf::zeroed(ALIGN * i as usize);
+                b.fill(i);
+                b
+            })
+            .collect();
+        engine.writev_at(parts, ALIGN as u64 * 8).await.unwrap();
+        let back = engine
+            .read_at(AlignedBuf::zeroed(6 * ALIGN), ALIGN as u64 * 8)
+            .await
+            .unwrap();
+        let expected_v: Vec<u8> = [1u8, 2, 2, 3, 3, 3]
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(i, ALIGN))
+            .collect();
+        assert_eq!(&back[..], &expected_v[..]);
         engine.sync().await.unwrap();
         let back = engine
             .read_at(AlignedBuf::zeroed(2 * ALIGN), ALIGN as u64 * 3)

@@ -502,6 +502,9 @@ impl StagingService {
             recovered_blocks: log.recovery.blocks,
             corrupt_records: log.recovery.corrupt.len() as u64,
             writers_waiting_for_space: snap.writers_waiting_for_space,
+            syncs_total: snap.counters.syncs,
+            sync_seconds_total: snap.counters.sync_time.as_secs_f64(),
+            synced_records_total: snap.counters.synced_records,
         }
     }
 }

@@ -580,6 +580,7 @@ impl Bench<'_> {
         let mut best: Option<(Transport, load::LoadResult)> = None;
         for transport in [Transport::Rpc, Transport::Stream] {
             let clients = load::clients(addr, GROUP_COMMIT_WRITERS, mode).await?;
+            let before = rpc::status(control).await?;
             let result = load::run(
                 clients,
                 self.ids.clone(),
@@ -594,6 +595,13 @@ impl Bench<'_> {
                 result.blocks_per_s(),
                 result.latency_ms(0.5),
                 result.latency_ms(0.99)
+            );
+            let after = rpc::status(control).await?;
+            let syncs = after.syncs_total.saturating_sub(before.syncs_total).max(1);
+            progress!(
+                "group commit, {transport}: {syncs} fdatasyncs, {:.3} ms each, {:.1} records per sync",
+                (after.sync_seconds_total - before.sync_seconds_total) * 1000.0 / syncs as f64,
+                after.synced_records_total.saturating_sub(before.synced_records_total) as f64 / syncs as f64
             );
             match transport {
                 Transport::Rpc => report.group_commit_rpc_blocks_per_s = result.blocks_per_s(),

@@ -39,6 +39,44 @@ impl IoEngine for PsyncEngine {
         }))
     }
 
+    fn writev_at(
+        &self,
+        bufs: Vec<AlignedBuf>,
+        offset: u64,
+    ) -> BoxFuture<'static, io::Result<Vec<AlignedBuf>>> {
+        let file = self.file.clone();
+        Box::pin(blocking(move || {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let mut done = 0usize;
+            while done < total {
+                // Skip what was written; a short write can end inside a buffer.
+                let mut skip = done;
+                let slices: Vec<std::io::IoSlice<'_>> = bufs
+                    .iter()
+                    .filter_map(|b| {
+                        if skip >= b.len() {
+                            skip -= b.len();
+                            None
+                        } else {
+                            let s = std::io::IoSlice::new(&b[skip..]);
+                            skip = 0;
+                            Some(s)
+                        }
+                    })
+                    .collect();
+                let n = nix::sys::uio::pwritev(&*file, &slices, (offset + done as u64) as i64)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "device accepted no bytes",
+                    ));
+                }
+                done += n;
+            }
+            Ok(bufs)
+        }))
+    }
+
     fn read_at(
         &self,
         mut buf: AlignedBuf,

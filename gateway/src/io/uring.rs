@@ -17,6 +17,11 @@ enum Request {
         offset: u64,
         reply: oneshot::Sender<io::Result<AlignedBuf>>,
     },
+    WriteV {
+        bufs: Vec<AlignedBuf>,
+        offset: u64,
+        reply: oneshot::Sender<io::Result<Vec<AlignedBuf>>>,
+    },
     Read {
         buf: AlignedBuf,
         offset: u64,
@@ -104,6 +109,22 @@ async fn serve(file: &tokio_uring::fs::File, request: Request) {
             let (result, buf) = file.write_all_at(buf, offset).await;
             let _ = reply.send(result.map(|()| buf));
         }
+        Request::WriteV {
+            bufs,
+            offset,
+            reply,
+        } => {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let (result, bufs) = file.writev_at_all(bufs, Some(offset)).await;
+            let _ = reply.send(match result {
+                Ok(n) if n == total => Ok(bufs),
+                Ok(n) => Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("vectored write stopped after {n} of {total} bytes"),
+                )),
+                Err(e) => Err(e),
+            });
+        }
         Request::Read { buf, offset, reply } => {
             let (result, buf) = file.read_exact_at(buf, offset).await;
             let _ = reply.send(result.map(|()| buf));
@@ -117,6 +138,18 @@ async fn serve(file: &tokio_uring::fs::File, request: Request) {
 impl IoEngine for UringEngine {
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>> {
         self.submit(|reply| Request::Write { buf, offset, reply })
+    }
+
+    fn writev_at(
+        &self,
+        bufs: Vec<AlignedBuf>,
+        offset: u64,
+    ) -> BoxFuture<'static, io::Result<Vec<AlignedBuf>>> {
+        self.submit(|reply| Request::WriteV {
+            bufs,
+            offset,
+            reply,
+        })
     }
 
     fn read_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>> {
