@@ -471,6 +471,7 @@ impl Bench<'_> {
             let mut best: Option<(f64, ChannelMode)> = None;
             for &mode in modes {
                 let clients = load::clients(addr, writers, mode).await?;
+                let before = rpc::status(control).await?;
                 let result = load::run(
                     clients,
                     self.ids.clone(),
@@ -485,6 +486,11 @@ impl Bench<'_> {
                     format_size(result.bytes),
                     result.latency_ms(0.5),
                     result.latency_ms(0.99)
+                );
+                let after = rpc::status(control).await?;
+                progress!(
+                    "ingest: {writers} writer(s), {mode}: {}",
+                    describe_syncs(&before, &after)
                 );
                 match (writers, mode) {
                     (4, ChannelMode::Shared) => report.ingest_shared_mib_s_4 = mib_s,
@@ -597,11 +603,9 @@ impl Bench<'_> {
                 result.latency_ms(0.99)
             );
             let after = rpc::status(control).await?;
-            let syncs = after.syncs_total.saturating_sub(before.syncs_total).max(1);
             progress!(
-                "group commit, {transport}: {syncs} fdatasyncs, {:.3} ms each, {:.1} records per sync",
-                (after.sync_seconds_total - before.sync_seconds_total) * 1000.0 / syncs as f64,
-                after.synced_records_total.saturating_sub(before.synced_records_total) as f64 / syncs as f64
+                "group commit, {transport}: {}",
+                describe_syncs(&before, &after)
             );
             match transport {
                 Transport::Rpc => report.group_commit_rpc_blocks_per_s = result.blocks_per_s(),
@@ -896,6 +900,23 @@ impl Bench<'_> {
         }
         Ok(gateway)
     }
+}
+
+/// The gateway's group commit between two Status answers: how many fdatasyncs, how long each
+/// took and how many records each made durable.
+fn describe_syncs(
+    before: &proto::staging::StatusResponse,
+    after: &proto::staging::StatusResponse,
+) -> String {
+    let syncs = after.syncs_total.saturating_sub(before.syncs_total).max(1);
+    format!(
+        "{syncs} fdatasyncs, {:.3} ms each, {:.1} records per sync",
+        (after.sync_seconds_total - before.sync_seconds_total) * 1000.0 / syncs as f64,
+        after
+            .synced_records_total
+            .saturating_sub(before.synced_records_total) as f64
+            / syncs as f64
+    )
 }
 
 /// Deletes objects, reporting (not failing on) errors.
