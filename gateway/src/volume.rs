@@ -114,6 +114,15 @@ pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, Volume
         path: opts.path.clone(),
         source,
     };
+    let min = DATA_START + 3 * min_segment_size();
+    if device.size < min {
+        return Err(VolumeError::TooSmall {
+            path: opts.path.clone(),
+            size: device.size,
+            min,
+            segment: min_segment_size(),
+        });
+    }
     let engine = open_engine(opts.engine, device.file).map_err(io)?;
     let copies = read_superblocks(&engine).await.map_err(io)?;
     let sb = match best_superblock(&copies) {
@@ -219,4 +228,108 @@ pub async fn format(
         "formatted staging device"
     );
     Ok(sb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn options(path: PathBuf, format: bool) -> VolumeOptions {
+        VolumeOptions {
+            path,
+            create_size: 64 << 20,
+            segment_size: None,
+            format,
+            engine: EngineKind::Psync,
+            full_wait: Duration::from_secs(1),
+            uploads_paused: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn formats_only_missing_or_explicitly_allowed_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        // A missing file is created and formatted.
+        let log = open_volume(&options(path.clone(), false)).await.unwrap();
+        let first = log.sb.clone();
+        log.shutdown().await;
+        drop(log);
+        // A valid log is reopened, never reformatted, even with --format; the generation moves on.
+        let log = open_volume(&options(path.clone(), true)).await.unwrap();
+        assert_eq!(log.sb.device_uuid, first.device_uuid);
+        assert_eq!(log.sb.generation, first.generation + 1);
+        log.shutdown().await;
+        drop(log);
+
+        // An existing file without a superblock is refused without --format.
+        let blank = dir.path().join("blank");
+        std::fs::File::create(&blank)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let err = open_volume(&options(blank.clone(), false))
+            .await
+            .err()
+            .expect("must refuse");
+        assert!(matches!(err, VolumeError::NotFormatted { .. }), "{err}");
+        assert!(err.to_string().contains("--format"), "{err}");
+        let log = open_volume(&options(blank, true)).await.unwrap();
+        log.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_another_format_version_and_too_small_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let log = open_volume(&options(path.clone(), false)).await.unwrap();
+        let mut sb = log.sb.clone();
+        log.shutdown().await;
+        drop(log);
+        sb.format_version = FORMAT_VERSION + 1;
+        let mut buf = vec![0u8; ALIGN];
+        sb.encode(&mut buf);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&buf, 0).unwrap();
+        file.write_all_at(&buf, ALIGN as u64).unwrap();
+        drop(file);
+        let err = open_volume(&options(path, true))
+            .await
+            .err()
+            .expect("must refuse");
+        assert!(
+            matches!(err, VolumeError::FormatVersion { found, .. } if found == FORMAT_VERSION + 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("format version 2"), "{err}");
+
+        let small = dir.path().join("small");
+        std::fs::File::create(&small)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let err = open_volume(&options(small, true))
+            .await
+            .err()
+            .expect("must refuse");
+        assert!(matches!(err, VolumeError::TooSmall { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn survives_a_torn_superblock_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let log = open_volume(&options(path.clone(), false)).await.unwrap();
+        let generation = log.sb.generation;
+        log.shutdown().await;
+        drop(log);
+        // Damage one copy: the other one carries the device.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff; 64], 16).unwrap();
+        drop(file);
+        let log = open_volume(&options(path, false)).await.unwrap();
+        assert!(log.sb.generation >= generation);
+        log.shutdown().await;
+    }
 }
