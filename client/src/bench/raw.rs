@@ -141,8 +141,14 @@ fn open_direct(path: &Path) -> Result<File, BenchError> {
 }
 
 /// Writes `bytes` (a multiple of 4 MiB) sequentially from offset 0 with `writers` threads, then
-/// `fdatasync`s once. Returns MiB/s over the whole run including the sync.
-pub fn seq_write(path: &Path, bytes: u64, writers: usize) -> Result<f64, BenchError> {
+/// `fdatasync`s once; with `sync_each`, every writer also `fdatasync`s after each of its writes,
+/// as a store that acknowledges only durable writes must. Returns MiB/s including the syncs.
+pub fn seq_write(
+    path: &Path,
+    bytes: u64,
+    writers: usize,
+    sync_each: bool,
+) -> Result<f64, BenchError> {
     let file = open_direct(path)?;
     let blocks = bytes / SEQ_WRITE_SIZE as u64;
     let writers = writers.max(1);
@@ -160,6 +166,9 @@ pub fn seq_write(path: &Path, bytes: u64, writers: usize) -> Result<f64, BenchEr
                     let mut block = w as u64;
                     while block < blocks {
                         file.write_all_at(buf.as_slice(), block * SEQ_WRITE_SIZE as u64)?;
+                        if sync_each {
+                            file.sync_data()?;
+                        }
                         block += writers as u64;
                     }
                     Ok(())

@@ -26,6 +26,8 @@ pub struct Report {
     pub raw_seq_write_writers: usize,
     pub raw_seq_write_bytes: u64,
     pub raw_fsync_per_s: f64,
+    /// 16 writers of 4 MiB, each write followed by its own fdatasync (no gateway).
+    pub raw_durable_write_mib_s_16: f64,
 
     pub ingest_case_bytes: u64,
     pub ingest_mib_s_1: f64,
@@ -41,6 +43,8 @@ pub struct Report {
     pub ingest_ratio_1: Option<f64>,
     pub ingest_ratio_4: Option<f64>,
     pub ingest_ratio_16: Option<f64>,
+    /// Ingest from 16 writers ÷ raw_durable_write_mib_s_16: against durable writes without a gateway.
+    pub ingest_durable_ratio_16: Option<f64>,
 
     pub group_commit_writers: usize,
     pub group_commit_mode: Option<ChannelMode>,
@@ -128,6 +132,13 @@ impl Report {
                 String::new(),
             ],
             [
+                "raw durable x16".into(),
+                format!("{:.1} MiB/s", self.raw_durable_write_mib_s_16),
+                "16 writers, O_DIRECT 4 MiB write + fdatasync each".into(),
+                String::new(),
+                String::new(),
+            ],
+            [
                 "raw fdatasync".into(),
                 format!("{:.0} writes/s", self.raw_fsync_per_s),
                 "O_DIRECT 4 KiB write + fdatasync".into(),
@@ -166,6 +177,16 @@ impl Report {
                 seq_limit,
                 fmt_ratio(self.ingest_ratio_16),
                 fmt_target(self.ingest_ratio_16, TARGET_INGEST_RATIO_16),
+            ],
+            [
+                "ingest x16".into(),
+                "(same run)".into(),
+                format!(
+                    "raw durable x16 {:.1} MiB/s",
+                    self.raw_durable_write_mib_s_16
+                ),
+                fmt_ratio(self.ingest_durable_ratio_16),
+                String::new(),
             ],
             [
                 format!("group commit x{}", self.group_commit_writers),
