@@ -11,6 +11,7 @@ pub mod drain;
 pub mod format;
 pub mod inspect;
 pub mod io;
+pub mod meta;
 pub mod recovery;
 pub mod service;
 pub mod staging;

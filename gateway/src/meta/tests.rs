@@ -1,0 +1,1275 @@
+//! Unit tests of the redb metadata engine: each operation's success and errno paths, rename
+//! semantics, link counts, paging, data cleanup bookkeeping, sessions and persistence.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::*;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    meta: RedbMeta,
+    session: SessionId,
+}
+
+fn config() -> MetaConfig {
+    MetaConfig {
+        deleted_data_delay: Duration::ZERO,
+        sync_commits: false,
+        ..MetaConfig::default()
+    }
+}
+
+fn fixture_with(config: MetaConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = RedbMeta::open(dir.path().join("meta.redb"), config).unwrap();
+    let session = meta.open_session("test").unwrap();
+    Fixture { dir, meta, session }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(config())
+}
+
+fn node(kind: FileKind) -> NewNode {
+    NewNode {
+        kind,
+        mode: 0o644,
+        uid: 1000,
+        gid: 100,
+        rdev: 0,
+    }
+}
+
+/// The errno of a call that must fail.
+fn errno<T: std::fmt::Debug>(result: Result<T>) -> i32 {
+    result.expect_err("call must fail").errno()
+}
+
+const GW: GatewayId = [7; 16];
+
+impl Fixture {
+    fn file(&self, parent: Ino, name: &str) -> Attr {
+        self.meta
+            .mknod(parent, name.as_bytes(), &node(FileKind::File))
+            .unwrap()
+    }
+
+    fn mkdir(&self, parent: Ino, name: &str) -> Attr {
+        self.meta
+            .mkdir(parent, name.as_bytes(), 0o755, 1000, 100)
+            .unwrap()
+    }
+
+    fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
+        self.meta.lookup(parent, name.as_bytes())
+    }
+
+    fn nlink(&self, ino: Ino) -> u32 {
+        self.meta.getattr(ino).unwrap().nlink
+    }
+
+    /// Allocates, records and commits a slice; returns it.
+    fn write(&self, ino: Ino, chunk_index: u64, offset: u32, len: u32) -> Slice {
+        let id = self.meta.allocate_slice_ids(1).unwrap().start;
+        let slice = Slice {
+            slice_id: id,
+            offset_in_chunk: offset,
+            len,
+            gateway_id: GW,
+        };
+        self.meta
+            .record_pending_slice(self.session, &slice)
+            .unwrap();
+        self.meta
+            .commit_slice(self.session, ino, chunk_index, &slice, 0, 42)
+            .unwrap();
+        slice
+    }
+
+    fn queued(&self) -> BTreeSet<u64> {
+        self.meta
+            .take_due_deleted_slices(i64::MAX, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|d| d.slice_id)
+            .collect()
+    }
+
+    fn ids(&self, ino: Ino, chunk_index: u64) -> Vec<u64> {
+        self.meta
+            .read_chunk(ino, chunk_index)
+            .unwrap()
+            .iter()
+            .map(|s| s.slice_id)
+            .collect()
+    }
+
+    fn names(&self, dir: Ino) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .meta
+            .readdir(dir, 0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.name).unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[test]
+fn a_new_database_has_the_root_directory() {
+    let f = fixture();
+    let root = f.meta.getattr(ROOT_INO).unwrap();
+    assert_eq!(
+        (root.kind, root.nlink, root.mode),
+        (FileKind::Dir, 2, 0o755)
+    );
+    assert_eq!(f.lookup(ROOT_INO, ".").unwrap().ino, ROOT_INO);
+    assert_eq!(f.lookup(ROOT_INO, "..").unwrap().ino, ROOT_INO);
+    assert!(f.meta.readdir(ROOT_INO, 0, 100).unwrap().is_empty());
+    assert_eq!(f.meta.statfs().unwrap().files, 1);
+    assert_eq!(errno(f.meta.getattr(99)), libc::ENOENT);
+}
+
+#[test]
+fn bad_names_are_refused_with_linux_errnos() {
+    let f = fixture();
+    for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
+        assert_eq!(
+            errno(f.meta.mkdir(ROOT_INO, bad, 0o755, 0, 0)),
+            libc::EINVAL,
+            "{bad:?}"
+        );
+    }
+    let long = vec![b'x'; MAX_NAME_LEN + 1];
+    assert_eq!(
+        errno(f.meta.mknod(ROOT_INO, &long, &node(FileKind::File))),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(errno(f.meta.lookup(ROOT_INO, &long)), libc::ENAMETOOLONG);
+    let longest = vec![b'x'; MAX_NAME_LEN];
+    f.meta
+        .mknod(ROOT_INO, &longest, &node(FileKind::File))
+        .unwrap();
+    assert_eq!(
+        f.meta.lookup(ROOT_INO, &longest).unwrap().kind,
+        FileKind::File
+    );
+}
+
+#[test]
+fn mknod_makes_files_fifos_and_devices() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "file");
+    assert_eq!(
+        (file.kind, file.nlink, file.size, file.uid, file.gid),
+        (FileKind::File, 1, 0, 1000, 100)
+    );
+    let fifo = f
+        .meta
+        .mknod(
+            ROOT_INO,
+            b"fifo",
+            &NewNode {
+                mode: 0o10600,
+                ..node(FileKind::Fifo)
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (fifo.kind, fifo.mode),
+        (FileKind::Fifo, 0o600),
+        "type bits are not kept in mode"
+    );
+    let dev = f
+        .meta
+        .mknod(
+            ROOT_INO,
+            b"dev",
+            &NewNode {
+                rdev: 0x0801,
+                ..node(FileKind::BlockDevice)
+            },
+        )
+        .unwrap();
+    assert_eq!(f.meta.getattr(dev.ino).unwrap().rdev, 0x0801);
+    assert_eq!(f.lookup(ROOT_INO, "fifo").unwrap(), fifo);
+    assert!(
+        fifo.ino > file.ino && dev.ino > fifo.ino,
+        "inode numbers grow"
+    );
+
+    assert_eq!(
+        errno(f.meta.mknod(ROOT_INO, b"file", &node(FileKind::File))),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(f.meta.mknod(file.ino, b"x", &node(FileKind::File))),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno(f.meta.mknod(999, b"x", &node(FileKind::File))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.meta.mknod(ROOT_INO, b"d", &node(FileKind::Dir))),
+        libc::EINVAL
+    );
+    assert_eq!(errno(f.lookup(ROOT_INO, "missing")), libc::ENOENT);
+    assert_eq!(errno(f.lookup(file.ino, "x")), libc::ENOTDIR);
+    assert_eq!(f.meta.statfs().unwrap().files, 4);
+}
+
+#[test]
+fn create_opens_the_new_file() {
+    let f = fixture();
+    let attr = f
+        .meta
+        .create(f.session, ROOT_INO, b"new", &node(FileKind::File))
+        .unwrap();
+    f.meta.unlink(ROOT_INO, b"new").unwrap();
+    assert_eq!(
+        f.meta.getattr(attr.ino).unwrap().nlink,
+        0,
+        "kept alive by the handle"
+    );
+    f.meta.release(f.session, attr.ino).unwrap();
+    assert_eq!(errno(f.meta.getattr(attr.ino)), libc::ENOENT);
+    assert_eq!(
+        errno(f.meta.create(12345, ROOT_INO, b"x", &node(FileKind::File))),
+        libc::EIO
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .create(f.session, ROOT_INO, b"x", &node(FileKind::Fifo))
+        ),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn directories_count_their_subdirectories_in_nlink() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    assert_eq!((a.kind, a.nlink), (FileKind::Dir, 2));
+    assert_eq!(f.nlink(ROOT_INO), 3);
+    let b = f.mkdir(a.ino, "b");
+    f.file(a.ino, "file");
+    assert_eq!(f.nlink(a.ino), 3, "files do not count");
+    assert_eq!(f.lookup(b.ino, "..").unwrap().ino, a.ino);
+
+    assert_eq!(errno(f.meta.rmdir(ROOT_INO, b"a")), libc::ENOTEMPTY);
+    assert_eq!(errno(f.meta.rmdir(a.ino, b"file")), libc::ENOTDIR);
+    assert_eq!(errno(f.meta.unlink(a.ino, b"b")), libc::EISDIR);
+    assert_eq!(errno(f.meta.rmdir(a.ino, b"missing")), libc::ENOENT);
+    assert_eq!(
+        errno(f.meta.mkdir(ROOT_INO, b"a", 0o755, 0, 0)),
+        libc::EEXIST
+    );
+
+    f.meta.rmdir(a.ino, b"b").unwrap();
+    assert_eq!(f.nlink(a.ino), 2);
+    assert_eq!(errno(f.meta.getattr(b.ino)), libc::ENOENT);
+    f.meta.unlink(a.ino, b"file").unwrap();
+    f.meta.rmdir(ROOT_INO, b"a").unwrap();
+    assert_eq!(f.nlink(ROOT_INO), 2);
+    assert_eq!(f.meta.statfs().unwrap().files, 1);
+}
+
+#[test]
+fn directory_changes_update_parent_times() {
+    let f = fixture();
+    let before = f.meta.getattr(ROOT_INO).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    f.file(ROOT_INO, "x");
+    let after = f.meta.getattr(ROOT_INO).unwrap();
+    assert!(after.mtime_ns > before.mtime_ns && after.ctime_ns > before.ctime_ns);
+}
+
+#[test]
+fn symlinks_keep_their_target() {
+    let f = fixture();
+    let link = f
+        .meta
+        .symlink(ROOT_INO, b"l", b"../some/where", 5, 6)
+        .unwrap();
+    assert_eq!(
+        (link.kind, link.size, link.mode, link.uid),
+        (FileKind::Symlink, 13, 0o777, 5)
+    );
+    assert_eq!(f.meta.readlink(link.ino).unwrap(), b"../some/where");
+    let file = f.file(ROOT_INO, "f");
+    assert_eq!(errno(f.meta.readlink(file.ino)), libc::EINVAL);
+    assert_eq!(
+        errno(f.meta.symlink(ROOT_INO, b"e", b"", 0, 0)),
+        libc::ENOENT
+    );
+    let long = vec![b'x'; MAX_SYMLINK_LEN + 1];
+    assert_eq!(
+        errno(f.meta.symlink(ROOT_INO, b"e", &long, 0, 0)),
+        libc::ENAMETOOLONG
+    );
+    f.meta.unlink(ROOT_INO, b"l").unwrap();
+    assert_eq!(errno(f.meta.readlink(link.ino)), libc::ENOENT);
+}
+
+#[test]
+fn hard_links_count_names() {
+    let f = fixture();
+    let d = f.mkdir(ROOT_INO, "d");
+    let file = f.file(ROOT_INO, "f");
+    let linked = f.meta.link(file.ino, d.ino, b"g").unwrap();
+    assert_eq!(linked.nlink, 2);
+    assert_eq!(f.lookup(d.ino, "g").unwrap().ino, file.ino);
+    assert_eq!(f.nlink(d.ino), 2, "a file link is not a subdirectory");
+
+    assert_eq!(errno(f.meta.link(d.ino, ROOT_INO, b"d2")), libc::EPERM);
+    assert_eq!(errno(f.meta.link(file.ino, ROOT_INO, b"d")), libc::EEXIST);
+    assert_eq!(errno(f.meta.link(file.ino, file.ino, b"x")), libc::ENOTDIR);
+    assert_eq!(errno(f.meta.link(999, ROOT_INO, b"x")), libc::ENOENT);
+
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(f.nlink(file.ino), 1);
+    f.meta.unlink(d.ino, b"g").unwrap();
+    assert_eq!(errno(f.meta.getattr(file.ino)), libc::ENOENT);
+}
+
+#[test]
+fn setattr_changes_what_it_is_given() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let changed = f
+        .meta
+        .setattr(
+            file.ino,
+            &SetAttr {
+                mode: Some(0o4755),
+                uid: Some(1),
+                gid: Some(2),
+                atime_ns: Some(-5),
+                mtime_ns: Some(7),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((changed.mode, changed.uid, changed.gid), (0o4755, 1, 2));
+    assert_eq!((changed.atime_ns, changed.mtime_ns), (-5, 7));
+    assert!(changed.ctime_ns >= file.ctime_ns);
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), changed);
+
+    let grown = f
+        .meta
+        .setattr(
+            file.ino,
+            &SetAttr {
+                size: Some(1 << 40),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(grown.size, 1 << 40);
+    assert_eq!(f.meta.statfs().unwrap().used_bytes, 1 << 40);
+
+    let size = |s| SetAttr {
+        size: Some(s),
+        ..SetAttr::default()
+    };
+    assert_eq!(errno(f.meta.setattr(ROOT_INO, &size(0))), libc::EISDIR);
+    let fifo = f.meta.mknod(ROOT_INO, b"p", &node(FileKind::Fifo)).unwrap();
+    assert_eq!(errno(f.meta.setattr(fifo.ino, &size(0))), libc::EINVAL);
+    assert_eq!(
+        errno(f.meta.setattr(file.ino, &size(u64::MAX))),
+        libc::EFBIG
+    );
+    assert_eq!(
+        errno(f.meta.setattr(999, &SetAttr::default())),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn rename_moves_within_and_across_directories() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(ROOT_INO, "b");
+    let file = f.file(a.ino, "f");
+    f.meta
+        .rename(a.ino, b"f", a.ino, b"g", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.names(a.ino), ["g"]);
+    f.meta
+        .rename(a.ino, b"g", b.ino, b"h", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.lookup(b.ino, "h").unwrap().ino, file.ino);
+    assert!(f.names(a.ino).is_empty());
+
+    let sub = f.mkdir(a.ino, "sub");
+    f.meta
+        .rename(a.ino, b"sub", b.ino, b"sub", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(
+        (f.nlink(a.ino), f.nlink(b.ino), f.nlink(ROOT_INO)),
+        (2, 3, 4)
+    );
+    assert_eq!(
+        f.lookup(sub.ino, "..").unwrap().ino,
+        b.ino,
+        "a moved directory knows its new parent"
+    );
+
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(a.ino, b"nope", b.ino, b"x", RenameMode::Replace)
+        ),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(file.ino, b"x", b.ino, b"x", RenameMode::Replace)
+        ),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(b.ino, b"h", b.ino, b"..", RenameMode::Replace)
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        RenameMode::from_flags(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        RenameMode::from_flags(libc::RENAME_EXCHANGE).unwrap(),
+        RenameMode::Exchange
+    );
+}
+
+#[test]
+fn rename_replaces_a_file_and_cleans_its_data() {
+    let f = fixture();
+    let src = f.file(ROOT_INO, "src");
+    let dst = f.file(ROOT_INO, "dst");
+    let slice = f.write(dst.ino, 0, 0, 100);
+    f.meta
+        .rename(ROOT_INO, b"src", ROOT_INO, b"dst", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.lookup(ROOT_INO, "dst").unwrap().ino, src.ino);
+    assert_eq!(errno(f.lookup(ROOT_INO, "src")), libc::ENOENT);
+    assert_eq!(errno(f.meta.getattr(dst.ino)), libc::ENOENT);
+    assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
+    assert_eq!(
+        f.meta.statfs().unwrap(),
+        StatFs {
+            files: 2,
+            used_bytes: 0,
+            capacity_bytes: None,
+            max_files: None
+        }
+    );
+}
+
+#[test]
+fn rename_over_a_directory_needs_an_empty_directory() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let empty = f.mkdir(ROOT_INO, "empty");
+    let full = f.mkdir(ROOT_INO, "full");
+    f.file(full.ino, "x");
+    let file = f.file(ROOT_INO, "file");
+    assert_eq!(f.nlink(ROOT_INO), 5);
+
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", ROOT_INO, b"full", RenameMode::Replace)
+        ),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"file", ROOT_INO, b"empty", RenameMode::Replace)
+        ),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", ROOT_INO, b"file", RenameMode::Replace)
+        ),
+        libc::ENOTDIR
+    );
+
+    f.meta
+        .rename(ROOT_INO, b"a", ROOT_INO, b"empty", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.lookup(ROOT_INO, "empty").unwrap().ino, a.ino);
+    assert_eq!(errno(f.meta.getattr(empty.ino)), libc::ENOENT);
+    assert_eq!(f.nlink(ROOT_INO), 4);
+    assert_eq!(f.names(ROOT_INO), ["empty", "file", "full"]);
+    assert_eq!(f.meta.getattr(file.ino).unwrap().nlink, 1);
+
+    // Across directories: the source parent loses a subdirectory, the target keeps its count.
+    let d = f.mkdir(full.ino, "d");
+    let victim = f.mkdir(ROOT_INO, "victim");
+    f.meta
+        .rename(full.ino, b"d", ROOT_INO, b"victim", RenameMode::Replace)
+        .unwrap();
+    assert_eq!((f.nlink(full.ino), f.nlink(ROOT_INO)), (2, 5));
+    assert_eq!(f.lookup(ROOT_INO, "victim").unwrap().ino, d.ino);
+    assert_eq!(errno(f.meta.getattr(victim.ino)), libc::ENOENT);
+}
+
+#[test]
+fn rename_noreplace_refuses_an_existing_target() {
+    let f = fixture();
+    f.file(ROOT_INO, "a");
+    f.file(ROOT_INO, "b");
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameMode::NoReplace)
+        ),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", ROOT_INO, b"a", RenameMode::NoReplace)
+        ),
+        libc::EEXIST
+    );
+    f.meta
+        .rename(ROOT_INO, b"a", ROOT_INO, b"c", RenameMode::NoReplace)
+        .unwrap();
+    assert_eq!(f.names(ROOT_INO), ["b", "c"]);
+}
+
+#[test]
+fn rename_exchange_swaps_two_entries() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(ROOT_INO, "b");
+    let dir = f.mkdir(a.ino, "x");
+    let file = f.file(b.ino, "y");
+    f.meta
+        .rename(a.ino, b"x", b.ino, b"y", RenameMode::Exchange)
+        .unwrap();
+    assert_eq!(f.lookup(a.ino, "x").unwrap().ino, file.ino);
+    assert_eq!(f.lookup(b.ino, "y").unwrap().ino, dir.ino);
+    assert_eq!(
+        (f.nlink(a.ino), f.nlink(b.ino)),
+        (2, 3),
+        "the subdirectory moved from a to b"
+    );
+    assert_eq!(f.lookup(dir.ino, "..").unwrap().ino, b.ino);
+    assert_eq!(f.meta.getattr(file.ino).unwrap().nlink, 1);
+
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(a.ino, b"x", b.ino, b"none", RenameMode::Exchange)
+        ),
+        libc::ENOENT
+    );
+    // Swapping a directory with an entry inside it would detach a cycle.
+    let inner = f.file(dir.ino, "inner");
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(b.ino, b"y", dir.ino, b"inner", RenameMode::Exchange)
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(dir.ino, b"inner", b.ino, b"y", RenameMode::Exchange)
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(f.lookup(dir.ino, "inner").unwrap().ino, inner.ino);
+}
+
+#[test]
+fn rename_of_a_directory_into_its_own_subtree_is_einval() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(a.ino, "b");
+    let c = f.mkdir(b.ino, "c");
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", c.ino, b"a", RenameMode::Replace)
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(ROOT_INO, b"a", a.ino, b"self", RenameMode::Replace)
+        ),
+        libc::EINVAL
+    );
+    // The other way round is fine: c moves up.
+    f.meta
+        .rename(b.ino, b"c", ROOT_INO, b"c", RenameMode::Replace)
+        .unwrap();
+    assert_eq!((f.nlink(ROOT_INO), f.nlink(b.ino)), (4, 2));
+    // Replacing an ancestor of the source: it is not empty.
+    assert_eq!(
+        errno(
+            f.meta
+                .rename(a.ino, b"b", ROOT_INO, b"a", RenameMode::Replace)
+        ),
+        libc::ENOTEMPTY
+    );
+}
+
+#[test]
+fn rename_between_two_names_of_one_inode_does_nothing() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "a");
+    f.meta.link(file.ino, ROOT_INO, b"b").unwrap();
+    f.meta
+        .rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.names(ROOT_INO), ["a", "b"]);
+    assert_eq!(f.nlink(file.ino), 2);
+    f.meta
+        .rename(ROOT_INO, b"a", ROOT_INO, b"a", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.names(ROOT_INO), ["a", "b"]);
+}
+
+#[test]
+fn rename_replacing_an_open_file_keeps_it_until_release() {
+    let f = fixture();
+    f.file(ROOT_INO, "new");
+    let old = f.file(ROOT_INO, "old");
+    let slice = f.write(old.ino, 0, 0, 10);
+    f.meta.open(f.session, old.ino).unwrap();
+    f.meta
+        .rename(ROOT_INO, b"new", ROOT_INO, b"old", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.meta.getattr(old.ino).unwrap().nlink, 0);
+    assert_eq!(f.ids(old.ino, 0), [slice.slice_id]);
+    assert!(f.queued().is_empty());
+    f.meta.release(f.session, old.ino).unwrap();
+    assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
+}
+
+#[test]
+fn readdir_pages_through_10000_entries_completely() {
+    let f = fixture();
+    let d = f.mkdir(ROOT_INO, "big");
+    for i in 0..10_000 {
+        f.file(d.ino, &format!("file-{i:05}"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut cookie = 0;
+    let mut pages = 0;
+    loop {
+        let page = f.meta.readdir(d.ino, cookie, 97).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        for entry in &page {
+            assert!(entry.cookie > cookie, "cookies grow");
+            cookie = entry.cookie;
+            assert_eq!(entry.attr.kind, FileKind::File);
+            assert!(
+                seen.insert(entry.name.clone()),
+                "duplicate {:?}",
+                entry.name
+            );
+        }
+        // Changes between pages: entries created later come after the cursor, removed ones
+        // vanish, and nothing that stayed is repeated or skipped.
+        if pages == 10 {
+            f.meta.unlink(d.ino, b"file-09999").unwrap();
+            f.file(d.ino, "late");
+        }
+    }
+    assert_eq!(pages, 104);
+    assert_eq!(seen.len(), 10_000);
+    assert!(seen.contains(&b"late"[..]) && !seen.contains(&b"file-09999"[..]));
+}
+
+#[test]
+fn readdir_returns_attributes_and_checks_its_argument() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let dir = f.mkdir(ROOT_INO, "d");
+    let entries = f.meta.readdir(ROOT_INO, 0, 10).unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        (entries[0].name.as_slice(), entries[0].attr),
+        (&b"f"[..], file)
+    );
+    assert_eq!(entries[1].attr.ino, dir.ino);
+    assert!(
+        entries[0].cookie > 2,
+        "cookies 1 and 2 are left for . and .."
+    );
+    assert_eq!(
+        f.meta
+            .readdir(ROOT_INO, entries[0].cookie, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(f.meta.readdir(ROOT_INO, u64::MAX, 10).unwrap().is_empty());
+    assert_eq!(errno(f.meta.readdir(file.ino, 0, 10)), libc::ENOTDIR);
+    assert_eq!(errno(f.meta.readdir(999, 0, 10)), libc::ENOENT);
+}
+
+#[test]
+fn xattrs_follow_linux_semantics() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let ino = file.ino;
+    f.meta
+        .setxattr(ino, b"user.a", b"1", XattrMode::Upsert)
+        .unwrap();
+    f.meta
+        .setxattr(ino, b"user.b", b"", XattrMode::Create)
+        .unwrap();
+    assert_eq!(f.meta.getxattr(ino, b"user.a").unwrap(), b"1");
+    assert_eq!(f.meta.getxattr(ino, b"user.b").unwrap(), b"");
+    assert_eq!(
+        f.meta.listxattr(ino).unwrap(),
+        [b"user.a".to_vec(), b"user.b".to_vec()]
+    );
+    assert_eq!(
+        errno(f.meta.setxattr(ino, b"user.a", b"2", XattrMode::Create)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(f.meta.setxattr(ino, b"user.c", b"2", XattrMode::Replace)),
+        libc::ENODATA
+    );
+    f.meta
+        .setxattr(ino, b"user.a", b"2", XattrMode::Replace)
+        .unwrap();
+    assert_eq!(f.meta.getxattr(ino, b"user.a").unwrap(), b"2");
+    f.meta.removexattr(ino, b"user.a").unwrap();
+    assert_eq!(errno(f.meta.getxattr(ino, b"user.a")), libc::ENODATA);
+    assert_eq!(errno(f.meta.removexattr(ino, b"user.a")), libc::ENODATA);
+    assert_eq!(errno(f.meta.getxattr(ino, b"")), libc::ERANGE);
+    assert_eq!(
+        errno(f.meta.setxattr(ino, &[b'x'; 256], b"", XattrMode::Upsert)),
+        libc::ERANGE
+    );
+    let big = vec![0; MAX_XATTR_VALUE_LEN + 1];
+    assert_eq!(
+        errno(f.meta.setxattr(ino, b"user.big", &big, XattrMode::Upsert)),
+        libc::E2BIG
+    );
+    assert_eq!(errno(f.meta.listxattr(999)), libc::ENOENT);
+    assert_eq!(XattrMode::from_flags(3).unwrap_err().errno(), libc::EINVAL);
+    // Directories carry xattrs too, and a removed inode's xattrs go with it.
+    f.meta
+        .setxattr(ROOT_INO, b"user.root", b"r", XattrMode::Upsert)
+        .unwrap();
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(errno(f.meta.getxattr(ino, b"user.b")), libc::ENOENT);
+    assert_eq!(f.meta.listxattr(ROOT_INO).unwrap(), [b"user.root".to_vec()]);
+}
+
+#[test]
+fn committed_slices_read_back_in_commit_order_and_shadowed_ones_are_queued() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let first = f.write(file.ino, 0, 0, 100);
+    let partly = f.write(file.ino, 0, 50, 100);
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), [first, partly]);
+    assert_eq!(f.meta.getattr(file.ino).unwrap().size, 150);
+    assert!(f.queued().is_empty(), "a partly shadowed slice stays");
+
+    // Two later slices together cover `first` completely.
+    let cover = f.write(file.ino, 0, 0, 60);
+    assert_eq!(f.ids(file.ino, 0), [partly.slice_id, cover.slice_id]);
+    assert_eq!(f.queued(), BTreeSet::from([first.slice_id]));
+
+    let second_chunk = f.write(file.ino, 1, 10, 5);
+    let attr = f.meta.getattr(file.ino).unwrap();
+    assert_eq!((attr.size, attr.mtime_ns), (shared::CHUNK_SIZE + 15, 42));
+    assert_eq!(f.ids(file.ino, 1), [second_chunk.slice_id]);
+    assert!(f.meta.read_chunk(file.ino, 2).unwrap().is_empty());
+    assert_eq!(f.meta.statfs().unwrap().used_bytes, shared::CHUNK_SIZE + 15);
+}
+
+#[test]
+fn commit_grows_the_file_to_the_size_the_writer_reports() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let slice = Slice {
+        slice_id: f.meta.allocate_slice_ids(1).unwrap().start,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    let attr = f
+        .meta
+        .commit_slice(f.session, file.ino, 0, &slice, 5000, 1)
+        .unwrap();
+    assert_eq!(attr.size, 5000);
+}
+
+#[test]
+fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let id = f.meta.allocate_slice_ids(3).unwrap().start;
+    let slice = Slice {
+        slice_id: id,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+    assert_eq!(
+        errno(f.meta.commit_slice(f.session, file.ino, 0, &slice, 0, 0)),
+        libc::EINVAL
+    );
+    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    assert_eq!(
+        errno(f.meta.commit_slice(f.session, ROOT_INO, 0, &slice, 0, 0)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slice(f.session + 1, file.ino, 0, &slice, 0, 0)
+        ),
+        libc::EIO
+    );
+    f.meta
+        .commit_slice(f.session, file.ino, 0, &slice, 0, 0)
+        .unwrap();
+    f.meta
+        .commit_slice(f.session, file.ino, 0, &slice, 0, 0)
+        .expect("a retried commit succeeds");
+    assert_eq!(f.ids(file.ino, 0), [id]);
+
+    let bad = |offset, len| Slice {
+        slice_id: id + 1,
+        offset_in_chunk: offset,
+        len,
+        gateway_id: GW,
+    };
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slice(f.session, file.ino, 0, &bad(0, 0), 0, 0)
+        ),
+        libc::EINVAL
+    );
+    let past_chunk = bad(shared::CHUNK_SIZE as u32 - 5, 10);
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slice(f.session, file.ino, 0, &past_chunk, 0, 0)
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slice(f.session, file.ino, u64::MAX, &bad(0, 1), 0, 0)
+        ),
+        libc::EFBIG
+    );
+    let hole = Slice {
+        slice_id: 0,
+        ..bad(0, 1)
+    };
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &hole)),
+        libc::EINVAL
+    );
+    let unallocated = Slice {
+        slice_id: id + 100,
+        ..bad(0, 1)
+    };
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &unallocated)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session + 1, &bad(0, 1))),
+        libc::EIO
+    );
+}
+
+#[test]
+fn truncate_drops_slices_past_the_end_and_hides_the_cut_part() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let head = f.write(file.ino, 0, 0, 100);
+    let tail = f.write(file.ino, 0, 200, 100);
+    let far = f.write(file.ino, 2, 0, 100);
+    let size = |s| SetAttr {
+        size: Some(s),
+        ..SetAttr::default()
+    };
+
+    f.meta.setattr(file.ino, &size(50)).unwrap();
+    assert_eq!(f.queued(), BTreeSet::from([tail.slice_id, far.slice_id]));
+    let hole = Slice {
+        slice_id: 0,
+        offset_in_chunk: 50,
+        len: 50,
+        gateway_id: [0; 16],
+    };
+    assert_eq!(
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        [head, hole],
+        "the rest of head is hidden"
+    );
+    assert!(f.meta.read_chunk(file.ino, 2).unwrap().is_empty());
+
+    // Growing again exposes zeros (the hole), not head's old bytes.
+    let attr = f
+        .meta
+        .setattr(file.ino, &size(3 * shared::CHUNK_SIZE))
+        .unwrap();
+    assert_eq!(attr.size, 3 * shared::CHUNK_SIZE);
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), [head, hole]);
+
+    // A cut inside the hidden part only keeps what is still visible.
+    f.meta.setattr(file.ino, &size(10)).unwrap();
+    let clipped = Slice {
+        offset_in_chunk: 10,
+        len: 90,
+        ..hole
+    };
+    assert_eq!(
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        [head, clipped],
+        "one hole, not two"
+    );
+    f.meta.setattr(file.ino, &size(0)).unwrap();
+    assert!(f.meta.read_chunk(file.ino, 0).unwrap().is_empty());
+    assert_eq!(
+        f.queued(),
+        BTreeSet::from([head.slice_id, tail.slice_id, far.slice_id])
+    );
+    assert_eq!(f.meta.statfs().unwrap().used_bytes, 0);
+}
+
+#[test]
+fn truncate_at_a_chunk_boundary_keeps_the_whole_chunk_before_it() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let full = f.write(file.ino, 0, 0, shared::CHUNK_SIZE as u32);
+    let next = f.write(file.ino, 1, 0, 10);
+    f.meta
+        .setattr(
+            file.ino,
+            &SetAttr {
+                size: Some(shared::CHUNK_SIZE),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), [full]);
+    assert_eq!(f.queued(), BTreeSet::from([next.slice_id]));
+}
+
+#[test]
+fn unlink_of_an_open_file_keeps_it_until_the_last_release() {
+    let f = fixture();
+    let other = f.meta.open_session("other").unwrap();
+    let file = f.file(ROOT_INO, "f");
+    let slice = f.write(file.ino, 0, 0, 10);
+    assert_eq!(f.meta.open(f.session, file.ino).unwrap().size, 10);
+    f.meta.open(f.session, file.ino).unwrap();
+    f.meta.open(other, file.ino).unwrap();
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(errno(f.lookup(ROOT_INO, "f")), libc::ENOENT);
+    assert_eq!(f.meta.getattr(file.ino).unwrap().nlink, 0);
+    assert_eq!(
+        errno(f.meta.link(file.ino, ROOT_INO, b"again")),
+        libc::ENOENT
+    );
+
+    f.meta.release(f.session, file.ino).unwrap();
+    f.meta.release(f.session, file.ino).unwrap();
+    f.meta.release(f.session, file.ino).unwrap(); // one too many: ignored
+    assert_eq!(
+        f.ids(file.ino, 0),
+        [slice.slice_id],
+        "still readable through the other handle"
+    );
+    assert!(f.queued().is_empty());
+    // The other client dies: closing its session releases its handle.
+    f.meta.close_session(other).unwrap();
+    assert_eq!(errno(f.meta.getattr(file.ino)), libc::ENOENT);
+    assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
+    assert_eq!(f.meta.statfs().unwrap().files, 1);
+    assert_eq!(errno(f.meta.open(f.session, file.ino)), libc::ENOENT);
+}
+
+#[test]
+fn deleted_slices_wait_for_their_delay_and_leave_when_acknowledged() {
+    let f = fixture_with(MetaConfig {
+        deleted_data_delay: Duration::from_secs(100),
+        ..config()
+    });
+    let file = f.file(ROOT_INO, "f");
+    let a = f.write(file.ino, 0, 0, 9 << 20);
+    let b = f.write(file.ino, 1, 0, 10);
+    let before = now_ns();
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+    assert!(f
+        .meta
+        .take_due_deleted_slices(now_ns(), 10)
+        .unwrap()
+        .is_empty());
+    let later = before + 101_000_000_000;
+    let due = f.meta.take_due_deleted_slices(later, 10).unwrap();
+    assert_eq!(
+        due.iter().map(|d| d.slice_id).collect::<Vec<_>>(),
+        [a.slice_id, b.slice_id]
+    );
+    assert_eq!((due[0].len, due[0].gateway_id), (9 << 20, GW));
+    let keys: Vec<String> = due[0].block_keys().iter().map(|k| k.to_string()).collect();
+    let id = a.slice_id;
+    assert_eq!(
+        keys,
+        [
+            format!("chunks/0/0/{id}_0_4194304"),
+            format!("chunks/0/0/{id}_1_4194304"),
+            format!("chunks/0/0/{id}_2_1048576")
+        ]
+    );
+    assert_eq!(
+        f.meta.take_due_deleted_slices(later, 1).unwrap().len(),
+        1,
+        "limit"
+    );
+    assert_eq!(
+        f.meta.take_due_deleted_slices(later, 10).unwrap().len(),
+        2,
+        "taking does not remove"
+    );
+    f.meta.ack_deleted_slices(&[a.slice_id, 12345]).unwrap();
+    let left: Vec<u64> = f
+        .meta
+        .take_due_deleted_slices(later, 10)
+        .unwrap()
+        .iter()
+        .map(|d| d.slice_id)
+        .collect();
+    assert_eq!(left, [b.slice_id]);
+}
+
+#[test]
+fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
+    let f = fixture();
+    let dying = f.meta.open_session("host-b:/mnt").unwrap();
+    assert_ne!(dying, f.session);
+    let ids = f.meta.allocate_slice_ids(2).unwrap();
+    let staged = Slice {
+        slice_id: ids.start,
+        offset_in_chunk: 0,
+        len: 5,
+        gateway_id: GW,
+    };
+    f.meta.record_pending_slice(dying, &staged).unwrap();
+    f.meta
+        .record_pending_slice(dying, &Slice { len: 3, ..staged })
+        .unwrap();
+    let cutoff = now_ns();
+    std::thread::sleep(Duration::from_millis(2));
+    f.meta.heartbeat(f.session).unwrap();
+    assert_eq!(
+        f.meta.expired_sessions(cutoff + 1_000_000).unwrap(),
+        [dying]
+    );
+    assert!(f.meta.expired_sessions(0).unwrap().is_empty());
+    let sessions = f.meta.list_sessions().unwrap();
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions[1].description, "host-b:/mnt");
+
+    f.meta.close_session(dying).unwrap();
+    let due = f.meta.take_due_deleted_slices(i64::MAX, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (due[0].slice_id, due[0].len),
+        (staged.slice_id, 5),
+        "the longest recorded length"
+    );
+    assert_eq!(errno(f.meta.heartbeat(dying)), libc::EIO);
+    assert_eq!(errno(f.meta.open(dying, ROOT_INO)), libc::EIO);
+    f.meta.close_session(dying).expect("closing twice is fine");
+    assert_eq!(f.meta.list_sessions().unwrap().len(), 1);
+}
+
+#[test]
+fn capacity_and_inode_limits_give_enospc() {
+    let f = fixture_with(MetaConfig {
+        capacity_bytes: Some(1000),
+        max_files: Some(3),
+        ..config()
+    });
+    let file = f.file(ROOT_INO, "a");
+    f.mkdir(ROOT_INO, "b");
+    assert_eq!(
+        errno(f.meta.mknod(ROOT_INO, b"c", &node(FileKind::File))),
+        libc::ENOSPC
+    );
+    let size = |s| SetAttr {
+        size: Some(s),
+        ..SetAttr::default()
+    };
+    f.meta.setattr(file.ino, &size(1000)).unwrap();
+    assert_eq!(errno(f.meta.setattr(file.ino, &size(1001))), libc::ENOSPC);
+    assert_eq!(
+        f.meta.statfs().unwrap(),
+        StatFs {
+            files: 3,
+            used_bytes: 1000,
+            capacity_bytes: Some(1000),
+            max_files: Some(3)
+        }
+    );
+}
+
+#[test]
+fn slice_id_batches_never_overlap_even_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let meta = RedbMeta::open(&path, MetaConfig::default()).unwrap();
+        for count in [1, 1000, 7] {
+            let batch = meta.allocate_slice_ids(count).unwrap();
+            assert_eq!(batch.end - batch.start, count);
+            assert!(batch.start >= 1, "0 is the hole id");
+            seen.push(batch);
+        }
+    }
+    seen.sort_by_key(|r| r.start);
+    for pair in seen.windows(2) {
+        assert!(
+            pair[0].end <= pair[1].start,
+            "{:?} overlaps {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let f = fixture_with(MetaConfig {
+        deleted_data_delay: Duration::ZERO,
+        ..MetaConfig::default()
+    });
+    let sub = f.mkdir(ROOT_INO, "sub");
+    let file = f.file(sub.ino, "file");
+    f.meta
+        .symlink(ROOT_INO, b"link", b"sub/file", 0, 0)
+        .unwrap();
+    f.meta
+        .setxattr(file.ino, b"user.k", b"v", XattrMode::Upsert)
+        .unwrap();
+    let slice = f.write(file.ino, 0, 0, 4096);
+    let gone = f.file(ROOT_INO, "gone");
+    let gone_slice = f.write(gone.ino, 0, 0, 1);
+    f.meta.unlink(ROOT_INO, b"gone").unwrap();
+    assert_eq!(f.queued(), BTreeSet::from([gone_slice.slice_id]));
+    f.meta.open(f.session, file.ino).unwrap();
+    f.meta.unlink(sub.ino, b"file").unwrap();
+
+    let Fixture { dir, meta, session } = f;
+    drop(meta);
+    let meta = RedbMeta::open(dir.path().join("meta.redb"), MetaConfig::default()).unwrap();
+    assert_eq!(meta.getattr(ROOT_INO).unwrap().nlink, 3);
+    assert_eq!(
+        meta.readlink(meta.lookup(ROOT_INO, b"link").unwrap().ino)
+            .unwrap(),
+        b"sub/file"
+    );
+    let orphan = meta.getattr(file.ino).unwrap();
+    assert_eq!(
+        (orphan.nlink, orphan.size),
+        (0, 4096),
+        "the open handle survives too"
+    );
+    assert_eq!(meta.read_chunk(file.ino, 0).unwrap(), [slice]);
+    assert_eq!(meta.getxattr(file.ino, b"user.k").unwrap(), b"v");
+    assert_eq!(meta.take_due_deleted_slices(i64::MAX, 10).unwrap().len(), 1);
+    assert_eq!(meta.list_sessions().unwrap()[0].id, session);
+    let next = meta.mknod(sub.ino, b"new", &node(FileKind::File)).unwrap();
+    assert!(next.ino > gone.ino, "inode numbers are not reused");
+    meta.close_session(session).unwrap();
+    assert_eq!(errno(meta.getattr(file.ino)), libc::ENOENT);
+    assert_eq!(meta.statfs().unwrap().files, 4);
+    assert_eq!(meta.statfs().unwrap().used_bytes, 0);
+}
+
+#[test]
+fn a_corrupt_record_is_eio_and_not_retryable() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let path = f.dir.path().join("meta.redb");
+    drop(f.meta);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut inodes = txn
+                .open_table(redb::TableDefinition::<u64, &[u8]>::new("inodes"))
+                .unwrap();
+            inodes.insert(file.ino, &b"garbage"[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let meta = RedbMeta::open(&path, config()).unwrap();
+    let error = meta.getattr(file.ino).unwrap_err();
+    assert_eq!(error.errno(), libc::EIO);
+    assert!(!error.is_retryable());
+    assert_eq!(errno(meta.lookup(ROOT_INO, b"f")), libc::EIO);
+    assert!(!MetaError::NoSuchInode(1).is_retryable());
+}
+
+#[test]
+fn drop_shadowed_keeps_partly_visible_slices() {
+    let s = |id, offset, len| Slice {
+        slice_id: id,
+        offset_in_chunk: offset,
+        len,
+        gateway_id: GW,
+    };
+    let (kept, dropped) = redb_engine::drop_shadowed(vec![
+        s(1, 0, 10),
+        s(2, 10, 10),
+        s(3, 5, 10),
+        s(4, 0, 6),
+        s(5, 14, 6),
+    ]);
+    assert_eq!(
+        kept.iter().map(|s| s.slice_id).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert_eq!(
+        dropped.iter().map(|s| s.slice_id).collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2])
+    );
+    let (kept, dropped) = redb_engine::drop_shadowed(vec![s(1, 0, 10), s(2, 0, 9), s(3, 1, 9)]);
+    assert_eq!((kept.len(), dropped.len()), (2, 1));
+}
