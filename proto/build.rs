@@ -1,7 +1,7 @@
 //! Compiles `proto/*.proto` with protox (pure Rust) so the build needs no `protoc` binary.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/staging.proto"];
+    let files = ["proto/staging.proto", "proto/meta.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

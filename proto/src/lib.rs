@@ -7,6 +7,14 @@ pub mod staging {
     tonic::include_proto!("stagefs.staging.v1");
 }
 
+/// The metadata service (`stagefs.meta.v1`), hosted by the gateway.
+pub mod meta {
+    tonic::include_proto!("stagefs.meta.v1");
+}
+
+/// Response metadata key carrying the Linux errno of a failed `Meta` RPC.
+pub const ERRNO_METADATA_KEY: &str = "stagefs-errno";
+
 /// Largest gRPC message either side accepts: one 4 MiB block plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
