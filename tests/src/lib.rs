@@ -60,6 +60,29 @@ pub async fn run_scenario<F: Future<Output = ()>>(name: &str, limit: Duration, s
     }
 }
 
+/// Declares one test per I/O engine for `async fn $scenario(engine: &str)`, named
+/// `$scenario::uring` and `$scenario::psync`, each under an overall limit of `$limit_secs` s.
+#[macro_export]
+macro_rules! engine_tests {
+    ($scenario:ident, $limit_secs:expr) => {
+        mod $scenario {
+            $crate::engine_tests!(@one $scenario, uring, $limit_secs);
+            $crate::engine_tests!(@one $scenario, psync, $limit_secs);
+        }
+    };
+    (@one $scenario:ident, $engine:ident, $limit_secs:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $engine() {
+            $crate::run_scenario(
+                concat!(stringify!($scenario), "_", stringify!($engine)),
+                std::time::Duration::from_secs($limit_secs),
+                super::$scenario(stringify!($engine)),
+            )
+            .await;
+        }
+    };
+}
+
 /// Awaits `fut`, panicking with `what` if it takes longer than `limit`.
 pub async fn within<T, F: Future<Output = T>>(limit: Duration, what: &str, fut: F) -> T {
     match tokio::time::timeout(limit, fut).await {

@@ -317,22 +317,4 @@ async fn bad_input(engine: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_input_uring() {
-    run_scenario(
-        "bad_input_uring",
-        Duration::from_secs(300),
-        bad_input("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_input_psync() {
-    run_scenario(
-        "bad_input_psync",
-        Duration::from_secs(300),
-        bad_input("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(bad_input, 300);

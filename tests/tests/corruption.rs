@@ -212,22 +212,4 @@ async fn corruption(engine: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corruption_uring() {
-    run_scenario(
-        "corruption_uring",
-        Duration::from_secs(600),
-        corruption("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corruption_psync() {
-    run_scenario(
-        "corruption_psync",
-        Duration::from_secs(600),
-        corruption("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(corruption, 600);

@@ -131,22 +131,4 @@ async fn crash_rounds(engine: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_rounds_uring() {
-    run_scenario(
-        "crash_rounds_uring",
-        Duration::from_secs(1200),
-        crash_rounds("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_rounds_psync() {
-    run_scenario(
-        "crash_rounds_psync",
-        Duration::from_secs(1200),
-        crash_rounds("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(crash_rounds, 1200);

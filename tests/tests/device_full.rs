@@ -148,22 +148,4 @@ async fn device_full(engine: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn device_full_uring() {
-    run_scenario(
-        "device_full_uring",
-        Duration::from_secs(600),
-        device_full("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn device_full_psync() {
-    run_scenario(
-        "device_full_psync",
-        Duration::from_secs(600),
-        device_full("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(device_full, 600);

@@ -201,22 +201,4 @@ async fn ingest_and_drain(engine: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_and_drain_uring() {
-    run_scenario(
-        "ingest_and_drain_uring",
-        Duration::from_secs(900),
-        ingest_and_drain("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_and_drain_psync() {
-    run_scenario(
-        "ingest_and_drain_psync",
-        Duration::from_secs(900),
-        ingest_and_drain("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(ingest_and_drain, 900);

@@ -92,12 +92,4 @@ async fn sigterm(engine: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_uring() {
-    run_scenario("sigterm_uring", Duration::from_secs(600), sigterm("uring")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_psync() {
-    run_scenario("sigterm_psync", Duration::from_secs(600), sigterm("psync")).await;
-}
+stagefs_tests::engine_tests!(sigterm, 600);

@@ -130,22 +130,4 @@ async fn store_outage(engine: &str) {
     assert_eq!(st.queue_len, 0, "nothing waits after the drain: {st:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn store_outage_uring() {
-    run_scenario(
-        "store_outage_uring",
-        Duration::from_secs(600),
-        store_outage("uring"),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn store_outage_psync() {
-    run_scenario(
-        "store_outage_psync",
-        Duration::from_secs(600),
-        store_outage("psync"),
-    )
-    .await;
-}
+stagefs_tests::engine_tests!(store_outage, 600);
