@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::bench::load::{self, ChannelMode, SliceIds, Stop};
+use client::bench::load::{self, ChannelMode, SliceIds, Stop, Transport};
 use client::bench::rpc::Payload;
 use proto::staging::staging_server::{Staging, StagingServer};
 use proto::staging::*;
@@ -44,6 +44,15 @@ impl Staging for Sink {
             return Err(Status::data_loss("length or crc32c mismatch"));
         }
         Ok(Response::new(WriteBlockResponse { sequence: 0 }))
+    }
+    type WriteBlocksStream =
+        tokio_stream::wrappers::ReceiverStream<Result<WriteBlocksResponse, Status>>;
+
+    async fn write_blocks(
+        &self,
+        _: Request<Streaming<WriteBlocksRequest>>,
+    ) -> Result<Response<Self::WriteBlocksStream>, Status> {
+        Err(Status::unimplemented("sink"))
     }
     async fn read_block(
         &self,
@@ -133,6 +142,7 @@ async fn client_path_throughput() {
             ids.clone(),
             payload,
             Stop::after(Duration::from_secs(3)),
+            Transport::Rpc,
         )
         .await
         .expect("load");
