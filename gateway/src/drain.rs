@@ -278,6 +278,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn blocks_deleted_within_the_upload_delay_are_never_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = open_volume(&VolumeOptions {
+            path: dir.path().join("dev"),
+            create_size: 64 << 20,
+            segment_size: Some(8 << 20),
+            format: false,
+            engine: EngineKind::Psync,
+            full_wait: Duration::from_secs(1),
+            uploads_paused: false,
+        })
+        .await
+        .unwrap();
+        let store = Arc::new(InMemory::new());
+        let config = DrainConfig {
+            concurrency: 2,
+            bandwidth: None,
+            delay: Duration::from_millis(300),
+            max_attempts: 3,
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(10),
+        };
+        let shutdown = CancellationToken::new();
+        let workers = start(volume.clone(), store.clone(), config, shutdown.clone());
+        let keep = shared::BlockKey::new(1, 0, 4096).unwrap();
+        let drop_ = shared::BlockKey::new(2, 0, 4096).unwrap();
+        for key in [keep, drop_] {
+            let data = vec![key.slice_id as u8; 4096];
+            volume
+                .write_block(
+                    key,
+                    crate::service::record_with(&key, &data),
+                    crc32c::crc32c(&data),
+                )
+                .await
+                .unwrap();
+        }
+        // Within the delay: nothing uploaded yet, and the deleted block never will be.
+        assert_eq!(volume.delete_blocks(&[drop_]).await.unwrap(), (1, 0));
+        let mut changes = volume.subscribe_changes();
+        while volume.entry(&keep).unwrap().state != crate::staging::BlockState::Uploaded {
+            tokio::time::timeout(Duration::from_secs(10), changes.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let exists = |key: shared::BlockKey| {
+            let store = store.clone();
+            async move { store.head(&Path::from(key.to_string())).await.is_ok() }
+        };
+        assert!(exists(keep).await);
+        assert!(
+            !exists(drop_).await,
+            "a block deleted within its upload delay was uploaded"
+        );
+        assert_eq!(
+            volume.entry(&drop_).unwrap().state,
+            crate::staging::BlockState::Deleted
+        );
+        shutdown.cancel();
+        for w in workers {
+            w.await.unwrap();
+        }
+        volume.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn outage_retries_forever_and_permission_errors_quarantine() {
         let dir = tempfile::tempdir().unwrap();
         let volume = open_volume(&VolumeOptions {
