@@ -158,6 +158,8 @@ struct LogState {
     inflight: BTreeSet<u64>,
     /// Records waiting for the write combiner.
     write_queue: Vec<WriteJob>,
+    /// Blocks in state Uploading (kept as a count: waiters ask for it on every state change).
+    uploading: u64,
     index: HashMap<BlockKey, Entry>,
     /// Blocks waiting for upload, oldest first.
     queue: BTreeMap<u64, BlockKey>,
@@ -306,6 +308,7 @@ impl StagingLog {
             next_sequence: scan.max_segment_sequence + 1,
             inflight: BTreeSet::new(),
             write_queue: Vec::new(),
+            uploading: 0,
             index,
             queue,
             retry: BTreeMap::new(),
@@ -779,6 +782,7 @@ impl StagingLog {
         entry.state = BlockState::Uploading;
         let entry = entry.clone();
         st.queue.remove(&lsn);
+        st.uploading += 1;
         NextUpload::Ready(UploadJob { key, lsn, entry })
     }
 
@@ -790,7 +794,8 @@ impl StagingLog {
     /// Records a finished upload. Returns true if the block was deleted meanwhile (the caller
     /// then removes the object it just wrote).
     pub fn complete_upload(&self, job: &UploadJob) -> bool {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let now = Instant::now();
         st.counters.uploaded_blocks += 1;
         st.counters.uploaded_bytes += job.entry.data_len as u64;
@@ -806,6 +811,7 @@ impl StagingLog {
         st.last_store_error = None;
         let deleted = match st.index.get_mut(&job.key) {
             Some(e) if e.lsn == job.lsn && e.state == BlockState::Uploading => {
+                st.uploading -= 1;
                 e.state = BlockState::Uploaded;
                 let segment = e.segment;
                 st.segments[segment].pending -= 1;
@@ -817,7 +823,7 @@ impl StagingLog {
             Some(e) => e.lsn == job.lsn && e.state == BlockState::Deleted,
             None => false,
         };
-        drop(st);
+        drop(guard);
         self.changed.send_modify(|v| *v += 1);
         self.reclaim_kick.notify_one();
         deleted
@@ -833,7 +839,8 @@ impl StagingLog {
         max_attempts: u32,
         backoff: Duration,
     ) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.counters.upload_retries += 1;
         st.last_store_error = Some(error.clone());
         let Some(e) = st.index.get_mut(&job.key).filter(|e| e.lsn == job.lsn) else {
@@ -844,6 +851,9 @@ impl StagingLog {
             return;
         }
         e.last_error = Some(error.clone());
+        e.state = BlockState::Staged;
+        st.uploading -= 1;
+        let Some(e) = st.index.get_mut(&job.key) else { return };
         if permanent {
             e.failed_attempts += 1;
         }
@@ -851,7 +861,7 @@ impl StagingLog {
             e.state = BlockState::Quarantined;
             st.counters.upload_failures += 1;
             tracing::error!(key = %job.key, attempts = max_attempts, %error, "upload failed repeatedly: block quarantined (its data stays on the device)");
-            drop(st);
+            drop(guard);
             self.changed.send_modify(|v| *v += 1);
             return;
         }
@@ -862,7 +872,8 @@ impl StagingLog {
 
     /// Quarantines a block whose record fails verification on the device: it is never uploaded.
     pub fn quarantine(&self, job: &UploadJob, reason: String) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if let Some(e) = st
             .index
             .get_mut(&job.key)
@@ -871,8 +882,9 @@ impl StagingLog {
             e.state = BlockState::Quarantined;
             e.last_error = Some(reason.clone());
             st.counters.upload_failures += 1;
+            st.uploading -= 1;
         }
-        drop(st);
+        drop(guard);
         tracing::error!(key = %job.key, %reason, "block quarantined");
         self.changed.send_modify(|v| *v += 1);
     }
@@ -950,7 +962,8 @@ impl StagingLog {
         let mut lsns = Vec::new();
         let mut not_pending = 0;
         {
-            let mut st = self.lock();
+            let mut guard = self.lock();
+        let st = &mut *guard;
             for key in keys {
                 let Some(e) = st.index.get_mut(key) else {
                     not_pending += 1;
@@ -963,6 +976,9 @@ impl StagingLog {
                 }
                 e.state = BlockState::Deleted;
                 let (lsn, segment) = (e.lsn, e.segment);
+                if was == BlockState::Uploading {
+                    st.uploading -= 1;
+                }
                 lsns.push(lsn);
                 st.queue.remove(&lsn);
                 st.retry.retain(|_, k| k != key);
@@ -987,13 +1003,8 @@ impl StagingLog {
     /// Number of blocks still waiting for (or in) upload, quarantined ones excepted.
     pub fn upload_backlog(&self) -> (u64, bool) {
         let st = self.lock();
-        let uploading = st
-            .index
-            .values()
-            .filter(|e| e.state == BlockState::Uploading)
-            .count() as u64;
         (
-            (st.queue.len() + st.retry.len()) as u64 + uploading,
+            (st.queue.len() + st.retry.len()) as u64 + st.uploading,
             st.uploads_paused,
         )
     }
