@@ -12,6 +12,7 @@ pub mod format;
 pub mod inspect;
 pub mod io;
 pub mod meta;
+pub mod meta_service;
 pub mod recovery;
 pub mod service;
 pub mod staging;

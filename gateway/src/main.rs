@@ -2,15 +2,21 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gateway::drain::{self, DrainConfig};
 use gateway::io::EngineKind;
+use gateway::meta::{MetaConfig, MetaEngine, RedbMeta};
+use gateway::meta_service::workers::{self as meta_workers, WorkerConfig};
+use gateway::meta_service::{ClientSettings, MetaService};
 use gateway::service::StagingService;
 use gateway::volume::{open_volume, VolumeOptions};
+use proto::meta::meta_server::MetaServer;
 use proto::staging::staging_server::StagingServer;
 use shared::size::parse_size;
 use shared::store::{open_store, S3Options};
@@ -30,8 +36,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Recover the staging log on DEVICE and serve it over gRPC, draining blocks to the store.
-    Serve(ServeArgs),
+    /// Recover the staging log on DEVICE and serve it and the metadata over gRPC, draining blocks
+    /// to the store.
+    // Boxed: the serve flags dwarf the other variant.
+    Serve(Box<ServeArgs>),
     /// Print what a device holds (superblocks, segments, waiting and corrupt records), offline.
     Inspect {
         /// Staging device or file.
@@ -104,6 +112,53 @@ struct ServeArgs {
     /// Allow plain-HTTP S3 endpoints.
     #[arg(long)]
     s3_allow_http: bool,
+    /// Metadata database (a redb file, created if missing). Default: `<device>.meta.redb` for a
+    /// regular-file device; required for a block device.
+    #[arg(long)]
+    meta: Option<PathBuf>,
+    /// How long the data of deleted, overwritten or truncated ranges (and of slices left
+    /// uncommitted by dead clients) is kept before it is dropped from staging and deleted from
+    /// the store, so readers that resolved a slice just before can still fetch its blocks.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    deleted_data_delay: Duration,
+    /// How often clients must heartbeat their sessions (told to them by OpenSession). A session
+    /// silent for 3 intervals expires: its open handles are released and its uncommitted slices
+    /// deleted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    heartbeat_interval: Duration,
+    /// Address clients are told to reach this gateway at (host:port); default: the listen
+    /// address, with the port actually bound.
+    #[arg(long)]
+    advertise: Option<String>,
+}
+
+/// The metadata database's path: `--meta`, else next to a regular-file device. A block device
+/// has no file system to put it next to, so there the flag is required.
+fn meta_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.meta {
+        return Ok(path.clone());
+    }
+    match std::fs::metadata(&args.device) {
+        Ok(metadata) if metadata.file_type().is_block_device() => anyhow::bail!(
+            "--device {} is a block device: pass --meta PATH for the metadata database (a file on \
+             a file system that moves with the device when another node takes it over)",
+            args.device.display()
+        ),
+        // A missing device becomes a regular file (created by `open_volume`).
+        _ => {
+            let mut path = args.device.clone().into_os_string();
+            path.push(".meta.redb");
+            Ok(path.into())
+        }
+    }
+}
+
+async fn open_meta(path: &Path, config: MetaConfig) -> anyhow::Result<Arc<dyn MetaEngine>> {
+    let owned = path.to_path_buf();
+    let engine = tokio::task::spawn_blocking(move || RedbMeta::open(owned, config))
+        .await?
+        .with_context(|| format!("cannot open the metadata database {}", path.display()))?;
+    Ok(Arc::new(engine))
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,7 +176,7 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Inspect {
                 device,
                 json,
@@ -147,6 +202,12 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.heartbeat_interval.is_zero(),
+        "--heartbeat-interval must be longer than 0"
+    );
+    // Resolved before the device is opened, so a missing --meta fails without touching it.
+    let meta_path = meta_path(&args)?;
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),
         region: args.s3_region.clone(),
@@ -163,8 +224,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         uploads_paused: args.uploads_paused,
     })
     .await?;
+    // After the device: its lock keeps a second gateway out before it reaches the database.
+    let meta = open_meta(
+        &meta_path,
+        MetaConfig {
+            deleted_data_delay: args.deleted_data_delay,
+            ..MetaConfig::default()
+        },
+    )
+    .await?;
     let shutdown = CancellationToken::new();
-    let workers = drain::start(
+    let mut workers = drain::start(
         log.clone(),
         store.clone(),
         DrainConfig {
@@ -181,12 +251,50 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let advertise = match &args.advertise {
+        Some(advertise) => advertise.clone(),
+        None => {
+            if addr.ip().is_unspecified() {
+                tracing::warn!(%addr, "listening on an unspecified address, which clients cannot dial; pass --advertise HOST:PORT");
+            }
+            addr.to_string()
+        }
+    };
+    let heartbeat_interval = args.heartbeat_interval;
+    workers.extend(meta_workers::start(
+        meta.clone(),
+        log.clone(),
+        store.clone(),
+        WorkerConfig {
+            heartbeat_interval,
+            ..WorkerConfig::default()
+        },
+        shutdown.clone(),
+    ));
+    let meta_service = MetaService::new(
+        meta,
+        ClientSettings {
+            store_url: args.store.clone(),
+            gateway_id: log.sb.gateway_id,
+            gateway_address: advertise.clone(),
+            heartbeat_interval,
+        },
+    );
     let service = StagingService {
         log: log.clone(),
         store,
         store_url: args.store.clone(),
     };
-    tracing::info!(%addr, device = %args.device.display(), store = %args.store, "gateway serving");
+    tracing::info!(
+        %addr,
+        %advertise,
+        device = %args.device.display(),
+        meta = %meta_path.display(),
+        store = %args.store,
+        deleted_data_delay = ?args.deleted_data_delay,
+        ?heartbeat_interval,
+        "gateway serving Staging and Meta"
+    );
     println!("listening on {addr}");
     std::io::stdout().flush()?;
     tonic::transport::Server::builder()
@@ -197,6 +305,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .max_frame_size(Some(proto::MAX_FRAME_BYTES))
         .add_service(
             StagingServer::new(service)
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MetaServer::new(meta_service)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
         )
@@ -222,5 +335,76 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod meta_service_flags {
+    //! The metadata flags of `serve`: defaults, and where the database goes.
+    use super::*;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec![
+            "stagefs-gateway",
+            "serve",
+            "--device",
+            "/var/tmp/dev.img",
+            "--store",
+            "memory://",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => *args,
+            Command::Inspect { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_engine_and_the_proto() {
+        let args = serve_args(&[]);
+        assert_eq!(
+            args.deleted_data_delay,
+            MetaConfig::default().deleted_data_delay
+        );
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(args.advertise, None);
+        assert_eq!(
+            meta_path(&args).unwrap(),
+            PathBuf::from("/var/tmp/dev.img.meta.redb")
+        );
+        let args = serve_args(&[
+            "--meta",
+            "/srv/meta.redb",
+            "--deleted-data-delay",
+            "90s",
+            "--heartbeat-interval",
+            "250ms",
+            "--advertise",
+            "gw:7070",
+        ]);
+        assert_eq!(meta_path(&args).unwrap(), PathBuf::from("/srv/meta.redb"));
+        assert_eq!(args.deleted_data_delay, Duration::from_secs(90));
+        assert_eq!(args.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(args.advertise.as_deref(), Some("gw:7070"));
+    }
+
+    #[test]
+    fn a_block_device_needs_an_explicit_meta_path() {
+        // Any block device will do; the path is only stat'ed, never opened.
+        let Some(device) = std::fs::read_dir("/dev").ok().and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .find(|path| std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()))
+        }) else {
+            eprintln!("no block device under /dev; skipped");
+            return;
+        };
+        let mut args = serve_args(&[]);
+        args.device = device.clone();
+        let error = meta_path(&args).unwrap_err().to_string();
+        assert!(error.contains("--meta PATH"), "{error}");
+        args.meta = Some("/srv/meta.redb".into());
+        assert_eq!(meta_path(&args).unwrap(), PathBuf::from("/srv/meta.redb"));
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use proto::meta::meta_client::MetaClient;
 use proto::staging::staging_client::StagingClient;
 use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
@@ -343,6 +344,22 @@ impl Gateway {
             .await
             .unwrap_or_else(|e| panic!("cannot connect to the gateway at {url}: {e}"));
         StagingClient::new(channel)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// A new connection to the metadata service (`Meta`, served on the same address).
+    pub async fn meta_client(&self) -> MetaClient<Channel> {
+        let url = self.url();
+        let channel = Endpoint::from_shared(url.clone())
+            .expect("valid endpoint URL")
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to the gateway's Meta service at {url}: {e}")
+            });
+        MetaClient::new(channel)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
     }

@@ -1,0 +1,328 @@
+//! Conversions between the `Meta` gRPC messages and the metadata engine's types, all in one place.
+//!
+//! Input that the wire format allows but the engine's types cannot hold (an unknown file kind, a
+//! gateway id that is not 16 bytes, a missing slice) becomes [`MetaError::Invalid`], so it reaches
+//! the client as EINVAL through the same error mapping as every engine error.
+
+use proto::meta as pb;
+
+use crate::meta::{
+    Attr, DirEntry, FileKind, GatewayId, MetaError, NewNode, SetAttr, Slice, StatFs,
+};
+
+pub fn kind_to_proto(kind: FileKind) -> pb::FileKind {
+    match kind {
+        FileKind::File => pb::FileKind::File,
+        FileKind::Dir => pb::FileKind::Dir,
+        FileKind::Symlink => pb::FileKind::Symlink,
+        FileKind::Fifo => pb::FileKind::Fifo,
+        FileKind::Socket => pb::FileKind::Socket,
+        FileKind::CharDevice => pb::FileKind::CharDevice,
+        FileKind::BlockDevice => pb::FileKind::BlockDevice,
+    }
+}
+
+/// The engine's kind for a wire value; `FILE_KIND_UNSPECIFIED` and unknown numbers are EINVAL.
+pub fn kind_from_proto(value: i32) -> Result<FileKind, MetaError> {
+    match pb::FileKind::try_from(value) {
+        Ok(pb::FileKind::File) => Ok(FileKind::File),
+        Ok(pb::FileKind::Dir) => Ok(FileKind::Dir),
+        Ok(pb::FileKind::Symlink) => Ok(FileKind::Symlink),
+        Ok(pb::FileKind::Fifo) => Ok(FileKind::Fifo),
+        Ok(pb::FileKind::Socket) => Ok(FileKind::Socket),
+        Ok(pb::FileKind::CharDevice) => Ok(FileKind::CharDevice),
+        Ok(pb::FileKind::BlockDevice) => Ok(FileKind::BlockDevice),
+        Ok(pb::FileKind::Unspecified) => Err(MetaError::Invalid(
+            "file kind is FILE_KIND_UNSPECIFIED; say what to create".into(),
+        )),
+        Err(_) => Err(MetaError::Invalid(format!("unknown file kind {value}"))),
+    }
+}
+
+pub fn attr_to_proto(attr: &Attr) -> pb::Attr {
+    pb::Attr {
+        ino: attr.ino,
+        kind: kind_to_proto(attr.kind) as i32,
+        mode: attr.mode,
+        uid: attr.uid,
+        gid: attr.gid,
+        nlink: attr.nlink,
+        size: attr.size,
+        atime_ns: attr.atime_ns,
+        mtime_ns: attr.mtime_ns,
+        ctime_ns: attr.ctime_ns,
+        rdev: attr.rdev,
+    }
+}
+
+pub fn attr_response(attr: &Attr) -> pb::AttrResponse {
+    pb::AttrResponse {
+        attr: Some(attr_to_proto(attr)),
+    }
+}
+
+pub fn set_attr_from_proto(request: &pb::SetAttrRequest) -> SetAttr {
+    SetAttr {
+        mode: request.mode,
+        uid: request.uid,
+        gid: request.gid,
+        size: request.size,
+        atime_ns: request.atime_ns,
+        mtime_ns: request.mtime_ns,
+    }
+}
+
+/// The new inode a `Create` or `Mknod` asks for. `Create` makes regular files only, so it may
+/// leave the kind unspecified; `Mknod` must name one.
+pub fn new_node_from_proto(
+    request: &pb::CreateRequest,
+    kind_if_unspecified: Option<FileKind>,
+) -> Result<NewNode, MetaError> {
+    let kind = match kind_if_unspecified {
+        Some(default) if request.kind == pb::FileKind::Unspecified as i32 => default,
+        _ => kind_from_proto(request.kind)?,
+    };
+    Ok(NewNode {
+        kind,
+        mode: request.mode,
+        uid: request.uid,
+        gid: request.gid,
+        rdev: request.rdev,
+    })
+}
+
+pub fn dir_entry_to_proto(entry: &DirEntry) -> pb::DirEntry {
+    pb::DirEntry {
+        name: entry.name.clone().into(),
+        cookie: entry.cookie,
+        attr: Some(attr_to_proto(&entry.attr)),
+    }
+}
+
+pub fn statfs_to_proto(statfs: &StatFs) -> pb::StatFsResponse {
+    pb::StatFsResponse {
+        files: statfs.files,
+        used_bytes: statfs.used_bytes,
+        // The proto says 0 for unlimited.
+        capacity_bytes: statfs.capacity_bytes.unwrap_or(0),
+        max_files: statfs.max_files.unwrap_or(0),
+    }
+}
+
+pub fn slice_to_proto(slice: &Slice) -> pb::Slice {
+    pb::Slice {
+        slice_id: slice.slice_id,
+        offset_in_chunk: slice.offset_in_chunk,
+        len: slice.len,
+        gateway_id: bytes::Bytes::copy_from_slice(&slice.gateway_id),
+    }
+}
+
+/// The slice of a `RecordPendingSlice` or `CommitSlice`. The gateway id must be 16 bytes, except
+/// for a hole (slice id 0), which owns no blocks and may leave it empty.
+pub fn slice_from_proto(slice: Option<&pb::Slice>, rpc: &str) -> Result<Slice, MetaError> {
+    let slice = slice.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a slice")))?;
+    let gateway_id: GatewayId = match slice.gateway_id[..].try_into() {
+        Ok(id) => id,
+        Err(_) if slice.slice_id == Slice::HOLE_ID && slice.gateway_id.is_empty() => [0; 16],
+        Err(_) => {
+            return Err(MetaError::Invalid(format!(
+                "slice {}: gateway_id has {} bytes, must be 16",
+                slice.slice_id,
+                slice.gateway_id.len()
+            )))
+        }
+    };
+    Ok(Slice {
+        slice_id: slice.slice_id,
+        offset_in_chunk: slice.offset_in_chunk,
+        len: slice.len,
+        gateway_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL_KINDS: [FileKind; 7] = [
+        FileKind::File,
+        FileKind::Dir,
+        FileKind::Symlink,
+        FileKind::Fifo,
+        FileKind::Socket,
+        FileKind::CharDevice,
+        FileKind::BlockDevice,
+    ];
+
+    #[test]
+    fn every_kind_round_trips_and_unspecified_or_unknown_is_einval() {
+        for kind in ALL_KINDS {
+            assert_eq!(kind_from_proto(kind_to_proto(kind) as i32).unwrap(), kind);
+        }
+        for bad in [pb::FileKind::Unspecified as i32, 8, -1] {
+            let error = kind_from_proto(bad).unwrap_err();
+            assert_eq!(error.errno(), libc::EINVAL, "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn attr_fields_all_reach_the_wire() {
+        let attr = Attr {
+            ino: 42,
+            kind: FileKind::CharDevice,
+            mode: 0o4755,
+            uid: 1000,
+            gid: 100,
+            nlink: 3,
+            size: 1 << 40,
+            atime_ns: -5,
+            mtime_ns: 6,
+            ctime_ns: 7,
+            rdev: 0x0103,
+        };
+        assert_eq!(
+            attr_to_proto(&attr),
+            pb::Attr {
+                ino: 42,
+                kind: pb::FileKind::CharDevice as i32,
+                mode: 0o4755,
+                uid: 1000,
+                gid: 100,
+                nlink: 3,
+                size: 1 << 40,
+                atime_ns: -5,
+                mtime_ns: 6,
+                ctime_ns: 7,
+                rdev: 0x0103,
+            }
+        );
+    }
+
+    #[test]
+    fn set_attr_keeps_absent_fields_absent() {
+        let request = pb::SetAttrRequest {
+            ino: 9,
+            mode: Some(0o600),
+            size: Some(0),
+            mtime_ns: Some(-1),
+            ..Default::default()
+        };
+        assert_eq!(
+            set_attr_from_proto(&request),
+            SetAttr {
+                mode: Some(0o600),
+                size: Some(0),
+                mtime_ns: Some(-1),
+                ..SetAttr::default()
+            }
+        );
+    }
+
+    #[test]
+    fn create_defaults_to_a_regular_file_and_mknod_needs_a_kind() {
+        let mut request = pb::CreateRequest {
+            mode: 0o640,
+            uid: 1,
+            gid: 2,
+            rdev: 3,
+            ..Default::default()
+        };
+        let node = new_node_from_proto(&request, Some(FileKind::File)).unwrap();
+        assert_eq!(
+            node,
+            NewNode {
+                kind: FileKind::File,
+                mode: 0o640,
+                uid: 1,
+                gid: 2,
+                rdev: 3
+            }
+        );
+        assert_eq!(
+            new_node_from_proto(&request, None).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        request.kind = pb::FileKind::Fifo as i32;
+        assert_eq!(
+            new_node_from_proto(&request, None).unwrap().kind,
+            FileKind::Fifo
+        );
+        // An explicit kind is passed on even to Create, whose engine call refuses non-files.
+        assert_eq!(
+            new_node_from_proto(&request, Some(FileKind::File))
+                .unwrap()
+                .kind,
+            FileKind::Fifo
+        );
+    }
+
+    #[test]
+    fn slices_round_trip_and_bad_gateway_ids_are_einval() {
+        let slice = Slice {
+            slice_id: 77,
+            offset_in_chunk: 4096,
+            len: 5 << 20,
+            gateway_id: [9; 16],
+        };
+        let wire = slice_to_proto(&slice);
+        assert_eq!(slice_from_proto(Some(&wire), "CommitSlice").unwrap(), slice);
+
+        let short = pb::Slice {
+            gateway_id: vec![1; 15].into(),
+            ..wire.clone()
+        };
+        let error = slice_from_proto(Some(&short), "CommitSlice").unwrap_err();
+        assert_eq!(error.errno(), libc::EINVAL);
+        assert!(error.to_string().contains("15 bytes"), "{error}");
+
+        let missing = slice_from_proto(None, "CommitSlice").unwrap_err();
+        assert_eq!(missing.errno(), libc::EINVAL);
+        assert!(missing.to_string().contains("CommitSlice"), "{missing}");
+
+        // A hole owns no blocks, so it needs no gateway.
+        let hole = pb::Slice {
+            slice_id: 0,
+            offset_in_chunk: 0,
+            len: 10,
+            gateway_id: bytes::Bytes::new(),
+        };
+        assert_eq!(
+            slice_from_proto(Some(&hole), "CommitSlice")
+                .unwrap()
+                .gateway_id,
+            [0; 16]
+        );
+        let data_without_gateway = pb::Slice {
+            slice_id: 5,
+            ..hole
+        };
+        assert!(slice_from_proto(Some(&data_without_gateway), "CommitSlice").is_err());
+    }
+
+    #[test]
+    fn statfs_says_zero_for_unlimited() {
+        let unlimited = StatFs {
+            files: 3,
+            used_bytes: 10,
+            capacity_bytes: None,
+            max_files: None,
+        };
+        assert_eq!(
+            statfs_to_proto(&unlimited),
+            pb::StatFsResponse {
+                files: 3,
+                used_bytes: 10,
+                capacity_bytes: 0,
+                max_files: 0
+            }
+        );
+        let limited = StatFs {
+            capacity_bytes: Some(1 << 30),
+            max_files: Some(1000),
+            ..unlimited
+        };
+        let wire = statfs_to_proto(&limited);
+        assert_eq!((wire.capacity_bytes, wire.max_files), (1 << 30, 1000));
+    }
+}

@@ -1,0 +1,544 @@
+//! Unit tests of the `Meta` service shell and its workers: the error mapping for every engine
+//! error, RPCs called in process against a real redb engine, session expiry, and deleted-data
+//! cleanup against a real staging log and an in-memory store (with injected delete failures).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use proto::meta as pb;
+use proto::meta::meta_server::Meta;
+use tonic::{Code, Request, Status};
+
+use super::workers::{expire_silent_sessions, DataCleaner};
+use super::*;
+use crate::io::EngineKind;
+use crate::meta::{MetaConfig, RedbMeta, Slice};
+use crate::staging::{BlockState, StagingLog};
+use crate::volume::{open_volume, VolumeOptions};
+
+const GATEWAY_ID: GatewayId = [0x5a; 16];
+
+/// The errno a status carries in `stagefs-errno`.
+fn errno_of(status: &Status) -> i32 {
+    status
+        .metadata()
+        .get(proto::ERRNO_METADATA_KEY)
+        .unwrap_or_else(|| panic!("status without {}: {status:?}", proto::ERRNO_METADATA_KEY))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
+    let io = || redb::Error::Io(std::io::Error::other("disk went away"));
+    let cases: Vec<(MetaError, i32, Code)> = vec![
+        (
+            MetaError::NoSuchEntry {
+                parent: 1,
+                name: "x".into(),
+            },
+            libc::ENOENT,
+            Code::NotFound,
+        ),
+        (MetaError::NoSuchInode(9), libc::ENOENT, Code::NotFound),
+        (
+            MetaError::AlreadyExists {
+                parent: 1,
+                name: "x".into(),
+            },
+            libc::EEXIST,
+            Code::AlreadyExists,
+        ),
+        (
+            MetaError::XattrExists {
+                ino: 1,
+                name: "user.a".into(),
+            },
+            libc::EEXIST,
+            Code::AlreadyExists,
+        ),
+        (
+            MetaError::NotADirectory(2),
+            libc::ENOTDIR,
+            Code::FailedPrecondition,
+        ),
+        (
+            MetaError::IsADirectory(2),
+            libc::EISDIR,
+            Code::FailedPrecondition,
+        ),
+        (
+            MetaError::DirectoryNotEmpty(2),
+            libc::ENOTEMPTY,
+            Code::FailedPrecondition,
+        ),
+        (
+            MetaError::InvalidName {
+                name: "a/b".into(),
+                reason: "contains '/'",
+            },
+            libc::EINVAL,
+            Code::InvalidArgument,
+        ),
+        (
+            MetaError::NameTooLong { len: 256, max: 255 },
+            libc::ENAMETOOLONG,
+            Code::InvalidArgument,
+        ),
+        (
+            MetaError::MoveIntoOwnSubtree(3),
+            libc::EINVAL,
+            Code::InvalidArgument,
+        ),
+        (
+            MetaError::Invalid("bad".into()),
+            libc::EINVAL,
+            Code::InvalidArgument,
+        ),
+        (
+            MetaError::SliceNotPending {
+                session: 1,
+                slice_id: 2,
+            },
+            libc::EINVAL,
+            Code::InvalidArgument,
+        ),
+        (
+            MetaError::NotPermitted("hard link to a directory".into()),
+            libc::EPERM,
+            Code::FailedPrecondition,
+        ),
+        (
+            MetaError::TooManyLinks(4),
+            libc::EMLINK,
+            Code::FailedPrecondition,
+        ),
+        (
+            MetaError::NoSpace("capacity".into()),
+            libc::ENOSPC,
+            Code::ResourceExhausted,
+        ),
+        (
+            MetaError::NoSuchXattr {
+                ino: 1,
+                name: "user.a".into(),
+            },
+            libc::ENODATA,
+            Code::Internal,
+        ),
+        (
+            MetaError::BadXattrName { len: 0, max: 255 },
+            libc::ERANGE,
+            Code::Internal,
+        ),
+        (
+            MetaError::XattrValueTooLarge {
+                len: 70_000,
+                max: 65_536,
+            },
+            libc::E2BIG,
+            Code::Internal,
+        ),
+        (
+            MetaError::FileTooLarge(u64::MAX),
+            libc::EFBIG,
+            Code::Internal,
+        ),
+        (MetaError::SessionGone(7), libc::EIO, Code::Internal),
+        (
+            MetaError::Corrupt("bad inode".into()),
+            libc::EIO,
+            Code::Internal,
+        ),
+        // Passing database I/O trouble is the one retryable EIO.
+        (MetaError::Database(io()), libc::EIO, Code::Unavailable),
+    ];
+    for (error, errno, code) in cases {
+        let status = meta_status("Lookup", &error);
+        assert_eq!(errno_of(&status), errno, "{error}");
+        assert_eq!(status.code(), code, "{error}");
+        assert_eq!(status.message(), format!("Lookup: {error}"));
+    }
+}
+
+/// A service over a fresh redb database in a temporary directory.
+fn service(dir: &tempfile::TempDir, config: MetaConfig) -> (MetaService, Arc<dyn MetaEngine>) {
+    let engine: Arc<dyn MetaEngine> =
+        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), config).unwrap());
+    let settings = ClientSettings {
+        store_url: "memory://".into(),
+        gateway_id: GATEWAY_ID,
+        gateway_address: "gateway.example:7070".into(),
+        heartbeat_interval: Duration::from_millis(1500),
+    };
+    (MetaService::new(engine.clone(), settings), engine)
+}
+
+fn fast_config() -> MetaConfig {
+    MetaConfig {
+        deleted_data_delay: Duration::ZERO,
+        sync_commits: false,
+        ..MetaConfig::default()
+    }
+}
+
+fn entry(parent: u64, name: &str) -> Request<pb::EntryRequest> {
+    Request::new(pb::EntryRequest {
+        parent,
+        name: name.as_bytes().to_vec().into(),
+    })
+}
+
+#[tokio::test]
+async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _engine) = service(&dir, fast_config());
+
+    let session = service
+        .open_session(Request::new(pb::OpenSessionRequest {
+            description: "unit test".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(session.session_id > 0);
+    assert_eq!(session.store_url, "memory://");
+    assert_eq!(session.gateway_id, GATEWAY_ID.to_vec());
+    assert_eq!(session.gateway_address, "gateway.example:7070");
+    assert_eq!(session.heartbeat_interval_ms, 1500);
+
+    let created = service
+        .create(Request::new(pb::CreateRequest {
+            session_id: session.session_id,
+            parent: crate::meta::ROOT_INO,
+            name: b"f".to_vec().into(),
+            mode: 0o640,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .attr
+        .unwrap();
+    assert_eq!(created.kind, pb::FileKind::File as i32);
+    assert_eq!(created.mode, 0o640);
+    let found = service
+        .lookup(entry(crate::meta::ROOT_INO, "f"))
+        .await
+        .unwrap()
+        .into_inner()
+        .attr
+        .unwrap();
+    assert_eq!(found.ino, created.ino);
+
+    let missing = service
+        .lookup(entry(crate::meta::ROOT_INO, "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(errno_of(&missing), libc::ENOENT);
+    assert!(missing.message().starts_with("Lookup: "), "{missing:?}");
+
+    for limit in [0, MAX_READDIR_LIMIT + 1] {
+        let refused = service
+            .read_dir(Request::new(pb::ReadDirRequest {
+                ino: crate::meta::ROOT_INO,
+                after_cookie: 0,
+                limit,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(errno_of(&refused), libc::EINVAL, "limit {limit}");
+    }
+    let listing = service
+        .read_dir(Request::new(pb::ReadDirRequest {
+            ino: crate::meta::ROOT_INO,
+            after_cookie: 0,
+            limit: 10,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listing.entries.len(), 1);
+    assert_eq!(&listing.entries[0].name[..], b"f");
+
+    let confused_mkdir = service
+        .mkdir(Request::new(pb::CreateRequest {
+            parent: crate::meta::ROOT_INO,
+            name: b"d".to_vec().into(),
+            kind: pb::FileKind::Fifo as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(errno_of(&confused_mkdir), libc::EINVAL);
+
+    let bad_slice = service
+        .record_pending_slice(Request::new(pb::PendingSliceRequest {
+            session_id: session.session_id,
+            slice: Some(pb::Slice {
+                slice_id: 1,
+                offset_in_chunk: 0,
+                len: 10,
+                gateway_id: vec![1, 2, 3].into(),
+            }),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_slice.code(), Code::InvalidArgument);
+    assert_eq!(errno_of(&bad_slice), libc::EINVAL);
+
+    let ids = service
+        .allocate_slice_ids(Request::new(pb::AllocateSliceIdsRequest { count: 5 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids.count, 5);
+    assert!(ids.first > 0, "slice id 0 is the hole");
+
+    let statfs = service
+        .stat_fs(Request::new(pb::Empty {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(statfs.files, 2);
+}
+
+/// A store that refuses deletions while `refuse_deletes` is set.
+#[derive(Debug)]
+struct DeleteRefusingStore {
+    inner: InMemory,
+    refuse_deletes: AtomicBool,
+}
+
+impl std::fmt::Display for DeleteRefusingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeleteRefusingStore")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for DeleteRefusingStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        if self.refuse_deletes.load(Ordering::SeqCst) {
+            return locations
+                .map(|location| {
+                    Err(object_store::Error::Generic {
+                        store: "refusing",
+                        source: format!("delete of {} refused (injected)", location?).into(),
+                    })
+                })
+                .boxed();
+        }
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+async fn staging_log(dir: &tempfile::TempDir) -> Arc<StagingLog> {
+    open_volume(&VolumeOptions {
+        path: dir.path().join("device"),
+        create_size: 64 << 20,
+        segment_size: Some(8 << 20),
+        format: false,
+        engine: EngineKind::Psync,
+        full_wait: Duration::from_secs(1),
+        uploads_paused: true,
+    })
+    .await
+    .unwrap()
+}
+
+async fn stage(log: &StagingLog, key: &shared::BlockKey) {
+    let data = vec![key.block_index as u8; key.len() as usize];
+    log.write_block(
+        *key,
+        crate::service::record_with(key, &data),
+        crc32c::crc32c(&data),
+    )
+    .await
+    .unwrap();
+}
+
+async fn object_keys(store: &dyn ObjectStore) -> Vec<String> {
+    let mut keys: Vec<String> = store
+        .list(None)
+        .map_ok(|meta| meta.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = staging_log(&dir).await;
+    let engine: Arc<dyn MetaEngine> =
+        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), fast_config()).unwrap());
+    let store = Arc::new(DeleteRefusingStore {
+        inner: InMemory::new(),
+        refuse_deletes: AtomicBool::new(true),
+    });
+    let cleaner = DataCleaner {
+        engine: engine.clone(),
+        staging: log.clone(),
+        store: store.clone(),
+        batch: 10,
+    };
+
+    // A client records a 5 MiB slice (two blocks) and stages both; block 0 was even uploaded.
+    let session = engine.open_session("dies").unwrap();
+    let slice_id = engine.allocate_slice_ids(1).unwrap().start;
+    let slice = Slice {
+        slice_id,
+        offset_in_chunk: 0,
+        len: 5 << 20,
+        gateway_id: GATEWAY_ID,
+    };
+    engine.record_pending_slice(session, &slice).unwrap();
+    let keys = crate::meta::DeletedSlice {
+        slice_id,
+        len: slice.len,
+        gateway_id: GATEWAY_ID,
+        due_ns: 0,
+    }
+    .block_keys();
+    assert_eq!(keys.len(), 2);
+    for key in &keys {
+        stage(&log, key).await;
+    }
+    store
+        .put(
+            &Path::from(keys[0].to_string()),
+            PutPayload::from(vec![0u8; 4]),
+        )
+        .await
+        .unwrap();
+
+    // A session heartbeating within the timeout survives; a silent one expires.
+    let alive = engine.open_session("alive").unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    engine.heartbeat(alive).unwrap();
+    let closed = expire_silent_sessions(&engine, Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(closed, vec![session]);
+    let remaining: Vec<_> = engine
+        .list_sessions()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(remaining, vec![alive]);
+
+    // The store refuses deletions: the staged blocks are dropped, the entry stays queued.
+    let round = cleaner.clean_due().await.unwrap();
+    assert_eq!((round.taken, round.cleaned, round.failed), (1, 0, 1));
+    assert_eq!(round.blocks_dropped, 2);
+    for key in &keys {
+        assert_eq!(log.entry(key).unwrap().state, BlockState::Deleted, "{key}");
+    }
+    assert_eq!(object_keys(store.as_ref()).await, vec![keys[0].to_string()]);
+    assert_eq!(
+        engine.take_due_deleted_slices(i64::MAX, 10).unwrap().len(),
+        1
+    );
+
+    // The store is back: the next round deletes the object and acknowledges the slice.
+    store.refuse_deletes.store(false, Ordering::SeqCst);
+    let round = cleaner.clean_due().await.unwrap();
+    assert_eq!((round.taken, round.cleaned, round.failed), (1, 1, 0));
+    assert_eq!(
+        round.blocks_dropped, 0,
+        "already dropped in the first round"
+    );
+    assert!(object_keys(store.as_ref()).await.is_empty());
+    assert!(engine
+        .take_due_deleted_slices(i64::MAX, 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(cleaner.clean_due().await.unwrap().taken, 0);
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn workers_stop_when_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = staging_log(&dir).await;
+    let engine: Arc<dyn MetaEngine> =
+        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), fast_config()).unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handles = workers::start(
+        engine,
+        log.clone(),
+        Arc::new(InMemory::new()),
+        workers::WorkerConfig {
+            heartbeat_interval: Duration::from_millis(20),
+            cleanup_interval: Duration::from_millis(20),
+            cleanup_batch: 4,
+        },
+        shutdown.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(handles))
+        .await
+        .expect("workers stop after cancellation")
+        .into_iter()
+        .for_each(|joined| joined.unwrap());
+    log.shutdown().await;
+}

@@ -1,0 +1,313 @@
+//! Background workers of the metadata service: session expiry and deleted-data cleanup.
+//!
+//! Both follow the drain's lifecycle (`drain.rs`): [`start`] spawns them, they tick on an interval,
+//! and they stop at the next tick boundary once the shutdown token is cancelled. A tick that is
+//! under way finishes: cutting a staging-log append short could leave a hole in the log, and
+//! nothing here is lost by waiting for it.
+//!
+//! * **Session expiry**: a session whose client has not heartbeat for [`MISSED_HEARTBEATS`]
+//!   intervals is closed through the engine, which releases its open handles and queues the slices
+//!   it staged but never committed for deletion. For the first timeout after the gateway starts
+//!   nothing expires, because clients could not heartbeat while the gateway was down: a restart
+//!   must not end every session.
+//! * **Deleted-data cleanup**: due entries of the engine's deleted-data queue are taken, each
+//!   slice's blocks are dropped from this gateway's staging log (so they are never uploaded) and
+//!   its objects deleted from the store, and only then is the slice acknowledged. Any failure
+//!   leaves the entry queued, so the next tick tries again; repeating a deletion is harmless.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::meta::{now_ns, DeletedSlice, MetaEngine, MetaError, SessionId};
+use crate::staging::StagingLog;
+
+/// A session silent for this many heartbeat intervals expires (the proto promises 3).
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Slices cleaned at once; their object deletions run concurrently.
+const SLICES_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// How often clients heartbeat; the expiry worker checks at this pace too.
+    pub heartbeat_interval: Duration,
+    /// How often the deleted-data queue is checked for due entries.
+    pub cleanup_interval: Duration,
+    /// Most slices taken from the queue per round; a full round is followed by another at once.
+    pub cleanup_batch: usize,
+}
+
+impl WorkerConfig {
+    /// Silence after which a session expires.
+    pub fn session_timeout(&self) -> Duration {
+        self.heartbeat_interval * MISSED_HEARTBEATS
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            heartbeat_interval: Duration::from_secs(5),
+            cleanup_interval: Duration::from_secs(1),
+            cleanup_batch: 256,
+        }
+    }
+}
+
+/// Starts the session-expiry and cleanup workers; they stop when `shutdown` is cancelled.
+pub fn start(
+    engine: Arc<dyn MetaEngine>,
+    staging: Arc<StagingLog>,
+    store: Arc<dyn ObjectStore>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let cleaner = DataCleaner {
+        engine: engine.clone(),
+        staging,
+        store,
+        batch: config.cleanup_batch.max(1),
+    };
+    vec![
+        tokio::spawn(expire_sessions_worker(
+            engine,
+            config.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(cleanup_worker(cleaner, config, shutdown)),
+    ]
+}
+
+/// Runs a synchronous engine call on the blocking pool.
+async fn blocking<T, F>(engine: &Arc<dyn MetaEngine>, call: F) -> Result<T, MetaError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn MetaEngine) -> Result<T, MetaError> + Send + 'static,
+{
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || call(engine.as_ref()))
+        .await
+        .unwrap_or_else(|join_error| {
+            Err(MetaError::Corrupt(format!(
+                "metadata engine call panicked: {join_error}"
+            )))
+        })
+}
+
+/// A ticker that skips missed ticks rather than bursting after a slow round.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period.max(Duration::from_millis(10)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+async fn expire_sessions_worker(
+    engine: Arc<dyn MetaEngine>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) {
+    let timeout = config.session_timeout();
+    let started = Instant::now();
+    let mut interval = ticker(config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        // Grace after a start: heartbeats sent while the gateway was down never arrived.
+        if started.elapsed() < timeout {
+            continue;
+        }
+        if let Err(error) = expire_silent_sessions(&engine, timeout).await {
+            tracing::warn!(%error, "cannot look for expired sessions; trying again next tick");
+        }
+    }
+}
+
+/// Closes every session silent for longer than `timeout`; returns the ids closed. A session that
+/// fails to close is logged and left for the next round.
+pub async fn expire_silent_sessions(
+    engine: &Arc<dyn MetaEngine>,
+    timeout: Duration,
+) -> Result<Vec<SessionId>, MetaError> {
+    let timeout_ns = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+    let outcomes = blocking(engine, move |engine| {
+        let expired = engine.expired_sessions(now_ns().saturating_sub(timeout_ns))?;
+        Ok(expired
+            .into_iter()
+            .map(|session| (session, engine.close_session(session)))
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    let mut closed = Vec::new();
+    for (session, outcome) in outcomes {
+        match outcome {
+            Ok(()) => {
+                tracing::info!(
+                    session_id = session,
+                    silent_for_more_than = ?timeout,
+                    "session expired: its handles are released and its uncommitted slices queued for deletion"
+                );
+                closed.push(session);
+            }
+            Err(error) => {
+                tracing::warn!(session_id = session, %error, "cannot close an expired session; trying again next tick")
+            }
+        }
+    }
+    Ok(closed)
+}
+
+async fn cleanup_worker(cleaner: DataCleaner, config: WorkerConfig, shutdown: CancellationToken) {
+    let mut interval = ticker(config.cleanup_interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        // A full batch that was cleaned completely means more may be due: go on at once.
+        while !shutdown.is_cancelled() {
+            match cleaner.clean_due().await {
+                Ok(round) if round.taken == cleaner.batch && round.cleaned > 0 => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "deleted-data cleanup failed; trying again next tick");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the data of deleted slices: staged blocks at this gateway and objects in the store.
+pub struct DataCleaner {
+    pub engine: Arc<dyn MetaEngine>,
+    pub staging: Arc<StagingLog>,
+    pub store: Arc<dyn ObjectStore>,
+    /// Most slices taken from the queue per round.
+    pub batch: usize,
+}
+
+/// What one cleanup round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupRound {
+    /// Due slices taken from the queue.
+    pub taken: usize,
+    /// Slices whose data is gone and which were acknowledged (removed from the queue).
+    pub cleaned: usize,
+    /// Slices left queued after a failure, for the next round.
+    pub failed: usize,
+    /// Staged blocks that were still waiting for upload and now never will be.
+    pub blocks_dropped: u64,
+}
+
+impl DataCleaner {
+    /// One round: take the due slices, delete their data, acknowledge those whose data is gone.
+    pub async fn clean_due(&self) -> Result<CleanupRound, MetaError> {
+        let batch = self.batch;
+        let due = blocking(&self.engine, move |engine| {
+            engine.take_due_deleted_slices(now_ns(), batch)
+        })
+        .await?;
+        let mut round = CleanupRound {
+            taken: due.len(),
+            ..CleanupRound::default()
+        };
+        if due.is_empty() {
+            return Ok(round);
+        }
+        let outcomes: Vec<(u64, SliceCleanup)> = futures::stream::iter(due)
+            .map(|slice| async move { (slice.slice_id, self.clean_slice(&slice).await) })
+            .buffer_unordered(SLICES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut cleaned = Vec::new();
+        for (slice_id, outcome) in outcomes {
+            round.blocks_dropped += outcome.blocks_dropped;
+            match outcome.result {
+                Ok(()) => cleaned.push(slice_id),
+                Err(error) => {
+                    round.failed += 1;
+                    tracing::warn!(slice_id, %error, "cannot delete the data of a deleted slice; it stays queued");
+                }
+            }
+        }
+        round.cleaned = cleaned.len();
+        if !cleaned.is_empty() {
+            // Fails only if the database does; the slices then come back next round and their
+            // (already gone) data is deleted again, which is harmless.
+            blocking(&self.engine, move |engine| {
+                engine.ack_deleted_slices(&cleaned)
+            })
+            .await?;
+        }
+        tracing::info!(
+            cleaned = round.cleaned,
+            failed = round.failed,
+            staged_blocks_dropped = round.blocks_dropped,
+            "deleted data cleaned up"
+        );
+        Ok(round)
+    }
+
+    /// Drops the slice's staged blocks here and deletes its objects. Blocks staged at another
+    /// gateway are not held here (dropping them is a no-op); their objects are deleted from the
+    /// shared store all the same.
+    async fn clean_slice(&self, slice: &DeletedSlice) -> SliceCleanup {
+        let keys = slice.block_keys();
+        // First the staging log, so a block cannot be uploaded after its object was deleted. A
+        // block in upload right now is marked too; the drain deletes its object when the PUT ends.
+        let blocks_dropped = match self.staging.delete_blocks(&keys).await {
+            Ok((dropped, _not_pending)) => dropped,
+            Err(error) => {
+                return SliceCleanup {
+                    blocks_dropped: 0,
+                    result: Err(format!("dropping its staged blocks: {error}")),
+                }
+            }
+        };
+        let paths: Vec<object_store::Result<Path>> = keys
+            .iter()
+            .map(|key| Ok(Path::from(key.to_string())))
+            .collect();
+        let failures: Vec<String> = self
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed())
+            .filter_map(|outcome| async move {
+                match outcome {
+                    // Never uploaded, or deleted by an earlier attempt.
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+                    Err(error) => Some(error.to_string()),
+                }
+            })
+            .collect()
+            .await;
+        let result = if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "deleting {} of its {} objects: {}",
+                failures.len(),
+                keys.len(),
+                failures.join("; ")
+            ))
+        };
+        SliceCleanup {
+            blocks_dropped,
+            result,
+        }
+    }
+}
+
+/// What cleaning one slice did: blocks dropped from staging even when the store then failed.
+struct SliceCleanup {
+    /// Staged blocks that were still waiting for upload and now never will be.
+    blocks_dropped: u64,
+    /// `Ok` once every object is gone, so the slice may be acknowledged.
+    result: Result<(), String>,
+}
