@@ -441,8 +441,13 @@ impl StagingLog {
                 last_error: None,
             },
         );
+        let paused = st.uploads_paused;
         drop(st);
-        self.upload_wakeup.notify_waiters();
+        // One new block needs one worker; waking all of them for every block (or any while
+        // uploads are paused) costs more CPU than the write itself for small blocks.
+        if !paused {
+            self.upload_wakeup.notify_one();
+        }
         Ok(lsn)
     }
 
