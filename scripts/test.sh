@@ -28,4 +28,19 @@ target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 export STAGEFS_BIN_DIR="$target_dir/$profile"
 
 echo "test: cargo test --workspace (binaries from $STAGEFS_BIN_DIR)"
-exec cargo test --workspace "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+
+# One closing line over every test binary (cargo's own last line is often a doc-test run of a
+# crate that has none, "0 passed", which reads as if nothing ran).
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) passed += $(i - 1)
+            if ($(i) ~ /^failed;?$/) failed += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) ignored += $(i - 1)
+        }
+     }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+exit "$status"
