@@ -4,3 +4,7 @@
 //! next to it. `main.rs` is only the command-line shell over these modules.
 
 pub mod bench;
+pub mod admin;
+pub mod fs;
+pub mod fuse;
+pub mod mount;

@@ -1,0 +1,744 @@
+//! The file-system core: every file-system operation of a stagefs mount, async, without FUSE.
+//!
+//! Layered like mountpoint-s3: a FUSE adapter (to come) is a thin shell that turns kernel
+//! requests into calls on [`Fs`] and answers with the result or [`FsError::errno`]. Tests drive
+//! [`Fs`] directly, with the metadata engine in-process and an in-memory gateway.
+//!
+//! Below [`Fs`]:
+//! - [`MetaApi`]: the metadata engine's transactions (`meta.proto`); [`GrpcMeta`] talks to the
+//!   gateway's `Meta` service.
+//! - [`BlockApi`]: whole blocks written durably to a gateway and ranges read back;
+//!   [`GrpcBlocks`] talks to its `Staging` service, [`MemoryBlocks`] is the in-memory double.
+//!   Blocks the gateway no longer holds are read from the object store ([`BlockSource`]).
+//! - `write`: dirty slices per file, blocks uploaded as they fill, commits on flush.
+//! - `read`: slice resolution, block fetches through a small cache, readahead.
+//!
+//! Consistency (DESIGN.md, "Read path and consistency"): close-to-open. `flush`, `fsync` and
+//! `release` return only once every byte written to the file is durable on the gateway and
+//! committed; `open` fetches the current size and forgets the slices it knew, so it sees every
+//! commit that happened before it. Within one mount, all handles of a file share its dirty data
+//! and see each other's writes at once.
+
+mod block_api;
+mod block_grpc;
+mod cache;
+mod channel;
+mod error;
+pub mod layout;
+mod meta_api;
+mod meta_grpc;
+#[cfg(test)]
+mod meta_local;
+mod read;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use object_store::ObjectStore;
+
+pub use block_api::{store_path, BlockApi, BlockSource, MemoryBlocks};
+pub use block_grpc::GrpcBlocks;
+pub use channel::{connect_gateway, gateway_endpoint};
+pub use error::{FsError, FsResult};
+pub use meta_api::{
+    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId,
+    SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+};
+pub use meta_grpc::GrpcMeta;
+
+use layout::{chunk_pieces, BLOCK_SIZE};
+use read::{plan_chunk, BlockFetcher};
+use write::{DirtyFile, WriteContext};
+
+/// An open file handle, as the kernel knows it.
+pub type FileHandle = u64;
+
+/// Tunables of a mount's file-system core.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Refuse every change with EROFS.
+    pub read_only: bool,
+    /// Slice ids fetched from the engine at a time.
+    pub slice_id_batch: u32,
+    /// A file holding more uncommitted bytes than this is flushed by the write that crossed it
+    /// (bounds the memory of one writer; sequential writers still stream blocks meanwhile).
+    pub max_dirty_bytes_per_file: u64,
+    /// Likewise for the number of uncommitted slices (random writers make one per write).
+    pub max_dirty_slices_per_file: usize,
+    /// Blocks written to the gateway at once, across all files.
+    pub max_concurrent_uploads: usize,
+    /// Whole blocks kept for readers (4 MiB each).
+    pub block_cache_blocks: usize,
+    /// Blocks fetched ahead of a sequential reader.
+    pub readahead_blocks: u64,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            read_only: false,
+            slice_id_batch: 64,
+            max_dirty_bytes_per_file: 64 * 1024 * 1024,
+            max_dirty_slices_per_file: 256,
+            max_concurrent_uploads: 16,
+            block_cache_blocks: 32,
+            readahead_blocks: 1,
+        }
+    }
+}
+
+/// The file-system core of one mount (one metadata session).
+pub struct Fs {
+    meta: Arc<dyn MetaApi>,
+    config: FsConfig,
+    session: SessionId,
+    writer: Arc<WriteContext>,
+    fetcher: Arc<BlockFetcher>,
+    /// Files with at least one open handle on this mount.
+    files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<FileHandle, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A file open on this mount: what all its handles share.
+struct OpenFile {
+    ino: Ino,
+    /// Handles of this mount on the file; changed only with `Fs::files` locked.
+    handles: AtomicUsize,
+    /// End of this mount's uncommitted data (0 when clean), readable without the state lock so
+    /// attribute calls can report the size this mount has written.
+    dirty_end: AtomicU64,
+    state: tokio::sync::Mutex<FileState>,
+}
+
+struct FileState {
+    /// Attributes as the engine last reported them.
+    attr: Attr,
+    dirty: DirtyFile,
+    /// Slices of chunks already asked for, since the last change this mount knows of.
+    chunks: HashMap<u64, Arc<Vec<Slice>>>,
+}
+
+impl FileState {
+    /// The size this mount sees: committed, or further if it wrote past the end.
+    fn size(&self) -> u64 {
+        self.attr.size.max(self.dirty.end())
+    }
+}
+
+/// One open file handle.
+struct Handle {
+    file: Arc<OpenFile>,
+    readable: bool,
+    writable: bool,
+    append: bool,
+    /// Where the next read would start if the reader is sequential.
+    next_sequential: AtomicU64,
+}
+
+/// How `open` flags translate for the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Access {
+    readable: bool,
+    writable: bool,
+    append: bool,
+    truncate: bool,
+}
+
+impl Access {
+    fn from_flags(flags: i32) -> FsResult<Self> {
+        let (readable, writable) = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => (true, false),
+            libc::O_WRONLY => (false, true),
+            libc::O_RDWR => (true, true),
+            other => return Err(FsError::Invalid(format!("access mode {other:#o}"))),
+        };
+        Ok(Access {
+            readable,
+            writable,
+            append: flags & libc::O_APPEND != 0,
+            // Truncating needs write access; Linux ignores O_TRUNC on a read-only open.
+            truncate: flags & libc::O_TRUNC != 0 && writable,
+        })
+    }
+}
+
+impl Fs {
+    /// The core of a mount over a session already opened with `meta.open_session`. Starts the
+    /// session's heartbeat, so it needs a tokio runtime.
+    pub fn new(
+        meta: Arc<dyn MetaApi>,
+        gateway: Arc<dyn BlockApi>,
+        store: Arc<dyn ObjectStore>,
+        grant: &SessionGrant,
+        config: FsConfig,
+    ) -> Self {
+        let writer = Arc::new(WriteContext::new(
+            meta.clone(),
+            gateway.clone(),
+            grant.session_id,
+            grant.gateway_id,
+            config.slice_id_batch,
+            config.max_concurrent_uploads,
+        ));
+        let fetcher =
+            BlockFetcher::new(BlockSource::new(gateway, store), config.block_cache_blocks);
+        let heartbeat = grant.heartbeat_interval.map(|interval| {
+            let (meta, session) = (meta.clone(), grant.session_id);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    if let Err(e) = meta.heartbeat(session).await {
+                        tracing::warn!(session, error = %e, "session heartbeat failed");
+                    }
+                }
+            })
+        });
+        Fs {
+            meta,
+            config,
+            session: grant.session_id,
+            writer,
+            fetcher,
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            heartbeat,
+        }
+    }
+
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    fn check_writable_mount(&self) -> FsResult<()> {
+        if self.config.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Arc<OpenFile>>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<FileHandle, Arc<Handle>>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handle(&self, fh: FileHandle) -> FsResult<Arc<Handle>> {
+        self.handles()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle(fh))
+    }
+
+    fn open_file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
+        self.files().get(&ino).cloned()
+    }
+
+    /// `attr` with the size this mount sees, if it has the file open with data past the end.
+    fn local_attr(&self, mut attr: Attr) -> Attr {
+        if attr.kind == FileKind::File {
+            if let Some(file) = self.open_file(attr.ino) {
+                attr.size = attr.size.max(file.dirty_end.load(Ordering::Acquire));
+            }
+        }
+        attr
+    }
+
+    /// Commits every dirty byte of an open file (its state locked by the caller).
+    async fn flush_locked(&self, file: &OpenFile, state: &mut FileState) -> FsResult<()> {
+        let had_dirty = !state.dirty.is_empty();
+        let result = state
+            .dirty
+            .flush(&self.writer, file.ino, &mut state.attr)
+            .await;
+        if had_dirty {
+            // Whatever got committed now comes from the engine, not the dirty overlay.
+            state.chunks.clear();
+        }
+        file.dirty_end.store(state.dirty.end(), Ordering::Release);
+        result
+    }
+
+    // --- names and attributes ---
+
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        Ok(self.local_attr(self.meta.lookup(parent, name).await?))
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        Ok(self.local_attr(self.meta.getattr(ino).await?))
+    }
+
+    /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
+    /// first, so the change applies after the writes that came before it.
+    pub async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
+        self.check_writable_mount()?;
+        let Some(file) = self.open_file(ino) else {
+            return self.meta.setattr(ino, changes).await;
+        };
+        let mut state = file.state.lock().await;
+        self.flush_locked(&file, &mut state).await?;
+        let attr = self.meta.setattr(ino, changes).await?;
+        state.attr = attr;
+        if changes.size.is_some() {
+            state.chunks.clear();
+        }
+        Ok(attr)
+    }
+
+    /// Creates a regular file and opens it (`flags` as for `open`).
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        flags: i32,
+    ) -> FsResult<(Attr, FileHandle)> {
+        self.check_writable_mount()?;
+        let access = Access::from_flags(flags)?;
+        let node = NewNode {
+            kind: FileKind::File,
+            mode,
+            uid,
+            gid,
+            rdev: 0,
+        };
+        let attr = self.meta.create(self.session, parent, name, &node).await?;
+        let file = self.attach(attr).await;
+        Ok((attr, self.add_handle(file, access)))
+    }
+
+    /// Creates a regular file (not opened), FIFO, socket or device node.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        self.check_writable_mount()?;
+        if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(FsError::Invalid(
+                "mknod makes neither directories nor symlinks".into(),
+            ));
+        }
+        let node = NewNode {
+            kind,
+            mode,
+            uid,
+            gid,
+            rdev,
+        };
+        self.meta.mknod(parent, name, &node).await
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.check_writable_mount()?;
+        self.meta.mkdir(parent, name, mode, uid, gid).await
+    }
+
+    /// Removes a name. An open file lives on (the engine counts this session's handles), so its
+    /// handles keep reading and writing it until they are released.
+    pub async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.check_writable_mount()?;
+        self.meta.unlink(parent, name).await
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.check_writable_mount()?;
+        self.meta.rmdir(parent, name).await
+    }
+
+    /// `flags`: 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        self.check_writable_mount()?;
+        self.meta
+            .rename(parent, name, new_parent, new_name, flags)
+            .await
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
+        self.check_writable_mount()?;
+        Ok(self.local_attr(self.meta.link(ino, new_parent, new_name).await?))
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.check_writable_mount()?;
+        self.meta.symlink(parent, name, target, uid, gid).await
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.meta.readlink(ino).await
+    }
+
+    /// Up to `limit` entries after `after_cookie` (0: from the start), without `.` and `..`.
+    pub async fn readdir(
+        &self,
+        ino: Ino,
+        after_cookie: u64,
+        limit: u32,
+    ) -> FsResult<Vec<DirEntry>> {
+        let mut entries = self.meta.readdir(ino, after_cookie, limit).await?;
+        for entry in &mut entries {
+            entry.attr = self.local_attr(entry.attr);
+        }
+        Ok(entries)
+    }
+
+    pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.meta.getxattr(ino, name).await
+    }
+
+    /// `flags`: 0, `XATTR_CREATE` or `XATTR_REPLACE`.
+    pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
+        self.check_writable_mount()?;
+        self.meta.setxattr(ino, name, value, flags).await
+    }
+
+    pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
+        self.meta.listxattr(ino).await
+    }
+
+    pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        self.check_writable_mount()?;
+        self.meta.removexattr(ino, name).await
+    }
+
+    pub async fn statfs(&self) -> FsResult<StatFs> {
+        self.meta.statfs().await
+    }
+
+    // --- open files ---
+
+    /// Registers one more handle of this mount on a file the engine already counts as open.
+    /// A file already open here has its view refreshed: close-to-open means an `open` sees
+    /// every commit made before it, from any mount.
+    async fn attach(&self, attr: Attr) -> Arc<OpenFile> {
+        let (file, is_new) = {
+            let mut files = self.files();
+            let mut is_new = false;
+            let file = files
+                .entry(attr.ino)
+                .or_insert_with(|| {
+                    is_new = true;
+                    Arc::new(OpenFile {
+                        ino: attr.ino,
+                        handles: AtomicUsize::new(0),
+                        dirty_end: AtomicU64::new(0),
+                        state: tokio::sync::Mutex::new(FileState {
+                            attr,
+                            dirty: DirtyFile::default(),
+                            chunks: HashMap::new(),
+                        }),
+                    })
+                })
+                .clone();
+            file.handles.fetch_add(1, Ordering::AcqRel);
+            (file, is_new)
+        };
+        if !is_new {
+            let mut state = file.state.lock().await;
+            state.attr = attr;
+            state.chunks.clear();
+        }
+        file
+    }
+
+    /// Drops one handle of this mount on a file; forgets the file with its last handle.
+    fn detach(&self, file: &Arc<OpenFile>) -> bool {
+        let mut files = self.files();
+        let left = file
+            .handles
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        if left == 0 {
+            files.remove(&file.ino);
+        }
+        left == 0
+    }
+
+    fn add_handle(&self, file: Arc<OpenFile>, access: Access) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            file,
+            readable: access.readable,
+            writable: access.writable,
+            append: access.append,
+            next_sequential: AtomicU64::new(0),
+        });
+        self.handles().insert(fh, handle);
+        fh
+    }
+
+    /// Opens a regular file. `flags` are the `open(2)` flags: the access mode, `O_APPEND`
+    /// (writes go to the end of the file as this mount sees it) and `O_TRUNC`.
+    pub async fn open(&self, ino: Ino, flags: i32) -> FsResult<(FileHandle, Attr)> {
+        let access = Access::from_flags(flags)?;
+        if access.writable {
+            self.check_writable_mount()?;
+        }
+        let attr = self.meta.open(self.session, ino).await?;
+        if attr.kind != FileKind::File {
+            self.release_quietly(ino).await;
+            return Err(match attr.kind {
+                FileKind::Dir => FsError::IsDirectory(ino),
+                _ => FsError::NotRegularFile(ino),
+            });
+        }
+        let file = self.attach(attr).await;
+        let attr = if access.truncate {
+            let truncated = {
+                let mut state = file.state.lock().await;
+                match self.flush_locked(&file, &mut state).await {
+                    Ok(()) => {
+                        let changes = SetAttr {
+                            size: Some(0),
+                            ..SetAttr::default()
+                        };
+                        self.meta.setattr(ino, &changes).await.inspect(|attr| {
+                            state.attr = *attr;
+                            state.chunks.clear();
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match truncated {
+                Ok(attr) => attr,
+                Err(e) => {
+                    self.detach(&file);
+                    self.release_quietly(ino).await;
+                    return Err(e);
+                }
+            }
+        } else {
+            attr
+        };
+        let attr = self.local_attr(attr);
+        Ok((self.add_handle(file, access), attr))
+    }
+
+    /// Gives back a handle the engine counted, when opening failed after all.
+    async fn release_quietly(&self, ino: Ino) {
+        if let Err(e) = self.meta.release(self.session, ino).await {
+            tracing::warn!(ino, error = %e, "releasing a handle of a failed open");
+        }
+    }
+
+    /// Up to `size` bytes at `offset`; fewer at the end of the file. Holes and bytes no slice
+    /// covers read as zeros; this mount's uncommitted writes show.
+    pub async fn read(&self, fh: FileHandle, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.handle(fh)?;
+        if !handle.readable {
+            return Err(FsError::WrongAccess {
+                fh,
+                access: "reading",
+            });
+        }
+        let file = &handle.file;
+        let sequential = handle.next_sequential.load(Ordering::Relaxed) == offset;
+        let (mut buf, fetches, overlay, prefetch) = {
+            let mut state = file.state.lock().await;
+            let file_size = state.size();
+            if offset >= file_size || size == 0 {
+                return Ok(Vec::new());
+            }
+            let len = u64::from(size).min(file_size - offset);
+            let mut fetches = Vec::new();
+            for piece in chunk_pieces(offset, len) {
+                let slices = self
+                    .chunk_slices(file.ino, &mut state, piece.chunk_index)
+                    .await?;
+                fetches.extend(plan_chunk(&slices, &piece));
+            }
+            let overlay = state.dirty.overlay(offset, len);
+            let prefetch = if sequential && self.config.readahead_blocks > 0 {
+                let ahead_start = offset + len;
+                let ahead_len = (self.config.readahead_blocks * BLOCK_SIZE)
+                    .min(file_size.saturating_sub(ahead_start));
+                let mut keys = Vec::new();
+                for piece in chunk_pieces(ahead_start, ahead_len) {
+                    let slices = self
+                        .chunk_slices(file.ino, &mut state, piece.chunk_index)
+                        .await?;
+                    keys.extend(plan_chunk(&slices, &piece).into_iter().map(|f| f.key));
+                }
+                keys.dedup();
+                keys
+            } else {
+                Vec::new()
+            };
+            (vec![0u8; len as usize], fetches, overlay, prefetch)
+        };
+        // Blocks are fetched without the file's lock: they are immutable, so a commit landing
+        // meanwhile cannot change what this read resolved.
+        self.fetcher.fill(&fetches, sequential, &mut buf).await?;
+        for (at, bytes) in overlay {
+            if let Some(target) = buf.get_mut(at..at + bytes.len()) {
+                target.copy_from_slice(&bytes);
+            }
+        }
+        for key in prefetch {
+            self.fetcher.prefetch(key);
+        }
+        handle
+            .next_sequential
+            .store(offset + buf.len() as u64, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// The slices of one chunk, from the engine unless already known since the last change.
+    async fn chunk_slices(
+        &self,
+        ino: Ino,
+        state: &mut FileState,
+        chunk_index: u64,
+    ) -> FsResult<Arc<Vec<Slice>>> {
+        if let Some(slices) = state.chunks.get(&chunk_index) {
+            return Ok(slices.clone());
+        }
+        let slices = Arc::new(self.meta.read_chunk(ino, chunk_index).await?);
+        state.chunks.insert(chunk_index, slices.clone());
+        Ok(slices)
+    }
+
+    /// Writes `data` at `offset` (at the end for `O_APPEND` handles) into the file's dirty
+    /// data; full blocks start streaming to the gateway at once. Durable only after `flush`,
+    /// `fsync` or `release`.
+    pub async fn write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let handle = self.handle(fh)?;
+        if !handle.writable {
+            return Err(FsError::WrongAccess {
+                fh,
+                access: "writing",
+            });
+        }
+        self.check_writable_mount()?;
+        let len = u32::try_from(data.len())
+            .map_err(|_| FsError::Invalid(format!("write of {} bytes", data.len())))?;
+        let file = &handle.file;
+        let mut state = file.state.lock().await;
+        let offset = if handle.append { state.size() } else { offset };
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= MAX_FILE_SIZE => {}
+            _ => {
+                return Err(FsError::FileTooLarge {
+                    offset,
+                    len: u64::from(len),
+                })
+            }
+        }
+        if len == 0 {
+            return Ok(0);
+        }
+        state.dirty.write(&self.writer, offset, data).await;
+        file.dirty_end.store(state.dirty.end(), Ordering::Release);
+        if state.dirty.bytes() >= self.config.max_dirty_bytes_per_file
+            || state.dirty.slice_count() >= self.config.max_dirty_slices_per_file
+        {
+            self.flush_locked(file, &mut state).await?;
+        }
+        Ok(len)
+    }
+
+    /// Commits everything written to the handle's file (`close` calls this): returns once it
+    /// is durable on the gateway and visible to every mount that opens the file afterwards.
+    pub async fn flush(&self, fh: FileHandle) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        let mut state = handle.file.state.lock().await;
+        self.flush_locked(&handle.file, &mut state).await
+    }
+
+    /// Like [`Fs::flush`]: data and size are committed together, so `fdatasync` is no cheaper.
+    pub async fn fsync(&self, fh: FileHandle, _datasync: bool) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    /// Closes a handle: commits the file's data, then gives the handle back to the engine (the
+    /// last one of an unlinked file removes it). A flush error is returned, and the handle is
+    /// gone either way.
+    pub async fn release(&self, fh: FileHandle) -> FsResult<()> {
+        let handle = self.handles().remove(&fh).ok_or(FsError::BadHandle(fh))?;
+        let file = &handle.file;
+        let flushed = {
+            let mut state = file.state.lock().await;
+            self.flush_locked(file, &mut state).await
+        };
+        let released = self.meta.release(self.session, file.ino).await;
+        if self.detach(file) {
+            let state = file.state.lock().await;
+            if !state.dirty.is_empty() {
+                tracing::error!(
+                    ino = file.ino,
+                    bytes = state.dirty.bytes(),
+                    error = ?flushed.as_ref().err(),
+                    "last handle closed with data that could not be committed; it is lost"
+                );
+            }
+        }
+        flushed.and(released)
+    }
+
+    /// Commits every open file, releases every handle and closes the session (unmount).
+    pub async fn shutdown(&self) -> FsResult<()> {
+        let handles: Vec<FileHandle> = self.handles().keys().copied().collect();
+        let mut first_error = None;
+        for fh in handles {
+            if let Err(e) = self.release(fh).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.meta.close_session(self.session).await {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
+    }
+}

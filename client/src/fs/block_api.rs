@@ -1,0 +1,194 @@
+//! The data path: whole blocks written durably to a gateway, block ranges read back from the
+//! gateway or, once it no longer holds them, from the object store.
+//!
+//! [`BlockApi`] is one gateway's `Staging` service as the file-system core uses it;
+//! [`super::block_grpc::GrpcBlocks`] is the real one and [`MemoryBlocks`] the in-memory double
+//! of tests. [`BlockSource`] adds the read fallback of DESIGN.md ("Read path"): a gateway that
+//! has uploaded and dropped a block answers "not here", and the block is read from the store.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use shared::BlockKey;
+
+use super::error::{FsError, FsResult};
+
+/// One gateway's block service.
+#[async_trait]
+pub trait BlockApi: Send + Sync + 'static {
+    /// Stages a whole block; returns once the gateway has made it durable on its device.
+    /// Blocks are immutable, so writing the same key with the same bytes again is harmless.
+    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()>;
+    /// Bytes `range` (within the block) of a block the gateway holds; `Ok(None)` when it does
+    /// not hold it (any more): the caller then reads the object store.
+    async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>>;
+}
+
+/// The object key of a block in the store.
+pub fn store_path(key: &BlockKey) -> Path {
+    Path::from(key.to_string())
+}
+
+/// Where blocks are read from: the gateway first, the object store when the gateway does not
+/// hold the block or fails to serve it (uploaded blocks stay readable while it is down).
+pub struct BlockSource {
+    gateway: Arc<dyn BlockApi>,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl BlockSource {
+    pub fn new(gateway: Arc<dyn BlockApi>, store: Arc<dyn ObjectStore>) -> Self {
+        BlockSource { gateway, store }
+    }
+
+    /// Bytes `range` of block `key`, exactly `range.end - range.start` of them.
+    pub async fn read(&self, key: BlockKey, range: Range<u64>) -> FsResult<Bytes> {
+        let want = range.end.saturating_sub(range.start);
+        if range.end > key.len() || range.start > range.end {
+            return Err(FsError::Internal(format!(
+                "read of {range:?} outside block {key} of {} bytes",
+                key.len()
+            )));
+        }
+        let gateway_error = match self.gateway.read_block(key, range.clone()).await {
+            Ok(Some(data)) => return check_len(&key, data, want),
+            Ok(None) => None,
+            // Unreachable, or its copy fails verification: an uploaded copy may still be good.
+            Err(e) => Some(e),
+        };
+        match self.store.get_range(&store_path(&key), range).await {
+            Ok(data) => check_len(&key, data, want),
+            // A staged block is only on the gateway: its error says more than "not found".
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(gateway_error.unwrap_or_else(|| FsError::BlockMissing {
+                    key: key.to_string(),
+                }))
+            }
+            Err(e) => Err(FsError::Store {
+                key: key.to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+fn check_len(key: &BlockKey, data: Bytes, want: u64) -> FsResult<Bytes> {
+    if data.len() as u64 != want {
+        return Err(FsError::BlockCorrupt {
+            key: key.to_string(),
+            message: format!("{} bytes where {want} were asked for", data.len()),
+        });
+    }
+    Ok(data)
+}
+
+/// An in-memory gateway for tests: blocks live in a map until [`MemoryBlocks::drain_to`] moves
+/// them to an object store, after which reads answer "not here" like an uploading gateway.
+#[derive(Default)]
+pub struct MemoryBlocks {
+    blocks: Mutex<HashMap<BlockKey, Bytes>>,
+    writes: AtomicU64,
+    fail_writes: AtomicBool,
+}
+
+impl MemoryBlocks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of blocks held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of successful block writes so far (rewrites of a held block count too).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Makes every write fail as if the gateway were unreachable (or work again).
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::Relaxed);
+    }
+
+    /// The keys held, sorted.
+    pub fn keys(&self) -> Vec<BlockKey> {
+        let mut keys: Vec<BlockKey> = self.lock().keys().copied().collect();
+        keys.sort();
+        keys
+    }
+
+    /// "Uploads" every held block to `store` and forgets it; returns how many moved.
+    pub async fn drain_to(&self, store: &dyn ObjectStore) -> FsResult<usize> {
+        let blocks: Vec<(BlockKey, Bytes)> = self.lock().drain().collect();
+        for (key, data) in &blocks {
+            store
+                .put(&store_path(key), PutPayload::from_bytes(data.clone()))
+                .await
+                .map_err(|e| FsError::Store {
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(blocks.len())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BlockKey, Bytes>> {
+        // A panic elsewhere while holding the lock leaves the map itself consistent.
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl BlockApi for MemoryBlocks {
+    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()> {
+        if self.fail_writes.load(Ordering::Relaxed) {
+            return Err(FsError::GatewayUnavailable {
+                key: key.to_string(),
+                message: "test gateway is failing writes".into(),
+            });
+        }
+        if data.len() as u64 != key.len() {
+            return Err(FsError::BlockRejected {
+                key: key.to_string(),
+                no_space: false,
+                message: format!("{} bytes for a key of {}", data.len(), key.len()),
+            });
+        }
+        let mut blocks = self.lock();
+        // Same key, other bytes: what the real gateway refuses with ALREADY_EXISTS. It would
+        // mean a client reused a slice id, so tests must see it.
+        if let Some(held) = blocks.get(&key) {
+            if *held != data {
+                return Err(FsError::BlockRejected {
+                    key: key.to_string(),
+                    no_space: false,
+                    message: "already staged with other bytes".into(),
+                });
+            }
+        }
+        blocks.insert(key, data);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>> {
+        let blocks = self.lock();
+        let Some(data) = blocks.get(&key) else {
+            return Ok(None);
+        };
+        let end = (range.end as usize).min(data.len());
+        let start = (range.start as usize).min(end);
+        Ok(Some(data.slice(start..end)))
+    }
+}

@@ -1,0 +1,45 @@
+//! One HTTP/2 connection to a gateway, shared by its `Meta` and `Staging` clients.
+//!
+//! The settings match the gateway's server: 1 MiB frames and flow-control windows large enough
+//! for a whole block in flight per stream, so one 4 MiB block is not chopped into 16 KiB frames
+//! waiting for window updates.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::error::{FsError, FsResult};
+
+/// How long connecting to a gateway may take before the mount gives up with a clear message.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The endpoint of a gateway at `address` (`host:port` or an `http://` URL).
+pub fn gateway_endpoint(address: &str) -> FsResult<Endpoint> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| FsError::Invalid(format!("gateway address {url:?}: {e}")))?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_frame_size(Some(proto::MAX_FRAME_BYTES))
+        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES)))
+}
+
+/// Connects to the gateway at `address`. The channel reconnects by itself after a failure, so
+/// one is enough for the life of a mount; this first connect fails fast on a dead gateway.
+pub async fn connect_gateway(address: &str) -> FsResult<Channel> {
+    gateway_endpoint(address)?
+        .connect()
+        .await
+        .map_err(|e| FsError::MetaUnavailable {
+            op: "connect",
+            message: format!("cannot connect to gateway {address}: {e}"),
+        })
+}

@@ -1,0 +1,226 @@
+//! What the file-system core needs from the metadata engine: the operations of `meta.proto`, as
+//! an async trait.
+//!
+//! [`super::meta_grpc::GrpcMeta`] is the real implementation (the gateway's `Meta` service);
+//! tests run the embedded engine in-process behind the same trait. The types here mirror the
+//! engine's own (`gateway::meta`) so that the client does not depend on the gateway crate.
+//!
+//! Every method is one transaction on the engine; errors come back as [`FsError::Meta`] carrying
+//! the errno the engine chose, or as [`FsError::MetaUnavailable`] when it could not be asked.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::error::FsResult;
+
+/// Inode number.
+pub type Ino = u64;
+/// The root directory.
+pub const ROOT_INO: Ino = 1;
+/// A client session (one per mount).
+pub type SessionId = u64;
+/// The identity of the gateway that staged a slice.
+pub type GatewayId = [u8; 16];
+/// Nanoseconds since the Unix epoch.
+pub type TimeNs = i64;
+
+/// Largest file size (what `off_t` can address).
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// What an inode is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// The attributes of one inode, as `stat` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits only (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Files: length in bytes. Symlinks: length of the target. Others: 0.
+    pub size: u64,
+    pub atime_ns: TimeNs,
+    pub mtime_ns: TimeNs,
+    pub ctime_ns: TimeNs,
+    pub rdev: u32,
+}
+
+/// What `setattr` changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend a regular file.
+    pub size: Option<u64>,
+    pub atime_ns: Option<TimeNs>,
+    pub mtime_ns: Option<TimeNs>,
+}
+
+/// Kind, owner and permissions of a new inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewNode {
+    pub kind: FileKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+/// One directory entry with the attributes of the inode it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    /// Pass as `after_cookie` to continue the listing after this entry.
+    pub cookie: u64,
+    pub attr: Attr,
+}
+
+/// One contiguous write inside a chunk (DESIGN.md, "Data model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slice {
+    /// [`Slice::HOLE_ID`] for a hole, which reads as zeros.
+    pub slice_id: u64,
+    pub offset_in_chunk: u32,
+    pub len: u32,
+    /// The gateway that staged the slice's blocks.
+    pub gateway_id: GatewayId,
+}
+
+impl Slice {
+    /// The id of hole slices, which own no data.
+    pub const HOLE_ID: u64 = 0;
+
+    pub fn end_in_chunk(&self) -> u64 {
+        u64::from(self.offset_in_chunk) + u64::from(self.len)
+    }
+}
+
+/// File-system usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub files: u64,
+    pub used_bytes: u64,
+    /// `None` when unlimited.
+    pub capacity_bytes: Option<u64>,
+    pub max_files: Option<u64>,
+}
+
+/// What the gateway hands a client that opens a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionGrant {
+    pub session_id: SessionId,
+    /// The object store the gateway drains to; clients read uploaded blocks from it directly.
+    pub store_url: String,
+    /// Recorded in the slices this client stages through the gateway.
+    pub gateway_id: GatewayId,
+    /// Where the gateway's `Staging` service listens (empty: the address already in use).
+    pub gateway_address: String,
+    /// Heartbeat at least this often; `None` when the engine does not expire sessions.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+/// The metadata operations the file-system core uses, each one transaction on the engine.
+#[async_trait]
+pub trait MetaApi: Send + Sync + 'static {
+    async fn open_session(&self, description: &str) -> FsResult<SessionGrant>;
+    async fn heartbeat(&self, session: SessionId) -> FsResult<()>;
+    async fn close_session(&self, session: SessionId) -> FsResult<()>;
+
+    async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr>;
+    async fn getattr(&self, ino: Ino) -> FsResult<Attr>;
+    async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr>;
+    /// Creates a regular file, open for `session` (released with [`MetaApi::release`]).
+    async fn create(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> FsResult<Attr>;
+    /// Creates a regular file (not opened), FIFO, socket or device node.
+    async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr>;
+    async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr>;
+    async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr>;
+    async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>>;
+    async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()>;
+    async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()>;
+    /// `flags` are Linux `renameat2` flags: 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()>;
+    async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr>;
+    /// Up to `limit` entries after `after_cookie` (0: from the start), without `.` and `..`.
+    async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>>;
+
+    async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>>;
+    /// `flags`: 0, `XATTR_CREATE` or `XATTR_REPLACE`.
+    async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()>;
+    async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>>;
+    async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()>;
+    async fn statfs(&self) -> FsResult<StatFs>;
+
+    /// Records an open handle of `session` (an unlinked file lives until its last release).
+    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr>;
+    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()>;
+
+    /// The slices of one chunk in commit order: later ones shadow earlier ones.
+    async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>>;
+    /// A batch of fresh slice ids.
+    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>>;
+    /// Records that `session` is staging `slice`; must precede its commit. A larger `len` grows
+    /// the record.
+    async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()>;
+    /// Makes a slice part of the file once all its blocks are durable; grows the file to at
+    /// least `new_size`. Committing the same slice again is a no-op.
+    async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+    ) -> FsResult<Attr>;
+}
+
+/// The current time on this host, in nanoseconds since the epoch.
+pub fn now_ns() -> TimeNs {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
+}

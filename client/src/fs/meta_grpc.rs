@@ -1,0 +1,578 @@
+//! [`MetaApi`] over the gateway's `Meta` gRPC service (`proto/proto/meta.proto`).
+//!
+//! A failed RPC carries the engine's errno in the response metadata key
+//! [`proto::ERRNO_METADATA_KEY`]; [`status_error`] turns it into [`FsError::Meta`]. A status
+//! without one (the connection failed, the deadline passed) becomes
+//! [`FsError::MetaUnavailable`] or an errno derived from the gRPC code.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use proto::meta as pb;
+use proto::meta::meta_client::MetaClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use super::error::{FsError, FsResult};
+use super::meta_api::{
+    Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr,
+    Slice, StatFs, TimeNs,
+};
+
+/// Deadline of one metadata call: every call is one small transaction, so a call this slow means
+/// the gateway is in trouble and the application should hear about it.
+pub const META_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The metadata engine behind a gateway's `Meta` service.
+#[derive(Clone)]
+pub struct GrpcMeta {
+    client: MetaClient<Channel>,
+    timeout: Duration,
+}
+
+impl GrpcMeta {
+    pub fn new(channel: Channel) -> Self {
+        GrpcMeta {
+            client: MetaClient::new(channel)
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            timeout: META_TIMEOUT,
+        }
+    }
+
+    /// Changes the deadline of every call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// A client to call through; clones share the connection.
+    fn client(&self) -> MetaClient<Channel> {
+        self.client.clone()
+    }
+}
+
+/// The [`FsError`] of a failed `Meta` call.
+pub fn status_error(op: &'static str, status: &Status) -> FsError {
+    let message = status.message().to_string();
+    let errno = status
+        .metadata()
+        .get(proto::ERRNO_METADATA_KEY)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|&errno| errno > 0);
+    if let Some(errno) = errno {
+        return FsError::Meta { op, errno, message };
+    }
+    let errno = match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            return FsError::MetaUnavailable {
+                op,
+                message: format!("{}: {message}", status.code()),
+            }
+        }
+        Code::NotFound => libc::ENOENT,
+        Code::AlreadyExists => libc::EEXIST,
+        Code::InvalidArgument | Code::OutOfRange => libc::EINVAL,
+        Code::ResourceExhausted => libc::ENOSPC,
+        Code::PermissionDenied | Code::Unauthenticated => libc::EACCES,
+        Code::Unimplemented => libc::ENOSYS,
+        Code::FailedPrecondition => libc::EPERM,
+        _ => libc::EIO,
+    };
+    FsError::Meta {
+        op,
+        errno,
+        message: format!("{}: {message}", status.code()),
+    }
+}
+
+fn malformed(op: &'static str, message: impl Into<String>) -> FsError {
+    FsError::MetaProtocol {
+        op,
+        message: message.into(),
+    }
+}
+
+fn kind_from_proto(op: &'static str, kind: i32) -> FsResult<FileKind> {
+    Ok(match pb::FileKind::try_from(kind) {
+        Ok(pb::FileKind::File) => FileKind::File,
+        Ok(pb::FileKind::Dir) => FileKind::Dir,
+        Ok(pb::FileKind::Symlink) => FileKind::Symlink,
+        Ok(pb::FileKind::Fifo) => FileKind::Fifo,
+        Ok(pb::FileKind::Socket) => FileKind::Socket,
+        Ok(pb::FileKind::CharDevice) => FileKind::CharDevice,
+        Ok(pb::FileKind::BlockDevice) => FileKind::BlockDevice,
+        Ok(pb::FileKind::Unspecified) | Err(_) => {
+            return Err(malformed(op, format!("unknown file kind {kind}")))
+        }
+    })
+}
+
+fn kind_to_proto(kind: FileKind) -> pb::FileKind {
+    match kind {
+        FileKind::File => pb::FileKind::File,
+        FileKind::Dir => pb::FileKind::Dir,
+        FileKind::Symlink => pb::FileKind::Symlink,
+        FileKind::Fifo => pb::FileKind::Fifo,
+        FileKind::Socket => pb::FileKind::Socket,
+        FileKind::CharDevice => pb::FileKind::CharDevice,
+        FileKind::BlockDevice => pb::FileKind::BlockDevice,
+    }
+}
+
+/// Decodes the attributes of an answer.
+pub fn attr_from_proto(op: &'static str, attr: Option<pb::Attr>) -> FsResult<Attr> {
+    let a = attr.ok_or_else(|| malformed(op, "answer without attributes"))?;
+    Ok(Attr {
+        ino: a.ino,
+        kind: kind_from_proto(op, a.kind)?,
+        mode: a.mode & 0o7777,
+        uid: a.uid,
+        gid: a.gid,
+        nlink: a.nlink,
+        size: a.size,
+        atime_ns: a.atime_ns,
+        mtime_ns: a.mtime_ns,
+        ctime_ns: a.ctime_ns,
+        rdev: a.rdev,
+    })
+}
+
+/// A gateway id on the wire: 16 bytes, or none at all for holes.
+fn gateway_id_from_proto(op: &'static str, bytes: &[u8]) -> FsResult<GatewayId> {
+    if bytes.is_empty() {
+        return Ok([0; 16]);
+    }
+    bytes
+        .try_into()
+        .map_err(|_| malformed(op, format!("gateway id of {} bytes, not 16", bytes.len())))
+}
+
+fn slice_from_proto(op: &'static str, slice: &pb::Slice) -> FsResult<Slice> {
+    Ok(Slice {
+        slice_id: slice.slice_id,
+        offset_in_chunk: slice.offset_in_chunk,
+        len: slice.len,
+        gateway_id: gateway_id_from_proto(op, &slice.gateway_id)?,
+    })
+}
+
+fn slice_to_proto(slice: &Slice) -> pb::Slice {
+    pb::Slice {
+        slice_id: slice.slice_id,
+        offset_in_chunk: slice.offset_in_chunk,
+        len: slice.len,
+        gateway_id: Bytes::copy_from_slice(&slice.gateway_id),
+    }
+}
+
+fn bytes(data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(data)
+}
+
+fn entry(parent: Ino, name: &[u8]) -> pb::EntryRequest {
+    pb::EntryRequest {
+        parent,
+        name: bytes(name),
+    }
+}
+
+/// Calls one RPC and maps its failure; `$call` is a method of the generated client.
+macro_rules! call {
+    ($self:ident, $op:literal, $call:ident, $message:expr) => {
+        $self
+            .client()
+            .$call($self.request($message))
+            .await
+            .map(|response| response.into_inner())
+            .map_err(|status| status_error($op, &status))
+    };
+}
+
+#[async_trait]
+impl MetaApi for GrpcMeta {
+    async fn open_session(&self, description: &str) -> FsResult<SessionGrant> {
+        let grant = call!(
+            self,
+            "open_session",
+            open_session,
+            pb::OpenSessionRequest {
+                description: description.to_string(),
+            }
+        )?;
+        Ok(SessionGrant {
+            session_id: grant.session_id,
+            store_url: grant.store_url,
+            gateway_id: gateway_id_from_proto("open_session", &grant.gateway_id)?,
+            gateway_address: grant.gateway_address,
+            heartbeat_interval: (grant.heartbeat_interval_ms > 0)
+                .then(|| Duration::from_millis(grant.heartbeat_interval_ms)),
+        })
+    }
+
+    async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
+        call!(
+            self,
+            "heartbeat",
+            heartbeat,
+            pb::SessionRequest {
+                session_id: session
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn close_session(&self, session: SessionId) -> FsResult<()> {
+        call!(
+            self,
+            "close_session",
+            close_session,
+            pb::SessionRequest {
+                session_id: session
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        let answer = call!(self, "lookup", lookup, entry(parent, name))?;
+        attr_from_proto("lookup", answer.attr)
+    }
+
+    async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let answer = call!(self, "getattr", get_attr, pb::InodeRequest { ino })?;
+        attr_from_proto("getattr", answer.attr)
+    }
+
+    async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "setattr",
+            set_attr,
+            pb::SetAttrRequest {
+                ino,
+                mode: changes.mode,
+                uid: changes.uid,
+                gid: changes.gid,
+                size: changes.size,
+                atime_ns: changes.atime_ns,
+                mtime_ns: changes.mtime_ns,
+            }
+        )?;
+        attr_from_proto("setattr", answer.attr)
+    }
+
+    async fn create(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "create",
+            create,
+            create_request(session, parent, name, node)
+        )?;
+        attr_from_proto("create", answer.attr)
+    }
+
+    async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        let answer = call!(self, "mknod", mknod, create_request(0, parent, name, node))?;
+        attr_from_proto("mknod", answer.attr)
+    }
+
+    async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let node = NewNode {
+            kind: FileKind::Dir,
+            mode,
+            uid,
+            gid,
+            rdev: 0,
+        };
+        let answer = call!(self, "mkdir", mkdir, create_request(0, parent, name, &node))?;
+        attr_from_proto("mkdir", answer.attr)
+    }
+
+    async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "symlink",
+            symlink,
+            pb::SymlinkRequest {
+                parent,
+                name: bytes(name),
+                target: bytes(target),
+                uid,
+                gid,
+            }
+        )?;
+        attr_from_proto("symlink", answer.attr)
+    }
+
+    async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let answer = call!(self, "readlink", readlink, pb::InodeRequest { ino })?;
+        Ok(answer.target.to_vec())
+    }
+
+    async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        call!(self, "unlink", unlink, entry(parent, name))?;
+        Ok(())
+    }
+
+    async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        call!(self, "rmdir", rmdir, entry(parent, name))?;
+        Ok(())
+    }
+
+    async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        call!(
+            self,
+            "rename",
+            rename,
+            pb::RenameRequest {
+                parent,
+                name: bytes(name),
+                new_parent,
+                new_name: bytes(new_name),
+                flags,
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "link",
+            link,
+            pb::LinkRequest {
+                ino,
+                new_parent,
+                new_name: bytes(new_name),
+            }
+        )?;
+        attr_from_proto("link", answer.attr)
+    }
+
+    async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>> {
+        let answer = call!(
+            self,
+            "readdir",
+            read_dir,
+            pb::ReadDirRequest {
+                ino,
+                after_cookie,
+                limit,
+            }
+        )?;
+        answer
+            .entries
+            .into_iter()
+            .map(|e| {
+                Ok(DirEntry {
+                    name: e.name.to_vec(),
+                    cookie: e.cookie,
+                    attr: attr_from_proto("readdir", e.attr)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        let answer = call!(
+            self,
+            "getxattr",
+            get_xattr,
+            pb::XattrRequest {
+                ino,
+                name: bytes(name),
+            }
+        )?;
+        Ok(answer.value.to_vec())
+    }
+
+    async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
+        call!(
+            self,
+            "setxattr",
+            set_xattr,
+            pb::SetXattrRequest {
+                ino,
+                name: bytes(name),
+                value: bytes(value),
+                flags,
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
+        let answer = call!(self, "listxattr", list_xattr, pb::InodeRequest { ino })?;
+        Ok(answer.names.into_iter().map(|n| n.to_vec()).collect())
+    }
+
+    async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        call!(
+            self,
+            "removexattr",
+            remove_xattr,
+            pb::XattrRequest {
+                ino,
+                name: bytes(name),
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn statfs(&self) -> FsResult<StatFs> {
+        let answer = call!(self, "statfs", stat_fs, pb::Empty {})?;
+        Ok(StatFs {
+            files: answer.files,
+            used_bytes: answer.used_bytes,
+            capacity_bytes: (answer.capacity_bytes > 0).then_some(answer.capacity_bytes),
+            max_files: (answer.max_files > 0).then_some(answer.max_files),
+        })
+    }
+
+    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "open",
+            open,
+            pb::HandleRequest {
+                session_id: session,
+                ino,
+            }
+        )?;
+        attr_from_proto("open", answer.attr)
+    }
+
+    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
+        call!(
+            self,
+            "release",
+            release,
+            pb::HandleRequest {
+                session_id: session,
+                ino,
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
+        let answer = call!(
+            self,
+            "read_chunk",
+            read_chunk,
+            pb::ReadChunkRequest { ino, chunk_index }
+        )?;
+        answer
+            .slices
+            .iter()
+            .map(|s| slice_from_proto("read_chunk", s))
+            .collect()
+    }
+
+    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>> {
+        let answer = call!(
+            self,
+            "allocate_slice_ids",
+            allocate_slice_ids,
+            pb::AllocateSliceIdsRequest { count }
+        )?;
+        let end = answer
+            .first
+            .checked_add(u64::from(answer.count))
+            .ok_or_else(|| malformed("allocate_slice_ids", "id range overflows"))?;
+        Ok(answer.first..end)
+    }
+
+    async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()> {
+        call!(
+            self,
+            "record_pending_slice",
+            record_pending_slice,
+            pb::PendingSliceRequest {
+                session_id: session,
+                slice: Some(slice_to_proto(slice)),
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+    ) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "commit_slice",
+            commit_slice,
+            pb::CommitSliceRequest {
+                session_id: session,
+                ino,
+                chunk_index,
+                slice: Some(slice_to_proto(slice)),
+                new_size,
+                mtime_ns,
+            }
+        )?;
+        attr_from_proto("commit_slice", answer.attr)
+    }
+}
+
+fn create_request(
+    session: SessionId,
+    parent: Ino,
+    name: &[u8],
+    node: &NewNode,
+) -> pb::CreateRequest {
+    pb::CreateRequest {
+        session_id: session,
+        parent,
+        name: bytes(name),
+        kind: kind_to_proto(node.kind) as i32,
+        mode: node.mode,
+        uid: node.uid,
+        gid: node.gid,
+        rdev: node.rdev,
+    }
+}

@@ -1,0 +1,356 @@
+//! Tests only: [`MetaApi`] over the embedded metadata engine (`gateway::meta::RedbMeta`)
+//! in-process, so the file-system core runs against the real engine without a gateway.
+//!
+//! Errors keep the errno the engine chose, as the gRPC service passes it on.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use gateway::meta::{self as engine, MetaEngine, RedbMeta};
+
+use super::error::{FsError, FsResult};
+use super::meta_api::{
+    Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr,
+    Slice, StatFs, TimeNs,
+};
+
+/// The gateway id the in-process engine hands out.
+pub const LOCAL_GATEWAY_ID: GatewayId = [7; 16];
+
+/// The embedded engine, called directly (it is a local redb file; tests accept the blocking).
+#[derive(Clone)]
+pub struct LocalMeta {
+    engine: Arc<RedbMeta>,
+}
+
+impl LocalMeta {
+    /// A fresh database in `dir`, without fsync per commit (tests need one process's view only).
+    pub fn open(dir: &Path) -> Self {
+        let config = engine::MetaConfig {
+            sync_commits: false,
+            ..engine::MetaConfig::default()
+        };
+        let engine = RedbMeta::open(dir.join("meta.redb"), config)
+            .unwrap_or_else(|e| panic!("test metadata engine in {}: {e}", dir.display()));
+        LocalMeta {
+            engine: Arc::new(engine),
+        }
+    }
+
+    pub fn engine(&self) -> &RedbMeta {
+        &self.engine
+    }
+}
+
+fn fail(op: &'static str) -> impl Fn(engine::MetaError) -> FsError {
+    move |e| FsError::Meta {
+        op,
+        errno: e.errno(),
+        message: e.to_string(),
+    }
+}
+
+fn kind_in(kind: engine::FileKind) -> FileKind {
+    match kind {
+        engine::FileKind::File => FileKind::File,
+        engine::FileKind::Dir => FileKind::Dir,
+        engine::FileKind::Symlink => FileKind::Symlink,
+        engine::FileKind::Fifo => FileKind::Fifo,
+        engine::FileKind::Socket => FileKind::Socket,
+        engine::FileKind::CharDevice => FileKind::CharDevice,
+        engine::FileKind::BlockDevice => FileKind::BlockDevice,
+    }
+}
+
+fn kind_out(kind: FileKind) -> engine::FileKind {
+    match kind {
+        FileKind::File => engine::FileKind::File,
+        FileKind::Dir => engine::FileKind::Dir,
+        FileKind::Symlink => engine::FileKind::Symlink,
+        FileKind::Fifo => engine::FileKind::Fifo,
+        FileKind::Socket => engine::FileKind::Socket,
+        FileKind::CharDevice => engine::FileKind::CharDevice,
+        FileKind::BlockDevice => engine::FileKind::BlockDevice,
+    }
+}
+
+fn attr_in(a: engine::Attr) -> Attr {
+    Attr {
+        ino: a.ino,
+        kind: kind_in(a.kind),
+        mode: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        nlink: a.nlink,
+        size: a.size,
+        atime_ns: a.atime_ns,
+        mtime_ns: a.mtime_ns,
+        ctime_ns: a.ctime_ns,
+        rdev: a.rdev,
+    }
+}
+
+fn node_out(node: &NewNode) -> engine::NewNode {
+    engine::NewNode {
+        kind: kind_out(node.kind),
+        mode: node.mode,
+        uid: node.uid,
+        gid: node.gid,
+        rdev: node.rdev,
+    }
+}
+
+fn slice_in(s: engine::Slice) -> Slice {
+    Slice {
+        slice_id: s.slice_id,
+        offset_in_chunk: s.offset_in_chunk,
+        len: s.len,
+        gateway_id: s.gateway_id,
+    }
+}
+
+fn slice_out(s: &Slice) -> engine::Slice {
+    engine::Slice {
+        slice_id: s.slice_id,
+        offset_in_chunk: s.offset_in_chunk,
+        len: s.len,
+        gateway_id: s.gateway_id,
+    }
+}
+
+#[async_trait]
+impl MetaApi for LocalMeta {
+    async fn open_session(&self, description: &str) -> FsResult<SessionGrant> {
+        let session_id = self
+            .engine
+            .open_session(description)
+            .map_err(fail("open_session"))?;
+        Ok(SessionGrant {
+            session_id,
+            store_url: "memory://".into(),
+            gateway_id: LOCAL_GATEWAY_ID,
+            gateway_address: String::new(),
+            heartbeat_interval: None,
+        })
+    }
+
+    async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
+        self.engine.heartbeat(session).map_err(fail("heartbeat"))
+    }
+
+    async fn close_session(&self, session: SessionId) -> FsResult<()> {
+        self.engine
+            .close_session(session)
+            .map_err(fail("close_session"))
+    }
+
+    async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.engine
+            .lookup(parent, name)
+            .map(attr_in)
+            .map_err(fail("lookup"))
+    }
+
+    async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        self.engine
+            .getattr(ino)
+            .map(attr_in)
+            .map_err(fail("getattr"))
+    }
+
+    async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
+        let changes = engine::SetAttr {
+            mode: changes.mode,
+            uid: changes.uid,
+            gid: changes.gid,
+            size: changes.size,
+            atime_ns: changes.atime_ns,
+            mtime_ns: changes.mtime_ns,
+        };
+        self.engine
+            .setattr(ino, &changes)
+            .map(attr_in)
+            .map_err(fail("setattr"))
+    }
+
+    async fn create(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> FsResult<Attr> {
+        self.engine
+            .create(session, parent, name, &node_out(node))
+            .map(attr_in)
+            .map_err(fail("create"))
+    }
+
+    async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        self.engine
+            .mknod(parent, name, &node_out(node))
+            .map(attr_in)
+            .map_err(fail("mknod"))
+    }
+
+    async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.engine
+            .mkdir(parent, name, mode, uid, gid)
+            .map(attr_in)
+            .map_err(fail("mkdir"))
+    }
+
+    async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.engine
+            .symlink(parent, name, target, uid, gid)
+            .map(attr_in)
+            .map_err(fail("symlink"))
+    }
+
+    async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.engine.readlink(ino).map_err(fail("readlink"))
+    }
+
+    async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.engine.unlink(parent, name).map_err(fail("unlink"))
+    }
+
+    async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.engine.rmdir(parent, name).map_err(fail("rmdir"))
+    }
+
+    async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let mode = engine::RenameMode::from_flags(flags).map_err(fail("rename"))?;
+        self.engine
+            .rename(parent, name, new_parent, new_name, mode)
+            .map_err(fail("rename"))
+    }
+
+    async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
+        self.engine
+            .link(ino, new_parent, new_name)
+            .map(attr_in)
+            .map_err(fail("link"))
+    }
+
+    async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>> {
+        let entries = self
+            .engine
+            .readdir(ino, after_cookie, limit as usize)
+            .map_err(fail("readdir"))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| DirEntry {
+                name: e.name,
+                cookie: e.cookie,
+                attr: attr_in(e.attr),
+            })
+            .collect())
+    }
+
+    async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.engine.getxattr(ino, name).map_err(fail("getxattr"))
+    }
+
+    async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
+        let mode = engine::XattrMode::from_flags(flags).map_err(fail("setxattr"))?;
+        self.engine
+            .setxattr(ino, name, value, mode)
+            .map_err(fail("setxattr"))
+    }
+
+    async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
+        self.engine.listxattr(ino).map_err(fail("listxattr"))
+    }
+
+    async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        self.engine
+            .removexattr(ino, name)
+            .map_err(fail("removexattr"))
+    }
+
+    async fn statfs(&self) -> FsResult<StatFs> {
+        let s = self.engine.statfs().map_err(fail("statfs"))?;
+        Ok(StatFs {
+            files: s.files,
+            used_bytes: s.used_bytes,
+            capacity_bytes: s.capacity_bytes,
+            max_files: s.max_files,
+        })
+    }
+
+    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
+        self.engine
+            .open(session, ino)
+            .map(attr_in)
+            .map_err(fail("open"))
+    }
+
+    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
+        self.engine.release(session, ino).map_err(fail("release"))
+    }
+
+    async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
+        self.engine
+            .read_chunk(ino, chunk_index)
+            .map(|slices| slices.into_iter().map(slice_in).collect())
+            .map_err(fail("read_chunk"))
+    }
+
+    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>> {
+        self.engine
+            .allocate_slice_ids(u64::from(count))
+            .map_err(fail("allocate_slice_ids"))
+    }
+
+    async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()> {
+        self.engine
+            .record_pending_slice(session, &slice_out(slice))
+            .map_err(fail("record_pending_slice"))
+    }
+
+    async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+    ) -> FsResult<Attr> {
+        self.engine
+            .commit_slice(
+                session,
+                ino,
+                chunk_index,
+                &slice_out(slice),
+                new_size,
+                mtime_ns,
+            )
+            .map(attr_in)
+            .map_err(fail("commit_slice"))
+    }
+}

@@ -1,0 +1,946 @@
+//! Tests of the file-system core, without FUSE.
+//!
+//! - Block math and slice resolution on their own.
+//! - [`Fs`] against the real metadata engine in-process ([`LocalMeta`] on a temporary redb
+//!   file), the in-memory gateway ([`MemoryBlocks`]) and an in-memory object store: data across
+//!   chunk boundaries, close-to-open between two mounts, truncation, `O_APPEND`/`O_TRUNC`,
+//!   unlinked open files, blocks read back from the store, gateway failures, namespace calls.
+//! - [`GrpcBlocks`] against a fake `Staging` server that acknowledges out of order.
+//! - `model`: the model-based property test against an in-memory reference file system.
+
+mod model;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::memory::InMemory;
+use proto::staging::staging_server::{Staging, StagingServer};
+use proto::staging::*;
+use shared::BlockKey;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::cache::BlockCache;
+use super::layout::{
+    block_count, block_len, block_pieces, chunk_pieces, resolve, ChunkPiece, Segment, Source,
+    BLOCK_SIZE, CHUNK_SIZE,
+};
+use super::meta_local::{LocalMeta, LOCAL_GATEWAY_ID};
+use super::*;
+
+const MIB: u64 = 1024 * 1024;
+
+// --- layout ---
+
+fn slice(slice_id: u64, offset_in_chunk: u32, len: u32) -> Slice {
+    Slice {
+        slice_id,
+        offset_in_chunk,
+        len,
+        gateway_id: [1; 16],
+    }
+}
+
+fn data(slice_id: u64, slice_len: u64, offset_in_slice: u64, start: u64, len: u64) -> Segment {
+    Segment {
+        start,
+        len,
+        source: Source::Slice {
+            slice_id,
+            slice_len,
+            offset_in_slice,
+            gateway_id: [1; 16],
+        },
+    }
+}
+
+fn zeros(start: u64, len: u64) -> Segment {
+    Segment {
+        start,
+        len,
+        source: Source::Zeros,
+    }
+}
+
+#[test]
+fn chunk_pieces_split_at_chunk_boundaries() {
+    assert!(chunk_pieces(5, 0).is_empty());
+    assert_eq!(
+        chunk_pieces(CHUNK_SIZE - 10, 30),
+        vec![
+            ChunkPiece {
+                chunk_index: 0,
+                offset_in_chunk: CHUNK_SIZE - 10,
+                len: 10,
+                offset_in_range: 0
+            },
+            ChunkPiece {
+                chunk_index: 1,
+                offset_in_chunk: 0,
+                len: 20,
+                offset_in_range: 10
+            },
+        ]
+    );
+    let pieces = chunk_pieces(CHUNK_SIZE, 2 * CHUNK_SIZE + 1);
+    assert_eq!(pieces.len(), 3);
+    assert_eq!((pieces[2].chunk_index, pieces[2].len), (3, 1));
+    // The end of the address space does not wrap.
+    let last = chunk_pieces(u64::MAX - 5, 100);
+    assert_eq!(last.iter().map(|p| p.len).sum::<u64>(), 5);
+}
+
+#[test]
+fn blocks_of_a_slice_are_full_but_the_last() {
+    assert_eq!(block_count(0), 0);
+    assert_eq!(block_count(1), 1);
+    assert_eq!(block_count(BLOCK_SIZE), 1);
+    assert_eq!(block_count(BLOCK_SIZE + 1), 2);
+    assert_eq!(block_len(BLOCK_SIZE + 1, 0), BLOCK_SIZE);
+    assert_eq!(block_len(BLOCK_SIZE + 1, 1), 1);
+    assert_eq!(block_len(BLOCK_SIZE + 1, 2), 0);
+    assert_eq!(block_len(CHUNK_SIZE, 15), BLOCK_SIZE);
+}
+
+#[test]
+fn block_pieces_cover_exactly_the_bytes_read() {
+    let len = 2 * BLOCK_SIZE + 100;
+    let pieces = block_pieces(42, len, BLOCK_SIZE - 10, BLOCK_SIZE + 50);
+    assert_eq!(pieces.len(), 3);
+    assert_eq!(
+        pieces[0].key,
+        BlockKey::new(42, 0, BLOCK_SIZE as u32).unwrap()
+    );
+    assert_eq!(pieces[0].range_in_block(), BLOCK_SIZE - 10..BLOCK_SIZE);
+    assert_eq!(
+        pieces[1].key,
+        BlockKey::new(42, 1, BLOCK_SIZE as u32).unwrap()
+    );
+    assert_eq!(pieces[1].range_in_block(), 0..BLOCK_SIZE);
+    assert_eq!(pieces[1].offset_in_read, 10);
+    assert_eq!(pieces[2].key, BlockKey::new(42, 2, 100).unwrap());
+    assert_eq!(pieces[2].range_in_block(), 0..40);
+    assert_eq!(pieces[2].offset_in_read, BLOCK_SIZE + 10);
+    // Past the end of the slice: nothing.
+    assert!(block_pieces(42, len, len, 10).is_empty());
+    assert_eq!(block_pieces(42, len, len - 5, 10)[0].len, 5);
+}
+
+#[test]
+fn later_slices_shadow_earlier_ones() {
+    let slices = [slice(1, 0, 100), slice(2, 50, 20), slice(3, 90, 30)];
+    assert_eq!(
+        resolve(&slices, 0..130),
+        vec![
+            data(1, 100, 0, 0, 50),
+            data(2, 20, 0, 50, 20),
+            data(1, 100, 70, 70, 20),
+            data(3, 30, 0, 90, 30),
+            zeros(120, 10),
+        ]
+    );
+    // A range inside one slice starts at the right offset of it.
+    assert_eq!(resolve(&slices, 60..65), vec![data(2, 20, 10, 60, 5)]);
+}
+
+#[test]
+fn holes_and_gaps_read_as_zeros() {
+    let slices = [
+        slice(1, 0, 100),
+        slice(Slice::HOLE_ID, 40, 60),
+        slice(2, 200, 10),
+    ];
+    assert_eq!(
+        resolve(&slices, 0..250),
+        vec![
+            data(1, 100, 0, 0, 40),
+            zeros(40, 60),
+            zeros(100, 100),
+            data(2, 10, 0, 200, 10),
+            zeros(210, 40),
+        ]
+    );
+    assert_eq!(resolve(&[], 5..10), vec![zeros(5, 5)]);
+    // An empty or malformed slice claims nothing.
+    assert_eq!(resolve(&[slice(9, 10, 0)], 0..20), vec![zeros(0, 20)]);
+}
+
+#[test]
+fn resolution_of_every_byte_matches_a_byte_map() {
+    // Paint a byte map slice by slice in commit order; resolution must agree everywhere.
+    let slices = [
+        slice(1, 10, 50),
+        slice(2, 0, 20),
+        slice(Slice::HOLE_ID, 15, 10),
+        slice(3, 30, 5),
+        slice(4, 55, 30),
+    ];
+    let mut painted = [(0u64, 0u64); 100];
+    for s in &slices {
+        for at in s.offset_in_chunk..s.offset_in_chunk + s.len {
+            painted[at as usize] = (s.slice_id, u64::from(at - s.offset_in_chunk));
+        }
+    }
+    let segments = resolve(&slices, 0..100);
+    let mut at = 0;
+    for segment in segments {
+        assert_eq!(segment.start, at, "segments are sorted and contiguous");
+        for i in 0..segment.len {
+            let expected = painted[(segment.start + i) as usize];
+            let got = match segment.source {
+                Source::Zeros => (0, expected.1 * u64::from(expected.0 != 0)),
+                Source::Slice {
+                    slice_id,
+                    offset_in_slice,
+                    ..
+                } => (slice_id, offset_in_slice + i),
+            };
+            let expected = if expected.0 == 0 { (0, 0) } else { expected };
+            let got = if got.0 == 0 { (0, 0) } else { got };
+            assert_eq!(got, expected, "byte {}", segment.start + i);
+        }
+        at += segment.len;
+    }
+    assert_eq!(at, 100);
+}
+
+#[test]
+fn cache_forgets_the_least_recently_used_block() {
+    let cache = BlockCache::new(2);
+    let key = |id| BlockKey::new(id, 0, 1).unwrap();
+    cache.insert(key(1), Bytes::from_static(b"1"));
+    cache.insert(key(2), Bytes::from_static(b"2"));
+    assert!(cache.get(&key(1)).is_some());
+    cache.insert(key(3), Bytes::from_static(b"3"));
+    assert!(cache.contains(&key(1)));
+    assert!(!cache.contains(&key(2)), "2 was used least recently");
+    assert!(cache.contains(&key(3)));
+    assert_eq!(cache.len(), 2);
+    let empty = BlockCache::new(0);
+    empty.insert(key(1), Bytes::new());
+    assert!(empty.is_empty());
+}
+
+// --- the core against the in-process engine ---
+
+/// The shared world of one test: engine, gateway and store, which any number of mounts use.
+pub(super) struct World {
+    _dir: tempfile::TempDir,
+    pub meta: LocalMeta,
+    pub blocks: Arc<MemoryBlocks>,
+    pub store: Arc<InMemory>,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        World {
+            meta: LocalMeta::open(dir.path()),
+            _dir: dir,
+            blocks: Arc::new(MemoryBlocks::new()),
+            store: Arc::new(InMemory::new()),
+        }
+    }
+
+    /// A new mount: its own session, the world's engine, gateway and store.
+    pub async fn mount(&self, config: FsConfig) -> Fs {
+        let grant = self.meta.open_session("test mount").await.expect("session");
+        Fs::new(
+            Arc::new(self.meta.clone()),
+            self.blocks.clone(),
+            self.store.clone(),
+            &grant,
+            config,
+        )
+    }
+
+    /// Moves every staged block to the store, as an upload that then drops them would.
+    pub async fn drain(&self) {
+        self.blocks
+            .drain_to(self.store.as_ref())
+            .await
+            .expect("drain to store");
+    }
+}
+
+/// Bytes that depend on their position in the file, so a misplaced block shows.
+pub(super) fn pattern(seed: u8, file_offset: u64, len: usize) -> Vec<u8> {
+    (file_offset..file_offset + len as u64)
+        .map(|p| (p as u8) ^ ((p >> 9) as u8).wrapping_mul(31) ^ ((p >> 20) as u8) ^ seed)
+        .collect()
+}
+
+const RW: i32 = libc::O_RDWR;
+
+async fn create(fs: &Fs, name: &str) -> (Attr, FileHandle) {
+    fs.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0, RW)
+        .await
+        .expect("create")
+}
+
+/// Opens `name` on `fs`, reads `len` bytes at `offset`, releases.
+async fn read_path(fs: &Fs, name: &str, offset: u64, len: u32) -> Vec<u8> {
+    let attr = fs.lookup(ROOT_INO, name.as_bytes()).await.expect("lookup");
+    let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.expect("open");
+    let bytes = fs.read(fh, offset, len).await.expect("read");
+    fs.release(fh).await.expect("release");
+    bytes
+}
+
+fn errno<T: std::fmt::Debug>(result: FsResult<T>) -> i32 {
+    result.expect_err("must fail").errno()
+}
+
+#[tokio::test]
+async fn small_file_is_visible_to_another_mount_after_close() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "f").await;
+    assert_eq!(a.write(fh, 0, b"hello world").await.unwrap(), 11);
+    // Not committed yet: mount A sees its own write, B does not.
+    assert_eq!(a.getattr(attr.ino).await.unwrap().size, 11);
+    assert_eq!(a.read(fh, 6, 100).await.unwrap(), b"world");
+    assert_eq!(b.getattr(attr.ino).await.unwrap().size, 0);
+    a.release(fh).await.unwrap();
+    assert_eq!(b.getattr(attr.ino).await.unwrap().size, 11);
+    assert_eq!(read_path(&b, "f", 0, 100).await, b"hello world");
+    assert_eq!(world.blocks.len(), 1, "one slice, one block");
+}
+
+#[tokio::test]
+async fn a_file_across_chunks_round_trips_and_no_slice_crosses_a_chunk() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "big").await;
+    // 70 MiB in writes of 1 MiB + 3 bytes, so no write is aligned to blocks or chunks.
+    let total = 70 * MIB;
+    let step = MIB as usize + 3;
+    let mut at = 0u64;
+    while at < total {
+        let len = step.min((total - at) as usize);
+        a.write(fh, at, &pattern(1, at, len)).await.unwrap();
+        at += len as u64;
+    }
+    a.release(fh).await.unwrap();
+    for chunk in 0..2 {
+        let slices = world.meta.read_chunk(attr.ino, chunk).await.unwrap();
+        assert!(!slices.is_empty());
+        for s in slices {
+            assert!(s.end_in_chunk() <= CHUNK_SIZE, "{s:?} crosses a chunk");
+            assert_eq!(s.gateway_id, LOCAL_GATEWAY_ID);
+        }
+    }
+    for key in world.blocks.keys() {
+        assert!(key.len() <= BLOCK_SIZE);
+    }
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(b.lookup(ROOT_INO, b"big").await.unwrap().size, total);
+    let (fh, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    // Read sequentially in 1 MiB reads, the way the kernel would.
+    let mut at = 0u64;
+    while at < total {
+        let got = b.read(fh, at, MIB as u32).await.unwrap();
+        assert_eq!(got.len() as u64, MIB.min(total - at));
+        assert!(
+            got == pattern(1, at, got.len()),
+            "bytes at {at} differ from what was written"
+        );
+        at += got.len() as u64;
+    }
+    assert!(b.read(fh, total, 10).await.unwrap().is_empty());
+    b.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn sequential_reads_prefetch_the_next_block() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "seq").await;
+    let len = 3 * BLOCK_SIZE as usize;
+    a.write(fh, 0, &pattern(2, 0, len)).await.unwrap();
+    a.release(fh).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    let (fh, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(
+        b.read(fh, 0, 128 * 1024).await.unwrap(),
+        pattern(2, 0, 128 * 1024)
+    );
+    // The first block was fetched whole; the second is coming in the background.
+    for _ in 0..100 {
+        if b.fetcher.cached_blocks() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.fetcher.cached_blocks(), 2);
+    // A random read far away fetches only its bytes and caches nothing.
+    let far = 2 * BLOCK_SIZE + 12345;
+    assert_eq!(b.read(fh, far, 1000).await.unwrap(), pattern(2, far, 1000));
+    assert_eq!(b.fetcher.cached_blocks(), 2);
+    b.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn sparse_writes_and_truncation_read_zeros_where_nothing_is() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "sparse").await;
+    let far = 2 * CHUNK_SIZE + 5;
+    a.write(fh, far, b"tail").await.unwrap();
+    a.write(fh, 10, b"head").await.unwrap();
+    a.fsync(fh, false).await.unwrap();
+    assert_eq!(a.getattr(attr.ino).await.unwrap().size, far + 4);
+    let hole = a.read(fh, 0, 4096).await.unwrap();
+    assert_eq!(&hole[10..14], b"head");
+    assert!(hole[..10].iter().chain(&hole[14..]).all(|&b| b == 0));
+    assert_eq!(a.read(fh, far - 2, 10).await.unwrap(), b"\0\0tail");
+    // Shrink into the head, then grow again: the cut bytes must not come back.
+    let shrink = SetAttr {
+        size: Some(12),
+        ..SetAttr::default()
+    };
+    assert_eq!(a.setattr(attr.ino, &shrink).await.unwrap().size, 12);
+    assert_eq!(a.read(fh, 0, 100).await.unwrap()[10..], *b"he");
+    let grow = SetAttr {
+        size: Some(CHUNK_SIZE * 3),
+        ..SetAttr::default()
+    };
+    a.setattr(attr.ino, &grow).await.unwrap();
+    let after = a.read(fh, 10, 8).await.unwrap();
+    assert_eq!(after, b"he\0\0\0\0\0\0");
+    assert_eq!(a.read(fh, far, 4).await.unwrap(), vec![0; 4]);
+    a.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn truncate_while_dirty_applies_after_the_writes() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "t").await;
+    a.write(fh, 0, &[7; 1000]).await.unwrap();
+    let shrink = SetAttr {
+        size: Some(100),
+        ..SetAttr::default()
+    };
+    a.setattr(attr.ino, &shrink).await.unwrap();
+    a.write(fh, 200, &[8; 10]).await.unwrap();
+    a.release(fh).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    let got = read_path(&b, "t", 0, 1000).await;
+    assert_eq!(got.len(), 210);
+    assert!(got[..100].iter().all(|&b| b == 7));
+    assert!(got[100..200].iter().all(|&b| b == 0));
+    assert!(got[200..].iter().all(|&b| b == 8));
+}
+
+#[tokio::test]
+async fn append_and_truncating_opens() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "log").await;
+    a.write(fh, 0, b"one ").await.unwrap();
+    a.release(fh).await.unwrap();
+    let (appender, _) = a
+        .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    // The offset is ignored: appends go to the end.
+    a.write(appender, 0, b"two ").await.unwrap();
+    a.write(appender, 1, b"three").await.unwrap();
+    a.release(appender).await.unwrap();
+    assert_eq!(read_path(&a, "log", 0, 100).await, b"one two three");
+    let (reader, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(errno(a.write(reader, 0, b"x").await), libc::EBADF);
+    let (writer, _) = a.open(attr.ino, libc::O_WRONLY).await.unwrap();
+    assert_eq!(errno(a.read(writer, 0, 1).await), libc::EBADF);
+    let (truncating, attr_after) = a
+        .open(attr.ino, libc::O_RDWR | libc::O_TRUNC)
+        .await
+        .unwrap();
+    assert_eq!(attr_after.size, 0);
+    assert!(a.read(reader, 0, 100).await.unwrap().is_empty());
+    for fh in [reader, writer, truncating] {
+        a.release(fh).await.unwrap();
+    }
+    assert_eq!(errno(a.release(reader).await), libc::EBADF);
+}
+
+#[tokio::test]
+async fn an_unlinked_file_stays_readable_through_its_open_handle() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "doomed").await;
+    a.write(fh, 0, b"still here").await.unwrap();
+    a.flush(fh).await.unwrap();
+    a.write(fh, 10, b", and more").await.unwrap();
+    a.unlink(ROOT_INO, b"doomed").await.unwrap();
+    assert_eq!(errno(a.lookup(ROOT_INO, b"doomed").await), libc::ENOENT);
+    assert_eq!(a.read(fh, 0, 100).await.unwrap(), b"still here, and more");
+    a.fsync(fh, false).await.unwrap();
+    assert_eq!(a.getattr(attr.ino).await.unwrap().nlink, 0);
+    assert_eq!(a.read(fh, 0, 100).await.unwrap(), b"still here, and more");
+    a.release(fh).await.unwrap();
+    assert_eq!(errno(a.getattr(attr.ino).await), libc::ENOENT);
+}
+
+#[tokio::test]
+async fn blocks_the_gateway_dropped_are_read_from_the_store() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "uploaded").await;
+    let len = BLOCK_SIZE as usize + 777;
+    a.write(fh, 0, &pattern(3, 0, len)).await.unwrap();
+    a.release(fh).await.unwrap();
+    world.drain().await;
+    assert!(world.blocks.is_empty());
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(
+        read_path(&b, "uploaded", 0, len as u32 + 10).await,
+        pattern(3, 0, len)
+    );
+}
+
+#[tokio::test]
+async fn a_block_nobody_holds_is_an_io_error() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "lost").await;
+    a.write(fh, 0, b"gone").await.unwrap();
+    a.release(fh).await.unwrap();
+    // Drain into a store nobody reads, so neither the gateway nor the store has the block.
+    world.blocks.drain_to(&InMemory::new()).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    let attr = b.lookup(ROOT_INO, b"lost").await.unwrap();
+    let (fh, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(errno(b.read(fh, 0, 4).await), libc::EIO);
+    b.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_gateway_fails_fsync_and_keeps_the_data_for_a_retry() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "retry").await;
+    world.blocks.set_fail_writes(true);
+    let len = BLOCK_SIZE as usize * 2 + 10;
+    a.write(fh, 0, &pattern(4, 0, len)).await.unwrap();
+    assert_eq!(errno(a.fsync(fh, false).await), libc::EIO);
+    assert_eq!(errno(a.flush(fh).await), libc::EIO);
+    // Still readable locally, not visible elsewhere.
+    assert_eq!(a.read(fh, 0, 20).await.unwrap(), pattern(4, 0, 20));
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(b.lookup(ROOT_INO, b"retry").await.unwrap().size, 0);
+    world.blocks.set_fail_writes(false);
+    a.fsync(fh, false).await.unwrap();
+    assert_eq!(
+        read_path(&b, "retry", 0, len as u32).await,
+        pattern(4, 0, len)
+    );
+    a.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() {
+    let world = World::new();
+    let config = FsConfig {
+        max_dirty_bytes_per_file: 2 * BLOCK_SIZE,
+        max_dirty_slices_per_file: 4,
+        ..FsConfig::default()
+    };
+    let a = world.mount(config).await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "bounded").await;
+    for i in 0..4u64 {
+        // Not contiguous: every write is a slice of its own.
+        a.write(fh, i * 100, b"x").await.unwrap();
+    }
+    assert_eq!(
+        b.getattr(attr.ino).await.unwrap().size,
+        301,
+        "4 slices: committed"
+    );
+    a.write(fh, 1000, &pattern(5, 1000, 2 * BLOCK_SIZE as usize))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.getattr(attr.ino).await.unwrap().size,
+        1000 + 2 * BLOCK_SIZE,
+        "over the byte limit: committed"
+    );
+    a.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn overlapping_writes_shadow_in_write_order_across_commits() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "layers").await;
+    a.write(fh, 0, &[1; 100]).await.unwrap();
+    a.write(fh, 50, &[2; 100]).await.unwrap();
+    a.write(fh, 20, &[3; 10]).await.unwrap();
+    a.flush(fh).await.unwrap();
+    a.write(fh, 140, &[4; 20]).await.unwrap();
+    let expect = |got: &[u8]| {
+        assert!(got[..20].iter().all(|&b| b == 1));
+        assert!(got[20..30].iter().all(|&b| b == 3));
+        assert!(got[30..50].iter().all(|&b| b == 1));
+        assert!(got[50..140].iter().all(|&b| b == 2));
+        assert!(got[140..160].iter().all(|&b| b == 4));
+        assert_eq!(got.len(), 160);
+    };
+    expect(&a.read(fh, 0, 1000).await.unwrap());
+    a.release(fh).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    expect(&read_path(&b, "layers", 0, 1000).await);
+}
+
+#[tokio::test]
+async fn namespace_operations_pass_the_engine_errno_through() {
+    let world = World::new();
+    let fs = world.mount(FsConfig::default()).await;
+    let dir = fs.mkdir(ROOT_INO, b"d", 0o755, 1, 2).await.unwrap();
+    assert_eq!((dir.kind, dir.uid, dir.gid), (FileKind::Dir, 1, 2));
+    let fifo = fs
+        .mknod(dir.ino, b"pipe", FileKind::Fifo, 0o600, 0, 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(fifo.kind, FileKind::Fifo);
+    assert_eq!(errno(fs.open(fifo.ino, RW).await), libc::EINVAL);
+    assert_eq!(errno(fs.open(dir.ino, libc::O_RDONLY).await), libc::EISDIR);
+    let plain = fs
+        .mknod(dir.ino, b"plain", FileKind::File, 0o600, 0, 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(plain.kind, FileKind::File);
+    let link = fs
+        .symlink(dir.ino, b"ln", b"../target", 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(fs.readlink(link.ino).await.unwrap(), b"../target");
+    assert_eq!(errno(fs.rmdir(ROOT_INO, b"d").await), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(fs.mkdir(ROOT_INO, &[b'n'; 256], 0o755, 0, 0).await),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs.lookup(plain.ino, b"x").await),
+        libc::ENOTDIR,
+        "a path through a file"
+    );
+    assert_eq!(
+        errno(fs.rename(ROOT_INO, b"d", dir.ino, b"inside", 0).await),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(
+            fs.rename(dir.ino, b"pipe", dir.ino, b"plain", libc::RENAME_NOREPLACE)
+                .await
+        ),
+        libc::EEXIST
+    );
+    fs.rename(dir.ino, b"pipe", dir.ino, b"plain", libc::RENAME_EXCHANGE)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.lookup(dir.ino, b"plain").await.unwrap().kind,
+        FileKind::Fifo
+    );
+    let linked = fs.link(plain.ino, ROOT_INO, b"hard").await.unwrap();
+    assert_eq!(linked.nlink, 2);
+    assert_eq!(errno(fs.link(dir.ino, ROOT_INO, b"x").await), libc::EPERM);
+
+    // Listing in pages of 2 returns every entry once.
+    let mut names = Vec::new();
+    let mut cookie = 0;
+    loop {
+        let page = fs.readdir(dir.ino, cookie, 2).await.unwrap();
+        names.extend(page.iter().map(|e| e.name.clone()));
+        match page.last() {
+            Some(last) if page.len() == 2 => cookie = last.cookie,
+            _ => break,
+        }
+    }
+    names.sort();
+    assert_eq!(names, [b"ln".to_vec(), b"pipe".to_vec(), b"plain".to_vec()]);
+
+    fs.setxattr(plain.ino, b"user.a", b"1", 0).await.unwrap();
+    assert_eq!(
+        errno(
+            fs.setxattr(plain.ino, b"user.a", b"2", libc::XATTR_CREATE as u32)
+                .await
+        ),
+        libc::EEXIST
+    );
+    assert_eq!(fs.getxattr(plain.ino, b"user.a").await.unwrap(), b"1");
+    assert_eq!(fs.listxattr(plain.ino).await.unwrap(), [b"user.a".to_vec()]);
+    fs.removexattr(plain.ino, b"user.a").await.unwrap();
+    assert_eq!(
+        errno(fs.getxattr(plain.ino, b"user.a").await),
+        libc::ENODATA
+    );
+
+    let chmod = SetAttr {
+        mode: Some(0o4711),
+        uid: Some(9),
+        ..SetAttr::default()
+    };
+    let changed = fs.setattr(plain.ino, &chmod).await.unwrap();
+    assert_eq!((changed.mode, changed.uid), (0o4711, 9));
+    assert!(fs.statfs().await.unwrap().files >= 5);
+}
+
+#[tokio::test]
+async fn a_read_only_mount_refuses_changes() {
+    let world = World::new();
+    let rw = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&rw, "f").await;
+    rw.write(fh, 0, b"data").await.unwrap();
+    rw.release(fh).await.unwrap();
+    let ro = world
+        .mount(FsConfig {
+            read_only: true,
+            ..FsConfig::default()
+        })
+        .await;
+    assert_eq!(errno(ro.open(attr.ino, RW).await), libc::EROFS);
+    assert_eq!(
+        errno(ro.open(attr.ino, libc::O_WRONLY | libc::O_TRUNC).await),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(ro.create(ROOT_INO, b"g", 0o644, 0, 0, RW).await),
+        libc::EROFS
+    );
+    assert_eq!(errno(ro.unlink(ROOT_INO, b"f").await), libc::EROFS);
+    assert_eq!(
+        errno(ro.setattr(attr.ino, &SetAttr::default()).await),
+        libc::EROFS
+    );
+    assert_eq!(read_path(&ro, "f", 0, 10).await, b"data");
+}
+
+#[tokio::test]
+async fn shutdown_commits_open_files_and_closes_the_session() {
+    let world = World::new();
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "open at unmount").await;
+    a.write(fh, 0, b"saved").await.unwrap();
+    a.shutdown().await.unwrap();
+    use gateway::meta::MetaEngine;
+    assert!(world.meta.engine().list_sessions().unwrap().is_empty());
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(read_path(&b, "open at unmount", 0, 10).await, b"saved");
+}
+
+// --- gRPC error decoding ---
+
+#[test]
+fn meta_errors_carry_the_errno_of_the_metadata_key() {
+    let mut status = Status::failed_precondition("directory 5 is not empty");
+    status
+        .metadata_mut()
+        .insert(proto::ERRNO_METADATA_KEY, "39".parse().unwrap());
+    let error = meta_grpc::status_error("rmdir", &status);
+    assert_eq!(error.errno(), libc::ENOTEMPTY);
+    // Without the key, the code decides; a lost connection is EIO and transient.
+    assert_eq!(
+        meta_grpc::status_error("lookup", &Status::not_found("x")).errno(),
+        libc::ENOENT
+    );
+    let unreachable = meta_grpc::status_error("lookup", &Status::unavailable("refused"));
+    assert_eq!(unreachable.errno(), libc::EIO);
+    assert!(unreachable.is_transient());
+}
+
+// --- GrpcBlocks against a fake gateway ---
+
+/// A `Staging` server that holds blocks in memory and acknowledges later requests sooner, so
+/// acknowledgements come back out of order. Slice id 666 is refused as if the device were full.
+#[derive(Clone, Default)]
+struct FakeGateway {
+    blocks: Arc<Mutex<HashMap<String, Bytes>>>,
+}
+
+const FULL_SLICE: u64 = 666;
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Staging for FakeGateway {
+    async fn write_block(
+        &self,
+        _: Request<Streaming<WriteBlockRequest>>,
+    ) -> Answer<WriteBlockResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type WriteBlocksStream =
+        tokio_stream::wrappers::ReceiverStream<Result<WriteBlocksResponse, Status>>;
+
+    async fn write_blocks(
+        &self,
+        request: Request<Streaming<WriteBlocksRequest>>,
+    ) -> Answer<Self::WriteBlocksStream> {
+        let mut requests = request.into_inner();
+        let (acks, out) = tokio::sync::mpsc::channel(64);
+        let blocks = self.blocks.clone();
+        tokio::spawn(async move {
+            let mut arrival = 0u64;
+            while let Some(Ok(request)) = requests.next().await {
+                arrival += 1;
+                let (acks, blocks) = (acks.clone(), blocks.clone());
+                tokio::spawn(async move {
+                    // Later arrivals wait less: acknowledgements overtake each other.
+                    let wait = 300u64.saturating_sub(arrival * 100);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    let header = request.header.unwrap_or_default();
+                    let key: BlockKey = header.key.parse().unwrap();
+                    let code = if key.slice_id == FULL_SLICE {
+                        tonic::Code::ResourceExhausted
+                    } else if crc32c::crc32c(&request.data) != header.crc32c {
+                        tonic::Code::DataLoss
+                    } else {
+                        blocks.lock().unwrap().insert(header.key, request.data);
+                        tonic::Code::Ok
+                    };
+                    let _ = acks
+                        .send(Ok(WriteBlocksResponse {
+                            request_id: request.request_id,
+                            code: code as i32,
+                            message: String::new(),
+                            sequence: arrival,
+                        }))
+                        .await;
+                });
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        )))
+    }
+
+    async fn read_block(&self, request: Request<ReadBlockRequest>) -> Answer<ReadBlockResponse> {
+        let request = request.into_inner();
+        let blocks = self.blocks.lock().unwrap();
+        let Some(block) = blocks.get(&request.key) else {
+            return Err(Status::not_found("not staged here"));
+        };
+        let end = (request.offset + request.length).min(block.len() as u64);
+        let data = block.slice(request.offset as usize..end as usize);
+        Ok(Response::new(ReadBlockResponse {
+            crc32c: crc32c::crc32c(&data),
+            data,
+            state: BlockState::Staged as i32,
+        }))
+    }
+
+    async fn stat_blocks(&self, _: Request<StatBlocksRequest>) -> Answer<StatBlocksResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn wait_uploaded(&self, _: Request<WaitUploadedRequest>) -> Answer<WaitUploadedResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_blocks(&self, _: Request<DeleteBlocksRequest>) -> Answer<DeleteBlocksResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn drain(&self, _: Request<DrainRequest>) -> Answer<DrainResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Answer<StatusResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn retry_quarantined(
+        &self,
+        _: Request<RetryQuarantinedRequest>,
+    ) -> Answer<RetryQuarantinedResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn set_uploads_paused(
+        &self,
+        _: Request<SetUploadsPausedRequest>,
+    ) -> Answer<SetUploadsPausedResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+async fn serve_fake(gateway: FakeGateway) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                StagingServer::new(gateway)
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
+    let fake = FakeGateway::default();
+    let addr = serve_fake(fake.clone()).await;
+    let channel = connect_gateway(&addr.to_string()).await.unwrap();
+    let blocks = Arc::new(GrpcBlocks::new(channel));
+    let keys: Vec<BlockKey> = (1..=3)
+        .map(|id| BlockKey::new(id, 0, 1000 + id as u32).unwrap())
+        .collect();
+    let writes = keys.iter().map(|&key| {
+        let blocks = blocks.clone();
+        async move {
+            let data = Bytes::from(pattern(key.slice_id as u8, 0, key.len() as usize));
+            blocks.write_block(key, data).await
+        }
+    });
+    for result in futures::future::join_all(writes).await {
+        result.unwrap();
+    }
+    assert_eq!(fake.blocks.lock().unwrap().len(), 3);
+    for key in &keys {
+        let got = blocks.read_block(*key, 10..20).await.unwrap().unwrap();
+        assert_eq!(&got[..], &pattern(key.slice_id as u8, 10, 10)[..]);
+    }
+    let unknown = BlockKey::new(99, 0, 10).unwrap();
+    assert!(blocks.read_block(unknown, 0..10).await.unwrap().is_none());
+    let full = BlockKey::new(FULL_SLICE, 0, 10).unwrap();
+    let refused = blocks
+        .write_block(full, Bytes::from_static(&[0; 10]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.errno(), libc::ENOSPC);
+    assert!(refused.to_string().contains(&full.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_works_over_grpc_blocks() {
+    let fake = FakeGateway::default();
+    let addr = serve_fake(fake.clone()).await;
+    let channel = connect_gateway(&addr.to_string()).await.unwrap();
+    let world = World::new();
+    let meta: Arc<dyn MetaApi> = Arc::new(world.meta.clone());
+    let grant = meta.open_session("grpc").await.unwrap();
+    let fs = Fs::new(
+        meta,
+        Arc::new(GrpcBlocks::new(channel)),
+        world.store.clone(),
+        &grant,
+        FsConfig::default(),
+    );
+    let (attr, fh) = create(&fs, "over grpc").await;
+    let len = 2 * BLOCK_SIZE as usize + 5;
+    fs.write(fh, 0, &pattern(6, 0, len)).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(fake.blocks.lock().unwrap().len(), 3);
+    let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(
+        fs.read(fh, 0, len as u32).await.unwrap(),
+        pattern(6, 0, len)
+    );
+    fs.release(fh).await.unwrap();
+}

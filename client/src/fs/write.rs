@@ -1,0 +1,455 @@
+//! The write path below the file-system core: dirty slices of one file, their blocks streamed
+//! to the gateway, and their commits (DESIGN.md, "Write path and the durability contract").
+//!
+//! - A write lands in the file's dirty slices, cut at chunk boundaries. Each chunk has a current
+//!   slice; a write that continues it exactly is appended, any other write starts a new slice, so
+//!   a slice is append-only and later slices shadow earlier ones like committed ones do.
+//! - A slice is cut into blocks as it grows. Each block is handed to an upload task the moment it
+//!   fills (4 MiB), so a sequential writer streams to the gateway while it writes.
+//! - [`DirtyFile::flush`] (for `flush`, `fsync`, `release`, truncation, or too much dirty data)
+//!   freezes every slice, uploads its last partial block, waits until every block is durable and
+//!   then commits the slices in the order they were written, so shadowing on the engine matches
+//!   what this client showed. Only then does it return: close-to-open and the durability contract
+//!   both hang on that.
+//! - Before any block of a slice is written, the slice is recorded as pending with the engine
+//!   (`RecordPendingSlice`) covering at least that block, so a client that dies mid-way leaves
+//!   nothing behind that the engine does not know how to clean up.
+//! - Failures keep the data: a block whose upload failed is uploaded again by the next flush, and
+//!   slices not yet committed stay dirty. Blocks are immutable and commits idempotent, so repeating
+//!   either is safe.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shared::BlockKey;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::block_api::BlockApi;
+use super::error::{FsError, FsResult};
+use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
+use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice};
+
+/// What every file's write path shares: the services, the session, slice ids, upload slots.
+pub struct WriteContext {
+    pub meta: Arc<dyn MetaApi>,
+    pub gateway: Arc<dyn BlockApi>,
+    pub session: SessionId,
+    pub gateway_id: GatewayId,
+    slice_ids: SliceIdPool,
+    /// Bounds the blocks being written to the gateway at once, across all files.
+    upload_slots: Arc<Semaphore>,
+}
+
+impl WriteContext {
+    pub fn new(
+        meta: Arc<dyn MetaApi>,
+        gateway: Arc<dyn BlockApi>,
+        session: SessionId,
+        gateway_id: GatewayId,
+        slice_id_batch: u32,
+        max_concurrent_uploads: usize,
+    ) -> Self {
+        WriteContext {
+            meta,
+            gateway,
+            session,
+            gateway_id,
+            slice_ids: SliceIdPool::new(slice_id_batch),
+            upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
+        }
+    }
+
+    async fn next_slice_id(&self) -> FsResult<u64> {
+        self.slice_ids.next(self.meta.as_ref()).await
+    }
+}
+
+/// Slice ids fetched from the engine in batches, so a new slice rarely costs a round trip.
+struct SliceIdPool {
+    batch: u32,
+    ids: tokio::sync::Mutex<Range<u64>>,
+}
+
+impl SliceIdPool {
+    fn new(batch: u32) -> Self {
+        SliceIdPool {
+            batch: batch.max(1),
+            ids: tokio::sync::Mutex::new(0..0),
+        }
+    }
+
+    async fn next(&self, meta: &dyn MetaApi) -> FsResult<u64> {
+        let mut ids = self.ids.lock().await;
+        if ids.is_empty() {
+            let fresh = meta.allocate_slice_ids(self.batch).await?;
+            // Id 0 means "hole"; an engine never hands it out, but a slice with it would read
+            // as zeros, so it is skipped rather than trusted.
+            *ids = fresh.start.max(1)..fresh.end;
+            if ids.is_empty() {
+                return Err(FsError::MetaProtocol {
+                    op: "allocate_slice_ids",
+                    message: format!("empty id range {fresh:?}"),
+                });
+            }
+        }
+        let id = ids.start;
+        ids.start += 1;
+        Ok(id)
+    }
+}
+
+/// A slice whose blocks are being staged: what its upload tasks share.
+struct StagedSlice {
+    slice_id: u64,
+    offset_in_chunk: u32,
+    gateway_id: GatewayId,
+    /// Bytes of the slice cut into blocks so far (the whole slice once frozen).
+    sealed_len: AtomicU64,
+    /// Length the engine has recorded as pending for this session, grown before each block.
+    recorded_len: tokio::sync::Mutex<u64>,
+}
+
+impl StagedSlice {
+    fn slice(&self, len: u64) -> Slice {
+        Slice {
+            slice_id: self.slice_id,
+            offset_in_chunk: self.offset_in_chunk,
+            // A slice never crosses a chunk, so its length fits; saturate rather than wrap.
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            gateway_id: self.gateway_id,
+        }
+    }
+
+    /// Makes sure the engine's pending record covers the first `needed` bytes. One call records
+    /// everything sealed so far, so blocks that filled meanwhile need no call of their own.
+    async fn ensure_recorded(&self, ctx: &WriteContext, needed: u64) -> FsResult<()> {
+        let mut recorded = self.recorded_len.lock().await;
+        if *recorded >= needed {
+            return Ok(());
+        }
+        let len = self.sealed_len.load(Ordering::Acquire).max(needed);
+        ctx.meta
+            .record_pending_slice(ctx.session, &self.slice(len))
+            .await?;
+        *recorded = len;
+        Ok(())
+    }
+}
+
+/// Where one block's upload stands.
+enum Upload {
+    NotStarted,
+    Running(JoinHandle<FsResult<()>>),
+    Done,
+    Failed(FsError),
+}
+
+/// A block of a dirty slice: full, or the last one of a frozen slice.
+struct SealedBlock {
+    data: Bytes,
+    upload: Upload,
+}
+
+/// Bytes written to one chunk that are not committed yet.
+struct DirtySlice {
+    chunk_index: u64,
+    offset_in_chunk: u64,
+    blocks: Vec<SealedBlock>,
+    /// The block being filled.
+    tail: Vec<u8>,
+    /// No more appends: the tail has become the last block.
+    frozen: bool,
+    /// Set once the slice has an id (when its first block is sealed).
+    staged: Option<Arc<StagedSlice>>,
+}
+
+impl DirtySlice {
+    fn sealed_len(&self) -> u64 {
+        self.blocks.iter().map(|b| b.data.len() as u64).sum()
+    }
+
+    fn len(&self) -> u64 {
+        self.sealed_len() + self.tail.len() as u64
+    }
+
+    fn end_in_chunk(&self) -> u64 {
+        self.offset_in_chunk + self.len()
+    }
+
+    fn file_start(&self) -> u64 {
+        self.chunk_index * CHUNK_SIZE + self.offset_in_chunk
+    }
+
+    /// The slice's bytes as (offset in slice, bytes) runs: its blocks, then the tail.
+    fn runs(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let blocks = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64 * BLOCK_SIZE, &b.data[..]));
+        let tail_start = self.sealed_len();
+        blocks.chain(std::iter::once((tail_start, &self.tail[..])))
+    }
+
+    /// Appends bytes; seals every block that fills.
+    fn append(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let room = BLOCK_SIZE as usize - self.tail.len();
+            let take = room.min(data.len());
+            if self.tail.is_empty() && take == BLOCK_SIZE as usize {
+                // A whole block in one piece: no need to go through the tail buffer.
+                self.seal(Bytes::copy_from_slice(&data[..take]));
+            } else {
+                self.tail.extend_from_slice(&data[..take]);
+                if self.tail.len() == BLOCK_SIZE as usize {
+                    let full = std::mem::take(&mut self.tail);
+                    self.seal(Bytes::from(full));
+                }
+            }
+            data = &data[take..];
+        }
+    }
+
+    fn seal(&mut self, data: Bytes) {
+        self.blocks.push(SealedBlock {
+            data,
+            upload: Upload::NotStarted,
+        });
+    }
+
+    /// No more appends: the tail becomes the last block.
+    fn freeze(&mut self) {
+        if !self.tail.is_empty() {
+            let last = std::mem::take(&mut self.tail);
+            self.seal(Bytes::from(last));
+        }
+        self.frozen = true;
+    }
+
+    /// Gives the slice an id if it has none and starts uploading the sealed blocks that are
+    /// not uploaded or uploading (failed ones too when `retry_failed`).
+    async fn start_uploads(&mut self, ctx: &Arc<WriteContext>, retry_failed: bool) -> FsResult<()> {
+        let waiting = |b: &SealedBlock| match b.upload {
+            Upload::NotStarted => true,
+            Upload::Failed(_) => retry_failed,
+            Upload::Running(_) | Upload::Done => false,
+        };
+        if !self.blocks.iter().any(waiting) {
+            return Ok(());
+        }
+        let staged = match &self.staged {
+            Some(staged) => staged.clone(),
+            None => {
+                let staged = Arc::new(StagedSlice {
+                    slice_id: ctx.next_slice_id().await?,
+                    offset_in_chunk: u32::try_from(self.offset_in_chunk).map_err(|_| {
+                        FsError::Internal(format!("slice offset {} in chunk", self.offset_in_chunk))
+                    })?,
+                    gateway_id: ctx.gateway_id,
+                    sealed_len: AtomicU64::new(0),
+                    recorded_len: tokio::sync::Mutex::new(0),
+                });
+                self.staged = Some(staged.clone());
+                staged
+            }
+        };
+        staged
+            .sealed_len
+            .store(self.sealed_len(), Ordering::Release);
+        for (index, block) in self.blocks.iter_mut().enumerate() {
+            if !waiting(block) {
+                continue;
+            }
+            let key = BlockKey::new(staged.slice_id, index as u32, block.data.len() as u32)
+                .map_err(|e| FsError::Internal(e.to_string()))?;
+            let task = tokio::spawn(upload_block(
+                ctx.clone(),
+                staged.clone(),
+                key,
+                block.data.clone(),
+            ));
+            block.upload = Upload::Running(task);
+        }
+        Ok(())
+    }
+
+    /// Waits for every running upload; the first failure, if any.
+    async fn wait_uploads(&mut self) -> FsResult<()> {
+        let mut first_error = None;
+        for block in &mut self.blocks {
+            if let Upload::Running(task) = &mut block.upload {
+                block.upload = match task.await {
+                    Ok(Ok(())) => Upload::Done,
+                    Ok(Err(e)) => Upload::Failed(e),
+                    Err(e) => Upload::Failed(FsError::Internal(format!("upload task: {e}"))),
+                };
+            }
+            if let Upload::Failed(e) = &block.upload {
+                first_error.get_or_insert_with(|| e.clone());
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Stages one block: records the slice as pending far enough, then writes the block.
+async fn upload_block(
+    ctx: Arc<WriteContext>,
+    staged: Arc<StagedSlice>,
+    key: BlockKey,
+    data: Bytes,
+) -> FsResult<()> {
+    let _slot = ctx
+        .upload_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| FsError::Internal("upload slots closed".into()))?;
+    let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
+    staged.ensure_recorded(&ctx, block_end).await?;
+    ctx.gateway.write_block(key, data).await
+}
+
+/// Every uncommitted byte one client wrote to one file, slices in the order they were started.
+#[derive(Default)]
+pub struct DirtyFile {
+    slices: VecDeque<DirtySlice>,
+    bytes: u64,
+}
+
+impl DirtyFile {
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty()
+    }
+
+    /// Bytes held (overwritten ranges count once per write).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// End of the furthest dirty byte in the file; 0 when clean.
+    pub fn end(&self) -> u64 {
+        self.slices
+            .iter()
+            .map(|s| s.file_start() + s.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Takes in `data` at file offset `offset`; starts uploading every block that filled.
+    /// Nothing here fails: an upload that cannot start now is started by the next flush.
+    pub async fn write(&mut self, ctx: &Arc<WriteContext>, offset: u64, data: &[u8]) {
+        for piece in chunk_pieces(offset, data.len() as u64) {
+            let start = piece.offset_in_range as usize;
+            let bytes = &data[start..start + piece.len as usize];
+            let current = self
+                .slices
+                .iter()
+                .rposition(|s| s.chunk_index == piece.chunk_index)
+                .filter(|&i| {
+                    let slice = &self.slices[i];
+                    !slice.frozen && slice.end_in_chunk() == piece.offset_in_chunk
+                });
+            let index = match current {
+                Some(index) => index,
+                None => {
+                    self.slices.push_back(DirtySlice {
+                        chunk_index: piece.chunk_index,
+                        offset_in_chunk: piece.offset_in_chunk,
+                        blocks: Vec::new(),
+                        tail: Vec::new(),
+                        frozen: false,
+                        staged: None,
+                    });
+                    self.slices.len() - 1
+                }
+            };
+            let slice = &mut self.slices[index];
+            slice.append(bytes);
+            self.bytes += piece.len;
+            if let Err(e) = slice.start_uploads(ctx, false).await {
+                tracing::debug!(error = %e, "block upload not started yet; flush will retry");
+            }
+        }
+    }
+
+    /// Dirty bytes overlapping the file range `[offset, offset + len)`, as (offset in range,
+    /// bytes) in the order they were written: later ones overwrite earlier ones.
+    pub fn overlay(&self, offset: u64, len: u64) -> Vec<(usize, Bytes)> {
+        let end = offset.saturating_add(len);
+        let mut pieces = Vec::new();
+        for slice in &self.slices {
+            let slice_start = slice.file_start();
+            if slice_start >= end || slice_start + slice.len() <= offset {
+                continue;
+            }
+            for (run_start, run) in slice.runs() {
+                let run_start = slice_start + run_start;
+                let from = run_start.max(offset);
+                let to = (run_start + run.len() as u64).min(end);
+                if from >= to {
+                    continue;
+                }
+                let bytes = &run[(from - run_start) as usize..(to - run_start) as usize];
+                pieces.push(((from - offset) as usize, Bytes::copy_from_slice(bytes)));
+            }
+        }
+        pieces
+    }
+
+    /// Makes every dirty byte durable and committed: freezes all slices, uploads what is not
+    /// uploaded, waits, then commits slices in order. `attr` follows each commit. On error the
+    /// uncommitted slices stay, to be retried.
+    pub async fn flush(
+        &mut self,
+        ctx: &Arc<WriteContext>,
+        ino: Ino,
+        attr: &mut Attr,
+    ) -> FsResult<()> {
+        if self.slices.is_empty() {
+            return Ok(());
+        }
+        for slice in &mut self.slices {
+            slice.freeze();
+            slice.start_uploads(ctx, true).await?;
+        }
+        let mut first_error = None;
+        for slice in &mut self.slices {
+            if let Err(e) = slice.wait_uploads().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        while let Some(slice) = self.slices.front() {
+            let len = slice.len();
+            let staged = slice.staged.as_ref().ok_or_else(|| {
+                FsError::Internal("a frozen slice with uploaded blocks has no id".into())
+            })?;
+            let committed = ctx
+                .meta
+                .commit_slice(
+                    ctx.session,
+                    ino,
+                    slice.chunk_index,
+                    &staged.slice(len),
+                    slice.file_start() + len,
+                    now_ns(),
+                )
+                .await?;
+            *attr = committed;
+            self.bytes = self.bytes.saturating_sub(len);
+            self.slices.pop_front();
+        }
+        Ok(())
+    }
+}
