@@ -1,0 +1,308 @@
+//! `stagefs status GATEWAY` and `stagefs sync PATH…`.
+//!
+//! `sync` waits until every block of the named files (directories: every file below them) is in
+//! the object store: it finds the mount's gateway in `/proc/self/mountinfo` (the source of a
+//! stagefs mount is `stagefs:ADDR`), lists each file's slices through the gateway's metadata
+//! service, and asks the gateway to wait for their blocks (`WaitUploaded`; blocks the gateway no
+//! longer holds are checked in the store). On a terminal it shows progress.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use proto::meta::meta_client::MetaClient;
+use proto::meta::ReadChunkRequest;
+use proto::staging::staging_client::StagingClient;
+use proto::staging::{BlockState, StatBlocksRequest, StatusRequest, WaitUploadedRequest};
+use shared::size::format_size;
+use shared::{BlockKey, BLOCK_SIZE, CHUNK_SIZE};
+use tonic::transport::Channel;
+
+use crate::fs::connect_gateway;
+
+async fn staging(gateway: &str) -> anyhow::Result<(Channel, StagingClient<Channel>)> {
+    let channel = connect_gateway(gateway)
+        .await
+        .with_context(|| format!("is stagefs-gateway running at {gateway}?"))?;
+    let client = StagingClient::new(channel.clone())
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    Ok((channel, client))
+}
+
+/// `stagefs status GATEWAY`: the gateway's Status, readable (or JSON).
+pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
+    let (_, mut client) = staging(gateway).await?;
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .with_context(|| format!("Status from {gateway}"))?
+        .into_inner();
+    if json {
+        let quarantined: Vec<_> = s
+            .quarantined
+            .iter()
+            .map(|q| serde_json::json!({"key": q.key, "len": q.len, "failed_attempts": q.failed_attempts, "last_error": q.last_error}))
+            .collect();
+        let value = serde_json::json!({
+            "gateway_id": s.gateway_id, "generation": s.generation, "device_path": s.device_path,
+            "io_engine": s.io_engine, "store_url": s.store_url, "device_bytes": s.device_bytes,
+            "device_used_bytes": s.device_used_bytes, "segments_total": s.segments_total,
+            "segments_free": s.segments_free, "blocks_staged": s.blocks_staged,
+            "bytes_staged": s.bytes_staged, "blocks_uploading": s.blocks_uploading,
+            "queue_len": s.queue_len, "oldest_waiting_age_ms": s.oldest_waiting_age_ms,
+            "upload_bytes_per_sec": s.upload_bytes_per_sec, "uploaded_blocks_total": s.uploaded_blocks_total,
+            "uploaded_bytes_total": s.uploaded_bytes_total, "upload_retries_total": s.upload_retries_total,
+            "upload_failures_total": s.upload_failures_total, "blocks_quarantined": s.blocks_quarantined,
+            "quarantined": quarantined, "uploads_paused": s.uploads_paused,
+            "last_store_error": s.last_store_error, "recovery_ms": s.recovery_ms,
+            "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
+            "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let pct = |used: u64, total: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * used as f64 / total as f64
+        }
+    };
+    println!(
+        "gateway      {gateway} (id {}, generation {})",
+        s.gateway_id, s.generation
+    );
+    println!("device       {} ({} engine)", s.device_path, s.io_engine);
+    println!(
+        "space        {} of {} used ({:.1}%), {} of {} segments free",
+        format_size(s.device_used_bytes),
+        format_size(s.device_bytes),
+        pct(s.device_used_bytes, s.device_bytes),
+        s.segments_free,
+        s.segments_total
+    );
+    println!("store        {}", s.store_url);
+    println!(
+        "staged       {} blocks, {} not yet uploaded ({} uploading)",
+        s.blocks_staged,
+        format_size(s.bytes_staged),
+        s.blocks_uploading
+    );
+    println!(
+        "queue        {} blocks, oldest waiting {:.1} s{}",
+        s.queue_len,
+        s.oldest_waiting_age_ms as f64 / 1000.0,
+        if s.uploads_paused {
+            " (uploads PAUSED)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "uploaded     {} blocks, {} in total; now {}/s",
+        s.uploaded_blocks_total,
+        format_size(s.uploaded_bytes_total),
+        format_size(s.upload_bytes_per_sec as u64)
+    );
+    println!(
+        "retries      {}, failed blocks {}",
+        s.upload_retries_total, s.upload_failures_total
+    );
+    if !s.last_store_error.is_empty() {
+        println!("store error  {}", s.last_store_error);
+    }
+    println!("quarantined  {} blocks", s.blocks_quarantined);
+    for q in &s.quarantined {
+        println!(
+            "  {} ({} bytes, {} attempts): {}",
+            q.key, q.len, q.failed_attempts, q.last_error
+        );
+    }
+    println!(
+        "recovery     {} ms, {} blocks recovered, {} corrupt records",
+        s.recovery_ms, s.recovered_blocks, s.corrupt_records
+    );
+    if s.writers_waiting_for_space > 0 {
+        println!(
+            "WAITING      {} writers wait for space on a full device",
+            s.writers_waiting_for_space
+        );
+    }
+    Ok(())
+}
+
+/// The gateway address of the stagefs mount holding `path`, from /proc/self/mountinfo.
+fn gateway_of(path: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let mut best: Option<(PathBuf, String)> = None;
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mountpoint), Some(fstype), Some(source)) =
+            (fields.get(4), fields.get(dash + 1), fields.get(dash + 2))
+        else {
+            continue;
+        };
+        let Some(gateway) = source.strip_prefix("stagefs:") else {
+            continue;
+        };
+        if !fstype.starts_with("fuse") {
+            continue;
+        }
+        let mountpoint = PathBuf::from(mountpoint.replace("\\040", " "));
+        if path.starts_with(&mountpoint)
+            && best
+                .as_ref()
+                .is_none_or(|(m, _)| mountpoint.as_os_str().len() > m.as_os_str().len())
+        {
+            best = Some((mountpoint, gateway.to_string()));
+        }
+    }
+    best.with_context(|| format!("{} is not inside a stagefs mount", path.display()))
+}
+
+/// Every block key of a file, from its chunks' slices (holes have none).
+async fn file_blocks(
+    meta: &mut MetaClient<Channel>,
+    ino: u64,
+    size: u64,
+) -> anyhow::Result<Vec<(BlockKey, u64)>> {
+    let mut keys = Vec::new();
+    for chunk_index in 0..size.div_ceil(CHUNK_SIZE) {
+        let slices = meta
+            .read_chunk(ReadChunkRequest { ino, chunk_index })
+            .await
+            .with_context(|| format!("ReadChunk of inode {ino}, chunk {chunk_index}"))?
+            .into_inner()
+            .slices;
+        for slice in slices.iter().filter(|s| s.slice_id != 0) {
+            let len = u64::from(slice.len);
+            for index in 0..len.div_ceil(BLOCK_SIZE) {
+                let block_len = (len - index * BLOCK_SIZE).min(BLOCK_SIZE);
+                keys.push((
+                    BlockKey::new(slice.slice_id, index as u32, block_len as u32)?,
+                    block_len,
+                ));
+            }
+        }
+    }
+    Ok(keys)
+}
+
+fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?;
+    if meta.is_dir() {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?
+        {
+            collect_files(&entry?.path(), out)?;
+        }
+    } else if meta.is_file() {
+        out.push((path.to_path_buf(), meta.ino(), meta.size()));
+    }
+    Ok(())
+}
+
+/// `stagefs sync PATH…`: returns when every block of those files is in the object store.
+pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Result<()> {
+    // Files grouped by the gateway of their mount.
+    let mut by_gateway: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
+    for path in paths {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let (_, gateway) = gateway_of(&path)?;
+        collect_files(&path, by_gateway.entry(gateway).or_default())?;
+    }
+    let progress = std::io::stderr().is_terminal();
+    for (gateway, files) in by_gateway {
+        let (channel, mut client) = staging(&gateway).await?;
+        let mut meta = MetaClient::new(channel);
+        let mut blocks = Vec::new();
+        for (path, ino, size) in &files {
+            blocks.extend(
+                file_blocks(&mut meta, *ino, *size)
+                    .await
+                    .with_context(|| format!("listing the blocks of {}", path.display()))?,
+            );
+        }
+        let total_bytes: u64 = blocks.iter().map(|(_, len)| len).sum();
+        let keys: Vec<String> = blocks.iter().map(|(k, _)| k.to_string()).collect();
+        let started = std::time::Instant::now();
+        let mut wait = client.clone();
+        let wait_keys = keys.clone();
+        let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+        let mut waiting = tokio::spawn(async move {
+            wait.wait_uploaded(WaitUploadedRequest {
+                keys: wait_keys,
+                timeout_ms,
+            })
+            .await
+        });
+        loop {
+            tokio::select! {
+                result = &mut waiting => {
+                    result.context("sync task failed")?.map_err(|status| match status.code() {
+                        tonic::Code::DeadlineExceeded => anyhow::anyhow!("timed out: {}", status.message()),
+                        _ => anyhow::anyhow!("gateway {gateway}: {}", status.message()),
+                    })?;
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)), if progress => {
+                    let stats = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await;
+                    if let Ok(stats) = stats {
+                        let done: u64 = stats.into_inner().blocks.iter()
+                            .filter(|b| b.state == BlockState::Uploaded as i32 || b.state == BlockState::Unknown as i32)
+                            .map(|b| b.len)
+                            .sum();
+                        eprint!("\rsync: {} of {} uploaded ({} files)   ", format_size(done), format_size(total_bytes), files.len());
+                        let _ = std::io::stderr().flush();
+                    }
+                }
+            }
+        }
+        if progress {
+            eprintln!();
+        }
+        eprintln!(
+            "sync: {} files, {} blocks ({}) in the object store after {:.1} s",
+            files.len(),
+            keys.len(),
+            format_size(total_bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Checks that no PATH names something outside a stagefs mount, for a clear early error.
+pub fn check_paths(paths: &[PathBuf]) -> anyhow::Result<()> {
+    if paths.is_empty() {
+        bail!("name at least one file or directory inside a stagefs mount");
+    }
+    Ok(())
+}
+
+/// `stagefs uploads pause|resume GATEWAY`: holds or resumes the gateway's upload drain (staging
+/// goes on either way).
+pub async fn set_uploads_paused(gateway: &str, paused: bool) -> anyhow::Result<()> {
+    let (_, mut client) = staging(gateway).await?;
+    client
+        .set_uploads_paused(proto::staging::SetUploadsPausedRequest { paused })
+        .await
+        .with_context(|| format!("SetUploadsPaused on {gateway}"))?;
+    eprintln!(
+        "uploads {} on {gateway}",
+        if paused { "paused" } else { "resumed" }
+    );
+    Ok(())
+}

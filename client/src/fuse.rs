@@ -1,0 +1,634 @@
+//! The FUSE adapter: a thin shell that turns kernel requests into calls on the async [`Fs`]
+//! core and its errors into errnos (through [`FsError::errno`], the one mapping).
+//!
+//! fuser calls us on its own threads; each request is spawned onto the tokio runtime and answered
+//! from there, so a slow operation (a `flush` waiting for the gateway's acknowledgement) never
+//! holds up the others.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::{Attr, FileKind, Fs, FsError, SetAttr, TimeNs};
+
+/// How the kernel may cache what we tell it.
+#[derive(Debug, Clone, Copy)]
+pub struct CachePolicy {
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    /// Let the kernel gather writes in its page cache (FUSE writeback cache).
+    pub writeback_cache: bool,
+    /// Largest write the kernel sends in one request.
+    pub max_write: u32,
+}
+
+pub struct FuseFs {
+    fs: Arc<Fs>,
+    runtime: tokio::runtime::Handle,
+    cache: CachePolicy,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<Fs>, runtime: tokio::runtime::Handle, cache: CachePolicy) -> Self {
+        FuseFs { fs, runtime, cache }
+    }
+
+    /// Runs `work` on the runtime; it answers the kernel itself.
+    fn spawn<F>(&self, work: impl FnOnce(Arc<Fs>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(work(self.fs.clone()));
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn system_time(ns: TimeNs) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn time_ns(t: SystemTime) -> TimeNs {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+fn time_or_now(t: TimeOrNow) -> TimeNs {
+    match t {
+        TimeOrNow::SpecificTime(t) => time_ns(t),
+        TimeOrNow::Now => time_ns(SystemTime::now()),
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+/// The kind of node `mknod` asks for, from the `S_IFMT` bits of its mode.
+fn node_kind(mode: u32) -> Option<FileKind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Some(FileKind::File),
+        libc::S_IFIFO => Some(FileKind::Fifo),
+        libc::S_IFSOCK => Some(FileKind::Socket),
+        libc::S_IFCHR => Some(FileKind::CharDevice),
+        libc::S_IFBLK => Some(FileKind::BlockDevice),
+        _ => None,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: system_time(attr.atime_ns),
+        mtime: system_time(attr.mtime_ns),
+        ctime: system_time(attr.ctime_ns),
+        crtime: system_time(attr.ctime_ns),
+        kind: file_type(attr.kind),
+        perm: (attr.mode & 0o7777) as u16,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Directory offsets 1 and 2 are "." and ".."; the engine's cookies start above them.
+const FIRST_ENGINE_COOKIE_OFFSET: u64 = 2;
+const READDIR_BATCH: u32 = 512;
+/// Reported capacity when the metadata engine sets no limit.
+const UNLIMITED_BYTES: u64 = 1 << 50;
+const UNLIMITED_FILES: u64 = 1 << 32;
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(self.cache.max_write) {
+            tracing::info!(
+                asked = self.cache.max_write,
+                nearest,
+                "kernel limits max_write"
+            );
+            let _ = config.set_max_write(nearest);
+        }
+        if self.cache.writeback_cache {
+            if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::warn!(unsupported = ?e, "the kernel does not offer the writeback cache");
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let fs = self.fs.clone();
+        // Runs on fuser's thread, outside the runtime: block on the final flush here.
+        if let Err(e) = self.runtime.block_on(async move { fs.shutdown().await }) {
+            tracing::error!(error = %e, "could not close the session cleanly at unmount");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
+        self.spawn(|fs| async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.cache.attr_ttl;
+        self.spawn(|fs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changes = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime_ns: atime.map(time_or_now),
+            mtime_ns: mtime.map(time_or_now),
+        };
+        let ttl = self.cache.attr_ttl;
+        self.spawn(|fs| async move {
+            match fs.setattr(ino.0, &changes).await {
+                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(|fs| async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = node_kind(mode) else {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        };
+        let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
+        let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
+        self.spawn(|fs| async move {
+            match fs.mknod(parent.0, &name, kind, perm, uid, gid, rdev).await {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
+        let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
+        self.spawn(|fs| async move {
+            match fs.mkdir(parent.0, &name, perm, uid, gid).await {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, target) = (
+            link_name.as_bytes().to_vec(),
+            target.as_os_str().as_bytes().to_vec(),
+        );
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.cache.entry_ttl);
+        self.spawn(|fs| async move {
+            match fs.symlink(parent.0, &name, &target, uid, gid).await {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.spawn(|fs| async move {
+            match fs
+                .rename(parent.0, &name, newparent.0, &newname, flags.bits())
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (newname, ttl) = (newname.as_bytes().to_vec(), self.cache.entry_ttl);
+        self.spawn(|fs| async move {
+            match fs.link(ino.0, newparent.0, &newname).await {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(|fs| async move {
+            match fs.open(ino.0, flags.0).await {
+                // No FOPEN_KEEP_CACHE: every open drops the kernel's cached pages of the file,
+                // which is what makes close-to-open consistency across mounts hold.
+                Ok((fh, _attr)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(|fs| async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(written) => reply.written(written),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.release(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.fsync(fh.0, datasync).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(|fs| async move {
+            // Offsets 1 and 2 are "." and ".."; above that an offset is the engine cookie of the
+            // last entry the kernel already has.
+            if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset < 2 && reply.add(ino, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            let mut after = if offset <= FIRST_ENGINE_COOKIE_OFFSET {
+                0
+            } else {
+                offset
+            };
+            loop {
+                let entries = match fs.readdir(ino.0, after, READDIR_BATCH).await {
+                    Ok(entries) => entries,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                let last_page = entries.len() < READDIR_BATCH as usize;
+                for entry in &entries {
+                    let full = reply.add(
+                        INodeNo(entry.attr.ino),
+                        entry.cookie,
+                        file_type(entry.attr.kind),
+                        OsStr::from_bytes(&entry.name),
+                    );
+                    if full {
+                        return reply.ok();
+                    }
+                    after = entry.cookie;
+                }
+                if last_page {
+                    return reply.ok();
+                }
+            }
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(|fs| async move {
+            match fs.statfs().await {
+                Ok(stat) => {
+                    const BSIZE: u64 = 4096;
+                    let capacity = stat.capacity_bytes.unwrap_or(UNLIMITED_BYTES);
+                    let blocks = capacity / BSIZE;
+                    let free = capacity.saturating_sub(stat.used_bytes) / BSIZE;
+                    let max_files = stat.max_files.unwrap_or(UNLIMITED_FILES);
+                    let ffree = max_files.saturating_sub(stat.files);
+                    reply.statfs(
+                        blocks,
+                        free,
+                        free,
+                        max_files,
+                        ffree,
+                        BSIZE as u32,
+                        255,
+                        BSIZE as u32,
+                    );
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(|fs| async move {
+            match fs.setxattr(ino.0, &name, &value, flags as u32).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(|fs| async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => {
+                    let mut list = Vec::new();
+                    for name in names {
+                        list.extend_from_slice(&name);
+                        list.push(0);
+                    }
+                    reply_xattr(reply, size, &list)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            match fs.removexattr(ino.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Mounted with default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
+        let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
+        self.spawn(|fs| async move {
+            match fs.create(parent.0, &name, perm, uid, gid, flags).await {
+                Ok((attr, fh)) => reply.created(
+                    &ttl,
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}
+
+/// getxattr/listxattr protocol: size 0 asks for the length; too small a buffer is ERANGE.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_through_system_time() {
+        for ns in [0i64, 1, 1_700_000_000_123_456_789, -5_000_000_001] {
+            assert_eq!(time_ns(system_time(ns)), ns);
+        }
+    }
+
+    #[test]
+    fn mknod_kinds_come_from_the_mode() {
+        assert_eq!(node_kind(libc::S_IFIFO | 0o644), Some(FileKind::Fifo));
+        assert_eq!(node_kind(libc::S_IFREG | 0o600), Some(FileKind::File));
+        assert_eq!(node_kind(0o600), Some(FileKind::File));
+        assert_eq!(node_kind(libc::S_IFDIR | 0o755), None);
+    }
+}

@@ -1,0 +1,244 @@
+//! `stagefs mount` and `stagefs umount`.
+//!
+//! A mount opens a session with the gateway's metadata service, learns the object store's URL
+//! from it (credentials come from this machine's `AWS_*` variables), and serves the kernel through
+//! [`FuseFs`]. In the background (the default) the command returns once the mount is in place, or
+//! with the reason it could not be made; SIGTERM/SIGINT or `stagefs umount` unmount it, after
+//! which every open file is flushed and the session closed.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fuser::{MountOption, SessionACL};
+use shared::size::parse_size;
+use shared::store::{open_store, S3Options};
+
+use crate::fs::{connect_gateway, Fs, FsConfig, GrpcBlocks, GrpcMeta, MetaApi};
+use crate::fuse::{CachePolicy, FuseFs};
+
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// Gateway address (host:port); it serves both metadata and staging.
+    pub gateway: String,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground (logs to stderr) instead of returning once mounted.
+    #[arg(long, short)]
+    pub foreground: bool,
+    /// How long the kernel may cache attributes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache name lookups.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub entry_ttl: Duration,
+    /// Let the kernel gather small writes in its page cache (FUSE writeback cache).
+    #[arg(long)]
+    pub writeback_cache: bool,
+    /// Threads reading kernel requests.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Mount read-only: every change fails with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Largest write the kernel sends in one request.
+    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    pub max_write: u64,
+    /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// S3 endpoint override for reading uploaded blocks (default from AWS_ENDPOINT).
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region override (default from AWS_REGION).
+    #[arg(long)]
+    pub s3_region: Option<String>,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[arg(long)]
+    pub s3_allow_http: bool,
+}
+
+/// Mounts and serves until unmounted. Runs its own runtime (and, in the background, its own
+/// process), so it is called outside any tokio runtime.
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if args.foreground {
+        return serve(&args, &mountpoint, None);
+    }
+    // Fork before any thread exists; the parent reports the child's outcome and exits.
+    let (read_end, write_end) = nix::unistd::pipe().context("cannot create a pipe")?;
+    // SAFETY: no other threads exist yet in this process.
+    match unsafe { nix::unistd::fork() }.context("cannot fork the mount process")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(write_end);
+            let mut answer = String::new();
+            std::fs::File::from(read_end).read_to_string(&mut answer)?;
+            match answer.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if answer.is_empty() => bail!("the mount process exited before mounting"),
+                None => bail!("{answer}"),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(read_end);
+            let _ = nix::unistd::setsid();
+            detach_stdio();
+            let result = serve(&args, &mountpoint, Some(write_end));
+            std::process::exit(if result.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors of this (single-threaded) process.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Tells the waiting parent (if any) how the mount went.
+fn report(ready: &mut Option<OwnedFd>, message: &str) {
+    if let Some(fd) = ready.take() {
+        let _ = std::fs::File::from(fd).write_all(message.as_bytes());
+    }
+}
+
+fn serve(args: &MountArgs, mountpoint: &Path, mut ready: Option<OwnedFd>) -> anyhow::Result<()> {
+    let result = serve_inner(args, mountpoint, &mut ready);
+    if let Err(e) = &result {
+        report(&mut ready, &format!("{e:#}"));
+    }
+    result
+}
+
+fn serve_inner(
+    args: &MountArgs,
+    mountpoint: &Path,
+    ready: &mut Option<OwnedFd>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let fs = runtime.block_on(connect(args))?;
+    let fs = Arc::new(fs);
+    let cache = CachePolicy {
+        attr_ttl: args.attr_ttl,
+        entry_ttl: args.entry_ttl,
+        writeback_cache: args.writeback_cache,
+        max_write: u32::try_from(args.max_write).unwrap_or(u32::MAX),
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("stagefs:{}", args.gateway)),
+        MountOption::Subtype("stagefs".into()),
+        MountOption::DefaultPermissions,
+        if args.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    if args.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(args.threads.max(1));
+    let adapter = FuseFs::new(fs.clone(), runtime.handle().clone(), cache);
+    let mut session = fuser::Session::new(adapter, mountpoint, &config).with_context(|| {
+        format!(
+            "cannot mount on {} (is fuse3 installed?)",
+            mountpoint.display()
+        )
+    })?;
+    let mut unmounter = session.unmount_callable();
+    let mount_path = mountpoint.to_path_buf();
+    runtime.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(mountpoint = %mount_path.display(), "signal: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed; trying fusermount3 -u -z");
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&mount_path)
+                .status();
+        }
+    });
+    tracing::info!(mountpoint = %mountpoint.display(), gateway = %args.gateway, "mounted");
+    report(ready, "ok");
+    session.run().context("FUSE session failed")?;
+    tracing::info!("unmounted");
+    Ok(())
+}
+
+async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
+    let channel = connect_gateway(&args.gateway)
+        .await
+        .with_context(|| format!("is stagefs-gateway running at {}?", args.gateway))?;
+    let meta = Arc::new(GrpcMeta::new(channel.clone()));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let grant = meta
+        .open_session(&format!(
+            "stagefs mount {} on {host} (pid {})",
+            args.mountpoint.display(),
+            std::process::id()
+        ))
+        .await
+        .with_context(|| format!("gateway {} refused a session", args.gateway))?;
+    let s3 = S3Options {
+        endpoint: args.s3_endpoint.clone(),
+        region: args.s3_region.clone(),
+        allow_http: args.s3_allow_http,
+    };
+    let store = open_store(&grant.store_url, &s3)
+        .with_context(|| format!("cannot open the gateway's object store {}", grant.store_url))?;
+    let blocks = Arc::new(GrpcBlocks::new(channel));
+    let config = FsConfig {
+        read_only: args.read_only,
+        ..FsConfig::default()
+    };
+    Ok(Fs::new(meta, blocks, store, &grant, config))
+}
+
+/// `stagefs umount MOUNTPOINT`: unmounts through fusermount3. Applications flush their data on
+/// close; the mount process then releases its handles and closes its session.
+pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .context("cannot run fusermount3 (is fuse3 installed?)")?;
+    if !status.success() {
+        bail!(
+            "fusermount3 -u {} failed ({status}); is a file still open there, or is it not a stagefs mount?",
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
