@@ -1,30 +1,100 @@
 #!/usr/bin/env bash
-# stagefs quickstart: on a fresh machine, install what is needed, build, and run the gateway end
-# to end against a real S3 server on 127.0.0.1 (s3s-fs) with a file-backed staging device:
-# blocks are streamed in over gRPC from many writers, acknowledged once fdatasync'd, read back
-# before upload, drained to S3, the gateway is SIGKILLed with 256 MiB staged and recovers.
-# Then the device is inspected offline. Everything it starts or creates is removed on exit,
-# also when interrupted.
+# stagefs quickstart: on a fresh machine, install what is needed, build, and run the whole thing
+# on one node with embedded defaults:
+#   - a local S3 server (s3s-fs on 127.0.0.1) as the object store,
+#   - a gateway on a file-backed staging device with its embedded metadata engine,
+#   - two FUSE mounts of it (as if on two nodes).
+# It writes a checkpoint-like set of files on mount A while uploads are held, reads and verifies
+# every byte on mount B before anything is uploaded, then lets the gateway drain to S3 and waits
+# for it with `stagefs sync`. Everything it starts or creates is removed on exit, also when
+# interrupted.
 #
-#   scripts/quickstart.sh            # ~2-4 minutes after the build
-#   STAGEFS_QUICKSTART_DIR=/var/tmp  # where the device file goes (must support O_DIRECT: not tmpfs)
+#   scripts/quickstart.sh
+#   STAGEFS_QUICKSTART_FILES=4 STAGEFS_QUICKSTART_FILE_MIB=512   # checkpoint size (default 4 x 512 MiB)
+#   STAGEFS_QUICKSTART_DIR=/var/tmp                              # where the device goes (not tmpfs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo="$PWD"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+files="${STAGEFS_QUICKSTART_FILES:-4}"
+file_mib="${STAGEFS_QUICKSTART_FILE_MIB:-512}"
 
 scripts/setup.sh
 cargo build --release --bins
+bin="$repo/target/release"
 
 work="$(mktemp -d "${STAGEFS_QUICKSTART_DIR:-/var/tmp}/stagefs-quickstart.XXXXXX")"
-cleanup() { rm -rf -- "$work"; }
+pids=()
+cleanup() {
+    set +e
+    for m in "$work/a" "$work/b"; do
+        if mountpoint -q "$m" 2>/dev/null; then
+            "$bin/stagefs" umount "$m" 2>/dev/null || fusermount3 -u -z "$m"
+        fi
+    done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    rm -rf -- "$work"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-device="$work/device.img"
-echo
-echo "== gateway benchmark (quick) against s3s-fs, device $device"
-STAGEFS_BENCH_DEVICE="$device" scripts/bench-gateway.sh --s3 --keep-device --no-build -- --quick
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+step() { printf '\n== %s\n' "$*"; }
 
-echo
-echo "== what the device holds now (stagefs-gateway inspect, offline)"
-target/release/stagefs-gateway inspect --device "$device"
+step "object store: s3s-fs on 127.0.0.1"
+s3_port="$(free_port)"
+mkdir -p "$work/s3/stagefs"
+export AWS_ACCESS_KEY_ID=stagefs AWS_SECRET_ACCESS_KEY=stagefs-secret
+s3s-fs --host 127.0.0.1 --port "$s3_port" --access-key "$AWS_ACCESS_KEY_ID" \
+    --secret-key "$AWS_SECRET_ACCESS_KEY" "$work/s3" >"$work/s3.log" 2>&1 &
+pids+=($!)
+s3_flags=(--s3-endpoint "http://127.0.0.1:$s3_port" --s3-allow-http --s3-region us-east-1)
+
+step "gateway: file-backed device, embedded metadata, uploads held for now"
+gw_port="$(free_port)"
+gateway="127.0.0.1:$gw_port"
+device_mib=$(( files * file_mib + 1024 ))
+"$bin/stagefs-gateway" serve --device "$work/device.img" --device-size "${device_mib}MiB" \
+    --store s3://stagefs "${s3_flags[@]}" --listen "$gateway" --uploads-paused \
+    >"$work/gateway.out" 2>"$work/gateway.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q "listening on" "$work/gateway.out" 2>/dev/null && break; sleep 0.1; done
+grep "listening on" "$work/gateway.out" || { cat "$work/gateway.log"; exit 1; }
+
+step "two mounts of the gateway: $work/a and $work/b"
+mkdir -p "$work/a" "$work/b"
+"$bin/stagefs" mount "$gateway" "$work/a" "${s3_flags[@]}"
+"$bin/stagefs" mount "$gateway" "$work/b" "${s3_flags[@]}"
+mount | grep "$work"
+
+step "write a checkpoint on mount A: $files files of $file_mib MiB"
+mkdir -p "$work/a/checkpoint-0001"
+started=$(date +%s.%N)
+for i in $(seq 1 "$files"); do
+    head -c "$(( file_mib * 1024 * 1024 ))" /dev/urandom \
+        | tee "$work/a/checkpoint-0001/shard-$i.bin" | sha256sum | cut -d' ' -f1 >"$work/shard-$i.sha256"
+done
+elapsed=$(python3 -c "import time; print(f'{time.time() - $started:.1f}')")
+echo "wrote $(( files * file_mib )) MiB in ${elapsed} s (every close() returned after the data was durable on the gateway's device)"
+"$bin/stagefs" status "$gateway" | grep -E "staged|queue|uploaded"
+
+step "read and verify every byte on mount B, before any upload"
+for i in $(seq 1 "$files"); do
+    got=$(sha256sum "$work/b/checkpoint-0001/shard-$i.bin" | cut -d' ' -f1)
+    want=$(cat "$work/shard-$i.sha256")
+    [ "$got" = "$want" ] || { echo "shard-$i differs on mount B"; exit 1; }
+    echo "shard-$i.bin: identical on mount B"
+done
+echo "objects in S3 so far: $(find "$work/s3/stagefs" -type f | wc -l)"
+
+step "let the gateway drain to S3, and wait for it"
+"$bin/stagefs" uploads resume "$gateway"
+"$bin/stagefs" sync "$work/a/checkpoint-0001"
+echo "objects in S3 now: $(find "$work/s3/stagefs" -type f | wc -l)"
+"$bin/stagefs" status "$gateway"
+
+step "unmount"
+"$bin/stagefs" umount "$work/a"
+"$bin/stagefs" umount "$work/b"
+echo "quickstart finished; cleaning up"
