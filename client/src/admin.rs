@@ -18,7 +18,7 @@ use proto::meta::ReadChunkRequest;
 use proto::staging::staging_client::StagingClient;
 use proto::staging::{BlockState, StatBlocksRequest, StatusRequest, WaitUploadedRequest};
 use shared::size::format_size;
-use shared::{BlockKey, BLOCK_SIZE, CHUNK_SIZE};
+use shared::{BlockKey, CHUNK_SIZE};
 use tonic::transport::Channel;
 
 use crate::fs::connect_gateway;
@@ -184,14 +184,11 @@ async fn file_blocks(
             .into_inner()
             .slices;
         for slice in slices.iter().filter(|s| s.slice_id != 0) {
-            let len = u64::from(slice.len);
-            for index in 0..len.div_ceil(BLOCK_SIZE) {
-                let block_len = (len - index * BLOCK_SIZE).min(BLOCK_SIZE);
-                keys.push((
-                    BlockKey::new(slice.slice_id, index as u32, block_len as u32)?,
-                    block_len,
-                ));
-            }
+            keys.extend(
+                shared::meta::slice_block_keys(slice.slice_id, slice.len)
+                    .into_iter()
+                    .map(|key| (key, key.len())),
+            );
         }
     }
     Ok(keys)

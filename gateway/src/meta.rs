@@ -32,114 +32,11 @@ use std::time::Duration;
 
 pub use redb_engine::RedbMeta;
 
-/// Inode number. Never reused within one metadata database.
-pub type Ino = u64;
-/// The root directory, present from the moment a database is formatted.
-pub const ROOT_INO: Ino = 1;
-/// A client session (one per mount).
-pub type SessionId = u64;
-/// The id of the gateway that staged a slice (the uuid on its device, see `format.rs`).
-pub type GatewayId = [u8; 16];
-/// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.
-pub type TimeNs = i64;
-
-/// Longest name of one directory entry, in bytes (NAME_MAX on Linux).
-pub const MAX_NAME_LEN: usize = 255;
-/// Longest symlink target, in bytes (PATH_MAX less the terminating NUL).
-pub const MAX_SYMLINK_LEN: usize = 4095;
-/// Longest xattr name, in bytes (XATTR_NAME_MAX).
-pub const MAX_XATTR_NAME_LEN: usize = 255;
-/// Largest xattr value, in bytes (XATTR_SIZE_MAX).
-pub const MAX_XATTR_VALUE_LEN: usize = 64 * 1024;
-/// Largest file size (what `off_t` can address).
-pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-/// Highest link count of one inode.
-pub const MAX_LINKS: u32 = u32::MAX - 1;
-
-/// What an inode is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FileKind {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDevice,
-    BlockDevice,
-}
-
-/// The attributes of one inode, as `stat` shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: Ino,
-    pub kind: FileKind,
-    /// Permission bits only (`mode & 0o7777`); the file type is [`Attr::kind`].
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// Directories: 2 + number of subdirectories. Others: number of names; 0 while an unlinked
-    /// file is kept alive by open handles.
-    pub nlink: u32,
-    /// Files: length in bytes. Symlinks: length of the target. Others: 0.
-    pub size: u64,
-    pub atime_ns: TimeNs,
-    pub mtime_ns: TimeNs,
-    pub ctime_ns: TimeNs,
-    /// Device number of character and block devices.
-    pub rdev: u32,
-}
-
-/// What `setattr` changes; `None` leaves a field alone. `ctime` always becomes now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetAttr {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// Truncate or extend a regular file. Bytes past the old end read as zeros.
-    pub size: Option<u64>,
-    pub atime_ns: Option<TimeNs>,
-    pub mtime_ns: Option<TimeNs>,
-}
-
-/// Owner and permissions of a new inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewNode {
-    pub kind: FileKind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-}
-
-/// One directory entry with the attributes of the inode it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: Vec<u8>,
-    /// Pass this as `after_cookie` to continue the listing after this entry. Cookies of one
-    /// directory only grow, so a listing in pages never repeats or skips an entry that stayed put.
-    pub cookie: u64,
-    pub attr: Attr,
-}
-
-/// One contiguous write inside a chunk (DESIGN.md, "Data model").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Slice {
-    /// 0 for a hole (reads as zeros, owns no blocks).
-    pub slice_id: u64,
-    pub offset_in_chunk: u32,
-    pub len: u32,
-    /// The gateway that staged the slice, whom a reader asks for the blocks.
-    pub gateway_id: GatewayId,
-}
-
-impl Slice {
-    /// The id of hole slices, which own no data.
-    pub const HOLE_ID: u64 = 0;
-
-    pub fn end_in_chunk(&self) -> u64 {
-        u64::from(self.offset_in_chunk) + u64::from(self.len)
-    }
-}
+pub use shared::meta::{
+    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
+    TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN, ROOT_INO,
+};
 
 /// A slice whose data is no longer referenced and must be deleted from staging and the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,17 +51,7 @@ pub struct DeletedSlice {
 impl DeletedSlice {
     /// The object keys of this slice's blocks: cut into blocks of at most [`shared::BLOCK_SIZE`].
     pub fn block_keys(&self) -> Vec<shared::BlockKey> {
-        let len = u64::from(self.len);
-        (0..len.div_ceil(shared::BLOCK_SIZE))
-            .map(|index| {
-                let block_len = (len - index * shared::BLOCK_SIZE).min(shared::BLOCK_SIZE);
-                shared::BlockKey {
-                    slice_id: self.slice_id,
-                    block_index: index as u32,
-                    block_len: block_len as u32,
-                }
-            })
-            .collect()
+        shared::meta::slice_block_keys(self.slice_id, self.len)
     }
 }
 
@@ -216,18 +103,6 @@ impl XattrMode {
             ))),
         }
     }
-}
-
-/// File-system usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatFs {
-    /// Inodes in use, the root included.
-    pub files: u64,
-    /// Sum of the lengths of all regular files.
-    pub used_bytes: u64,
-    /// Configured limits, if any.
-    pub capacity_bytes: Option<u64>,
-    pub max_files: Option<u64>,
 }
 
 /// A client session as the engine records it.
@@ -482,12 +357,4 @@ pub fn check_name(name: &[u8]) -> Result<()> {
         return invalid("contains NUL");
     }
     Ok(())
-}
-
-/// The current time on this host.
-pub fn now_ns() -> TimeNs {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
 }

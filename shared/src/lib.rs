@@ -2,6 +2,7 @@
 //! and human-readable sizes.
 
 pub mod layout;
+pub mod meta;
 pub mod size;
 pub mod store;
 

@@ -15,110 +15,10 @@ use async_trait::async_trait;
 
 use super::error::FsResult;
 
-/// Inode number.
-pub type Ino = u64;
-/// The root directory.
-pub const ROOT_INO: Ino = 1;
-/// A client session (one per mount).
-pub type SessionId = u64;
-/// The identity of the gateway that staged a slice.
-pub type GatewayId = [u8; 16];
-/// Nanoseconds since the Unix epoch.
-pub type TimeNs = i64;
-
-/// Largest file size (what `off_t` can address).
-pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-
-/// What an inode is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FileKind {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDevice,
-    BlockDevice,
-}
-
-/// The attributes of one inode, as `stat` shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: Ino,
-    pub kind: FileKind,
-    /// Permission bits only (`mode & 0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub nlink: u32,
-    /// Files: length in bytes. Symlinks: length of the target. Others: 0.
-    pub size: u64,
-    pub atime_ns: TimeNs,
-    pub mtime_ns: TimeNs,
-    pub ctime_ns: TimeNs,
-    pub rdev: u32,
-}
-
-/// What `setattr` changes; `None` leaves a field alone.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetAttr {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// Truncate or extend a regular file.
-    pub size: Option<u64>,
-    pub atime_ns: Option<TimeNs>,
-    pub mtime_ns: Option<TimeNs>,
-}
-
-/// Kind, owner and permissions of a new inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewNode {
-    pub kind: FileKind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-}
-
-/// One directory entry with the attributes of the inode it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: Vec<u8>,
-    /// Pass as `after_cookie` to continue the listing after this entry.
-    pub cookie: u64,
-    pub attr: Attr,
-}
-
-/// One contiguous write inside a chunk (DESIGN.md, "Data model").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Slice {
-    /// [`Slice::HOLE_ID`] for a hole, which reads as zeros.
-    pub slice_id: u64,
-    pub offset_in_chunk: u32,
-    pub len: u32,
-    /// The gateway that staged the slice's blocks.
-    pub gateway_id: GatewayId,
-}
-
-impl Slice {
-    /// The id of hole slices, which own no data.
-    pub const HOLE_ID: u64 = 0;
-
-    pub fn end_in_chunk(&self) -> u64 {
-        u64::from(self.offset_in_chunk) + u64::from(self.len)
-    }
-}
-
-/// File-system usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatFs {
-    pub files: u64,
-    pub used_bytes: u64,
-    /// `None` when unlimited.
-    pub capacity_bytes: Option<u64>,
-    pub max_files: Option<u64>,
-}
+pub use shared::meta::{
+    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
+    TimeNs, MAX_FILE_SIZE, ROOT_INO,
+};
 
 /// What the gateway hands a client that opens a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,12 +115,4 @@ pub trait MetaApi: Send + Sync + 'static {
         new_size: u64,
         mtime_ns: TimeNs,
     ) -> FsResult<Attr>;
-}
-
-/// The current time on this host, in nanoseconds since the epoch.
-pub fn now_ns() -> TimeNs {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
 }
