@@ -858,7 +858,9 @@ impl StagingLog {
         e.last_error = Some(error.clone());
         e.state = BlockState::Staged;
         st.uploading -= 1;
-        let Some(e) = st.index.get_mut(&job.key) else { return };
+        let Some(e) = st.index.get_mut(&job.key) else {
+            return;
+        };
         if permanent {
             e.failed_attempts += 1;
         }
@@ -968,7 +970,7 @@ impl StagingLog {
         let mut not_pending = 0;
         {
             let mut guard = self.lock();
-        let st = &mut *guard;
+            let st = &mut *guard;
             for key in keys {
                 let Some(e) = st.index.get_mut(key) else {
                     not_pending += 1;
