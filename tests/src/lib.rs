@@ -7,7 +7,9 @@
 //!   HTTP;
 //! * the gateway ([`Gateway`], the `stagefs-gateway` binary of this workspace) on a file-backed
 //!   device in a per-test scratch directory ([`TestDir`]), driven over gRPC with the generated
-//!   [`proto::staging::staging_client::StagingClient`].
+//!   [`proto::staging::staging_client::StagingClient`];
+//! * FUSE mounts ([`Mount`], `stagefs mount --foreground` as a child process; [`FuseStack`]
+//!   bundles an S3 server and a gateway to mount), used with plain `std::fs` calls.
 //!
 //! The binaries are not built by `cargo test`: run `cargo build --bins` first (`scripts/test.sh`
 //! does). [`binaries::binary`] finds the newest build in the target directory.
@@ -32,6 +34,7 @@
 pub mod binaries;
 pub mod blocks;
 pub mod gateway;
+pub mod mount;
 pub mod s3;
 pub mod workload;
 
@@ -41,6 +44,9 @@ use std::time::Duration;
 
 pub use blocks::*;
 pub use gateway::{inspect, Gateway, GatewayBuilder, InspectReport};
+pub use mount::{
+    assert_errno, is_fuse_mounted, mount_command, FuseStack, Mount, MountBuilder, Pattern, TcpProxy,
+};
 pub use s3::S3Server;
 pub use workload::{Workload, WorkloadReport};
 
