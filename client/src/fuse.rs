@@ -156,22 +156,12 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
-        self.spawn(|fs| async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_entry(reply, ttl, fs.lookup(parent.0, &name).await) });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.cache.attr_ttl;
-        self.spawn(|fs| async move {
-            match fs.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_attr(reply, ttl, fs.getattr(ino.0).await) });
     }
 
     fn setattr(
@@ -201,12 +191,7 @@ impl Filesystem for FuseFs {
             mtime_ns: mtime.map(time_or_now),
         };
         let ttl = self.cache.attr_ttl;
-        self.spawn(|fs| async move {
-            match fs.setattr(ino.0, &changes).await {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_attr(reply, ttl, fs.setattr(ino.0, &changes).await) });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -235,10 +220,11 @@ impl Filesystem for FuseFs {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
         let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
         self.spawn(|fs| async move {
-            match fs.mknod(parent.0, &name, kind, perm, uid, gid, rdev).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_entry(
+                reply,
+                ttl,
+                fs.mknod(parent.0, &name, kind, perm, uid, gid, rdev).await,
+            )
         });
     }
 
@@ -254,31 +240,18 @@ impl Filesystem for FuseFs {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
         let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
         self.spawn(|fs| async move {
-            match fs.mkdir(parent.0, &name, perm, uid, gid).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_entry(reply, ttl, fs.mkdir(parent.0, &name, perm, uid, gid).await)
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.rmdir(parent.0, &name).await) });
     }
 
     fn symlink(
@@ -295,10 +268,11 @@ impl Filesystem for FuseFs {
         );
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.cache.entry_ttl);
         self.spawn(|fs| async move {
-            match fs.symlink(parent.0, &name, &target, uid, gid).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_entry(
+                reply,
+                ttl,
+                fs.symlink(parent.0, &name, &target, uid, gid).await,
+            )
         });
     }
 
@@ -314,13 +288,11 @@ impl Filesystem for FuseFs {
     ) {
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.spawn(|fs| async move {
-            match fs
-                .rename(parent.0, &name, newparent.0, &newname, flags.bits())
-                .await
-            {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_empty(
+                reply,
+                fs.rename(parent.0, &name, newparent.0, &newname, flags.bits())
+                    .await,
+            )
         });
     }
 
@@ -334,10 +306,7 @@ impl Filesystem for FuseFs {
     ) {
         let (newname, ttl) = (newname.as_bytes().to_vec(), self.cache.entry_ttl);
         self.spawn(|fs| async move {
-            match fs.link(ino.0, newparent.0, &newname).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_entry(reply, ttl, fs.link(ino.0, newparent.0, &newname).await)
         });
     }
 
@@ -400,12 +369,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
-            match fs.flush(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.flush(fh.0).await) });
     }
 
     fn release(
@@ -418,12 +382,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
-            match fs.release(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.release(fh.0).await) });
     }
 
     fn fsync(
@@ -434,12 +393,7 @@ impl Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
-            match fs.fsync(fh.0, datasync).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.fsync(fh.0, datasync).await) });
     }
 
     fn readdir(
@@ -527,10 +481,7 @@ impl Filesystem for FuseFs {
     ) {
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.spawn(|fs| async move {
-            match fs.setxattr(ino.0, &name, &value, flags as u32).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            answer_empty(reply, fs.setxattr(ino.0, &name, &value, flags as u32).await)
         });
     }
 
@@ -562,12 +513,7 @@ impl Filesystem for FuseFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            match fs.removexattr(ino.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(|fs| async move { answer_empty(reply, fs.removexattr(ino.0, &name).await) });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -599,6 +545,27 @@ impl Filesystem for FuseFs {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+}
+
+fn answer_empty(reply: ReplyEmpty, result: crate::fs::FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, ttl: Duration, result: crate::fs::FsResult<Attr>) {
+    match result {
+        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn answer_attr(reply: ReplyAttr, ttl: Duration, result: crate::fs::FsResult<Attr>) {
+    match result {
+        Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
