@@ -8,6 +8,7 @@
 //! Every fallible step returns [`BenchError`]; nothing here panics on bad input.
 
 pub mod gateway;
+pub mod latency_proxy;
 pub mod load;
 pub mod process;
 pub mod raw;

@@ -76,6 +76,9 @@ enum UploadsAction {
 enum BenchTarget {
     #[command(about = gateway::ABOUT, long_about = gateway::LONG_ABOUT)]
     Gateway(GatewayBenchArgs),
+    /// A TCP proxy that adds a round-trip delay (and optional jitter and bandwidth cap), to give a
+    /// local S3 server the latency of a cloud object store. Runs until interrupted.
+    Proxy(client::bench::latency_proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -142,6 +145,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.table());
             }
+        }
+        Command::Bench {
+            target: BenchTarget::Proxy(args),
+        } => {
+            use client::bench::latency_proxy;
+            let listener = latency_proxy::bind(&args).await?;
+            println!("listening on {}", listener.local_addr()?);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            latency_proxy::serve(listener, args).await?;
         }
         Command::Uploads { action, gateway } => {
             client::admin::set_uploads_paused(&gateway, matches!(action, UploadsAction::Pause))
