@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use proto::meta::meta_client::MetaClient;
 use proto::meta::ReadChunkRequest;
 use proto::staging::staging_client::StagingClient;
@@ -277,14 +277,6 @@ pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Resul
             format_size(total_bytes),
             started.elapsed().as_secs_f64()
         );
-    }
-    Ok(())
-}
-
-/// Checks that no PATH names something outside a stagefs mount, for a clear early error.
-pub fn check_paths(paths: &[PathBuf]) -> anyhow::Result<()> {
-    if paths.is_empty() {
-        bail!("name at least one file or directory inside a stagefs mount");
     }
     Ok(())
 }

@@ -161,10 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
         }
         Command::Status { gateway, json } => client::admin::status(&gateway, json).await?,
-        Command::Sync { paths, timeout } => {
-            client::admin::check_paths(&paths)?;
-            client::admin::sync(&paths, timeout).await?
-        }
+        Command::Sync { paths, timeout } => client::admin::sync(&paths, timeout).await?,
         Command::Mount(_) | Command::Umount { .. } => {
             unreachable!("mount and umount run outside the async runtime (see main)")
         }

@@ -12,8 +12,8 @@ use gateway::meta::{self as engine, MetaEngine, RedbMeta};
 
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr,
-    Slice, StatFs, TimeNs,
+    Attr, DirEntry, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice,
+    StatFs, TimeNs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -52,74 +52,6 @@ fn fail(op: &'static str) -> impl Fn(engine::MetaError) -> FsError {
     }
 }
 
-fn kind_in(kind: engine::FileKind) -> FileKind {
-    match kind {
-        engine::FileKind::File => FileKind::File,
-        engine::FileKind::Dir => FileKind::Dir,
-        engine::FileKind::Symlink => FileKind::Symlink,
-        engine::FileKind::Fifo => FileKind::Fifo,
-        engine::FileKind::Socket => FileKind::Socket,
-        engine::FileKind::CharDevice => FileKind::CharDevice,
-        engine::FileKind::BlockDevice => FileKind::BlockDevice,
-    }
-}
-
-fn kind_out(kind: FileKind) -> engine::FileKind {
-    match kind {
-        FileKind::File => engine::FileKind::File,
-        FileKind::Dir => engine::FileKind::Dir,
-        FileKind::Symlink => engine::FileKind::Symlink,
-        FileKind::Fifo => engine::FileKind::Fifo,
-        FileKind::Socket => engine::FileKind::Socket,
-        FileKind::CharDevice => engine::FileKind::CharDevice,
-        FileKind::BlockDevice => engine::FileKind::BlockDevice,
-    }
-}
-
-fn attr_in(a: engine::Attr) -> Attr {
-    Attr {
-        ino: a.ino,
-        kind: kind_in(a.kind),
-        mode: a.mode,
-        uid: a.uid,
-        gid: a.gid,
-        nlink: a.nlink,
-        size: a.size,
-        atime_ns: a.atime_ns,
-        mtime_ns: a.mtime_ns,
-        ctime_ns: a.ctime_ns,
-        rdev: a.rdev,
-    }
-}
-
-fn node_out(node: &NewNode) -> engine::NewNode {
-    engine::NewNode {
-        kind: kind_out(node.kind),
-        mode: node.mode,
-        uid: node.uid,
-        gid: node.gid,
-        rdev: node.rdev,
-    }
-}
-
-fn slice_in(s: engine::Slice) -> Slice {
-    Slice {
-        slice_id: s.slice_id,
-        offset_in_chunk: s.offset_in_chunk,
-        len: s.len,
-        gateway_id: s.gateway_id,
-    }
-}
-
-fn slice_out(s: &Slice) -> engine::Slice {
-    engine::Slice {
-        slice_id: s.slice_id,
-        offset_in_chunk: s.offset_in_chunk,
-        len: s.len,
-        gateway_id: s.gateway_id,
-    }
-}
-
 #[async_trait]
 impl MetaApi for LocalMeta {
     async fn open_session(&self, description: &str) -> FsResult<SessionGrant> {
@@ -147,32 +79,15 @@ impl MetaApi for LocalMeta {
     }
 
     async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.engine
-            .lookup(parent, name)
-            .map(attr_in)
-            .map_err(fail("lookup"))
+        self.engine.lookup(parent, name).map_err(fail("lookup"))
     }
 
     async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        self.engine
-            .getattr(ino)
-            .map(attr_in)
-            .map_err(fail("getattr"))
+        self.engine.getattr(ino).map_err(fail("getattr"))
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
-        let changes = engine::SetAttr {
-            mode: changes.mode,
-            uid: changes.uid,
-            gid: changes.gid,
-            size: changes.size,
-            atime_ns: changes.atime_ns,
-            mtime_ns: changes.mtime_ns,
-        };
-        self.engine
-            .setattr(ino, &changes)
-            .map(attr_in)
-            .map_err(fail("setattr"))
+        self.engine.setattr(ino, changes).map_err(fail("setattr"))
     }
 
     async fn create(
@@ -183,16 +98,12 @@ impl MetaApi for LocalMeta {
         node: &NewNode,
     ) -> FsResult<Attr> {
         self.engine
-            .create(session, parent, name, &node_out(node))
-            .map(attr_in)
+            .create(session, parent, name, node)
             .map_err(fail("create"))
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr> {
-        self.engine
-            .mknod(parent, name, &node_out(node))
-            .map(attr_in)
-            .map_err(fail("mknod"))
+        self.engine.mknod(parent, name, node).map_err(fail("mknod"))
     }
 
     async fn mkdir(
@@ -205,7 +116,6 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .mkdir(parent, name, mode, uid, gid)
-            .map(attr_in)
             .map_err(fail("mkdir"))
     }
 
@@ -219,7 +129,6 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .symlink(parent, name, target, uid, gid)
-            .map(attr_in)
             .map_err(fail("symlink"))
     }
 
@@ -252,23 +161,13 @@ impl MetaApi for LocalMeta {
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.engine
             .link(ino, new_parent, new_name)
-            .map(attr_in)
             .map_err(fail("link"))
     }
 
     async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>> {
-        let entries = self
-            .engine
+        self.engine
             .readdir(ino, after_cookie, limit as usize)
-            .map_err(fail("readdir"))?;
-        Ok(entries
-            .into_iter()
-            .map(|e| DirEntry {
-                name: e.name,
-                cookie: e.cookie,
-                attr: attr_in(e.attr),
-            })
-            .collect())
+            .map_err(fail("readdir"))
     }
 
     async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
@@ -293,20 +192,11 @@ impl MetaApi for LocalMeta {
     }
 
     async fn statfs(&self) -> FsResult<StatFs> {
-        let s = self.engine.statfs().map_err(fail("statfs"))?;
-        Ok(StatFs {
-            files: s.files,
-            used_bytes: s.used_bytes,
-            capacity_bytes: s.capacity_bytes,
-            max_files: s.max_files,
-        })
+        self.engine.statfs().map_err(fail("statfs"))
     }
 
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
-        self.engine
-            .open(session, ino)
-            .map(attr_in)
-            .map_err(fail("open"))
+        self.engine.open(session, ino).map_err(fail("open"))
     }
 
     async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
@@ -316,7 +206,6 @@ impl MetaApi for LocalMeta {
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
         self.engine
             .read_chunk(ino, chunk_index)
-            .map(|slices| slices.into_iter().map(slice_in).collect())
             .map_err(fail("read_chunk"))
     }
 
@@ -328,7 +217,7 @@ impl MetaApi for LocalMeta {
 
     async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()> {
         self.engine
-            .record_pending_slice(session, &slice_out(slice))
+            .record_pending_slice(session, slice)
             .map_err(fail("record_pending_slice"))
     }
 
@@ -342,15 +231,7 @@ impl MetaApi for LocalMeta {
         mtime_ns: TimeNs,
     ) -> FsResult<Attr> {
         self.engine
-            .commit_slice(
-                session,
-                ino,
-                chunk_index,
-                &slice_out(slice),
-                new_size,
-                mtime_ns,
-            )
-            .map(attr_in)
+            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
             .map_err(fail("commit_slice"))
     }
 }
