@@ -12,6 +12,9 @@ pub mod meta {
     tonic::include_proto!("stagefs.meta.v1");
 }
 
+/// Wire form of the shared file-system types, both ways.
+pub mod meta_convert;
+
 /// Response metadata key carrying the Linux errno of a failed `Meta` RPC.
 pub const ERRNO_METADATA_KEY: &str = "stagefs-errno";
 

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use proto::meta as pb;
 use proto::meta::meta_client::MetaClient;
+use proto::meta_convert;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -102,52 +103,17 @@ fn malformed(op: &'static str, message: impl Into<String>) -> FsError {
     }
 }
 
-fn kind_from_proto(op: &'static str, kind: i32) -> FsResult<FileKind> {
-    Ok(match pb::FileKind::try_from(kind) {
-        Ok(pb::FileKind::File) => FileKind::File,
-        Ok(pb::FileKind::Dir) => FileKind::Dir,
-        Ok(pb::FileKind::Symlink) => FileKind::Symlink,
-        Ok(pb::FileKind::Fifo) => FileKind::Fifo,
-        Ok(pb::FileKind::Socket) => FileKind::Socket,
-        Ok(pb::FileKind::CharDevice) => FileKind::CharDevice,
-        Ok(pb::FileKind::BlockDevice) => FileKind::BlockDevice,
-        Ok(pb::FileKind::Unspecified) | Err(_) => {
-            return Err(malformed(op, format!("unknown file kind {kind}")))
-        }
-    })
-}
-
 fn kind_to_proto(kind: FileKind) -> pb::FileKind {
-    match kind {
-        FileKind::File => pb::FileKind::File,
-        FileKind::Dir => pb::FileKind::Dir,
-        FileKind::Symlink => pb::FileKind::Symlink,
-        FileKind::Fifo => pb::FileKind::Fifo,
-        FileKind::Socket => pb::FileKind::Socket,
-        FileKind::CharDevice => pb::FileKind::CharDevice,
-        FileKind::BlockDevice => pb::FileKind::BlockDevice,
-    }
+    kind.into()
 }
 
 /// Decodes the attributes of an answer.
 pub fn attr_from_proto(op: &'static str, attr: Option<pb::Attr>) -> FsResult<Attr> {
-    let a = attr.ok_or_else(|| malformed(op, "answer without attributes"))?;
-    Ok(Attr {
-        ino: a.ino,
-        kind: kind_from_proto(op, a.kind)?,
-        mode: a.mode & 0o7777,
-        uid: a.uid,
-        gid: a.gid,
-        nlink: a.nlink,
-        size: a.size,
-        atime_ns: a.atime_ns,
-        mtime_ns: a.mtime_ns,
-        ctime_ns: a.ctime_ns,
-        rdev: a.rdev,
-    })
+    let attr = attr.ok_or_else(|| malformed(op, "answer without attributes"))?;
+    meta_convert::attr(&attr).map_err(|e| malformed(op, e.0))
 }
 
-/// A gateway id on the wire: 16 bytes, or none at all for holes.
+/// The gateway id of a session grant: 16 bytes (none at all reads as zeros).
 fn gateway_id_from_proto(op: &'static str, bytes: &[u8]) -> FsResult<GatewayId> {
     if bytes.is_empty() {
         return Ok([0; 16]);
@@ -158,21 +124,11 @@ fn gateway_id_from_proto(op: &'static str, bytes: &[u8]) -> FsResult<GatewayId> 
 }
 
 fn slice_from_proto(op: &'static str, slice: &pb::Slice) -> FsResult<Slice> {
-    Ok(Slice {
-        slice_id: slice.slice_id,
-        offset_in_chunk: slice.offset_in_chunk,
-        len: slice.len,
-        gateway_id: gateway_id_from_proto(op, &slice.gateway_id)?,
-    })
+    meta_convert::slice(slice).map_err(|e| malformed(op, e.0))
 }
 
 fn slice_to_proto(slice: &Slice) -> pb::Slice {
-    pb::Slice {
-        slice_id: slice.slice_id,
-        offset_in_chunk: slice.offset_in_chunk,
-        len: slice.len,
-        gateway_id: Bytes::copy_from_slice(&slice.gateway_id),
-    }
+    slice.into()
 }
 
 fn bytes(data: &[u8]) -> Bytes {

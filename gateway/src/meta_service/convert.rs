@@ -5,54 +5,25 @@
 //! the client as EINVAL through the same error mapping as every engine error.
 
 use proto::meta as pb;
+use proto::meta_convert::{self, WireError};
 
-use crate::meta::{
-    Attr, DirEntry, FileKind, GatewayId, MetaError, NewNode, SetAttr, Slice, StatFs,
-};
+use crate::meta::{Attr, DirEntry, FileKind, MetaError, NewNode, SetAttr, Slice, StatFs};
+
+fn invalid(e: WireError) -> MetaError {
+    MetaError::Invalid(e.0)
+}
 
 pub fn kind_to_proto(kind: FileKind) -> pb::FileKind {
-    match kind {
-        FileKind::File => pb::FileKind::File,
-        FileKind::Dir => pb::FileKind::Dir,
-        FileKind::Symlink => pb::FileKind::Symlink,
-        FileKind::Fifo => pb::FileKind::Fifo,
-        FileKind::Socket => pb::FileKind::Socket,
-        FileKind::CharDevice => pb::FileKind::CharDevice,
-        FileKind::BlockDevice => pb::FileKind::BlockDevice,
-    }
+    kind.into()
 }
 
 /// The engine's kind for a wire value; `FILE_KIND_UNSPECIFIED` and unknown numbers are EINVAL.
 pub fn kind_from_proto(value: i32) -> Result<FileKind, MetaError> {
-    match pb::FileKind::try_from(value) {
-        Ok(pb::FileKind::File) => Ok(FileKind::File),
-        Ok(pb::FileKind::Dir) => Ok(FileKind::Dir),
-        Ok(pb::FileKind::Symlink) => Ok(FileKind::Symlink),
-        Ok(pb::FileKind::Fifo) => Ok(FileKind::Fifo),
-        Ok(pb::FileKind::Socket) => Ok(FileKind::Socket),
-        Ok(pb::FileKind::CharDevice) => Ok(FileKind::CharDevice),
-        Ok(pb::FileKind::BlockDevice) => Ok(FileKind::BlockDevice),
-        Ok(pb::FileKind::Unspecified) => Err(MetaError::Invalid(
-            "file kind is FILE_KIND_UNSPECIFIED; say what to create".into(),
-        )),
-        Err(_) => Err(MetaError::Invalid(format!("unknown file kind {value}"))),
-    }
+    meta_convert::file_kind(value).map_err(invalid)
 }
 
 pub fn attr_to_proto(attr: &Attr) -> pb::Attr {
-    pb::Attr {
-        ino: attr.ino,
-        kind: kind_to_proto(attr.kind) as i32,
-        mode: attr.mode,
-        uid: attr.uid,
-        gid: attr.gid,
-        nlink: attr.nlink,
-        size: attr.size,
-        atime_ns: attr.atime_ns,
-        mtime_ns: attr.mtime_ns,
-        ctime_ns: attr.ctime_ns,
-        rdev: attr.rdev,
-    }
+    attr.into()
 }
 
 pub fn attr_response(attr: &Attr) -> pb::AttrResponse {
@@ -110,35 +81,13 @@ pub fn statfs_to_proto(statfs: &StatFs) -> pb::StatFsResponse {
 }
 
 pub fn slice_to_proto(slice: &Slice) -> pb::Slice {
-    pb::Slice {
-        slice_id: slice.slice_id,
-        offset_in_chunk: slice.offset_in_chunk,
-        len: slice.len,
-        gateway_id: bytes::Bytes::copy_from_slice(&slice.gateway_id),
-    }
+    slice.into()
 }
 
-/// The slice of a `RecordPendingSlice` or `CommitSlice`. The gateway id must be 16 bytes, except
-/// for a hole (slice id 0), which owns no blocks and may leave it empty.
+/// The slice of a `RecordPendingSlice` or `CommitSlice` (see [`meta_convert::slice`]).
 pub fn slice_from_proto(slice: Option<&pb::Slice>, rpc: &str) -> Result<Slice, MetaError> {
     let slice = slice.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a slice")))?;
-    let gateway_id: GatewayId = match slice.gateway_id[..].try_into() {
-        Ok(id) => id,
-        Err(_) if slice.slice_id == Slice::HOLE_ID && slice.gateway_id.is_empty() => [0; 16],
-        Err(_) => {
-            return Err(MetaError::Invalid(format!(
-                "slice {}: gateway_id has {} bytes, must be 16",
-                slice.slice_id,
-                slice.gateway_id.len()
-            )))
-        }
-    };
-    Ok(Slice {
-        slice_id: slice.slice_id,
-        offset_in_chunk: slice.offset_in_chunk,
-        len: slice.len,
-        gateway_id,
-    })
+    meta_convert::slice(slice).map_err(invalid)
 }
 
 #[cfg(test)]
