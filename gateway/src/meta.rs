@@ -124,7 +124,8 @@ pub struct MetaConfig {
     pub capacity_bytes: Option<u64>,
     /// ENOSPC past this many inodes.
     pub max_files: Option<u64>,
-    /// fsync every commit (the durability contract). Tests that only need one process's view may
+    /// Every operation is durable before it returns (the durability contract); concurrent
+    /// operations share one fsync (group commit). Tests that only need one process's view may
     /// turn it off to run faster.
     pub sync_commits: bool,
 }

@@ -28,6 +28,7 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
@@ -78,29 +79,99 @@ const FIRST_COOKIE: u64 = 3;
 pub struct RedbMeta {
     db: Database,
     config: MetaConfig,
+    group_sync: GroupSync,
+}
+
+/// Group commit for metadata: every operation commits without an fsync, then waits until one
+/// durable commit made after it has returned. Whoever finds no sync running makes that commit for
+/// everyone waiting, so concurrent operations share one fsync instead of queueing for one each
+/// (redb serializes write transactions, and a durable commit costs two fsyncs).
+///
+/// redb guarantees that a durable commit also makes every earlier non-durable commit durable.
+#[derive(Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    synced: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Operations committed (not necessarily durable) so far.
+    committed: u64,
+    /// Operations known durable: every commit numbered at or below this one.
+    durable: u64,
+    /// A thread is making a durable commit right now.
+    syncing: bool,
 }
 
 impl RedbMeta {
     /// Opens the database at `path`, creating and formatting it (root directory 1) if needed.
     pub fn open(path: impl AsRef<Path>, config: MetaConfig) -> Result<Self> {
         let db = Database::create(path)?;
-        let meta = RedbMeta { db, config };
+        let meta = RedbMeta {
+            db,
+            config,
+            group_sync: GroupSync::default(),
+        };
         meta.write(|tx| tx.format_if_new())?;
         Ok(meta)
     }
 
     fn write<T>(&self, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut txn = self.db.begin_write()?;
-        if !self.config.sync_commits {
-            txn.set_durability(Durability::None)?;
-        }
+        txn.set_durability(Durability::None)?;
         // On error the transaction is dropped without commit, so nothing of it is kept.
         let out = {
             let mut tx = Tx::open(&txn, &self.config)?;
             op(&mut tx)?
         };
         txn.commit()?;
+        if self.config.sync_commits {
+            let ticket = {
+                let mut state = self.group_sync.state.lock().expect("sync state poisoned");
+                state.committed += 1;
+                state.committed
+            };
+            self.wait_durable(ticket)?;
+        }
         Ok(out)
+    }
+
+    /// Returns once commit number `ticket` is durable, making a durable commit if no other thread
+    /// is making one. A commit numbered at or below the count read before a durable commit began
+    /// finished before it began, so that durable commit covers it.
+    fn wait_durable(&self, ticket: u64) -> Result<()> {
+        let sync = &self.group_sync;
+        let mut state = sync.state.lock().expect("sync state poisoned");
+        loop {
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.syncing {
+                state = sync.synced.wait(state).expect("sync state poisoned");
+                continue;
+            }
+            state.syncing = true;
+            let covers = state.committed;
+            drop(state);
+            let outcome = self.durable_commit();
+            state = sync.state.lock().expect("sync state poisoned");
+            state.syncing = false;
+            if outcome.is_ok() {
+                state.durable = state.durable.max(covers);
+            }
+            sync.synced.notify_all();
+            // On failure the waiters wake, find nothing durable and try the commit themselves.
+            outcome?;
+        }
+    }
+
+    /// An empty transaction committed durably: it persists every non-durable commit before it.
+    fn durable_commit(&self) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn read_inode(&self, ino: Ino) -> Result<Inode> {
