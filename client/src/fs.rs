@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 
 use object_store::ObjectStore;
 
-pub use block_api::{store_path, BlockApi, BlockSource, MemoryBlocks};
+pub use block_api::{store_path, BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
 pub use block_grpc::GrpcBlocks;
 pub use channel::{connect_gateway, gateway_endpoint};
 pub use error::{FsError, FsResult};
@@ -87,7 +87,7 @@ impl Default for FsConfig {
             max_dirty_slices_per_file: 256,
             max_concurrent_uploads: 16,
             block_cache_blocks: 32,
-            readahead_blocks: 1,
+            readahead_blocks: 4,
         }
     }
 }

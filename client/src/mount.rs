@@ -17,7 +17,9 @@ use fuser::{MountOption, SessionACL};
 use shared::size::parse_size;
 use shared::store::{open_store, S3Options};
 
-use crate::fs::{connect_gateway, Fs, FsConfig, GrpcBlocks, GrpcMeta, MetaApi};
+use crate::fs::{
+    connect_gateway, BlockApi, Fs, FsConfig, GrpcBlocks, GrpcMeta, MetaApi, StoreBlocks,
+};
 use crate::fuse::{CachePolicy, FuseFs};
 
 #[derive(Debug, clap::Args)]
@@ -50,7 +52,19 @@ pub struct MountArgs {
     /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
-    /// S3 endpoint override for reading uploaded blocks (default from AWS_ENDPOINT).
+    /// Where written blocks go. `gateway`: staged on the gateway's device, so close and fsync
+    /// return once they are durable there and uploads happen in the background. `through`: the
+    /// client PUTs every block to the object store itself, and close and fsync return only once
+    /// the store has them (safe without a gateway device, and as slow as the store).
+    #[arg(long, value_enum, default_value_t = WriteMode::Gateway)]
+    pub write_mode: WriteMode,
+    /// Blocks written at once across all files (to the gateway, or to the store in write-through).
+    #[arg(long, default_value_t = 16)]
+    pub max_uploads: usize,
+    /// Blocks (4 MiB) fetched ahead of a sequential reader.
+    #[arg(long, default_value_t = 4)]
+    pub readahead_blocks: u64,
+    /// S3 endpoint override for the object store (default from AWS_ENDPOINT).
     #[arg(long)]
     pub s3_endpoint: Option<String>,
     /// S3 region override (default from AWS_REGION).
@@ -59,6 +73,15 @@ pub struct MountArgs {
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long)]
     pub s3_allow_http: bool,
+}
+
+/// Where a mount writes its blocks (`--write-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteMode {
+    /// Stage blocks on the gateway; uploads happen in the background.
+    Gateway,
+    /// PUT blocks to the object store from the client; close/fsync wait for the store.
+    Through,
 }
 
 /// Mounts and serves until unmounted. Runs its own runtime (and, in the background, its own
@@ -218,9 +241,14 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
     };
     let store = open_store(&grant.store_url, &s3)
         .with_context(|| format!("cannot open the gateway's object store {}", grant.store_url))?;
-    let blocks = Arc::new(GrpcBlocks::new(channel));
+    let blocks: Arc<dyn BlockApi> = match args.write_mode {
+        WriteMode::Gateway => Arc::new(GrpcBlocks::new(channel)),
+        WriteMode::Through => Arc::new(StoreBlocks::new(store.clone())),
+    };
     let config = FsConfig {
         read_only: args.read_only,
+        max_concurrent_uploads: args.max_uploads.max(1),
+        readahead_blocks: args.readahead_blocks,
         ..FsConfig::default()
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))

@@ -3,7 +3,8 @@
 //!
 //! [`BlockApi`] is one gateway's `Staging` service as the file-system core uses it;
 //! [`super::block_grpc::GrpcBlocks`] is the real one and [`MemoryBlocks`] the in-memory double
-//! of tests. [`BlockSource`] adds the read fallback of DESIGN.md ("Read path"): a gateway that
+//! of tests; [`StoreBlocks`] skips the gateway and writes through to the object store (the
+//! `--write-mode through` baseline). [`BlockSource`] adds the read fallback of DESIGN.md ("Read path"): a gateway that
 //! has uploaded and dropped a block answers "not here", and the block is read from the store.
 
 use std::collections::HashMap;
@@ -75,6 +76,43 @@ impl BlockSource {
                 message: e.to_string(),
             }),
         }
+    }
+}
+
+/// Write-through blocks: each block goes straight to the object store, and a write returns once
+/// the store has acknowledged the PUT. No gateway holds them, so reads always go to the store.
+pub struct StoreBlocks {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl StoreBlocks {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        StoreBlocks { store }
+    }
+}
+
+#[async_trait]
+impl BlockApi for StoreBlocks {
+    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()> {
+        if data.len() as u64 != key.len() {
+            return Err(FsError::Internal(format!(
+                "{} bytes for block {key} of {}",
+                data.len(),
+                key.len()
+            )));
+        }
+        self.store
+            .put(&store_path(&key), PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| FsError::Store {
+                key: key.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    async fn read_block(&self, _key: BlockKey, _range: Range<u64>) -> FsResult<Option<Bytes>> {
+        Ok(None)
     }
 }
 
