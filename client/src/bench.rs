@@ -7,6 +7,8 @@
 //!
 //! Every fallible step returns [`BenchError`]; nothing here panics on bad input.
 
+pub mod chart;
+pub mod fs;
 pub mod gateway;
 pub mod latency_proxy;
 pub mod load;

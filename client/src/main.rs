@@ -78,6 +78,8 @@ enum BenchTarget {
     Gateway(GatewayBenchArgs),
     /// A TCP proxy that adds a round-trip delay (and optional jitter and bandwidth cap), to give a
     /// local S3 server the latency of a cloud object store. Runs until interrupted.
+    #[command(about = client::bench::fs::ABOUT, long_about = client::bench::fs::LONG_ABOUT)]
+    Fs(client::bench::fs::FsBenchArgs),
     Proxy(client::bench::latency_proxy::ProxyArgs),
 }
 
@@ -140,6 +142,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let json = args.json;
             let report = gateway::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Bench {
+            target: BenchTarget::Fs(args),
+        } => {
+            let (json, chart) = (args.json, args.chart.clone());
+            let report = client::bench::fs::run(args).await?;
+            if chart.as_os_str() != "none" {
+                let title = format!(
+                    "stagefs bench fs: store latency {} ms per request",
+                    report.store_delay_ms
+                );
+                match client::bench::chart::render_png(&title, &report.panels(), &chart) {
+                    Ok(()) => eprintln!("[bench] chart: {}", chart.display()),
+                    Err(e) => eprintln!("[bench] no chart ({}): {e}", chart.display()),
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -47,7 +47,7 @@ impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes, which must be a non-zero multiple of [`ALIGN`].
     pub fn zeroed(len: usize) -> Self {
         assert!(
-            len > 0 && len % ALIGN == 0,
+            len > 0 && len.is_multiple_of(ALIGN),
             "aligned buffer length {len} must be a positive multiple of {ALIGN}"
         );
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
@@ -62,7 +62,7 @@ impl AlignedBuf {
     /// come from a pool.
     pub fn uninit(len: usize) -> Self {
         assert!(
-            len > 0 && len % ALIGN == 0,
+            len > 0 && len.is_multiple_of(ALIGN),
             "aligned buffer length {len} must be a positive multiple of {ALIGN}"
         );
         if !(POOL_MIN..=POOLED_CAPACITY).contains(&len) {

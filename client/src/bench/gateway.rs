@@ -291,6 +291,8 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         s3_endpoint: args.s3_endpoint.clone(),
         s3_region: args.s3_region.clone(),
         s3_allow_http: args.s3_allow_http,
+        uploads_paused: true,
+        env: Vec::new(),
         log: workdir.path().join("gateway.log"),
     };
     let mut report = Report {

@@ -67,12 +67,15 @@ pub struct GatewaySpec {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub s3_allow_http: bool,
+    /// Start with uploads paused, so the benchmark decides when the drain runs.
+    pub uploads_paused: bool,
+    /// Environment of the process besides this one's (e.g. S3 credentials).
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
 impl GatewaySpec {
-    /// Arguments of `stagefs-gateway serve`; uploads always start paused so the benchmark decides
-    /// when the drain runs.
+    /// Arguments of `stagefs-gateway serve`.
     pub fn args(&self, format: bool) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "serve".into(),
@@ -91,8 +94,10 @@ impl GatewaySpec {
             self.listen.clone().into(),
             "--upload-concurrency".into(),
             self.upload_concurrency.to_string().into(),
-            "--uploads-paused".into(),
         ]);
+        if self.uploads_paused {
+            args.push("--uploads-paused".into());
+        }
         if let Some(engine) = &self.io_engine {
             args.extend(["--io-engine".into(), engine.into()]);
         }
@@ -145,6 +150,7 @@ impl GatewayProcess {
             .map_err(|e| BenchError::io("cannot open gateway log", &spec.log, e))?;
         let mut child = Command::new(&spec.bin)
             .args(spec.args(format))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

@@ -1,0 +1,566 @@
+//! `stagefs bench fs`: the file system end to end, through real FUSE mounts, against the choices
+//! users have today and the limits of the machine, in one run.
+//!
+//! The run starts its own world in a scratch directory: the S3 test server (`s3s-fs`) behind the
+//! latency proxy (every request pays `--store-delay`, 25 ms by default, as a cloud store does),
+//! and a gateway on a device file whose raw `O_DIRECT` bandwidth is measured first. Then each
+//! workload ([`workloads`]) runs on two mounts of each write mode: `through` (the client PUTs
+//! every block and close/fsync wait for the store) first, then `gateway` (staged on the device,
+//! uploaded in the background, so its drain overlaps the later workloads as it would in use).
+//! Finally `cold_read` reads the write-through checkpoint files, which exist only in the store,
+//! from a fresh mount, against raw GETs through the same proxy. [`report`] prints the table,
+//! JSON and chart panels.
+
+pub mod report;
+pub mod stack;
+pub mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use shared::size::{format_size, parse_size};
+
+use self::report::{FsReport, ModeFigures};
+use self::stack::{find_program, s3_env, s3_store, start_proxy, MountProcess, S3Server};
+use self::workloads::Tarball;
+use super::process::{find_gateway_bin, GatewayProcess, GatewaySpec};
+use super::{progress, raw, BenchError, MIB};
+
+pub const ABOUT: &str =
+    "Benchmark the file system through real mounts: stagefs gateway vs write-through vs the machine";
+
+pub const LONG_ABOUT: &str = "\
+Benchmark the file system end to end, through real FUSE mounts, in one run.
+
+Starts s3s-fs behind a latency proxy (every request pays --store-delay, like a cloud store), a
+gateway on a device file (its raw O_DIRECT bandwidth measured first), and mounts in both write
+modes, then runs:
+  checkpoint        WRITERS files of --checkpoint-size in 1 MiB writes, then close  (MiB/s)
+  small_files       4 KiB files created, written, closed by 4 threads               (files/s)
+  appends           ~100-byte appends to one file, each followed by fsync          (appends/s)
+  read_after_write  close on mount A, open + read + verify on mount B              (p50/p99 ms)
+  cold_read         sequential reads of files only in the store, fresh mount       (MiB/s)
+  untar             tar -xf of a tarball made from --untar-source, verified        (files/s)
+each in write-through mode and in gateway mode, plus local-directory references.
+
+Prints progress on stderr, then a table (or --json) on stdout, and writes a PNG chart (--chart).
+Needs fuse3, tar, and s3s-fs (scripts/setup.sh installs them). Everything runs in --workdir,
+which must be on a disk that supports O_DIRECT (not tmpfs); it is removed afterwards unless
+--keep-workdir.";
+
+/// Arguments of `stagefs bench fs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FsBenchArgs {
+    /// Scratch directory (device file, S3 data, mount points) [default: a new directory under
+    /// /var/tmp, removed afterwards].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+
+    /// Keep the scratch directory afterwards.
+    #[arg(long)]
+    pub keep_workdir: bool,
+
+    /// Size of the gateway's device file [default: 8GiB, 1GiB with --quick].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub device_size: Option<u64>,
+
+    /// Latency the proxy adds to every store request (round trip).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "25ms")]
+    pub store_delay: Duration,
+
+    /// Writers of `checkpoint`, and readers of `cold_read`.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub writers: usize,
+
+    /// Size of each checkpoint file [default: 1GiB, 32MiB with --quick].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub checkpoint_size: Option<u64>,
+
+    /// Files of `small_files` [default: 10000, 200 with --quick].
+    #[arg(long, value_name = "N")]
+    pub small_files: Option<usize>,
+
+    /// Appends of `appends` [default: 1000, 50 with --quick].
+    #[arg(long, value_name = "N")]
+    pub appends: Option<usize>,
+
+    /// Files of `read_after_write` [default: 200, 20 with --quick].
+    #[arg(long, value_name = "N")]
+    pub read_after_write_files: Option<usize>,
+
+    /// Source tree the `untar` tarball is made from.
+    #[arg(long, value_name = "DIR", default_value = "/usr/include")]
+    pub untar_source: PathBuf,
+
+    /// Files taken from --untar-source at most [default: 5000, 200 with --quick].
+    #[arg(long, value_name = "N")]
+    pub untar_files: Option<usize>,
+
+    /// Blocks each mount writes at once (to the gateway, or to the store in write-through), and
+    /// the gateway's upload workers.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub uploads: usize,
+
+    /// Where to write the PNG chart; `none` for no chart.
+    #[arg(long, value_name = "PATH", default_value = "bench-fs.png")]
+    pub chart: PathBuf,
+
+    /// Print exactly one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Small amounts for a smoke run (about a minute).
+    #[arg(long)]
+    pub quick: bool,
+
+    /// The stagefs-gateway binary [default: next to this executable, else on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub gateway_bin: Option<PathBuf>,
+
+    /// The s3s-fs binary [default: on PATH, else ~/.cargo/bin].
+    #[arg(long, value_name = "PATH")]
+    pub s3s_fs_bin: Option<PathBuf>,
+}
+
+/// Amounts of one run, from the arguments.
+struct Plan {
+    device_size: u64,
+    checkpoint_size: u64,
+    small_files: usize,
+    appends: usize,
+    raw_files: usize,
+    untar_files: usize,
+}
+
+impl Plan {
+    fn new(args: &FsBenchArgs) -> Result<Self, BenchError> {
+        let pick = |value: Option<usize>, full: usize, quick: usize| {
+            value.unwrap_or(if args.quick { quick } else { full })
+        };
+        let plan = Plan {
+            device_size: args
+                .device_size
+                .unwrap_or(if args.quick { 1 << 30 } else { 8 << 30 }),
+            checkpoint_size: args.checkpoint_size.unwrap_or(if args.quick {
+                32 << 20
+            } else {
+                1 << 30
+            }),
+            small_files: pick(args.small_files, 10_000, 200),
+            appends: pick(args.appends, 1000, 50),
+            raw_files: pick(args.read_after_write_files, 200, 20),
+            untar_files: pick(args.untar_files, 5000, 200),
+        };
+        if args.writers == 0 || args.uploads == 0 {
+            return Err(BenchError::Args(
+                "--writers and --uploads must be at least 1".into(),
+            ));
+        }
+        if plan.checkpoint_size == 0 {
+            return Err(BenchError::Args("--checkpoint-size must not be 0".into()));
+        }
+        if !plan.device_size.is_multiple_of(raw::ALIGN as u64) || plan.device_size < 256 << 20 {
+            return Err(BenchError::Args(format!(
+                "--device-size {} must be at least 256MiB and a multiple of 4096",
+                format_size(plan.device_size)
+            )));
+        }
+        if args.writers as u64 * plan.checkpoint_size > plan.device_size / 2 {
+            return Err(BenchError::Args(format!(
+                "{} writers × {} does not fit half of --device-size {}: raise it",
+                args.writers,
+                format_size(plan.checkpoint_size),
+                format_size(plan.device_size)
+            )));
+        }
+        Ok(plan)
+    }
+}
+
+/// The scratch directory, removed on drop unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Runs a blocking workload on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BenchError> + Send + 'static,
+) -> Result<T, BenchError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Through,
+    Gateway,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Through => "through",
+            Mode::Gateway => "gateway",
+        }
+    }
+}
+
+pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
+    let plan = Plan::new(&args)?;
+    let gateway_bin = find_gateway_bin(args.gateway_bin.as_deref())?;
+    let s3s_fs = find_program("s3s-fs", args.s3s_fs_bin.as_deref())?;
+    let work = match &args.workdir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| BenchError::io("cannot create --workdir", dir, e))?;
+            WorkDir {
+                path: dir
+                    .canonicalize()
+                    .map_err(|e| BenchError::io("bad --workdir", dir, e))?,
+                keep: true,
+            }
+        }
+        None => {
+            let dir = tempdir_in(Path::new("/var/tmp"), "stagefs-bench-fs")?;
+            WorkDir {
+                path: dir,
+                keep: args.keep_workdir,
+            }
+        }
+    };
+    progress!("scratch directory {}", work.path.display());
+    let mut report = FsReport {
+        store_delay_ms: args.store_delay.as_secs_f64() * 1000.0,
+        writers: args.writers,
+        checkpoint_bytes_per_file: plan.checkpoint_size,
+        small_files: plan.small_files,
+        appends: plan.appends,
+        read_after_write_files: plan.raw_files,
+        untar_source: args.untar_source.display().to_string(),
+        device_size: plan.device_size,
+        quick: args.quick,
+        ..FsReport::default()
+    };
+
+    // The physical limit of the checkpoint: the device, before the gateway owns it.
+    let device = work.path.join("device.img");
+    {
+        let (device, size) = (device.clone(), plan.device_size);
+        let bytes = (args.writers as u64 * plan.checkpoint_size)
+            .clamp(256 << 20, 2 << 30)
+            .min(size)
+            / raw::SEQ_WRITE_SIZE as u64
+            * raw::SEQ_WRITE_SIZE as u64;
+        progress!(
+            "raw device: O_DIRECT sequential writes of {}",
+            format_size(bytes)
+        );
+        let best = blocking(move || {
+            raw::prepare_device(&device, size)?;
+            let one = raw::seq_write(&device, bytes, 1, false)?;
+            let four = raw::seq_write(&device, bytes, 4, false)?;
+            Ok(one.max(four))
+        })
+        .await?;
+        progress!("raw device: {best:.0} MiB/s");
+        report.raw_device_mib_s = Some(best);
+    }
+
+    let s3 = S3Server::start(&s3s_fs, &work.path.join("s3")).await?;
+    let proxy = start_proxy(s3.addr, args.store_delay).await?;
+    let endpoint = format!("http://{proxy}");
+    let store = s3_store(&endpoint)?;
+    progress!(
+        "store: s3s-fs on {} behind the latency proxy on {proxy} (+{:?} per request)",
+        s3.addr,
+        args.store_delay
+    );
+    report.store_put_p50_ms = Some(put_latency(store.as_ref()).await?);
+
+    let spec = GatewaySpec {
+        bin: gateway_bin,
+        device: device.clone(),
+        device_size: plan.device_size,
+        store: format!("s3://{}", stack::S3_BUCKET),
+        listen: "127.0.0.1:0".into(),
+        upload_concurrency: args.uploads,
+        io_engine: None,
+        s3_endpoint: Some(endpoint.clone()),
+        s3_region: Some(stack::S3_REGION.into()),
+        s3_allow_http: true,
+        uploads_paused: false,
+        env: s3_env(),
+        log: work.path.join("gateway.log"),
+    };
+    let gateway = GatewayProcess::start(&spec, true, Duration::from_secs(60)).await?;
+    progress!("gateway on {} (log {})", gateway.addr, spec.log.display());
+
+    let tarball = {
+        let (source, max, out) = (
+            args.untar_source.clone(),
+            plan.untar_files,
+            work.path.join("untar-source.tar"),
+        );
+        blocking(move || Tarball::make(&source, max, &out)).await?
+    };
+    report.untar_files = tarball.files.len();
+    report.untar_bytes = tarball.bytes;
+    let tarball = Arc::new(tarball);
+    progress!(
+        "untar source: {} files, {} from {}",
+        tarball.files.len(),
+        format_size(tarball.bytes),
+        args.untar_source.display()
+    );
+
+    let local = work.path.join("local");
+    std::fs::create_dir_all(&local).map_err(|e| BenchError::io("cannot create", &local, e))?;
+    {
+        let (dir, count) = (local.clone(), plan.small_files);
+        let rate = blocking(move || workloads::small_files(&dir, count, 4)).await?;
+        progress!("[local] small_files: {rate:.0} files/s");
+        report.local_small_files_per_s = Some(rate);
+        let (dir, tarball) = (local.clone(), tarball.clone());
+        let rate = blocking(move || tarball.untar(&dir)).await?;
+        progress!("[local] untar: {rate:.0} files/s");
+        report.local_untar_files_per_s = Some(rate);
+    }
+
+    for mode in [Mode::Through, Mode::Gateway] {
+        let figures = run_mode(
+            mode,
+            &args,
+            &plan,
+            &work.path,
+            gateway.addr,
+            &endpoint,
+            &tarball,
+        )
+        .await?;
+        match mode {
+            Mode::Through => report.write_through = figures,
+            Mode::Gateway => report.gateway = figures,
+        }
+    }
+
+    // cold_read: the write-through checkpoint files are only in the store.
+    let fresh = MountProcess::start(
+        gateway.addr,
+        &work.path.join("mnt-cold"),
+        &endpoint,
+        &["--max-uploads", &args.uploads.to_string()],
+        &work.path.join("mount-cold.log"),
+    )?;
+    {
+        let dir = fresh.path.join(Mode::Through.name());
+        let (writers, size) = (args.writers, plan.checkpoint_size);
+        progress!("[fresh mount] cold_read: {writers} × {}", format_size(size));
+        let rate = blocking(move || workloads::cold_read(&dir, writers, size)).await?;
+        progress!("[fresh mount] cold_read: {rate:.0} MiB/s");
+        report.cold_read_mib_s = Some(rate);
+    }
+    fresh.unmount()?;
+    let raw_get = raw_get(
+        store.clone(),
+        args.writers,
+        args.writers as u64 * plan.checkpoint_size,
+    )
+    .await?;
+    progress!("raw GET: {raw_get:.0} MiB/s with {} streams", args.writers);
+    report.raw_get_mib_s = Some(raw_get);
+    if args.quick {
+        report
+            .notes
+            .push("--quick: amounts too small for figures to mean much".into());
+    }
+    report.derive();
+
+    drop(gateway);
+    drop(s3);
+    Ok(report)
+}
+
+/// All workloads of one write mode, on mounts A and B made for it.
+async fn run_mode(
+    mode: Mode,
+    args: &FsBenchArgs,
+    plan: &Plan,
+    work: &Path,
+    gateway: std::net::SocketAddr,
+    endpoint: &str,
+    tarball: &Arc<Tarball>,
+) -> Result<ModeFigures, BenchError> {
+    let name = mode.name();
+    let uploads = args.uploads.to_string();
+    let mount = |which: &str| {
+        MountProcess::start(
+            gateway,
+            &work.join(format!("mnt-{name}-{which}")),
+            endpoint,
+            &["--write-mode", name, "--max-uploads", &uploads],
+            &work.join(format!("mount-{name}-{which}.log")),
+        )
+    };
+    let a = mount("a")?;
+    let b = mount("b")?;
+    let dir = a.path.join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("cannot create", &dir, e))?;
+    let mut figures = ModeFigures::default();
+
+    let (writers, size) = (args.writers, plan.checkpoint_size);
+    progress!("[{name}] checkpoint: {writers} × {}", format_size(size));
+    let d = dir.clone();
+    let rate = blocking(move || workloads::checkpoint(&d, writers, size)).await?;
+    progress!("[{name}] checkpoint: {rate:.0} MiB/s");
+    figures.checkpoint_mib_s = Some(rate);
+
+    let count = plan.small_files;
+    progress!("[{name}] small_files: {count} × 4 KiB, 4 threads");
+    let d = dir.clone();
+    let rate = blocking(move || workloads::small_files(&d, count, 4)).await?;
+    progress!("[{name}] small_files: {rate:.0} files/s");
+    figures.small_files_per_s = Some(rate);
+
+    let count = plan.appends;
+    progress!("[{name}] appends: {count} × ~100 bytes + fsync");
+    let d = dir.clone();
+    let appends = blocking(move || workloads::appends(&d, count)).await?;
+    progress!(
+        "[{name}] appends: {:.0}/s ({:.1} s)",
+        appends.per_s,
+        appends.total.as_secs_f64()
+    );
+    figures.appends_per_s = Some(appends.per_s);
+    figures.appends_total_s = Some(appends.total.as_secs_f64());
+
+    let count = plan.raw_files;
+    progress!("[{name}] read_after_write: {count} files, A → B");
+    let (d, other) = (dir.clone(), b.path.join(name));
+    let latency = blocking(move || workloads::read_after_write(&d, &other, count)).await?;
+    progress!(
+        "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms",
+        latency.p50_ms,
+        latency.p99_ms
+    );
+    figures.raw_p50_ms = Some(latency.p50_ms);
+    figures.raw_p99_ms = Some(latency.p99_ms);
+
+    progress!("[{name}] untar: {} files", tarball.files.len());
+    let (d, tarball) = (dir.clone(), tarball.clone());
+    let rate = blocking(move || tarball.untar(&d)).await?;
+    progress!("[{name}] untar: {rate:.0} files/s");
+    figures.untar_files_per_s = Some(rate);
+
+    b.unmount()?;
+    a.unmount()?;
+    Ok(figures)
+}
+
+/// Median latency of 20 PUTs of 4 KiB: the store's own cost per request.
+async fn put_latency(store: &dyn ObjectStore) -> Result<f64, BenchError> {
+    let mut samples = Vec::new();
+    for i in 0..20 {
+        let path = object_store::path::Path::from(format!("bench-put-probe/{i}"));
+        let start = Instant::now();
+        store
+            .put(
+                &path,
+                PutPayload::from_bytes(Bytes::from(vec![i as u8; 4096])),
+            )
+            .await
+            .map_err(|source| BenchError::Store {
+                url: "the benchmark store".into(),
+                source,
+            })?;
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+        let _ = store.delete(&path).await;
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// GETs of whole 4 MiB objects (blocks of the checkpoints), `streams` at once, each stream one
+/// object after another, up to `bytes` in all; MiB/s.
+async fn raw_get(
+    store: Arc<dyn ObjectStore>,
+    streams: usize,
+    bytes: u64,
+) -> Result<f64, BenchError> {
+    let store_error = |source| BenchError::Store {
+        url: "the benchmark store".into(),
+        source,
+    };
+    let objects: Vec<_> = store
+        .list(None)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|o| o.size == shared::BLOCK_SIZE)
+        .map(|o| o.location)
+        .take((bytes / shared::BLOCK_SIZE).max(1) as usize)
+        .collect();
+    if objects.is_empty() {
+        return Err(BenchError::Task(
+            "no 4 MiB objects in the store to GET".into(),
+        ));
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in 0..streams {
+        let mine: Vec<_> = objects
+            .iter()
+            .skip(stream)
+            .step_by(streams)
+            .cloned()
+            .collect();
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut total = 0u64;
+            for path in mine {
+                let data = store.get(&path).await?.bytes().await?;
+                total += data.len() as u64;
+            }
+            Ok::<u64, object_store::Error>(total)
+        });
+    }
+    let mut total = 0u64;
+    while let Some(done) = tasks.join_next().await {
+        total += done?.map_err(store_error)?;
+    }
+    Ok(total as f64 / MIB / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// A new directory `<parent>/<prefix>-<pid>-<n>`.
+fn tempdir_in(parent: &Path, prefix: &str) -> Result<PathBuf, BenchError> {
+    for n in 0..1000 {
+        let path = parent.join(format!("{prefix}-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(BenchError::io(
+                    "cannot create a scratch directory in",
+                    parent,
+                    e,
+                ))
+            }
+        }
+    }
+    Err(BenchError::Args(format!(
+        "cannot create a scratch directory in {}",
+        parent.display()
+    )))
+}

@@ -1,0 +1,312 @@
+//! The result of `stagefs bench fs`: one JSON object (`--json`), a table, and the panels of the
+//! chart. The headline keys (`checkpoint_ratio`, `small_files_speedup`, `appends_speedup`,
+//! `raw_p99_ms`, `cold_read_ratio`) sit at the top level of the JSON.
+
+use serde::Serialize;
+
+use super::super::chart::Panel;
+use super::super::ratio;
+
+pub const TARGET_CHECKPOINT_RATIO: f64 = 0.5;
+pub const TARGET_SMALL_FILES_SPEEDUP: f64 = 10.0;
+pub const TARGET_APPENDS_SPEEDUP: f64 = 20.0;
+pub const TARGET_RAW_P99_MS: f64 = 10.0;
+pub const TARGET_COLD_READ_RATIO: f64 = 0.8;
+
+/// The figures of one write mode; a workload that was not run stays `None`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModeFigures {
+    pub checkpoint_mib_s: Option<f64>,
+    pub small_files_per_s: Option<f64>,
+    pub appends_per_s: Option<f64>,
+    pub appends_total_s: Option<f64>,
+    pub raw_p50_ms: Option<f64>,
+    pub raw_p99_ms: Option<f64>,
+    pub untar_files_per_s: Option<f64>,
+}
+
+/// Every figure of a run. Field names are the JSON keys.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FsReport {
+    pub checkpoint_ratio: Option<f64>,
+    pub small_files_speedup: Option<f64>,
+    pub appends_speedup: Option<f64>,
+    pub raw_p99_ms: Option<f64>,
+    pub cold_read_ratio: Option<f64>,
+    pub untar_speedup: Option<f64>,
+
+    pub gateway: ModeFigures,
+    pub write_through: ModeFigures,
+
+    /// Raw `O_DIRECT` sequential writes to the gateway's device, before the gateway owns it.
+    pub raw_device_mib_s: Option<f64>,
+    /// One 4 KiB PUT through the latency proxy, median (the store's own latency).
+    pub store_put_p50_ms: Option<f64>,
+    /// GETs of whole 4 MiB objects through the proxy, by as many streams as `cold_read` readers.
+    pub raw_get_mib_s: Option<f64>,
+    /// Sequential reads of write-through checkpoint files (only in the store) from a fresh mount.
+    pub cold_read_mib_s: Option<f64>,
+    pub local_small_files_per_s: Option<f64>,
+    pub local_untar_files_per_s: Option<f64>,
+
+    pub store_delay_ms: f64,
+    pub writers: usize,
+    pub checkpoint_bytes_per_file: u64,
+    pub small_files: usize,
+    pub appends: usize,
+    pub read_after_write_files: usize,
+    pub untar_source: String,
+    pub untar_files: usize,
+    pub untar_bytes: u64,
+    pub device_size: u64,
+    pub quick: bool,
+    pub notes: Vec<String>,
+}
+
+impl FsReport {
+    /// Fills in the headline ratios from the figures.
+    pub fn derive(&mut self) {
+        let (g, t) = (&self.gateway, &self.write_through);
+        let both = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => ratio(a, b),
+            _ => None,
+        };
+        self.checkpoint_ratio = both(g.checkpoint_mib_s, self.raw_device_mib_s);
+        self.small_files_speedup = both(g.small_files_per_s, t.small_files_per_s);
+        self.appends_speedup = both(g.appends_per_s, t.appends_per_s);
+        self.untar_speedup = both(g.untar_files_per_s, t.untar_files_per_s);
+        self.raw_p99_ms = g.raw_p99_ms;
+        self.cold_read_ratio = both(self.cold_read_mib_s, self.raw_get_mib_s);
+    }
+
+    pub fn table(&self) -> String {
+        let (g, t) = (&self.gateway, &self.write_through);
+        let rows: Vec<[String; 6]> = vec![
+            [
+                "checkpoint".into(),
+                rate(g.checkpoint_mib_s, "MiB/s"),
+                rate(t.checkpoint_mib_s, "MiB/s"),
+                format!("raw device {}", rate(self.raw_device_mib_s, "MiB/s")),
+                times(self.checkpoint_ratio, " of raw"),
+                format!("≥ {TARGET_CHECKPOINT_RATIO}"),
+            ],
+            [
+                "small_files".into(),
+                rate(g.small_files_per_s, "files/s"),
+                rate(t.small_files_per_s, "files/s"),
+                format!("local {}", rate(self.local_small_files_per_s, "files/s")),
+                times(self.small_files_speedup, "×"),
+                format!("≥ {TARGET_SMALL_FILES_SPEEDUP}×"),
+            ],
+            [
+                "appends+fsync".into(),
+                appends(g),
+                appends(t),
+                format!("store PUT p50 {}", ms(self.store_put_p50_ms)),
+                times(self.appends_speedup, "×"),
+                format!("≥ {TARGET_APPENDS_SPEEDUP}×"),
+            ],
+            [
+                "read_after_write".into(),
+                latency(g),
+                latency(t),
+                "(open+read on mount B)".into(),
+                format!("p99 {}", ms(self.raw_p99_ms)),
+                format!("≤ {TARGET_RAW_P99_MS} ms"),
+            ],
+            [
+                "cold_read".into(),
+                rate(self.cold_read_mib_s, "MiB/s"),
+                "(same: reads)".into(),
+                format!("raw GET {}", rate(self.raw_get_mib_s, "MiB/s")),
+                times(self.cold_read_ratio, " of raw"),
+                format!("≥ {TARGET_COLD_READ_RATIO}"),
+            ],
+            [
+                "untar".into(),
+                rate(g.untar_files_per_s, "files/s"),
+                rate(t.untar_files_per_s, "files/s"),
+                format!("local {}", rate(self.local_untar_files_per_s, "files/s")),
+                times(self.untar_speedup, "×"),
+                "-".into(),
+            ],
+        ];
+        let header = [
+            "workload",
+            "stagefs gateway",
+            "write-through",
+            "reference",
+            "ratio",
+            "target",
+        ]
+        .map(String::from);
+        let mut widths = [0usize; 6];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |row: &[String; 6]| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .map(|(cell, w)| format!("{cell}{}", " ".repeat(w - cell.chars().count())))
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        };
+        let mut out = format!(
+            "stagefs bench fs: every store request pays {} ms (s3s-fs behind the latency proxy); \
+             {} writers × {} checkpoint, {} small files, {} appends, {} read-after-write files, \
+             untar of {} files from {}\n\n",
+            self.store_delay_ms,
+            self.writers,
+            shared::size::format_size(self.checkpoint_bytes_per_file),
+            self.small_files,
+            self.appends,
+            self.read_after_write_files,
+            self.untar_files,
+            self.untar_source,
+        );
+        out.push_str(&line(&header));
+        for row in &rows {
+            out.push_str(&line(row));
+        }
+        for note in &self.notes {
+            out.push_str(&format!("note: {note}\n"));
+        }
+        out
+    }
+
+    /// One chart panel per workload, each with its own unit.
+    pub fn panels(&self) -> Vec<Panel> {
+        let (g, t) = (&self.gateway, &self.write_through);
+        let panel = |title: &str, unit: &str, bars: &[(&str, Option<f64>)]| Panel {
+            title: title.into(),
+            unit: unit.into(),
+            bars: bars
+                .iter()
+                .filter_map(|(label, value)| value.map(|v| (label.to_string(), v)))
+                .collect(),
+        };
+        const GW: &str = "stagefs gateway";
+        const WT: &str = "write-through";
+        vec![
+            panel(
+                "checkpoint",
+                "MiB/s",
+                &[
+                    (GW, g.checkpoint_mib_s),
+                    (WT, t.checkpoint_mib_s),
+                    ("raw device", self.raw_device_mib_s),
+                ],
+            ),
+            panel(
+                "small_files (4 KiB)",
+                "files/s",
+                &[
+                    (GW, g.small_files_per_s),
+                    (WT, t.small_files_per_s),
+                    ("local disk", self.local_small_files_per_s),
+                ],
+            ),
+            panel(
+                "appends + fsync",
+                "appends/s",
+                &[(GW, g.appends_per_s), (WT, t.appends_per_s)],
+            ),
+            panel(
+                "read_after_write p99",
+                "ms (lower is better)",
+                &[(GW, g.raw_p99_ms), (WT, t.raw_p99_ms)],
+            ),
+            panel(
+                "cold_read",
+                "MiB/s",
+                &[
+                    ("stagefs mount", self.cold_read_mib_s),
+                    ("raw GET", self.raw_get_mib_s),
+                ],
+            ),
+            panel(
+                "untar",
+                "files/s",
+                &[
+                    (GW, g.untar_files_per_s),
+                    (WT, t.untar_files_per_s),
+                    ("local disk", self.local_untar_files_per_s),
+                ],
+            ),
+        ]
+    }
+}
+
+fn rate(value: Option<f64>, unit: &str) -> String {
+    match value {
+        Some(v) if v >= 100.0 => format!("{v:.0} {unit}"),
+        Some(v) => format!("{v:.1} {unit}"),
+        None => "-".into(),
+    }
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or("-".into(), |v| format!("{v:.1} ms"))
+}
+
+fn times(value: Option<f64>, suffix: &str) -> String {
+    value.map_or("-".into(), |v| format!("{v:.2}{suffix}"))
+}
+
+fn appends(m: &ModeFigures) -> String {
+    match (m.appends_per_s, m.appends_total_s) {
+        (Some(rate), Some(total)) => format!("{rate:.0}/s ({total:.1} s)"),
+        _ => "-".into(),
+    }
+}
+
+fn latency(m: &ModeFigures) -> String {
+    match (m.raw_p50_ms, m.raw_p99_ms) {
+        (Some(p50), Some(p99)) => format!("p50 {p50:.1} / p99 {p99:.1} ms"),
+        _ => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headline_keys_come_from_the_figures() {
+        let mut report = FsReport {
+            gateway: ModeFigures {
+                checkpoint_mib_s: Some(500.0),
+                small_files_per_s: Some(3000.0),
+                appends_per_s: Some(900.0),
+                raw_p99_ms: Some(4.0),
+                ..ModeFigures::default()
+            },
+            write_through: ModeFigures {
+                small_files_per_s: Some(100.0),
+                appends_per_s: Some(30.0),
+                ..ModeFigures::default()
+            },
+            raw_device_mib_s: Some(1000.0),
+            cold_read_mib_s: Some(90.0),
+            raw_get_mib_s: Some(100.0),
+            ..FsReport::default()
+        };
+        report.derive();
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["checkpoint_ratio"], 0.5);
+        assert_eq!(json["small_files_speedup"], 30.0);
+        assert_eq!(json["appends_speedup"], 30.0);
+        assert_eq!(json["raw_p99_ms"], 4.0);
+        assert_eq!(json["cold_read_ratio"], 0.9);
+        assert!(json["untar_speedup"].is_null());
+        let table = report.table();
+        assert!(
+            table.contains("500 MiB/s") && table.contains("30.00×"),
+            "{table}"
+        );
+        assert_eq!(report.panels().len(), 6);
+    }
+}
