@@ -199,7 +199,11 @@ pub async fn format(
     let segment = segment_size.unwrap_or_else(|| default_segment_size(device_bytes));
     let min = min_segment_size();
     let count = device_bytes.saturating_sub(DATA_START) / segment.max(1);
-    if !segment.is_multiple_of(ALIGN as u64) || segment < min || segment > MAX_SEGMENT_BYTES || count < 3 {
+    if !segment.is_multiple_of(ALIGN as u64)
+        || segment < min
+        || segment > MAX_SEGMENT_BYTES
+        || count < 3
+    {
         return Err(FormatError::Geometry(VolumeError::Geometry {
             segment,
             device: device_bytes,
