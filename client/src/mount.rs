@@ -61,6 +61,10 @@ pub struct MountArgs {
     /// Blocks written at once across all files (to the gateway, or to the store in write-through).
     #[arg(long, default_value_t = 16)]
     pub max_uploads: usize,
+    /// Uncommitted bytes one open file may hold in memory; the write that crosses it waits
+    /// until everything written so far is durable and committed.
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub max_dirty_per_file: u64,
     /// Blocks (4 MiB) fetched ahead of a sequential reader.
     #[arg(long, default_value_t = 4)]
     pub readahead_blocks: u64,
@@ -249,6 +253,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         read_only: args.read_only,
         max_concurrent_uploads: args.max_uploads.max(1),
         readahead_blocks: args.readahead_blocks,
+        max_dirty_bytes_per_file: args.max_dirty_per_file.max(1),
         ..FsConfig::default()
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))

@@ -363,7 +363,12 @@ async fn sequential_reads_prefetch_the_next_block() {
     let len = 3 * BLOCK_SIZE as usize;
     a.write(fh, 0, &pattern(2, 0, len)).await.unwrap();
     a.release(fh).await.unwrap();
-    let b = world.mount(FsConfig::default()).await;
+    let b = world
+        .mount(FsConfig {
+            readahead_blocks: 1,
+            ..FsConfig::default()
+        })
+        .await;
     let (fh, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
     assert_eq!(
         b.read(fh, 0, 128 * 1024).await.unwrap(),

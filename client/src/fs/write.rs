@@ -154,6 +154,9 @@ struct SealedBlock {
     upload: Upload,
 }
 
+/// A write at least this large starts its block with the whole block's buffer.
+const LARGE_WRITE: usize = 64 * 1024;
+
 /// Bytes written to one chunk that are not committed yet.
 struct DirtySlice {
     chunk_index: u64,
@@ -204,6 +207,11 @@ impl DirtySlice {
                 // A whole block in one piece: no need to go through the tail buffer.
                 self.seal(Bytes::copy_from_slice(&data[..take]));
             } else {
+                if self.tail.is_empty() && take >= LARGE_WRITE {
+                    // A large writer will fill the block: allocate it once rather than let the
+                    // Vec double its way there, copying everything at each step.
+                    self.tail.reserve_exact(BLOCK_SIZE as usize);
+                }
                 self.tail.extend_from_slice(&data[..take]);
                 if self.tail.len() == BLOCK_SIZE as usize {
                     let full = std::mem::take(&mut self.tail);

@@ -118,6 +118,18 @@ impl RedbMeta {
     }
 
     fn write<T>(&self, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.write_with(self.config.sync_commits, op)
+    }
+
+    /// Like [`RedbMeta::write`], but returns without waiting for the commit to be durable; the
+    /// next durable commit (any other operation's) carries it. Only for changes whose loss in a
+    /// crash is harmless: giving back an open handle (lost, the handle is given back when its
+    /// session expires after the restart, and an unlinked file is purged then).
+    fn write_eventually<T>(&self, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.write_with(false, op)
+    }
+
+    fn write_with<T>(&self, durable: bool, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
         // On error the transaction is dropped without commit, so nothing of it is kept.
@@ -126,7 +138,7 @@ impl RedbMeta {
             op(&mut tx)?
         };
         txn.commit()?;
-        if self.config.sync_commits {
+        if durable {
             let ticket = {
                 let mut state = self.group_sync.state.lock().expect("sync state poisoned");
                 state.committed += 1;
@@ -1270,7 +1282,7 @@ impl MetaEngine for RedbMeta {
     }
 
     fn release(&self, session: SessionId, ino: Ino) -> Result<()> {
-        self.write(|tx| tx.release_handles(session, ino, 1))
+        self.write_eventually(|tx| tx.release_handles(session, ino, 1))
     }
 
     fn take_due_deleted_slices(&self, now_ns: TimeNs, limit: usize) -> Result<Vec<DeletedSlice>> {
