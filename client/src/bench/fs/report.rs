@@ -17,6 +17,8 @@ pub const TARGET_COLD_READ_RATIO: f64 = 0.8;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ModeFigures {
     pub checkpoint_mib_s: Option<f64>,
+    /// Gateway mode: seconds from the checkpoint's close until the gateway had uploaded it.
+    pub checkpoint_drain_s: Option<f64>,
     pub small_files_per_s: Option<f64>,
     pub appends_per_s: Option<f64>,
     pub appends_total_s: Option<f64>,
@@ -170,6 +172,12 @@ impl FsReport {
         out.push_str(&line(&header));
         for row in &rows {
             out.push_str(&line(row));
+        }
+        if let Some(drain) = self.gateway.checkpoint_drain_s {
+            out.push_str(&format!(
+                "gateway mode: the checkpoint was in the store {drain:.1} s after its close \
+                 returned (the run waits for it before the next workload)\n"
+            ));
         }
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
