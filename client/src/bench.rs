@@ -110,3 +110,61 @@ pub(crate) fn mib_per_s(bytes: u64, elapsed: std::time::Duration) -> f64 {
 pub(crate) fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
 }
+
+/// Latency percentile `q` in 0..=1 of `sorted` (ascending), nearest rank, in milliseconds; 0 when
+/// there are no samples.
+pub(crate) fn percentile_ms(sorted: &[std::time::Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// A benchmark's scratch directory: removed with its contents when dropped, unless kept.
+pub(crate) struct ScratchDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl ScratchDir {
+    /// A new directory `<parent>/<prefix>-<random>`, removed on drop unless `keep`.
+    pub(crate) fn create(
+        parent: &std::path::Path,
+        prefix: &str,
+        keep: bool,
+    ) -> Result<Self, BenchError> {
+        for _ in 0..16 {
+            let path = parent.join(format!("{prefix}-{:016x}", rand::random::<u64>()));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(ScratchDir { path, keep }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(BenchError::io("cannot create temporary directory", path, e)),
+            }
+        }
+        Err(BenchError::Task(format!(
+            "cannot create a temporary directory in {parent:?}"
+        )))
+    }
+
+    /// A directory the user chose: created if missing, never removed.
+    pub(crate) fn existing(path: &std::path::Path) -> Result<Self, BenchError> {
+        std::fs::create_dir_all(path).map_err(|e| BenchError::io("cannot create", path, e))?;
+        let path = path
+            .canonicalize()
+            .map_err(|e| BenchError::io("cannot resolve", path, e))?;
+        Ok(ScratchDir { path, keep: true })
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

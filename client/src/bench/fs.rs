@@ -26,10 +26,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use shared::size::{format_size, parse_size};
 
 use self::report::{FsReport, ModeFigures};
-use self::stack::{find_program, s3_env, s3_store, start_proxy, MountProcess, S3Server};
+use self::stack::{s3_env, s3_store, start_proxy, MountProcess, S3Server};
 use self::workloads::Tarball;
-use super::process::{find_gateway_bin, GatewayProcess, GatewaySpec};
-use super::{progress, raw, BenchError, MIB};
+use super::process::{find_gateway_bin, find_program, GatewayProcess, GatewaySpec};
+use super::{progress, raw, BenchError, ScratchDir, MIB};
 
 pub const ABOUT: &str =
     "Benchmark the file system through real mounts: stagefs gateway vs write-through vs the machine";
@@ -182,20 +182,6 @@ impl Plan {
     }
 }
 
-/// The scratch directory, removed on drop unless kept.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Runs a blocking workload on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BenchError> + Send + 'static,
@@ -221,27 +207,14 @@ impl Mode {
 pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
     let plan = Plan::new(&args)?;
     let gateway_bin = find_gateway_bin(args.gateway_bin.as_deref())?;
-    let s3s_fs = find_program("s3s-fs", args.s3s_fs_bin.as_deref())?;
+    let s3s_fs = find_program("s3s-fs", args.s3s_fs_bin.as_deref(), "run scripts/setup.sh")
+        .map_err(BenchError::Args)?;
     let work = match &args.workdir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| BenchError::io("cannot create --workdir", dir, e))?;
-            WorkDir {
-                path: dir
-                    .canonicalize()
-                    .map_err(|e| BenchError::io("bad --workdir", dir, e))?,
-                keep: true,
-            }
-        }
-        None => {
-            let dir = tempdir_in(Path::new("/var/tmp"), "stagefs-bench-fs")?;
-            WorkDir {
-                path: dir,
-                keep: args.keep_workdir,
-            }
-        }
+        Some(dir) => ScratchDir::existing(dir)?,
+        None => ScratchDir::create(Path::new("/var/tmp"), "stagefs-bench-fs", args.keep_workdir)?,
     };
-    progress!("scratch directory {}", work.path.display());
+    let work_path = work.path();
+    progress!("scratch directory {}", work_path.display());
     let mut report = FsReport {
         store_delay_ms: args.store_delay.as_secs_f64() * 1000.0,
         writers: args.writers,
@@ -256,7 +229,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
     };
 
     // The physical limit of the checkpoint: the device, before the gateway owns it.
-    let device = work.path.join("device.img");
+    let device = work_path.join("device.img");
     {
         let (device, size) = (device.clone(), plan.device_size);
         let bytes = (args.writers as u64 * plan.checkpoint_size)
@@ -279,7 +252,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         report.raw_device_mib_s = Some(best);
     }
 
-    let s3 = S3Server::start(&s3s_fs, &work.path.join("s3")).await?;
+    let s3 = S3Server::start(&s3s_fs, &work_path.join("s3")).await?;
     let proxy = start_proxy(s3.addr, args.store_delay).await?;
     let endpoint = format!("http://{proxy}");
     let store = s3_store(&endpoint)?;
@@ -303,7 +276,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         s3_allow_http: true,
         uploads_paused: false,
         env: s3_env(),
-        log: work.path.join("gateway.log"),
+        log: work_path.join("gateway.log"),
     };
     let gateway = GatewayProcess::start(&spec, true, Duration::from_secs(60)).await?;
     progress!("gateway on {} (log {})", gateway.addr, spec.log.display());
@@ -312,7 +285,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         let (source, max, out) = (
             args.untar_source.clone(),
             plan.untar_files,
-            work.path.join("untar-source.tar"),
+            work_path.join("untar-source.tar"),
         );
         blocking(move || Tarball::make(&source, max, &out)).await?
     };
@@ -326,7 +299,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         args.untar_source.display()
     );
 
-    let local = work.path.join("local");
+    let local = work_path.join("local");
     std::fs::create_dir_all(&local).map_err(|e| BenchError::io("cannot create", &local, e))?;
     {
         let (dir, count) = (local.clone(), plan.small_files);
@@ -344,7 +317,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
             mode,
             &args,
             &plan,
-            &work.path,
+            work_path,
             gateway.addr,
             &endpoint,
             &tarball,
@@ -359,10 +332,10 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
     // cold_read: the write-through checkpoint files are only in the store.
     let fresh = MountProcess::start(
         gateway.addr,
-        &work.path.join("mnt-cold"),
+        &work_path.join("mnt-cold"),
         &endpoint,
         &["--max-uploads", &args.uploads.to_string()],
-        &work.path.join("mount-cold.log"),
+        &work_path.join("mount-cold.log"),
     )?;
     {
         let dir = fresh.path.join(Mode::Through.name());
@@ -491,10 +464,7 @@ async fn put_latency(store: &dyn ObjectStore) -> Result<f64, BenchError> {
                 PutPayload::from_bytes(Bytes::from(vec![i as u8; 4096])),
             )
             .await
-            .map_err(|source| BenchError::Store {
-                url: "the benchmark store".into(),
-                source,
-            })?;
+            .map_err(store_error)?;
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
         let _ = store.delete(&path).await;
     }
@@ -509,10 +479,6 @@ async fn raw_get(
     streams: usize,
     bytes: u64,
 ) -> Result<f64, BenchError> {
-    let store_error = |source| BenchError::Store {
-        url: "the benchmark store".into(),
-        source,
-    };
     let objects: Vec<_> = store
         .list(None)
         .try_collect::<Vec<_>>()
@@ -554,24 +520,9 @@ async fn raw_get(
     Ok(total as f64 / MIB / start.elapsed().as_secs_f64().max(1e-9))
 }
 
-/// A new directory `<parent>/<prefix>-<pid>-<n>`.
-fn tempdir_in(parent: &Path, prefix: &str) -> Result<PathBuf, BenchError> {
-    for n in 0..1000 {
-        let path = parent.join(format!("{prefix}-{}-{n}", std::process::id()));
-        match std::fs::create_dir(&path) {
-            Ok(()) => return Ok(path),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(BenchError::io(
-                    "cannot create a scratch directory in",
-                    parent,
-                    e,
-                ))
-            }
-        }
+fn store_error(source: object_store::Error) -> BenchError {
+    BenchError::Store {
+        url: "the benchmark store".into(),
+        source,
     }
-    Err(BenchError::Args(format!(
-        "cannot create a scratch directory in {}",
-        parent.display()
-    )))
 }

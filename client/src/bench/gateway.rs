@@ -267,8 +267,8 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         progress!("note: {note}");
     }
     let bin = find_gateway_bin(args.gateway_bin.as_deref())?;
-    let workdir = std::env::temp_dir();
-    let workdir = tempfile_dir(&workdir)?;
+    // A private temporary directory for the default store and the gateway log.
+    let workdir = super::ScratchDir::create(&std::env::temp_dir(), "stagefs-bench", false)?;
     let store = match &args.store {
         Some(url) => url.clone(),
         None => format!("file://{}", workdir.path().join("store").display()),
@@ -331,36 +331,6 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         }
     }
     result.map(|()| report)
-}
-
-/// A private temporary directory for the default store and the gateway log.
-fn tempfile_dir(parent: &std::path::Path) -> Result<TempDir, BenchError> {
-    for _ in 0..16 {
-        let path = parent.join(format!("stagefs-bench-{:016x}", rand::random::<u64>()));
-        match std::fs::create_dir(&path) {
-            Ok(()) => return Ok(TempDir(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(BenchError::io("cannot create temporary directory", path, e)),
-        }
-    }
-    Err(BenchError::Task(format!(
-        "cannot create a temporary directory in {parent:?}"
-    )))
-}
-
-/// A directory removed (with its contents) when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Bench<'a> {

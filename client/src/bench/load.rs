@@ -139,11 +139,7 @@ impl LoadResult {
 
     /// Latency percentile `q` in 0..=1 (nearest rank), in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        let rank = ((self.latencies.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-        self.latencies[rank.min(self.latencies.len() - 1)].as_secs_f64() * 1000.0
+        super::percentile_ms(&self.latencies, q)
     }
 }
 

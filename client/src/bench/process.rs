@@ -20,38 +20,46 @@ use super::BenchError;
 /// Name of the gateway binary, looked up next to `stagefs` and then on `PATH`.
 pub const GATEWAY_BIN: &str = "stagefs-gateway";
 
-/// Finds `stagefs-gateway`: `explicit` if given, else next to the running executable, else on
-/// `PATH`.
+/// Finds `stagefs-gateway`: `explicit` if given, else as [`find_program`] does.
 pub fn find_gateway_bin(explicit: Option<&Path>) -> Result<PathBuf, BenchError> {
+    find_program(
+        GATEWAY_BIN,
+        explicit,
+        "build it (cargo build --release --bins) or pass --gateway-bin",
+    )
+    .map_err(BenchError::GatewayBinary)
+}
+
+/// Finds a program: `explicit` if given (it must be a file), else next to the running
+/// executable, else on `PATH`, else in `~/.cargo/bin` (where `scripts/setup.sh` installs
+/// `s3s-fs`). The error names where it looked and ends with `hint`.
+pub fn find_program(name: &str, explicit: Option<&Path>, hint: &str) -> Result<PathBuf, String> {
     if let Some(path) = explicit {
         return if path.is_file() {
             Ok(path.to_path_buf())
         } else {
-            Err(BenchError::GatewayBinary(format!(
-                "--gateway-bin {path:?} is not a file"
-            )))
+            Err(format!("{} is not a file", path.display()))
         };
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            let candidate = dir.join(GATEWAY_BIN);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join(GATEWAY_BIN);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    Err(BenchError::GatewayBinary(format!(
-        "{GATEWAY_BIN} is neither next to this executable nor on PATH; build it \
-         (cargo build --release --bins) or pass --gateway-bin"
-    )))
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect())
+        .unwrap_or_default();
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .map(|home| home.join("bin"));
+    beside_exe
+        .into_iter()
+        .chain(on_path)
+        .chain(cargo_bin)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            format!("{name} is neither next to this executable, nor on PATH, nor in ~/.cargo/bin; {hint}")
+        })
 }
 
 /// How to start the gateway; the same for the first start and the restart after the crash.

@@ -20,37 +20,6 @@ pub const S3_SECRET_KEY: &str = "stagefs-secret";
 pub const S3_BUCKET: &str = "stagefs";
 pub const S3_REGION: &str = "us-east-1";
 
-/// Finds a program: `explicit`, else on `PATH`, else in `~/.cargo/bin` (where
-/// `scripts/setup.sh` installs `s3s-fs`).
-pub fn find_program(name: &str, explicit: Option<&Path>) -> Result<PathBuf, BenchError> {
-    if let Some(path) = explicit {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(BenchError::Args(format!(
-                "{} is not a file",
-                path.display()
-            )))
-        };
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string())
-    }) {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    dirs.into_iter()
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            BenchError::Args(format!(
-                "`{name}` is neither on PATH nor in ~/.cargo/bin; run scripts/setup.sh"
-            ))
-        })
-}
-
 /// The environment that gives a child process the S3 server's credentials.
 pub fn s3_env() -> Vec<(String, String)> {
     vec![

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use super::super::{mib_per_s, BenchError};
+use super::super::{mib_per_s, percentile_ms, BenchError};
 
 /// Size of each write of `checkpoint` and each read of `cold_read`.
 pub const IO_SIZE: usize = 1 << 20;
@@ -268,14 +268,9 @@ pub fn read_after_write(writer: &Path, reader: &Path, count: usize) -> Result<La
 
 fn latency(mut samples: Vec<Duration>) -> Latency {
     samples.sort();
-    let at = |q: f64| {
-        samples
-            .get(((samples.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
     Latency {
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
+        p50_ms: percentile_ms(&samples, 0.50),
+        p99_ms: percentile_ms(&samples, 0.99),
     }
 }
 
