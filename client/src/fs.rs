@@ -31,6 +31,7 @@ mod meta_grpc;
 mod meta_local;
 mod read;
 mod write;
+mod xattr_cache;
 
 #[cfg(test)]
 mod tests;
@@ -38,6 +39,7 @@ mod tests;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use object_store::ObjectStore;
 
@@ -54,6 +56,7 @@ pub use meta_grpc::GrpcMeta;
 use layout::{chunk_pieces, BLOCK_SIZE};
 use read::{plan_chunk, BlockFetcher};
 use write::{DirtyFile, WriteContext};
+use xattr_cache::{CapabilityAbsence, CAPABILITY_XATTR};
 
 /// An open file handle, as the kernel knows it.
 pub type FileHandle = u64;
@@ -76,6 +79,12 @@ pub struct FsConfig {
     pub block_cache_blocks: usize,
     /// Blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
+    /// A slice shorter than a block goes to the gateway with its commit in one call
+    /// (`write_slice`). Off in write-through mode, where blocks go to the object store.
+    pub write_slices: bool,
+    /// How long a file seen without `security.capability` is taken to still have none (the
+    /// kernel asks before every write); the mount passes its attribute TTL.
+    pub capability_absence_ttl: Duration,
 }
 
 impl Default for FsConfig {
@@ -88,6 +97,8 @@ impl Default for FsConfig {
             max_concurrent_uploads: 16,
             block_cache_blocks: 32,
             readahead_blocks: 4,
+            write_slices: true,
+            capability_absence_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -104,6 +115,7 @@ pub struct Fs {
     handles: Mutex<HashMap<FileHandle, Arc<Handle>>>,
     next_handle: AtomicU64,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    capability_absence: CapabilityAbsence,
 }
 
 /// A file open on this mount: what all its handles share.
@@ -186,6 +198,7 @@ impl Fs {
             grant.gateway_id,
             config.slice_id_batch,
             config.max_concurrent_uploads,
+            config.write_slices,
         ));
         let fetcher =
             BlockFetcher::new(BlockSource::new(gateway, store), config.block_cache_blocks);
@@ -201,6 +214,7 @@ impl Fs {
             })
         });
         Fs {
+            capability_absence: CapabilityAbsence::new(config.capability_absence_ttl),
             meta,
             config,
             session: grant.session_id,
@@ -319,6 +333,9 @@ impl Fs {
             rdev: 0,
         };
         let attr = self.meta.create(self.session, parent, name, &node).await?;
+        // A file made just now has no attributes: its first write need not ask.
+        self.capability_absence
+            .saw_absent(attr.ino, CAPABILITY_XATTR);
         let file = self.attach(attr).await;
         Ok((attr, self.add_handle(file, access)))
     }
@@ -426,12 +443,24 @@ impl Fs {
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
-        self.meta.getxattr(ino, name).await
+        if self.capability_absence.known_absent(ino, name) {
+            return Err(FsError::Meta {
+                op: "getxattr",
+                errno: libc::ENODATA,
+                message: "no such attribute (remembered)".into(),
+            });
+        }
+        let value = self.meta.getxattr(ino, name).await;
+        if matches!(&value, Err(e) if e.errno() == libc::ENODATA) {
+            self.capability_absence.saw_absent(ino, name);
+        }
+        value
     }
 
     /// `flags`: 0, `XATTR_CREATE` or `XATTR_REPLACE`.
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         self.check_writable_mount()?;
+        self.capability_absence.forget(ino);
         self.meta.setxattr(ino, name, value, flags).await
     }
 
@@ -441,6 +470,7 @@ impl Fs {
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
+        self.capability_absence.forget(ino);
         self.meta.removexattr(ino, name).await
     }
 

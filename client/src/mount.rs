@@ -254,6 +254,8 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         max_concurrent_uploads: args.max_uploads.max(1),
         readahead_blocks: args.readahead_blocks,
         max_dirty_bytes_per_file: args.max_dirty_per_file.max(1),
+        write_slices: args.write_mode == WriteMode::Gateway,
+        capability_absence_ttl: args.attr_ttl,
         ..FsConfig::default()
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))

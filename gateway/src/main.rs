@@ -271,6 +271,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         shutdown.clone(),
     ));
+    let service = StagingService {
+        log: log.clone(),
+        store,
+        store_url: args.store.clone(),
+    };
     let meta_service = MetaService::new(
         meta,
         ClientSettings {
@@ -279,12 +284,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             gateway_address: advertise.clone(),
             heartbeat_interval,
         },
-    );
-    let service = StagingService {
-        log: log.clone(),
-        store,
-        store_url: args.store.clone(),
-    };
+    )
+    .with_staging(service.clone());
     tracing::info!(
         %addr,
         %advertise,

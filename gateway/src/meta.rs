@@ -306,6 +306,11 @@ pub trait MetaEngine: Send + Sync {
     /// are cleaned up if the session dies before committing it. Repeating it with a larger `len`
     /// grows the record.
     fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()>;
+    /// Like [`MetaEngine::record_pending_slice`], but returns before the record is durable; the
+    /// next durable commit carries it. Only for a caller that then stages the slice's blocks and
+    /// commits it itself, without answering anyone in between (`WriteSlice`): should the engine
+    /// crash first, the caller's client gets no answer and retries the whole write.
+    fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()>;
 
     fn open_session(&self, description: &str) -> Result<SessionId>;
     /// Keeps a session alive; [`MetaError::SessionGone`] once it was closed.

@@ -20,7 +20,8 @@ use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{FileKind, GatewayId, MetaEngine, MetaError, RenameMode, XattrMode};
+use crate::meta::{Attr, FileKind, GatewayId, MetaEngine, MetaError, RenameMode, XattrMode};
+use crate::service::StagingService;
 use convert::*;
 
 /// Most entries one `ReadDir` may ask for. A client takes "fewer than `limit`" for the end of the
@@ -46,6 +47,9 @@ pub struct ClientSettings {
 pub struct MetaService {
     engine: Arc<dyn MetaEngine>,
     settings: Arc<ClientSettings>,
+    /// This gateway's staging service, for `WriteSlice`; without it `WriteSlice` is
+    /// unimplemented (clients then use WriteBlock and CommitSlice).
+    staging: Option<StagingService>,
 }
 
 impl MetaService {
@@ -53,7 +57,25 @@ impl MetaService {
         MetaService {
             engine,
             settings: Arc::new(settings),
+            staging: None,
         }
+    }
+
+    /// Serves `WriteSlice` by staging its block on `staging`, this gateway's own device.
+    pub fn with_staging(mut self, staging: StagingService) -> MetaService {
+        self.staging = Some(staging);
+        self
+    }
+
+    /// Runs a read-only engine call here, on the async thread: a redb read transaction never
+    /// waits for a writer and reads cached pages, so handing it to a blocking thread would cost
+    /// more (two thread switches) than the call itself.
+    fn read<T>(
+        &self,
+        rpc: &'static str,
+        call: impl FnOnce(&dyn MetaEngine) -> Result<T, MetaError>,
+    ) -> Result<T, Status> {
+        call(self.engine.as_ref()).map_err(|error| meta_status(rpc, &error))
     }
 
     /// Runs one engine call off the async threads; `rpc` names the call in error messages.
@@ -170,9 +192,7 @@ impl Meta for MetaService {
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let pb::EntryRequest { parent, name } = request.into_inner();
-        let attr = self
-            .run("Lookup", move |engine| engine.lookup(parent, &name))
-            .await?;
+        let attr = self.read("Lookup", move |engine| engine.lookup(parent, &name))?;
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -181,9 +201,7 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let ino = request.into_inner().ino;
-        let attr = self
-            .run("GetAttr", move |engine| engine.getattr(ino))
-            .await?;
+        let attr = self.read("GetAttr", move |engine| engine.getattr(ino))?;
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -274,9 +292,7 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::ReadlinkResponse>, Status> {
         let ino = request.into_inner().ino;
-        let target = self
-            .run("Readlink", move |engine| engine.readlink(ino))
-            .await?;
+        let target = self.read("Readlink", move |engine| engine.readlink(ino))?;
         Ok(Response::new(pb::ReadlinkResponse {
             target: target.into(),
         }))
@@ -343,17 +359,15 @@ impl Meta for MetaService {
         request: Request<pb::ReadDirRequest>,
     ) -> Result<Response<pb::ReadDirResponse>, Status> {
         let request = request.into_inner();
-        let entries = self
-            .run("ReadDir", move |engine| {
-                if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
-                    return Err(MetaError::Invalid(format!(
-                        "limit {} must be between 1 and {MAX_READDIR_LIMIT}",
-                        request.limit
-                    )));
-                }
-                engine.readdir(request.ino, request.after_cookie, request.limit as usize)
-            })
-            .await?;
+        let entries = self.read("ReadDir", move |engine| {
+            if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
+                return Err(MetaError::Invalid(format!(
+                    "limit {} must be between 1 and {MAX_READDIR_LIMIT}",
+                    request.limit
+                )));
+            }
+            engine.readdir(request.ino, request.after_cookie, request.limit as usize)
+        })?;
         Ok(Response::new(pb::ReadDirResponse {
             entries: entries.iter().map(dir_entry_to_proto).collect(),
         }))
@@ -364,9 +378,7 @@ impl Meta for MetaService {
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::XattrValue>, Status> {
         let pb::XattrRequest { ino, name } = request.into_inner();
-        let value = self
-            .run("GetXattr", move |engine| engine.getxattr(ino, &name))
-            .await?;
+        let value = self.read("GetXattr", move |engine| engine.getxattr(ino, &name))?;
         Ok(Response::new(pb::XattrValue {
             value: value.into(),
         }))
@@ -390,9 +402,7 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::XattrNames>, Status> {
         let ino = request.into_inner().ino;
-        let names = self
-            .run("ListXattr", move |engine| engine.listxattr(ino))
-            .await?;
+        let names = self.read("ListXattr", move |engine| engine.listxattr(ino))?;
         Ok(Response::new(pb::XattrNames {
             names: names.into_iter().map(Into::into).collect(),
         }))
@@ -412,7 +422,7 @@ impl Meta for MetaService {
         &self,
         _request: Request<pb::Empty>,
     ) -> Result<Response<pb::StatFsResponse>, Status> {
-        let statfs = self.run("StatFs", |engine| engine.statfs()).await?;
+        let statfs = self.read("StatFs", |engine| engine.statfs())?;
         Ok(Response::new(statfs_to_proto(&statfs)))
     }
 
@@ -442,11 +452,9 @@ impl Meta for MetaService {
         request: Request<pb::ReadChunkRequest>,
     ) -> Result<Response<pb::ReadChunkResponse>, Status> {
         let pb::ReadChunkRequest { ino, chunk_index } = request.into_inner();
-        let slices = self
-            .run("ReadChunk", move |engine| {
-                engine.read_chunk(ino, chunk_index)
-            })
-            .await?;
+        let slices = self.read("ReadChunk", move |engine| {
+            engine.read_chunk(ino, chunk_index)
+        })?;
         Ok(Response::new(pb::ReadChunkResponse {
             slices: slices.iter().map(slice_to_proto).collect(),
         }))
@@ -502,6 +510,87 @@ impl Meta for MetaService {
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
+
+    async fn write_slice(
+        &self,
+        request: Request<pb::WriteSliceRequest>,
+    ) -> Result<Response<pb::AttrResponse>, Status> {
+        const RPC: &str = "WriteSlice";
+        let Some(staging) = self.staging.clone() else {
+            return Err(errno_status(
+                Code::Unimplemented,
+                libc::ENOSYS,
+                format!("{RPC}: this gateway stages no blocks; use WriteBlock and CommitSlice"),
+            ));
+        };
+        let request = request.into_inner();
+        let commit = request
+            .commit
+            .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
+        let slice =
+            slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
+        if slice.gateway_id != self.settings.gateway_id {
+            return Err(meta_status(
+                RPC,
+                &MetaError::Invalid(format!(
+                    "slice {} names gateway {}, but this gateway is {}",
+                    slice.slice_id,
+                    uuid(&slice.gateway_id),
+                    uuid(&self.settings.gateway_id)
+                )),
+            ));
+        }
+        if request.data.len() as u64 != u64::from(slice.len) {
+            return Err(meta_status(
+                RPC,
+                &MetaError::Invalid(format!(
+                    "slice {} is {} bytes long but carries {} bytes",
+                    slice.slice_id,
+                    slice.len,
+                    request.data.len()
+                )),
+            ));
+        }
+        let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
+            .map_err(|e| meta_status(RPC, &MetaError::Invalid(e.to_string())))?;
+        // One blocking call for all three steps: it runs to the end even if the client goes
+        // away (a staged block is never left without its pending record), and waits for the
+        // device from the thread that then commits, saving two thread switches.
+        let engine = self.engine.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let write = move || -> Result<Attr, Status> {
+            let session = commit.session_id;
+            // Durable with the commit below. Should the gateway die first, the client has no
+            // answer and writes the slice again, under a fresh id.
+            engine
+                .record_pending_slice_lazily(session, &slice)
+                .map_err(|e| meta_status(RPC, &e))?;
+            runtime.block_on(staging.stage_block(key, &request.data, request.crc32c))?;
+            engine
+                .commit_slice(
+                    session,
+                    commit.ino,
+                    commit.chunk_index,
+                    &slice,
+                    commit.new_size,
+                    commit.mtime_ns,
+                )
+                .map_err(|e| meta_status(RPC, &e))
+        };
+        let attr = tokio::task::spawn_blocking(write).await.map_err(|e| {
+            errno_status(
+                Code::Internal,
+                libc::EIO,
+                format!("{RPC}: the write task failed: {e}"),
+            )
+        })??;
+        Ok(Response::new(attr_response(&attr)))
+    }
+}
+
+/// A gateway id as `stagefs-gateway inspect` shows it.
+fn uuid(id: &GatewayId) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*id)
 }
 
 #[cfg(test)]

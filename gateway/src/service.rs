@@ -460,6 +460,24 @@ impl StagingService {
         self.stage(key, block.finish(header.crc32c)?).await
     }
 
+    /// Stages one whole block whose bytes arrived in another request (`WriteSlice`); answers
+    /// once it is durable on the device, with the same checks and errors as `WriteBlock`.
+    pub async fn stage_block(
+        &self,
+        key: BlockKey,
+        data: &[u8],
+        crc32c: u32,
+    ) -> Result<u64, Status> {
+        let header = pb::BlockHeader {
+            key: key.to_string(),
+            total_len: data.len() as u64,
+            crc32c,
+        };
+        let (key, mut block) = IncomingBlock::start(&header)?;
+        block.append(data)?;
+        self.stage(key, block.finish(crc32c)?).await
+    }
+
     fn status_now(&self) -> pb::StatusResponse {
         let log = &self.log;
         let snap = log.snapshot();

@@ -12,8 +12,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
-use super::error::FsResult;
+use super::error::{FsError, FsResult};
 
 pub use shared::meta::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
@@ -115,4 +116,24 @@ pub trait MetaApi: Send + Sync + 'static {
         new_size: u64,
         mtime_ns: TimeNs,
     ) -> FsResult<Attr>;
+    /// [`MetaApi::record_pending_slice`], the slice's one block (`data`, all of it) and
+    /// [`MetaApi::commit_slice`] in one call, staged on the gateway that serves the metadata.
+    /// `ENOSYS` where that is not possible (the default): the caller then takes the three steps.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_slice(
+        &self,
+        _session: SessionId,
+        _ino: Ino,
+        _chunk_index: u64,
+        _slice: &Slice,
+        _new_size: u64,
+        _mtime_ns: TimeNs,
+        _data: Bytes,
+    ) -> FsResult<Attr> {
+        Err(FsError::Meta {
+            op: "write_slice",
+            errno: libc::ENOSYS,
+            message: "this metadata service stages no blocks".into(),
+        })
+    }
 }

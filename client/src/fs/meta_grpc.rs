@@ -513,6 +513,36 @@ impl MetaApi for GrpcMeta {
         )?;
         attr_from_proto("commit_slice", answer.attr)
     }
+
+    async fn write_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+        data: Bytes,
+    ) -> FsResult<Attr> {
+        let answer = call!(
+            self,
+            "write_slice",
+            write_slice,
+            pb::WriteSliceRequest {
+                commit: Some(pb::CommitSliceRequest {
+                    session_id: session,
+                    ino,
+                    chunk_index,
+                    slice: Some(slice_to_proto(slice)),
+                    new_size,
+                    mtime_ns,
+                }),
+                crc32c: crc32c::crc32c(&data),
+                data,
+            }
+        )?;
+        attr_from_proto("write_slice", answer.attr)
+    }
 }
 
 fn create_request(

@@ -5,11 +5,14 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use gateway::meta::{self as engine, MetaEngine, RedbMeta};
 
+use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     Attr, DirEntry, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice,
@@ -23,6 +26,13 @@ pub const LOCAL_GATEWAY_ID: GatewayId = [7; 16];
 #[derive(Clone)]
 pub struct LocalMeta {
     engine: Arc<RedbMeta>,
+    /// Where `write_slice` stages blocks, as the gateway that serves the metadata does; without
+    /// it `write_slice` answers ENOSYS, as a metadata service without a device would.
+    staging: Option<Arc<dyn BlockApi>>,
+    /// `write_slice` calls that committed.
+    slices_written: Arc<AtomicU64>,
+    /// The next `write_slice` commits and then fails, as if its answer were lost.
+    lose_next_answer: Arc<AtomicBool>,
 }
 
 impl LocalMeta {
@@ -36,7 +46,24 @@ impl LocalMeta {
             .unwrap_or_else(|e| panic!("test metadata engine in {}: {e}", dir.display()));
         LocalMeta {
             engine: Arc::new(engine),
+            staging: None,
+            slices_written: Arc::new(AtomicU64::new(0)),
+            lose_next_answer: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Serves `write_slice`, staging its blocks on `blocks`.
+    pub fn with_staging(mut self, blocks: Arc<dyn BlockApi>) -> Self {
+        self.staging = Some(blocks);
+        self
+    }
+
+    pub fn slices_written(&self) -> u64 {
+        self.slices_written.load(Ordering::SeqCst)
+    }
+
+    pub fn lose_next_write_slice_answer(&self) {
+        self.lose_next_answer.store(true, Ordering::SeqCst);
     }
 
     pub fn engine(&self) -> &RedbMeta {
@@ -233,5 +260,42 @@ impl MetaApi for LocalMeta {
         self.engine
             .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
             .map_err(fail("commit_slice"))
+    }
+
+    async fn write_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+        data: Bytes,
+    ) -> FsResult<Attr> {
+        let Some(staging) = &self.staging else {
+            return Err(FsError::Meta {
+                op: "write_slice",
+                errno: libc::ENOSYS,
+                message: "no staging in this test".into(),
+            });
+        };
+        self.engine
+            .record_pending_slice_lazily(session, slice)
+            .map_err(fail("write_slice"))?;
+        let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
+            .map_err(|e| FsError::Internal(e.to_string()))?;
+        staging.write_block(key, data).await?;
+        let attr = self
+            .engine
+            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .map_err(fail("write_slice"))?;
+        self.slices_written.fetch_add(1, Ordering::SeqCst);
+        if self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            return Err(FsError::MetaUnavailable {
+                op: "write_slice",
+                message: "the answer was lost".into(),
+            });
+        }
+        Ok(attr)
     }
 }

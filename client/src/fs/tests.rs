@@ -549,6 +549,48 @@ async fn a_failing_gateway_fails_fsync_and_keeps_the_data_for_a_retry() {
 }
 
 #[tokio::test]
+async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_copy() {
+    let mut world = World::new();
+    world.meta = world.meta.clone().with_staging(world.blocks.clone());
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "log").await;
+    a.write(fh, 0, b"first row\n").await.unwrap();
+    a.fsync(fh, false).await.unwrap();
+    assert_eq!(world.meta.slices_written(), 1);
+    assert_eq!(world.blocks.len(), 1);
+
+    // The next call commits but its answer is lost: fsync fails, and the retry commits the same
+    // bytes under a fresh id, which shadows the first copy; no id is in the chunk twice.
+    world.meta.lose_next_write_slice_answer();
+    a.write(fh, 10, b"second row\n").await.unwrap();
+    assert_eq!(errno(a.fsync(fh, false).await), libc::EIO);
+    a.fsync(fh, false).await.unwrap();
+    assert_eq!(world.meta.slices_written(), 3);
+    let slices = world.meta.read_chunk(attr.ino, 0).await.unwrap();
+    let mut ids: Vec<u64> = slices.iter().map(|s| s.slice_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), slices.len(), "{slices:?}");
+    a.release(fh).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(
+        read_path(&b, "log", 0, 64).await,
+        b"first row\nsecond row\n"
+    );
+
+    // Large slices still stream their blocks first and commit after.
+    let (_, fh) = create(&a, "big").await;
+    let len = BLOCK_SIZE as usize + 10;
+    a.write(fh, 0, &pattern(9, 0, len)).await.unwrap();
+    a.release(fh).await.unwrap();
+    assert_eq!(world.meta.slices_written(), 3);
+    assert_eq!(
+        read_path(&b, "big", 0, len as u32).await,
+        pattern(9, 0, len)
+    );
+}
+
+#[tokio::test]
 async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() {
     let world = World::new();
     let config = FsConfig {

@@ -14,13 +14,17 @@
 //! - Before any block of a slice is written, the slice is recorded as pending with the engine
 //!   (`RecordPendingSlice`) covering at least that block, so a client that dies mid-way leaves
 //!   nothing behind that the engine does not know how to clean up.
+//! - A slice that is one block none of which was sent yet (a small file, an append before
+//!   `fsync`) takes all three steps in one call instead, `write_slice`, where the gateway serves
+//!   the metadata too. Each try gets a fresh slice id, so a retry after a lost answer can never
+//!   commit one id twice; at worst it commits the same bytes again, shadowing the first copy.
 //! - Failures keep the data: a block whose upload failed is uploaded again by the next flush, and
 //!   slices not yet committed stay dirty. Blocks are immutable and commits idempotent, so repeating
 //!   either is safe.
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -42,6 +46,9 @@ pub struct WriteContext {
     slice_ids: SliceIdPool,
     /// Bounds the blocks being written to the gateway at once, across all files.
     upload_slots: Arc<Semaphore>,
+    /// Small slices go with their commit in one `write_slice` call; cleared for good when the
+    /// metadata service answers that it cannot.
+    write_slices: AtomicBool,
 }
 
 impl WriteContext {
@@ -52,6 +59,7 @@ impl WriteContext {
         gateway_id: GatewayId,
         slice_id_batch: u32,
         max_concurrent_uploads: usize,
+        write_slices: bool,
     ) -> Self {
         WriteContext {
             meta,
@@ -60,6 +68,7 @@ impl WriteContext {
             gateway_id,
             slice_ids: SliceIdPool::new(slice_id_batch),
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
+            write_slices: AtomicBool::new(write_slices),
         }
     }
 
@@ -249,22 +258,7 @@ impl DirtySlice {
         if !self.blocks.iter().any(waiting) {
             return Ok(());
         }
-        let staged = match &self.staged {
-            Some(staged) => staged.clone(),
-            None => {
-                let staged = Arc::new(StagedSlice {
-                    slice_id: ctx.next_slice_id().await?,
-                    offset_in_chunk: u32::try_from(self.offset_in_chunk).map_err(|_| {
-                        FsError::Internal(format!("slice offset {} in chunk", self.offset_in_chunk))
-                    })?,
-                    gateway_id: ctx.gateway_id,
-                    sealed_len: AtomicU64::new(0),
-                    recorded_len: tokio::sync::Mutex::new(0),
-                });
-                self.staged = Some(staged.clone());
-                staged
-            }
-        };
+        let staged = self.staged(ctx).await?;
         staged
             .sealed_len
             .store(self.sealed_len(), Ordering::Release);
@@ -283,6 +277,77 @@ impl DirtySlice {
             block.upload = Upload::Running(task);
         }
         Ok(())
+    }
+
+    /// The slice's id and staging state, given on first use.
+    async fn staged(&mut self, ctx: &WriteContext) -> FsResult<Arc<StagedSlice>> {
+        if let Some(staged) = &self.staged {
+            return Ok(staged.clone());
+        }
+        let staged = Arc::new(StagedSlice {
+            slice_id: ctx.next_slice_id().await?,
+            offset_in_chunk: u32::try_from(self.offset_in_chunk).map_err(|_| {
+                FsError::Internal(format!("slice offset {} in chunk", self.offset_in_chunk))
+            })?,
+            gateway_id: ctx.gateway_id,
+            sealed_len: AtomicU64::new(0),
+            recorded_len: tokio::sync::Mutex::new(0),
+        });
+        self.staged = Some(staged.clone());
+        Ok(staged)
+    }
+
+    /// A frozen slice that can go with its commit in one `write_slice` call: one block, not
+    /// sent yet, and a metadata service that takes such calls.
+    fn fits_write_slice(&self, ctx: &WriteContext) -> bool {
+        ctx.write_slices.load(Ordering::Relaxed)
+            && self.frozen
+            && self.staged.is_none()
+            && self.blocks.len() == 1
+            && matches!(self.blocks[0].upload, Upload::NotStarted)
+    }
+
+    /// Writes and commits the frozen slice in one call. `None` when the metadata service cannot
+    /// (then never tried again): the caller takes the usual steps.
+    async fn write_with_commit(
+        &mut self,
+        ctx: &WriteContext,
+        ino: Ino,
+        new_size: u64,
+    ) -> FsResult<Option<Attr>> {
+        let staged = self.staged(ctx).await?;
+        let data = self.blocks[0].data.clone();
+        let slice = staged.slice(data.len() as u64);
+        let result = ctx
+            .meta
+            .write_slice(
+                ctx.session,
+                ino,
+                self.chunk_index,
+                &slice,
+                new_size,
+                now_ns(),
+                data,
+            )
+            .await;
+        match result {
+            Ok(attr) => {
+                self.blocks[0].upload = Upload::Done;
+                Ok(Some(attr))
+            }
+            Err(e) => {
+                // The next try takes a fresh id: this one may be committed already (a lost
+                // answer), and recording it as pending again would let a commit reference it
+                // twice.
+                self.staged = None;
+                if e.errno() != libc::ENOSYS {
+                    return Err(e);
+                }
+                tracing::info!(error = %e, "small slices take three calls from now on");
+                ctx.write_slices.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
     }
 
     /// Waits for every running upload; the first failure, if any.
@@ -427,7 +492,9 @@ impl DirtyFile {
         }
         for slice in &mut self.slices {
             slice.freeze();
-            slice.start_uploads(ctx, true).await?;
+            if !slice.fits_write_slice(ctx) {
+                slice.start_uploads(ctx, true).await?;
+            }
         }
         let mut first_error = None;
         for slice in &mut self.slices {
@@ -438,22 +505,35 @@ impl DirtyFile {
         if let Some(e) = first_error {
             return Err(e);
         }
-        while let Some(slice) = self.slices.front() {
+        while let Some(slice) = self.slices.front_mut() {
             let len = slice.len();
-            let staged = slice.staged.as_ref().ok_or_else(|| {
-                FsError::Internal("a frozen slice with uploaded blocks has no id".into())
-            })?;
-            let committed = ctx
-                .meta
-                .commit_slice(
-                    ctx.session,
-                    ino,
-                    slice.chunk_index,
-                    &staged.slice(len),
-                    slice.file_start() + len,
-                    now_ns(),
-                )
-                .await?;
+            let new_size = slice.file_start() + len;
+            let written = if slice.fits_write_slice(ctx) {
+                slice.write_with_commit(ctx, ino, new_size).await?
+            } else {
+                None
+            };
+            let committed = match written {
+                Some(attr) => attr,
+                None => {
+                    // Nothing to do unless `write_slice` just turned out to be unavailable.
+                    slice.start_uploads(ctx, true).await?;
+                    slice.wait_uploads().await?;
+                    let staged = slice.staged.as_ref().ok_or_else(|| {
+                        FsError::Internal("a frozen slice with uploaded blocks has no id".into())
+                    })?;
+                    ctx.meta
+                        .commit_slice(
+                            ctx.session,
+                            ino,
+                            slice.chunk_index,
+                            &staged.slice(len),
+                            new_size,
+                            now_ns(),
+                        )
+                        .await?
+                }
+            };
             *attr = committed;
             self.bytes = self.bytes.saturating_sub(len);
             self.slices.pop_front();

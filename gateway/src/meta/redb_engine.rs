@@ -121,10 +121,38 @@ impl RedbMeta {
         self.write_with(self.config.sync_commits, op)
     }
 
+    /// [`MetaEngine::record_pending_slice`], waiting for durability only when `durable`.
+    fn record_pending(&self, session: SessionId, slice: &Slice, durable: bool) -> Result<()> {
+        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 {
+            return Err(MetaError::Invalid(format!(
+                "slice {slice:?}: id 0 is reserved for holes, and a slice has data"
+            )));
+        }
+        self.write_with(durable, |tx| {
+            tx.check_session(session)?;
+            if slice.slice_id >= tx.counter(NEXT_SLICE_ID)? {
+                return Err(MetaError::Invalid(format!(
+                    "slice id {} was never allocated",
+                    slice.slice_id
+                )));
+            }
+            let key = (session, slice.slice_id);
+            let recorded_len = match tx.pending_slices.get(key)? {
+                Some(bytes) => decode_slice_data(slice.slice_id, bytes.value())?.0,
+                None => 0,
+            };
+            let len = recorded_len.max(slice.len);
+            tx.pending_slices
+                .insert(key, encode_slice_data(len, &slice.gateway_id).as_slice())?;
+            Ok(())
+        })
+    }
+
     /// Like [`RedbMeta::write`], but returns without waiting for the commit to be durable; the
     /// next durable commit (any other operation's) carries it. Only for changes whose loss in a
     /// crash is harmless: giving back an open handle (lost, the handle is given back when its
-    /// session expires after the restart, and an unlinked file is purged then).
+    /// session expires after the restart, and an unlinked file is purged then), or a pending
+    /// record its caller makes durable with its own commit (`record_pending_slice_lazily`).
     fn write_eventually<T>(&self, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         self.write_with(false, op)
     }
@@ -1138,11 +1166,12 @@ impl MetaEngine for RedbMeta {
                 }
             }
             let mut slices = tx.chunk(ino, chunk_index)?;
+            if slices.iter().any(|s| s.slice_id == slice.slice_id) {
+                // A retry of a commit that succeeded but whose answer was lost. Checked even when
+                // the slice was recorded as pending again, so that no chunk ever holds an id twice.
+                return Ok(inode.attr);
+            }
             if !was_pending {
-                // A retry of a commit that succeeded but whose answer was lost.
-                if slices.iter().any(|s| s.slice_id == slice.slice_id) {
-                    return Ok(inode.attr);
-                }
                 return Err(MetaError::SliceNotPending {
                     session,
                     slice_id: slice.slice_id,
@@ -1173,29 +1202,11 @@ impl MetaEngine for RedbMeta {
     }
 
     fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()> {
-        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 {
-            return Err(MetaError::Invalid(format!(
-                "slice {slice:?}: id 0 is reserved for holes, and a slice has data"
-            )));
-        }
-        self.write(|tx| {
-            tx.check_session(session)?;
-            if slice.slice_id >= tx.counter(NEXT_SLICE_ID)? {
-                return Err(MetaError::Invalid(format!(
-                    "slice id {} was never allocated",
-                    slice.slice_id
-                )));
-            }
-            let key = (session, slice.slice_id);
-            let recorded_len = match tx.pending_slices.get(key)? {
-                Some(bytes) => decode_slice_data(slice.slice_id, bytes.value())?.0,
-                None => 0,
-            };
-            let len = recorded_len.max(slice.len);
-            tx.pending_slices
-                .insert(key, encode_slice_data(len, &slice.gateway_id).as_slice())?;
-            Ok(())
-        })
+        self.record_pending(session, slice, self.config.sync_commits)
+    }
+
+    fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()> {
+        self.record_pending(session, slice, false)
     }
 
     fn open_session(&self, description: &str) -> Result<SessionId> {

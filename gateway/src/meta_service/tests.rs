@@ -542,3 +542,127 @@ async fn workers_stop_when_cancelled() {
         .for_each(|joined| joined.unwrap());
     log.shutdown().await;
 }
+
+fn write_slice_request(
+    session_id: u64,
+    ino: u64,
+    slice: &Slice,
+    data: &[u8],
+) -> Request<pb::WriteSliceRequest> {
+    Request::new(pb::WriteSliceRequest {
+        commit: Some(pb::CommitSliceRequest {
+            session_id,
+            ino,
+            chunk_index: 0,
+            slice: Some(slice_proto(slice)),
+            new_size: u64::from(slice.offset_in_chunk + slice.len),
+            mtime_ns: 1,
+        }),
+        data: data.to_vec().into(),
+        crc32c: crc32c::crc32c(data),
+    })
+}
+
+fn slice_proto(slice: &Slice) -> pb::Slice {
+    pb::Slice {
+        slice_id: slice.slice_id,
+        offset_in_chunk: slice.offset_in_chunk,
+        len: slice.len,
+        gateway_id: slice.gateway_id.to_vec().into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_slice_stages_the_block_and_commits_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = staging_log(&dir).await;
+    let (without_staging, engine) = service(&dir, fast_config());
+    let service = without_staging
+        .clone()
+        .with_staging(crate::service::StagingService {
+            log: log.clone(),
+            store: Arc::new(InMemory::new()),
+            store_url: "memory://".into(),
+        });
+    let session = engine.open_session("writer").unwrap();
+    let node = crate::meta::NewNode {
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    };
+    let file = engine
+        .create(session, crate::meta::ROOT_INO, b"log", &node)
+        .unwrap();
+    let data = b"one row of an append log\n".to_vec();
+    let slice = Slice {
+        slice_id: engine.allocate_slice_ids(1).unwrap().start,
+        offset_in_chunk: 0,
+        len: data.len() as u32,
+        gateway_id: GATEWAY_ID,
+    };
+
+    let attr = service
+        .write_slice(write_slice_request(session, file.ino, &slice, &data))
+        .await
+        .unwrap()
+        .into_inner()
+        .attr
+        .unwrap();
+    assert_eq!(attr.size, data.len() as u64);
+    let key = shared::BlockKey::new(slice.slice_id, 0, slice.len).unwrap();
+    let (staged, state) = log.read_block(&key).await.unwrap();
+    assert_eq!(&staged[..], &data[..]);
+    assert_eq!(state, BlockState::Staged);
+    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+
+    // The same call again (a retry whose first answer was lost) changes nothing: the chunk does
+    // not hold the id twice, which would have the older copy queued for deletion as shadowed.
+    service
+        .write_slice(write_slice_request(session, file.ino, &slice, &data))
+        .await
+        .unwrap();
+    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+    assert_eq!(
+        engine.take_due_deleted_slices(i64::MAX, 10).unwrap(),
+        vec![]
+    );
+
+    // What the gateway must refuse, each with the errno the client returns, nothing committed.
+    let other = Slice {
+        slice_id: engine.allocate_slice_ids(1).unwrap().start,
+        ..slice
+    };
+    let wrong_gateway = Slice {
+        gateway_id: [1; 16],
+        ..other
+    };
+    let refused = service
+        .write_slice(write_slice_request(
+            session,
+            file.ino,
+            &wrong_gateway,
+            &data,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(errno_of(&refused), libc::EINVAL, "{refused:?}");
+    assert!(refused.message().contains("names gateway"), "{refused:?}");
+    let refused = service
+        .write_slice(write_slice_request(session, file.ino, &other, &data[1..]))
+        .await
+        .unwrap_err();
+    assert_eq!(errno_of(&refused), libc::EINVAL, "{refused:?}");
+    let mut corrupt = write_slice_request(session, file.ino, &other, &data);
+    corrupt.get_mut().crc32c ^= 1;
+    let refused = service.write_slice(corrupt).await.unwrap_err();
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    let unsupported = without_staging
+        .write_slice(write_slice_request(session, file.ino, &other, &data))
+        .await
+        .unwrap_err();
+    assert_eq!(unsupported.code(), Code::Unimplemented);
+    assert_eq!(errno_of(&unsupported), libc::ENOSYS);
+    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+}
