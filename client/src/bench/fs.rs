@@ -6,8 +6,9 @@
 //! and a gateway on a device file whose raw `O_DIRECT` bandwidth is measured first. Then each
 //! workload ([`workloads`]) runs on two mounts of each write mode: `through` (the client PUTs
 //! every block and close/fsync wait for the store) first, then `gateway` (staged on the device,
-//! uploaded in the background; the run waits for the checkpoint's upload before going on, so
-//! every workload is measured on a quiet machine, and reports how long that drain took).
+//! uploaded in the background; after each workload the run waits until the gateway has uploaded
+//! everything, so every workload is measured without the last one's uploads, and reports how
+//! long the checkpoint's upload took).
 //! Finally `cold_read` reads the write-through checkpoint files, which exist only in the store,
 //! from a fresh mount, against raw GETs through the same proxy. [`report`] prints the table,
 //! JSON and chart panels.
@@ -400,15 +401,18 @@ async fn run_mode(
     progress!("[{name}] checkpoint: {rate:.0} MiB/s");
     figures.checkpoint_mib_s = Some(rate);
     if mode == Mode::Gateway {
-        // Let the upload of the checkpoint finish before the next workload, so that each one is
-        // measured on its own; how long the drain took is a figure of its own.
-        let start = Instant::now();
-        let mut client = super::rpc::connect(gateway).await?;
-        super::rpc::drain(&mut client, Duration::from_secs(3600)).await?;
-        let drained = start.elapsed().as_secs_f64();
+        let drained = wait_for_uploads(gateway).await?;
         progress!("[{name}] checkpoint uploaded by the gateway {drained:.1} s after close");
         figures.checkpoint_drain_s = Some(drained);
     }
+    // Every workload starts with nothing left to upload from the one before.
+    let settle = |what: &'static str| async move {
+        if mode == Mode::Gateway {
+            let drained = wait_for_uploads(gateway).await?;
+            progress!("[{name}] {what} uploaded by the gateway {drained:.1} s after it ended");
+        }
+        Ok::<(), BenchError>(())
+    };
 
     let count = plan.small_files;
     progress!("[{name}] small_files: {count} × 4 KiB, 4 threads");
@@ -416,6 +420,7 @@ async fn run_mode(
     let rate = blocking(move || workloads::small_files(&d, count, 4)).await?;
     progress!("[{name}] small_files: {rate:.0} files/s");
     figures.small_files_per_s = Some(rate);
+    settle("small_files").await?;
 
     let count = plan.appends;
     progress!("[{name}] appends: {count} × ~100 bytes + fsync");
@@ -428,6 +433,7 @@ async fn run_mode(
     );
     figures.appends_per_s = Some(appends.per_s);
     figures.appends_total_s = Some(appends.total.as_secs_f64());
+    settle("appends").await?;
 
     let count = plan.raw_files;
     progress!("[{name}] read_after_write: {count} files, A → B");
@@ -440,16 +446,27 @@ async fn run_mode(
     );
     figures.raw_p50_ms = Some(latency.p50_ms);
     figures.raw_p99_ms = Some(latency.p99_ms);
+    settle("read_after_write").await?;
 
     progress!("[{name}] untar: {} files", tarball.files.len());
     let (d, tarball) = (dir.clone(), tarball.clone());
     let rate = blocking(move || tarball.untar(&d)).await?;
     progress!("[{name}] untar: {rate:.0} files/s");
     figures.untar_files_per_s = Some(rate);
+    settle("untar").await?;
 
     b.unmount()?;
     a.unmount()?;
     Ok(figures)
+}
+
+/// Waits until the gateway has uploaded everything staged, so that the next workload does not
+/// share the machine with the last one's uploads; the seconds it took.
+async fn wait_for_uploads(gateway: std::net::SocketAddr) -> Result<f64, BenchError> {
+    let start = Instant::now();
+    let mut client = super::rpc::connect(gateway).await?;
+    super::rpc::drain(&mut client, Duration::from_secs(3600)).await?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Median latency of 20 PUTs of 4 KiB: the store's own cost per request.
