@@ -701,12 +701,22 @@ impl Fs {
         if len == 0 {
             return Ok(0);
         }
+        let over_limit = |dirty: &DirtyFile| {
+            dirty.bytes() >= self.config.max_dirty_bytes_per_file
+                || dirty.slice_count() >= self.config.max_dirty_slices_per_file
+        };
+        if over_limit(&state.dirty) {
+            // The flush after an earlier write failed: take nothing more until it succeeds, and
+            // say so before taking these bytes, so that an error always means "not written".
+            self.flush_locked(file, &mut state).await?;
+        }
         state.dirty.write(&self.writer, offset, data).await;
         file.dirty_end.store(state.dirty.end(), Ordering::Release);
-        if state.dirty.bytes() >= self.config.max_dirty_bytes_per_file
-            || state.dirty.slice_count() >= self.config.max_dirty_slices_per_file
-        {
-            self.flush_locked(file, &mut state).await?;
+        if over_limit(&state.dirty) {
+            if let Err(e) = self.flush_locked(file, &mut state).await {
+                // These bytes are taken: the error is the next write's, fsync's or close's.
+                tracing::debug!(ino = file.ino, error = %e, "flush at the dirty limit failed; kept");
+            }
         }
         Ok(len)
     }

@@ -591,6 +591,28 @@ async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_cop
 }
 
 #[tokio::test]
+async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
+    let world = World::new();
+    let config = FsConfig {
+        max_dirty_slices_per_file: 2,
+        ..FsConfig::default()
+    };
+    let a = world.mount(config).await;
+    let (attr, fh) = create(&a, "limited").await;
+    world.blocks.set_fail_writes(true);
+    a.write(fh, 0, b"a").await.unwrap();
+    // Crosses the limit: its flush fails, but these bytes are taken, so the write succeeds.
+    a.write(fh, 100, b"b").await.unwrap();
+    // Over the limit already, and the flush fails again: refused before taking anything.
+    assert_eq!(errno(a.write(fh, 200, b"c").await), libc::EIO);
+    world.blocks.set_fail_writes(false);
+    a.fsync(fh, false).await.unwrap();
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(b.getattr(attr.ino).await.unwrap().size, 101, "c was not written");
+    a.release(fh).await.unwrap();
+}
+
+#[tokio::test]
 async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() {
     let world = World::new();
     let config = FsConfig {
