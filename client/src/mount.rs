@@ -31,7 +31,8 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr) instead of returning once mounted.
     #[arg(long, short)]
     pub foreground: bool,
-    /// How long the kernel may cache attributes.
+    /// How long the kernel may cache attributes; also how long the mount remembers that a file
+    /// has no `security.capability` (the kernel asks before every write).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub attr_ttl: Duration,
     /// How long the kernel may cache name lookups.
