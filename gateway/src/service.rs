@@ -384,22 +384,23 @@ impl IncomingBlock {
                 header.key
             )));
         }
-        let key_len = header.key.len();
+        Ok((key, IncomingBlock::for_key(key, header.key.len())))
+    }
+
+    /// A record buffer for `key`, whose text form is `key_len` bytes long.
+    fn for_key(key: BlockKey, key_len: usize) -> IncomingBlock {
         let total = key.len() as usize;
         let mut record = AlignedBuf::uninit(record_len(key_len, total) as usize);
         let data_start = RECORD_HEADER_BYTES + key_len;
         // A reused buffer holds an earlier record: zero the padding after this one's data.
         record[data_start + total..].fill(0);
-        Ok((
+        IncomingBlock {
             key,
-            IncomingBlock {
-                key,
-                record,
-                data_start,
-                received: 0,
-                crc: 0,
-            },
-        ))
+            record,
+            data_start,
+            received: 0,
+            crc: 0,
+        }
     }
 
     fn append(&mut self, data: &[u8]) -> Result<(), Status> {
@@ -468,12 +469,8 @@ impl StagingService {
         data: &[u8],
         crc32c: u32,
     ) -> Result<u64, Status> {
-        let header = pb::BlockHeader {
-            key: key.to_string(),
-            total_len: data.len() as u64,
-            crc32c,
-        };
-        let (key, mut block) = IncomingBlock::start(&header)?;
+        // The key is already parsed and matches the data's length (it was made from it).
+        let mut block = IncomingBlock::for_key(key, key.to_string().len());
         block.append(data)?;
         self.stage(key, block.finish(crc32c)?).await
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stagefs_tests::{is_fuse_mounted, FuseStack, Pattern, TcpProxy};
+use stagefs_tests::{is_fuse_mounted, FuseStack, Mount, Pattern, TcpProxy};
 
 const MIB: u64 = 1 << 20;
 /// Pieces the writer writes a file in.
@@ -103,6 +103,34 @@ fn verify_file(path: &Path, pattern: Pattern, len: u64) -> Result<(), String> {
     }
     let mut file = File::open(path).map_err(|e| format!("open: {e}"))?;
     pattern.verify(&mut file, len)
+}
+
+/// A gateway with uploads held back (everything read back after a restart comes from the
+/// staging log the new gateway process recovered, not from the object store), reached through a
+/// proxy on a fixed port, and mount "a" on it.
+fn gateway_behind_proxy(name: &str) -> (TcpProxy, FuseStack, Mount) {
+    let proxy = TcpProxy::start();
+    let stack = FuseStack::start(name, |gateway| {
+        gateway.device_size("1GiB").args([
+            "--uploads-paused",
+            "--advertise",
+            &proxy.addr().to_string(),
+        ])
+    });
+    proxy.set_target(Some(stack.gateway.addr()));
+    let mnt = stack.mount_at(proxy.addr(), "a").no_cache().start();
+    (proxy, stack, mnt)
+}
+
+/// SIGKILLs the gateway, keeps it dead for [`DOWNTIME`] with every connection cut, restarts it
+/// on the same device and points the proxy at it.
+fn kill_and_restart(proxy: &TcpProxy, stack: &mut FuseStack) {
+    stack.gateway.kill9();
+    proxy.set_target(None);
+    proxy.cut_connections();
+    std::thread::sleep(DOWNTIME);
+    stack.runtime.block_on(stack.gateway.restart());
+    proxy.set_target(Some(stack.gateway.addr()));
 }
 
 /// When to kill the gateway, by the writer's progress in its current file.
@@ -210,18 +238,7 @@ impl Writer {
 #[test]
 fn gateway_sigkill_and_restart_while_writing() {
     let test_started = Instant::now();
-    let proxy = TcpProxy::start();
-    let mut stack = FuseStack::start("fuse-restart", |gateway| {
-        // Uploads held back: everything read back after a restart comes from the staging log
-        // the new gateway process recovered, not from the object store.
-        gateway.device_size("1GiB").args([
-            "--uploads-paused",
-            "--advertise",
-            &proxy.addr().to_string(),
-        ])
-    });
-    proxy.set_target(Some(stack.gateway.addr()));
-    let mnt = stack.mount_at(proxy.addr(), "a").no_cache().start();
+    let (proxy, mut stack, mnt) = gateway_behind_proxy("fuse-restart");
 
     // Files closed before anything happens.
     let before: Vec<(String, Pattern, u64)> = (0..8u64)
@@ -278,12 +295,7 @@ fn gateway_sigkill_and_restart_while_writing() {
         });
         let in_flight = writer.current.lock().unwrap().clone();
         let killed_at = Instant::now();
-        stack.gateway.kill9();
-        proxy.set_target(None);
-        proxy.cut_connections();
-        std::thread::sleep(DOWNTIME);
-        stack.runtime.block_on(stack.gateway.restart());
-        proxy.set_target(Some(stack.gateway.addr()));
+        kill_and_restart(&proxy, &mut stack);
         let restarted_at = Instant::now();
         let in_flight = in_flight.map_or("nothing".to_string(), |p| {
             format!(
@@ -422,16 +434,7 @@ fn row(i: u64) -> String {
 /// file holds nothing but rows, in order.
 #[test]
 fn acknowledged_appends_survive_gateway_sigkill() {
-    let proxy = TcpProxy::start();
-    let mut stack = FuseStack::start("fuse-restart-appends", |gateway| {
-        gateway.device_size("1GiB").args([
-            "--uploads-paused",
-            "--advertise",
-            &proxy.addr().to_string(),
-        ])
-    });
-    proxy.set_target(Some(stack.gateway.addr()));
-    let mnt = stack.mount_at(proxy.addr(), "a").no_cache().start();
+    let (proxy, mut stack, mnt) = gateway_behind_proxy("fuse-restart-appends");
     let path = mnt.join("append.log");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -489,12 +492,7 @@ fn acknowledged_appends_survive_gateway_sigkill() {
     for round in 0..ROUNDS {
         // Killed while rows are being appended and fsync'd, at whatever point that falls.
         let before_kill = acked.load(Ordering::SeqCst);
-        stack.gateway.kill9();
-        proxy.set_target(None);
-        proxy.cut_connections();
-        std::thread::sleep(DOWNTIME);
-        stack.runtime.block_on(stack.gateway.restart());
-        proxy.set_target(Some(stack.gateway.addr()));
+        kill_and_restart(&proxy, &mut stack);
         eprintln!(
             "[stagefs-tests] appends round {round}: killed with {before_kill} rows acknowledged"
         );

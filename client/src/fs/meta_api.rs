@@ -130,10 +130,17 @@ pub trait MetaApi: Send + Sync + 'static {
         _mtime_ns: TimeNs,
         _data: Bytes,
     ) -> FsResult<Attr> {
-        Err(FsError::Meta {
-            op: "write_slice",
-            errno: libc::ENOSYS,
-            message: "this metadata service stages no blocks".into(),
-        })
+        Err(write_slice_unsupported(
+            "this metadata service stages no blocks",
+        ))
+    }
+}
+
+/// The ENOSYS answer of a `write_slice` the metadata service cannot take; `why` says why.
+pub fn write_slice_unsupported(why: &str) -> FsError {
+    FsError::Meta {
+        op: "write_slice",
+        errno: libc::ENOSYS,
+        message: why.into(),
     }
 }

@@ -502,14 +502,7 @@ impl MetaApi for GrpcMeta {
             self,
             "commit_slice",
             commit_slice,
-            pb::CommitSliceRequest {
-                session_id: session,
-                ino,
-                chunk_index,
-                slice: Some(slice_to_proto(slice)),
-                new_size,
-                mtime_ns,
-            }
+            commit_request(session, ino, chunk_index, slice, new_size, mtime_ns)
         )?;
         attr_from_proto("commit_slice", answer.attr)
     }
@@ -529,19 +522,38 @@ impl MetaApi for GrpcMeta {
             "write_slice",
             write_slice,
             pb::WriteSliceRequest {
-                commit: Some(pb::CommitSliceRequest {
-                    session_id: session,
+                commit: Some(commit_request(
+                    session,
                     ino,
                     chunk_index,
-                    slice: Some(slice_to_proto(slice)),
+                    slice,
                     new_size,
-                    mtime_ns,
-                }),
+                    mtime_ns
+                )),
                 crc32c: crc32c::crc32c(&data),
                 data,
             }
         )?;
         attr_from_proto("write_slice", answer.attr)
+    }
+}
+
+/// What `CommitSlice` and `WriteSlice` both carry.
+fn commit_request(
+    session: SessionId,
+    ino: Ino,
+    chunk_index: u64,
+    slice: &Slice,
+    new_size: u64,
+    mtime_ns: TimeNs,
+) -> pb::CommitSliceRequest {
+    pb::CommitSliceRequest {
+        session_id: session,
+        ino,
+        chunk_index,
+        slice: Some(slice_to_proto(slice)),
+        new_size,
+        mtime_ns,
     }
 }
 

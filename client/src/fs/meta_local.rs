@@ -15,8 +15,8 @@ use gateway::meta::{self as engine, MetaEngine, RedbMeta};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    Attr, DirEntry, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice,
-    StatFs, TimeNs,
+    write_slice_unsupported, Attr, DirEntry, GatewayId, Ino, MetaApi, NewNode, SessionGrant,
+    SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -273,11 +273,7 @@ impl MetaApi for LocalMeta {
         data: Bytes,
     ) -> FsResult<Attr> {
         let Some(staging) = &self.staging else {
-            return Err(FsError::Meta {
-                op: "write_slice",
-                errno: libc::ENOSYS,
-                message: "no staging in this test".into(),
-            });
+            return Err(write_slice_unsupported("no staging in this test"));
         };
         self.engine
             .record_pending_slice_lazily(session, slice)
@@ -286,9 +282,8 @@ impl MetaApi for LocalMeta {
             .map_err(|e| FsError::Internal(e.to_string()))?;
         staging.write_block(key, data).await?;
         let attr = self
-            .engine
             .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
-            .map_err(fail("write_slice"))?;
+            .await?;
         self.slices_written.fetch_add(1, Ordering::SeqCst);
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {
             return Err(FsError::MetaUnavailable {

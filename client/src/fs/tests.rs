@@ -608,7 +608,11 @@ async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
     world.blocks.set_fail_writes(false);
     a.fsync(fh, false).await.unwrap();
     let b = world.mount(FsConfig::default()).await;
-    assert_eq!(b.getattr(attr.ino).await.unwrap().size, 101, "c was not written");
+    assert_eq!(
+        b.getattr(attr.ino).await.unwrap().size,
+        101,
+        "c was not written"
+    );
     a.release(fh).await.unwrap();
 }
 

@@ -554,22 +554,13 @@ fn write_slice_request(
             session_id,
             ino,
             chunk_index: 0,
-            slice: Some(slice_proto(slice)),
+            slice: Some(slice_to_proto(slice)),
             new_size: u64::from(slice.offset_in_chunk + slice.len),
             mtime_ns: 1,
         }),
         data: data.to_vec().into(),
         crc32c: crc32c::crc32c(data),
     })
-}
-
-fn slice_proto(slice: &Slice) -> pb::Slice {
-    pb::Slice {
-        slice_id: slice.slice_id,
-        offset_in_chunk: slice.offset_in_chunk,
-        len: slice.len,
-        gateway_id: slice.gateway_id.to_vec().into(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
