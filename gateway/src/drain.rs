@@ -192,90 +192,11 @@ mod tests {
     //! Drain behaviour against in-memory stores with injected faults a real server cannot be
     //! made to produce on demand.
     use super::*;
+    use crate::faulty_store::FaultyStore;
     use crate::io::EngineKind;
     use crate::volume::{open_volume, VolumeOptions};
     use object_store::memory::InMemory;
     use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// Fails PUTs: the first `outage` ones as an unreachable store, all of them with permission
-    /// errors for the blocks of slice 13.
-    #[derive(Debug)]
-    struct FaultyStore {
-        inner: InMemory,
-        outage: AtomicU32,
-    }
-
-    impl std::fmt::Display for FaultyStore {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "FaultyStore")
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for FaultyStore {
-        async fn put_opts(
-            &self,
-            location: &Path,
-            payload: PutPayload,
-            opts: object_store::PutOptions,
-        ) -> object_store::Result<object_store::PutResult> {
-            if location.as_ref().contains("/13_") {
-                return Err(object_store::Error::PermissionDenied {
-                    path: location.to_string(),
-                    source: "injected".into(),
-                });
-            }
-            if self.outage.load(Ordering::SeqCst) > 0 {
-                self.outage.fetch_sub(1, Ordering::SeqCst);
-                return Err(object_store::Error::Generic {
-                    store: "faulty",
-                    source: "connection refused (injected)".into(),
-                });
-            }
-            self.inner.put_opts(location, payload, opts).await
-        }
-        async fn put_multipart_opts(
-            &self,
-            location: &Path,
-            opts: object_store::PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-            self.inner.put_multipart_opts(location, opts).await
-        }
-        async fn get_opts(
-            &self,
-            location: &Path,
-            options: object_store::GetOptions,
-        ) -> object_store::Result<object_store::GetResult> {
-            self.inner.get_opts(location, options).await
-        }
-        fn delete_stream(
-            &self,
-            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
-            self.inner.delete_stream(locations)
-        }
-        fn list(
-            &self,
-            prefix: Option<&Path>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
-        {
-            self.inner.list(prefix)
-        }
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&Path>,
-        ) -> object_store::Result<object_store::ListResult> {
-            self.inner.list_with_delimiter(prefix).await
-        }
-        async fn copy_opts(
-            &self,
-            from: &Path,
-            to: &Path,
-            options: object_store::CopyOptions,
-        ) -> object_store::Result<()> {
-            self.inner.copy_opts(from, to, options).await
-        }
-    }
 
     #[tokio::test]
     async fn blocks_deleted_within_the_upload_delay_are_never_uploaded() {
@@ -358,10 +279,24 @@ mod tests {
         })
         .await
         .unwrap();
-        let store = Arc::new(FaultyStore {
-            inner: InMemory::new(),
-            outage: AtomicU32::new(20),
-        });
+        // The first 20 PUTs meet an unreachable store; the blocks of slice 13 are refused for
+        // good.
+        let outage = AtomicU32::new(20);
+        let store = Arc::new(FaultyStore::failing_puts(move |location| {
+            if location.as_ref().contains("/13_") {
+                return Some(object_store::Error::PermissionDenied {
+                    path: location.to_string(),
+                    source: "injected".into(),
+                });
+            }
+            let down = outage
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            down.then(|| object_store::Error::Generic {
+                store: "faulty",
+                source: "connection refused (injected)".into(),
+            })
+        }));
         let config = DrainConfig {
             concurrency: 4,
             bandwidth: None,
@@ -410,7 +345,6 @@ mod tests {
             } else {
                 assert_eq!(state, crate::staging::BlockState::Uploaded, "{key}");
                 let got = store
-                    .inner
                     .get(&Path::from(key.to_string()))
                     .await
                     .unwrap()

@@ -8,6 +8,8 @@
 pub mod aligned;
 pub mod device;
 pub mod drain;
+#[cfg(test)]
+mod faulty_store;
 pub mod format;
 pub mod inspect;
 pub mod io;

@@ -2,12 +2,11 @@
 //! error, RPCs called in process against a real redb engine, session expiry, and deleted-data
 //! cleanup against a real staging log and an in-memory store (with injected delete failures).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -17,6 +16,7 @@ use tonic::{Code, Request, Status};
 
 use super::workers::{expire_silent_sessions, DataCleaner};
 use super::*;
+use crate::faulty_store::FaultyStore;
 use crate::io::EngineKind;
 use crate::meta::{MetaConfig, RedbMeta, Slice};
 use crate::staging::{BlockState, StagingLog};
@@ -312,81 +312,6 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
     assert_eq!(statfs.files, 2);
 }
 
-/// A store that refuses deletions while `refuse_deletes` is set.
-#[derive(Debug)]
-struct DeleteRefusingStore {
-    inner: InMemory,
-    refuse_deletes: AtomicBool,
-}
-
-impl std::fmt::Display for DeleteRefusingStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeleteRefusingStore")
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for DeleteRefusingStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: object_store::PutOptions,
-    ) -> object_store::Result<object_store::PutResult> {
-        self.inner.put_opts(location, payload, opts).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: object_store::PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: object_store::GetOptions,
-    ) -> object_store::Result<object_store::GetResult> {
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        if self.refuse_deletes.load(Ordering::SeqCst) {
-            return locations
-                .map(|location| {
-                    Err(object_store::Error::Generic {
-                        store: "refusing",
-                        source: format!("delete of {} refused (injected)", location?).into(),
-                    })
-                })
-                .boxed();
-        }
-        self.inner.delete_stream(locations)
-    }
-    fn list(
-        &self,
-        prefix: Option<&Path>,
-    ) -> BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&Path>,
-    ) -> object_store::Result<object_store::ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
 async fn staging_log(dir: &tempfile::TempDir) -> Arc<StagingLog> {
     open_volume(&VolumeOptions {
         path: dir.path().join("device"),
@@ -429,10 +354,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     let log = staging_log(&dir).await;
     let engine: Arc<dyn MetaEngine> =
         Arc::new(RedbMeta::open(dir.path().join("meta.redb"), fast_config()).unwrap());
-    let store = Arc::new(DeleteRefusingStore {
-        inner: InMemory::new(),
-        refuse_deletes: AtomicBool::new(true),
-    });
+    let store = Arc::new(FaultyStore::refusing_deletes());
     let cleaner = DataCleaner {
         engine: engine.clone(),
         staging: log.clone(),
