@@ -193,25 +193,14 @@ mod tests {
     //! made to produce on demand.
     use super::*;
     use crate::faulty_store::FaultyStore;
-    use crate::io::EngineKind;
-    use crate::volume::{open_volume, VolumeOptions};
+    use crate::volume::small_test_volume;
     use object_store::memory::InMemory;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[tokio::test]
     async fn blocks_deleted_within_the_upload_delay_are_never_uploaded() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = open_volume(&VolumeOptions {
-            path: dir.path().join("dev"),
-            create_size: 64 << 20,
-            segment_size: Some(8 << 20),
-            format: false,
-            engine: EngineKind::Psync,
-            full_wait: Duration::from_secs(1),
-            uploads_paused: false,
-        })
-        .await
-        .unwrap();
+        let volume = small_test_volume(dir.path(), false).await;
         let store = Arc::new(InMemory::new());
         let config = DrainConfig {
             concurrency: 2,
@@ -268,17 +257,7 @@ mod tests {
     #[tokio::test]
     async fn outage_retries_forever_and_permission_errors_quarantine() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = open_volume(&VolumeOptions {
-            path: dir.path().join("dev"),
-            create_size: 64 << 20,
-            segment_size: Some(8 << 20),
-            format: false,
-            engine: EngineKind::Psync,
-            full_wait: Duration::from_secs(1),
-            uploads_paused: false,
-        })
-        .await
-        .unwrap();
+        let volume = small_test_volume(dir.path(), false).await;
         // The first 20 PUTs meet an unreachable store; the blocks of slice 13 are refused for
         // good.
         let outage = AtomicU32::new(20);

@@ -234,6 +234,22 @@ pub async fn format(
     Ok(sb)
 }
 
+/// Tests only: a small volume in `dir` (64 MiB, 8 MiB segments, the portable engine).
+#[cfg(test)]
+pub async fn small_test_volume(dir: &std::path::Path, uploads_paused: bool) -> Arc<StagingLog> {
+    open_volume(&VolumeOptions {
+        path: dir.join("device"),
+        create_size: 64 << 20,
+        segment_size: Some(8 << 20),
+        format: false,
+        engine: EngineKind::Psync,
+        full_wait: Duration::from_secs(1),
+        uploads_paused,
+    })
+    .await
+    .expect("a test volume")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -333,33 +333,30 @@ impl Gateway {
         &self.engine
     }
 
-    /// A new connection to the staging service, accepting messages up to
-    /// [`proto::MAX_MESSAGE_BYTES`].
-    pub async fn client(&self) -> StagingClient<Channel> {
+    /// A new HTTP/2 connection to the gateway, for its `service`; panics if it cannot connect.
+    async fn channel(&self, service: &str) -> Channel {
         let url = self.url();
-        let channel = Endpoint::from_shared(url.clone())
+        Endpoint::from_shared(url.clone())
             .expect("valid endpoint URL")
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("cannot connect to the gateway at {url}: {e}"));
-        StagingClient::new(channel)
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to the gateway's {service} service at {url}: {e}")
+            })
+    }
+
+    /// A new connection to the staging service, accepting messages up to
+    /// [`proto::MAX_MESSAGE_BYTES`].
+    pub async fn client(&self) -> StagingClient<Channel> {
+        StagingClient::new(self.channel("Staging").await)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
     }
 
     /// A new connection to the metadata service (`Meta`, served on the same address).
     pub async fn meta_client(&self) -> MetaClient<Channel> {
-        let url = self.url();
-        let channel = Endpoint::from_shared(url.clone())
-            .expect("valid endpoint URL")
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot connect to the gateway's Meta service at {url}: {e}")
-            });
-        MetaClient::new(channel)
+        MetaClient::new(self.channel("Meta").await)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
     }

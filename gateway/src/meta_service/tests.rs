@@ -17,10 +17,9 @@ use tonic::{Code, Request, Status};
 use super::workers::{expire_silent_sessions, DataCleaner};
 use super::*;
 use crate::faulty_store::FaultyStore;
-use crate::io::EngineKind;
 use crate::meta::{MetaConfig, RedbMeta, Slice};
 use crate::staging::{BlockState, StagingLog};
-use crate::volume::{open_volume, VolumeOptions};
+use crate::volume::small_test_volume;
 
 const GATEWAY_ID: GatewayId = [0x5a; 16];
 
@@ -313,17 +312,7 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
 }
 
 async fn staging_log(dir: &tempfile::TempDir) -> Arc<StagingLog> {
-    open_volume(&VolumeOptions {
-        path: dir.path().join("device"),
-        create_size: 64 << 20,
-        segment_size: Some(8 << 20),
-        format: false,
-        engine: EngineKind::Psync,
-        full_wait: Duration::from_secs(1),
-        uploads_paused: true,
-    })
-    .await
-    .unwrap()
+    small_test_volume(dir.path(), true).await
 }
 
 async fn stage(log: &StagingLog, key: &shared::BlockKey) {
