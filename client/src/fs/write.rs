@@ -516,9 +516,11 @@ impl DirtyFile {
             let committed = match written {
                 Some(attr) => attr,
                 None => {
-                    // Nothing to do unless `write_slice` just turned out to be unavailable.
-                    slice.start_uploads(ctx, true).await?;
-                    slice.wait_uploads().await?;
+                    if slice.staged.is_none() {
+                        // `write_slice` just turned out to be unavailable: the usual steps.
+                        slice.start_uploads(ctx, true).await?;
+                        slice.wait_uploads().await?;
+                    }
                     let staged = slice.staged.as_ref().ok_or_else(|| {
                         FsError::Internal("a frozen slice with uploaded blocks has no id".into())
                     })?;
