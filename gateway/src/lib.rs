@@ -13,7 +13,8 @@ mod faulty_store;
 pub mod format;
 pub mod inspect;
 pub mod io;
-pub mod meta;
+/// The metadata engine, a crate of its own (`gateway/meta`).
+pub use ::meta;
 pub mod meta_service;
 pub mod recovery;
 pub mod service;

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gateway::drain::{self, DrainConfig};
 use gateway::io::EngineKind;
-use gateway::meta::{MetaConfig, MetaEngine, RedbMeta};
+use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
 use gateway::meta_service::workers::{self as meta_workers, WorkerConfig};
 use gateway::meta_service::{ClientSettings, MetaService};
 use gateway::service::StagingService;
@@ -112,10 +112,12 @@ struct ServeArgs {
     /// Allow plain-HTTP S3 endpoints.
     #[arg(long)]
     s3_allow_http: bool,
-    /// Metadata database (a redb file, created if missing). Default: `<device>.meta.redb` for a
-    /// regular-file device; required for a block device.
-    #[arg(long)]
-    meta: Option<PathBuf>,
+    /// Where the file-system metadata lives: a redb file path (embedded, created if missing;
+    /// default `<device>.meta.redb` for a regular-file device, required for a block device), or
+    /// `postgres://USER[:PASS]@HOST[:PORT]/DB`, a PostgreSQL database that several gateways
+    /// share (the schema is created and migrated at start).
+    #[arg(long, value_parser = parse_meta_location)]
+    meta: Option<MetaLocation>,
     /// How long the data of deleted, overwritten or truncated ranges (and of slices left
     /// uncommitted by dead clients) is kept before it is dropped from staging and deleted from
     /// the store, so readers that resolved a slice just before can still fetch its blocks.
@@ -132,11 +134,18 @@ struct ServeArgs {
     advertise: Option<String>,
 }
 
-/// The metadata database's path: `--meta`, else next to a regular-file device. A block device
+fn parse_meta_location(text: &str) -> Result<MetaLocation, String> {
+    if text.is_empty() {
+        return Err("empty: give a redb file path or a postgres:// URL".into());
+    }
+    Ok(MetaLocation::parse(text))
+}
+
+/// The metadata database: `--meta`, else a redb file next to a regular-file device. A block device
 /// has no file system to put it next to, so there the flag is required.
-fn meta_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
-    if let Some(path) = &args.meta {
-        return Ok(path.clone());
+fn meta_location(args: &ServeArgs) -> anyhow::Result<MetaLocation> {
+    if let Some(location) = &args.meta {
+        return Ok(location.clone());
     }
     match std::fs::metadata(&args.device) {
         Ok(metadata) if metadata.file_type().is_block_device() => anyhow::bail!(
@@ -148,16 +157,18 @@ fn meta_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
         _ => {
             let mut path = args.device.clone().into_os_string();
             path.push(".meta.redb");
-            Ok(path.into())
+            Ok(MetaLocation::Redb(path.into()))
         }
     }
 }
 
-async fn open_meta(path: &Path, config: MetaConfig) -> anyhow::Result<Arc<dyn MetaEngine>> {
-    let owned = path.to_path_buf();
-    let engine = tokio::task::spawn_blocking(move || RedbMeta::open(owned, config))
-        .await?
-        .with_context(|| format!("cannot open the metadata database {}", path.display()))?;
+async fn open_meta(
+    location: &MetaLocation,
+    config: MetaConfig,
+) -> anyhow::Result<Arc<dyn MetaEngine>> {
+    let engine = meta::open(location, config)
+        .await
+        .with_context(|| format!("cannot open the metadata database {location}"))?;
     Ok(Arc::new(engine))
 }
 
@@ -207,7 +218,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "--heartbeat-interval must be longer than 0"
     );
     // Resolved before the device is opened, so a missing --meta fails without touching it.
-    let meta_path = meta_path(&args)?;
+    let meta_location = meta_location(&args)?;
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),
         region: args.s3_region.clone(),
@@ -226,7 +237,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     // After the device: its lock keeps a second gateway out before it reaches the database.
     let meta = open_meta(
-        &meta_path,
+        &meta_location,
         MetaConfig {
             deleted_data_delay: args.deleted_data_delay,
             ..MetaConfig::default()
@@ -290,7 +301,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         %addr,
         %advertise,
         device = %args.device.display(),
-        meta = %meta_path.display(),
+        meta = %meta_location,
         store = %args.store,
         deleted_data_delay = ?args.deleted_data_delay,
         ?heartbeat_interval,
@@ -370,8 +381,8 @@ mod meta_service_flags {
         assert_eq!(args.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(args.advertise, None);
         assert_eq!(
-            meta_path(&args).unwrap(),
-            PathBuf::from("/var/tmp/dev.img.meta.redb")
+            meta_location(&args).unwrap(),
+            MetaLocation::Redb("/var/tmp/dev.img.meta.redb".into())
         );
         let args = serve_args(&[
             "--meta",
@@ -383,7 +394,31 @@ mod meta_service_flags {
             "--advertise",
             "gw:7070",
         ]);
-        assert_eq!(meta_path(&args).unwrap(), PathBuf::from("/srv/meta.redb"));
+        assert_eq!(
+            meta_location(&args).unwrap(),
+            MetaLocation::Redb("/srv/meta.redb".into())
+        );
+        let args = serve_args(&["--meta", "postgres://gw:secret@db:5432/fs"]);
+        let location = meta_location(&args).unwrap();
+        assert_eq!(
+            location,
+            MetaLocation::Postgres("postgres://gw:secret@db:5432/fs".into())
+        );
+        assert_eq!(
+            location.to_string(),
+            "postgres://gw@db:5432/fs",
+            "no password in logs"
+        );
+        let args = serve_args(&[
+            "--meta",
+            "/srv/meta.redb",
+            "--deleted-data-delay",
+            "90s",
+            "--heartbeat-interval",
+            "250ms",
+            "--advertise",
+            "gw:7070",
+        ]);
         assert_eq!(args.deleted_data_delay, Duration::from_secs(90));
         assert_eq!(args.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(args.advertise.as_deref(), Some("gw:7070"));
@@ -403,9 +438,12 @@ mod meta_service_flags {
         };
         let mut args = serve_args(&[]);
         args.device = device.clone();
-        let error = meta_path(&args).unwrap_err().to_string();
+        let error = meta_location(&args).unwrap_err().to_string();
         assert!(error.contains("--meta PATH"), "{error}");
-        args.meta = Some("/srv/meta.redb".into());
-        assert_eq!(meta_path(&args).unwrap(), PathBuf::from("/srv/meta.redb"));
+        args.meta = Some(MetaLocation::Redb("/srv/meta.redb".into()));
+        assert_eq!(
+            meta_location(&args).unwrap(),
+            MetaLocation::Redb("/srv/meta.redb".into())
+        );
     }
 }

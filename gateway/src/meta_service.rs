@@ -1,8 +1,7 @@
 //! The gRPC `Meta` service (`proto/proto/meta.proto`): a thin shell over a [`MetaEngine`].
 //!
-//! Each RPC converts its request ([`convert`]), runs one engine transaction on
-//! `tokio::task::spawn_blocking` (the engine is synchronous: redb does file I/O and fsyncs), and
-//! converts the answer back. Every failure goes through [`meta_status`], the one place that turns
+//! Each RPC converts its request ([`convert`]), runs one engine transaction, and converts the
+//! answer back. Every failure goes through [`meta_status`], the one place that turns
 //! a [`MetaError`] into a `tonic::Status`: the Linux errno in the `stagefs-errno` response metadata
 //! (what the FUSE client returns to the kernel) and the gRPC code the proto's header derives from
 //! it.
@@ -20,7 +19,7 @@ use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{Attr, FileKind, GatewayId, MetaEngine, MetaError, RenameMode, XattrMode};
+use crate::meta::{FileKind, GatewayId, MetaEngine, MetaError, RenameMode, XattrMode};
 use crate::service::StagingService;
 use convert::*;
 
@@ -67,36 +66,13 @@ impl MetaService {
         self
     }
 
-    /// Runs a read-only engine call here, on the async thread: a redb read transaction never
-    /// waits for a writer and reads cached pages, so handing it to a blocking thread would cost
-    /// more (two thread switches) than the call itself.
-    fn read<T>(
+    /// Runs one engine call; `rpc` names the call in error messages.
+    async fn call<T>(
         &self,
         rpc: &'static str,
-        call: impl FnOnce(&dyn MetaEngine) -> Result<T, MetaError>,
+        work: impl std::future::Future<Output = Result<T, MetaError>>,
     ) -> Result<T, Status> {
-        call(self.engine.as_ref()).map_err(|error| meta_status(rpc, &error))
-    }
-
-    /// Runs one engine call off the async threads; `rpc` names the call in error messages.
-    async fn run<T, F>(&self, rpc: &'static str, call: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn MetaEngine) -> Result<T, MetaError> + Send + 'static,
-    {
-        let engine = self.engine.clone();
-        match tokio::task::spawn_blocking(move || call(engine.as_ref())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(meta_status(rpc, &error)),
-            Err(join_error) => {
-                tracing::error!(rpc, error = %join_error, "metadata engine call panicked or was cancelled");
-                Err(errno_status(
-                    Code::Internal,
-                    libc::EIO,
-                    format!("{rpc}: the metadata engine call failed: {join_error}"),
-                ))
-            }
-        }
+        work.await.map_err(|error| meta_status(rpc, &error))
     }
 }
 
@@ -133,7 +109,7 @@ fn errno_status(code: Code, errno: i32, message: String) -> Status {
 pub fn meta_status(rpc: &str, error: &MetaError) -> Status {
     let errno = error.errno();
     let code = code_for_errno(errno, error.is_retryable());
-    if matches!(error, MetaError::Corrupt(_) | MetaError::Database(_)) {
+    if matches!(error, MetaError::Corrupt(_) | MetaError::Backend(_)) {
         // Not an answer about the file system: the operator needs to see it.
         tracing::error!(rpc, %error, "metadata engine failure");
     } else {
@@ -151,8 +127,8 @@ impl Meta for MetaService {
         let description = request.into_inner().description;
         let logged = description.clone();
         let session_id = self
-            .run("OpenSession", move |engine| {
-                engine.open_session(&description)
+            .call("OpenSession", async {
+                self.engine.open_session(&description).await
             })
             .await?;
         tracing::info!(session_id, description = %logged, "session opened");
@@ -171,7 +147,7 @@ impl Meta for MetaService {
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let session = request.into_inner().session_id;
-        self.run("Heartbeat", move |engine| engine.heartbeat(session))
+        self.call("Heartbeat", async { self.engine.heartbeat(session).await })
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -181,8 +157,10 @@ impl Meta for MetaService {
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let session = request.into_inner().session_id;
-        self.run("CloseSession", move |engine| engine.close_session(session))
-            .await?;
+        self.call("CloseSession", async {
+            self.engine.close_session(session).await
+        })
+        .await?;
         tracing::info!(session_id = session, "session closed by its client");
         Ok(Response::new(pb::Empty {}))
     }
@@ -192,7 +170,9 @@ impl Meta for MetaService {
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let pb::EntryRequest { parent, name } = request.into_inner();
-        let attr = self.read("Lookup", move |engine| engine.lookup(parent, &name))?;
+        let attr = self
+            .call("Lookup", async { self.engine.lookup(parent, &name).await })
+            .await?;
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -201,7 +181,9 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let ino = request.into_inner().ino;
-        let attr = self.read("GetAttr", move |engine| engine.getattr(ino))?;
+        let attr = self
+            .call("GetAttr", async { self.engine.getattr(ino).await })
+            .await?;
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -212,8 +194,8 @@ impl Meta for MetaService {
         let request = request.into_inner();
         let changes = set_attr_from_proto(&request);
         let attr = self
-            .run("SetAttr", move |engine| {
-                engine.setattr(request.ino, &changes)
+            .call("SetAttr", async {
+                self.engine.setattr(request.ino, &changes).await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -225,9 +207,11 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let request = request.into_inner();
         let attr = self
-            .run("Create", move |engine| {
+            .call("Create", async {
                 let node = new_node_from_proto(&request, Some(FileKind::File))?;
-                engine.create(request.session_id, request.parent, &request.name, &node)
+                self.engine
+                    .create(request.session_id, request.parent, &request.name, &node)
+                    .await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -239,9 +223,11 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let request = request.into_inner();
         let attr = self
-            .run("Mknod", move |engine| {
+            .call("Mknod", async {
                 let node = new_node_from_proto(&request, None)?;
-                engine.mknod(request.parent, &request.name, &node)
+                self.engine
+                    .mknod(request.parent, &request.name, &node)
+                    .await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -253,7 +239,7 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let request = request.into_inner();
         let attr = self
-            .run("Mkdir", move |engine| {
+            .call("Mkdir", async {
                 // The kind is implied; anything but unspecified or DIR is a confused caller.
                 let node = new_node_from_proto(&request, Some(FileKind::Dir))?;
                 if node.kind != FileKind::Dir {
@@ -262,7 +248,9 @@ impl Meta for MetaService {
                         node.kind
                     )));
                 }
-                engine.mkdir(request.parent, &request.name, node.mode, node.uid, node.gid)
+                self.engine
+                    .mkdir(request.parent, &request.name, node.mode, node.uid, node.gid)
+                    .await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -280,8 +268,8 @@ impl Meta for MetaService {
             gid,
         } = request.into_inner();
         let attr = self
-            .run("Symlink", move |engine| {
-                engine.symlink(parent, &name, &target, uid, gid)
+            .call("Symlink", async {
+                self.engine.symlink(parent, &name, &target, uid, gid).await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -292,7 +280,9 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::ReadlinkResponse>, Status> {
         let ino = request.into_inner().ino;
-        let target = self.read("Readlink", move |engine| engine.readlink(ino))?;
+        let target = self
+            .call("Readlink", async { self.engine.readlink(ino).await })
+            .await?;
         Ok(Response::new(pb::ReadlinkResponse {
             target: target.into(),
         }))
@@ -303,7 +293,7 @@ impl Meta for MetaService {
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.run("Unlink", move |engine| engine.unlink(parent, &name))
+        self.call("Unlink", async { self.engine.unlink(parent, &name).await })
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -313,7 +303,7 @@ impl Meta for MetaService {
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.run("Rmdir", move |engine| engine.rmdir(parent, &name))
+        self.call("Rmdir", async { self.engine.rmdir(parent, &name).await })
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -323,15 +313,17 @@ impl Meta for MetaService {
         request: Request<pb::RenameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let request = request.into_inner();
-        self.run("Rename", move |engine| {
+        self.call("Rename", async {
             let mode = RenameMode::from_flags(request.flags)?;
-            engine.rename(
-                request.parent,
-                &request.name,
-                request.new_parent,
-                &request.new_name,
-                mode,
-            )
+            self.engine
+                .rename(
+                    request.parent,
+                    &request.name,
+                    request.new_parent,
+                    &request.new_name,
+                    mode,
+                )
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -347,8 +339,8 @@ impl Meta for MetaService {
             new_name,
         } = request.into_inner();
         let attr = self
-            .run("Link", move |engine| {
-                engine.link(ino, new_parent, &new_name)
+            .call("Link", async {
+                self.engine.link(ino, new_parent, &new_name).await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -359,15 +351,19 @@ impl Meta for MetaService {
         request: Request<pb::ReadDirRequest>,
     ) -> Result<Response<pb::ReadDirResponse>, Status> {
         let request = request.into_inner();
-        let entries = self.read("ReadDir", move |engine| {
-            if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
-                return Err(MetaError::Invalid(format!(
-                    "limit {} must be between 1 and {MAX_READDIR_LIMIT}",
-                    request.limit
-                )));
-            }
-            engine.readdir(request.ino, request.after_cookie, request.limit as usize)
-        })?;
+        let entries = self
+            .call("ReadDir", async {
+                if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
+                    return Err(MetaError::Invalid(format!(
+                        "limit {} must be between 1 and {MAX_READDIR_LIMIT}",
+                        request.limit
+                    )));
+                }
+                self.engine
+                    .readdir(request.ino, request.after_cookie, request.limit as usize)
+                    .await
+            })
+            .await?;
         Ok(Response::new(pb::ReadDirResponse {
             entries: entries.iter().map(dir_entry_to_proto).collect(),
         }))
@@ -378,7 +374,9 @@ impl Meta for MetaService {
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::XattrValue>, Status> {
         let pb::XattrRequest { ino, name } = request.into_inner();
-        let value = self.read("GetXattr", move |engine| engine.getxattr(ino, &name))?;
+        let value = self
+            .call("GetXattr", async { self.engine.getxattr(ino, &name).await })
+            .await?;
         Ok(Response::new(pb::XattrValue {
             value: value.into(),
         }))
@@ -389,9 +387,11 @@ impl Meta for MetaService {
         request: Request<pb::SetXattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let request = request.into_inner();
-        self.run("SetXattr", move |engine| {
+        self.call("SetXattr", async {
             let mode = XattrMode::from_flags(request.flags)?;
-            engine.setxattr(request.ino, &request.name, &request.value, mode)
+            self.engine
+                .setxattr(request.ino, &request.name, &request.value, mode)
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -402,7 +402,9 @@ impl Meta for MetaService {
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::XattrNames>, Status> {
         let ino = request.into_inner().ino;
-        let names = self.read("ListXattr", move |engine| engine.listxattr(ino))?;
+        let names = self
+            .call("ListXattr", async { self.engine.listxattr(ino).await })
+            .await?;
         Ok(Response::new(pb::XattrNames {
             names: names.into_iter().map(Into::into).collect(),
         }))
@@ -413,8 +415,10 @@ impl Meta for MetaService {
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let pb::XattrRequest { ino, name } = request.into_inner();
-        self.run("RemoveXattr", move |engine| engine.removexattr(ino, &name))
-            .await?;
+        self.call("RemoveXattr", async {
+            self.engine.removexattr(ino, &name).await
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -422,7 +426,9 @@ impl Meta for MetaService {
         &self,
         _request: Request<pb::Empty>,
     ) -> Result<Response<pb::StatFsResponse>, Status> {
-        let statfs = self.read("StatFs", |engine| engine.statfs())?;
+        let statfs = self
+            .call("StatFs", async { self.engine.statfs().await })
+            .await?;
         Ok(Response::new(statfs_to_proto(&statfs)))
     }
 
@@ -432,7 +438,7 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         let attr = self
-            .run("Open", move |engine| engine.open(session_id, ino))
+            .call("Open", async { self.engine.open(session_id, ino).await })
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
@@ -442,8 +448,10 @@ impl Meta for MetaService {
         request: Request<pb::HandleRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let pb::HandleRequest { session_id, ino } = request.into_inner();
-        self.run("Release", move |engine| engine.release(session_id, ino))
-            .await?;
+        self.call("Release", async {
+            self.engine.release(session_id, ino).await
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -452,9 +460,11 @@ impl Meta for MetaService {
         request: Request<pb::ReadChunkRequest>,
     ) -> Result<Response<pb::ReadChunkResponse>, Status> {
         let pb::ReadChunkRequest { ino, chunk_index } = request.into_inner();
-        let slices = self.read("ReadChunk", move |engine| {
-            engine.read_chunk(ino, chunk_index)
-        })?;
+        let slices = self
+            .call("ReadChunk", async {
+                self.engine.read_chunk(ino, chunk_index).await
+            })
+            .await?;
         Ok(Response::new(pb::ReadChunkResponse {
             slices: slices.iter().map(slice_to_proto).collect(),
         }))
@@ -466,8 +476,8 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AllocateSliceIdsResponse>, Status> {
         let count = request.into_inner().count;
         let ids = self
-            .run("AllocateSliceIds", move |engine| {
-                engine.allocate_slice_ids(u64::from(count))
+            .call("AllocateSliceIds", async {
+                self.engine.allocate_slice_ids(u64::from(count)).await
             })
             .await?;
         Ok(Response::new(pb::AllocateSliceIdsResponse {
@@ -482,9 +492,11 @@ impl Meta for MetaService {
         request: Request<pb::PendingSliceRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let request = request.into_inner();
-        self.run("RecordPendingSlice", move |engine| {
+        self.call("RecordPendingSlice", async {
             let slice = slice_from_proto(request.slice.as_ref(), "RecordPendingSlice")?;
-            engine.record_pending_slice(request.session_id, &slice)
+            self.engine
+                .record_pending_slice(request.session_id, &slice)
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -496,16 +508,18 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let request = request.into_inner();
         let attr = self
-            .run("CommitSlice", move |engine| {
+            .call("CommitSlice", async {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
-                engine.commit_slice(
-                    request.session_id,
-                    request.ino,
-                    request.chunk_index,
-                    &slice,
-                    request.new_size,
-                    request.mtime_ns,
-                )
+                self.engine
+                    .commit_slice(
+                        request.session_id,
+                        request.ino,
+                        request.chunk_index,
+                        &slice,
+                        request.new_size,
+                        request.mtime_ns,
+                    )
+                    .await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -553,19 +567,20 @@ impl Meta for MetaService {
         }
         let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
             .map_err(|e| meta_status(RPC, &MetaError::Invalid(e.to_string())))?;
-        // One blocking call for all three steps: it runs to the end even if the client goes
-        // away (a staged block is never left without its pending record), and waits for the
-        // device from the thread that then commits, saving two thread switches.
+        // The three steps run in a task of their own, to the end even if the client goes away:
+        // a staged block is never left without its pending record.
         let engine = self.engine.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let write = move || -> Result<Attr, Status> {
+        let write = async move {
             let session = commit.session_id;
             // Durable with the commit below. Should the gateway die first, the client has no
             // answer and writes the slice again, under a fresh id.
             engine
                 .record_pending_slice_lazily(session, &slice)
+                .await
                 .map_err(|e| meta_status(RPC, &e))?;
-            runtime.block_on(staging.stage_block(key, &request.data, request.crc32c))?;
+            staging
+                .stage_block(key, &request.data, request.crc32c)
+                .await?;
             engine
                 .commit_slice(
                     session,
@@ -575,9 +590,10 @@ impl Meta for MetaService {
                     commit.new_size,
                     commit.mtime_ns,
                 )
+                .await
                 .map_err(|e| meta_status(RPC, &e))
         };
-        let attr = tokio::task::spawn_blocking(write).await.map_err(|e| {
+        let attr = tokio::spawn(write).await.map_err(|e| {
             errno_status(
                 Code::Internal,
                 libc::EIO,

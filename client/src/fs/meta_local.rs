@@ -1,4 +1,4 @@
-//! Tests only: [`MetaApi`] over the embedded metadata engine (`gateway::meta::RedbMeta`)
+//! Tests only: [`MetaApi`] over the embedded metadata engine (`gateway::meta`, on redb)
 //! in-process, so the file-system core runs against the real engine without a gateway.
 //!
 //! Errors keep the errno the engine chose, as the gRPC service passes it on.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gateway::meta::{self as engine, MetaEngine, RedbMeta};
+use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
@@ -22,10 +22,10 @@ use super::meta_api::{
 /// The gateway id the in-process engine hands out.
 pub const LOCAL_GATEWAY_ID: GatewayId = [7; 16];
 
-/// The embedded engine, called directly (it is a local redb file; tests accept the blocking).
+/// The embedded engine, called directly.
 #[derive(Clone)]
 pub struct LocalMeta {
-    engine: Arc<RedbMeta>,
+    engine: Arc<KvMeta>,
     /// Where `write_slice` stages blocks, as the gateway that serves the metadata does; without
     /// it `write_slice` answers ENOSYS, as a metadata service without a device would.
     staging: Option<Arc<dyn BlockApi>>,
@@ -37,12 +37,13 @@ pub struct LocalMeta {
 
 impl LocalMeta {
     /// A fresh database in `dir`, without fsync per commit (tests need one process's view only).
-    pub fn open(dir: &Path) -> Self {
+    pub async fn open(dir: &Path) -> Self {
         let config = engine::MetaConfig {
             sync_commits: false,
             ..engine::MetaConfig::default()
         };
-        let engine = RedbMeta::open(dir.join("meta.redb"), config)
+        let engine = engine::open(&MetaLocation::Redb(dir.join("meta.redb")), config)
+            .await
             .unwrap_or_else(|e| panic!("test metadata engine in {}: {e}", dir.display()));
         LocalMeta {
             engine: Arc::new(engine),
@@ -66,7 +67,7 @@ impl LocalMeta {
         self.lose_next_answer.store(true, Ordering::SeqCst);
     }
 
-    pub fn engine(&self) -> &RedbMeta {
+    pub fn engine(&self) -> &KvMeta {
         &self.engine
     }
 }
@@ -85,6 +86,7 @@ impl MetaApi for LocalMeta {
         let session_id = self
             .engine
             .open_session(description)
+            .await
             .map_err(fail("open_session"))?;
         Ok(SessionGrant {
             session_id,
@@ -96,25 +98,35 @@ impl MetaApi for LocalMeta {
     }
 
     async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
-        self.engine.heartbeat(session).map_err(fail("heartbeat"))
+        self.engine
+            .heartbeat(session)
+            .await
+            .map_err(fail("heartbeat"))
     }
 
     async fn close_session(&self, session: SessionId) -> FsResult<()> {
         self.engine
             .close_session(session)
+            .await
             .map_err(fail("close_session"))
     }
 
     async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.engine.lookup(parent, name).map_err(fail("lookup"))
+        self.engine
+            .lookup(parent, name)
+            .await
+            .map_err(fail("lookup"))
     }
 
     async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        self.engine.getattr(ino).map_err(fail("getattr"))
+        self.engine.getattr(ino).await.map_err(fail("getattr"))
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
-        self.engine.setattr(ino, changes).map_err(fail("setattr"))
+        self.engine
+            .setattr(ino, changes)
+            .await
+            .map_err(fail("setattr"))
     }
 
     async fn create(
@@ -126,11 +138,15 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .create(session, parent, name, node)
+            .await
             .map_err(fail("create"))
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr> {
-        self.engine.mknod(parent, name, node).map_err(fail("mknod"))
+        self.engine
+            .mknod(parent, name, node)
+            .await
+            .map_err(fail("mknod"))
     }
 
     async fn mkdir(
@@ -143,6 +159,7 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .mkdir(parent, name, mode, uid, gid)
+            .await
             .map_err(fail("mkdir"))
     }
 
@@ -156,19 +173,23 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .symlink(parent, name, target, uid, gid)
+            .await
             .map_err(fail("symlink"))
     }
 
     async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        self.engine.readlink(ino).map_err(fail("readlink"))
+        self.engine.readlink(ino).await.map_err(fail("readlink"))
     }
 
     async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.engine.unlink(parent, name).map_err(fail("unlink"))
+        self.engine
+            .unlink(parent, name)
+            .await
+            .map_err(fail("unlink"))
     }
 
     async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.engine.rmdir(parent, name).map_err(fail("rmdir"))
+        self.engine.rmdir(parent, name).await.map_err(fail("rmdir"))
     }
 
     async fn rename(
@@ -182,69 +203,83 @@ impl MetaApi for LocalMeta {
         let mode = engine::RenameMode::from_flags(flags).map_err(fail("rename"))?;
         self.engine
             .rename(parent, name, new_parent, new_name, mode)
+            .await
             .map_err(fail("rename"))
     }
 
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.engine
             .link(ino, new_parent, new_name)
+            .await
             .map_err(fail("link"))
     }
 
     async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>> {
         self.engine
             .readdir(ino, after_cookie, limit as usize)
+            .await
             .map_err(fail("readdir"))
     }
 
     async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
-        self.engine.getxattr(ino, name).map_err(fail("getxattr"))
+        self.engine
+            .getxattr(ino, name)
+            .await
+            .map_err(fail("getxattr"))
     }
 
     async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         let mode = engine::XattrMode::from_flags(flags).map_err(fail("setxattr"))?;
         self.engine
             .setxattr(ino, name, value, mode)
+            .await
             .map_err(fail("setxattr"))
     }
 
     async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
-        self.engine.listxattr(ino).map_err(fail("listxattr"))
+        self.engine.listxattr(ino).await.map_err(fail("listxattr"))
     }
 
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.engine
             .removexattr(ino, name)
+            .await
             .map_err(fail("removexattr"))
     }
 
     async fn statfs(&self) -> FsResult<StatFs> {
-        self.engine.statfs().map_err(fail("statfs"))
+        self.engine.statfs().await.map_err(fail("statfs"))
     }
 
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
-        self.engine.open(session, ino).map_err(fail("open"))
+        self.engine.open(session, ino).await.map_err(fail("open"))
     }
 
     async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
-        self.engine.release(session, ino).map_err(fail("release"))
+        self.engine
+            .release(session, ino)
+            .await
+            .map_err(fail("release"))
     }
 
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
         self.engine
             .read_chunk(ino, chunk_index)
+            .await
             .map_err(fail("read_chunk"))
     }
 
     async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>> {
         self.engine
             .allocate_slice_ids(u64::from(count))
+            .await
             .map_err(fail("allocate_slice_ids"))
     }
 
     async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()> {
         self.engine
             .record_pending_slice(session, slice)
+            .await
             .map_err(fail("record_pending_slice"))
     }
 
@@ -259,6 +294,7 @@ impl MetaApi for LocalMeta {
     ) -> FsResult<Attr> {
         self.engine
             .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .await
             .map_err(fail("commit_slice"))
     }
 
@@ -277,6 +313,7 @@ impl MetaApi for LocalMeta {
         };
         self.engine
             .record_pending_slice_lazily(session, slice)
+            .await
             .map_err(fail("write_slice"))?;
         let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
             .map_err(|e| FsError::Internal(e.to_string()))?;

@@ -235,10 +235,10 @@ pub(super) struct World {
 }
 
 impl World {
-    pub fn new() -> Self {
+    pub async fn new() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         World {
-            meta: LocalMeta::open(dir.path()),
+            meta: LocalMeta::open(dir.path()).await,
             _dir: dir,
             blocks: Arc::new(MemoryBlocks::new()),
             store: Arc::new(InMemory::new()),
@@ -296,7 +296,7 @@ fn errno<T: std::fmt::Debug>(result: FsResult<T>) -> i32 {
 
 #[tokio::test]
 async fn small_file_is_visible_to_another_mount_after_close() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let b = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "f").await;
@@ -313,7 +313,7 @@ async fn small_file_is_visible_to_another_mount_after_close() {
 
 #[tokio::test]
 async fn a_file_across_chunks_round_trips_and_no_slice_crosses_a_chunk() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "big").await;
     // 70 MiB in writes of 1 MiB + 3 bytes, so no write is aligned to blocks or chunks.
@@ -357,7 +357,7 @@ async fn a_file_across_chunks_round_trips_and_no_slice_crosses_a_chunk() {
 
 #[tokio::test]
 async fn sequential_reads_prefetch_the_next_block() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "seq").await;
     let len = 3 * BLOCK_SIZE as usize;
@@ -391,7 +391,7 @@ async fn sequential_reads_prefetch_the_next_block() {
 
 #[tokio::test]
 async fn sparse_writes_and_truncation_read_zeros_where_nothing_is() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "sparse").await;
     let far = 2 * CHUNK_SIZE + 5;
@@ -423,7 +423,7 @@ async fn sparse_writes_and_truncation_read_zeros_where_nothing_is() {
 
 #[tokio::test]
 async fn truncate_while_dirty_applies_after_the_writes() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "t").await;
     a.write(fh, 0, &[7; 1000]).await.unwrap();
@@ -444,7 +444,7 @@ async fn truncate_while_dirty_applies_after_the_writes() {
 
 #[tokio::test]
 async fn append_and_truncating_opens() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "log").await;
     a.write(fh, 0, b"one ").await.unwrap();
@@ -476,7 +476,7 @@ async fn append_and_truncating_opens() {
 
 #[tokio::test]
 async fn an_unlinked_file_stays_readable_through_its_open_handle() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "doomed").await;
     a.write(fh, 0, b"still here").await.unwrap();
@@ -494,7 +494,7 @@ async fn an_unlinked_file_stays_readable_through_its_open_handle() {
 
 #[tokio::test]
 async fn blocks_the_gateway_dropped_are_read_from_the_store() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "uploaded").await;
     let len = BLOCK_SIZE as usize + 777;
@@ -511,7 +511,7 @@ async fn blocks_the_gateway_dropped_are_read_from_the_store() {
 
 #[tokio::test]
 async fn a_block_nobody_holds_is_an_io_error() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "lost").await;
     a.write(fh, 0, b"gone").await.unwrap();
@@ -527,7 +527,7 @@ async fn a_block_nobody_holds_is_an_io_error() {
 
 #[tokio::test]
 async fn a_failing_gateway_fails_fsync_and_keeps_the_data_for_a_retry() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "retry").await;
     world.blocks.set_fail_writes(true);
@@ -550,7 +550,7 @@ async fn a_failing_gateway_fails_fsync_and_keeps_the_data_for_a_retry() {
 
 #[tokio::test]
 async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_copy() {
-    let mut world = World::new();
+    let mut world = World::new().await;
     world.meta = world.meta.clone().with_staging(world.blocks.clone());
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "log").await;
@@ -592,7 +592,7 @@ async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_cop
 
 #[tokio::test]
 async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
-    let world = World::new();
+    let world = World::new().await;
     let config = FsConfig {
         max_dirty_slices_per_file: 2,
         ..FsConfig::default()
@@ -618,7 +618,7 @@ async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
 
 #[tokio::test]
 async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() {
-    let world = World::new();
+    let world = World::new().await;
     let config = FsConfig {
         max_dirty_bytes_per_file: 2 * BLOCK_SIZE,
         max_dirty_slices_per_file: 4,
@@ -649,7 +649,7 @@ async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() 
 
 #[tokio::test]
 async fn overlapping_writes_shadow_in_write_order_across_commits() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "layers").await;
     a.write(fh, 0, &[1; 100]).await.unwrap();
@@ -673,7 +673,7 @@ async fn overlapping_writes_shadow_in_write_order_across_commits() {
 
 #[tokio::test]
 async fn namespace_operations_pass_the_engine_errno_through() {
-    let world = World::new();
+    let world = World::new().await;
     let fs = world.mount(FsConfig::default()).await;
     let dir = fs.mkdir(ROOT_INO, b"d", 0o755, 1, 2).await.unwrap();
     assert_eq!((dir.kind, dir.uid, dir.gid), (FileKind::Dir, 1, 2));
@@ -768,7 +768,7 @@ async fn namespace_operations_pass_the_engine_errno_through() {
 
 #[tokio::test]
 async fn a_read_only_mount_refuses_changes() {
-    let world = World::new();
+    let world = World::new().await;
     let rw = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&rw, "f").await;
     rw.write(fh, 0, b"data").await.unwrap();
@@ -798,13 +798,19 @@ async fn a_read_only_mount_refuses_changes() {
 
 #[tokio::test]
 async fn shutdown_commits_open_files_and_closes_the_session() {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "open at unmount").await;
     a.write(fh, 0, b"saved").await.unwrap();
     a.shutdown().await.unwrap();
     use gateway::meta::MetaEngine;
-    assert!(world.meta.engine().list_sessions().unwrap().is_empty());
+    assert!(world
+        .meta
+        .engine()
+        .list_sessions()
+        .await
+        .unwrap()
+        .is_empty());
     let b = world.mount(FsConfig::default()).await;
     assert_eq!(read_path(&b, "open at unmount", 0, 10).await, b"saved");
 }
@@ -995,7 +1001,7 @@ async fn the_core_works_over_grpc_blocks() {
     let fake = FakeGateway::default();
     let addr = serve_fake(fake.clone()).await;
     let channel = connect_gateway(&addr.to_string()).await.unwrap();
-    let world = World::new();
+    let world = World::new().await;
     let meta: Arc<dyn MetaApi> = Arc::new(world.meta.clone());
     let grant = meta.open_session("grpc").await.unwrap();
     let fs = Fs::new(

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Status};
 use super::workers::{expire_silent_sessions, DataCleaner};
 use super::*;
 use crate::faulty_store::FaultyStore;
-use crate::meta::{MetaConfig, RedbMeta, Slice};
+use crate::meta::{MetaConfig, MetaLocation, Slice};
 use crate::staging::{BlockState, StagingLog};
 use crate::volume::small_test_volume;
 
@@ -37,7 +37,7 @@ fn errno_of(status: &Status) -> i32 {
 
 #[test]
 fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
-    let io = || redb::Error::Io(std::io::Error::other("disk went away"));
+    let io = || crate::meta::KvError::Unavailable("disk went away".into());
     let cases: Vec<(MetaError, i32, Code)> = vec![
         (
             MetaError::NoSuchEntry {
@@ -158,7 +158,7 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
             Code::Internal,
         ),
         // Passing database I/O trouble is the one retryable EIO.
-        (MetaError::Database(io()), libc::EIO, Code::Unavailable),
+        (MetaError::Backend(io()), libc::EIO, Code::Unavailable),
     ];
     for (error, errno, code) in cases {
         let status = meta_status("Lookup", &error);
@@ -169,9 +169,17 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
 }
 
 /// A service over a fresh redb database in a temporary directory.
-fn service(dir: &tempfile::TempDir, config: MetaConfig) -> (MetaService, Arc<dyn MetaEngine>) {
-    let engine: Arc<dyn MetaEngine> =
-        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), config).unwrap());
+/// A fresh redb engine in `dir`.
+async fn engine(dir: &tempfile::TempDir, config: MetaConfig) -> Arc<dyn MetaEngine> {
+    let location = MetaLocation::Redb(dir.path().join("meta.redb"));
+    Arc::new(crate::meta::open(&location, config).await.unwrap())
+}
+
+async fn service(
+    dir: &tempfile::TempDir,
+    config: MetaConfig,
+) -> (MetaService, Arc<dyn MetaEngine>) {
+    let engine = engine(dir, config).await;
     let settings = ClientSettings {
         store_url: "memory://".into(),
         gateway_id: GATEWAY_ID,
@@ -199,7 +207,7 @@ fn entry(parent: u64, name: &str) -> Request<pb::EntryRequest> {
 #[tokio::test]
 async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, _engine) = service(&dir, fast_config());
+    let (service, _engine) = service(&dir, fast_config()).await;
 
     let session = service
         .open_session(Request::new(pb::OpenSessionRequest {
@@ -341,8 +349,7 @@ async fn object_keys(store: &dyn ObjectStore) -> Vec<String> {
 async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let log = staging_log(&dir).await;
-    let engine: Arc<dyn MetaEngine> =
-        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), fast_config()).unwrap());
+    let engine = engine(&dir, fast_config()).await;
     let store = Arc::new(FaultyStore::refusing_deletes());
     let cleaner = DataCleaner {
         engine: engine.clone(),
@@ -352,15 +359,15 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     };
 
     // A client records a 5 MiB slice (two blocks) and stages both; block 0 was even uploaded.
-    let session = engine.open_session("dies").unwrap();
-    let slice_id = engine.allocate_slice_ids(1).unwrap().start;
+    let session = engine.open_session("dies").await.unwrap();
+    let slice_id = engine.allocate_slice_ids(1).await.unwrap().start;
     let slice = Slice {
         slice_id,
         offset_in_chunk: 0,
         len: 5 << 20,
         gateway_id: GATEWAY_ID,
     };
-    engine.record_pending_slice(session, &slice).unwrap();
+    engine.record_pending_slice(session, &slice).await.unwrap();
     let keys = crate::meta::DeletedSlice {
         slice_id,
         len: slice.len,
@@ -381,15 +388,16 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
         .unwrap();
 
     // A session heartbeating within the timeout survives; a silent one expires.
-    let alive = engine.open_session("alive").unwrap();
+    let alive = engine.open_session("alive").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    engine.heartbeat(alive).unwrap();
+    engine.heartbeat(alive).await.unwrap();
     let closed = expire_silent_sessions(&engine, Duration::from_millis(10))
         .await
         .unwrap();
     assert_eq!(closed, vec![session]);
     let remaining: Vec<_> = engine
         .list_sessions()
+        .await
         .unwrap()
         .into_iter()
         .map(|s| s.id)
@@ -405,7 +413,11 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     }
     assert_eq!(object_keys(store.as_ref()).await, vec![keys[0].to_string()]);
     assert_eq!(
-        engine.take_due_deleted_slices(i64::MAX, 10).unwrap().len(),
+        engine
+            .take_due_deleted_slices(i64::MAX, 10)
+            .await
+            .unwrap()
+            .len(),
         1
     );
 
@@ -420,6 +432,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     assert!(object_keys(store.as_ref()).await.is_empty());
     assert!(engine
         .take_due_deleted_slices(i64::MAX, 10)
+        .await
         .unwrap()
         .is_empty());
     assert_eq!(cleaner.clean_due().await.unwrap().taken, 0);
@@ -430,8 +443,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
 async fn workers_stop_when_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     let log = staging_log(&dir).await;
-    let engine: Arc<dyn MetaEngine> =
-        Arc::new(RedbMeta::open(dir.path().join("meta.redb"), fast_config()).unwrap());
+    let engine = engine(&dir, fast_config()).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let handles = workers::start(
         engine,
@@ -478,7 +490,7 @@ fn write_slice_request(
 async fn write_slice_stages_the_block_and_commits_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = staging_log(&dir).await;
-    let (without_staging, engine) = service(&dir, fast_config());
+    let (without_staging, engine) = service(&dir, fast_config()).await;
     let service = without_staging
         .clone()
         .with_staging(crate::service::StagingService {
@@ -486,7 +498,7 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
             store: Arc::new(InMemory::new()),
             store_url: "memory://".into(),
         });
-    let session = engine.open_session("writer").unwrap();
+    let session = engine.open_session("writer").await.unwrap();
     let node = crate::meta::NewNode {
         kind: FileKind::File,
         mode: 0o644,
@@ -496,10 +508,11 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
     };
     let file = engine
         .create(session, crate::meta::ROOT_INO, b"log", &node)
+        .await
         .unwrap();
     let data = b"one row of an append log\n".to_vec();
     let slice = Slice {
-        slice_id: engine.allocate_slice_ids(1).unwrap().start,
+        slice_id: engine.allocate_slice_ids(1).await.unwrap().start,
         offset_in_chunk: 0,
         len: data.len() as u32,
         gateway_id: GATEWAY_ID,
@@ -517,7 +530,7 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
     let (staged, state) = log.read_block(&key).await.unwrap();
     assert_eq!(&staged[..], &data[..]);
     assert_eq!(state, BlockState::Staged);
-    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+    assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
 
     // The same call again (a retry whose first answer was lost) changes nothing: the chunk does
     // not hold the id twice, which would have the older copy queued for deletion as shadowed.
@@ -525,15 +538,15 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
         .write_slice(write_slice_request(session, file.ino, &slice, &data))
         .await
         .unwrap();
-    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+    assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
     assert_eq!(
-        engine.take_due_deleted_slices(i64::MAX, 10).unwrap(),
+        engine.take_due_deleted_slices(i64::MAX, 10).await.unwrap(),
         vec![]
     );
 
     // What the gateway must refuse, each with the errno the client returns, nothing committed.
     let other = Slice {
-        slice_id: engine.allocate_slice_ids(1).unwrap().start,
+        slice_id: engine.allocate_slice_ids(1).await.unwrap().start,
         ..slice
     };
     let wrong_gateway = Slice {
@@ -566,5 +579,5 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
         .unwrap_err();
     assert_eq!(unsupported.code(), Code::Unimplemented);
     assert_eq!(errno_of(&unsupported), libc::ENOSYS);
-    assert_eq!(engine.read_chunk(file.ino, 0).unwrap(), vec![slice]);
+    assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
 }

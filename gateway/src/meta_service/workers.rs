@@ -83,22 +83,6 @@ pub fn start(
     ]
 }
 
-/// Runs a synchronous engine call on the blocking pool.
-async fn blocking<T, F>(engine: &Arc<dyn MetaEngine>, call: F) -> Result<T, MetaError>
-where
-    T: Send + 'static,
-    F: FnOnce(&dyn MetaEngine) -> Result<T, MetaError> + Send + 'static,
-{
-    let engine = engine.clone();
-    tokio::task::spawn_blocking(move || call(engine.as_ref()))
-        .await
-        .unwrap_or_else(|join_error| {
-            Err(MetaError::Corrupt(format!(
-                "metadata engine call panicked: {join_error}"
-            )))
-        })
-}
-
 /// A ticker that skips missed ticks rather than bursting after a slow round.
 fn ticker(period: Duration) -> tokio::time::Interval {
     let mut interval = tokio::time::interval(period.max(Duration::from_millis(10)));
@@ -136,14 +120,13 @@ pub async fn expire_silent_sessions(
     timeout: Duration,
 ) -> Result<Vec<SessionId>, MetaError> {
     let timeout_ns = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
-    let outcomes = blocking(engine, move |engine| {
-        let expired = engine.expired_sessions(now_ns().saturating_sub(timeout_ns))?;
-        Ok(expired
-            .into_iter()
-            .map(|session| (session, engine.close_session(session)))
-            .collect::<Vec<_>>())
-    })
-    .await?;
+    let expired = engine
+        .expired_sessions(now_ns().saturating_sub(timeout_ns))
+        .await?;
+    let mut outcomes = Vec::with_capacity(expired.len());
+    for session in expired {
+        outcomes.push((session, engine.close_session(session).await));
+    }
     let mut closed = Vec::new();
     for (session, outcome) in outcomes {
         match outcome {
@@ -210,10 +193,7 @@ impl DataCleaner {
     /// One round: take the due slices, delete their data, acknowledge those whose data is gone.
     pub async fn clean_due(&self) -> Result<CleanupRound, MetaError> {
         let batch = self.batch;
-        let due = blocking(&self.engine, move |engine| {
-            engine.take_due_deleted_slices(now_ns(), batch)
-        })
-        .await?;
+        let due = self.engine.take_due_deleted_slices(now_ns(), batch).await?;
         let mut round = CleanupRound {
             taken: due.len(),
             ..CleanupRound::default()
@@ -241,10 +221,7 @@ impl DataCleaner {
         if !cleaned.is_empty() {
             // Fails only if the database does; the slices then come back next round and their
             // (already gone) data is deleted again, which is harmless.
-            blocking(&self.engine, move |engine| {
-                engine.ack_deleted_slices(&cleaned)
-            })
-            .await?;
+            self.engine.ack_deleted_slices(&cleaned).await?;
         }
         tracing::info!(
             cleaned = round.cleaned,

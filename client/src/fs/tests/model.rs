@@ -558,7 +558,7 @@ async fn check_other_mount(
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let world = World::new();
+    let world = World::new().await;
     let a = world.mount(config()).await;
     let b = world.mount(config()).await;
     let mut model = Model::default();

@@ -1,14 +1,18 @@
-//! Unit tests of the redb metadata engine: each operation's success and errno paths, rename
-//! semantics, link counts, paging, data cleanup bookkeeping, sessions and persistence.
+//! The conformance suite, run on every backend (`super::db()` names it): each operation's success
+//! and errno paths, rename semantics, link counts, paging, data cleanup bookkeeping, sessions and
+//! persistence.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::*;
+use super::db;
+use crate::blocking::BlockingMeta;
+use crate::tests::Db;
+use crate::*;
 
 struct Fixture {
-    dir: tempfile::TempDir,
-    meta: RedbMeta,
+    db: Db,
+    meta: BlockingMeta,
     session: SessionId,
 }
 
@@ -21,10 +25,10 @@ fn config() -> MetaConfig {
 }
 
 fn fixture_with(config: MetaConfig) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let meta = RedbMeta::open(dir.path().join("meta.redb"), config).unwrap();
+    let db = db();
+    let meta = db.open(config);
     let session = meta.open_session("test").unwrap();
-    Fixture { dir, meta, session }
+    Fixture { db, meta, session }
 }
 
 fn fixture() -> Fixture {
@@ -1150,11 +1154,10 @@ fn capacity_and_inode_limits_give_enospc() {
 
 #[test]
 fn slice_id_batches_never_overlap_even_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("meta.redb");
+    let db = db();
     let mut seen = Vec::new();
     for _ in 0..3 {
-        let meta = RedbMeta::open(&path, MetaConfig::default()).unwrap();
+        let meta = db.open(MetaConfig::default());
         for count in [1, 1000, 7] {
             let batch = meta.allocate_slice_ids(count).unwrap();
             assert_eq!(batch.end - batch.start, count);
@@ -1195,9 +1198,9 @@ fn everything_survives_a_reopen() {
     f.meta.open(f.session, file.ino).unwrap();
     f.meta.unlink(sub.ino, b"file").unwrap();
 
-    let Fixture { dir, meta, session } = f;
+    let Fixture { db, meta, session } = f;
     drop(meta);
-    let meta = RedbMeta::open(dir.path().join("meta.redb"), MetaConfig::default()).unwrap();
+    let meta = db.open(MetaConfig::default());
     assert_eq!(meta.getattr(ROOT_INO).unwrap().nlink, 3);
     assert_eq!(
         meta.readlink(meta.lookup(ROOT_INO, b"link").unwrap().ino)
@@ -1226,20 +1229,10 @@ fn everything_survives_a_reopen() {
 fn a_corrupt_record_is_eio_and_not_retryable() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
-    let path = f.dir.path().join("meta.redb");
-    drop(f.meta);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut inodes = txn
-                .open_table(redb::TableDefinition::<u64, &[u8]>::new("inodes"))
-                .unwrap();
-            inodes.insert(file.ino, &b"garbage"[..]).unwrap();
-        }
-        txn.commit().unwrap();
-    }
-    let meta = RedbMeta::open(&path, config()).unwrap();
+    let Fixture { db, meta, .. } = f;
+    drop(meta);
+    db.put_raw(keys::inode(file.ino), b"garbage".to_vec());
+    let meta = db.open(config());
     let error = meta.getattr(file.ino).unwrap_err();
     assert_eq!(error.errno(), libc::EIO);
     assert!(!error.is_retryable());
@@ -1255,7 +1248,7 @@ fn drop_shadowed_keeps_partly_visible_slices() {
         len,
         gateway_id: GW,
     };
-    let (kept, dropped) = redb_engine::drop_shadowed(vec![
+    let (kept, dropped) = rules::drop_shadowed(vec![
         s(1, 0, 10),
         s(2, 10, 10),
         s(3, 5, 10),
@@ -1270,39 +1263,6 @@ fn drop_shadowed_keeps_partly_visible_slices() {
         dropped.iter().map(|s| s.slice_id).collect::<BTreeSet<_>>(),
         BTreeSet::from([1, 2])
     );
-    let (kept, dropped) = redb_engine::drop_shadowed(vec![s(1, 0, 10), s(2, 0, 9), s(3, 1, 9)]);
+    let (kept, dropped) = rules::drop_shadowed(vec![s(1, 0, 10), s(2, 0, 9), s(3, 1, 9)]);
     assert_eq!((kept.len(), dropped.len()), (2, 1));
-}
-
-/// Group commit: an operation that returned is durable even while the database stays open. A copy
-/// of the file taken at that moment (what a crash would leave, page cache aside) holds every
-/// entry, from every thread.
-#[test]
-fn concurrent_operations_are_durable_when_they_return() {
-    let f = fixture_with(MetaConfig {
-        deleted_data_delay: Duration::ZERO,
-        ..MetaConfig::default()
-    });
-    std::thread::scope(|scope| {
-        for thread in 0..8 {
-            let f = &f;
-            scope.spawn(move || {
-                for i in 0..40 {
-                    f.file(ROOT_INO, &format!("t{thread}-{i}"));
-                }
-            });
-        }
-    });
-    let copy = f.dir.path().join("crash-copy.redb");
-    std::fs::copy(f.dir.path().join("meta.redb"), &copy).unwrap();
-    let crashed = RedbMeta::open(&copy, config()).unwrap();
-    for thread in 0..8 {
-        for i in 0..40 {
-            let name = format!("t{thread}-{i}");
-            assert!(
-                crashed.lookup(ROOT_INO, name.as_bytes()).is_ok(),
-                "{name} returned but is not durable"
-            );
-        }
-    }
 }

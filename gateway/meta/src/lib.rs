@@ -1,9 +1,11 @@
-//! Metadata engine (issue 3): file-system transactions behind a trait, embedded default on redb.
+//! stagefs metadata: the file-system types, the [`MetaEngine`] contract, the POSIX rules written
+//! once ([`rules`]) over a transactional key-value contract ([`kv`]), and its backends: redb,
+//! embedded ([`redb_kv`]), and PostgreSQL, shared by many gateways ([`postgres_kv`]).
 //!
 //! [`MetaEngine`] is the contract the gRPC `Meta` service and the FUSE client's file-system core are
 //! written against (DESIGN.md, "Metadata"). Every method is one transaction: it either happens
-//! completely or not at all, so a gateway killed mid-call never leaves a half-renamed tree.
-//! [`RedbMeta`] is the embedded implementation, one redb file hosted by the gateway.
+//! completely or not at all, so a gateway killed mid-call never leaves a half-renamed tree. Adding
+//! an operation touches the contract, the rules, the wire mapping and the client; never a backend.
 //!
 //! Data model (DESIGN.md, "Data model"): a regular file is a list of 64 MiB chunks; each chunk is a
 //! list of [`Slice`]s in commit order, later ones shadowing earlier ones where they overlap. A slice
@@ -20,17 +22,22 @@
 //! are staged but not committed belong to a session, so when a client dies its open-but-unlinked
 //! files are finally removed and its orphaned slices cleaned up by [`MetaEngine::close_session`].
 
+pub mod blocking;
 mod codec;
-#[cfg(test)]
-mod model_tests;
-mod redb_engine;
+pub mod keys;
+pub mod kv;
+pub mod pg_cluster;
+pub mod postgres_kv;
+pub mod redb_kv;
+pub mod rules;
 #[cfg(test)]
 mod tests;
 
 use std::ops::Range;
 use std::time::Duration;
 
-pub use redb_engine::RedbMeta;
+pub use kv::KvError;
+pub use rules::KvMeta;
 
 pub use shared::meta::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
@@ -187,8 +194,8 @@ pub enum MetaError {
     SliceNotPending { session: SessionId, slice_id: u64 },
     #[error("corrupt metadata record: {0}")]
     Corrupt(String),
-    #[error("metadata database: {0}")]
-    Database(#[from] redb::Error),
+    #[error(transparent)]
+    Backend(KvError),
 }
 
 impl MetaError {
@@ -211,59 +218,58 @@ impl MetaError {
             FileTooLarge(_) => libc::EFBIG,
             XattrValueTooLarge { .. } => libc::E2BIG,
             NoSpace(_) => libc::ENOSPC,
-            SessionGone(_) | Corrupt(_) | Database(_) => libc::EIO,
+            SessionGone(_) | Corrupt(_) | Backend(_) => libc::EIO,
         }
     }
 
-    /// Whether the same call may succeed if tried again unchanged: only passing I/O trouble of the
+    /// Whether the same call may succeed if tried again unchanged: only passing trouble of the
     /// database. Everything else is an answer about the file system and will not change by itself.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, MetaError::Database(redb::Error::Io(_)))
+        matches!(self, MetaError::Backend(error) if error.is_retryable())
+    }
+
+    /// A transaction lost a race with a concurrent one and left no trace: run it again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, MetaError::Backend(KvError::Conflict(_)))
     }
 }
-
-macro_rules! database_errors {
-    ($($kind:ty),*) => {$(
-        impl From<$kind> for MetaError {
-            fn from(error: $kind) -> Self {
-                MetaError::Database(error.into())
-            }
-        }
-    )*};
-}
-database_errors!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 
 /// File-system metadata operations, each one transaction.
-///
-/// Synchronous: the embedded engine is a local redb file; async callers use `spawn_blocking`.
+#[async_trait::async_trait]
 pub trait MetaEngine: Send + Sync {
     /// The entry `name` of directory `parent`; `.` and `..` resolve too.
-    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
-    fn getattr(&self, ino: Ino) -> Result<Attr>;
+    async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
+    async fn getattr(&self, ino: Ino) -> Result<Attr>;
     /// Changes attributes; a new `size` truncates or extends a regular file.
-    fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr>;
+    async fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr>;
     /// Creates a regular file and opens it for `session` in the same transaction (`creat`).
-    fn create(&self, session: SessionId, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;
+    async fn create(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Result<Attr>;
     /// Creates a regular file, FIFO, socket or device node. Directories and symlinks have their
     /// own calls.
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;
-    fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr>;
-    fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr>;
-    fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
+    async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;
+    async fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr>;
+    async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr>;
+    async fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     /// Removes a name of a non-directory. The inode goes when its last name is gone and no
     /// session holds it open.
-    fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()>;
-    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()>;
-    fn rename(
+    async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()>;
+    async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()>;
+    async fn rename(
         &self,
         parent: Ino,
         name: &[u8],
@@ -272,26 +278,26 @@ pub trait MetaEngine: Send + Sync {
         mode: RenameMode,
     ) -> Result<()>;
     /// A new name `new_parent/new_name` for the non-directory `ino`.
-    fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr>;
+    async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr>;
     /// Up to `limit` entries of directory `ino` after `after_cookie` (0 = from the start), without
     /// `.` and `..`.
-    fn readdir(&self, ino: Ino, after_cookie: u64, limit: usize) -> Result<Vec<DirEntry>>;
+    async fn readdir(&self, ino: Ino, after_cookie: u64, limit: usize) -> Result<Vec<DirEntry>>;
 
-    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
-    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
-    fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>>;
-    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
+    async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
+    async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
+    async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>>;
+    async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
 
-    fn statfs(&self) -> Result<StatFs>;
+    async fn statfs(&self) -> Result<StatFs>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.
-    fn read_chunk(&self, ino: Ino, chunk_index: u64) -> Result<Vec<Slice>>;
+    async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> Result<Vec<Slice>>;
     /// Makes a staged slice part of the file: appended to the chunk, the file's size grown to at
     /// least `new_size` and the slice's end, mtime set. The slice must have been recorded with
     /// [`MetaEngine::record_pending_slice`] by the same live session; committing it again after a
     /// success is a no-op, so a commit whose answer was lost can be retried.
-    fn commit_slice(
+    async fn commit_slice(
         &self,
         session: SessionId,
         ino: Ino,
@@ -301,39 +307,98 @@ pub trait MetaEngine: Send + Sync {
         mtime_ns: TimeNs,
     ) -> Result<Attr>;
     /// `count` fresh slice ids, never handed out before and never again.
-    fn allocate_slice_ids(&self, count: u64) -> Result<Range<u64>>;
+    async fn allocate_slice_ids(&self, count: u64) -> Result<Range<u64>>;
     /// Records that `session` is staging `slice` (before its blocks are written), so the blocks
     /// are cleaned up if the session dies before committing it. Repeating it with a larger `len`
     /// grows the record.
-    fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()>;
+    async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()>;
     /// Like [`MetaEngine::record_pending_slice`], but returns before the record is durable; the
     /// next durable commit carries it. Only for a caller that then stages the slice's blocks and
     /// commits it itself, without answering anyone in between (`WriteSlice`): should the engine
     /// crash first, the caller's client gets no answer and retries the whole write.
-    fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()>;
+    async fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()>;
 
-    fn open_session(&self, description: &str) -> Result<SessionId>;
+    async fn open_session(&self, description: &str) -> Result<SessionId>;
     /// Keeps a session alive; [`MetaError::SessionGone`] once it was closed.
-    fn heartbeat(&self, session: SessionId) -> Result<()>;
+    async fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: releases its open handles (removing unlinked files nobody holds any more)
     /// and queues the slices it staged but never committed for deletion. Closing an unknown
     /// session is a no-op, so cleanup can be repeated.
-    fn close_session(&self, session: SessionId) -> Result<()>;
-    fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
+    async fn close_session(&self, session: SessionId) -> Result<()>;
+    async fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
     /// Sessions whose last heartbeat is older than `heartbeat_before_ns`: the caller closes them.
-    fn expired_sessions(&self, heartbeat_before_ns: TimeNs) -> Result<Vec<SessionId>>;
+    async fn expired_sessions(&self, heartbeat_before_ns: TimeNs) -> Result<Vec<SessionId>>;
 
     /// Records an open handle of `session` on `ino` and returns the current attributes
     /// (close-to-open: the size a reader must honour).
-    fn open(&self, session: SessionId, ino: Ino) -> Result<Attr>;
+    async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr>;
     /// Drops one handle; the last release of an unlinked file removes it.
-    fn release(&self, session: SessionId, ino: Ino) -> Result<()>;
+    async fn release(&self, session: SessionId, ino: Ino) -> Result<()>;
 
     /// Up to `limit` queued slices due at `now_ns`, oldest due first. They stay queued until
     /// acknowledged, so a crash between deleting and acknowledging only repeats the deletion.
-    fn take_due_deleted_slices(&self, now_ns: TimeNs, limit: usize) -> Result<Vec<DeletedSlice>>;
+    async fn take_due_deleted_slices(
+        &self,
+        now_ns: TimeNs,
+        limit: usize,
+    ) -> Result<Vec<DeletedSlice>>;
     /// Removes slices from the queue once their data is gone; unknown ids are ignored.
-    fn ack_deleted_slices(&self, slice_ids: &[u64]) -> Result<()>;
+    async fn ack_deleted_slices(&self, slice_ids: &[u64]) -> Result<()>;
+}
+
+/// Where the metadata lives: `--meta` of the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// An embedded redb file.
+    Redb(std::path::PathBuf),
+    /// A PostgreSQL database, `postgres://USER[:PASS]@HOST[:PORT]/DB`.
+    Postgres(String),
+}
+
+impl MetaLocation {
+    /// A `postgres://` or `postgresql://` URL names a database; anything else is a redb path.
+    pub fn parse(text: &str) -> MetaLocation {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            MetaLocation::Postgres(text.to_string())
+        } else {
+            MetaLocation::Redb(text.into())
+        }
+    }
+}
+
+impl std::fmt::Display for MetaLocation {
+    /// Where, without a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaLocation::Redb(path) => write!(f, "{}", path.display()),
+            MetaLocation::Postgres(url) => match url.find('@') {
+                Some(at) => {
+                    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+                    let user = &url[scheme_end..at];
+                    let user = user.split(':').next().unwrap_or_default();
+                    write!(f, "{}{}@{}", &url[..scheme_end], user, &url[at + 1..])
+                }
+                None => write!(f, "{url}"),
+            },
+        }
+    }
+}
+
+/// Opens (creating, formatting or migrating as needed) the metadata at `location`.
+pub async fn open(location: &MetaLocation, config: MetaConfig) -> Result<KvMeta> {
+    let store: std::sync::Arc<dyn kv::KvStore> = match location {
+        MetaLocation::Redb(path) => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || redb_kv::RedbKv::open(path))
+                .await
+                .map_err(|e| KvError::Failed(format!("opening the redb file failed: {e}")))??;
+            std::sync::Arc::new(store)
+        }
+        MetaLocation::Postgres(url) => {
+            std::sync::Arc::new(postgres_kv::PostgresKv::connect(url).await?)
+        }
+    };
+    KvMeta::open(store, config).await
 }
 
 /// Checks the name of a new directory entry.

@@ -1,5 +1,5 @@
-//! Model-based test: random sequences of namespace and data operations run against the redb
-//! engine and against a small in-memory reference model; after every step the two must agree on
+//! Model-based test: random sequences of namespace and data operations run against an engine
+//! (every backend, `super::db()`) and against a small in-memory reference model; after every step the two must agree on
 //! results (errno), lookups, attributes, directory listings, file contents and data cleanup.
 //!
 //! File contents are compared through slice ids: the model remembers, per byte position, which
@@ -14,7 +14,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use shared::CHUNK_SIZE;
 
-use super::*;
+use super::db;
+use crate::blocking::BlockingMeta;
+use crate::*;
 
 const NAMES: [&[u8]; 3] = [b"a", b"b", b"c"];
 /// Byte offsets used inside a chunk are below this, so contents are cheap to compare.
@@ -352,8 +354,8 @@ impl Model {
 }
 
 struct Harness {
-    _dir: tempfile::TempDir,
-    meta: RedbMeta,
+    _db: crate::tests::Db,
+    meta: BlockingMeta,
     session: SessionId,
     model: Model,
 }
@@ -364,16 +366,16 @@ fn outcome<T>(result: Result<T>) -> Outcome {
 
 impl Harness {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let db = db();
         let config = MetaConfig {
             deleted_data_delay: Duration::ZERO,
             sync_commits: false,
             ..MetaConfig::default()
         };
-        let meta = RedbMeta::open(dir.path().join("meta.redb"), config).unwrap();
+        let meta = db.open(config);
         let session = meta.open_session("model").unwrap();
         Harness {
-            _dir: dir,
+            _db: db,
             meta,
             session,
             model: Model::new(),
@@ -614,8 +616,17 @@ fn check_created(got: Result<Attr>, want: Result<Ino, i32>) -> (Outcome, Outcome
     }
 }
 
+/// `PROPTEST_CASES`, else the backend's default (`super::MODEL_CASES`: a shared database costs
+/// a fresh database and network round trips per case).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(super::MODEL_CASES)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn engine_matches_the_reference_model(ops in proptest::collection::vec(op(), 1..60)) {

@@ -1,0 +1,230 @@
+//! Where each record lives in the key space of a [`crate::kv::KvStore`].
+//!
+//! Every key starts with one byte naming its record type, then big-endian integers (so keys sort
+//! as the numbers do) and, last, any name (so one directory's entries or one inode's xattrs are a
+//! contiguous range):
+//!
+//! | record            | key                                | value                              |
+//! |-------------------|------------------------------------|------------------------------------|
+//! | format version    | `F`                                | u64                                |
+//! | inode             | `i` ino                            | inode record (`codec`)             |
+//! | directory entry   | `d` parent name                    | ino, cookie                        |
+//! | listing order     | `o` parent cookie                  | ino, name                          |
+//! | symlink target    | `s` ino                            | target                             |
+//! | xattr             | `x` ino name                       | value                              |
+//! | chunk             | `c` ino chunk-index                | slices in commit order (`codec`)   |
+//! | usage counter     | `u` counter shard                  | u64 (sharded: see `rules`)         |
+//! | id sequence       | `n` name                           | u64, next id (backends that keep sequences in the key space) |
+//! | session           | `S` session                        | last heartbeat, description        |
+//! | open handles      | `h` session ino                    | u64                                |
+//! | pending slice     | `p` session slice-id               | len, gateway (`codec`)             |
+//! | delete queue      | `q` due-time slice-id              | len, gateway (`codec`)             |
+//! | queued slice      | `Q` slice-id                       | due time                           |
+//!
+//! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
+//! paging by cookie never repeats an entry and never skips one that existed throughout.
+
+use crate::kv::Sequence;
+use crate::{Ino, MetaError, Result, SessionId, TimeNs};
+
+pub const FORMAT: &[u8] = b"F";
+
+fn key(tag: u8, numbers: &[u64], tail: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + 8 * numbers.len() + tail.len());
+    key.push(tag);
+    for n in numbers {
+        key.extend_from_slice(&n.to_be_bytes());
+    }
+    key.extend_from_slice(tail);
+    key
+}
+
+/// Signed times sort as unsigned once the sign bit is flipped.
+fn ordered_time(t: TimeNs) -> u64 {
+    (t as u64) ^ (1 << 63)
+}
+
+fn time_from_ordered(v: u64) -> TimeNs {
+    (v ^ (1 << 63)) as i64
+}
+
+/// The first key past every key that starts with `prefix` (the end of a prefix scan).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Unreachable for our keys: every prefix starts with an ASCII tag, which has a successor.
+    unreachable!("prefix {prefix:?} has no successor")
+}
+
+pub fn inode(ino: Ino) -> Vec<u8> {
+    key(b'i', &[ino], &[])
+}
+
+pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
+    key(b'd', &[parent], name)
+}
+
+pub fn listing(parent: Ino, cookie: u64) -> Vec<u8> {
+    key(b'o', &[parent, cookie], &[])
+}
+
+/// Every listing key of directory `parent`.
+pub fn listing_prefix(parent: Ino) -> Vec<u8> {
+    key(b'o', &[parent], &[])
+}
+
+pub fn symlink(ino: Ino) -> Vec<u8> {
+    key(b's', &[ino], &[])
+}
+
+pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
+    key(b'x', &[ino], name)
+}
+
+pub fn xattr_prefix(ino: Ino) -> Vec<u8> {
+    key(b'x', &[ino], &[])
+}
+
+pub fn chunk(ino: Ino, chunk_index: u64) -> Vec<u8> {
+    key(b'c', &[ino, chunk_index], &[])
+}
+
+pub fn chunk_prefix(ino: Ino) -> Vec<u8> {
+    key(b'c', &[ino], &[])
+}
+
+pub fn usage(counter: u8, shard: u8) -> Vec<u8> {
+    vec![b'u', counter, shard]
+}
+
+pub fn usage_prefix(counter: u8) -> Vec<u8> {
+    vec![b'u', counter]
+}
+
+pub fn sequence(sequence: Sequence) -> Vec<u8> {
+    key(b'n', &[], sequence.name().as_bytes())
+}
+
+pub fn session(session: SessionId) -> Vec<u8> {
+    key(b'S', &[session], &[])
+}
+
+pub const SESSION_PREFIX: &[u8] = b"S";
+
+pub fn handle(session: SessionId, ino: Ino) -> Vec<u8> {
+    key(b'h', &[session, ino], &[])
+}
+
+pub fn handle_prefix(session: SessionId) -> Vec<u8> {
+    key(b'h', &[session], &[])
+}
+
+pub fn pending(session: SessionId, slice_id: u64) -> Vec<u8> {
+    key(b'p', &[session, slice_id], &[])
+}
+
+pub fn pending_prefix(session: SessionId) -> Vec<u8> {
+    key(b'p', &[session], &[])
+}
+
+pub fn queue(due: TimeNs, slice_id: u64) -> Vec<u8> {
+    key(b'q', &[ordered_time(due), slice_id], &[])
+}
+
+pub const QUEUE_PREFIX: &[u8] = b"q";
+
+/// The end of the queue entries due at or before `now` (the first key due after it).
+pub fn queue_due_end(now: TimeNs) -> Vec<u8> {
+    match now.checked_add(1) {
+        Some(next) => key(b'q', &[ordered_time(next)], &[]),
+        None => prefix_end(QUEUE_PREFIX),
+    }
+}
+
+pub fn queued(slice_id: u64) -> Vec<u8> {
+    key(b'Q', &[slice_id], &[])
+}
+
+/// Reads the big-endian numbers after the tag of `key`, and the tail after them.
+pub fn parse<const N: usize>(key: &[u8]) -> Result<([u64; N], &[u8])> {
+    let body = key.get(1..).unwrap_or_default();
+    if body.len() < 8 * N {
+        return Err(MetaError::Corrupt(format!(
+            "key {key:?} is shorter than {N} numbers"
+        )));
+    }
+    let mut numbers = [0; N];
+    for (i, n) in numbers.iter_mut().enumerate() {
+        let bytes: [u8; 8] = body[8 * i..8 * i + 8].try_into().expect("8 bytes");
+        *n = u64::from_be_bytes(bytes);
+    }
+    Ok((numbers, &body[8 * N..]))
+}
+
+/// The due time and slice id of a delete-queue key.
+pub fn parse_queue(key: &[u8]) -> Result<(TimeNs, u64)> {
+    let ([due, slice_id], _) = parse::<2>(key)?;
+    Ok((time_from_ordered(due), slice_id))
+}
+
+/// A little-endian u64 value.
+pub fn encode_u64(value: u64) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+pub fn decode_u64(what: &str, bytes: &[u8]) -> Result<u64> {
+    bytes
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| MetaError::Corrupt(format!("{what}: {} bytes, expected 8", bytes.len())))
+}
+
+/// Two little-endian u64s followed by free bytes (entries, listings, sessions).
+pub fn encode_pair(a: u64, b: u64, tail: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + tail.len());
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    out.extend_from_slice(tail);
+    out
+}
+
+pub fn decode_pair<'a>(what: &str, bytes: &'a [u8]) -> Result<(u64, u64, &'a [u8])> {
+    if bytes.len() < 16 {
+        return Err(MetaError::Corrupt(format!(
+            "{what}: {} bytes, expected at least 16",
+            bytes.len()
+        )));
+    }
+    let a = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let b = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    Ok((a, b, &bytes[16..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_like_their_numbers_and_times() {
+        assert!(listing(1, 255) < listing(1, 256));
+        assert!(listing(1, u64::MAX) < listing(2, 0));
+        assert!(queue(-5, 9) < queue(0, 1));
+        assert!(queue(i64::MAX, 1) < prefix_end(QUEUE_PREFIX));
+        assert_eq!(parse_queue(&queue(-7, 3)).unwrap(), (-7, 3));
+        assert!(queue(10, u64::MAX) < queue_due_end(10));
+        assert!(queue(11, 0) >= queue_due_end(10));
+    }
+
+    #[test]
+    fn a_prefix_range_holds_exactly_its_keys() {
+        let (start, end) = (xattr_prefix(7), prefix_end(&xattr_prefix(7)));
+        assert!(start <= xattr(7, b"") && xattr(7, &[0xff; 300]) < end);
+        assert!(xattr(8, b"") >= end);
+        assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
+    }
+}

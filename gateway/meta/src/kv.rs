@@ -1,0 +1,141 @@
+//! The storage contract under the file-system rules: an ordered, transactional key-value store.
+//!
+//! A backend only stores and transacts; every POSIX rule lives above it ([`crate::rules`]), the way
+//! JuiceFS's `tkv` layer serves TiKV, etcd and FoundationDB with one set of rules. What a backend
+//! guarantees:
+//!
+//! - **Serializable transactions.** A [`KvTxn`] reads one consistent snapshot; its writes (handed
+//!   over whole at [`KvTxn::commit`]) are applied atomically, and the commit fails with
+//!   [`KvError::Conflict`] if committing would break serializability with a concurrent
+//!   transaction (another gateway on the same database). A conflicted transaction left no trace,
+//!   so the rules simply run it again.
+//! - **Durability on request.** A commit with [`Durability::Durable`] returns once the
+//!   transaction survives a crash of the machine; [`Durability::Eventual`] may return earlier, and
+//!   the next durable commit carries it.
+//! - **Id sequences.** [`KvTxn::take_ids`] hands out consecutive ids that are never handed out
+//!   again; a shared database does it outside the transaction, so allocating never conflicts.
+//!
+//! Keys sort bytewise; [`crate::keys`] lays out every record so that range scans follow the
+//! file-system's order (a directory's entries, a file's chunks, the delete queue by due time).
+
+use async_trait::async_trait;
+
+/// How a backend failed. Only [`KvError::Conflict`] means "nothing happened, run it again".
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// The transaction lost a race with a concurrent one and was rolled back entirely.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
+    /// The backend cannot be reached or failed for a reason that may pass (connection lost,
+    /// server restarting, I/O error). The transaction's outcome may be unknown if this came from
+    /// a commit, so it is not retried blindly.
+    #[error("metadata backend unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the backend refused: a broken schema, an unsupported server, a bug.
+    #[error("metadata backend: {0}")]
+    Failed(String),
+}
+
+impl KvError {
+    /// Whether the caller may try the same call again and expect it to work: a conflict (nothing
+    /// was applied) or a backend that may come back.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, KvError::Conflict(_) | KvError::Unavailable(_))
+    }
+}
+
+pub type KvResult<T> = std::result::Result<T, KvError>;
+
+/// When a commit may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the transaction survives a crash (the durability contract of every acknowledged
+    /// metadata change).
+    Durable,
+    /// Once it is committed and visible; a later durable commit makes it durable. For changes
+    /// whose loss in a crash is harmless.
+    Eventual,
+}
+
+/// The id sequences of a file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sequence {
+    Inode,
+    Slice,
+    /// Directory-entry cookies: `readdir` pages by them.
+    Cookie,
+    Session,
+}
+
+impl Sequence {
+    pub const ALL: [Sequence; 4] = [
+        Sequence::Inode,
+        Sequence::Slice,
+        Sequence::Cookie,
+        Sequence::Session,
+    ];
+
+    /// The stable name a backend stores the sequence under.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sequence::Inode => "next_ino",
+            Sequence::Slice => "next_slice_id",
+            Sequence::Cookie => "next_cookie",
+            Sequence::Session => "next_session",
+        }
+    }
+
+    /// The first id a fresh file system hands out (1 is the root inode, 0 the hole slice id,
+    /// cookies 1 and 2 are `.` and `..`).
+    pub fn first(self) -> u64 {
+        match self {
+            Sequence::Inode => 2,
+            Sequence::Slice | Sequence::Session => 1,
+            Sequence::Cookie => 3,
+        }
+    }
+}
+
+/// One key's new value in a write set: `None` deletes it.
+pub type Write = (Vec<u8>, Option<Vec<u8>>);
+
+/// A backend: where transactions begin.
+#[async_trait]
+pub trait KvStore: Send + Sync + 'static {
+    /// A short name for logs and `status` ("redb", "postgres").
+    fn kind(&self) -> &'static str;
+
+    /// Begins a transaction. `write: false` promises that it will commit no writes, which lets a
+    /// backend run it without taking a writer's turn.
+    async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>>;
+
+    /// How many ids the rules should take from a sequence at once and keep in memory (1 keeps
+    /// every id in its own transaction; a shared database wants fewer round trips on hot rows).
+    fn id_batch(&self) -> u64 {
+        1
+    }
+}
+
+/// A transaction: reads see one snapshot; writes are handed over at commit. Dropping it without
+/// committing rolls it back.
+#[async_trait]
+pub trait KvTxn: Send {
+    async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>>;
+
+    /// Up to `limit` pairs with `start <= key < end`, in key order.
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> KvResult<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// `count` consecutive ids of `sequence` (returns the first), never handed out again once
+    /// this transaction commits. A backend that hands them out outside the transaction (a shared
+    /// database) never hands them out again at all; one whose ids roll back with an aborted
+    /// transaction (redb) must keep [`KvStore::id_batch`] at 1, so no id outlives its transaction.
+    async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64>;
+
+    /// Applies `writes` (in order; a key appears at most once) and commits.
+    async fn commit(self: Box<Self>, writes: Vec<Write>, durability: Durability) -> KvResult<()>;
+}

@@ -1,0 +1,374 @@
+//! The shared backend: PostgreSQL (and what speaks its wire protocol), so that many gateways
+//! serve one file system.
+//!
+//! One table of keys and values (`stagefs_kv`) under the same rules as the embedded backend, and
+//! one table of id sequences (`stagefs_sequences`). Transactions run `SERIALIZABLE`: the rules
+//! read-modify-write arbitrary records (a rename checks a chain of parents, `rmdir` checks that a
+//! directory is empty), which only serializable isolation keeps correct across gateways.
+//! Serialization failures and deadlocks come back as [`KvError::Conflict`] and the rules run the
+//! transaction again. Reads run `REPEATABLE READ READ ONLY`: one snapshot, never a conflict.
+//!
+//! Writes are buffered by the rules and sent at commit in two statements (an upsert of every
+//! written pair and a delete of every removed key), so a transaction costs its reads plus three
+//! round trips. Ids are taken in autocommit statements on a second connection, outside the
+//! transaction, so the hot sequence rows are locked for one statement and never conflict: a
+//! `SEQUENCE` would do the same but hands out fixed steps, and slice ids are taken in batches of
+//! the client's choosing.
+//!
+//! The schema is created and migrated by the gateway: `stagefs_migrations` lists the versions
+//! applied, and a gateway that finds a newer schema than it knows refuses to start.
+//!
+//! SQL kept to what CockroachDB and YugabyteDB also accept, except
+//! `SET LOCAL synchronous_commit` (changes whose loss in a crash is harmless skip the WAL flush;
+//! a server that refuses the setting makes them durable instead).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::kv::{Durability, KvError, KvResult, KvStore, KvTxn, Sequence, Write};
+
+/// Connections kept open to the server by one gateway.
+const POOL_SIZE: usize = 64;
+/// How long a transaction waits for a free connection before the call fails (retryably).
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// Ids taken from a sequence at once for inode numbers and cookies (the rules keep the rest).
+const ID_BATCH: u64 = 64;
+
+/// Each migration, in order; its index + 1 is its version.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "key-value table and id sequences",
+    "CREATE TABLE stagefs_kv (k BYTEA PRIMARY KEY, v BYTEA NOT NULL);
+     CREATE TABLE stagefs_sequences (name TEXT PRIMARY KEY, next BIGINT NOT NULL);",
+)];
+
+const GET: &str = "SELECT v FROM stagefs_kv WHERE k = $1";
+const SCAN: &str = "SELECT k, v FROM stagefs_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
+const UPSERT: &str =
+    "INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                      ON CONFLICT (k) DO UPDATE SET v = excluded.v";
+const DELETE: &str = "DELETE FROM stagefs_kv WHERE k = ANY($1)";
+const TAKE_IDS: &str =
+    "UPDATE stagefs_sequences SET next = next + $2 WHERE name = $1 RETURNING next - $2";
+const PEEK_ID: &str = "SELECT next FROM stagefs_sequences WHERE name = $1";
+
+/// The PostgreSQL [`KvStore`].
+pub struct PostgresKv {
+    pool: Pool,
+    /// Whether the server accepted `SET LOCAL synchronous_commit`.
+    lazy_commits: Arc<AtomicBool>,
+}
+
+/// Maps a driver error: conflicts are retried by the rules, lost connections may pass.
+fn pg_error(error: tokio_postgres::Error) -> KvError {
+    if let Some(code) = error.code() {
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            return KvError::Conflict(error.to_string());
+        }
+        let class = &code.code()[..2];
+        // 08: connection exception, 53: insufficient resources, 57: operator intervention.
+        if matches!(class, "08" | "53" | "57") {
+            return KvError::Unavailable(error.to_string());
+        }
+        let detail = error
+            .as_db_error()
+            .map(|db| db.message().to_string())
+            .unwrap_or_else(|| error.to_string());
+        return KvError::Failed(format!("{detail} (SQLSTATE {})", code.code()));
+    }
+    if error.is_closed() {
+        return KvError::Unavailable(format!("connection closed: {error}"));
+    }
+    KvError::Unavailable(error.to_string())
+}
+
+fn pool_error(error: deadpool_postgres::PoolError) -> KvError {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => KvError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+impl PostgresKv {
+    /// Connects to `url` (`postgres://USER[:PASS]@HOST[:PORT]/DB`), creating or migrating the
+    /// schema.
+    pub async fn connect(url: &str) -> KvResult<PostgresKv> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| KvError::Failed(format!("bad PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| KvError::Failed(format!("connection pool: {e}")))?;
+        let store = PostgresKv {
+            pool,
+            lazy_commits: Arc::new(AtomicBool::new(true)),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Brings the schema to the newest version this build knows, one migration at a time, each in
+    /// its own transaction. Concurrent gateways queue on a row lock, so each migration runs once.
+    async fn migrate(&self) -> KvResult<()> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS stagefs_migrations (
+                     version INT PRIMARY KEY,
+                     description TEXT NOT NULL,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+                 INSERT INTO stagefs_migrations (version, description)
+                     VALUES (0, 'the row migrators lock') ON CONFLICT (version) DO NOTHING;",
+            )
+            .await
+            .map_err(pg_error)?;
+        let known = MIGRATIONS.len() as i32;
+        loop {
+            let txn = client.transaction().await.map_err(pg_error)?;
+            txn.query_one(
+                "SELECT version FROM stagefs_migrations WHERE version = 0 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+            let current: i32 = txn
+                .query_one("SELECT max(version) FROM stagefs_migrations", &[])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            if current > known {
+                return Err(KvError::Failed(format!(
+                    "the database's stagefs schema is version {current}, newer than this \
+                     build's {known}: upgrade this gateway"
+                )));
+            }
+            if current == known {
+                txn.commit().await.map_err(pg_error)?;
+                break;
+            }
+            let (description, sql) = MIGRATIONS[current as usize];
+            let version = current + 1;
+            txn.batch_execute(sql).await.map_err(pg_error)?;
+            if version == 1 {
+                for sequence in Sequence::ALL {
+                    txn.execute(
+                        "INSERT INTO stagefs_sequences (name, next) VALUES ($1, $2)",
+                        &[&sequence.name(), &(sequence.first() as i64)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                }
+            }
+            txn.execute(
+                "INSERT INTO stagefs_migrations (version, description) VALUES ($1, $2)",
+                &[&version, &description],
+            )
+            .await
+            .map_err(pg_error)?;
+            txn.commit().await.map_err(pg_error)?;
+            tracing::info!(version, description, "migrated the PostgreSQL schema");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KvStore for PostgresKv {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let begin = if write {
+            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        } else {
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        };
+        client.batch_execute(begin).await.map_err(pg_error)?;
+        Ok(Box::new(PgTxn {
+            client: Some(client),
+            pool: self.pool.clone(),
+            lazy_commits: self.lazy_commits.clone(),
+        }))
+    }
+
+    fn id_batch(&self) -> u64 {
+        ID_BATCH
+    }
+}
+
+struct PgTxn {
+    /// `None` once committed (or handed to the rollback task).
+    client: Option<Object>,
+    pool: Pool,
+    lazy_commits: Arc<AtomicBool>,
+}
+
+impl PgTxn {
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("transaction already finished")
+    }
+}
+
+#[async_trait]
+impl KvTxn for PgTxn {
+    async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        let client = self.client();
+        let statement = client.prepare_cached(GET).await.map_err(pg_error)?;
+        let row = client
+            .query_opt(&statement, &[&key])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> KvResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        if start >= end || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client();
+        let statement = client.prepare_cached(SCAN).await.map_err(pg_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&statement, &[&start, &end, &limit])
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+
+    async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64> {
+        // Outside this transaction, on a connection of its own: the ids are gone whatever
+        // becomes of this transaction, and the row is locked for one statement only.
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = if count == 0 {
+            let statement = client.prepare_cached(PEEK_ID).await.map_err(pg_error)?;
+            client.query_opt(&statement, &[&sequence.name()]).await
+        } else {
+            let count = i64::try_from(count)
+                .map_err(|_| KvError::Failed(format!("cannot take {count} ids at once")))?;
+            let statement = client.prepare_cached(TAKE_IDS).await.map_err(pg_error)?;
+            client
+                .query_opt(&statement, &[&sequence.name(), &count])
+                .await
+        }
+        .map_err(pg_error)?;
+        let Some(row) = row else {
+            return Err(KvError::Failed(format!(
+                "sequence {} is missing from stagefs_sequences",
+                sequence.name()
+            )));
+        };
+        let first: i64 = row.get(0);
+        Ok(first as u64)
+    }
+
+    async fn commit(
+        mut self: Box<Self>,
+        writes: Vec<Write>,
+        durability: Durability,
+    ) -> KvResult<()> {
+        let client = self.client.take().expect("transaction already finished");
+        let outcome = commit_on(&client, writes, durability, &self.lazy_commits).await;
+        if outcome.is_err() {
+            // The transaction may still be open (a failed statement): end it before the
+            // connection goes back to the pool.
+            rollback_later(client);
+        }
+        outcome
+    }
+}
+
+async fn commit_on(
+    client: &Object,
+    writes: Vec<Write>,
+    durability: Durability,
+    lazy_commits: &AtomicBool,
+) -> KvResult<()> {
+    let (mut put_keys, mut put_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, value) in writes {
+        match value {
+            Some(value) => {
+                put_keys.push(key);
+                put_values.push(value);
+            }
+            None => deletes.push(key),
+        }
+    }
+    if !put_keys.is_empty() {
+        let statement = client.prepare_cached(UPSERT).await.map_err(pg_error)?;
+        client
+            .execute(&statement, &[&put_keys, &put_values])
+            .await
+            .map_err(pg_error)?;
+    }
+    if !deletes.is_empty() {
+        let statement = client.prepare_cached(DELETE).await.map_err(pg_error)?;
+        client
+            .execute(&statement, &[&deletes])
+            .await
+            .map_err(pg_error)?;
+    }
+    if durability == Durability::Eventual && lazy_commits.load(Ordering::Relaxed) {
+        if let Err(error) = client
+            .batch_execute("SET LOCAL synchronous_commit TO OFF")
+            .await
+        {
+            // A server that does not know the setting aborts the transaction: stop asking, and
+            // let the rules run this one again (durably, which is always allowed).
+            lazy_commits.store(false, Ordering::Relaxed);
+            return Err(KvError::Conflict(format!(
+                "the server refused synchronous_commit: {error}"
+            )));
+        }
+    }
+    client.batch_execute("COMMIT").await.map_err(pg_error)
+}
+
+/// Ends a transaction that was not committed before its connection is reused; a connection that
+/// cannot even roll back is closed instead of going back to the pool.
+fn rollback_later(client: Object) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(Object::take(client));
+                }
+            });
+        }
+        Err(_) => drop(Object::take(client)),
+    }
+}
+
+impl Drop for PgTxn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            rollback_later(client);
+        }
+    }
+}

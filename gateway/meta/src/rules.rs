@@ -1,0 +1,1383 @@
+//! The file-system rules, written once over the key-value contract ([`crate::kv`]): every
+//! [`MetaEngine`] operation is one serializable transaction of gets, scans and buffered writes,
+//! run again from the start when the backend reports a conflict with a concurrent transaction
+//! (another gateway on the same database).
+//!
+//! Invariants the rules keep: a committed slice id is referenced by exactly one chunk (commit
+//! needs the pending record, which it consumes); no slice shows bytes at or past its file's size
+//! (truncate hides them behind a hole slice); a slice leaves every chunk before it is queued for
+//! deletion, and enters the queue at most once.
+//!
+//! Hot rows: a shared database would serialize every create on one counter row, so usage
+//! counters (files, bytes) are split into shards that transactions pick at random and `statfs`
+//! adds up, and ids come from sequences outside the transactions ([`crate::kv::KvTxn::take_ids`]),
+//! taken in batches when the backend asks for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use shared::CHUNK_SIZE;
+
+use crate::codec::{
+    decode_inode, decode_slice_data, decode_slices, encode_inode, encode_slice_data, encode_slices,
+    Inode,
+};
+use crate::keys;
+use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
+use crate::{
+    check_name, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, Ino, MetaConfig,
+    MetaEngine, MetaError, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
+    StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN, ROOT_INO,
+};
+
+/// Bumped when the layout of the key space changes incompatibly.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// Usage counters, each split into [`USAGE_SHARDS`] keys.
+const FILES: u8 = b'f';
+const USED_BYTES: u8 = b'b';
+const USAGE_SHARDS: u8 = 16;
+
+/// No real tree is this deep (a path is at most 4096 bytes, so at most 2048 levels).
+const MAX_TREE_DEPTH: u32 = 1 << 16;
+
+/// How often a conflicted transaction is run again before the conflict is returned (as a
+/// retryable error). Conflicts need concurrent changes of the same records, so a few tries
+/// settle all but pathological contention.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// The metadata engine: the rules over any [`KvStore`].
+pub struct KvMeta {
+    store: Arc<dyn KvStore>,
+    config: MetaConfig,
+    /// Ids taken from the store's sequences but not handed out yet (when the store batches).
+    pools: Mutex<HashMap<Sequence, Range<u64>>>,
+}
+
+impl KvMeta {
+    /// An engine over `store`, formatting an empty store (root directory 1).
+    pub async fn open(store: Arc<dyn KvStore>, config: MetaConfig) -> Result<KvMeta> {
+        let meta = KvMeta {
+            store,
+            config,
+            pools: Mutex::new(HashMap::new()),
+        };
+        crate::transact!(meta, Durability::Durable, |tx| tx.format_if_new().await)?;
+        Ok(meta)
+    }
+
+    /// The backend's name, for logs.
+    pub fn backend(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    fn durability(&self) -> Durability {
+        if self.config.sync_commits {
+            Durability::Durable
+        } else {
+            Durability::Eventual
+        }
+    }
+
+    #[doc(hidden)]
+    pub async fn begin_tx(&self, write: bool) -> Result<Tx<'_>> {
+        Ok(Tx {
+            inner: self.store.begin(write).await?,
+            writes: BTreeMap::new(),
+            meta: self,
+            now: now_ns(),
+            shard: if self.store.id_batch() > 1 {
+                rand::random_range(0..USAGE_SHARDS)
+            } else {
+                0
+            },
+        })
+    }
+
+    async fn read_tx(&self) -> Result<Tx<'_>> {
+        self.begin_tx(false).await
+    }
+
+    /// [`MetaEngine::record_pending_slice`], waiting for durability only when `durability` says.
+    async fn record_pending(
+        &self,
+        session: SessionId,
+        slice: &Slice,
+        durability: Durability,
+    ) -> Result<()> {
+        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 {
+            return Err(MetaError::Invalid(format!(
+                "slice {slice:?}: id 0 is reserved for holes, and a slice has data"
+            )));
+        }
+        crate::transact!(self, durability, |tx| {
+            tx.check_session(session).await?;
+            if slice.slice_id >= tx.peek_sequence(Sequence::Slice).await? {
+                return Err(MetaError::Invalid(format!(
+                    "slice id {} was never allocated",
+                    slice.slice_id
+                )));
+            }
+            let key = keys::pending(session, slice.slice_id);
+            let recorded_len = match tx.get(&key).await? {
+                Some(bytes) => decode_slice_data(slice.slice_id, &bytes)?.0,
+                None => 0,
+            };
+            let len = recorded_len.max(slice.len);
+            tx.put(key, encode_slice_data(len, &slice.gateway_id));
+            Ok(())
+        })
+    }
+}
+
+/// Runs `$body` (which uses the transaction `$tx`) in a write transaction committed with
+/// `$durability`, from the start again while the backend reports a conflict.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! transact {
+    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            #[allow(unused_mut)]
+            let mut $tx = $meta.begin_tx(true).await?;
+            #[allow(clippy::redundant_closure_call)]
+            let outcome: $crate::Result<_> = async { $body }.await;
+            let outcome = match outcome {
+                Ok(value) => $tx.commit($durability).await.map(|()| value),
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Err(error) if error.is_conflict() && attempt < $crate::rules::max_attempts() => {
+                    $crate::rules::conflict_backoff(attempt).await;
+                }
+                outcome => break outcome,
+            }
+        }
+    }};
+}
+
+#[doc(hidden)]
+pub fn max_attempts() -> u32 {
+    MAX_ATTEMPTS
+}
+
+/// A short, growing, jittered pause before a conflicted transaction runs again, so two gateways
+/// that keep colliding drift apart.
+#[doc(hidden)]
+pub async fn conflict_backoff(attempt: u32) {
+    let ceiling_us = 100u64 << attempt.min(8);
+    tokio::time::sleep(Duration::from_micros(rand::random_range(0..=ceiling_us))).await;
+}
+
+/// One transaction: reads go to the backend's snapshot unless this transaction wrote the key;
+/// writes are buffered and handed to the backend at commit.
+#[doc(hidden)]
+pub struct Tx<'m> {
+    inner: Box<dyn KvTxn>,
+    /// Every key written so far, `None` for deleted.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    meta: &'m KvMeta,
+    now: TimeNs,
+    /// The usage-counter shard this transaction updates.
+    shard: u8,
+}
+
+impl Tx<'_> {
+    pub async fn commit(self, durability: Durability) -> Result<()> {
+        let writes: Vec<Write> = self.writes.into_iter().collect();
+        self.inner.commit(writes, durability).await?;
+        Ok(())
+    }
+
+    // --- the key-value layer ---
+
+    async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(written) = self.writes.get(key) {
+            return Ok(written.clone());
+        }
+        Ok(self.inner.get(key).await?)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Up to `limit` pairs with `start <= key < end` as this transaction sees them.
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let buffered: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .writes
+            .range(start.to_vec()..end.to_vec())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Each buffered deletion may hide one stored pair, so ask for that many more.
+        let stored = self
+            .inner
+            .scan(start, end, limit.saturating_add(buffered.len()))
+            .await?;
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+        for (key, value) in buffered {
+            match value {
+                Some(value) => merged.insert(key, value),
+                None => merged.remove(&key),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+
+    async fn scan_prefix(&mut self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan(prefix, &keys::prefix_end(prefix), usize::MAX)
+            .await
+    }
+
+    /// A fresh id of `sequence`, from the engine's batch when the store batches.
+    async fn next_id(&mut self, sequence: Sequence) -> Result<u64> {
+        let batch = self.meta.store.id_batch();
+        if batch <= 1 {
+            return Ok(self.inner.take_ids(sequence, 1).await?);
+        }
+        if let Some(id) = self.meta.take_pooled(sequence) {
+            return Ok(id);
+        }
+        let first = self.inner.take_ids(sequence, batch).await?;
+        let mut pools = self.meta.pools.lock().expect("id pools poisoned");
+        let pool = pools.entry(sequence).or_insert(0..0);
+        // If another transaction refilled the pool meanwhile, the rest of this batch is skipped:
+        // ids must never repeat, gaps are harmless.
+        if pool.is_empty() {
+            *pool = first + 1..first + batch;
+        }
+        Ok(first)
+    }
+
+    /// The next id `sequence` would hand out: everything below it was handed out.
+    async fn peek_sequence(&mut self, sequence: Sequence) -> Result<u64> {
+        Ok(self.inner.take_ids(sequence, 0).await?)
+    }
+
+    // --- format and counters ---
+
+    async fn format_if_new(&mut self) -> Result<()> {
+        if let Some(bytes) = self.get(keys::FORMAT).await? {
+            let version = keys::decode_u64("format version", &bytes)?;
+            if version != FORMAT_VERSION {
+                return Err(MetaError::Corrupt(format!(
+                    "metadata format {version}, this build reads {FORMAT_VERSION}"
+                )));
+            }
+            return Ok(());
+        }
+        let root = Inode {
+            attr: Attr {
+                ino: ROOT_INO,
+                kind: FileKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                atime_ns: self.now,
+                mtime_ns: self.now,
+                ctime_ns: self.now,
+                rdev: 0,
+            },
+            parent: ROOT_INO,
+            open_handles: 0,
+        };
+        self.put_inode(&root);
+        self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
+        self.add_usage(1, 0).await
+    }
+
+    /// A usage counter: the sum of its shards.
+    async fn usage(&mut self, counter: u8) -> Result<u64> {
+        let mut total = 0u64;
+        for (_, value) in self.scan_prefix(&keys::usage_prefix(counter)).await? {
+            total = total.wrapping_add(keys::decode_u64("usage counter", &value)?);
+        }
+        Ok(total)
+    }
+
+    /// Adds to this transaction's shard of the usage counters. A shard may go "negative" (wrap)
+    /// when another shard holds the matching increment; the sum is what counts.
+    async fn add_usage(&mut self, files: i64, bytes: i64) -> Result<()> {
+        for (counter, delta) in [(FILES, files), (USED_BYTES, bytes)] {
+            if delta != 0 {
+                let key = keys::usage(counter, self.shard);
+                let value = match self.get(&key).await? {
+                    Some(bytes) => keys::decode_u64("usage counter", &bytes)?,
+                    None => 0,
+                };
+                self.put(key, keys::encode_u64(value.wrapping_add_signed(delta)));
+            }
+        }
+        Ok(())
+    }
+
+    // --- inodes and entries ---
+
+    async fn inode(&mut self, ino: Ino) -> Result<Inode> {
+        match self.get(&keys::inode(ino)).await? {
+            Some(bytes) => decode_inode(ino, &bytes),
+            None => Err(MetaError::NoSuchInode(ino)),
+        }
+    }
+
+    async fn dir(&mut self, ino: Ino) -> Result<Inode> {
+        let inode = self.inode(ino).await?;
+        match inode.attr.kind {
+            FileKind::Dir => Ok(inode),
+            _ => Err(MetaError::NotADirectory(ino)),
+        }
+    }
+
+    fn put_inode(&mut self, inode: &Inode) {
+        self.put(keys::inode(inode.attr.ino), encode_inode(inode));
+    }
+
+    /// Loads, changes and stores an inode; every change of a shared inode (a parent directory
+    /// that may be both source and target of a rename) goes through here, so no stale copy is
+    /// written back.
+    async fn update_inode(&mut self, ino: Ino, change: impl FnOnce(&mut Inode)) -> Result<Inode> {
+        let mut inode = self.inode(ino).await?;
+        change(&mut inode);
+        self.put_inode(&inode);
+        Ok(inode)
+    }
+
+    /// A directory's content changed: mtime and ctime become now, nlink moves by `subdirs`.
+    async fn touch_dir(&mut self, dir: Ino, subdirs: i32) -> Result<()> {
+        let now = self.now;
+        self.update_inode(dir, |d| {
+            d.attr.nlink = d.attr.nlink.saturating_add_signed(subdirs);
+            d.attr.mtime_ns = now;
+            d.attr.ctime_ns = now;
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn entry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<(Ino, u64)>> {
+        match self.get(&keys::dentry(parent, name)).await? {
+            Some(bytes) => {
+                let (ino, cookie, _) = keys::decode_pair("directory entry", &bytes)?;
+                Ok(Some((ino, cookie)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn add_entry(&mut self, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        let cookie = self.next_id(Sequence::Cookie).await?;
+        self.put(
+            keys::dentry(parent, name),
+            keys::encode_pair(ino, cookie, &[]),
+        );
+        self.put(
+            keys::listing(parent, cookie),
+            keys::encode_pair(ino, 0, name),
+        );
+        Ok(())
+    }
+
+    async fn remove_entry(&mut self, parent: Ino, name: &[u8]) -> Result<Ino> {
+        let (ino, cookie) = self
+            .entry(parent, name)
+            .await?
+            .ok_or_else(|| no_entry(parent, name))?;
+        self.delete(keys::dentry(parent, name));
+        self.delete(keys::listing(parent, cookie));
+        Ok(ino)
+    }
+
+    async fn dir_is_empty(&mut self, dir: Ino) -> Result<bool> {
+        let prefix = keys::listing_prefix(dir);
+        let first = self.scan(&prefix, &keys::prefix_end(&prefix), 1).await?;
+        Ok(first.is_empty())
+    }
+
+    /// Whether `ancestor` is `ino` or one of the directories above it.
+    async fn is_ancestor(&mut self, ancestor: Ino, mut ino: Ino) -> Result<bool> {
+        // Bounded, so a corrupt parent chain that loops is reported instead of hanging.
+        for _ in 0..MAX_TREE_DEPTH {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            ino = self.inode(ino).await?.parent;
+        }
+        Err(MetaError::Corrupt(format!(
+            "directory {ino} is more than {MAX_TREE_DEPTH} levels deep or its parents loop"
+        )))
+    }
+
+    async fn check_new_name(&mut self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let dir = self.dir(parent).await?;
+        if dir.attr.nlink == 0 {
+            return Err(MetaError::NoSuchInode(parent));
+        }
+        if self.entry(parent, name).await?.is_some() {
+            return Err(MetaError::AlreadyExists {
+                parent,
+                name: String::from_utf8_lossy(name).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn create_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        symlink_target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        self.check_new_name(parent, name).await?;
+        if let Some(max) = self.meta.config.max_files {
+            if self.usage(FILES).await? >= max {
+                return Err(MetaError::NoSpace(format!("{max} inodes in use")));
+            }
+        }
+        let ino = self.next_id(Sequence::Inode).await?;
+        let is_dir = node.kind == FileKind::Dir;
+        let inode = Inode {
+            attr: Attr {
+                ino,
+                kind: node.kind,
+                mode: node.mode & 0o7777,
+                uid: node.uid,
+                gid: node.gid,
+                nlink: if is_dir { 2 } else { 1 },
+                size: symlink_target.map_or(0, |t| t.len() as u64),
+                atime_ns: self.now,
+                mtime_ns: self.now,
+                ctime_ns: self.now,
+                rdev: node.rdev,
+            },
+            parent,
+            open_handles: 0,
+        };
+        self.put_inode(&inode);
+        if let Some(target) = symlink_target {
+            self.put(keys::symlink(ino), target.to_vec());
+        }
+        self.add_entry(parent, name, ino).await?;
+        self.touch_dir(parent, if is_dir { 1 } else { 0 }).await?;
+        self.add_usage(1, 0).await?;
+        Ok(inode.attr)
+    }
+
+    /// One name of a non-directory is gone; the inode goes with its last name unless open.
+    async fn drop_link(&mut self, ino: Ino) -> Result<()> {
+        let now = self.now;
+        let inode = self
+            .update_inode(ino, |i| {
+                i.attr.nlink = i.attr.nlink.saturating_sub(1);
+                i.attr.ctime_ns = now;
+            })
+            .await?;
+        if inode.attr.nlink == 0 && inode.open_handles == 0 {
+            self.purge(ino).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes an inode and everything it owns; its slices go to the deleted data queue.
+    async fn purge(&mut self, ino: Ino) -> Result<()> {
+        let inode = self.inode(ino).await?;
+        self.delete(keys::inode(ino));
+        self.delete(keys::symlink(ino));
+        for (key, _) in self.scan_prefix(&keys::xattr_prefix(ino)).await? {
+            self.delete(key);
+        }
+        self.drop_chunks_from(ino, 0).await?;
+        let bytes = if inode.attr.kind == FileKind::File {
+            inode.attr.size
+        } else {
+            0
+        };
+        self.add_usage(-1, -(bytes as i64)).await
+    }
+
+    // --- file data ---
+
+    async fn chunk(&mut self, ino: Ino, chunk_index: u64) -> Result<Vec<Slice>> {
+        match self.get(&keys::chunk(ino, chunk_index)).await? {
+            Some(bytes) => decode_slices(ino, chunk_index, &bytes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn put_chunk(&mut self, ino: Ino, chunk_index: u64, slices: &[Slice]) {
+        let key = keys::chunk(ino, chunk_index);
+        if slices.is_empty() {
+            self.delete(key);
+        } else {
+            self.put(key, encode_slices(slices));
+        }
+    }
+
+    /// Removes chunks `first..` of a file and queues their slices.
+    async fn drop_chunks_from(&mut self, ino: Ino, first: u64) -> Result<()> {
+        let end = keys::prefix_end(&keys::chunk_prefix(ino));
+        let doomed = self
+            .scan(&keys::chunk(ino, first), &end, usize::MAX)
+            .await?;
+        for (key, bytes) in doomed {
+            let ([_, chunk_index], _) = keys::parse::<2>(&key)?;
+            self.delete(key);
+            for slice in decode_slices(ino, chunk_index, &bytes)? {
+                self.queue_deleted(slice.slice_id, slice.len, &slice.gateway_id)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn queue_deleted(
+        &mut self,
+        slice_id: u64,
+        len: u32,
+        gateway_id: &GatewayId,
+    ) -> Result<()> {
+        if slice_id == Slice::HOLE_ID || self.get(&keys::queued(slice_id)).await?.is_some() {
+            return Ok(());
+        }
+        let delay =
+            i64::try_from(self.meta.config.deleted_data_delay.as_nanos()).unwrap_or(i64::MAX);
+        let due = self.now.saturating_add(delay);
+        self.put(
+            keys::queue(due, slice_id),
+            encode_slice_data(len, gateway_id),
+        );
+        self.put(keys::queued(slice_id), due.to_le_bytes().to_vec());
+        Ok(())
+    }
+
+    async fn check_capacity(&mut self, growth: u64) -> Result<()> {
+        if let Some(capacity) = self.meta.config.capacity_bytes {
+            let used = self.usage(USED_BYTES).await?;
+            if used.saturating_add(growth) > capacity {
+                return Err(MetaError::NoSpace(format!(
+                    "{used} of {capacity} bytes used, {growth} more requested"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a regular file's size. Shrinking drops the slices wholly past the new end and hides
+    /// the rest of the cut chunk behind a hole slice, so bytes re-exposed by growing the file
+    /// later read as zeros.
+    async fn resize_file(&mut self, inode: &mut Inode, new_size: u64) -> Result<()> {
+        let ino = inode.attr.ino;
+        let old_size = inode.attr.size;
+        if new_size > MAX_FILE_SIZE {
+            return Err(MetaError::FileTooLarge(new_size));
+        }
+        if new_size > old_size {
+            self.check_capacity(new_size - old_size).await?;
+        } else if new_size < old_size {
+            self.drop_chunks_from(ino, new_size.div_ceil(CHUNK_SIZE))
+                .await?;
+            let cut = new_size % CHUNK_SIZE;
+            if cut != 0 {
+                let chunk_index = new_size / CHUNK_SIZE;
+                let (past_cut, mut kept): (Vec<Slice>, Vec<Slice>) = self
+                    .chunk(ino, chunk_index)
+                    .await?
+                    .into_iter()
+                    .partition(|s| u64::from(s.offset_in_chunk) >= cut);
+                // Holes own no data, so older holes are simply clipped at the cut.
+                for hole in kept.iter_mut().filter(|s| s.slice_id == Slice::HOLE_ID) {
+                    hole.len = hole.len.min((cut - u64::from(hole.offset_in_chunk)) as u32);
+                }
+                let data_end = kept.iter().map(Slice::end_in_chunk).max().unwrap_or(0);
+                if data_end > cut {
+                    kept.push(Slice {
+                        slice_id: Slice::HOLE_ID,
+                        offset_in_chunk: cut as u32,
+                        len: (data_end - cut) as u32,
+                        gateway_id: [0; 16],
+                    });
+                }
+                let (kept, shadowed) = drop_shadowed(kept);
+                for slice in past_cut.iter().chain(&shadowed) {
+                    self.queue_deleted(slice.slice_id, slice.len, &slice.gateway_id)
+                        .await?;
+                }
+                self.put_chunk(ino, chunk_index, &kept);
+            }
+        }
+        self.add_usage(0, new_size as i64 - old_size as i64).await?;
+        inode.attr.size = new_size;
+        Ok(())
+    }
+
+    // --- sessions ---
+
+    async fn check_session(&mut self, session: SessionId) -> Result<()> {
+        match self.get(&keys::session(session)).await? {
+            Some(_) => Ok(()),
+            None => Err(MetaError::SessionGone(session)),
+        }
+    }
+
+    async fn handles(&mut self, session: SessionId, ino: Ino) -> Result<u64> {
+        match self.get(&keys::handle(session, ino)).await? {
+            Some(bytes) => keys::decode_u64("open handles", &bytes),
+            None => Ok(0),
+        }
+    }
+
+    /// Drops `count` handles of `session` on `ino`; the last one of an unlinked file removes it.
+    async fn release_handles(&mut self, session: SessionId, ino: Ino, count: u64) -> Result<()> {
+        let held = self.handles(session, ino).await?;
+        let count = count.min(held);
+        if count == 0 {
+            return Ok(());
+        }
+        let key = keys::handle(session, ino);
+        if held == count {
+            self.delete(key);
+        } else {
+            self.put(key, keys::encode_u64(held - count));
+        }
+        // A directory may have been removed while open; its handles just go.
+        if self.get(&keys::inode(ino)).await?.is_none() {
+            return Ok(());
+        }
+        let inode = self
+            .update_inode(ino, |i| {
+                i.open_handles = i.open_handles.saturating_sub(count)
+            })
+            .await?;
+        if inode.open_handles == 0 && inode.attr.nlink == 0 {
+            self.purge(ino).await?;
+        }
+        Ok(())
+    }
+
+    // --- rename ---
+
+    async fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(new_name)?;
+        self.dir(parent).await?;
+        self.dir(new_parent).await?;
+        let (src_ino, _) = self
+            .entry(parent, name)
+            .await?
+            .ok_or_else(|| no_entry(parent, name))?;
+        let src = self.inode(src_ino).await?;
+        let target = self.entry(new_parent, new_name).await?;
+        match (mode, target) {
+            (RenameMode::NoReplace, Some(_)) => {
+                return Err(MetaError::AlreadyExists {
+                    parent: new_parent,
+                    name: String::from_utf8_lossy(new_name).into_owned(),
+                })
+            }
+            (RenameMode::Exchange, None) => return Err(no_entry(new_parent, new_name)),
+            _ => {}
+        }
+        // Two names of one inode (or the same name twice): POSIX says rename does nothing.
+        if target.is_some_and(|(ino, _)| ino == src_ino) {
+            return Ok(());
+        }
+        let src_is_dir = src.attr.kind == FileKind::Dir;
+        if src_is_dir && parent != new_parent && self.is_ancestor(src_ino, new_parent).await? {
+            return Err(MetaError::MoveIntoOwnSubtree(src_ino));
+        }
+        let now = self.now;
+        if mode == RenameMode::Exchange {
+            let (dst_ino, _) = target.expect("checked above");
+            let dst_is_dir = self.inode(dst_ino).await?.attr.kind == FileKind::Dir;
+            if dst_is_dir && parent != new_parent && self.is_ancestor(dst_ino, parent).await? {
+                return Err(MetaError::MoveIntoOwnSubtree(dst_ino));
+            }
+            self.remove_entry(parent, name).await?;
+            self.remove_entry(new_parent, new_name).await?;
+            self.add_entry(parent, name, dst_ino).await?;
+            self.add_entry(new_parent, new_name, src_ino).await?;
+            for (ino, is_dir, home) in [
+                (src_ino, src_is_dir, new_parent),
+                (dst_ino, dst_is_dir, parent),
+            ] {
+                self.update_inode(ino, |i| {
+                    if is_dir {
+                        i.parent = home;
+                    }
+                    i.attr.ctime_ns = now;
+                })
+                .await?;
+            }
+            let moved_subdirs = i32::from(src_is_dir) - i32::from(dst_is_dir);
+            if parent == new_parent {
+                self.touch_dir(parent, 0).await?;
+            } else {
+                self.touch_dir(parent, -moved_subdirs).await?;
+                self.touch_dir(new_parent, moved_subdirs).await?;
+            }
+            return Ok(());
+        }
+        let mut replaced_dir = false;
+        if let Some((dst_ino, _)) = target {
+            let dst = self.inode(dst_ino).await?;
+            let dst_is_dir = dst.attr.kind == FileKind::Dir;
+            match (src_is_dir, dst_is_dir) {
+                (true, false) => return Err(MetaError::NotADirectory(dst_ino)),
+                (false, true) => return Err(MetaError::IsADirectory(dst_ino)),
+                (true, true) if !self.dir_is_empty(dst_ino).await? => {
+                    return Err(MetaError::DirectoryNotEmpty(dst_ino))
+                }
+                _ => {}
+            }
+            self.remove_entry(new_parent, new_name).await?;
+            if dst_is_dir {
+                self.purge(dst_ino).await?;
+                replaced_dir = true;
+            } else {
+                self.drop_link(dst_ino).await?;
+            }
+        }
+        self.remove_entry(parent, name).await?;
+        self.add_entry(new_parent, new_name, src_ino).await?;
+        self.update_inode(src_ino, |i| {
+            if src_is_dir {
+                i.parent = new_parent;
+            }
+            i.attr.ctime_ns = now;
+        })
+        .await?;
+        let moved_subdirs = i32::from(src_is_dir);
+        if parent == new_parent {
+            self.touch_dir(parent, -i32::from(replaced_dir)).await?;
+        } else {
+            self.touch_dir(parent, -moved_subdirs).await?;
+            self.touch_dir(new_parent, moved_subdirs - i32::from(replaced_dir))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn sessions(&mut self) -> Result<Vec<SessionInfo>> {
+        let mut out = Vec::new();
+        for (key, value) in self.scan_prefix(keys::SESSION_PREFIX).await? {
+            let ([id], _) = keys::parse::<1>(&key)?;
+            let (heartbeat, _, description) = keys::decode_pair("session", &value)?;
+            out.push(SessionInfo {
+                id,
+                last_heartbeat_ns: heartbeat as i64,
+                description: String::from_utf8_lossy(description).into_owned(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl KvMeta {
+    fn take_pooled(&self, sequence: Sequence) -> Option<u64> {
+        let mut pools = self.pools.lock().expect("id pools poisoned");
+        pools.get_mut(&sequence).and_then(|pool| pool.next())
+    }
+}
+
+fn no_entry(parent: Ino, name: &[u8]) -> MetaError {
+    MetaError::NoSuchEntry {
+        parent,
+        name: String::from_utf8_lossy(name).into_owned(),
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
+        return Err(MetaError::BadXattrName {
+            len: name.len(),
+            max: MAX_XATTR_NAME_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Splits slices in commit order into those still showing at least one byte and those that later
+/// slices cover completely. Partly covered slices stay whole: their blocks are still needed.
+pub fn drop_shadowed(slices: Vec<Slice>) -> (Vec<Slice>, Vec<Slice>) {
+    // Covered ranges of the chunk, disjoint, sorted and merged (touching ranges merge too, so
+    // coverage by several neighbours counts).
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    let mut kept = Vec::with_capacity(slices.len());
+    let mut dropped = Vec::new();
+    for slice in slices.into_iter().rev() {
+        let (start, end) = (u64::from(slice.offset_in_chunk), slice.end_in_chunk());
+        if covered.iter().any(|&(s, e)| s <= start && end <= e) {
+            dropped.push(slice);
+            continue;
+        }
+        kept.push(slice);
+        let (mut merged_start, mut merged_end) = (start, end);
+        covered.retain(|&(s, e)| {
+            let touches = s <= merged_end && merged_start <= e;
+            if touches {
+                merged_start = merged_start.min(s);
+                merged_end = merged_end.max(e);
+            }
+            !touches
+        });
+        let at = covered.partition_point(|&(s, _)| s < merged_start);
+        covered.insert(at, (merged_start, merged_end));
+    }
+    kept.reverse();
+    (kept, dropped)
+}
+
+#[async_trait]
+impl MetaEngine for KvMeta {
+    async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let mut tx = self.read_tx().await?;
+        let dir = tx.dir(parent).await?;
+        match name {
+            b"." => return Ok(dir.attr),
+            b".." => return Ok(tx.inode(dir.parent).await?.attr),
+            _ => check_name(name)?,
+        }
+        let (ino, _) = tx
+            .entry(parent, name)
+            .await?
+            .ok_or_else(|| no_entry(parent, name))?;
+        Ok(tx.inode(ino).await?.attr)
+    }
+
+    async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        Ok(self.read_tx().await?.inode(ino).await?.attr)
+    }
+
+    async fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr> {
+        crate::transact!(self, self.durability(), |tx| {
+            let mut inode = tx.inode(ino).await?;
+            if let Some(size) = changes.size {
+                match inode.attr.kind {
+                    FileKind::File => {}
+                    FileKind::Dir => return Err(MetaError::IsADirectory(ino)),
+                    _ => {
+                        return Err(MetaError::Invalid(format!(
+                            "inode {ino} is not a regular file"
+                        )))
+                    }
+                }
+                if size != inode.attr.size {
+                    tx.resize_file(&mut inode, size).await?;
+                    inode.attr.mtime_ns = tx.now;
+                }
+            }
+            let a = &mut inode.attr;
+            if let Some(mode) = changes.mode {
+                a.mode = mode & 0o7777;
+            }
+            a.uid = changes.uid.unwrap_or(a.uid);
+            a.gid = changes.gid.unwrap_or(a.gid);
+            a.atime_ns = changes.atime_ns.unwrap_or(a.atime_ns);
+            a.mtime_ns = changes.mtime_ns.unwrap_or(a.mtime_ns);
+            a.ctime_ns = tx.now;
+            tx.put_inode(&inode);
+            Ok(inode.attr)
+        })
+    }
+
+    async fn create(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Result<Attr> {
+        if node.kind != FileKind::File {
+            return Err(MetaError::Invalid("create makes regular files only".into()));
+        }
+        crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
+            let attr = tx.create_node(parent, name, node, None).await?;
+            tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
+            tx.put(keys::handle(session, attr.ino), keys::encode_u64(1));
+            Ok(attr)
+        })
+    }
+
+    async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        if matches!(node.kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(MetaError::Invalid(
+                "mknod does not make directories or symlinks".into(),
+            ));
+        }
+        crate::transact!(self, self.durability(), |tx| tx
+            .create_node(parent, name, node, None)
+            .await)
+    }
+
+    async fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        let node = NewNode {
+            kind: FileKind::Dir,
+            mode,
+            uid,
+            gid,
+            rdev: 0,
+        };
+        crate::transact!(self, self.durability(), |tx| tx
+            .create_node(parent, name, &node, None)
+            .await)
+    }
+
+    async fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        if target.is_empty() {
+            return Err(MetaError::NoSuchEntry {
+                parent,
+                name: "(empty symlink target)".into(),
+            });
+        }
+        if target.len() > MAX_SYMLINK_LEN || target.contains(&0) {
+            return Err(MetaError::NameTooLong {
+                len: target.len(),
+                max: MAX_SYMLINK_LEN,
+            });
+        }
+        let node = NewNode {
+            kind: FileKind::Symlink,
+            mode: 0o777,
+            uid,
+            gid,
+            rdev: 0,
+        };
+        crate::transact!(self, self.durability(), |tx| tx
+            .create_node(parent, name, &node, Some(target))
+            .await)
+    }
+
+    async fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let mut tx = self.read_tx().await?;
+        let inode = tx.inode(ino).await?;
+        if inode.attr.kind != FileKind::Symlink {
+            return Err(MetaError::Invalid(format!("inode {ino} is not a symlink")));
+        }
+        match tx.get(&keys::symlink(ino)).await? {
+            Some(target) => Ok(target),
+            None => Err(MetaError::Corrupt(format!("symlink {ino} has no target"))),
+        }
+    }
+
+    async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        crate::transact!(self, self.durability(), |tx| {
+            tx.dir(parent).await?;
+            let (ino, _) = tx
+                .entry(parent, name)
+                .await?
+                .ok_or_else(|| no_entry(parent, name))?;
+            if tx.inode(ino).await?.attr.kind == FileKind::Dir {
+                return Err(MetaError::IsADirectory(ino));
+            }
+            tx.remove_entry(parent, name).await?;
+            tx.touch_dir(parent, 0).await?;
+            tx.drop_link(ino).await
+        })
+    }
+
+    async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        crate::transact!(self, self.durability(), |tx| {
+            tx.dir(parent).await?;
+            let (ino, _) = tx
+                .entry(parent, name)
+                .await?
+                .ok_or_else(|| no_entry(parent, name))?;
+            tx.dir(ino).await?;
+            if !tx.dir_is_empty(ino).await? {
+                return Err(MetaError::DirectoryNotEmpty(ino));
+            }
+            tx.remove_entry(parent, name).await?;
+            tx.touch_dir(parent, -1).await?;
+            tx.purge(ino).await
+        })
+    }
+
+    async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        crate::transact!(self, self.durability(), |tx| tx
+            .rename(parent, name, new_parent, new_name, mode)
+            .await)
+    }
+
+    async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+        crate::transact!(self, self.durability(), |tx| {
+            let inode = tx.inode(ino).await?;
+            if inode.attr.kind == FileKind::Dir {
+                return Err(MetaError::NotPermitted(format!(
+                    "hard link to directory {ino}"
+                )));
+            }
+            if inode.attr.nlink == 0 {
+                // Linux refuses to give an unlinked file a new name (except O_TMPFILE).
+                return Err(MetaError::NoSuchInode(ino));
+            }
+            if inode.attr.nlink >= MAX_LINKS {
+                return Err(MetaError::TooManyLinks(ino));
+            }
+            tx.check_new_name(new_parent, new_name).await?;
+            tx.add_entry(new_parent, new_name, ino).await?;
+            tx.touch_dir(new_parent, 0).await?;
+            let now = tx.now;
+            let inode = tx
+                .update_inode(ino, |i| {
+                    i.attr.nlink += 1;
+                    i.attr.ctime_ns = now;
+                })
+                .await?;
+            Ok(inode.attr)
+        })
+    }
+
+    async fn readdir(&self, ino: Ino, after_cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        let mut tx = self.read_tx().await?;
+        tx.dir(ino).await?;
+        if after_cookie == u64::MAX {
+            return Ok(Vec::new());
+        }
+        let end = keys::prefix_end(&keys::listing_prefix(ino));
+        let page = tx
+            .scan(&keys::listing(ino, after_cookie + 1), &end, limit)
+            .await?;
+        let mut entries = Vec::with_capacity(page.len());
+        for (key, value) in page {
+            let ([_, cookie], _) = keys::parse::<2>(&key)?;
+            let (child, _, name) = keys::decode_pair("listing", &value)?;
+            entries.push(DirEntry {
+                name: name.to_vec(),
+                cookie,
+                attr: tx.inode(child).await?.attr,
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
+        let mut tx = self.read_tx().await?;
+        tx.inode(ino).await?;
+        match tx.get(&keys::xattr(ino, name)).await? {
+            Some(value) => Ok(value),
+            None => Err(MetaError::NoSuchXattr {
+                ino,
+                name: String::from_utf8_lossy(name).into_owned(),
+            }),
+        }
+    }
+
+    async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        check_xattr_name(name)?;
+        if value.len() > MAX_XATTR_VALUE_LEN {
+            return Err(MetaError::XattrValueTooLarge {
+                len: value.len(),
+                max: MAX_XATTR_VALUE_LEN,
+            });
+        }
+        crate::transact!(self, self.durability(), |tx| {
+            tx.inode(ino).await?;
+            let key = keys::xattr(ino, name);
+            let exists = tx.get(&key).await?.is_some();
+            let name_text = || String::from_utf8_lossy(name).into_owned();
+            match (mode, exists) {
+                (XattrMode::Create, true) => {
+                    return Err(MetaError::XattrExists {
+                        ino,
+                        name: name_text(),
+                    })
+                }
+                (XattrMode::Replace, false) => {
+                    return Err(MetaError::NoSuchXattr {
+                        ino,
+                        name: name_text(),
+                    })
+                }
+                _ => {}
+            }
+            tx.put(key, value.to_vec());
+            let now = tx.now;
+            tx.update_inode(ino, |i| i.attr.ctime_ns = now).await?;
+            Ok(())
+        })
+    }
+
+    async fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let mut tx = self.read_tx().await?;
+        tx.inode(ino).await?;
+        let mut names = Vec::new();
+        for (key, _) in tx.scan_prefix(&keys::xattr_prefix(ino)).await? {
+            let (_, name) = keys::parse::<1>(&key)?;
+            names.push(name.to_vec());
+        }
+        Ok(names)
+    }
+
+    async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
+        crate::transact!(self, self.durability(), |tx| {
+            tx.inode(ino).await?;
+            let key = keys::xattr(ino, name);
+            if tx.get(&key).await?.is_none() {
+                return Err(MetaError::NoSuchXattr {
+                    ino,
+                    name: String::from_utf8_lossy(name).into_owned(),
+                });
+            }
+            tx.delete(key);
+            let now = tx.now;
+            tx.update_inode(ino, |i| i.attr.ctime_ns = now).await?;
+            Ok(())
+        })
+    }
+
+    async fn statfs(&self) -> Result<StatFs> {
+        let mut tx = self.read_tx().await?;
+        Ok(StatFs {
+            files: tx.usage(FILES).await?,
+            used_bytes: tx.usage(USED_BYTES).await?,
+            capacity_bytes: self.config.capacity_bytes,
+            max_files: self.config.max_files,
+        })
+    }
+
+    async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> Result<Vec<Slice>> {
+        let mut tx = self.read_tx().await?;
+        tx.inode(ino).await?;
+        tx.chunk(ino, chunk_index).await
+    }
+
+    async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+    ) -> Result<Attr> {
+        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
+            return Err(MetaError::Invalid(format!(
+                "slice {slice:?} does not fit in a chunk or has no data"
+            )));
+        }
+        let slice_end = chunk_index
+            .checked_mul(CHUNK_SIZE)
+            .and_then(|start| start.checked_add(slice.end_in_chunk()))
+            .filter(|&end| end <= MAX_FILE_SIZE)
+            .ok_or(MetaError::FileTooLarge(u64::MAX))?;
+        crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
+            let pending_key = keys::pending(session, slice.slice_id);
+            let was_pending = tx.get(&pending_key).await?.is_some();
+            tx.delete(pending_key);
+            let mut inode = tx.inode(ino).await?;
+            match inode.attr.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(MetaError::IsADirectory(ino)),
+                _ => {
+                    return Err(MetaError::Invalid(format!(
+                        "inode {ino} is not a regular file"
+                    )))
+                }
+            }
+            let mut slices = tx.chunk(ino, chunk_index).await?;
+            if slices.iter().any(|s| s.slice_id == slice.slice_id) {
+                // A retry of a commit that succeeded but whose answer was lost. Checked even when
+                // the slice was recorded as pending again, so that no chunk ever holds an id twice.
+                return Ok(inode.attr);
+            }
+            if !was_pending {
+                return Err(MetaError::SliceNotPending {
+                    session,
+                    slice_id: slice.slice_id,
+                });
+            }
+            slices.push(*slice);
+            let (kept, shadowed) = drop_shadowed(slices);
+            for s in &shadowed {
+                tx.queue_deleted(s.slice_id, s.len, &s.gateway_id).await?;
+            }
+            tx.put_chunk(ino, chunk_index, &kept);
+            let size = inode.attr.size.max(new_size).max(slice_end);
+            if size > inode.attr.size {
+                tx.resize_file(&mut inode, size).await?;
+            }
+            inode.attr.mtime_ns = mtime_ns;
+            inode.attr.ctime_ns = tx.now;
+            tx.put_inode(&inode);
+            Ok(inode.attr)
+        })
+    }
+
+    async fn allocate_slice_ids(&self, count: u64) -> Result<Range<u64>> {
+        crate::transact!(self, self.durability(), |tx| {
+            let first = tx.inner.take_ids(Sequence::Slice, count).await?;
+            Ok(first..first + count)
+        })
+    }
+
+    async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()> {
+        self.record_pending(session, slice, self.durability()).await
+    }
+
+    async fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()> {
+        self.record_pending(session, slice, Durability::Eventual)
+            .await
+    }
+
+    async fn open_session(&self, description: &str) -> Result<SessionId> {
+        crate::transact!(self, self.durability(), |tx| {
+            let id = tx.inner.take_ids(Sequence::Session, 1).await?;
+            let record = keys::encode_pair(tx.now as u64, 0, description.as_bytes());
+            tx.put(keys::session(id), record);
+            Ok(id)
+        })
+    }
+
+    async fn heartbeat(&self, session: SessionId) -> Result<()> {
+        crate::transact!(self, self.durability(), |tx| {
+            let key = keys::session(session);
+            let Some(record) = tx.get(&key).await? else {
+                return Err(MetaError::SessionGone(session));
+            };
+            let (_, _, description) = keys::decode_pair("session", &record)?;
+            let record = keys::encode_pair(tx.now as u64, 0, description);
+            tx.put(key, record);
+            Ok(())
+        })
+    }
+
+    async fn close_session(&self, session: SessionId) -> Result<()> {
+        crate::transact!(self, self.durability(), |tx| {
+            for (key, value) in tx.scan_prefix(&keys::handle_prefix(session)).await? {
+                let ([_, ino], _) = keys::parse::<2>(&key)?;
+                let count = keys::decode_u64("open handles", &value)?;
+                tx.release_handles(session, ino, count).await?;
+            }
+            for (key, value) in tx.scan_prefix(&keys::pending_prefix(session)).await? {
+                let ([_, slice_id], _) = keys::parse::<2>(&key)?;
+                tx.delete(key);
+                let (len, gateway_id) = decode_slice_data(slice_id, &value)?;
+                tx.queue_deleted(slice_id, len, &gateway_id).await?;
+            }
+            tx.delete(keys::session(session));
+            Ok(())
+        })
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
+        self.read_tx().await?.sessions().await
+    }
+
+    async fn expired_sessions(&self, heartbeat_before_ns: TimeNs) -> Result<Vec<SessionId>> {
+        Ok(self
+            .list_sessions()
+            .await?
+            .into_iter()
+            .filter(|s| s.last_heartbeat_ns < heartbeat_before_ns)
+            .map(|s| s.id)
+            .collect())
+    }
+
+    async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr> {
+        crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
+            let inode = tx.update_inode(ino, |i| i.open_handles += 1).await?;
+            let held = tx.handles(session, ino).await?;
+            tx.put(keys::handle(session, ino), keys::encode_u64(held + 1));
+            Ok(inode.attr)
+        })
+    }
+
+    async fn release(&self, session: SessionId, ino: Ino) -> Result<()> {
+        // Given back without waiting for durability: lost in a crash, the handle is given back
+        // when its session expires after the restart, and an unlinked file is purged then.
+        crate::transact!(self, Durability::Eventual, |tx| tx
+            .release_handles(session, ino, 1)
+            .await)
+    }
+
+    async fn take_due_deleted_slices(
+        &self,
+        now_ns: TimeNs,
+        limit: usize,
+    ) -> Result<Vec<DeletedSlice>> {
+        let mut tx = self.read_tx().await?;
+        let due = tx
+            .scan(keys::QUEUE_PREFIX, &keys::queue_due_end(now_ns), limit)
+            .await?;
+        let mut out = Vec::with_capacity(due.len());
+        for (key, value) in due {
+            let (due_ns, slice_id) = keys::parse_queue(&key)?;
+            let (len, gateway_id) = decode_slice_data(slice_id, &value)?;
+            out.push(DeletedSlice {
+                slice_id,
+                len,
+                gateway_id,
+                due_ns,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ack_deleted_slices(&self, slice_ids: &[u64]) -> Result<()> {
+        crate::transact!(self, self.durability(), |tx| {
+            for &slice_id in slice_ids {
+                let key = keys::queued(slice_id);
+                if let Some(bytes) = tx.get(&key).await? {
+                    let due = keys::decode_u64("queued slice", &bytes)? as i64;
+                    tx.delete(key);
+                    tx.delete(keys::queue(due, slice_id));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl From<KvError> for MetaError {
+    fn from(error: KvError) -> Self {
+        MetaError::Backend(error)
+    }
+}
