@@ -24,6 +24,7 @@ mod block_grpc;
 mod cache;
 mod channel;
 mod error;
+pub mod gateways;
 pub mod layout;
 mod meta_api;
 mod meta_grpc;
@@ -200,8 +201,16 @@ impl Fs {
             config.max_concurrent_uploads,
             config.write_slices,
         ));
-        let fetcher =
-            BlockFetcher::new(BlockSource::new(gateway, store), config.block_cache_blocks);
+        let directory = Arc::new(gateways::RegistryDirectory::new(
+            grant.gateway_id,
+            gateway.clone(),
+            meta.clone(),
+            gateways::grpc_connector(),
+        ));
+        let fetcher = BlockFetcher::new(
+            BlockSource::new(directory, store),
+            config.block_cache_blocks,
+        );
         let heartbeat = grant.heartbeat_interval.map(|interval| {
             let (meta, session) = (meta.clone(), grant.session_id);
             tokio::spawn(async move {
@@ -631,7 +640,11 @@ impl Fs {
                     let slices = self
                         .chunk_slices(file.ino, &mut state, piece.chunk_index)
                         .await?;
-                    keys.extend(plan_chunk(&slices, &piece).into_iter().map(|f| f.key));
+                    keys.extend(
+                        plan_chunk(&slices, &piece)
+                            .into_iter()
+                            .map(|f| (f.key, f.gateway_id)),
+                    );
                 }
                 keys.dedup();
                 keys
@@ -648,8 +661,8 @@ impl Fs {
                 target.copy_from_slice(&bytes);
             }
         }
-        for key in prefetch {
-            self.fetcher.prefetch(key);
+        for (key, gateway) in prefetch {
+            self.fetcher.prefetch(key, gateway);
         }
         handle
             .next_sequential

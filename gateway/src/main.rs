@@ -272,6 +272,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let heartbeat_interval = args.heartbeat_interval;
+    let gateway_id = log.sb.gateway_id;
+    let epoch = meta
+        .register_gateway(gateway_id, &advertise)
+        .await
+        .context("cannot register this gateway in the metadata database")?;
+    // Cancelled when another process registers this gateway id with a higher epoch (it took over
+    // the device): this one must stop serving at once.
+    let fenced = CancellationToken::new();
+    workers.push(tokio::spawn(meta_workers::registry_worker(
+        meta.clone(),
+        log.clone(),
+        epoch,
+        heartbeat_interval,
+        shutdown.clone(),
+        fenced.clone(),
+    )));
     workers.extend(meta_workers::start(
         meta.clone(),
         log.clone(),
@@ -300,6 +316,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         %addr,
         %advertise,
+        gateway_id = %uuid::Uuid::from_bytes(gateway_id),
+        epoch,
         device = %args.device.display(),
         meta = %meta_location,
         store = %args.store,
@@ -329,13 +347,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // Without TCP_NODELAY small frames (acknowledgements) wait for the peer's delayed ACK:
             // ~40 ms per RPC. Server::tcp_nodelay does not apply to an incoming stream we pass in.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown_signal(),
+            {
+                let fenced = fenced.clone();
+                async move {
+                    tokio::select! {
+                        _ = shutdown_signal() => {}
+                        _ = fenced.cancelled() => {}
+                    }
+                }
+            },
         )
         .await?;
     tracing::info!("stopped accepting requests; in-flight acknowledgements finished");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(workers)).await;
     log.shutdown().await;
+    if fenced.is_cancelled() {
+        anyhow::bail!(
+            "gateway {} (epoch {epoch}) was taken over by a later start on its device; stopped \
+             serving, staged data is intact",
+            uuid::Uuid::from_bytes(gateway_id)
+        );
+    }
     tracing::info!("gateway stopped; staged data is intact on the device");
     Ok(())
 }

@@ -602,6 +602,39 @@ impl Meta for MetaService {
         })??;
         Ok(Response::new(attr_response(&attr)))
     }
+
+    async fn list_gateways(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
+        Ok(Response::new(self.gateways().await?))
+    }
+}
+
+impl MetaService {
+    async fn gateways(&self) -> Result<pb::ListGatewaysResponse, Status> {
+        let records = self
+            .call("ListGateways", self.engine.list_gateways())
+            .await?;
+        // Alive: heartbeated within the expiry of a session (3 heartbeat intervals).
+        let horizon =
+            i64::try_from((3 * self.settings.heartbeat_interval).as_nanos()).unwrap_or(i64::MAX);
+        let now = crate::meta::now_ns();
+        Ok(pb::ListGatewaysResponse {
+            gateways: records
+                .into_iter()
+                .map(|g| pb::GatewayInfo {
+                    id: bytes::Bytes::copy_from_slice(&g.id),
+                    address: g.address,
+                    epoch: g.epoch,
+                    alive: now.saturating_sub(g.last_heartbeat_ns) <= horizon,
+                    staged_blocks: g.staged_blocks,
+                    staged_bytes: g.staged_bytes,
+                    last_heartbeat_ns: g.last_heartbeat_ns,
+                })
+                .collect(),
+        })
+    }
 }
 
 /// A gateway id as `stagefs-gateway inspect` shows it.

@@ -19,6 +19,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use shared::BlockKey;
 
 use super::error::{FsError, FsResult};
+use super::gateways::GatewayDirectory;
+use super::meta_api::GatewayId;
 
 /// One gateway's block service.
 #[async_trait]
@@ -36,20 +38,27 @@ pub fn store_path(key: &BlockKey) -> Path {
     Path::from(key.to_string())
 }
 
-/// Where blocks are read from: the gateway first, the object store when the gateway does not
-/// hold the block or fails to serve it (uploaded blocks stay readable while it is down).
+/// Where blocks are read from: the gateway that staged them first, the object store when that
+/// gateway does not hold the block (any more), is not alive, or fails to serve it (uploaded
+/// blocks stay readable while it is down).
 pub struct BlockSource {
-    gateway: Arc<dyn BlockApi>,
+    gateways: Arc<dyn GatewayDirectory>,
     store: Arc<dyn ObjectStore>,
 }
 
 impl BlockSource {
-    pub fn new(gateway: Arc<dyn BlockApi>, store: Arc<dyn ObjectStore>) -> Self {
-        BlockSource { gateway, store }
+    pub fn new(gateways: Arc<dyn GatewayDirectory>, store: Arc<dyn ObjectStore>) -> Self {
+        BlockSource { gateways, store }
     }
 
-    /// Bytes `range` of block `key`, exactly `range.end - range.start` of them.
-    pub async fn read(&self, key: BlockKey, range: Range<u64>) -> FsResult<Bytes> {
+    /// Bytes `range` of block `key`, staged by gateway `gateway_id`: exactly
+    /// `range.end - range.start` of them.
+    pub async fn read(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        gateway_id: &GatewayId,
+    ) -> FsResult<Bytes> {
         let want = range.end.saturating_sub(range.start);
         if range.end > key.len() || range.start > range.end {
             return Err(FsError::Internal(format!(
@@ -57,10 +66,18 @@ impl BlockSource {
                 key.len()
             )));
         }
-        let gateway_error = match self.gateway.read_block(key, range.clone()).await {
-            Ok(Some(data)) => return check_len(&key, data, want),
+        let gateway_error = match self.gateways.blocks_of(gateway_id).await {
+            Ok(Some(gateway)) => match gateway.read_block(key, range.clone()).await {
+                Ok(Some(data)) => return check_len(&key, data, want),
+                Ok(None) => None,
+                // Unreachable, or its copy fails verification: an uploaded copy may still be
+                // good. Resolve the gateway afresh next time, in case it moved.
+                Err(e) => {
+                    self.gateways.forget(gateway_id);
+                    Some(e)
+                }
+            },
             Ok(None) => None,
-            // Unreachable, or its copy fails verification: an uploaded copy may still be good.
             Err(e) => Some(e),
         };
         match self.store.get_range(&store_path(&key), range).await {

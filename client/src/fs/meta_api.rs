@@ -120,6 +120,8 @@ pub trait MetaApi: Send + Sync + 'static {
     /// [`MetaApi::commit_slice`] in one call, staged on the gateway that serves the metadata.
     /// `ENOSYS` where that is not possible (the default): the caller then takes the three steps.
     #[allow(clippy::too_many_arguments)]
+    async fn list_gateways(&self) -> FsResult<Vec<GatewayInfo>>;
+
     async fn write_slice(
         &self,
         _session: SessionId,
@@ -134,6 +136,17 @@ pub trait MetaApi: Send + Sync + 'static {
             "this metadata service stages no blocks",
         ))
     }
+}
+
+/// A gateway as the metadata's registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInfo {
+    pub id: GatewayId,
+    pub address: String,
+    pub epoch: u64,
+    pub alive: bool,
+    pub staged_blocks: u64,
+    pub staged_bytes: u64,
 }
 
 /// The ENOSYS answer of a `write_slice` the metadata service cannot take; `why` says why.

@@ -18,8 +18,8 @@ use tonic::{Code, Request, Status};
 
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId, SetAttr,
-    Slice, StatFs, TimeNs,
+    Attr, DirEntry, FileKind, GatewayId, GatewayInfo, Ino, MetaApi, NewNode, SessionGrant,
+    SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -410,6 +410,24 @@ impl MetaApi for GrpcMeta {
             }
         )?;
         Ok(())
+    }
+
+    async fn list_gateways(&self) -> FsResult<Vec<GatewayInfo>> {
+        let answer = call!(self, "list_gateways", list_gateways, pb::Empty {})?;
+        answer
+            .gateways
+            .into_iter()
+            .map(|g| {
+                Ok(GatewayInfo {
+                    id: gateway_id_from_proto("list_gateways", &g.id)?,
+                    address: g.address,
+                    epoch: g.epoch,
+                    alive: g.alive,
+                    staged_blocks: g.staged_blocks,
+                    staged_bytes: g.staged_bytes,
+                })
+            })
+            .collect()
     }
 
     async fn statfs(&self) -> FsResult<StatFs> {

@@ -15,8 +15,8 @@ use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    write_slice_unsupported, Attr, DirEntry, GatewayId, Ino, MetaApi, NewNode, SessionGrant,
-    SessionId, SetAttr, Slice, StatFs, TimeNs,
+    write_slice_unsupported, Attr, DirEntry, GatewayId, GatewayInfo, Ino, MetaApi, NewNode,
+    SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -245,6 +245,25 @@ impl MetaApi for LocalMeta {
             .removexattr(ino, name)
             .await
             .map_err(fail("removexattr"))
+    }
+
+    async fn list_gateways(&self) -> FsResult<Vec<GatewayInfo>> {
+        let records = self
+            .engine
+            .list_gateways()
+            .await
+            .map_err(fail("list_gateways"))?;
+        Ok(records
+            .into_iter()
+            .map(|g| GatewayInfo {
+                id: g.id,
+                address: g.address,
+                epoch: g.epoch,
+                alive: true,
+                staged_blocks: g.staged_blocks,
+                staged_bytes: g.staged_bytes,
+            })
+            .collect())
     }
 
     async fn statfs(&self) -> FsResult<StatFs> {

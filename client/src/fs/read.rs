@@ -20,12 +20,14 @@ use super::block_api::BlockSource;
 use super::cache::BlockCache;
 use super::error::{FsError, FsResult};
 use super::layout::{block_pieces, resolve, ChunkPiece, Source};
-use super::meta_api::Slice;
+use super::meta_api::{GatewayId, Slice};
 
 /// Bytes of one block that a read needs, and where they go in the read's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetch {
     pub key: BlockKey,
+    /// The gateway that staged the block's slice (the first place to read it from).
+    pub gateway_id: GatewayId,
     pub range_in_block: Range<u64>,
     pub offset_in_buf: usize,
 }
@@ -39,7 +41,7 @@ pub fn plan_chunk(slices: &[Slice], piece: &ChunkPiece) -> Vec<Fetch> {
             slice_id,
             slice_len,
             offset_in_slice,
-            ..
+            gateway_id,
         } = segment.source
         else {
             continue;
@@ -48,6 +50,7 @@ pub fn plan_chunk(slices: &[Slice], piece: &ChunkPiece) -> Vec<Fetch> {
         for block in block_pieces(slice_id, slice_len, offset_in_slice, segment.len) {
             fetches.push(Fetch {
                 key: block.key,
+                gateway_id,
                 range_in_block: block.range_in_block(),
                 offset_in_buf: (segment_in_read + block.offset_in_read) as usize,
             });
@@ -80,10 +83,10 @@ impl BlockFetcher {
 
     /// Starts fetching the whole block in a task of its own that fills the cache, so it finishes
     /// even if every reader waiting for it gives up.
-    fn start_fetch(self: &Arc<Self>, key: BlockKey) -> BlockFuture {
+    fn start_fetch(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) -> BlockFuture {
         let fetcher = self.clone();
         let task = tokio::spawn(async move {
-            let result = fetcher.source.read(key, 0..key.len()).await;
+            let result = fetcher.source.read(key, 0..key.len(), &gateway).await;
             if let Ok(data) = &result {
                 fetcher.cache.insert(key, data.clone());
             }
@@ -99,21 +102,26 @@ impl BlockFetcher {
     }
 
     /// The whole block: cached, being fetched, or fetched now.
-    pub async fn whole(self: &Arc<Self>, key: BlockKey) -> FsResult<Bytes> {
+    pub async fn whole(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) -> FsResult<Bytes> {
         if let Some(data) = self.cache.get(&key) {
             return Ok(data);
         }
         let fetch = self
             .in_flight()
             .entry(key)
-            .or_insert_with(|| self.start_fetch(key))
+            .or_insert_with(|| self.start_fetch(key, gateway))
             .clone();
         fetch.await
     }
 
     /// Bytes `range` of a block: from the cache or a fetch already under way if there is one,
     /// else only those bytes.
-    pub async fn range(self: &Arc<Self>, key: BlockKey, range: Range<u64>) -> FsResult<Bytes> {
+    pub async fn range(
+        self: &Arc<Self>,
+        key: BlockKey,
+        gateway: GatewayId,
+        range: Range<u64>,
+    ) -> FsResult<Bytes> {
         if let Some(data) = self.cache.get(&key) {
             return sub_range(&key, &data, range);
         }
@@ -121,17 +129,17 @@ impl BlockFetcher {
         if let Some(fetch) = under_way {
             return sub_range(&key, &fetch.await?, range);
         }
-        self.source.read(key, range).await
+        self.source.read(key, range, &gateway).await
     }
 
     /// Fetches the whole block into the cache in the background, unless it is there already.
-    pub fn prefetch(self: &Arc<Self>, key: BlockKey) {
+    pub fn prefetch(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) {
         if self.cache.contains(&key) {
             return;
         }
         self.in_flight()
             .entry(key)
-            .or_insert_with(|| self.start_fetch(key));
+            .or_insert_with(|| self.start_fetch(key, gateway));
     }
 
     /// Copies every fetch into `buf`, fetching them concurrently. `whole_blocks` fetches (and
@@ -144,10 +152,11 @@ impl BlockFetcher {
     ) -> FsResult<()> {
         let loads = fetches.iter().map(|fetch| async move {
             if whole_blocks {
-                let block = self.whole(fetch.key).await?;
+                let block = self.whole(fetch.key, fetch.gateway_id).await?;
                 sub_range(&fetch.key, &block, fetch.range_in_block.clone())
             } else {
-                self.range(fetch.key, fetch.range_in_block.clone()).await
+                self.range(fetch.key, fetch.gateway_id, fetch.range_in_block.clone())
+                    .await
             }
         });
         let loaded = futures::future::try_join_all(loads).await?;

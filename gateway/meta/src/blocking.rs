@@ -5,8 +5,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::{
-    Attr, DeletedSlice, DirEntry, Ino, MetaEngine, NewNode, RenameMode, Result, SessionId,
-    SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode,
+    Attr, DeletedSlice, DirEntry, GatewayId, GatewayLoad, GatewayRecord, Ino, MetaEngine, NewNode,
+    RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -79,7 +79,10 @@ impl BlockingMeta {
         expired_sessions(heartbeat_before_ns: TimeNs) -> Vec<SessionId>;
         open(session: SessionId, ino: Ino) -> Attr;
         release(session: SessionId, ino: Ino) -> ();
-        take_due_deleted_slices(now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;
+        take_due_deleted_slices(gateway: Option<GatewayId>, now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;
         ack_deleted_slices(slice_ids: &[u64]) -> ();
+        register_gateway(id: GatewayId, address: &str) -> u64;
+        gateway_heartbeat(id: GatewayId, epoch: u64, load: GatewayLoad) -> ();
+        list_gateways() -> Vec<GatewayRecord>;
     }
 }

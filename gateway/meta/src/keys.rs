@@ -18,14 +18,15 @@
 //! | session           | `S` session                        | last heartbeat, description        |
 //! | open handles      | `h` session ino                    | u64                                |
 //! | pending slice     | `p` session slice-id               | len, gateway (`codec`)             |
-//! | delete queue      | `q` due-time slice-id              | len, gateway (`codec`)             |
-//! | queued slice      | `Q` slice-id                       | due time                           |
+//! | delete queue      | `q` gateway due-time slice-id      | len, gateway (`codec`)             |
+//! | queued slice      | `Q` slice-id                       | due time, gateway                  |
+//! | gateway           | `g` gateway                        | epoch, heartbeat, load, address    |
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
 
 use crate::kv::Sequence;
-use crate::{Ino, MetaError, Result, SessionId, TimeNs};
+use crate::{GatewayId, Ino, MetaError, Result, SessionId, TimeNs};
 
 pub const FORMAT: &[u8] = b"F";
 
@@ -132,19 +133,40 @@ pub fn pending_prefix(session: SessionId) -> Vec<u8> {
     key(b'p', &[session], &[])
 }
 
-pub fn queue(due: TimeNs, slice_id: u64) -> Vec<u8> {
-    key(b'q', &[ordered_time(due), slice_id], &[])
+/// The delete queue is kept per gateway (the one that staged the slice and cleans it up), by due
+/// time within each.
+pub fn queue(gateway: &GatewayId, due: TimeNs, slice_id: u64) -> Vec<u8> {
+    let mut key = queue_prefix(gateway);
+    key.extend_from_slice(&ordered_time(due).to_be_bytes());
+    key.extend_from_slice(&slice_id.to_be_bytes());
+    key
 }
 
 pub const QUEUE_PREFIX: &[u8] = b"q";
 
-/// The end of the queue entries due at or before `now` (the first key due after it).
-pub fn queue_due_end(now: TimeNs) -> Vec<u8> {
+pub fn queue_prefix(gateway: &GatewayId) -> Vec<u8> {
+    let mut key = QUEUE_PREFIX.to_vec();
+    key.extend_from_slice(gateway);
+    key
+}
+
+/// The end of `gateway`'s queue entries due at or before `now` (the first key due after it).
+pub fn queue_due_end(gateway: &GatewayId, now: TimeNs) -> Vec<u8> {
     match now.checked_add(1) {
-        Some(next) => key(b'q', &[ordered_time(next)], &[]),
-        None => prefix_end(QUEUE_PREFIX),
+        Some(next) => {
+            let mut key = queue_prefix(gateway);
+            key.extend_from_slice(&ordered_time(next).to_be_bytes());
+            key
+        }
+        None => prefix_end(&queue_prefix(gateway)),
     }
 }
+
+pub fn gateway(id: &GatewayId) -> Vec<u8> {
+    key(b'g', &[], id)
+}
+
+pub const GATEWAY_PREFIX: &[u8] = b"g";
 
 pub fn queued(slice_id: u64) -> Vec<u8> {
     key(b'Q', &[slice_id], &[])
@@ -168,7 +190,8 @@ pub fn parse<const N: usize>(key: &[u8]) -> Result<([u64; N], &[u8])> {
 
 /// The due time and slice id of a delete-queue key.
 pub fn parse_queue(key: &[u8]) -> Result<(TimeNs, u64)> {
-    let ([due, slice_id], _) = parse::<2>(key)?;
+    let numbers = key.get(17..).unwrap_or_default();
+    let ([due, slice_id], _) = parse::<2>(&[&[0][..], numbers].concat())?;
     Ok((time_from_ordered(due), slice_id))
 }
 
@@ -213,11 +236,13 @@ mod tests {
     fn keys_sort_like_their_numbers_and_times() {
         assert!(listing(1, 255) < listing(1, 256));
         assert!(listing(1, u64::MAX) < listing(2, 0));
-        assert!(queue(-5, 9) < queue(0, 1));
-        assert!(queue(i64::MAX, 1) < prefix_end(QUEUE_PREFIX));
-        assert_eq!(parse_queue(&queue(-7, 3)).unwrap(), (-7, 3));
-        assert!(queue(10, u64::MAX) < queue_due_end(10));
-        assert!(queue(11, 0) >= queue_due_end(10));
+        let gw = [9; 16];
+        assert!(queue(&gw, -5, 9) < queue(&gw, 0, 1));
+        assert!(queue(&gw, i64::MAX, 1) < prefix_end(&queue_prefix(&gw)));
+        assert_eq!(parse_queue(&queue(&gw, -7, 3)).unwrap(), (-7, 3));
+        assert!(queue(&gw, 10, u64::MAX) < queue_due_end(&gw, 10));
+        assert!(queue(&gw, 11, 0) >= queue_due_end(&gw, 10));
+        assert!(queue(&[8; 16], i64::MAX, 0) < queue(&gw, i64::MIN, 0));
     }
 
     #[test]

@@ -62,6 +62,29 @@ impl DeletedSlice {
     }
 }
 
+/// A gateway as the registry knows it (DESIGN.md, "Scale-out and takeover").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRecord {
+    /// From the gateway's device superblock: it moves with the device.
+    pub id: GatewayId,
+    /// Where clients reach it (`--advertise`).
+    pub address: String,
+    /// Rises on every start of this id, so a process that finds a higher one knows another took
+    /// its device over.
+    pub epoch: u64,
+    pub last_heartbeat_ns: TimeNs,
+    /// What it held not yet uploaded at its last heartbeat.
+    pub staged_blocks: u64,
+    pub staged_bytes: u64,
+}
+
+/// What a gateway reports with each heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayLoad {
+    pub staged_blocks: u64,
+    pub staged_bytes: u64,
+}
+
 /// How `rename` treats an existing target (Linux `renameat2` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenameMode {
@@ -192,6 +215,15 @@ pub enum MetaError {
     SessionGone(SessionId),
     #[error("slice {slice_id} was not recorded as pending for session {session}")]
     SliceNotPending { session: SessionId, slice_id: u64 },
+    #[error(
+        "gateway {id} at epoch {epoch} was superseded by epoch {current}: another process took \
+         over this gateway's device"
+    )]
+    Fenced {
+        id: uuid::Uuid,
+        epoch: u64,
+        current: u64,
+    },
     #[error("corrupt metadata record: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -218,7 +250,7 @@ impl MetaError {
             FileTooLarge(_) => libc::EFBIG,
             XattrValueTooLarge { .. } => libc::E2BIG,
             NoSpace(_) => libc::ENOSPC,
-            SessionGone(_) | Corrupt(_) | Backend(_) => libc::EIO,
+            SessionGone(_) | Fenced { .. } | Corrupt(_) | Backend(_) => libc::EIO,
         }
     }
 
@@ -335,15 +367,27 @@ pub trait MetaEngine: Send + Sync {
     /// Drops one handle; the last release of an unlinked file removes it.
     async fn release(&self, session: SessionId, ino: Ino) -> Result<()>;
 
-    /// Up to `limit` queued slices due at `now_ns`, oldest due first. They stay queued until
+    /// Up to `limit` queued slices due at `now_ns`, oldest due first: those staged by
+    /// `gateway` (the one that can drop their staged blocks; each gateway cleans its own, so no
+    /// two delete the same thing), or every gateway's with `None`. They stay queued until
     /// acknowledged, so a crash between deleting and acknowledging only repeats the deletion.
     async fn take_due_deleted_slices(
         &self,
+        gateway: Option<GatewayId>,
         now_ns: TimeNs,
         limit: usize,
     ) -> Result<Vec<DeletedSlice>>;
     /// Removes slices from the queue once their data is gone; unknown ids are ignored.
     async fn ack_deleted_slices(&self, slice_ids: &[u64]) -> Result<()>;
+
+    /// Registers gateway `id` at `address` with an epoch above every earlier one of this id, and
+    /// returns it.
+    async fn register_gateway(&self, id: GatewayId, address: &str) -> Result<u64>;
+    /// Keeps a registration alive and records its load; [`MetaError::Fenced`] once a later start
+    /// of the same id registered a higher epoch.
+    async fn gateway_heartbeat(&self, id: GatewayId, epoch: u64, load: GatewayLoad) -> Result<()>;
+    /// Every registered gateway, live or not.
+    async fn list_gateways(&self) -> Result<Vec<GatewayRecord>>;
 }
 
 /// Where the metadata lives: `--meta` of the gateway.

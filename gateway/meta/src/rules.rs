@@ -28,10 +28,10 @@ use crate::codec::{
 use crate::keys;
 use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
-    check_name, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, Ino, MetaConfig,
-    MetaEngine, MetaError, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
-    StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN, ROOT_INO,
+    check_name, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, GatewayLoad,
+    GatewayRecord, Ino, MetaConfig, MetaEngine, MetaError, NewNode, RenameMode, Result, SessionId,
+    SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS,
+    MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
 /// Bumped when the layout of the key space changes incompatibly.
@@ -563,10 +563,12 @@ impl Tx<'_> {
             i64::try_from(self.meta.config.deleted_data_delay.as_nanos()).unwrap_or(i64::MAX);
         let due = self.now.saturating_add(delay);
         self.put(
-            keys::queue(due, slice_id),
+            keys::queue(gateway_id, due, slice_id),
             encode_slice_data(len, gateway_id),
         );
-        self.put(keys::queued(slice_id), due.to_le_bytes().to_vec());
+        let mut queued = encode_slice_data(0, gateway_id);
+        queued.extend_from_slice(&due.to_le_bytes());
+        self.put(keys::queued(slice_id), queued);
         Ok(())
     }
 
@@ -1340,16 +1342,29 @@ impl MetaEngine for KvMeta {
 
     async fn take_due_deleted_slices(
         &self,
+        gateway: Option<GatewayId>,
         now_ns: TimeNs,
         limit: usize,
     ) -> Result<Vec<DeletedSlice>> {
         let mut tx = self.read_tx().await?;
-        let due = tx
-            .scan(keys::QUEUE_PREFIX, &keys::queue_due_end(now_ns), limit)
-            .await?;
+        let due = match gateway {
+            Some(gateway) => {
+                tx.scan(
+                    &keys::queue_prefix(&gateway),
+                    &keys::queue_due_end(&gateway, now_ns),
+                    limit,
+                )
+                .await?
+            }
+            // Every gateway's queue, merged by due time (tools and tests).
+            None => tx.scan_prefix(keys::QUEUE_PREFIX).await?,
+        };
         let mut out = Vec::with_capacity(due.len());
         for (key, value) in due {
             let (due_ns, slice_id) = keys::parse_queue(&key)?;
+            if due_ns > now_ns {
+                continue;
+            }
             let (len, gateway_id) = decode_slice_data(slice_id, &value)?;
             out.push(DeletedSlice {
                 slice_id,
@@ -1358,6 +1373,8 @@ impl MetaEngine for KvMeta {
                 due_ns,
             });
         }
+        out.sort_by_key(|s| (s.due_ns, s.slice_id));
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -1366,14 +1383,106 @@ impl MetaEngine for KvMeta {
             for &slice_id in slice_ids {
                 let key = keys::queued(slice_id);
                 if let Some(bytes) = tx.get(&key).await? {
-                    let due = keys::decode_u64("queued slice", &bytes)? as i64;
+                    let (due, gateway_id) = decode_queued(slice_id, &bytes)?;
                     tx.delete(key);
-                    tx.delete(keys::queue(due, slice_id));
+                    tx.delete(keys::queue(&gateway_id, due, slice_id));
                 }
             }
             Ok(())
         })
     }
+
+    async fn register_gateway(&self, id: GatewayId, address: &str) -> Result<u64> {
+        crate::transact!(self, Durability::Durable, |tx| {
+            let key = keys::gateway(&id);
+            let epoch = match tx.get(&key).await? {
+                Some(bytes) => decode_gateway(id, &bytes)?.epoch + 1,
+                None => 1,
+            };
+            let record = GatewayRecord {
+                id,
+                address: address.to_string(),
+                epoch,
+                last_heartbeat_ns: tx.now,
+                staged_blocks: 0,
+                staged_bytes: 0,
+            };
+            tx.put(key, encode_gateway(&record));
+            Ok(epoch)
+        })
+    }
+
+    async fn gateway_heartbeat(&self, id: GatewayId, epoch: u64, load: GatewayLoad) -> Result<()> {
+        crate::transact!(self, Durability::Eventual, |tx| {
+            let key = keys::gateway(&id);
+            let Some(bytes) = tx.get(&key).await? else {
+                return Err(MetaError::Invalid(format!(
+                    "gateway {} is not registered",
+                    uuid::Uuid::from_bytes(id)
+                )));
+            };
+            let mut record = decode_gateway(id, &bytes)?;
+            if record.epoch != epoch {
+                return Err(MetaError::Fenced {
+                    id: uuid::Uuid::from_bytes(id),
+                    epoch,
+                    current: record.epoch,
+                });
+            }
+            record.last_heartbeat_ns = tx.now;
+            record.staged_blocks = load.staged_blocks;
+            record.staged_bytes = load.staged_bytes;
+            tx.put(key, encode_gateway(&record));
+            Ok(())
+        })
+    }
+
+    async fn list_gateways(&self) -> Result<Vec<GatewayRecord>> {
+        let mut tx = self.read_tx().await?;
+        let mut out = Vec::new();
+        for (key, value) in tx.scan_prefix(keys::GATEWAY_PREFIX).await? {
+            let id: GatewayId = key
+                .get(1..)
+                .and_then(|id| id.try_into().ok())
+                .ok_or_else(|| MetaError::Corrupt(format!("gateway key {key:?}")))?;
+            out.push(decode_gateway(id, &value)?);
+        }
+        Ok(out)
+    }
+}
+
+/// A queued slice's index entry: its due time and the gateway whose queue holds it.
+fn decode_queued(slice_id: u64, bytes: &[u8]) -> Result<(TimeNs, GatewayId)> {
+    let corrupt = || MetaError::Corrupt(format!("queued slice {slice_id}: {} bytes", bytes.len()));
+    if bytes.len() != 28 {
+        return Err(corrupt());
+    }
+    let (_, gateway_id) = decode_slice_data(slice_id, &bytes[..20])?;
+    let due = i64::from_le_bytes(bytes[20..].try_into().map_err(|_| corrupt())?);
+    Ok((due, gateway_id))
+}
+
+fn encode_gateway(record: &GatewayRecord) -> Vec<u8> {
+    let mut out = keys::encode_pair(record.epoch, record.last_heartbeat_ns as u64, &[]);
+    out.extend(keys::encode_pair(
+        record.staged_blocks,
+        record.staged_bytes,
+        record.address.as_bytes(),
+    ));
+    out
+}
+
+fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
+    let (epoch, heartbeat, rest) = keys::decode_pair("gateway record", bytes)?;
+    let (staged_blocks, staged_bytes, address) = keys::decode_pair("gateway record", rest)?;
+    Ok(GatewayRecord {
+        id,
+        address: String::from_utf8_lossy(address).into_owned(),
+        epoch,
+        last_heartbeat_ns: heartbeat as i64,
+        staged_blocks,
+        staged_bytes,
+    })
 }
 
 impl From<KvError> for MetaError {

@@ -414,7 +414,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     assert_eq!(object_keys(store.as_ref()).await, vec![keys[0].to_string()]);
     assert_eq!(
         engine
-            .take_due_deleted_slices(i64::MAX, 10)
+            .take_due_deleted_slices(None, i64::MAX, 10)
             .await
             .unwrap()
             .len(),
@@ -431,7 +431,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     );
     assert!(object_keys(store.as_ref()).await.is_empty());
     assert!(engine
-        .take_due_deleted_slices(i64::MAX, 10)
+        .take_due_deleted_slices(None, i64::MAX, 10)
         .await
         .unwrap()
         .is_empty());
@@ -540,7 +540,10 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
         .unwrap();
     assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
     assert_eq!(
-        engine.take_due_deleted_slices(i64::MAX, 10).await.unwrap(),
+        engine
+            .take_due_deleted_slices(None, i64::MAX, 10)
+            .await
+            .unwrap(),
         vec![]
     );
 

@@ -23,7 +23,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use tokio_util::sync::CancellationToken;
 
-use crate::meta::{now_ns, DeletedSlice, MetaEngine, MetaError, SessionId};
+use crate::meta::{now_ns, DeletedSlice, GatewayLoad, MetaEngine, MetaError, SessionId};
 use crate::staging::StagingLog;
 
 /// A session silent for this many heartbeat intervals expires (the proto promises 3).
@@ -167,6 +167,43 @@ async fn cleanup_worker(cleaner: DataCleaner, config: WorkerConfig, shutdown: Ca
     }
 }
 
+/// Keeps this gateway's registration alive with its load, every `interval`. Returns (and cancels
+/// `fenced`) when a later start of the same gateway id took over: this process must stop
+/// serving. A heartbeat the database cannot take is logged and tried again next tick.
+pub async fn registry_worker(
+    engine: Arc<dyn MetaEngine>,
+    staging: Arc<StagingLog>,
+    epoch: u64,
+    interval: Duration,
+    shutdown: CancellationToken,
+    fenced: CancellationToken,
+) {
+    let id = staging.sb.gateway_id;
+    let mut interval = ticker(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let snapshot = staging.snapshot();
+        let load = GatewayLoad {
+            staged_blocks: snapshot.blocks_staged,
+            staged_bytes: snapshot.bytes_staged,
+        };
+        match engine.gateway_heartbeat(id, epoch, load).await {
+            Ok(()) => {}
+            Err(error @ MetaError::Fenced { .. }) => {
+                tracing::error!(%error, "fenced: stopping");
+                fenced.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "gateway heartbeat failed; trying again next tick")
+            }
+        }
+    }
+}
+
 /// Deletes the data of deleted slices: staged blocks at this gateway and objects in the store.
 pub struct DataCleaner {
     pub engine: Arc<dyn MetaEngine>,
@@ -193,7 +230,13 @@ impl DataCleaner {
     /// One round: take the due slices, delete their data, acknowledge those whose data is gone.
     pub async fn clean_due(&self) -> Result<CleanupRound, MetaError> {
         let batch = self.batch;
-        let due = self.engine.take_due_deleted_slices(now_ns(), batch).await?;
+        // Only the slices this gateway staged: it alone can drop their blocks from its device,
+        // and no two gateways then delete the same thing.
+        let mine = Some(self.staging.sb.gateway_id);
+        let due = self
+            .engine
+            .take_due_deleted_slices(mine, now_ns(), batch)
+            .await?;
         let mut round = CleanupRound {
             taken: due.len(),
             ..CleanupRound::default()

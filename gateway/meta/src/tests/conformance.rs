@@ -93,7 +93,7 @@ impl Fixture {
 
     fn queued(&self) -> BTreeSet<u64> {
         self.meta
-            .take_due_deleted_slices(i64::MAX, usize::MAX)
+            .take_due_deleted_slices(None, i64::MAX, usize::MAX)
             .unwrap()
             .iter()
             .map(|d| d.slice_id)
@@ -1039,11 +1039,11 @@ fn deleted_slices_wait_for_their_delay_and_leave_when_acknowledged() {
     f.meta.unlink(ROOT_INO, b"f").unwrap();
     assert!(f
         .meta
-        .take_due_deleted_slices(now_ns(), 10)
+        .take_due_deleted_slices(None, now_ns(), 10)
         .unwrap()
         .is_empty());
     let later = before + 101_000_000_000;
-    let due = f.meta.take_due_deleted_slices(later, 10).unwrap();
+    let due = f.meta.take_due_deleted_slices(None, later, 10).unwrap();
     assert_eq!(
         due.iter().map(|d| d.slice_id).collect::<Vec<_>>(),
         [a.slice_id, b.slice_id]
@@ -1060,19 +1060,25 @@ fn deleted_slices_wait_for_their_delay_and_leave_when_acknowledged() {
         ]
     );
     assert_eq!(
-        f.meta.take_due_deleted_slices(later, 1).unwrap().len(),
+        f.meta
+            .take_due_deleted_slices(None, later, 1)
+            .unwrap()
+            .len(),
         1,
         "limit"
     );
     assert_eq!(
-        f.meta.take_due_deleted_slices(later, 10).unwrap().len(),
+        f.meta
+            .take_due_deleted_slices(None, later, 10)
+            .unwrap()
+            .len(),
         2,
         "taking does not remove"
     );
     f.meta.ack_deleted_slices(&[a.slice_id, 12345]).unwrap();
     let left: Vec<u64> = f
         .meta
-        .take_due_deleted_slices(later, 10)
+        .take_due_deleted_slices(None, later, 10)
         .unwrap()
         .iter()
         .map(|d| d.slice_id)
@@ -1109,7 +1115,7 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     assert_eq!(sessions[1].description, "host-b:/mnt");
 
     f.meta.close_session(dying).unwrap();
-    let due = f.meta.take_due_deleted_slices(i64::MAX, 10).unwrap();
+    let due = f.meta.take_due_deleted_slices(None, i64::MAX, 10).unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(
         (due[0].slice_id, due[0].len),
@@ -1215,7 +1221,12 @@ fn everything_survives_a_reopen() {
     );
     assert_eq!(meta.read_chunk(file.ino, 0).unwrap(), [slice]);
     assert_eq!(meta.getxattr(file.ino, b"user.k").unwrap(), b"v");
-    assert_eq!(meta.take_due_deleted_slices(i64::MAX, 10).unwrap().len(), 1);
+    assert_eq!(
+        meta.take_due_deleted_slices(None, i64::MAX, 10)
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(meta.list_sessions().unwrap()[0].id, session);
     let next = meta.mknod(sub.ino, b"new", &node(FileKind::File)).unwrap();
     assert!(next.ino > gone.ino, "inode numbers are not reused");

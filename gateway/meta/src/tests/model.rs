@@ -570,7 +570,7 @@ impl Harness {
     fn check_cleanup(&self) -> Result<(), TestCaseError> {
         let (meta, model) = (&self.meta, &self.model);
         let queued: BTreeSet<u64> = meta
-            .take_due_deleted_slices(i64::MAX, usize::MAX)
+            .take_due_deleted_slices(None, i64::MAX, usize::MAX)
             .unwrap()
             .iter()
             .map(|d| d.slice_id)

@@ -1,0 +1,98 @@
+//! Which gateway to read a block from. A slice records the id of the gateway that staged it; the
+//! metadata's registry maps ids to addresses (every gateway registers at start and heartbeats),
+//! so a file written through gateway A reads back through a mount of gateway B before it is
+//! uploaded (DESIGN.md, "Scale-out and takeover").
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::block_api::BlockApi;
+use super::block_grpc::GrpcBlocks;
+use super::channel::connect_gateway;
+use super::error::FsResult;
+use super::meta_api::{GatewayId, MetaApi};
+
+/// Resolves gateway ids to their block services.
+#[async_trait]
+pub trait GatewayDirectory: Send + Sync + 'static {
+    /// The block service of gateway `id`; `None` when no live gateway has that id (its blocks
+    /// can then only come from the object store).
+    async fn blocks_of(&self, id: &GatewayId) -> FsResult<Option<Arc<dyn BlockApi>>>;
+    /// A call to gateway `id` failed: resolve it afresh next time (it may have moved).
+    fn forget(&self, id: &GatewayId);
+}
+
+/// Connects to the block service of the gateway at an address.
+pub type Connector = Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, FsResult<Arc<dyn BlockApi>>>
+        + Send
+        + Sync,
+>;
+
+/// The real connector: a `Staging` client over a new channel (built where every client
+/// connection is built, [`connect_gateway`]).
+pub fn grpc_connector() -> Connector {
+    Arc::new(|address: String| {
+        Box::pin(async move {
+            let channel = connect_gateway(&address).await?;
+            Ok(Arc::new(GrpcBlocks::new(channel)) as Arc<dyn BlockApi>)
+        })
+    })
+}
+
+/// The mount's own gateway for its id, the registry for every other.
+pub struct RegistryDirectory {
+    home_id: GatewayId,
+    home: Arc<dyn BlockApi>,
+    meta: Arc<dyn MetaApi>,
+    connect: Connector,
+    /// Gateways connected so far, by id, with the address they were reached at.
+    known: Mutex<HashMap<GatewayId, (String, Arc<dyn BlockApi>)>>,
+}
+
+impl RegistryDirectory {
+    pub fn new(
+        home_id: GatewayId,
+        home: Arc<dyn BlockApi>,
+        meta: Arc<dyn MetaApi>,
+        connect: Connector,
+    ) -> Self {
+        RegistryDirectory {
+            home_id,
+            home,
+            meta,
+            connect,
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, (String, Arc<dyn BlockApi>)>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl GatewayDirectory for RegistryDirectory {
+    async fn blocks_of(&self, id: &GatewayId) -> FsResult<Option<Arc<dyn BlockApi>>> {
+        if *id == self.home_id {
+            return Ok(Some(self.home.clone()));
+        }
+        if let Some((_, blocks)) = self.known().get(id) {
+            return Ok(Some(blocks.clone()));
+        }
+        let gateways = self.meta.list_gateways().await?;
+        let Some(gateway) = gateways.into_iter().find(|g| g.id == *id && g.alive) else {
+            return Ok(None);
+        };
+        let blocks = (self.connect)(gateway.address.clone()).await?;
+        tracing::debug!(address = %gateway.address, epoch = gateway.epoch, "connected to another gateway for its blocks");
+        self.known().insert(*id, (gateway.address, blocks.clone()));
+        Ok(Some(blocks))
+    }
+
+    fn forget(&self, id: &GatewayId) {
+        self.known().remove(id);
+    }
+}
