@@ -35,13 +35,26 @@ async fn staging(gateway: &str) -> anyhow::Result<(Channel, StagingClient<Channe
 
 /// `stagefs status GATEWAY`: the gateway's Status, readable (or JSON).
 pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
-    let (_, mut client) = staging(gateway).await?;
+    let (channel, mut client) = staging(gateway).await?;
     let s = client
         .status(StatusRequest {})
         .await
         .with_context(|| format!("Status from {gateway}"))?
         .into_inner();
+    let gateways = MetaClient::new(channel)
+        .list_gateways(proto::meta::Empty {})
+        .await
+        .with_context(|| format!("ListGateways from {gateway}"))?
+        .into_inner()
+        .gateways;
     if json {
+        let registered: Vec<_> = gateways
+            .iter()
+            .map(|g| {
+                serde_json::json!({"id": gateway_uuid(&g.id), "address": g.address, "epoch": g.epoch,
+                    "alive": g.alive, "staged_blocks": g.staged_blocks, "staged_bytes": g.staged_bytes})
+            })
+            .collect();
         let quarantined: Vec<_> = s
             .quarantined
             .iter()
@@ -61,6 +74,7 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
             "last_store_error": s.last_store_error, "recovery_ms": s.recovery_ms,
             "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
             "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
+            "gateways": registered,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -132,6 +146,18 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
             s.writers_waiting_for_space
         );
     }
+    println!("gateways     {} registered in the metadata", gateways.len());
+    for g in &gateways {
+        println!(
+            "  {} at {} (epoch {}): {}, {} blocks ({}) not yet uploaded",
+            gateway_uuid(&g.id),
+            g.address,
+            g.epoch,
+            if g.alive { "alive" } else { "NOT ALIVE" },
+            g.staged_blocks,
+            format_size(g.staged_bytes)
+        );
+    }
     Ok(())
 }
 
@@ -169,12 +195,15 @@ fn gateway_of(path: &Path) -> anyhow::Result<(PathBuf, String)> {
     best.with_context(|| format!("{} is not inside a stagefs mount", path.display()))
 }
 
-/// Every block key of a file, from its chunks' slices (holes have none).
+/// A block to wait for: its key and length, and the gateway that staged it.
+type Block = (BlockKey, u64, Vec<u8>);
+
+/// Every block of a file, from its chunks' slices (holes have none).
 async fn file_blocks(
     meta: &mut MetaClient<Channel>,
     ino: u64,
     size: u64,
-) -> anyhow::Result<Vec<(BlockKey, u64)>> {
+) -> anyhow::Result<Vec<Block>> {
     let mut keys = Vec::new();
     for chunk_index in 0..size.div_ceil(CHUNK_SIZE) {
         let slices = meta
@@ -187,7 +216,7 @@ async fn file_blocks(
             keys.extend(
                 shared::meta::slice_block_keys(slice.slice_id, slice.len)
                     .into_iter()
-                    .map(|key| (key, key.len())),
+                    .map(|key| (key, key.len(), slice.gateway_id.to_vec())),
             );
         }
     }
@@ -220,64 +249,107 @@ pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Resul
         let (_, gateway) = gateway_of(&path)?;
         collect_files(&path, by_gateway.entry(gateway).or_default())?;
     }
-    let progress = std::io::stderr().is_terminal();
-    for (gateway, files) in by_gateway {
-        let (channel, mut client) = staging(&gateway).await?;
+    for (mount_gateway, files) in by_gateway {
+        let (channel, _) = staging(&mount_gateway).await?;
         let mut meta = MetaClient::new(channel);
-        let mut blocks = Vec::new();
+        // Blocks grouped by the gateway that staged them: each waits on its own gateway.
+        let mut by_stager: BTreeMap<Vec<u8>, Vec<(BlockKey, u64)>> = BTreeMap::new();
         for (path, ino, size) in &files {
-            blocks.extend(
-                file_blocks(&mut meta, *ino, *size)
-                    .await
-                    .with_context(|| format!("listing the blocks of {}", path.display()))?,
-            );
+            for (key, len, stager) in file_blocks(&mut meta, *ino, *size)
+                .await
+                .with_context(|| format!("listing the blocks of {}", path.display()))?
+            {
+                by_stager.entry(stager).or_default().push((key, len));
+            }
         }
-        let total_bytes: u64 = blocks.iter().map(|(_, len)| len).sum();
-        let keys: Vec<String> = blocks.iter().map(|(k, _)| k.to_string()).collect();
-        let started = std::time::Instant::now();
-        let mut wait = client.clone();
-        let wait_keys = keys.clone();
-        let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
-        let mut waiting = tokio::spawn(async move {
-            wait.wait_uploaded(WaitUploadedRequest {
-                keys: wait_keys,
-                timeout_ms,
-            })
+        let registry = meta
+            .list_gateways(proto::meta::Empty {})
             .await
-        });
-        loop {
-            tokio::select! {
-                result = &mut waiting => {
-                    result.context("sync task failed")?.map_err(|status| match status.code() {
-                        tonic::Code::DeadlineExceeded => anyhow::anyhow!("timed out: {}", status.message()),
-                        _ => anyhow::anyhow!("gateway {gateway}: {}", status.message()),
-                    })?;
-                    break;
-                }
-                _ = tokio::time::sleep(Duration::from_millis(500)), if progress => {
-                    let stats = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await;
-                    if let Ok(stats) = stats {
-                        let done: u64 = stats.into_inner().blocks.iter()
-                            .filter(|b| b.state == BlockState::Uploaded as i32 || b.state == BlockState::Unknown as i32)
-                            .map(|b| b.len)
-                            .sum();
-                        eprint!("\rsync: {} of {} uploaded ({} files)   ", format_size(done), format_size(total_bytes), files.len());
-                        let _ = std::io::stderr().flush();
-                    }
+            .with_context(|| format!("ListGateways from {mount_gateway}"))?
+            .into_inner()
+            .gateways;
+        for (stager, blocks) in by_stager {
+            // A gateway the registry does not know (data from before the registry): the mount's
+            // gateway checks the store for it.
+            let address = match registry.iter().find(|g| g.id[..] == stager[..]) {
+                Some(g) if !g.alive => anyhow::bail!(
+                    "gateway {} at {} is not alive: {} blocks of these files were staged there \
+                     and are not known to be uploaded; sync waits for it once it is back",
+                    gateway_uuid(&stager),
+                    g.address,
+                    blocks.len()
+                ),
+                Some(g) => g.address.clone(),
+                None => mount_gateway.clone(),
+            };
+            wait_uploaded(&address, files.len(), &blocks, timeout).await?;
+        }
+    }
+    Ok(())
+}
+
+fn gateway_uuid(id: &[u8]) -> String {
+    match <[u8; 16]>::try_from(id) {
+        Ok(bytes) => uuid::Uuid::from_bytes(bytes).to_string(),
+        Err(_) => format!("{id:02x?}"),
+    }
+}
+
+/// Waits until the gateway at `gateway` says every one of `blocks` is in the object store,
+/// showing progress on a terminal.
+async fn wait_uploaded(
+    gateway: &str,
+    files: usize,
+    blocks: &[(BlockKey, u64)],
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let progress = std::io::stderr().is_terminal();
+    let (_, client) = staging(gateway).await?;
+    let total_bytes: u64 = blocks.iter().map(|(_, len)| len).sum();
+    let keys: Vec<String> = blocks.iter().map(|(k, _)| k.to_string()).collect();
+    let started = std::time::Instant::now();
+    let mut wait = client.clone();
+    let wait_keys = keys.clone();
+    let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+    let mut waiting = tokio::spawn(async move {
+        wait.wait_uploaded(WaitUploadedRequest {
+            keys: wait_keys,
+            timeout_ms,
+        })
+        .await
+    });
+    let mut client = client;
+    loop {
+        tokio::select! {
+            result = &mut waiting => {
+                result.context("sync task failed")?.map_err(|status| match status.code() {
+                    tonic::Code::DeadlineExceeded => anyhow::anyhow!("timed out: {}", status.message()),
+                    _ => anyhow::anyhow!("gateway {gateway}: {}", status.message()),
+                })?;
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)), if progress => {
+                let stats = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await;
+                if let Ok(stats) = stats {
+                    let done: u64 = stats.into_inner().blocks.iter()
+                        .filter(|b| b.state == BlockState::Uploaded as i32 || b.state == BlockState::Unknown as i32)
+                        .map(|b| b.len)
+                        .sum();
+                    eprint!("\rsync: {} of {} uploaded ({files} files, gateway {gateway})   ", format_size(done), format_size(total_bytes));
+                    let _ = std::io::stderr().flush();
                 }
             }
         }
-        if progress {
-            eprintln!();
-        }
-        eprintln!(
-            "sync: {} files, {} blocks ({}) in the object store after {:.1} s",
-            files.len(),
-            keys.len(),
-            format_size(total_bytes),
-            started.elapsed().as_secs_f64()
-        );
     }
+    if progress {
+        eprintln!();
+    }
+    eprintln!(
+        "sync: {files} files, {} blocks ({}) staged on {gateway} in the object store after {:.1} s",
+        keys.len(),
+        format_size(total_bytes),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
