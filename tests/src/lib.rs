@@ -33,6 +33,7 @@
 
 pub mod binaries;
 pub mod blocks;
+pub mod cluster;
 pub mod gateway;
 pub mod mount;
 pub mod s3;
@@ -43,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use blocks::*;
+pub use cluster::GatewayCluster;
 pub use gateway::{inspect, Gateway, GatewayBuilder, InspectReport};
 pub use mount::{
     assert_errno, is_fuse_mounted, mount_command, FuseStack, Mount, MountBuilder, Pattern, TcpProxy,
