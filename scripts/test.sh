@@ -31,7 +31,7 @@ echo "test: cargo test --workspace (binaries from $STAGEFS_BIN_DIR)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 
 # One closing line over every test binary (cargo's own last line is often a doc-test run of a
 # crate that has none, "0 passed", which reads as if nothing ran).

@@ -52,6 +52,31 @@ enum Command {
         #[arg(long)]
         records: bool,
     },
+    /// Move a file system's metadata between backends, or keep a logical backup of it.
+    #[command(subcommand)]
+    Meta(MetaCommand),
+}
+
+#[derive(Subcommand)]
+enum MetaCommand {
+    /// Write every metadata record as JSON lines (a consistent snapshot, also while clients
+    /// write) to FILE, or to stdout.
+    Dump {
+        /// The metadata: a redb file path or a postgres:// URL (as `serve --meta`).
+        #[arg(long, value_parser = parse_meta_location)]
+        meta: MetaLocation,
+        /// Where to write the dump (default: stdout).
+        file: Option<PathBuf>,
+    },
+    /// Load a dump into an empty metadata database (a new redb file, or an empty PostgreSQL
+    /// database), from FILE or stdin.
+    Load {
+        /// The metadata: a redb file path or a postgres:// URL (as `serve --meta`).
+        #[arg(long, value_parser = parse_meta_location)]
+        meta: MetaLocation,
+        /// The dump to read (default: stdin).
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -172,6 +197,52 @@ async fn open_meta(
     Ok(Arc::new(engine))
 }
 
+async fn meta_command(command: MetaCommand) -> anyhow::Result<()> {
+    match command {
+        MetaCommand::Dump {
+            meta: location,
+            file,
+        } => {
+            let store = meta::open_store(&location)
+                .await
+                .with_context(|| format!("cannot open the metadata database {location}"))?;
+            let summary = match &file {
+                Some(path) => {
+                    let out = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut out = std::io::BufWriter::new(out);
+                    let summary = meta::dump::dump(store.as_ref(), &mut out).await?;
+                    out.into_inner()?.sync_all()?;
+                    summary
+                }
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    meta::dump::dump(store.as_ref(), &mut out).await?
+                }
+            };
+            eprintln!("dumped {} records from {location}", summary.records);
+        }
+        MetaCommand::Load {
+            meta: location,
+            file,
+        } => {
+            let store = meta::open_store(&location)
+                .await
+                .with_context(|| format!("cannot open the metadata database {location}"))?;
+            let summary = match &file {
+                Some(path) => {
+                    let input = std::fs::File::open(path)
+                        .with_context(|| format!("cannot open {}", path.display()))?;
+                    meta::dump::load(store.as_ref(), std::io::BufReader::new(input)).await?
+                }
+                None => meta::dump::load(store.as_ref(), std::io::stdin().lock()).await?,
+            };
+            eprintln!("loaded {} records into {location}", summary.records);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -201,6 +272,7 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(())
             }
+            Command::Meta(command) => meta_command(command).await,
         }
     });
     match result {
@@ -400,7 +472,7 @@ mod meta_service_flags {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => *args,
-            Command::Inspect { .. } => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

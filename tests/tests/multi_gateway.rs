@@ -385,3 +385,97 @@ fn run_writer(w: usize, dir: &Path, seed: u64, until: Instant) -> Writer {
     model.inodes.retain(|tag, _| used.contains(tag));
     model
 }
+
+/// `meta dump` of a gateway's embedded metadata, `meta load` into PostgreSQL, and a gateway on
+/// the same device over that database serves the same tree and bytes.
+#[test]
+fn a_file_system_moves_from_redb_to_postgres_with_dump_and_load() {
+    use stagefs_tests::binaries::gateway_binary;
+    let mut stack = stagefs_tests::FuseStack::start("dump-load", |gateway| {
+        gateway.device_size("256MiB").arg("--uploads-paused")
+    });
+    let content = |i: usize| Pattern::new(300 + i as u64).bytes(0, i * 400 * 1024 + 3);
+    let mount = stack.mount("before").no_cache().start();
+    fs::create_dir_all(mount.join("d/e")).unwrap();
+    for i in 0..8 {
+        fs::write(mount.join(format!("d/e/f{i}")), content(i)).unwrap();
+    }
+    std::os::unix::fs::symlink("e/f1", mount.join("d/link")).unwrap();
+    fs::hard_link(mount.join("d/e/f2"), mount.join("d/hard")).unwrap();
+    let tree_before = tree(mount.path());
+    mount.unmount();
+    let status = stack.runtime.block_on(stack.gateway.sigterm());
+    assert!(status.success(), "gateway stopped cleanly: {status:?}");
+
+    let redb = format!("{}.meta.redb", stack.gateway.device().display());
+    let dump_file = stack.dir.join("meta.dump");
+    let dumped = Command::new(gateway_binary())
+        .args(["meta", "dump", "--meta", &redb])
+        .arg(&dump_file)
+        .output()
+        .unwrap();
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    let url = meta::pg_cluster::PgCluster::shared()
+        .fresh_database("dump_load")
+        .unwrap();
+    let loaded = Command::new(gateway_binary())
+        .args(["meta", "load", "--meta", &url])
+        .arg(&dump_file)
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let again = Command::new(gateway_binary())
+        .args(["meta", "load", "--meta", &url])
+        .arg(&dump_file)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "a second load into a non-empty database is refused"
+    );
+
+    let builder = stagefs_tests::Gateway::builder(stack.dir.path(), &stack.s3, "uring")
+        .device(stack.gateway.device())
+        .args(["--uploads-paused", "--meta", &url]);
+    stack.gateway = stack.block_on(builder.start());
+    let mount = stack.mount("after").no_cache().start();
+    assert_eq!(tree(mount.path()), tree_before);
+    for i in 0..8 {
+        assert_bytes(&mount.join(format!("d/e/f{i}")), &content(i));
+    }
+    assert_bytes(&mount.join("d/hard"), &content(2));
+    assert_eq!(
+        fs::read_link(mount.join("d/link")).unwrap(),
+        Path::new("e/f1")
+    );
+    assert!(
+        stack.block_on(stack.s3.list()).is_empty(),
+        "every byte came from the device"
+    );
+}
+
+/// Names, kinds, sizes, modes and link counts below `root`.
+fn tree(root: &Path) -> BTreeMap<String, (u32, u64, u64)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                dirs.push(path.clone());
+            }
+            let name = path.strip_prefix(root).unwrap().display().to_string();
+            out.insert(name, (meta.mode(), meta.len(), meta.nlink()));
+        }
+    }
+    out
+}

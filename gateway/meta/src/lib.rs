@@ -24,6 +24,7 @@
 
 pub mod blocking;
 mod codec;
+pub mod dump;
 pub mod keys;
 pub mod kv;
 pub mod pg_cluster;
@@ -430,7 +431,12 @@ impl std::fmt::Display for MetaLocation {
 
 /// Opens (creating, formatting or migrating as needed) the metadata at `location`.
 pub async fn open(location: &MetaLocation, config: MetaConfig) -> Result<KvMeta> {
-    let store: std::sync::Arc<dyn kv::KvStore> = match location {
+    KvMeta::open(open_store(location).await?, config).await
+}
+
+/// The key-value store at `location`, without the file-system rules (dump and load).
+pub async fn open_store(location: &MetaLocation) -> Result<std::sync::Arc<dyn kv::KvStore>> {
+    Ok(match location {
         MetaLocation::Redb(path) => {
             let path = path.clone();
             let store = tokio::task::spawn_blocking(move || redb_kv::RedbKv::open(path))
@@ -441,8 +447,7 @@ pub async fn open(location: &MetaLocation, config: MetaConfig) -> Result<KvMeta>
         MetaLocation::Postgres(url) => {
             std::sync::Arc::new(postgres_kv::PostgresKv::connect(url).await?)
         }
-    };
-    KvMeta::open(store, config).await
+    })
 }
 
 /// Checks the name of a new directory entry.

@@ -280,6 +280,13 @@ impl Tx<'_> {
             }
             return Ok(());
         }
+        if !self.scan(&[], &[0xff], 1).await?.is_empty() {
+            return Err(MetaError::Corrupt(
+                "the database holds stagefs records but no format record (an interrupted \
+                 `meta load`?): drop it and load again"
+                    .into(),
+            ));
+        }
         let root = Inode {
             attr: Attr {
                 ino: ROOT_INO,

@@ -359,19 +359,29 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     };
 
     // A client records a 5 MiB slice (two blocks) and stages both; block 0 was even uploaded.
+    // Staged by this gateway (the cleaner takes only its own gateway's slices).
     let session = engine.open_session("dies").await.unwrap();
     let slice_id = engine.allocate_slice_ids(1).await.unwrap().start;
     let slice = Slice {
         slice_id,
         offset_in_chunk: 0,
         len: 5 << 20,
-        gateway_id: GATEWAY_ID,
+        gateway_id: log.sb.gateway_id,
     };
     engine.record_pending_slice(session, &slice).await.unwrap();
+    // Another gateway's deleted slice is not this cleaner's to take.
+    let other_id = engine.allocate_slice_ids(1).await.unwrap().start;
+    let other = Slice {
+        slice_id: other_id,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GATEWAY_ID,
+    };
+    engine.record_pending_slice(session, &other).await.unwrap();
     let keys = crate::meta::DeletedSlice {
         slice_id,
         len: slice.len,
-        gateway_id: GATEWAY_ID,
+        gateway_id: log.sb.gateway_id,
         due_ns: 0,
     }
     .block_keys();
@@ -418,7 +428,8 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
             .await
             .unwrap()
             .len(),
-        1
+        2,
+        "this gateway's slice stays queued, and the other gateway's was never taken"
     );
 
     // The store is back: the next round deletes the object and acknowledges the slice.
@@ -430,11 +441,18 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
         "already dropped in the first round"
     );
     assert!(object_keys(store.as_ref()).await.is_empty());
-    assert!(engine
+    let left: Vec<u64> = engine
         .take_due_deleted_slices(None, i64::MAX, 10)
         .await
         .unwrap()
-        .is_empty());
+        .iter()
+        .map(|s| s.slice_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![other_id],
+        "the other gateway cleans its own slice"
+    );
     assert_eq!(cleaner.clean_due().await.unwrap().taken, 0);
     log.shutdown().await;
 }

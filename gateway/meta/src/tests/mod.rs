@@ -2,6 +2,7 @@
 //! the model-based proptest run once on redb and once on PostgreSQL (a throwaway server shared by
 //! the test binary, a fresh database per test), from the same source files.
 
+mod dump;
 mod postgres;
 mod redb;
 
@@ -39,7 +40,7 @@ impl Db {
         }
     }
 
-    async fn store(&self) -> crate::Result<Arc<dyn KvStore>> {
+    pub(crate) async fn store(&self) -> crate::Result<Arc<dyn KvStore>> {
         Ok(match self {
             Db::Redb(_) => Arc::new(RedbKv::open(self.redb_path())?),
             Db::Postgres(url) => Arc::new(PostgresKv::connect(url).await?),
