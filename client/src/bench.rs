@@ -12,6 +12,7 @@ pub mod fs;
 pub mod gateway;
 pub mod latency_proxy;
 pub mod load;
+pub mod meta;
 pub mod process;
 pub mod raw;
 pub mod report;

@@ -81,6 +81,8 @@ enum BenchTarget {
     #[command(about = client::bench::fs::ABOUT, long_about = client::bench::fs::LONG_ABOUT)]
     Fs(client::bench::fs::FsBenchArgs),
     Proxy(client::bench::latency_proxy::ProxyArgs),
+    #[command(about = client::bench::meta::ABOUT)]
+    Meta(client::bench::meta::MetaBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -163,6 +165,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(e) => eprintln!("[bench] no chart ({}): {e}", chart.display()),
                 }
             }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Bench {
+            target: BenchTarget::Meta(args),
+        } => {
+            let json = args.json;
+            let report = client::bench::meta::run(args).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -42,14 +42,16 @@ pub fn grpc_connector() -> Connector {
     })
 }
 
+/// Gateways connected so far, by id, with the address each was reached at.
+type Connected = HashMap<GatewayId, (String, Arc<dyn BlockApi>)>;
+
 /// The mount's own gateway for its id, the registry for every other.
 pub struct RegistryDirectory {
     home_id: GatewayId,
     home: Arc<dyn BlockApi>,
     meta: Arc<dyn MetaApi>,
     connect: Connector,
-    /// Gateways connected so far, by id, with the address they were reached at.
-    known: Mutex<HashMap<GatewayId, (String, Arc<dyn BlockApi>)>>,
+    known: Mutex<Connected>,
 }
 
 impl RegistryDirectory {
@@ -68,7 +70,7 @@ impl RegistryDirectory {
         }
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, (String, Arc<dyn BlockApi>)>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, Connected> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

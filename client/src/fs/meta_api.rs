@@ -119,9 +119,10 @@ pub trait MetaApi: Send + Sync + 'static {
     /// [`MetaApi::record_pending_slice`], the slice's one block (`data`, all of it) and
     /// [`MetaApi::commit_slice`] in one call, staged on the gateway that serves the metadata.
     /// `ENOSYS` where that is not possible (the default): the caller then takes the three steps.
-    #[allow(clippy::too_many_arguments)]
+    /// Every gateway the metadata's registry knows, with whether it is alive.
     async fn list_gateways(&self) -> FsResult<Vec<GatewayInfo>>;
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_slice(
         &self,
         _session: SessionId,

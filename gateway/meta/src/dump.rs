@@ -34,7 +34,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(text: &str, line: usize) -> Result<Vec<u8>> {
     let bad = || MetaError::Invalid(format!("dump line {line}: {text:?} is not hex"));
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err(bad());
     }
     (0..text.len())

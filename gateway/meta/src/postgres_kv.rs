@@ -33,8 +33,12 @@ use tokio_postgres::NoTls;
 
 use crate::kv::{Durability, KvError, KvResult, KvStore, KvTxn, Sequence, Write};
 
-/// Connections kept open to the server by one gateway.
+/// Connections kept open to the server by one gateway for transactions.
 const POOL_SIZE: usize = 64;
+/// Connections for id sequences, apart: a transaction that takes ids while holding a
+/// transaction connection must never wait for another transaction connection (64 of them
+/// waiting on each other would deadlock until the pool's timeout).
+const ID_POOL_SIZE: usize = 8;
 /// How long a transaction waits for a free connection before the call fails (retryably).
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// Ids taken from a sequence at once for inode numbers and cookies (the rules keep the rest).
@@ -60,6 +64,7 @@ const PEEK_ID: &str = "SELECT next FROM stagefs_sequences WHERE name = $1";
 /// The PostgreSQL [`KvStore`].
 pub struct PostgresKv {
     pool: Pool,
+    ids: Pool,
     /// Whether the server accepted `SET LOCAL synchronous_commit`.
     lazy_commits: Arc<AtomicBool>,
 }
@@ -102,22 +107,25 @@ impl PostgresKv {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| KvError::Failed(format!("bad PostgreSQL URL: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| KvError::Failed(format!("connection pool: {e}")))?;
+        let pool = |size: usize| {
+            let manager = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(POOL_WAIT))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|e| KvError::Failed(format!("connection pool: {e}")))
+        };
         let store = PostgresKv {
-            pool,
+            pool: pool(POOL_SIZE)?,
+            ids: pool(ID_POOL_SIZE)?,
             lazy_commits: Arc::new(AtomicBool::new(true)),
         };
         store.migrate().await?;
@@ -205,7 +213,7 @@ impl KvStore for PostgresKv {
         client.batch_execute(begin).await.map_err(pg_error)?;
         Ok(Box::new(PgTxn {
             client: Some(client),
-            pool: self.pool.clone(),
+            ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
         }))
     }
@@ -218,7 +226,8 @@ impl KvStore for PostgresKv {
 struct PgTxn {
     /// `None` once committed (or handed to the rollback task).
     client: Option<Object>,
-    pool: Pool,
+    /// Where ids are taken ([`ID_POOL_SIZE`]).
+    ids: Pool,
     lazy_commits: Arc<AtomicBool>,
 }
 
@@ -265,7 +274,7 @@ impl KvTxn for PgTxn {
     async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64> {
         // Outside this transaction, on a connection of its own: the ids are gone whatever
         // becomes of this transaction, and the row is locked for one statement only.
-        let client = self.pool.get().await.map_err(pool_error)?;
+        let client = self.ids.get().await.map_err(pool_error)?;
         let row = if count == 0 {
             let statement = client.prepare_cached(PEEK_ID).await.map_err(pg_error)?;
             client.query_opt(&statement, &[&sequence.name()]).await

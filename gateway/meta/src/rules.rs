@@ -88,6 +88,7 @@ impl KvMeta {
         Ok(Tx {
             inner: self.store.begin(write).await?,
             writes: BTreeMap::new(),
+            reads: HashMap::new(),
             meta: self,
             now: now_ns(),
             shard: if self.store.id_batch() > 1 {
@@ -181,6 +182,10 @@ pub struct Tx<'m> {
     inner: Box<dyn KvTxn>,
     /// Every key written so far, `None` for deleted.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Every key read so far: the snapshot does not change within a transaction, and the rules
+    /// read some records more than once (a parent directory checked, then touched), which would
+    /// otherwise cost a database round trip each.
+    reads: HashMap<Vec<u8>, Option<Vec<u8>>>,
     meta: &'m KvMeta,
     now: TimeNs,
     /// The usage-counter shard this transaction updates.
@@ -200,7 +205,12 @@ impl Tx<'_> {
         if let Some(written) = self.writes.get(key) {
             return Ok(written.clone());
         }
-        Ok(self.inner.get(key).await?)
+        if let Some(read) = self.reads.get(key) {
+            return Ok(read.clone());
+        }
+        let value = self.inner.get(key).await?;
+        self.reads.insert(key.to_vec(), value.clone());
+        Ok(value)
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {

@@ -9,7 +9,10 @@ fn db() -> Db {
 /// Cases of the model test unless `PROPTEST_CASES` says otherwise.
 const MODEL_CASES: u32 = 48;
 
+// The same suite files are modules of every backend's test module, on purpose.
+#[allow(clippy::duplicate_mod)]
 #[path = "conformance.rs"]
 mod conformance;
+#[allow(clippy::duplicate_mod)]
 #[path = "model.rs"]
 mod model;

@@ -1,0 +1,371 @@
+//! `stagefs bench meta`: the metadata engine's rate of creates, lookups, getattrs and small-file
+//! commits at 1, 16 and 64 concurrent clients, on redb and on PostgreSQL in one run, against the
+//! limit of the same PostgreSQL server: single-row `INSERT` + commit at the same concurrency.
+//!
+//! The engine runs in process (no gRPC, no gateway), so the figures are the engine's and its
+//! backend's. PostgreSQL is a throwaway server of its own with fsync on (Debian's `postgresql`,
+//! started on a free port in a scratch directory); redb is a file on the same disk. Every client
+//! works in a directory of its own, as a client of a shared file system mostly does: creates in
+//! one directory all change that directory's attributes and serialize on it, on any database.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meta::pg_cluster::{PgCluster, PgDurability};
+use meta::{FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, Slice, ROOT_INO};
+use serde::Serialize;
+
+use super::{percentile_ms, progress, ratio, BenchError, ScratchDir};
+
+pub const ABOUT: &str =
+    "Measure the metadata engine (redb and PostgreSQL) against PostgreSQL's own insert+commit rate";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetaBenchArgs {
+    /// Seconds each operation runs at each concurrency.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Concurrent clients to measure at.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64])]
+    pub clients: Vec<usize>,
+    /// One second per case (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the redb file goes (not tmpfs: its fsyncs are part of the figure).
+    #[arg(long, default_value = "/var/tmp")]
+    pub scratch: PathBuf,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Rate {
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub ops: u64,
+}
+
+/// Everything `bench meta` measured; `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetaReport {
+    pub seconds_per_case: f64,
+    /// PostgreSQL's single-row insert+commit, by client count.
+    pub limit: BTreeMap<usize, Rate>,
+    /// backend -> operation -> client count -> rate.
+    pub engines: BTreeMap<String, BTreeMap<String, BTreeMap<usize, Rate>>>,
+    /// PostgreSQL creates ÷ the limit, by client count (aim: ≥ 0.5).
+    pub create_ratio_postgres: BTreeMap<usize, f64>,
+}
+
+const OPS: [&str; 4] = ["create", "lookup", "getattr", "small_file_commit"];
+
+pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
+    let seconds = if args.quick { 1.0 } else { args.seconds };
+    let case = Duration::from_secs_f64(seconds.max(0.1));
+    if args.clients.is_empty() || args.clients.contains(&0) {
+        return Err(BenchError::Args(
+            "--clients must list counts above 0".into(),
+        ));
+    }
+    let scratch = ScratchDir::create(&args.scratch, "stagefs-bench-meta", args.keep)?;
+    progress!("starting a PostgreSQL server (fsync on)");
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
+        .await?
+        .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
+    let mut report = MetaReport {
+        seconds_per_case: case.as_secs_f64(),
+        limit: BTreeMap::new(),
+        engines: BTreeMap::new(),
+        create_ratio_postgres: BTreeMap::new(),
+    };
+    let limit_db = cluster
+        .fresh_database("limit")
+        .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
+    for &clients in &args.clients {
+        progress!("limit: single-row insert+commit, {clients} clients");
+        report
+            .limit
+            .insert(clients, insert_limit(&limit_db, clients, case).await?);
+    }
+    for backend in ["redb", "postgres"] {
+        for &clients in &args.clients {
+            // A fresh database per client count, so every case starts from the same size.
+            let location = match backend {
+                "redb" => MetaLocation::Redb(scratch.path().join(format!("meta-{clients}.redb"))),
+                _ => MetaLocation::Postgres(
+                    cluster
+                        .fresh_database(&format!("engine_{clients}"))
+                        .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?,
+                ),
+            };
+            let engine: Arc<dyn MetaEngine> = Arc::new(
+                meta::open(&location, MetaConfig::default())
+                    .await
+                    .map_err(|e| BenchError::Args(format!("{backend}: {e}")))?,
+            );
+            let dirs = client_dirs(&engine, clients).await?;
+            for op in OPS {
+                progress!("{backend}: {op}, {clients} clients");
+                let rate = measure(&engine, op, &dirs, case).await?;
+                report
+                    .engines
+                    .entry(backend.into())
+                    .or_default()
+                    .entry(op.into())
+                    .or_default()
+                    .insert(clients, rate);
+            }
+        }
+    }
+    for (&clients, limit) in &report.limit {
+        if let Some(create) = report
+            .engines
+            .get("postgres")
+            .and_then(|ops| ops.get("create"))
+            .and_then(|by| by.get(&clients))
+        {
+            if let Some(r) = ratio(create.ops_per_sec, limit.ops_per_sec) {
+                report.create_ratio_postgres.insert(clients, r);
+            }
+        }
+    }
+    cluster.stop();
+    Ok(report)
+}
+
+fn file() -> NewNode {
+    NewNode {
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        rdev: 0,
+    }
+}
+
+/// A directory per client, and its session.
+async fn client_dirs(
+    engine: &Arc<dyn MetaEngine>,
+    clients: usize,
+) -> Result<Vec<(Ino, u64)>, BenchError> {
+    let mut dirs = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let dir = engine
+            .mkdir(
+                ROOT_INO,
+                format!("client-{c}").as_bytes(),
+                0o755,
+                1000,
+                1000,
+            )
+            .await
+            .map_err(|e| BenchError::Task(format!("mkdir: {e}")))?;
+        let session = engine
+            .open_session(&format!("bench client {c}"))
+            .await
+            .map_err(|e| BenchError::Task(format!("open_session: {e}")))?;
+        dirs.push((dir.ino, session));
+    }
+    Ok(dirs)
+}
+
+/// Runs `op` from every client for `case`, and the rate and latencies of all of them.
+async fn measure(
+    engine: &Arc<dyn MetaEngine>,
+    op: &'static str,
+    dirs: &[(Ino, u64)],
+    case: Duration,
+) -> Result<Rate, BenchError> {
+    let started = Instant::now();
+    let tasks: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(c, &(dir, session))| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                // Lookups and getattrs need files; small-file commits need one file.
+                let prepared = engine
+                    .mknod(dir, format!("{op}-target").as_bytes(), &file())
+                    .await
+                    .map_err(|e| format!("client {c}: prepare: {e}"))?;
+                let mut n = 0u64;
+                while started.elapsed() < case {
+                    n += 1;
+                    let t = Instant::now();
+                    let outcome = match op {
+                        "create" => engine
+                            .mknod(dir, format!("f{n}").as_bytes(), &file())
+                            .await
+                            .map(|_| ()),
+                        "lookup" => engine
+                            .lookup(dir, format!("{op}-target").as_bytes())
+                            .await
+                            .map(|_| ()),
+                        "getattr" => engine.getattr(prepared.ino).await.map(|_| ()),
+                        _ => small_file_commit(&engine, session, prepared.ino, n).await,
+                    };
+                    outcome.map_err(|e| format!("client {c}: {op}: {e}"))?;
+                    latencies.push(t.elapsed());
+                }
+                Ok::<_, String>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?.map_err(BenchError::Task)?);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Rate {
+        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile_ms(&latencies, 0.5),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        ops: latencies.len() as u64,
+    })
+}
+
+/// What a small file costs the engine once its block is staged: a slice id, the pending record
+/// and the commit.
+async fn small_file_commit(
+    engine: &Arc<dyn MetaEngine>,
+    session: u64,
+    ino: Ino,
+    n: u64,
+) -> meta::Result<()> {
+    let id = engine.allocate_slice_ids(1).await?.start;
+    let slice = Slice {
+        slice_id: id,
+        offset_in_chunk: (n % 1000) as u32 * 4096,
+        len: 4096,
+        gateway_id: [1; 16],
+    };
+    engine.record_pending_slice(session, &slice).await?;
+    engine.commit_slice(session, ino, 0, &slice, 0, 0).await?;
+    Ok(())
+}
+
+/// The server's own rate of single-row insert+commit (autocommit) from `clients` connections.
+async fn insert_limit(url: &str, clients: usize, case: Duration) -> Result<Rate, BenchError> {
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| BenchError::Task(format!("PostgreSQL: {e}")))?;
+        tokio::spawn(connection);
+        Ok::<_, BenchError>(client)
+    };
+    connect()
+        .await?
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS insert_limit (id BIGSERIAL PRIMARY KEY, v BYTEA NOT NULL)",
+        )
+        .await
+        .map_err(|e| BenchError::Task(format!("PostgreSQL: {e}")))?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let client = connect().await?;
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("INSERT INTO insert_limit (v) VALUES ($1)")
+                .await
+                .map_err(|e| e.to_string())?;
+            let value = vec![7u8; 100];
+            let mut latencies = Vec::new();
+            while started.elapsed() < case {
+                let t = Instant::now();
+                client
+                    .execute(&statement, &[&value])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?.map_err(BenchError::Task)?);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Rate {
+        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile_ms(&latencies, 0.5),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        ops: latencies.len() as u64,
+    })
+}
+
+impl MetaReport {
+    /// The report as a table: one row per backend, operation and client count.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "stagefs metadata benchmark: {:.1} s per case, engine in process, PostgreSQL with fsync on\n\n",
+            self.seconds_per_case
+        );
+        out += &format!(
+            "{:<10} {:<18} {:>7} {:>12} {:>9} {:>9} {:>14}\n",
+            "backend", "operation", "clients", "ops/s", "p50 ms", "p99 ms", "vs limit"
+        );
+        for (&clients, rate) in &self.limit {
+            out += &format!(
+                "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>14}\n",
+                "postgres",
+                "insert (limit)",
+                clients,
+                rate.ops_per_sec,
+                rate.p50_ms,
+                rate.p99_ms,
+                "1.00"
+            );
+        }
+        for (backend, ops) in &self.engines {
+            for op in OPS {
+                let Some(by_clients) = ops.get(op) else {
+                    continue;
+                };
+                for (&clients, rate) in by_clients {
+                    let versus = self
+                        .limit
+                        .get(&clients)
+                        .and_then(|limit| ratio(rate.ops_per_sec, limit.ops_per_sec))
+                        .map_or("-".to_string(), |r| format!("{r:.2}"));
+                    let target = if backend == "postgres" && op == "create" {
+                        let met = self
+                            .create_ratio_postgres
+                            .get(&clients)
+                            .is_some_and(|r| *r >= 0.5);
+                        if met {
+                            " (>=0.5 ok)"
+                        } else {
+                            " (>=0.5 BELOW)"
+                        }
+                    } else {
+                        ""
+                    };
+                    out += &format!(
+                        "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>14}\n",
+                        backend,
+                        op,
+                        clients,
+                        rate.ops_per_sec,
+                        rate.p50_ms,
+                        rate.p99_ms,
+                        format!("{versus}{target}")
+                    );
+                }
+            }
+        }
+        out
+    }
+}
