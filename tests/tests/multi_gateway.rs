@@ -3,7 +3,7 @@
 //! while A still holds its blocks (uploads held, the store empty), `stagefs sync` on B waits for
 //! A's uploads, and a gateway killed while both serve costs nothing acknowledged.
 //!
-//! `STAGEFS_STRESS_SECS` sets how long the 16 writers of the namespace stress run (default 20).
+//! `STAGEFS_STRESS_SECS` sets how long the 16 writers of the namespace stress run (default 60).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -210,7 +210,7 @@ fn stress_secs() -> u64 {
     std::env::var("STAGEFS_STRESS_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(60)
 }
 
 /// 16 writers, 8 on each gateway's mount, create, rename, link and delete files in one directory.

@@ -48,6 +48,10 @@ pub struct MetaBenchArgs {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Rate {
     pub ops_per_sec: f64,
+    /// Transactions run again after a conflict, per operation (engine cases only).
+    pub retries_per_op: f64,
+    /// Operations that failed (after the engine's retries), not counted in the rate.
+    pub failed: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub ops: u64,
@@ -106,15 +110,19 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
                         .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?,
                 ),
             };
-            let engine: Arc<dyn MetaEngine> = Arc::new(
+            let kv = Arc::new(
                 meta::open(&location, MetaConfig::default())
                     .await
                     .map_err(|e| BenchError::Args(format!("{backend}: {e}")))?,
             );
+            let engine: Arc<dyn MetaEngine> = kv.clone();
             let dirs = client_dirs(&engine, clients).await?;
             for op in OPS {
                 progress!("{backend}: {op}, {clients} clients");
-                let rate = measure(&engine, op, &dirs, case).await?;
+                let conflicts = kv.conflicts();
+                let mut rate = measure(&engine, op, &dirs, case).await?;
+                rate.retries_per_op =
+                    (kv.conflicts() - conflicts) as f64 / (rate.ops.max(1)) as f64;
                 report
                     .engines
                     .entry(backend.into())
@@ -192,6 +200,7 @@ async fn measure(
             let engine = engine.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
+                let mut failed = 0u64;
                 // Lookups and getattrs need files; small-file commits need one file.
                 let prepared = engine
                     .mknod(dir, format!("{op}-target").as_bytes(), &file())
@@ -213,21 +222,33 @@ async fn measure(
                         "getattr" => engine.getattr(prepared.ino).await.map(|_| ()),
                         _ => small_file_commit(&engine, session, prepared.ino, n).await,
                     };
-                    outcome.map_err(|e| format!("client {c}: {op}: {e}"))?;
-                    latencies.push(t.elapsed());
+                    match outcome {
+                        Ok(()) => latencies.push(t.elapsed()),
+                        // Counted, and the first one told: a benchmark reports what happens.
+                        Err(e) => {
+                            if failed == 0 {
+                                progress!("client {c}: {op} failed: {e}");
+                            }
+                            failed += 1;
+                        }
+                    }
                 }
-                Ok::<_, String>(latencies)
+                Ok::<_, String>((latencies, failed))
             })
         })
         .collect();
-    let mut latencies = Vec::new();
+    let (mut latencies, mut failed) = (Vec::new(), 0);
     for task in tasks {
-        latencies.extend(task.await?.map_err(BenchError::Task)?);
+        let (done, errors) = task.await?.map_err(BenchError::Task)?;
+        latencies.extend(done);
+        failed += errors;
     }
     let elapsed = started.elapsed();
     latencies.sort();
     Ok(Rate {
         ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        retries_per_op: 0.0,
+        failed,
         p50_ms: percentile_ms(&latencies, 0.5),
         p99_ms: percentile_ms(&latencies, 0.99),
         ops: latencies.len() as u64,
@@ -300,6 +321,8 @@ async fn insert_limit(url: &str, clients: usize, case: Duration) -> Result<Rate,
     latencies.sort();
     Ok(Rate {
         ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        retries_per_op: 0.0,
+        failed: 0,
         p50_ms: percentile_ms(&latencies, 0.5),
         p99_ms: percentile_ms(&latencies, 0.99),
         ops: latencies.len() as u64,
@@ -314,8 +337,16 @@ impl MetaReport {
             self.seconds_per_case
         );
         out += &format!(
-            "{:<10} {:<18} {:>7} {:>12} {:>9} {:>9} {:>14}\n",
-            "backend", "operation", "clients", "ops/s", "p50 ms", "p99 ms", "vs limit"
+            "{:<10} {:<18} {:>7} {:>12} {:>9} {:>9} {:>9} {:>7} {:>16}\n",
+            "backend",
+            "operation",
+            "clients",
+            "ops/s",
+            "p50 ms",
+            "p99 ms",
+            "retries",
+            "failed",
+            "vs limit"
         );
         for (&clients, rate) in &self.limit {
             out += &format!(
@@ -354,13 +385,15 @@ impl MetaReport {
                         ""
                     };
                     out += &format!(
-                        "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>14}\n",
+                        "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>16}\n",
                         backend,
                         op,
                         clients,
                         rate.ops_per_sec,
                         rate.p50_ms,
                         rate.p99_ms,
+                        rate.retries_per_op,
+                        rate.failed,
                         format!("{versus}{target}")
                     );
                 }

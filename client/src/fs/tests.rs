@@ -1023,3 +1023,57 @@ async fn the_core_works_over_grpc_blocks() {
     );
     fs.release(fh).await.unwrap();
 }
+
+// --- reads from the gateway that staged a block ---
+
+#[tokio::test]
+async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_registry() {
+    use super::gateways::{Connector, GatewayDirectory, RegistryDirectory};
+    use gateway::meta::MetaEngine;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Arc::new(LocalMeta::open(dir.path()).await);
+    let other_id = [9; 16];
+    meta.engine()
+        .register_gateway(other_id, "other:7070")
+        .await
+        .unwrap();
+    let home = Arc::new(MemoryBlocks::new());
+    let other = Arc::new(MemoryBlocks::new());
+    let key = BlockKey::new(41, 0, 5).unwrap();
+    other
+        .write_block(key, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    let connects = Arc::new(AtomicUsize::new(0));
+    let connector: Connector = {
+        let (other, connects) = (other.clone(), connects.clone());
+        Arc::new(move |address: String| {
+            assert_eq!(address, "other:7070");
+            connects.fetch_add(1, Ordering::SeqCst);
+            let other = other.clone();
+            Box::pin(async move { Ok(other as Arc<dyn BlockApi>) })
+        })
+    };
+    let directory = Arc::new(RegistryDirectory::new(
+        LOCAL_GATEWAY_ID,
+        home.clone(),
+        meta.clone(),
+        connector,
+    ));
+    let source = BlockSource::new(directory.clone(), Arc::new(InMemory::new()));
+
+    assert_eq!(source.read(key, 1..4, &other_id).await.unwrap(), "ell");
+    assert_eq!(source.read(key, 0..5, &other_id).await.unwrap(), "hello");
+    assert_eq!(connects.load(Ordering::SeqCst), 1, "one connection, kept");
+    // The mount's own gateway does not hold it: the home id never goes to the registry.
+    assert!(source.read(key, 0..5, &LOCAL_GATEWAY_ID).await.is_err());
+    // An id nobody registered: only the store could have it, and it does not.
+    let unknown = source.read(key, 0..5, &[1; 16]).await.unwrap_err();
+    assert_eq!(unknown.errno(), libc::EIO, "{unknown}");
+    // Forgotten (it failed), the gateway is resolved and connected again.
+    directory.forget(&other_id);
+    assert_eq!(source.read(key, 0..5, &other_id).await.unwrap(), "hello");
+    assert_eq!(connects.load(Ordering::SeqCst), 2);
+}

@@ -46,9 +46,11 @@ const USAGE_SHARDS: u8 = 16;
 const MAX_TREE_DEPTH: u32 = 1 << 16;
 
 /// How often a conflicted transaction is run again before the conflict is returned (as a
-/// retryable error). Conflicts need concurrent changes of the same records, so a few tries
-/// settle all but pathological contention.
-const MAX_ATTEMPTS: u32 = 64;
+/// retryable error). The backoff grows to about 25 ms, so this bounds a call to a few seconds of
+/// contention: PostgreSQL's serializable isolation locks btree pages, not keys, so on a small,
+/// hot key space many transactions that touch different records still conflict (see README,
+/// `stagefs bench meta`).
+const MAX_ATTEMPTS: u32 = 256;
 
 /// The metadata engine: the rules over any [`KvStore`].
 pub struct KvMeta {
@@ -56,6 +58,8 @@ pub struct KvMeta {
     config: MetaConfig,
     /// Ids taken from the store's sequences but not handed out yet (when the store batches).
     pools: Mutex<HashMap<Sequence, Range<u64>>>,
+    /// Transactions run again after a conflict with a concurrent one, since the start.
+    conflicts: std::sync::atomic::AtomicU64,
 }
 
 impl KvMeta {
@@ -65,6 +69,7 @@ impl KvMeta {
             store,
             config,
             pools: Mutex::new(HashMap::new()),
+            conflicts: std::sync::atomic::AtomicU64::new(0),
         };
         crate::transact!(meta, Durability::Durable, |tx| tx.format_if_new().await)?;
         Ok(meta)
@@ -73,6 +78,17 @@ impl KvMeta {
     /// The backend's name, for logs.
     pub fn backend(&self) -> &'static str {
         self.store.kind()
+    }
+
+    /// Transactions that conflicted with a concurrent one and ran again, since the start.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[doc(hidden)]
+    pub fn count_conflict(&self) {
+        self.conflicts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn durability(&self) -> Durability {
@@ -154,6 +170,7 @@ macro_rules! transact {
             };
             match outcome {
                 Err(error) if error.is_conflict() && attempt < $crate::rules::max_attempts() => {
+                    $meta.count_conflict();
                     $crate::rules::conflict_backoff(attempt).await;
                 }
                 outcome => break outcome,
