@@ -103,7 +103,7 @@ else
     pg_stop=("${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop)
     "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U stagefs stagefs
     meta_url="postgres://stagefs@127.0.0.1:$pg_port/stagefs"
-    echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $NF}') at $meta_url"
+    echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') at $meta_url"
 
     step "two gateways on two device files, one database, uploads held for now"
     start_gateway gateway1 --meta "$meta_url"

@@ -147,15 +147,17 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("gateways     {} registered in the metadata", gateways.len());
+    let now = shared::meta::now_ns();
     for g in &gateways {
         println!(
-            "  {} at {} (epoch {}): {}, {} blocks ({}) not yet uploaded",
+            "  {} at {} (epoch {}): {}, {} blocks ({}) not yet uploaded as of its heartbeat {:.1} s ago",
             gateway_uuid(&g.id),
             g.address,
             g.epoch,
             if g.alive { "alive" } else { "NOT ALIVE" },
             g.staged_blocks,
-            format_size(g.staged_bytes)
+            format_size(g.staged_bytes),
+            now.saturating_sub(g.last_heartbeat_ns) as f64 / 1e9
         );
     }
     Ok(())
