@@ -197,15 +197,19 @@ async fn open_meta(
     Ok(Arc::new(engine))
 }
 
+async fn open_meta_store(location: &MetaLocation) -> anyhow::Result<Arc<dyn meta::kv::KvStore>> {
+    meta::open_store(location)
+        .await
+        .with_context(|| format!("cannot open the metadata database {location}"))
+}
+
 async fn meta_command(command: MetaCommand) -> anyhow::Result<()> {
     match command {
         MetaCommand::Dump {
             meta: location,
             file,
         } => {
-            let store = meta::open_store(&location)
-                .await
-                .with_context(|| format!("cannot open the metadata database {location}"))?;
+            let store = open_meta_store(&location).await?;
             let summary = match &file {
                 Some(path) => {
                     let out = std::fs::File::create(path)
@@ -226,9 +230,7 @@ async fn meta_command(command: MetaCommand) -> anyhow::Result<()> {
             meta: location,
             file,
         } => {
-            let store = meta::open_store(&location)
-                .await
-                .with_context(|| format!("cannot open the metadata database {location}"))?;
+            let store = open_meta_store(&location).await?;
             let summary = match &file {
                 Some(path) => {
                     let input = std::fs::File::open(path)

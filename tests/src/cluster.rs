@@ -30,11 +30,7 @@ impl GatewayCluster {
         configure: impl Fn(usize, GatewayBuilder) -> GatewayBuilder,
     ) -> GatewayCluster {
         let dir = TestDir::new(name);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("build a tokio runtime");
+        let runtime = crate::harness_runtime();
         let meta_url = PgCluster::shared()
             .fresh_database(name)
             .unwrap_or_else(|e| panic!("a PostgreSQL database for {name}: {e}"));

@@ -55,6 +55,25 @@ pub use workload::{Workload, WorkloadReport};
 /// The gateway's two I/O engines (`--io-engine`); every scenario runs on each.
 pub const ENGINES: [&str; 2] = ["uring", "psync"];
 
+/// The names in directory `dir`, sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The runtime of a test's async harness (gateway restarts, gRPC clients).
+pub fn harness_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime")
+}
+
 /// Runs a whole scenario with an overall time limit, so that a hung gateway fails the test
 /// instead of stalling the test run.
 pub async fn run_scenario<F: Future<Output = ()>>(name: &str, limit: Duration, scenario: F) {

@@ -480,11 +480,7 @@ impl FuseStack {
         configure: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
     ) -> FuseStack {
         let dir = TestDir::new(name);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("build a tokio runtime");
+        let runtime = crate::harness_runtime();
         let s3 = runtime.block_on(S3Server::start_in(dir.join("s3")));
         let builder = configure(Gateway::builder(dir.path(), &s3, "uring"));
         let gateway = runtime.block_on(builder.start());

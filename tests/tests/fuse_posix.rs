@@ -15,7 +15,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stagefs_tests::{assert_errno, is_fuse_mounted, mount_command, FuseStack, Pattern, TestDir};
+use stagefs_tests::{
+    assert_errno, dir_names as names, is_fuse_mounted, mount_command, FuseStack, Pattern, TestDir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -31,15 +33,6 @@ fn timed<T>(name: &str, body: impl FnOnce() -> T) -> T {
         started.elapsed().as_secs_f64()
     );
     value
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Instant;
 
-use stagefs_tests::{assert_errno, FuseStack, Mount, Pattern};
+use stagefs_tests::{assert_errno, dir_names as names, FuseStack, Mount, Pattern};
 
 const MIB: usize = 1 << 20;
 
@@ -22,15 +22,6 @@ fn held_back_stack(name: &str) -> FuseStack {
             .device_size("512MiB")
             .args(["--uploads-paused", "--upload-delay", "1h"])
     })
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Asserts that `path` (on another mount) holds exactly `want`: size from stat, size from the

@@ -14,18 +14,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use stagefs_tests::binaries::client_binary;
-use stagefs_tests::{GatewayCluster, Pattern};
+use stagefs_tests::{dir_names as names, GatewayCluster, Pattern};
 
 const MIB: usize = 1 << 20;
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 #[track_caller]
 fn assert_bytes(path: &Path, want: &[u8]) {

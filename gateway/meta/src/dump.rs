@@ -10,8 +10,9 @@
 //!    delete queue, the gateway registry);
 //! 3. a trailer: `{"end": true, "records": N}`, so a cut-off dump is refused at load.
 //!
-//! A dump reads one snapshot (one read transaction), so a dump taken while clients write is
-//! consistent; sequences are read after it, so ids handed out meanwhile are never handed out
+//! A dump reads one snapshot (one read transaction), so a dump of a PostgreSQL database taken
+//! while clients write is consistent (a redb file is locked by its running gateway: stop it
+//! first); sequences are read after it, so ids handed out meanwhile are never handed out
 //! again after a load. A load goes into an empty database only, and writes the format record
 //! last: a load that fails midway leaves a database that gateways refuse, never a half tree.
 

@@ -204,18 +204,21 @@ impl KvStore for PostgresKv {
     }
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
-        let client = self.pool.get().await.map_err(pool_error)?;
         let begin = if write {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         } else {
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
         };
-        client.batch_execute(begin).await.map_err(pg_error)?;
-        Ok(Box::new(PgTxn {
-            client: Some(client),
+        // The connection is inside the transaction before BEGIN is awaited: should this call be
+        // cancelled (a client gone), dropping the transaction rolls it back before the
+        // connection is reused.
+        let txn = PgTxn {
+            client: Some(self.pool.get().await.map_err(pool_error)?),
             ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
-        }))
+        };
+        txn.client().batch_execute(begin).await.map_err(pg_error)?;
+        Ok(Box::new(txn))
     }
 
     fn id_batch(&self) -> u64 {
@@ -302,14 +305,14 @@ impl KvTxn for PgTxn {
         writes: Vec<Write>,
         durability: Durability,
     ) -> KvResult<()> {
-        let client = self.client.take().expect("transaction already finished");
-        let outcome = commit_on(&client, writes, durability, &self.lazy_commits).await;
-        if outcome.is_err() {
-            // The transaction may still be open (a failed statement): end it before the
-            // connection goes back to the pool.
-            rollback_later(client);
-        }
-        outcome
+        // The connection stays inside the transaction until COMMIT has answered: if this call
+        // is cancelled, or a statement fails, dropping the transaction rolls it back before the
+        // connection goes back to the pool (a connection returned mid-transaction would have
+        // its half-written changes committed by the next transaction on it).
+        commit_on(self.client(), writes, durability, &self.lazy_commits).await?;
+        // Committed: the connection goes back to the pool as it is.
+        drop(self.client.take());
+        Ok(())
     }
 }
 
