@@ -22,7 +22,7 @@ mod model;
 /// one key and deletes another, so "put but not deleted" is a torn commit.
 #[test]
 fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
-    use crate::kv::{Durability, KvStore};
+    use crate::kv::Durability;
     use std::time::Duration;
 
     let db = db();
