@@ -1277,3 +1277,85 @@ fn drop_shadowed_keeps_partly_visible_slices() {
     let (kept, dropped) = rules::drop_shadowed(vec![s(1, 0, 10), s(2, 0, 9), s(3, 1, 9)]);
     assert_eq!((kept.len(), dropped.len()), (2, 1));
 }
+
+#[test]
+fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
+    let f = fixture();
+    let (a, b) = ([1; 16], [2; 16]);
+    assert!(f.meta.list_gateways().unwrap().is_empty());
+    assert_eq!(f.meta.register_gateway(a, "10.0.0.1:7070").unwrap(), 1);
+    assert_eq!(f.meta.register_gateway(b, "10.0.0.2:7070").unwrap(), 1);
+    let load = GatewayLoad {
+        staged_blocks: 3,
+        staged_bytes: 12,
+    };
+    f.meta.gateway_heartbeat(a, 1, load).unwrap();
+    // A takeover: the same id starts again elsewhere, with a higher epoch.
+    assert_eq!(f.meta.register_gateway(a, "10.0.0.9:7070").unwrap(), 2);
+    let fenced = f.meta.gateway_heartbeat(a, 1, load).unwrap_err();
+    assert!(
+        matches!(
+            fenced,
+            MetaError::Fenced {
+                epoch: 1,
+                current: 2,
+                ..
+            }
+        ),
+        "{fenced}"
+    );
+    f.meta.gateway_heartbeat(a, 2, load).unwrap();
+    let gateways = f.meta.list_gateways().unwrap();
+    assert_eq!(gateways.len(), 2);
+    let record = gateways.iter().find(|g| g.id == a).unwrap();
+    assert_eq!(
+        (
+            record.address.as_str(),
+            record.epoch,
+            record.staged_blocks,
+            record.staged_bytes
+        ),
+        ("10.0.0.9:7070", 2, 3, 12)
+    );
+    assert_eq!(
+        errno(f.meta.gateway_heartbeat([3; 16], 1, load)),
+        libc::EINVAL,
+        "an unregistered gateway cannot heartbeat"
+    );
+}
+
+#[test]
+fn each_gateway_takes_only_the_deleted_slices_it_staged() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let mine = f.write(file.ino, 0, 0, 10);
+    let theirs = {
+        let id = f.meta.allocate_slice_ids(1).unwrap().start;
+        let slice = Slice {
+            slice_id: id,
+            offset_in_chunk: 20,
+            len: 10,
+            gateway_id: [8; 16],
+        };
+        f.meta.record_pending_slice(f.session, &slice).unwrap();
+        f.meta
+            .commit_slice(f.session, file.ino, 0, &slice, 0, 1)
+            .unwrap();
+        slice
+    };
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+    let ids = |gateway| -> Vec<u64> {
+        f.meta
+            .take_due_deleted_slices(gateway, i64::MAX, 10)
+            .unwrap()
+            .iter()
+            .map(|s| s.slice_id)
+            .collect()
+    };
+    assert_eq!(ids(Some(GW)), [mine.slice_id]);
+    assert_eq!(ids(Some([8; 16])), [theirs.slice_id]);
+    assert_eq!(ids(None).len(), 2);
+    f.meta.ack_deleted_slices(&[mine.slice_id]).unwrap();
+    assert!(ids(Some(GW)).is_empty());
+    assert_eq!(ids(None), [theirs.slice_id]);
+}

@@ -31,7 +31,9 @@ fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
         let store = db.store().await.unwrap();
         let key = |kind: &str, i: u32| format!("test/{kind}/{i:05}").into_bytes();
         let rounds = 300;
-        let seed: Vec<_> = (0..rounds).map(|i| (key("d", i), Some(b"x".to_vec()))).collect();
+        let seed: Vec<_> = (0..rounds)
+            .map(|i| (key("d", i), Some(b"x".to_vec())))
+            .collect();
         let txn = store.begin(true).await.unwrap();
         txn.commit(seed, Durability::Durable).await.unwrap();
         for i in 0..rounds {
@@ -42,7 +44,10 @@ fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
             // Whatever was left behind on a connection would be committed by this one.
             let other = store.begin(true).await.unwrap();
             other
-                .commit(vec![(key("z", i), Some(b"z".to_vec()))], Durability::Durable)
+                .commit(
+                    vec![(key("z", i), Some(b"z".to_vec()))],
+                    Durability::Durable,
+                )
                 .await
                 .unwrap();
         }
@@ -51,7 +56,10 @@ fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
         for i in 0..rounds {
             let put = check.get(&key("a", i)).await.unwrap().is_some();
             let deleted = check.get(&key("d", i)).await.unwrap().is_none();
-            assert_eq!(put, deleted, "round {i}: the put and the delete of one commit split");
+            assert_eq!(
+                put, deleted,
+                "round {i}: the put and the delete of one commit split"
+            );
         }
     });
 }
