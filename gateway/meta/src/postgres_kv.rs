@@ -209,16 +209,16 @@ impl KvStore for PostgresKv {
         } else {
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
         };
-        // The connection is inside the transaction before BEGIN is awaited: should this call be
-        // cancelled (a client gone), dropping the transaction rolls it back before the
-        // connection is reused.
-        let txn = PgTxn {
+        // BEGIN goes out with the transaction's first statement, in the same round trip. Should
+        // a call be cancelled (a client gone) once it was sent, dropping the transaction rolls
+        // it back before the connection is reused.
+        Ok(Box::new(PgTxn {
             client: Some(self.pool.get().await.map_err(pool_error)?),
             ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
-        };
-        txn.client().batch_execute(begin).await.map_err(pg_error)?;
-        Ok(Box::new(txn))
+            begin,
+            begun: AtomicBool::new(false),
+        }))
     }
 
     fn id_batch(&self) -> u64 {
@@ -232,11 +232,37 @@ struct PgTxn {
     /// Where ids are taken ([`ID_POOL_SIZE`]).
     ids: Pool,
     lazy_commits: Arc<AtomicBool>,
+    /// The BEGIN of this transaction, sent (pipelined) with its first statement.
+    begin: &'static str,
+    begun: AtomicBool,
 }
+
+type PgResult<T> = Result<T, tokio_postgres::Error>;
 
 impl PgTxn {
     fn client(&self) -> &Object {
         self.client.as_ref().expect("transaction already finished")
+    }
+
+    /// The BEGIN to send ahead of the next statement, once.
+    fn pending_begin(&self) -> Option<&'static str> {
+        (!self.begun.swap(true, Ordering::Relaxed)).then_some(self.begin)
+    }
+
+    /// Runs `query` (a statement on this transaction's connection, created but not yet polled)
+    /// inside the transaction: the first one goes out right behind BEGIN, without waiting for
+    /// BEGIN's answer.
+    async fn in_txn<T>(
+        &self,
+        query: impl std::future::Future<Output = PgResult<T>>,
+    ) -> KvResult<T> {
+        let outcome = match self.pending_begin() {
+            Some(begin) => {
+                futures::try_join!(self.client().batch_execute(begin), query).map(|(_, out)| out)
+            }
+            None => query.await,
+        };
+        outcome.map_err(pg_error)
     }
 }
 
@@ -244,11 +270,10 @@ impl PgTxn {
 impl KvTxn for PgTxn {
     async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
         let client = self.client();
+        // Prepared statements belong to the connection, not the transaction: preparing first
+        // keeps BEGIN and the query back to back.
         let statement = client.prepare_cached(GET).await.map_err(pg_error)?;
-        let row = client
-            .query_opt(&statement, &[&key])
-            .await
-            .map_err(pg_error)?;
+        let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
         Ok(row.map(|row| row.get(0)))
     }
 
@@ -264,10 +289,9 @@ impl KvTxn for PgTxn {
         let client = self.client();
         let statement = client.prepare_cached(SCAN).await.map_err(pg_error)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&statement, &[&start, &end, &limit])
-            .await
-            .map_err(pg_error)?;
+        let rows = self
+            .in_txn(client.query(&statement, &[&start, &end, &limit]))
+            .await?;
         Ok(rows
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
@@ -309,57 +333,74 @@ impl KvTxn for PgTxn {
         // is cancelled, or a statement fails, dropping the transaction rolls it back before the
         // connection goes back to the pool (a connection returned mid-transaction would have
         // its half-written changes committed by the next transaction on it).
-        commit_on(self.client(), writes, durability, &self.lazy_commits).await?;
+        if writes.is_empty() && !self.begun.load(Ordering::Relaxed) {
+            // Nothing was read or written: there is no transaction on the server to end.
+            self.begun.store(true, Ordering::Relaxed);
+            drop(self.client.take());
+            return Ok(());
+        }
+        self.commit_on(writes, durability).await?;
         // Committed: the connection goes back to the pool as it is.
         drop(self.client.take());
         Ok(())
     }
 }
 
-async fn commit_on(
-    client: &Object,
-    writes: Vec<Write>,
-    durability: Durability,
-    lazy_commits: &AtomicBool,
-) -> KvResult<()> {
-    let (mut put_keys, mut put_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
-    for (key, value) in writes {
-        match value {
-            Some(value) => {
-                put_keys.push(key);
-                put_values.push(value);
+impl PgTxn {
+    /// Sends the writes and COMMIT in one round trip (pipelined; should a write fail, the server
+    /// turns the COMMIT into a rollback and the write's error is what comes back).
+    async fn commit_on(&self, writes: Vec<Write>, durability: Durability) -> KvResult<()> {
+        let client = self.client();
+        let (mut put_keys, mut put_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, value) in writes {
+            match value {
+                Some(value) => {
+                    put_keys.push(key);
+                    put_values.push(value);
+                }
+                None => deletes.push(key),
             }
-            None => deletes.push(key),
         }
-    }
-    if !put_keys.is_empty() {
-        let statement = client.prepare_cached(UPSERT).await.map_err(pg_error)?;
-        client
-            .execute(&statement, &[&put_keys, &put_values])
-            .await
-            .map_err(pg_error)?;
-    }
-    if !deletes.is_empty() {
-        let statement = client.prepare_cached(DELETE).await.map_err(pg_error)?;
-        client
-            .execute(&statement, &[&deletes])
-            .await
-            .map_err(pg_error)?;
-    }
-    if durability == Durability::Eventual && lazy_commits.load(Ordering::Relaxed) {
-        if let Err(error) = client
-            .batch_execute("SET LOCAL synchronous_commit TO OFF")
-            .await
-        {
-            // A server that does not know the setting aborts the transaction: stop asking, and
-            // let the rules run this one again (durably, which is always allowed).
-            lazy_commits.store(false, Ordering::Relaxed);
-            return Err(KvError::Conflict(format!(
-                "the server refused synchronous_commit: {error}"
-            )));
+        let upsert = client.prepare_cached(UPSERT).await.map_err(pg_error)?;
+        let delete = client.prepare_cached(DELETE).await.map_err(pg_error)?;
+        if durability == Durability::Eventual && self.lazy_commits.load(Ordering::Relaxed) {
+            if let Err(error) = self
+                .in_txn(client.batch_execute("SET LOCAL synchronous_commit TO OFF"))
+                .await
+            {
+                // A server that does not know the setting aborts the transaction: stop asking,
+                // and let the rules run this one again (durably, which is always allowed).
+                self.lazy_commits.store(false, Ordering::Relaxed);
+                return Err(KvError::Conflict(format!(
+                    "the server refused synchronous_commit: {error}"
+                )));
+            }
         }
+        let upsert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&put_keys, &put_values];
+        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&deletes];
+        // In the order they must reach the server: each is sent when first polled, and
+        // try_join_all polls them in order.
+        let mut steps: Vec<futures::future::BoxFuture<'_, PgResult<()>>> = Vec::new();
+        if let Some(begin) = self.pending_begin() {
+            steps.push(Box::pin(client.batch_execute(begin)));
+        }
+        if !put_keys.is_empty() {
+            steps.push(Box::pin(async {
+                client.execute(&upsert, &upsert_params).await.map(drop)
+            }));
+        }
+        if !deletes.is_empty() {
+            steps.push(Box::pin(async {
+                client.execute(&delete, &delete_params).await.map(drop)
+            }));
+        }
+        steps.push(Box::pin(client.batch_execute("COMMIT")));
+        futures::future::try_join_all(steps)
+            .await
+            .map(drop)
+            .map_err(pg_error)
     }
-    client.batch_execute("COMMIT").await.map_err(pg_error)
 }
 
 /// Ends a transaction that was not committed before its connection is reused; a connection that
