@@ -4,6 +4,8 @@
 //! single-threaded, so requests reach it over a channel), and [`psync`] does pread/pwrite/
 //! fdatasync on tokio's blocking pool for hosts where io_uring is blocked.
 
+#[cfg(test)]
+pub mod faulty;
 pub mod psync;
 pub mod uring;
 
