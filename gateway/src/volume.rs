@@ -109,6 +109,14 @@ async fn write_superblock(
 
 /// Opens (and if allowed, formats) the volume, recovers it and returns the running staging log.
 pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, VolumeError> {
+    open_volume_with(opts, |engine| engine).await
+}
+
+/// [`open_volume`] with the I/O engine wrapped by `wrap` (tests inject faults this way).
+pub async fn open_volume_with(
+    opts: &VolumeOptions,
+    wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
+) -> Result<Arc<StagingLog>, VolumeError> {
     let device = open_device(&opts.path, opts.create_size, true)?;
     let io = |source| VolumeError::Io {
         path: opts.path.clone(),
@@ -123,7 +131,7 @@ pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, Volume
             segment: min_segment_size(),
         });
     }
-    let engine = open_engine(opts.engine, device.file).map_err(io)?;
+    let engine = wrap(open_engine(opts.engine, device.file).map_err(io)?);
     let copies = read_superblocks(&engine).await.map_err(io)?;
     let sb = match best_superblock(&copies) {
         Some((copy, sb)) => {
