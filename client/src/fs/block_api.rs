@@ -85,6 +85,33 @@ impl BlockSource {
             }),
         }
     }
+
+    /// The block from the gateway that staged it, `Ok(None)` when it does not hold it (or no
+    /// live gateway has its id). A gateway that fails is resolved afresh and tried once more:
+    /// it may have restarted at another address.
+    async fn read_from_gateway(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        gateway_id: &GatewayId,
+    ) -> FsResult<Option<Bytes>> {
+        let mut last_error = None;
+        for _ in 0..2 {
+            let Some(gateway) = self.gateways.blocks_of(gateway_id).await? else {
+                return Ok(None);
+            };
+            match gateway.read_block(key, range.clone()).await {
+                Ok(found) => return Ok(found),
+                // Unreachable, or its copy fails verification: an uploaded copy may still be
+                // good.
+                Err(e) => {
+                    self.gateways.forget(gateway_id);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("the loop ran"))
+    }
 }
 
 /// Write-through blocks: each block goes straight to the object store, and a write returns once
@@ -121,35 +148,6 @@ impl BlockApi for StoreBlocks {
 
     async fn read_block(&self, _key: BlockKey, _range: Range<u64>) -> FsResult<Option<Bytes>> {
         Ok(None)
-    }
-}
-
-impl BlockSource {
-    /// The block from the gateway that staged it, `Ok(None)` when it does not hold it (or no
-    /// live gateway has its id). A gateway that fails is resolved afresh and tried once more:
-    /// it may have restarted at another address.
-    async fn read_from_gateway(
-        &self,
-        key: BlockKey,
-        range: Range<u64>,
-        gateway_id: &GatewayId,
-    ) -> FsResult<Option<Bytes>> {
-        let mut last_error = None;
-        for _ in 0..2 {
-            let Some(gateway) = self.gateways.blocks_of(gateway_id).await? else {
-                return Ok(None);
-            };
-            match gateway.read_block(key, range.clone()).await {
-                Ok(found) => return Ok(found),
-                // Unreachable, or its copy fails verification: an uploaded copy may still be
-                // good.
-                Err(e) => {
-                    self.gateways.forget(gateway_id);
-                    last_error = Some(e);
-                }
-            }
-        }
-        Err(last_error.expect("the loop ran"))
     }
 }
 

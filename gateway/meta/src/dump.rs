@@ -61,20 +61,7 @@ pub async fn dump(store: &dyn KvStore, out: &mut impl Write) -> Result<DumpSumma
         MetaError::Invalid("the database holds no stagefs file system (no format record)".into())
     })?;
     let format = keys::decode_u64("format version", &format)?;
-    let mut records = Vec::new();
-    let mut start = Vec::new();
-    let end = vec![0xff];
-    loop {
-        let page = tx.scan(&start, &end, BATCH).await?;
-        let Some((last, _)) = page.last() else { break };
-        start = last.clone();
-        start.push(0);
-        let full = page.len() == BATCH;
-        records.extend(page);
-        if !full {
-            break;
-        }
-    }
+    // Read after the snapshot began (with the format record), so every id it holds is below.
     let mut sequences = serde_json::Map::new();
     for sequence in Sequence::ALL {
         let next = tx.take_ids(sequence, 0).await?;
@@ -87,14 +74,27 @@ pub async fn dump(store: &dyn KvStore, out: &mut impl Write) -> Result<DumpSumma
         "sequences": sequences,
     });
     writeln!(out, "{header}").map_err(io_error)?;
+    // Page by page, straight to `out`: a dump never holds the whole database in memory.
     let mut count = 0u64;
-    for (key, value) in records {
-        // Sequences travel in the header: a backend may keep them outside the key space.
-        if key.first() == Some(&b'n') {
-            continue;
+    let mut start = Vec::new();
+    let end = vec![0xff];
+    loop {
+        let page = tx.scan(&start, &end, BATCH).await?;
+        for (key, value) in &page {
+            // Sequences travel in the header: a backend may keep them outside the key space.
+            if key.first() == Some(&b'n') {
+                continue;
+            }
+            writeln!(out, "{}", json!({"k": hex(key), "v": hex(value)})).map_err(io_error)?;
+            count += 1;
         }
-        writeln!(out, "{}", json!({"k": hex(&key), "v": hex(&value)})).map_err(io_error)?;
-        count += 1;
+        match page.last() {
+            Some((last, _)) if page.len() == BATCH => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => break,
+        }
     }
     writeln!(out, "{}", json!({"end": true, "records": count})).map_err(io_error)?;
     out.flush().map_err(io_error)?;

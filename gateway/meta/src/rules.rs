@@ -115,6 +115,12 @@ impl KvMeta {
         })
     }
 
+    /// An id left in this engine's batch of `sequence`, if any.
+    fn take_pooled(&self, sequence: Sequence) -> Option<u64> {
+        let mut pools = self.pools.lock().expect("id pools poisoned");
+        pools.get_mut(&sequence).and_then(|pool| pool.next())
+    }
+
     async fn read_tx(&self) -> Result<Tx<'_>> {
         self.begin_tx(false).await
     }
@@ -832,13 +838,6 @@ impl Tx<'_> {
             });
         }
         Ok(out)
-    }
-}
-
-impl KvMeta {
-    fn take_pooled(&self, sequence: Sequence) -> Option<u64> {
-        let mut pools = self.pools.lock().expect("id pools poisoned");
-        pools.get_mut(&sequence).and_then(|pool| pool.next())
     }
 }
 
