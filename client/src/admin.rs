@@ -74,6 +74,7 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
             "last_store_error": s.last_store_error, "recovery_ms": s.recovery_ms,
             "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
             "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
+            "healthy": s.healthy, "failure": s.failure,
             "gateways": registered,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -91,6 +92,12 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
         s.gateway_id, s.generation
     );
     println!("device       {} ({} engine)", s.device_path, s.io_engine);
+    if !s.healthy {
+        println!(
+            "health       FAILED, accepting no writes, exiting once what it can read is uploaded: {}",
+            s.failure
+        );
+    }
     println!(
         "space        {} of {} used ({:.1}%), {} of {} segments free",
         format_size(s.device_used_bytes),

@@ -15,6 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
 
 use crate::staging::{NextUpload, StagingError, StagingLog, UploadJob};
+use crate::tasks::Tasks;
 
 #[derive(Debug, Clone)]
 pub struct DrainConfig {
@@ -42,13 +43,13 @@ struct Outage {
     backoff: Duration,
 }
 
-/// Starts the workers; they stop (after their current upload) when `shutdown` is cancelled.
+/// Starts the workers in `tasks`; they stop (after their current upload) when it is drained.
 pub fn start(
     staging: Arc<StagingLog>,
     store: Arc<dyn ObjectStore>,
     config: DrainConfig,
-    shutdown: CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
+    tasks: &Tasks,
+) {
     let shared = Arc::new(Shared {
         outage: Mutex::new(Outage {
             until: None,
@@ -59,9 +60,13 @@ pub fn start(
         bandwidth_next: tokio::sync::Mutex::new(Instant::now()),
         config,
     });
-    (0..shared.config.concurrency.max(1))
-        .map(|_| tokio::spawn(worker(shared.clone(), shutdown.clone())))
-        .collect()
+    for _ in 0..shared.config.concurrency.max(1) {
+        let shared = shared.clone();
+        tasks.spawn("drain.upload", |stop| async move {
+            worker(shared, stop).await;
+            Ok(())
+        });
+    }
 }
 
 async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -210,8 +215,8 @@ mod tests {
             retry_initial: Duration::from_millis(1),
             retry_max: Duration::from_millis(10),
         };
-        let shutdown = CancellationToken::new();
-        let workers = start(volume.clone(), store.clone(), config, shutdown.clone());
+        let tasks = Tasks::new();
+        start(volume.clone(), store.clone(), config, &tasks);
         let keep = shared::BlockKey::new(1, 0, 4096).unwrap();
         let drop_ = shared::BlockKey::new(2, 0, 4096).unwrap();
         for key in [keep, drop_] {
@@ -247,10 +252,8 @@ mod tests {
             volume.entry(&drop_).unwrap().state,
             crate::staging::BlockState::Deleted
         );
-        shutdown.cancel();
-        for w in workers {
-            w.await.unwrap();
-        }
+        tasks.drain(Duration::from_secs(10)).await;
+        assert_eq!(tasks.fatal(), None);
         volume.shutdown().await;
     }
 
@@ -284,8 +287,8 @@ mod tests {
             retry_initial: Duration::from_millis(1),
             retry_max: Duration::from_millis(10),
         };
-        let shutdown = CancellationToken::new();
-        let workers = start(volume.clone(), store.clone(), config, shutdown.clone());
+        let tasks = Tasks::new();
+        start(volume.clone(), store.clone(), config, &tasks);
         let mut keys = Vec::new();
         for slice in 10..16u64 {
             let key = shared::BlockKey::new(slice, 0, 5000).unwrap();
@@ -342,9 +345,7 @@ mod tests {
             snap.counters.upload_retries
         );
         assert_eq!(volume.retry_quarantined(), 1);
-        shutdown.cancel();
-        for w in workers {
-            w.await.unwrap();
-        }
+        tasks.drain(Duration::from_secs(10)).await;
+        assert_eq!(tasks.fatal(), None);
     }
 }

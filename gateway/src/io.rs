@@ -4,7 +4,8 @@
 //! single-threaded, so requests reach it over a channel), and [`psync`] does pread/pwrite/
 //! fdatasync on tokio's blocking pool for hosts where io_uring is blocked.
 
-#[cfg(test)]
+/// Fault injection: unit tests, and debug builds of the gateway (`STAGEFS_DEBUG_FAULTS`).
+#[cfg(any(test, debug_assertions))]
 pub mod faulty;
 pub mod psync;
 pub mod uring;

@@ -19,4 +19,5 @@ pub mod meta_service;
 pub mod recovery;
 pub mod service;
 pub mod staging;
+pub mod tasks;
 pub mod volume;

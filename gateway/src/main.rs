@@ -15,7 +15,8 @@ use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
 use gateway::meta_service::workers::{self as meta_workers, WorkerConfig};
 use gateway::meta_service::{ClientSettings, MetaService};
 use gateway::service::StagingService;
-use gateway::volume::{open_volume, VolumeOptions};
+use gateway::tasks::Tasks;
+use gateway::volume::{open_volume_with, VolumeOptions};
 use proto::meta::meta_server::MetaServer;
 use proto::staging::staging_server::StagingServer;
 use shared::size::parse_size;
@@ -128,6 +129,11 @@ struct ServeArgs {
     /// Start with uploads held (resume with the SetUploadsPaused RPC).
     #[arg(long)]
     uploads_paused: bool,
+    /// A device write, fdatasync or read that takes longer than this counts as a failed device:
+    /// waiting writers get UNAVAILABLE, no more writes are accepted, reads and uploads of what is
+    /// staged go on, and the gateway exits non-zero once everything it can read is uploaded.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    device_timeout: Duration,
     /// S3 endpoint (e.g. http://127.0.0.1:9000); default from AWS_ENDPOINT / AWS_ENDPOINT_URL.
     #[arg(long)]
     s3_endpoint: Option<String>,
@@ -277,6 +283,8 @@ fn main() -> std::process::ExitCode {
             Command::Meta(command) => meta_command(command).await,
         }
     });
+    // A device that stopped answering leaves I/O threads blocked forever: do not wait for them.
+    runtime.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -299,16 +307,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow_http: args.s3_allow_http,
     };
     let store = open_store(&args.store, &s3)?;
-    let log = open_volume(&VolumeOptions {
-        path: args.device.clone(),
-        create_size: args.device_size,
-        segment_size: args.segment_size,
-        format: args.format,
-        engine: args.io_engine,
-        full_wait: args.full_wait,
-        uploads_paused: args.uploads_paused,
-    })
+    anyhow::ensure!(
+        !args.device_timeout.is_zero(),
+        "--device-timeout must be longer than 0"
+    );
+    // Every background task, in two groups: the workers stop before the log they append to.
+    let tasks = Tasks::new();
+    let log = open_volume_with(
+        &VolumeOptions {
+            path: args.device.clone(),
+            create_size: args.device_size,
+            segment_size: args.segment_size,
+            format: args.format,
+            engine: args.io_engine,
+            full_wait: args.full_wait,
+            uploads_paused: args.uploads_paused,
+            device_timeout: args.device_timeout,
+        },
+        tasks.group(),
+        debug_faults,
+    )
     .await?;
+    let workers = tasks.group();
     // After the device: its lock keeps a second gateway out before it reaches the database.
     let meta = open_meta(
         &meta_location,
@@ -318,8 +338,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let shutdown = CancellationToken::new();
-    let mut workers = drain::start(
+    drain::start(
         log.clone(),
         store.clone(),
         DrainConfig {
@@ -330,7 +349,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             retry_initial: args.retry_initial,
             retry_max: args.retry_max,
         },
-        shutdown.clone(),
+        &workers,
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -354,15 +373,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
     let fenced = CancellationToken::new();
-    workers.push(tokio::spawn(meta_workers::registry_worker(
-        meta.clone(),
-        log.clone(),
-        epoch,
-        heartbeat_interval,
-        shutdown.clone(),
-        fenced.clone(),
-    )));
-    workers.extend(meta_workers::start(
+    {
+        let (meta, log, fenced) = (meta.clone(), log.clone(), fenced.clone());
+        workers.spawn("meta.registry", move |stop| async move {
+            meta_workers::registry_worker(meta, log, epoch, heartbeat_interval, stop, fenced).await;
+            Ok(())
+        });
+    }
+    meta_workers::start(
         meta.clone(),
         log.clone(),
         store.clone(),
@@ -370,8 +388,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             heartbeat_interval,
             ..WorkerConfig::default()
         },
-        shutdown.clone(),
-    ));
+        &workers,
+    );
     let service = StagingService {
         log: log.clone(),
         store,
@@ -401,7 +419,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         // 4 MiB blocks need windows far above HTTP/2's 64 KiB default to stream at device speed.
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
@@ -422,20 +440,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // ~40 ms per RPC. Server::tcp_nodelay does not apply to an incoming stream we pass in.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             {
-                let fenced = fenced.clone();
+                let (fenced, tasks) = (fenced.clone(), tasks.clone());
                 async move {
                     tokio::select! {
                         _ = shutdown_signal() => {}
                         _ = fenced.cancelled() => {}
+                        _ = tasks.wait_fatal() => {}
                     }
                 }
             },
-        )
-        .await?;
+        );
+    // After a fatal error the waiting writers were answered already; streams that clients keep
+    // open must not keep a broken gateway alive.
+    let fatal_bound = async {
+        tasks.wait_fatal().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = fatal_bound => tracing::warn!("connections still open 5 s after a fatal error; closing them"),
+    }
     tracing::info!("stopped accepting requests; in-flight acknowledgements finished");
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(workers)).await;
+    workers.drain(Duration::from_secs(10)).await;
     log.shutdown().await;
+    if let Some(fatal) = tasks.fatal() {
+        anyhow::bail!(
+            "gateway {} stopped: {fatal}; staged data that was acknowledged is on the device, and \
+             a restart recovers it",
+            uuid::Uuid::from_bytes(gateway_id)
+        );
+    }
     if fenced.is_cancelled() {
         anyhow::bail!(
             "gateway {} (epoch {epoch}) was taken over by a later start on its device; stopped \
@@ -445,6 +479,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("gateway stopped; staged data is intact on the device");
     Ok(())
+}
+
+/// Debug builds only: `STAGEFS_DEBUG_FAULTS=FILE` puts the fault-injecting engine under the log,
+/// driven by the lines of FILE (see `gateway::io::faulty`), so that integration tests can make
+/// a real gateway process meet a failing disk, which a loop device cannot be made to be here.
+#[cfg(debug_assertions)]
+fn debug_faults(engine: Arc<dyn gateway::io::IoEngine>) -> Arc<dyn gateway::io::IoEngine> {
+    match std::env::var_os("STAGEFS_DEBUG_FAULTS") {
+        Some(control) => {
+            tracing::warn!(control = ?control, "debug build: device faults are injected as the control file says");
+            Arc::new(gateway::io::faulty::FaultyEngine::new(engine).controlled_by(control.into()))
+        }
+        None => engine,
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn debug_faults(engine: Arc<dyn gateway::io::IoEngine>) -> Arc<dyn gateway::io::IoEngine> {
+    if std::env::var_os("STAGEFS_DEBUG_FAULTS").is_some() {
+        tracing::warn!(
+            "STAGEFS_DEBUG_FAULTS is ignored: fault injection exists in debug builds only"
+        );
+    }
+    engine
 }
 
 async fn shutdown_signal() {
@@ -461,6 +519,7 @@ async fn shutdown_signal() {
 mod meta_service_flags {
     //! The metadata flags of `serve`: defaults, and where the database goes.
     use super::*;
+    use gateway::volume::DEFAULT_DEVICE_TIMEOUT;
 
     fn serve_args(extra: &[&str]) -> ServeArgs {
         let mut argv = vec![
@@ -486,6 +545,7 @@ mod meta_service_flags {
             MetaConfig::default().deleted_data_delay
         );
         assert_eq!(args.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(args.device_timeout, DEFAULT_DEVICE_TIMEOUT);
         assert_eq!(args.advertise, None);
         assert_eq!(
             meta_location(&args).unwrap(),

@@ -520,6 +520,8 @@ impl StagingService {
             syncs_total: snap.counters.syncs,
             sync_seconds_total: snap.counters.sync_time.as_secs_f64(),
             synced_records_total: snap.counters.synced_records,
+            healthy: snap.failure.is_none(),
+            failure: snap.failure.unwrap_or_default(),
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::format::{
 };
 use crate::io::IoEngine;
 use crate::recovery::{CorruptRecord, ScanReport};
+use crate::tasks::Tasks;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum StagingError {
@@ -196,10 +197,21 @@ pub struct StagingLog {
     /// Wakes the upload drain: new work, or a pause lifted.
     pub upload_wakeup: Notify,
     full_wait: Duration,
+    /// A device write, sync or read that takes longer fails (the device stopped answering).
+    device_timeout: Duration,
     pub recovery: RecoveryInfo,
-    /// Stops the sync, reclaim and bookkeeping tasks.
-    stop: CancellationToken,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The log's own background tasks (write combiner, sync, reclaim, bookkeeping).
+    tasks: Tasks,
+}
+
+/// How the log behaves, fixed when it is opened.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// How long a writer waits for space on a full device.
+    pub full_wait: Duration,
+    pub uploads_paused: bool,
+    /// Bound on one device operation; past it the device counts as failed.
+    pub device_timeout: Duration,
 }
 
 /// Data block records may not take the last free segment: it is kept for upload and delete
@@ -208,18 +220,23 @@ const RESERVED_SEGMENTS: usize = 1;
 const META_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_META_ENTRIES: usize = 64 * 1024;
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the log's tasks (a hung device must not hang the exit).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 
 impl StagingLog {
-    /// Builds the log from a recovery scan and starts its sync, reclaim and bookkeeping tasks.
+    /// Builds the log from a recovery scan and starts its sync, reclaim and bookkeeping tasks in
+    /// `tasks` (a group of their own: [`StagingLog::shutdown`] drains it). A fatal error anywhere
+    /// in the process fails the log, which answers every waiting writer at once.
     pub fn open(
         engine: Arc<dyn IoEngine>,
         sb: Superblock,
         device_path: PathBuf,
         scan: ScanReport,
         scan_duration: Duration,
-        full_wait: Duration,
-        uploads_paused: bool,
+        config: &LogConfig,
+        tasks: Tasks,
     ) -> Arc<Self> {
+        let uploads_paused = config.uploads_paused;
         let count = sb.segment_count as usize;
         let mut segments: Vec<Segment> = (0..count)
             .map(|_| Segment {
@@ -335,36 +352,116 @@ impl StagingLog {
             reclaim_kick: Notify::new(),
             changed: watch::channel(0).0,
             upload_wakeup: Notify::new(),
-            full_wait,
+            full_wait: config.full_wait,
+            device_timeout: config.device_timeout,
             recovery: RecoveryInfo {
                 duration: scan_duration,
                 blocks: recovered,
                 corrupt,
             },
-            stop: CancellationToken::new(),
-            tasks: Mutex::new(Vec::new()),
+            tasks,
         });
-        let tasks: [std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>; 4] = [
-            Box::pin(log.clone().write_task()),
-            Box::pin(log.clone().sync_task()),
-            Box::pin(log.clone().reclaim_task()),
-            Box::pin(log.clone().meta_flush_task()),
+        type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let jobs: [(&'static str, Task); 4] = [
+            ("staging.write", Box::pin(log.clone().write_task())),
+            ("staging.sync", Box::pin(log.clone().sync_task())),
+            ("staging.reclaim", Box::pin(log.clone().reclaim_task())),
+            (
+                "staging.bookkeeping",
+                Box::pin(log.clone().meta_flush_task()),
+            ),
         ];
-        let handles = tasks
-            .into_iter()
-            .map(|task| {
-                let stop = log.stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = task => {}
-                    }
-                })
-            })
-            .collect();
-        *log.tasks.lock().unwrap() = handles;
+        for (name, job) in jobs {
+            log.tasks.spawn(name, |stop| async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = job => {}
+                }
+                Ok(())
+            });
+        }
+        log.tasks.spawn("staging.failed-device", |stop| {
+            log.clone().exit_when_drained(stop)
+        });
+        let weak = Arc::downgrade(&log);
+        log.tasks.on_fatal(move |fatal| {
+            if let Some(log) = weak.upgrade() {
+                log.fail(fatal.to_string());
+            }
+        });
         log.reclaim_kick.notify_one();
         log
+    }
+
+    /// Fails the log: every writer waiting for durability or space is answered at once, and no
+    /// write is accepted from now on. Reads and uploads of what is staged go on.
+    pub fn fail(&self, reason: String) {
+        self.lock().failed.get_or_insert(reason.clone());
+        self.synced.send_if_modified(|synced| {
+            if synced.is_err() {
+                return false;
+            }
+            *synced = Err(reason);
+            true
+        });
+        self.space_freed.notify_waiters();
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Why the log accepts no more writes, if it does not.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// The background tasks of the log (tests look for a fatal error there).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// On a failed device the gateway keeps serving reads and draining uploads; once nothing it
+    /// can still read waits for upload, it stops (a fatal error, so the process exits non-zero)
+    /// for a supervisor to restart it, when recovery will find out what the device still holds.
+    async fn exit_when_drained(self: Arc<Self>, stop: CancellationToken) -> Result<(), String> {
+        let mut synced = self.synced.subscribe();
+        let reason = loop {
+            if let Err(reason) = &*synced.borrow_and_update() {
+                break reason.clone();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                changed = synced.changed() => if changed.is_err() { return Ok(()) },
+            }
+        };
+        let mut tick = crate::tasks::ticker(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let (backlog, paused) = self.upload_backlog();
+            if backlog == 0 && !paused {
+                return Err(format!(
+                    "the staging device failed ({reason}); every block that could still be read \
+                     was uploaded, stopping so that a restart recovers the device"
+                ));
+            }
+        }
+    }
+
+    /// One device operation, bounded by `--device-timeout`; the error says what failed.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.device_timeout, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!(
+                "{what}: the device did not answer within {:?} (--device-timeout)",
+                self.device_timeout
+            )),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, LogState> {
@@ -584,11 +681,16 @@ impl StagingLog {
         let offset = run[0].offset;
         let lsns: Vec<u64> = run.iter().map(|j| j.lsn).collect();
         let bufs: Vec<AlignedBuf> = run.into_iter().map(|j| j.buf).collect();
+        let what = format!("write of {} records at device offset {offset}", lsns.len());
         let result = if bufs.len() == 1 {
             let buf = bufs.into_iter().next().expect("one buffer");
-            self.engine.write_at(buf, offset).await.map(|_| ())
+            self.bounded(&what, self.engine.write_at(buf, offset))
+                .await
+                .map(drop)
         } else {
-            self.engine.writev_at(bufs, offset).await.map(|_| ())
+            self.bounded(&what, self.engine.writev_at(bufs, offset))
+                .await
+                .map(drop)
         };
         let mut st = self.lock();
         match result {
@@ -597,15 +699,13 @@ impl StagingLog {
                     st.inflight.remove(lsn);
                 }
             }
-            Err(e) => {
+            Err(reason) => {
                 // The failed lsns stay in `inflight`, so the watermark never passes them and
                 // nothing written after them is acknowledged.
-                let reason = format!(
-                    "write of {} records at device offset {offset}: {e}",
-                    lsns.len()
-                );
+                drop(st);
                 tracing::error!(device = %self.device_path.display(), %reason, "device write failed; refusing further writes");
-                st.failed.get_or_insert(reason);
+                self.fail(reason);
+                return;
             }
         }
         drop(st);
@@ -628,13 +728,13 @@ impl StagingLog {
                 if watermark <= durable {
                     if let Some(reason) = failed {
                         // Writers behind a failed write can never become durable: fail them.
-                        let _previous = self.synced.send_replace(Err(reason));
+                        self.fail(reason);
                         return;
                     }
                     break;
                 }
                 let started = Instant::now();
-                let result = self.engine.sync().await;
+                let result = self.bounded("fdatasync", self.engine.sync()).await;
                 {
                     let mut st = self.lock();
                     st.counters.syncs += 1;
@@ -643,13 +743,18 @@ impl StagingLog {
                 }
                 match result {
                     Ok(()) => {
-                        let _previous = self.synced.send_replace(Ok(watermark));
+                        // A failure recorded meanwhile stands: nobody is acknowledged after it.
+                        self.synced.send_if_modified(|synced| match synced {
+                            Ok(durable) if *durable < watermark => {
+                                *synced = Ok(watermark);
+                                true
+                            }
+                            _ => false,
+                        });
                     }
-                    Err(e) => {
-                        let reason = format!("fdatasync failed: {e}");
+                    Err(reason) => {
                         tracing::error!(device = %self.device_path.display(), %reason, "refusing further writes");
-                        self.lock().failed.get_or_insert(reason.clone());
-                        let _previous = self.synced.send_replace(Err(reason));
+                        self.fail(reason);
                         return;
                     }
                 }
@@ -679,20 +784,19 @@ impl StagingLog {
                 // (uploaded blocks) stay readable until the segment is reused: reads verify.
                 let offset = self.sb.segment_offset(victim as u64);
                 let result = self
-                    .engine
-                    .write_at(AlignedBuf::zeroed(ALIGN), offset)
+                    .bounded(
+                        "segment header invalidation",
+                        self.engine.write_at(AlignedBuf::zeroed(ALIGN), offset),
+                    )
                     .await;
-                let mut st = self.lock();
                 match result {
-                    Ok(_) => st.segments[victim].use_ = SegmentUse::Free,
-                    Err(e) => {
-                        tracing::error!(segment = victim, error = %e, "cannot invalidate a reclaimed segment header; refusing further writes");
-                        st.failed
-                            .get_or_insert(format!("segment header invalidation failed: {e}"));
+                    Ok(_) => self.lock().segments[victim].use_ = SegmentUse::Free,
+                    Err(reason) => {
+                        tracing::error!(segment = victim, %reason, "cannot invalidate a reclaimed segment header; refusing further writes");
+                        self.fail(reason);
                         break;
                     }
                 }
-                drop(st);
                 self.space_freed.notify_waiters();
             }
         }
@@ -723,16 +827,18 @@ impl StagingLog {
     async fn read_verified(&self, key: &BlockKey, entry: &Entry) -> Result<Bytes, StagingError> {
         let key_text = key.to_string();
         let len = entry.record_len(&key_text) as usize;
+        let what = format!(
+            "read of {key_text} at device offset {}",
+            entry.device_offset
+        );
         let buf = self
-            .engine
-            .read_at(AlignedBuf::uninit(len), entry.device_offset)
+            .bounded(
+                &what,
+                self.engine
+                    .read_at(AlignedBuf::uninit(len), entry.device_offset),
+            )
             .await
-            .map_err(|e| {
-                StagingError::Io(format!(
-                    "reading {key_text} at device offset {}: {e}",
-                    entry.device_offset
-                ))
-            })?;
+            .map_err(StagingError::Io)?;
         let corrupt = |reason: &str| StagingError::Corrupt {
             key: key_text.clone(),
             reason: reason.to_string(),
@@ -1035,6 +1141,7 @@ impl StagingLog {
             uploads_paused: st.uploads_paused,
             last_store_error: st.last_store_error.clone().unwrap_or_default(),
             writers_waiting_for_space: st.waiting_for_space,
+            failure: st.failed.clone(),
             ..Default::default()
         };
         for (key, e) in &st.index {
@@ -1067,9 +1174,7 @@ impl StagingLog {
         if let Err(e) = self.flush_uploaded().await {
             tracing::warn!(error = %e, "could not record the last upload completions; they will be uploaded again after restart");
         }
-        self.stop.cancel();
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
-        futures::future::join_all(tasks).await;
+        self.tasks.drain(SHUTDOWN_BOUND).await;
     }
 }
 
@@ -1091,6 +1196,8 @@ pub struct Snapshot {
     pub uploads_paused: bool,
     pub last_store_error: String,
     pub writers_waiting_for_space: u64,
+    /// Why the log accepts no more writes.
+    pub failure: Option<String>,
 }
 
 /// One record (or segment header) waiting to be written.

@@ -16,7 +16,8 @@ use crate::format::{
 };
 use crate::io::{open_engine, EngineKind, IoEngine};
 use crate::recovery::{scan, ScanReport};
-use crate::staging::StagingLog;
+use crate::staging::{LogConfig, StagingLog};
+use crate::tasks::Tasks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -53,7 +54,13 @@ pub struct VolumeOptions {
     pub engine: EngineKind,
     pub full_wait: Duration,
     pub uploads_paused: bool,
+    /// Bound on one device operation (`--device-timeout`).
+    pub device_timeout: Duration,
 }
+
+/// The default `--device-timeout`: far above any healthy fdatasync of a cloud volume (tens of
+/// milliseconds, seconds in a bad minute), far below the minutes a failing disk hangs writers.
+pub const DEFAULT_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Recovery holds two segments in memory at once (one verified, the next being read).
 pub const MAX_SEGMENT_BYTES: u64 = 256 << 20;
@@ -109,12 +116,14 @@ async fn write_superblock(
 
 /// Opens (and if allowed, formats) the volume, recovers it and returns the running staging log.
 pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, VolumeError> {
-    open_volume_with(opts, |engine| engine).await
+    open_volume_with(opts, Tasks::new(), |engine| engine).await
 }
 
-/// [`open_volume`] with the I/O engine wrapped by `wrap` (tests inject faults this way).
+/// [`open_volume`] with the log's tasks in the group `tasks` and the I/O engine wrapped by `wrap`
+/// (tests inject faults this way).
 pub async fn open_volume_with(
     opts: &VolumeOptions,
+    tasks: Tasks,
     wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
 ) -> Result<Arc<StagingLog>, VolumeError> {
     let device = open_device(&opts.path, opts.create_size, true)?;
@@ -181,8 +190,12 @@ pub async fn open_volume_with(
         opts.path.clone(),
         report,
         took,
-        opts.full_wait,
-        opts.uploads_paused,
+        &LogConfig {
+            full_wait: opts.full_wait,
+            uploads_paused: opts.uploads_paused,
+            device_timeout: opts.device_timeout,
+        },
+        tasks,
     );
     tracing::info!(
         blocks_waiting = log.recovery.blocks,
@@ -253,6 +266,7 @@ pub async fn small_test_volume(dir: &std::path::Path, uploads_paused: bool) -> A
         engine: EngineKind::Psync,
         full_wait: Duration::from_secs(1),
         uploads_paused,
+        device_timeout: DEFAULT_DEVICE_TIMEOUT,
     })
     .await
     .expect("a test volume")
@@ -272,6 +286,7 @@ mod tests {
             engine: EngineKind::Psync,
             full_wait: Duration::from_secs(1),
             uploads_paused: true,
+            device_timeout: DEFAULT_DEVICE_TIMEOUT,
         }
     }
 

@@ -7,6 +7,11 @@
 //! write. A sync covers the writes that had completed when it was issued, so a write that
 //! completes while a sync runs is not covered by it (what `fdatasync` promises, and no more).
 //! After a cut every operation fails with EIO, as a dead machine's would.
+//!
+//! A control file ([`FaultyEngine::controlled_by`]) drives faults from outside the process: each
+//! line `OP MODE` (OP: `write`, `read` or `sync`; MODE: `eio`, `hang` or `panic`) applies to every
+//! such operation while the line is there. Debug builds of the gateway read it from
+//! `STAGEFS_DEBUG_FAULTS`, for integration tests of a real process.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -39,13 +44,48 @@ struct State {
     /// The next write is torn after this many 512-byte sectors, then power is cut.
     tear_next_write: Option<usize>,
     delay: Option<(Op, Duration)>,
+    /// The next operation of this kind panics (a bug in the task that awaits it).
+    panic_next: Option<Op>,
     powered_off: bool,
 }
+
+/// What a control-file line asks of an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Eio,
+    Hang,
+    Panic,
+}
+
+/// Reads the control file: the mode its lines set for `op`, if any. A missing file sets none.
+fn controlled_mode(control: &std::path::Path, op: Op) -> Option<Mode> {
+    let text = std::fs::read_to_string(control).ok()?;
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let target = match words.next()? {
+            "write" => Op::Write,
+            "read" => Op::Read,
+            "sync" => Op::Sync,
+            _ => return None,
+        };
+        let mode = match words.next()? {
+            "eio" => Mode::Eio,
+            "hang" => Mode::Hang,
+            "panic" => Mode::Panic,
+            _ => return None,
+        };
+        (target == op).then_some(mode)
+    })
+}
+
+/// How long a "hung" operation takes: longer than any test waits.
+const HANG: Duration = Duration::from_secs(24 * 3600);
 
 /// See the module documentation.
 pub struct FaultyEngine {
     inner: Arc<dyn IoEngine>,
     state: Arc<Mutex<State>>,
+    control: Option<std::path::PathBuf>,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -57,7 +97,19 @@ impl FaultyEngine {
         FaultyEngine {
             inner,
             state: Arc::new(Mutex::new(State::default())),
+            control: None,
         }
+    }
+
+    /// Also applies the faults the lines of `control` name, read on every operation.
+    pub fn controlled_by(mut self, control: std::path::PathBuf) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// The next operation `op` panics in the task that issues it.
+    pub fn panic_next(&self, op: Op) {
+        self.lock().panic_next = Some(op);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -95,11 +147,26 @@ impl FaultyEngine {
 
     /// Whether an injected fault or delay applies to this `op`; consumes a one-shot failure.
     fn before(&self, op: Op) -> (io::Result<()>, Option<Duration>) {
+        let controlled = self
+            .control
+            .as_deref()
+            .and_then(|control| controlled_mode(control, op));
         let mut state = self.lock();
         if state.powered_off {
             return (Err(eio("the power is off")), None);
         }
-        let delay = state.delay.filter(|(o, _)| *o == op).map(|(_, d)| d);
+        if controlled == Some(Mode::Panic) || state.panic_next == Some(op) {
+            state.panic_next = None;
+            drop(state);
+            panic!("injected panic before a device {op:?}");
+        }
+        if controlled == Some(Mode::Eio) {
+            return (Err(eio(&format!("{op:?}, as the control file says"))), None);
+        }
+        let delay = match controlled {
+            Some(Mode::Hang) => Some(HANG),
+            _ => state.delay.filter(|(o, _)| *o == op).map(|(_, d)| d),
+        };
         let mut failed = false;
         state.fail.retain_mut(|(o, skip)| {
             if *o != op || failed {

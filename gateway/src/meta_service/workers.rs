@@ -1,7 +1,7 @@
 //! Background workers of the metadata service: session expiry and deleted-data cleanup.
 //!
-//! Both follow the drain's lifecycle (`drain.rs`): [`start`] spawns them, they tick on an interval,
-//! and they stop at the next tick boundary once the shutdown token is cancelled. A tick that is
+//! Both live in a [`Tasks`] group like every background task: [`start`] spawns them, they tick on
+//! an interval, and they stop at the next tick boundary once the group is drained. A tick that is
 //! under way finishes: cutting a staging-log append short could leave a hole in the log, and
 //! nothing here is lost by waiting for it.
 //!
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::meta::{now_ns, DeletedSlice, GatewayLoad, MetaEngine, MetaError, SessionId};
 use crate::staging::StagingLog;
+use crate::tasks::{ticker, Tasks};
 
 /// A session silent for this many heartbeat intervals expires (the proto promises 3).
 pub const MISSED_HEARTBEATS: u32 = 3;
@@ -59,35 +60,29 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Starts the session-expiry and cleanup workers; they stop when `shutdown` is cancelled.
+/// Starts the session-expiry and cleanup workers in `tasks`.
 pub fn start(
     engine: Arc<dyn MetaEngine>,
     staging: Arc<StagingLog>,
     store: Arc<dyn ObjectStore>,
     config: WorkerConfig,
-    shutdown: CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
+    tasks: &Tasks,
+) {
     let cleaner = DataCleaner {
         engine: engine.clone(),
         staging,
         store,
         batch: config.cleanup_batch.max(1),
     };
-    vec![
-        tokio::spawn(expire_sessions_worker(
-            engine,
-            config.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(cleanup_worker(cleaner, config, shutdown)),
-    ]
-}
-
-/// A ticker that skips missed ticks rather than bursting after a slow round.
-fn ticker(period: Duration) -> tokio::time::Interval {
-    let mut interval = tokio::time::interval(period.max(Duration::from_millis(10)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval
+    let expiry = config.clone();
+    tasks.spawn("meta.session-expiry", |stop| async move {
+        expire_sessions_worker(engine, expiry, stop).await;
+        Ok(())
+    });
+    tasks.spawn("meta.cleanup", |stop| async move {
+        cleanup_worker(cleaner, config, stop).await;
+        Ok(())
+    });
 }
 
 async fn expire_sessions_worker(

@@ -3,6 +3,7 @@
 use super::*;
 use crate::io::EngineKind;
 use crate::service::record_with;
+use crate::tasks::Tasks;
 use crate::volume::{open_volume, VolumeOptions};
 
 fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
@@ -14,6 +15,7 @@ fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
         engine: EngineKind::Psync,
         full_wait: Duration::from_millis(300),
         uploads_paused: false,
+        device_timeout: crate::volume::DEFAULT_DEVICE_TIMEOUT,
     }
 }
 
@@ -175,7 +177,7 @@ async fn power_loss_keeps_every_acknowledged_block() {
     for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
         let mut handle = None;
-        let log = open_volume_with(&options(dir.path(), 64 << 20), |engine| {
+        let log = open_volume_with(&options(dir.path(), 64 << 20), Tasks::new(), |engine| {
             let faulty = Arc::new(FaultyEngine::new(engine));
             handle = Some(faulty.clone());
             faulty
@@ -236,4 +238,201 @@ async fn power_loss_keeps_every_acknowledged_block() {
         );
         recovered.shutdown().await;
     }
+}
+
+/// A log over a fault-injecting engine, with a short device timeout.
+async fn faulty_log(
+    dir: &std::path::Path,
+    device_timeout: Duration,
+) -> (Arc<StagingLog>, Arc<crate::io::faulty::FaultyEngine>) {
+    let mut handle = None;
+    let mut opts = options(dir, 64 << 20);
+    opts.device_timeout = device_timeout;
+    opts.uploads_paused = true;
+    let log = crate::volume::open_volume_with(&opts, Tasks::new(), |engine| {
+        let faulty = Arc::new(crate::io::faulty::FaultyEngine::new(engine));
+        handle = Some(faulty.clone());
+        faulty
+    })
+    .await
+    .unwrap();
+    (log, handle.unwrap())
+}
+
+/// Writers started together; each answer with the time it took.
+async fn concurrent_puts(
+    log: &Arc<StagingLog>,
+    slices: std::ops::Range<u64>,
+) -> Vec<(u64, Result<BlockKey, StagingError>, Duration)> {
+    let writers: Vec<_> = slices
+        .map(|slice| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = put(&log, slice, 10_000 + slice as u32).await;
+                (slice, result, started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for writer in writers {
+        // A guard against a hang, not a performance bound.
+        out.push(
+            tokio::time::timeout(Duration::from_secs(30), writer)
+                .await
+                .expect("a writer was left waiting")
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Every acknowledged block reads back from a fresh open of the device.
+async fn assert_recovers(dir: &std::path::Path, acked: &[u64]) {
+    let log = open_volume(&options(dir, 64 << 20)).await.unwrap();
+    for &slice in acked {
+        let (key, data) = block(slice, 10_000 + slice as u32);
+        let (got, _) = log
+            .read_block(&key)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {key} lost: {e}"));
+        assert_eq!(&got[..], &data[..], "{key}");
+    }
+    log.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_sync_task_answers_every_writer_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, faulty) = faulty_log(dir.path(), crate::volume::DEFAULT_DEVICE_TIMEOUT).await;
+    let acked: Vec<u64> = concurrent_puts(&log, 1..9)
+        .await
+        .into_iter()
+        .map(|(slice, result, _)| result.map(|_| slice).unwrap())
+        .collect();
+    faulty.panic_next(crate::io::faulty::Op::Sync);
+    let answers = concurrent_puts(&log, 100..116).await;
+    let slowest = answers.iter().map(|(_, _, took)| *took).max().unwrap();
+    for (slice, result, _) in &answers {
+        let Err(error) = result else {
+            panic!("block {slice} was acknowledged although the sync task died before syncing it");
+        };
+        assert!(matches!(error, StagingError::Failed(_)), "{error}");
+        assert_eq!(
+            tonic::Status::from(error.clone()).code(),
+            tonic::Code::Unavailable
+        );
+        assert!(error.to_string().contains("staging.sync"), "{error}");
+    }
+    let fatal = log.tasks().fatal().expect("the panic is recorded as fatal");
+    assert_eq!(fatal.task, "staging.sync");
+    assert!(log.snapshot().failure.is_some());
+    eprintln!("16 writers answered within {slowest:?} of a panic in the sync task");
+    // Nothing is accepted afterwards, and what was staged stays readable.
+    assert!(matches!(
+        put(&log, 500, 1000).await,
+        Err(StagingError::Failed(_))
+    ));
+    let (key, data) = block(1, 10_001);
+    assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
+    log.shutdown().await;
+    drop((log, faulty));
+    assert_recovers(dir.path(), &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_error_fails_writers_and_keeps_reads() {
+    use crate::io::faulty::Op;
+    for op in [Op::Write, Op::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, faulty) = faulty_log(dir.path(), crate::volume::DEFAULT_DEVICE_TIMEOUT).await;
+        let acked: Vec<u64> = (1..6).map(|slice| slice as u64).collect::<Vec<_>>();
+        for &slice in &acked {
+            put(&log, slice, 10_000 + slice as u32).await.unwrap();
+        }
+        faulty.fail(op, 0);
+        let answers = concurrent_puts(&log, 100..108).await;
+        for (slice, result, _) in &answers {
+            let error = result
+                .as_ref()
+                .expect_err("a write after the device failed");
+            assert!(matches!(error, StagingError::Failed(_)), "{op:?}: {error}");
+            assert!(
+                error.to_string().contains("injected fault"),
+                "{op:?}: {error}"
+            );
+            let (key, _) = block(*slice, 10_000 + *slice as u32);
+            assert!(
+                log.entry(&key).is_none(),
+                "{op:?}: an unacknowledged block is indexed"
+            );
+        }
+        assert!(log.snapshot().failure.is_some());
+        for &slice in &acked {
+            let (key, data) = block(slice, 10_000 + slice as u32);
+            assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
+        }
+        assert!(
+            log.tasks().fatal().is_none(),
+            "{op:?}: uploads are paused, so the gateway stays up"
+        );
+        log.shutdown().await;
+        drop((log, faulty));
+        assert_recovers(dir.path(), &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_answering_fails_writers_within_the_timeout() {
+    use crate::io::faulty::Op;
+    let timeout = Duration::from_millis(300);
+    for op in [Op::Write, Op::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, faulty) = faulty_log(dir.path(), timeout).await;
+        let acked = [1u64, 2, 3];
+        for &slice in &acked {
+            put(&log, slice, 10_000 + slice as u32).await.unwrap();
+        }
+        faulty.delay(op, Duration::from_secs(3600));
+        let answers = concurrent_puts(&log, 100..108).await;
+        let slowest = answers.iter().map(|(_, _, took)| *took).max().unwrap();
+        for (_, result, _) in &answers {
+            let error = result.as_ref().expect_err("a write to a hung device");
+            assert!(
+                error.to_string().contains("--device-timeout"),
+                "{op:?}: {error}"
+            );
+        }
+        eprintln!(
+            "{op:?} hung: 8 writers answered within {slowest:?} (device timeout {timeout:?})"
+        );
+        // Reads go on while only writes hang.
+        let (key, data) = block(1, 10_001);
+        assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
+        log.shutdown().await;
+        drop((log, faulty));
+        assert_recovers(dir.path(), &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_device_stops_the_gateway_once_its_backlog_is_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, faulty) = faulty_log(dir.path(), crate::volume::DEFAULT_DEVICE_TIMEOUT).await;
+    put(&log, 1, 10_001).await.unwrap();
+    faulty.fail(crate::io::faulty::Op::Write, 0);
+    assert!(put(&log, 2, 10_002).await.is_err());
+    log.set_uploads_paused(false);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        log.tasks().fatal().is_none(),
+        "block 1 still waits for upload"
+    );
+    upload_one(&log).await;
+    let fatal = tokio::time::timeout(Duration::from_secs(10), log.tasks().wait_fatal())
+        .await
+        .expect("the gateway stops once nothing readable waits for upload");
+    assert_eq!(fatal.task, "staging.failed-device");
+    assert!(fatal.reason.contains("injected fault"), "{fatal}");
+    log.shutdown().await;
 }
