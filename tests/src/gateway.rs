@@ -62,6 +62,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// An environment variable of the process, e.g. `STAGEFS_DEBUG_FAULTS`.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
     /// The full argument list, starting with `serve`.
     pub fn command_args(&self) -> Vec<String> {
         let mut args = vec![
