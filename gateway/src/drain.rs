@@ -17,16 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::staging::{NextUpload, StagingError, StagingLog, UploadJob};
 use crate::tasks::Tasks;
 
+/// How many uploads run and how fast; when and how often a block is retried is the log's
+/// [`UploadPolicy`](crate::staging::UploadPolicy), fixed when it was opened.
 #[derive(Debug, Clone)]
 pub struct DrainConfig {
     pub concurrency: usize,
     /// Bytes per second, across all workers; `None` for no limit.
     pub bandwidth: Option<u64>,
-    /// Blocks are uploaded no sooner than this after they were staged.
-    pub delay: Duration,
-    pub max_attempts: u32,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
 }
 
 /// Shared state of the workers: the store outage backoff and the bandwidth budget.
@@ -34,6 +31,7 @@ struct Shared {
     staging: Arc<StagingLog>,
     store: Arc<dyn ObjectStore>,
     config: DrainConfig,
+    policy: crate::staging::UploadPolicy,
     outage: Mutex<Outage>,
     bandwidth_next: tokio::sync::Mutex<Instant>,
 }
@@ -50,11 +48,13 @@ pub fn start(
     config: DrainConfig,
     tasks: &Tasks,
 ) {
+    let policy = staging.upload_policy();
     let shared = Arc::new(Shared {
         outage: Mutex::new(Outage {
             until: None,
-            backoff: config.retry_initial,
+            backoff: policy.retry_initial,
         }),
+        policy,
         staging,
         store,
         bandwidth_next: tokio::sync::Mutex::new(Instant::now()),
@@ -85,7 +85,7 @@ async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
             .filter(|t| *t > Instant::now());
         let wait_until = match outage_until {
             Some(t) => Some(t),
-            None => match shared.staging.next_upload(shared.config.delay) {
+            None => match shared.staging.next_upload() {
                 NextUpload::Ready(job) => {
                     upload(&shared, job).await;
                     continue;
@@ -120,14 +120,8 @@ async fn upload(shared: &Shared, job: UploadJob) {
             return;
         }
         Err(e) => {
-            let backoff = shared.config.retry_initial;
-            staging.fail_upload(
-                &job,
-                e.to_string(),
-                true,
-                shared.config.max_attempts,
-                backoff,
-            );
+            // The device could not give the block back: that names the block.
+            staging.fail_upload(&job, e.to_string(), None);
             return;
         }
     };
@@ -146,7 +140,7 @@ async fn upload(shared: &Shared, job: UploadJob) {
             {
                 let mut outage = shared.outage.lock().unwrap();
                 outage.until = None;
-                outage.backoff = shared.config.retry_initial;
+                outage.backoff = shared.policy.retry_initial;
             }
             if staging.complete_upload(&job) {
                 // Deleted while it was being uploaded: remove the object we just wrote.
@@ -157,24 +151,15 @@ async fn upload(shared: &Shared, job: UploadJob) {
         }
         Err(error) => {
             let permanent = is_permanent(&error);
-            let backoff = if permanent {
-                shared.config.retry_initial * 2u32.saturating_pow(job.entry.failed_attempts.min(16))
-            } else {
+            let outage_retry = (!permanent).then(|| {
                 let mut outage = shared.outage.lock().unwrap();
-                let backoff = outage.backoff;
+                let backoff = outage.backoff.min(shared.policy.retry_max);
                 outage.until = Some(Instant::now() + backoff);
-                outage.backoff = (backoff * 2).min(shared.config.retry_max);
+                outage.backoff = (backoff * 2).min(shared.policy.retry_max);
                 backoff
-            }
-            .min(shared.config.retry_max);
-            tracing::warn!(key = %job.key, %error, permanent, retry_in = ?backoff, "upload failed");
-            staging.fail_upload(
-                &job,
-                error.to_string(),
-                permanent,
-                shared.config.max_attempts,
-                backoff,
-            );
+            });
+            tracing::warn!(key = %job.key, %error, permanent, outage_retry_in = ?outage_retry, "upload failed");
+            staging.fail_upload(&job, error.to_string(), outage_retry);
         }
     }
 }
@@ -198,22 +183,29 @@ mod tests {
     //! made to produce on demand.
     use super::*;
     use crate::faulty_store::FaultyStore;
-    use crate::volume::small_test_volume;
+    use crate::staging::UploadPolicy;
+    use crate::volume::small_test_volume_with;
     use object_store::memory::InMemory;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[tokio::test]
     async fn blocks_deleted_within_the_upload_delay_are_never_uploaded() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = small_test_volume(dir.path(), false).await;
+        let volume = small_test_volume_with(
+            dir.path(),
+            false,
+            UploadPolicy {
+                delay: Duration::from_millis(300),
+                max_attempts: 3,
+                retry_initial: Duration::from_millis(1),
+                retry_max: Duration::from_millis(10),
+            },
+        )
+        .await;
         let store = Arc::new(InMemory::new());
         let config = DrainConfig {
             concurrency: 2,
             bandwidth: None,
-            delay: Duration::from_millis(300),
-            max_attempts: 3,
-            retry_initial: Duration::from_millis(1),
-            retry_max: Duration::from_millis(10),
         };
         let tasks = Tasks::new();
         start(volume.clone(), store.clone(), config, &tasks);
@@ -260,7 +252,17 @@ mod tests {
     #[tokio::test]
     async fn outage_retries_forever_and_permission_errors_quarantine() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = small_test_volume(dir.path(), false).await;
+        let volume = small_test_volume_with(
+            dir.path(),
+            false,
+            UploadPolicy {
+                delay: Duration::ZERO,
+                max_attempts: 3,
+                retry_initial: Duration::from_millis(1),
+                retry_max: Duration::from_millis(10),
+            },
+        )
+        .await;
         // The first 20 PUTs meet an unreachable store; the blocks of slice 13 are refused for
         // good.
         let outage = AtomicU32::new(20);
@@ -282,10 +284,6 @@ mod tests {
         let config = DrainConfig {
             concurrency: 4,
             bandwidth: None,
-            delay: Duration::ZERO,
-            max_attempts: 3,
-            retry_initial: Duration::from_millis(1),
-            retry_max: Duration::from_millis(10),
         };
         let tasks = Tasks::new();
         start(volume.clone(), store.clone(), config, &tasks);

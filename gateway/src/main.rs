@@ -15,6 +15,7 @@ use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
 use gateway::meta_service::workers::{self as meta_workers, WorkerConfig};
 use gateway::meta_service::{ClientSettings, MetaService};
 use gateway::service::StagingService;
+use gateway::staging::UploadPolicy;
 use gateway::tasks::Tasks;
 use gateway::volume::{open_volume_with, VolumeOptions};
 use proto::meta::meta_server::MetaServer;
@@ -323,6 +324,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             full_wait: args.full_wait,
             uploads_paused: args.uploads_paused,
             device_timeout: args.device_timeout,
+            upload: UploadPolicy {
+                delay: args.upload_delay,
+                max_attempts: args.upload_max_attempts.max(1),
+                retry_initial: args.retry_initial,
+                retry_max: args.retry_max,
+            },
         },
         tasks.group(),
         debug_faults,
@@ -344,10 +351,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DrainConfig {
             concurrency: args.upload_concurrency,
             bandwidth: (args.upload_bandwidth > 0).then_some(args.upload_bandwidth),
-            delay: args.upload_delay,
-            max_attempts: args.upload_max_attempts.max(1),
-            retry_initial: args.retry_initial,
-            retry_max: args.retry_max,
         },
         &workers,
     );

@@ -2,17 +2,15 @@
 //! durable, indexed in memory, handed to the upload drain oldest first, and reclaimed segment by
 //! segment once nothing in the oldest segment still waits for upload.
 //!
-//! Group commit: writers write their records concurrently at offsets handed out in lsn order; a
-//! single sync task issues `fdatasync` for everything written so far and acknowledges, in one go,
-//! every writer whose record lies below the *durability watermark*: the highest lsn below which
-//! every write has completed. An acknowledged record therefore never sits behind a hole, so the
-//! recovery scan, which stops at the first hole, always finds it.
-//!
-//! Space: segments form a ring, reclaimed strictly from the oldest (tail), so a record that states
-//! an upload or a delete always outlives the block it speaks of. One segment is kept in reserve
-//! for those small records so that the drain can always make progress on a full device.
+//! The state is split by job, each part a module that owns its state and says what it
+//! guarantees: [`journal`] (lsns, the segment ring, the write queue and the durability
+//! watermark), [`index`] (what is held for each key) and [`uploads`] (the upload order, retries
+//! and quarantine, with its policy). This module drives them under one lock, so that a block's
+//! state, its segment's pin and its place in the upload queue always change together, and runs
+//! the background tasks: the write combiner and the group commit (one `fdatasync` acknowledges
+//! every writer below the watermark), reclaim, and bookkeeping. Counters live outside the lock
+//! ([`metrics`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -23,12 +21,22 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::aligned::{AlignedBuf, ALIGN};
-use crate::format::{
-    record_len, RecordHeader, RecordKind, SegmentHeader, Superblock, RECORD_HEADER_BYTES,
-};
+use crate::format::{record_len, RecordHeader, RecordKind, Superblock, RECORD_HEADER_BYTES};
 use crate::io::IoEngine;
 use crate::recovery::{CorruptRecord, ScanReport};
 use crate::tasks::Tasks;
+
+mod index;
+mod journal;
+pub mod metrics;
+pub mod uploads;
+
+use index::BlockIndex;
+use journal::{Journal, WriteJob};
+pub use metrics::Counters;
+use metrics::StagingMetrics;
+pub use uploads::UploadPolicy;
+use uploads::{Next, UploadQueue};
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum StagingError {
@@ -76,7 +84,7 @@ pub enum BlockState {
 
 impl BlockState {
     /// Still needs to reach the object store: pins its segment.
-    fn is_pending(self) -> bool {
+    pub fn is_pending(self) -> bool {
         matches!(
             self,
             BlockState::Staged | BlockState::Uploading | BlockState::Quarantined
@@ -104,23 +112,6 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SegmentUse {
-    Free,
-    Live,
-    /// Taken off the ring; its header is being invalidated before it may be reused.
-    Reclaiming,
-}
-
-#[derive(Debug)]
-struct Segment {
-    use_: SegmentUse,
-    sequence: u64,
-    /// Blocks in this segment that still need to reach the object store.
-    pending: u64,
-    keys: Vec<BlockKey>,
-}
-
 /// One unit of work for the upload drain.
 #[derive(Debug, Clone)]
 pub struct UploadJob {
@@ -136,43 +127,14 @@ pub enum NextUpload {
     Idle,
 }
 
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub syncs: u64,
-    pub sync_time: Duration,
-    pub synced_records: u64,
-    pub uploaded_blocks: u64,
-    pub uploaded_bytes: u64,
-    pub upload_retries: u64,
-    pub upload_failures: u64,
-}
-
+/// Everything that changes together, under the log's one lock.
 struct LogState {
-    segments: Vec<Segment>,
-    head: usize,
-    tail: usize,
-    live: usize,
-    head_offset: u64,
-    next_lsn: u64,
-    next_sequence: u64,
-    /// Lsns handed out whose device write has not completed yet.
-    inflight: BTreeSet<u64>,
-    /// Records waiting for the write combiner.
-    write_queue: Vec<WriteJob>,
-    /// Blocks in state Uploading (kept as a count: waiters ask for it on every state change).
-    uploading: u64,
-    index: HashMap<BlockKey, Entry>,
-    /// Blocks waiting for upload, oldest first.
-    queue: BTreeMap<u64, BlockKey>,
-    /// Blocks waiting to be retried after a failed upload, by due time.
-    retry: BTreeMap<(Instant, u64), BlockKey>,
-    pending_uploaded: Vec<u64>,
+    journal: Journal,
+    index: BlockIndex,
+    uploads: UploadQueue,
+    /// Why the log accepts no more writes.
     failed: Option<String>,
     waiting_for_space: u64,
-    uploads_paused: bool,
-    counters: Counters,
-    last_store_error: Option<String>,
-    recent_uploads: VecDeque<(Instant, u64)>,
 }
 
 pub struct RecoveryInfo {
@@ -202,6 +164,7 @@ pub struct StagingLog {
     pub recovery: RecoveryInfo,
     /// The log's own background tasks (write combiner, sync, reclaim, bookkeeping).
     tasks: Tasks,
+    metrics: StagingMetrics,
 }
 
 /// How the log behaves, fixed when it is opened.
@@ -212,14 +175,11 @@ pub struct LogConfig {
     pub uploads_paused: bool,
     /// Bound on one device operation; past it the device counts as failed.
     pub device_timeout: Duration,
+    pub upload: UploadPolicy,
 }
 
-/// Data block records may not take the last free segment: it is kept for upload and delete
-/// records, so the drain can always record progress and free space.
-const RESERVED_SEGMENTS: usize = 1;
 const META_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_META_ENTRIES: usize = 64 * 1024;
-const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the log's tasks (a hung device must not hang the exit).
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 
@@ -236,24 +196,9 @@ impl StagingLog {
         config: &LogConfig,
         tasks: Tasks,
     ) -> Arc<Self> {
-        let uploads_paused = config.uploads_paused;
-        let count = sb.segment_count as usize;
-        let mut segments: Vec<Segment> = (0..count)
-            .map(|_| Segment {
-                use_: SegmentUse::Free,
-                sequence: 0,
-                pending: 0,
-                keys: Vec::new(),
-            })
-            .collect();
-        for seg in &scan.segments {
-            let s = &mut segments[seg.index as usize];
-            s.use_ = SegmentUse::Live;
-            s.sequence = seg.sequence;
-        }
-        let now = Instant::now();
-        let mut index: HashMap<BlockKey, Entry> = HashMap::new();
-        let mut queue = BTreeMap::new();
+        let mut journal = Journal::recovered(&sb, &scan);
+        let mut index = BlockIndex::default();
+        let mut uploads = UploadQueue::new(config.upload.clone(), config.uploads_paused);
         let mut recovered = 0;
         let mut corrupt = scan.corrupt.clone();
         for block in &scan.blocks {
@@ -276,66 +221,33 @@ impl StagingLog {
             } else {
                 BlockState::Staged
             };
-            segments[block.segment].keys.push(key);
-            if let Some(existing) = index.get(&key) {
-                // A second record of an immutable block (a retried write): the first one stands
-                // unless it was deleted.
-                if existing.state != BlockState::Deleted {
-                    continue;
-                }
+            journal.add_key(block.segment, key);
+            let mut entry = BlockIndex::entry(
+                block.lsn,
+                block.segment,
+                block.segment_sequence,
+                block.device_offset,
+                block.header.data_len,
+                block.header.data_crc,
+            );
+            entry.state = state;
+            // A second record of an immutable block (a retried write): the first one stands
+            // unless it was deleted.
+            if !index.insert(key, entry) {
+                continue;
             }
             if state == BlockState::Staged {
-                segments[block.segment].pending += 1;
-                queue.insert(block.lsn, key);
+                journal.pin(block.segment);
+                uploads.push(block.lsn, key);
                 recovered += 1;
             }
-            index.insert(
-                key,
-                Entry {
-                    lsn: block.lsn,
-                    segment: block.segment,
-                    segment_sequence: block.segment_sequence,
-                    device_offset: block.device_offset,
-                    data_len: block.header.data_len,
-                    data_crc: block.header.data_crc,
-                    state,
-                    staged_at: now,
-                    failed_attempts: 0,
-                    last_error: None,
-                },
-            );
         }
-        let (head, tail, live, head_offset) = match (scan.segments.first(), scan.segments.last()) {
-            (Some(first), Some(last)) => (
-                last.index as usize,
-                first.index as usize,
-                scan.segments.len(),
-                last.bytes,
-            ),
-            // Nothing live: the next segment opened will be the first of the ring.
-            _ => (count - 1, 0, 0, sb.segment_bytes),
-        };
         let state = LogState {
-            segments,
-            head,
-            tail,
-            live,
-            head_offset,
-            next_lsn: scan.max_lsn + 1,
-            next_sequence: scan.max_segment_sequence + 1,
-            inflight: BTreeSet::new(),
-            write_queue: Vec::new(),
-            uploading: 0,
+            journal,
             index,
-            queue,
-            retry: BTreeMap::new(),
-            pending_uploaded: Vec::new(),
+            uploads,
             failed: None,
             waiting_for_space: 0,
-            uploads_paused,
-            counters: Counters::default(),
-            last_store_error: None,
-            recent_uploads: VecDeque::new(),
         };
         for c in &corrupt {
             tracing::error!(segment = c.segment, device_offset = c.device_offset, key = ?c.key, reason = %c.reason, "corrupt record found during recovery; it is never served or uploaded");
@@ -360,6 +272,7 @@ impl StagingLog {
                 corrupt,
             },
             tasks,
+            metrics: StagingMetrics::default(),
         });
         type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
         let jobs: [(&'static str, Task); 4] = [
@@ -485,17 +398,15 @@ impl StagingLog {
         record: AlignedBuf,
         data_crc: u32,
     ) -> Result<u64, StagingError> {
-        if let Some(existing) = self.lock().index.get(&key) {
-            if existing.state != BlockState::Deleted {
-                if existing.data_crc != data_crc {
-                    return Err(StagingError::Conflict {
-                        key: key.to_string(),
-                        existing: existing.data_crc,
-                        new: data_crc,
-                    });
-                }
-                return Ok(existing.lsn);
+        if let Some(existing) = self.lock().index.live(&key) {
+            if existing.data_crc != data_crc {
+                return Err(StagingError::Conflict {
+                    key: key.to_string(),
+                    existing: existing.data_crc,
+                    new: data_crc,
+                });
             }
+            return Ok(existing.lsn);
         }
         let key_text = key.to_string();
         let lsn = self
@@ -510,35 +421,26 @@ impl StagingLog {
             .await?;
         let (lsn, segment, device_offset, segment_sequence) = lsn;
         let mut st = self.lock();
-        st.segments[segment].keys.push(key);
-        if let Some(existing) = st.index.get(&key) {
-            if existing.state != BlockState::Deleted {
-                // A concurrent write of the same block won the race; this record is redundant
-                // and releases the pin its allocation took.
-                let existing_lsn = existing.lsn;
-                st.segments[segment].pending -= 1;
-                drop(st);
-                self.reclaim_kick.notify_one();
-                return Ok(existing_lsn);
-            }
-        }
-        st.queue.insert(lsn, key);
-        st.index.insert(
-            key,
-            Entry {
-                lsn,
-                segment,
-                segment_sequence,
-                device_offset,
-                data_len: key.block_len,
-                data_crc,
-                state: BlockState::Staged,
-                staged_at: Instant::now(),
-                failed_attempts: 0,
-                last_error: None,
-            },
+        st.journal.add_key(segment, key);
+        let entry = BlockIndex::entry(
+            lsn,
+            segment,
+            segment_sequence,
+            device_offset,
+            key.block_len,
+            data_crc,
         );
-        let paused = st.uploads_paused;
+        if !st.index.insert(key, entry) {
+            // A concurrent write of the same block won the race; this record is redundant
+            // and releases the pin its allocation took.
+            let existing_lsn = st.index.live(&key).map_or(lsn, |e| e.lsn);
+            st.journal.unpin(segment);
+            drop(st);
+            self.reclaim_kick.notify_one();
+            return Ok(existing_lsn);
+        }
+        st.uploads.push(lsn, key);
+        let paused = st.uploads.paused;
         drop(st);
         // One new block needs one worker; waking all of them for every block (or any while
         // uploads are paused) costs more CPU than the write itself for small blocks.
@@ -570,7 +472,11 @@ impl StagingLog {
                 if let Some(reason) = &st.failed {
                     return Err(StagingError::Failed(reason.clone()));
                 }
-                if let Some(alloc) = st.allocate(len, is_data, &self.sb) {
+                if let Some(mut alloc) = st.journal.allocate(len, is_data, &self.sb) {
+                    // Reuse: index entries still pointing into the segment's previous life go.
+                    if let Some((segment, sequence, keys)) = alloc.evicted.take() {
+                        st.index.evict(segment, sequence, keys);
+                    }
                     break alloc;
                 }
                 st.waiting_for_space += 1;
@@ -581,12 +487,7 @@ impl StagingLog {
             let mut st = self.lock();
             st.waiting_for_space -= 1;
             if timed_out {
-                let waiting_bytes = st
-                    .index
-                    .values()
-                    .filter(|e| e.state.is_pending())
-                    .map(|e| e.data_len as u64)
-                    .sum();
+                let waiting_bytes = st.index.pending_bytes();
                 tracing::warn!(waited = ?self.full_wait, waiting_bytes, "staging device full: refusing a write");
                 return Err(StagingError::Full {
                     waited: self.full_wait,
@@ -608,13 +509,13 @@ impl StagingLog {
         {
             let mut st = self.lock();
             if let Some((lsn, offset, header)) = alloc.new_segment {
-                st.write_queue.push(WriteJob {
+                st.journal.queue_write(WriteJob {
                     lsn,
                     offset,
                     buf: header,
                 });
             }
-            st.write_queue.push(WriteJob {
+            st.journal.queue_write(WriteJob {
                 lsn: alloc.lsn,
                 offset: alloc.device_offset,
                 buf: record,
@@ -651,7 +552,7 @@ impl StagingLog {
     async fn write_task(self: Arc<Self>) {
         loop {
             self.write_kick.notified().await;
-            let mut jobs = std::mem::take(&mut self.lock().write_queue);
+            let mut jobs = self.lock().journal.take_writes();
             if jobs.is_empty() {
                 continue;
             }
@@ -694,11 +595,7 @@ impl StagingLog {
         };
         let mut st = self.lock();
         match result {
-            Ok(()) => {
-                for lsn in &lsns {
-                    st.inflight.remove(lsn);
-                }
-            }
+            Ok(()) => st.journal.written(&lsns),
             Err(reason) => {
                 // The failed lsns stay in `inflight`, so the watermark never passes them and
                 // nothing written after them is acknowledged.
@@ -719,7 +616,7 @@ impl StagingLog {
             loop {
                 let (watermark, failed) = {
                     let st = self.lock();
-                    (st.watermark(), st.failed.clone())
+                    (st.journal.watermark(), st.failed.clone())
                 };
                 let durable = match &*self.synced.borrow() {
                     Ok(d) => *d,
@@ -735,12 +632,7 @@ impl StagingLog {
                 }
                 let started = Instant::now();
                 let result = self.bounded("fdatasync", self.engine.sync()).await;
-                {
-                    let mut st = self.lock();
-                    st.counters.syncs += 1;
-                    st.counters.sync_time += started.elapsed();
-                    st.counters.synced_records += watermark - durable;
-                }
+                self.metrics.synced(started.elapsed(), watermark - durable);
                 match result {
                     Ok(()) => {
                         // A failure recorded meanwhile stands: nobody is acknowledged after it.
@@ -771,26 +663,37 @@ impl StagingLog {
             loop {
                 let victim = {
                     let mut st = self.lock();
-                    let tail = st.tail;
-                    if st.live <= 1 || st.segments[tail].pending > 0 || st.failed.is_some() {
+                    if st.failed.is_some() {
                         break;
                     }
-                    st.segments[tail].use_ = SegmentUse::Reclaiming;
-                    st.live -= 1;
-                    st.tail = (tail + 1) % st.segments.len();
-                    tail
+                    match st.journal.start_reclaim() {
+                        Some(victim) => victim,
+                        None => break,
+                    }
                 };
                 // Zero the header so a restart does not resurrect the segment. Its index entries
                 // (uploaded blocks) stay readable until the segment is reused: reads verify.
+                //
+                // The invalidation is made durable before the next one is written: a volatile
+                // disk cache may persist writes out of order, and a newer segment invalidated
+                // while an older one came back after a power loss would bring back blocks whose
+                // upload or delete record was in the newer one (found by the power-loss model).
                 let offset = self.sb.segment_offset(victim as u64);
-                let result = self
+                let result = match self
                     .bounded(
                         "segment header invalidation",
                         self.engine.write_at(AlignedBuf::zeroed(ALIGN), offset),
                     )
-                    .await;
+                    .await
+                {
+                    Ok(_) => {
+                        self.bounded("fdatasync of a segment invalidation", self.engine.sync())
+                            .await
+                    }
+                    Err(reason) => Err(reason),
+                };
                 match result {
-                    Ok(_) => self.lock().segments[victim].use_ = SegmentUse::Free,
+                    Ok(()) => self.lock().journal.reclaimed(victim),
                     Err(reason) => {
                         tracing::error!(segment = victim, %reason, "cannot invalidate a reclaimed segment header; refusing further writes");
                         self.fail(reason);
@@ -863,38 +766,33 @@ impl StagingLog {
 
     // ---------------------------------------------------------------- uploads
 
+    /// The upload policy the log was opened with.
+    pub fn upload_policy(&self) -> UploadPolicy {
+        self.lock().uploads.policy.clone()
+    }
+
     /// The oldest block due for upload, marked as uploading.
-    pub fn next_upload(&self, delay: Duration) -> NextUpload {
-        let now = Instant::now();
-        let mut st = self.lock();
-        if st.uploads_paused {
-            return NextUpload::Idle;
-        }
-        // Retries that are due go back into the ordered queue.
-        while let Some((&(due, lsn), &key)) = st.retry.iter().next() {
-            if due > now {
-                break;
+    pub fn next_upload(&self) -> NextUpload {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let index = &st.index;
+        match st
+            .uploads
+            .next(Instant::now(), |key| index.get(key).map(|e| e.staged_at))
+        {
+            Next::Idle => NextUpload::Idle,
+            Next::WaitUntil(t) => NextUpload::WaitUntil(t),
+            Next::Ready(lsn, key) => {
+                let entry = st
+                    .index
+                    .get_mut(&key)
+                    .expect("the queue offered an indexed key");
+                entry.state = BlockState::Uploading;
+                let entry = entry.clone();
+                st.uploads.started(lsn);
+                NextUpload::Ready(UploadJob { key, lsn, entry })
             }
-            st.retry.remove(&(due, lsn));
-            st.queue.insert(lsn, key);
         }
-        let next_retry = st.retry.keys().next().map(|(due, _)| *due);
-        let Some((&lsn, &key)) = st.queue.iter().next() else {
-            return next_retry.map_or(NextUpload::Idle, NextUpload::WaitUntil);
-        };
-        let Some(entry) = st.index.get_mut(&key) else {
-            st.queue.remove(&lsn);
-            return NextUpload::WaitUntil(now);
-        };
-        let due = entry.staged_at + delay;
-        if due > now {
-            return NextUpload::WaitUntil(next_retry.map_or(due, |r| r.min(due)));
-        }
-        entry.state = BlockState::Uploading;
-        let entry = entry.clone();
-        st.queue.remove(&lsn);
-        st.uploading += 1;
-        NextUpload::Ready(UploadJob { key, lsn, entry })
     }
 
     /// Reads a block for upload, verified. A block that fails verification is quarantined.
@@ -905,28 +803,16 @@ impl StagingLog {
     /// Records a finished upload. Returns true if the block was deleted meanwhile (the caller
     /// then removes the object it just wrote).
     pub fn complete_upload(&self, job: &UploadJob) -> bool {
+        self.metrics.uploaded(job.entry.data_len as u64);
         let mut guard = self.lock();
         let st = &mut *guard;
-        let now = Instant::now();
-        st.counters.uploaded_blocks += 1;
-        st.counters.uploaded_bytes += job.entry.data_len as u64;
-        st.recent_uploads
-            .push_back((now, job.entry.data_len as u64));
-        while st
-            .recent_uploads
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
-        {
-            st.recent_uploads.pop_front();
-        }
-        st.last_store_error = None;
         let deleted = match st.index.get_mut(&job.key) {
             Some(e) if e.lsn == job.lsn && e.state == BlockState::Uploading => {
-                st.uploading -= 1;
                 e.state = BlockState::Uploaded;
                 let segment = e.segment;
-                st.segments[segment].pending -= 1;
-                st.pending_uploaded.push(job.lsn);
+                st.uploads.ended();
+                st.journal.unpin(segment);
+                st.uploads.completed(job.lsn);
                 false
             }
             // Deleted while it was uploading: the object just written must go. (A newer record of
@@ -940,20 +826,13 @@ impl StagingLog {
         deleted
     }
 
-    /// Records a failed upload. Transient failures (the store unreachable or overloaded) retry
-    /// without limit; `permanent` failures count towards quarantine after `max_attempts`.
-    pub fn fail_upload(
-        &self,
-        job: &UploadJob,
-        error: String,
-        permanent: bool,
-        max_attempts: u32,
-        backoff: Duration,
-    ) {
+    /// Records a failed upload. A failure that names the block counts towards its quarantine
+    /// and is retried after the policy's backoff; a store outage (`outage_retry`) does not
+    /// count, and is retried when the drain says.
+    pub fn fail_upload(&self, job: &UploadJob, error: String, outage_retry: Option<Duration>) {
+        self.metrics.upload_failed(&error);
         let mut guard = self.lock();
         let st = &mut *guard;
-        st.counters.upload_retries += 1;
-        st.last_store_error = Some(error.clone());
         let Some(e) = st.index.get_mut(&job.key).filter(|e| e.lsn == job.lsn) else {
             return;
         };
@@ -961,26 +840,26 @@ impl StagingLog {
             // Deleted while uploading: nothing to retry; its segment was already unpinned.
             return;
         }
+        st.uploads.ended();
         e.last_error = Some(error.clone());
-        e.state = BlockState::Staged;
-        st.uploading -= 1;
-        let Some(e) = st.index.get_mut(&job.key) else {
-            return;
+        let backoff = match outage_retry {
+            Some(retry_in) => retry_in,
+            None => {
+                e.failed_attempts += 1;
+                if e.failed_attempts >= st.uploads.policy.max_attempts {
+                    e.state = BlockState::Quarantined;
+                    let attempts = e.failed_attempts;
+                    drop(guard);
+                    self.metrics.quarantined();
+                    tracing::error!(key = %job.key, attempts, %error, "upload failed repeatedly: block quarantined (its data stays on the device)");
+                    self.changed.send_modify(|v| *v += 1);
+                    return;
+                }
+                st.uploads.policy.backoff(e.failed_attempts - 1)
+            }
         };
-        if permanent {
-            e.failed_attempts += 1;
-        }
-        if permanent && e.failed_attempts >= max_attempts {
-            e.state = BlockState::Quarantined;
-            st.counters.upload_failures += 1;
-            tracing::error!(key = %job.key, attempts = max_attempts, %error, "upload failed repeatedly: block quarantined (its data stays on the device)");
-            drop(guard);
-            self.changed.send_modify(|v| *v += 1);
-            return;
-        }
         e.state = BlockState::Staged;
-        st.retry
-            .insert((Instant::now() + backoff, job.lsn), job.key);
+        st.uploads.retry_after(backoff, job.lsn, job.key);
     }
 
     /// Quarantines a block whose record fails verification on the device: it is never uploaded.
@@ -994,8 +873,8 @@ impl StagingLog {
         {
             e.state = BlockState::Quarantined;
             e.last_error = Some(reason.clone());
-            st.counters.upload_failures += 1;
-            st.uploading -= 1;
+            st.uploads.ended();
+            self.metrics.quarantined();
         }
         drop(guard);
         tracing::error!(key = %job.key, %reason, "block quarantined");
@@ -1003,27 +882,24 @@ impl StagingLog {
     }
 
     pub fn retry_quarantined(&self) -> u64 {
-        let mut st = self.lock();
-        let keys: Vec<(BlockKey, u64)> = st
-            .index
-            .iter_mut()
-            .filter(|(_, e)| e.state == BlockState::Quarantined)
-            .map(|(k, e)| {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut requeued = 0;
+        for (key, e) in st.index.iter_mut() {
+            if e.state == BlockState::Quarantined {
                 e.state = BlockState::Staged;
                 e.failed_attempts = 0;
-                (*k, e.lsn)
-            })
-            .collect();
-        for (key, lsn) in &keys {
-            st.queue.insert(*lsn, *key);
+                st.uploads.push(e.lsn, *key);
+                requeued += 1;
+            }
         }
-        drop(st);
+        drop(guard);
         self.upload_wakeup.notify_waiters();
-        keys.len() as u64
+        requeued
     }
 
     pub fn set_uploads_paused(&self, paused: bool) {
-        self.lock().uploads_paused = paused;
+        self.lock().uploads.paused = paused;
         self.upload_wakeup.notify_waiters();
         self.changed.send_modify(|v| *v += 1);
     }
@@ -1041,17 +917,13 @@ impl StagingLog {
     }
 
     pub async fn flush_uploaded(&self) -> Result<(), StagingError> {
-        let lsns: Vec<u64> = {
-            let mut st = self.lock();
-            let n = st.pending_uploaded.len().min(MAX_META_ENTRIES);
-            st.pending_uploaded.drain(..n).collect()
-        };
+        let lsns = self.lock().uploads.take_completed(MAX_META_ENTRIES);
         if lsns.is_empty() {
             return Ok(());
         }
         let result = self.append_lsn_record(RecordKind::Uploaded, &lsns).await;
         if result.is_err() {
-            self.lock().pending_uploaded.extend(lsns);
+            self.lock().uploads.restore_completed(lsns);
         }
         result
     }
@@ -1071,8 +943,13 @@ impl StagingLog {
 
     /// Drops staged blocks of deleted data: those not yet uploaded never will be. Durable before
     /// it returns. Returns (dropped, not pending).
+    ///
+    /// An uploaded block gets a delete record too: its upload completion may not be durable yet,
+    /// and without the record a crash would bring it back waiting for upload, and the drain
+    /// would put back the object the cleaner just deleted.
     pub async fn delete_blocks(&self, keys: &[BlockKey]) -> Result<(u64, u64), StagingError> {
         let mut lsns = Vec::new();
+        let mut dropped = 0;
         let mut not_pending = 0;
         {
             let mut guard = self.lock();
@@ -1083,19 +960,23 @@ impl StagingLog {
                     continue;
                 };
                 let was = e.state;
-                if !was.is_pending() {
+                if was == BlockState::Deleted {
                     not_pending += 1;
                     continue;
                 }
                 e.state = BlockState::Deleted;
                 let (lsn, segment) = (e.lsn, e.segment);
-                if was == BlockState::Uploading {
-                    st.uploading -= 1;
-                }
                 lsns.push(lsn);
-                st.queue.remove(&lsn);
-                st.retry.retain(|_, k| k != key);
-                st.segments[segment].pending -= 1;
+                if !was.is_pending() {
+                    not_pending += 1;
+                    continue;
+                }
+                dropped += 1;
+                if was == BlockState::Uploading {
+                    st.uploads.ended();
+                }
+                st.uploads.remove(lsn, key);
+                st.journal.unpin(segment);
             }
         }
         if !lsns.is_empty() {
@@ -1105,7 +986,7 @@ impl StagingLog {
             self.changed.send_modify(|v| *v += 1);
             self.reclaim_kick.notify_one();
         }
-        Ok((lsns.len() as u64, not_pending))
+        Ok((dropped, not_pending))
     }
 
     /// A receiver that changes whenever a block changes state.
@@ -1116,55 +997,45 @@ impl StagingLog {
     /// Number of blocks still waiting for (or in) upload, quarantined ones excepted.
     pub fn upload_backlog(&self) -> (u64, bool) {
         let st = self.lock();
-        (
-            (st.queue.len() + st.retry.len()) as u64 + st.uploading,
-            st.uploads_paused,
-        )
+        (st.uploads.backlog(), st.uploads.paused)
     }
 
     pub fn uploads_paused(&self) -> bool {
-        self.lock().uploads_paused
+        self.lock().uploads.paused
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let counters = self.metrics.snapshot();
         let st = self.lock();
         let now = Instant::now();
+        let (segments_total, segments_free) = st.journal.segment_counts();
         let mut snap = Snapshot {
-            segments_total: st.segments.len() as u64,
-            segments_free: st
-                .segments
-                .iter()
-                .filter(|s| s.use_ == SegmentUse::Free)
-                .count() as u64,
-            queue_len: (st.queue.len() + st.retry.len()) as u64,
-            counters: st.counters.clone(),
-            uploads_paused: st.uploads_paused,
-            last_store_error: st.last_store_error.clone().unwrap_or_default(),
+            segments_total,
+            segments_free,
+            queue_len: st.uploads.waiting(),
+            upload_bytes_per_sec: counters.upload_bytes_per_sec,
+            last_store_error: counters.last_store_error.clone().unwrap_or_default(),
+            counters,
+            uploads_paused: st.uploads.paused,
             writers_waiting_for_space: st.waiting_for_space,
             failure: st.failed.clone(),
             ..Default::default()
         };
-        for (key, e) in &st.index {
+        for (key, e) in st.index.iter() {
+            if !e.state.is_pending() {
+                continue;
+            }
+            snap.blocks_staged += 1;
+            snap.bytes_staged += e.data_len as u64;
             match e.state {
-                BlockState::Staged | BlockState::Uploading | BlockState::Quarantined => {
-                    snap.blocks_staged += 1;
-                    snap.bytes_staged += e.data_len as u64;
-                    if e.state == BlockState::Staged {
-                        snap.oldest_waiting =
-                            snap.oldest_waiting.max(now.duration_since(e.staged_at));
-                    }
-                    if e.state == BlockState::Uploading {
-                        snap.blocks_uploading += 1;
-                    }
-                    if e.state == BlockState::Quarantined {
-                        snap.quarantined.push((key.to_string(), e.clone()));
-                    }
+                BlockState::Staged => {
+                    snap.oldest_waiting = snap.oldest_waiting.max(now.duration_since(e.staged_at))
                 }
+                BlockState::Uploading => snap.blocks_uploading += 1,
+                BlockState::Quarantined => snap.quarantined.push((key.to_string(), e.clone())),
                 _ => {}
             }
         }
-        let window: u64 = st.recent_uploads.iter().map(|(_, b)| b).sum();
-        snap.upload_bytes_per_sec = window as f64 / RATE_WINDOW.as_secs_f64();
         snap
     }
 
@@ -1178,6 +1049,8 @@ impl StagingLog {
     }
 }
 
+#[cfg(test)]
+mod power_loss;
 #[cfg(test)]
 mod tests;
 
@@ -1200,103 +1073,6 @@ pub struct Snapshot {
     pub failure: Option<String>,
 }
 
-/// One record (or segment header) waiting to be written.
-struct WriteJob {
-    lsn: u64,
-    offset: u64,
-    buf: AlignedBuf,
-}
-
 /// Bounds of one vectored write (IOV_MAX is 1024).
 const MAX_RUN_RECORDS: usize = 512;
 const MAX_RUN_BYTES: usize = 64 << 20;
-
-struct Allocation {
-    lsn: u64,
-    segment: usize,
-    segment_sequence: u64,
-    device_offset: u64,
-    /// (lsn, device offset, header buffer) when a new segment was opened for this record.
-    new_segment: Option<(u64, u64, AlignedBuf)>,
-}
-
-impl LogState {
-    /// Highest lsn below which every write has completed.
-    fn watermark(&self) -> u64 {
-        match self.inflight.first() {
-            Some(first) => first - 1,
-            None => self.next_lsn - 1,
-        }
-    }
-
-    fn take_lsn(&mut self) -> u64 {
-        let lsn = self.next_lsn;
-        self.next_lsn += 1;
-        self.inflight.insert(lsn);
-        lsn
-    }
-
-    fn allocate(&mut self, len: u64, is_data: bool, sb: &Superblock) -> Option<Allocation> {
-        let mut new_segment = None;
-        if self.head_offset + len > sb.segment_bytes {
-            let count = self.segments.len();
-            let next = (self.head + 1) % count;
-            let free = self
-                .segments
-                .iter()
-                .filter(|s| s.use_ == SegmentUse::Free)
-                .count();
-            let reserve = if is_data { RESERVED_SEGMENTS } else { 0 };
-            if self.segments[next].use_ != SegmentUse::Free || free <= reserve {
-                return None;
-            }
-            // Reuse: index entries still pointing into the segment's previous life go away.
-            let old_sequence = self.segments[next].sequence;
-            for key in std::mem::take(&mut self.segments[next].keys) {
-                if self
-                    .index
-                    .get(&key)
-                    .is_some_and(|e| e.segment == next && e.segment_sequence == old_sequence)
-                {
-                    self.index.remove(&key);
-                }
-            }
-            let sequence = self.next_sequence;
-            self.next_sequence += 1;
-            let seg = &mut self.segments[next];
-            seg.use_ = SegmentUse::Live;
-            seg.sequence = sequence;
-            seg.pending = 0;
-            if self.live == 0 {
-                self.tail = next;
-            }
-            self.live += 1;
-            self.head = next;
-            self.head_offset = ALIGN as u64;
-            let mut header = AlignedBuf::zeroed(ALIGN);
-            SegmentHeader {
-                sequence,
-                generation: sb.generation,
-                device_uuid: sb.device_uuid,
-            }
-            .encode(&mut header);
-            let header_lsn = self.take_lsn();
-            new_segment = Some((header_lsn, sb.segment_offset(next as u64), header));
-        }
-        let lsn = self.take_lsn();
-        let device_offset = sb.segment_offset(self.head as u64) + self.head_offset;
-        self.head_offset += len;
-        if is_data {
-            // Pinned from now on, not from the acknowledgement: a segment must never be reclaimed
-            // while a block write into it is still in flight.
-            self.segments[self.head].pending += 1;
-        }
-        Some(Allocation {
-            lsn,
-            segment: self.head,
-            segment_sequence: self.segments[self.head].sequence,
-            device_offset,
-            new_segment,
-        })
-    }
-}

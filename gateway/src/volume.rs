@@ -16,7 +16,7 @@ use crate::format::{
 };
 use crate::io::{open_engine, EngineKind, IoEngine};
 use crate::recovery::{scan, ScanReport};
-use crate::staging::{LogConfig, StagingLog};
+use crate::staging::{LogConfig, StagingLog, UploadPolicy};
 use crate::tasks::Tasks;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,7 @@ pub struct VolumeOptions {
     pub uploads_paused: bool,
     /// Bound on one device operation (`--device-timeout`).
     pub device_timeout: Duration,
+    pub upload: UploadPolicy,
 }
 
 /// The default `--device-timeout`: far above any healthy fdatasync of a cloud volume (tens of
@@ -194,6 +195,7 @@ pub async fn open_volume_with(
             full_wait: opts.full_wait,
             uploads_paused: opts.uploads_paused,
             device_timeout: opts.device_timeout,
+            upload: opts.upload.clone(),
         },
         tasks,
     );
@@ -258,6 +260,16 @@ pub async fn format(
 /// Tests only: a small volume in `dir` (64 MiB, 8 MiB segments, the portable engine).
 #[cfg(test)]
 pub async fn small_test_volume(dir: &std::path::Path, uploads_paused: bool) -> Arc<StagingLog> {
+    small_test_volume_with(dir, uploads_paused, UploadPolicy::default()).await
+}
+
+/// [`small_test_volume`] with an upload policy of the test's own.
+#[cfg(test)]
+pub async fn small_test_volume_with(
+    dir: &std::path::Path,
+    uploads_paused: bool,
+    upload: UploadPolicy,
+) -> Arc<StagingLog> {
     open_volume(&VolumeOptions {
         path: dir.join("device"),
         create_size: 64 << 20,
@@ -267,6 +279,7 @@ pub async fn small_test_volume(dir: &std::path::Path, uploads_paused: bool) -> A
         full_wait: Duration::from_secs(1),
         uploads_paused,
         device_timeout: DEFAULT_DEVICE_TIMEOUT,
+        upload,
     })
     .await
     .expect("a test volume")
@@ -287,6 +300,7 @@ mod tests {
             full_wait: Duration::from_secs(1),
             uploads_paused: true,
             device_timeout: DEFAULT_DEVICE_TIMEOUT,
+            upload: UploadPolicy::default(),
         }
     }
 

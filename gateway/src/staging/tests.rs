@@ -6,7 +6,7 @@ use crate::service::record_with;
 use crate::tasks::Tasks;
 use crate::volume::{open_volume, VolumeOptions};
 
-fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
+pub(super) fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
     VolumeOptions {
         path: dir.join("dev"),
         create_size: size,
@@ -16,10 +16,11 @@ fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
         full_wait: Duration::from_millis(300),
         uploads_paused: false,
         device_timeout: crate::volume::DEFAULT_DEVICE_TIMEOUT,
+        upload: UploadPolicy::default(),
     }
 }
 
-fn block(slice: u64, len: u32) -> (BlockKey, Vec<u8>) {
+pub(super) fn block(slice: u64, len: u32) -> (BlockKey, Vec<u8>) {
     let key = BlockKey::new(slice, 0, len).unwrap();
     let data: Vec<u8> = (0..len)
         .map(|i| (i as u64 * 31 + slice * 7) as u8)
@@ -27,7 +28,7 @@ fn block(slice: u64, len: u32) -> (BlockKey, Vec<u8>) {
     (key, data)
 }
 
-async fn put(log: &StagingLog, slice: u64, len: u32) -> Result<BlockKey, StagingError> {
+pub(super) async fn put(log: &StagingLog, slice: u64, len: u32) -> Result<BlockKey, StagingError> {
     let (key, data) = block(slice, len);
     log.write_block(key, record_with(&key, &data), crc32c::crc32c(&data))
         .await
@@ -35,7 +36,7 @@ async fn put(log: &StagingLog, slice: u64, len: u32) -> Result<BlockKey, Staging
 }
 
 async fn upload_one(log: &StagingLog) -> BlockKey {
-    match log.next_upload(Duration::ZERO) {
+    match log.next_upload() {
         NextUpload::Ready(job) => {
             assert!(!log.complete_upload(&job));
             job.key

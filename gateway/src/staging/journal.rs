@@ -1,0 +1,263 @@
+//! The journal: where each record goes on the device, and when it counts as durable.
+//!
+//! Guarantees:
+//! - Lsns are handed out with device offsets, in order along the ring. The *durability
+//!   watermark* is the highest lsn below which every write has completed; the group commit
+//!   acknowledges a record only once an `fdatasync` issued after the watermark passed it has
+//!   completed. An acknowledged record therefore never sits behind a hole, and the recovery scan,
+//!   which stops at the first hole, always finds it.
+//! - A write that fails stays in flight forever: the watermark never passes it, so nothing
+//!   written after it is acknowledged by this process.
+//! - Segments are reclaimed strictly from the tail, so a record that states an upload or a
+//!   delete always outlives the block it speaks of. A block pins its segment from the moment its
+//!   space is allocated until it no longer waits for upload.
+//! - One free segment is kept for bookkeeping records (uploads, deletes), so the drain can always
+//!   record progress, and free space, on a full device.
+//! - A segment being reused takes its index entries from its previous life with it (the caller
+//!   drops them from the block index: [`Allocation::evicted`]).
+
+use std::collections::BTreeSet;
+
+use shared::BlockKey;
+
+use crate::aligned::{AlignedBuf, ALIGN};
+use crate::format::{SegmentHeader, Superblock};
+use crate::recovery::ScanReport;
+
+/// Data block records may not take the last free segment: it is kept for upload and delete
+/// records.
+const RESERVED_SEGMENTS: usize = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegmentUse {
+    Free,
+    Live,
+    /// Taken off the ring; its header is being invalidated before it may be reused.
+    Reclaiming,
+}
+
+#[derive(Debug)]
+struct Segment {
+    use_: SegmentUse,
+    sequence: u64,
+    /// Blocks in this segment that still need to reach the object store.
+    pending: u64,
+    keys: Vec<BlockKey>,
+}
+
+/// One record (or segment header) waiting to be written.
+pub(super) struct WriteJob {
+    pub lsn: u64,
+    pub offset: u64,
+    pub buf: AlignedBuf,
+}
+
+/// Where a record goes.
+pub(super) struct Allocation {
+    pub lsn: u64,
+    pub segment: usize,
+    pub segment_sequence: u64,
+    pub device_offset: u64,
+    /// (lsn, device offset, header buffer) when a new segment was opened for this record.
+    pub new_segment: Option<(u64, u64, AlignedBuf)>,
+    /// Blocks recorded in the reused segment's previous life: (segment, old sequence, keys).
+    pub evicted: Option<(usize, u64, Vec<BlockKey>)>,
+}
+
+pub(super) struct Journal {
+    segments: Vec<Segment>,
+    head: usize,
+    tail: usize,
+    live: usize,
+    head_offset: u64,
+    next_lsn: u64,
+    next_sequence: u64,
+    /// Lsns handed out whose device write has not completed yet.
+    inflight: BTreeSet<u64>,
+    /// Records waiting for the write combiner.
+    write_queue: Vec<WriteJob>,
+}
+
+impl Journal {
+    /// The ring as the recovery scan found it: its live segments, head and tail.
+    pub fn recovered(sb: &Superblock, scan: &ScanReport) -> Journal {
+        let count = sb.segment_count as usize;
+        let mut segments: Vec<Segment> = (0..count)
+            .map(|_| Segment {
+                use_: SegmentUse::Free,
+                sequence: 0,
+                pending: 0,
+                keys: Vec::new(),
+            })
+            .collect();
+        for seg in &scan.segments {
+            let s = &mut segments[seg.index as usize];
+            s.use_ = SegmentUse::Live;
+            s.sequence = seg.sequence;
+        }
+        let (head, tail, live, head_offset) = match (scan.segments.first(), scan.segments.last()) {
+            (Some(first), Some(last)) => (
+                last.index as usize,
+                first.index as usize,
+                scan.segments.len(),
+                last.bytes,
+            ),
+            // Nothing live: the next segment opened will be the first of the ring.
+            _ => (count - 1, 0, 0, sb.segment_bytes),
+        };
+        Journal {
+            segments,
+            head,
+            tail,
+            live,
+            head_offset,
+            next_lsn: scan.max_lsn + 1,
+            next_sequence: scan.max_segment_sequence + 1,
+            inflight: BTreeSet::new(),
+            write_queue: Vec::new(),
+        }
+    }
+
+    /// Highest lsn below which every write has completed.
+    pub fn watermark(&self) -> u64 {
+        match self.inflight.first() {
+            Some(first) => first - 1,
+            None => self.next_lsn - 1,
+        }
+    }
+
+    /// Segments opened so far (sequences are never reused).
+    #[cfg(test)]
+    pub fn segments_opened(&self) -> u64 {
+        self.next_sequence - 1
+    }
+
+    fn take_lsn(&mut self) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        self.inflight.insert(lsn);
+        lsn
+    }
+
+    /// Room for a record of `len` bytes, opening the next segment when the head one is full;
+    /// `None` when the ring is full (for a data record: when only the reserve is left). A data
+    /// record pins its segment from now on.
+    pub fn allocate(&mut self, len: u64, is_data: bool, sb: &Superblock) -> Option<Allocation> {
+        let mut new_segment = None;
+        let mut evicted = None;
+        if self.head_offset + len > sb.segment_bytes {
+            let count = self.segments.len();
+            let next = (self.head + 1) % count;
+            let free = self
+                .segments
+                .iter()
+                .filter(|s| s.use_ == SegmentUse::Free)
+                .count();
+            let reserve = if is_data { RESERVED_SEGMENTS } else { 0 };
+            if self.segments[next].use_ != SegmentUse::Free || free <= reserve {
+                return None;
+            }
+            let old_sequence = self.segments[next].sequence;
+            evicted = Some((
+                next,
+                old_sequence,
+                std::mem::take(&mut self.segments[next].keys),
+            ));
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
+            let seg = &mut self.segments[next];
+            seg.use_ = SegmentUse::Live;
+            seg.sequence = sequence;
+            seg.pending = 0;
+            if self.live == 0 {
+                self.tail = next;
+            }
+            self.live += 1;
+            self.head = next;
+            self.head_offset = ALIGN as u64;
+            let mut header = AlignedBuf::zeroed(ALIGN);
+            SegmentHeader {
+                sequence,
+                generation: sb.generation,
+                device_uuid: sb.device_uuid,
+            }
+            .encode(&mut header);
+            let header_lsn = self.take_lsn();
+            new_segment = Some((header_lsn, sb.segment_offset(next as u64), header));
+        }
+        let lsn = self.take_lsn();
+        let device_offset = sb.segment_offset(self.head as u64) + self.head_offset;
+        self.head_offset += len;
+        if is_data {
+            // Pinned from now on, not from the acknowledgement: a segment must never be reclaimed
+            // while a block write into it is still in flight.
+            self.segments[self.head].pending += 1;
+        }
+        Some(Allocation {
+            lsn,
+            segment: self.head,
+            segment_sequence: self.segments[self.head].sequence,
+            device_offset,
+            new_segment,
+            evicted,
+        })
+    }
+
+    pub fn queue_write(&mut self, job: WriteJob) {
+        self.write_queue.push(job);
+    }
+
+    pub fn take_writes(&mut self) -> Vec<WriteJob> {
+        std::mem::take(&mut self.write_queue)
+    }
+
+    /// These lsns are on the device (not yet durable).
+    pub fn written(&mut self, lsns: &[u64]) {
+        for lsn in lsns {
+            self.inflight.remove(lsn);
+        }
+    }
+
+    /// A block recorded in `segment` (dropped from the index when the segment is reused).
+    pub fn add_key(&mut self, segment: usize, key: BlockKey) {
+        self.segments[segment].keys.push(key);
+    }
+
+    /// Pins `segment` for a block recovered waiting for upload.
+    pub fn pin(&mut self, segment: usize) {
+        self.segments[segment].pending += 1;
+    }
+
+    /// A block in `segment` no longer waits for upload.
+    pub fn unpin(&mut self, segment: usize) {
+        self.segments[segment].pending -= 1;
+    }
+
+    /// Takes the tail segment off the ring when nothing in it waits for upload (the newest
+    /// segment is never taken: the head writes into it).
+    pub fn start_reclaim(&mut self) -> Option<usize> {
+        let tail = self.tail;
+        if self.live <= 1 || self.segments[tail].pending > 0 {
+            return None;
+        }
+        self.segments[tail].use_ = SegmentUse::Reclaiming;
+        self.live -= 1;
+        self.tail = (tail + 1) % self.segments.len();
+        Some(tail)
+    }
+
+    /// The segment's header is invalidated: it may be reused.
+    pub fn reclaimed(&mut self, segment: usize) {
+        self.segments[segment].use_ = SegmentUse::Free;
+    }
+
+    /// (total, free) segments.
+    pub fn segment_counts(&self) -> (u64, u64) {
+        let free = self
+            .segments
+            .iter()
+            .filter(|s| s.use_ == SegmentUse::Free)
+            .count();
+        (self.segments.len() as u64, free as u64)
+    }
+}
