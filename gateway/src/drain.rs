@@ -216,7 +216,7 @@ mod tests {
             volume
                 .write_block(
                     key,
-                    crate::service::record_with(&key, &data),
+                    crate::node::record_with(&key, &data),
                     crc32c::crc32c(&data),
                 )
                 .await
@@ -294,7 +294,7 @@ mod tests {
             volume
                 .write_block(
                     key,
-                    crate::service::record_with(&key, &data),
+                    crate::node::record_with(&key, &data),
                     crc32c::crc32c(&data),
                 )
                 .await

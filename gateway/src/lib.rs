@@ -3,7 +3,9 @@
 //! Layers, from the bottom: [`io`] (the `IoEngine` trait and its io_uring and psync backends over
 //! an `O_DIRECT` [`device`]), [`format`] (on-device structures), [`recovery`] (the start-up scan),
 //! [`staging`] (the log: group commit, index, reclaim, upload bookkeeping), [`drain`] (upload
-//! workers), [`volume`] (open, format, recover) and [`service`] (gRPC, a thin shell).
+//! workers), [`volume`] (open, format, recover), [`node`] (the gateway core: what spans the log
+//! and the metadata, and the background workers) and the gRPC adapters over it, [`service`] and
+//! [`meta_service`]. Every background task runs under [`tasks`].
 
 pub mod aligned;
 pub mod device;
@@ -16,6 +18,7 @@ pub mod io;
 /// The metadata engine, a crate of its own (`gateway/meta`).
 pub use ::meta;
 pub mod meta_service;
+pub mod node;
 pub mod recovery;
 pub mod service;
 pub mod staging;

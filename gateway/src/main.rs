@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use gateway::drain::{self, DrainConfig};
 use gateway::io::EngineKind;
 use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
-use gateway::meta_service::workers::{self as meta_workers, WorkerConfig};
-use gateway::meta_service::{ClientSettings, MetaService};
+use gateway::meta_service::MetaService;
+use gateway::node::workers::{self as node_workers, WorkerConfig};
+use gateway::node::{ClientSettings, Node};
 use gateway::service::StagingService;
 use gateway::staging::UploadPolicy;
 use gateway::tasks::Tasks;
@@ -376,38 +377,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
     let fenced = CancellationToken::new();
-    {
-        let (meta, log, fenced) = (meta.clone(), log.clone(), fenced.clone());
-        workers.spawn("meta.registry", move |stop| async move {
-            meta_workers::registry_worker(meta, log, epoch, heartbeat_interval, stop, fenced).await;
-            Ok(())
-        });
-    }
-    meta_workers::start(
-        meta.clone(),
-        log.clone(),
-        store.clone(),
+    let node = Arc::new(Node {
+        log: log.clone(),
+        meta,
+        store,
+        settings: ClientSettings {
+            store_url: args.store.clone(),
+            gateway_id,
+            gateway_address: advertise.clone(),
+            heartbeat_interval,
+        },
+    });
+    node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
+    node_workers::start(
+        &node,
         WorkerConfig {
             heartbeat_interval,
             ..WorkerConfig::default()
         },
         &workers,
     );
-    let service = StagingService {
-        log: log.clone(),
-        store,
-        store_url: args.store.clone(),
-    };
-    let meta_service = MetaService::new(
-        meta,
-        ClientSettings {
-            store_url: args.store.clone(),
-            gateway_id: log.sb.gateway_id,
-            gateway_address: advertise.clone(),
-            heartbeat_interval,
-        },
-    )
-    .with_staging(service.clone());
+    let service = StagingService::new(node.clone());
+    let meta_service = MetaService::new(node);
     tracing::info!(
         %addr,
         %advertise,

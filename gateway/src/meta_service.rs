@@ -6,21 +6,19 @@
 //! (what the FUSE client returns to the kernel) and the gRPC code the proto's header derives from
 //! it.
 //!
-//! The background work that keeps the metadata honest, expiring silent sessions and deleting the
-//! data of deleted slices, lives in [`workers`].
+//! The steps that span the staging log and the metadata (`WriteSlice`), and the background work
+//! that keeps them honest, live in the gateway core ([`crate::node`]).
 
 pub mod convert;
-pub mod workers;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{FileKind, GatewayId, MetaEngine, MetaError, RenameMode, XattrMode};
-use crate::service::StagingService;
+use crate::meta::{FileKind, MetaEngine, MetaError, RenameMode, XattrMode};
+use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
 use convert::*;
 
 /// Most entries one `ReadDir` may ask for. A client takes "fewer than `limit`" for the end of the
@@ -28,42 +26,20 @@ use convert::*;
 /// 8192 entries with 255-byte names stay under tonic's default 4 MiB decoding limit.
 pub const MAX_READDIR_LIMIT: u32 = 8192;
 
-/// What `OpenSession` tells every client: where the data goes and how to stay alive.
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    /// The object store the gateway drains to (clients read uploaded blocks from it directly).
-    pub store_url: String,
-    /// This gateway's id, from its device's superblock; recorded in the slices it stages.
-    pub gateway_id: GatewayId,
-    /// Where clients reach this gateway's `Staging` service (`--advertise`).
-    pub gateway_address: String,
-    /// Clients heartbeat at least this often; 3 missed intervals expire a session.
-    pub heartbeat_interval: Duration,
-}
-
-/// The `Meta` gRPC service over one engine.
+/// The `Meta` gRPC service over the gateway core.
 #[derive(Clone)]
 pub struct MetaService {
+    node: Arc<Node>,
+    /// The node's engine (a shorthand).
     engine: Arc<dyn MetaEngine>,
-    settings: Arc<ClientSettings>,
-    /// This gateway's staging service, for `WriteSlice`; without it `WriteSlice` is
-    /// unimplemented (clients then use WriteBlock and CommitSlice).
-    staging: Option<StagingService>,
 }
 
 impl MetaService {
-    pub fn new(engine: Arc<dyn MetaEngine>, settings: ClientSettings) -> MetaService {
+    pub fn new(node: Arc<Node>) -> MetaService {
         MetaService {
-            engine,
-            settings: Arc::new(settings),
-            staging: None,
+            engine: node.meta.clone(),
+            node,
         }
-    }
-
-    /// Serves `WriteSlice` by staging its block on `staging`, this gateway's own device.
-    pub fn with_staging(mut self, staging: StagingService) -> MetaService {
-        self.staging = Some(staging);
-        self
     }
 
     /// Runs one engine call; `rpc` names the call in error messages.
@@ -73,6 +49,19 @@ impl MetaService {
         work: impl std::future::Future<Output = Result<T, MetaError>>,
     ) -> Result<T, Status> {
         work.await.map_err(|error| meta_status(rpc, &error))
+    }
+}
+
+/// The one mapping from a failed step of the core to what a `Meta` client sees.
+fn node_status(rpc: &str, error: NodeError) -> Status {
+    match error {
+        NodeError::Meta(e) => meta_status(rpc, &e),
+        NodeError::Staging(e) => Status::from(e),
+        NodeError::Block(BlockInputError::Invalid(m)) => meta_status(rpc, &MetaError::Invalid(m)),
+        NodeError::Block(e @ BlockInputError::Checksum(_)) => {
+            errno_status(Code::DataLoss, libc::EIO, format!("{rpc}: {e}"))
+        }
+        NodeError::Task(m) => errno_status(Code::Internal, libc::EIO, format!("{rpc}: {m}")),
     }
 }
 
@@ -132,7 +121,7 @@ impl Meta for MetaService {
             })
             .await?;
         tracing::info!(session_id, description = %logged, "session opened");
-        let settings = &self.settings;
+        let settings = &self.node.settings;
         Ok(Response::new(pb::OpenSessionResponse {
             session_id,
             store_url: settings.store_url.clone(),
@@ -530,76 +519,26 @@ impl Meta for MetaService {
         request: Request<pb::WriteSliceRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
         const RPC: &str = "WriteSlice";
-        let Some(staging) = self.staging.clone() else {
-            return Err(errno_status(
-                Code::Unimplemented,
-                libc::ENOSYS,
-                format!("{RPC}: this gateway stages no blocks; use WriteBlock and CommitSlice"),
-            ));
-        };
         let request = request.into_inner();
         let commit = request
             .commit
             .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
         let slice =
             slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
-        if slice.gateway_id != self.settings.gateway_id {
-            return Err(meta_status(
-                RPC,
-                &MetaError::Invalid(format!(
-                    "slice {} names gateway {}, but this gateway is {}",
-                    slice.slice_id,
-                    uuid(&slice.gateway_id),
-                    uuid(&self.settings.gateway_id)
-                )),
-            ));
-        }
-        if request.data.len() as u64 != u64::from(slice.len) {
-            return Err(meta_status(
-                RPC,
-                &MetaError::Invalid(format!(
-                    "slice {} is {} bytes long but carries {} bytes",
-                    slice.slice_id,
-                    slice.len,
-                    request.data.len()
-                )),
-            ));
-        }
-        let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
-            .map_err(|e| meta_status(RPC, &MetaError::Invalid(e.to_string())))?;
-        // The three steps run in a task of their own, to the end even if the client goes away:
-        // a staged block is never left without its pending record.
-        let engine = self.engine.clone();
-        let write = async move {
-            let session = commit.session_id;
-            // Durable with the commit below. Should the gateway die first, the client has no
-            // answer and writes the slice again, under a fresh id.
-            engine
-                .record_pending_slice_lazily(session, &slice)
-                .await
-                .map_err(|e| meta_status(RPC, &e))?;
-            staging
-                .stage_block(key, &request.data, request.crc32c)
-                .await?;
-            engine
-                .commit_slice(
-                    session,
-                    commit.ino,
-                    commit.chunk_index,
-                    &slice,
-                    commit.new_size,
-                    commit.mtime_ns,
-                )
-                .await
-                .map_err(|e| meta_status(RPC, &e))
-        };
-        let attr = tokio::spawn(write).await.map_err(|e| {
-            errno_status(
-                Code::Internal,
-                libc::EIO,
-                format!("{RPC}: the write task failed: {e}"),
-            )
-        })??;
+        let attr = self
+            .node
+            .write_slice(SliceWrite {
+                session: commit.session_id,
+                ino: commit.ino,
+                chunk_index: commit.chunk_index,
+                slice,
+                new_size: commit.new_size,
+                mtime_ns: commit.mtime_ns,
+                data: request.data,
+                crc32c: request.crc32c,
+            })
+            .await
+            .map_err(|e| node_status(RPC, e))?;
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -617,8 +556,8 @@ impl MetaService {
             .call("ListGateways", self.engine.list_gateways())
             .await?;
         // Alive: heartbeated within the expiry of a session (3 heartbeat intervals).
-        let horizon =
-            i64::try_from((3 * self.settings.heartbeat_interval).as_nanos()).unwrap_or(i64::MAX);
+        let horizon = i64::try_from((3 * self.node.settings.heartbeat_interval).as_nanos())
+            .unwrap_or(i64::MAX);
         let now = crate::meta::now_ns();
         Ok(pb::ListGatewaysResponse {
             gateways: records
@@ -635,11 +574,6 @@ impl MetaService {
                 .collect(),
         })
     }
-}
-
-/// A gateway id as `stagefs-gateway inspect` shows it.
-fn uuid(id: &GatewayId) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(*id)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The gRPC staging service: a thin shell over [`StagingLog`] that validates input and maps
-//! errors to status codes in one place.
+//! The gRPC staging service: a thin adapter over the gateway core ([`Node`]) that assembles
+//! incoming blocks and maps errors to status codes in one place.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,15 +12,35 @@ use shared::BlockKey;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::aligned::AlignedBuf;
-use crate::format::{record_len, RECORD_HEADER_BYTES};
+use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
 
 #[derive(Clone)]
 pub struct StagingService {
-    pub log: Arc<StagingLog>,
-    pub store: Arc<dyn ObjectStore>,
-    pub store_url: String,
+    node: Arc<Node>,
+}
+
+impl StagingService {
+    pub fn new(node: Arc<Node>) -> StagingService {
+        StagingService { node }
+    }
+
+    fn log(&self) -> &Arc<StagingLog> {
+        &self.node.log
+    }
+
+    fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.node.store
+    }
+}
+
+impl From<BlockInputError> for Status {
+    fn from(e: BlockInputError) -> Status {
+        match e {
+            BlockInputError::Invalid(m) => Status::invalid_argument(m),
+            BlockInputError::Checksum(m) => Status::data_loss(m),
+        }
+    }
 }
 
 impl From<StagingError> for Status {
@@ -53,15 +73,6 @@ fn proto_state(state: BlockState) -> pb::BlockState {
     }
 }
 
-/// A record buffer for `key` holding `data` where the log expects it (used by tests and tools).
-pub fn record_with(key: &BlockKey, data: &[u8]) -> AlignedBuf {
-    let key_len = key.to_string().len();
-    let mut record = AlignedBuf::zeroed(record_len(key_len, data.len()) as usize);
-    record[RECORD_HEADER_BYTES + key_len..RECORD_HEADER_BYTES + key_len + data.len()]
-        .copy_from_slice(data);
-    record
-}
-
 fn timeout_of(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
@@ -89,7 +100,7 @@ impl Staging for StagingService {
                 ))
             }
         };
-        let (key, mut record) = IncomingBlock::start(&header)?;
+        let (key, mut record) = IncomingBlock::start(&header.key, header.total_len)?;
         while let Some(frame) = stream.next().await {
             match frame? {
                 pb::WriteBlockRequest {
@@ -102,7 +113,7 @@ impl Staging for StagingService {
                 }
             }
         }
-        let sequence = self.stage(key, record.finish(header.crc32c)?).await?;
+        let sequence = self.stage(key, record, header.crc32c).await?;
         Ok(Response::new(pb::WriteBlockResponse { sequence }))
     }
 
@@ -162,7 +173,7 @@ impl Staging for StagingService {
     ) -> Result<Response<pb::ReadBlockResponse>, Status> {
         let req = request.into_inner();
         let key = parse_key(&req.key)?;
-        let (data, state) = self.log.read_block(&key).await.inspect_err(|e| {
+        let (data, state) = self.log().read_block(&key).await.inspect_err(|e| {
             if let StagingError::Corrupt { .. } = e {
                 tracing::error!(%key, error = %e, "staged block fails verification; not served");
             }
@@ -195,7 +206,7 @@ impl Staging for StagingService {
         let mut blocks = Vec::new();
         for key_text in request.into_inner().keys {
             let key = parse_key(&key_text)?;
-            blocks.push(match self.log.entry(&key) {
+            blocks.push(match self.log().entry(&key) {
                 Some(e) => pb::BlockStat {
                     key: key_text,
                     state: proto_state(e.state) as i32,
@@ -225,11 +236,11 @@ impl Staging for StagingService {
             .map(|k| parse_key(k))
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = timeout_of(req.timeout_ms).map(|t| Instant::now() + t);
-        let mut changes = self.log.subscribe_changes();
+        let mut changes = self.log().subscribe_changes();
         // Keys the gateway does not know must already be in the store; checked once.
         for key in &keys {
-            if self.log.entry(key).is_none() {
-                match self.store.head(&Path::from(key.to_string())).await {
+            if self.log().entry(key).is_none() {
+                match self.store().head(&Path::from(key.to_string())).await {
                     Ok(_) => {}
                     Err(object_store::Error::NotFound { .. }) => {
                         return Err(Status::not_found(format!(
@@ -248,7 +259,7 @@ impl Staging for StagingService {
             changes.borrow_and_update();
             let mut waiting = 0;
             for key in &keys {
-                match self.log.entry(key).map(|e| (e.state, e.last_error)) {
+                match self.log().entry(key).map(|e| (e.state, e.last_error)) {
                     None | Some((BlockState::Uploaded, _)) => {}
                     Some((BlockState::Quarantined, error)) => {
                         return Err(Status::failed_precondition(format!(
@@ -294,7 +305,7 @@ impl Staging for StagingService {
             .iter()
             .map(|k| parse_key(k))
             .collect::<Result<Vec<_>, _>>()?;
-        let (dropped, not_pending) = self.log.delete_blocks(&keys).await?;
+        let (dropped, not_pending) = self.log().delete_blocks(&keys).await?;
         Ok(Response::new(pb::DeleteBlocksResponse {
             dropped,
             not_pending,
@@ -306,10 +317,10 @@ impl Staging for StagingService {
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let deadline = timeout_of(request.into_inner().timeout_ms).map(|t| Instant::now() + t);
-        let mut changes = self.log.subscribe_changes();
+        let mut changes = self.log().subscribe_changes();
         loop {
             changes.borrow_and_update();
-            let (backlog, paused) = self.log.upload_backlog();
+            let (backlog, paused) = self.log().upload_backlog();
             if backlog == 0 {
                 break;
             }
@@ -349,7 +360,7 @@ impl Staging for StagingService {
         _request: Request<pb::RetryQuarantinedRequest>,
     ) -> Result<Response<pb::RetryQuarantinedResponse>, Status> {
         Ok(Response::new(pb::RetryQuarantinedResponse {
-            requeued: self.log.retry_quarantined(),
+            requeued: self.log().retry_quarantined(),
         }))
     }
 
@@ -359,81 +370,8 @@ impl Staging for StagingService {
     ) -> Result<Response<pb::SetUploadsPausedResponse>, Status> {
         let paused = request.into_inner().paused;
         tracing::info!(paused, "uploads paused state changed by request");
-        self.log.set_uploads_paused(paused);
+        self.log().set_uploads_paused(paused);
         Ok(Response::new(pb::SetUploadsPausedResponse {}))
-    }
-}
-
-/// A block being received: validated header, data accumulating in its record buffer.
-struct IncomingBlock {
-    key: BlockKey,
-    record: AlignedBuf,
-    data_start: usize,
-    received: usize,
-    crc: u32,
-}
-
-impl IncomingBlock {
-    fn start(header: &pb::BlockHeader) -> Result<(BlockKey, IncomingBlock), Status> {
-        let key = parse_key(&header.key)?;
-        if header.total_len != key.len() {
-            return Err(Status::invalid_argument(format!(
-                "total_len {} does not match the length {} in block key {}",
-                header.total_len,
-                key.len(),
-                header.key
-            )));
-        }
-        Ok((key, IncomingBlock::for_key(key, header.key.len())))
-    }
-
-    /// A record buffer for `key`, whose text form is `key_len` bytes long.
-    fn for_key(key: BlockKey, key_len: usize) -> IncomingBlock {
-        let total = key.len() as usize;
-        let mut record = AlignedBuf::uninit(record_len(key_len, total) as usize);
-        let data_start = RECORD_HEADER_BYTES + key_len;
-        // A reused buffer holds an earlier record: zero the padding after this one's data.
-        record[data_start + total..].fill(0);
-        IncomingBlock {
-            key,
-            record,
-            data_start,
-            received: 0,
-            crc: 0,
-        }
-    }
-
-    fn append(&mut self, data: &[u8]) -> Result<(), Status> {
-        let total = self.key.len() as usize;
-        if self.received + data.len() > total {
-            return Err(Status::invalid_argument(format!(
-                "block {}: stream carries more than total_len {total} bytes",
-                self.key
-            )));
-        }
-        let at = self.data_start + self.received;
-        self.record[at..at + data.len()].copy_from_slice(data);
-        self.crc = crc32c::crc32c_append(self.crc, data);
-        self.received += data.len();
-        Ok(())
-    }
-
-    /// The record, once every byte arrived and the checksum matches the header's.
-    fn finish(self, expected_crc: u32) -> Result<(AlignedBuf, u32), Status> {
-        let total = self.key.len() as usize;
-        if self.received != total {
-            return Err(Status::invalid_argument(format!(
-                "block {}: stream truncated, got {} of {total} bytes",
-                self.key, self.received
-            )));
-        }
-        if self.crc != expected_crc {
-            return Err(Status::data_loss(format!(
-                "block {}: crc32c mismatch, header says {expected_crc:#010x}, data has {:#010x}",
-                self.key, self.crc
-            )));
-        }
-        Ok((self.record, self.crc))
     }
 }
 
@@ -441,14 +379,8 @@ impl IncomingBlock {
 const WRITE_BLOCKS_IN_FLIGHT: usize = 64;
 
 impl StagingService {
-    async fn stage(&self, key: BlockKey, (record, crc): (AlignedBuf, u32)) -> Result<u64, Status> {
-        Ok(self
-            .log
-            .write_block(key, record, crc)
-            .await
-            .inspect_err(|e| {
-                tracing::warn!(%key, error = %e, "block write refused");
-            })?)
+    async fn stage(&self, key: BlockKey, block: IncomingBlock, crc: u32) -> Result<u64, Status> {
+        Ok(self.node.stage(key, block.finish(crc)?).await?)
     }
 
     async fn stage_whole(&self, request: &pb::WriteBlocksRequest) -> Result<u64, Status> {
@@ -456,27 +388,13 @@ impl StagingService {
             .header
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("WriteBlocks request without a header"))?;
-        let (key, mut block) = IncomingBlock::start(header)?;
+        let (key, mut block) = IncomingBlock::start(&header.key, header.total_len)?;
         block.append(&request.data)?;
-        self.stage(key, block.finish(header.crc32c)?).await
-    }
-
-    /// Stages one whole block whose bytes arrived in another request (`WriteSlice`); answers
-    /// once it is durable on the device, with the same checks and errors as `WriteBlock`.
-    pub async fn stage_block(
-        &self,
-        key: BlockKey,
-        data: &[u8],
-        crc32c: u32,
-    ) -> Result<u64, Status> {
-        // The key is already parsed and matches the data's length (it was made from it).
-        let mut block = IncomingBlock::for_key(key, key.to_string().len());
-        block.append(data)?;
-        self.stage(key, block.finish(crc32c)?).await
+        self.stage(key, block, header.crc32c).await
     }
 
     fn status_now(&self) -> pb::StatusResponse {
-        let log = &self.log;
+        let log = self.log();
         let snap = log.snapshot();
         let sb = &log.sb;
         pb::StatusResponse {
@@ -484,7 +402,7 @@ impl StagingService {
             generation: sb.generation,
             device_path: log.device_path.display().to_string(),
             io_engine: log.io_engine_name().to_string(),
-            store_url: self.store_url.clone(),
+            store_url: self.node.settings.store_url.clone(),
             device_bytes: sb.device_bytes,
             segment_bytes: sb.segment_bytes,
             segments_total: snap.segments_total,

@@ -566,19 +566,22 @@ impl StagingLog {
                 if !run.is_empty()
                     && (!adjacent || run.len() >= MAX_RUN_RECORDS || run_bytes >= MAX_RUN_BYTES)
                 {
-                    tokio::spawn(self.clone().write_run(std::mem::take(&mut run)));
+                    let run = std::mem::take(&mut run);
+                    self.tasks
+                        .spawn_short("staging.write-run", self.clone().write_run(run));
                     run_bytes = 0;
                 }
                 run_bytes += job.buf.len();
                 run.push(job);
             }
             if !run.is_empty() {
-                tokio::spawn(self.clone().write_run(run));
+                self.tasks
+                    .spawn_short("staging.write-run", self.clone().write_run(run));
             }
         }
     }
 
-    async fn write_run(self: Arc<Self>, run: Vec<WriteJob>) {
+    async fn write_run(self: Arc<Self>, run: Vec<WriteJob>) -> Result<(), String> {
         let offset = run[0].offset;
         let lsns: Vec<u64> = run.iter().map(|j| j.lsn).collect();
         let bufs: Vec<AlignedBuf> = run.into_iter().map(|j| j.buf).collect();
@@ -601,12 +604,14 @@ impl StagingLog {
                 // nothing written after them is acknowledged.
                 drop(st);
                 tracing::error!(device = %self.device_path.display(), %reason, "device write failed; refusing further writes");
+                // A device failure fails the log, not the process: reads and uploads go on.
                 self.fail(reason);
-                return;
+                return Ok(());
             }
         }
         drop(st);
         self.sync_kick.notify_one();
+        Ok(())
     }
 
     /// The group commit: one fdatasync covers every write completed before it started.

@@ -9,6 +9,9 @@
 //!   staging log answers its waiting writers `UNAVAILABLE` without waiting for anything else,
 //!   and `serve` stops and exits non-zero so a supervisor restarts it (recovery then does its
 //!   job).
+//! - Short tasks a long one hands work to (one device write each) run under the same rules
+//!   ([`Tasks::spawn_short`]), and [`Tasks::drain`] waits for them too, so nothing the group
+//!   started still runs when it returns.
 //! - [`Tasks::drain`] cancels the group and waits, with a bound, for its tasks; one still running
 //!   after the bound is aborted and named in the log.
 //!
@@ -23,6 +26,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Why the gateway must stop: a background task panicked or failed beyond repair.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +50,7 @@ pub struct Tasks {
     shared: Arc<Shared>,
     stop: CancellationToken,
     handles: Handles,
+    short: TaskTracker,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -75,6 +80,7 @@ impl Tasks {
             }),
             stop: CancellationToken::new(),
             handles: Arc::default(),
+            short: TaskTracker::new(),
         }
     }
 
@@ -84,6 +90,7 @@ impl Tasks {
             shared: self.shared.clone(),
             stop: CancellationToken::new(),
             handles: Arc::default(),
+            short: TaskTracker::new(),
         }
     }
 
@@ -94,9 +101,27 @@ impl Tasks {
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        let future = task(self.stop.clone());
+        let handle = tokio::spawn(self.supervised(name, task(self.stop.clone())));
+        self.handles.lock().unwrap().push((name, handle));
+    }
+
+    /// Runs `task` to its end (it is short: one device write, say); a panic or an `Err` becomes
+    /// the process's [`Fatal`], and [`Tasks::drain`] waits for it.
+    pub fn spawn_short(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), String>> + Send + 'static,
+    ) {
+        self.short.spawn(self.supervised(name, task));
+    }
+
+    fn supervised(
+        &self,
+        name: &'static str,
+        future: impl Future<Output = Result<(), String>> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let me = self.clone();
-        let handle = tokio::spawn(async move {
+        async move {
             let outcome = AssertUnwindSafe(future).catch_unwind().await;
             let reason = match outcome {
                 Ok(Ok(())) => return,
@@ -111,8 +136,7 @@ impl Tasks {
                 }
             };
             me.record_fatal(name, reason);
-        });
-        self.handles.lock().unwrap().push((name, handle));
+        }
     }
 
     /// Records why the gateway must stop; only the first record counts.
@@ -197,6 +221,17 @@ impl Tasks {
                 );
                 handle.abort();
             }
+        }
+        self.short.close();
+        if tokio::time::timeout_at(deadline, self.short.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.short.len(),
+                ?bound,
+                "short background tasks did not end in time"
+            );
         }
     }
 }

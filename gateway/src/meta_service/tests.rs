@@ -14,10 +14,11 @@ use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Status};
 
-use super::workers::{expire_silent_sessions, DataCleaner};
 use super::*;
 use crate::faulty_store::FaultyStore;
-use crate::meta::{MetaConfig, MetaLocation, Slice};
+use crate::meta::{GatewayId, MetaConfig, MetaLocation, Slice};
+use crate::node::workers::{self, expire_silent_sessions, DataCleaner};
+use crate::node::{ClientSettings, Node};
 use crate::staging::{BlockState, StagingLog};
 use crate::volume::small_test_volume;
 
@@ -175,18 +176,26 @@ async fn engine(dir: &tempfile::TempDir, config: MetaConfig) -> Arc<dyn MetaEngi
     Arc::new(crate::meta::open(&location, config).await.unwrap())
 }
 
+/// A service over a gateway core with a fresh redb engine, a small staging log and an
+/// in-memory store, all in `dir`.
 async fn service(
     dir: &tempfile::TempDir,
     config: MetaConfig,
-) -> (MetaService, Arc<dyn MetaEngine>) {
+) -> (MetaService, Arc<dyn MetaEngine>, Arc<StagingLog>) {
     let engine = engine(dir, config).await;
-    let settings = ClientSettings {
-        store_url: "memory://".into(),
-        gateway_id: GATEWAY_ID,
-        gateway_address: "gateway.example:7070".into(),
-        heartbeat_interval: Duration::from_millis(1500),
-    };
-    (MetaService::new(engine.clone(), settings), engine)
+    let log = staging_log(dir).await;
+    let node = Arc::new(Node {
+        log: log.clone(),
+        meta: engine.clone(),
+        store: Arc::new(InMemory::new()),
+        settings: ClientSettings {
+            store_url: "memory://".into(),
+            gateway_id: GATEWAY_ID,
+            gateway_address: "gateway.example:7070".into(),
+            heartbeat_interval: Duration::from_millis(1500),
+        },
+    });
+    (MetaService::new(node), engine, log)
 }
 
 fn fast_config() -> MetaConfig {
@@ -207,7 +216,7 @@ fn entry(parent: u64, name: &str) -> Request<pb::EntryRequest> {
 #[tokio::test]
 async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, _engine) = service(&dir, fast_config()).await;
+    let (service, _engine, _log) = service(&dir, fast_config()).await;
 
     let session = service
         .open_session(Request::new(pb::OpenSessionRequest {
@@ -327,7 +336,7 @@ async fn stage(log: &StagingLog, key: &shared::BlockKey) {
     let data = vec![key.block_index as u8; key.len() as usize];
     log.write_block(
         *key,
-        crate::service::record_with(key, &data),
+        crate::node::record_with(key, &data),
         crc32c::crc32c(&data),
     )
     .await
@@ -463,10 +472,19 @@ async fn workers_stop_when_cancelled() {
     let log = staging_log(&dir).await;
     let engine = engine(&dir, fast_config()).await;
     let tasks = crate::tasks::Tasks::new();
+    let node = Node {
+        log: log.clone(),
+        meta: engine,
+        store: Arc::new(InMemory::new()),
+        settings: ClientSettings {
+            store_url: "memory://".into(),
+            gateway_id: GATEWAY_ID,
+            gateway_address: "gateway.example:7070".into(),
+            heartbeat_interval: Duration::from_millis(20),
+        },
+    };
     workers::start(
-        engine,
-        log.clone(),
-        Arc::new(InMemory::new()),
+        &node,
         workers::WorkerConfig {
             heartbeat_interval: Duration::from_millis(20),
             cleanup_interval: Duration::from_millis(20),
@@ -509,15 +527,7 @@ fn write_slice_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_slice_stages_the_block_and_commits_it_once() {
     let dir = tempfile::tempdir().unwrap();
-    let log = staging_log(&dir).await;
-    let (without_staging, engine) = service(&dir, fast_config()).await;
-    let service = without_staging
-        .clone()
-        .with_staging(crate::service::StagingService {
-            log: log.clone(),
-            store: Arc::new(InMemory::new()),
-            store_url: "memory://".into(),
-        });
+    let (service, engine, log) = service(&dir, fast_config()).await;
     let session = engine.open_session("writer").await.unwrap();
     let node = crate::meta::NewNode {
         kind: FileKind::File,
@@ -596,11 +606,5 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
     corrupt.get_mut().crc32c ^= 1;
     let refused = service.write_slice(corrupt).await.unwrap_err();
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
-    let unsupported = without_staging
-        .write_slice(write_slice_request(session, file.ino, &other, &data))
-        .await
-        .unwrap_err();
-    assert_eq!(unsupported.code(), Code::Unimplemented);
-    assert_eq!(errno_of(&unsupported), libc::ENOSYS);
     assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
 }

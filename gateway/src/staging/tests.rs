@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::io::EngineKind;
-use crate::service::record_with;
+use crate::node::record_with;
 use crate::tasks::Tasks;
 use crate::volume::{open_volume, VolumeOptions};
 

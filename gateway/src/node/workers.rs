@@ -1,7 +1,8 @@
-//! Background workers of the metadata service: session expiry and deleted-data cleanup.
+//! Background workers of the gateway core: session expiry, deleted-data cleanup and the registry
+//! heartbeat.
 //!
-//! Both live in a [`Tasks`] group like every background task: [`start`] spawns them, they tick on
-//! an interval, and they stop at the next tick boundary once the group is drained. A tick that is
+//! They live in a [`Tasks`] group like every background task: [`start`] spawns them, they tick
+//! on an interval, and they stop at the next tick boundary once the group is drained. A tick that is
 //! under way finishes: cutting a staging-log append short could leave a hole in the log, and
 //! nothing here is lost by waiting for it.
 //!
@@ -23,6 +24,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use tokio_util::sync::CancellationToken;
 
+use super::Node;
 use crate::meta::{now_ns, DeletedSlice, GatewayLoad, MetaEngine, MetaError, SessionId};
 use crate::staging::StagingLog;
 use crate::tasks::{ticker, Tasks};
@@ -60,26 +62,21 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Starts the session-expiry and cleanup workers in `tasks`.
-pub fn start(
-    engine: Arc<dyn MetaEngine>,
-    staging: Arc<StagingLog>,
-    store: Arc<dyn ObjectStore>,
-    config: WorkerConfig,
-    tasks: &Tasks,
-) {
+/// Starts the session-expiry and cleanup workers of `node` in `tasks`.
+pub fn start(node: &Node, config: WorkerConfig, tasks: &Tasks) {
+    let engine = node.meta.clone();
     let cleaner = DataCleaner {
         engine: engine.clone(),
-        staging,
-        store,
+        staging: node.log.clone(),
+        store: node.store.clone(),
         batch: config.cleanup_batch.max(1),
     };
     let expiry = config.clone();
-    tasks.spawn("meta.session-expiry", |stop| async move {
+    tasks.spawn("node.session-expiry", |stop| async move {
         expire_sessions_worker(engine, expiry, stop).await;
         Ok(())
     });
-    tasks.spawn("meta.cleanup", |stop| async move {
+    tasks.spawn("node.cleanup", |stop| async move {
         cleanup_worker(cleaner, config, stop).await;
         Ok(())
     });
@@ -162,10 +159,20 @@ async fn cleanup_worker(cleaner: DataCleaner, config: WorkerConfig, shutdown: Ca
     }
 }
 
-/// Keeps this gateway's registration alive with its load, every `interval`. Returns (and cancels
-/// `fenced`) when a later start of the same gateway id took over: this process must stop
-/// serving. A heartbeat the database cannot take is logged and tried again next tick.
-pub async fn registry_worker(
+/// Starts the registry heartbeat of `node` (registered with `epoch`) in `tasks`: it keeps this
+/// gateway's registration alive with its load every heartbeat interval, and cancels `fenced` when
+/// a later start of the same gateway id took over: this process must stop serving. A heartbeat
+/// the database cannot take is logged and tried again next tick.
+pub fn start_registry(node: &Node, epoch: u64, fenced: CancellationToken, tasks: &Tasks) {
+    let (engine, staging) = (node.meta.clone(), node.log.clone());
+    let interval = node.settings.heartbeat_interval;
+    tasks.spawn("node.registry", move |stop| async move {
+        registry_worker(engine, staging, epoch, interval, stop, fenced).await;
+        Ok(())
+    });
+}
+
+async fn registry_worker(
     engine: Arc<dyn MetaEngine>,
     staging: Arc<StagingLog>,
     epoch: u64,

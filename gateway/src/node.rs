@@ -1,0 +1,138 @@
+//! The gateway core: what one gateway does, whatever the wire. It owns the staging log, the
+//! metadata engine and the object store of a gateway; the gRPC services ([`crate::service`],
+//! [`crate::meta_service`]) are thin adapters over it that convert requests and map errors, and
+//! never call each other.
+//!
+//! Here live the steps that span the log and the metadata: `WriteSlice` (record the pending
+//! slice, stage its block, commit it), and in [`workers`] the background work that keeps the
+//! two honest (session expiry, deleted-data cleanup, the registry heartbeat).
+
+pub mod incoming;
+pub mod workers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::ObjectStore;
+use shared::BlockKey;
+
+use crate::aligned::AlignedBuf;
+use crate::meta::{Attr, GatewayId, Ino, MetaEngine, MetaError, SessionId, Slice, TimeNs};
+use crate::staging::{StagingError, StagingLog};
+pub use incoming::{record_with, BlockInputError, IncomingBlock};
+
+/// What `OpenSession` tells every client: where the data goes and how to stay alive.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// The object store the gateway drains to (clients read uploaded blocks from it directly).
+    pub store_url: String,
+    /// This gateway's id, from its device's superblock; recorded in the slices it stages.
+    pub gateway_id: GatewayId,
+    /// Where clients reach this gateway's `Staging` service (`--advertise`).
+    pub gateway_address: String,
+    /// Clients heartbeat at least this often; 3 missed intervals expire a session.
+    pub heartbeat_interval: Duration,
+}
+
+/// One gateway: its staging log, the shared metadata, the store.
+pub struct Node {
+    pub log: Arc<StagingLog>,
+    pub meta: Arc<dyn MetaEngine>,
+    pub store: Arc<dyn ObjectStore>,
+    pub settings: ClientSettings,
+}
+
+/// Why a step of the core failed; each service maps it to its wire in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error(transparent)]
+    Block(#[from] BlockInputError),
+    /// The task that ran the steps died (a bug): never an answer about the file system.
+    #[error("the write task failed: {0}")]
+    Task(String),
+}
+
+/// A `WriteSlice`: a slice shorter than a block, its bytes, and the commit that makes it visible.
+#[derive(Debug, Clone)]
+pub struct SliceWrite {
+    pub session: SessionId,
+    pub ino: Ino,
+    pub chunk_index: u64,
+    pub slice: Slice,
+    pub new_size: u64,
+    pub mtime_ns: TimeNs,
+    pub data: Bytes,
+    pub crc32c: u32,
+}
+
+impl Node {
+    /// Stages one block whose record was assembled from a client's bytes; answers once durable.
+    pub async fn stage(
+        &self,
+        key: BlockKey,
+        (record, crc): (AlignedBuf, u32),
+    ) -> Result<u64, StagingError> {
+        self.log
+            .write_block(key, record, crc)
+            .await
+            .inspect_err(|e| tracing::warn!(%key, error = %e, "block write refused"))
+    }
+
+    /// Records the slice as pending, stages its block on this gateway's device and commits it:
+    /// one round trip for a small file or an append. Runs to the end in a task of its own even
+    /// if the caller goes away, so a staged block is never left without its pending record.
+    pub async fn write_slice(self: &Arc<Self>, write: SliceWrite) -> Result<Attr, NodeError> {
+        let slice = write.slice;
+        if slice.gateway_id != self.settings.gateway_id {
+            return Err(MetaError::Invalid(format!(
+                "slice {} names gateway {}, but this gateway is {}",
+                slice.slice_id,
+                uuid::Uuid::from_bytes(slice.gateway_id),
+                uuid::Uuid::from_bytes(self.settings.gateway_id)
+            ))
+            .into());
+        }
+        if write.data.len() as u64 != u64::from(slice.len) {
+            return Err(MetaError::Invalid(format!(
+                "slice {} is {} bytes long but carries {} bytes",
+                slice.slice_id,
+                slice.len,
+                write.data.len()
+            ))
+            .into());
+        }
+        let key = BlockKey::new(slice.slice_id, 0, slice.len)
+            .map_err(|e| MetaError::Invalid(e.to_string()))?;
+        let node = self.clone();
+        let steps = async move {
+            // Durable with the commit below. Should the gateway die first, the client has no
+            // answer and writes the slice again, under a fresh id.
+            node.meta
+                .record_pending_slice_lazily(write.session, &slice)
+                .await?;
+            // The key is parsed and matches the data's length (it was made from it).
+            let mut block = IncomingBlock::for_key(key, key.to_string().len());
+            block.append(&write.data)?;
+            node.stage(key, block.finish(write.crc32c)?).await?;
+            Ok(node
+                .meta
+                .commit_slice(
+                    write.session,
+                    write.ino,
+                    write.chunk_index,
+                    &slice,
+                    write.new_size,
+                    write.mtime_ns,
+                )
+                .await?)
+        };
+        tokio::spawn(steps)
+            .await
+            .map_err(|e| NodeError::Task(e.to_string()))?
+    }
+}
