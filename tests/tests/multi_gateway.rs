@@ -218,9 +218,13 @@ fn sixteen_writers_over_two_gateways_leave_the_tree_their_acknowledged_operation
             "1s",
         ])
     });
+    // The writers run for the stress time, and the check reads back every file they left on
+    // both mounts (a few hundred per minute of stress, at ~0.1 s each on this machine's fsync):
+    // the mounts' watchdog grows with the stress time.
+    let watchdog = Duration::from_secs(240 + 4 * stress_secs());
     let mounts = [
-        cluster.mount(0, "a").no_cache().start(),
-        cluster.mount(1, "b").no_cache().start(),
+        cluster.mount(0, "a").no_cache().watchdog(watchdog).start(),
+        cluster.mount(1, "b").no_cache().watchdog(watchdog).start(),
     ];
     fs::create_dir(mounts[0].join("shared")).unwrap();
     let seed = rand::random::<u64>();
@@ -255,12 +259,21 @@ fn sixteen_writers_over_two_gateways_leave_the_tree_their_acknowledged_operation
             "the tree on {}",
             mount.path().display()
         );
-        for (name, (seed, len, nlink)) in &want {
-            let path = dir.join(name);
-            let meta = fs::metadata(&path).unwrap();
-            assert_eq!(meta.nlink(), *nlink, "links of {name}");
-            assert_bytes(&path, &Pattern::new(*seed).bytes(0, *len));
-        }
+        // Eight readers at once: each file costs a few metadata round trips and block reads.
+        let files: Vec<_> = want.iter().collect();
+        std::thread::scope(|scope| {
+            for part in files.chunks(files.len().div_ceil(8).max(1)) {
+                let dir = &dir;
+                scope.spawn(move || {
+                    for (name, (seed, len, nlink)) in part {
+                        let path = dir.join(name);
+                        let meta = fs::metadata(&path).unwrap();
+                        assert_eq!(meta.nlink(), *nlink, "links of {name}");
+                        assert_bytes(&path, &Pattern::new(*seed).bytes(0, *len));
+                    }
+                });
+            }
+        });
     }
 
     // Uploads done and the delete delay passed: the store holds exactly the live blocks.
