@@ -21,15 +21,13 @@ use shared::size::format_size;
 use shared::{BlockKey, CHUNK_SIZE};
 use tonic::transport::Channel;
 
-use crate::fs::connect_gateway;
+use crate::fs::{connect_gateway, meta_client, staging_client};
 
 async fn staging(gateway: &str) -> anyhow::Result<(Channel, StagingClient<Channel>)> {
     let channel = connect_gateway(gateway)
         .await
         .with_context(|| format!("is stagefs-gateway running at {gateway}?"))?;
-    let client = StagingClient::new(channel.clone())
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let client = staging_client(channel.clone());
     Ok((channel, client))
 }
 
@@ -41,7 +39,7 @@ pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("Status from {gateway}"))?
         .into_inner();
-    let gateways = MetaClient::new(channel)
+    let gateways = meta_client(channel)
         .list_gateways(proto::meta::Empty {})
         .await
         .with_context(|| format!("ListGateways from {gateway}"))?
@@ -260,7 +258,7 @@ pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Resul
     }
     for (mount_gateway, files) in by_gateway {
         let (channel, _) = staging(&mount_gateway).await?;
-        let mut meta = MetaClient::new(channel);
+        let mut meta = meta_client(channel);
         // Blocks grouped by the gateway that staged them: each waits on its own gateway.
         let mut by_stager: BTreeMap<Vec<u8>, Vec<(BlockKey, u64)>> = BTreeMap::new();
         for (path, ino, size) in &files {

@@ -40,7 +40,7 @@ pub enum BenchError {
     Connect {
         addr: String,
         #[source]
-        source: tonic::transport::Error,
+        source: crate::fs::FsError,
     },
     #[error("gateway RPC {rpc} failed: {code:?}: {message}")]
     Rpc {

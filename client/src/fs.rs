@@ -44,9 +44,9 @@ use std::time::Duration;
 
 use object_store::ObjectStore;
 
-pub use block_api::{store_path, BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
+pub use block_api::{BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
 pub use block_grpc::GrpcBlocks;
-pub use channel::{connect_gateway, gateway_endpoint};
+pub use channel::{connect_gateway, gateway_endpoint, meta_client, staging_client};
 pub use error::{FsError, FsResult};
 pub use meta_api::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId,
@@ -76,8 +76,8 @@ pub struct FsConfig {
     pub max_dirty_slices_per_file: usize,
     /// Blocks written to the gateway at once, across all files.
     pub max_concurrent_uploads: usize,
-    /// Whole blocks kept for readers (4 MiB each).
-    pub block_cache_blocks: usize,
+    /// Bytes of whole blocks kept for readers.
+    pub block_cache_bytes: u64,
     /// Blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
     /// A slice shorter than a block goes to the gateway with its commit in one call
@@ -96,7 +96,7 @@ impl Default for FsConfig {
             max_dirty_bytes_per_file: 64 * 1024 * 1024,
             max_dirty_slices_per_file: 256,
             max_concurrent_uploads: 16,
-            block_cache_blocks: 32,
+            block_cache_bytes: 128 << 20,
             readahead_blocks: 4,
             write_slices: true,
             capability_absence_ttl: Duration::from_secs(1),
@@ -207,10 +207,8 @@ impl Fs {
             meta.clone(),
             gateways::grpc_connector(),
         ));
-        let fetcher = BlockFetcher::new(
-            BlockSource::new(directory, store),
-            config.block_cache_blocks,
-        );
+        let fetcher =
+            BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         let heartbeat = grant.heartbeat_interval.map(|interval| {
             let (meta, session) = (meta.clone(), grant.session_id);
             tokio::spawn(async move {

@@ -69,6 +69,9 @@ pub struct MountArgs {
     /// Blocks (4 MiB) fetched ahead of a sequential reader.
     #[arg(long, default_value_t = 4)]
     pub readahead_blocks: u64,
+    /// Bytes of whole blocks kept in memory for readers (0: none).
+    #[arg(long, value_parser = parse_size, default_value = "128MiB")]
+    pub block_cache_size: u64,
     /// S3 endpoint override for the object store (default from AWS_ENDPOINT).
     #[arg(long)]
     pub s3_endpoint: Option<String>,
@@ -254,6 +257,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         read_only: args.read_only,
         max_concurrent_uploads: args.max_uploads.max(1),
         readahead_blocks: args.readahead_blocks,
+        block_cache_bytes: args.block_cache_size,
         max_dirty_bytes_per_file: args.max_dirty_per_file.max(1),
         write_slices: args.write_mode == WriteMode::Gateway,
         capability_absence_ttl: args.attr_ttl,

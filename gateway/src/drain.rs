@@ -10,7 +10,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
 
@@ -134,7 +133,7 @@ async fn upload(shared: &Shared, job: UploadJob) {
         };
         tokio::time::sleep_until(start.into()).await;
     }
-    let path = Path::from(job.key.to_string());
+    let path = job.key.object_path();
     match shared.store.put(&path, PutPayload::from_bytes(data)).await {
         Ok(_) => {
             {
@@ -233,7 +232,7 @@ mod tests {
         }
         let exists = |key: shared::BlockKey| {
             let store = store.clone();
-            async move { store.head(&Path::from(key.to_string())).await.is_ok() }
+            async move { store.head(&key.object_path()).await.is_ok() }
         };
         assert!(exists(keep).await);
         assert!(
@@ -325,7 +324,7 @@ mod tests {
             } else {
                 assert_eq!(state, crate::staging::BlockState::Uploaded, "{key}");
                 let got = store
-                    .get(&Path::from(key.to_string()))
+                    .get(&key.object_path())
                     .await
                     .unwrap()
                     .bytes()

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use proto::staging::staging_server::Staging;
 use proto::staging::{self as pb, write_block_request::Frame};
@@ -240,7 +239,7 @@ impl Staging for StagingService {
         // Keys the gateway does not know must already be in the store; checked once.
         for key in &keys {
             if self.log().entry(key).is_none() {
-                match self.store().head(&Path::from(key.to_string())).await {
+                match self.store().head(&key.object_path()).await {
                     Ok(_) => {}
                     Err(object_store::Error::NotFound { .. }) => {
                         return Err(Status::not_found(format!(

@@ -60,6 +60,11 @@ impl BlockKey {
     pub fn is_empty(&self) -> bool {
         self.block_len == 0
     }
+
+    /// The block's object in the store: its key, as a path (the one place the two meet).
+    pub fn object_path(&self) -> object_store::path::Path {
+        object_store::path::Path::from(self.to_string())
+    }
 }
 
 impl fmt::Display for BlockKey {

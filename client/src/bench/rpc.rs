@@ -15,7 +15,7 @@ use proto::staging::{
 };
 use rand::RngCore;
 use shared::BlockKey;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::BenchError;
 
@@ -29,26 +29,15 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Keys per `DeleteBlocks` request.
 const DELETE_BATCH: usize = 4096;
 
-/// Opens a new HTTP/2 connection to the gateway.
+/// Opens a new HTTP/2 connection to the gateway (built where every client connection is).
 pub async fn connect(addr: SocketAddr) -> Result<Client, BenchError> {
-    let url = format!("http://{addr}");
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|source| BenchError::Connect {
-            addr: url.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .max_frame_size(Some(proto::MAX_FRAME_BYTES))
-        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES));
-    let channel = endpoint
-        .connect()
+    let channel = crate::fs::connect_gateway(&addr.to_string())
         .await
-        .map_err(|source| BenchError::Connect { addr: url, source })?;
-    Ok(StagingClient::new(channel)
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
+        .map_err(|source| BenchError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(crate::fs::staging_client(channel))
 }
 
 /// The bytes of a benchmark block and their crc32c, shared by every block of a phase.

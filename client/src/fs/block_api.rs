@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use shared::BlockKey;
 
@@ -31,11 +30,6 @@ pub trait BlockApi: Send + Sync + 'static {
     /// Bytes `range` (within the block) of a block the gateway holds; `Ok(None)` when it does
     /// not hold it (any more): the caller then reads the object store.
     async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>>;
-}
-
-/// The object key of a block in the store.
-pub fn store_path(key: &BlockKey) -> Path {
-    Path::from(key.to_string())
 }
 
 /// Where blocks are read from: the gateway that staged them first, the object store when that
@@ -71,7 +65,7 @@ impl BlockSource {
             Ok(None) => None,
             Err(e) => Some(e),
         };
-        match self.store.get_range(&store_path(&key), range).await {
+        match self.store.get_range(&key.object_path(), range).await {
             Ok(data) => check_len(&key, data, want),
             // A staged block is only on the gateway: its error says more than "not found".
             Err(object_store::Error::NotFound { .. }) => {
@@ -137,7 +131,7 @@ impl BlockApi for StoreBlocks {
             )));
         }
         self.store
-            .put(&store_path(&key), PutPayload::from_bytes(data))
+            .put(&key.object_path(), PutPayload::from_bytes(data))
             .await
             .map(|_| ())
             .map_err(|e| FsError::Store {
@@ -206,7 +200,7 @@ impl MemoryBlocks {
         let blocks: Vec<(BlockKey, Bytes)> = self.lock().drain().collect();
         for (key, data) in &blocks {
             store
-                .put(&store_path(key), PutPayload::from_bytes(data.clone()))
+                .put(&key.object_path(), PutPayload::from_bytes(data.clone()))
                 .await
                 .map_err(|e| FsError::Store {
                     key: key.to_string(),

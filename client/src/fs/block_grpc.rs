@@ -94,9 +94,7 @@ enum Attempt {
 impl GrpcBlocks {
     pub fn new(channel: Channel) -> Self {
         GrpcBlocks {
-            client: StagingClient::new(channel)
-                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            client: super::channel::staging_client(channel),
             stream: tokio::sync::Mutex::new(None),
             next_request_id: AtomicU64::new(1),
             write_timeout: WRITE_TIMEOUT,

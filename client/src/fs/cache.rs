@@ -1,87 +1,46 @@
-//! A small least-recently-used cache of whole blocks.
+//! The readers' cache of whole blocks, bounded in bytes.
 //!
 //! Blocks are immutable (a key always names the same bytes), so a cached block is never stale
-//! and nothing ever needs invalidating; the cache only has to forget the oldest when full.
-
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+//! and nothing ever needs invalidating; the cache only has to choose what to forget when full.
+//! It is a `moka` cache weighed by block length (TinyLFU admission, LRU eviction: one sequential
+//! scan does not flush blocks that are read again and again).
 
 use bytes::Bytes;
 use shared::BlockKey;
 
-/// Whole blocks, by key, at most `capacity` of them.
+/// Whole blocks, by key, at most `capacity_bytes` of them in all.
 pub struct BlockCache {
-    capacity: usize,
-    inner: Mutex<Lru>,
-}
-
-#[derive(Default)]
-struct Lru {
-    /// Advances on every use; the smallest stamp is the least recently used entry.
-    clock: u64,
-    entries: HashMap<BlockKey, (Bytes, u64)>,
-    by_stamp: BTreeMap<u64, BlockKey>,
+    cache: moka::sync::Cache<BlockKey, Bytes>,
 }
 
 impl BlockCache {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity_bytes: u64) -> Self {
         BlockCache {
-            capacity,
-            inner: Mutex::new(Lru::default()),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(capacity_bytes)
+                // Blocks are at most 4 MiB: the weight always fits.
+                .weigher(|_key, data: &Bytes| u32::try_from(data.len()).unwrap_or(u32::MAX))
+                .build(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The block, marked as just used.
     pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
-        let mut lru = self.lock();
-        lru.clock += 1;
-        let stamp = lru.clock;
-        let (data, old_stamp) = {
-            let entry = lru.entries.get_mut(key)?;
-            let old = entry.1;
-            entry.1 = stamp;
-            (entry.0.clone(), old)
-        };
-        lru.by_stamp.remove(&old_stamp);
-        lru.by_stamp.insert(stamp, *key);
-        Some(data)
+        self.cache.get(key)
     }
 
     pub fn contains(&self, key: &BlockKey) -> bool {
-        self.lock().entries.contains_key(key)
+        self.cache.contains_key(key)
     }
 
-    /// Adds a block, forgetting the least recently used ones beyond the capacity.
+    /// Adds a block; the cache forgets others (or this one) to stay within its bytes.
     pub fn insert(&self, key: BlockKey, data: Bytes) {
-        if self.capacity == 0 {
-            return;
-        }
-        let mut lru = self.lock();
-        lru.clock += 1;
-        let stamp = lru.clock;
-        if let Some((_, old_stamp)) = lru.entries.insert(key, (data, stamp)) {
-            lru.by_stamp.remove(&old_stamp);
-        }
-        lru.by_stamp.insert(stamp, key);
-        while lru.entries.len() > self.capacity {
-            let Some((_, oldest)) = lru.by_stamp.pop_first() else {
-                break;
-            };
-            lru.entries.remove(&oldest);
-        }
+        self.cache.insert(key, data);
     }
 
+    /// Blocks and bytes held, once pending evictions are applied.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn usage(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks();
+        (self.cache.entry_count(), self.cache.weighted_size())
     }
 }

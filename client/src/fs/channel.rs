@@ -1,4 +1,5 @@
-//! One HTTP/2 connection to a gateway, shared by its `Meta` and `Staging` clients.
+//! Every connection the client makes to a gateway is built here: one HTTP/2 connection,
+//! shared by its `Meta` and `Staging` clients (the mount, `status`, `sync`, the benchmarks).
 //!
 //! The settings match the gateway's server: 1 MiB frames and flow-control windows large enough
 //! for a whole block in flight per stream, so one 4 MiB block is not chopped into 16 KiB frames
@@ -6,6 +7,8 @@
 
 use std::time::Duration;
 
+use proto::meta::meta_client::MetaClient;
+use proto::staging::staging_client::StagingClient;
 use tonic::transport::{Channel, Endpoint};
 
 use super::error::{FsError, FsResult};
@@ -30,6 +33,20 @@ pub fn gateway_endpoint(address: &str) -> FsResult<Endpoint> {
         .max_frame_size(Some(proto::MAX_FRAME_BYTES))
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES)))
+}
+
+/// The `Staging` client of a gateway connection, with the message limits the gateway serves.
+pub fn staging_client(channel: Channel) -> StagingClient<Channel> {
+    StagingClient::new(channel)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+}
+
+/// The `Meta` client of a gateway connection, with the message limits the gateway serves.
+pub fn meta_client(channel: Channel) -> MetaClient<Channel> {
+    MetaClient::new(channel)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
 }
 
 /// Connects to the gateway at `address`. The channel reconnects by itself after a failure, so

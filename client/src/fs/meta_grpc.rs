@@ -36,9 +36,7 @@ pub struct GrpcMeta {
 impl GrpcMeta {
     pub fn new(channel: Channel) -> Self {
         GrpcMeta {
-            client: MetaClient::new(channel)
-                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            client: super::channel::meta_client(channel),
             timeout: META_TIMEOUT,
         }
     }

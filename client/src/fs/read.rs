@@ -69,10 +69,10 @@ pub struct BlockFetcher {
 }
 
 impl BlockFetcher {
-    pub fn new(source: BlockSource, cache_blocks: usize) -> Arc<Self> {
+    pub fn new(source: BlockSource, cache_bytes: u64) -> Arc<Self> {
         Arc::new(BlockFetcher {
             source,
-            cache: BlockCache::new(cache_blocks),
+            cache: BlockCache::new(cache_bytes),
             in_flight: Mutex::new(HashMap::new()),
         })
     }
@@ -174,8 +174,8 @@ impl BlockFetcher {
     }
 
     #[cfg(test)]
-    pub fn cached_blocks(&self) -> usize {
-        self.cache.len()
+    pub fn cached_blocks(&self) -> u64 {
+        self.cache.usage().0
     }
 }
 

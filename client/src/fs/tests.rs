@@ -208,20 +208,25 @@ fn resolution_of_every_byte_matches_a_byte_map() {
 }
 
 #[test]
-fn cache_forgets_the_least_recently_used_block() {
-    let cache = BlockCache::new(2);
-    let key = |id| BlockKey::new(id, 0, 1).unwrap();
-    cache.insert(key(1), Bytes::from_static(b"1"));
-    cache.insert(key(2), Bytes::from_static(b"2"));
-    assert!(cache.get(&key(1)).is_some());
-    cache.insert(key(3), Bytes::from_static(b"3"));
-    assert!(cache.contains(&key(1)));
-    assert!(!cache.contains(&key(2)), "2 was used least recently");
-    assert!(cache.contains(&key(3)));
-    assert_eq!(cache.len(), 2);
+fn cache_holds_blocks_within_its_bytes() {
+    let key = |id| BlockKey::new(id, 0, 1000).unwrap();
+    let block = |id: u64| Bytes::from(vec![id as u8; 1000]);
+    let cache = BlockCache::new(10_000);
+    for id in 0..100 {
+        cache.insert(key(id), block(id));
+    }
+    let (blocks, bytes) = cache.usage();
+    assert!(bytes <= 10_000, "{blocks} blocks, {bytes} bytes held");
+    assert!(blocks > 0, "a cache with room holds something");
+    // What it holds is what was put under that key.
+    for id in 0..100 {
+        if let Some(data) = cache.get(&key(id)) {
+            assert_eq!(data, block(id));
+        }
+    }
     let empty = BlockCache::new(0);
-    empty.insert(key(1), Bytes::new());
-    assert!(empty.is_empty());
+    empty.insert(key(1), block(1));
+    assert_eq!(empty.usage(), (0, 0));
 }
 
 // --- the core against the in-process engine ---

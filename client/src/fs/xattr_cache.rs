@@ -7,43 +7,36 @@
 //! from mode bits it caches that long, so another mount setting a capability is seen no later
 //! than another mount's `chmod u+s` is. A change made through this mount forgets the file.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::meta_api::Ino;
 
 /// The attribute the kernel probes on every write.
 pub const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
-/// Entries kept before expired ones are swept out.
-const SWEEP_AT: usize = 4096;
+/// Files remembered at most (an entry is a few dozen bytes).
+const MAX_FILES: u64 = 64 * 1024;
 
 pub struct CapabilityAbsence {
+    /// Files seen without the attribute; each entry expires after the TTL.
+    seen_absent: moka::sync::Cache<Ino, ()>,
     ttl: Duration,
-    /// When each file was last seen without the attribute.
-    seen_absent: Mutex<HashMap<Ino, Instant>>,
 }
 
 impl CapabilityAbsence {
     pub fn new(ttl: Duration) -> Self {
         CapabilityAbsence {
+            seen_absent: moka::sync::Cache::builder()
+                .max_capacity(MAX_FILES)
+                .time_to_live(ttl.max(Duration::from_nanos(1)))
+                .build(),
             ttl,
-            seen_absent: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Instant>> {
-        self.seen_absent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when `name` of `ino` is known to be absent, so the engine need not be asked.
     pub fn known_absent(&self, ino: Ino, name: &[u8]) -> bool {
-        name == CAPABILITY_XATTR
-            && self
-                .map()
-                .get(&ino)
-                .is_some_and(|seen| seen.elapsed() < self.ttl)
+        name == CAPABILITY_XATTR && self.seen_absent.contains_key(&ino)
     }
 
     /// The engine answered that `name` of `ino` does not exist.
@@ -51,16 +44,12 @@ impl CapabilityAbsence {
         if name != CAPABILITY_XATTR || self.ttl.is_zero() {
             return;
         }
-        let mut map = self.map();
-        if map.len() >= SWEEP_AT {
-            map.retain(|_, seen| seen.elapsed() < self.ttl);
-        }
-        map.insert(ino, Instant::now());
+        self.seen_absent.insert(ino, ());
     }
 
     /// This mount changed the attributes of `ino`.
     pub fn forget(&self, ino: Ino) {
-        self.map().remove(&ino);
+        self.seen_absent.invalidate(&ino);
     }
 }
 

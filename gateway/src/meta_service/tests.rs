@@ -399,10 +399,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
         stage(&log, key).await;
     }
     store
-        .put(
-            &Path::from(keys[0].to_string()),
-            PutPayload::from(vec![0u8; 4]),
-        )
+        .put(&keys[0].object_path(), PutPayload::from(vec![0u8; 4]))
         .await
         .unwrap();
 

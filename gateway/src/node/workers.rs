@@ -293,10 +293,8 @@ impl DataCleaner {
                 }
             }
         };
-        let paths: Vec<object_store::Result<Path>> = keys
-            .iter()
-            .map(|key| Ok(Path::from(key.to_string())))
-            .collect();
+        let paths: Vec<object_store::Result<Path>> =
+            keys.iter().map(|key| Ok(key.object_path())).collect();
         let failures: Vec<String> = self
             .store
             .delete_stream(futures::stream::iter(paths).boxed())

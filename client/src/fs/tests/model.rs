@@ -272,7 +272,7 @@ fn config() -> FsConfig {
     FsConfig {
         max_dirty_bytes_per_file: 6 * MIB,
         max_dirty_slices_per_file: 6,
-        block_cache_blocks: 4,
+        block_cache_bytes: 16 << 20,
         ..FsConfig::default()
     }
 }
