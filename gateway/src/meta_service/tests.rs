@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::memory::InMemory;
-use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use proto::meta as pb;
 use proto::meta::meta_server::Meta;
