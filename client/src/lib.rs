@@ -1,10 +1,10 @@
 //! The stagefs client: the `stagefs` command's building blocks.
 //!
-//! Today this holds the benchmarks ([`bench`]); the FUSE mount, `status` and `sync` will live
-//! next to it. `main.rs` is only the command-line shell over these modules.
+//! The async file-system core ([`fs`]), the thin FUSE adapter over it ([`fuse`]), the mount
+//! ([`mount`]) and the admin commands ([`admin`]: `status`, `sync`, `uploads`). The benchmarks
+//! are a crate of their own (`client/bench`). `main.rs` is only the command-line shell.
 
 pub mod admin;
-pub mod bench;
 pub mod fs;
 pub mod fuse;
 pub mod mount;

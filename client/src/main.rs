@@ -1,13 +1,13 @@
 //! `stagefs`: the stagefs client command.
 //!
-//! Subcommands: `mount`, `umount`, `status`, `sync`, `uploads`, `bench gateway`. This file is
-//! only the command-line shell: parsing, logging setup and the exit code. The work happens in
-//! the `client` library.
+//! Subcommands: `mount`, `umount`, `status`, `sync`, `uploads`, and `bench`, which runs the
+//! `stagefs-bench` binary of the benchmarks' own crate. This file is only the command-line shell:
+//! parsing, logging setup and the exit code. The work happens in the `client` library.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use client::bench::gateway::{self, GatewayBenchArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,10 +59,14 @@ enum Command {
         /// Gateway address (host:port).
         gateway: String,
     },
-    /// Benchmarks that measure stagefs components against hardware limits.
+    /// Benchmarks that measure stagefs components against hardware limits and against peers
+    /// (gateway, fs, meta, proxy; `stagefs bench --help`). Runs `stagefs-bench`, found next to
+    /// this program or on PATH.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        target: BenchTarget,
+        /// What `stagefs-bench` gets: the benchmark and its options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
     },
 }
 
@@ -70,19 +74,6 @@ enum Command {
 enum UploadsAction {
     Pause,
     Resume,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchTarget {
-    #[command(about = gateway::ABOUT, long_about = gateway::LONG_ABOUT)]
-    Gateway(GatewayBenchArgs),
-    /// A TCP proxy that adds a round-trip delay (and optional jitter and bandwidth cap), to give a
-    /// local S3 server the latency of a cloud object store. Runs until interrupted.
-    #[command(about = client::bench::fs::ABOUT, long_about = client::bench::fs::LONG_ABOUT)]
-    Fs(client::bench::fs::FsBenchArgs),
-    Proxy(client::bench::latency_proxy::ProxyArgs),
-    #[command(about = client::bench::meta::ABOUT)]
-    Meta(client::bench::meta::MetaBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +92,7 @@ fn main() -> ExitCode {
         .init();
     // These run outside any async runtime: a background mount forks before starting threads.
     let direct = match cli.command {
+        Command::Bench { args } => return run_bench(args),
         Command::Mount(args) => Some(client::mount::mount(args)),
         Command::Umount { mountpoint } => Some(client::mount::umount(&mountpoint)),
         other => {
@@ -139,68 +131,35 @@ fn run_async(cli: Cli) -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Bench {
-            target: BenchTarget::Gateway(args),
-        } => {
-            let json = args.json;
-            let report = gateway::run(args).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-        }
-        Command::Bench {
-            target: BenchTarget::Fs(args),
-        } => {
-            let (json, chart) = (args.json, args.chart.clone());
-            let report = client::bench::fs::run(args).await?;
-            if chart.as_os_str() != "none" {
-                let title = format!(
-                    "stagefs bench fs: store latency {} ms per request",
-                    report.store_delay_ms
-                );
-                match client::bench::chart::render_png(&title, &report.panels(), &chart) {
-                    Ok(()) => eprintln!("[bench] chart: {}", chart.display()),
-                    Err(e) => eprintln!("[bench] no chart ({}): {e}", chart.display()),
-                }
-            }
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-        }
-        Command::Bench {
-            target: BenchTarget::Meta(args),
-        } => {
-            let json = args.json;
-            let report = client::bench::meta::run(args).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-        }
-        Command::Bench {
-            target: BenchTarget::Proxy(args),
-        } => {
-            use client::bench::latency_proxy;
-            let listener = latency_proxy::bind(&args).await?;
-            println!("listening on {}", listener.local_addr()?);
-            use std::io::Write;
-            std::io::stdout().flush()?;
-            latency_proxy::serve(listener, args).await?;
-        }
         Command::Uploads { action, gateway } => {
             client::admin::set_uploads_paused(&gateway, matches!(action, UploadsAction::Pause))
                 .await?
         }
         Command::Status { gateway, json } => client::admin::status(&gateway, json).await?,
         Command::Sync { paths, timeout } => client::admin::sync(&paths, timeout).await?,
-        Command::Mount(_) | Command::Umount { .. } => {
-            unreachable!("mount and umount run outside the async runtime (see main)")
+        Command::Mount(_) | Command::Umount { .. } | Command::Bench { .. } => {
+            unreachable!("mount, umount and bench run outside the async runtime (see main)")
         }
     }
     Ok(())
+}
+
+/// The benchmarks' program: next to this one (as cargo builds and installs them), else on PATH.
+const BENCH_PROGRAM: &str = "stagefs-bench";
+
+/// `stagefs bench ARGS`: replaces this process with `stagefs-bench ARGS`.
+fn run_bench(args: Vec<OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(BENCH_PROGRAM)))
+        .filter(|path| path.is_file());
+    let program = beside.map_or_else(|| BENCH_PROGRAM.into(), |path| path.into_os_string());
+    let error = std::process::Command::new(&program).args(&args).exec();
+    eprintln!(
+        "stagefs: cannot run {}: {error} (build it with `cargo build --release --bins`; it is \
+         installed next to stagefs)",
+        program.to_string_lossy()
+    );
+    ExitCode::FAILURE
 }

@@ -156,8 +156,13 @@ impl MountProcess {
     ) -> Result<Self, BenchError> {
         std::fs::create_dir_all(path)
             .map_err(|e| BenchError::io("cannot create mount point", path, e))?;
-        let exe = std::env::current_exe()
-            .map_err(|e| BenchError::io("cannot find this executable", "/proc/self/exe", e))?;
+        // `stagefs` itself mounts: it is installed next to this program.
+        let exe = crate::process::find_program(
+            "stagefs",
+            None,
+            "build it (cargo build --release --bins)",
+        )
+        .map_err(BenchError::Args)?;
         let output = Command::new(&exe)
             .arg("mount")
             .arg(gateway.to_string())

@@ -1,4 +1,6 @@
-//! Benchmarks that measure stagefs components against the limits of the hardware under them.
+//! Benchmarks that measure stagefs components against the limits of the hardware under them: a
+//! crate of their own (the `stagefs-bench` binary, which `stagefs bench …` runs), so the FUSE
+//! client's library carries none of them.
 //!
 //! `stagefs bench gateway` ([`gateway`]) measures a gateway it starts itself on a device file:
 //! first the raw limits of that device ([`raw`]), then what the gateway makes of them over gRPC
@@ -40,7 +42,7 @@ pub enum BenchError {
     Connect {
         addr: String,
         #[source]
-        source: crate::fs::FsError,
+        source: client::fs::FsError,
     },
     #[error("gateway RPC {rpc} failed: {code:?}: {message}")]
     Rpc {

@@ -4,14 +4,14 @@
 //! transport is the bottleneck, not the gateway.
 //!
 //! Ignored by default (it is a measurement, not a check):
-//! `cargo test --release -p client --test rpc_loopback -- --ignored --nocapture`
+//! `cargo test --release -p stagefs-bench --test rpc_loopback -- --ignored --nocapture`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::bench::load::{self, ChannelMode, SliceIds, Stop, Transport};
-use client::bench::rpc::Payload;
+use bench::load::{self, ChannelMode, SliceIds, Stop, Transport};
+use bench::rpc::Payload;
 use proto::staging::staging_server::{Staging, StagingServer};
 use proto::staging::*;
 use tokio_stream::StreamExt;

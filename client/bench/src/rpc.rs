@@ -31,13 +31,13 @@ const DELETE_BATCH: usize = 4096;
 
 /// Opens a new HTTP/2 connection to the gateway (built where every client connection is).
 pub async fn connect(addr: SocketAddr) -> Result<Client, BenchError> {
-    let channel = crate::fs::connect_gateway(&addr.to_string())
+    let channel = client::fs::connect_gateway(&addr.to_string())
         .await
         .map_err(|source| BenchError::Connect {
             addr: addr.to_string(),
             source,
         })?;
-    Ok(crate::fs::staging_client(channel))
+    Ok(client::fs::staging_client(channel))
 }
 
 /// The bytes of a benchmark block and their crc32c, shared by every block of a phase.
