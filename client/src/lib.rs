@@ -5,6 +5,7 @@
 //! are a crate of their own (`client/bench`). `main.rs` is only the command-line shell.
 
 pub mod admin;
+pub mod cli;
 pub mod fs;
 pub mod fuse;
 pub mod mount;

@@ -96,34 +96,13 @@ fn main() -> ExitCode {
         Command::Mount(args) => Some(client::mount::mount(args)),
         Command::Umount { mountpoint } => Some(client::mount::umount(&mountpoint)),
         other => {
-            return run_async(Cli { command: other });
+            return client::cli::run_to_exit_code(run(Cli { command: other }));
         }
     };
     match direct {
         Some(Ok(())) | None => ExitCode::SUCCESS,
         Some(Err(e)) => {
             eprintln!("stagefs: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_async(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Benchmark errors carry their cause in their message already.
-            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

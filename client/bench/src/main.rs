@@ -35,24 +35,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(target)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Benchmark errors carry their cause in their message already.
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    client::cli::run_to_exit_code(run(target))
 }
 
 async fn run(target: BenchTarget) -> anyhow::Result<()> {

@@ -302,6 +302,23 @@ async fn assert_recovers(dir: &std::path::Path, acked: &[u64]) {
     log.shutdown().await;
 }
 
+/// Staged blocks still read back from the failed log, and once it is shut down every
+/// acknowledged block recovers from the device.
+async fn assert_reads_then_recovers(
+    log: Arc<StagingLog>,
+    faulty: Arc<crate::io::faulty::FaultyEngine>,
+    dir: &std::path::Path,
+    acked: &[u64],
+) {
+    for &slice in acked {
+        let (key, data) = block(slice, 10_000 + slice as u32);
+        assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
+    }
+    log.shutdown().await;
+    drop((log, faulty));
+    assert_recovers(dir, acked).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_the_sync_task_answers_every_writer_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,11 +351,7 @@ async fn a_panic_in_the_sync_task_answers_every_writer_at_once() {
         put(&log, 500, 1000).await,
         Err(StagingError::Failed(_))
     ));
-    let (key, data) = block(1, 10_001);
-    assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
-    log.shutdown().await;
-    drop((log, faulty));
-    assert_recovers(dir.path(), &acked).await;
+    assert_reads_then_recovers(log, faulty, dir.path(), &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,17 +382,11 @@ async fn a_device_error_fails_writers_and_keeps_reads() {
             );
         }
         assert!(log.snapshot().failure.is_some());
-        for &slice in &acked {
-            let (key, data) = block(slice, 10_000 + slice as u32);
-            assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
-        }
         assert!(
             log.tasks().fatal().is_none(),
             "{op:?}: uploads are paused, so the gateway stays up"
         );
-        log.shutdown().await;
-        drop((log, faulty));
-        assert_recovers(dir.path(), &acked).await;
+        assert_reads_then_recovers(log, faulty, dir.path(), &acked).await;
     }
 }
 
@@ -408,11 +415,7 @@ async fn a_device_that_stops_answering_fails_writers_within_the_timeout() {
             "{op:?} hung: 8 writers answered within {slowest:?} (device timeout {timeout:?})"
         );
         // Reads go on while only writes hang.
-        let (key, data) = block(1, 10_001);
-        assert_eq!(&log.read_block(&key).await.unwrap().0[..], &data[..]);
-        log.shutdown().await;
-        drop((log, faulty));
-        assert_recovers(dir.path(), &acked).await;
+        assert_reads_then_recovers(log, faulty, dir.path(), &acked).await;
     }
 }
 
