@@ -412,7 +412,7 @@ impl StagingService {
             blocks_uploading: snap.blocks_uploading,
             queue_len: snap.queue_len,
             oldest_waiting_age_ms: snap.oldest_waiting.as_millis() as u64,
-            upload_bytes_per_sec: snap.upload_bytes_per_sec,
+            upload_bytes_per_sec: snap.counters.upload_bytes_per_sec,
             uploaded_blocks_total: snap.counters.uploaded_blocks,
             uploaded_bytes_total: snap.counters.uploaded_bytes,
             upload_retries_total: snap.counters.upload_retries,
@@ -429,7 +429,7 @@ impl StagingService {
                 })
                 .collect(),
             uploads_paused: snap.uploads_paused,
-            last_store_error: snap.last_store_error,
+            last_store_error: snap.counters.last_store_error.unwrap_or_default(),
             recovery_ms: log.recovery.duration.as_millis() as u64,
             recovered_blocks: log.recovery.blocks,
             corrupt_records: log.recovery.corrupt.len() as u64,

@@ -132,8 +132,6 @@ struct LogState {
     journal: Journal,
     index: BlockIndex,
     uploads: UploadQueue,
-    /// Why the log accepts no more writes.
-    failed: Option<String>,
     waiting_for_space: u64,
 }
 
@@ -148,7 +146,7 @@ pub struct StagingLog {
     pub sb: Superblock,
     pub device_path: PathBuf,
     state: Mutex<LogState>,
-    /// Highest durable lsn, or the reason the device failed.
+    /// Highest durable lsn, or the reason the log failed (then it accepts no more writes).
     synced: watch::Sender<Result<u64, String>>,
     sync_kick: Notify,
     write_kick: Notify,
@@ -246,7 +244,6 @@ impl StagingLog {
             journal,
             index,
             uploads,
-            failed: None,
             waiting_for_space: 0,
         };
         for c in &corrupt {
@@ -309,7 +306,6 @@ impl StagingLog {
     /// Fails the log: every writer waiting for durability or space is answered at once, and no
     /// write is accepted from now on. Reads and uploads of what is staged go on.
     pub fn fail(&self, reason: String) {
-        self.lock().failed.get_or_insert(reason.clone());
         self.synced.send_if_modified(|synced| {
             if synced.is_err() {
                 return false;
@@ -322,8 +318,8 @@ impl StagingLog {
     }
 
     /// Why the log accepts no more writes, if it does not.
-    pub fn failure(&self) -> Option<String> {
-        self.lock().failed.clone()
+    fn failure(&self) -> Option<String> {
+        self.synced.borrow().as_ref().err().cloned()
     }
 
     /// The background tasks of the log (tests look for a fatal error there).
@@ -336,21 +332,16 @@ impl StagingLog {
     /// for a supervisor to restart it, when recovery will find out what the device still holds.
     async fn exit_when_drained(self: Arc<Self>, stop: CancellationToken) -> Result<(), String> {
         let mut synced = self.synced.subscribe();
-        let reason = loop {
-            if let Err(reason) = &*synced.borrow_and_update() {
-                break reason.clone();
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                changed = synced.changed() => if changed.is_err() { return Ok(()) },
-            }
+        let reason = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            failed = synced.wait_for(|s| s.is_err()) => match failed {
+                Ok(failed) => failed.as_ref().err().cloned().unwrap_or_default(),
+                Err(_) => return Ok(()),
+            },
         };
-        let mut tick = crate::tasks::ticker(Duration::from_secs(1));
+        // Every upload done, quarantined or deleted, and every pause or resume, bumps `changed`.
+        let mut changes = self.changed.subscribe();
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
             let (backlog, paused) = self.upload_backlog();
             if backlog == 0 && !paused {
                 return Err(format!(
@@ -358,20 +349,26 @@ impl StagingLog {
                      was uploaded, stopping so that a restart recovers the device"
                 ));
             }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                changed = changes.changed() => if changed.is_err() { return Ok(()) },
+            }
         }
     }
 
-    /// One device operation, bounded by `--device-timeout`; the error says what failed.
+    /// One device operation, bounded by `--device-timeout`; the error says what failed (`what`
+    /// is only formatted then, not on every operation).
     async fn bounded<T>(
         &self,
-        what: &str,
+        what: impl FnOnce() -> String,
         op: impl std::future::Future<Output = std::io::Result<T>>,
     ) -> Result<T, String> {
         match tokio::time::timeout(self.device_timeout, op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Ok(Err(e)) => Err(format!("{}: {e}", what())),
             Err(_) => Err(format!(
-                "{what}: the device did not answer within {:?} (--device-timeout)",
+                "{}: the device did not answer within {:?} (--device-timeout)",
+                what(),
                 self.device_timeout
             )),
         }
@@ -468,10 +465,10 @@ impl StagingLog {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let mut st = self.lock();
-                if let Some(reason) = &st.failed {
-                    return Err(StagingError::Failed(reason.clone()));
+                if let Some(reason) = self.failure() {
+                    return Err(StagingError::Failed(reason));
                 }
+                let mut st = self.lock();
                 if let Some(mut alloc) = st.journal.allocate(len, is_data, &self.sb) {
                     // Reuse: index entries still pointing into the segment's previous life go.
                     if let Some((segment, sequence, keys)) = alloc.evicted.take() {
@@ -585,32 +582,30 @@ impl StagingLog {
         let offset = run[0].offset;
         let lsns: Vec<u64> = run.iter().map(|j| j.lsn).collect();
         let bufs: Vec<AlignedBuf> = run.into_iter().map(|j| j.buf).collect();
-        let what = format!("write of {} records at device offset {offset}", lsns.len());
+        let what = || format!("write of {} records at device offset {offset}", lsns.len());
         let result = if bufs.len() == 1 {
             let buf = bufs.into_iter().next().expect("one buffer");
-            self.bounded(&what, self.engine.write_at(buf, offset))
+            self.bounded(what, self.engine.write_at(buf, offset))
                 .await
                 .map(drop)
         } else {
-            self.bounded(&what, self.engine.writev_at(bufs, offset))
+            self.bounded(what, self.engine.writev_at(bufs, offset))
                 .await
                 .map(drop)
         };
-        let mut st = self.lock();
         match result {
-            Ok(()) => st.journal.written(&lsns),
+            Ok(()) => {
+                self.lock().journal.written(&lsns);
+                self.sync_kick.notify_one();
+            }
+            // The failed lsns stay in `inflight`, so the watermark never passes them and nothing
+            // written after them is acknowledged. A device failure fails the log, not the
+            // process: reads and uploads go on.
             Err(reason) => {
-                // The failed lsns stay in `inflight`, so the watermark never passes them and
-                // nothing written after them is acknowledged.
-                drop(st);
                 tracing::error!(device = %self.device_path.display(), %reason, "device write failed; refusing further writes");
-                // A device failure fails the log, not the process: reads and uploads go on.
                 self.fail(reason);
-                return Ok(());
             }
         }
-        drop(st);
-        self.sync_kick.notify_one();
         Ok(())
     }
 
@@ -619,24 +614,19 @@ impl StagingLog {
         loop {
             self.sync_kick.notified().await;
             loop {
-                let (watermark, failed) = {
-                    let st = self.lock();
-                    (st.journal.watermark(), st.failed.clone())
-                };
+                let watermark = self.lock().journal.watermark();
                 let durable = match &*self.synced.borrow() {
                     Ok(d) => *d,
+                    // Failed: writers behind a failed write were answered by `fail`.
                     Err(_) => return,
                 };
                 if watermark <= durable {
-                    if let Some(reason) = failed {
-                        // Writers behind a failed write can never become durable: fail them.
-                        self.fail(reason);
-                        return;
-                    }
                     break;
                 }
                 let started = Instant::now();
-                let result = self.bounded("fdatasync", self.engine.sync()).await;
+                let result = self
+                    .bounded(|| "fdatasync".into(), self.engine.sync())
+                    .await;
                 self.metrics.synced(started.elapsed(), watermark - durable);
                 match result {
                     Ok(()) => {
@@ -667,11 +657,10 @@ impl StagingLog {
             self.reclaim_kick.notified().await;
             loop {
                 let victim = {
-                    let mut st = self.lock();
-                    if st.failed.is_some() {
+                    if self.failure().is_some() {
                         break;
                     }
-                    match st.journal.start_reclaim() {
+                    match self.lock().journal.start_reclaim() {
                         Some(victim) => victim,
                         None => break,
                     }
@@ -684,19 +673,15 @@ impl StagingLog {
                 // while an older one came back after a power loss would bring back blocks whose
                 // upload or delete record was in the newer one (found by the power-loss model).
                 let offset = self.sb.segment_offset(victim as u64);
-                let result = match self
-                    .bounded(
-                        "segment header invalidation",
-                        self.engine.write_at(AlignedBuf::zeroed(ALIGN), offset),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        self.bounded("fdatasync of a segment invalidation", self.engine.sync())
-                            .await
-                    }
-                    Err(reason) => Err(reason),
-                };
+                let result: Result<(), String> = async {
+                    let zeroed = self.engine.write_at(AlignedBuf::zeroed(ALIGN), offset);
+                    self.bounded(|| "segment header invalidation".into(), zeroed)
+                        .await?;
+                    let sync = self.engine.sync();
+                    self.bounded(|| "fdatasync of a segment invalidation".into(), sync)
+                        .await
+                }
+                .await;
                 match result {
                     Ok(()) => self.lock().journal.reclaimed(victim),
                     Err(reason) => {
@@ -735,13 +720,15 @@ impl StagingLog {
     async fn read_verified(&self, key: &BlockKey, entry: &Entry) -> Result<Bytes, StagingError> {
         let key_text = key.to_string();
         let len = entry.record_len(&key_text) as usize;
-        let what = format!(
-            "read of {key_text} at device offset {}",
-            entry.device_offset
-        );
+        let what = || {
+            format!(
+                "read of {key_text} at device offset {}",
+                entry.device_offset
+            )
+        };
         let buf = self
             .bounded(
-                &what,
+                what,
                 self.engine
                     .read_at(AlignedBuf::uninit(len), entry.device_offset),
             )
@@ -1018,12 +1005,10 @@ impl StagingLog {
             segments_total,
             segments_free,
             queue_len: st.uploads.waiting(),
-            upload_bytes_per_sec: counters.upload_bytes_per_sec,
-            last_store_error: counters.last_store_error.clone().unwrap_or_default(),
             counters,
             uploads_paused: st.uploads.paused,
             writers_waiting_for_space: st.waiting_for_space,
-            failure: st.failed.clone(),
+            failure: self.failure(),
             ..Default::default()
         };
         for (key, e) in st.index.iter() {
@@ -1068,11 +1053,10 @@ pub struct Snapshot {
     pub blocks_uploading: u64,
     pub queue_len: u64,
     pub oldest_waiting: Duration,
-    pub upload_bytes_per_sec: f64,
+    /// Totals, the upload rate and the last store error.
     pub counters: Counters,
     pub quarantined: Vec<(String, Entry)>,
     pub uploads_paused: bool,
-    pub last_store_error: String,
     pub writers_waiting_for_space: u64,
     /// Why the log accepts no more writes.
     pub failure: Option<String>,

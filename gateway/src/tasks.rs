@@ -188,20 +188,12 @@ impl Tasks {
     /// Resolves with the fatal error once one is recorded.
     pub async fn wait_fatal(&self) -> Fatal {
         let mut fatal = self.shared.fatal.subscribe();
-        loop {
-            if let Some(f) = &*fatal.borrow_and_update() {
-                return f.clone();
-            }
-            if fatal.changed().await.is_err() {
-                // The sender lives in `self`: this cannot end.
-                std::future::pending::<()>().await;
-            }
+        let recorded = fatal.wait_for(Option::is_some).await.map(|f| f.clone());
+        match recorded {
+            Ok(Some(recorded)) => recorded,
+            // The sender lives in `self.shared`, which this call borrows: it cannot close.
+            _ => std::future::pending().await,
         }
-    }
-
-    /// This group's stop token.
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
     }
 
     /// Stops the group and waits up to `bound` for its tasks; the ones still running are aborted.

@@ -94,11 +94,12 @@ impl IncomingBlock {
     }
 }
 
-/// A record buffer for `key` holding `data` where the log expects it (tests and tools).
+/// A record buffer for `key` holding `data` where the log expects it (tests and tools; `data`
+/// must be the key's length).
 pub fn record_with(key: &BlockKey, data: &[u8]) -> AlignedBuf {
-    let key_len = key.to_string().len();
-    let mut record = AlignedBuf::zeroed(record_len(key_len, data.len()) as usize);
-    record[RECORD_HEADER_BYTES + key_len..RECORD_HEADER_BYTES + key_len + data.len()]
-        .copy_from_slice(data);
-    record
+    let mut block = IncomingBlock::for_key(*key, key.to_string().len());
+    block
+        .append(data)
+        .unwrap_or_else(|e| panic!("record_with: {e}"));
+    block.record
 }
