@@ -26,6 +26,9 @@ use convert::*;
 /// 8192 entries with 255-byte names stay under tonic's default 4 MiB decoding limit.
 pub const MAX_READDIR_LIMIT: u32 = 8192;
 
+/// How much of a client's free text (a session description) goes into one log line.
+const LOGGED_TEXT_BYTES: usize = 256;
+
 /// The `Meta` gRPC service over the gateway core.
 #[derive(Clone)]
 pub struct MetaService {
@@ -71,7 +74,8 @@ pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
         libc::ENOENT => Code::NotFound,
         libc::EEXIST => Code::AlreadyExists,
         libc::EINVAL | libc::ENAMETOOLONG => Code::InvalidArgument,
-        libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EPERM | libc::EMLINK => {
+        libc::EPERM => Code::PermissionDenied,
+        libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EMLINK | libc::EBADF => {
             Code::FailedPrecondition
         }
         libc::ENOSPC => Code::ResourceExhausted,
@@ -80,9 +84,13 @@ pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
     }
 }
 
-/// A status carrying `errno` in the `stagefs-errno` metadata.
+/// A status carrying `errno` in the `stagefs-errno` metadata. The message is cut to a bounded
+/// length: it may quote what a client sent (a name, a key).
 fn errno_status(code: Code, errno: i32, message: String) -> Status {
-    let mut status = Status::new(code, message);
+    let mut status = Status::new(
+        code,
+        shared::clip(&message, shared::MAX_ERROR_MESSAGE_BYTES),
+    );
     status.metadata_mut().insert(
         proto::ERRNO_METADATA_KEY,
         errno
@@ -114,16 +122,19 @@ impl Meta for MetaService {
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         let description = request.into_inner().description;
-        let logged = description.clone();
         let session_id = self
             .call("OpenSession", async {
                 self.engine.open_session(&description).await
             })
             .await?;
-        tracing::info!(session_id, description = %logged, "session opened");
+        tracing::info!(
+            session = %format!("{session_id:032x}"),
+            description = %shared::clip(&description, LOGGED_TEXT_BYTES),
+            "session opened"
+        );
         let settings = &self.node.settings;
         Ok(Response::new(pb::OpenSessionResponse {
-            session_id,
+            session_id: session_to_wire(session_id).into(),
             store_url: settings.store_url.clone(),
             gateway_id: bytes::Bytes::copy_from_slice(&settings.gateway_id),
             gateway_address: settings.gateway_address.clone(),
@@ -136,8 +147,10 @@ impl Meta for MetaService {
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let session = request.into_inner().session_id;
-        self.call("Heartbeat", async { self.engine.heartbeat(session).await })
-            .await?;
+        self.call("Heartbeat", async {
+            self.engine.heartbeat(session_from_proto(&session)?).await
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -146,11 +159,14 @@ impl Meta for MetaService {
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let session = request.into_inner().session_id;
-        self.call("CloseSession", async {
-            self.engine.close_session(session).await
-        })
-        .await?;
-        tracing::info!(session_id = session, "session closed by its client");
+        let session = self
+            .call("CloseSession", async {
+                let session = session_from_proto(&session)?;
+                self.engine.close_session(session).await?;
+                Ok(session)
+            })
+            .await?;
+        tracing::info!(session = %format!("{session:032x}"), "session closed by its client");
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -198,8 +214,9 @@ impl Meta for MetaService {
         let attr = self
             .call("Create", async {
                 let node = new_node_from_proto(&request, Some(FileKind::File))?;
+                let session = session_from_proto(&request.session_id)?;
                 self.engine
-                    .create(request.session_id, request.parent, &request.name, &node)
+                    .create(session, request.parent, &request.name, &node)
                     .await
             })
             .await?;
@@ -427,7 +444,11 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         let attr = self
-            .call("Open", async { self.engine.open(session_id, ino).await })
+            .call("Open", async {
+                self.engine
+                    .open(session_from_proto(&session_id)?, ino)
+                    .await
+            })
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
@@ -438,7 +459,9 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::Empty>, Status> {
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         self.call("Release", async {
-            self.engine.release(session_id, ino).await
+            self.engine
+                .release(session_from_proto(&session_id)?, ino)
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -463,10 +486,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::AllocateSliceIdsRequest>,
     ) -> Result<Response<pb::AllocateSliceIdsResponse>, Status> {
-        let count = request.into_inner().count;
+        let pb::AllocateSliceIdsRequest { count, session_id } = request.into_inner();
         let ids = self
             .call("AllocateSliceIds", async {
-                self.engine.allocate_slice_ids(u64::from(count)).await
+                let session = session_from_proto(&session_id)?;
+                self.engine
+                    .allocate_slice_ids(session, u64::from(count))
+                    .await
             })
             .await?;
         Ok(Response::new(pb::AllocateSliceIdsResponse {
@@ -483,9 +509,8 @@ impl Meta for MetaService {
         let request = request.into_inner();
         self.call("RecordPendingSlice", async {
             let slice = slice_from_proto(request.slice.as_ref(), "RecordPendingSlice")?;
-            self.engine
-                .record_pending_slice(request.session_id, &slice)
-                .await
+            let session = session_from_proto(&request.session_id)?;
+            self.engine.record_pending_slice(session, &slice).await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -501,7 +526,7 @@ impl Meta for MetaService {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
                 self.engine
                     .commit_slice(
-                        request.session_id,
+                        session_from_proto(&request.session_id)?,
                         request.ino,
                         request.chunk_index,
                         &slice,
@@ -525,10 +550,11 @@ impl Meta for MetaService {
             .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
         let slice =
             slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
+        let session = session_from_proto(&commit.session_id).map_err(|e| meta_status(RPC, &e))?;
         let attr = self
             .node
             .write_slice(SliceWrite {
-                session: commit.session_id,
+                session,
                 ino: commit.ino,
                 chunk_index: commit.chunk_index,
                 slice,

@@ -112,13 +112,23 @@ impl Node {
         let steps = async move {
             // Durable with the commit below. Should the gateway die first, the client has no
             // answer and writes the slice again, under a fresh id.
-            node.meta
-                .record_pending_slice_lazily(write.session, &slice)
-                .await?;
-            // The key is parsed and matches the data's length (it was made from it).
-            let mut block = IncomingBlock::for_key(key, key.to_string().len());
-            block.append(&write.data)?;
-            node.stage(key, block.finish(write.crc32c)?).await?;
+            match node
+                .meta
+                .record_pending_slice_lazily(write.session, write.ino, &slice)
+                .await
+            {
+                Ok(()) => {
+                    // The key is parsed and matches the data's length (it was made from it).
+                    let mut block = IncomingBlock::for_key(key, key.to_string().len());
+                    block.append(&write.data)?;
+                    node.stage(key, block.finish(write.crc32c)?).await?;
+                }
+                // Not this session's to stage, or staged and committed already: a retry of a
+                // write whose answer was lost finds its slice in the chunk and is answered as
+                // before; anything else the commit refuses. Nothing is staged either way.
+                Err(MetaError::NotPermitted(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
             Ok(node
                 .meta
                 .commit_slice(

@@ -8,8 +8,19 @@ use crate::{BlockKey, BLOCK_SIZE};
 pub type Ino = u64;
 /// The root directory, present from the moment a database is formatted.
 pub const ROOT_INO: Ino = 1;
-/// A client session (one per mount).
-pub type SessionId = u64;
+/// A client session (one per mount): 128 random bits, so that no client can guess another's, and
+/// 16 bytes (big-endian) on the wire.
+pub type SessionId = u128;
+
+/// A session id as the wire carries it.
+pub fn session_to_wire(session: SessionId) -> Vec<u8> {
+    session.to_be_bytes().to_vec()
+}
+
+/// A session id from the wire; `None` unless it is exactly 16 bytes.
+pub fn session_from_wire(bytes: &[u8]) -> Option<SessionId> {
+    Some(SessionId::from_be_bytes(bytes.try_into().ok()?))
+}
 /// The id of the gateway that staged a slice (the uuid on its device, see `format.rs`).
 pub type GatewayId = [u8; 16];
 /// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.

@@ -36,6 +36,7 @@ pub mod blocks;
 pub mod cluster;
 pub mod gateway;
 pub mod mount;
+pub mod rpc;
 pub mod s3;
 pub mod workload;
 

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use proto::meta::meta_client::MetaClient;
 use proto::meta::{self as pb};
 use proto::staging::BlockState;
+use stagefs_tests::rpc::{errno_of, expect_errno};
 use stagefs_tests::*;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -29,48 +30,6 @@ const ROOT: u64 = 1;
 const ENGINE: &str = "psync";
 /// How long background cleanup may take in these scenarios (it ticks every second).
 const CLEANUP_LIMIT: Duration = Duration::from_secs(30);
-
-/// The errno a failed RPC carries in `stagefs-errno`.
-fn errno_of(status: &Status) -> i32 {
-    let value = status
-        .metadata()
-        .get(proto::ERRNO_METADATA_KEY)
-        .unwrap_or_else(|| {
-            panic!(
-                "{:?} {:?} carries no {} metadata",
-                status.code(),
-                status.message(),
-                proto::ERRNO_METADATA_KEY
-            )
-        });
-    value
-        .to_str()
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{} is not a decimal errno: {value:?}",
-                proto::ERRNO_METADATA_KEY
-            )
-        })
-}
-
-/// Asserts that `result` failed with `errno` and `code`.
-fn expect_errno<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, errno: i32, code: Code) {
-    let status = match result {
-        Ok(value) => panic!("{what}: expected errno {errno}, got success {value:?}"),
-        Err(status) => status,
-    };
-    assert_eq!(
-        (errno_of(&status), status.code()),
-        (errno, code),
-        "{what}: {status:?}"
-    );
-    assert!(
-        !status.message().is_empty(),
-        "{what}: the message says nothing"
-    );
-}
 
 fn name(text: &str) -> Bytes {
     Bytes::copy_from_slice(text.as_bytes())
@@ -106,9 +65,9 @@ async fn mkdir(meta: &mut Meta, parent: u64, dir: &str) -> Result<pb::Attr, Stat
     .map(attr_of)
 }
 
-async fn create(meta: &mut Meta, session: u64, parent: u64, file: &str) -> pb::Attr {
+async fn create(meta: &mut Meta, session: &Bytes, parent: u64, file: &str) -> pb::Attr {
     meta.create(pb::CreateRequest {
-        session_id: session,
+        session_id: session.clone(),
         parent,
         name: name(file),
         kind: pb::FileKind::File as i32,
@@ -165,10 +124,13 @@ async fn list_dir(meta: &mut Meta, ino: u64) -> Vec<String> {
     }
 }
 
-/// A fresh slice id of the metadata engine.
-async fn allocate_slice_id(meta: &mut Meta) -> u64 {
+/// A fresh slice id of the metadata engine, leased to `session`.
+async fn allocate_slice_id(meta: &mut Meta, session: &Bytes) -> u64 {
     let ids = meta
-        .allocate_slice_ids(pb::AllocateSliceIdsRequest { count: 1 })
+        .allocate_slice_ids(pb::AllocateSliceIdsRequest {
+            count: 1,
+            session_id: session.clone(),
+        })
         .await
         .unwrap_or_else(|e| panic!("AllocateSliceIds: {e:?}"))
         .into_inner();
@@ -192,11 +154,11 @@ fn slice_keys(slice_id: u64, len: u32) -> Vec<String> {
 async fn stage_slice(
     meta: &mut Meta,
     staging: &mut Client,
-    session: u64,
+    session: &Bytes,
     slice: &pb::Slice,
 ) -> Vec<String> {
     meta.record_pending_slice(pb::PendingSliceRequest {
-        session_id: session,
+        session_id: session.clone(),
         slice: Some(slice.clone()),
     })
     .await
@@ -212,12 +174,12 @@ async fn stage_slice(
 
 async fn commit_slice(
     meta: &mut Meta,
-    session: u64,
+    session: &Bytes,
     ino: u64,
     slice: &pb::Slice,
 ) -> Result<pb::Attr, Status> {
     meta.commit_slice(pb::CommitSliceRequest {
-        session_id: session,
+        session_id: session.clone(),
         ino,
         chunk_index: 0,
         slice: Some(slice.clone()),
@@ -309,13 +271,13 @@ async fn namespace_round_trips() {
 
     let projects = mkdir(&mut meta, ROOT, "projects").await.unwrap();
     assert_eq!(projects.kind, pb::FileKind::Dir as i32);
-    let file = create(&mut meta, sid, projects.ino, "a.txt").await;
+    let file = create(&mut meta, &sid, projects.ino, "a.txt").await;
     assert_eq!(
         lookup(&mut meta, projects.ino, "a.txt").await.unwrap(),
         file
     );
     for extra in ["b", "c", "d"] {
-        create(&mut meta, sid, projects.ino, extra).await;
+        create(&mut meta, &sid, projects.ino, extra).await;
     }
     assert_eq!(list_dir(&mut meta, ROOT).await, vec!["projects"]);
     let mut listed = list_dir(&mut meta, projects.ino).await;
@@ -522,14 +484,19 @@ async fn namespace_round_trips() {
         statfs.files, 6,
         "root, moved.txt, latest and three unlinked open files"
     );
-    meta.close_session(pb::SessionRequest { session_id: sid })
-        .await
-        .unwrap();
+    meta.close_session(pb::SessionRequest {
+        session_id: sid.clone(),
+    })
+    .await
+    .unwrap();
     let statfs = meta.stat_fs(pb::Empty {}).await.unwrap().into_inner();
     assert_eq!(statfs.files, 3, "root, moved.txt, latest");
     expect_errno(
         "Heartbeat of a closed session",
-        meta.heartbeat(pb::SessionRequest { session_id: sid }).await,
+        meta.heartbeat(pb::SessionRequest {
+            session_id: sid.clone(),
+        })
+        .await,
         libc::EIO,
         Code::Internal,
     );
@@ -548,14 +515,14 @@ async fn deleted_data_is_dropped_and_deleted_from_s3() {
     let sid = session.session_id;
 
     // File "uploaded": a 5 MiB slice (two blocks), committed, then drained to S3.
-    let uploaded = create(&mut meta, sid, ROOT, "uploaded").await;
+    let uploaded = create(&mut meta, &sid, ROOT, "uploaded").await;
     let uploaded_slice = new_slice(
-        allocate_slice_id(&mut meta).await,
+        allocate_slice_id(&mut meta, &sid).await,
         5 << 20,
         &session.gateway_id,
     );
-    let uploaded_keys = stage_slice(&mut meta, &mut staging, sid, &uploaded_slice).await;
-    let attr = commit_slice(&mut meta, sid, uploaded.ino, &uploaded_slice)
+    let uploaded_keys = stage_slice(&mut meta, &mut staging, &sid, &uploaded_slice).await;
+    let attr = commit_slice(&mut meta, &sid, uploaded.ino, &uploaded_slice)
         .await
         .unwrap();
     assert_eq!(attr.size, 5 << 20);
@@ -575,14 +542,14 @@ async fn deleted_data_is_dropped_and_deleted_from_s3() {
     assert_objects_identical(&s3, &uploaded_keys, SEED).await;
 
     // File "staged": 100 KiB that stays on the device (uploads are paused again).
-    let staged = create(&mut meta, sid, ROOT, "staged").await;
+    let staged = create(&mut meta, &sid, ROOT, "staged").await;
     let staged_slice = new_slice(
-        allocate_slice_id(&mut meta).await,
+        allocate_slice_id(&mut meta, &sid).await,
         100_000,
         &session.gateway_id,
     );
-    let staged_keys = stage_slice(&mut meta, &mut staging, sid, &staged_slice).await;
-    commit_slice(&mut meta, sid, staged.ino, &staged_slice)
+    let staged_keys = stage_slice(&mut meta, &mut staging, &sid, &staged_slice).await;
+    commit_slice(&mut meta, &sid, staged.ino, &staged_slice)
         .await
         .unwrap();
     assert_eq!(
@@ -597,7 +564,7 @@ async fn deleted_data_is_dropped_and_deleted_from_s3() {
     // Closing the handles Create opened, then unlinking, deletes both files and queues their data.
     for file in [&uploaded, &staged] {
         meta.release(pb::HandleRequest {
-            session_id: sid,
+            session_id: sid.clone(),
             ino: file.ino,
         })
         .await
@@ -673,30 +640,32 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
     let silent = open_session(&mut meta, "never heartbeats").await;
     assert_eq!(silent.heartbeat_interval_ms, 300);
     let alive = open_session(&mut meta, "heartbeats").await;
-    let file = create(&mut meta, alive.session_id, ROOT, "f").await;
+    let file = create(&mut meta, &alive.session_id, ROOT, "f").await;
 
     // Each session stages a slice and never commits it.
     let silent_slice = new_slice(
-        allocate_slice_id(&mut meta).await,
+        allocate_slice_id(&mut meta, &silent.session_id).await,
         70_000,
         &silent.gateway_id,
     );
-    let silent_keys = stage_slice(&mut meta, &mut staging, silent.session_id, &silent_slice).await;
+    let silent_keys = stage_slice(&mut meta, &mut staging, &silent.session_id, &silent_slice).await;
     let alive_slice = new_slice(
-        allocate_slice_id(&mut meta).await,
+        allocate_slice_id(&mut meta, &alive.session_id).await,
         80_000,
         &alive.gateway_id,
     );
-    let alive_keys = stage_slice(&mut meta, &mut staging, alive.session_id, &alive_slice).await;
+    let alive_keys = stage_slice(&mut meta, &mut staging, &alive.session_id, &alive_slice).await;
 
     let heartbeats = {
         let mut meta = meta.clone();
-        let session_id = alive.session_id;
+        let session_id = alive.session_id.clone();
         tokio::spawn(async move {
             loop {
-                meta.heartbeat(pb::SessionRequest { session_id })
-                    .await
-                    .unwrap_or_else(|e| panic!("the live session's heartbeat failed: {e:?}"));
+                meta.heartbeat(pb::SessionRequest {
+                    session_id: session_id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("the live session's heartbeat failed: {e:?}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -711,7 +680,7 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
     expect_errno(
         "Heartbeat of an expired session",
         meta.heartbeat(pb::SessionRequest {
-            session_id: silent.session_id,
+            session_id: silent.session_id.clone(),
         })
         .await,
         libc::EIO,
@@ -719,7 +688,7 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
     );
     expect_errno(
         "CommitSlice by an expired session",
-        commit_slice(&mut meta, silent.session_id, file.ino, &silent_slice).await,
+        commit_slice(&mut meta, &silent.session_id, file.ino, &silent_slice).await,
         libc::EIO,
         Code::Internal,
     );
@@ -733,7 +702,7 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
         state_of(&stat_blocks(&mut staging, &alive_keys).await[0]),
         BlockState::Staged
     );
-    let attr = commit_slice(&mut meta, alive.session_id, file.ino, &alive_slice)
+    let attr = commit_slice(&mut meta, &alive.session_id, file.ino, &alive_slice)
         .await
         .unwrap();
     assert_eq!(attr.size, 80_000);
@@ -755,14 +724,14 @@ async fn metadata_survives_sigkill() {
     let sid = session.session_id;
 
     let keep = mkdir(&mut meta, ROOT, "keep").await.unwrap();
-    let file = create(&mut meta, sid, keep.ino, "weights.bin").await;
+    let file = create(&mut meta, &sid, keep.ino, "weights.bin").await;
     let slice = new_slice(
-        allocate_slice_id(&mut meta).await,
+        allocate_slice_id(&mut meta, &sid).await,
         300_000,
         &session.gateway_id,
     );
-    let keys = stage_slice(&mut meta, &mut staging, sid, &slice).await;
-    let committed = commit_slice(&mut meta, sid, file.ino, &slice)
+    let keys = stage_slice(&mut meta, &mut staging, &sid, &slice).await;
+    let committed = commit_slice(&mut meta, &sid, file.ino, &slice)
         .await
         .unwrap();
     meta.set_xattr(pb::SetXattrRequest {
@@ -805,11 +774,13 @@ async fn metadata_survives_sigkill() {
         );
     }
     // The session outlives the restart: clients could not heartbeat while the gateway was down.
-    meta.heartbeat(pb::SessionRequest { session_id: sid })
-        .await
-        .unwrap_or_else(|e| panic!("Heartbeat of a session opened before the restart: {e:?}"));
+    meta.heartbeat(pb::SessionRequest {
+        session_id: sid.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("Heartbeat of a session opened before the restart: {e:?}"));
     let next = open_session(&mut meta, "after the crash").await;
-    assert!(next.session_id > sid, "session ids are not reused");
+    assert_ne!(next.session_id, sid, "a new session has a new id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

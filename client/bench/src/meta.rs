@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meta::pg_cluster::{PgCluster, PgDurability};
-use meta::{FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, Slice, ROOT_INO};
+use meta::{
+    FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, SessionId, Slice, ROOT_INO,
+};
 use serde::Serialize;
 
 use super::{percentile_ms, progress, ratio, BenchError, ScratchDir};
@@ -163,7 +165,7 @@ fn file() -> NewNode {
 async fn client_dirs(
     engine: &Arc<dyn MetaEngine>,
     clients: usize,
-) -> Result<Vec<(Ino, u64)>, BenchError> {
+) -> Result<Vec<(Ino, SessionId)>, BenchError> {
     let mut dirs = Vec::with_capacity(clients);
     for c in 0..clients {
         let dir = engine
@@ -189,7 +191,7 @@ async fn client_dirs(
 async fn measure(
     engine: &Arc<dyn MetaEngine>,
     op: &'static str,
-    dirs: &[(Ino, u64)],
+    dirs: &[(Ino, SessionId)],
     case: Duration,
 ) -> Result<Rate, BenchError> {
     let started = Instant::now();
@@ -259,11 +261,11 @@ async fn measure(
 /// and the commit.
 async fn small_file_commit(
     engine: &Arc<dyn MetaEngine>,
-    session: u64,
+    session: SessionId,
     ino: Ino,
     n: u64,
 ) -> meta::Result<()> {
-    let id = engine.allocate_slice_ids(1).await?.start;
+    let id = engine.allocate_slice_ids(session, 1).await?.start;
     let slice = Slice {
         slice_id: id,
         offset_in_chunk: (n % 1000) as u32 * 4096,

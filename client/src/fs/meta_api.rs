@@ -100,8 +100,8 @@ pub trait MetaApi: Send + Sync + 'static {
 
     /// The slices of one chunk in commit order: later ones shadow earlier ones.
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>>;
-    /// A batch of fresh slice ids.
-    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>>;
+    /// A batch of fresh slice ids, leased to `session` (no other session may stage them).
+    async fn allocate_slice_ids(&self, session: SessionId, count: u32) -> FsResult<Range<u64>>;
     /// Records that `session` is staging `slice`; must precede its commit. A larger `len` grows
     /// the record.
     async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> FsResult<()>;

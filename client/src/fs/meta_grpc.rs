@@ -164,7 +164,8 @@ impl MetaApi for GrpcMeta {
             }
         )?;
         Ok(SessionGrant {
-            session_id: grant.session_id,
+            session_id: shared::meta::session_from_wire(&grant.session_id)
+                .ok_or_else(|| malformed("open_session", "the session id is not 16 bytes"))?,
             store_url: grant.store_url,
             gateway_id: gateway_id_from_proto("open_session", &grant.gateway_id)?,
             gateway_address: grant.gateway_address,
@@ -179,7 +180,7 @@ impl MetaApi for GrpcMeta {
             "heartbeat",
             heartbeat,
             pb::SessionRequest {
-                session_id: session
+                session_id: session_bytes(session),
             }
         )?;
         Ok(())
@@ -191,7 +192,7 @@ impl MetaApi for GrpcMeta {
             "close_session",
             close_session,
             pb::SessionRequest {
-                session_id: session
+                session_id: session_bytes(session),
             }
         )?;
         Ok(())
@@ -444,7 +445,7 @@ impl MetaApi for GrpcMeta {
             "open",
             open,
             pb::HandleRequest {
-                session_id: session,
+                session_id: session_bytes(session),
                 ino,
             }
         )?;
@@ -457,7 +458,7 @@ impl MetaApi for GrpcMeta {
             "release",
             release,
             pb::HandleRequest {
-                session_id: session,
+                session_id: session_bytes(session),
                 ino,
             }
         )?;
@@ -478,12 +479,15 @@ impl MetaApi for GrpcMeta {
             .collect()
     }
 
-    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>> {
+    async fn allocate_slice_ids(&self, session: SessionId, count: u32) -> FsResult<Range<u64>> {
         let answer = call!(
             self,
             "allocate_slice_ids",
             allocate_slice_ids,
-            pb::AllocateSliceIdsRequest { count }
+            pb::AllocateSliceIdsRequest {
+                count,
+                session_id: session_bytes(session),
+            }
         )?;
         let end = answer
             .first
@@ -498,7 +502,7 @@ impl MetaApi for GrpcMeta {
             "record_pending_slice",
             record_pending_slice,
             pb::PendingSliceRequest {
-                session_id: session,
+                session_id: session_bytes(session),
                 slice: Some(slice_to_proto(slice)),
             }
         )?;
@@ -554,6 +558,11 @@ impl MetaApi for GrpcMeta {
     }
 }
 
+/// A session id as the wire carries it.
+fn session_bytes(session: SessionId) -> Bytes {
+    shared::meta::session_to_wire(session).into()
+}
+
 /// What `CommitSlice` and `WriteSlice` both carry.
 fn commit_request(
     session: SessionId,
@@ -564,7 +573,7 @@ fn commit_request(
     mtime_ns: TimeNs,
 ) -> pb::CommitSliceRequest {
     pb::CommitSliceRequest {
-        session_id: session,
+        session_id: session_bytes(session),
         ino,
         chunk_index,
         slice: Some(slice_to_proto(slice)),
@@ -580,7 +589,7 @@ fn create_request(
     node: &NewNode,
 ) -> pb::CreateRequest {
     pb::CreateRequest {
-        session_id: session,
+        session_id: session_bytes(session),
         parent,
         name: bytes(name),
         kind: kind_to_proto(node.kind) as i32,

@@ -288,9 +288,9 @@ impl MetaApi for LocalMeta {
             .map_err(fail("read_chunk"))
     }
 
-    async fn allocate_slice_ids(&self, count: u32) -> FsResult<Range<u64>> {
+    async fn allocate_slice_ids(&self, session: SessionId, count: u32) -> FsResult<Range<u64>> {
         self.engine
-            .allocate_slice_ids(u64::from(count))
+            .allocate_slice_ids(session, u64::from(count))
             .await
             .map_err(fail("allocate_slice_ids"))
     }
@@ -331,7 +331,7 @@ impl MetaApi for LocalMeta {
             return Err(write_slice_unsupported("no staging in this test"));
         };
         self.engine
-            .record_pending_slice_lazily(session, slice)
+            .record_pending_slice_lazily(session, ino, slice)
             .await
             .map_err(fail("write_slice"))?;
         let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)

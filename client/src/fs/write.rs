@@ -73,7 +73,7 @@ impl WriteContext {
     }
 
     async fn next_slice_id(&self) -> FsResult<u64> {
-        self.slice_ids.next(self.meta.as_ref()).await
+        self.slice_ids.next(self.meta.as_ref(), self.session).await
     }
 }
 
@@ -91,10 +91,10 @@ impl SliceIdPool {
         }
     }
 
-    async fn next(&self, meta: &dyn MetaApi) -> FsResult<u64> {
+    async fn next(&self, meta: &dyn MetaApi, session: SessionId) -> FsResult<u64> {
         let mut ids = self.ids.lock().await;
         if ids.is_empty() {
-            let fresh = meta.allocate_slice_ids(self.batch).await?;
+            let fresh = meta.allocate_slice_ids(session, self.batch).await?;
             // Id 0 means "hole"; an engine never hands it out, but a slice with it would read
             // as zeros, so it is skipped rather than trusted.
             *ids = fresh.start.max(1)..fresh.end;

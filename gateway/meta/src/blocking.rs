@@ -69,9 +69,9 @@ impl BlockingMeta {
         statfs() -> StatFs;
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
-        allocate_slice_ids(count: u64) -> Range<u64>;
+        allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
-        record_pending_slice_lazily(session: SessionId, slice: &Slice) -> ();
+        record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
         open_session(description: &str) -> SessionId;
         heartbeat(session: SessionId) -> ();
         close_session(session: SessionId) -> ();

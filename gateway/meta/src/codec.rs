@@ -155,7 +155,7 @@ pub(super) fn decode_slices(ino: Ino, chunk_index: u64, bytes: &[u8]) -> Result<
 }
 
 /// The value of a pending or deleted slice record: its length and the gateway holding it.
-pub(super) fn encode_slice_data(len: u32, gateway_id: &GatewayId) -> Vec<u8> {
+pub(crate) fn encode_slice_data(len: u32, gateway_id: &GatewayId) -> Vec<u8> {
     let mut out = Vec::with_capacity(20);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(gateway_id);

@@ -4,7 +4,7 @@
 //! The format (version 1), one JSON object per line:
 //!
 //! 1. a header: `{"stagefs_meta_dump": 1, "format_version": 2, "backend": "redb",
-//!    "sequences": {"next_ino": N, "next_slice_id": N, "next_cookie": N, "next_session": N}}`;
+//!    "sequences": {"next_ino": N, "next_slice_id": N, "next_cookie": N}}`;
 //! 2. one line per record: `{"k": "<hex key>", "v": "<hex value>"}`, in key order, laid out as
 //!    [`crate::keys`] documents (inodes, entries, chunks with their slices, xattrs, sessions, the
 //!    delete queue, the gateway registry);

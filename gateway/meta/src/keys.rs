@@ -17,10 +17,13 @@
 //! | id sequence       | `n` name                           | u64, next id (backends that keep sequences in the key space) |
 //! | session           | `S` session                        | last heartbeat, description        |
 //! | open handles      | `h` session ino                    | u64                                |
+//! | slice-id lease    | `a` session end                    | u64, first (ids `first..end`)      |
 //! | pending slice     | `p` session slice-id               | len, gateway (`codec`)             |
 //! | delete queue      | `q` gateway due-time slice-id      | len, gateway (`codec`)             |
 //! | queued slice      | `Q` slice-id                       | due time, gateway                  |
 //! | gateway           | `g` gateway                        | epoch, heartbeat, load, address    |
+//!
+//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a` and `p`.
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
@@ -111,26 +114,49 @@ pub fn sequence(sequence: Sequence) -> Vec<u8> {
     key(b'n', &[], sequence.name().as_bytes())
 }
 
+/// A session id as two key numbers, high half first (so keys sort as the ids do).
+fn session_parts(session: SessionId) -> [u64; 2] {
+    [(session >> 64) as u64, session as u64]
+}
+
+/// The session id of the two key numbers [`session_parts`] made.
+pub fn session_from_parts(high: u64, low: u64) -> SessionId {
+    (SessionId::from(high) << 64) | SessionId::from(low)
+}
+
 pub fn session(session: SessionId) -> Vec<u8> {
-    key(b'S', &[session], &[])
+    key(b'S', &session_parts(session), &[])
 }
 
 pub const SESSION_PREFIX: &[u8] = b"S";
 
 pub fn handle(session: SessionId, ino: Ino) -> Vec<u8> {
-    key(b'h', &[session, ino], &[])
+    let [high, low] = session_parts(session);
+    key(b'h', &[high, low, ino], &[])
 }
 
 pub fn handle_prefix(session: SessionId) -> Vec<u8> {
-    key(b'h', &[session], &[])
+    key(b'h', &session_parts(session), &[])
+}
+
+/// The slice ids `first..end` handed to `session` and not recorded as pending yet; keyed by
+/// `end`, so the lease that may hold an id is the first at or after `id + 1`.
+pub fn lease(session: SessionId, end: u64) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'a', &[high, low, end], &[])
+}
+
+pub fn lease_prefix(session: SessionId) -> Vec<u8> {
+    key(b'a', &session_parts(session), &[])
 }
 
 pub fn pending(session: SessionId, slice_id: u64) -> Vec<u8> {
-    key(b'p', &[session, slice_id], &[])
+    let [high, low] = session_parts(session);
+    key(b'p', &[high, low, slice_id], &[])
 }
 
 pub fn pending_prefix(session: SessionId) -> Vec<u8> {
-    key(b'p', &[session], &[])
+    key(b'p', &session_parts(session), &[])
 }
 
 /// The delete queue is kept per gateway (the one that staged the slice and cleans it up), by due

@@ -64,16 +64,10 @@ pub enum Sequence {
     Slice,
     /// Directory-entry cookies: `readdir` pages by them.
     Cookie,
-    Session,
 }
 
 impl Sequence {
-    pub const ALL: [Sequence; 4] = [
-        Sequence::Inode,
-        Sequence::Slice,
-        Sequence::Cookie,
-        Sequence::Session,
-    ];
+    pub const ALL: [Sequence; 3] = [Sequence::Inode, Sequence::Slice, Sequence::Cookie];
 
     /// The stable name a backend stores the sequence under.
     pub fn name(self) -> &'static str {
@@ -81,7 +75,6 @@ impl Sequence {
             Sequence::Inode => "next_ino",
             Sequence::Slice => "next_slice_id",
             Sequence::Cookie => "next_cookie",
-            Sequence::Session => "next_session",
         }
     }
 
@@ -90,7 +83,7 @@ impl Sequence {
     pub fn first(self) -> u64 {
         match self {
             Sequence::Inode => 2,
-            Sequence::Slice | Sequence::Session => 1,
+            Sequence::Slice => 1,
             Sequence::Cookie => 3,
         }
     }

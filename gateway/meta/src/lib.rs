@@ -38,7 +38,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use kv::KvError;
-pub use rules::KvMeta;
+pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
@@ -212,10 +212,12 @@ pub enum MetaError {
     FileTooLarge(u64),
     #[error("no space: {0}")]
     NoSpace(String),
-    #[error("session {0} does not exist (expired or closed); open a new one and write again")]
+    #[error("session {0:032x} does not exist (expired or closed); open a new one and write again")]
     SessionGone(SessionId),
-    #[error("slice {slice_id} was not recorded as pending for session {session}")]
+    #[error("slice {slice_id} was not recorded as pending for session {session:032x}")]
     SliceNotPending { session: SessionId, slice_id: u64 },
+    #[error("session {session:032x} holds no open handle on inode {ino}")]
+    NotOpen { session: SessionId, ino: Ino },
     #[error(
         "gateway {id} at epoch {epoch} was superseded by epoch {current}: another process took \
          over this gateway's device"
@@ -242,7 +244,8 @@ impl MetaError {
             IsADirectory(_) => libc::EISDIR,
             DirectoryNotEmpty(_) => libc::ENOTEMPTY,
             InvalidName { .. } | MoveIntoOwnSubtree(_) | Invalid(_) => libc::EINVAL,
-            SliceNotPending { .. } => libc::EINVAL,
+            SliceNotPending { .. } => libc::EPERM,
+            NotOpen { .. } => libc::EBADF,
             NameTooLong { .. } => libc::ENAMETOOLONG,
             NotPermitted(_) => libc::EPERM,
             TooManyLinks(_) => libc::EMLINK,
@@ -339,24 +342,33 @@ pub trait MetaEngine: Send + Sync {
         new_size: u64,
         mtime_ns: TimeNs,
     ) -> Result<Attr>;
-    /// `count` fresh slice ids, never handed out before and never again.
-    async fn allocate_slice_ids(&self, count: u64) -> Result<Range<u64>>;
+    /// `count` fresh slice ids, never handed out before and never again, leased to `session`:
+    /// no other session may stage or commit them.
+    async fn allocate_slice_ids(&self, session: SessionId, count: u64) -> Result<Range<u64>>;
     /// Records that `session` is staging `slice` (before its blocks are written), so the blocks
     /// are cleaned up if the session dies before committing it. Repeating it with a larger `len`
-    /// grows the record.
+    /// grows the record. [`MetaError::NotPermitted`] unless the id was leased to `session` and
+    /// not staged before (a committed id cannot be recorded again).
     async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()>;
     /// Like [`MetaEngine::record_pending_slice`], but returns before the record is durable; the
     /// next durable commit carries it. Only for a caller that then stages the slice's blocks and
-    /// commits it itself, without answering anyone in between (`WriteSlice`): should the engine
-    /// crash first, the caller's client gets no answer and retries the whole write.
-    async fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()>;
+    /// commits it into `ino` itself, without answering anyone in between (`WriteSlice`): should
+    /// the engine crash first, the caller's client gets no answer and retries the whole write.
+    /// Checks that `ino` is a regular file, so nothing is staged for a write that must fail.
+    async fn record_pending_slice_lazily(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        slice: &Slice,
+    ) -> Result<()>;
 
     async fn open_session(&self, description: &str) -> Result<SessionId>;
     /// Keeps a session alive; [`MetaError::SessionGone`] once it was closed.
     async fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: releases its open handles (removing unlinked files nobody holds any more)
-    /// and queues the slices it staged but never committed for deletion. Closing an unknown
-    /// session is a no-op, so cleanup can be repeated.
+    /// and queues the slices it staged but never committed for deletion.
+    /// [`MetaError::SessionGone`] for a session that does not exist (closed already, or never
+    /// opened): a caller cleaning up treats that as done.
     async fn close_session(&self, session: SessionId) -> Result<()>;
     async fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
     /// Sessions whose last heartbeat is older than `heartbeat_before_ns`: the caller closes them.
@@ -365,7 +377,8 @@ pub trait MetaEngine: Send + Sync {
     /// Records an open handle of `session` on `ino` and returns the current attributes
     /// (close-to-open: the size a reader must honour).
     async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr>;
-    /// Drops one handle; the last release of an unlinked file removes it.
+    /// Drops one handle; the last release of an unlinked file removes it. [`MetaError::NotOpen`]
+    /// when `session` holds no handle on `ino`.
     async fn release(&self, session: SessionId, ino: Ino) -> Result<()>;
 
     /// Up to `limit` queued slices due at `now_ns`, oldest due first: those staged by

@@ -3,8 +3,10 @@
 //! run again from the start when the backend reports a conflict with a concurrent transaction
 //! (another gateway on the same database).
 //!
-//! Invariants the rules keep: a committed slice id is referenced by exactly one chunk (commit
-//! needs the pending record, which it consumes); no slice shows bytes at or past its file's size
+//! Invariants the rules keep: a slice id belongs to the session it was handed to, and only that
+//! session can record it as pending (which consumes the id's lease) or commit it (which consumes
+//! the pending record), so a committed slice id is referenced by exactly one chunk and no other
+//! client can make its data be deleted; no slice shows bytes at or past its file's size
 //! (truncate hides them behind a hole slice); a slice leaves every chunk before it is queued for
 //! deletion, and enters the queue at most once.
 //!
@@ -34,8 +36,12 @@ use crate::{
     MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
-/// Bumped when the layout of the key space changes incompatibly.
-pub const FORMAT_VERSION: u64 = 2;
+/// Bumped when the layout of the key space changes incompatibly. 3: session ids of 128 random
+/// bits, and slice-id leases (`a`).
+pub const FORMAT_VERSION: u64 = 3;
+
+/// The last format [`Tx::migrate`] can bring up to [`FORMAT_VERSION`].
+const OLDEST_MIGRATABLE_FORMAT: u64 = 2;
 
 /// Usage counters, each split into [`USAGE_SHARDS`] keys.
 const FILES: u8 = b'f';
@@ -44,6 +50,12 @@ const USAGE_SHARDS: u8 = 16;
 
 /// No real tree is this deep (a path is at most 4096 bytes, so at most 2048 levels).
 const MAX_TREE_DEPTH: u32 = 1 << 16;
+
+/// Most slice ids one call hands out: each call leaves one lease record until its ids are used.
+pub const MAX_SLICE_IDS_AT_ONCE: u64 = 1 << 20;
+
+/// Longest session description (host, mount point, version) a client may give.
+pub const MAX_SESSION_DESCRIPTION: usize = 8 * 1024;
 
 /// How often a conflicted transaction is run again before the conflict is returned (as a
 /// retryable error). The backoff grows to about 25 ms, so this bounds a call to a few seconds of
@@ -125,30 +137,33 @@ impl KvMeta {
         self.begin_tx(false).await
     }
 
-    /// [`MetaEngine::record_pending_slice`], waiting for durability only when `durability` says.
+    /// [`MetaEngine::record_pending_slice`], waiting for durability only when `durability` says;
+    /// with `file`, also checks that the slice is for a regular file, before anything is staged.
     async fn record_pending(
         &self,
         session: SessionId,
+        file: Option<Ino>,
         slice: &Slice,
         durability: Durability,
     ) -> Result<()> {
-        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 {
+        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
             return Err(MetaError::Invalid(format!(
-                "slice {slice:?}: id 0 is reserved for holes, and a slice has data"
+                "slice {slice:?}: id 0 is reserved for holes, and a slice has data and fits in \
+                 its chunk"
             )));
         }
         crate::transact!(self, durability, |tx| {
             tx.check_session(session).await?;
-            if slice.slice_id >= tx.peek_sequence(Sequence::Slice).await? {
-                return Err(MetaError::Invalid(format!(
-                    "slice id {} was never allocated",
-                    slice.slice_id
-                )));
+            if let Some(ino) = file {
+                tx.regular_file(ino).await?;
             }
             let key = keys::pending(session, slice.slice_id);
             let recorded_len = match tx.get(&key).await? {
                 Some(bytes) => decode_slice_data(slice.slice_id, &bytes)?.0,
-                None => 0,
+                None => {
+                    tx.take_leased(session, slice.slice_id).await?;
+                    0
+                }
             };
             let len = recorded_len.max(slice.len);
             tx.put(key, encode_slice_data(len, &slice.gateway_id));
@@ -296,22 +311,21 @@ impl Tx<'_> {
         Ok(first)
     }
 
-    /// The next id `sequence` would hand out: everything below it was handed out.
-    async fn peek_sequence(&mut self, sequence: Sequence) -> Result<u64> {
-        Ok(self.inner.take_ids(sequence, 0).await?)
-    }
-
     // --- format and counters ---
 
     async fn format_if_new(&mut self) -> Result<()> {
         if let Some(bytes) = self.get(keys::FORMAT).await? {
             let version = keys::decode_u64("format version", &bytes)?;
-            if version != FORMAT_VERSION {
-                return Err(MetaError::Corrupt(format!(
-                    "metadata format {version}, this build reads {FORMAT_VERSION}"
-                )));
+            if version == FORMAT_VERSION {
+                return Ok(());
             }
-            return Ok(());
+            if (OLDEST_MIGRATABLE_FORMAT..FORMAT_VERSION).contains(&version) {
+                return self.migrate(version).await;
+            }
+            return Err(MetaError::Corrupt(format!(
+                "metadata format {version}, this build reads {OLDEST_MIGRATABLE_FORMAT} to \
+                 {FORMAT_VERSION}"
+            )));
         }
         if !self.scan(&[], &[0xff], 1).await?.is_empty() {
             return Err(MetaError::Corrupt(
@@ -340,6 +354,36 @@ impl Tx<'_> {
         self.put_inode(&root);
         self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
         self.add_usage(1, 0).await
+    }
+
+    /// Brings format `from` up to [`FORMAT_VERSION`] in this transaction.
+    ///
+    /// 2 → 3: sessions had sequential 64-bit ids, which any client could guess. Each one is
+    /// closed as an expired session is (its handles released, unlinked files nobody holds purged,
+    /// slices it staged but never committed queued for deletion); its client is told the session
+    /// is gone and opens a new one.
+    async fn migrate(&mut self, from: u64) -> Result<()> {
+        debug_assert_eq!(from, 2, "the only older format");
+        for (key, value) in self.scan_prefix(b"h").await? {
+            let ([_session, ino], _) = keys::parse::<2>(&key)?;
+            self.delete(key);
+            let count = keys::decode_u64("open handles", &value)?;
+            self.drop_open_handles(ino, count).await?;
+        }
+        for (key, value) in self.scan_prefix(b"p").await? {
+            let ([_session, slice_id], _) = keys::parse::<2>(&key)?;
+            self.delete(key);
+            let (len, gateway_id) = decode_slice_data(slice_id, &value)?;
+            self.queue_deleted(slice_id, len, &gateway_id).await?;
+        }
+        for (key, _) in self.scan_prefix(keys::SESSION_PREFIX).await? {
+            self.delete(key);
+        }
+        // The session sequence of format 2, where the backend kept it in the key space.
+        self.delete(b"nnext_session".to_vec());
+        self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
+        tracing::info!(from, to = FORMAT_VERSION, "migrated the metadata format");
+        Ok(())
     }
 
     /// A usage counter: the sum of its shards.
@@ -681,6 +725,50 @@ impl Tx<'_> {
         }
     }
 
+    /// Takes `slice_id` out of the lease of `session` that holds it: only the session the id was
+    /// handed to may stage it, and only once (after its commit the id is in no lease and no
+    /// pending record, so it cannot be recorded again and then dropped as orphaned).
+    async fn take_leased(&mut self, session: SessionId, slice_id: u64) -> Result<()> {
+        let not_leased = || {
+            MetaError::NotPermitted(format!(
+                "slice id {slice_id} was not handed to this session, or was staged already"
+            ))
+        };
+        let start = keys::lease(session, slice_id.checked_add(1).ok_or_else(not_leased)?);
+        let end = keys::prefix_end(&keys::lease_prefix(session));
+        let Some((key, value)) = self.scan(&start, &end, 1).await?.pop() else {
+            return Err(not_leased());
+        };
+        let ([_, _, lease_end], _) = keys::parse::<3>(&key)?;
+        let first = keys::decode_u64("slice-id lease", &value)?;
+        if slice_id < first {
+            return Err(not_leased());
+        }
+        self.delete(key);
+        if first < slice_id {
+            self.put(keys::lease(session, slice_id), keys::encode_u64(first));
+        }
+        if slice_id + 1 < lease_end {
+            self.put(
+                keys::lease(session, lease_end),
+                keys::encode_u64(slice_id + 1),
+            );
+        }
+        Ok(())
+    }
+
+    /// The inode `ino`, which must be a regular file (data goes nowhere else).
+    async fn regular_file(&mut self, ino: Ino) -> Result<Inode> {
+        let inode = self.inode(ino).await?;
+        match inode.attr.kind {
+            FileKind::File => Ok(inode),
+            FileKind::Dir => Err(MetaError::IsADirectory(ino)),
+            _ => Err(MetaError::Invalid(format!(
+                "inode {ino} is not a regular file"
+            ))),
+        }
+    }
+
     async fn handles(&mut self, session: SessionId, ino: Ino) -> Result<u64> {
         match self.get(&keys::handle(session, ino)).await? {
             Some(bytes) => keys::decode_u64("open handles", &bytes),
@@ -701,6 +789,11 @@ impl Tx<'_> {
         } else {
             self.put(key, keys::encode_u64(held - count));
         }
+        self.drop_open_handles(ino, count).await
+    }
+
+    /// Takes `count` handles off inode `ino`'s count; the last one of an unlinked file removes it.
+    async fn drop_open_handles(&mut self, ino: Ino, count: u64) -> Result<()> {
         // A directory may have been removed while open; its handles just go.
         if self.get(&keys::inode(ino)).await?.is_none() {
             return Ok(());
@@ -829,10 +922,10 @@ impl Tx<'_> {
     async fn sessions(&mut self) -> Result<Vec<SessionInfo>> {
         let mut out = Vec::new();
         for (key, value) in self.scan_prefix(keys::SESSION_PREFIX).await? {
-            let ([id], _) = keys::parse::<1>(&key)?;
+            let ([high, low], _) = keys::parse::<2>(&key)?;
             let (heartbeat, _, description) = keys::decode_pair("session", &value)?;
             out.push(SessionInfo {
-                id,
+                id: keys::session_from_parts(high, low),
                 last_heartbeat_ns: heartbeat as i64,
                 description: String::from_utf8_lossy(description).into_owned(),
             });
@@ -854,6 +947,12 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
             len: name.len(),
             max: MAX_XATTR_NAME_LEN,
         });
+    }
+    // The kernel passes names as C strings: one with a NUL could never be named again.
+    if name.contains(&0) {
+        return Err(MetaError::Invalid(
+            "extended attribute name contains NUL".into(),
+        ));
     }
     Ok(())
 }
@@ -1246,16 +1345,7 @@ impl MetaEngine for KvMeta {
             let pending_key = keys::pending(session, slice.slice_id);
             let was_pending = tx.get(&pending_key).await?.is_some();
             tx.delete(pending_key);
-            let mut inode = tx.inode(ino).await?;
-            match inode.attr.kind {
-                FileKind::File => {}
-                FileKind::Dir => return Err(MetaError::IsADirectory(ino)),
-                _ => {
-                    return Err(MetaError::Invalid(format!(
-                        "inode {ino} is not a regular file"
-                    )))
-                }
-            }
+            let mut inode = tx.regular_file(ino).await?;
             let mut slices = tx.chunk(ino, chunk_index).await?;
             if slices.iter().any(|s| s.slice_id == slice.slice_id) {
                 // A retry of a commit that succeeded but whose answer was lost. Checked even when
@@ -1285,25 +1375,51 @@ impl MetaEngine for KvMeta {
         })
     }
 
-    async fn allocate_slice_ids(&self, count: u64) -> Result<Range<u64>> {
+    async fn allocate_slice_ids(&self, session: SessionId, count: u64) -> Result<Range<u64>> {
+        if count == 0 || count > MAX_SLICE_IDS_AT_ONCE {
+            return Err(MetaError::Invalid(format!(
+                "{count} slice ids asked for: 1..={MAX_SLICE_IDS_AT_ONCE} at a time"
+            )));
+        }
         crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
             let first = tx.inner.take_ids(Sequence::Slice, count).await?;
+            tx.put(keys::lease(session, first + count), keys::encode_u64(first));
             Ok(first..first + count)
         })
     }
 
     async fn record_pending_slice(&self, session: SessionId, slice: &Slice) -> Result<()> {
-        self.record_pending(session, slice, self.durability()).await
+        self.record_pending(session, None, slice, self.durability())
+            .await
     }
 
-    async fn record_pending_slice_lazily(&self, session: SessionId, slice: &Slice) -> Result<()> {
-        self.record_pending(session, slice, Durability::Eventual)
+    async fn record_pending_slice_lazily(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        slice: &Slice,
+    ) -> Result<()> {
+        self.record_pending(session, Some(ino), slice, Durability::Eventual)
             .await
     }
 
     async fn open_session(&self, description: &str) -> Result<SessionId> {
+        if description.len() > MAX_SESSION_DESCRIPTION {
+            return Err(MetaError::Invalid(format!(
+                "session description of {} bytes: at most {MAX_SESSION_DESCRIPTION}",
+                description.len()
+            )));
+        }
         crate::transact!(self, self.durability(), |tx| {
-            let id = tx.inner.take_ids(Sequence::Session, 1).await?;
+            // 128 random bits from the thread's CSPRNG: unguessable, and a collision (checked
+            // anyway) would take longer than the universe has.
+            let id = loop {
+                let id: SessionId = rand::random();
+                if id != 0 && tx.get(&keys::session(id)).await?.is_none() {
+                    break id;
+                }
+            };
             let record = keys::encode_pair(tx.now as u64, 0, description.as_bytes());
             tx.put(keys::session(id), record);
             Ok(id)
@@ -1325,16 +1441,21 @@ impl MetaEngine for KvMeta {
 
     async fn close_session(&self, session: SessionId) -> Result<()> {
         crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
             for (key, value) in tx.scan_prefix(&keys::handle_prefix(session)).await? {
-                let ([_, ino], _) = keys::parse::<2>(&key)?;
+                let ([_, _, ino], _) = keys::parse::<3>(&key)?;
                 let count = keys::decode_u64("open handles", &value)?;
                 tx.release_handles(session, ino, count).await?;
             }
             for (key, value) in tx.scan_prefix(&keys::pending_prefix(session)).await? {
-                let ([_, slice_id], _) = keys::parse::<2>(&key)?;
+                let ([_, _, slice_id], _) = keys::parse::<3>(&key)?;
                 tx.delete(key);
                 let (len, gateway_id) = decode_slice_data(slice_id, &value)?;
                 tx.queue_deleted(slice_id, len, &gateway_id).await?;
+            }
+            // Ids handed out but never staged have no data: they just go.
+            for (key, _) in tx.scan_prefix(&keys::lease_prefix(session)).await? {
+                tx.delete(key);
             }
             tx.delete(keys::session(session));
             Ok(())
@@ -1368,9 +1489,13 @@ impl MetaEngine for KvMeta {
     async fn release(&self, session: SessionId, ino: Ino) -> Result<()> {
         // Given back without waiting for durability: lost in a crash, the handle is given back
         // when its session expires after the restart, and an unlinked file is purged then.
-        crate::transact!(self, Durability::Eventual, |tx| tx
-            .release_handles(session, ino, 1)
-            .await)
+        crate::transact!(self, Durability::Eventual, |tx| {
+            tx.check_session(session).await?;
+            if tx.handles(session, ino).await? == 0 {
+                return Err(MetaError::NotOpen { session, ino });
+            }
+            tx.release_handles(session, ino, 1).await
+        })
     }
 
     async fn take_due_deleted_slices(

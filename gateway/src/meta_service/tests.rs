@@ -107,12 +107,17 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
                 session: 1,
                 slice_id: 2,
             },
-            libc::EINVAL,
-            Code::InvalidArgument,
+            libc::EPERM,
+            Code::PermissionDenied,
         ),
         (
             MetaError::NotPermitted("hard link to a directory".into()),
             libc::EPERM,
+            Code::PermissionDenied,
+        ),
+        (
+            MetaError::NotOpen { session: 1, ino: 2 },
+            libc::EBADF,
             Code::FailedPrecondition,
         ),
         (
@@ -166,6 +171,16 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
         assert_eq!(status.code(), code, "{error}");
         assert_eq!(status.message(), format!("Lookup: {error}"));
     }
+    let long = MetaError::NoSuchEntry {
+        parent: 1,
+        name: "x".repeat(7 << 20),
+    };
+    let status = meta_status("Lookup", &long);
+    assert!(
+        status.message().len() <= shared::MAX_ERROR_MESSAGE_BYTES,
+        "a message quoting a client's 7 MiB name is cut: {} bytes",
+        status.message().len()
+    );
 }
 
 /// A service over a fresh redb database in a temporary directory.
@@ -224,7 +239,7 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
         .await
         .unwrap()
         .into_inner();
-    assert!(session.session_id > 0);
+    assert_eq!(session.session_id.len(), 16);
     assert_eq!(session.store_url, "memory://");
     assert_eq!(session.gateway_id, GATEWAY_ID.to_vec());
     assert_eq!(session.gateway_address, "gateway.example:7070");
@@ -232,7 +247,7 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
 
     let created = service
         .create(Request::new(pb::CreateRequest {
-            session_id: session.session_id,
+            session_id: session.session_id.clone(),
             parent: crate::meta::ROOT_INO,
             name: b"f".to_vec().into(),
             mode: 0o640,
@@ -298,7 +313,7 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
 
     let bad_slice = service
         .record_pending_slice(Request::new(pb::PendingSliceRequest {
-            session_id: session.session_id,
+            session_id: session.session_id.clone(),
             slice: Some(pb::Slice {
                 slice_id: 1,
                 offset_in_chunk: 0,
@@ -312,7 +327,10 @@ async fn rpcs_answer_through_the_engine_and_fail_with_errno_metadata() {
     assert_eq!(errno_of(&bad_slice), libc::EINVAL);
 
     let ids = service
-        .allocate_slice_ids(Request::new(pb::AllocateSliceIdsRequest { count: 5 }))
+        .allocate_slice_ids(Request::new(pb::AllocateSliceIdsRequest {
+            count: 5,
+            session_id: session.session_id.clone(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -369,7 +387,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     // A client records a 5 MiB slice (two blocks) and stages both; block 0 was even uploaded.
     // Staged by this gateway (the cleaner takes only its own gateway's slices).
     let session = engine.open_session("dies").await.unwrap();
-    let slice_id = engine.allocate_slice_ids(1).await.unwrap().start;
+    let slice_id = engine.allocate_slice_ids(session, 1).await.unwrap().start;
     let slice = Slice {
         slice_id,
         offset_in_chunk: 0,
@@ -378,7 +396,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     };
     engine.record_pending_slice(session, &slice).await.unwrap();
     // Another gateway's deleted slice is not this cleaner's to take.
-    let other_id = engine.allocate_slice_ids(1).await.unwrap().start;
+    let other_id = engine.allocate_slice_ids(session, 1).await.unwrap().start;
     let other = Slice {
         slice_id: other_id,
         offset_in_chunk: 0,
@@ -501,14 +519,14 @@ async fn workers_stop_when_cancelled() {
 }
 
 fn write_slice_request(
-    session_id: u64,
+    session: crate::meta::SessionId,
     ino: u64,
     slice: &Slice,
     data: &[u8],
 ) -> Request<pb::WriteSliceRequest> {
     Request::new(pb::WriteSliceRequest {
         commit: Some(pb::CommitSliceRequest {
-            session_id,
+            session_id: convert::session_to_wire(session).into(),
             ino,
             chunk_index: 0,
             slice: Some(slice_to_proto(slice)),
@@ -538,7 +556,7 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
         .unwrap();
     let data = b"one row of an append log\n".to_vec();
     let slice = Slice {
-        slice_id: engine.allocate_slice_ids(1).await.unwrap().start,
+        slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
         offset_in_chunk: 0,
         len: data.len() as u32,
         gateway_id: GATEWAY_ID,
@@ -575,7 +593,7 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
 
     // What the gateway must refuse, each with the errno the client returns, nothing committed.
     let other = Slice {
-        slice_id: engine.allocate_slice_ids(1).await.unwrap().start,
+        slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
         ..slice
     };
     let wrong_gateway = Slice {

@@ -124,14 +124,16 @@ pub async fn expire_silent_sessions(
         match outcome {
             Ok(()) => {
                 tracing::info!(
-                    session_id = session,
+                    session = %format_args!("{session:032x}"),
                     silent_for_more_than = ?timeout,
                     "session expired: its handles are released and its uncommitted slices queued for deletion"
                 );
                 closed.push(session);
             }
+            // Another gateway on the same database closed it first.
+            Err(MetaError::SessionGone(_)) => {}
             Err(error) => {
-                tracing::warn!(session_id = session, %error, "cannot close an expired session; trying again next tick")
+                tracing::warn!(session = %format_args!("{session:032x}"), %error, "cannot close an expired session; trying again next tick")
             }
         }
     }

@@ -75,7 +75,7 @@ impl Fixture {
 
     /// Allocates, records and commits a slice; returns it.
     fn write(&self, ino: Ino, chunk_index: u64, offset: u32, len: u32) -> Slice {
-        let id = self.meta.allocate_slice_ids(1).unwrap().start;
+        let id = self.meta.allocate_slice_ids(self.session, 1).unwrap().start;
         let slice = Slice {
             slice_id: id,
             offset_in_chunk: offset,
@@ -819,7 +819,7 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
     let slice = Slice {
-        slice_id: f.meta.allocate_slice_ids(1).unwrap().start,
+        slice_id: f.meta.allocate_slice_ids(f.session, 1).unwrap().start,
         offset_in_chunk: 0,
         len: 10,
         gateway_id: GW,
@@ -836,7 +836,7 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
 fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
-    let id = f.meta.allocate_slice_ids(3).unwrap().start;
+    let id = f.meta.allocate_slice_ids(f.session, 3).unwrap().start;
     let slice = Slice {
         slice_id: id,
         offset_in_chunk: 0,
@@ -845,7 +845,8 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     };
     assert_eq!(
         errno(f.meta.commit_slice(f.session, file.ino, 0, &slice, 0, 0)),
-        libc::EINVAL
+        libc::EPERM,
+        "not recorded as pending"
     );
     f.meta.record_pending_slice(f.session, &slice).unwrap();
     assert_eq!(
@@ -909,7 +910,7 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     };
     assert_eq!(
         errno(f.meta.record_pending_slice(f.session, &unallocated)),
-        libc::EINVAL
+        libc::EPERM
     );
     assert_eq!(
         errno(f.meta.record_pending_slice(f.session + 1, &bad(0, 1))),
@@ -1011,7 +1012,11 @@ fn unlink_of_an_open_file_keeps_it_until_the_last_release() {
 
     f.meta.release(f.session, file.ino).unwrap();
     f.meta.release(f.session, file.ino).unwrap();
-    f.meta.release(f.session, file.ino).unwrap(); // one too many: ignored
+    assert_eq!(
+        errno(f.meta.release(f.session, file.ino)),
+        libc::EBADF,
+        "one release too many is refused, and changes nothing"
+    );
     assert_eq!(
         f.ids(file.ino, 0),
         [slice.slice_id],
@@ -1091,7 +1096,7 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     let f = fixture();
     let dying = f.meta.open_session("host-b:/mnt").unwrap();
     assert_ne!(dying, f.session);
-    let ids = f.meta.allocate_slice_ids(2).unwrap();
+    let ids = f.meta.allocate_slice_ids(dying, 2).unwrap();
     let staged = Slice {
         slice_id: ids.start,
         offset_in_chunk: 0,
@@ -1112,7 +1117,8 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     assert!(f.meta.expired_sessions(0).unwrap().is_empty());
     let sessions = f.meta.list_sessions().unwrap();
     assert_eq!(sessions.len(), 2);
-    assert_eq!(sessions[1].description, "host-b:/mnt");
+    let described = sessions.iter().find(|s| s.id == dying).unwrap();
+    assert_eq!(described.description, "host-b:/mnt");
 
     f.meta.close_session(dying).unwrap();
     let due = f.meta.take_due_deleted_slices(None, i64::MAX, 10).unwrap();
@@ -1124,8 +1130,242 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     );
     assert_eq!(errno(f.meta.heartbeat(dying)), libc::EIO);
     assert_eq!(errno(f.meta.open(dying, ROOT_INO)), libc::EIO);
-    f.meta.close_session(dying).expect("closing twice is fine");
+    assert_eq!(
+        errno(f.meta.close_session(dying)),
+        libc::EIO,
+        "a closed session is gone"
+    );
     assert_eq!(f.meta.list_sessions().unwrap().len(), 1);
+}
+
+#[test]
+fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
+    let f = fixture();
+    let victim = f.file(ROOT_INO, "victim");
+    let committed = f.write(victim.ino, 0, 0, 10);
+    let unused = f.meta.allocate_slice_ids(f.session, 1).unwrap().start;
+    let thief = f.meta.open_session("thief").unwrap();
+    let own = f.file(ROOT_INO, "thief's");
+    let as_thief = |slice_id| Slice {
+        slice_id,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+
+    for slice_id in [committed.slice_id, unused, unused + 1_000] {
+        assert_eq!(
+            errno(f.meta.record_pending_slice(thief, &as_thief(slice_id))),
+            libc::EPERM,
+            "slice {slice_id} is not the thief's to stage"
+        );
+        assert_eq!(
+            errno(
+                f.meta
+                    .record_pending_slice_lazily(thief, own.ino, &as_thief(slice_id))
+            ),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno(
+                f.meta
+                    .commit_slice(thief, own.ino, 0, &as_thief(slice_id), 0, 0)
+            ),
+            libc::EPERM
+        );
+    }
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &committed)),
+        libc::EPERM,
+        "a committed id cannot be staged again, not even by its owner"
+    );
+    f.meta.close_session(thief).unwrap();
+    assert!(f.queued().is_empty(), "nothing of the owner's was queued");
+    assert_eq!(f.ids(victim.ino, 0), [committed.slice_id]);
+
+    // The owner's unused id still works, once.
+    let later = Slice {
+        slice_id: unused,
+        ..as_thief(0)
+    };
+    f.meta.record_pending_slice(f.session, &later).unwrap();
+    f.meta
+        .record_pending_slice(f.session, &Slice { len: 20, ..later })
+        .expect("growing one's own pending record");
+    f.meta
+        .commit_slice(f.session, victim.ino, 0, &later, 0, 0)
+        .unwrap();
+    assert_eq!(
+        f.ids(victim.ino, 0),
+        [unused],
+        "the later slice shadows the first"
+    );
+}
+
+#[test]
+fn leases_split_as_their_ids_are_staged_out_of_order() {
+    let f = fixture();
+    let ids = f.meta.allocate_slice_ids(f.session, 5).unwrap();
+    let slice = |slice_id| Slice {
+        slice_id,
+        offset_in_chunk: 0,
+        len: 1,
+        gateway_id: GW,
+    };
+    for id in [
+        ids.start + 2,
+        ids.start,
+        ids.end - 1,
+        ids.start + 1,
+        ids.start + 3,
+    ] {
+        f.meta.record_pending_slice(f.session, &slice(id)).unwrap();
+    }
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &slice(ids.end))),
+        libc::EPERM,
+        "past the lease"
+    );
+    assert_eq!(errno(f.meta.allocate_slice_ids(f.session, 0)), libc::EINVAL);
+    assert_eq!(
+        errno(f.meta.allocate_slice_ids(f.session, u64::MAX)),
+        libc::EINVAL
+    );
+    f.meta.close_session(f.session).unwrap();
+    let mut queued: Vec<u64> = f.queued().into_iter().collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        ids.collect::<Vec<_>>(),
+        "each staged id queued once"
+    );
+}
+
+#[test]
+fn sessions_are_unguessable_and_refuse_strangers() {
+    let f = fixture();
+    let other = f.meta.open_session("other").unwrap();
+    assert!(
+        f.session.abs_diff(other) > u64::MAX as u128,
+        "ids {:x} and {:x} are not sequential",
+        f.session,
+        other
+    );
+    let file = f.file(ROOT_INO, "f");
+    f.meta.open(f.session, file.ino).unwrap();
+    f.meta.unlink(ROOT_INO, b"f").unwrap();
+
+    let stranger: SessionId = f.session ^ 1;
+    assert_eq!(errno(f.meta.release(stranger, file.ino)), libc::EIO);
+    assert_eq!(errno(f.meta.close_session(stranger)), libc::EIO);
+    assert_eq!(errno(f.meta.heartbeat(stranger)), libc::EIO);
+    assert_eq!(errno(f.meta.allocate_slice_ids(stranger, 1)), libc::EIO);
+    assert_eq!(
+        errno(f.meta.release(other, file.ino)),
+        libc::EBADF,
+        "another session holds no handle on it"
+    );
+    assert_eq!(f.meta.getattr(file.ino).unwrap().nlink, 0, "still there");
+    f.meta.release(f.session, file.ino).unwrap();
+    assert_eq!(errno(f.meta.getattr(file.ino)), libc::ENOENT);
+
+    assert_eq!(
+        errno(
+            f.meta
+                .open_session(&"x".repeat(MAX_SESSION_DESCRIPTION + 1))
+        ),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn data_is_checked_before_anything_is_staged() {
+    let f = fixture();
+    let ids = f.meta.allocate_slice_ids(f.session, 2).unwrap();
+    let past_chunk = Slice {
+        slice_id: ids.start,
+        offset_in_chunk: shared::CHUNK_SIZE as u32 - 5,
+        len: 10,
+        gateway_id: GW,
+    };
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &past_chunk)),
+        libc::EINVAL
+    );
+    let fits = Slice {
+        offset_in_chunk: 0,
+        ..past_chunk
+    };
+    assert_eq!(
+        errno(
+            f.meta
+                .record_pending_slice_lazily(f.session, ROOT_INO, &fits)
+        ),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(f.meta.record_pending_slice_lazily(f.session, 999, &fits)),
+        libc::ENOENT
+    );
+    f.meta.close_session(f.session).unwrap();
+    assert!(f.queued().is_empty(), "nothing was recorded");
+
+    let file = f.file(ROOT_INO, "f");
+    assert_eq!(
+        errno(
+            f.meta
+                .setxattr(file.ino, b"user.a\0b", b"v", XattrMode::Upsert)
+        ),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn format_2_sessions_are_closed_by_the_upgrade() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "open-unlinked");
+    f.meta.open(f.session, file.ino).unwrap();
+    f.meta.unlink(ROOT_INO, b"open-unlinked").unwrap();
+    let Fixture { db, meta, session } = f;
+    drop(meta);
+    // The session's records as format 2 kept them, under a sequential 64-bit id.
+    let old_key = |tag: u8, numbers: &[u64]| -> Vec<u8> {
+        let mut key = vec![tag];
+        for n in numbers {
+            key.extend_from_slice(&n.to_be_bytes());
+        }
+        key
+    };
+    db.write_raw(vec![
+        (keys::FORMAT.to_vec(), Some(keys::encode_u64(2))),
+        (keys::session(session), None),
+        (keys::handle(session, file.ino), None),
+        (
+            old_key(b'S', &[5]),
+            Some(keys::encode_pair(0, 0, b"host:/mnt")),
+        ),
+        (old_key(b'h', &[5, file.ino]), Some(keys::encode_u64(1))),
+        (
+            old_key(b'p', &[5, 77]),
+            Some(crate::codec::encode_slice_data(10, &GW)),
+        ),
+        (b"nnext_session".to_vec(), Some(keys::encode_u64(6))),
+    ]);
+    for _ in 0..2 {
+        let meta = db.open(config());
+        assert!(meta.list_sessions().unwrap().is_empty());
+        assert_eq!(errno(meta.getattr(file.ino)), libc::ENOENT, "purged");
+        let queued = meta.take_due_deleted_slices(None, i64::MAX, 10).unwrap();
+        assert_eq!(
+            queued
+                .iter()
+                .map(|d| (d.slice_id, d.len))
+                .collect::<Vec<_>>(),
+            [(77, 10)]
+        );
+        let fresh = meta.open_session("new").unwrap();
+        meta.close_session(fresh).unwrap();
+    }
 }
 
 #[test]
@@ -1164,8 +1404,9 @@ fn slice_id_batches_never_overlap_even_across_reopen() {
     let mut seen = Vec::new();
     for _ in 0..3 {
         let meta = db.open(MetaConfig::default());
+        let session = meta.open_session("allocating").unwrap();
         for count in [1, 1000, 7] {
-            let batch = meta.allocate_slice_ids(count).unwrap();
+            let batch = meta.allocate_slice_ids(session, count).unwrap();
             assert_eq!(batch.end - batch.start, count);
             assert!(batch.start >= 1, "0 is the hole id");
             seen.push(batch);
@@ -1330,7 +1571,7 @@ fn each_gateway_takes_only_the_deleted_slices_it_staged() {
     let file = f.file(ROOT_INO, "f");
     let mine = f.write(file.ino, 0, 0, 10);
     let theirs = {
-        let id = f.meta.allocate_slice_ids(1).unwrap().start;
+        let id = f.meta.allocate_slice_ids(f.session, 1).unwrap().start;
         let slice = Slice {
             slice_id: id,
             offset_in_chunk: 20,

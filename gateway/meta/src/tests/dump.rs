@@ -70,7 +70,7 @@ fn populate(meta: &BlockingMeta) -> SessionId {
             .unwrap();
         meta.setxattr(file.ino, b"user.i", &i.to_le_bytes(), XattrMode::Upsert)
             .unwrap();
-        let id = meta.allocate_slice_ids(1).unwrap().start;
+        let id = meta.allocate_slice_ids(session, 1).unwrap().start;
         let slice = Slice {
             slice_id: id,
             offset_in_chunk: i,
@@ -113,9 +113,9 @@ fn a_tree_moves_from_redb_to_postgres_and_back_unchanged() {
     };
     let source = Db::redb();
     let meta = source.open(config.clone());
-    populate(&meta);
+    let session = populate(&meta);
     let before = snapshot(&meta);
-    let next_slice = meta.allocate_slice_ids(1).unwrap().start;
+    let next_slice = meta.allocate_slice_ids(session, 1).unwrap().start;
     drop(meta);
 
     let dumped = dump_to_vec(&source);
@@ -125,7 +125,11 @@ fn a_tree_moves_from_redb_to_postgres_and_back_unchanged() {
     let moved = pg.open(config.clone());
     assert_eq!(snapshot(&moved), before);
     assert!(
-        moved.allocate_slice_ids(1).unwrap().start > next_slice,
+        moved
+            .allocate_slice_ids(moved.open_session("moved").unwrap(), 1)
+            .unwrap()
+            .start
+            > next_slice,
         "ids handed out before the dump are never handed out again"
     );
     let node = NewNode {

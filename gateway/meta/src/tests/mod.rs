@@ -59,13 +59,16 @@ impl Db {
 
     /// Writes `value` under `key` behind the engine's back (to plant corrupt records).
     pub fn put_raw(&self, key: Vec<u8>, value: Vec<u8>) {
+        self.write_raw(vec![(key, Some(value))]);
+    }
+
+    /// Applies `writes` behind the engine's back (records of an older format, corrupt ones).
+    pub fn write_raw(&self, writes: Vec<crate::kv::Write>) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let store = self.store().await.unwrap();
             let txn = store.begin(true).await.unwrap();
-            txn.commit(vec![(key, Some(value))], Durability::Durable)
-                .await
-                .unwrap();
+            txn.commit(writes, Durability::Durable).await.unwrap();
         });
     }
 }

@@ -454,7 +454,7 @@ impl Harness {
                 let Some(ino) = model.target(target) else {
                     return (Ok(()), Ok(()));
                 };
-                let slice_id = meta.allocate_slice_ids(1).unwrap().start;
+                let slice_id = meta.allocate_slice_ids(session, 1).unwrap().start;
                 let slice = Slice {
                     slice_id,
                     offset_in_chunk: offset,
