@@ -19,12 +19,14 @@ use proto::staging::staging_client::StagingClient;
 use proto::staging::{BlockState, StatBlocksRequest, StatusRequest, WaitUploadedRequest};
 use shared::size::format_size;
 use shared::{BlockKey, CHUNK_SIZE};
-use tonic::transport::Channel;
 
-use crate::fs::{connect_gateway, meta_client, staging_client};
+use crate::fs::{connect_gateway, meta_client, staging_client, GatewayAccess, GatewayChannel};
 
-async fn staging(gateway: &str) -> anyhow::Result<(Channel, StagingClient<Channel>)> {
-    let channel = connect_gateway(gateway)
+async fn staging(
+    gateway: &str,
+    access: &GatewayAccess,
+) -> anyhow::Result<(GatewayChannel, StagingClient<GatewayChannel>)> {
+    let channel = connect_gateway(gateway, access)
         .await
         .with_context(|| format!("is stagefs-gateway running at {gateway}?"))?;
     let client = staging_client(channel.clone());
@@ -32,8 +34,8 @@ async fn staging(gateway: &str) -> anyhow::Result<(Channel, StagingClient<Channe
 }
 
 /// `stagefs status GATEWAY`: the gateway's Status, readable (or JSON).
-pub async fn status(gateway: &str, json: bool) -> anyhow::Result<()> {
-    let (channel, mut client) = staging(gateway).await?;
+pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
+    let (channel, mut client) = staging(gateway, access).await?;
     let s = client
         .status(StatusRequest {})
         .await
@@ -207,7 +209,7 @@ type Block = (BlockKey, u64, Vec<u8>);
 
 /// Every block of a file, from its chunks' slices (holes have none).
 async fn file_blocks(
-    meta: &mut MetaClient<Channel>,
+    meta: &mut MetaClient<GatewayChannel>,
     ino: u64,
     size: u64,
 ) -> anyhow::Result<Vec<Block>> {
@@ -246,7 +248,11 @@ fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Res
 }
 
 /// `stagefs sync PATH…`: returns when every block of those files is in the object store.
-pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Result<()> {
+pub async fn sync(
+    paths: &[PathBuf],
+    access: &GatewayAccess,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
     // Files grouped by the gateway of their mount.
     let mut by_gateway: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
     for path in paths {
@@ -257,7 +263,7 @@ pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Resul
         collect_files(&path, by_gateway.entry(gateway).or_default())?;
     }
     for (mount_gateway, files) in by_gateway {
-        let (channel, _) = staging(&mount_gateway).await?;
+        let (channel, _) = staging(&mount_gateway, access).await?;
         let mut meta = meta_client(channel);
         // Blocks grouped by the gateway that staged them: each waits on its own gateway.
         let mut by_stager: BTreeMap<Vec<u8>, Vec<(BlockKey, u64)>> = BTreeMap::new();
@@ -289,7 +295,7 @@ pub async fn sync(paths: &[PathBuf], timeout: Option<Duration>) -> anyhow::Resul
                 Some(g) => g.address.clone(),
                 None => mount_gateway.clone(),
             };
-            wait_uploaded(&address, files.len(), &blocks, timeout).await?;
+            wait_uploaded(&address, access, files.len(), &blocks, timeout).await?;
         }
     }
     Ok(())
@@ -306,12 +312,13 @@ fn gateway_uuid(id: &[u8]) -> String {
 /// showing progress on a terminal.
 async fn wait_uploaded(
     gateway: &str,
+    access: &GatewayAccess,
     files: usize,
     blocks: &[(BlockKey, u64)],
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
-    let (_, client) = staging(gateway).await?;
+    let (_, client) = staging(gateway, access).await?;
     let total_bytes: u64 = blocks.iter().map(|(_, len)| len).sum();
     let keys: Vec<String> = blocks.iter().map(|(k, _)| k.to_string()).collect();
     let started = std::time::Instant::now();
@@ -362,8 +369,12 @@ async fn wait_uploaded(
 
 /// `stagefs uploads pause|resume GATEWAY`: holds or resumes the gateway's upload drain (staging
 /// goes on either way).
-pub async fn set_uploads_paused(gateway: &str, paused: bool) -> anyhow::Result<()> {
-    let (_, mut client) = staging(gateway).await?;
+pub async fn set_uploads_paused(
+    gateway: &str,
+    access: &GatewayAccess,
+    paused: bool,
+) -> anyhow::Result<()> {
+    let (_, mut client) = staging(gateway, access).await?;
     client
         .set_uploads_paused(proto::staging::SetUploadsPausedRequest { paused })
         .await

@@ -46,7 +46,9 @@ use object_store::ObjectStore;
 
 pub use block_api::{BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
 pub use block_grpc::GrpcBlocks;
-pub use channel::{connect_gateway, gateway_endpoint, meta_client, staging_client};
+pub use channel::{
+    connect_gateway, gateway_endpoint, meta_client, staging_client, GatewayAccess, GatewayChannel,
+};
 pub use error::{FsError, FsResult};
 pub use meta_api::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId,
@@ -86,6 +88,8 @@ pub struct FsConfig {
     /// How long a file seen without `security.capability` is taken to still have none (the
     /// kernel asks before every write); the mount passes its attribute TTL.
     pub capability_absence_ttl: Duration,
+    /// What every connection to another gateway (to read the blocks it staged) presents.
+    pub gateway_access: GatewayAccess,
 }
 
 impl Default for FsConfig {
@@ -100,6 +104,7 @@ impl Default for FsConfig {
             readahead_blocks: 4,
             write_slices: true,
             capability_absence_ttl: Duration::from_secs(1),
+            gateway_access: GatewayAccess::default(),
         }
     }
 }
@@ -205,7 +210,7 @@ impl Fs {
             grant.gateway_id,
             gateway.clone(),
             meta.clone(),
-            gateways::grpc_connector(),
+            gateways::grpc_connector(config.gateway_access.clone()),
         ));
         let fetcher =
             BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);

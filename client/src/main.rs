@@ -41,6 +41,8 @@ enum Command {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
     },
     /// Wait until every block of these files (directories: all files below) is in the object
     /// store; shows progress on a terminal.
@@ -51,6 +53,8 @@ enum Command {
         /// Give up after this long (e.g. 10m); default: wait as long as it takes.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
     },
     /// Hold or resume a gateway's uploads to the object store (staging goes on either way).
     Uploads {
@@ -58,6 +62,8 @@ enum Command {
         action: UploadsAction,
         /// Gateway address (host:port).
         gateway: String,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
     },
     /// Benchmarks that measure stagefs components against hardware limits and against peers
     /// (gateway, fs, meta, proxy; `stagefs bench --help`). Runs `stagefs-bench`, found next to
@@ -110,12 +116,28 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Uploads { action, gateway } => {
-            client::admin::set_uploads_paused(&gateway, matches!(action, UploadsAction::Pause))
-                .await?
+        Command::Uploads {
+            action,
+            gateway,
+            access,
+        } => {
+            client::admin::set_uploads_paused(
+                &gateway,
+                &access.access()?,
+                matches!(action, UploadsAction::Pause),
+            )
+            .await?
         }
-        Command::Status { gateway, json } => client::admin::status(&gateway, json).await?,
-        Command::Sync { paths, timeout } => client::admin::sync(&paths, timeout).await?,
+        Command::Status {
+            gateway,
+            json,
+            access,
+        } => client::admin::status(&gateway, &access.access()?, json).await?,
+        Command::Sync {
+            paths,
+            timeout,
+            access,
+        } => client::admin::sync(&paths, &access.access()?, timeout).await?,
         Command::Mount(_) | Command::Umount { .. } | Command::Bench { .. } => {
             unreachable!("mount, umount and bench run outside the async runtime (see main)")
         }

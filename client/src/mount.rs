@@ -81,6 +81,8 @@ pub struct MountArgs {
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long)]
     pub s3_allow_http: bool,
+    #[command(flatten)]
+    pub access: crate::cli::AccessArgs,
 }
 
 /// Where a mount writes its blocks (`--write-mode`).
@@ -228,7 +230,8 @@ fn serve_inner(
 }
 
 async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
-    let channel = connect_gateway(&args.gateway)
+    let access = args.access.access()?;
+    let channel = connect_gateway(&args.gateway, &access)
         .await
         .with_context(|| format!("is stagefs-gateway running at {}?", args.gateway))?;
     let meta = Arc::new(GrpcMeta::new(channel.clone()));
@@ -261,6 +264,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         max_dirty_bytes_per_file: args.max_dirty_per_file.max(1),
         write_slices: args.write_mode == WriteMode::Gateway,
         capability_absence_ttl: args.attr_ttl,
+        gateway_access: access,
         ..FsConfig::default()
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))

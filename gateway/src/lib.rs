@@ -7,6 +7,7 @@
 //! and the metadata, and the background workers) and the gRPC adapters over it, [`service`] and
 //! [`meta_service`]. Every background task runs under [`tasks`].
 
+pub mod access;
 pub mod aligned;
 pub mod device;
 pub mod drain;

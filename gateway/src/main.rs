@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use gateway::access::{Authenticate, Tokens};
 use gateway::drain::{self, DrainConfig};
 use gateway::io::EngineKind;
 use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
@@ -24,6 +25,7 @@ use proto::staging::staging_server::StagingServer;
 use shared::size::parse_size;
 use shared::store::{open_store, S3Options};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 #[derive(Parser)]
@@ -165,6 +167,13 @@ struct ServeArgs {
     /// address, with the port actually bound.
     #[arg(long)]
     advertise: Option<String>,
+    /// Who may connect: a TOML file of `[[token]]` entries (`name`, `secret`, `access` = "rw",
+    /// "ro" or "admin"). Clients present the secret (`stagefs --token-file`, `STAGEFS_TOKEN`);
+    /// a missing or unknown one is refused, a read-only one may change nothing, and only admins
+    /// may pause uploads, retry quarantined blocks or delete blocks. Read again on SIGHUP.
+    /// Without it, anyone who reaches the port may do anything (a warning says so at start).
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
 }
 
 fn parse_meta_location(text: &str) -> Result<MetaLocation, String> {
@@ -303,6 +312,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Resolved before the device is opened, so a missing --meta fails without touching it.
     let meta_location = meta_location(&args)?;
+    let tokens = Arc::new(match &args.tokens {
+        Some(path) => Tokens::load(path)?,
+        None => {
+            tracing::warn!(
+                "serving without --tokens: anyone who reaches the listen address can read, change \
+                 and delete every file, and pause uploads"
+            );
+            Tokens::open_to_all()
+        }
+    });
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),
         region: args.s3_region.clone(),
@@ -377,17 +396,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
     let fenced = CancellationToken::new();
-    let node = Arc::new(Node {
-        log: log.clone(),
+    let node = Arc::new(Node::new(
+        log.clone(),
         meta,
         store,
-        settings: ClientSettings {
+        ClientSettings {
             store_url: args.store.clone(),
             gateway_id,
             gateway_address: advertise.clone(),
             heartbeat_interval,
         },
-    });
+    ));
     node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
     node_workers::start(
         &node,
@@ -397,6 +416,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         &workers,
     );
+    {
+        // Installed before serving: SIGHUP's default action would end the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let tokens = tokens.clone();
+        workers.spawn("token reload", move |stop| {
+            reload_tokens_on_sighup(tokens, hangups, stop)
+        });
+    }
+    let authenticate = Authenticate(tokens);
     let service = StagingService::new(node.clone());
     let meta_service = MetaService::new(node);
     tracing::info!(
@@ -419,16 +448,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
         // Large DATA frames: 16 KiB ones cost a syscall each, 256 per 4 MiB block.
         .max_frame_size(Some(proto::MAX_FRAME_BYTES))
-        .add_service(
+        // Every request of both services is authenticated before any service code runs.
+        .add_service(InterceptedService::new(
             StagingServer::new(service)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            authenticate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             MetaServer::new(meta_service)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-        )
+            authenticate,
+        ))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small frames (acknowledgements) wait for the peer's delayed ACK:
             // ~40 ms per RPC. Server::tcp_nodelay does not apply to an incoming stream we pass in.
@@ -473,6 +505,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("gateway stopped; staged data is intact on the device");
     Ok(())
+}
+
+/// Reads the tokens file again on every SIGHUP (rotation); a file that does not parse leaves the
+/// tokens in force, and says why.
+async fn reload_tokens_on_sighup(
+    tokens: Arc<Tokens>,
+    mut hangups: tokio::signal::unix::Signal,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = hangups.recv() => match tokens.reload() {
+                Ok(_) if !tokens.required() => tracing::info!("SIGHUP: no --tokens file to reload"),
+                Ok(count) => tracing::info!(tenants = count, "SIGHUP: tokens reloaded"),
+                Err(error) => tracing::error!(%error, "SIGHUP: tokens not reloaded; the previous ones stay in force"),
+            },
+        }
+    }
 }
 
 /// Debug builds only: `STAGEFS_DEBUG_FAULTS=FILE` puts the fault-injecting engine under the log,

@@ -17,7 +17,8 @@ use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
-use crate::meta::{FileKind, MetaEngine, MetaError, RenameMode, XattrMode};
+use crate::access::{tenant_of, Tenant};
+use crate::meta::{FileKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
 use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
 use convert::*;
 
@@ -45,6 +46,14 @@ impl MetaService {
         }
     }
 
+    /// The session named by `wire` (16 bytes), if `tenant` opened it: another tenant's session
+    /// is answered as one that does not exist.
+    async fn session(&self, tenant: &Tenant, wire: &[u8]) -> Result<SessionId, MetaError> {
+        self.node
+            .session_of(tenant, session_from_proto(wire)?)
+            .await
+    }
+
     /// Runs one engine call; `rpc` names the call in error messages.
     async fn call<T>(
         &self,
@@ -53,6 +62,18 @@ impl MetaService {
     ) -> Result<T, Status> {
         work.await.map_err(|error| meta_status(rpc, &error))
     }
+}
+
+/// Refuses a change from a read-only tenant, at the gateway (a client's own read-only flag is
+/// not what protects the data).
+fn writable(rpc: &str, tenant: &Tenant) -> Result<(), Status> {
+    if tenant.may_write() {
+        return Ok(());
+    }
+    Err(meta_status(
+        rpc,
+        &MetaError::ReadOnly(format!("token {:?} is read-only", tenant.name)),
+    ))
 }
 
 /// The one mapping from a failed step of the core to what a `Meta` client sees.
@@ -74,7 +95,7 @@ pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
         libc::ENOENT => Code::NotFound,
         libc::EEXIST => Code::AlreadyExists,
         libc::EINVAL | libc::ENAMETOOLONG => Code::InvalidArgument,
-        libc::EPERM => Code::PermissionDenied,
+        libc::EPERM | libc::EROFS => Code::PermissionDenied,
         libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EMLINK | libc::EBADF => {
             Code::FailedPrecondition
         }
@@ -121,10 +142,11 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let tenant = tenant_of(&request);
         let description = request.into_inner().description;
         let session_id = self
             .call("OpenSession", async {
-                self.engine.open_session(&description).await
+                self.node.open_session(&tenant, &description).await
             })
             .await?;
         tracing::info!(
@@ -146,9 +168,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
         let session = request.into_inner().session_id;
         self.call("Heartbeat", async {
-            self.engine.heartbeat(session_from_proto(&session)?).await
+            self.engine
+                .heartbeat(self.session(&tenant, &session).await?)
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -158,10 +183,11 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SessionRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
         let session = request.into_inner().session_id;
         let session = self
             .call("CloseSession", async {
-                let session = session_from_proto(&session)?;
+                let session = self.session(&tenant, &session).await?;
                 self.engine.close_session(session).await?;
                 Ok(session)
             })
@@ -196,6 +222,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SetAttrRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        writable("SetAttr", &tenant_of(&request))?;
         let request = request.into_inner();
         let changes = set_attr_from_proto(&request);
         let attr = self
@@ -210,11 +237,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
+        writable("Create", &tenant)?;
         let request = request.into_inner();
         let attr = self
             .call("Create", async {
                 let node = new_node_from_proto(&request, Some(FileKind::File))?;
-                let session = session_from_proto(&request.session_id)?;
+                let session = self.session(&tenant, &request.session_id).await?;
                 self.engine
                     .create(session, request.parent, &request.name, &node)
                     .await
@@ -227,6 +256,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        writable("Mknod", &tenant_of(&request))?;
         let request = request.into_inner();
         let attr = self
             .call("Mknod", async {
@@ -243,6 +273,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        writable("Mkdir", &tenant_of(&request))?;
         let request = request.into_inner();
         let attr = self
             .call("Mkdir", async {
@@ -266,6 +297,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SymlinkRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        writable("Symlink", &tenant_of(&request))?;
         let pb::SymlinkRequest {
             parent,
             name,
@@ -298,6 +330,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        writable("Unlink", &tenant_of(&request))?;
         let pb::EntryRequest { parent, name } = request.into_inner();
         self.call("Unlink", async { self.engine.unlink(parent, &name).await })
             .await?;
@@ -308,6 +341,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        writable("Rmdir", &tenant_of(&request))?;
         let pb::EntryRequest { parent, name } = request.into_inner();
         self.call("Rmdir", async { self.engine.rmdir(parent, &name).await })
             .await?;
@@ -318,6 +352,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::RenameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        writable("Rename", &tenant_of(&request))?;
         let request = request.into_inner();
         self.call("Rename", async {
             let mode = RenameMode::from_flags(request.flags)?;
@@ -339,6 +374,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::LinkRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        writable("Link", &tenant_of(&request))?;
         let pb::LinkRequest {
             ino,
             new_parent,
@@ -392,6 +428,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SetXattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        writable("SetXattr", &tenant_of(&request))?;
         let request = request.into_inner();
         self.call("SetXattr", async {
             let mode = XattrMode::from_flags(request.flags)?;
@@ -420,6 +457,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        writable("RemoveXattr", &tenant_of(&request))?;
         let pb::XattrRequest { ino, name } = request.into_inner();
         self.call("RemoveXattr", async {
             self.engine.removexattr(ino, &name).await
@@ -442,11 +480,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::HandleRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         let attr = self
             .call("Open", async {
                 self.engine
-                    .open(session_from_proto(&session_id)?, ino)
+                    .open(self.session(&tenant, &session_id).await?, ino)
                     .await
             })
             .await?;
@@ -457,10 +496,11 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::HandleRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         self.call("Release", async {
             self.engine
-                .release(session_from_proto(&session_id)?, ino)
+                .release(self.session(&tenant, &session_id).await?, ino)
                 .await
         })
         .await?;
@@ -486,10 +526,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::AllocateSliceIdsRequest>,
     ) -> Result<Response<pb::AllocateSliceIdsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        writable("AllocateSliceIds", &tenant)?;
         let pb::AllocateSliceIdsRequest { count, session_id } = request.into_inner();
         let ids = self
             .call("AllocateSliceIds", async {
-                let session = session_from_proto(&session_id)?;
+                let session = self.session(&tenant, &session_id).await?;
                 self.engine
                     .allocate_slice_ids(session, u64::from(count))
                     .await
@@ -506,10 +548,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::PendingSliceRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
+        writable("RecordPendingSlice", &tenant)?;
         let request = request.into_inner();
         self.call("RecordPendingSlice", async {
             let slice = slice_from_proto(request.slice.as_ref(), "RecordPendingSlice")?;
-            let session = session_from_proto(&request.session_id)?;
+            let session = self.session(&tenant, &request.session_id).await?;
             self.engine.record_pending_slice(session, &slice).await
         })
         .await?;
@@ -520,13 +564,15 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CommitSliceRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
+        writable("CommitSlice", &tenant)?;
         let request = request.into_inner();
         let attr = self
             .call("CommitSlice", async {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
                 self.engine
                     .commit_slice(
-                        session_from_proto(&request.session_id)?,
+                        self.session(&tenant, &request.session_id).await?,
                         request.ino,
                         request.chunk_index,
                         &slice,
@@ -543,6 +589,8 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::WriteSliceRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
+        writable("WriteSlice", &tenant)?;
         const RPC: &str = "WriteSlice";
         let request = request.into_inner();
         let commit = request
@@ -550,7 +598,10 @@ impl Meta for MetaService {
             .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
         let slice =
             slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
-        let session = session_from_proto(&commit.session_id).map_err(|e| meta_status(RPC, &e))?;
+        let session = self
+            .session(&tenant, &commit.session_id)
+            .await
+            .map_err(|e| meta_status(RPC, &e))?;
         let attr = self
             .node
             .write_slice(SliceWrite {

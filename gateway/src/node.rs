@@ -17,6 +17,7 @@ use bytes::Bytes;
 use object_store::ObjectStore;
 use shared::BlockKey;
 
+use crate::access::Tenant;
 use crate::aligned::AlignedBuf;
 use crate::meta::{Attr, GatewayId, Ino, MetaEngine, MetaError, SessionId, Slice, TimeNs};
 use crate::staging::{StagingError, StagingLog};
@@ -41,6 +42,9 @@ pub struct Node {
     pub meta: Arc<dyn MetaEngine>,
     pub store: Arc<dyn ObjectStore>,
     pub settings: ClientSettings,
+    /// The tenant of each session seen lately. A session's tenant never changes, so a cached
+    /// answer stays true; a closed session's entry only ages out (the engine refuses it anyway).
+    session_tenants: moka::sync::Cache<SessionId, Arc<str>>,
 }
 
 /// Why a step of the core failed; each service maps it to its wire in one place.
@@ -71,6 +75,58 @@ pub struct SliceWrite {
 }
 
 impl Node {
+    pub fn new(
+        log: Arc<StagingLog>,
+        meta: Arc<dyn MetaEngine>,
+        store: Arc<dyn ObjectStore>,
+        settings: ClientSettings,
+    ) -> Node {
+        Node {
+            log,
+            meta,
+            store,
+            settings,
+            session_tenants: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        }
+    }
+
+    /// Opens a session of `tenant`; only that tenant's calls may use it.
+    pub async fn open_session(
+        &self,
+        tenant: &Tenant,
+        description: &str,
+    ) -> Result<SessionId, MetaError> {
+        let session = self.meta.open_session(&tenant.name, description).await?;
+        self.session_tenants
+            .insert(session, Arc::from(tenant.name.as_str()));
+        Ok(session)
+    }
+
+    /// `session`, if `tenant` opened it. Another tenant's session is answered as one that does
+    /// not exist ([`MetaError::SessionGone`]), so its existence is not told either.
+    pub async fn session_of(
+        &self,
+        tenant: &Tenant,
+        session: SessionId,
+    ) -> Result<SessionId, MetaError> {
+        let owner = match self.session_tenants.get(&session) {
+            Some(owner) => owner,
+            None => {
+                let owner: Arc<str> = Arc::from(self.meta.session(session).await?.tenant);
+                self.session_tenants.insert(session, owner.clone());
+                owner
+            }
+        };
+        if *owner == *tenant.name {
+            Ok(session)
+        } else {
+            Err(MetaError::SessionGone(session))
+        }
+    }
+
     /// Stages one block whose record was assembled from a client's bytes; answers once durable.
     pub async fn stage(
         &self,

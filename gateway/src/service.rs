@@ -11,6 +11,7 @@ use shared::BlockKey;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::tenant_of;
 use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
 
@@ -36,15 +37,15 @@ impl StagingService {
 impl From<BlockInputError> for Status {
     fn from(e: BlockInputError) -> Status {
         match e {
-            BlockInputError::Invalid(m) => Status::invalid_argument(m),
-            BlockInputError::Checksum(m) => Status::data_loss(m),
+            BlockInputError::Invalid(m) => Status::invalid_argument(bounded(&m)),
+            BlockInputError::Checksum(m) => Status::data_loss(bounded(&m)),
         }
     }
 }
 
 impl From<StagingError> for Status {
     fn from(e: StagingError) -> Status {
-        let message = e.to_string();
+        let message = bounded(&e.to_string());
         match e {
             StagingError::Full { .. } => Status::resource_exhausted(message),
             StagingError::Failed(_) | StagingError::Io(_) | StagingError::ShuttingDown => {
@@ -59,7 +60,36 @@ impl From<StagingError> for Status {
 
 fn parse_key(key: &str) -> Result<BlockKey, Status> {
     key.parse::<BlockKey>()
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+        .map_err(|e| Status::invalid_argument(bounded(&e.to_string())))
+}
+
+/// An error message that may quote what a client sent, cut to a bounded length.
+fn bounded(message: &str) -> String {
+    shared::clip(message, shared::MAX_ERROR_MESSAGE_BYTES).into_owned()
+}
+
+/// Refuses block writes from a read-only tenant.
+fn may_write<T>(request: &Request<T>) -> Result<(), Status> {
+    let tenant = tenant_of(request);
+    if tenant.may_write() {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "token {:?} is read-only: it may not stage blocks",
+        tenant.name
+    )))
+}
+
+/// Refuses what acts on the gateway for everyone unless the tenant is an admin.
+fn must_be_admin<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    let tenant = tenant_of(request);
+    if tenant.is_admin() {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "only an admin token may {what}; token {:?} is not one",
+        tenant.name
+    )))
 }
 
 fn proto_state(state: BlockState) -> pb::BlockState {
@@ -82,6 +112,7 @@ impl Staging for StagingService {
         &self,
         request: Request<Streaming<pb::WriteBlockRequest>>,
     ) -> Result<Response<pb::WriteBlockResponse>, Status> {
+        may_write(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::WriteBlockRequest {
@@ -123,6 +154,7 @@ impl Staging for StagingService {
         &self,
         request: Request<Streaming<pb::WriteBlocksRequest>>,
     ) -> Result<Response<Self::WriteBlocksStream>, Status> {
+        may_write(&request)?;
         let mut stream = request.into_inner();
         let (responses, out) = tokio::sync::mpsc::channel(WRITE_BLOCKS_IN_FLIGHT);
         let service = self.clone();
@@ -298,6 +330,7 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::DeleteBlocksRequest>,
     ) -> Result<Response<pb::DeleteBlocksResponse>, Status> {
+        must_be_admin(&request, "delete blocks")?;
         let keys = request
             .into_inner()
             .keys
@@ -356,8 +389,9 @@ impl Staging for StagingService {
 
     async fn retry_quarantined(
         &self,
-        _request: Request<pb::RetryQuarantinedRequest>,
+        request: Request<pb::RetryQuarantinedRequest>,
     ) -> Result<Response<pb::RetryQuarantinedResponse>, Status> {
+        must_be_admin(&request, "retry quarantined blocks")?;
         Ok(Response::new(pb::RetryQuarantinedResponse {
             requeued: self.log().retry_quarantined(),
         }))
@@ -367,6 +401,7 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::SetUploadsPausedRequest>,
     ) -> Result<Response<pb::SetUploadsPausedResponse>, Status> {
+        must_be_admin(&request, "pause or resume uploads")?;
         let paused = request.into_inner().paused;
         tracing::info!(paused, "uploads paused state changed by request");
         self.log().set_uploads_paused(paused);

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use client::fs::GatewayChannel;
 use proto::staging::staging_client::StagingClient;
 use proto::staging::write_block_request::Frame;
 use proto::staging::{
@@ -11,13 +12,12 @@ use proto::staging::{
     WriteBlockResponse,
 };
 use shared::BlockKey;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::s3::S3Server;
 
 /// The client alias used everywhere in the tests.
-pub type Client = StagingClient<Channel>;
+pub type Client = StagingClient<GatewayChannel>;
 
 /// Size of the data frames a block is streamed in (like the client: about 1 MiB).
 pub const FRAME_BYTES: usize = 1 << 20;

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use client::fs::{connect_gateway, meta_client, staging_client, GatewayAccess, GatewayChannel};
 use proto::meta::meta_client::MetaClient;
 use proto::staging::staging_client::StagingClient;
 use serde::Deserialize;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::binaries::gateway_binary;
 use crate::s3::S3Server;
@@ -35,9 +35,19 @@ pub struct GatewayBuilder {
     store_args: Vec<String>,
     env: Vec<(String, String)>,
     extra: Vec<String>,
+    access: GatewayAccess,
 }
 
 impl GatewayBuilder {
+    /// `--tokens FILE`; the harness's own calls ([`Gateway::client`], readiness checks) present
+    /// `secret`, which should be an admin token of the file.
+    pub fn tokens(mut self, file: &Path, secret: &str) -> Self {
+        self.extra
+            .extend(["--tokens".to_string(), file.display().to_string()]);
+        self.access = GatewayAccess::with_token(secret).expect("a valid token");
+        self
+    }
+
     /// The device file (default `<dir>/device.img`; created and formatted by the gateway).
     pub fn device(mut self, path: impl Into<PathBuf>) -> Self {
         self.device = path.into();
@@ -100,6 +110,7 @@ impl GatewayBuilder {
             child: None,
             addr: None,
             starts: 0,
+            access: self.access,
         };
         gateway.spawn_and_wait().await;
         gateway
@@ -117,6 +128,8 @@ pub struct Gateway {
     child: Option<Child>,
     addr: Option<SocketAddr>,
     starts: u32,
+    /// What the harness's own connections present.
+    access: GatewayAccess,
 }
 
 impl Gateway {
@@ -131,6 +144,7 @@ impl Gateway {
             store_args: s3.gateway_args(),
             env: s3.gateway_env(),
             extra: Vec::new(),
+            access: GatewayAccess::default(),
         }
     }
 
@@ -267,6 +281,13 @@ impl Gateway {
         self.spawn_and_wait().await;
     }
 
+    /// Sends `signal` to the running gateway (SIGHUP to reload its tokens, say).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the gateway is not running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .unwrap_or_else(|e| panic!("cannot send {signal} to the gateway: {e}"));
+    }
+
     /// Kills the gateway with SIGKILL and reaps it: a crash.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
@@ -339,32 +360,35 @@ impl Gateway {
         &self.engine
     }
 
-    /// A new HTTP/2 connection to the gateway, for its `service`; panics if it cannot connect.
-    async fn channel(&self, service: &str) -> Channel {
-        let url = self.url();
-        Endpoint::from_shared(url.clone())
-            .expect("valid endpoint URL")
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot connect to the gateway's {service} service at {url}: {e}")
-            })
+    /// A new HTTP/2 connection to the gateway, for its `service`, presenting `access`; built
+    /// where every client connection is (`client::fs::connect_gateway`). Panics if it cannot
+    /// connect.
+    async fn channel(&self, service: &str, access: &GatewayAccess) -> GatewayChannel {
+        let addr = self.addr().to_string();
+        connect_gateway(&addr, access).await.unwrap_or_else(|e| {
+            panic!("cannot connect to the gateway's {service} service at {addr}: {e}")
+        })
     }
 
-    /// A new connection to the staging service, accepting messages up to
-    /// [`proto::MAX_MESSAGE_BYTES`].
-    pub async fn client(&self) -> StagingClient<Channel> {
-        StagingClient::new(self.channel("Staging").await)
-            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+    /// A new connection to the staging service, with the builder's token (none by default).
+    pub async fn client(&self) -> StagingClient<GatewayChannel> {
+        self.client_as(&self.access).await
     }
 
-    /// A new connection to the metadata service (`Meta`, served on the same address).
-    pub async fn meta_client(&self) -> MetaClient<Channel> {
-        MetaClient::new(self.channel("Meta").await)
-            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+    /// A new connection to the staging service, presenting `access`.
+    pub async fn client_as(&self, access: &GatewayAccess) -> StagingClient<GatewayChannel> {
+        staging_client(self.channel("Staging", access).await)
+    }
+
+    /// A new connection to the metadata service (`Meta`, served on the same address), with the
+    /// builder's token (none by default).
+    pub async fn meta_client(&self) -> MetaClient<GatewayChannel> {
+        self.meta_client_as(&self.access).await
+    }
+
+    /// A new connection to the metadata service, presenting `access`.
+    pub async fn meta_client_as(&self, access: &GatewayAccess) -> MetaClient<GatewayChannel> {
+        meta_client(self.channel("Meta", access).await)
     }
 
     /// The whole stderr log of every run.

@@ -15,15 +15,15 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use client::fs::GatewayChannel;
 use proto::meta::meta_client::MetaClient;
 use proto::meta::{self as pb};
 use proto::staging::BlockState;
 use stagefs_tests::rpc::{errno_of, expect_errno};
 use stagefs_tests::*;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-type Meta = MetaClient<Channel>;
+type Meta = MetaClient<GatewayChannel>;
 
 const SEED: u64 = 0x3e7a;
 const ROOT: u64 = 1;

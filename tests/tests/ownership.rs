@@ -17,15 +17,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
+use client::fs::GatewayChannel;
 use proto::meta::meta_client::MetaClient;
 use proto::meta::{self as pb};
 use proto::staging::BlockState;
 use stagefs_tests::rpc::expect_errno;
 use stagefs_tests::*;
-use tonic::transport::Channel;
 use tonic::Code;
 
-type Meta = MetaClient<Channel>;
+type Meta = MetaClient<GatewayChannel>;
 
 const ROOT: u64 = 1;
 const BIG: u64 = 5 << 20;

@@ -179,7 +179,7 @@ async fn client_dirs(
             .await
             .map_err(|e| BenchError::Task(format!("mkdir: {e}")))?;
         let session = engine
-            .open_session(&format!("bench client {c}"))
+            .open_session("", &format!("bench client {c}"))
             .await
             .map_err(|e| BenchError::Task(format!("open_session: {e}")))?;
         dirs.push((dir.ino, session));

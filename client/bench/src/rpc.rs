@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use client::fs::{GatewayAccess, GatewayChannel};
 use proto::staging::staging_client::StagingClient;
 use proto::staging::{
     write_block_request, BlockHeader, DeleteBlocksRequest, DrainRequest, SetUploadsPausedRequest,
@@ -15,12 +16,11 @@ use proto::staging::{
 };
 use rand::RngCore;
 use shared::BlockKey;
-use tonic::transport::Channel;
 
 use super::BenchError;
 
 /// A gRPC client of one gateway; cloning shares the underlying connection.
-pub type Client = StagingClient<Channel>;
+pub type Client = StagingClient<GatewayChannel>;
 
 /// Size of the data frames a block is cut into.
 pub const FRAME_BYTES: usize = 1024 * 1024;
@@ -31,7 +31,8 @@ const DELETE_BATCH: usize = 4096;
 
 /// Opens a new HTTP/2 connection to the gateway (built where every client connection is).
 pub async fn connect(addr: SocketAddr) -> Result<Client, BenchError> {
-    let channel = client::fs::connect_gateway(&addr.to_string())
+    // The benchmarks start their own gateways, without --tokens.
+    let channel = client::fs::connect_gateway(&addr.to_string(), &GatewayAccess::default())
         .await
         .map_err(|source| BenchError::Connect {
             addr: addr.to_string(),

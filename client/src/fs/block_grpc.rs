@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::channel::GatewayChannel;
 use async_trait::async_trait;
 use bytes::Bytes;
 use proto::staging::staging_client::StagingClient;
 use proto::staging::{BlockHeader, ReadBlockRequest, WriteBlocksRequest, WriteBlocksResponse};
 use shared::BlockKey;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::block_api::BlockApi;
@@ -41,7 +41,7 @@ const STREAM_QUEUE: usize = 16;
 
 /// One gateway's `Staging` service.
 pub struct GrpcBlocks {
-    client: StagingClient<Channel>,
+    client: StagingClient<GatewayChannel>,
     /// The current `WriteBlocks` stream; replaced when it breaks.
     stream: tokio::sync::Mutex<Option<Arc<AckStream>>>,
     next_request_id: AtomicU64,
@@ -92,7 +92,7 @@ enum Attempt {
 }
 
 impl GrpcBlocks {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: GatewayChannel) -> Self {
         GrpcBlocks {
             client: super::channel::staging_client(channel),
             stream: tokio::sync::Mutex::new(None),

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::block_api::BlockApi;
 use super::block_grpc::GrpcBlocks;
-use super::channel::connect_gateway;
+use super::channel::{connect_gateway, GatewayAccess};
 use super::error::FsResult;
 use super::meta_api::{GatewayId, MetaApi};
 
@@ -33,10 +33,11 @@ pub type Connector = Arc<
 
 /// The real connector: a `Staging` client over a new channel (built where every client
 /// connection is built, [`connect_gateway`]).
-pub fn grpc_connector() -> Connector {
-    Arc::new(|address: String| {
+pub fn grpc_connector(access: GatewayAccess) -> Connector {
+    Arc::new(move |address: String| {
+        let access = access.clone();
         Box::pin(async move {
-            let channel = connect_gateway(&address).await?;
+            let channel = connect_gateway(&address, &access).await?;
             Ok(Arc::new(GrpcBlocks::new(channel)) as Arc<dyn BlockApi>)
         })
     })

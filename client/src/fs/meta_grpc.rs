@@ -8,12 +8,12 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use super::channel::GatewayChannel;
 use async_trait::async_trait;
 use bytes::Bytes;
 use proto::meta as pb;
 use proto::meta::meta_client::MetaClient;
 use proto::meta_convert;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::error::{FsError, FsResult};
@@ -29,12 +29,12 @@ pub const META_TIMEOUT: Duration = Duration::from_secs(30);
 /// The metadata engine behind a gateway's `Meta` service.
 #[derive(Clone)]
 pub struct GrpcMeta {
-    client: MetaClient<Channel>,
+    client: MetaClient<GatewayChannel>,
     timeout: Duration,
 }
 
 impl GrpcMeta {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: GatewayChannel) -> Self {
         GrpcMeta {
             client: super::channel::meta_client(channel),
             timeout: META_TIMEOUT,
@@ -54,7 +54,7 @@ impl GrpcMeta {
     }
 
     /// A client to call through; clones share the connection.
-    fn client(&self) -> MetaClient<Channel> {
+    fn client(&self) -> MetaClient<GatewayChannel> {
         self.client.clone()
     }
 }

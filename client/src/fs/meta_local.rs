@@ -85,7 +85,7 @@ impl MetaApi for LocalMeta {
     async fn open_session(&self, description: &str) -> FsResult<SessionGrant> {
         let session_id = self
             .engine
-            .open_session(description)
+            .open_session("", description)
             .await
             .map_err(fail("open_session"))?;
         Ok(SessionGrant {

@@ -970,7 +970,9 @@ async fn serve_fake(gateway: FakeGateway) -> SocketAddr {
 async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
     let fake = FakeGateway::default();
     let addr = serve_fake(fake.clone()).await;
-    let channel = connect_gateway(&addr.to_string()).await.unwrap();
+    let channel = connect_gateway(&addr.to_string(), &GatewayAccess::default())
+        .await
+        .unwrap();
     let blocks = Arc::new(GrpcBlocks::new(channel));
     let keys: Vec<BlockKey> = (1..=3)
         .map(|id| BlockKey::new(id, 0, 1000 + id as u32).unwrap())
@@ -1005,7 +1007,9 @@ async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
 async fn the_core_works_over_grpc_blocks() {
     let fake = FakeGateway::default();
     let addr = serve_fake(fake.clone()).await;
-    let channel = connect_gateway(&addr.to_string()).await.unwrap();
+    let channel = connect_gateway(&addr.to_string(), &GatewayAccess::default())
+        .await
+        .unwrap();
     let world = World::new().await;
     let meta: Arc<dyn MetaApi> = Arc::new(world.meta.clone());
     let grant = meta.open_session("grpc").await.unwrap();

@@ -72,7 +72,8 @@ impl BlockingMeta {
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
         record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
-        open_session(description: &str) -> SessionId;
+        open_session(tenant: &str, description: &str) -> SessionId;
+        session(session: SessionId) -> SessionInfo;
         heartbeat(session: SessionId) -> ();
         close_session(session: SessionId) -> ();
         list_sessions() -> Vec<SessionInfo>;

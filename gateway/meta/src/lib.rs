@@ -140,6 +140,9 @@ impl XattrMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
     pub id: SessionId,
+    /// The tenant that opened it (empty when the gateway authenticates nobody): only that
+    /// tenant's calls may use it.
+    pub tenant: String,
     pub last_heartbeat_ns: TimeNs,
     /// Free text from the client (host, mount point, version), for `status`.
     pub description: String,
@@ -198,6 +201,9 @@ pub enum MetaError {
     Invalid(String),
     #[error("operation not permitted: {0}")]
     NotPermitted(String),
+    /// The caller may read but not change the file system (a read-only token).
+    #[error("read-only: {0}")]
+    ReadOnly(String),
     #[error("inode {0} has too many links")]
     TooManyLinks(Ino),
     #[error("no extended attribute {name:?} on inode {ino}")]
@@ -248,6 +254,7 @@ impl MetaError {
             NotOpen { .. } => libc::EBADF,
             NameTooLong { .. } => libc::ENAMETOOLONG,
             NotPermitted(_) => libc::EPERM,
+            ReadOnly(_) => libc::EROFS,
             TooManyLinks(_) => libc::EMLINK,
             NoSuchXattr { .. } => libc::ENODATA,
             BadXattrName { .. } => libc::ERANGE,
@@ -362,7 +369,10 @@ pub trait MetaEngine: Send + Sync {
         slice: &Slice,
     ) -> Result<()>;
 
-    async fn open_session(&self, description: &str) -> Result<SessionId>;
+    /// A new session of `tenant` (the name of the caller's token, empty without tokens).
+    async fn open_session(&self, tenant: &str, description: &str) -> Result<SessionId>;
+    /// The session `session`; [`MetaError::SessionGone`] when there is none.
+    async fn session(&self, session: SessionId) -> Result<SessionInfo>;
     /// Keeps a session alive; [`MetaError::SessionGone`] once it was closed.
     async fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: releases its open handles (removing unlinked files nobody holds any more)

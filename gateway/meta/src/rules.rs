@@ -923,15 +923,34 @@ impl Tx<'_> {
         let mut out = Vec::new();
         for (key, value) in self.scan_prefix(keys::SESSION_PREFIX).await? {
             let ([high, low], _) = keys::parse::<2>(&key)?;
-            let (heartbeat, _, description) = keys::decode_pair("session", &value)?;
-            out.push(SessionInfo {
-                id: keys::session_from_parts(high, low),
-                last_heartbeat_ns: heartbeat as i64,
-                description: String::from_utf8_lossy(description).into_owned(),
-            });
+            out.push(decode_session(keys::session_from_parts(high, low), &value)?);
         }
         Ok(out)
     }
+}
+
+/// A session record: last heartbeat, the length of the tenant's name, then the name and the
+/// description.
+fn encode_session(heartbeat: TimeNs, tenant: &str, description: &str) -> Vec<u8> {
+    let tail = [tenant.as_bytes(), description.as_bytes()].concat();
+    keys::encode_pair(heartbeat as u64, tenant.len() as u64, &tail)
+}
+
+fn decode_session(id: SessionId, record: &[u8]) -> Result<SessionInfo> {
+    let (heartbeat, tenant_len, tail) = keys::decode_pair("session", record)?;
+    let split = usize::try_from(tenant_len)
+        .ok()
+        .filter(|&len| len <= tail.len())
+        .ok_or_else(|| {
+            MetaError::Corrupt(format!("session {id:032x}: tenant name past the end"))
+        })?;
+    let (tenant, description) = tail.split_at(split);
+    Ok(SessionInfo {
+        id,
+        tenant: String::from_utf8_lossy(tenant).into_owned(),
+        last_heartbeat_ns: heartbeat as i64,
+        description: String::from_utf8_lossy(description).into_owned(),
+    })
 }
 
 fn no_entry(parent: Ino, name: &[u8]) -> MetaError {
@@ -1404,7 +1423,7 @@ impl MetaEngine for KvMeta {
             .await
     }
 
-    async fn open_session(&self, description: &str) -> Result<SessionId> {
+    async fn open_session(&self, tenant: &str, description: &str) -> Result<SessionId> {
         if description.len() > MAX_SESSION_DESCRIPTION {
             return Err(MetaError::Invalid(format!(
                 "session description of {} bytes: at most {MAX_SESSION_DESCRIPTION}",
@@ -1420,8 +1439,10 @@ impl MetaEngine for KvMeta {
                     break id;
                 }
             };
-            let record = keys::encode_pair(tx.now as u64, 0, description.as_bytes());
-            tx.put(keys::session(id), record);
+            tx.put(
+                keys::session(id),
+                encode_session(tx.now, tenant, description),
+            );
             Ok(id)
         })
     }
@@ -1432,9 +1453,8 @@ impl MetaEngine for KvMeta {
             let Some(record) = tx.get(&key).await? else {
                 return Err(MetaError::SessionGone(session));
             };
-            let (_, _, description) = keys::decode_pair("session", &record)?;
-            let record = keys::encode_pair(tx.now as u64, 0, description);
-            tx.put(key, record);
+            let (_, tenant_len, tail) = keys::decode_pair("session", &record)?;
+            tx.put(key, keys::encode_pair(tx.now as u64, tenant_len, tail));
             Ok(())
         })
     }
@@ -1460,6 +1480,13 @@ impl MetaEngine for KvMeta {
             tx.delete(keys::session(session));
             Ok(())
         })
+    }
+
+    async fn session(&self, session: SessionId) -> Result<SessionInfo> {
+        match self.read_tx().await?.get(&keys::session(session)).await? {
+            Some(record) => decode_session(session, &record),
+            None => Err(MetaError::SessionGone(session)),
+        }
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {

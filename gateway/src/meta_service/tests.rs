@@ -198,17 +198,17 @@ async fn service(
 ) -> (MetaService, Arc<dyn MetaEngine>, Arc<StagingLog>) {
     let engine = engine(dir, config).await;
     let log = staging_log(dir).await;
-    let node = Arc::new(Node {
-        log: log.clone(),
-        meta: engine.clone(),
-        store: Arc::new(InMemory::new()),
-        settings: ClientSettings {
+    let node = Arc::new(Node::new(
+        log.clone(),
+        engine.clone(),
+        Arc::new(InMemory::new()),
+        ClientSettings {
             store_url: "memory://".into(),
             gateway_id: GATEWAY_ID,
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(1500),
         },
-    });
+    ));
     (MetaService::new(node), engine, log)
 }
 
@@ -386,7 +386,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
 
     // A client records a 5 MiB slice (two blocks) and stages both; block 0 was even uploaded.
     // Staged by this gateway (the cleaner takes only its own gateway's slices).
-    let session = engine.open_session("dies").await.unwrap();
+    let session = engine.open_session("", "dies").await.unwrap();
     let slice_id = engine.allocate_slice_ids(session, 1).await.unwrap().start;
     let slice = Slice {
         slice_id,
@@ -421,7 +421,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
         .unwrap();
 
     // A session heartbeating within the timeout survives; a silent one expires.
-    let alive = engine.open_session("alive").await.unwrap();
+    let alive = engine.open_session("", "alive").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     engine.heartbeat(alive).await.unwrap();
     let closed = expire_silent_sessions(&engine, Duration::from_millis(10))
@@ -486,17 +486,17 @@ async fn workers_stop_when_cancelled() {
     let log = staging_log(&dir).await;
     let engine = engine(&dir, fast_config()).await;
     let tasks = crate::tasks::Tasks::new();
-    let node = Node {
-        log: log.clone(),
-        meta: engine,
-        store: Arc::new(InMemory::new()),
-        settings: ClientSettings {
+    let node = Node::new(
+        log.clone(),
+        engine,
+        Arc::new(InMemory::new()),
+        ClientSettings {
             store_url: "memory://".into(),
             gateway_id: GATEWAY_ID,
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(20),
         },
-    };
+    );
     workers::start(
         &node,
         workers::WorkerConfig {
@@ -542,7 +542,7 @@ fn write_slice_request(
 async fn write_slice_stages_the_block_and_commits_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let (service, engine, log) = service(&dir, fast_config()).await;
-    let session = engine.open_session("writer").await.unwrap();
+    let session = engine.open_session("", "writer").await.unwrap();
     let node = crate::meta::NewNode {
         kind: FileKind::File,
         mode: 0o644,

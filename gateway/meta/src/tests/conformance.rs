@@ -27,7 +27,7 @@ fn config() -> MetaConfig {
 fn fixture_with(config: MetaConfig) -> Fixture {
     let db = db();
     let meta = db.open(config);
-    let session = meta.open_session("test").unwrap();
+    let session = meta.open_session("", "test").unwrap();
     Fixture { db, meta, session }
 }
 
@@ -996,7 +996,7 @@ fn truncate_at_a_chunk_boundary_keeps_the_whole_chunk_before_it() {
 #[test]
 fn unlink_of_an_open_file_keeps_it_until_the_last_release() {
     let f = fixture();
-    let other = f.meta.open_session("other").unwrap();
+    let other = f.meta.open_session("", "other").unwrap();
     let file = f.file(ROOT_INO, "f");
     let slice = f.write(file.ino, 0, 0, 10);
     assert_eq!(f.meta.open(f.session, file.ino).unwrap().size, 10);
@@ -1094,7 +1094,7 @@ fn deleted_slices_wait_for_their_delay_and_leave_when_acknowledged() {
 #[test]
 fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     let f = fixture();
-    let dying = f.meta.open_session("host-b:/mnt").unwrap();
+    let dying = f.meta.open_session("team-b", "host-b:/mnt").unwrap();
     assert_ne!(dying, f.session);
     let ids = f.meta.allocate_slice_ids(dying, 2).unwrap();
     let staged = Slice {
@@ -1118,7 +1118,11 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
     let sessions = f.meta.list_sessions().unwrap();
     assert_eq!(sessions.len(), 2);
     let described = sessions.iter().find(|s| s.id == dying).unwrap();
-    assert_eq!(described.description, "host-b:/mnt");
+    assert_eq!(
+        (described.tenant.as_str(), described.description.as_str()),
+        ("team-b", "host-b:/mnt")
+    );
+    assert_eq!(f.meta.session(dying).unwrap(), *described);
 
     f.meta.close_session(dying).unwrap();
     let due = f.meta.take_due_deleted_slices(None, i64::MAX, 10).unwrap();
@@ -1144,7 +1148,7 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     let victim = f.file(ROOT_INO, "victim");
     let committed = f.write(victim.ino, 0, 0, 10);
     let unused = f.meta.allocate_slice_ids(f.session, 1).unwrap().start;
-    let thief = f.meta.open_session("thief").unwrap();
+    let thief = f.meta.open_session("", "thief").unwrap();
     let own = f.file(ROOT_INO, "thief's");
     let as_thief = |slice_id| Slice {
         slice_id,
@@ -1244,7 +1248,14 @@ fn leases_split_as_their_ids_are_staged_out_of_order() {
 #[test]
 fn sessions_are_unguessable_and_refuse_strangers() {
     let f = fixture();
-    let other = f.meta.open_session("other").unwrap();
+    let other = f.meta.open_session("team", "other").unwrap();
+    f.meta.heartbeat(other).unwrap();
+    assert_eq!(
+        f.meta.session(other).unwrap().tenant,
+        "team",
+        "kept by heartbeats"
+    );
+    assert_eq!(errno(f.meta.session(other ^ 1)), libc::EIO);
     assert!(
         f.session.abs_diff(other) > u64::MAX as u128,
         "ids {:x} and {:x} are not sequential",
@@ -1272,7 +1283,7 @@ fn sessions_are_unguessable_and_refuse_strangers() {
     assert_eq!(
         errno(
             f.meta
-                .open_session(&"x".repeat(MAX_SESSION_DESCRIPTION + 1))
+                .open_session("", &"x".repeat(MAX_SESSION_DESCRIPTION + 1))
         ),
         libc::EINVAL
     );
@@ -1363,7 +1374,7 @@ fn format_2_sessions_are_closed_by_the_upgrade() {
                 .collect::<Vec<_>>(),
             [(77, 10)]
         );
-        let fresh = meta.open_session("new").unwrap();
+        let fresh = meta.open_session("", "new").unwrap();
         meta.close_session(fresh).unwrap();
     }
 }
@@ -1404,7 +1415,7 @@ fn slice_id_batches_never_overlap_even_across_reopen() {
     let mut seen = Vec::new();
     for _ in 0..3 {
         let meta = db.open(MetaConfig::default());
-        let session = meta.open_session("allocating").unwrap();
+        let session = meta.open_session("", "allocating").unwrap();
         for count in [1, 1000, 7] {
             let batch = meta.allocate_slice_ids(session, count).unwrap();
             assert_eq!(batch.end - batch.start, count);

@@ -52,7 +52,7 @@ fn snapshot(meta: &BlockingMeta) -> BTreeMap<String, String> {
 }
 
 fn populate(meta: &BlockingMeta) -> SessionId {
-    let session = meta.open_session("dumped").unwrap();
+    let session = meta.open_session("", "dumped").unwrap();
     let node = NewNode {
         kind: FileKind::File,
         mode: 0o640,
@@ -126,7 +126,7 @@ fn a_tree_moves_from_redb_to_postgres_and_back_unchanged() {
     assert_eq!(snapshot(&moved), before);
     assert!(
         moved
-            .allocate_slice_ids(moved.open_session("moved").unwrap(), 1)
+            .allocate_slice_ids(moved.open_session("", "moved").unwrap(), 1)
             .unwrap()
             .start
             > next_slice,

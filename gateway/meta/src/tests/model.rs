@@ -373,7 +373,7 @@ impl Harness {
             ..MetaConfig::default()
         };
         let meta = db.open(config);
-        let session = meta.open_session("model").unwrap();
+        let session = meta.open_session("", "model").unwrap();
         Harness {
             _db: db,
             meta,

@@ -1,0 +1,339 @@
+//! Safe to share, tenants: a gateway started with `--tokens FILE` serves only callers that
+//! present a known token, and each only what its access level allows, checked at the gateway.
+//!
+//! * no token, a wrong one, or a malformed header: `UNAUTHENTICATED` on raw RPCs of both
+//!   services, and `stagefs mount` fails with a message that says a token is needed;
+//! * an `rw` token mounts, writes and reads; an `ro` token mounts and reads, and every change fails
+//!   with EROFS through the mount and with `PERMISSION_DENIED`/EROFS on a raw RPC (so a client
+//!   that ignores its own read-only flag changes nothing either);
+//! * only an `admin` token may pause uploads, retry quarantined blocks or delete blocks;
+//! * a session belongs to the tenant that opened it: another tenant's calls find no such session;
+//! * rotation: the file is edited and the gateway sent SIGHUP; the old secret is refused from then
+//!   on, the new one works, and a broken file leaves the tokens in force.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use client::fs::GatewayAccess;
+use proto::meta::{self as pb};
+use proto::staging::{DeleteBlocksRequest, RetryQuarantinedRequest, SetUploadsPausedRequest};
+use stagefs_tests::rpc::{errno_of, expect_errno};
+use stagefs_tests::*;
+use tonic::Code;
+
+const TRAINING: &str = "training-0123456789abcdef0123456789abcdef";
+const READERS: &str = "readers-0123456789abcdef0123456789abcdef";
+const OPS: &str = "ops-0123456789abcdef0123456789abcdef0123";
+const ROTATED: &str = "training-rotated-0123456789abcdef012345";
+
+fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(name, secret, access)| {
+            format!(
+                "[[token]]\nname = \"{name}\"\nsecret = \"{secret}\"\naccess = \"{access}\"\n\n"
+            )
+        })
+        .collect()
+}
+
+fn access(secret: &str) -> GatewayAccess {
+    GatewayAccess::with_token(secret).unwrap()
+}
+
+fn token_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, format!("{secret}\n")).unwrap();
+    path
+}
+
+fn mkdir_request(name: &str) -> pb::CreateRequest {
+    pb::CreateRequest {
+        parent: 1,
+        name: Bytes::copy_from_slice(name.as_bytes()),
+        kind: pb::FileKind::Dir as i32,
+        mode: 0o755,
+        ..Default::default()
+    }
+}
+
+/// Runs `stagefs mount` with `args` and returns its exit status and stderr; it must end (fail)
+/// within 30 s.
+fn failing_mount(gateway: &str, mountpoint: &Path, args: &[&str]) -> (bool, String) {
+    let mut child = mount_command(gateway, mountpoint)
+        .args(args)
+        .env_remove("STAGEFS_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stagefs mount");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(mountpoint)
+                .status();
+            panic!("`stagefs mount` without a token did not return within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        !is_fuse_mounted(mountpoint),
+        "a refused mount left {} mounted",
+        mountpoint.display()
+    );
+    (status.success(), stderr)
+}
+
+#[test]
+fn tokens_decide_who_may_connect_and_what_they_may_do() {
+    let dir = TestDir::new("tokens-config");
+    let tokens = dir.join("tokens.toml");
+    fs::write(
+        &tokens,
+        tokens_file(&[
+            ("training", TRAINING, "rw"),
+            ("readers", READERS, "ro"),
+            ("ops", OPS, "admin"),
+        ]),
+    )
+    .unwrap();
+    let stack = FuseStack::start("tokens", |gateway| gateway.tokens(&tokens, OPS));
+    let gateway = stack.gateway.addr().to_string();
+
+    // No token, a wrong one: refused before any service code runs, on both services.
+    stack.block_on(async {
+        for (what, caller) in [
+            ("no token", GatewayAccess::default()),
+            (
+                "a wrong token",
+                access("wrong-0123456789abcdef0123456789abcdef"),
+            ),
+        ] {
+            let mut meta = stack.gateway.meta_client_as(&caller).await;
+            let refused = meta.stat_fs(pb::Empty {}).await.unwrap_err();
+            assert_eq!(refused.code(), Code::Unauthenticated, "{what}: {refused:?}");
+            let mut staging = stack.gateway.client_as(&caller).await;
+            let refused = status_of(&mut staging).await.unwrap_err();
+            assert_eq!(refused.code(), Code::Unauthenticated, "{what}: {refused:?}");
+        }
+    });
+    let refused_at = stack.dir.join("refused");
+    fs::create_dir(&refused_at).unwrap();
+    let (mounted, stderr) = failing_mount(&gateway, &refused_at, &[]);
+    assert!(!mounted, "a mount without a token must fail");
+    assert!(
+        stderr.contains("requires a token"),
+        "the mount says why: {stderr}"
+    );
+
+    // rw: a mount writes and reads.
+    let training_file = token_file(stack.dir.path(), "training.token", TRAINING);
+    let writer = stack
+        .mount("writer")
+        .args(["--token-file", training_file.to_str().unwrap()])
+        .start();
+    fs::write(writer.join("shared.txt"), b"written by training").unwrap();
+    fs::create_dir(writer.join("dir")).unwrap();
+
+    // ro: reads, and every change is EROFS, through the mount (the gateway refuses it: the
+    // mount itself is not read-only)...
+    let reader = stack.mount("reader").env("STAGEFS_TOKEN", READERS).start();
+    assert_eq!(
+        fs::read(reader.join("shared.txt")).unwrap(),
+        b"written by training"
+    );
+    assert_errno(
+        File::create(reader.join("new.txt")),
+        libc::EROFS,
+        "create with a read-only token",
+    );
+    assert_errno(
+        fs::create_dir(reader.join("newdir")),
+        libc::EROFS,
+        "mkdir with a read-only token",
+    );
+    assert_errno(
+        fs::remove_file(reader.join("shared.txt")),
+        libc::EROFS,
+        "unlink with a read-only token",
+    );
+    assert_errno(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(reader.join("shared.txt"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"overwrite").map(|()| f))
+            .and_then(|f| f.sync_all()),
+        libc::EROFS,
+        "overwrite with a read-only token",
+    );
+    assert_eq!(
+        fs::read(writer.join("shared.txt")).unwrap(),
+        b"written by training",
+        "nothing the read-only tenant tried changed the file"
+    );
+
+    stack.block_on(async {
+        // ... and on raw RPCs, which a client that ignores its own flags could send.
+        let mut meta = stack.gateway.meta_client_as(&access(READERS)).await;
+        expect_errno(
+            "Mkdir with a read-only token",
+            meta.mkdir(mkdir_request("raw")).await,
+            libc::EROFS,
+            Code::PermissionDenied,
+        );
+        let session = meta
+            .open_session(pb::OpenSessionRequest {
+                description: "reader".into(),
+            })
+            .await
+            .expect("a read-only tenant may open a session")
+            .into_inner();
+        expect_errno(
+            "AllocateSliceIds with a read-only token",
+            meta.allocate_slice_ids(pb::AllocateSliceIdsRequest {
+                count: 1,
+                session_id: session.session_id.clone(),
+            })
+            .await,
+            libc::EROFS,
+            Code::PermissionDenied,
+        );
+        let mut staging = stack.gateway.client_as(&access(READERS)).await;
+        let key = block_key(1 << 40, 0, 4096);
+        let refused = write_block(&mut staging, &key, &block_bytes(&key, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+        // A session belongs to its tenant: another tenant's calls find none.
+        let mut training_meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
+        let refused = training_meta
+            .heartbeat(pb::SessionRequest {
+                session_id: session.session_id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(errno_of(&refused), libc::EIO, "{refused:?}");
+        assert!(refused.message().contains("does not exist"), "{refused:?}");
+        meta.heartbeat(pb::SessionRequest {
+            session_id: session.session_id,
+        })
+        .await
+        .expect("its own tenant's heartbeat");
+
+        // Admin-only operations.
+        for (who, secret) in [("rw", TRAINING), ("ro", READERS)] {
+            let mut staging = stack.gateway.client_as(&access(secret)).await;
+            let refused = staging
+                .set_uploads_paused(SetUploadsPausedRequest { paused: true })
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{who}: {refused:?}");
+            let refused = staging
+                .retry_quarantined(RetryQuarantinedRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{who}: {refused:?}");
+            let refused = staging
+                .delete_blocks(DeleteBlocksRequest {
+                    keys: vec![key.clone()],
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{who}: {refused:?}");
+        }
+        let mut admin = stack.gateway.client_as(&access(OPS)).await;
+        admin
+            .set_uploads_paused(SetUploadsPausedRequest { paused: true })
+            .await
+            .expect("an admin pauses uploads");
+        assert!(status_of(&mut admin).await.unwrap().uploads_paused);
+        admin
+            .set_uploads_paused(SetUploadsPausedRequest { paused: false })
+            .await
+            .unwrap();
+    });
+
+    // Rotation: training gets a new secret, readers are gone; SIGHUP makes it so.
+    fs::write(
+        &tokens,
+        tokens_file(&[("training", ROTATED, "rw"), ("ops", OPS, "admin")]),
+    )
+    .unwrap();
+    stack.gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    stack.block_on(async {
+        within(
+            Duration::from_secs(30),
+            "the old secret is refused",
+            async {
+                loop {
+                    let mut meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
+                    if let Err(status) = meta.stat_fs(pb::Empty {}).await {
+                        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        )
+        .await;
+        for (secret, works) in [(ROTATED, true), (READERS, false), (OPS, true)] {
+            let mut meta = stack.gateway.meta_client_as(&access(secret)).await;
+            assert_eq!(meta.stat_fs(pb::Empty {}).await.is_ok(), works, "{secret}");
+        }
+    });
+    // A broken file is not taken: the tokens in force stay.
+    fs::write(&tokens, "[[token]]\nname = \"half\"\n").unwrap();
+    stack.gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    stack.block_on(async {
+        within(Duration::from_secs(30), "the reload is refused", async {
+            while !stack.gateway.log().contains("tokens not reloaded") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let mut meta = stack.gateway.meta_client_as(&access(ROTATED)).await;
+        meta.stat_fs(pb::Empty {})
+            .await
+            .expect("the rotated secret still works");
+    });
+    assert!(stack.gateway.log().contains("SIGHUP: tokens reloaded"));
+    drop(reader);
+    drop(writer);
+}
+
+#[test]
+fn a_gateway_without_tokens_warns_that_it_is_open() {
+    let stack = FuseStack::start("tokens-open", |gateway| gateway);
+    let log = stack.gateway.log();
+    assert!(
+        log.contains("serving without --tokens"),
+        "the gateway warns at start: {}",
+        tail(&log, 20)
+    );
+}
+
+async fn status_of(client: &mut Client) -> Result<proto::staging::StatusResponse, tonic::Status> {
+    client
+        .status(proto::staging::StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+}
