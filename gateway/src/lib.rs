@@ -16,6 +16,7 @@ mod faulty_store;
 pub mod format;
 pub mod inspect;
 pub mod io;
+pub mod limits;
 /// The metadata engine, a crate of its own (`gateway/meta`).
 pub use ::meta;
 pub mod meta_service;

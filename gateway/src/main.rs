@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use gateway::access::{Authenticate, Tokens};
 use gateway::drain::{self, DrainConfig};
 use gateway::io::EngineKind;
+use gateway::limits::{default_max_inflight, Limits};
 use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
 use gateway::meta_service::MetaService;
 use gateway::node::workers::{self as node_workers, WorkerConfig};
@@ -174,6 +175,20 @@ struct ServeArgs {
     /// Without it, anyone who reaches the port may do anything (a warning says so at start).
     #[arg(long, value_name = "FILE")]
     tokens: Option<PathBuf>,
+    /// Bytes of client data held at once across all requests (blocks being received or staged,
+    /// read answers being built), at most a quarter of it for one tenant (or, without --tokens,
+    /// one connection). A request that finds no room waits, reading nothing more from its
+    /// client, and is refused with RESOURCE_EXHAUSTED after --stream-idle-timeout. Default: an
+    /// eighth of this machine's memory, between 64 MiB and 4 GiB.
+    #[arg(long, value_parser = parse_size)]
+    max_inflight: Option<u64>,
+    /// A write stream that sends nothing for this long is ended (DEADLINE_EXCEEDED) and what it
+    /// held is freed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    stream_idle_timeout: Duration,
+    /// Requests one client connection may have open at once (HTTP/2 streams).
+    #[arg(long, default_value_t = 256)]
+    max_streams_per_connection: u32,
 }
 
 fn parse_meta_location(text: &str) -> Result<MetaLocation, String> {
@@ -332,6 +347,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         !args.device_timeout.is_zero(),
         "--device-timeout must be longer than 0"
     );
+    anyhow::ensure!(
+        !args.stream_idle_timeout.is_zero(),
+        "--stream-idle-timeout must be longer than 0"
+    );
+    anyhow::ensure!(
+        args.max_streams_per_connection > 0,
+        "--max-streams-per-connection must be at least 1"
+    );
     // Every background task, in two groups: the workers stop before the log they append to.
     let tasks = Tasks::new();
     let log = open_volume_with(
@@ -396,6 +419,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
     let fenced = CancellationToken::new();
+    let limits = Limits::new(
+        args.max_inflight.unwrap_or_else(default_max_inflight),
+        args.stream_idle_timeout,
+    );
+    let max_inflight = limits.inflight.bytes();
     let node = Arc::new(Node::new(
         log.clone(),
         meta,
@@ -406,6 +434,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             gateway_address: advertise.clone(),
             heartbeat_interval,
         },
+        limits,
     ));
     node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
     node_workers::start(
@@ -438,6 +467,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store = %args.store,
         deleted_data_delay = ?args.deleted_data_delay,
         ?heartbeat_interval,
+        max_inflight,
+        stream_idle_timeout = ?args.stream_idle_timeout,
         "gateway serving Staging and Meta"
     );
     println!("listening on {addr}");
@@ -448,6 +479,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
         // Large DATA frames: 16 KiB ones cost a syscall each, 256 per 4 MiB block.
         .max_frame_size(Some(proto::MAX_FRAME_BYTES))
+        .max_concurrent_streams(Some(args.max_streams_per_connection))
+        // A client that vanished without closing its connection is found out and dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // Every request of both services is authenticated before any service code runs.
         .add_service(InterceptedService::new(
             StagingServer::new(service)

@@ -591,6 +591,7 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::AttrResponse>, Status> {
         let tenant = tenant_of(&request);
         writable("WriteSlice", &tenant)?;
+        let source = crate::limits::source_of(&request);
         const RPC: &str = "WriteSlice";
         let request = request.into_inner();
         let commit = request
@@ -602,6 +603,16 @@ impl Meta for MetaService {
             .session(&tenant, &commit.session_id)
             .await
             .map_err(|e| meta_status(RPC, &e))?;
+        // The data is decoded already; its record copy is what the budget bounds.
+        let limits = &self.node.limits;
+        let _room = limits
+            .inflight
+            .reserve(
+                &source,
+                request.data.len() as u64,
+                limits.stream_idle_timeout,
+            )
+            .await?;
         let attr = self
             .node
             .write_slice(SliceWrite {

@@ -19,6 +19,7 @@ use shared::BlockKey;
 
 use crate::access::Tenant;
 use crate::aligned::AlignedBuf;
+use crate::limits::Limits;
 use crate::meta::{Attr, GatewayId, Ino, MetaEngine, MetaError, SessionId, Slice, TimeNs};
 use crate::staging::{StagingError, StagingLog};
 pub use incoming::{record_with, BlockInputError, IncomingBlock};
@@ -42,6 +43,8 @@ pub struct Node {
     pub meta: Arc<dyn MetaEngine>,
     pub store: Arc<dyn ObjectStore>,
     pub settings: ClientSettings,
+    /// What clients can make this gateway hold.
+    pub limits: Limits,
     /// The tenant of each session seen lately. A session's tenant never changes, so a cached
     /// answer stays true; a closed session's entry only ages out (the engine refuses it anyway).
     session_tenants: moka::sync::Cache<SessionId, Arc<str>>,
@@ -80,12 +83,14 @@ impl Node {
         meta: Arc<dyn MetaEngine>,
         store: Arc<dyn ObjectStore>,
         settings: ClientSettings,
+        limits: Limits,
     ) -> Node {
         Node {
             log,
             meta,
             store,
             settings,
+            limits,
             session_tenants: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(3600))

@@ -8,10 +8,10 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use proto::staging::staging_server::Staging;
 use proto::staging::{self as pb, write_block_request::Frame};
 use shared::BlockKey;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::tenant_of;
+use crate::limits::{next_within, source_of};
 use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
 
@@ -113,8 +113,11 @@ impl Staging for StagingService {
         request: Request<Streaming<pb::WriteBlockRequest>>,
     ) -> Result<Response<pb::WriteBlockResponse>, Status> {
         may_write(&request)?;
+        let limits = self.node.limits.clone();
+        let idle = limits.stream_idle_timeout;
+        let source = source_of(&request);
         let mut stream = request.into_inner();
-        let header = match stream.next().await {
+        let header = match next_within(&mut stream, idle, "WriteBlock").await {
             Some(Ok(pb::WriteBlockRequest {
                 frame: Some(Frame::Header(h)),
             })) => h,
@@ -130,8 +133,13 @@ impl Staging for StagingService {
                 ))
             }
         };
+        // Room for the record before its buffer exists; a block is never longer than this.
+        let _room = limits
+            .inflight
+            .reserve(&source, header.total_len.min(MAX_RECORD_BYTES), idle)
+            .await?;
         let (key, mut record) = IncomingBlock::start(&header.key, header.total_len)?;
-        while let Some(frame) = stream.next().await {
+        while let Some(frame) = next_within(&mut stream, idle, "WriteBlock").await {
             match frame? {
                 pb::WriteBlockRequest {
                     frame: Some(Frame::Data(data)),
@@ -155,41 +163,64 @@ impl Staging for StagingService {
         request: Request<Streaming<pb::WriteBlocksRequest>>,
     ) -> Result<Response<Self::WriteBlocksStream>, Status> {
         may_write(&request)?;
+        let source = source_of(&request);
         let mut stream = request.into_inner();
         let (responses, out) = tokio::sync::mpsc::channel(WRITE_BLOCKS_IN_FLIGHT);
         let service = self.clone();
         // Bounds the blocks of one stream held in memory while they are being staged.
+        // Held until a block's answer is handed over, so a client that reads no answers stalls
+        // its own stream after this many blocks.
         let in_flight = Arc::new(tokio::sync::Semaphore::new(WRITE_BLOCKS_IN_FLIGHT));
+        let limits = self.node.limits.clone();
         tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
+            let idle = limits.stream_idle_timeout;
+            while let Some(message) = next_within(&mut stream, idle, "WriteBlocks").await {
                 let request = match message {
                     Ok(r) => r,
                     Err(status) => {
-                        tracing::debug!(%status, "WriteBlocks stream ended by the client");
+                        tracing::debug!(%status, "WriteBlocks stream ended");
+                        let _ = responses.try_send(Err(status));
                         break;
                     }
                 };
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
+                // The message is decoded already; while there is no room for staging it, no
+                // more are read (flow control holds the client back).
+                let room = match limits
+                    .inflight
+                    .reserve(&source, request.data.len() as u64, idle)
+                    .await
+                {
+                    Ok(room) => room,
+                    Err(status) => {
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
+                };
                 let (service, responses) = (service.clone(), responses.clone());
                 tokio::spawn(async move {
+                    let request_id = request.request_id;
                     let result = service.stage_whole(&request).await;
+                    // The block's bytes are let go before the answer waits for its reader.
+                    drop(request);
+                    drop(room);
                     let response = match result {
                         Ok(sequence) => pb::WriteBlocksResponse {
-                            request_id: request.request_id,
+                            request_id,
                             sequence,
                             ..Default::default()
                         },
                         Err(status) => pb::WriteBlocksResponse {
-                            request_id: request.request_id,
+                            request_id,
                             code: status.code() as i32,
                             message: status.message().to_string(),
                             sequence: 0,
                         },
                     };
-                    drop(permit);
                     let _ = responses.send(Ok(response)).await;
+                    drop(permit);
                 });
             }
         });
@@ -202,8 +233,14 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<pb::ReadBlockResponse>, Status> {
+        let source = source_of(&request);
         let req = request.into_inner();
         let key = parse_key(&req.key)?;
+        let limits = &self.node.limits;
+        let _room = limits
+            .inflight
+            .reserve(&source, key.len(), limits.stream_idle_timeout)
+            .await?;
         let (data, state) = self.log().read_block(&key).await.inspect_err(|e| {
             if let StagingError::Corrupt { .. } = e {
                 tracing::error!(%key, error = %e, "staged block fails verification; not served");
@@ -409,8 +446,11 @@ impl Staging for StagingService {
     }
 }
 
-/// Blocks of one WriteBlocks stream being staged at once.
+/// Blocks of one WriteBlocks stream being staged, or answered and not yet read, at once.
 const WRITE_BLOCKS_IN_FLIGHT: usize = 64;
+
+/// The largest record a block can need (its data and header with the longest key).
+const MAX_RECORD_BYTES: u64 = shared::BLOCK_SIZE + 4096;
 
 impl StagingService {
     async fn stage(&self, key: BlockKey, block: IncomingBlock, crc: u32) -> Result<u64, Status> {

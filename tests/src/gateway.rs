@@ -281,6 +281,20 @@ impl Gateway {
         self.spawn_and_wait().await;
     }
 
+    /// The running gateway's resident memory, from `/proc/PID/status` (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let child = self.child.as_ref().expect("the gateway is not running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .expect("read the gateway's /proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
     /// Sends `signal` to the running gateway (SIGHUP to reload its tokens, say).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let child = self.child.as_ref().expect("the gateway is not running");

@@ -208,6 +208,7 @@ async fn service(
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(1500),
         },
+        crate::limits::Limits::default(),
     ));
     (MetaService::new(node), engine, log)
 }
@@ -496,6 +497,7 @@ async fn workers_stop_when_cancelled() {
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(20),
         },
+        crate::limits::Limits::default(),
     );
     workers::start(
         &node,

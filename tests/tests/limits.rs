@@ -1,0 +1,192 @@
+//! Safe to share, limits: what clients that stall or never read can make the gateway hold.
+//!
+//! Against a real gateway (`--max-inflight 64MiB --stream-idle-timeout 3s`), on one connection:
+//! 200 `WriteBlock` streams that send a header and stall, and 200 that send all but the last byte
+//! of a 4 MiB block and stall (before the limits, these took the gateway from about 200 MB to
+//! 2 GB). The gateway's resident memory, read from `/proc` throughout, stays within the budget,
+//! what HTTP/2 holds for one connection and a fixed allowance above where it started; every
+//! attacking stream is ended; and a well-behaved client on another connection writes and reads a
+//! block meanwhile. Then a `WriteBlocks` client that never reads its answers: its blocks are staged and
+//! memory stays bounded as well (before, each unread answer pinned its 4 MiB block).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::staging::{BlockHeader, WriteBlocksRequest};
+use stagefs_tests::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+const MAX_INFLIGHT: u64 = 64 * MIB;
+const IDLE: Duration = Duration::from_secs(3);
+/// Beyond the budget and one connection window: allocator slack, thread stacks, caches.
+const ALLOWANCE: u64 = 64 * MIB;
+/// What HTTP/2 may hold for one connection: data received for streams the gateway is not
+/// reading yet is bounded by the connection window, but the buffers it arrives in are shared by
+/// frames of many streams, so one retained frame keeps a whole read buffer alive. Measured: 200
+/// to 256 stalled 4 MiB streams on one connection hold about 4 windows (≈ 280 MiB).
+const PER_CONNECTION: u64 = 4 * proto::CONNECTION_WINDOW_BYTES as u64;
+const STALLED: u64 = 200;
+
+/// Samples the gateway's RSS every 50 ms until `done` resolves; returns the largest sample.
+async fn peak_rss_during<T>(
+    gateway: &Gateway,
+    done: impl std::future::Future<Output = T>,
+) -> (u64, T) {
+    tokio::pin!(done);
+    let mut peak = gateway.rss_bytes();
+    loop {
+        tokio::select! {
+            out = &mut done => return (peak.max(gateway.rss_bytes()), out),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => peak = peak.max(gateway.rss_bytes()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
+    let dir = TestDir::new("limits");
+    let s3 = S3Server::start_in(dir.join("s3")).await;
+    let gateway = Gateway::builder(dir.path(), &s3, "psync")
+        .device_size("1GiB")
+        .args([
+            "--max-inflight",
+            "64MiB",
+            "--stream-idle-timeout",
+            "3s",
+            "--uploads-paused",
+        ])
+        .start()
+        .await;
+    // Warm up the paths a normal write takes, so the baseline includes their buffers.
+    let mut good = gateway.client().await;
+    for i in 0..8 {
+        let key = block_key(1_000 + i, 0, (4 * MIB) as usize);
+        write_block(&mut good, &key, &block_bytes(&key, 7))
+            .await
+            .unwrap();
+    }
+    let baseline = gateway.rss_bytes();
+
+    // The attackers: one connection, 2 × 200 streams that stall.
+    let attacker = gateway.client().await;
+    let mut senders = Vec::new();
+    let mut calls = Vec::new();
+    for i in 0..2 * STALLED {
+        let key = block_key(10_000 + i, 0, (4 * MIB) as usize);
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(header_frame(&key, 4 * MIB, 0)).await.unwrap();
+        if i >= STALLED {
+            // All but the last byte.
+            let data = Bytes::from(vec![0xa5; (MIB) as usize]);
+            for _ in 0..3 {
+                tx.send(data_frame(data.clone())).await.unwrap();
+            }
+            tx.send(data_frame(data.slice(1..))).await.unwrap();
+        }
+        senders.push(tx);
+        let mut client = attacker.clone();
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = client.write_block(ReceiverStream::new(rx)).await;
+            (outcome.map(|_| ()), started.elapsed())
+        }));
+    }
+
+    // Meanwhile a normal client on its own connection writes and reads a block.
+    let well_behaved = async {
+        let mut client = gateway.client().await;
+        let key = block_key(20_000, 0, (4 * MIB) as usize);
+        let data = block_bytes(&key, 9);
+        write_block(&mut client, &key, &data)
+            .await
+            .expect("a normal client's write succeeds under attack");
+        assert_eq!(read_block(&mut client, &key).await.unwrap(), data);
+        let mut outcomes = Vec::new();
+        for call in calls.drain(..) {
+            outcomes.push(call.await.unwrap());
+        }
+        outcomes
+    };
+    let (peak, outcomes) = peak_rss_during(
+        &gateway,
+        within(Duration::from_secs(120), "the attack is over", well_behaved),
+    )
+    .await;
+    let bound = baseline + MAX_INFLIGHT + PER_CONNECTION + ALLOWANCE;
+    eprintln!(
+        "stalled streams: RSS {} MiB before, {} MiB at most during (bound {} MiB)",
+        baseline / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak <= bound,
+        "RSS rose from {} MiB to {} MiB under {} stalled streams; the bound is {} MiB",
+        baseline / MIB,
+        peak / MIB,
+        2 * STALLED,
+        bound / MIB
+    );
+    for (i, (outcome, took)) in outcomes.iter().enumerate() {
+        let status = outcome
+            .as_ref()
+            .expect_err("a stalled stream is ended, not answered OK");
+        assert!(
+            matches!(
+                status.code(),
+                Code::DeadlineExceeded | Code::ResourceExhausted
+            ),
+            "stream {i}: {status:?}"
+        );
+        assert!(
+            // Ended by the idle timeout (or a wait for room as long), not served to the end.
+            *took < IDLE * 20,
+            "stream {i} was held for {took:?}"
+        );
+    }
+    drop(senders);
+
+    // A WriteBlocks client that never reads its answers.
+    let mut lazy = gateway.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let unread = tokio::spawn(async move { lazy.write_blocks(ReceiverStream::new(rx)).await });
+    let before = gateway.rss_bytes();
+    let feed = async {
+        for i in 0..100u64 {
+            let key = block_key(30_000 + i, 0, (4 * MIB) as usize);
+            let data = block_bytes(&key, 3);
+            tx.send(WriteBlocksRequest {
+                request_id: i + 1,
+                header: Some(BlockHeader {
+                    key,
+                    total_len: 4 * MIB,
+                    crc32c: crc32c::crc32c(&data),
+                }),
+                data,
+            })
+            .await
+            .unwrap();
+        }
+        // Give the gateway time to stage what it took.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let (peak, ()) = peak_rss_during(&gateway, feed).await;
+    let bound = before + MAX_INFLIGHT + PER_CONNECTION + ALLOWANCE;
+    eprintln!(
+        "unread answers: RSS {} MiB before, {} MiB at most during (bound {} MiB)",
+        before / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak <= bound,
+        "RSS rose from {} MiB to {} MiB with unread WriteBlocks answers; the bound is {} MiB",
+        before / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    drop(tx);
+    unread.abort();
+}
