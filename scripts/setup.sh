@@ -24,13 +24,15 @@ fi
 newest_initdb() { compgen -G '/usr/lib/postgresql/*/bin/initdb' | sort -V | tail -n 1; }
 
 # Debian packages: fuse3 for the mounts, a TrueType font for the `stagefs bench fs` chart,
-# postgresql (which brings postgresql-client) for the metadata tests.
+# postgresql (which brings postgresql-client) for the metadata tests, openssl for the
+# certificates the TLS tests make.
 missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 newest_initdb >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "setup: fuse3 ($(command -v fusermount3)), the chart font and postgresql ($(newest_initdb)) already installed"
+    echo "setup: fuse3 ($(command -v fusermount3)), openssl, the chart font and postgresql ($(newest_initdb)) already installed"
 else
     if [ "$(id -u)" -eq 0 ]; then
         SUDO=()

@@ -47,7 +47,8 @@ use object_store::ObjectStore;
 pub use block_api::{BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
 pub use block_grpc::GrpcBlocks;
 pub use channel::{
-    connect_gateway, gateway_endpoint, meta_client, staging_client, GatewayAccess, GatewayChannel,
+    connect_gateway, error_chain, gateway_endpoint, meta_client, staging_client, tls_hint,
+    GatewayAccess, GatewayChannel,
 };
 pub use error::{FsError, FsResult};
 pub use meta_api::{

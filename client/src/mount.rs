@@ -18,7 +18,8 @@ use shared::size::parse_size;
 use shared::store::{open_store, S3Options};
 
 use crate::fs::{
-    connect_gateway, BlockApi, Fs, FsConfig, GrpcBlocks, GrpcMeta, MetaApi, StoreBlocks,
+    connect_gateway, tls_hint, BlockApi, Fs, FsConfig, FsError, GrpcBlocks, GrpcMeta, MetaApi,
+    StoreBlocks,
 };
 use crate::fuse::{CachePolicy, FuseFs};
 
@@ -244,6 +245,12 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
             std::process::id()
         ))
         .await
+        .map_err(|error| match error {
+            FsError::MetaUnavailable { .. } => {
+                anyhow::anyhow!("{error}{}", tls_hint(&access))
+            }
+            other => other.into(),
+        })
         .with_context(|| format!("gateway {} refused a session", args.gateway))?;
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),

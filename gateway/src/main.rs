@@ -189,6 +189,35 @@ struct ServeArgs {
     /// Requests one client connection may have open at once (HTTP/2 streams).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
+    /// Serve TLS with this certificate (PEM, the chain up to the CA); needs --tls-key. Clients
+    /// then connect with --tls-ca. Without it the gateway speaks plaintext HTTP/2.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: only clients presenting a certificate signed by this CA (PEM) may connect.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// The server's TLS settings from `--tls-*`, or `None` for plaintext.
+fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |what: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("--tls-cert", cert)?,
+        read("--tls-key", key)?,
+    ));
+    if let Some(ca) = &args.tls_client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+    }
+    Ok(Some(config))
 }
 
 fn parse_meta_location(text: &str) -> Result<MetaLocation, String> {
@@ -327,6 +356,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Resolved before the device is opened, so a missing --meta fails without touching it.
     let meta_location = meta_location(&args)?;
+    let tls = server_tls(&args)?;
     let tokens = Arc::new(match &args.tokens {
         Some(path) => Tokens::load(path)?,
         None => {
@@ -469,11 +499,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ?heartbeat_interval,
         max_inflight,
         stream_idle_timeout = ?args.stream_idle_timeout,
+        tls = args.tls_cert.is_some(),
+        mutual_tls = args.tls_client_ca.is_some(),
+        tokens = authenticate.0.required(),
         "gateway serving Staging and Meta"
     );
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    let server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate or key (--tls-cert, --tls-key) is not usable")?;
+    }
+    let server = server
         // 4 MiB blocks need windows far above HTTP/2's 64 KiB default to stream at device speed.
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))

@@ -39,12 +39,43 @@ pub struct GatewayBuilder {
 }
 
 impl GatewayBuilder {
+    /// `--tls-cert CERT --tls-key KEY` (and `--tls-client-ca` when `client_ca` is given); the
+    /// harness's own calls trust `ca` (PEM file) and present `identity` (certificate and key
+    /// files) for mutual TLS.
+    pub fn tls(
+        mut self,
+        (cert, key): (&Path, &Path),
+        ca: &Path,
+        client_ca: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Self {
+        self.extra.extend([
+            "--tls-cert".to_string(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+        if let Some(client_ca) = client_ca {
+            self.extra.extend([
+                "--tls-client-ca".to_string(),
+                client_ca.display().to_string(),
+            ]);
+        }
+        let read = |path: &Path| std::fs::read(path).expect("read a PEM file");
+        let identity = identity.map(|(cert, key)| (read(cert), read(key)));
+        self.access = self.access.with_tls(
+            &read(ca),
+            identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        );
+        self
+    }
+
     /// `--tokens FILE`; the harness's own calls ([`Gateway::client`], readiness checks) present
     /// `secret`, which should be an admin token of the file.
     pub fn tokens(mut self, file: &Path, secret: &str) -> Self {
         self.extra
             .extend(["--tokens".to_string(), file.display().to_string()]);
-        self.access = GatewayAccess::with_token(secret).expect("a valid token");
+        self.access = self.access.with_token(secret).expect("a valid token");
         self
     }
 

@@ -33,6 +33,7 @@
 
 pub mod binaries;
 pub mod blocks;
+pub mod certs;
 pub mod cluster;
 pub mod gateway;
 pub mod mount;
@@ -48,7 +49,8 @@ pub use blocks::*;
 pub use cluster::GatewayCluster;
 pub use gateway::{inspect, Gateway, GatewayBuilder, InspectReport};
 pub use mount::{
-    assert_errno, is_fuse_mounted, mount_command, FuseStack, Mount, MountBuilder, Pattern, TcpProxy,
+    assert_errno, failing_mount, is_fuse_mounted, mount_command, FuseStack, Mount, MountBuilder,
+    Pattern, TcpProxy,
 };
 pub use s3::S3Server;
 pub use workload::{Workload, WorkloadReport};

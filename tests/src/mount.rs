@@ -732,3 +732,46 @@ pub fn assert_errno<T: std::fmt::Debug>(result: std::io::Result<T>, errno: i32, 
         ),
     }
 }
+
+/// Runs `stagefs mount GATEWAY MOUNTPOINT ARGS` (without `STAGEFS_TOKEN`), which must fail
+/// within 30 s and leave nothing mounted; returns its stderr (the reason it gives).
+pub fn failing_mount(gateway: &str, mountpoint: &Path, args: &[&str]) -> String {
+    let mut child = mount_command(gateway, mountpoint)
+        .args(args)
+        .env_remove("STAGEFS_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stagefs mount");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(mountpoint)
+                .status();
+            panic!("`stagefs mount {gateway}` did not return within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let mounted = is_fuse_mounted(mountpoint);
+    if mounted {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(mountpoint)
+            .status();
+    }
+    assert!(
+        !status.success() && !mounted,
+        "`stagefs mount {gateway} {}` was to fail; it exited {status} (mounted: {mounted})\n{stderr}",
+        mountpoint.display()
+    );
+    stderr
+}

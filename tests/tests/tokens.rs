@@ -12,10 +12,8 @@
 //!   on, the new one works, and a broken file leaves the tokens in force.
 
 use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use client::fs::GatewayAccess;
@@ -42,7 +40,7 @@ fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
 }
 
 fn access(secret: &str) -> GatewayAccess {
-    GatewayAccess::with_token(secret).unwrap()
+    GatewayAccess::default().with_token(secret).unwrap()
 }
 
 fn token_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
@@ -59,47 +57,6 @@ fn mkdir_request(name: &str) -> pb::CreateRequest {
         mode: 0o755,
         ..Default::default()
     }
-}
-
-/// Runs `stagefs mount` with `args` and returns its exit status and stderr; it must end (fail)
-/// within 30 s.
-fn failing_mount(gateway: &str, mountpoint: &Path, args: &[&str]) -> (bool, String) {
-    let mut child = mount_command(gateway, mountpoint)
-        .args(args)
-        .env_remove("STAGEFS_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stagefs mount");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::process::Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(mountpoint)
-                .status();
-            panic!("`stagefs mount` without a token did not return within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert!(
-        !is_fuse_mounted(mountpoint),
-        "a refused mount left {} mounted",
-        mountpoint.display()
-    );
-    (status.success(), stderr)
 }
 
 #[test]
@@ -137,8 +94,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
     });
     let refused_at = stack.dir.join("refused");
     fs::create_dir(&refused_at).unwrap();
-    let (mounted, stderr) = failing_mount(&gateway, &refused_at, &[]);
-    assert!(!mounted, "a mount without a token must fail");
+    let stderr = failing_mount(&gateway, &refused_at, &[]);
     assert!(
         stderr.contains("requires a token"),
         "the mount says why: {stderr}"

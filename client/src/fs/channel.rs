@@ -13,22 +13,34 @@ use proto::staging::staging_client::StagingClient;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::error::{FsError, FsResult};
 
 /// How long connecting to a gateway may take before the mount gives up with a clear message.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The endpoint of a gateway at `address` (`host:port` or an `http://` URL).
-pub fn gateway_endpoint(address: &str) -> FsResult<Endpoint> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// The endpoint of a gateway at `address` (`host:port`, or an `http://`/`https://` URL), over
+/// TLS when `access` has it.
+pub fn gateway_endpoint(address: &str, access: &GatewayAccess) -> FsResult<Endpoint> {
+    let url = match (address.split_once("://"), &access.tls) {
+        (Some(("http", _)), Some(_)) => {
+            return Err(FsError::Invalid(format!(
+                "gateway address {address:?} is http:// but TLS settings were given: use https:// \
+                 or host:port"
+            )))
+        }
+        (Some(_), _) => address.to_string(),
+        (None, Some(_)) => format!("https://{address}"),
+        (None, None) => format!("http://{address}"),
     };
-    let endpoint = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| FsError::Invalid(format!("gateway address {url:?}: {e}")))?;
+    if let Some(tls) = &access.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| FsError::Invalid(format!("TLS settings for {url}: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -39,11 +51,14 @@ pub fn gateway_endpoint(address: &str) -> FsResult<Endpoint> {
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES)))
 }
 
-/// How this client proves who it is to gateways: the secret of its token, presented as
-/// `authorization: Bearer SECRET` on every request (none for a gateway without `--tokens`).
+/// How this client reaches gateways and proves who it is: TLS (the CA that signed the gateways'
+/// certificates, and this client's own certificate for mutual TLS), and the secret of its token,
+/// presented as `authorization: Bearer SECRET` on every request (none for a gateway without
+/// `--tokens`).
 #[derive(Clone, Default)]
 pub struct GatewayAccess {
     authorization: Option<AsciiMetadataValue>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl std::fmt::Debug for GatewayAccess {
@@ -51,13 +66,14 @@ impl std::fmt::Debug for GatewayAccess {
         // Never the secret itself.
         f.debug_struct("GatewayAccess")
             .field("token", &self.authorization.as_ref().map(|_| "…"))
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
 
 impl GatewayAccess {
     /// Presents the token `secret`.
-    pub fn with_token(secret: &str) -> FsResult<GatewayAccess> {
+    pub fn with_token(self, secret: &str) -> FsResult<GatewayAccess> {
         let secret = secret.trim();
         if secret.is_empty() || !secret.chars().all(|c| c.is_ascii_graphic()) {
             return Err(FsError::Invalid(
@@ -70,7 +86,25 @@ impl GatewayAccess {
         value.set_sensitive(true);
         Ok(GatewayAccess {
             authorization: Some(value),
+            ..self
         })
+    }
+
+    /// Connects over TLS, trusting gateways whose certificate `ca_pem` signed; with `identity`
+    /// (certificate and key, PEM), presents it for mutual TLS.
+    pub fn with_tls(self, ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> GatewayAccess {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        GatewayAccess {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
     }
 }
 
@@ -108,13 +142,38 @@ pub fn meta_client(channel: GatewayChannel) -> MetaClient<GatewayChannel> {
 /// Connects to the gateway at `address`. The channel reconnects by itself after a failure, so
 /// one is enough for the life of a mount; this first connect fails fast on a dead gateway.
 pub async fn connect_gateway(address: &str, access: &GatewayAccess) -> FsResult<GatewayChannel> {
-    let channel =
-        gateway_endpoint(address)?
-            .connect()
-            .await
-            .map_err(|e| FsError::MetaUnavailable {
-                op: "connect",
-                message: format!("cannot connect to gateway {address}: {e}"),
-            })?;
+    let channel = gateway_endpoint(address, access)?
+        .connect()
+        .await
+        .map_err(|e| FsError::MetaUnavailable {
+            op: "connect",
+            message: format!(
+                "cannot connect to gateway {address}: {}{}",
+                error_chain(&e),
+                tls_hint(access)
+            ),
+        })?;
     Ok(InterceptedService::new(channel, access.clone()))
+}
+
+/// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// What to check when a connection fails: a TLS mismatch looks like a broken connection.
+pub fn tls_hint(access: &GatewayAccess) -> &'static str {
+    if access.uses_tls() {
+        " (connecting with TLS: does the gateway serve TLS, with a certificate --tls-ca signed, \
+         and does it want a client certificate?)"
+    } else {
+        " (connecting without TLS: if the gateway serves TLS, pass --tls-ca)"
+    }
 }

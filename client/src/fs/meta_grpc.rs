@@ -71,6 +71,18 @@ pub fn status_error(op: &'static str, status: &Status) -> FsError {
     if let Some(errno) = errno {
         return FsError::Meta { op, errno, message };
     }
+    // Not an answer of the gateway but a connection that failed (a TLS mismatch looks so too).
+    let from_transport = std::error::Error::source(status)
+        .is_some_and(|source| source.is::<tonic::transport::Error>());
+    if from_transport {
+        return FsError::MetaUnavailable {
+            op,
+            message: format!(
+                "the connection failed: {}",
+                super::channel::error_chain(status)
+            ),
+        };
+    }
     let errno = match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             return FsError::MetaUnavailable {
