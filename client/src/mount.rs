@@ -51,9 +51,14 @@ pub struct MountArgs {
     /// Largest write the kernel sends in one request.
     #[arg(long, value_parser = parse_size, default_value = "1MiB")]
     pub max_write: u64,
-    /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).
-    #[arg(long)]
+    /// Let other users access the mount (the kernel still checks modes: default_permissions).
+    /// The default when run as root, as a shared file system is used by many users; run as
+    /// another user it needs user_allow_other in /etc/fuse.conf.
+    #[arg(long, conflicts_with = "no_allow_other")]
     pub allow_other: bool,
+    /// Only the user who mounted may access the mount, even when run as root.
+    #[arg(long)]
+    pub no_allow_other: bool,
     /// Where written blocks go. `gateway`: staged on the gateway's device, so close and fsync
     /// return once they are durable there and uploads happen in the background. `through`: the
     /// client PUTs every block to the object store itself, and close and fsync return only once
@@ -188,7 +193,7 @@ fn serve_inner(
             MountOption::RW
         },
     ];
-    if args.allow_other {
+    if allow_other(args) {
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(args.threads.max(1));
@@ -275,6 +280,14 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         ..FsConfig::default()
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))
+}
+
+/// Whether other users may access the mount: asked for, or by default when mounted by root
+/// (`--no-allow-other` turns that off).
+fn allow_other(args: &MountArgs) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    args.allow_other || (root && !args.no_allow_other)
 }
 
 /// `stagefs umount MOUNTPOINT`: unmounts through fusermount3. Applications flush their data on
