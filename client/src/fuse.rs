@@ -42,17 +42,105 @@ impl FuseFs {
         FuseFs { fs, runtime, cache }
     }
 
-    /// Runs `work` on the runtime; it answers the kernel itself.
-    fn spawn<F>(&self, work: impl FnOnce(Arc<Fs>) -> F)
+    /// Runs `work`, the operation `op`, on the runtime; it answers the kernel itself. Each
+    /// operation is counted and timed (`stagefs_fuse_ops_total`, `stagefs_fuse_op_seconds`), and
+    /// its failures counted and logged by [`errno`], which knows the operation from [`OP`].
+    fn spawn<F>(&self, op: &'static str, work: impl FnOnce(Arc<Fs>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.runtime.spawn(work(self.fs.clone()));
+        self.runtime.spawn(instrumented(op, work(self.fs.clone())));
     }
 }
 
+/// `work`, which answers the operation `op`: counted, timed, and its failures labelled with `op`
+/// by [`errno`].
+async fn instrumented<T>(op: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    OP.scope(op, async move {
+        let started = std::time::Instant::now();
+        let out = work.await;
+        metrics::counter!("stagefs_fuse_ops_total", "op" => op).increment(1);
+        metrics::histogram!("stagefs_fuse_op_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        out
+    })
+    .await
+}
+
+tokio::task_local! {
+    /// The FUSE operation the current task answers.
+    static OP: &'static str;
+}
+
+/// Errors an application meets in normal work (a missing name, an existing one, no such xattr):
+/// counted, logged only at debug level.
+const EXPECTED_ERRNOS: &[i32] = &[
+    libc::ENOENT,
+    libc::EEXIST,
+    libc::ENODATA,
+    libc::ENOTEMPTY,
+    libc::ENOTDIR,
+    libc::EISDIR,
+    libc::EACCES,
+    libc::EPERM,
+    libc::ERANGE,
+    libc::ENOSYS,
+];
+
+/// At most this many failed operations are logged at warning level per second.
+const WARNINGS_PER_SECOND: u64 = 10;
+
+/// The errno of a failed operation, counted (`stagefs_fuse_errors_total`, labels `op`, `errno`)
+/// and logged with its operation: the one place every failure of the adapter passes.
 fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.errno())
+    let code = e.errno();
+    let op = OP.try_with(|op| *op).unwrap_or("unknown");
+    metrics::counter!("stagefs_fuse_errors_total", "op" => op, "errno" => errno_name(code))
+        .increment(1);
+    if EXPECTED_ERRNOS.contains(&code) {
+        tracing::debug!(op, errno = code, error = %e, "FUSE operation failed");
+    } else if warning_allowed() {
+        tracing::warn!(op, errno = code, error = %e, "FUSE operation failed");
+    }
+    Errno::from_i32(code)
+}
+
+/// Rate limit of warnings: [`WARNINGS_PER_SECOND`] in each wall-clock second.
+fn warning_allowed() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if SECOND.swap(now, Relaxed) != now {
+        COUNT.store(0, Relaxed);
+    }
+    COUNT.fetch_add(1, Relaxed) < WARNINGS_PER_SECOND
+}
+
+/// `EIO` for 5, and so on: the name an operator searches for.
+fn errno_name(code: i32) -> String {
+    match code {
+        libc::ENOENT => "ENOENT".into(),
+        libc::EIO => "EIO".into(),
+        libc::EEXIST => "EEXIST".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::EROFS => "EROFS".into(),
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::ENODATA => "ENODATA".into(),
+        libc::ENOTEMPTY => "ENOTEMPTY".into(),
+        libc::ENOTDIR => "ENOTDIR".into(),
+        libc::EISDIR => "EISDIR".into(),
+        libc::EBADF => "EBADF".into(),
+        libc::ERANGE => "ERANGE".into(),
+        libc::ENOSYS => "ENOSYS".into(),
+        libc::EFBIG => "EFBIG".into(),
+        libc::ENAMETOOLONG => "ENAMETOOLONG".into(),
+        other => other.to_string(),
+    }
 }
 
 fn system_time(ns: TimeNs) -> SystemTime {
@@ -156,12 +244,16 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
-        self.spawn(|fs| async move { answer_entry(reply, ttl, fs.lookup(parent.0, &name).await) });
+        self.spawn("lookup", |fs| async move {
+            answer_entry(reply, ttl, fs.lookup(parent.0, &name).await)
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.cache.attr_ttl;
-        self.spawn(|fs| async move { answer_attr(reply, ttl, fs.getattr(ino.0).await) });
+        self.spawn("getattr", |fs| async move {
+            answer_attr(reply, ttl, fs.getattr(ino.0).await)
+        });
     }
 
     fn setattr(
@@ -191,11 +283,13 @@ impl Filesystem for FuseFs {
             mtime_ns: mtime.map(time_or_now),
         };
         let ttl = self.cache.attr_ttl;
-        self.spawn(|fs| async move { answer_attr(reply, ttl, fs.setattr(ino.0, &changes).await) });
+        self.spawn("setattr", |fs| async move {
+            answer_attr(reply, ttl, fs.setattr(ino.0, &changes).await)
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(|fs| async move {
+        self.spawn("readlink", |fs| async move {
             match fs.readlink(ino.0).await {
                 Ok(target) => reply.data(&target),
                 Err(e) => reply.error(errno(&e)),
@@ -219,7 +313,7 @@ impl Filesystem for FuseFs {
         };
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
         let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
-        self.spawn(|fs| async move {
+        self.spawn("mknod", |fs| async move {
             answer_entry(
                 reply,
                 ttl,
@@ -239,19 +333,23 @@ impl Filesystem for FuseFs {
     ) {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
         let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
-        self.spawn(|fs| async move {
+        self.spawn("mkdir", |fs| async move {
             answer_entry(reply, ttl, fs.mkdir(parent.0, &name, perm, uid, gid).await)
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move { answer_empty(reply, fs.unlink(parent.0, &name).await) });
+        self.spawn("unlink", |fs| async move {
+            answer_empty(reply, fs.unlink(parent.0, &name).await)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move { answer_empty(reply, fs.rmdir(parent.0, &name).await) });
+        self.spawn("rmdir", |fs| async move {
+            answer_empty(reply, fs.rmdir(parent.0, &name).await)
+        });
     }
 
     fn symlink(
@@ -267,7 +365,7 @@ impl Filesystem for FuseFs {
             target.as_os_str().as_bytes().to_vec(),
         );
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.cache.entry_ttl);
-        self.spawn(|fs| async move {
+        self.spawn("symlink", |fs| async move {
             answer_entry(
                 reply,
                 ttl,
@@ -287,7 +385,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.spawn(|fs| async move {
+        self.spawn("rename", |fs| async move {
             answer_empty(
                 reply,
                 fs.rename(parent.0, &name, newparent.0, &newname, flags.bits())
@@ -305,13 +403,13 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let (newname, ttl) = (newname.as_bytes().to_vec(), self.cache.entry_ttl);
-        self.spawn(|fs| async move {
+        self.spawn("link", |fs| async move {
             answer_entry(reply, ttl, fs.link(ino.0, newparent.0, &newname).await)
         });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(|fs| async move {
+        self.spawn("open", |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 // No FOPEN_KEEP_CACHE: every open drops the kernel's cached pages of the file,
                 // which is what makes close-to-open consistency across mounts hold.
@@ -332,9 +430,12 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("read", |fs| async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    metrics::counter!("stagefs_fuse_read_bytes_total").increment(data.len() as u64);
+                    reply.data(&data)
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -355,10 +456,16 @@ impl Filesystem for FuseFs {
         // Served on this FUSE thread rather than spawned: the data is appended straight from the
         // kernel's buffer instead of being copied first (a write rarely waits; one that crosses
         // the dirty limit holds this thread while it flushes, and the other threads go on).
-        match self.runtime.block_on(self.fs.write(fh.0, offset, data)) {
-            Ok(written) => reply.written(written),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.runtime.block_on(instrumented("write", async {
+            match self.fs.write(fh.0, offset, data).await {
+                Ok(written) => {
+                    metrics::counter!("stagefs_fuse_written_bytes_total")
+                        .increment(u64::from(written));
+                    reply.written(written)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
     }
 
     fn flush(
@@ -369,7 +476,9 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { answer_empty(reply, fs.flush(fh.0).await) });
+        self.spawn("flush", |fs| async move {
+            answer_empty(reply, fs.flush(fh.0).await)
+        });
     }
 
     fn release(
@@ -382,7 +491,9 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { answer_empty(reply, fs.release(fh.0).await) });
+        self.spawn("release", |fs| async move {
+            answer_empty(reply, fs.release(fh.0).await)
+        });
     }
 
     fn fsync(
@@ -393,7 +504,9 @@ impl Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { answer_empty(reply, fs.fsync(fh.0, datasync).await) });
+        self.spawn("fsync", |fs| async move {
+            answer_empty(reply, fs.fsync(fh.0, datasync).await)
+        });
     }
 
     fn readdir(
@@ -404,7 +517,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("readdir", |fs| async move {
             // Offsets 1 and 2 are "." and ".."; above that an offset is the engine cookie of the
             // last entry the kernel already has.
             if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
@@ -444,7 +557,7 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(|fs| async move {
+        self.spawn("statfs", |fs| async move {
             match fs.statfs().await {
                 Ok(stat) => {
                     const BSIZE: u64 = 4096;
@@ -480,14 +593,14 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
-        self.spawn(|fs| async move {
+        self.spawn("setxattr", |fs| async move {
             answer_empty(reply, fs.setxattr(ino.0, &name, &value, flags as u32).await)
         });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
+        self.spawn("getxattr", |fs| async move {
             match fs.getxattr(ino.0, &name).await {
                 Ok(value) => reply_xattr(reply, size, &value),
                 Err(e) => reply.error(errno(&e)),
@@ -496,7 +609,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.spawn(|fs| async move {
+        self.spawn("listxattr", |fs| async move {
             match fs.listxattr(ino.0).await {
                 Ok(names) => {
                     let mut list = Vec::new();
@@ -513,7 +626,9 @@ impl Filesystem for FuseFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move { answer_empty(reply, fs.removexattr(ino.0, &name).await) });
+        self.spawn("removexattr", |fs| async move {
+            answer_empty(reply, fs.removexattr(ino.0, &name).await)
+        });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -533,7 +648,7 @@ impl Filesystem for FuseFs {
     ) {
         let (name, ttl) = (name.as_bytes().to_vec(), self.cache.entry_ttl);
         let (uid, gid, perm) = (req.uid(), req.gid(), mode & 0o7777 & !umask);
-        self.spawn(|fs| async move {
+        self.spawn("create", |fs| async move {
             match fs.create(parent.0, &name, perm, uid, gid, flags).await {
                 Ok((attr, fh)) => reply.created(
                     &ttl,

@@ -56,6 +56,10 @@ pub struct MountArgs {
     /// another user it needs user_allow_other in /etc/fuse.conf.
     #[arg(long, conflicts_with = "no_allow_other")]
     pub allow_other: bool,
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics: every FUSE operation's
+    /// count, time and errors (by errno), bytes read and written, block cache hits and misses.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Only the user who mounted may access the mount, even when run as root.
     #[arg(long)]
     pub no_allow_other: bool,
@@ -174,6 +178,20 @@ fn serve_inner(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(listen) = args.metrics_listen {
+        runtime
+            .block_on(async { shared::telemetry::install(listen) })
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(%listen, "serving metrics at /metrics");
+        for name in [
+            "stagefs_fuse_read_bytes_total",
+            "stagefs_fuse_written_bytes_total",
+            "stagefs_block_cache_hits_total",
+            "stagefs_block_cache_misses_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
+    }
     let fs = runtime.block_on(connect(args))?;
     let fs = Arc::new(fs);
     let cache = CachePolicy {

@@ -239,6 +239,7 @@ impl Interceptor for Authenticate {
                 .get("authorization")
                 .map(|value| value.as_bytes()),
         )?;
+        crate::telemetry::count_request(&tenant.name);
         request.extensions_mut().insert(tenant);
         Ok(request)
     }

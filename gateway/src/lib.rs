@@ -25,4 +25,5 @@ pub mod recovery;
 pub mod service;
 pub mod staging;
 pub mod tasks;
+pub mod telemetry;
 pub mod volume;

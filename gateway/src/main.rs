@@ -196,6 +196,10 @@ struct ServeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics: staging, uploads,
+    /// fdatasync times, every RPC's duration and errors, requests and bytes per tenant.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Mutual TLS: only clients presenting a certificate signed by this CA (PEM) may connect.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
@@ -357,6 +361,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Resolved before the device is opened, so a missing --meta fails without touching it.
     let meta_location = meta_location(&args)?;
     let tls = server_tls(&args)?;
+    if let Some(listen) = args.metrics_listen {
+        gateway::telemetry::install(listen)?;
+        tracing::info!(%listen, "serving metrics at /metrics");
+    }
     let tokens = Arc::new(match &args.tokens {
         Some(path) => Tokens::load(path)?,
         None => {
@@ -485,6 +493,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let authenticate = Authenticate(tokens);
+    if args.metrics_listen.is_some() {
+        gateway::telemetry::start_gauges(&node, &workers);
+    }
     let service = StagingService::new(node.clone());
     let meta_service = MetaService::new(node);
     tracing::info!(
@@ -522,6 +533,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // A client that vanished without closing its connection is found out and dropped.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(gateway::telemetry::RpcMetricsLayer)
         // Every request of both services is authenticated before any service code runs.
         .add_service(InterceptedService::new(
             StagingServer::new(service)

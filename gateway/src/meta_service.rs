@@ -627,6 +627,7 @@ impl Meta for MetaService {
             })
             .await
             .map_err(|e| node_status(RPC, e))?;
+        crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
         Ok(Response::new(attr_response(&attr)))
     }
 

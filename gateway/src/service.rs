@@ -14,6 +14,7 @@ use crate::access::tenant_of;
 use crate::limits::{next_within, source_of};
 use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
+use crate::telemetry::count_bytes;
 
 #[derive(Clone)]
 pub struct StagingService {
@@ -116,6 +117,7 @@ impl Staging for StagingService {
         let limits = self.node.limits.clone();
         let idle = limits.stream_idle_timeout;
         let source = source_of(&request);
+        let tenant = tenant_of(&request);
         let mut stream = request.into_inner();
         let header = match next_within(&mut stream, idle, "WriteBlock").await {
             Some(Ok(pb::WriteBlockRequest {
@@ -152,6 +154,7 @@ impl Staging for StagingService {
             }
         }
         let sequence = self.stage(key, record, header.crc32c).await?;
+        count_bytes(&tenant.name, "written", key.len());
         Ok(Response::new(pb::WriteBlockResponse { sequence }))
     }
 
@@ -164,6 +167,7 @@ impl Staging for StagingService {
     ) -> Result<Response<Self::WriteBlocksStream>, Status> {
         may_write(&request)?;
         let source = source_of(&request);
+        let tenant = tenant_of(&request);
         let mut stream = request.into_inner();
         let (responses, out) = tokio::sync::mpsc::channel(WRITE_BLOCKS_IN_FLIGHT);
         let service = self.clone();
@@ -200,9 +204,13 @@ impl Staging for StagingService {
                     }
                 };
                 let (service, responses) = (service.clone(), responses.clone());
+                let tenant = tenant.clone();
                 tokio::spawn(async move {
                     let request_id = request.request_id;
                     let result = service.stage_whole(&request).await;
+                    if result.is_ok() {
+                        count_bytes(&tenant.name, "written", request.data.len() as u64);
+                    }
                     // The block's bytes are let go before the answer waits for its reader.
                     drop(request);
                     drop(room);
@@ -234,6 +242,7 @@ impl Staging for StagingService {
         request: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<pb::ReadBlockResponse>, Status> {
         let source = source_of(&request);
+        let tenant_name = tenant_of(&request).name.clone();
         let req = request.into_inner();
         let key = parse_key(&req.key)?;
         let limits = &self.node.limits;
@@ -260,6 +269,7 @@ impl Staging for StagingService {
         };
         let data = data.slice(req.offset as usize..end as usize);
         let crc32c = crc32c::crc32c(&data);
+        count_bytes(&tenant_name, "read", data.len() as u64);
         Ok(Response::new(pb::ReadBlockResponse {
             data,
             crc32c,

@@ -5,6 +5,7 @@ pub mod layout;
 pub mod meta;
 pub mod size;
 pub mod store;
+pub mod telemetry;
 
 pub use layout::{BlockKey, KeyError, BLOCK_SIZE, CHUNK_SIZE};
 

@@ -25,7 +25,12 @@ impl BlockCache {
     }
 
     pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
-        self.cache.get(key)
+        let found = self.cache.get(key);
+        match found {
+            Some(_) => metrics::counter!("stagefs_block_cache_hits_total").increment(1),
+            None => metrics::counter!("stagefs_block_cache_misses_total").increment(1),
+        }
+        found
     }
 
     pub fn contains(&self, key: &BlockKey) -> bool {

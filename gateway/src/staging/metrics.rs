@@ -1,5 +1,6 @@
 //! Counters of the staging log, kept out of its lock: bumped where things happen, read by
-//! Status (and by an exporter, when the gateway has one).
+//! Status, and emitted to the Prometheus exporter (`crate::telemetry`) at the same moments, so
+//! `/metrics` and Status count the same events.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -48,11 +49,14 @@ impl StagingMetrics {
         self.syncs.fetch_add(1, Relaxed);
         self.sync_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
         self.synced_records.fetch_add(records, Relaxed);
+        metrics::histogram!("stagefs_gateway_fdatasync_seconds").record(took.as_secs_f64());
     }
 
     pub fn uploaded(&self, bytes: u64) {
         self.uploaded_blocks.fetch_add(1, Relaxed);
         self.uploaded_bytes.fetch_add(bytes, Relaxed);
+        metrics::counter!("stagefs_gateway_uploaded_blocks_total").increment(1);
+        metrics::counter!("stagefs_gateway_uploaded_bytes_total").increment(bytes);
         let now = Instant::now();
         let mut recent = self.recent.lock().unwrap();
         recent.uploads.push_back((now, bytes));
@@ -68,11 +72,13 @@ impl StagingMetrics {
 
     pub fn upload_failed(&self, error: &str) {
         self.upload_retries.fetch_add(1, Relaxed);
+        metrics::counter!("stagefs_gateway_upload_retries_total").increment(1);
         self.recent.lock().unwrap().last_store_error = Some(error.to_string());
     }
 
     pub fn quarantined(&self) {
         self.upload_failures.fetch_add(1, Relaxed);
+        metrics::counter!("stagefs_gateway_upload_failures_total").increment(1);
     }
 
     pub fn snapshot(&self) -> Counters {

@@ -1,0 +1,204 @@
+//! `/metrics` of a gateway (`serve --metrics-listen`) and of a mount (`mount --metrics-listen`):
+//! after a workload through a real mount (a 5 MiB file and a small one written, read back, a
+//! name that does not exist looked up, uploads drained), both parse as Prometheus text and carry
+//! the names the operators' dashboards need, with the values the workload implies; and the
+//! gateway's upload totals are the ones `Status` reports (one set of counters).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use stagefs_tests::s3::free_port;
+use stagefs_tests::*;
+
+const MIB: u64 = 1 << 20;
+const OPS: &str = "ops-0123456789abcdef0123456789abcdef0123";
+const TRAINING: &str = "training-0123456789abcdef0123456789abcdef";
+
+/// Samples of one scrape: `name{labels}` → value. Panics on a line that is not Prometheus text.
+fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
+    let mut samples = BTreeMap::new();
+    for line in body.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty() || line.starts_with("# TYPE ") || line.starts_with("# HELP "),
+                "not a Prometheus comment: {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "not a metric name: {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels: {line:?}");
+        }
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+/// The value of `series` (exact, labels included), panicking with what there is when missing.
+fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| {
+        let prefix = series.split('{').next().unwrap();
+        let similar: Vec<&String> = samples.keys().filter(|k| k.starts_with(prefix)).collect();
+        panic!("no {series} in /metrics; series of that name: {similar:?}")
+    })
+}
+
+#[test]
+fn gateway_and_mount_metrics_carry_what_the_workload_did() {
+    let dir = TestDir::new("metrics-config");
+    let tokens = dir.join("tokens.toml");
+    fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"ops\"\nsecret = \"{OPS}\"\naccess = \"admin\"\n\n\
+             [[token]]\nname = \"training\"\nsecret = \"{TRAINING}\"\naccess = \"rw\"\n"
+        ),
+    )
+    .unwrap();
+    let gateway_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mount_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let stack = FuseStack::start("metrics", |gateway| {
+        gateway
+            .tokens(&tokens, OPS)
+            .args(["--metrics-listen", &gateway_metrics.to_string()])
+    });
+    let mount = stack
+        .mount("m")
+        .env("STAGEFS_TOKEN", TRAINING)
+        .args(["--metrics-listen", &mount_metrics.to_string()])
+        .start();
+
+    let pattern = Pattern::new(5);
+    let mut out = fs::File::create(mount.join("big")).unwrap();
+    pattern.write_to(&mut out, 5 * MIB, MIB as usize).unwrap();
+    out.sync_all().unwrap();
+    drop(out);
+    fs::write(mount.join("small"), vec![7u8; 3000]).unwrap();
+    pattern
+        .verify(&mut fs::File::open(mount.join("big")).unwrap(), 5 * MIB)
+        .unwrap();
+    assert_eq!(fs::read(mount.join("small")).unwrap().len(), 3000);
+    assert_errno(
+        fs::metadata(mount.join("missing")),
+        libc::ENOENT,
+        "stat of a missing name",
+    );
+    let status = stack.block_on(async {
+        let mut admin = stack.gateway.client().await;
+        drain(&mut admin, Duration::from_secs(120)).await.unwrap()
+    });
+    assert!(status.uploaded_bytes_total >= 5 * MIB + 3000, "{status:?}");
+
+    // The gauges follow the snapshot every half second: wait until they show the drained queue.
+    let gateway = stack.block_on(within(
+        Duration::from_secs(30),
+        "the gauges show the drained queue",
+        async {
+            loop {
+                let samples = scrape(gateway_metrics);
+                if samples.get("stagefs_gateway_upload_queue_blocks") == Some(&0.0)
+                    && samples.get("stagefs_gateway_staged_bytes") == Some(&0.0)
+                {
+                    return samples;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    ));
+    assert_eq!(
+        value(&gateway, "stagefs_gateway_uploaded_bytes_total"),
+        status.uploaded_bytes_total as f64,
+        "/metrics and Status count the same uploads"
+    );
+    assert_eq!(
+        value(&gateway, "stagefs_gateway_uploaded_blocks_total"),
+        status.uploaded_blocks_total as f64
+    );
+    assert_eq!(
+        value(&gateway, "stagefs_gateway_upload_failures_total"),
+        0.0
+    );
+    assert_eq!(value(&gateway, "stagefs_gateway_quarantined_blocks"), 0.0);
+    assert_eq!(
+        value(&gateway, "stagefs_gateway_oldest_staged_seconds"),
+        0.0
+    );
+    assert!(value(&gateway, "stagefs_gateway_fdatasync_seconds_count") >= 2.0);
+    assert!(gateway.contains_key("stagefs_gateway_fdatasync_seconds_bucket{le=\"+Inf\"}"));
+    assert!(
+        value(
+            &gateway,
+            "stagefs_rpc_seconds_count{method=\"OpenSession\"}"
+        ) >= 1.0
+    );
+    assert!(value(&gateway, "stagefs_rpc_seconds_count{method=\"Lookup\"}") >= 1.0);
+    assert!(
+        value(
+            &gateway,
+            "stagefs_rpc_errors_total{method=\"Lookup\",code=\"NotFound\"}"
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &gateway,
+            "stagefs_tenant_requests_total{tenant=\"training\"}"
+        ) >= 5.0
+    );
+    assert!(value(&gateway, "stagefs_tenant_requests_total{tenant=\"ops\"}") >= 1.0);
+    assert!(
+        value(
+            &gateway,
+            "stagefs_tenant_bytes_total{tenant=\"training\",direction=\"written\"}"
+        ) >= (5 * MIB + 3000) as f64
+    );
+
+    let mount_samples = scrape(mount_metrics);
+    assert!(value(&mount_samples, "stagefs_fuse_written_bytes_total") >= (5 * MIB + 3000) as f64);
+    assert!(value(&mount_samples, "stagefs_fuse_read_bytes_total") >= (5 * MIB + 3000) as f64);
+    assert!(value(&mount_samples, "stagefs_fuse_ops_total{op=\"write\"}") >= 5.0);
+    assert!(value(&mount_samples, "stagefs_fuse_ops_total{op=\"lookup\"}") >= 1.0);
+    assert!(
+        value(
+            &mount_samples,
+            "stagefs_fuse_op_seconds_count{op=\"fsync\"}"
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &mount_samples,
+            "stagefs_fuse_errors_total{op=\"lookup\",errno=\"ENOENT\"}"
+        ) >= 1.0
+    );
+    let cache = value(&mount_samples, "stagefs_block_cache_hits_total")
+        + value(&mount_samples, "stagefs_block_cache_misses_total");
+    assert!(cache >= 1.0, "the reads went through the block cache");
+    drop(mount);
+}
