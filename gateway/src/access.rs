@@ -365,6 +365,26 @@ mod tests {
     }
 
     #[test]
+    fn the_deployment_example_is_a_valid_tokens_file() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/deploy/tokens.example.toml");
+        let tokens = Tokens::load(&path).unwrap();
+        let known = tokens.known.read().unwrap().clone();
+        let levels: Vec<(&str, AccessLevel)> = known
+            .iter()
+            .map(|(_, t)| (t.name.as_str(), t.access))
+            .collect();
+        assert_eq!(
+            levels,
+            [
+                ("training", AccessLevel::Rw),
+                ("readers", AccessLevel::Ro),
+                ("ops", AccessLevel::Admin)
+            ]
+        );
+    }
+
+    #[test]
     fn without_tokens_everyone_is_an_anonymous_admin() {
         let tokens = Tokens::open_to_all();
         assert!(!tokens.required());
