@@ -74,7 +74,7 @@ pub async fn scan(engine: &Arc<dyn IoEngine>, sb: &Superblock) -> std::io::Resul
     for (index, header) in headers.into_iter().enumerate() {
         if let Some(h) = SegmentHeader::decode(&header?) {
             if h.device_uuid == sb.device_uuid {
-                live.push((h.sequence, index as u64));
+                live.push((h.sequence, index as u64, h.generation));
             }
         }
     }
@@ -82,16 +82,16 @@ pub async fn scan(engine: &Arc<dyn IoEngine>, sb: &Superblock) -> std::io::Resul
     let mut report = ScanReport::default();
     let mut next = live
         .first()
-        .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
-    for (i, &(sequence, index)) in live.iter().enumerate() {
+        .map(|&(_, index, _)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+    for (i, &(sequence, index, generation)) in live.iter().enumerate() {
         let segment = next
             .take()
             .expect("a read was started for every live segment");
         next = live
             .get(i + 1)
-            .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+            .map(|&(_, index, _)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
         let data = segment.await.map_err(std::io::Error::other)??;
-        scan_segment(&data, sb, index, sequence, &mut report);
+        scan_segment(&data, sb, index, sequence, generation, &mut report);
         report.max_segment_sequence = report.max_segment_sequence.max(sequence);
     }
     Ok(report)
@@ -138,13 +138,17 @@ fn scan_segment(
     sb: &Superblock,
     index: u64,
     sequence: u64,
+    header_generation: u64,
     report: &mut ScanReport,
 ) {
     let bytes = SegmentBytes(chunks);
     let base = sb.segment_offset(index);
     let seg_bytes = sb.segment_bytes as usize;
     let mut pos = ALIGN; // past the segment header
-    let (mut last_lsn, mut last_generation) = (0u64, 0u64);
+                         // A record older than the life that wrote this segment's header is a leftover of a dead life
+                         // that once used the same sequence (its header never became durable, one of its records
+                         // did): its lsn may since have been handed to another block, so it must not come back.
+    let (mut last_lsn, mut last_generation) = (0u64, header_generation);
     let mut records = 0;
     while pos + ALIGN <= seg_bytes {
         let header = match RecordHeader::decode(&bytes.range(pos, ALIGN), sequence) {
@@ -224,4 +228,84 @@ fn scan_segment(
         records,
         bytes: pos as u64,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::record_len;
+
+    const SEGMENT: u64 = 1 << 20;
+
+    fn superblock() -> Superblock {
+        Superblock {
+            format_version: 1,
+            device_uuid: [3; 16],
+            gateway_id: [4; 16],
+            generation: 5,
+            device_bytes: 4 * SEGMENT,
+            segment_bytes: SEGMENT,
+            segment_count: 2,
+        }
+    }
+
+    /// Writes a block record of `generation` and `lsn` at `pos` of a segment image.
+    fn put_block(image: &mut [u8], pos: usize, sequence: u64, generation: u64, lsn: u64) -> usize {
+        let key = format!("{lsn}_0_100");
+        let data = vec![lsn as u8; 100];
+        let len = record_len(key.len(), data.len()) as usize;
+        let record = &mut image[pos..pos + len];
+        let header = RecordHeader {
+            kind: RecordKind::Block,
+            key_len: key.len() as u16,
+            data_len: data.len() as u32,
+            segment_sequence: sequence,
+            generation,
+            lsn,
+            data_crc: crc32c::crc32c(&data),
+        };
+        let data_at = RECORD_HEADER_BYTES + key.len();
+        record[data_at..data_at + data.len()].copy_from_slice(&data);
+        header.encode(record, key.as_bytes());
+        pos + len
+    }
+
+    fn scanned_lsns(image: Vec<u8>, sequence: u64, header_generation: u64) -> Vec<u64> {
+        let mut chunk = AlignedBuf::zeroed(image.len());
+        chunk.copy_from_slice(&image);
+        let mut report = ScanReport::default();
+        scan_segment(
+            &[chunk],
+            &superblock(),
+            0,
+            sequence,
+            header_generation,
+            &mut report,
+        );
+        report.blocks.iter().map(|b| b.lsn).collect()
+    }
+
+    /// A life (generation 5) opened the segment under sequence 9 and wrote a record there whose
+    /// header never became durable; the next life (6) handed lsn 41 to another block, opened
+    /// this segment under the same sequence 9, and was cut before its own first record landed.
+    /// The leftover of life 5 must not come back: its lsn now names another block.
+    #[test]
+    fn a_record_older_than_its_segments_header_is_a_leftover_of_a_dead_life() {
+        let mut image = vec![0u8; SEGMENT as usize];
+        put_block(&mut image, ALIGN, 9, 5, 41);
+        assert!(scanned_lsns(image.clone(), 9, 6).is_empty());
+        assert_eq!(
+            scanned_lsns(image, 9, 5),
+            [41],
+            "in its own life it is a record"
+        );
+    }
+
+    #[test]
+    fn records_of_later_lives_after_the_header_are_read() {
+        let mut image = vec![0u8; SEGMENT as usize];
+        let next = put_block(&mut image, ALIGN, 9, 6, 41);
+        put_block(&mut image, next, 9, 7, 42);
+        assert_eq!(scanned_lsns(image, 9, 6), [41, 42]);
+    }
 }

@@ -236,8 +236,22 @@ impl StagingLog {
             }
             if state == BlockState::Staged {
                 journal.pin(block.segment);
-                uploads.push(block.lsn, key);
                 recovered += 1;
+                if let Err(held) = uploads.push(block.lsn, key) {
+                    // Never two blocks under one lsn; should it happen, neither is dropped from
+                    // sight: this one waits in quarantine (shown in Status) instead of being
+                    // silently left out of the queue.
+                    tracing::error!(lsn = block.lsn, %key, %held, "two recovered blocks share an lsn; the later one is quarantined");
+                    corrupt.push(CorruptRecord {
+                        segment: block.segment as u64,
+                        device_offset: block.device_offset,
+                        key: Some(key.to_string()),
+                        reason: format!("shares lsn {} with block {held}; quarantined", block.lsn),
+                    });
+                    if let Some(entry) = index.get_mut(&key) {
+                        entry.state = BlockState::Quarantined;
+                    }
+                }
             }
         }
         let state = LogState {
@@ -436,7 +450,9 @@ impl StagingLog {
             self.reclaim_kick.notify_one();
             return Ok(existing_lsn);
         }
-        st.uploads.push(lsn, key);
+        if let Err(held) = st.uploads.push(lsn, key) {
+            tracing::error!(lsn, %key, %held, "a fresh lsn was already queued for another block");
+        }
         let paused = st.uploads.paused;
         drop(st);
         // One new block needs one worker; waking all of them for every block (or any while
@@ -881,7 +897,11 @@ impl StagingLog {
             if e.state == BlockState::Quarantined {
                 e.state = BlockState::Staged;
                 e.failed_attempts = 0;
-                st.uploads.push(e.lsn, *key);
+                if let Err(held) = st.uploads.push(e.lsn, *key) {
+                    tracing::error!(lsn = e.lsn, %key, %held, "cannot requeue: another block holds its lsn");
+                    e.state = BlockState::Quarantined;
+                    continue;
+                }
                 requeued += 1;
             }
         }

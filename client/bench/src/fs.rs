@@ -277,6 +277,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         s3_allow_http: true,
         uploads_paused: false,
         env: s3_env(),
+        extra: Vec::new(),
         log: work_path.join("gateway.log"),
     };
     let gateway = GatewayProcess::start(&spec, true, Duration::from_secs(60)).await?;
@@ -464,7 +465,7 @@ async fn run_mode(
 /// share the machine with the last one's uploads; the seconds it took.
 async fn wait_for_uploads(gateway: std::net::SocketAddr) -> Result<f64, BenchError> {
     let start = Instant::now();
-    let mut client = super::rpc::connect(gateway).await?;
+    let mut client = super::rpc::connect(gateway, &Default::default()).await?;
     super::rpc::drain(&mut client, Duration::from_secs(3600)).await?;
     Ok(start.elapsed().as_secs_f64())
 }

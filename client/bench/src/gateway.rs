@@ -32,6 +32,7 @@ use super::process::{find_gateway_bin, log_tail, GatewayProcess, GatewaySpec};
 use super::report::Report;
 use super::rpc::{self, Client, Payload};
 use super::{mib_per_s, progress, ratio, BenchError};
+use client::fs::GatewayAccess;
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -293,6 +294,7 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         s3_allow_http: args.s3_allow_http,
         uploads_paused: true,
         env: Vec::new(),
+        extra: Vec::new(),
         log: workdir.path().join("gateway.log"),
     };
     let mut report = Report {
@@ -314,6 +316,8 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         plan: &plan,
         spec: &spec,
         ids: Arc::new(SliceIds::new()),
+        access: GatewayAccess::default(),
+        workdir: workdir.path(),
     };
     // On Ctrl-C, return normally so the gateway is killed and the temporary directory removed.
     let result = tokio::select! {
@@ -338,6 +342,10 @@ struct Bench<'a> {
     plan: &'a Plan,
     spec: &'a GatewaySpec,
     ids: Arc<SliceIds>,
+    /// What the clients present: nothing, but for the secure phase.
+    access: GatewayAccess,
+    /// The benchmark's private directory (certificates and tokens of the secure phase).
+    workdir: &'a std::path::Path,
 }
 
 impl Bench<'_> {
@@ -351,7 +359,7 @@ impl Bench<'_> {
             gateway.pid(),
             gateway.addr
         );
-        let mut control = rpc::connect(gateway.addr).await?;
+        let mut control = rpc::connect(gateway.addr, &self.access).await?;
         let status = rpc::status(&mut control).await?;
         report.io_engine = status.io_engine.clone();
         if !status.uploads_paused {
@@ -377,6 +385,59 @@ impl Bench<'_> {
         }
         if self.args.store.is_some() {
             self.remove_objects("drained blocks", drained_keys).await;
+        }
+        self.secure(report).await
+    }
+
+    /// Phase: the same 4-writer ingest against a gateway serving TLS with tokens, to show what
+    /// they cost (the plain figure is `ingest_per_writer_mib_s_4` of this run).
+    async fn secure(&self, report: &mut Report) -> Result<(), BenchError> {
+        let (extra, access) = match secure_setup(self.workdir) {
+            Ok(setup) => setup,
+            Err(why) => {
+                progress!("secure: skipped: {why}");
+                report.warnings.push(format!("secure phase skipped: {why}"));
+                return Ok(());
+            }
+        };
+        let spec = GatewaySpec {
+            extra,
+            ..self.spec.clone()
+        };
+        progress!("secure: starting gateway: {}", spec.display(false));
+        let gateway = GatewayProcess::start(&spec, false, READY_TIMEOUT).await?;
+        let secure = Bench {
+            access,
+            ids: self.ids.clone(),
+            ..*self
+        };
+        let mut control = rpc::connect(gateway.addr, &secure.access).await?;
+        let payload = Payload::random(BLOCK_BYTES as usize);
+        let blocks = self.plan.ingest_bytes / BLOCK_BYTES;
+        let clients =
+            load::clients(gateway.addr, &secure.access, 4, ChannelMode::PerWriter).await?;
+        let result = load::run(
+            clients,
+            self.ids.clone(),
+            payload,
+            Stop::blocks(blocks),
+            Transport::Rpc,
+        )
+        .await?;
+        let mib_s = result.mib_per_s();
+        progress!(
+            "secure: 4 writer(s), per-writer, TLS and tokens, {}: {mib_s:.1} MiB/s (plain {:.1} MiB/s)",
+            format_size(result.bytes),
+            report.ingest_per_writer_mib_s_4
+        );
+        report.ingest_secure_mib_s_4 = mib_s;
+        report.ingest_secure_ratio_4 = ratio(mib_s, report.ingest_per_writer_mib_s_4);
+        secure.release(&mut control, &result.keys, report).await?;
+        let exit = gateway.terminate(STOP_TIMEOUT).await?;
+        if !exit.success() {
+            report
+                .warnings
+                .push(format!("secure gateway exited with {exit} after SIGTERM"));
         }
         Ok(())
     }
@@ -456,7 +517,7 @@ impl Bench<'_> {
             };
             let mut best: Option<(f64, ChannelMode)> = None;
             for &mode in modes {
-                let clients = load::clients(addr, writers, mode).await?;
+                let clients = load::clients(addr, &self.access, writers, mode).await?;
                 let before = rpc::status(control).await?;
                 let result = load::run(
                     clients,
@@ -573,7 +634,7 @@ impl Bench<'_> {
         // Both ways a client can send small blocks; the faster one is the figure, both are kept.
         let mut best: Option<(Transport, load::LoadResult)> = None;
         for transport in [Transport::Rpc, Transport::Stream] {
-            let clients = load::clients(addr, GROUP_COMMIT_WRITERS, mode).await?;
+            let clients = load::clients(addr, &self.access, GROUP_COMMIT_WRITERS, mode).await?;
             let before = rpc::status(control).await?;
             let result = load::run(
                 clients,
@@ -642,7 +703,7 @@ impl Bench<'_> {
         mode: ChannelMode,
         what: &str,
     ) -> Result<Vec<String>, BenchError> {
-        let clients = load::clients(addr, STAGE_WRITERS, mode).await?;
+        let clients = load::clients(addr, &self.access, STAGE_WRITERS, mode).await?;
         let payload = Payload::random(BLOCK_BYTES as usize);
         let result = load::run(
             clients,
@@ -828,7 +889,7 @@ impl Bench<'_> {
         let listening = start.elapsed();
         let (mut control, status) = loop {
             let attempt = async {
-                let mut client = rpc::connect(gateway.addr).await?;
+                let mut client = rpc::connect(gateway.addr, &self.access).await?;
                 let status = rpc::status(&mut client).await?;
                 Ok::<_, BenchError>((client, status))
             };
@@ -968,4 +1029,103 @@ mod tests {
         assert!(Plan::new(&args).is_err());
         assert!(parse(&["--device", "/x", "--device-size", "lots"]).is_err());
     }
+}
+
+/// For the secure phase: a CA and a certificate for 127.0.0.1 made with `openssl` in `dir`, and a
+/// tokens file with one admin token; returns the gateway's extra flags and the client's access.
+fn secure_setup(dir: &std::path::Path) -> Result<(Vec<std::ffi::OsString>, GatewayAccess), String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=stagefs bench CA",
+            "-keyout",
+            "bench-ca.key",
+            "-out",
+            "bench-ca.pem",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=stagefs bench gateway",
+            "-keyout",
+            "bench-gw.key",
+            "-out",
+            "bench-gw.csr",
+        ],
+    ]
+    .concat())?;
+    std::fs::write(
+        dir.join("bench-gw.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .map_err(|e| e.to_string())?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "bench-gw.csr",
+        "-CA",
+        "bench-ca.pem",
+        "-CAkey",
+        "bench-ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "bench-gw.ext",
+        "-out",
+        "bench-gw.pem",
+    ])?;
+    let secret = format!("bench-{:032x}", rand::random::<u128>());
+    std::fs::write(
+        dir.join("bench-tokens.toml"),
+        format!("[[token]]\nname = \"bench\"\nsecret = \"{secret}\"\naccess = \"admin\"\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    let ca = std::fs::read(dir.join("bench-ca.pem")).map_err(|e| e.to_string())?;
+    let access = GatewayAccess::default()
+        .with_token(&secret)
+        .map_err(|e| e.to_string())?
+        .with_tls(&ca, None);
+    let path = |name: &str| dir.join(name).into_os_string();
+    let extra = vec![
+        "--tls-cert".into(),
+        path("bench-gw.pem"),
+        "--tls-key".into(),
+        path("bench-gw.key"),
+        "--tokens".into(),
+        path("bench-tokens.toml"),
+    ];
+    Ok((extra, access))
 }

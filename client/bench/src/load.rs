@@ -146,18 +146,19 @@ impl LoadResult {
 /// Opens the connections for `writers` writers in `mode`.
 pub async fn clients(
     addr: SocketAddr,
+    access: &client::fs::GatewayAccess,
     writers: usize,
     mode: ChannelMode,
 ) -> Result<Vec<Client>, BenchError> {
     match mode {
         ChannelMode::Shared => {
-            let client = rpc::connect(addr).await?;
+            let client = rpc::connect(addr, access).await?;
             Ok(vec![client; writers])
         }
         ChannelMode::PerWriter => {
             let mut clients = Vec::with_capacity(writers);
             for _ in 0..writers {
-                clients.push(rpc::connect(addr).await?);
+                clients.push(rpc::connect(addr, access).await?);
             }
             Ok(clients)
         }

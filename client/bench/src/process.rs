@@ -79,6 +79,8 @@ pub struct GatewaySpec {
     pub uploads_paused: bool,
     /// Environment of the process besides this one's (e.g. S3 credentials).
     pub env: Vec<(String, String)>,
+    /// Further `serve` flags (TLS and tokens for the secure phase).
+    pub extra: Vec<OsString>,
     pub log: PathBuf,
 }
 
@@ -118,6 +120,7 @@ impl GatewaySpec {
         if self.s3_allow_http {
             args.push("--s3-allow-http".into());
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 

@@ -9,6 +9,8 @@ use super::load::{ChannelMode, Transport};
 pub const TARGET_INGEST_RATIO_16: f64 = 0.6;
 pub const TARGET_GROUP_COMMIT_RATIO: f64 = 5.0;
 pub const TARGET_DRAIN_RATIO: f64 = 0.8;
+/// TLS and tokens may cost at most 10 % of 4 MiB ingest (issue "Safe to share").
+pub const TARGET_SECURE_RATIO: f64 = 0.9;
 
 /// Every figure of a run. Field names are the JSON keys.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -45,6 +47,10 @@ pub struct Report {
     pub ingest_ratio_16: Option<f64>,
     /// Ingest from 16 writers ÷ raw_durable_write_mib_s_16: against durable writes without a gateway.
     pub ingest_durable_ratio_16: Option<f64>,
+    /// 4 writers, a connection each, against a gateway serving TLS with tokens.
+    pub ingest_secure_mib_s_4: f64,
+    /// ingest_secure_mib_s_4 ÷ ingest_per_writer_mib_s_4: what TLS and tokens cost.
+    pub ingest_secure_ratio_4: Option<f64>,
 
     pub group_commit_writers: usize,
     pub group_commit_mode: Option<ChannelMode>,
@@ -187,6 +193,16 @@ impl Report {
                 ),
                 fmt_ratio(self.ingest_durable_ratio_16),
                 String::new(),
+            ],
+            [
+                "ingest x4, TLS + tokens".into(),
+                format!("{:.1} MiB/s", self.ingest_secure_mib_s_4),
+                format!(
+                    "plain x4 per-writer {:.1} MiB/s",
+                    self.ingest_per_writer_mib_s_4
+                ),
+                fmt_ratio(self.ingest_secure_ratio_4),
+                fmt_target(self.ingest_secure_ratio_4, TARGET_SECURE_RATIO),
             ],
             [
                 format!("group commit x{}", self.group_commit_writers),

@@ -29,10 +29,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Keys per `DeleteBlocks` request.
 const DELETE_BATCH: usize = 4096;
 
-/// Opens a new HTTP/2 connection to the gateway (built where every client connection is).
-pub async fn connect(addr: SocketAddr) -> Result<Client, BenchError> {
-    // The benchmarks start their own gateways, without --tokens.
-    let channel = client::fs::connect_gateway(&addr.to_string(), &GatewayAccess::default())
+/// Opens a new HTTP/2 connection to the gateway (built where every client connection is),
+/// presenting `access`.
+pub async fn connect(addr: SocketAddr, access: &GatewayAccess) -> Result<Client, BenchError> {
+    let channel = client::fs::connect_gateway(&addr.to_string(), access)
         .await
         .map_err(|source| BenchError::Connect {
             addr: addr.to_string(),

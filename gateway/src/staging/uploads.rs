@@ -80,8 +80,17 @@ impl UploadQueue {
         }
     }
 
-    pub fn push(&mut self, lsn: u64, key: BlockKey) {
-        self.queue.insert(lsn, key);
+    /// Queues `key` under `lsn`. An lsn names one block; should another block already hold it,
+    /// nothing is replaced and that block is returned (recovery reports the conflict).
+    pub fn push(&mut self, lsn: u64, key: BlockKey) -> Result<(), BlockKey> {
+        match self.queue.entry(lsn) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(key);
+                Ok(())
+            }
+            std::collections::btree_map::Entry::Occupied(held) if *held.get() == key => Ok(()),
+            std::collections::btree_map::Entry::Occupied(held) => Err(*held.get()),
+        }
     }
 
     /// The block is no longer to be uploaded (deleted).
