@@ -986,51 +986,6 @@ async fn delete_objects(store: &dyn ObjectStore, paths: Vec<StorePath>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: GatewayBenchArgs,
-    }
-
-    fn parse(argv: &[&str]) -> Result<GatewayBenchArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|c| c.args)
-    }
-
-    #[test]
-    fn plans_fit_the_device() {
-        let args = parse(&["--device", "/x"]).expect("parses");
-        let plan = Plan::new(&args).expect("plan");
-        assert_eq!(plan.ingest_bytes, GIB);
-        assert_eq!(plan.recovery_bytes, 2 * GIB);
-        let args = parse(&["--device", "/x", "--quick"]).expect("parses");
-        let plan = Plan::new(&args).expect("plan");
-        assert_eq!(plan.ingest_bytes, 256 * MIB);
-        assert_eq!(plan.recovery_bytes, 256 * MIB);
-        let args = parse(&["--device", "/x", "--device-size", "1GiB"]).expect("parses");
-        let plan = Plan::new(&args).expect("plan");
-        assert_eq!(plan.ingest_bytes, 512 * MIB);
-        assert_eq!(plan.recovery_bytes, 768 * MIB);
-        let args = parse(&[
-            "--device",
-            "/x",
-            "--device-size",
-            "1GiB",
-            "--recovery-bytes",
-            "1GiB",
-        ])
-        .expect("parses");
-        assert!(Plan::new(&args).is_err());
-        let args = parse(&["--device", "/x", "--device-size", "1MiB"]).expect("parses");
-        assert!(Plan::new(&args).is_err());
-        assert!(parse(&["--device", "/x", "--device-size", "lots"]).is_err());
-    }
-}
-
 /// For the secure phase: a CA and a certificate for 127.0.0.1 made with `openssl` in `dir`, and a
 /// tokens file with one admin token; returns the gateway's extra flags and the client's access.
 fn secure_setup(dir: &std::path::Path) -> Result<(Vec<std::ffi::OsString>, GatewayAccess), String> {
@@ -1128,4 +1083,49 @@ fn secure_setup(dir: &std::path::Path) -> Result<(Vec<std::ffi::OsString>, Gatew
         path("bench-tokens.toml"),
     ];
     Ok((extra, access))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GatewayBenchArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<GatewayBenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn plans_fit_the_device() {
+        let args = parse(&["--device", "/x"]).expect("parses");
+        let plan = Plan::new(&args).expect("plan");
+        assert_eq!(plan.ingest_bytes, GIB);
+        assert_eq!(plan.recovery_bytes, 2 * GIB);
+        let args = parse(&["--device", "/x", "--quick"]).expect("parses");
+        let plan = Plan::new(&args).expect("plan");
+        assert_eq!(plan.ingest_bytes, 256 * MIB);
+        assert_eq!(plan.recovery_bytes, 256 * MIB);
+        let args = parse(&["--device", "/x", "--device-size", "1GiB"]).expect("parses");
+        let plan = Plan::new(&args).expect("plan");
+        assert_eq!(plan.ingest_bytes, 512 * MIB);
+        assert_eq!(plan.recovery_bytes, 768 * MIB);
+        let args = parse(&[
+            "--device",
+            "/x",
+            "--device-size",
+            "1GiB",
+            "--recovery-bytes",
+            "1GiB",
+        ])
+        .expect("parses");
+        assert!(Plan::new(&args).is_err());
+        let args = parse(&["--device", "/x", "--device-size", "1MiB"]).expect("parses");
+        assert!(Plan::new(&args).is_err());
+        assert!(parse(&["--device", "/x", "--device-size", "lots"]).is_err());
+    }
 }

@@ -135,7 +135,9 @@ async fn client_path_throughput() {
         (true, 16, ChannelMode::PerWriter),
     ] {
         let addr = serve(nodelay).await;
-        let clients = load::clients(addr, writers, mode).await.expect("connect");
+        let clients = load::clients(addr, &Default::default(), writers, mode)
+            .await
+            .expect("connect");
         let payload = Payload::random(4 << 20);
         let result = load::run(
             clients,
