@@ -1,6 +1,14 @@
-//! gRPC answers: the errno a refusal carries in `stagefs-errno`, and what a refusal must look like.
+//! gRPC with a gateway's `Meta` service as the tests drive it: a few calls, the errno a refusal
+//! carries in `stagefs-errno`, and what a refusal must look like.
 
+use bytes::Bytes;
+use client::fs::GatewayChannel;
+use proto::meta::meta_client::MetaClient;
+use proto::meta::{self as pb};
 use tonic::{Code, Status};
+
+/// A `Meta` client over a connection the client's channel module built.
+pub type Meta = MetaClient<GatewayChannel>;
 
 /// The errno a failed RPC carries in `stagefs-errno`.
 pub fn errno_of(status: &Status) -> i32 {
@@ -47,4 +55,44 @@ pub fn expect_errno<T: std::fmt::Debug>(
         !status.message().is_empty(),
         "{what}: the message says nothing"
     );
+}
+
+pub fn name(text: &str) -> Bytes {
+    Bytes::copy_from_slice(text.as_bytes())
+}
+
+pub fn attr_of(response: tonic::Response<pb::AttrResponse>) -> pb::Attr {
+    response
+        .into_inner()
+        .attr
+        .expect("AttrResponse has an attr")
+}
+
+/// Creates regular file `file` in `parent` for `session` (mode 0644, uid/gid 1000).
+pub async fn create(meta: &mut Meta, session: &Bytes, parent: u64, file: &str) -> pb::Attr {
+    meta.create(pb::CreateRequest {
+        session_id: session.clone(),
+        parent,
+        name: name(file),
+        kind: pb::FileKind::File as i32,
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        rdev: 0,
+    })
+    .await
+    .map(attr_of)
+    .unwrap_or_else(|e| panic!("Create {file}: {e:?}"))
+}
+
+/// The slices of chunk 0 of `ino`.
+pub async fn read_chunk(meta: &mut Meta, ino: u64) -> Vec<pb::Slice> {
+    meta.read_chunk(pb::ReadChunkRequest {
+        ino,
+        chunk_index: 0,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("ReadChunk {ino}: {e:?}"))
+    .into_inner()
+    .slices
 }

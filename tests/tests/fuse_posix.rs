@@ -1185,45 +1185,7 @@ fn mount_of_a_dead_gateway_fails_clearly() {
         let port = stagefs_tests::s3::free_port();
         let gateway = format!("127.0.0.1:{port}");
         let started = Instant::now();
-        let mut child = mount_command(&gateway, &mountpoint)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run stagefs mount");
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = Command::new("fusermount3")
-                    .args(["-u", "-z"])
-                    .arg(&mountpoint)
-                    .status();
-                panic!("`stagefs mount {gateway}` of a dead gateway did not return within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        let mounted = is_fuse_mounted(&mountpoint);
-        if mounted {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&mountpoint)
-                .status();
-        }
-        assert!(
-            !status.success(),
-            "`stagefs mount {gateway}` of a dead gateway exited with {status}; stderr: {stderr}"
-        );
-        assert!(!mounted, "a mount of a dead gateway is in place");
+        let stderr = stagefs_tests::failing_mount(&gateway, &mountpoint, &[]);
         assert!(
             stderr.contains("gateway") && stderr.contains(&gateway),
             "the message of a failed mount does not name the gateway {gateway}: {stderr:?}"

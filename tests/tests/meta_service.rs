@@ -15,32 +15,17 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use client::fs::GatewayChannel;
-use proto::meta::meta_client::MetaClient;
 use proto::meta::{self as pb};
 use proto::staging::BlockState;
-use stagefs_tests::rpc::{errno_of, expect_errno};
+use stagefs_tests::rpc::{attr_of, create, errno_of, expect_errno, name, read_chunk, Meta};
 use stagefs_tests::*;
 use tonic::{Code, Status};
-
-type Meta = MetaClient<GatewayChannel>;
 
 const SEED: u64 = 0x3e7a;
 const ROOT: u64 = 1;
 const ENGINE: &str = "psync";
 /// How long background cleanup may take in these scenarios (it ticks every second).
 const CLEANUP_LIMIT: Duration = Duration::from_secs(30);
-
-fn name(text: &str) -> Bytes {
-    Bytes::copy_from_slice(text.as_bytes())
-}
-
-fn attr_of(response: tonic::Response<pb::AttrResponse>) -> pb::Attr {
-    response
-        .into_inner()
-        .attr
-        .expect("AttrResponse has an attr")
-}
 
 async fn open_session(meta: &mut Meta, description: &str) -> pb::OpenSessionResponse {
     meta.open_session(pb::OpenSessionRequest {
@@ -63,22 +48,6 @@ async fn mkdir(meta: &mut Meta, parent: u64, dir: &str) -> Result<pb::Attr, Stat
     })
     .await
     .map(attr_of)
-}
-
-async fn create(meta: &mut Meta, session: &Bytes, parent: u64, file: &str) -> pb::Attr {
-    meta.create(pb::CreateRequest {
-        session_id: session.clone(),
-        parent,
-        name: name(file),
-        kind: pb::FileKind::File as i32,
-        mode: 0o644,
-        uid: 1000,
-        gid: 1000,
-        rdev: 0,
-    })
-    .await
-    .map(attr_of)
-    .unwrap_or_else(|e| panic!("Create {file}: {e:?}"))
 }
 
 async fn lookup(meta: &mut Meta, parent: u64, entry: &str) -> Result<pb::Attr, Status> {
@@ -188,17 +157,6 @@ async fn commit_slice(
     })
     .await
     .map(attr_of)
-}
-
-async fn read_chunk(meta: &mut Meta, ino: u64) -> Vec<pb::Slice> {
-    meta.read_chunk(pb::ReadChunkRequest {
-        ino,
-        chunk_index: 0,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("ReadChunk {ino}: {e:?}"))
-    .into_inner()
-    .slices
 }
 
 fn new_slice(slice_id: u64, len: u32, gateway_id: &Bytes) -> pb::Slice {

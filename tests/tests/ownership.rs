@@ -17,23 +17,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
-use client::fs::GatewayChannel;
-use proto::meta::meta_client::MetaClient;
 use proto::meta::{self as pb};
 use proto::staging::BlockState;
-use stagefs_tests::rpc::expect_errno;
+use stagefs_tests::rpc::{create, expect_errno, name, read_chunk, Meta};
 use stagefs_tests::*;
 use tonic::Code;
-
-type Meta = MetaClient<GatewayChannel>;
 
 const ROOT: u64 = 1;
 const BIG: u64 = 5 << 20;
 const SMALL: u64 = 3000;
-
-fn name(text: &str) -> Bytes {
-    Bytes::copy_from_slice(text.as_bytes())
-}
 
 async fn lookup(meta: &mut Meta, entry: &str) -> pb::Attr {
     meta.lookup(pb::EntryRequest {
@@ -45,17 +37,6 @@ async fn lookup(meta: &mut Meta, entry: &str) -> pb::Attr {
     .into_inner()
     .attr
     .unwrap()
-}
-
-async fn slices(meta: &mut Meta, ino: u64) -> Vec<pb::Slice> {
-    meta.read_chunk(pb::ReadChunkRequest {
-        ino,
-        chunk_index: 0,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("ReadChunk {ino}: {e:?}"))
-    .into_inner()
-    .slices
 }
 
 fn keys_of(slices: &[pb::Slice]) -> Vec<String> {
@@ -85,22 +66,6 @@ fn handle(session: &Bytes, ino: u64) -> pb::HandleRequest {
         session_id: session.clone(),
         ino,
     }
-}
-
-async fn create(meta: &mut Meta, session: &Bytes, file: &str) -> pb::Attr {
-    meta.create(pb::CreateRequest {
-        session_id: session.clone(),
-        parent: ROOT,
-        name: name(file),
-        kind: pb::FileKind::File as i32,
-        mode: 0o644,
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("Create {file}: {e:?}"))
-    .into_inner()
-    .attr
-    .unwrap()
 }
 
 #[track_caller]
@@ -144,8 +109,8 @@ fn another_session_cannot_touch_what_a_session_owns() {
         let kept_ino = lookup(&mut meta, "kept").await.ino;
         std::fs::remove_file(victim.join("kept")).unwrap();
         let victim_slices: Vec<pb::Slice> = [
-            slices(&mut meta, big_ino).await,
-            slices(&mut meta, small_ino).await,
+            read_chunk(&mut meta, big_ino).await,
+            read_chunk(&mut meta, small_ino).await,
         ]
         .concat();
         assert!(victim_slices.len() >= 2, "{victim_slices:?}");
@@ -160,7 +125,7 @@ fn another_session_cannot_touch_what_a_session_owns() {
             .into_inner()
             .session_id;
         assert_eq!(attacker.len(), 16, "a session id is 128 bits");
-        let own = create(&mut meta, &attacker, "attacker's").await;
+        let own = create(&mut meta, &attacker, ROOT, "attacker's").await;
 
         for slice in &victim_slices {
             let id = slice.slice_id;
@@ -260,7 +225,7 @@ fn another_session_cannot_touch_what_a_session_owns() {
             .unwrap()
             .into_inner();
         let sid = canary_session.session_id;
-        let canary = create(&mut meta, &sid, "canary").await;
+        let canary = create(&mut meta, &sid, ROOT, "canary").await;
         let ids = meta
             .allocate_slice_ids(pb::AllocateSliceIdsRequest {
                 count: 1,
