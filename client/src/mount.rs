@@ -180,17 +180,9 @@ fn serve_inner(
         .context("cannot start the async runtime")?;
     if let Some(listen) = args.metrics_listen {
         runtime
-            .block_on(async { shared::telemetry::install(listen) })
+            .block_on(async { shared::telemetry::install(listen, METRICS_COUNTERS) })
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%listen, "serving metrics at /metrics");
-        for name in [
-            "stagefs_fuse_read_bytes_total",
-            "stagefs_fuse_written_bytes_total",
-            "stagefs_block_cache_hits_total",
-            "stagefs_block_cache_misses_total",
-        ] {
-            metrics::counter!(name).increment(0);
-        }
     }
     let fs = runtime.block_on(connect(args))?;
     let fs = Arc::new(fs);
@@ -299,6 +291,14 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
     };
     Ok(Fs::new(meta, blocks, store, &grant, config))
 }
+
+/// Counters a mount's `/metrics` shows, at zero, before their first event.
+const METRICS_COUNTERS: &[&str] = &[
+    "stagefs_fuse_read_bytes_total",
+    "stagefs_fuse_written_bytes_total",
+    "stagefs_block_cache_hits_total",
+    "stagefs_block_cache_misses_total",
+];
 
 /// Whether other users may access the mount: asked for, or by default when mounted by root
 /// (`--no-allow-other` turns that off).

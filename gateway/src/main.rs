@@ -362,7 +362,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let meta_location = meta_location(&args)?;
     let tls = server_tls(&args)?;
     if let Some(listen) = args.metrics_listen {
-        gateway::telemetry::install(listen)?;
+        shared::telemetry::install(listen, gateway::telemetry::COUNTERS)
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(%listen, "serving metrics at /metrics");
     }
     let tokens = Arc::new(match &args.tokens {

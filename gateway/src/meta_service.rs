@@ -156,7 +156,7 @@ impl Meta for MetaService {
         );
         let settings = &self.node.settings;
         Ok(Response::new(pb::OpenSessionResponse {
-            session_id: session_to_wire(session_id).into(),
+            session_id: shared::meta::session_to_wire(session_id).into(),
             store_url: settings.store_url.clone(),
             gateway_id: bytes::Bytes::copy_from_slice(&settings.gateway_id),
             gateway_address: settings.gateway_address.clone(),

@@ -74,7 +74,7 @@ pub async fn scan(engine: &Arc<dyn IoEngine>, sb: &Superblock) -> std::io::Resul
     for (index, header) in headers.into_iter().enumerate() {
         if let Some(h) = SegmentHeader::decode(&header?) {
             if h.device_uuid == sb.device_uuid {
-                live.push((h.sequence, index as u64, h.generation));
+                live.push((h.sequence, index as u64));
             }
         }
     }
@@ -82,16 +82,16 @@ pub async fn scan(engine: &Arc<dyn IoEngine>, sb: &Superblock) -> std::io::Resul
     let mut report = ScanReport::default();
     let mut next = live
         .first()
-        .map(|&(_, index, _)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
-    for (i, &(sequence, index, generation)) in live.iter().enumerate() {
+        .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+    for (i, &(sequence, index)) in live.iter().enumerate() {
         let segment = next
             .take()
             .expect("a read was started for every live segment");
         next = live
             .get(i + 1)
-            .map(|&(_, index, _)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
+            .map(|&(_, index)| tokio::spawn(read_segment(engine.clone(), sb.clone(), index)));
         let data = segment.await.map_err(std::io::Error::other)??;
-        scan_segment(&data, sb, index, sequence, generation, &mut report);
+        scan_segment(&data, sb, index, sequence, &mut report);
         report.max_segment_sequence = report.max_segment_sequence.max(sequence);
     }
     Ok(report)
@@ -138,19 +138,15 @@ fn scan_segment(
     sb: &Superblock,
     index: u64,
     sequence: u64,
-    header_generation: u64,
     report: &mut ScanReport,
 ) {
     let bytes = SegmentBytes(chunks);
     let base = sb.segment_offset(index);
     let seg_bytes = sb.segment_bytes as usize;
     let mut pos = ALIGN; // past the segment header
-                         // Not yet a floor for the records: rejecting records older than the header's generation
-                         // (leftovers of a dead life that reused this sequence) made the power-loss model fail more
-                         // often, so some legitimate record can be older than its header. Until that is understood
-                         // the header's generation is only carried, and a duplicated lsn is caught (reported and
-                         // quarantined) when the upload queue is rebuilt.
-    let _ = header_generation;
+                         // The segment header's generation is no floor for its records: rejecting older ones made
+                         // the power-loss model fail more often (README, "Known gaps"). A duplicated lsn is caught,
+                         // reported and quarantined, when the upload queue is rebuilt.
     let (mut last_lsn, mut last_generation) = (0u64, 0u64);
     let mut records = 0;
     while pos + ALIGN <= seg_bytes {
@@ -273,18 +269,11 @@ mod tests {
         pos + len
     }
 
-    fn scanned_lsns(image: Vec<u8>, sequence: u64, header_generation: u64) -> Vec<u64> {
+    fn scanned_lsns(image: Vec<u8>, sequence: u64) -> Vec<u64> {
         let mut chunk = AlignedBuf::zeroed(image.len());
         chunk.copy_from_slice(&image);
         let mut report = ScanReport::default();
-        scan_segment(
-            &[chunk],
-            &superblock(),
-            0,
-            sequence,
-            header_generation,
-            &mut report,
-        );
+        scan_segment(&[chunk], &superblock(), 0, sequence, &mut report);
         report.blocks.iter().map(|b| b.lsn).collect()
     }
 
@@ -293,6 +282,6 @@ mod tests {
         let mut image = vec![0u8; SEGMENT as usize];
         let next = put_block(&mut image, ALIGN, 9, 6, 41);
         put_block(&mut image, next, 9, 7, 42);
-        assert_eq!(scanned_lsns(image, 9, 6), [41, 42]);
+        assert_eq!(scanned_lsns(image, 9), [41, 42]);
     }
 }

@@ -10,7 +10,6 @@
 //!
 //! Without `--metrics-listen` no recorder is installed and every emission is a no-op.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,22 +21,16 @@ use crate::tasks::{ticker, Tasks};
 /// How often the gauges are set from a fresh snapshot.
 pub const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Installs the Prometheus recorder and its HTTP listener on `listen` (needs a tokio runtime).
-pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
-    shared::telemetry::install(listen).map_err(anyhow::Error::msg)
-}
+/// Counters that show, at zero, before their first event.
+pub const COUNTERS: &[&str] = &[
+    "stagefs_gateway_uploaded_blocks_total",
+    "stagefs_gateway_uploaded_bytes_total",
+    "stagefs_gateway_upload_retries_total",
+    "stagefs_gateway_upload_failures_total",
+];
 
 /// Sets the gauges from the log's snapshot every [`GAUGE_INTERVAL`].
 pub fn start_gauges(node: &Arc<Node>, group: &Tasks) {
-    // Counters that may not have happened yet still show, at zero.
-    for name in [
-        "stagefs_gateway_uploaded_blocks_total",
-        "stagefs_gateway_uploaded_bytes_total",
-        "stagefs_gateway_upload_retries_total",
-        "stagefs_gateway_upload_failures_total",
-    ] {
-        metrics::counter!(name).increment(0);
-    }
     let node = node.clone();
     group.spawn("metrics gauges", move |stop| async move {
         let mut tick = ticker(GAUGE_INTERVAL);

@@ -13,12 +13,17 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// Installs the recorder and serves it on `listen`; must run inside a tokio runtime, which then
-/// carries the listener.
-pub fn install(listen: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
+/// carries the listener. `counters` show (at zero) before anything counted them.
+pub fn install(listen: SocketAddr, counters: &[&'static str]) -> Result<(), String> {
+    let recorder = PrometheusBuilder::new()
         .with_http_listener(listen)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    recorder
         .install()
-        .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))
+        .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))?;
+    for &name in counters {
+        metrics::counter!(name).increment(0);
+    }
+    Ok(())
 }

@@ -349,6 +349,20 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// `writers` writers (connected as `mode` says, presenting this bench's access) writing
+    /// `payload` blocks under fresh keys until `stop`.
+    async fn load(
+        &self,
+        addr: std::net::SocketAddr,
+        (writers, mode): (usize, ChannelMode),
+        payload: Payload,
+        stop: Stop,
+        transport: Transport,
+    ) -> Result<load::LoadResult, BenchError> {
+        let clients = load::clients(addr, &self.access, writers, mode).await?;
+        load::run(clients, self.ids.clone(), payload, stop, transport).await
+    }
+
     async fn phases(&self, report: &mut Report) -> Result<(), BenchError> {
         self.raw(report).await?;
 
@@ -414,16 +428,15 @@ impl Bench<'_> {
         let mut control = rpc::connect(gateway.addr, &secure.access).await?;
         let payload = Payload::random(BLOCK_BYTES as usize);
         let blocks = self.plan.ingest_bytes / BLOCK_BYTES;
-        let clients =
-            load::clients(gateway.addr, &secure.access, 4, ChannelMode::PerWriter).await?;
-        let result = load::run(
-            clients,
-            self.ids.clone(),
-            payload,
-            Stop::blocks(blocks),
-            Transport::Rpc,
-        )
-        .await?;
+        let result = secure
+            .load(
+                gateway.addr,
+                (4, ChannelMode::PerWriter),
+                payload,
+                Stop::blocks(blocks),
+                Transport::Rpc,
+            )
+            .await?;
         let mib_s = result.mib_per_s();
         progress!(
             "secure: 4 writer(s), per-writer, TLS and tokens, {}: {mib_s:.1} MiB/s (plain {:.1} MiB/s)",
@@ -518,16 +531,16 @@ impl Bench<'_> {
             };
             let mut best: Option<(f64, ChannelMode)> = None;
             for &mode in modes {
-                let clients = load::clients(addr, &self.access, writers, mode).await?;
                 let before = rpc::status(control).await?;
-                let result = load::run(
-                    clients,
-                    self.ids.clone(),
-                    payload.clone(),
-                    Stop::blocks(blocks),
-                    Transport::Rpc,
-                )
-                .await?;
+                let result = self
+                    .load(
+                        addr,
+                        (writers, mode),
+                        payload.clone(),
+                        Stop::blocks(blocks),
+                        Transport::Rpc,
+                    )
+                    .await?;
                 let mib_s = result.mib_per_s();
                 progress!(
                     "ingest: {writers} writer(s), {mode}, {}: {mib_s:.1} MiB/s (ack p50 {:.1} ms, p99 {:.1} ms)",
@@ -635,16 +648,16 @@ impl Bench<'_> {
         // Both ways a client can send small blocks; the faster one is the figure, both are kept.
         let mut best: Option<(Transport, load::LoadResult)> = None;
         for transport in [Transport::Rpc, Transport::Stream] {
-            let clients = load::clients(addr, &self.access, GROUP_COMMIT_WRITERS, mode).await?;
             let before = rpc::status(control).await?;
-            let result = load::run(
-                clients,
-                self.ids.clone(),
-                payload.clone(),
-                Stop::after(duration).or_blocks(self.plan.group_commit_max_blocks),
-                transport,
-            )
-            .await?;
+            let result = self
+                .load(
+                    addr,
+                    (GROUP_COMMIT_WRITERS, mode),
+                    payload.clone(),
+                    Stop::after(duration).or_blocks(self.plan.group_commit_max_blocks),
+                    transport,
+                )
+                .await?;
             progress!(
                 "group commit, {transport}: {} blocks, {:.0} blocks/s, ack p50 {:.2} ms, p99 {:.2} ms",
                 result.blocks,
@@ -704,16 +717,16 @@ impl Bench<'_> {
         mode: ChannelMode,
         what: &str,
     ) -> Result<Vec<String>, BenchError> {
-        let clients = load::clients(addr, &self.access, STAGE_WRITERS, mode).await?;
         let payload = Payload::random(BLOCK_BYTES as usize);
-        let result = load::run(
-            clients,
-            self.ids.clone(),
-            payload,
-            Stop::blocks(bytes / BLOCK_BYTES),
-            Transport::Rpc,
-        )
-        .await?;
+        let result = self
+            .load(
+                addr,
+                (STAGE_WRITERS, mode),
+                payload,
+                Stop::blocks(bytes / BLOCK_BYTES),
+                Transport::Rpc,
+            )
+            .await?;
         progress!(
             "{what}: staged {} in {} blocks at {:.1} MiB/s",
             format_size(result.bytes),

@@ -97,10 +97,6 @@ pub fn session_from_proto(bytes: &[u8]) -> Result<SessionId, MetaError> {
     })
 }
 
-pub fn session_to_wire(session: SessionId) -> Vec<u8> {
-    shared::meta::session_to_wire(session)
-}
-
 pub fn slice_from_proto(slice: Option<&pb::Slice>, rpc: &str) -> Result<Slice, MetaError> {
     let slice = slice.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a slice")))?;
     meta_convert::slice(slice).map_err(invalid)

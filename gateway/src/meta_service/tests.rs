@@ -528,7 +528,7 @@ fn write_slice_request(
 ) -> Request<pb::WriteSliceRequest> {
     Request::new(pb::WriteSliceRequest {
         commit: Some(pb::CommitSliceRequest {
-            session_id: convert::session_to_wire(session).into(),
+            session_id: shared::meta::session_to_wire(session).into(),
             ino,
             chunk_index: 0,
             slice: Some(slice_to_proto(slice)),
