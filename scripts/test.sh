@@ -13,6 +13,9 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 scripts/setup.sh
 
+# A one-off build gains nothing from incremental state, which is the larger part of target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 profile="${STAGEFS_TEST_PROFILE:-debug}"
 case "$profile" in
     debug) build_flags=() ;;
@@ -43,4 +46,5 @@ awk '/^test result:/ {
         }
      }
      END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+echo "test: target/ holds $(du -sh "$target_dir" 2>/dev/null | cut -f1)"
 exit "$status"
