@@ -8,6 +8,11 @@
 //! completes while a sync runs is not covered by it (what `fdatasync` promises, and no more).
 //! After a cut every operation fails with EIO, as a dead machine's would.
 //!
+//! Writes pass one at a time (a gate) so that the bytes saved for undo are exactly the bytes
+//! each write replaced, even when two writes overlap, and so that `cut_power` waits for the
+//! write in flight: no write of a dead process lands after the cut, where it would overwrite
+//! what the cut restored or what the next life wrote.
+//!
 //! A control file ([`FaultyEngine::controlled_by`]) drives faults from outside the process: each
 //! line `OP MODE` (OP: `write`, `read` or `sync`; MODE: `eio`, `hang` or `panic`) applies to every
 //! such operation while the line is there. Debug builds of the gateway read it from
@@ -85,6 +90,8 @@ const HANG: Duration = Duration::from_secs(24 * 3600);
 pub struct FaultyEngine {
     inner: Arc<dyn IoEngine>,
     state: Arc<Mutex<State>>,
+    /// Held by each write from its power check to its undo record, and by `cut_power`.
+    gate: Arc<tokio::sync::Mutex<()>>,
     control: Option<std::path::PathBuf>,
 }
 
@@ -97,6 +104,7 @@ impl FaultyEngine {
         FaultyEngine {
             inner,
             state: Arc::new(Mutex::new(State::default())),
+            gate: Arc::new(tokio::sync::Mutex::new(())),
             control: None,
         }
     }
@@ -134,6 +142,7 @@ impl FaultyEngine {
 
     /// Undoes every write no completed sync covers; from now on every operation fails.
     pub async fn cut_power(&self) -> io::Result<()> {
+        let _gate = self.gate.lock().await;
         let undo = {
             let mut state = self.lock();
             state.powered_off = true;
@@ -197,7 +206,7 @@ async fn restore(inner: &Arc<dyn IoEngine>, offset: u64, old: &[u8]) -> io::Resu
 
 impl IoEngine for FaultyEngine {
     fn write_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>> {
-        let (inner, state) = (self.inner.clone(), self.state.clone());
+        let (inner, state, gate) = (self.inner.clone(), self.state.clone(), self.gate.clone());
         let (allowed, delay) = self.before(Op::Write);
         let tear = self.lock().tear_next_write.take();
         async move {
@@ -205,6 +214,10 @@ impl IoEngine for FaultyEngine {
                 tokio::time::sleep(delay).await;
             }
             allowed?;
+            let _gate = gate.lock().await;
+            if state.lock().expect("fault state poisoned").powered_off {
+                return Err(eio("the power is off"));
+            }
             let old = inner
                 .read_at(AlignedBuf::zeroed(buf.len()), offset)
                 .await?

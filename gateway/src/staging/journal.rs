@@ -15,6 +15,11 @@
 //!   record progress, and free space, on a full device.
 //! - A segment being reused takes its index entries from its previous life with it (the caller
 //!   drops them from the block index: [`Allocation::evicted`]).
+//! - A segment sequence is never handed out twice, not even across a crash: each process life
+//!   starts its sequences at `generation << 32` ([`first_sequence`]). A dead life may have
+//!   written records into a segment whose header never reached the device; were the next life
+//!   to reopen that segment under the same sequence, the scan would take those leftovers (and
+//!   their lsns, which the next life hands out again) for its own records.
 
 use std::collections::BTreeSet;
 
@@ -72,10 +77,20 @@ pub(super) struct Journal {
     head_offset: u64,
     next_lsn: u64,
     next_sequence: u64,
+    /// Segments opened by this life.
+    opened: u64,
     /// Lsns handed out whose device write has not completed yet.
     inflight: BTreeSet<u64>,
     /// Records waiting for the write combiner.
     write_queue: Vec<WriteJob>,
+}
+
+/// The first segment sequence of the life with this superblock generation: above every sequence
+/// an earlier life could have used, found on the device or not. The generation is made durable
+/// before the scan, and no life opens 2^32 segments, so lives never share a sequence.
+pub(super) fn first_sequence(generation: u64, max_found: u64) -> u64 {
+    let floor = generation.checked_mul(1 << 32).unwrap_or(0);
+    floor.max(max_found + 1)
 }
 
 impl Journal {
@@ -112,7 +127,8 @@ impl Journal {
             live,
             head_offset,
             next_lsn: scan.max_lsn + 1,
-            next_sequence: scan.max_segment_sequence + 1,
+            next_sequence: first_sequence(sb.generation, scan.max_segment_sequence),
+            opened: 0,
             inflight: BTreeSet::new(),
             write_queue: Vec::new(),
         }
@@ -126,10 +142,10 @@ impl Journal {
         }
     }
 
-    /// Segments opened so far (sequences are never reused).
+    /// Segments opened by this life.
     #[cfg(test)]
     pub fn segments_opened(&self) -> u64 {
-        self.next_sequence - 1
+        self.opened
     }
 
     fn take_lsn(&mut self) -> u64 {
@@ -165,6 +181,7 @@ impl Journal {
             ));
             let sequence = self.next_sequence;
             self.next_sequence += 1;
+            self.opened += 1;
             let seg = &mut self.segments[next];
             seg.use_ = SegmentUse::Live;
             seg.sequence = sequence;

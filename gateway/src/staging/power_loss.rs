@@ -107,7 +107,7 @@ struct Harness {
     /// The length of every block ever written, acknowledged or not.
     lens: BTreeMap<u64, u32>,
     next_slice: u64,
-    /// For the summary: recoveries, acknowledged blocks verified, segments opened.
+    /// For the summary: recoveries, acknowledged blocks verified, segments opened (all lives).
     recoveries: u64,
     verified: u64,
     segments_opened: u64,
@@ -279,9 +279,7 @@ impl Harness {
         let (log, faulty) = open_faulty(dir.path()).await;
         self.recoveries += 1;
         let old = std::mem::replace(&mut self.log, log);
-        self.segments_opened = self
-            .segments_opened
-            .max(old.lock().journal.segments_opened());
+        self.segments_opened += old.lock().journal.segments_opened();
         self.faulty = faulty;
         old.shutdown().await;
         drop(old);
@@ -380,6 +378,7 @@ impl Harness {
         self.faulty.cut_power().await.unwrap();
         self.recover().await;
         self.log.shutdown().await;
+        self.segments_opened += self.log.lock().journal.segments_opened();
         eprintln!(
             "power loss model: {} steps, {} recoveries, {} acknowledged blocks verified, {} \
              segments opened on a ring of {SEGMENTS}",

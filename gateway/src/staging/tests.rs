@@ -440,3 +440,64 @@ async fn a_failed_device_stops_the_gateway_once_its_backlog_is_uploaded() {
     assert!(fatal.reason.contains("injected fault"), "{fatal}");
     log.shutdown().await;
 }
+
+/// A dead life wrote records into a segment whose header never reached the device; the next life
+/// opened that segment again, and its header reached the device before any record of its own.
+/// The dead life's leftovers must not pass for the new life's records: their lsns are handed out
+/// again by the new life, so an upload or delete recorded for one block would apply to another
+/// (the power-loss model found this as acknowledged blocks lost or uploaded twice).
+#[tokio::test]
+async fn leftovers_under_a_later_lifes_segment_header_stay_dead() {
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let segment = crate::volume::min_segment_size();
+    let mut opts = options(dir.path(), crate::format::DATA_START + 4 * segment);
+    opts.segment_size = Some(segment);
+    let device = dir.path().join("dev");
+    let read_at = |len: u64, offset: u64| {
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(&device)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    };
+    let align = crate::aligned::ALIGN as u64;
+    let write_at = |bytes: &[u8], offset: u64| {
+        let file = std::fs::OpenOptions::new().write(true).open(&device).unwrap();
+        file.write_all_at(bytes, offset).unwrap();
+        file.sync_all().unwrap();
+    };
+
+    // Life 1: block 1 fills the first segment, block 2 opens the second.
+    let log = open_volume(&opts).await.unwrap();
+    put(&log, 1, 3 << 20).await.unwrap();
+    let leftover = put(&log, 2, 3 << 20).await.unwrap();
+    let second = log.entry(&leftover).unwrap().segment as u64;
+    let second_at = log.sb.segment_offset(second);
+    log.shutdown().await;
+    drop(log);
+    // Its header was lost; its record was not.
+    let life1_records = read_at(segment - align, second_at + align);
+    write_at(&vec![0u8; align as usize], second_at);
+
+    // Life 2 opens the second segment again for block 3; then its header alone survives.
+    let log = open_volume(&opts).await.unwrap();
+    assert!(log.entry(&leftover).is_none(), "no header, no segment");
+    let third = put(&log, 3, 3 << 20).await.unwrap();
+    assert_eq!(log.entry(&third).unwrap().segment as u64, second);
+    log.shutdown().await;
+    drop(log);
+    write_at(&life1_records, second_at + align);
+
+    // Life 3 finds life 2's header over life 1's record: an empty segment, nothing recovered.
+    let log = open_volume(&opts).await.unwrap();
+    assert!(
+        log.entry(&leftover).is_none(),
+        "a dead life's record was taken for a later life's"
+    );
+    assert!(log.entry(&third).is_none(), "its record never reached the device");
+    assert_eq!(log.recovery.blocks, 1, "block 1 only");
+    log.shutdown().await;
+}
