@@ -26,6 +26,7 @@ mod channel;
 mod error;
 pub mod gateways;
 pub mod layout;
+mod locks;
 mod meta_api;
 mod meta_grpc;
 #[cfg(test)]
@@ -52,8 +53,8 @@ pub use channel::{
 };
 pub use error::{FsError, FsResult};
 pub use meta_api::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MetaApi, NewNode, SessionGrant, SessionId,
-    SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, MetaApi,
+    NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
 };
 pub use meta_grpc::GrpcMeta;
 
@@ -123,6 +124,7 @@ pub struct Fs {
     next_handle: AtomicU64,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     capability_absence: CapabilityAbsence,
+    locks: locks::MountLocks,
 }
 
 /// A file open on this mount: what all its handles share.
@@ -228,6 +230,7 @@ impl Fs {
         });
         Fs {
             capability_absence: CapabilityAbsence::new(config.capability_absence_ttl),
+            locks: locks::MountLocks::new(meta.clone(), grant.session_id),
             meta,
             config,
             session: grant.session_id,
@@ -751,18 +754,45 @@ impl Fs {
         self.flush(fh).await
     }
 
+    /// Sets, changes or drops a lock of `owner` on the handle's file over bytes `start..=end`
+    /// (`fcntl(F_SETLK)`, `F_SETLKW` with `wait`, and `flock` as a whole-file lock). The lock is
+    /// held by the metadata engine, so it holds against every mount.
+    pub async fn setlk(&self, fh: FileHandle, lock: &LockRequest, wait: bool) -> FsResult<()> {
+        let ino = self.handle(fh)?.file.ino;
+        self.locks.set(ino, lock, wait).await
+    }
+
+    /// Another owner's lock that keeps `lock` from being taken (`fcntl(F_GETLK)`), on any mount.
+    pub async fn getlk(&self, fh: FileHandle, lock: &LockRequest) -> FsResult<Option<HeldLock>> {
+        let ino = self.handle(fh)?.file.ino;
+        self.locks.get(ino, lock).await
+    }
+
+    /// A `close` by lock owner `owner` (FUSE flush): its locks on the file go, as Linux drops a
+    /// process's POSIX locks on a file when it closes any descriptor of it.
+    pub async fn close_by(&self, fh: FileHandle, owner: u64) {
+        if let Ok(handle) = self.handle(fh) {
+            self.locks.closed_by(handle.file.ino, owner).await;
+        }
+    }
+
     /// Closes a handle: commits the file's data, then gives the handle back to the engine (the
     /// last one of an unlinked file removes it). A flush error is returned, and the handle is
-    /// gone either way.
-    pub async fn release(&self, fh: FileHandle) -> FsResult<()> {
+    /// gone either way. The locks of `lock_owner` (a `flock` owner) go, and with the mount's last
+    /// handle on the file, every lock the mount holds on it.
+    pub async fn release(&self, fh: FileHandle, lock_owner: Option<u64>) -> FsResult<()> {
         let handle = self.handles().remove(&fh).ok_or(FsError::BadHandle(fh))?;
         let file = &handle.file;
         let flushed = {
             let mut state = file.state.lock().await;
             self.flush_locked(file, &mut state).await
         };
+        if let Some(owner) = lock_owner {
+            self.locks.closed_by(file.ino, owner).await;
+        }
         let released = self.meta.release(self.session, file.ino).await;
         if self.detach(file) {
+            self.locks.last_close(file.ino).await;
             let state = file.state.lock().await;
             if !state.dirty.is_empty() {
                 tracing::error!(
@@ -781,7 +811,7 @@ impl Fs {
         let handles: Vec<FileHandle> = self.handles().keys().copied().collect();
         let mut first_error = None;
         for fh in handles {
-            if let Err(e) = self.release(fh).await {
+            if let Err(e) = self.release(fh, None).await {
                 first_error.get_or_insert(e);
             }
         }

@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, FileKind, Fs, FsError, SetAttr, TimeNs};
+use crate::fs::{Attr, FileKind, Fs, FsError, LockKind, LockRequest, SetAttr, TimeNs};
 
 /// How the kernel may cache what we tell it.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +76,9 @@ tokio::task_local! {
 /// counted, logged only at debug level.
 const EXPECTED_ERRNOS: &[i32] = &[
     libc::ENOENT,
+    // A lock another owner holds (F_SETLK, flock with LOCK_NB), or a wait its owner gave up.
+    libc::EAGAIN,
+    libc::EINTR,
     libc::EEXIST,
     libc::ENODATA,
     libc::ENOTEMPTY,
@@ -137,6 +140,9 @@ fn errno_name(code: i32) -> String {
         libc::EBADF => "EBADF".into(),
         libc::ERANGE => "ERANGE".into(),
         libc::ENOSYS => "ENOSYS".into(),
+        libc::EAGAIN => "EAGAIN".into(),
+        libc::EINTR => "EINTR".into(),
+        libc::ENOLCK => "ENOLCK".into(),
         libc::EFBIG => "EFBIG".into(),
         libc::ENAMETOOLONG => "ENAMETOOLONG".into(),
         other => other.to_string(),
@@ -225,6 +231,16 @@ impl Filesystem for FuseFs {
                 "kernel limits max_write"
             );
             let _ = config.set_max_write(nearest);
+        }
+        // Locks go to us, and through us to the metadata engine, so that they hold across
+        // mounts; without these the kernel keeps them per mount.
+        for lock in [
+            fuser::InitFlags::FUSE_POSIX_LOCKS,
+            fuser::InitFlags::FUSE_FLOCK_LOCKS,
+        ] {
+            if let Err(e) = config.add_capabilities(lock) {
+                tracing::warn!(unsupported = ?e, "the kernel keeps file locks to this mount");
+            }
         }
         if self.cache.writeback_cache {
             if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
@@ -473,11 +489,13 @@ impl Filesystem for FuseFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.spawn("flush", |fs| async move {
-            answer_empty(reply, fs.flush(fh.0).await)
+            let flushed = fs.flush(fh.0).await;
+            fs.close_by(fh.0, lock_owner.0).await;
+            answer_empty(reply, flushed)
         });
     }
 
@@ -487,12 +505,64 @@ impl Filesystem for FuseFs {
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.spawn("release", |fs| async move {
-            answer_empty(reply, fs.release(fh.0).await)
+            answer_empty(reply, fs.release(fh.0, lock_owner.map(|o| o.0)).await)
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let Some(lock) = lock_request(lock_owner, start, end, typ, pid) else {
+            return reply.error(Errno::EINVAL);
+        };
+        self.spawn("getlk", |fs| async move {
+            match fs.getlk(fh.0, &lock).await {
+                Ok(Some(held)) => {
+                    let typ = match held.kind {
+                        LockKind::Read => libc::F_RDLCK,
+                        LockKind::Write => libc::F_WRLCK,
+                    };
+                    reply.locked(held.start, held.end, typ, held.pid)
+                }
+                // Nothing in the way: the kernel reports F_UNLCK.
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(lock) = lock_request(lock_owner, start, end, typ, pid) else {
+            return reply.error(Errno::EINVAL);
+        };
+        self.spawn("setlk", |fs| async move {
+            answer_empty(reply, fs.setlk(fh.0, &lock, sleep).await)
         });
     }
 
@@ -661,6 +731,24 @@ impl Filesystem for FuseFs {
             }
         });
     }
+}
+
+/// A kernel lock request (`F_RDLCK`, `F_WRLCK` or `F_UNLCK` over `start..=end`) for the core;
+/// `None` for a type the kernel does not send.
+fn lock_request(owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32) -> Option<LockRequest> {
+    let kind = match typ {
+        libc::F_RDLCK => Some(LockKind::Read),
+        libc::F_WRLCK => Some(LockKind::Write),
+        libc::F_UNLCK => None,
+        _ => return None,
+    };
+    Some(LockRequest {
+        owner: owner.0,
+        start,
+        end,
+        kind,
+        pid,
+    })
 }
 
 fn answer_empty(reply: ReplyEmpty, result: crate::fs::FsResult<()>) {

@@ -28,6 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Mount a stagefs file system served by GATEWAY on MOUNTPOINT.
+    #[command(args_override_self = true)]
     Mount(client::mount::MountArgs),
     /// Unmount a stagefs mount (open files must be closed first).
     Umount {
@@ -83,7 +84,14 @@ enum UploadsAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match shared::config::expand(std::env::args_os().collect(), "mount") {
+        Ok(argv) => argv,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let default_level = if matches!(cli.command, Command::Mount(_)) {
         "info"
     } else {

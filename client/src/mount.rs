@@ -29,6 +29,11 @@ pub struct MountArgs {
     pub gateway: String,
     /// Directory to mount on.
     pub mountpoint: PathBuf,
+    /// Read flags from this TOML file, one `flag = value` per line (`attr_ttl = "5s"`,
+    /// `token_file = "/etc/stagefs/token"`); flags on the command line override it. GATEWAY
+    /// and MOUNTPOINT stay on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Stay in the foreground (logs to stderr) instead of returning once mounted.
     #[arg(long, short)]
     pub foreground: bool,

@@ -10,6 +10,8 @@
 //!   that stall on one connection cannot starve the others.
 //! * [`Limits::stream_idle_timeout`] (`--stream-idle-timeout`): a write stream that sends nothing
 //!   for this long is ended with `DEADLINE_EXCEEDED` and what it held is freed.
+//! * [`ConnectionLimit`] (`--max-connections`): connections open at once, TLS handshakes in
+//!   progress included; one past the cap is closed as soon as it is accepted.
 //! * `--max-streams-per-connection` and HTTP/2 keepalive are set on the server (`main.rs`).
 //!
 //! What is still held outside the budget: bytes HTTP/2 has received for a stream the gateway is
@@ -35,20 +37,26 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Limits {
     pub inflight: InflightBudget,
     pub stream_idle_timeout: Duration,
+    pub connections: ConnectionLimit,
 }
 
 impl Limits {
-    pub fn new(max_inflight: u64, stream_idle_timeout: Duration) -> Limits {
+    pub fn new(max_inflight: u64, stream_idle_timeout: Duration, max_connections: usize) -> Limits {
         Limits {
             inflight: InflightBudget::new(max_inflight),
             stream_idle_timeout,
+            connections: ConnectionLimit::new(max_connections),
         }
     }
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits::new(default_max_inflight(), DEFAULT_STREAM_IDLE_TIMEOUT)
+        Limits::new(
+            default_max_inflight(),
+            DEFAULT_STREAM_IDLE_TIMEOUT,
+            DEFAULT_MAX_CONNECTIONS as usize,
+        )
     }
 }
 
@@ -182,9 +190,150 @@ pub async fn next_within<T>(
     }
 }
 
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+
+/// Connections the gateway keeps open at once.
+#[derive(Clone)]
+pub struct ConnectionLimit {
+    open: Arc<Semaphore>,
+    max: usize,
+}
+
+/// An admitted connection: its slot is given back when the connection is dropped.
+pub struct Admitted<IO> {
+    io: IO,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> ConnectionLimit {
+        ConnectionLimit {
+            open: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.open.available_permits()
+    }
+
+    /// The accepted connections of `incoming` while fewer than the cap are open. One past the
+    /// cap is closed at once (its client sees the connection reset and may retry), counted in
+    /// `stagefs_gateway_connections_refused_total`, and logged at most once a second.
+    pub fn admit<IO, E>(
+        self,
+        incoming: impl futures::Stream<Item = Result<IO, E>>,
+    ) -> impl futures::Stream<Item = Result<Admitted<IO>, E>> {
+        use futures::StreamExt;
+        let last_log = Arc::new(Mutex::new(None::<std::time::Instant>));
+        incoming.filter_map(move |accepted| {
+            let (open, max, last_log) = (self.open.clone(), self.max, last_log.clone());
+            async move {
+                let io = match accepted {
+                    Ok(io) => io,
+                    Err(error) => return Some(Err(error)),
+                };
+                match open.try_acquire_owned() {
+                    Ok(slot) => Some(Ok(Admitted { io, _slot: slot })),
+                    Err(_) => {
+                        metrics::counter!("stagefs_gateway_connections_refused_total").increment(1);
+                        let mut last = last_log.lock().unwrap_or_else(|p| p.into_inner());
+                        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                            *last = Some(std::time::Instant::now());
+                            tracing::warn!(max, "connection refused: --max-connections are open");
+                        }
+                        None
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Admitted<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Admitted<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Admitted<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_and_slots_come_back() {
+        use futures::StreamExt;
+        let limit = ConnectionLimit::new(2);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<u32, ()>>();
+        let admitted = limit
+            .clone()
+            .admit(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        let mut admitted = std::pin::pin!(admitted);
+        for conn in 0..3 {
+            tx.send(Ok(conn)).unwrap();
+        }
+        tx.send(Err(())).unwrap();
+        let first = admitted.next().await.unwrap().unwrap();
+        let second = admitted.next().await.unwrap().unwrap();
+        assert_eq!((first.io, second.io), (0, 1));
+        assert_eq!(limit.open(), 2);
+        // The third is dropped, and an accept error still reaches the server.
+        assert!(admitted.next().await.unwrap().is_err());
+        drop(first);
+        assert_eq!(limit.open(), 1);
+        tx.send(Ok(3)).unwrap();
+        assert_eq!(admitted.next().await.unwrap().unwrap().io, 3);
+    }
 
     #[tokio::test]
     async fn reservations_wait_for_room_and_give_it_back() {

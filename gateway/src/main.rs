@@ -45,6 +45,7 @@ enum Command {
     /// Recover the staging log on DEVICE and serve it and the metadata over gRPC, draining blocks
     /// to the store.
     // Boxed: the serve flags dwarf the other variant.
+    #[command(args_override_self = true)]
     Serve(Box<ServeArgs>),
     /// Print what a device holds (superblocks, segments, waiting and corrupt records), offline.
     Inspect {
@@ -87,6 +88,11 @@ enum MetaCommand {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Read flags from this TOML file, one `flag = value` per line (`upload_delay = "10s"`,
+    /// `uploads_paused = true`); flags on the command line override it. Unknown keys are
+    /// refused as unknown flags.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Staging device: a raw block device, or a regular file (created and preallocated if missing).
     #[arg(long)]
     device: PathBuf,
@@ -189,6 +195,12 @@ struct ServeArgs {
     /// Requests one client connection may have open at once (HTTP/2 streams).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
+    /// Client connections open at once (a mount keeps a few); one past it is closed as soon
+    /// as it is accepted, and counted in stagefs_gateway_connections_refused_total. The open
+    /// file limit is raised to fit at start.
+    #[arg(long, default_value_t = gateway::limits::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Serve TLS with this certificate (PEM, the chain up to the CA); needs --tls-key. Clients
     /// then connect with --tls-ca. Without it the gateway speaks plaintext HTTP/2.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
@@ -318,7 +330,14 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let cli = Cli::parse();
+    let argv = match shared::config::expand(std::env::args_os().collect(), "serve") {
+        Ok(argv) => argv,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -461,7 +480,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = Limits::new(
         args.max_inflight.unwrap_or_else(default_max_inflight),
         args.stream_idle_timeout,
+        args.max_connections as usize,
     );
+    raise_open_file_limit(args.max_connections as usize);
+    let connections = limits.connections.clone();
     let max_inflight = limits.inflight.bytes();
     let node = Arc::new(Node::new(
         log.clone(),
@@ -510,6 +532,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         deleted_data_delay = ?args.deleted_data_delay,
         ?heartbeat_interval,
         max_inflight,
+        max_connections = args.max_connections,
         stream_idle_timeout = ?args.stream_idle_timeout,
         tls = args.tls_cert.is_some(),
         mutual_tls = args.tls_client_ca.is_some(),
@@ -551,7 +574,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small frames (acknowledgements) wait for the peer's delayed ACK:
             // ~40 ms per RPC. Server::tcp_nodelay does not apply to an incoming stream we pass in.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            connections.admit(TcpIncoming::from(listener).with_nodelay(Some(true))),
             {
                 let (fenced, tasks) = (fenced.clone(), tasks.clone());
                 async move {
@@ -592,6 +615,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("gateway stopped; staged data is intact on the device");
     Ok(())
+}
+
+/// Raises the soft limit of open files to what `max_connections` needs (each is a socket) plus
+/// room for the device, the metadata and the store, within the hard limit; says so when the hard
+/// limit is too low for the cap.
+fn raise_open_file_limit(max_connections: usize) {
+    const OWN_FILES: u64 = 1024;
+    let wanted = max_connections as u64 + OWN_FILES;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted.min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = raised.rlim_cur;
+        }
+    }
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            max_connections,
+            "the open file limit is below --max-connections plus {OWN_FILES}: connections past it \
+             fail to be accepted; raise the hard limit (LimitNOFILE= in systemd) or lower \
+             --max-connections"
+        );
+    }
 }
 
 /// Reads the tokens file again on every SIGHUP (rotation); a file that does not parse leaves the
@@ -744,5 +802,76 @@ mod meta_service_flags {
             meta_location(&args).unwrap(),
             MetaLocation::Redb("/srv/meta.redb".into())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let argv = args.iter().map(std::ffi::OsString::from).collect();
+        let argv = shared::config::expand(argv, "serve").unwrap();
+        match Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .command
+        {
+            Command::Serve(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_example_config_is_a_valid_serve_command_and_flags_override_it() {
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/deploy/gateway.example.toml"
+        );
+        let args = parse(&["stagefs-gateway", "serve", "--config", example]);
+        assert_eq!(
+            args.device,
+            PathBuf::from("/dev/disk/by-id/stagefs-staging")
+        );
+        assert_eq!(args.max_inflight, Some(1 << 30));
+        assert_eq!(args.max_connections, 4096);
+        assert!(args.tls_cert.is_some() && args.tokens.is_some());
+        let args = parse(&[
+            "stagefs-gateway",
+            "serve",
+            "--config",
+            example,
+            "--max-connections",
+            "2",
+            "--device",
+            "/tmp/dev",
+        ]);
+        assert_eq!(args.max_connections, 2);
+        assert_eq!(args.device, PathBuf::from("/tmp/dev"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_unknown_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "device = \"/d\"\nstore = \"memory://\"\nno_such_flag = 1\n",
+        )
+        .unwrap();
+        let argv = [
+            "stagefs-gateway",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]
+        .iter()
+        .map(std::ffi::OsString::from)
+        .collect();
+        let argv = shared::config::expand(argv, "serve").unwrap();
+        let error = Cli::try_parse_from(argv)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(error.contains("--no-such-flag"), "{error}");
     }
 }

@@ -12,13 +12,14 @@
 pub mod convert;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
 use crate::access::{tenant_of, Tenant};
-use crate::meta::{FileKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
+use crate::meta::{FileKind, LockKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
 use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
 use convert::*;
 
@@ -26,6 +27,9 @@ use convert::*;
 /// directory, so a larger limit is refused rather than silently cut (which would hide entries);
 /// 8192 entries with 255-byte names stay under tonic's default 4 MiB decoding limit.
 pub const MAX_READDIR_LIMIT: u32 = 8192;
+
+/// Longest one `SetLock` waits for a conflicting lock; a client that waits longer asks again.
+const MAX_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// How much of a client's free text (a session description) goes into one log line.
 const LOGGED_TEXT_BYTES: usize = 256;
@@ -99,7 +103,8 @@ pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
         libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EMLINK | libc::EBADF => {
             Code::FailedPrecondition
         }
-        libc::ENOSPC => Code::ResourceExhausted,
+        libc::ENOSPC | libc::ENOLCK => Code::ResourceExhausted,
+        libc::EAGAIN => Code::FailedPrecondition,
         libc::EIO if retryable => Code::Unavailable,
         _ => Code::Internal,
     }
@@ -188,7 +193,7 @@ impl Meta for MetaService {
         let session = self
             .call("CloseSession", async {
                 let session = self.session(&tenant, &session).await?;
-                self.engine.close_session(session).await?;
+                self.node.close_session(session).await?;
                 Ok(session)
             })
             .await?;
@@ -502,6 +507,66 @@ impl Meta for MetaService {
             self.engine
                 .release(self.session(&tenant, &session_id).await?, ino)
                 .await
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn set_lock(
+        &self,
+        request: Request<pb::SetLockRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
+        let pb::SetLockRequest { lock, wait_ms } = request.into_inner();
+        let (session, ino, lock) = lock_from_proto(lock.as_ref(), "SetLock")
+            .map_err(|error| meta_status("SetLock", &error))?;
+        if lock.kind == Some(LockKind::Write) {
+            // A write lock keeps writers out: only for those who may write.
+            writable("SetLock", &tenant)?;
+        }
+        let wait = Duration::from_millis(wait_ms).min(MAX_LOCK_WAIT);
+        self.call("SetLock", async {
+            let session = self.session(&tenant, &session).await?;
+            self.node.set_lock(session, ino, &lock, wait).await
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_lock(
+        &self,
+        request: Request<pb::LockRequest>,
+    ) -> Result<Response<pb::GetLockResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let wire = request.into_inner();
+        let (session, ino, lock) = lock_from_proto(Some(&wire), "GetLock")
+            .map_err(|error| meta_status("GetLock", &error))?;
+        let conflict = self
+            .call("GetLock", async {
+                let session = self.session(&tenant, &session).await?;
+                self.engine.get_lock(session, ino, &lock).await
+            })
+            .await?;
+        Ok(Response::new(pb::GetLockResponse {
+            conflict: conflict.map(|held| held_lock_to_proto(&held, ino)),
+        }))
+    }
+
+    async fn release_locks(
+        &self,
+        request: Request<pb::ReleaseLocksRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let tenant = tenant_of(&request);
+        let pb::ReleaseLocksRequest {
+            session_id,
+            ino,
+            owner,
+            all_owners,
+        } = request.into_inner();
+        self.call("ReleaseLocks", async {
+            let session = self.session(&tenant, &session_id).await?;
+            let owner = (!all_owners).then_some(owner);
+            self.node.release_locks(session, ino, owner).await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))

@@ -20,7 +20,9 @@ use shared::BlockKey;
 use crate::access::Tenant;
 use crate::aligned::AlignedBuf;
 use crate::limits::Limits;
-use crate::meta::{Attr, GatewayId, Ino, MetaEngine, MetaError, SessionId, Slice, TimeNs};
+use crate::meta::{
+    Attr, GatewayId, Ino, LockRequest, MetaEngine, MetaError, SessionId, Slice, TimeNs,
+};
 use crate::staging::{StagingError, StagingLog};
 pub use incoming::{record_with, BlockInputError, IncomingBlock};
 
@@ -48,7 +50,13 @@ pub struct Node {
     /// The tenant of each session seen lately. A session's tenant never changes, so a cached
     /// answer stays true; a closed session's entry only ages out (the engine refuses it anyway).
     session_tenants: moka::sync::Cache<SessionId, Arc<str>>,
+    /// Woken when locks are changed or dropped here: waiting `SetLock`s try again.
+    locks_changed: tokio::sync::Notify,
 }
+
+/// How often a waiting lock request looks again without being woken: releases at other
+/// gateways wake no one here.
+const LOCK_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a step of the core failed; each service maps it to its wire in one place.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +103,60 @@ impl Node {
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
+            locks_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Sets a byte-range lock ([`MetaEngine::set_lock`]); while another owner holds a
+    /// conflicting one, waits up to `wait` for it to go (woken by changes at this gateway,
+    /// looking again every second for the others'), then fails with EAGAIN.
+    pub async fn set_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        request: &LockRequest,
+        wait: Duration,
+    ) -> Result<(), MetaError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before trying, so a release between the try and the wait is not missed.
+            let changed = self.locks_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.meta.set_lock(session, ino, request).await {
+                Ok(()) => {
+                    self.locks_changed.notify_waiters();
+                    return Ok(());
+                }
+                Err(MetaError::WouldBlock { .. }) if tokio::time::Instant::now() < deadline => {
+                    let recheck = (tokio::time::Instant::now() + LOCK_RECHECK).min(deadline);
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(recheck) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Drops locks ([`MetaEngine::release_locks`]) and wakes the requests waiting here.
+    pub async fn release_locks(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        owner: Option<u64>,
+    ) -> Result<(), MetaError> {
+        self.meta.release_locks(session, ino, owner).await?;
+        self.locks_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Closes a session ([`MetaEngine::close_session`]); its locks go with it.
+    pub async fn close_session(&self, session: SessionId) -> Result<(), MetaError> {
+        self.meta.close_session(session).await?;
+        self.locks_changed.notify_waiters();
+        Ok(())
     }
 
     /// Opens a session of `tenant`; only that tenant's calls may use it.
@@ -129,6 +190,51 @@ impl Node {
             Ok(session)
         } else {
             Err(MetaError::SessionGone(session))
+        }
+    }
+
+    /// Whether `tenant` may stage block `key` for `session` (the bytes a block header names):
+    /// the session must be the tenant's and hold the block's slice as pending, recorded far
+    /// enough to cover the block. Only that session may put bytes under a slice's keys, so no
+    /// client can stage, and have uploaded over the store's object, a block of another's slice.
+    /// Without a session only an admin may stage a block (on a gateway without `--tokens`
+    /// everyone is one): tools and benchmarks that own the device's data.
+    pub async fn may_stage(
+        &self,
+        tenant: &Tenant,
+        session: &[u8],
+        key: &BlockKey,
+    ) -> Result<(), MetaError> {
+        if session.is_empty() {
+            if tenant.is_admin() {
+                return Ok(());
+            }
+            return Err(MetaError::NotPermitted(format!(
+                "block {key}: a block header must name the session that recorded its slice as \
+                 pending (token {:?} is not an admin's)",
+                tenant.name
+            )));
+        }
+        let wire = session;
+        let session = shared::meta::session_from_wire(wire).ok_or_else(|| {
+            MetaError::Invalid(format!(
+                "block {key}: a session id of {} bytes (it is the 16 bytes OpenSession returned)",
+                wire.len()
+            ))
+        })?;
+        let session = self.session_of(tenant, session).await?;
+        let end = u64::from(key.block_index) * shared::BLOCK_SIZE + key.len();
+        match self.meta.pending_slice_len(session, key.slice_id).await? {
+            Some(len) if end <= u64::from(len) => Ok(()),
+            Some(len) => Err(MetaError::NotPermitted(format!(
+                "block {key} ends at byte {end} of its slice, but session {session:032x} \
+                 recorded only {len} bytes of it as pending"
+            ))),
+            None => Err(MetaError::NotPermitted(format!(
+                "block {key}: slice {} is not pending for session {session:032x} (only the \
+                 session that recorded it as pending may stage its blocks, until its commit)",
+                key.slice_id
+            ))),
         }
     }
 

@@ -10,7 +10,7 @@ use proto::staging::{self as pb, write_block_request::Frame};
 use shared::BlockKey;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::tenant_of;
+use crate::access::{tenant_of, Tenant};
 use crate::limits::{next_within, source_of};
 use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
@@ -135,6 +135,8 @@ impl Staging for StagingService {
                 ))
             }
         };
+        self.may_stage(&tenant, &header.session_id, &parse_key(&header.key)?)
+            .await?;
         // Room for the record before its buffer exists; a block is never longer than this.
         let _room = limits
             .inflight
@@ -207,7 +209,7 @@ impl Staging for StagingService {
                 let tenant = tenant.clone();
                 tokio::spawn(async move {
                     let request_id = request.request_id;
-                    let result = service.stage_whole(&request).await;
+                    let result = service.stage_whole(&tenant, &request).await;
                     if result.is_ok() {
                         count_bytes(&tenant.name, "written", request.data.len() as u64);
                     }
@@ -463,15 +465,34 @@ const WRITE_BLOCKS_IN_FLIGHT: usize = 64;
 const MAX_RECORD_BYTES: u64 = shared::BLOCK_SIZE + 4096;
 
 impl StagingService {
+    /// [`Node::may_stage`], answered as the metadata service answers its refusals.
+    async fn may_stage(
+        &self,
+        tenant: &Tenant,
+        session: &[u8],
+        key: &BlockKey,
+    ) -> Result<(), Status> {
+        self.node
+            .may_stage(tenant, session, key)
+            .await
+            .map_err(|error| crate::meta_service::meta_status("WriteBlock", &error))
+    }
+
     async fn stage(&self, key: BlockKey, block: IncomingBlock, crc: u32) -> Result<u64, Status> {
         Ok(self.node.stage(key, block.finish(crc)?).await?)
     }
 
-    async fn stage_whole(&self, request: &pb::WriteBlocksRequest) -> Result<u64, Status> {
+    async fn stage_whole(
+        &self,
+        tenant: &Tenant,
+        request: &pb::WriteBlocksRequest,
+    ) -> Result<u64, Status> {
         let header = request
             .header
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("WriteBlocks request without a header"))?;
+        self.may_stage(tenant, &header.session_id, &parse_key(&header.key)?)
+            .await?;
         let (key, mut block) = IncomingBlock::start(&header.key, header.total_len)?;
         block.append(&request.data)?;
         self.stage(key, block, header.crc32c).await

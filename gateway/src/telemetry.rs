@@ -27,6 +27,7 @@ pub const COUNTERS: &[&str] = &[
     "stagefs_gateway_uploaded_bytes_total",
     "stagefs_gateway_upload_retries_total",
     "stagefs_gateway_upload_failures_total",
+    "stagefs_gateway_connections_refused_total",
 ];
 
 /// Sets the gauges from the log's snapshot every [`GAUGE_INTERVAL`].
@@ -58,6 +59,7 @@ fn set_gauges(node: &Node) {
         .set(((snap.segments_total - snap.segments_free) * sb.segment_bytes) as f64);
     gauge!("stagefs_gateway_device_bytes").set(sb.device_bytes as f64);
     gauge!("stagefs_gateway_inflight_bytes").set(node.limits.inflight.in_use() as f64);
+    gauge!("stagefs_gateway_connections").set(node.limits.connections.open() as f64);
 }
 
 /// Counts a request of `tenant` (the name of its token; "anonymous" without `--tokens`).

@@ -1,6 +1,7 @@
 //! Pieces every stagefs crate agrees on: the block layout and object keys, object store URLs,
-//! and human-readable sizes.
+//! human-readable sizes, and `--config` files.
 
+pub mod config;
 pub mod layout;
 pub mod meta;
 pub mod size;

@@ -166,6 +166,45 @@ pub struct StatFs {
     pub max_files: Option<u64>,
 }
 
+/// What a lock lets other owners do over its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    /// Shared: others may read-lock the range too.
+    Read,
+    /// Exclusive: no other owner may lock the range.
+    Write,
+}
+
+/// One lock an owner holds: bytes `start..=end` (`end` = `u64::MAX`: to the end of the file,
+/// however long it grows), and the process that took it (reported by `F_GETLK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLock {
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
+}
+
+/// A change to one owner's locks on an inode: bytes `start..=end` become `kind` (`None`:
+/// unlocked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockRequest {
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub kind: Option<LockKind>,
+    pub pid: u32,
+}
+
+impl HeldLock {
+    /// Whether this lock of another owner keeps `kind` from being taken over `start..=end`.
+    pub fn conflicts(&self, start: u64, end: u64, kind: LockKind) -> bool {
+        self.start <= end
+            && start <= self.end
+            && (self.kind == LockKind::Write || kind == LockKind::Write)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,8 +75,22 @@ pub fn header_frame(key: &str, total_len: u64, crc32c: u32) -> WriteBlockRequest
             key: key.to_string(),
             total_len,
             crc32c,
+            // No session: the tests' raw writers are admins (or the gateway is open).
+            session_id: Default::default(),
         })),
     }
+}
+
+/// `frames` whose header names `session` (the writer's session, which must hold the block's
+/// slice as pending).
+pub fn with_session(mut frames: Vec<WriteBlockRequest>, session: &Bytes) -> Vec<WriteBlockRequest> {
+    if let Some(WriteBlockRequest {
+        frame: Some(Frame::Header(header)),
+    }) = frames.first_mut()
+    {
+        header.session_id = session.clone();
+    }
+    frames
 }
 
 /// A data frame.

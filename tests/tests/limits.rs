@@ -163,6 +163,7 @@ async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
                     key,
                     total_len: 4 * MIB,
                     crc32c: crc32c::crc32c(&data),
+                    session_id: Default::default(),
                 }),
                 data,
             })
@@ -189,4 +190,104 @@ async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
     );
     drop(tx);
     unread.abort();
+}
+
+/// Whether the gateway kept this connection open: one it refused is closed at once (EOF or a
+/// reset); one it admitted stays open, silent or sending its HTTP/2 settings.
+async fn kept_open(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await {
+        Err(_silent) => true,
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_reset)) => false,
+    }
+}
+
+/// `--max-connections 2`: two idle TCP connections hold both slots; a client past the cap is
+/// closed at once (its call fails, it does not hang) and the refusal is logged; once a slot is
+/// given back, clients connect again. The gateway reads its limits from `--config`, and the
+/// command line's `--max-connections` overrides the file's.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_until_a_slot_is_free() {
+    let dir = TestDir::new("max-connections");
+    let s3 = S3Server::start_in(dir.join("s3")).await;
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, "max_connections = 9\nmax_inflight = \"96MiB\"\n").unwrap();
+    let gateway = Gateway::builder(dir.path(), &s3, "psync")
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--max-connections",
+            "2",
+        ])
+        .start()
+        .await;
+    let started = gateway.current_log();
+    assert!(
+        started.contains("max_inflight=100663296") && started.contains("max_connections=2"),
+        "the file's --max-inflight and the command line's --max-connections: {started}"
+    );
+    let status = |gateway: &Gateway| {
+        let addr = gateway.addr().to_string();
+        async move {
+            let mut client = proto::staging::staging_client::StagingClient::new(
+                client::fs::connect_gateway(&addr, &client::fs::GatewayAccess::default())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            client
+                .status(proto::staging::StatusRequest {})
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Two idle connections take both slots (a slot of the start-up check may take a moment to
+    // come back: a connection closed at once is opened again).
+    let mut idle = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while idle.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no two connections were kept open"
+        );
+        let mut conn = tokio::net::TcpStream::connect(gateway.addr())
+            .await
+            .unwrap();
+        if kept_open(&mut conn).await {
+            idle.push(conn);
+        }
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(20), status(&gateway))
+        .await
+        .expect("a client past the cap must be answered, not left hanging");
+    assert!(refused.is_err(), "a third connection was served");
+    let mut third = tokio::net::TcpStream::connect(gateway.addr())
+        .await
+        .unwrap();
+    assert!(
+        !kept_open(&mut third).await,
+        "a third connection was kept open"
+    );
+    assert!(
+        gateway
+            .current_log()
+            .contains("connection refused: --max-connections are open"),
+        "{}",
+        gateway.current_log()
+    );
+    // A slot given back is taken by the next client.
+    idle.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match status(&gateway).await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no client served after a slot was freed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

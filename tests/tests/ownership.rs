@@ -5,7 +5,8 @@
 //! committed) and a small one (one `WriteSlice`), and keeps a third open after unlinking it. An
 //! attacker with an independent gRPC client built from `proto/` then tries every move that used
 //! to destroy committed data: recording the victim's slice ids as its own pending slices,
-//! committing them into its own file, `WriteSlice` with them, releasing the victim's handles,
+//! committing them into its own file, `WriteSlice` with them, staging other bytes under their
+//! block keys in its own session (`WriteBlock`), releasing the victim's handles,
 //! closing or heartbeating sessions it does not own (forged ids, malformed ids). Every attempt is
 //! refused with the errno the proto promises; then the attacker closes its session, and once the
 //! gateway's cleanup has demonstrably run after the attacks (a canary slice of the attacker's own
@@ -157,6 +158,20 @@ fn another_session_cannot_touch_what_a_session_owns() {
                     crc32c: crc32c::crc32c(&data),
                     data: data.into(),
                 })
+                .await,
+                libc::EPERM,
+                Code::PermissionDenied,
+            );
+            // Other bytes under the victim's block key, in the attacker's session: staged,
+            // they would be uploaded over the victim's object once its own block left staging.
+            let key = keys_of(std::slice::from_ref(slice)).remove(0);
+            let forged = block_bytes(&key, 99);
+            expect_errno(
+                &format!("WriteBlock of the victim's block {key} in the attacker's session"),
+                write_frames(
+                    &mut staging,
+                    with_session(block_frames(&key, &forged), &attacker),
+                )
                 .await,
                 libc::EPERM,
                 Code::PermissionDenied,

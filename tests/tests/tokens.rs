@@ -287,6 +287,126 @@ fn a_gateway_without_tokens_warns_that_it_is_open() {
     );
 }
 
+async fn open(meta: &mut stagefs_tests::rpc::Meta, what: &str) -> pb::OpenSessionResponse {
+    meta.open_session(pb::OpenSessionRequest {
+        description: what.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A block is staged only by the session that recorded its slice as pending, within the
+/// recorded length, until the slice's commit: not without a session (unless by an admin), not by
+/// another session of the same tenant, not by another tenant's session, not past the recorded
+/// length, not after the commit. Refusals are EPERM (`PERMISSION_DENIED`), and a refused block
+/// is not on the gateway.
+#[test]
+fn blocks_are_staged_only_by_the_session_that_holds_their_slice() {
+    let dir = TestDir::new("tokens-blocks");
+    let tokens = dir.join("tokens.toml");
+    fs::write(
+        &tokens,
+        tokens_file(&[
+            ("training", TRAINING, "rw"),
+            ("readers", READERS, "rw"),
+            ("ops", OPS, "admin"),
+        ]),
+    )
+    .unwrap();
+    let stack = FuseStack::start("tokens-blocks", |gateway| gateway.tokens(&tokens, OPS));
+    stack.block_on(async {
+        let mut meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
+        let mut staging = stack.gateway.client_as(&access(TRAINING)).await;
+        let owner = open(&mut meta, "owner").await;
+        let sibling = open(&mut meta, "sibling").await.session_id;
+        let mut other_meta = stack.gateway.meta_client_as(&access(READERS)).await;
+        let stranger = open(&mut other_meta, "another tenant's").await.session_id;
+        let slice_id = meta
+            .allocate_slice_ids(pb::AllocateSliceIdsRequest {
+                count: 1,
+                session_id: owner.session_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .first;
+        let slice = pb::Slice {
+            slice_id,
+            offset_in_chunk: 0,
+            len: 5000,
+            gateway_id: owner.gateway_id.clone(),
+        };
+        meta.record_pending_slice(pb::PendingSliceRequest {
+            session_id: owner.session_id.clone(),
+            slice: Some(slice.clone()),
+        })
+        .await
+        .unwrap();
+        let key = block_key(slice_id, 0, 5000);
+        let data = block_bytes(&key, 1);
+        let frames = |session: &Bytes| with_session(block_frames(&key, &data), session);
+        for (what, session) in [
+            ("no session", Bytes::new()),
+            ("another session of the tenant", sibling.clone()),
+        ] {
+            expect_errno(
+                what,
+                write_frames(&mut staging, frames(&session)).await,
+                libc::EPERM,
+                Code::PermissionDenied,
+            );
+        }
+        let refused = write_frames(&mut staging, frames(&stranger)).await;
+        assert!(refused.is_err(), "another tenant's session: {refused:?}");
+        let past = block_key(slice_id, 1, 100);
+        expect_errno(
+            "a block past the recorded length",
+            write_frames(
+                &mut staging,
+                with_session(
+                    block_frames(&past, &block_bytes(&past, 1)),
+                    &owner.session_id,
+                ),
+            )
+            .await,
+            libc::EPERM,
+            Code::PermissionDenied,
+        );
+        assert!(
+            stat_blocks(&mut staging, std::slice::from_ref(&key)).await[0].state
+                == proto::staging::BlockState::Unknown as i32,
+            "a refused block is not staged"
+        );
+        write_frames(&mut staging, frames(&owner.session_id))
+            .await
+            .expect("the owner stages its block");
+        let file = stagefs_tests::rpc::create(&mut meta, &owner.session_id, 1, "owned").await;
+        meta.commit_slice(pb::CommitSliceRequest {
+            session_id: owner.session_id.clone(),
+            ino: file.ino,
+            chunk_index: 0,
+            slice: Some(slice.clone()),
+            new_size: 5000,
+            mtime_ns: 1,
+        })
+        .await
+        .unwrap();
+        expect_errno(
+            "the owner, after the commit",
+            write_frames(&mut staging, frames(&owner.session_id)).await,
+            libc::EPERM,
+            Code::PermissionDenied,
+        );
+        // An admin's tools may stage without a session.
+        let mut admin = stack.gateway.client_as(&access(OPS)).await;
+        let loose = block_key(slice_id + 1_000_000, 0, 10);
+        write_block(&mut admin, &loose, &block_bytes(&loose, 2))
+            .await
+            .expect("an admin stages without a session");
+    });
+}
+
 async fn status_of(client: &mut Client) -> Result<proto::staging::StatusResponse, tonic::Status> {
     client
         .status(proto::staging::StatusRequest {})

@@ -81,6 +81,8 @@ pub async fn write_block(
             key: key.to_string(),
             total_len: payload.len() as u64,
             crc32c: payload.crc32c,
+            // No session: the benchmark's token is an admin's (or the gateway is open).
+            session_id: Default::default(),
         })),
     });
     let mut offset = 0;
@@ -133,6 +135,7 @@ impl BlockStream {
                 key: key.to_string(),
                 total_len: payload.len() as u64,
                 crc32c: payload.crc32c,
+                session_id: Default::default(),
             }),
             data: payload.data.clone(),
         };

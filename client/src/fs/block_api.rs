@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use shared::meta::SessionId;
 use shared::BlockKey;
 
 use super::error::{FsError, FsResult};
@@ -24,9 +25,10 @@ use super::meta_api::GatewayId;
 /// One gateway's block service.
 #[async_trait]
 pub trait BlockApi: Send + Sync + 'static {
-    /// Stages a whole block; returns once the gateway has made it durable on its device.
-    /// Blocks are immutable, so writing the same key with the same bytes again is harmless.
-    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()>;
+    /// Stages a whole block of a slice `session` recorded as pending; returns once the gateway
+    /// has made it durable on its device. Blocks are immutable, so writing the same key with
+    /// the same bytes again is harmless.
+    async fn write_block(&self, session: SessionId, key: BlockKey, data: Bytes) -> FsResult<()>;
     /// Bytes `range` (within the block) of a block the gateway holds; `Ok(None)` when it does
     /// not hold it (any more): the caller then reads the object store.
     async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>>;
@@ -122,7 +124,7 @@ impl StoreBlocks {
 
 #[async_trait]
 impl BlockApi for StoreBlocks {
-    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()> {
+    async fn write_block(&self, _session: SessionId, key: BlockKey, data: Bytes) -> FsResult<()> {
         if data.len() as u64 != key.len() {
             return Err(FsError::Internal(format!(
                 "{} bytes for block {key} of {}",
@@ -218,7 +220,7 @@ impl MemoryBlocks {
 
 #[async_trait]
 impl BlockApi for MemoryBlocks {
-    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()> {
+    async fn write_block(&self, _session: SessionId, key: BlockKey, data: Bytes) -> FsResult<()> {
         if self.fail_writes.load(Ordering::Relaxed) {
             return Err(FsError::GatewayUnavailable {
                 key: key.to_string(),

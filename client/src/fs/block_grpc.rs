@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use proto::staging::staging_client::StagingClient;
 use proto::staging::{BlockHeader, ReadBlockRequest, WriteBlocksRequest, WriteBlocksResponse};
+use shared::meta::SessionId;
 use shared::BlockKey;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
@@ -135,7 +136,13 @@ impl GrpcBlocks {
         Ok(stream)
     }
 
-    async fn attempt(&self, key: &BlockKey, data: &Bytes, crc32c: u32) -> Attempt {
+    async fn attempt(
+        &self,
+        session: SessionId,
+        key: &BlockKey,
+        data: &Bytes,
+        crc32c: u32,
+    ) -> Attempt {
         let stream = match self.stream(key).await {
             Ok(stream) => stream,
             Err(e) => return Attempt::Retry(e),
@@ -158,6 +165,7 @@ impl GrpcBlocks {
                 key: key.to_string(),
                 total_len: data.len() as u64,
                 crc32c,
+                session_id: shared::meta::session_to_wire(session).into(),
             }),
             data: data.clone(),
         };
@@ -257,12 +265,12 @@ fn with_key(error: FsError, block: &BlockKey) -> FsError {
 
 #[async_trait]
 impl BlockApi for GrpcBlocks {
-    async fn write_block(&self, key: BlockKey, data: Bytes) -> FsResult<()> {
+    async fn write_block(&self, session: SessionId, key: BlockKey, data: Bytes) -> FsResult<()> {
         let crc32c = crc32c::crc32c(&data);
         let mut delay = FIRST_RETRY_DELAY;
         let mut attempt = 1;
         loop {
-            match self.attempt(&key, &data, crc32c).await {
+            match self.attempt(session, &key, &data, crc32c).await {
                 Attempt::Done => return Ok(()),
                 Attempt::Failed(e) => return Err(with_key(e, &key)),
                 Attempt::Retry(e) if attempt >= WRITE_ATTEMPTS => return Err(with_key(e, &key)),

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use super::error::{FsError, FsResult};
 
 pub use shared::meta::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
-    TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, NewNode,
+    SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
 };
 
 /// What the gateway hands a client that opens a session.
@@ -97,6 +97,27 @@ pub trait MetaApi: Send + Sync + 'static {
     /// Records an open handle of `session` (an unlinked file lives until its last release).
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr>;
     async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()>;
+
+    /// Sets a byte-range lock of one lock owner of `session` (`fcntl(F_SETLK)` semantics, held
+    /// in the engine across mounts); while another owner holds a conflicting one, waits up to
+    /// `wait` for it to go, then fails with EAGAIN.
+    async fn set_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+        wait: Duration,
+    ) -> FsResult<()>;
+    /// A lock of another owner that conflicts with `lock` (`F_GETLK`), if any.
+    async fn get_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+    ) -> FsResult<Option<HeldLock>>;
+    /// Drops the locks of lock owner `owner` of `session` on `ino` (`None`: of every owner).
+    async fn release_locks(&self, session: SessionId, ino: Ino, owner: Option<u64>)
+        -> FsResult<()>;
 
     /// The slices of one chunk in commit order: later ones shadow earlier ones.
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>>;

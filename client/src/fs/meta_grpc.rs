@@ -18,8 +18,8 @@ use tonic::{Code, Request, Status};
 
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    Attr, DirEntry, FileKind, GatewayId, GatewayInfo, Ino, MetaApi, NewNode, SessionGrant,
-    SessionId, SetAttr, Slice, StatFs, TimeNs,
+    Attr, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind, LockRequest,
+    MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -477,6 +477,70 @@ impl MetaApi for GrpcMeta {
         Ok(())
     }
 
+    async fn set_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+        wait: Duration,
+    ) -> FsResult<()> {
+        let mut request = self.request(pb::SetLockRequest {
+            lock: Some(lock_to_proto(session, ino, lock)),
+            wait_ms: wait.as_millis() as u64,
+        });
+        // The gateway holds the call while it waits for the lock.
+        request.set_timeout(self.timeout + wait);
+        self.client()
+            .set_lock(request)
+            .await
+            .map_err(|status| status_error("set_lock", &status))?;
+        Ok(())
+    }
+
+    async fn get_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+    ) -> FsResult<Option<HeldLock>> {
+        let answer = call!(
+            self,
+            "get_lock",
+            get_lock,
+            lock_to_proto(session, ino, lock)
+        )?;
+        Ok(answer.conflict.map(|held| HeldLock {
+            start: held.start,
+            end: held.end,
+            kind: if held.kind == pb::LockKind::Read as i32 {
+                LockKind::Read
+            } else {
+                LockKind::Write
+            },
+            pid: held.pid,
+        }))
+    }
+
+    async fn release_locks(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        owner: Option<u64>,
+    ) -> FsResult<()> {
+        call!(
+            self,
+            "release_locks",
+            release_locks,
+            pb::ReleaseLocksRequest {
+                session_id: session_bytes(session),
+                ino,
+                owner: owner.unwrap_or(0),
+                all_owners: owner.is_none(),
+            }
+        )?;
+        Ok(())
+    }
+
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
         let answer = call!(
             self,
@@ -571,6 +635,22 @@ impl MetaApi for GrpcMeta {
 }
 
 /// A session id as the wire carries it.
+fn lock_to_proto(session: SessionId, ino: Ino, lock: &LockRequest) -> pb::LockRequest {
+    pb::LockRequest {
+        session_id: session_bytes(session),
+        ino,
+        owner: lock.owner,
+        start: lock.start,
+        end: lock.end,
+        kind: match lock.kind {
+            None => pb::LockKind::Unlock,
+            Some(LockKind::Read) => pb::LockKind::Read,
+            Some(LockKind::Write) => pb::LockKind::Write,
+        } as i32,
+        pid: lock.pid,
+    }
+}
+
 fn session_bytes(session: SessionId) -> Bytes {
     shared::meta::session_to_wire(session).into()
 }

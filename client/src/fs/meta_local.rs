@@ -15,8 +15,8 @@ use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    write_slice_unsupported, Attr, DirEntry, GatewayId, GatewayInfo, Ino, MetaApi, NewNode,
-    SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    write_slice_unsupported, Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest,
+    MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -281,6 +281,51 @@ impl MetaApi for LocalMeta {
             .map_err(fail("release"))
     }
 
+    async fn set_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+        wait: std::time::Duration,
+    ) -> FsResult<()> {
+        // No gateway to wake waiters here: look again every 10 ms until `wait` has passed.
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.engine.set_lock(session, ino, lock).await {
+                Err(engine::MetaError::WouldBlock { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                other => return other.map_err(fail("set_lock")),
+            }
+        }
+    }
+
+    async fn get_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        lock: &LockRequest,
+    ) -> FsResult<Option<HeldLock>> {
+        self.engine
+            .get_lock(session, ino, lock)
+            .await
+            .map_err(fail("get_lock"))
+    }
+
+    async fn release_locks(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        owner: Option<u64>,
+    ) -> FsResult<()> {
+        self.engine
+            .release_locks(session, ino, owner)
+            .await
+            .map_err(fail("release_locks"))
+    }
+
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
         self.engine
             .read_chunk(ino, chunk_index)
@@ -336,7 +381,7 @@ impl MetaApi for LocalMeta {
             .map_err(fail("write_slice"))?;
         let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)
             .map_err(|e| FsError::Internal(e.to_string()))?;
-        staging.write_block(key, data).await?;
+        staging.write_block(session, key, data).await?;
         let attr = self
             .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
             .await?;

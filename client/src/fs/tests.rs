@@ -291,7 +291,7 @@ async fn read_path(fs: &Fs, name: &str, offset: u64, len: u32) -> Vec<u8> {
     let attr = fs.lookup(ROOT_INO, name.as_bytes()).await.expect("lookup");
     let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.expect("open");
     let bytes = fs.read(fh, offset, len).await.expect("read");
-    fs.release(fh).await.expect("release");
+    fs.release(fh, None).await.expect("release");
     bytes
 }
 
@@ -310,7 +310,7 @@ async fn small_file_is_visible_to_another_mount_after_close() {
     assert_eq!(a.getattr(attr.ino).await.unwrap().size, 11);
     assert_eq!(a.read(fh, 6, 100).await.unwrap(), b"world");
     assert_eq!(b.getattr(attr.ino).await.unwrap().size, 0);
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     assert_eq!(b.getattr(attr.ino).await.unwrap().size, 11);
     assert_eq!(read_path(&b, "f", 0, 100).await, b"hello world");
     assert_eq!(world.blocks.len(), 1, "one slice, one block");
@@ -330,7 +330,7 @@ async fn a_file_across_chunks_round_trips_and_no_slice_crosses_a_chunk() {
         a.write(fh, at, &pattern(1, at, len)).await.unwrap();
         at += len as u64;
     }
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     for chunk in 0..2 {
         let slices = world.meta.read_chunk(attr.ino, chunk).await.unwrap();
         assert!(!slices.is_empty());
@@ -357,7 +357,7 @@ async fn a_file_across_chunks_round_trips_and_no_slice_crosses_a_chunk() {
         at += got.len() as u64;
     }
     assert!(b.read(fh, total, 10).await.unwrap().is_empty());
-    b.release(fh).await.unwrap();
+    b.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -367,7 +367,7 @@ async fn sequential_reads_prefetch_the_next_block() {
     let (attr, fh) = create(&a, "seq").await;
     let len = 3 * BLOCK_SIZE as usize;
     a.write(fh, 0, &pattern(2, 0, len)).await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     let b = world
         .mount(FsConfig {
             readahead_blocks: 1,
@@ -391,7 +391,7 @@ async fn sequential_reads_prefetch_the_next_block() {
     let far = 2 * BLOCK_SIZE + 12345;
     assert_eq!(b.read(fh, far, 1000).await.unwrap(), pattern(2, far, 1000));
     assert_eq!(b.fetcher.cached_blocks(), 2);
-    b.release(fh).await.unwrap();
+    b.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -423,7 +423,7 @@ async fn sparse_writes_and_truncation_read_zeros_where_nothing_is() {
     let after = a.read(fh, 10, 8).await.unwrap();
     assert_eq!(after, b"he\0\0\0\0\0\0");
     assert_eq!(a.read(fh, far, 4).await.unwrap(), vec![0; 4]);
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -438,7 +438,7 @@ async fn truncate_while_dirty_applies_after_the_writes() {
     };
     a.setattr(attr.ino, &shrink).await.unwrap();
     a.write(fh, 200, &[8; 10]).await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     let b = world.mount(FsConfig::default()).await;
     let got = read_path(&b, "t", 0, 1000).await;
     assert_eq!(got.len(), 210);
@@ -453,7 +453,7 @@ async fn append_and_truncating_opens() {
     let a = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&a, "log").await;
     a.write(fh, 0, b"one ").await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     let (appender, _) = a
         .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
         .await
@@ -461,7 +461,7 @@ async fn append_and_truncating_opens() {
     // The offset is ignored: appends go to the end.
     a.write(appender, 0, b"two ").await.unwrap();
     a.write(appender, 1, b"three").await.unwrap();
-    a.release(appender).await.unwrap();
+    a.release(appender, None).await.unwrap();
     assert_eq!(read_path(&a, "log", 0, 100).await, b"one two three");
     let (reader, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
     assert_eq!(errno(a.write(reader, 0, b"x").await), libc::EBADF);
@@ -474,9 +474,9 @@ async fn append_and_truncating_opens() {
     assert_eq!(attr_after.size, 0);
     assert!(a.read(reader, 0, 100).await.unwrap().is_empty());
     for fh in [reader, writer, truncating] {
-        a.release(fh).await.unwrap();
+        a.release(fh, None).await.unwrap();
     }
-    assert_eq!(errno(a.release(reader).await), libc::EBADF);
+    assert_eq!(errno(a.release(reader, None).await), libc::EBADF);
 }
 
 #[tokio::test]
@@ -493,7 +493,7 @@ async fn an_unlinked_file_stays_readable_through_its_open_handle() {
     a.fsync(fh, false).await.unwrap();
     assert_eq!(a.getattr(attr.ino).await.unwrap().nlink, 0);
     assert_eq!(a.read(fh, 0, 100).await.unwrap(), b"still here, and more");
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     assert_eq!(errno(a.getattr(attr.ino).await), libc::ENOENT);
 }
 
@@ -504,7 +504,7 @@ async fn blocks_the_gateway_dropped_are_read_from_the_store() {
     let (_, fh) = create(&a, "uploaded").await;
     let len = BLOCK_SIZE as usize + 777;
     a.write(fh, 0, &pattern(3, 0, len)).await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     world.drain().await;
     assert!(world.blocks.is_empty());
     let b = world.mount(FsConfig::default()).await;
@@ -520,14 +520,14 @@ async fn a_block_nobody_holds_is_an_io_error() {
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "lost").await;
     a.write(fh, 0, b"gone").await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     // Drain into a store nobody reads, so neither the gateway nor the store has the block.
     world.blocks.drain_to(&InMemory::new()).await.unwrap();
     let b = world.mount(FsConfig::default()).await;
     let attr = b.lookup(ROOT_INO, b"lost").await.unwrap();
     let (fh, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
     assert_eq!(errno(b.read(fh, 0, 4).await), libc::EIO);
-    b.release(fh).await.unwrap();
+    b.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -550,7 +550,7 @@ async fn a_failing_gateway_fails_fsync_and_keeps_the_data_for_a_retry() {
         read_path(&b, "retry", 0, len as u32).await,
         pattern(4, 0, len)
     );
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -576,7 +576,7 @@ async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_cop
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), slices.len(), "{slices:?}");
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     let b = world.mount(FsConfig::default()).await;
     assert_eq!(
         read_path(&b, "log", 0, 64).await,
@@ -587,7 +587,7 @@ async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_cop
     let (_, fh) = create(&a, "big").await;
     let len = BLOCK_SIZE as usize + 10;
     a.write(fh, 0, &pattern(9, 0, len)).await.unwrap();
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     assert_eq!(world.meta.slices_written(), 3);
     assert_eq!(
         read_path(&b, "big", 0, len as u32).await,
@@ -618,7 +618,7 @@ async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
         101,
         "c was not written"
     );
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -649,7 +649,7 @@ async fn too_much_dirty_data_is_committed_by_the_write_that_crosses_the_limit() 
         1000 + 2 * BLOCK_SIZE,
         "over the byte limit: committed"
     );
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -671,7 +671,7 @@ async fn overlapping_writes_shadow_in_write_order_across_commits() {
         assert_eq!(got.len(), 160);
     };
     expect(&a.read(fh, 0, 1000).await.unwrap());
-    a.release(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
     let b = world.mount(FsConfig::default()).await;
     expect(&read_path(&b, "layers", 0, 1000).await);
 }
@@ -777,7 +777,7 @@ async fn a_read_only_mount_refuses_changes() {
     let rw = world.mount(FsConfig::default()).await;
     let (attr, fh) = create(&rw, "f").await;
     rw.write(fh, 0, b"data").await.unwrap();
-    rw.release(fh).await.unwrap();
+    rw.release(fh, None).await.unwrap();
     let ro = world
         .mount(FsConfig {
             read_only: true,
@@ -981,7 +981,7 @@ async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
         let blocks = blocks.clone();
         async move {
             let data = Bytes::from(pattern(key.slice_id as u8, 0, key.len() as usize));
-            blocks.write_block(key, data).await
+            blocks.write_block(7, key, data).await
         }
     });
     for result in futures::future::join_all(writes).await {
@@ -996,7 +996,7 @@ async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
     assert!(blocks.read_block(unknown, 0..10).await.unwrap().is_none());
     let full = BlockKey::new(FULL_SLICE, 0, 10).unwrap();
     let refused = blocks
-        .write_block(full, Bytes::from_static(&[0; 10]))
+        .write_block(7, full, Bytes::from_static(&[0; 10]))
         .await
         .unwrap_err();
     assert_eq!(refused.errno(), libc::ENOSPC);
@@ -1023,14 +1023,14 @@ async fn the_core_works_over_grpc_blocks() {
     let (attr, fh) = create(&fs, "over grpc").await;
     let len = 2 * BLOCK_SIZE as usize + 5;
     fs.write(fh, 0, &pattern(6, 0, len)).await.unwrap();
-    fs.release(fh).await.unwrap();
+    fs.release(fh, None).await.unwrap();
     assert_eq!(fake.blocks.lock().unwrap().len(), 3);
     let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
     assert_eq!(
         fs.read(fh, 0, len as u32).await.unwrap(),
         pattern(6, 0, len)
     );
-    fs.release(fh).await.unwrap();
+    fs.release(fh, None).await.unwrap();
 }
 
 // --- reads from the gateway that staged a block ---
@@ -1052,7 +1052,7 @@ async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_regis
     let other = Arc::new(MemoryBlocks::new());
     let key = BlockKey::new(41, 0, 5).unwrap();
     other
-        .write_block(key, Bytes::from_static(b"hello"))
+        .write_block(7, key, Bytes::from_static(b"hello"))
         .await
         .unwrap();
     let connects = Arc::new(AtomicUsize::new(0));

@@ -384,7 +384,7 @@ async fn upload_block(
         .map_err(|_| FsError::Internal("upload slots closed".into()))?;
     let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
     staged.ensure_recorded(&ctx, block_end).await?;
-    ctx.gateway.write_block(key, data).await
+    ctx.gateway.write_block(ctx.session, key, data).await
 }
 
 /// Every uncommitted byte one client wrote to one file, slices in the order they were started.

@@ -5,8 +5,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::{
-    Attr, DeletedSlice, DirEntry, GatewayId, GatewayLoad, GatewayRecord, Ino, MetaEngine, NewNode,
-    RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode,
+    Attr, DeletedSlice, DirEntry, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
+    LockRequest, MetaEngine, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
+    StatFs, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -72,6 +73,10 @@ impl BlockingMeta {
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
         record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
+        pending_slice_len(session: SessionId, slice_id: u64) -> Option<u32>;
+        set_lock(session: SessionId, ino: Ino, request: &LockRequest) -> ();
+        get_lock(session: SessionId, ino: Ino, request: &LockRequest) -> Option<HeldLock>;
+        release_locks(session: SessionId, ino: Ino, owner: Option<u64>) -> ();
         open_session(tenant: &str, description: &str) -> SessionId;
         session(session: SessionId) -> SessionInfo;
         heartbeat(session: SessionId) -> ();

@@ -22,8 +22,11 @@
 //! | delete queue      | `q` gateway due-time slice-id      | len, gateway (`codec`)             |
 //! | queued slice      | `Q` slice-id                       | due time, gateway                  |
 //! | gateway           | `g` gateway                        | epoch, heartbeat, load, address    |
+//! | byte-range locks  | `l` ino session owner              | one owner's locks (`locks::encode`) |
+//! | a session's locks | `L` session ino owner              | empty (to drop them with the session) |
 //!
-//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a` and `p`.
+//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a`, `p`, `l`
+//! and `L`.
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
@@ -157,6 +160,30 @@ pub fn pending(session: SessionId, slice_id: u64) -> Vec<u8> {
 
 pub fn pending_prefix(session: SessionId) -> Vec<u8> {
     key(b'p', &session_parts(session), &[])
+}
+
+pub fn lock(ino: Ino, session: SessionId, owner: u64) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'l', &[ino, high, low, owner], &[])
+}
+
+/// Every lock record of `ino`, of any session.
+pub fn lock_prefix(ino: Ino) -> Vec<u8> {
+    key(b'l', &[ino], &[])
+}
+
+pub fn session_lock(session: SessionId, ino: Ino, owner: u64) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'L', &[high, low, ino, owner], &[])
+}
+
+/// The lock index of `session`: on `ino` only, or on every inode.
+pub fn session_lock_prefix(session: SessionId, ino: Option<Ino>) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    match ino {
+        Some(ino) => key(b'L', &[high, low, ino], &[]),
+        None => key(b'L', &[high, low], &[]),
+    }
 }
 
 /// The delete queue is kept per gateway (the one that staged the slice and cleans it up), by due

@@ -27,6 +27,7 @@ mod codec;
 pub mod dump;
 pub mod keys;
 pub mod kv;
+pub mod locks;
 pub mod pg_cluster;
 pub mod postgres_kv;
 pub mod redb_kv;
@@ -38,6 +39,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use kv::KvError;
+pub use locks::{HeldLock, LockKind, LockRequest};
 pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
@@ -233,6 +235,11 @@ pub enum MetaError {
         epoch: u64,
         current: u64,
     },
+    /// Another lock owner holds a conflicting lock (`F_SETLK` fails with EAGAIN).
+    #[error("inode {ino}: bytes {start}..={end} are locked by another owner")]
+    WouldBlock { ino: Ino, start: u64, end: u64 },
+    #[error("inode {ino}: one owner may hold at most {max} separate lock ranges")]
+    TooManyLocks { ino: Ino, max: usize },
     #[error("corrupt metadata record: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -261,6 +268,8 @@ impl MetaError {
             FileTooLarge(_) => libc::EFBIG,
             XattrValueTooLarge { .. } => libc::E2BIG,
             NoSpace(_) => libc::ENOSPC,
+            WouldBlock { .. } => libc::EAGAIN,
+            TooManyLocks { .. } => libc::ENOLCK,
             SessionGone(_) | Fenced { .. } | Corrupt(_) | Backend(_) => libc::EIO,
         }
     }
@@ -368,6 +377,29 @@ pub trait MetaEngine: Send + Sync {
         ino: Ino,
         slice: &Slice,
     ) -> Result<()>;
+
+    /// Changes the byte-range locks of lock owner `request.owner` of `session` on `ino`, as
+    /// `fcntl(F_SETLK)` does ([`locks::apply`]). [`MetaError::WouldBlock`] (EAGAIN) when another
+    /// owner, of any session on any gateway, holds an overlapping lock and either is a write lock;
+    /// nothing changes then. Locks are dropped by [`MetaEngine::release_locks`] and with their
+    /// session (closed, or expired after 3 missed heartbeats).
+    async fn set_lock(&self, session: SessionId, ino: Ino, request: &LockRequest) -> Result<()>;
+    /// A lock of another owner that keeps `request` (its range and kind) from being taken, as
+    /// `F_GETLK` reports it; `None` when it could be taken.
+    async fn get_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        request: &LockRequest,
+    ) -> Result<Option<HeldLock>>;
+    /// Drops every lock of lock owner `owner` of `session` on `ino` (`None`: of all the
+    /// session's owners). Dropping nothing is no error.
+    async fn release_locks(&self, session: SessionId, ino: Ino, owner: Option<u64>) -> Result<()>;
+
+    /// How many bytes of slice `slice_id` `session` has recorded as pending (staging it, not
+    /// committed yet); `None` when it holds no such pending slice. Blocks of a slice may be
+    /// staged only by the session that recorded it, and only within the recorded length.
+    async fn pending_slice_len(&self, session: SessionId, slice_id: u64) -> Result<Option<u32>>;
 
     /// A new session of `tenant` (the name of the caller's token, empty without tokens).
     async fn open_session(&self, tenant: &str, description: &str) -> Result<SessionId>;

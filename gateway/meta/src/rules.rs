@@ -30,10 +30,10 @@ use crate::codec::{
 use crate::keys;
 use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
-    check_name, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, GatewayLoad,
-    GatewayRecord, Ino, MetaConfig, MetaEngine, MetaError, NewNode, RenameMode, Result, SessionId,
-    SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS,
-    MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
+    check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, GatewayLoad,
+    GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine, MetaError,
+    NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode,
+    MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
 /// Bumped when the layout of the key space changes incompatibly. 3: session ids of 128 random
@@ -723,6 +723,30 @@ impl Tx<'_> {
             Some(_) => Ok(()),
             None => Err(MetaError::SessionGone(session)),
         }
+    }
+
+    /// Drops the lock records of `session`: of lock owner `owner` on `ino`, of every owner on
+    /// `ino`, or (no `ino`) every one it holds.
+    async fn drop_locks(
+        &mut self,
+        session: SessionId,
+        ino: Option<Ino>,
+        owner: Option<u64>,
+    ) -> Result<()> {
+        if let (Some(ino), Some(owner)) = (ino, owner) {
+            self.delete(keys::lock(ino, session, owner));
+            self.delete(keys::session_lock(session, ino, owner));
+            return Ok(());
+        }
+        for (key, _) in self
+            .scan_prefix(&keys::session_lock_prefix(session, ino))
+            .await?
+        {
+            let ([_, _, ino, owner], _) = keys::parse::<4>(&key)?;
+            self.delete(keys::lock(ino, session, owner));
+            self.delete(key);
+        }
+        Ok(())
     }
 
     /// Takes `slice_id` out of the lease of `session` that holds it: only the session the id was
@@ -1477,9 +1501,95 @@ impl MetaEngine for KvMeta {
             for (key, _) in tx.scan_prefix(&keys::lease_prefix(session)).await? {
                 tx.delete(key);
             }
+            tx.drop_locks(session, None, None).await?;
             tx.delete(keys::session(session));
             Ok(())
         })
+    }
+
+    async fn set_lock(&self, session: SessionId, ino: Ino, request: &LockRequest) -> Result<()> {
+        locks::validate(request)?;
+        crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
+            tx.inode(ino).await?;
+            let mine = keys::lock(ino, session, request.owner);
+            let mut held = Vec::new();
+            for (key, value) in tx.scan_prefix(&keys::lock_prefix(ino)).await? {
+                let locks = locks::decode(&value)?;
+                if key == mine {
+                    held = locks;
+                } else if let Some(kind) = request.kind {
+                    if locks
+                        .iter()
+                        .any(|lock| lock.conflicts(request.start, request.end, kind))
+                    {
+                        return Err(MetaError::WouldBlock {
+                            ino,
+                            start: request.start,
+                            end: request.end,
+                        });
+                    }
+                }
+            }
+            let after = locks::apply(&held, request);
+            if after.len() > locks::MAX_RANGES_PER_OWNER {
+                return Err(MetaError::TooManyLocks {
+                    ino,
+                    max: locks::MAX_RANGES_PER_OWNER,
+                });
+            }
+            let index = keys::session_lock(session, ino, request.owner);
+            if after.is_empty() {
+                tx.delete(mine);
+                tx.delete(index);
+            } else {
+                tx.put(mine, locks::encode(&after));
+                tx.put(index, Vec::new());
+            }
+            Ok(())
+        })
+    }
+
+    async fn get_lock(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        request: &LockRequest,
+    ) -> Result<Option<HeldLock>> {
+        locks::validate(request)?;
+        let kind = request.kind.unwrap_or(LockKind::Write);
+        let mine = keys::lock(ino, session, request.owner);
+        let mut tx = self.read_tx().await?;
+        for (key, value) in tx.scan_prefix(&keys::lock_prefix(ino)).await? {
+            if key == mine {
+                continue;
+            }
+            if let Some(lock) = locks::decode(&value)?
+                .into_iter()
+                .find(|lock| lock.conflicts(request.start, request.end, kind))
+            {
+                return Ok(Some(lock));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn release_locks(&self, session: SessionId, ino: Ino, owner: Option<u64>) -> Result<()> {
+        crate::transact!(self, self.durability(), |tx| {
+            tx.drop_locks(session, Some(ino), owner).await
+        })
+    }
+
+    async fn pending_slice_len(&self, session: SessionId, slice_id: u64) -> Result<Option<u32>> {
+        match self
+            .read_tx()
+            .await?
+            .get(&keys::pending(session, slice_id))
+            .await?
+        {
+            Some(bytes) => Ok(Some(decode_slice_data(slice_id, &bytes)?.0)),
+            None => Ok(None),
+        }
     }
 
     async fn session(&self, session: SessionId) -> Result<SessionInfo> {

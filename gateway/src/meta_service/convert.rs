@@ -8,7 +8,8 @@ use proto::meta as pb;
 use proto::meta_convert::{self, WireError};
 
 use crate::meta::{
-    Attr, DirEntry, FileKind, MetaError, NewNode, SessionId, SetAttr, Slice, StatFs,
+    Attr, DirEntry, FileKind, HeldLock, Ino, LockKind, LockRequest, MetaError, NewNode, SessionId,
+    SetAttr, Slice, StatFs,
 };
 
 fn invalid(e: WireError) -> MetaError {
@@ -100,6 +101,46 @@ pub fn session_from_proto(bytes: &[u8]) -> Result<SessionId, MetaError> {
 pub fn slice_from_proto(slice: Option<&pb::Slice>, rpc: &str) -> Result<Slice, MetaError> {
     let slice = slice.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a slice")))?;
     meta_convert::slice(slice).map_err(invalid)
+}
+
+/// The session bytes, inode and lock of a lock request from the wire.
+pub fn lock_from_proto(
+    lock: Option<&pb::LockRequest>,
+    rpc: &str,
+) -> Result<(Vec<u8>, Ino, LockRequest), MetaError> {
+    let lock = lock.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a lock")))?;
+    let kind = match pb::LockKind::try_from(lock.kind) {
+        Ok(pb::LockKind::Unlock) => None,
+        Ok(pb::LockKind::Read) => Some(LockKind::Read),
+        Ok(pb::LockKind::Write) => Some(LockKind::Write),
+        Err(_) => return Err(MetaError::Invalid(format!("lock kind {}", lock.kind))),
+    };
+    Ok((
+        lock.session_id.to_vec(),
+        lock.ino,
+        LockRequest {
+            owner: lock.owner,
+            start: lock.start,
+            end: lock.end,
+            kind,
+            pid: lock.pid,
+        },
+    ))
+}
+
+/// A held lock as `GetLock` reports it (without its owner or session).
+pub fn held_lock_to_proto(held: &HeldLock, ino: Ino) -> pb::LockRequest {
+    pb::LockRequest {
+        ino,
+        start: held.start,
+        end: held.end,
+        kind: match held.kind {
+            LockKind::Read => pb::LockKind::Read,
+            LockKind::Write => pb::LockKind::Write,
+        } as i32,
+        pid: held.pid,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -465,7 +465,10 @@ async fn leftovers_under_a_later_lifes_segment_header_stay_dead() {
     };
     let align = crate::aligned::ALIGN as u64;
     let write_at = |bytes: &[u8], offset: u64| {
-        let file = std::fs::OpenOptions::new().write(true).open(&device).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&device)
+            .unwrap();
         file.write_all_at(bytes, offset).unwrap();
         file.sync_all().unwrap();
     };
@@ -497,7 +500,10 @@ async fn leftovers_under_a_later_lifes_segment_header_stay_dead() {
         log.entry(&leftover).is_none(),
         "a dead life's record was taken for a later life's"
     );
-    assert!(log.entry(&third).is_none(), "its record never reached the device");
+    assert!(
+        log.entry(&third).is_none(),
+        "its record never reached the device"
+    );
     assert_eq!(log.recovery.blocks, 1, "block 1 only");
     log.shutdown().await;
 }

@@ -522,7 +522,7 @@ async fn apply(
         Op::Release { handle } => {
             if let Some(h) = model.handle(handle) {
                 let h = model.handles.remove(h);
-                ok(a.release(h.fh).await)?;
+                ok(a.release(h.fh, None).await)?;
             }
         }
         Op::Drain => world.drain().await,
@@ -554,7 +554,7 @@ async fn check_other_mount(
         let got = ok(b.read(fh, offset, len as u32).await)?;
         same_bytes(&got, &file.read(offset, len), offset)?;
     }
-    ok(b.release(fh).await)
+    ok(b.release(fh, None).await)
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -569,7 +569,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     // Close everything: then every name must read back identically on the other mount.
     for h in std::mem::take(&mut model.handles) {
-        ok(a.release(h.fh).await)?;
+        ok(a.release(h.fh, None).await)?;
     }
     for (name, text) in NAMES.iter().enumerate() {
         check_other_mount(&a, &b, &model, name)

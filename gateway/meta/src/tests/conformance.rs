@@ -1183,6 +1183,18 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
         libc::EPERM,
         "a committed id cannot be staged again, not even by its owner"
     );
+    // Blocks may be staged only by the session that recorded the slice pending.
+    assert_eq!(
+        f.meta.pending_slice_len(thief, committed.slice_id).unwrap(),
+        None
+    );
+    assert_eq!(
+        f.meta
+            .pending_slice_len(f.session, committed.slice_id)
+            .unwrap(),
+        None,
+        "committed"
+    );
     f.meta.close_session(thief).unwrap();
     assert!(f.queued().is_empty(), "nothing of the owner's was queued");
     assert_eq!(f.ids(victim.ino, 0), [committed.slice_id]);
@@ -1196,6 +1208,12 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     f.meta
         .record_pending_slice(f.session, &Slice { len: 20, ..later })
         .expect("growing one's own pending record");
+    assert_eq!(
+        f.meta.pending_slice_len(f.session, unused).unwrap(),
+        Some(20)
+    );
+    let other = f.meta.open_session("", "other").unwrap();
+    assert_eq!(f.meta.pending_slice_len(other, unused).unwrap(), None);
     f.meta
         .commit_slice(f.session, victim.ino, 0, &later, 0, 0)
         .unwrap();
@@ -1610,4 +1628,147 @@ fn each_gateway_takes_only_the_deleted_slices_it_staged() {
     f.meta.ack_deleted_slices(&[mine.slice_id]).unwrap();
     assert!(ids(Some(GW)).is_empty());
     assert_eq!(ids(None), [theirs.slice_id]);
+}
+
+fn lock(owner: u64, start: u64, end: u64, kind: Option<LockKind>) -> LockRequest {
+    LockRequest {
+        owner,
+        start,
+        end,
+        kind,
+        pid: 4242,
+    }
+}
+
+#[test]
+fn byte_range_locks_exclude_other_owners_and_go_with_their_session() {
+    use LockKind::{Read, Write};
+    let f = fixture();
+    let ino = f.file(ROOT_INO, "locked").ino;
+    let other = f.meta.open_session("", "other mount").unwrap();
+
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 0, u64::MAX, Some(Write)))
+        .unwrap();
+    assert_eq!(
+        errno(f.meta.set_lock(other, ino, &lock(1, 0, 0, Some(Read)))),
+        libc::EAGAIN,
+        "another session's owner"
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .set_lock(f.session, ino, &lock(2, 10, 20, Some(Read)))
+        ),
+        libc::EAGAIN,
+        "another owner of the same session"
+    );
+    let held = f
+        .meta
+        .get_lock(other, ino, &lock(1, 5, 5, Some(Read)))
+        .unwrap()
+        .expect("the write lock is reported");
+    assert_eq!(
+        (held.start, held.end, held.kind, held.pid),
+        (0, u64::MAX, Write, 4242)
+    );
+    assert_eq!(
+        f.meta
+            .get_lock(f.session, ino, &lock(1, 0, 10, Some(Write)))
+            .unwrap(),
+        None,
+        "an owner's own locks never conflict"
+    );
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 0, 0, Some(Read)))
+        .expect("an owner changes its own lock in place");
+
+    // Unlocking the middle splits the lock; the freed bytes can be taken, the rest cannot.
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 100, 199, None))
+        .unwrap();
+    f.meta
+        .set_lock(other, ino, &lock(7, 100, 199, Some(Write)))
+        .unwrap();
+    assert_eq!(
+        errno(f.meta.set_lock(other, ino, &lock(7, 99, 100, Some(Write)))),
+        libc::EAGAIN
+    );
+    // Read locks coexist.
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 0, 99, Some(Read)))
+        .unwrap();
+    f.meta
+        .set_lock(other, ino, &lock(8, 0, 99, Some(Read)))
+        .unwrap();
+    assert_eq!(
+        errno(f.meta.set_lock(other, ino, &lock(8, 0, 0, Some(Write)))),
+        libc::EAGAIN,
+        "no upgrade while another owner reads"
+    );
+    // Releasing an owner frees what it held.
+    f.meta.release_locks(other, ino, Some(7)).unwrap();
+    f.meta.release_locks(other, ino, Some(7)).unwrap();
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 100, 199, Some(Write)))
+        .unwrap();
+    f.meta.release_locks(other, ino, None).unwrap();
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 0, 99, Some(Write)))
+        .expect("all of the other session's owners released");
+
+    // A closed session's locks are gone with it.
+    let dying = f.meta.open_session("", "dying").unwrap();
+    let second = f.file(ROOT_INO, "second").ino;
+    f.meta
+        .set_lock(dying, second, &lock(3, 1000, 1999, Some(Write)))
+        .unwrap();
+    assert_eq!(
+        errno(
+            f.meta
+                .set_lock(other, second, &lock(1, 1500, 1500, Some(Read)))
+        ),
+        libc::EAGAIN
+    );
+    f.meta.close_session(dying).unwrap();
+    f.meta
+        .set_lock(other, second, &lock(1, 1500, 1500, Some(Write)))
+        .unwrap();
+
+    assert_eq!(
+        errno(f.meta.set_lock(other, ino, &lock(1, 10, 9, Some(Read)))),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(f.meta.set_lock(other, 999_999, &lock(1, 0, 9, Some(Read)))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.meta.set_lock(dying, second, &lock(1, 0, 9, Some(Read)))),
+        libc::EIO,
+        "a closed session"
+    );
+}
+
+#[test]
+fn one_owner_holds_a_bounded_number_of_lock_ranges() {
+    let f = fixture();
+    let ino = f.file(ROOT_INO, "fragmented").ino;
+    for i in 0..locks::MAX_RANGES_PER_OWNER as u64 {
+        f.meta
+            .set_lock(f.session, ino, &lock(1, 2 * i, 2 * i, Some(LockKind::Read)))
+            .unwrap();
+    }
+    let past = 2 * locks::MAX_RANGES_PER_OWNER as u64;
+    assert_eq!(
+        errno(
+            f.meta
+                .set_lock(f.session, ino, &lock(1, past, past, Some(LockKind::Read)))
+        ),
+        libc::ENOLCK
+    );
+    // Filling a gap merges three ranges into one: allowed.
+    f.meta
+        .set_lock(f.session, ino, &lock(1, 1, 1, Some(LockKind::Read)))
+        .unwrap();
 }
