@@ -61,7 +61,7 @@ pub use meta_grpc::GrpcMeta;
 use layout::{chunk_pieces, BLOCK_SIZE};
 use read::{plan_chunk, BlockFetcher};
 use write::{DirtyFile, WriteContext};
-use xattr_cache::{CapabilityAbsence, CAPABILITY_XATTR};
+use xattr_cache::{XattrAbsence, CAPABILITY_XATTR};
 
 /// An open file handle, as the kernel knows it.
 pub type FileHandle = u64;
@@ -123,9 +123,27 @@ pub struct Fs {
     handles: Mutex<HashMap<FileHandle, Arc<Handle>>>,
     next_handle: AtomicU64,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
-    capability_absence: CapabilityAbsence,
+    xattr_absence: XattrAbsence,
     locks: locks::MountLocks,
+    /// Directory listings in progress, by directory handle.
+    listings: Mutex<HashMap<FileHandle, Listing>>,
 }
+
+/// The rest of the engine page a directory handle's last `readdir` fetched: the kernel asks for
+/// a few dozen entries at a time (one 4 KiB buffer), so its calls share one engine page of
+/// [`LISTING_PAGE`] entries instead of asking for one each. One page per open directory handle is
+/// all the mount holds of a listing, whatever the directory's size.
+#[derive(Default)]
+struct Listing {
+    /// The cookie the buffered entries follow.
+    after: u64,
+    entries: std::collections::VecDeque<DirEntry>,
+    /// The engine said the page was its last.
+    end: bool,
+}
+
+/// Entries one engine call returns for a listing.
+pub const LISTING_PAGE: u32 = 512;
 
 /// A file open on this mount: what all its handles share.
 struct OpenFile {
@@ -229,8 +247,9 @@ impl Fs {
             })
         });
         Fs {
-            capability_absence: CapabilityAbsence::new(config.capability_absence_ttl),
+            xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
+            listings: Mutex::new(HashMap::new()),
             meta,
             config,
             session: grant.session_id,
@@ -350,8 +369,7 @@ impl Fs {
         };
         let attr = self.meta.create(self.session, parent, name, &node).await?;
         // A file made just now has no attributes: its first write need not ask.
-        self.capability_absence
-            .saw_absent(attr.ino, CAPABILITY_XATTR);
+        self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
         let file = self.attach(attr).await;
         Ok((attr, self.add_handle(file, access)))
     }
@@ -454,12 +472,77 @@ impl Fs {
         let mut entries = self.meta.readdir(ino, after_cookie, limit).await?;
         for entry in &mut entries {
             entry.attr = self.local_attr(entry.attr);
+            if entry.has_xattrs == Some(false) {
+                self.xattr_absence.saw_none(entry.attr.ino);
+            }
         }
         Ok(entries)
     }
 
+    /// Opens a directory handle for a listing (`opendir`).
+    pub fn opendir(&self) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.listings().insert(fh, Listing::default());
+        fh
+    }
+
+    /// Forgets a directory handle's listing (`releasedir`).
+    pub fn releasedir(&self, fh: FileHandle) {
+        self.listings().remove(&fh);
+    }
+
+    fn listings(&self) -> std::sync::MutexGuard<'_, HashMap<FileHandle, Listing>> {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entries of directory `ino` after cookie `after`, for directory handle `fh`, and
+    /// whether they reach the end of the directory: served from the handle's buffered engine page
+    /// while it covers `after`, else from a new page. Entries come in cookie order; an entry that
+    /// existed throughout the listing is returned once (cookies are fixed for an entry's life).
+    pub async fn readdir_at(
+        &self,
+        fh: FileHandle,
+        ino: Ino,
+        after: u64,
+    ) -> FsResult<(Vec<DirEntry>, bool)> {
+        {
+            let mut listings = self.listings();
+            if let Some(listing) = listings.get_mut(&fh) {
+                let covers = listing.after <= after
+                    && listing
+                        .entries
+                        .back()
+                        .is_some_and(|last| last.cookie > after);
+                if covers {
+                    while listing.entries.front().is_some_and(|e| e.cookie <= after) {
+                        listing.entries.pop_front();
+                    }
+                    listing.after = after;
+                    return Ok((listing.entries.iter().cloned().collect(), listing.end));
+                }
+                let exhausted = listing
+                    .entries
+                    .back()
+                    .is_none_or(|last| last.cookie <= after);
+                if listing.end && listing.after <= after && exhausted {
+                    return Ok((Vec::new(), true));
+                }
+            }
+        }
+        let entries = self.readdir(ino, after, LISTING_PAGE).await?;
+        let end = entries.len() < LISTING_PAGE as usize;
+        if let Some(listing) = self.listings().get_mut(&fh) {
+            *listing = Listing {
+                after,
+                entries: entries.iter().cloned().collect(),
+                end,
+            };
+        }
+        Ok((entries, end))
+    }
+
     pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
-        if self.capability_absence.known_absent(ino, name) {
+        if self.xattr_absence.known_absent(ino, name) {
             return Err(FsError::Meta {
                 op: "getxattr",
                 errno: libc::ENODATA,
@@ -468,7 +551,7 @@ impl Fs {
         }
         let value = self.meta.getxattr(ino, name).await;
         if matches!(&value, Err(e) if e.errno() == libc::ENODATA) {
-            self.capability_absence.saw_absent(ino, name);
+            self.xattr_absence.saw_absent(ino, name);
         }
         value
     }
@@ -476,17 +559,20 @@ impl Fs {
     /// `flags`: 0, `XATTR_CREATE` or `XATTR_REPLACE`.
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.capability_absence.forget(ino);
+        self.xattr_absence.forget(ino);
         self.meta.setxattr(ino, name, value, flags).await
     }
 
     pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
+        if self.xattr_absence.known_none(ino) {
+            return Ok(Vec::new());
+        }
         self.meta.listxattr(ino).await
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.capability_absence.forget(ino);
+        self.xattr_absence.forget(ino);
         self.meta.removexattr(ino, name).await
     }
 

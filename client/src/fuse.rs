@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, FileKind, Fs, FsError, LockKind, LockRequest, SetAttr, TimeNs};
@@ -217,7 +217,6 @@ fn file_attr(attr: &Attr) -> FileAttr {
 
 /// Directory offsets 1 and 2 are "." and ".."; the engine's cookies start above them.
 const FIRST_ENGINE_COOKIE_OFFSET: u64 = 2;
-const READDIR_BATCH: u32 = 512;
 /// Reported capacity when the metadata engine sets no limit.
 const UNLIMITED_BYTES: u64 = 1 << 50;
 const UNLIMITED_FILES: u64 = 1 << 32;
@@ -241,6 +240,10 @@ impl Filesystem for FuseFs {
             if let Err(e) = config.add_capabilities(lock) {
                 tracing::warn!(unsupported = ?e, "the kernel keeps file locks to this mount");
             }
+        }
+        // Listings carry attributes: `ls -l` needs no lookup per entry.
+        if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS) {
+            tracing::info!(unsupported = ?e, "the kernel does not offer readdirplus");
         }
         if self.cache.writeback_cache {
             if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
@@ -579,11 +582,27 @@ impl Filesystem for FuseFs {
         });
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(self.fs.opendir()), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
@@ -596,32 +615,61 @@ impl Filesystem for FuseFs {
             if offset < 2 && reply.add(ino, 2, FileType::Directory, "..") {
                 return reply.ok();
             }
-            let mut after = if offset <= FIRST_ENGINE_COOKIE_OFFSET {
-                0
-            } else {
-                offset
-            };
-            loop {
-                let entries = match fs.readdir(ino.0, after, READDIR_BATCH).await {
-                    Ok(entries) => entries,
+            let result = list(&fs, fh, ino, offset, |entry| {
+                reply.add(
+                    INodeNo(entry.attr.ino),
+                    entry.cookie,
+                    file_type(entry.attr.kind),
+                    OsStr::from_bytes(&entry.name),
+                )
+            })
+            .await;
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    /// `readdir` with each entry's attributes (the engine returns them with the page anyway), so
+    /// that `ls -l` of a large directory costs no lookup or getattr per entry.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.cache.entry_ttl.min(self.cache.attr_ttl);
+        self.spawn("readdirplus", |fs| async move {
+            if offset < 2 {
+                // The kernel makes no entries of "." and "..": their attributes are not used.
+                let dir = match fs.getattr(ino.0).await {
+                    Ok(attr) => file_attr(&attr),
                     Err(e) => return reply.error(errno(&e)),
                 };
-                let last_page = entries.len() < READDIR_BATCH as usize;
-                for entry in &entries {
-                    let full = reply.add(
-                        INodeNo(entry.attr.ino),
-                        entry.cookie,
-                        file_type(entry.attr.kind),
-                        OsStr::from_bytes(&entry.name),
-                    );
-                    if full {
-                        return reply.ok();
-                    }
-                    after = entry.cookie;
-                }
-                if last_page {
+                if offset < 1 && reply.add(ino, 1, ".", &ttl, &dir, Generation(0)) {
                     return reply.ok();
                 }
+                if reply.add(ino, 2, "..", &ttl, &dir, Generation(0)) {
+                    return reply.ok();
+                }
+            }
+            let result = list(&fs, fh, ino, offset, |entry| {
+                reply.add(
+                    INodeNo(entry.attr.ino),
+                    entry.cookie,
+                    OsStr::from_bytes(&entry.name),
+                    &ttl,
+                    &file_attr(&entry.attr),
+                    Generation(0),
+                )
+            })
+            .await;
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
             }
         });
     }
@@ -730,6 +778,35 @@ impl Filesystem for FuseFs {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+}
+
+/// Feeds `add` the entries of directory `ino` after kernel offset `offset` (an engine cookie,
+/// or "." / ".."), page by page through the handle's listing, until `add` says the kernel's
+/// buffer is full or the directory ends.
+async fn list(
+    fs: &Fs,
+    fh: FileHandle,
+    ino: INodeNo,
+    offset: u64,
+    mut add: impl FnMut(&crate::fs::DirEntry) -> bool,
+) -> crate::fs::FsResult<()> {
+    let mut after = if offset <= FIRST_ENGINE_COOKIE_OFFSET {
+        0
+    } else {
+        offset
+    };
+    loop {
+        let (entries, end) = fs.readdir_at(fh.0, ino.0, after).await?;
+        for entry in &entries {
+            if add(entry) {
+                return Ok(());
+            }
+            after = entry.cookie;
+        }
+        if end || entries.is_empty() {
+            return Ok(());
+        }
     }
 }
 

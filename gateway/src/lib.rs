@@ -19,6 +19,7 @@ pub mod io;
 pub mod limits;
 /// The metadata engine, a crate of its own (`gateway/meta`).
 pub use ::meta;
+pub mod meta_rate;
 pub mod meta_service;
 pub mod node;
 pub mod recovery;

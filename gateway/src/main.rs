@@ -160,6 +160,10 @@ struct ServeArgs {
     /// share (the schema is created and migrated at start).
     #[arg(long, value_parser = parse_meta_location)]
     meta: Option<MetaLocation>,
+    /// Memory the embedded metadata database (a redb --meta file) may use as its page cache:
+    /// what the gateway holds of the metadata whatever its size (large directories included).
+    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    meta_cache: u64,
     /// How long the data of deleted, overwritten or truncated ranges (and of slices left
     /// uncommitted by dead clients) is kept before it is dropped from staging and deleted from
     /// the store, so readers that resolved a slice just before can still fetch its blocks.
@@ -192,6 +196,11 @@ struct ServeArgs {
     /// held is freed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     stream_idle_timeout: Duration,
+    /// Metadata calls one client connection (a mount) may make per second, with a burst of one
+    /// second's worth; past it calls wait, so a scan of the whole tree slows itself rather than
+    /// everyone else. Session heartbeats are never held back. 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    meta_ops_per_client: u32,
     /// Requests one client connection may have open at once (HTTP/2 streams).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
@@ -442,6 +451,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &meta_location,
         MetaConfig {
             deleted_data_delay: args.deleted_data_delay,
+            redb_cache_bytes: Some(args.meta_cache as usize),
             ..MetaConfig::default()
         },
     )
@@ -515,6 +525,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             reload_tokens_on_sighup(tokens, hangups, stop)
         });
     }
+    let meta_rate =
+        gateway::meta_rate::MetaRateLayer::new(args.meta_ops_per_client, tokens.clone());
     let authenticate = Authenticate(tokens);
     if args.metrics_listen.is_some() {
         gateway::telemetry::start_gauges(&node, &workers);
@@ -558,6 +570,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(gateway::telemetry::RpcMetricsLayer)
+        .layer(meta_rate)
         // Every request of both services is authenticated before any service code runs.
         .add_service(InterceptedService::new(
             StagingServer::new(service)

@@ -78,7 +78,7 @@ pub fn count_bytes(tenant: &str, direction: &'static str, bytes: u64) {
     .increment(bytes);
 }
 
-fn tenant_label(tenant: &str) -> String {
+pub(crate) fn tenant_label(tenant: &str) -> String {
     if tenant.is_empty() {
         "anonymous".into()
     } else {

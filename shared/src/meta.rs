@@ -102,6 +102,9 @@ pub struct DirEntry {
     /// directory only grow, so a listing in pages never repeats or skips an entry that stayed put.
     pub cookie: u64,
     pub attr: Attr,
+    /// Whether the inode has extended attributes (`None`: the engine does not know, for inodes
+    /// last changed by an older release), so that `ls -l` need not ask for each entry's.
+    pub has_xattrs: Option<bool>,
 }
 
 /// One contiguous write inside a chunk (DESIGN.md, "Data model").

@@ -37,6 +37,7 @@ pub mod certs;
 pub mod cluster;
 pub mod gateway;
 pub mod mount;
+pub mod prometheus;
 pub mod rpc;
 pub mod s3;
 pub mod workload;

@@ -372,6 +372,7 @@ impl MetaApi for GrpcMeta {
                     name: e.name.to_vec(),
                     cookie: e.cookie,
                     attr: attr_from_proto("readdir", e.attr)?,
+                    has_xattrs: e.has_xattrs,
                 })
             })
             .collect()

@@ -1,11 +1,14 @@
-//! Remembers, for as long as the kernel may cache attributes, that a file has no
-//! `security.capability` attribute.
+//! Remembers, for as long as the kernel may cache attributes, which extended attributes a file
+//! does not have, so that the common probes cost no round trip:
 //!
-//! The kernel asks for that attribute before every `write(2)` to a FUSE file (to drop file
-//! capabilities on write), so without this every append costs a metadata round trip. Only that
-//! name and only its absence are remembered, for the attribute TTL: the kernel itself decides
-//! from mode bits it caches that long, so another mount setting a capability is seen no later
-//! than another mount's `chmod u+s` is. A change made through this mount forgets the file.
+//! - `security.capability`: the kernel asks for it before every `write(2)` to a FUSE file (to
+//!   drop file capabilities on write); without this every append costs a metadata round trip.
+//! - any attribute of a file a listing reported without extended attributes: `ls -l` asks for
+//!   `security.selinux` and `system.posix_acl_access` of every entry.
+//!
+//! Only absence is remembered, for the attribute TTL: the kernel itself decides from mode bits
+//! it caches that long, so another mount setting an attribute is seen no later than another
+//! mount's `chmod u+s` is. A change made through this mount forgets the file.
 
 use std::time::Duration;
 
@@ -17,26 +20,44 @@ pub const CAPABILITY_XATTR: &[u8] = b"security.capability";
 /// Files remembered at most (an entry is a few dozen bytes).
 const MAX_FILES: u64 = 64 * 1024;
 
-pub struct CapabilityAbsence {
-    /// Files seen without the attribute; each entry expires after the TTL.
+pub struct XattrAbsence {
+    /// Files seen without `security.capability`; each entry expires after the TTL.
     seen_absent: moka::sync::Cache<Ino, ()>,
+    /// Files a listing reported without any extended attribute.
+    without_any: moka::sync::Cache<Ino, ()>,
     ttl: Duration,
 }
 
-impl CapabilityAbsence {
+impl XattrAbsence {
     pub fn new(ttl: Duration) -> Self {
-        CapabilityAbsence {
-            seen_absent: moka::sync::Cache::builder()
+        let cache = || {
+            moka::sync::Cache::builder()
                 .max_capacity(MAX_FILES)
                 .time_to_live(ttl.max(Duration::from_nanos(1)))
-                .build(),
+                .build()
+        };
+        XattrAbsence {
+            seen_absent: cache(),
+            without_any: cache(),
             ttl,
         }
     }
 
     /// True when `name` of `ino` is known to be absent, so the engine need not be asked.
     pub fn known_absent(&self, ino: Ino, name: &[u8]) -> bool {
-        name == CAPABILITY_XATTR && self.seen_absent.contains_key(&ino)
+        self.known_none(ino) || (name == CAPABILITY_XATTR && self.seen_absent.contains_key(&ino))
+    }
+
+    /// True when `ino` is known to have no extended attribute at all.
+    pub fn known_none(&self, ino: Ino) -> bool {
+        self.without_any.contains_key(&ino)
+    }
+
+    /// A listing reported `ino` without extended attributes.
+    pub fn saw_none(&self, ino: Ino) {
+        if !self.ttl.is_zero() {
+            self.without_any.insert(ino, ());
+        }
     }
 
     /// The engine answered that `name` of `ino` does not exist.
@@ -50,6 +71,7 @@ impl CapabilityAbsence {
     /// This mount changed the attributes of `ino`.
     pub fn forget(&self, ino: Ino) {
         self.seen_absent.invalidate(&ino);
+        self.without_any.invalidate(&ino);
     }
 }
 
@@ -59,7 +81,7 @@ mod tests {
 
     #[test]
     fn absence_is_remembered_for_the_capability_only_and_until_a_change() {
-        let cache = CapabilityAbsence::new(Duration::from_secs(60));
+        let cache = XattrAbsence::new(Duration::from_secs(60));
         assert!(!cache.known_absent(5, CAPABILITY_XATTR));
         cache.saw_absent(5, CAPABILITY_XATTR);
         cache.saw_absent(5, b"user.other");
@@ -71,12 +93,23 @@ mod tests {
     }
 
     #[test]
+    fn a_file_listed_without_attributes_has_none_until_a_change() {
+        let cache = XattrAbsence::new(Duration::from_secs(60));
+        cache.saw_none(7);
+        assert!(cache.known_absent(7, b"security.selinux"));
+        assert!(cache.known_absent(7, CAPABILITY_XATTR));
+        assert!(!cache.known_absent(8, b"security.selinux"));
+        cache.forget(7);
+        assert!(!cache.known_none(7));
+    }
+
+    #[test]
     fn absence_expires_with_the_ttl() {
-        let cache = CapabilityAbsence::new(Duration::from_millis(20));
+        let cache = XattrAbsence::new(Duration::from_millis(20));
         cache.saw_absent(5, CAPABILITY_XATTR);
         std::thread::sleep(Duration::from_millis(40));
         assert!(!cache.known_absent(5, CAPABILITY_XATTR));
-        let never = CapabilityAbsence::new(Duration::ZERO);
+        let never = XattrAbsence::new(Duration::ZERO);
         never.saw_absent(5, CAPABILITY_XATTR);
         assert!(!never.known_absent(5, CAPABILITY_XATTR));
     }

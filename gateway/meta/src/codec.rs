@@ -6,8 +6,10 @@
 
 use super::{Attr, FileKind, GatewayId, Ino, MetaError, Result, Slice};
 
-const INODE_FORMAT: u8 = 1;
-const INODE_LEN: usize = 2 + 5 * 4 + 6 * 8;
+/// 2 added the xattr flag (one byte at the end); records of format 1 are still read.
+const INODE_FORMAT: u8 = 2;
+const INODE_V1_LEN: usize = 2 + 5 * 4 + 6 * 8;
+const INODE_LEN: usize = INODE_V1_LEN + 1;
 const SLICE_LEN: usize = 8 + 4 + 4 + 16;
 
 /// An inode as stored: its attributes plus bookkeeping that `stat` does not show.
@@ -19,6 +21,9 @@ pub(super) struct Inode {
     pub parent: Ino,
     /// Open handles over all sessions; an unlinked file lives on while this is not zero.
     pub open_handles: u64,
+    /// Whether it has extended attributes; `None` for records written before this was kept
+    /// (format 1). Listings pass it on, so a client need not ask for each entry's attributes.
+    pub has_xattrs: Option<bool>,
 }
 
 fn kind_code(kind: FileKind) -> u8 {
@@ -83,22 +88,29 @@ pub(super) fn encode_inode(inode: &Inode) -> Vec<u8> {
     }
     out.extend_from_slice(&inode.parent.to_le_bytes());
     out.extend_from_slice(&inode.open_handles.to_le_bytes());
+    out.push(match inode.has_xattrs {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    });
     out
 }
 
 pub(super) fn decode_inode(ino: Ino, bytes: &[u8]) -> Result<Inode> {
     let corrupt = |why: &str| MetaError::Corrupt(format!("inode {ino}: {why}"));
-    if bytes.len() != INODE_LEN {
+    let format = bytes.first().copied().unwrap_or(0);
+    let expected = match format {
+        1 => INODE_V1_LEN,
+        INODE_FORMAT => INODE_LEN,
+        _ => return Err(corrupt(&format!("unknown format {format}"))),
+    };
+    if bytes.len() != expected {
         return Err(corrupt(&format!(
-            "{} bytes, expected {INODE_LEN}",
+            "{} bytes, expected {expected} for format {format}",
             bytes.len()
         )));
     }
-    let mut f = Fields(bytes);
-    let format = f.u8();
-    if format != INODE_FORMAT {
-        return Err(corrupt(&format!("unknown format {format}")));
-    }
+    let mut f = Fields(&bytes[1..]);
     let kind = kind_from_code(f.u8()).ok_or_else(|| corrupt("unknown file kind"))?;
     let (mode, uid, gid, nlink, rdev) = (f.u32(), f.u32(), f.u32(), f.u32(), f.u32());
     let size = f.u64();
@@ -119,6 +131,16 @@ pub(super) fn decode_inode(ino: Ino, bytes: &[u8]) -> Result<Inode> {
         },
         parent: f.u64(),
         open_handles: f.u64(),
+        has_xattrs: if format == 1 {
+            None
+        } else {
+            match f.u8() {
+                0 => None,
+                1 => Some(false),
+                2 => Some(true),
+                other => return Err(corrupt(&format!("xattr flag {other}"))),
+            }
+        },
     })
 }
 

@@ -164,6 +164,8 @@ pub struct MetaConfig {
     /// operations share one fsync (group commit). Tests that only need one process's view may
     /// turn it off to run faster.
     pub sync_commits: bool,
+    /// Page cache of the embedded (redb) database; `None`: redb's default of 1 GiB.
+    pub redb_cache_bytes: Option<usize>,
 }
 
 impl Default for MetaConfig {
@@ -173,6 +175,7 @@ impl Default for MetaConfig {
             capacity_bytes: None,
             max_files: None,
             sync_commits: true,
+            redb_cache_bytes: None,
         }
     }
 }
@@ -486,17 +489,28 @@ impl std::fmt::Display for MetaLocation {
 
 /// Opens (creating, formatting or migrating as needed) the metadata at `location`.
 pub async fn open(location: &MetaLocation, config: MetaConfig) -> Result<KvMeta> {
-    KvMeta::open(open_store(location).await?, config).await
+    let store = open_store_with(location, config.redb_cache_bytes).await?;
+    KvMeta::open(store, config).await
 }
 
 /// The key-value store at `location`, without the file-system rules (dump and load).
 pub async fn open_store(location: &MetaLocation) -> Result<std::sync::Arc<dyn kv::KvStore>> {
+    open_store_with(location, None).await
+}
+
+/// [`open_store`], with a redb page cache of `redb_cache_bytes`.
+async fn open_store_with(
+    location: &MetaLocation,
+    redb_cache_bytes: Option<usize>,
+) -> Result<std::sync::Arc<dyn kv::KvStore>> {
     Ok(match location {
         MetaLocation::Redb(path) => {
             let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || redb_kv::RedbKv::open(path))
-                .await
-                .map_err(|e| KvError::Failed(format!("opening the redb file failed: {e}")))??;
+            let store = tokio::task::spawn_blocking(move || {
+                redb_kv::RedbKv::open_with_cache(path, redb_cache_bytes)
+            })
+            .await
+            .map_err(|e| KvError::Failed(format!("opening the redb file failed: {e}")))??;
             std::sync::Arc::new(store)
         }
         MetaLocation::Postgres(url) => {

@@ -66,8 +66,18 @@ impl RedbKv {
     /// Opens the database at `path`, creating it if missing. A file in the layout of an older
     /// stagefs (one table per record type) is refused with a message that says so.
     pub fn open(path: impl AsRef<Path>) -> KvResult<RedbKv> {
+        RedbKv::open_with_cache(path, None)
+    }
+
+    /// [`RedbKv::open`] with a page cache of at most `cache_bytes` (redb's default, 1 GiB, when
+    /// `None`): what the database holds in memory whatever its size.
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: Option<usize>) -> KvResult<RedbKv> {
         let path = path.as_ref();
-        let db = Database::create(path).map_err(|e| match e {
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(path).map_err(|e| match e {
             redb::DatabaseError::Storage(s) => storage(s),
             other => failed(format!("cannot open {}: {other}", path.display())),
         })?;

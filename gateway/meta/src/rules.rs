@@ -350,6 +350,7 @@ impl Tx<'_> {
             },
             parent: ROOT_INO,
             open_handles: 0,
+            has_xattrs: Some(false),
         };
         self.put_inode(&root);
         self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
@@ -556,6 +557,7 @@ impl Tx<'_> {
             },
             parent,
             open_handles: 0,
+            has_xattrs: Some(false),
         };
         self.put_inode(&inode);
         if let Some(target) = symlink_target {
@@ -1262,10 +1264,12 @@ impl MetaEngine for KvMeta {
         for (key, value) in page {
             let ([_, cookie], _) = keys::parse::<2>(&key)?;
             let (child, _, name) = keys::decode_pair("listing", &value)?;
+            let inode = tx.inode(child).await?;
             entries.push(DirEntry {
                 name: name.to_vec(),
                 cookie,
-                attr: tx.inode(child).await?.attr,
+                attr: inode.attr,
+                has_xattrs: inode.has_xattrs,
             });
         }
         Ok(entries)
@@ -1314,7 +1318,11 @@ impl MetaEngine for KvMeta {
             }
             tx.put(key, value.to_vec());
             let now = tx.now;
-            tx.update_inode(ino, |i| i.attr.ctime_ns = now).await?;
+            tx.update_inode(ino, |i| {
+                i.attr.ctime_ns = now;
+                i.has_xattrs = Some(true);
+            })
+            .await?;
             Ok(())
         })
     }
@@ -1342,8 +1350,20 @@ impl MetaEngine for KvMeta {
                 });
             }
             tx.delete(key);
+            let left = !tx
+                .scan(
+                    &keys::xattr_prefix(ino),
+                    &keys::prefix_end(&keys::xattr_prefix(ino)),
+                    1,
+                )
+                .await?
+                .is_empty();
             let now = tx.now;
-            tx.update_inode(ino, |i| i.attr.ctime_ns = now).await?;
+            tx.update_inode(ino, |i| {
+                i.attr.ctime_ns = now;
+                i.has_xattrs = Some(left);
+            })
+            .await?;
             Ok(())
         })
     }

@@ -70,6 +70,7 @@ pub fn dir_entry_to_proto(entry: &DirEntry) -> pb::DirEntry {
         name: entry.name.clone().into(),
         cookie: entry.cookie,
         attr: Some(attr_to_proto(&entry.attr)),
+        has_xattrs: entry.has_xattrs,
     }
 }
 

@@ -1772,3 +1772,27 @@ fn one_owner_holds_a_bounded_number_of_lock_ranges() {
         .set_lock(f.session, ino, &lock(1, 1, 1, Some(LockKind::Read)))
         .unwrap();
 }
+
+#[test]
+fn listings_tell_which_entries_have_extended_attributes() {
+    let f = fixture();
+    let plain = f.file(ROOT_INO, "plain").ino;
+    let tagged = f.file(ROOT_INO, "tagged").ino;
+    f.meta
+        .setxattr(tagged, b"user.tag", b"1", XattrMode::Upsert)
+        .unwrap();
+    let flags = |f: &Fixture| -> Vec<(Ino, Option<bool>)> {
+        let mut entries: Vec<_> = f
+            .meta
+            .readdir(ROOT_INO, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.attr.ino, e.has_xattrs))
+            .collect();
+        entries.sort();
+        entries
+    };
+    assert_eq!(flags(&f), [(plain, Some(false)), (tagged, Some(true))]);
+    f.meta.removexattr(tagged, b"user.tag").unwrap();
+    assert_eq!(flags(&f), [(plain, Some(false)), (tagged, Some(false))]);
+}
