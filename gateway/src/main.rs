@@ -201,6 +201,10 @@ struct ServeArgs {
     /// everyone else. Session heartbeats are never held back. 0: no limit.
     #[arg(long, default_value_t = 0)]
     meta_ops_per_client: u32,
+    /// With --tokens: metadata calls per second one tenant may make over all its connections to
+    /// this gateway, with a burst of one second's worth; past it calls wait. 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    meta_ops_per_tenant: u32,
     /// Requests one client connection may have open at once (HTTP/2 streams).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
@@ -525,8 +529,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             reload_tokens_on_sighup(tokens, hangups, stop)
         });
     }
-    let meta_rate =
-        gateway::meta_rate::MetaRateLayer::new(args.meta_ops_per_client, tokens.clone());
+    let meta_rate = gateway::meta_rate::MetaRateLayer::new(
+        args.meta_ops_per_client,
+        args.meta_ops_per_tenant,
+        tokens.clone(),
+    );
     let authenticate = Authenticate(tokens);
     if args.metrics_listen.is_some() {
         gateway::telemetry::start_gauges(&node, &workers);

@@ -1,6 +1,7 @@
-//! Fair use of the metadata service (`--meta-ops-per-client`): each client connection may make
-//! so many metadata calls per second, with a burst of one second's worth; a call past it waits
-//! rather than fails, so a scan of the whole tree (`updatedb`, `find`, `ls -R`) slows itself
+//! Fair use of the metadata service (`--meta-ops-per-client`, `--meta-ops-per-tenant`): each
+//! client connection, and with `--tokens` each tenant over all its connections, may make so many
+//! metadata calls per second, with a burst of one second's worth; a call past it waits rather
+//! than fails, so a scan of the whole tree (`updatedb`, `find`, `ls -R`) slows itself
 //! down instead of everyone else. Session upkeep (`OpenSession`, `Heartbeat`, `CloseSession`)
 //! is never held back: a delayed heartbeat would expire its session. The time calls waited is
 //! recorded per tenant in `stagefs_meta_throttled_seconds` (a histogram: its sum is the total).
@@ -30,14 +31,14 @@ struct Bucket {
     at: Instant,
 }
 
-/// The per-connection rate, shared by every clone of the layer's service.
-pub struct MetaRate {
+/// A rate per key (a connection, a tenant), shared by every clone of the layer's service.
+pub struct MetaRate<K> {
     per_second: f64,
-    buckets: Mutex<HashMap<SocketAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl MetaRate {
-    pub fn new(per_second: u32) -> MetaRate {
+impl<K: std::hash::Hash + Eq + Clone> MetaRate<K> {
+    pub fn new(per_second: u32) -> MetaRate<K> {
         MetaRate {
             per_second: f64::from(per_second.max(1)),
             buckets: Mutex::new(HashMap::new()),
@@ -45,13 +46,13 @@ impl MetaRate {
     }
 
     /// Takes one call of `client`'s allowance; how long the call must wait for it.
-    pub fn delay(&self, client: SocketAddr, now: Instant) -> Duration {
+    pub fn delay(&self, client: &K, now: Instant) -> Duration {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&client) {
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(client) {
             buckets.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(60));
         }
         let burst = self.per_second;
-        let bucket = buckets.entry(client).or_insert(Bucket {
+        let bucket = buckets.entry(client.clone()).or_insert(Bucket {
             tokens: burst,
             at: now,
         });
@@ -67,19 +68,36 @@ impl MetaRate {
     }
 }
 
-/// The layer; `None` rate: no limit.
+/// The layer; a `None` rate: no limit of that kind.
 #[derive(Clone)]
 pub struct MetaRateLayer {
-    rate: Option<Arc<MetaRate>>,
+    per_client: Option<Arc<MetaRate<SocketAddr>>>,
+    per_tenant: Option<Arc<MetaRate<String>>>,
     tokens: Arc<Tokens>,
 }
 
 impl MetaRateLayer {
-    pub fn new(per_second: u32, tokens: Arc<Tokens>) -> MetaRateLayer {
+    /// Rates in calls per second, 0 for none; the tenant rate applies with `--tokens` only.
+    pub fn new(per_client: u32, per_tenant: u32, tokens: Arc<Tokens>) -> MetaRateLayer {
         MetaRateLayer {
-            rate: (per_second > 0).then(|| Arc::new(MetaRate::new(per_second))),
+            per_client: (per_client > 0).then(|| Arc::new(MetaRate::new(per_client))),
+            per_tenant: (per_tenant > 0 && tokens.required())
+                .then(|| Arc::new(MetaRate::new(per_tenant))),
             tokens,
         }
+    }
+
+    /// The tenant label of a call, from its token.
+    fn tenant<B>(&self, request: &http::Request<B>) -> String {
+        self.tokens
+            .authenticate(
+                request
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes()),
+            )
+            .map(|tenant| crate::telemetry::tenant_label(&tenant.name))
+            .unwrap_or_else(|_| "unauthenticated".into())
     }
 }
 
@@ -135,30 +153,24 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let delay = match (&self.layer.rate, client_of(&request)) {
-            (Some(rate), Some(client)) => {
-                if is_limited(request.uri().path()) {
-                    rate.delay(client, Instant::now())
-                } else {
-                    Duration::ZERO
-                }
+        let layer = &self.layer;
+        let mut delay = Duration::ZERO;
+        let mut tenant = None;
+        if is_limited(request.uri().path()) {
+            let now = Instant::now();
+            if let (Some(rate), Some(client)) = (&layer.per_client, client_of(&request)) {
+                delay = rate.delay(&client, now);
             }
-            _ => Duration::ZERO,
-        };
+            if let Some(rate) = &layer.per_tenant {
+                let name = layer.tenant(&request);
+                delay = delay.max(rate.delay(&name, now));
+                tenant = Some(name);
+            }
+        }
         if delay.is_zero() {
             return Box::pin(self.inner.call(request));
         }
-        let tenant = self
-            .layer
-            .tokens
-            .authenticate(
-                request
-                    .headers()
-                    .get(http::header::AUTHORIZATION)
-                    .map(|v| v.as_bytes()),
-            )
-            .map(|tenant| crate::telemetry::tenant_label(&tenant.name))
-            .unwrap_or_else(|_| "unauthenticated".into());
+        let tenant = tenant.unwrap_or_else(|| layer.tenant(&request));
         metrics::histogram!("stagefs_meta_throttled_seconds", "tenant" => tenant)
             .record(delay.as_secs_f64());
         // The clone is the one made ready by poll_ready; this service keeps a fresh clone.
@@ -187,17 +199,17 @@ mod tests {
 
     #[test]
     fn a_burst_passes_then_calls_wait_their_turn_and_clients_are_apart() {
-        let rate = MetaRate::new(100);
+        let rate = MetaRate::<SocketAddr>::new(100);
         let (a, b): (SocketAddr, SocketAddr) = (
             "127.0.0.1:1".parse().unwrap(),
             "127.0.0.1:2".parse().unwrap(),
         );
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(rate.delay(a, now), Duration::ZERO, "the burst");
+            assert_eq!(rate.delay(&a, now), Duration::ZERO, "the burst");
         }
-        let first = rate.delay(a, now);
-        let second = rate.delay(a, now);
+        let first = rate.delay(&a, now);
+        let second = rate.delay(&a, now);
         assert!(
             first > Duration::ZERO && second > first,
             "{first:?} {second:?}"
@@ -205,12 +217,12 @@ mod tests {
         let gap = (second - first).as_secs_f64();
         assert!((gap - 0.01).abs() < 1e-6, "one call per 10 ms: {gap}");
         assert_eq!(
-            rate.delay(b, now),
+            rate.delay(&b, now),
             Duration::ZERO,
             "another client has its own"
         );
         // A second later the allowance is back, up to the burst.
         let later = now + Duration::from_secs(5);
-        assert_eq!(rate.delay(a, later), Duration::ZERO);
+        assert_eq!(rate.delay(&a, later), Duration::ZERO);
     }
 }

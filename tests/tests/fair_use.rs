@@ -1,6 +1,7 @@
 //! Many clients, fair use: `--meta-ops-per-client` holds a client that scans the tree at full
 //! speed to its rate, by making its calls wait (none fails), while another client's calls are
-//! not held back and session heartbeats always pass.
+//! not held back and session heartbeats always pass; `--meta-ops-per-tenant` holds a tenant's
+//! connections together to one rate.
 //!
 //! Against a real gateway with tokens: a "scanner" tenant calls `GetAttr` as fast as it can on
 //! one connection while a "writer" tenant creates files on another. With a limit of 200 calls a
@@ -111,7 +112,7 @@ fn tokens_file(dir: &TestDir) -> std::path::PathBuf {
 async fn a_scanner_past_its_rate_waits_and_others_do_not() {
     let dir = TestDir::new("fair-use");
     let s3 = S3Server::start_in(dir.join("s3")).await;
-    for gateway in ["unlimited", "limited"] {
+    for gateway in ["unlimited", "limited", "per-tenant"] {
         std::fs::create_dir_all(dir.join(gateway)).unwrap();
     }
     let tokens = tokens_file(&dir);
@@ -164,6 +165,23 @@ async fn a_scanner_past_its_rate_waits_and_others_do_not() {
     };
     assert!(waits("scanner") > 0.0, "the scanner's waits are recorded");
     assert_eq!(waits("writer"), 0.0, "the writer was never held back");
+    drop(gateway);
+
+    // Per tenant: two connections of one tenant share one allowance.
+    let per_tenant = Gateway::builder(&dir.join("per-tenant"), &s3, "psync")
+        .tokens(&tokens, WRITER)
+        .args(["--meta-ops-per-tenant", &RATE.to_string()])
+        .start()
+        .await;
+    let mut first = per_tenant.meta_client_as(&access(SCANNER)).await;
+    let mut second = per_tenant.meta_client_as(&access(SCANNER)).await;
+    let started = Instant::now();
+    tokio::join!(scan(&mut first, calls / 2), scan(&mut second, calls / 2));
+    let shared = started.elapsed();
+    assert!(
+        shared >= floor - Duration::from_millis(50),
+        "{calls} calls of one tenant on two connections at {RATE}/s took only {shared:?}"
+    );
     eprintln!(
         "fair use: {calls} scanner calls at --meta-ops-per-client {RATE} took {took:?}; writer \
          create p50/p99: alone {:?}/{:?}, beside 4 unlimited scanners {:?}/{:?}, beside a \

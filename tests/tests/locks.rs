@@ -8,7 +8,9 @@
 //! * a counter file incremented under `flock` by writers on both mounts ends at exactly the number
 //!   of increments;
 //! * SIGKILL of a whole mount releases its locks once its session expires (`--heartbeat-interval
-//!   1s`: 3 s).
+//!   1s`: 3 s);
+//! * across two gateways on one PostgreSQL database: exclusion, a blocked `flock` granted, and
+//!   the counter.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -180,14 +182,12 @@ fn locks_hold_across_mounts() {
     drop((on_a, on_b));
 }
 
-#[test]
-fn a_counter_incremented_under_flock_on_two_mounts_loses_no_increment() {
+/// Two writers per mount, each a shell loop: take `counter.lock` with flock(1), read `counter`,
+/// write the next number, let go. The counter must end at exactly the number of increments.
+fn assert_counter_under_flock(mounts: [&Mount; 2]) {
     const INCREMENTS: usize = 25;
-    let stack = FuseStack::start("locks-counter", |gateway| gateway);
-    let mounts = [stack.mount("a").start(), stack.mount("b").start()];
     std::fs::write(mounts[0].join("counter"), b"0\n").unwrap();
     std::fs::write(mounts[0].join("counter.lock"), b"").unwrap();
-    // Two writers per mount, each a shell loop: lock, read, write the next number, unlock.
     let script = format!(
         "for i in $(seq {INCREMENTS}); do flock -x \"$1.lock\" sh -c 'n=$(cat \"$1\"); echo $((n + 1)) > \"$1\"' sh \"$1\" || exit 1; done"
     );
@@ -204,7 +204,7 @@ fn a_counter_incremented_under_flock_on_two_mounts_loses_no_increment() {
     for mut writer in writers {
         assert!(writer.wait().unwrap().success(), "a writer failed");
     }
-    for mount in &mounts {
+    for mount in mounts {
         let counted: usize = std::fs::read_to_string(mount.join("counter"))
             .unwrap()
             .trim()
@@ -217,6 +217,46 @@ fn a_counter_incremented_under_flock_on_two_mounts_loses_no_increment() {
             mount.path().display()
         );
     }
+}
+
+#[test]
+fn a_counter_incremented_under_flock_on_two_mounts_loses_no_increment() {
+    let stack = FuseStack::start("locks-counter", |gateway| gateway);
+    let (a, b) = (stack.mount("a").start(), stack.mount("b").start());
+    assert_counter_under_flock([&a, &b]);
+}
+
+/// Two gateways on one PostgreSQL database: a lock taken through one holds against a mount of
+/// the other, a blocked `flock` on B is granted once A lets go (B's gateway looks again every
+/// second for releases elsewhere), and the flock counter loses nothing across gateways.
+#[test]
+fn locks_hold_across_gateways() {
+    let cluster = GatewayCluster::start("locks-two-gateways", 2, |_, gateway| gateway);
+    let a = cluster.mount(0, "a").start();
+    let b = cluster.mount(1, "b").start();
+    std::fs::write(a.join("lockfile"), b"").unwrap();
+    let on_a = open_rw(&a.join("lockfile"));
+    let on_b = open_rw(&b.join("lockfile"));
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    assert_eq!(
+        flock(&on_b, libc::LOCK_EX | libc::LOCK_NB),
+        Err(libc::EWOULDBLOCK),
+        "a lock taken through gateway A keeps a mount of gateway B out"
+    );
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        flock(&on_b, libc::LOCK_EX).map(|()| (started.elapsed(), on_b))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !waiter.is_finished(),
+        "the flock on B waits while A holds it"
+    );
+    flock(&on_a, libc::LOCK_UN).unwrap();
+    let (waited, on_b) = waiter.join().unwrap().expect("granted once A let go");
+    eprintln!("a flock blocked on gateway B was granted {waited:?} after it was asked for");
+    flock(&on_b, libc::LOCK_UN).unwrap();
+    assert_counter_under_flock([&a, &b]);
 }
 
 #[test]
