@@ -140,6 +140,8 @@ struct Listing {
     entries: std::collections::VecDeque<DirEntry>,
     /// The engine said the page was its last.
     end: bool,
+    /// When the page was read: its attributes are served no longer than the attribute TTL.
+    fetched: Option<std::time::Instant>,
 }
 
 /// Entries one engine call returns for a listing.
@@ -505,29 +507,46 @@ impl Fs {
         ino: Ino,
         after: u64,
     ) -> FsResult<(Vec<DirEntry>, bool)> {
-        {
+        // From the start (a new listing, or rewinddir) the directory is read afresh, and so is a
+        // page older than the attribute TTL.
+        let ttl = self.config.capability_absence_ttl;
+        let fresh_enough =
+            |listing: &Listing| after > 0 && listing.fetched.is_some_and(|at| at.elapsed() < ttl);
+        let buffered = {
             let mut listings = self.listings();
-            if let Some(listing) = listings.get_mut(&fh) {
-                let covers = listing.after <= after
-                    && listing
+            match listings.get_mut(&fh) {
+                Some(listing) if fresh_enough(listing) => {
+                    let covers = listing.after <= after
+                        && listing
+                            .entries
+                            .back()
+                            .is_some_and(|last| last.cookie > after);
+                    let exhausted = listing
                         .entries
                         .back()
-                        .is_some_and(|last| last.cookie > after);
-                if covers {
-                    while listing.entries.front().is_some_and(|e| e.cookie <= after) {
-                        listing.entries.pop_front();
+                        .is_none_or(|last| last.cookie <= after);
+                    if covers {
+                        while listing.entries.front().is_some_and(|e| e.cookie <= after) {
+                            listing.entries.pop_front();
+                        }
+                        listing.after = after;
+                        Some((listing.entries.iter().cloned().collect(), listing.end))
+                    } else if listing.end && listing.after <= after && exhausted {
+                        Some((Vec::new(), true))
+                    } else {
+                        None
                     }
-                    listing.after = after;
-                    return Ok((listing.entries.iter().cloned().collect(), listing.end));
                 }
-                let exhausted = listing
-                    .entries
-                    .back()
-                    .is_none_or(|last| last.cookie <= after);
-                if listing.end && listing.after <= after && exhausted {
-                    return Ok((Vec::new(), true));
-                }
+                _ => None,
             }
+        };
+        if let Some((mut entries, end)) = buffered {
+            // Sizes this mount has written since the page was read.
+            let entries: &mut Vec<DirEntry> = &mut entries;
+            for entry in entries.iter_mut() {
+                entry.attr = self.local_attr(entry.attr);
+            }
+            return Ok((std::mem::take(entries), end));
         }
         let entries = self.readdir(ino, after, LISTING_PAGE).await?;
         let end = entries.len() < LISTING_PAGE as usize;
@@ -536,6 +555,7 @@ impl Fs {
                 after,
                 entries: entries.iter().cloned().collect(),
                 end,
+                fetched: Some(std::time::Instant::now()),
             };
         }
         Ok((entries, end))
@@ -560,7 +580,10 @@ impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        self.meta.setxattr(ino, name, value, flags).await
+        let set = self.meta.setxattr(ino, name, value, flags).await;
+        // Again: a listing answered meanwhile may have said "none" from before the change.
+        self.xattr_absence.forget(ino);
+        set
     }
 
     pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
@@ -573,7 +596,9 @@ impl Fs {
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        self.meta.removexattr(ino, name).await
+        let removed = self.meta.removexattr(ino, name).await;
+        self.xattr_absence.forget(ino);
+        removed
     }
 
     pub async fn statfs(&self) -> FsResult<StatFs> {

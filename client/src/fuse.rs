@@ -539,7 +539,9 @@ impl Filesystem for FuseFs {
                         LockKind::Read => libc::F_RDLCK,
                         LockKind::Write => libc::F_WRLCK,
                     };
-                    reply.locked(held.start, held.end, typ, held.pid)
+                    // The kernel refuses ranges past OFFSET_MAX (i64::MAX).
+                    let end = held.end.min(i64::MAX as u64);
+                    reply.locked(held.start.min(end), end, typ, held.pid)
                 }
                 // Nothing in the way: the kernel reports F_UNLCK.
                 Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),

@@ -59,14 +59,15 @@ pub struct MountArgs {
     /// Let other users access the mount (the kernel still checks modes: default_permissions).
     /// The default when run as root, as a shared file system is used by many users; run as
     /// another user it needs user_allow_other in /etc/fuse.conf.
-    #[arg(long, conflicts_with = "no_allow_other")]
+    #[arg(long, overrides_with = "no_allow_other")]
     pub allow_other: bool,
     /// Serve Prometheus metrics (text format) at http://ADDR/metrics: every FUSE operation's
     /// count, time and errors (by errno), bytes read and written, block cache hits and misses.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Only the user who mounted may access the mount, even when run as root.
-    #[arg(long)]
+    /// Only the user who mounted may access the mount, even when run as root. The later of
+    /// --allow-other and --no-allow-other wins (so the command line overrides a --config file).
+    #[arg(long, overrides_with = "allow_other")]
     pub no_allow_other: bool,
     /// Where written blocks go. `gateway`: staged on the gateway's device, so close and fsync
     /// return once they are durable there and uploads happen in the background. `through`: the

@@ -49,7 +49,17 @@ impl<K: std::hash::Hash + Eq + Clone> MetaRate<K> {
     pub fn delay(&self, client: &K, now: Instant) -> Duration {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(client) {
-            buckets.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(60));
+            buckets.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(60));
+            // Still full (clients that keep reconnecting): the longest idle goes.
+            if buckets.len() >= MAX_BUCKETS {
+                let oldest = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(key, _)| key.clone());
+                if let Some(oldest) = oldest {
+                    buckets.remove(&oldest);
+                }
+            }
         }
         let burst = self.per_second;
         let bucket = buckets.entry(client.clone()).or_insert(Bucket {

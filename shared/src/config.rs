@@ -5,7 +5,9 @@
 //! off; an array repeats the flag. The settings go in front of the command line's own flags,
 //! which therefore override them (the subcommand parses with `args_override_self`). A key that
 //! is no flag of the subcommand is refused by the parser as an unknown flag; positional
-//! arguments stay on the command line.
+//! arguments stay on the command line. A switch set `true` in the file cannot be turned off
+//! on the command line unless it has a `--no-…` twin (as `--allow-other` has): leave such
+//! switches out of a file shared by commands that differ in them.
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -4,7 +4,8 @@
 //! * exclusive locks exclude each other across mounts, shared ones coexist, byte ranges that do
 //!   not overlap coexist and overlapping ones exclude; `F_GETLK` on one mount sees the other's;
 //! * a `F_SETLKW` blocked on B is granted once A unlocks;
-//! * SIGKILL of a process holding a lock releases it (its files are closed);
+//! * SIGKILL of a process holding a lock releases it (its files are closed), and one killed while
+//!   it waits for a lock dies at once and gets nothing;
 //! * a counter file incremented under `flock` by writers on both mounts ends at exactly the number
 //!   of increments;
 //! * SIGKILL of a whole mount releases its locks once its session expires (`--heartbeat-interval
@@ -28,6 +29,12 @@ fn open_rw(path: &Path) -> File {
         .truncate(false)
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// A new empty file `name`, made through mount `a` and opened read-write on `a` and on `b`.
+fn one_file_on_both(a: &Mount, b: &Mount, name: &str) -> (File, File) {
+    std::fs::write(a.join(name), b"").unwrap();
+    (open_rw(&a.join(name)), open_rw(&b.join(name)))
 }
 
 /// `flock(2)`; the errno on failure.
@@ -105,9 +112,7 @@ fn locks_hold_across_mounts() {
     let stack = FuseStack::start("locks", |gateway| gateway);
     let a = stack.mount("a").start();
     let b = stack.mount("b").start();
-    std::fs::write(a.join("lockfile"), b"").unwrap();
-    let on_a = open_rw(&a.join("lockfile"));
-    let on_b = open_rw(&b.join("lockfile"));
+    let (on_a, on_b) = one_file_on_both(&a, &b, "lockfile");
 
     // flock: exclusive excludes, shared coexist, an unlock lets the other in.
     flock(&on_a, libc::LOCK_EX).unwrap();
@@ -165,6 +170,23 @@ fn locks_hold_across_mounts() {
     fcntl_lock(&ranges_a, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
     let waited = waiter.join().unwrap().expect("granted once A unlocked");
     assert!(waited >= Duration::from_millis(500), "{waited:?}");
+
+    // A process killed while it waits for a lock dies (the mount gives its request up), and
+    // gets nothing: the lock goes to the next one once its holder lets go.
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    let mut waiting = Command::new("flock")
+        .args(["-x", b.join("lockfile").to_str().unwrap(), "true"])
+        .spawn()
+        .expect("flock(1) from util-linux");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.try_wait().unwrap().is_none(), "flock(1) on B waits");
+    waiting.kill().unwrap();
+    eventually("the killed waiter exited", Duration::from_secs(10), || {
+        waiting.try_wait().unwrap().is_some()
+    });
+    flock(&on_a, libc::LOCK_UN).unwrap();
+    flock(&on_b, libc::LOCK_EX | libc::LOCK_NB).expect("the killed waiter holds nothing");
+    flock(&on_b, libc::LOCK_UN).unwrap();
 
     // SIGKILL of the process holding a lock releases it.
     let mut holder = lock_holder(&a.join("lockfile"));
@@ -234,9 +256,7 @@ fn locks_hold_across_gateways() {
     let cluster = GatewayCluster::start("locks-two-gateways", 2, |_, gateway| gateway);
     let a = cluster.mount(0, "a").start();
     let b = cluster.mount(1, "b").start();
-    std::fs::write(a.join("lockfile"), b"").unwrap();
-    let on_a = open_rw(&a.join("lockfile"));
-    let on_b = open_rw(&b.join("lockfile"));
+    let (on_a, on_b) = one_file_on_both(&a, &b, "lockfile");
     flock(&on_a, libc::LOCK_EX).unwrap();
     assert_eq!(
         flock(&on_b, libc::LOCK_EX | libc::LOCK_NB),

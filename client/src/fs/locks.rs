@@ -18,6 +18,16 @@ use super::meta_api::{HeldLock, Ino, LockRequest, MetaApi, SessionId};
 /// How long one `SetLock` call may wait at the gateway; a longer wait asks again.
 const WAIT_PER_CALL: Duration = Duration::from_secs(25);
 
+/// Waiting `SetLock` calls of one mount at once: each holds an HTTP/2 stream of the mount's one
+/// connection (which heartbeats share), so more waiters queue here.
+const MAX_WAITING_CALLS: usize = 32;
+
+/// How often a waiting request looks whether its process was killed meanwhile. The kernel does
+/// not take back a FUSE request it sent (and fuser does not pass interrupts on), so a process
+/// killed while it waits for a lock would otherwise stay in the kernel until the lock is
+/// granted, unkillable.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
 /// A waiting lock request's way out.
 #[derive(Default)]
 struct Cancel {
@@ -31,23 +41,57 @@ impl Cancel {
         self.notify.notify_waiters();
     }
 
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
     async fn cancelled(&self) {
         let notified = self.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if !self.cancelled.load(Ordering::SeqCst) {
+        if !self.is_cancelled() {
             notified.await;
         }
     }
 }
+
+/// Whether process `pid` has a fatal signal (SIGKILL) pending: it is being killed.
+fn being_killed(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        // Gone already.
+        return true;
+    };
+    status.lines().any(|line| {
+        let mask = line
+            .strip_prefix("SigPnd:")
+            .or_else(|| line.strip_prefix("ShdPnd:"));
+        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0)
+    })
+}
+
+fn interrupted(why: &str) -> FsError {
+    FsError::Meta {
+        op: "set_lock",
+        errno: libc::EINTR,
+        message: why.into(),
+    }
+}
+
+/// The waiting lock requests of each (inode, lock owner).
+type Waiting = HashMap<(Ino, u64), Vec<Arc<Cancel>>>;
 
 pub(super) struct MountLocks {
     meta: Arc<dyn MetaApi>,
     session: SessionId,
     /// (inode, owner) pairs that took a lock since their last release here.
     held: Mutex<HashSet<(Ino, u64)>>,
-    /// Lock requests waiting for another owner's lock to go.
-    waiting: Mutex<HashMap<(Ino, u64), Arc<Cancel>>>,
+    /// Lock requests waiting for another owner's lock to go, each with its own way out.
+    waiting: Mutex<Waiting>,
+    waiting_calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl MountLocks {
@@ -57,6 +101,7 @@ impl MountLocks {
             session,
             held: Mutex::default(),
             waiting: Mutex::default(),
+            waiting_calls: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_CALLS)),
         }
     }
 
@@ -64,48 +109,76 @@ impl MountLocks {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<(Ino, u64), Arc<Cancel>>> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `fcntl(F_SETLK)` (`wait` false: EAGAIN at once on a conflict) or `F_SETLKW` (waits until
-    /// granted, or until the owner closes the file: EINTR).
+    /// granted; EINTR when the owner closes the file or its process is killed meanwhile).
     pub async fn set(&self, ino: Ino, lock: &LockRequest, wait: bool) -> FsResult<()> {
         if lock.kind.is_some() {
             // Noted before asking: a lock granted after its owner closed the file must be found.
             self.held().insert((ino, lock.owner));
         }
-        if !wait {
-            return self
-                .meta
-                .set_lock(self.session, ino, lock, Duration::ZERO)
-                .await;
-        }
         let cancel = Arc::new(Cancel::default());
-        self.waiting().insert((ino, lock.owner), cancel.clone());
-        let result = loop {
-            tokio::select! {
-                result = self.meta.set_lock(self.session, ino, lock, WAIT_PER_CALL) => {
-                    match result {
-                        Err(e) if e.errno() == libc::EAGAIN => continue,
-                        other => break other,
-                    }
-                }
-                _ = cancel.cancelled() => {
-                    break Err(FsError::Meta {
-                        op: "set_lock",
-                        errno: libc::EINTR,
-                        message: "the lock's owner closed the file while it waited".into(),
-                    })
+        let key = (ino, lock.owner);
+        self.waiting().entry(key).or_default().push(cancel.clone());
+        let result = if wait {
+            self.wait_for(ino, lock, &cancel).await
+        } else {
+            self.meta
+                .set_lock(self.session, ino, lock, Duration::ZERO)
+                .await
+        };
+        {
+            let mut waiting = self.waiting();
+            if let Some(cancels) = waiting.get_mut(&key) {
+                cancels.retain(|c| !Arc::ptr_eq(c, &cancel));
+                if cancels.is_empty() {
+                    waiting.remove(&key);
                 }
             }
-        };
-        self.waiting().remove(&(ino, lock.owner));
-        if cancel.cancelled.load(Ordering::SeqCst) {
-            // The gateway may have granted it as the wait was given up.
+        }
+        if cancel.is_cancelled() && lock.kind.is_some() {
+            // Its owner closed the file meanwhile: whatever was granted goes too.
             self.release(ino, lock.owner).await;
         }
         result
+    }
+
+    async fn wait_for(&self, ino: Ino, lock: &LockRequest, cancel: &Cancel) -> FsResult<()> {
+        loop {
+            let slot = tokio::select! {
+                slot = self.waiting_calls.clone().acquire_owned() => {
+                    slot.map_err(|_| interrupted("the mount is closing"))?
+                }
+                _ = cancel.cancelled() => {
+                    return Err(interrupted("the lock's owner closed the file while it waited"))
+                }
+            };
+            let call = self.meta.set_lock(self.session, ino, lock, WAIT_PER_CALL);
+            tokio::pin!(call);
+            let mut check = tokio::time::interval(LIVENESS_CHECK);
+            let outcome = loop {
+                tokio::select! {
+                    result = &mut call => break result,
+                    _ = cancel.cancelled() => {
+                        return Err(interrupted("the lock's owner closed the file while it waited"))
+                    }
+                    _ = check.tick() => {
+                        if being_killed(lock.pid) {
+                            cancel.cancel();
+                            return Err(interrupted("the waiting process is being killed"));
+                        }
+                    }
+                }
+            };
+            drop(slot);
+            match outcome {
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                other => return other,
+            }
+        }
     }
 
     /// `fcntl(F_GETLK)`: another owner's lock that keeps `lock` from being taken.
@@ -114,10 +187,12 @@ impl MountLocks {
     }
 
     /// A file of `ino` was closed by lock owner `owner`: its POSIX locks on the file go (as
-    /// `close` does on Linux), and a lock request of it still waiting gives up.
+    /// `close` does on Linux), and lock requests of it still waiting give up.
     pub async fn closed_by(&self, ino: Ino, owner: u64) {
-        if let Some(cancel) = self.waiting().get(&(ino, owner)) {
-            cancel.cancel();
+        if let Some(cancels) = self.waiting().get(&(ino, owner)) {
+            for cancel in cancels {
+                cancel.cancel();
+            }
         }
         if self.held().contains(&(ino, owner)) {
             self.release(ino, owner).await;
@@ -133,20 +208,53 @@ impl MountLocks {
             held.len() != before
         };
         if had_any {
-            if let Err(error) = self.meta.release_locks(self.session, ino, None).await {
-                tracing::warn!(ino, %error, "could not drop this mount's locks on a closed file; they go when its session ends");
-            }
+            self.drop_locks(ino, None).await;
         }
     }
 
     async fn release(&self, ino: Ino, owner: u64) {
         self.held().remove(&(ino, owner));
-        if let Err(error) = self
-            .meta
-            .release_locks(self.session, ino, Some(owner))
-            .await
-        {
-            tracing::warn!(ino, owner, %error, "could not drop a lock owner's locks; they go when this mount's session ends");
+        self.drop_locks(ino, Some(owner)).await;
+    }
+
+    /// Asks the engine to drop locks; while the gateway cannot be reached, keeps asking in the
+    /// background (a lock left behind would hold other mounts out for as long as this mount
+    /// lives). An answer (the session is gone: so are its locks) ends it.
+    async fn drop_locks(&self, ino: Ino, owner: Option<u64>) {
+        let Err(error) = self.meta.release_locks(self.session, ino, owner).await else {
+            return;
+        };
+        if !matches!(error, FsError::MetaUnavailable { .. }) {
+            tracing::warn!(ino, ?owner, %error, "could not drop locks");
+            return;
         }
+        tracing::warn!(ino, ?owner, %error, "could not drop locks yet; trying again in the background");
+        let (meta, session) = (self.meta.clone(), self.session);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(delay).await;
+                match meta.release_locks(session, ino, owner).await {
+                    Err(FsError::MetaUnavailable { .. }) => {
+                        delay = (delay * 2).min(Duration::from_secs(10))
+                    }
+                    Err(error) => {
+                        tracing::warn!(ino, ?owner, %error, "could not drop locks");
+                        return;
+                    }
+                    Ok(()) => return,
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_being_killed_is_told_from_one_that_is_not() {
+        assert!(!super::being_killed(std::process::id()));
+        assert!(!super::being_killed(0), "no process named");
+        assert!(super::being_killed(u32::MAX - 1), "no such process");
     }
 }

@@ -801,6 +801,62 @@ async fn a_read_only_mount_refuses_changes() {
     assert_eq!(read_path(&ro, "f", 0, 10).await, b"data");
 }
 
+/// A directory handle serves the kernel's small reads from one engine page, every entry once in
+/// cookie order; a listing from the start again (rewinddir) reads the directory afresh.
+#[tokio::test]
+async fn listings_page_through_one_buffer_and_rewinddir_reads_afresh() {
+    let world = World::new().await;
+    let fs = world
+        .mount(FsConfig {
+            capability_absence_ttl: Duration::from_secs(60),
+            ..FsConfig::default()
+        })
+        .await;
+    for i in 0..1200 {
+        let (_, fh) = create(&fs, &format!("f{i:04}")).await;
+        fs.release(fh, None).await.unwrap();
+    }
+    let dh = fs.opendir();
+    let (mut after, mut names) = (0, Vec::new());
+    loop {
+        let (entries, end) = fs.readdir_at(dh, ROOT_INO, after).await.unwrap();
+        // The kernel takes a few entries of each answer, then asks from the last it took.
+        for entry in entries.iter().take(7) {
+            names.push(String::from_utf8(entry.name.clone()).unwrap());
+            after = entry.cookie;
+        }
+        if end && entries.len() <= 7 {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..1200).map(|i| format!("f{i:04}")).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, want, "every entry once");
+    let (_, fh) = create(&fs, "late").await;
+    fs.release(fh, None).await.unwrap();
+    let (first, _) = fs.readdir_at(dh, ROOT_INO, 0).await.unwrap();
+    assert!(
+        first.len() == LISTING_PAGE as usize || first.iter().any(|e| e.name == b"late"),
+        "rewinddir sees the directory as it is now"
+    );
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let (entries, end) = fs.readdir_at(dh, ROOT_INO, after).await.unwrap();
+        all.extend(entries.iter().map(|e| e.name.clone()));
+        after = entries.last().map_or(after, |e| e.cookie);
+        if end {
+            break;
+        }
+    }
+    assert!(
+        all.iter().any(|n| n == b"late"),
+        "the new entry is listed after a rewind"
+    );
+    fs.releasedir(dh);
+}
+
 #[tokio::test]
 async fn shutdown_commits_open_files_and_closes_the_session() {
     let world = World::new().await;

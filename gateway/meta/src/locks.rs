@@ -16,6 +16,10 @@ pub use shared::meta::{HeldLock, LockKind, LockRequest};
 /// no client can grow a lock record without bound.
 pub const MAX_RANGES_PER_OWNER: usize = 1024;
 
+/// Most lock owners, over all sessions, holding locks on one inode: every lock call on the
+/// inode reads them all. Past it a new owner's lock fails with ENOLCK.
+pub const MAX_OWNERS_PER_INODE: usize = 4096;
+
 /// The owner's locks after `request`: what it held inside the range is cut out (a lock over the
 /// range's edge keeps its outside part), then the range is added with its kind and merged with
 /// adjacent locks of that kind. The result is sorted and disjoint.

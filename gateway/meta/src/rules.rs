@@ -1534,7 +1534,15 @@ impl MetaEngine for KvMeta {
             tx.inode(ino).await?;
             let mine = keys::lock(ino, session, request.owner);
             let mut held = Vec::new();
-            for (key, value) in tx.scan_prefix(&keys::lock_prefix(ino)).await? {
+            let owners = tx.scan_prefix(&keys::lock_prefix(ino)).await?;
+            let new_owner = !owners.iter().any(|(key, _)| *key == mine);
+            if new_owner && request.kind.is_some() && owners.len() >= locks::MAX_OWNERS_PER_INODE {
+                return Err(MetaError::TooManyLocks {
+                    ino,
+                    max: locks::MAX_OWNERS_PER_INODE,
+                });
+            }
+            for (key, value) in owners {
                 let locks = locks::decode(&value)?;
                 if key == mine {
                     held = locks;
