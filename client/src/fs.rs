@@ -512,7 +512,7 @@ impl Fs {
         let ttl = self.config.capability_absence_ttl;
         let fresh_enough =
             |listing: &Listing| after > 0 && listing.fetched.is_some_and(|at| at.elapsed() < ttl);
-        let buffered = {
+        let buffered: Option<(Vec<DirEntry>, bool)> = {
             let mut listings = self.listings();
             match listings.get_mut(&fh) {
                 Some(listing) if fresh_enough(listing) => {
@@ -542,11 +542,10 @@ impl Fs {
         };
         if let Some((mut entries, end)) = buffered {
             // Sizes this mount has written since the page was read.
-            let entries: &mut Vec<DirEntry> = &mut entries;
-            for entry in entries.iter_mut() {
+            for entry in &mut entries {
                 entry.attr = self.local_attr(entry.attr);
             }
-            return Ok((std::mem::take(entries), end));
+            return Ok((entries, end));
         }
         let entries = self.readdir(ino, after, LISTING_PAGE).await?;
         let end = entries.len() < LISTING_PAGE as usize;

@@ -53,9 +53,7 @@ impl MetaService {
     /// The session named by `wire` (16 bytes), if `tenant` opened it: another tenant's session
     /// is answered as one that does not exist.
     async fn session(&self, tenant: &Tenant, wire: &[u8]) -> Result<SessionId, MetaError> {
-        self.node
-            .session_of(tenant, session_from_proto(wire)?)
-            .await
+        self.node.session_named(tenant, wire).await
     }
 
     /// Runs one engine call; `rpc` names the call in error messages.

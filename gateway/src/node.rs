@@ -171,6 +171,22 @@ impl Node {
         Ok(session)
     }
 
+    /// The session a request names in `wire` (the 16 bytes `OpenSession` returned), if `tenant`
+    /// opened it ([`Node::session_of`]).
+    pub async fn session_named(
+        &self,
+        tenant: &Tenant,
+        wire: &[u8],
+    ) -> Result<SessionId, MetaError> {
+        let session = shared::meta::session_from_wire(wire).ok_or_else(|| {
+            MetaError::Invalid(format!(
+                "session id of {} bytes: a session id is the 16 bytes OpenSession returned",
+                wire.len()
+            ))
+        })?;
+        self.session_of(tenant, session).await
+    }
+
     /// `session`, if `tenant` opened it. Another tenant's session is answered as one that does
     /// not exist ([`MetaError::SessionGone`]), so its existence is not told either.
     pub async fn session_of(
@@ -215,14 +231,7 @@ impl Node {
                 tenant.name
             )));
         }
-        let wire = session;
-        let session = shared::meta::session_from_wire(wire).ok_or_else(|| {
-            MetaError::Invalid(format!(
-                "block {key}: a session id of {} bytes (it is the 16 bytes OpenSession returned)",
-                wire.len()
-            ))
-        })?;
-        let session = self.session_of(tenant, session).await?;
+        let session = self.session_named(tenant, session).await?;
         let end = u64::from(key.block_index) * shared::BLOCK_SIZE + key.len();
         match self.meta.pending_slice_len(session, key.slice_id).await? {
             Some(len) if end <= u64::from(len) => Ok(()),

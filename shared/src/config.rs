@@ -116,32 +116,12 @@ mod tests {
         args.iter().map(OsString::from).collect()
     }
 
-    fn config(text: &str) -> (tempdir::Dir, String) {
-        let dir = tempdir::Dir::new();
-        let path = dir.0.join("stagefs.toml");
+    fn config(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stagefs.toml");
         std::fs::write(&path, text).unwrap();
-        (dir, path.display().to_string())
-    }
-
-    /// A directory removed when dropped (no tempfile dependency for one test module).
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                let path = std::env::temp_dir().join(format!(
-                    "stagefs-config-{}-{:?}",
-                    std::process::id(),
-                    std::thread::current().id()
-                ));
-                std::fs::create_dir_all(&path).unwrap();
-                Dir(path)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
+        let path = path.display().to_string();
+        (dir, path)
     }
 
     #[test]

@@ -326,6 +326,23 @@ impl Gateway {
         kib * 1024
     }
 
+    /// Samples the gateway's RSS every `every` until `work` resolves; returns the largest
+    /// sample and what `work` returned.
+    pub async fn peak_rss_during<T>(
+        &self,
+        every: Duration,
+        work: impl std::future::Future<Output = T>,
+    ) -> (u64, T) {
+        tokio::pin!(work);
+        let mut peak = self.rss_bytes();
+        loop {
+            tokio::select! {
+                out = &mut work => return (peak.max(self.rss_bytes()), out),
+                _ = tokio::time::sleep(every) => peak = peak.max(self.rss_bytes()),
+            }
+        }
+    }
+
     /// Sends `signal` to the running gateway (SIGHUP to reload its tokens, say).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let child = self.child.as_ref().expect("the gateway is not running");

@@ -96,3 +96,20 @@ pub async fn read_chunk(meta: &mut Meta, ino: u64) -> Vec<pb::Slice> {
     .into_inner()
     .slices
 }
+
+/// What a caller presenting the token `secret` sends.
+pub fn with_token(secret: &str) -> client::fs::GatewayAccess {
+    client::fs::GatewayAccess::default()
+        .with_token(secret)
+        .expect("a valid token")
+}
+
+/// Opens a session described as `description`.
+pub async fn open_session(meta: &mut Meta, description: &str) -> pb::OpenSessionResponse {
+    meta.open_session(pb::OpenSessionRequest {
+        description: description.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("OpenSession {description}: {e:?}"))
+    .into_inner()
+}

@@ -59,21 +59,6 @@ async fn populate(meta: &dyn MetaEngine, name: &str, count: u64) -> u64 {
     dir.ino
 }
 
-/// Samples the gateway's RSS every 20 ms until `work` resolves; returns the largest sample.
-async fn peak_rss_during<T>(
-    gateway: &Gateway,
-    work: impl std::future::Future<Output = T>,
-) -> (u64, T) {
-    tokio::pin!(work);
-    let mut peak = gateway.rss_bytes();
-    loop {
-        tokio::select! {
-            out = &mut work => return (peak.max(gateway.rss_bytes()), out),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => peak = peak.max(gateway.rss_bytes()),
-        }
-    }
-}
-
 #[test]
 fn listings_stream_in_bounded_pages() {
     let entries = knob("STAGEFS_BIG_DIR_ENTRIES", 50_000);
@@ -145,7 +130,13 @@ fn listings_stream_in_bounded_pages() {
                 }
             }
         };
-        (before, peak_rss_during(&stack.gateway, listing).await)
+        (
+            before,
+            stack
+                .gateway
+                .peak_rss_during(Duration::from_millis(20), listing)
+                .await,
+        )
     });
     let (count, pages) = listed;
     assert_eq!(count, entries, "every entry listed once");

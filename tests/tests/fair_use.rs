@@ -14,10 +14,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use client::fs::GatewayAccess;
 use proto::meta as pb;
 use stagefs_tests::prometheus::scrape;
-use stagefs_tests::rpc::{create, Meta};
+use stagefs_tests::rpc::{create, open_session, with_token, Meta};
 use stagefs_tests::s3::free_port;
 use stagefs_tests::*;
 
@@ -25,18 +24,8 @@ const SCANNER: &str = "scanner-0123456789abcdef0123456789abcdef";
 const WRITER: &str = "writer-0123456789abcdef0123456789abcdef01";
 const RATE: u64 = 200;
 
-fn access(secret: &str) -> GatewayAccess {
-    GatewayAccess::default().with_token(secret).unwrap()
-}
-
 async fn session(meta: &mut Meta) -> Bytes {
-    meta.open_session(pb::OpenSessionRequest {
-        description: "fair use".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .session_id
+    open_session(meta, "fair use").await.session_id
 }
 
 /// `calls` GetAttr of the root, one after another; how long they took.
@@ -74,12 +63,12 @@ async fn writer_under_scan(
     prefix: &str,
     scanners: usize,
 ) -> (Duration, Duration) {
-    let mut writer = gateway.meta_client_as(&access(WRITER)).await;
+    let mut writer = gateway.meta_client_as(&with_token(WRITER)).await;
     let writer_session = session(&mut writer).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut scans = Vec::new();
     for _ in 0..scanners {
-        let mut scanner = gateway.meta_client_as(&access(SCANNER)).await;
+        let mut scanner = gateway.meta_client_as(&with_token(SCANNER)).await;
         let stop = stop.clone();
         scans.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -137,8 +126,8 @@ async fn a_scanner_past_its_rate_waits_and_others_do_not() {
         ])
         .start()
         .await;
-    let mut scanner = gateway.meta_client_as(&access(SCANNER)).await;
-    let mut writer = gateway.meta_client_as(&access(WRITER)).await;
+    let mut scanner = gateway.meta_client_as(&with_token(SCANNER)).await;
+    let mut writer = gateway.meta_client_as(&with_token(WRITER)).await;
     let writer_session = session(&mut writer).await;
     let calls = 3 * RATE;
     let scanning = tokio::spawn(async move {
@@ -173,8 +162,8 @@ async fn a_scanner_past_its_rate_waits_and_others_do_not() {
         .args(["--meta-ops-per-tenant", &RATE.to_string()])
         .start()
         .await;
-    let mut first = per_tenant.meta_client_as(&access(SCANNER)).await;
-    let mut second = per_tenant.meta_client_as(&access(SCANNER)).await;
+    let mut first = per_tenant.meta_client_as(&with_token(SCANNER)).await;
+    let mut second = per_tenant.meta_client_as(&with_token(SCANNER)).await;
     let started = Instant::now();
     tokio::join!(scan(&mut first, calls / 2), scan(&mut second, calls / 2));
     let shared = started.elapsed();

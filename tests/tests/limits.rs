@@ -29,20 +29,8 @@ const ALLOWANCE: u64 = 64 * MIB;
 const PER_CONNECTION: u64 = 4 * proto::CONNECTION_WINDOW_BYTES as u64;
 const STALLED: u64 = 200;
 
-/// Samples the gateway's RSS every 50 ms until `done` resolves; returns the largest sample.
-async fn peak_rss_during<T>(
-    gateway: &Gateway,
-    done: impl std::future::Future<Output = T>,
-) -> (u64, T) {
-    tokio::pin!(done);
-    let mut peak = gateway.rss_bytes();
-    loop {
-        tokio::select! {
-            out = &mut done => return (peak.max(gateway.rss_bytes()), out),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => peak = peak.max(gateway.rss_bytes()),
-        }
-    }
-}
+/// How often the gateway's RSS is sampled while it is under attack.
+const RSS_SAMPLES: Duration = Duration::from_millis(50);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
@@ -109,11 +97,12 @@ async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
         }
         outcomes
     };
-    let (peak, outcomes) = peak_rss_during(
-        &gateway,
-        within(Duration::from_secs(120), "the attack is over", well_behaved),
-    )
-    .await;
+    let (peak, outcomes) = gateway
+        .peak_rss_during(
+            RSS_SAMPLES,
+            within(Duration::from_secs(120), "the attack is over", well_behaved),
+        )
+        .await;
     let bound = baseline + MAX_INFLIGHT + PER_CONNECTION + ALLOWANCE;
     eprintln!(
         "stalled streams: RSS {} MiB before, {} MiB at most during (bound {} MiB)",
@@ -173,7 +162,7 @@ async fn stalled_streams_and_unread_answers_stay_within_the_budget() {
         // Give the gateway time to stage what it took.
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
-    let (peak, ()) = peak_rss_during(&gateway, feed).await;
+    let (peak, ()) = gateway.peak_rss_during(RSS_SAMPLES, feed).await;
     let bound = before + MAX_INFLIGHT + PER_CONNECTION + ALLOWANCE;
     eprintln!(
         "unread answers: RSS {} MiB before, {} MiB at most during (bound {} MiB)",

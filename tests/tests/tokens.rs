@@ -19,7 +19,7 @@ use bytes::Bytes;
 use client::fs::GatewayAccess;
 use proto::meta::{self as pb};
 use proto::staging::{DeleteBlocksRequest, RetryQuarantinedRequest, SetUploadsPausedRequest};
-use stagefs_tests::rpc::{errno_of, expect_errno};
+use stagefs_tests::rpc::{errno_of, expect_errno, open_session, with_token};
 use stagefs_tests::*;
 use tonic::Code;
 
@@ -37,10 +37,6 @@ fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
             )
         })
         .collect()
-}
-
-fn access(secret: &str) -> GatewayAccess {
-    GatewayAccess::default().with_token(secret).unwrap()
 }
 
 fn token_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
@@ -81,7 +77,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
             ("no token", GatewayAccess::default()),
             (
                 "a wrong token",
-                access("wrong-0123456789abcdef0123456789abcdef"),
+                with_token("wrong-0123456789abcdef0123456789abcdef"),
             ),
         ] {
             let mut meta = stack.gateway.meta_client_as(&caller).await;
@@ -148,7 +144,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
 
     stack.block_on(async {
         // ... and on raw RPCs, which a client that ignores its own flags could send.
-        let mut meta = stack.gateway.meta_client_as(&access(READERS)).await;
+        let mut meta = stack.gateway.meta_client_as(&with_token(READERS)).await;
         expect_errno(
             "Mkdir with a read-only token",
             meta.mkdir(mkdir_request("raw")).await,
@@ -172,7 +168,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
             libc::EROFS,
             Code::PermissionDenied,
         );
-        let mut staging = stack.gateway.client_as(&access(READERS)).await;
+        let mut staging = stack.gateway.client_as(&with_token(READERS)).await;
         let key = block_key(1 << 40, 0, 4096);
         let refused = write_block(&mut staging, &key, &block_bytes(&key, 1))
             .await
@@ -180,7 +176,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
         // A session belongs to its tenant: another tenant's calls find none.
-        let mut training_meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
+        let mut training_meta = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
         let refused = training_meta
             .heartbeat(pb::SessionRequest {
                 session_id: session.session_id.clone(),
@@ -197,7 +193,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
 
         // Admin-only operations.
         for (who, secret) in [("rw", TRAINING), ("ro", READERS)] {
-            let mut staging = stack.gateway.client_as(&access(secret)).await;
+            let mut staging = stack.gateway.client_as(&with_token(secret)).await;
             let refused = staging
                 .set_uploads_paused(SetUploadsPausedRequest { paused: true })
                 .await
@@ -216,7 +212,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
                 .unwrap_err();
             assert_eq!(refused.code(), Code::PermissionDenied, "{who}: {refused:?}");
         }
-        let mut admin = stack.gateway.client_as(&access(OPS)).await;
+        let mut admin = stack.gateway.client_as(&with_token(OPS)).await;
         admin
             .set_uploads_paused(SetUploadsPausedRequest { paused: true })
             .await
@@ -241,7 +237,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
             "the old secret is refused",
             async {
                 loop {
-                    let mut meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
+                    let mut meta = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
                     if let Err(status) = meta.stat_fs(pb::Empty {}).await {
                         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
                         break;
@@ -252,7 +248,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
         )
         .await;
         for (secret, works) in [(ROTATED, true), (READERS, false), (OPS, true)] {
-            let mut meta = stack.gateway.meta_client_as(&access(secret)).await;
+            let mut meta = stack.gateway.meta_client_as(&with_token(secret)).await;
             assert_eq!(meta.stat_fs(pb::Empty {}).await.is_ok(), works, "{secret}");
         }
     });
@@ -266,7 +262,7 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
             }
         })
         .await;
-        let mut meta = stack.gateway.meta_client_as(&access(ROTATED)).await;
+        let mut meta = stack.gateway.meta_client_as(&with_token(ROTATED)).await;
         meta.stat_fs(pb::Empty {})
             .await
             .expect("the rotated secret still works");
@@ -285,15 +281,6 @@ fn a_gateway_without_tokens_warns_that_it_is_open() {
         "the gateway warns at start: {}",
         tail(&log, 20)
     );
-}
-
-async fn open(meta: &mut stagefs_tests::rpc::Meta, what: &str) -> pb::OpenSessionResponse {
-    meta.open_session(pb::OpenSessionRequest {
-        description: what.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 /// A block is staged only by the session that recorded its slice as pending, within the
@@ -316,12 +303,14 @@ fn blocks_are_staged_only_by_the_session_that_holds_their_slice() {
     .unwrap();
     let stack = FuseStack::start("tokens-blocks", |gateway| gateway.tokens(&tokens, OPS));
     stack.block_on(async {
-        let mut meta = stack.gateway.meta_client_as(&access(TRAINING)).await;
-        let mut staging = stack.gateway.client_as(&access(TRAINING)).await;
-        let owner = open(&mut meta, "owner").await;
-        let sibling = open(&mut meta, "sibling").await.session_id;
-        let mut other_meta = stack.gateway.meta_client_as(&access(READERS)).await;
-        let stranger = open(&mut other_meta, "another tenant's").await.session_id;
+        let mut meta = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
+        let mut staging = stack.gateway.client_as(&with_token(TRAINING)).await;
+        let owner = open_session(&mut meta, "owner").await;
+        let sibling = open_session(&mut meta, "sibling").await.session_id;
+        let mut other_meta = stack.gateway.meta_client_as(&with_token(READERS)).await;
+        let stranger = open_session(&mut other_meta, "another tenant's")
+            .await
+            .session_id;
         let slice_id = meta
             .allocate_slice_ids(pb::AllocateSliceIdsRequest {
                 count: 1,
@@ -399,7 +388,7 @@ fn blocks_are_staged_only_by_the_session_that_holds_their_slice() {
             Code::PermissionDenied,
         );
         // An admin's tools may stage without a session.
-        let mut admin = stack.gateway.client_as(&access(OPS)).await;
+        let mut admin = stack.gateway.client_as(&with_token(OPS)).await;
         let loose = block_key(slice_id + 1_000_000, 0, 10);
         write_block(&mut admin, &loose, &block_bytes(&loose, 2))
             .await

@@ -73,6 +73,8 @@ fn being_killed(pid: u32) -> bool {
     })
 }
 
+const OWNER_CLOSED: &str = "the lock's owner closed the file while it waited";
+
 fn interrupted(why: &str) -> FsError {
     FsError::Meta {
         op: "set_lock",
@@ -153,7 +155,7 @@ impl MountLocks {
                     slot.map_err(|_| interrupted("the mount is closing"))?
                 }
                 _ = cancel.cancelled() => {
-                    return Err(interrupted("the lock's owner closed the file while it waited"))
+                    return Err(interrupted(OWNER_CLOSED))
                 }
             };
             let call = self.meta.set_lock(self.session, ino, lock, WAIT_PER_CALL);
@@ -163,7 +165,7 @@ impl MountLocks {
                 tokio::select! {
                     result = &mut call => break result,
                     _ = cancel.cancelled() => {
-                        return Err(interrupted("the lock's owner closed the file while it waited"))
+                        return Err(interrupted(OWNER_CLOSED))
                     }
                     _ = check.tick() => {
                         if being_killed(lock.pid) {

@@ -8,8 +8,8 @@ use proto::meta as pb;
 use proto::meta_convert::{self, WireError};
 
 use crate::meta::{
-    Attr, DirEntry, FileKind, HeldLock, Ino, LockKind, LockRequest, MetaError, NewNode, SessionId,
-    SetAttr, Slice, StatFs,
+    Attr, DirEntry, FileKind, HeldLock, Ino, LockKind, LockRequest, MetaError, NewNode, SetAttr,
+    Slice, StatFs,
 };
 
 fn invalid(e: WireError) -> MetaError {
@@ -89,16 +89,6 @@ pub fn slice_to_proto(slice: &Slice) -> pb::Slice {
 }
 
 /// The slice of a `RecordPendingSlice` or `CommitSlice` (see [`meta_convert::slice`]).
-/// A session id from the wire: exactly 16 bytes.
-pub fn session_from_proto(bytes: &[u8]) -> Result<SessionId, MetaError> {
-    shared::meta::session_from_wire(bytes).ok_or_else(|| {
-        MetaError::Invalid(format!(
-            "session id of {} bytes: a session id is the 16 bytes OpenSession returned",
-            bytes.len()
-        ))
-    })
-}
-
 pub fn slice_from_proto(slice: Option<&pb::Slice>, rpc: &str) -> Result<Slice, MetaError> {
     let slice = slice.ok_or_else(|| MetaError::Invalid(format!("{rpc} without a slice")))?;
     meta_convert::slice(slice).map_err(invalid)
