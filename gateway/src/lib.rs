@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod aligned;
+pub mod change_tags;
 pub mod device;
 pub mod drain;
 #[cfg(test)]

@@ -539,6 +539,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway::telemetry::start_gauges(&node, &workers);
     }
     let service = StagingService::new(node.clone());
+    let node_for_tags = node.clone();
     let meta_service = MetaService::new(node);
     tracing::info!(
         %addr,
@@ -586,9 +587,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             authenticate.clone(),
         ))
         .add_service(InterceptedService::new(
-            MetaServer::new(meta_service)
-                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            gateway::change_tags::ChangeTags::new(
+                MetaServer::new(meta_service)
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+                node_for_tags,
+            ),
             authenticate,
         ))
         .serve_with_incoming_shutdown(

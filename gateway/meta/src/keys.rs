@@ -24,9 +24,10 @@
 //! | gateway           | `g` gateway                        | epoch, heartbeat, load, address    |
 //! | byte-range locks  | `l` ino session owner              | one owner's locks (`locks::encode`) |
 //! | a session's locks | `L` session ino owner              | empty (to drop them with the session) |
+//! | change slot       | `r` session slot                   | seq, ino of the result (`once`)    |
 //!
-//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a`, `p`, `l`
-//! and `L`.
+//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a`, `p`, `l`,
+//! `L` and `r`.
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
@@ -160,6 +161,15 @@ pub fn pending(session: SessionId, slice_id: u64) -> Vec<u8> {
 
 pub fn pending_prefix(session: SessionId) -> Vec<u8> {
     key(b'p', &session_parts(session), &[])
+}
+
+pub fn change_slot(session: SessionId, slot: u16) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'r', &[high, low, u64::from(slot)], &[])
+}
+
+pub fn change_slot_prefix(session: SessionId) -> Vec<u8> {
+    key(b'r', &session_parts(session), &[])
 }
 
 pub fn lock(ino: Ino, session: SessionId, owner: u64) -> Vec<u8> {

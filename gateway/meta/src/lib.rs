@@ -28,6 +28,7 @@ pub mod dump;
 pub mod keys;
 pub mod kv;
 pub mod locks;
+pub mod once;
 pub mod pg_cluster;
 pub mod postgres_kv;
 pub mod redb_kv;

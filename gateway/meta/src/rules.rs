@@ -200,6 +200,56 @@ macro_rules! transact {
     }};
 }
 
+/// [`transact!`] for a change a client may send twice ([`crate::once`]): with the request's tag,
+/// a change already made answers its recorded result, and a change made now records one.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! transact_once {
+    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
+        let tag = $crate::once::current();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            #[allow(unused_mut)]
+            let mut $tx = $meta.begin_tx(true).await?;
+            #[allow(clippy::redundant_closure_call)]
+            let outcome: $crate::Result<_> = async {
+                if let Some(tag) = &tag {
+                    // A backend that runs the transaction again after a conflict may have
+                    // committed the first run on another gateway's behalf: look too.
+                    if tag.retry || attempt > 1 {
+                        if let Some(recorded) = $tx.change_done(tag).await? {
+                            let attr = match recorded {
+                                0 => None,
+                                ino => Some($tx.inode(ino).await?.attr),
+                            };
+                            return $crate::once::Replayable::replayed(attr);
+                        }
+                    }
+                }
+                let value: $crate::Result<_> = async { $body }.await;
+                let value = value?;
+                if let Some(tag) = &tag {
+                    $tx.record_change(tag, $crate::once::Replayable::recorded(&value));
+                }
+                Ok(value)
+            }
+            .await;
+            let outcome = match outcome {
+                Ok(value) => $tx.commit($durability).await.map(|()| value),
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Err(error) if error.is_conflict() && attempt < $crate::rules::max_attempts() => {
+                    $meta.count_conflict();
+                    $crate::rules::conflict_backoff(attempt).await;
+                }
+                outcome => break outcome,
+            }
+        }
+    }};
+}
+
 #[doc(hidden)]
 pub fn max_attempts() -> u32 {
     MAX_ATTEMPTS
@@ -720,6 +770,30 @@ impl Tx<'_> {
 
     // --- sessions ---
 
+    /// What the change `tag` names recorded, if it is done: `Some(ino)` (0 for none).
+    async fn change_done(&mut self, tag: &crate::once::RequestTag) -> Result<Option<u64>> {
+        let Some(record) = self.get(&keys::change_slot(tag.session, tag.slot)).await? else {
+            return Ok(None);
+        };
+        let (seq, ino, _) = keys::decode_pair("change slot", &record)?;
+        match seq.cmp(&tag.seq) {
+            std::cmp::Ordering::Equal => Ok(Some(ino)),
+            std::cmp::Ordering::Less => Ok(None),
+            // A client reuses a slot only once its change was answered.
+            std::cmp::Ordering::Greater => Err(MetaError::Invalid(format!(
+                "change {} of slot {} is older than the slot's last one ({seq})",
+                tag.seq, tag.slot
+            ))),
+        }
+    }
+
+    fn record_change(&mut self, tag: &crate::once::RequestTag, ino: u64) {
+        self.put(
+            keys::change_slot(tag.session, tag.slot),
+            keys::encode_pair(tag.seq, ino, &[]),
+        );
+    }
+
     async fn check_session(&mut self, session: SessionId) -> Result<()> {
         match self.get(&keys::session(session)).await? {
             Some(_) => Ok(()),
@@ -1096,7 +1170,7 @@ impl MetaEngine for KvMeta {
         if node.kind != FileKind::File {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.check_session(session).await?;
             let attr = tx.create_node(parent, name, node, None).await?;
             tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
@@ -1111,7 +1185,7 @@ impl MetaEngine for KvMeta {
                 "mknod does not make directories or symlinks".into(),
             ));
         }
-        crate::transact!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.durability(), |tx| tx
             .create_node(parent, name, node, None)
             .await)
     }
@@ -1124,7 +1198,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.durability(), |tx| tx
             .create_node(parent, name, &node, None)
             .await)
     }
@@ -1156,7 +1230,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.durability(), |tx| tx
             .create_node(parent, name, &node, Some(target))
             .await)
     }
@@ -1175,7 +1249,7 @@ impl MetaEngine for KvMeta {
 
     async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.dir(parent).await?;
             let (ino, _) = tx
                 .entry(parent, name)
@@ -1192,7 +1266,7 @@ impl MetaEngine for KvMeta {
 
     async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.dir(parent).await?;
             let (ino, _) = tx
                 .entry(parent, name)
@@ -1216,13 +1290,13 @@ impl MetaEngine for KvMeta {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
-        crate::transact!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.durability(), |tx| tx
             .rename(parent, name, new_parent, new_name, mode)
             .await)
     }
 
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             let inode = tx.inode(ino).await?;
             if inode.attr.kind == FileKind::Dir {
                 return Err(MetaError::NotPermitted(format!(
@@ -1296,7 +1370,7 @@ impl MetaEngine for KvMeta {
                 max: MAX_XATTR_VALUE_LEN,
             });
         }
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.inode(ino).await?;
             let key = keys::xattr(ino, name);
             let exists = tx.get(&key).await?.is_some();
@@ -1340,7 +1414,7 @@ impl MetaEngine for KvMeta {
 
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.inode(ino).await?;
             let key = keys::xattr(ino, name);
             if tx.get(&key).await?.is_none() {
@@ -1522,6 +1596,9 @@ impl MetaEngine for KvMeta {
                 tx.delete(key);
             }
             tx.drop_locks(session, None, None).await?;
+            for (key, _) in tx.scan_prefix(&keys::change_slot_prefix(session)).await? {
+                tx.delete(key);
+            }
             tx.delete(keys::session(session));
             Ok(())
         })
@@ -1642,7 +1719,7 @@ impl MetaEngine for KvMeta {
     }
 
     async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr> {
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.durability(), |tx| {
             tx.check_session(session).await?;
             let inode = tx.update_inode(ino, |i| i.open_handles += 1).await?;
             let held = tx.handles(session, ino).await?;
@@ -1654,7 +1731,7 @@ impl MetaEngine for KvMeta {
     async fn release(&self, session: SessionId, ino: Ino) -> Result<()> {
         // Given back without waiting for durability: lost in a crash, the handle is given back
         // when its session expires after the restart, and an unlinked file is purged then.
-        crate::transact!(self, Durability::Eventual, |tx| {
+        crate::transact_once!(self, Durability::Eventual, |tx| {
             tx.check_session(session).await?;
             if tx.handles(session, ino).await? == 0 {
                 return Err(MetaError::NotOpen { session, ino });

@@ -1796,3 +1796,105 @@ fn listings_tell_which_entries_have_extended_attributes() {
     f.meta.removexattr(tagged, b"user.tag").unwrap();
     assert_eq!(flags(&f), [(plain, Some(false)), (tagged, Some(false))]);
 }
+
+/// A change sent again after its answer was lost (a gateway killed after the commit) is answered
+/// with what it did the first time, and happens once.
+#[test]
+fn a_tagged_change_sent_twice_happens_once() {
+    use crate::once::{scope, RequestTag};
+    let f = fixture();
+    let engine = f.meta.engine().clone();
+    let tag = |slot: u16, seq: u64, retry: bool| {
+        Some(RequestTag {
+            session: f.session,
+            slot,
+            seq,
+            retry,
+        })
+    };
+    fn run<T>(
+        f: &Fixture,
+        tag: Option<RequestTag>,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        f.meta.block_on(scope(tag, work))
+    }
+
+    // create: the retry answers the same inode (not EEXIST) and holds one handle.
+    let name = b"once".as_slice();
+    let file = node(FileKind::File);
+    let first = run(
+        &f,
+        tag(3, 1, false),
+        engine.create(f.session, ROOT_INO, name, &file),
+    )
+    .unwrap();
+    let again = run(
+        &f,
+        tag(3, 1, true),
+        engine.create(f.session, ROOT_INO, name, &file),
+    )
+    .unwrap();
+    assert_eq!(again.ino, first.ino);
+    // A new change in the same slot is a new change: EEXIST now.
+    let next = run(
+        &f,
+        tag(3, 2, true),
+        engine.create(f.session, ROOT_INO, name, &file),
+    );
+    assert_eq!(errno(next), libc::EEXIST);
+
+    // release: the retry drops no second handle, so a second open keeps the file after unlink.
+    f.meta.open(f.session, first.ino).unwrap();
+    run(&f, tag(4, 1, false), engine.release(f.session, first.ino)).unwrap();
+    run(&f, tag(4, 1, true), engine.release(f.session, first.ino)).unwrap();
+    run(&f, tag(5, 1, false), engine.unlink(ROOT_INO, name)).unwrap();
+    run(&f, tag(5, 1, true), engine.unlink(ROOT_INO, name)).unwrap();
+    assert_eq!(
+        f.meta.getattr(first.ino).unwrap().nlink,
+        0,
+        "open, so still there"
+    );
+    // Untagged, the same unlink is a second change.
+    assert_eq!(errno(f.meta.unlink(ROOT_INO, name)), libc::ENOENT);
+
+    // A slot never goes back: an older sequence than the one recorded is refused.
+    let stale = run(&f, tag(5, 0, true), engine.unlink(ROOT_INO, name));
+    assert_eq!(errno(stale), libc::EINVAL);
+
+    // rename and mkdir too.
+    f.mkdir(ROOT_INO, "a");
+    let (a, b) = (b"a".as_slice(), b"b".as_slice());
+    for retry in [false, true] {
+        run(
+            &f,
+            tag(6, 9, retry),
+            engine.rename(ROOT_INO, a, ROOT_INO, b, RenameMode::Replace),
+        )
+        .unwrap();
+    }
+    assert_eq!(errno(f.lookup(ROOT_INO, "a")), libc::ENOENT);
+    let dir = f.lookup(ROOT_INO, "b").unwrap();
+    let made = run(
+        &f,
+        tag(7, 1, false),
+        engine.mkdir(dir.ino, b"c", 0o755, 1, 1),
+    )
+    .unwrap();
+    let remade = run(
+        &f,
+        tag(7, 1, true),
+        engine.mkdir(dir.ino, b"c", 0o755, 1, 1),
+    )
+    .unwrap();
+    assert_eq!(made.ino, remade.ino);
+
+    // The slots go with the session: after it closed, the same retry is a new change.
+    f.meta.close_session(f.session).unwrap();
+    let after = run(
+        &f,
+        tag(7, 1, true),
+        engine.mkdir(dir.ino, b"c", 0o755, 1, 1),
+    );
+    assert_eq!(errno(after), libc::EEXIST);
+}
