@@ -32,6 +32,7 @@ pub mod once;
 pub mod pg_cluster;
 pub mod postgres_kv;
 pub mod redb_kv;
+pub mod redb_region;
 pub mod rules;
 #[cfg(test)]
 mod tests;
@@ -457,13 +458,20 @@ pub enum MetaLocation {
     Redb(std::path::PathBuf),
     /// A PostgreSQL database, `postgres://USER[:PASS]@HOST[:PORT]/DB`.
     Postgres(String),
+    /// The embedded redb database inside a staging device's metadata region (`device:PATH`).
+    /// Only the gateway, which holds the device's lock and reads its superblock, opens it
+    /// ([`open_region`]); [`open`] refuses it.
+    Device(std::path::PathBuf),
 }
 
 impl MetaLocation {
-    /// A `postgres://` or `postgresql://` URL names a database; anything else is a redb path.
+    /// A `postgres://` or `postgresql://` URL names a database, `device:PATH` the metadata region
+    /// of a staging device; anything else is a redb path.
     pub fn parse(text: &str) -> MetaLocation {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             MetaLocation::Postgres(text.to_string())
+        } else if let Some(device) = text.strip_prefix("device:") {
+            MetaLocation::Device(device.into())
         } else {
             MetaLocation::Redb(text.into())
         }
@@ -475,6 +483,7 @@ impl std::fmt::Display for MetaLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MetaLocation::Redb(path) => write!(f, "{}", path.display()),
+            MetaLocation::Device(path) => write!(f, "device:{}", path.display()),
             MetaLocation::Postgres(url) => match url.find('@') {
                 Some(at) => {
                     let scheme_end = url.find("://").map_or(0, |i| i + 3);
@@ -517,7 +526,39 @@ async fn open_store_with(
         MetaLocation::Postgres(url) => {
             std::sync::Arc::new(postgres_kv::PostgresKv::connect(url).await?)
         }
+        MetaLocation::Device(path) => {
+            return Err(KvError::Failed(format!(
+                "the metadata inside {} is opened through the device by stagefs-gateway (it holds \
+                 the device's lock and knows where the region is)",
+                path.display()
+            ))
+            .into())
+        }
     })
+}
+
+/// Opens (creating on first use) the metadata in the region of a staging device.
+pub async fn open_region(
+    backend: redb_region::RegionBackend,
+    config: MetaConfig,
+) -> Result<KvMeta> {
+    let store = open_region_store(backend, config.redb_cache_bytes).await?;
+    KvMeta::open(store, config).await
+}
+
+/// The key-value store in the region of a staging device, without the file-system rules (dump
+/// and load).
+pub async fn open_region_store(
+    backend: redb_region::RegionBackend,
+    redb_cache_bytes: Option<usize>,
+) -> Result<std::sync::Arc<dyn kv::KvStore>> {
+    let store = tokio::task::spawn_blocking(move || {
+        let label = backend.describe();
+        redb_kv::RedbKv::open_backend(backend, &label, redb_cache_bytes)
+    })
+    .await
+    .map_err(|e| KvError::Failed(format!("opening the metadata region failed: {e}")))??;
+    Ok(std::sync::Arc::new(store))
 }
 
 /// Checks the name of a new directory entry.

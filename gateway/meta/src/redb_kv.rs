@@ -1,4 +1,5 @@
-//! The embedded backend: one redb file, one table of keys and values.
+//! The embedded backend: one redb database (a file, or a region of the staging device through
+//! [`crate::redb_region`]), one table of keys and values.
 //!
 //! redb has one writer at a time, so a write transaction takes the writer's turn (an async lock,
 //! so waiting never blocks a runtime thread) when it begins, reads a snapshot that no one else can
@@ -54,9 +55,18 @@ fn failed(error: impl std::fmt::Display) -> KvError {
     KvError::Failed(error.to_string())
 }
 
-/// redb's errors: I/O trouble may pass; the rest will not by itself.
+/// redb's errors: I/O trouble may pass; the rest will not by itself, and neither does a storage
+/// that is full (a metadata region of a device) or returned other bytes than were written.
 fn storage(error: redb::StorageError) -> KvError {
     match error {
+        redb::StorageError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::InvalidData
+            ) =>
+        {
+            KvError::Failed(io.to_string())
+        }
         redb::StorageError::Io(io) => KvError::Unavailable(io.to_string()),
         other => KvError::Failed(other.to_string()),
     }
@@ -73,31 +83,46 @@ impl RedbKv {
     /// `None`): what the database holds in memory whatever its size.
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: Option<usize>) -> KvResult<RedbKv> {
         let path = path.as_ref();
-        let mut builder = redb::Builder::new();
-        if let Some(bytes) = cache_bytes {
-            builder.set_cache_size(bytes);
-        }
-        let db = builder.create(path).map_err(|e| match e {
+        let db = builder(cache_bytes).create(path).map_err(|e| match e {
             redb::DatabaseError::Storage(s) => storage(s),
             other => failed(format!("cannot open {}: {other}", path.display())),
         })?;
+        RedbKv::with_database(db, &path.display().to_string())
+    }
+
+    /// The database in `backend` (created there if it is empty), e.g. the metadata region of a
+    /// staging device ([`crate::redb_region`]); `label` names it in messages.
+    pub fn open_backend(
+        backend: impl redb::StorageBackend,
+        label: &str,
+        cache_bytes: Option<usize>,
+    ) -> KvResult<RedbKv> {
+        let db = builder(cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| match e {
+                redb::DatabaseError::Storage(s) => storage(s),
+                other => failed(format!("cannot open {label}: {other}")),
+            })?;
+        RedbKv::with_database(db, label)
+    }
+
+    fn with_database(db: Database, label: &str) -> KvResult<RedbKv> {
         {
             let txn = db.begin_read().map_err(failed)?;
             let old = TableDefinition::<&str, u64>::new("counters");
             if txn.open_table(old).is_ok() {
                 return Err(KvError::Failed(format!(
-                    "{} holds metadata in the layout of stagefs format 1 (a table per record \
+                    "{label} holds metadata in the layout of stagefs format 1 (a table per record \
                      type); this build reads the key-value layout of format {}. Start the \
                      previous release on it to copy the files out, or start afresh with a new \
                      --meta path",
-                    path.display(),
                     crate::rules::FORMAT_VERSION
                 )));
             }
         }
         let txn = db.begin_write().map_err(failed)?;
         txn.open_table(KV).map_err(failed)?;
-        txn.commit().map_err(failed)?;
+        txn.commit().map_err(commit_failed)?;
         Ok(RedbKv {
             inner: Arc::new(Inner {
                 db,
@@ -105,6 +130,21 @@ impl RedbKv {
                 group_sync: GroupSync::default(),
             }),
         })
+    }
+}
+
+fn builder(cache_bytes: Option<usize>) -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    if let Some(bytes) = cache_bytes {
+        builder.set_cache_size(bytes);
+    }
+    builder
+}
+
+fn commit_failed(error: redb::CommitError) -> KvError {
+    match error {
+        redb::CommitError::Storage(s) => storage(s),
+        other => failed(other),
     }
 }
 
@@ -147,10 +187,7 @@ impl Inner {
         let mut txn = self.db.begin_write().map_err(failed)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(failed)?;
-        txn.commit().map_err(|e| match e {
-            redb::CommitError::Storage(s) => storage(s),
-            other => failed(other),
-        })
+        txn.commit().map_err(commit_failed)
     }
 }
 
@@ -270,10 +307,7 @@ impl KvTxn for RedbTxn {
                     .map_err(storage)?;
             }
         }
-        txn.commit().map_err(|e| match e {
-            redb::CommitError::Storage(s) => storage(s),
-            other => failed(other),
-        })?;
+        txn.commit().map_err(commit_failed)?;
         let ticket = {
             let mut state = inner.group_sync.state.lock().expect("sync state poisoned");
             state.committed += 1;

@@ -1,10 +1,12 @@
 //! One test suite, every backend: the conformance tests ([`conformance`](redb::conformance)) and
-//! the model-based proptest run once on redb and once on PostgreSQL (a throwaway server shared by
-//! the test binary, a fresh database per test), from the same source files.
+//! the model-based proptest run on redb in a file, on redb in the metadata region of a device
+//! file opened `O_DIRECT`, and on PostgreSQL (a throwaway server shared by the test binary, a
+//! fresh database per test), from the same source files.
 
 mod dump;
 mod postgres;
 mod redb;
+mod region;
 
 use std::sync::Arc;
 
@@ -19,7 +21,13 @@ use crate::{KvMeta, MetaConfig, MetaEngine};
 pub(crate) enum Db {
     Redb(tempfile::TempDir),
     Postgres(String),
+    /// A device file in the directory, with a metadata region at [`REGION_AT`].
+    Region(tempfile::TempDir),
 }
+
+/// Where the region sits in a test device file: not at 0, so every offset is translated.
+pub(crate) const REGION_AT: u64 = 1 << 20;
+pub(crate) const REGION_BYTES: u64 = 48 << 20;
 
 impl Db {
     pub fn redb() -> Db {
@@ -33,9 +41,27 @@ impl Db {
         Db::Postgres(url)
     }
 
+    /// A device file with a freshly formatted region of `bytes` at [`REGION_AT`].
+    pub fn region_of(bytes: u64) -> Db {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("device");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(REGION_AT + bytes + (1 << 20)))
+            .expect("a device file");
+        let file = crate::redb_region::open_direct(&path).expect("open the device O_DIRECT");
+        crate::redb_region::format(&file, "test device", REGION_AT, bytes)
+            .expect("format the region");
+        Db::Region(dir)
+    }
+
+    pub fn region() -> Db {
+        Db::region_of(REGION_BYTES)
+    }
+
     pub fn redb_path(&self) -> std::path::PathBuf {
         match self {
             Db::Redb(dir) => dir.path().join("meta.redb"),
+            Db::Region(dir) => dir.path().join("device"),
             Db::Postgres(_) => panic!("not a redb database"),
         }
     }
@@ -43,8 +69,23 @@ impl Db {
     pub(crate) async fn store(&self) -> crate::Result<Arc<dyn KvStore>> {
         Ok(match self {
             Db::Redb(_) => Arc::new(RedbKv::open(self.redb_path())?),
+            Db::Region(_) => Arc::new(RedbKv::open_backend(self.region_backend(), "test", None)?),
             Db::Postgres(url) => Arc::new(PostgresKv::connect(url).await?),
         })
+    }
+
+    /// The region of a [`Db::Region`], opened again.
+    pub fn region_backend(&self) -> crate::redb_region::RegionBackend {
+        let path = self.redb_path();
+        let size = std::fs::metadata(&path).expect("the device file").len();
+        let file = crate::redb_region::open_direct(&path).expect("open the device O_DIRECT");
+        crate::redb_region::RegionBackend::open(
+            file,
+            "test device",
+            REGION_AT,
+            size - REGION_AT - (1 << 20),
+        )
+        .expect("open the region")
     }
 
     /// A new engine on this storage.

@@ -1,0 +1,102 @@
+//! The suite on redb inside the metadata region of a device file (opened `O_DIRECT`), and what
+//! only a region has: a fixed size, and a device that holds everything.
+
+use super::Db;
+
+fn db() -> Db {
+    Db::region()
+}
+
+/// Cases of the model test unless `PROPTEST_CASES` says otherwise: fewer than on a redb file, as
+/// every case formats a region and every commit is direct I/O.
+const MODEL_CASES: u32 = 96;
+
+// The same suite files are modules of every backend's test module, on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "conformance.rs"]
+mod conformance;
+#[allow(clippy::duplicate_mod)]
+#[path = "model.rs"]
+mod model;
+
+use crate::{FileKind, MetaConfig, NewNode, ROOT_INO};
+
+fn file() -> NewNode {
+    NewNode {
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 1,
+        gid: 1,
+        rdev: 0,
+    }
+}
+
+/// Group commit through the region: an operation that returned is durable while the database
+/// stays open. A copy of the device file taken at that moment (what a power loss would leave)
+/// holds every entry, from every thread.
+#[test]
+fn concurrent_operations_are_durable_when_they_return() {
+    let db = db();
+    let meta = db.open(MetaConfig::default());
+    std::thread::scope(|scope| {
+        for thread in 0..8 {
+            let meta = &meta;
+            scope.spawn(move || {
+                for i in 0..40 {
+                    meta.mknod(ROOT_INO, format!("t{thread}-{i}").as_bytes(), &file())
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let copy = Db::region_of(super::REGION_BYTES);
+    std::fs::copy(db.redb_path(), copy.redb_path()).unwrap();
+    let crashed = copy.open(MetaConfig::default());
+    for thread in 0..8 {
+        for i in 0..40 {
+            let name = format!("t{thread}-{i}");
+            assert!(
+                crashed.lookup(ROOT_INO, name.as_bytes()).is_ok(),
+                "{name} returned but is not durable"
+            );
+        }
+    }
+}
+
+/// A region that fills refuses the change with an error that says so and gives the size, never
+/// panics, and what was committed before is all there on the next open.
+#[test]
+fn a_full_region_refuses_changes_and_keeps_what_was_committed() {
+    let db = Db::region_of(crate::redb_region::MIN_REGION_BYTES);
+    let meta = db.open(MetaConfig::default());
+    let long = "x".repeat(200);
+    let mut made = 0;
+    let error = loop {
+        match meta.mknod(ROOT_INO, format!("{long}-{made}").as_bytes(), &file()) {
+            Ok(_) => made += 1,
+            Err(error) => break error,
+        }
+        assert!(made < 1_000_000, "a 4 MiB region never filled");
+    };
+    let text = error.to_string();
+    eprintln!("after {made} files: {text}");
+    assert!(
+        text.contains("metadata region") && text.contains("full"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&crate::redb_region::MIN_REGION_BYTES.to_string()),
+        "{text}"
+    );
+    assert!(made > 100, "only {made} files fit: {text}");
+    drop(meta);
+    let again = db.open(MetaConfig::default());
+    for i in 0..made {
+        assert!(
+            again
+                .lookup(ROOT_INO, format!("{long}-{i}").as_bytes())
+                .is_ok(),
+            "file {i} of {made} is gone after the region filled"
+        );
+    }
+}
