@@ -13,7 +13,7 @@ use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
 
 use crate::access::Tenant;
-use crate::meta::once::{self, RequestTag};
+use crate::meta::once;
 use crate::meta_service::meta_status;
 use crate::node::Node;
 
@@ -56,7 +56,7 @@ where
         let tag = header
             .to_str()
             .map_err(|_| crate::meta::MetaError::Invalid(format!("{} is not text", once::HEADER)))
-            .and_then(RequestTag::parse);
+            .and_then(once::parse);
         let tenant = request
             .extensions()
             .get::<Arc<Tenant>>()

@@ -21,6 +21,100 @@ pub fn session_to_wire(session: SessionId) -> Vec<u8> {
 pub fn session_from_wire(bytes: &[u8]) -> Option<SessionId> {
     Some(SessionId::from_be_bytes(bytes.try_into().ok()?))
 }
+/// Slots one session may use at once for changes sent exactly once: the changes it can have in
+/// flight (see the metadata engine's `once` module).
+pub const MAX_CHANGE_SLOTS: u16 = 1024;
+
+/// The gRPC metadata key a change's [`RequestTag`] travels in.
+pub const CHANGE_TAG_HEADER: &str = "stagefs-once";
+
+/// Which change of which session a request is, so that a change sent again after its answer was
+/// lost happens once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTag {
+    pub session: SessionId,
+    pub slot: u16,
+    /// Grows with each change sent in `slot`; a retry repeats it.
+    pub seq: u64,
+    /// The client sent this change before (without an answer): look for its record first.
+    pub retry: bool,
+}
+
+impl RequestTag {
+    /// `SESSION.SLOT.SEQ` (session as 32 hex digits), then `.r` for a retry.
+    pub fn to_header(&self) -> String {
+        let retry = if self.retry { ".r" } else { "" };
+        format!("{:032x}.{}.{}{retry}", self.session, self.slot, self.seq)
+    }
+
+    /// Reads [`RequestTag::to_header`]'s form.
+    pub fn parse(text: &str) -> Result<RequestTag, String> {
+        let invalid = || {
+            format!(
+                "{CHANGE_TAG_HEADER} {:?}: expected SESSION.SLOT.SEQ[.r], a 32-hex-digit session \
+                 and a slot below {MAX_CHANGE_SLOTS}",
+                crate::clip(text, 80)
+            )
+        };
+        let mut parts = text.split('.');
+        let (Some(session), Some(slot), Some(seq)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        let retry = match parts.next() {
+            None => false,
+            Some("r") => true,
+            Some(_) => return Err(invalid()),
+        };
+        if parts.next().is_some() || session.len() != 32 {
+            return Err(invalid());
+        }
+        let tag = RequestTag {
+            session: SessionId::from_str_radix(session, 16).map_err(|_| invalid())?,
+            slot: slot.parse().map_err(|_| invalid())?,
+            seq: seq.parse().map_err(|_| invalid())?,
+            retry,
+        };
+        if tag.slot >= MAX_CHANGE_SLOTS {
+            return Err(invalid());
+        }
+        Ok(tag)
+    }
+}
+
+#[cfg(test)]
+mod request_tag_tests {
+    use super::*;
+
+    #[test]
+    fn a_tag_reads_back_from_its_header() {
+        for retry in [false, true] {
+            let tag = RequestTag {
+                session: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+                slot: 7,
+                seq: 99,
+                retry,
+            };
+            assert_eq!(RequestTag::parse(&tag.to_header()).unwrap(), tag);
+        }
+    }
+
+    #[test]
+    fn malformed_tags_are_refused() {
+        for text in [
+            "",
+            "1.2.3",
+            "0123456789abcdef0011223344556677.1",
+            "0123456789abcdef0011223344556677.1.2.x",
+            "0123456789abcdef0011223344556677.1.2.r.r",
+            "0123456789abcdef0011223344556677.65535.2",
+            "0123456789abcdef001122334455667g.1.2",
+        ] {
+            assert!(RequestTag::parse(text).is_err(), "{text:?} was accepted");
+        }
+    }
+}
+
 /// The id of the gateway that staged a slice (the uuid on its device, see `format.rs`).
 pub type GatewayId = [u8; 16];
 /// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.

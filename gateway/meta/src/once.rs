@@ -19,24 +19,9 @@
 
 use std::future::Future;
 
-use crate::{MetaError, Result, SessionId};
+use crate::{MetaError, Result};
 
-/// Slots one session may use at once: the changes it can have in flight.
-pub const MAX_SLOTS: u16 = 1024;
-
-/// The gRPC metadata key a client puts its tag in (see [`RequestTag::to_header`]).
-pub const HEADER: &str = "stagefs-once";
-
-/// Which change of which session a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestTag {
-    pub session: SessionId,
-    pub slot: u16,
-    /// Grows with each change sent in `slot`; a retry repeats it.
-    pub seq: u64,
-    /// The client sent this change before (without an answer): look for its record first.
-    pub retry: bool,
-}
+pub use shared::meta::{RequestTag, CHANGE_TAG_HEADER as HEADER, MAX_CHANGE_SLOTS as MAX_SLOTS};
 
 tokio::task_local! {
     static TAG: RequestTag;
@@ -55,46 +40,9 @@ pub fn current() -> Option<RequestTag> {
     TAG.try_with(|tag| *tag).ok()
 }
 
-impl RequestTag {
-    /// `SESSION.SLOT.SEQ` (session as 32 hex digits), then `.r` for a retry.
-    pub fn to_header(&self) -> String {
-        let retry = if self.retry { ".r" } else { "" };
-        format!("{:032x}.{}.{}{retry}", self.session, self.slot, self.seq)
-    }
-
-    /// Reads [`RequestTag::to_header`]'s form.
-    pub fn parse(text: &str) -> Result<RequestTag> {
-        let invalid = || {
-            MetaError::Invalid(format!(
-                "{HEADER} {:?}: expected SESSION.SLOT.SEQ[.r], a 32-hex-digit session and a slot \
-                 below {MAX_SLOTS}",
-                shared::clip(text, 80)
-            ))
-        };
-        let mut parts = text.split('.');
-        let (Some(session), Some(slot), Some(seq)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid());
-        };
-        let retry = match parts.next() {
-            None => false,
-            Some("r") => true,
-            Some(_) => return Err(invalid()),
-        };
-        if parts.next().is_some() || session.len() != 32 {
-            return Err(invalid());
-        }
-        let tag = RequestTag {
-            session: SessionId::from_str_radix(session, 16).map_err(|_| invalid())?,
-            slot: slot.parse().map_err(|_| invalid())?,
-            seq: seq.parse().map_err(|_| invalid())?,
-            retry,
-        };
-        if tag.slot >= MAX_SLOTS {
-            return Err(invalid());
-        }
-        Ok(tag)
-    }
+/// Reads a tag from its header text.
+pub fn parse(text: &str) -> Result<RequestTag> {
+    RequestTag::parse(text).map_err(MetaError::Invalid)
 }
 
 /// The result of a change, as its slot records it: enough to answer a retry.
@@ -123,38 +71,5 @@ impl Replayable for crate::Attr {
 
     fn replayed(attr: Option<crate::Attr>) -> Result<crate::Attr> {
         attr.ok_or_else(|| MetaError::Corrupt("a change's record names no inode".into()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tag_reads_back_from_its_header() {
-        for retry in [false, true] {
-            let tag = RequestTag {
-                session: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
-                slot: 7,
-                seq: 99,
-                retry,
-            };
-            assert_eq!(RequestTag::parse(&tag.to_header()).unwrap(), tag);
-        }
-    }
-
-    #[test]
-    fn malformed_tags_are_refused() {
-        for text in [
-            "",
-            "1.2.3",
-            "0123456789abcdef0011223344556677.1",
-            "0123456789abcdef0011223344556677.1.2.x",
-            "0123456789abcdef0011223344556677.1.2.r.r",
-            "0123456789abcdef0011223344556677.65535.2",
-            "0123456789abcdef001122334455667g.1.2",
-        ] {
-            assert!(RequestTag::parse(text).is_err(), "{text:?} was accepted");
-        }
     }
 }
