@@ -1,4 +1,4 @@
-//! The on-device format of the staging log (format version 1).
+//! The on-device format of the staging log (format versions 1 and 2).
 //!
 //! ```text
 //! offset 0        superblock copy 0   (ALIGN bytes)
@@ -6,7 +6,13 @@
 //! data_start      segment 0 .. segment N-1, each `segment_bytes` long
 //! segment         [segment header: ALIGN bytes][record][record]...
 //! record          [header 48 B][key][data], padded to ALIGN
+//! meta_offset     version 2 only: the metadata region, `meta_bytes` long, after the segments
+//!                 (its own layout: `meta::redb_region`)
 //! ```
+//! Version 2 is version 1 plus the metadata region's place in the superblock: the first 92 bytes
+//! (fields and their crc at 88) are the same, so a version-1 gateway reads a valid superblock of
+//! an unknown version and refuses the device rather than taking it for unformatted. A device
+//! formatted without a region is written as version 1, which every release serves.
 //! Every structure carries a crc32c. A record's header crc covers its header fields, its key and
 //! the crc32c of its data, so one verified header plus a verified data crc covers every byte.
 //! Superblocks are written alternately (highest valid generation wins), so a torn superblock
@@ -14,7 +20,11 @@
 
 use crate::aligned::{align_up, ALIGN};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format written (a device with a metadata region); version 1 (no region) is still
+/// written without one, and both are read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The format of a device without a metadata region, readable by every release.
+pub const FORMAT_VERSION_NO_REGION: u32 = 1;
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"STGFSSB\x01";
 const SEGMENT_MAGIC: &[u8; 8] = b"STGFSSEG";
 const RECORD_MAGIC: u32 = 0x5354_5243; // "STRC"
@@ -54,6 +64,13 @@ pub struct Superblock {
     pub segment_count: u64,
 }
 
+/// Where the embedded metadata lives on the device (format version 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaRegion {
+    pub offset: u64,
+    pub bytes: u64,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum SuperblockError {
     /// No stagefs magic: the device was never formatted (or belongs to something else).
@@ -61,12 +78,26 @@ pub enum SuperblockError {
     /// A stagefs superblock of another format version.
     Version(u32),
     Checksum,
+    /// Valid checksums, but a metadata region over the log or past the end of the device.
+    BadRegion,
 }
 
 const SB_CRC_AT: usize = 88;
+/// Version 2: the metadata region (offset, size) and a crc over everything before it.
+const SB_META_OFFSET_AT: usize = 96;
+const SB_META_BYTES_AT: usize = 104;
+const SB_CRC2_AT: usize = 112;
 
 impl Superblock {
+    /// Encodes a superblock without a metadata region.
     pub fn encode(&self, buf: &mut [u8]) {
+        self.encode_with(None, buf)
+    }
+
+    /// Encodes the superblock of a device with `region` (format version 2 and later carry it;
+    /// version 1 has no place for it, so `region` must be `None` there).
+    pub fn encode_with(&self, region: Option<MetaRegion>, buf: &mut [u8]) {
+        debug_assert!(region.is_none() || self.format_version >= 2);
         buf[..ALIGN].fill(0);
         put(buf, 0, SUPERBLOCK_MAGIC);
         put(buf, 8, &self.format_version.to_le_bytes());
@@ -79,9 +110,24 @@ impl Superblock {
         put(buf, 80, &DATA_START.to_le_bytes());
         let crc = crc32c::crc32c(&buf[..SB_CRC_AT]);
         put(buf, SB_CRC_AT, &crc.to_le_bytes());
+        if self.format_version >= 2 {
+            let region = region.unwrap_or(MetaRegion {
+                offset: 0,
+                bytes: 0,
+            });
+            put(buf, SB_META_OFFSET_AT, &region.offset.to_le_bytes());
+            put(buf, SB_META_BYTES_AT, &region.bytes.to_le_bytes());
+            let crc = crc32c::crc32c(&buf[..SB_CRC2_AT]);
+            put(buf, SB_CRC2_AT, &crc.to_le_bytes());
+        }
     }
 
     pub fn decode(buf: &[u8]) -> Result<Superblock, SuperblockError> {
+        Superblock::decode_with(buf).map(|(sb, _)| sb)
+    }
+
+    /// Decodes a superblock of either version, with its metadata region if it has one.
+    pub fn decode_with(buf: &[u8]) -> Result<(Superblock, Option<MetaRegion>), SuperblockError> {
         if &buf[..8] != SUPERBLOCK_MAGIC {
             return Err(SuperblockError::NotFormatted);
         }
@@ -90,10 +136,21 @@ impl Superblock {
         if crc32c::crc32c(&buf[..SB_CRC_AT]) != f.u32(SB_CRC_AT) {
             return Err(SuperblockError::Checksum);
         }
-        if version != FORMAT_VERSION {
-            return Err(SuperblockError::Version(version));
-        }
-        Ok(Superblock {
+        let region = match version {
+            1 => None,
+            2 => {
+                if crc32c::crc32c(&buf[..SB_CRC2_AT]) != f.u32(SB_CRC2_AT) {
+                    return Err(SuperblockError::Checksum);
+                }
+                let bytes = f.u64(SB_META_BYTES_AT);
+                (bytes > 0).then(|| MetaRegion {
+                    offset: f.u64(SB_META_OFFSET_AT),
+                    bytes,
+                })
+            }
+            _ => return Err(SuperblockError::Version(version)),
+        };
+        let sb = Superblock {
             format_version: version,
             device_uuid: f.bytes16(16),
             gateway_id: f.bytes16(32),
@@ -101,7 +158,19 @@ impl Superblock {
             device_bytes: f.u64(56),
             segment_bytes: f.u64(64),
             segment_count: f.u64(72),
-        })
+        };
+        // A region that overlaps the log or leaves the device is damage, not a layout.
+        if let Some(r) = region {
+            let log_end = sb.segment_offset(sb.segment_count);
+            if r.offset < log_end
+                || r.offset
+                    .checked_add(r.bytes)
+                    .is_none_or(|end| end > sb.device_bytes)
+            {
+                return Err(SuperblockError::BadRegion);
+            }
+        }
+        Ok((sb, region))
     }
 
     pub fn segment_offset(&self, index: u64) -> u64 {
@@ -284,10 +353,96 @@ mod tests {
             Superblock::decode(&[0u8; ALIGN]),
             Err(SuperblockError::NotFormatted)
         );
-        let mut v2 = sb.clone();
-        v2.format_version = 2;
-        v2.encode(&mut buf);
-        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(2)));
+        let mut v3 = sb.clone();
+        v3.format_version = 3;
+        v3.encode(&mut buf);
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(3)));
+    }
+
+    /// The bytes a version-1 gateway wrote (before the metadata region existed), built by hand
+    /// from its layout: they decode as they did, with no region.
+    #[test]
+    fn an_old_format_superblock_still_decodes() {
+        let mut buf = vec![0u8; ALIGN];
+        put(&mut buf, 0, b"STGFSSB\x01");
+        put(&mut buf, 8, &1u32.to_le_bytes());
+        put(&mut buf, 16, &[7; 16]);
+        put(&mut buf, 32, &[9; 16]);
+        put(&mut buf, 48, &5u64.to_le_bytes());
+        put(&mut buf, 56, &(1u64 << 30).to_le_bytes());
+        put(&mut buf, 64, &(16u64 << 20).to_le_bytes());
+        put(&mut buf, 72, &63u64.to_le_bytes());
+        put(&mut buf, 80, &8192u64.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[..88]);
+        put(&mut buf, 88, &crc.to_le_bytes());
+        let (sb, region) = Superblock::decode_with(&buf).unwrap();
+        assert_eq!(region, None);
+        assert_eq!(
+            sb,
+            Superblock {
+                format_version: 1,
+                device_uuid: [7; 16],
+                gateway_id: [9; 16],
+                generation: 5,
+                device_bytes: 1 << 30,
+                segment_bytes: 16 << 20,
+                segment_count: 63,
+            }
+        );
+        // And what this build writes for a device without a region is those same bytes.
+        let mut again = vec![0u8; ALIGN];
+        sb.encode(&mut again);
+        assert_eq!(again, buf);
+    }
+
+    #[test]
+    fn a_version_2_superblock_carries_the_region_and_a_version_1_reader_refuses_it() {
+        let sb = Superblock {
+            format_version: FORMAT_VERSION,
+            device_uuid: [1; 16],
+            gateway_id: [2; 16],
+            generation: 4,
+            device_bytes: 1 << 30,
+            segment_bytes: 16 << 20,
+            segment_count: 60,
+        };
+        let region = MetaRegion {
+            offset: sb.segment_offset(60),
+            bytes: (1 << 30) - sb.segment_offset(60),
+        };
+        let mut buf = vec![0u8; ALIGN];
+        sb.encode_with(Some(region), &mut buf);
+        assert_eq!(
+            Superblock::decode_with(&buf),
+            Ok((sb.clone(), Some(region)))
+        );
+        // What a version-1 build checks (its crc at 88, then the version) passes, and the
+        // version is not one it knows: it refuses instead of offering to format.
+        assert_eq!(
+            crc32c::crc32c(&buf[..SB_CRC_AT]),
+            u32::from_le_bytes(buf[SB_CRC_AT..SB_CRC_AT + 4].try_into().unwrap())
+        );
+        assert_eq!(u32::from_le_bytes(buf[8..12].try_into().unwrap()), 2);
+        // The region's fields are covered by their own crc.
+        let mut damaged = buf.clone();
+        damaged[SB_META_BYTES_AT] ^= 1;
+        assert_eq!(
+            Superblock::decode_with(&damaged),
+            Err(SuperblockError::Checksum)
+        );
+        // A region over the log is refused even with valid crcs.
+        let overlapping = MetaRegion {
+            offset: sb.segment_offset(59),
+            bytes: 1 << 20,
+        };
+        sb.encode_with(Some(overlapping), &mut buf);
+        assert_eq!(
+            Superblock::decode_with(&buf),
+            Err(SuperblockError::BadRegion)
+        );
+        // Version 2 without a region.
+        sb.encode_with(None, &mut buf);
+        assert_eq!(Superblock::decode_with(&buf), Ok((sb, None)));
     }
 
     #[test]

@@ -30,6 +30,19 @@ pub struct RecordInfo {
     pub state: &'static str,
 }
 
+/// The embedded metadata's region (format version 2).
+#[derive(Serialize)]
+pub struct MetaRegionInfo {
+    pub offset: u64,
+    pub bytes: u64,
+    /// What the region's own headers say: the database's length and what it can hold, or why
+    /// they could not be read.
+    pub database_bytes: Option<u64>,
+    pub capacity_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[derive(Serialize)]
 pub struct Inspection {
     pub device: String,
@@ -40,6 +53,8 @@ pub struct Inspection {
     pub device_bytes: u64,
     pub segment_bytes: u64,
     pub segment_count: u64,
+    /// `None`: the metadata is not on this device (format version 1, or formatted without one).
+    pub meta_region: Option<MetaRegionInfo>,
     pub superblocks: Vec<SuperblockCopy>,
     pub segments: Vec<ScannedSegment>,
     pub records_waiting: u64,
@@ -53,6 +68,7 @@ pub struct Inspection {
 
 pub async fn inspect(path: &Path, with_records: bool) -> anyhow::Result<Inspection> {
     let device = open_device(path, 0, false)?;
+    let region_file = device.file.try_clone()?;
     let engine = open_engine(EngineKind::Psync, device.file)?;
     let engine: Arc<dyn crate::io::IoEngine> = engine;
     let copies = read_superblocks(&engine).await?;
@@ -62,15 +78,18 @@ pub async fn inspect(path: &Path, with_records: bool) -> anyhow::Result<Inspecti
         .map(|(copy, c)| SuperblockCopy {
             copy,
             valid: c.is_ok(),
-            generation: c.as_ref().ok().map(|sb| sb.generation),
+            generation: c.as_ref().ok().map(|(sb, _)| sb.generation),
             error: c.as_ref().err().map(|e| match e {
                 SuperblockError::NotFormatted => "no stagefs superblock".to_string(),
                 SuperblockError::Checksum => "checksum mismatch".to_string(),
                 SuperblockError::Version(v) => format!("format version {v} (unsupported)"),
+                SuperblockError::BadRegion => {
+                    "metadata region over the log or past the device".to_string()
+                }
             }),
         })
         .collect::<Vec<_>>();
-    let Some((_, sb)) = best_superblock(&copies) else {
+    let Some((_, sb, region)) = best_superblock(&copies) else {
         anyhow::bail!(
             "{} holds no valid stagefs superblock (copy 0: {}, copy 1: {})",
             path.display(),
@@ -79,6 +98,31 @@ pub async fn inspect(path: &Path, with_records: bool) -> anyhow::Result<Inspecti
         );
     };
     let sb = sb.clone();
+    let meta_region = region.map(|r| {
+        // Read only: opening the region reads its headers and table, and writes nothing.
+        let opened = meta::redb_region::RegionBackend::open(
+            region_file,
+            &path.display().to_string(),
+            r.offset,
+            r.bytes,
+        );
+        match opened {
+            Ok(backend) => MetaRegionInfo {
+                offset: r.offset,
+                bytes: r.bytes,
+                database_bytes: Some(backend.database_len()),
+                capacity_bytes: Some(backend.capacity()),
+                error: None,
+            },
+            Err(error) => MetaRegionInfo {
+                offset: r.offset,
+                bytes: r.bytes,
+                database_bytes: None,
+                capacity_bytes: None,
+                error: Some(error.to_string()),
+            },
+        }
+    });
     let report = scan(&engine, &sb).await?;
     let mut inspection = Inspection {
         device: path.display().to_string(),
@@ -89,6 +133,7 @@ pub async fn inspect(path: &Path, with_records: bool) -> anyhow::Result<Inspecti
         device_bytes: sb.device_bytes,
         segment_bytes: sb.segment_bytes,
         segment_count: sb.segment_count,
+        meta_region,
         superblocks,
         segments: report.segments.clone(),
         records_waiting: 0,
@@ -143,6 +188,26 @@ impl Inspection {
             self.segment_count,
             format_size(self.segment_bytes)
         );
+        match &self.meta_region {
+            None => println!("metadata       not on this device (--meta, or a file beside it)"),
+            Some(r) => {
+                println!(
+                    "metadata       region at offset {}, {} ({} bytes)",
+                    r.offset,
+                    format_size(r.bytes),
+                    r.bytes
+                );
+                match (&r.error, r.database_bytes, r.capacity_bytes) {
+                    (Some(e), _, _) => println!("  UNREADABLE: {e}"),
+                    (None, Some(used), Some(capacity)) => println!(
+                        "  database {} of {} it can hold",
+                        format_size(used),
+                        format_size(capacity)
+                    ),
+                    _ => {}
+                }
+            }
+        }
         for sb in &self.superblocks {
             match (sb.valid, sb.generation, &sb.error) {
                 (true, Some(g), _) => println!("superblock {}   valid, generation {g}", sb.copy),

@@ -20,7 +20,7 @@ use gateway::node::{ClientSettings, Node};
 use gateway::service::StagingService;
 use gateway::staging::UploadPolicy;
 use gateway::tasks::Tasks;
-use gateway::volume::{open_volume_with, VolumeOptions};
+use gateway::volume::{open_volume_with_meta, DeviceMetaRegion, VolumeOptions};
 use proto::meta::meta_server::MetaServer;
 use proto::staging::staging_server::StagingServer;
 use shared::size::parse_size;
@@ -69,7 +69,9 @@ enum MetaCommand {
     /// Write every metadata record as JSON lines (a consistent snapshot, also while clients
     /// write) to FILE, or to stdout.
     Dump {
-        /// The metadata: a redb file path or a postgres:// URL (as `serve --meta`).
+        /// The metadata: a redb file path, a postgres:// URL (as `serve --meta`), or
+        /// `device:PATH` for the metadata region inside a staging device (not while a gateway
+        /// serves it).
         #[arg(long, value_parser = parse_meta_location)]
         meta: MetaLocation,
         /// Where to write the dump (default: stdout).
@@ -78,7 +80,9 @@ enum MetaCommand {
     /// Load a dump into an empty metadata database (a new redb file, or an empty PostgreSQL
     /// database), from FILE or stdin.
     Load {
-        /// The metadata: a redb file path or a postgres:// URL (as `serve --meta`).
+        /// The metadata: a redb file path, a postgres:// URL (as `serve --meta`), or
+        /// `device:PATH` for the metadata region inside a staging device (not while a gateway
+        /// serves it).
         #[arg(long, value_parser = parse_meta_location)]
         meta: MetaLocation,
         /// The dump to read (default: stdin).
@@ -154,12 +158,22 @@ struct ServeArgs {
     /// Allow plain-HTTP S3 endpoints.
     #[arg(long)]
     s3_allow_http: bool,
-    /// Where the file-system metadata lives: a redb file path (embedded, created if missing;
-    /// default `<device>.meta.redb` for a regular-file device, required for a block device), or
+    /// Where the file-system metadata lives. Default: inside the staging device, in the metadata
+    /// region reserved when it was formatted (see --meta-region-size), so the device alone holds
+    /// everything and another node that attaches it gets the file system back. A device formatted
+    /// without a region (by an older release, or with --meta-region-size 0) keeps its metadata
+    /// in `<device>.meta.redb` beside a regular-file device, and needs --meta for a block device.
+    /// Otherwise: a redb file path (embedded, created if missing), or
     /// `postgres://USER[:PASS]@HOST[:PORT]/DB`, a PostgreSQL database that several gateways
     /// share (the schema is created and migrated at start).
     #[arg(long, value_parser = parse_meta_location)]
     meta: Option<MetaLocation>,
+    /// Size of the metadata region reserved at the end of the device when formatting (e.g.
+    /// 2GiB; 0: none). Applies only when the device is formatted, like --segment-size. Default:
+    /// 1/16 of the device, between 64 MiB and 16 GiB and at most a quarter of it. The embedded
+    /// database fails writes with "no space" once its region is full.
+    #[arg(long, value_parser = parse_size)]
+    meta_region_size: Option<u64>,
     /// Memory the embedded metadata database (a redb --meta file) may use as its page cache:
     /// what the gateway holds of the metadata whatever its size (large directories included).
     #[arg(long, value_parser = parse_size, default_value = "1GiB")]
@@ -250,22 +264,38 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::Serve
 }
 
 fn parse_meta_location(text: &str) -> Result<MetaLocation, String> {
-    if text.is_empty() {
-        return Err("empty: give a redb file path or a postgres:// URL".into());
+    if text.is_empty() || text == "device:" {
+        return Err("empty: give a redb file path, a postgres:// URL or device:PATH".into());
     }
     Ok(MetaLocation::parse(text))
 }
 
-/// The metadata database: `--meta`, else a redb file next to a regular-file device. A block device
-/// has no file system to put it next to, so there the flag is required.
-fn meta_location(args: &ServeArgs) -> anyhow::Result<MetaLocation> {
-    if let Some(location) = &args.meta {
-        return Ok(location.clone());
+/// The metadata database, given whether the device (opened, or about to be formatted) has a
+/// metadata region: `--meta`; else the region; else a redb file next to a regular-file device. A
+/// block device without a region has no file system to put the file next to, so there the flag
+/// is required.
+fn meta_location(args: &ServeArgs, device_has_region: bool) -> anyhow::Result<MetaLocation> {
+    match &args.meta {
+        Some(MetaLocation::Device(path)) if path != &args.device => anyhow::bail!(
+            "--meta device:{} names another device than --device {}: a gateway keeps in-device \
+             metadata only on its own device",
+            path.display(),
+            args.device.display()
+        ),
+        Some(MetaLocation::Device(_)) if !device_has_region => anyhow::bail!(
+            "--meta device:{} but the device has no metadata region (formatted without one, or \
+             by an older release): pass --meta PATH, or leave --meta out for <device>.meta.redb",
+            args.device.display()
+        ),
+        Some(location) => return Ok(location.clone()),
+        None if device_has_region => return Ok(MetaLocation::Device(args.device.clone())),
+        None => {}
     }
     match std::fs::metadata(&args.device) {
         Ok(metadata) if metadata.file_type().is_block_device() => anyhow::bail!(
-            "--device {} is a block device: pass --meta PATH for the metadata database (a file on \
-             a file system that moves with the device when another node takes it over)",
+            "--device {} is a block device formatted without a metadata region: pass --meta PATH \
+             for the metadata database (a file on a file system that moves with the device when \
+             another node takes it over)",
             args.device.display()
         ),
         // A missing device becomes a regular file (created by `open_volume`).
@@ -277,17 +307,58 @@ fn meta_location(args: &ServeArgs) -> anyhow::Result<MetaLocation> {
     }
 }
 
+/// A block device started without --meta must have a metadata region: looked at before the
+/// device is opened for writing, so a missing --meta fails without touching it. A device with no
+/// valid superblock yet is formatted with a region unless --meta-region-size is 0.
+async fn check_block_device_meta(args: &ServeArgs) -> anyhow::Result<()> {
+    let is_block = std::fs::metadata(&args.device).is_ok_and(|m| m.file_type().is_block_device());
+    if args.meta.is_some() || !is_block {
+        return Ok(());
+    }
+    let has_region = match gateway::volume::peek_meta_region(&args.device).await? {
+        Some(region) => region.is_some(),
+        None => args.meta_region_size != Some(0),
+    };
+    meta_location(args, has_region).map(|_| ())
+}
+
 async fn open_meta(
     location: &MetaLocation,
+    region: Option<DeviceMetaRegion>,
     config: MetaConfig,
 ) -> anyhow::Result<Arc<dyn MetaEngine>> {
-    let engine = meta::open(location, config)
-        .await
-        .with_context(|| format!("cannot open the metadata database {location}"))?;
+    let engine = match (location, region) {
+        (MetaLocation::Device(_), Some(region)) => {
+            let backend = region
+                .backend()
+                .context("cannot open the metadata region of the device")?;
+            let described = backend.describe();
+            meta::open_region(backend, config)
+                .await
+                .with_context(|| format!("cannot open the metadata database in {described}"))?
+        }
+        (location, region) => {
+            if region.is_some() {
+                tracing::info!(meta = %location, "the device's metadata region stays unused: --meta names the metadata database");
+            }
+            meta::open(location, config)
+                .await
+                .with_context(|| format!("cannot open the metadata database {location}"))?
+        }
+    };
     Ok(Arc::new(engine))
 }
 
 async fn open_meta_store(location: &MetaLocation) -> anyhow::Result<Arc<dyn meta::kv::KvStore>> {
+    if let MetaLocation::Device(path) = location {
+        let region = gateway::volume::open_meta_region_only(path).await?;
+        let backend = region
+            .backend()
+            .context("cannot open the metadata region of the device")?;
+        return meta::open_region_store(backend, None)
+            .await
+            .with_context(|| format!("cannot open the metadata database {location}"));
+    }
     meta::open_store(location)
         .await
         .with_context(|| format!("cannot open the metadata database {location}"))
@@ -391,7 +462,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "--heartbeat-interval must be longer than 0"
     );
     // Resolved before the device is opened, so a missing --meta fails without touching it.
-    let meta_location = meta_location(&args)?;
+    check_block_device_meta(&args).await?;
     let tls = server_tls(&args)?;
     if let Some(listen) = args.metrics_listen {
         shared::telemetry::install(listen, gateway::telemetry::COUNTERS)
@@ -428,7 +499,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Every background task, in two groups: the workers stop before the log they append to.
     let tasks = Tasks::new();
-    let log = open_volume_with(
+    let volume = open_volume_with_meta(
         &VolumeOptions {
             path: args.device.clone(),
             create_size: args.device_size,
@@ -445,14 +516,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 retry_max: args.retry_max,
             },
         },
+        args.meta_region_size,
         tasks.group(),
         debug_faults,
     )
     .await?;
+    let log = volume.log;
+    let meta_location = meta_location(&args, volume.meta_region.is_some())?;
     let workers = tasks.group();
     // After the device: its lock keeps a second gateway out before it reaches the database.
     let meta = open_meta(
         &meta_location,
+        volume.meta_region,
         MetaConfig {
             deleted_data_delay: args.deleted_data_delay,
             redb_cache_bytes: Some(args.meta_cache as usize),
@@ -762,9 +837,30 @@ mod meta_service_flags {
         assert_eq!(args.device_timeout, DEFAULT_DEVICE_TIMEOUT);
         assert_eq!(args.advertise, None);
         assert_eq!(
-            meta_location(&args).unwrap(),
+            args.meta_region_size, None,
+            "the default size is the device's to pick"
+        );
+        // In the device when it has a region; beside a device file formatted without one.
+        assert_eq!(
+            meta_location(&args, true).unwrap(),
+            MetaLocation::Device("/var/tmp/dev.img".into())
+        );
+        assert_eq!(
+            meta_location(&args, false).unwrap(),
             MetaLocation::Redb("/var/tmp/dev.img.meta.redb".into())
         );
+        let args = serve_args(&["--meta-region-size", "2GiB"]);
+        assert_eq!(args.meta_region_size, Some(2 << 30));
+        let args = serve_args(&["--meta", "device:/var/tmp/dev.img"]);
+        assert_eq!(
+            meta_location(&args, true).unwrap(),
+            MetaLocation::Device("/var/tmp/dev.img".into())
+        );
+        let error = meta_location(&args, false).unwrap_err().to_string();
+        assert!(error.contains("no metadata region"), "{error}");
+        let args = serve_args(&["--meta", "device:/elsewhere"]);
+        let error = meta_location(&args, true).unwrap_err().to_string();
+        assert!(error.contains("another device"), "{error}");
         let args = serve_args(&[
             "--meta",
             "/srv/meta.redb",
@@ -776,11 +872,12 @@ mod meta_service_flags {
             "gw:7070",
         ]);
         assert_eq!(
-            meta_location(&args).unwrap(),
-            MetaLocation::Redb("/srv/meta.redb".into())
+            meta_location(&args, true).unwrap(),
+            MetaLocation::Redb("/srv/meta.redb".into()),
+            "--meta wins over the device's region"
         );
         let args = serve_args(&["--meta", "postgres://gw:secret@db:5432/fs"]);
-        let location = meta_location(&args).unwrap();
+        let location = meta_location(&args, true).unwrap();
         assert_eq!(
             location,
             MetaLocation::Postgres("postgres://gw:secret@db:5432/fs".into())
@@ -806,7 +903,7 @@ mod meta_service_flags {
     }
 
     #[test]
-    fn a_block_device_needs_an_explicit_meta_path() {
+    fn a_block_device_without_a_region_needs_an_explicit_meta_path() {
         // Any block device will do; the path is only stat'ed, never opened.
         let Some(device) = std::fs::read_dir("/dev").ok().and_then(|entries| {
             entries
@@ -819,11 +916,17 @@ mod meta_service_flags {
         };
         let mut args = serve_args(&[]);
         args.device = device.clone();
-        let error = meta_location(&args).unwrap_err().to_string();
+        // Formatted without a region: the flag is needed.
+        let error = meta_location(&args, false).unwrap_err().to_string();
         assert!(error.contains("--meta PATH"), "{error}");
+        // With one, the metadata is in it.
+        assert_eq!(
+            meta_location(&args, true).unwrap(),
+            MetaLocation::Device(device.clone())
+        );
         args.meta = Some(MetaLocation::Redb("/srv/meta.redb".into()));
         assert_eq!(
-            meta_location(&args).unwrap(),
+            meta_location(&args, false).unwrap(),
             MetaLocation::Redb("/srv/meta.redb".into())
         );
     }

@@ -4,7 +4,12 @@
 //! file was just created or `--format` was given: a device with a live log is never wiped by a
 //! start-up. Each start bumps the superblock generation (written to the older copy first, so a
 //! torn write leaves the newer one intact); records carry the generation they were written in.
+//!
+//! Formatting may reserve the end of the device for the embedded metadata (format version 2): the
+//! gateway then keeps its redb database there ([`meta::redb_region`]), so the device alone is the
+//! whole state of a single gateway and moves with it to another node.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +17,8 @@ use std::time::{Duration, Instant};
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::device::{open_device, DeviceError};
 use crate::format::{
-    record_len, Superblock, SuperblockError, DATA_START, FORMAT_VERSION, MAX_KEY_BYTES,
+    record_len, MetaRegion, Superblock, SuperblockError, DATA_START, FORMAT_VERSION,
+    FORMAT_VERSION_NO_REGION, MAX_KEY_BYTES,
 };
 use crate::io::{open_engine, EngineKind, IoEngine};
 use crate::recovery::{scan, ScanReport};
@@ -25,8 +31,22 @@ pub enum VolumeError {
     Device(#[from] DeviceError),
     #[error("{path} holds no valid stagefs superblock; pass --format to format it (this destroys its content)")]
     NotFormatted { path: PathBuf },
-    #[error("{path} holds a stagefs log of format version {found}; this gateway reads version {FORMAT_VERSION} only, refusing to touch it")]
+    #[error("{path} holds a stagefs log of format version {found}; this gateway reads versions {FORMAT_VERSION_NO_REGION} to {FORMAT_VERSION} only, refusing to touch it")]
     FormatVersion { path: PathBuf, found: u32 },
+    #[error("--meta-region-size {size} is invalid for a {device}-byte device: give 0 (no region) or a multiple of {ALIGN} of at least {min} bytes that leaves room for 3 segments of {segment} bytes")]
+    MetaRegionSize {
+        size: u64,
+        device: u64,
+        min: u64,
+        segment: u64,
+    },
+    #[error("{path} has no metadata region (formatted without one, or by an older release): its metadata is where --meta says, or in the file beside it")]
+    NoMetaRegion { path: PathBuf },
+    #[error("cannot format the metadata region of {path}: {source}")]
+    MetaRegion {
+        path: PathBuf,
+        source: meta::redb_region::RegionError,
+    },
     #[error("segment size {segment} is invalid for a {device}-byte device: it must be a multiple of {ALIGN}, between {min} and {MAX_SEGMENT_BYTES} bytes, and leave room for at least 3 segments")]
     Geometry { segment: u64, device: u64, min: u64 },
     #[error("{path} is {size} bytes; a staging device needs at least {min} bytes (3 segments of {segment})")]
@@ -83,36 +103,134 @@ fn default_segment_size(device: u64) -> u64 {
     ALIGN as u64 + blocks * full_block_record()
 }
 
+/// The smallest metadata region a device is formatted with.
+pub const MIN_META_REGION_BYTES: u64 = meta::redb_region::MIN_REGION_BYTES;
+
+/// The metadata region a device gets when `--meta-region-size` is not given: 1/16 of the device,
+/// at least 64 MiB, at most 16 GiB, never more than a quarter of the device (the log needs the
+/// rest), none below the smallest region. Why: a file costs redb roughly 0.3-1 KiB (inode, entry,
+/// chunk slices, tree pages), and redb grows its database by doubling (up to 4 GiB at a time), so
+/// a region holds safely about half its size below 4 GiB. 1/16 fits the metadata of a device full
+/// of files averaging some tens of KiB; 64 MiB fits ~100 000 files on any device; past 16 GiB
+/// (~16 million files) one node is the wrong home for the namespace (use PostgreSQL), and the
+/// region's checksum table, held in memory (1/512 of the region), stays at most 32 MiB.
+pub fn default_meta_region_size(device: u64) -> u64 {
+    let size =
+        (device / 16).clamp(64 << 20, 16 << 30).min(device / 4) / ALIGN as u64 * ALIGN as u64;
+    if size < MIN_META_REGION_BYTES {
+        0
+    } else {
+        size
+    }
+}
+
+/// One superblock copy as read: the superblock and its metadata region, or why it is not valid.
+pub type SuperblockCopy = Result<(Superblock, Option<MetaRegion>), SuperblockError>;
+
 /// Reads both superblock copies; the valid one with the highest generation wins.
-pub async fn read_superblocks(
-    engine: &Arc<dyn IoEngine>,
-) -> std::io::Result<[Result<Superblock, SuperblockError>; 2]> {
+pub async fn read_superblocks(engine: &Arc<dyn IoEngine>) -> std::io::Result<[SuperblockCopy; 2]> {
     let buf = engine.read_at(AlignedBuf::zeroed(2 * ALIGN), 0).await?;
     Ok([
-        Superblock::decode(&buf[..ALIGN]),
-        Superblock::decode(&buf[ALIGN..]),
+        Superblock::decode_with(&buf[..ALIGN]),
+        Superblock::decode_with(&buf[ALIGN..]),
     ])
 }
 
 pub fn best_superblock(
-    copies: &[Result<Superblock, SuperblockError>; 2],
-) -> Option<(usize, &Superblock)> {
+    copies: &[SuperblockCopy; 2],
+) -> Option<(usize, &Superblock, Option<MetaRegion>)> {
     copies
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| c.as_ref().ok().map(|sb| (i, sb)))
-        .max_by_key(|(_, sb)| sb.generation)
+        .filter_map(|(i, c)| c.as_ref().ok().map(|(sb, region)| (i, sb, *region)))
+        .max_by_key(|(_, sb, _)| sb.generation)
 }
 
 async fn write_superblock(
     engine: &Arc<dyn IoEngine>,
     sb: &Superblock,
+    region: Option<MetaRegion>,
     copy: usize,
 ) -> std::io::Result<()> {
     let mut buf = AlignedBuf::zeroed(ALIGN);
-    sb.encode(&mut buf);
+    sb.encode_with(region, &mut buf);
     engine.write_at(buf, (copy * ALIGN) as u64).await?;
     Ok(())
+}
+
+/// The metadata region of an opened device: where it is, and a descriptor of the device (the
+/// volume's own, duplicated: same `O_DIRECT` open file and same lock) to reach it through.
+pub struct DeviceMetaRegion {
+    pub file: File,
+    pub path: PathBuf,
+    pub region: MetaRegion,
+    /// Formatted by this start (empty).
+    pub formatted_now: bool,
+}
+
+impl DeviceMetaRegion {
+    /// The region as a redb storage backend ([`meta::redb_region`]).
+    pub fn backend(
+        self,
+    ) -> Result<meta::redb_region::RegionBackend, meta::redb_region::RegionError> {
+        meta::redb_region::RegionBackend::open(
+            self.file,
+            &self.path.display().to_string(),
+            self.region.offset,
+            self.region.bytes,
+        )
+    }
+}
+
+/// An opened volume: the running log and, on a device formatted with one, its metadata region.
+pub struct Volume {
+    pub log: Arc<StagingLog>,
+    pub meta_region: Option<DeviceMetaRegion>,
+}
+
+/// Whether the device at `path` holds a valid superblock (`None` if not) and, if so, its metadata
+/// region; read without opening the device for writing or taking its lock (a look before `serve`
+/// decides where the metadata is).
+pub async fn peek_meta_region(
+    path: &std::path::Path,
+) -> Result<Option<Option<MetaRegion>>, VolumeError> {
+    let device = open_device(path, 0, false)?;
+    let io = |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let engine: Arc<dyn IoEngine> = open_engine(EngineKind::Psync, device.file).map_err(io)?;
+    let copies = read_superblocks(&engine).await.map_err(io)?;
+    Ok(best_superblock(&copies).map(|(_, _, region)| region))
+}
+
+/// The metadata region of the device at `path`, without recovering its log (`meta dump` and
+/// `meta load`). The device is opened and locked as `serve` opens it, so this fails while a
+/// gateway serves it.
+pub async fn open_meta_region_only(
+    path: &std::path::Path,
+) -> Result<DeviceMetaRegion, VolumeError> {
+    if !path.exists() {
+        return Err(VolumeError::NotFormatted { path: path.into() });
+    }
+    let device = open_device(path, 0, true)?;
+    let io = |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = device.file.try_clone().map_err(io)?;
+    let engine: Arc<dyn IoEngine> = open_engine(EngineKind::Psync, device.file).map_err(io)?;
+    let copies = read_superblocks(&engine).await.map_err(io)?;
+    match best_superblock(&copies) {
+        None => Err(VolumeError::NotFormatted { path: path.into() }),
+        Some((_, _, None)) => Err(VolumeError::NoMetaRegion { path: path.into() }),
+        Some((_, _, Some(region))) => Ok(DeviceMetaRegion {
+            file,
+            path: path.into(),
+            region,
+            formatted_now: false,
+        }),
+    }
 }
 
 /// Opens (and if allowed, formats) the volume, recovers it and returns the running staging log.
@@ -121,12 +239,23 @@ pub async fn open_volume(opts: &VolumeOptions) -> Result<Arc<StagingLog>, Volume
 }
 
 /// [`open_volume`] with the log's tasks in the group `tasks` and the I/O engine wrapped by `wrap`
-/// (tests inject faults this way).
+/// (tests inject faults this way). A device it formats gets no metadata region.
 pub async fn open_volume_with(
     opts: &VolumeOptions,
     tasks: Tasks,
     wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
 ) -> Result<Arc<StagingLog>, VolumeError> {
+    Ok(open_volume_with_meta(opts, Some(0), tasks, wrap).await?.log)
+}
+
+/// [`open_volume_with`], and the device's metadata region if it has one. A device formatted now
+/// gets a region of `meta_region_size` bytes (`None`: [`default_meta_region_size`]; 0: none).
+pub async fn open_volume_with_meta(
+    opts: &VolumeOptions,
+    meta_region_size: Option<u64>,
+    tasks: Tasks,
+    wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
+) -> Result<Volume, VolumeError> {
     let device = open_device(&opts.path, opts.create_size, true)?;
     let io = |source| VolumeError::Io {
         path: opts.path.clone(),
@@ -141,15 +270,20 @@ pub async fn open_volume_with(
             segment: min_segment_size(),
         });
     }
+    // The metadata region is reached through the volume's own open file: the same O_DIRECT
+    // description and the same lock, never a second open of the device.
+    let region_file = device.file.try_clone().map_err(io)?;
     let engine = wrap(open_engine(opts.engine, device.file).map_err(io)?);
     let copies = read_superblocks(&engine).await.map_err(io)?;
-    let sb = match best_superblock(&copies) {
-        Some((copy, sb)) => {
+    let (sb, region, formatted_now) = match best_superblock(&copies) {
+        Some((copy, sb, region)) => {
             let mut sb = sb.clone();
             sb.generation += 1;
-            write_superblock(&engine, &sb, 1 - copy).await.map_err(io)?;
+            write_superblock(&engine, &sb, region, 1 - copy)
+                .await
+                .map_err(io)?;
             engine.sync().await.map_err(io)?;
-            sb
+            (sb, region, false)
         }
         None => {
             if let Some(found) = copies.iter().find_map(|c| match c {
@@ -166,12 +300,20 @@ pub async fn open_volume_with(
                     path: opts.path.clone(),
                 });
             }
-            format(&engine, device.size, opts.segment_size)
-                .await
-                .map_err(|e| match e {
-                    FormatError::Geometry(g) => g,
-                    FormatError::Io(source) => io(source),
-                })?
+            let (sb, region) = format(
+                &engine,
+                &region_file,
+                &opts.path,
+                device.size,
+                opts.segment_size,
+                meta_region_size,
+            )
+            .await
+            .map_err(|e| match e {
+                FormatError::Geometry(g) => g,
+                FormatError::Io(source) => io(source),
+            })?;
+            (sb, region, true)
         }
     };
     tracing::info!(
@@ -180,6 +322,8 @@ pub async fn open_volume_with(
         generation = sb.generation,
         segments = sb.segment_count,
         segment_bytes = sb.segment_bytes,
+        meta_region_offset = region.map(|r| r.offset),
+        meta_region_bytes = region.map(|r| r.bytes),
         "recovering staging log"
     );
     let started = Instant::now();
@@ -205,7 +349,15 @@ pub async fn open_volume_with(
         took_ms = took.as_millis() as u64,
         "staging log recovered"
     );
-    Ok(log)
+    Ok(Volume {
+        log,
+        meta_region: region.map(|region| DeviceMetaRegion {
+            file: region_file,
+            path: opts.path.clone(),
+            region,
+            formatted_now,
+        }),
+    })
 }
 
 pub enum FormatError {
@@ -213,15 +365,35 @@ pub enum FormatError {
     Io(std::io::Error),
 }
 
-/// Writes a fresh, empty log: both superblocks, then a sync.
+/// Writes a fresh, empty device: the metadata region (if any: `meta_region_size` bytes, `None`
+/// for the default, 0 for none) at the end, after the segments, then both superblocks, then a
+/// sync. The superblocks come last, so a device whose formatting was cut short is still
+/// unformatted, never a device that names a region it does not have.
 pub async fn format(
     engine: &Arc<dyn IoEngine>,
+    region_file: &File,
+    path: &std::path::Path,
     device_bytes: u64,
     segment_size: Option<u64>,
-) -> Result<Superblock, FormatError> {
-    let segment = segment_size.unwrap_or_else(|| default_segment_size(device_bytes));
+    meta_region_size: Option<u64>,
+) -> Result<(Superblock, Option<MetaRegion>), FormatError> {
+    let region_bytes = meta_region_size.unwrap_or_else(|| default_meta_region_size(device_bytes));
+    let log_bytes = device_bytes.saturating_sub(region_bytes);
+    let segment = segment_size.unwrap_or_else(|| default_segment_size(log_bytes));
     let min = min_segment_size();
-    let count = device_bytes.saturating_sub(DATA_START) / segment.max(1);
+    let count = log_bytes.saturating_sub(DATA_START) / segment.max(1);
+    if region_bytes != 0
+        && (region_bytes < MIN_META_REGION_BYTES
+            || !region_bytes.is_multiple_of(ALIGN as u64)
+            || count < 3)
+    {
+        return Err(FormatError::Geometry(VolumeError::MetaRegionSize {
+            size: region_bytes,
+            device: device_bytes,
+            min: MIN_META_REGION_BYTES,
+            segment,
+        }));
+    }
     if !segment.is_multiple_of(ALIGN as u64)
         || segment < min
         || segment > MAX_SEGMENT_BYTES
@@ -233,8 +405,8 @@ pub async fn format(
             min,
         }));
     }
-    let sb = Superblock {
-        format_version: FORMAT_VERSION,
+    let mut sb = Superblock {
+        format_version: FORMAT_VERSION_NO_REGION,
         device_uuid: *uuid::Uuid::new_v4().as_bytes(),
         gateway_id: *uuid::Uuid::new_v4().as_bytes(),
         generation: 1,
@@ -242,8 +414,38 @@ pub async fn format(
         segment_bytes: segment,
         segment_count: count,
     };
+    // The region takes what the segments leave, from the end of the last one.
+    let region = (region_bytes > 0).then(|| {
+        let offset = sb.segment_offset(count);
+        MetaRegion {
+            offset,
+            bytes: device_bytes - offset,
+        }
+    });
+    if let Some(region) = region {
+        sb.format_version = FORMAT_VERSION;
+        let (file, device) = (
+            region_file.try_clone().map_err(FormatError::Io)?,
+            path.to_path_buf(),
+        );
+        tokio::task::spawn_blocking(move || {
+            meta::redb_region::format(
+                &file,
+                &device.display().to_string(),
+                region.offset,
+                region.bytes,
+            )
+            .map_err(|source| VolumeError::MetaRegion {
+                path: device,
+                source,
+            })
+        })
+        .await
+        .map_err(|e| FormatError::Io(std::io::Error::other(e)))?
+        .map_err(FormatError::Geometry)?;
+    }
     for copy in 0..2 {
-        write_superblock(engine, &sb, copy)
+        write_superblock(engine, &sb, region, copy)
             .await
             .map_err(FormatError::Io)?;
     }
@@ -252,9 +454,11 @@ pub async fn format(
         device_bytes,
         segment_bytes = segment,
         segments = count,
+        meta_region_offset = region.map(|r| r.offset),
+        meta_region_bytes = region.map(|r| r.bytes),
         "formatted staging device"
     );
-    Ok(sb)
+    Ok((sb, region))
 }
 
 /// Tests only: a small volume in `dir` (64 MiB, 8 MiB segments, the portable engine).
@@ -359,7 +563,7 @@ mod tests {
             matches!(err, VolumeError::FormatVersion { found, .. } if found == FORMAT_VERSION + 1),
             "{err}"
         );
-        assert!(err.to_string().contains("format version 2"), "{err}");
+        assert!(err.to_string().contains("format version 3"), "{err}");
 
         let small = dir.path().join("small");
         std::fs::File::create(&small)
@@ -371,6 +575,97 @@ mod tests {
             .err()
             .expect("must refuse");
         assert!(matches!(err, VolumeError::TooSmall { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_region_is_reserved_at_format_and_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let mut opts = options(path.clone(), false);
+        opts.create_size = 256 << 20;
+        let volume = open_volume_with_meta(&opts, None, Tasks::new(), |e| e)
+            .await
+            .unwrap();
+        let sb = volume.log.sb.clone();
+        let region = volume.meta_region.expect("a region by default");
+        assert!(region.formatted_now);
+        assert_eq!(sb.format_version, FORMAT_VERSION);
+        assert_eq!(
+            region.region.bytes,
+            (256 << 20) - sb.segment_offset(sb.segment_count)
+        );
+        assert!(region.region.bytes >= default_meta_region_size(256 << 20));
+        assert_eq!(region.region.offset, sb.segment_offset(sb.segment_count));
+        assert!(sb.segment_count >= 3);
+        let found = region.region;
+        // The region is usable through the volume's own descriptor.
+        let backend = region.backend().unwrap();
+        assert_eq!(backend.database_len(), 0);
+        drop(backend);
+        volume.log.shutdown().await;
+        drop(volume.log);
+
+        // Found again, whatever size is asked for now (it applies only when formatting).
+        let volume = open_volume_with_meta(&opts, Some(0), Tasks::new(), |e| e)
+            .await
+            .unwrap();
+        let again = volume.meta_region.expect("the region is still there");
+        assert!(!again.formatted_now);
+        assert_eq!(again.region, found);
+        assert_eq!(volume.log.sb.generation, sb.generation + 1);
+        // A second gateway cannot open the device, nor the region through it.
+        let busy = open_meta_region_only(&path).await.err().expect("locked");
+        assert!(matches!(busy, VolumeError::Device(_)), "{busy}");
+        volume.log.shutdown().await;
+        drop((volume.log, again));
+        let only = open_meta_region_only(&path).await.unwrap();
+        assert_eq!(only.region, found);
+    }
+
+    #[tokio::test]
+    async fn without_a_region_the_device_keeps_format_version_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let volume =
+            open_volume_with_meta(&options(path.clone(), false), Some(0), Tasks::new(), |e| e)
+                .await
+                .unwrap();
+        assert!(volume.meta_region.is_none());
+        assert_eq!(volume.log.sb.format_version, FORMAT_VERSION_NO_REGION);
+        volume.log.shutdown().await;
+        drop(volume.log);
+        assert_eq!(peek_meta_region(&path).await.unwrap(), Some(None));
+        let error = open_meta_region_only(&path).await.err().expect("no region");
+        assert!(matches!(error, VolumeError::NoMetaRegion { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_region_size_that_leaves_no_room_for_the_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [60 << 20, 1 << 20, (8 << 20) + 1] {
+            let path = dir.path().join(format!("dev-{size}"));
+            let err = open_volume_with_meta(
+                &options(path.clone(), false),
+                Some(size),
+                Tasks::new(),
+                |e| e,
+            )
+            .await
+            .err()
+            .expect("must refuse");
+            assert!(matches!(err, VolumeError::MetaRegionSize { .. }), "{err}");
+            assert!(err.to_string().contains("--meta-region-size"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_default_region_is_a_sixteenth_within_bounds() {
+        assert_eq!(default_meta_region_size(64 << 20), 16 << 20);
+        assert_eq!(default_meta_region_size(256 << 20), 64 << 20);
+        assert_eq!(default_meta_region_size(1 << 30), 64 << 20);
+        assert_eq!(default_meta_region_size(100 << 30), 6400 << 20);
+        assert_eq!(default_meta_region_size(1 << 40), 16 << 30);
+        assert_eq!(default_meta_region_size(12 << 20), 0);
     }
 
     #[tokio::test]
