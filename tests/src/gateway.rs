@@ -36,9 +36,35 @@ pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     extra: Vec<String>,
     access: GatewayAccess,
+    /// `--meta-region-size` when formatting; `None`: the gateway's default (metadata inside the
+    /// device). The harness passes 0 unless told otherwise, so its gateways keep the metadata in
+    /// `<device>.meta.redb` as they always did.
+    meta_region_size: Option<String>,
+    /// The process's working directory (default: the test's).
+    working_dir: Option<PathBuf>,
 }
 
 impl GatewayBuilder {
+    /// Formats a new device with the gateway's default metadata region and serves the metadata
+    /// from inside the device (no `--meta`, no `--meta-region-size 0`).
+    pub fn meta_in_device(mut self) -> Self {
+        self.meta_region_size = None;
+        self
+    }
+
+    /// `--meta-region-size SIZE` (applies when the device is formatted).
+    pub fn meta_region_size(mut self, size: &str) -> Self {
+        self.meta_region_size = Some(size.to_string());
+        self
+    }
+
+    /// Runs the gateway in `dir` (its working directory), e.g. to show that nothing it needs
+    /// lives in the directory it was first started from.
+    pub fn working_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.working_dir = Some(dir.into());
+        self
+    }
+
     /// `--tls-cert CERT --tls-key KEY` (and `--tls-client-ca` when `client_ca` is given); the
     /// harness's own calls trust `ca` (PEM file) and present `identity` (certificate and key
     /// files) for mutual TLS.
@@ -119,6 +145,9 @@ impl GatewayBuilder {
             self.device_size.clone(),
         ];
         args.extend(self.store_args.iter().cloned());
+        if let Some(size) = &self.meta_region_size {
+            args.extend(["--meta-region-size".to_string(), size.clone()]);
+        }
         args.extend([
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -134,6 +163,7 @@ impl GatewayBuilder {
         let mut gateway = Gateway {
             args: self.command_args(),
             env: self.env,
+            working_dir: self.working_dir,
             device: self.device,
             engine: self.engine,
             log_path: self.dir.join("gateway.log"),
@@ -152,6 +182,7 @@ impl GatewayBuilder {
 pub struct Gateway {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    working_dir: Option<PathBuf>,
     device: PathBuf,
     engine: String,
     log_path: PathBuf,
@@ -176,6 +207,8 @@ impl Gateway {
             env: s3.gateway_env(),
             extra: Vec::new(),
             access: GatewayAccess::default(),
+            meta_region_size: Some("0".into()),
+            working_dir: None,
         }
     }
 
@@ -206,6 +239,9 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
+        if let Some(dir) = &self.working_dir {
+            command.current_dir(dir);
+        }
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
