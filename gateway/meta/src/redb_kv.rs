@@ -11,9 +11,15 @@
 //! commit for everyone waiting, so concurrent operations share one fsync (a durable redb commit
 //! costs two) instead of queueing for one each. redb guarantees that a durable commit also makes
 //! every earlier non-durable commit durable.
+//!
+//! After an I/O error (a full metadata region among them) redb refuses every further call on that
+//! database ("previous I/O error"); the next transaction opens it again on the same storage, so a
+//! full region fails the writes that need room and nothing else. What a reopen drops was never
+//! durable: commits waiting for their fsync at that moment fail instead of returning.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition};
@@ -28,8 +34,17 @@ pub struct RedbKv {
     inner: Arc<Inner>,
 }
 
+type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
 struct Inner {
-    db: Database,
+    /// `None` only while it is being opened again, or if that failed.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Opens the database again on the same storage (see the module comment).
+    reopen: Reopen,
+    /// redb met an I/O error: it refuses every call on `db` until it is opened again.
+    broken: AtomicBool,
+    /// Names the database in messages.
+    label: String,
     /// The writer's turn: held from a write transaction's begin to its commit or drop.
     writer: Arc<tokio::sync::Mutex<()>>,
     group_sync: GroupSync,
@@ -49,6 +64,8 @@ struct SyncState {
     durable: u64,
     /// A thread is making a durable commit right now.
     syncing: bool,
+    /// Commits (first, last] that were not durable when the database was opened again: lost.
+    lost: Vec<(u64, u64)>,
 }
 
 fn failed(error: impl std::fmt::Display) -> KvError {
@@ -82,31 +99,26 @@ impl RedbKv {
     /// [`RedbKv::open`] with a page cache of at most `cache_bytes` (redb's default, 1 GiB, when
     /// `None`): what the database holds in memory whatever its size.
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: Option<usize>) -> KvResult<RedbKv> {
-        let path = path.as_ref();
-        let db = builder(cache_bytes).create(path).map_err(|e| match e {
-            redb::DatabaseError::Storage(s) => storage(s),
-            other => failed(format!("cannot open {}: {other}", path.display())),
-        })?;
-        RedbKv::with_database(db, &path.display().to_string())
+        let path = path.as_ref().to_path_buf();
+        let label = path.display().to_string();
+        RedbKv::with_opener(Box::new(move || builder(cache_bytes).create(&path)), &label)
     }
 
     /// The database in `backend` (created there if it is empty), e.g. the metadata region of a
     /// staging device ([`crate::redb_region`]); `label` names it in messages.
     pub fn open_backend(
-        backend: impl redb::StorageBackend,
+        backend: impl redb::StorageBackend + Clone,
         label: &str,
         cache_bytes: Option<usize>,
     ) -> KvResult<RedbKv> {
-        let db = builder(cache_bytes)
-            .create_with_backend(backend)
-            .map_err(|e| match e {
-                redb::DatabaseError::Storage(s) => storage(s),
-                other => failed(format!("cannot open {label}: {other}")),
-            })?;
-        RedbKv::with_database(db, label)
+        RedbKv::with_opener(
+            Box::new(move || builder(cache_bytes).create_with_backend(backend.clone())),
+            label,
+        )
     }
 
-    fn with_database(db: Database, label: &str) -> KvResult<RedbKv> {
+    fn with_opener(reopen: Reopen, label: &str) -> KvResult<RedbKv> {
+        let db = reopen().map_err(|e| open_failed(label, e))?;
         {
             let txn = db.begin_read().map_err(failed)?;
             let old = TableDefinition::<&str, u64>::new("counters");
@@ -125,11 +137,21 @@ impl RedbKv {
         txn.commit().map_err(commit_failed)?;
         Ok(RedbKv {
             inner: Arc::new(Inner {
-                db,
+                db: RwLock::new(Some(Arc::new(db))),
+                reopen,
+                broken: AtomicBool::new(false),
+                label: label.to_string(),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 group_sync: GroupSync::default(),
             }),
         })
+    }
+}
+
+fn open_failed(label: &str, error: redb::DatabaseError) -> KvError {
+    match error {
+        redb::DatabaseError::Storage(s) => storage(s),
+        other => failed(format!("cannot open {label}: {other}")),
     }
 }
 
@@ -149,6 +171,67 @@ fn commit_failed(error: redb::CommitError) -> KvError {
 }
 
 impl Inner {
+    fn db(&self) -> KvResult<Arc<Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                KvError::Unavailable(format!(
+                    "{}: the database could not be opened again after an I/O error",
+                    self.label
+                ))
+            })
+    }
+
+    /// Maps a redb error, noting an I/O error: after one, redb refuses every call until the
+    /// database is opened again ([`Inner::reopen_if_broken`]).
+    fn error(&self, error: impl Into<redb::Error>) -> KvError {
+        match error.into() {
+            redb::Error::Io(io) => {
+                self.broken.store(true, Ordering::Release);
+                storage(redb::StorageError::Io(io))
+            }
+            redb::Error::PreviousIo => {
+                self.broken.store(true, Ordering::Release);
+                KvError::Unavailable(format!(
+                    "{}: an earlier I/O error stopped the database; it is opened again by the \
+                     next transaction",
+                    self.label
+                ))
+            }
+            other => failed(other),
+        }
+    }
+
+    /// Opens the database again if an I/O error stopped it. The caller holds the writer's turn,
+    /// so no write transaction or durable commit runs meanwhile; commits not yet durable are
+    /// lost with the old handle, and their waiters are told so.
+    fn reopen_if_broken(&self) -> KvResult<()> {
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Dropping the old handle closes its storage (and its lock) before the new one opens it.
+        drop(db.take());
+        let fresh = (self.reopen)().map_err(|e| open_failed(&self.label, e))?;
+        *db = Some(Arc::new(fresh));
+        {
+            let mut state = self.group_sync.state.lock().expect("sync state poisoned");
+            if state.committed > state.durable {
+                let lost = (state.durable, state.committed);
+                state.lost.push(lost);
+            }
+        }
+        self.group_sync.synced.notify_all();
+        self.broken.store(false, Ordering::Release);
+        tracing::warn!(database = %self.label, "metadata database opened again after an I/O error");
+        Ok(())
+    }
+
     /// Returns once commit number `ticket` is durable, making a durable commit if no other thread
     /// is making one. A commit numbered at or below the count read before a durable commit began
     /// finished before it began, so that durable commit covers it. Blocking: call it off the
@@ -157,6 +240,17 @@ impl Inner {
         let sync = &self.group_sync;
         let mut state = sync.state.lock().expect("sync state poisoned");
         loop {
+            if state
+                .lost
+                .iter()
+                .any(|&(after, upto)| after < ticket && ticket <= upto)
+            {
+                return Err(KvError::Unavailable(format!(
+                    "{}: the commit was not yet durable when an I/O error stopped the database; \
+                     it is lost",
+                    self.label
+                )));
+            }
             if state.durable >= ticket {
                 return Ok(());
             }
@@ -184,10 +278,10 @@ impl Inner {
     /// for the fsync.
     fn durable_commit(&self) -> KvResult<()> {
         let _turn = self.writer.blocking_lock();
-        let mut txn = self.db.begin_write().map_err(failed)?;
+        let mut txn = self.db()?.begin_write().map_err(|e| self.error(e))?;
         txn.set_durability(redb::Durability::Immediate)
-            .map_err(failed)?;
-        txn.commit().map_err(commit_failed)
+            .map_err(|e| self.error(e))?;
+        txn.commit().map_err(|e| self.error(e))
     }
 }
 
@@ -203,8 +297,20 @@ impl KvStore for RedbKv {
         } else {
             None
         };
-        let read = self.inner.db.begin_read().map_err(failed)?;
-        let table = read.open_table(KV).map_err(failed)?;
+        if self.inner.broken.load(Ordering::Acquire) {
+            let inner = self.inner.clone();
+            let own_turn = match turn {
+                Some(_) => None,
+                None => Some(self.inner.writer.clone().lock_owned().await),
+            };
+            tokio::task::spawn_blocking(move || inner.reopen_if_broken())
+                .await
+                .map_err(|e| KvError::Failed(format!("reopening the database failed: {e}")))??;
+            drop(own_turn);
+        }
+        let inner = &self.inner;
+        let read = inner.db()?.begin_read().map_err(|e| inner.error(e))?;
+        let table = read.open_table(KV).map_err(|e| inner.error(e))?;
         Ok(Box::new(RedbTxn {
             inner: self.inner.clone(),
             _read: read,
@@ -231,7 +337,7 @@ impl KvTxn for RedbTxn {
         Ok(self
             .table
             .get(key)
-            .map_err(storage)?
+            .map_err(|e| self.inner.error(e))?
             .map(|v| v.value().to_vec()))
     }
 
@@ -245,8 +351,12 @@ impl KvTxn for RedbTxn {
         if start >= end {
             return Ok(out);
         }
-        for item in self.table.range(start..end).map_err(storage)?.take(limit) {
-            let (k, v) = item.map_err(storage)?;
+        let range = self
+            .table
+            .range(start..end)
+            .map_err(|e| self.inner.error(e))?;
+        for item in range.take(limit) {
+            let (k, v) = item.map_err(|e| self.inner.error(e))?;
             out.push((k.value().to_vec(), v.value().to_vec()));
         }
         Ok(out)
@@ -256,7 +366,11 @@ impl KvTxn for RedbTxn {
         let key = keys::sequence(sequence);
         let next = match self.taken.iter().find(|(k, _)| *k == key) {
             Some((_, next)) => *next,
-            None => match self.table.get(key.as_slice()).map_err(storage)? {
+            None => match self
+                .table
+                .get(key.as_slice())
+                .map_err(|e| self.inner.error(e))?
+            {
                 Some(v) => crate::keys::decode_u64("sequence", v.value())
                     .map_err(|e| KvError::Failed(e.to_string()))?,
                 None => sequence.first(),
@@ -290,24 +404,25 @@ impl KvTxn for RedbTxn {
                 "a read transaction cannot commit writes".into(),
             ));
         }
-        let mut txn = inner.db.begin_write().map_err(failed)?;
-        txn.set_durability(redb::Durability::None).map_err(failed)?;
+        let mut txn = inner.db()?.begin_write().map_err(|e| inner.error(e))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| inner.error(e))?;
         {
-            let mut table = txn.open_table(KV).map_err(failed)?;
+            let mut table = txn.open_table(KV).map_err(|e| inner.error(e))?;
             for (key, value) in &writes {
                 match value {
                     Some(value) => table.insert(key.as_slice(), value.as_slice()),
                     None => table.remove(key.as_slice()).map(|_| None),
                 }
-                .map_err(storage)?;
+                .map_err(|e| inner.error(e))?;
             }
             for (key, next) in &taken {
                 table
                     .insert(key.as_slice(), keys::encode_u64(*next).as_slice())
-                    .map_err(storage)?;
+                    .map_err(|e| inner.error(e))?;
             }
         }
-        txn.commit().map_err(commit_failed)?;
+        txn.commit().map_err(|e| inner.error(e))?;
         let ticket = {
             let mut state = inner.group_sync.state.lock().expect("sync state poisoned");
             state.committed += 1;
