@@ -329,10 +329,21 @@ async fn open_meta(
 ) -> anyhow::Result<Arc<dyn MetaEngine>> {
     let engine = match (location, region) {
         (MetaLocation::Device(_), Some(region)) => {
+            let formatted_now = region.formatted_now;
             let backend = region
                 .backend()
                 .context("cannot open the metadata region of the device")?;
             let described = backend.describe();
+            if !formatted_now && backend.database_len() == 0 {
+                // Served before, but never with its metadata inside: it was kept elsewhere.
+                tracing::warn!(
+                    region = %described,
+                    "the device's metadata region was never used: if this device was served \
+                     with --meta before, its files are in that database (pass the same --meta, \
+                     or move them in with `stagefs-gateway meta dump` and `meta load --meta \
+                     device:PATH`); starting with an empty file system"
+                );
+            }
             meta::open_region(backend, config)
                 .await
                 .with_context(|| format!("cannot open the metadata database in {described}"))?
