@@ -23,6 +23,7 @@ mod block_api;
 mod block_grpc;
 mod cache;
 mod channel;
+pub mod cluster;
 mod error;
 pub mod gateways;
 pub mod layout;
@@ -52,6 +53,7 @@ pub use channel::{
     GatewayAccess, GatewayChannel,
 };
 pub use error::{FsError, FsResult};
+pub use gateways::GatewayDirectory;
 pub use meta_api::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, MetaApi,
     NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
@@ -212,7 +214,8 @@ impl Access {
 
 impl Fs {
     /// The core of a mount over a session already opened with `meta.open_session`. Starts the
-    /// session's heartbeat, so it needs a tokio runtime.
+    /// session's heartbeat, so it needs a tokio runtime. Every slice is staged on `gateway`
+    /// (the session's); blocks of other gateways are found through the registry.
     pub fn new(
         meta: Arc<dyn MetaApi>,
         gateway: Arc<dyn BlockApi>,
@@ -220,20 +223,30 @@ impl Fs {
         grant: &SessionGrant,
         config: FsConfig,
     ) -> Self {
+        let directory = Arc::new(gateways::RegistryDirectory::new(
+            grant.gateway_id,
+            gateway,
+            meta.clone(),
+            gateways::grpc_connector(config.gateway_access.clone()),
+        ));
+        Fs::with_gateways(meta, directory, store, grant, config)
+    }
+
+    /// The core of a mount whose slices go where `gateways` routes them.
+    pub fn with_gateways(
+        meta: Arc<dyn MetaApi>,
+        directory: Arc<dyn GatewayDirectory>,
+        store: Arc<dyn ObjectStore>,
+        grant: &SessionGrant,
+        config: FsConfig,
+    ) -> Self {
         let writer = Arc::new(WriteContext::new(
             meta.clone(),
-            gateway.clone(),
+            directory.clone(),
             grant.session_id,
-            grant.gateway_id,
             config.slice_id_batch,
             config.max_concurrent_uploads,
             config.write_slices,
-        ));
-        let directory = Arc::new(gateways::RegistryDirectory::new(
-            grant.gateway_id,
-            gateway.clone(),
-            meta.clone(),
-            gateways::grpc_connector(config.gateway_access.clone()),
         ));
         let fetcher =
             BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
@@ -840,7 +853,10 @@ impl Fs {
             // say so before taking these bytes, so that an error always means "not written".
             self.flush_locked(file, &mut state).await?;
         }
-        state.dirty.write(&self.writer, offset, data).await;
+        state
+            .dirty
+            .write(&self.writer, file.ino, offset, data)
+            .await;
         file.dirty_end.store(state.dirty.end(), Ordering::Release);
         if over_limit(&state.dirty) {
             if let Err(e) = self.flush_locked(file, &mut state).await {

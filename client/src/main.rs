@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Mount a stagefs file system served by GATEWAY on MOUNTPOINT.
     #[command(args_override_self = true)]
-    Mount(client::mount::MountArgs),
+    Mount(Box<client::mount::MountArgs>),
     /// Unmount a stagefs mount (open files must be closed first).
     Umount {
         /// The mount point.
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     // These run outside any async runtime: a background mount forks before starting threads.
     let direct = match cli.command {
         Command::Bench { args } => return run_bench(args),
-        Command::Mount(args) => Some(client::mount::mount(args)),
+        Command::Mount(args) => Some(client::mount::mount(*args)),
         Command::Umount { mountpoint } => Some(client::mount::umount(&mountpoint)),
         other => {
             return client::cli::run_to_exit_code(run(Cli { command: other }));

@@ -17,15 +17,16 @@ use fuser::{MountOption, SessionACL};
 use shared::size::parse_size;
 use shared::store::{open_store, S3Options};
 
-use crate::fs::{
-    connect_gateway, tls_hint, BlockApi, Fs, FsConfig, FsError, GrpcBlocks, GrpcMeta, MetaApi,
-    StoreBlocks,
-};
+use crate::fs::cluster::{Cluster, FailoverMeta};
+use crate::fs::{tls_hint, Fs, FsConfig, FsError, StoreBlocks};
 use crate::fuse::{CachePolicy, FuseFs};
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
-    /// Gateway address (host:port); it serves both metadata and staging.
+    /// Gateway addresses (host:port), comma-separated. Any one of them bootstraps the mount,
+    /// which then learns every gateway of the file system from the registry they share, stages
+    /// new data across the live ones and moves its calls away from one that dies. Listing more
+    /// than one only matters when the first may be down at mount time.
     pub gateway: String,
     /// Directory to mount on.
     pub mountpoint: PathBuf,
@@ -97,6 +98,12 @@ pub struct MountArgs {
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long)]
     pub s3_allow_http: bool,
+    /// How long a call waits for an unreachable gateway to come back (restarted, or its device
+    /// taken over by another node) before it fails with EIO: a write moves to another live
+    /// gateway at once, but a read of a block only that gateway holds, or any call when it is
+    /// the only gateway, waits, as on an NFS hard mount. 0 fails at once.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    pub takeover_wait: Duration,
     #[command(flatten)]
     pub access: crate::cli::AccessArgs,
 }
@@ -251,20 +258,31 @@ fn serve_inner(
     Ok(())
 }
 
+/// The gateway addresses of `GATEWAY[,GATEWAY…]`.
+fn gateway_addresses(list: &str) -> anyhow::Result<Vec<String>> {
+    let addresses: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    if addresses.is_empty() {
+        bail!("no gateway address in {list:?}: give host:port[,host:port…]");
+    }
+    Ok(addresses)
+}
+
 async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
     let access = args.access.access()?;
-    let channel = connect_gateway(&args.gateway, &access)
-        .await
-        .with_context(|| format!("is stagefs-gateway running at {}?", args.gateway))?;
-    let meta = Arc::new(GrpcMeta::new(channel.clone()));
+    let seeds = gateway_addresses(&args.gateway)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    let grant = meta
-        .open_session(&format!(
-            "stagefs mount {} on {host} (pid {})",
-            args.mountpoint.display(),
-            std::process::id()
-        ))
+    let description = format!(
+        "stagefs mount {} on {host} (pid {})",
+        args.mountpoint.display(),
+        std::process::id()
+    );
+    let (cluster, grant) = Cluster::open(seeds, access.clone(), args.takeover_wait, &description)
         .await
         .map_err(|error| match error {
             FsError::MetaUnavailable { .. } => {
@@ -272,7 +290,8 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
             }
             other => other.into(),
         })
-        .with_context(|| format!("gateway {} refused a session", args.gateway))?;
+        .with_context(|| format!("is stagefs-gateway running at {}?", args.gateway))?;
+    let meta = Arc::new(FailoverMeta::new(cluster.clone(), grant.session_id));
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),
         region: args.s3_region.clone(),
@@ -280,10 +299,6 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
     };
     let store = open_store(&grant.store_url, &s3)
         .with_context(|| format!("cannot open the gateway's object store {}", grant.store_url))?;
-    let blocks: Arc<dyn BlockApi> = match args.write_mode {
-        WriteMode::Gateway => Arc::new(GrpcBlocks::new(channel)),
-        WriteMode::Through => Arc::new(StoreBlocks::new(store.clone())),
-    };
     let config = FsConfig {
         read_only: args.read_only,
         max_concurrent_uploads: args.max_uploads.max(1),
@@ -295,7 +310,13 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         gateway_access: access,
         ..FsConfig::default()
     };
-    Ok(Fs::new(meta, blocks, store, &grant, config))
+    Ok(match args.write_mode {
+        WriteMode::Gateway => Fs::with_gateways(meta, cluster, store, &grant, config),
+        WriteMode::Through => {
+            let blocks = Arc::new(StoreBlocks::new(store.clone()));
+            Fs::new(meta, blocks, store, &grant, config)
+        }
+    })
 }
 
 /// Counters a mount's `/metrics` shows, at zero, before their first event.

@@ -48,7 +48,9 @@ impl BlockSource {
     }
 
     /// Bytes `range` of block `key`, staged by gateway `gateway_id`: exactly
-    /// `range.end - range.start` of them.
+    /// `range.end - range.start` of them. A block that is not in the store while its gateway
+    /// cannot be reached is waited for, up to the directory's takeover wait: it is on that
+    /// gateway's device, and comes back with the gateway (restarted, or taken over elsewhere).
     pub async fn read(
         &self,
         key: BlockKey,
@@ -62,42 +64,78 @@ impl BlockSource {
                 key.len()
             )));
         }
-        let gateway_error = match self.read_from_gateway(key, range.clone(), gateway_id).await {
-            Ok(Some(data)) => return check_len(&key, data, want),
-            Ok(None) => None,
-            Err(e) => Some(e),
-        };
-        match self.store.get_range(&key.object_path(), range).await {
-            Ok(data) => check_len(&key, data, want),
-            // A staged block is only on the gateway: its error says more than "not found".
-            Err(object_store::Error::NotFound { .. }) => {
-                Err(gateway_error.unwrap_or_else(|| FsError::BlockMissing {
-                    key: key.to_string(),
-                }))
+        let wait = self.gateways.takeover_wait();
+        let deadline = std::time::Instant::now() + wait;
+        let mut waited = false;
+        loop {
+            let unreachable = match self.read_from_gateway(key, range.clone(), gateway_id).await {
+                FromGateway::Held(data) => return check_len(&key, data, want),
+                FromGateway::NotHeld => None,
+                FromGateway::Unreachable(e) => Some(e),
+            };
+            match self
+                .store
+                .get_range(&key.object_path(), range.clone())
+                .await
+            {
+                Ok(data) => return check_len(&key, data, want),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(FsError::Store {
+                        key: key.to_string(),
+                        message: e.to_string(),
+                    })
+                }
             }
-            Err(e) => Err(FsError::Store {
-                key: key.to_string(),
-                message: e.to_string(),
-            }),
+            // A gateway that answered "not here" uploaded or dropped it: nothing to wait for.
+            let Some(error) = unreachable else {
+                return Err(FsError::BlockMissing {
+                    key: key.to_string(),
+                });
+            };
+            let gateway = uuid_text(gateway_id);
+            // A copy that failed verification does not get better by waiting.
+            if !error.is_transient() || std::time::Instant::now() >= deadline {
+                if waited {
+                    tracing::error!(%key, %gateway, ?wait, %error, "block not uploaded and its gateway did not come back within the takeover wait");
+                }
+                return Err(error);
+            }
+            if !waited {
+                tracing::warn!(%key, %gateway, ?wait, %error, "block not uploaded and its gateway is unreachable: waiting for it to come back");
+                waited = true;
+            }
+            tokio::time::sleep(TAKEOVER_POLL).await;
+            self.gateways.refresh().await;
         }
     }
 
-    /// The block from the gateway that staged it, `Ok(None)` when it does not hold it (or no
-    /// live gateway has its id). A gateway that fails is resolved afresh and tried once more:
-    /// it may have restarted at another address.
+    /// The block from the gateway that staged it. A gateway that fails is resolved afresh and
+    /// tried once more: it may have restarted at another address.
     async fn read_from_gateway(
         &self,
         key: BlockKey,
         range: Range<u64>,
         gateway_id: &GatewayId,
-    ) -> FsResult<Option<Bytes>> {
+    ) -> FromGateway {
         let mut last_error = None;
         for _ in 0..2 {
-            let Some(gateway) = self.gateways.blocks_of(gateway_id).await? else {
-                return Ok(None);
+            let gateway = match self.gateways.blocks_of(gateway_id).await {
+                Ok(Some(gateway)) => gateway,
+                Ok(None) => {
+                    return FromGateway::Unreachable(FsError::GatewayUnavailable {
+                        key: key.to_string(),
+                        message: format!(
+                            "gateway {} that staged it is not alive in the registry",
+                            uuid_text(gateway_id)
+                        ),
+                    })
+                }
+                Err(e) => return FromGateway::Unreachable(e),
             };
             match gateway.read_block(key, range.clone()).await {
-                Ok(found) => return Ok(found),
+                Ok(Some(data)) => return FromGateway::Held(data),
+                Ok(None) => return FromGateway::NotHeld,
                 // Unreachable, or its copy fails verification: an uploaded copy may still be
                 // good.
                 Err(e) => {
@@ -106,8 +144,25 @@ impl BlockSource {
                 }
             }
         }
-        Err(last_error.expect("the loop ran"))
+        FromGateway::Unreachable(last_error.expect("the loop ran"))
     }
+}
+
+/// How often a reader waiting for a gateway to come back looks again.
+const TAKEOVER_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the gateway that staged a block said about it.
+enum FromGateway {
+    Held(Bytes),
+    /// It answered that it does not hold the block (any more).
+    NotHeld,
+    /// It could not be asked, or its copy failed verification.
+    Unreachable(FsError),
+}
+
+/// A gateway id as operators see it (the uuid on its device).
+pub fn uuid_text(id: &GatewayId) -> String {
+    uuid::Uuid::from_bytes(*id).to_string()
 }
 
 /// Write-through blocks: each block goes straight to the object store, and a write returns once

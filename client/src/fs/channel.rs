@@ -156,6 +156,13 @@ pub async fn connect_gateway(address: &str, access: &GatewayAccess) -> FsResult<
     Ok(InterceptedService::new(channel, access.clone()))
 }
 
+/// A connection to the gateway at `address` made on first use (and again after each failure),
+/// so naming a gateway that is down costs nothing until a call needs it.
+pub fn lazy_gateway(address: &str, access: &GatewayAccess) -> FsResult<GatewayChannel> {
+    let channel = gateway_endpoint(address, access)?.connect_lazy();
+    Ok(InterceptedService::new(channel, access.clone()))
+}
+
 /// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();

@@ -1,10 +1,14 @@
-//! Which gateway to read a block from. A slice records the id of the gateway that staged it; the
-//! metadata's registry maps ids to addresses (every gateway registers at start and heartbeats),
-//! so a file written through gateway A reads back through a mount of gateway B before it is
-//! uploaded (DESIGN.md, "Scale-out and takeover").
+//! Which gateway stages a new slice, and which one to read a block from. A slice records the id
+//! of the gateway that staged it; the metadata's registry maps ids to addresses (every gateway
+//! registers at start and heartbeats), so a file written through gateway A reads back through a
+//! mount of gateway B before it is uploaded (DESIGN.md, "Scale-out and takeover").
+//!
+//! [`RegistryDirectory`] stages everything on the mount's one gateway (the in-process tests);
+//! [`super::cluster::Cluster`] spreads slices over every live gateway and follows takeovers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -12,9 +16,19 @@ use super::block_api::BlockApi;
 use super::block_grpc::GrpcBlocks;
 use super::channel::{connect_gateway, GatewayAccess};
 use super::error::FsResult;
-use super::meta_api::{GatewayId, MetaApi};
+use super::meta_api::{GatewayId, Ino, MetaApi};
 
-/// Resolves gateway ids to their block services.
+/// Where one new slice is staged.
+#[derive(Clone)]
+pub struct Route {
+    pub id: GatewayId,
+    pub blocks: Arc<dyn BlockApi>,
+    /// That gateway's own metadata service, for `write_slice` (which stages on the gateway that
+    /// serves the call); `None`: the mount's metadata service is that gateway's.
+    pub meta: Option<Arc<dyn MetaApi>>,
+}
+
+/// Resolves gateway ids to their block services, and chooses where new slices go.
 #[async_trait]
 pub trait GatewayDirectory: Send + Sync + 'static {
     /// The block service of gateway `id`; `None` when no live gateway has that id (its blocks
@@ -22,6 +36,17 @@ pub trait GatewayDirectory: Send + Sync + 'static {
     async fn blocks_of(&self, id: &GatewayId) -> FsResult<Option<Arc<dyn BlockApi>>>;
     /// A call to gateway `id` failed: resolve it afresh next time (it may have moved).
     fn forget(&self, id: &GatewayId);
+    /// The gateway a new slice of chunk `chunk_index` of `ino` is staged on.
+    async fn route(&self, ino: Ino, chunk_index: u64) -> FsResult<Route>;
+    /// Gateway `id` failed a write: leave it out of new choices for a while.
+    fn write_failed(&self, _id: &GatewayId) {}
+    /// Looks at the registry again now (a gateway may have come back, or moved).
+    async fn refresh(&self) {}
+    /// How long a call waits for an unreachable gateway to come back (restart or takeover)
+    /// before it fails.
+    fn takeover_wait(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Connects to the block service of the gateway at an address.
@@ -97,5 +122,13 @@ impl GatewayDirectory for RegistryDirectory {
 
     fn forget(&self, id: &GatewayId) {
         self.known().remove(id);
+    }
+
+    async fn route(&self, _ino: Ino, _chunk_index: u64) -> FsResult<Route> {
+        Ok(Route {
+            id: self.home_id,
+            blocks: self.home.clone(),
+            meta: None,
+        })
     }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use proto::meta as pb;
 use proto::meta::meta_client::MetaClient;
 use proto::meta_convert;
+use shared::meta::RequestTag;
 use tonic::{Code, Request, Status};
 
 use super::error::{FsError, FsResult};
@@ -31,6 +32,8 @@ pub const META_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct GrpcMeta {
     client: MetaClient<GatewayChannel>,
     timeout: Duration,
+    /// Sent with every call (see [`GrpcMeta::tagged`]).
+    tag: Option<RequestTag>,
 }
 
 impl GrpcMeta {
@@ -38,6 +41,16 @@ impl GrpcMeta {
         GrpcMeta {
             client: super::channel::meta_client(channel),
             timeout: META_TIMEOUT,
+            tag: None,
+        }
+    }
+
+    /// A face of this connection whose calls carry `tag`, so that the change they make happens
+    /// once however often it is sent (the gateway records it with the change).
+    pub fn tagged(&self, tag: RequestTag) -> GrpcMeta {
+        GrpcMeta {
+            tag: Some(tag),
+            ..self.clone()
         }
     }
 
@@ -50,6 +63,15 @@ impl GrpcMeta {
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
+        if let Some(tag) = &self.tag {
+            let value = tag
+                .to_header()
+                .parse()
+                .expect("a tag's header is ASCII digits and dots");
+            request
+                .metadata_mut()
+                .insert(shared::meta::CHANGE_TAG_HEADER, value);
+        }
         request
     }
 

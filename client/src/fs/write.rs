@@ -18,6 +18,10 @@
 //!   `fsync`) takes all three steps in one call instead, `write_slice`, where the gateway serves
 //!   the metadata too. Each try gets a fresh slice id, so a retry after a lost answer can never
 //!   commit one id twice; at worst it commits the same bytes again, shadowing the first copy.
+//! - Each slice is staged on the gateway [`GatewayDirectory::route`] chooses for its chunk. A
+//!   gateway that cannot be reached fails the flush's writes to it; the flush then stages those
+//!   slices again, under fresh ids, wherever the directory now sends them (another live
+//!   gateway, or the same one once it is back), for up to the directory's takeover wait.
 //! - Failures keep the data: a block whose upload failed is uploaded again by the next flush, and
 //!   slices not yet committed stay dirty. Blocks are immutable and commits idempotent, so repeating
 //!   either is safe.
@@ -26,23 +30,24 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shared::BlockKey;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
+use super::gateways::{GatewayDirectory, Route};
 use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
-use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice};
+use super::meta_api::{now_ns, Attr, Ino, MetaApi, SessionId, Slice};
 
 /// What every file's write path shares: the services, the session, slice ids, upload slots.
 pub struct WriteContext {
     pub meta: Arc<dyn MetaApi>,
-    pub gateway: Arc<dyn BlockApi>,
+    /// Where each new slice is staged.
+    pub gateways: Arc<dyn GatewayDirectory>,
     pub session: SessionId,
-    pub gateway_id: GatewayId,
     slice_ids: SliceIdPool,
     /// Bounds the blocks being written to the gateway at once, across all files.
     upload_slots: Arc<Semaphore>,
@@ -54,18 +59,16 @@ pub struct WriteContext {
 impl WriteContext {
     pub fn new(
         meta: Arc<dyn MetaApi>,
-        gateway: Arc<dyn BlockApi>,
+        gateways: Arc<dyn GatewayDirectory>,
         session: SessionId,
-        gateway_id: GatewayId,
         slice_id_batch: u32,
         max_concurrent_uploads: usize,
         write_slices: bool,
     ) -> Self {
         WriteContext {
             meta,
-            gateway,
+            gateways,
             session,
-            gateway_id,
             slice_ids: SliceIdPool::new(slice_id_batch),
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
             write_slices: AtomicBool::new(write_slices),
@@ -115,7 +118,8 @@ impl SliceIdPool {
 struct StagedSlice {
     slice_id: u64,
     offset_in_chunk: u32,
-    gateway_id: GatewayId,
+    /// The gateway its blocks go to.
+    route: Route,
     /// Bytes of the slice cut into blocks so far (the whole slice once frozen).
     sealed_len: AtomicU64,
     /// Length the engine has recorded as pending for this session, grown before each block.
@@ -129,7 +133,7 @@ impl StagedSlice {
             offset_in_chunk: self.offset_in_chunk,
             // A slice never crosses a chunk, so its length fits; saturate rather than wrap.
             len: u32::try_from(len).unwrap_or(u32::MAX),
-            gateway_id: self.gateway_id,
+            gateway_id: self.route.id,
         }
     }
 
@@ -163,11 +167,15 @@ struct SealedBlock {
     upload: Upload,
 }
 
+/// First pause before a flush stages again the slices a gateway did not take; doubles up to 2 s.
+const RESTAGE_PAUSE: Duration = Duration::from_millis(200);
+
 /// A write at least this large starts its block with the whole block's buffer.
 const LARGE_WRITE: usize = 64 * 1024;
 
 /// Bytes written to one chunk that are not committed yet.
 struct DirtySlice {
+    ino: Ino,
     chunk_index: u64,
     offset_in_chunk: u64,
     blocks: Vec<SealedBlock>,
@@ -284,12 +292,13 @@ impl DirtySlice {
         if let Some(staged) = &self.staged {
             return Ok(staged.clone());
         }
+        let route = ctx.gateways.route(self.ino, self.chunk_index).await?;
         let staged = Arc::new(StagedSlice {
             slice_id: ctx.next_slice_id().await?,
             offset_in_chunk: u32::try_from(self.offset_in_chunk).map_err(|_| {
                 FsError::Internal(format!("slice offset {} in chunk", self.offset_in_chunk))
             })?,
-            gateway_id: ctx.gateway_id,
+            route,
             sealed_len: AtomicU64::new(0),
             recorded_len: tokio::sync::Mutex::new(0),
         });
@@ -318,8 +327,8 @@ impl DirtySlice {
         let staged = self.staged(ctx).await?;
         let data = self.blocks[0].data.clone();
         let slice = staged.slice(data.len() as u64);
-        let result = ctx
-            .meta
+        let meta = staged.route.meta.as_ref().unwrap_or(&ctx.meta);
+        let result = meta
             .write_slice(
                 ctx.session,
                 ino,
@@ -340,6 +349,9 @@ impl DirtySlice {
                 // answer), and recording it as pending again would let a commit reference it
                 // twice.
                 self.staged = None;
+                if e.is_transient() {
+                    ctx.gateways.write_failed(&staged.route.id);
+                }
                 if e.errno() != libc::ENOSYS {
                     return Err(e);
                 }
@@ -384,7 +396,11 @@ async fn upload_block(
         .map_err(|_| FsError::Internal("upload slots closed".into()))?;
     let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
     staged.ensure_recorded(&ctx, block_end).await?;
-    ctx.gateway.write_block(ctx.session, key, data).await
+    staged
+        .route
+        .blocks
+        .write_block(ctx.session, key, data)
+        .await
 }
 
 /// Every uncommitted byte one client wrote to one file, slices in the order they were started.
@@ -419,7 +435,7 @@ impl DirtyFile {
 
     /// Takes in `data` at file offset `offset`; starts uploading every block that filled.
     /// Nothing here fails: an upload that cannot start now is started by the next flush.
-    pub async fn write(&mut self, ctx: &Arc<WriteContext>, offset: u64, data: &[u8]) {
+    pub async fn write(&mut self, ctx: &Arc<WriteContext>, ino: Ino, offset: u64, data: &[u8]) {
         for piece in chunk_pieces(offset, data.len() as u64) {
             let start = piece.offset_in_range as usize;
             let bytes = &data[start..start + piece.len as usize];
@@ -435,6 +451,7 @@ impl DirtyFile {
                 Some(index) => index,
                 None => {
                     self.slices.push_back(DirtySlice {
+                        ino,
                         chunk_index: piece.chunk_index,
                         offset_in_chunk: piece.offset_in_chunk,
                         blocks: Vec::new(),
@@ -479,9 +496,54 @@ impl DirtyFile {
     }
 
     /// Makes every dirty byte durable and committed: freezes all slices, uploads what is not
-    /// uploaded, waits, then commits slices in order. `attr` follows each commit. On error the
-    /// uncommitted slices stay, to be retried.
+    /// uploaded, waits, then commits slices in order. `attr` follows each commit. A gateway that
+    /// cannot be reached has its slices staged again wherever the directory sends them now, for
+    /// up to its takeover wait. On error the uncommitted slices stay, to be retried.
     pub async fn flush(
+        &mut self,
+        ctx: &Arc<WriteContext>,
+        ino: Ino,
+        attr: &mut Attr,
+    ) -> FsResult<()> {
+        let deadline = Instant::now() + ctx.gateways.takeover_wait();
+        let mut pause = RESTAGE_PAUSE;
+        loop {
+            match self.flush_once(ctx, ino, attr).await {
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    let moved = self.restage_unreachable(ctx);
+                    tracing::info!(ino, error = %e, slices = moved, "a gateway did not take a write: staging again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Forgets where the slices whose writes could not reach their gateway were staged (and
+    /// tells the directory), so the next try stages them afresh: a fresh id, all blocks again.
+    /// Their first copies stay pending for this session and are cleaned up with it.
+    fn restage_unreachable(&mut self, ctx: &WriteContext) -> usize {
+        let mut moved = 0;
+        for slice in &mut self.slices {
+            let unreachable = slice
+                .blocks
+                .iter()
+                .any(|b| matches!(&b.upload, Upload::Failed(e) if e.is_transient()));
+            let Some(staged) = slice.staged.as_ref().filter(|_| unreachable) else {
+                continue;
+            };
+            ctx.gateways.write_failed(&staged.route.id);
+            slice.staged = None;
+            for block in &mut slice.blocks {
+                block.upload = Upload::NotStarted;
+            }
+            moved += 1;
+        }
+        moved
+    }
+
+    async fn flush_once(
         &mut self,
         ctx: &Arc<WriteContext>,
         ino: Ino,
