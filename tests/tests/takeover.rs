@@ -365,3 +365,45 @@ fn a_stale_gateway_is_fenced_when_its_device_is_taken_over() {
     );
     drop(taker);
 }
+
+/// With a single gateway, a mount rides out its restart: calls in flight wait for it (as on an
+/// NFS hard mount) instead of failing. The gateway comes back at its registered address (a
+/// proxy stands for a floating address), and the writers are processes of their own, as
+/// applications are.
+#[test]
+fn a_lone_gateways_restart_is_ridden_out_by_calls_in_flight() {
+    let proxy = stagefs_tests::TcpProxy::start();
+    let mut stack = stagefs_tests::FuseStack::start("ride-out", |gateway| {
+        gateway.args(["--uploads-paused", "--advertise", &proxy.addr().to_string()])
+    });
+    proxy.set_target(Some(stack.gateway.addr()));
+    let mount = stack.mount_at(proxy.addr(), "m").no_cache().start();
+    let source = stack.dir.join("source");
+    let data = Pattern::new(5).bytes(0, 9 * MIB + 77);
+    fs::write(&source, &data).unwrap();
+    fs::write(mount.join("before"), b"written before the kill").unwrap();
+
+    stack.gateway.kill9();
+    proxy.set_target(None);
+    proxy.cut_connections();
+    let mut copy = Command::new("cp")
+        .arg(&source)
+        .arg(mount.join("copied"))
+        .spawn()
+        .unwrap();
+    let mut mkdir = Command::new("mkdir")
+        .arg(mount.join("made"))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(copy.try_wait().unwrap().is_none(), "cp ended while the gateway was down");
+    assert!(mkdir.try_wait().unwrap().is_none(), "mkdir ended while the gateway was down");
+
+    stack.runtime.block_on(stack.gateway.restart());
+    proxy.set_target(Some(stack.gateway.addr()));
+    assert!(copy.wait().unwrap().success(), "cp failed across the restart");
+    assert!(mkdir.wait().unwrap().success(), "mkdir failed across the restart");
+    assert_bytes(&mount.join("copied"), &data);
+    assert!(mount.join("made").is_dir());
+    assert_bytes(&mount.join("before"), b"written before the kill");
+}
