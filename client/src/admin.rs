@@ -52,7 +52,10 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             .iter()
             .map(|g| {
                 serde_json::json!({"id": gateway_uuid(&g.id), "address": g.address, "epoch": g.epoch,
-                    "alive": g.alive, "staged_blocks": g.staged_blocks, "staged_bytes": g.staged_bytes})
+                    "alive": g.alive, "healthy": g.healthy, "staged_blocks": g.staged_blocks,
+                    "staged_bytes": g.staged_bytes, "queue_len": g.queue_len,
+                    "oldest_waiting_ms": g.oldest_waiting_ms,
+                    "at_risk_bytes": if g.alive { 0 } else { g.staged_bytes }})
             })
             .collect();
         let quarantined: Vec<_> = s
@@ -156,16 +159,30 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
     println!("gateways     {} registered in the metadata", gateways.len());
     let now = shared::meta::now_ns();
     for g in &gateways {
+        let state = match (g.alive, g.healthy) {
+            (true, true) => "alive",
+            (true, false) => "alive, FAILED (exiting for a restart)",
+            (false, _) => "NOT ALIVE",
+        };
         println!(
-            "  {} at {} (epoch {}): {}, {} blocks ({}) not yet uploaded as of its heartbeat {:.1} s ago",
+            "  {} at {} (epoch {}): {state}, {} blocks ({}) not yet uploaded, {} queued (oldest {:.1} s), as of its heartbeat {:.1} s ago",
             gateway_uuid(&g.id),
             g.address,
             g.epoch,
-            if g.alive { "alive" } else { "NOT ALIVE" },
             g.staged_blocks,
             format_size(g.staged_bytes),
+            g.queue_len,
+            g.oldest_waiting_ms as f64 / 1e3,
             now.saturating_sub(g.last_heartbeat_ns) as f64 / 1e9
         );
+        if !g.alive && g.staged_bytes > 0 {
+            println!(
+                "    AT RISK: {} staged there are on its device only: restart `stagefs-gateway \
+                 serve` on that device (attach it to another node if this one is lost); reads of \
+                 those blocks wait for it meanwhile",
+                format_size(g.staged_bytes)
+            );
+        }
     }
     Ok(())
 }

@@ -722,6 +722,9 @@ impl MetaService {
                     staged_blocks: g.staged_blocks,
                     staged_bytes: g.staged_bytes,
                     last_heartbeat_ns: g.last_heartbeat_ns,
+                    queue_len: g.queue_len,
+                    oldest_waiting_ms: g.oldest_waiting_ms,
+                    healthy: g.healthy,
                 })
                 .collect(),
         })

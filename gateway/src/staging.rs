@@ -332,7 +332,7 @@ impl StagingLog {
     }
 
     /// Why the log accepts no more writes, if it does not.
-    fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<String> {
         self.synced.borrow().as_ref().err().cloned()
     }
 

@@ -77,6 +77,20 @@ fn unpause_all(cluster: &GatewayCluster) {
     });
 }
 
+/// `stagefs status ADDR --json`.
+fn status(addr: &str) -> serde_json::Value {
+    let out = Command::new(client_binary())
+        .args(["status", addr, "--json"])
+        .output()
+        .expect("run stagefs status");
+    assert!(
+        out.status.success(),
+        "stagefs status {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
 /// `stagefs sync PATH…`: returns once every block of the files is in the store.
 fn sync(paths: &[PathBuf]) {
     let out = Command::new(client_binary())
@@ -282,6 +296,22 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
         .no_cache()
         .args(["--takeover-wait", "10m"])
         .start();
+    // The registry shows what a gateway holds as of its last heartbeat: wait for the one that
+    // reports the staged file, so that `status` can tell what the kill puts at stake.
+    let first = cluster.gateways[0].addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(&first)["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["address"] == first.as_str() && g["staged_blocks"].as_u64() >= Some(2))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway 0 never reported its load"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     cluster.gateways[0].kill9();
 
     // The uploaded file reads from the store while its gateway is dead.
@@ -295,6 +325,30 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
         "a read of a block only the dead gateway holds returned: {:?}",
         read.join()
     );
+    // `status` of the survivor shows the dead gateway, and what is at stake there.
+    let survivor = cluster.gateways[1].addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = status(&survivor);
+        let dead = seen["gateways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["address"] != survivor.as_str())
+            .expect("the dead gateway is registered")
+            .clone();
+        if dead["alive"] == false {
+            let at_risk = dead["at_risk_bytes"].as_u64().unwrap();
+            assert!(at_risk >= staged.len() as u64, "{dead}");
+            assert!(dead["queue_len"].as_u64().unwrap() >= 2, "{dead}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead gateway still shows alive: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     cluster.runtime.block_on(cluster.gateways[0].restart());
     let got = read
         .join()
@@ -396,13 +450,25 @@ fn a_lone_gateways_restart_is_ridden_out_by_calls_in_flight() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    assert!(copy.try_wait().unwrap().is_none(), "cp ended while the gateway was down");
-    assert!(mkdir.try_wait().unwrap().is_none(), "mkdir ended while the gateway was down");
+    assert!(
+        copy.try_wait().unwrap().is_none(),
+        "cp ended while the gateway was down"
+    );
+    assert!(
+        mkdir.try_wait().unwrap().is_none(),
+        "mkdir ended while the gateway was down"
+    );
 
     stack.runtime.block_on(stack.gateway.restart());
     proxy.set_target(Some(stack.gateway.addr()));
-    assert!(copy.wait().unwrap().success(), "cp failed across the restart");
-    assert!(mkdir.wait().unwrap().success(), "mkdir failed across the restart");
+    assert!(
+        copy.wait().unwrap().success(),
+        "cp failed across the restart"
+    );
+    assert!(
+        mkdir.wait().unwrap().success(),
+        "mkdir failed across the restart"
+    );
     assert_bytes(&mount.join("copied"), &data);
     assert!(mount.join("made").is_dir());
     assert_bytes(&mount.join("before"), b"written before the kill");

@@ -81,13 +81,22 @@ pub struct GatewayRecord {
     /// What it held not yet uploaded at its last heartbeat.
     pub staged_blocks: u64,
     pub staged_bytes: u64,
+    /// Blocks waiting for their upload, and how long the oldest has waited, at its last
+    /// heartbeat.
+    pub queue_len: u64,
+    pub oldest_waiting_ms: u64,
+    /// False once its device or a task of its own failed (it then exits for a restart).
+    pub healthy: bool,
 }
 
 /// What a gateway reports with each heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatewayLoad {
     pub staged_blocks: u64,
     pub staged_bytes: u64,
+    pub queue_len: u64,
+    pub oldest_waiting_ms: u64,
+    pub healthy: bool,
 }
 
 /// How `rename` treats an existing target (Linux `renameat2` flags).

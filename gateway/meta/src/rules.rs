@@ -1806,6 +1806,9 @@ impl MetaEngine for KvMeta {
                 last_heartbeat_ns: tx.now,
                 staged_blocks: 0,
                 staged_bytes: 0,
+                queue_len: 0,
+                oldest_waiting_ms: 0,
+                healthy: true,
             };
             tx.put(key, encode_gateway(&record));
             Ok(epoch)
@@ -1832,6 +1835,9 @@ impl MetaEngine for KvMeta {
             record.last_heartbeat_ns = tx.now;
             record.staged_blocks = load.staged_blocks;
             record.staged_bytes = load.staged_bytes;
+            record.queue_len = load.queue_len;
+            record.oldest_waiting_ms = load.oldest_waiting_ms;
+            record.healthy = load.healthy;
             tx.put(key, encode_gateway(&record));
             Ok(())
         })
@@ -1862,19 +1868,40 @@ fn decode_queued(slice_id: u64, bytes: &[u8]) -> Result<(TimeNs, GatewayId)> {
     Ok((due, gateway_id))
 }
 
+/// Marks a gateway record that carries its upload queue and health before the address (a byte no
+/// address holds; records written before it have the address right after the staged load).
+const GATEWAY_RECORD_QUEUE: u8 = 0;
+
 fn encode_gateway(record: &GatewayRecord) -> Vec<u8> {
     let mut out = keys::encode_pair(record.epoch, record.last_heartbeat_ns as u64, &[]);
     out.extend(keys::encode_pair(
         record.staged_blocks,
         record.staged_bytes,
-        record.address.as_bytes(),
+        &[],
     ));
+    out.push(GATEWAY_RECORD_QUEUE);
+    out.extend(keys::encode_pair(
+        record.queue_len,
+        record.oldest_waiting_ms,
+        &[u8::from(record.healthy)],
+    ));
+    out.extend(record.address.as_bytes());
     out
 }
 
 fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
     let (epoch, heartbeat, rest) = keys::decode_pair("gateway record", bytes)?;
-    let (staged_blocks, staged_bytes, address) = keys::decode_pair("gateway record", rest)?;
+    let (staged_blocks, staged_bytes, rest) = keys::decode_pair("gateway record", rest)?;
+    let (queue_len, oldest_waiting_ms, healthy, address) = match rest.split_first() {
+        Some((&GATEWAY_RECORD_QUEUE, rest)) => {
+            let (queue, oldest, rest) = keys::decode_pair("gateway record", rest)?;
+            let (healthy, address) = rest
+                .split_first()
+                .ok_or_else(|| MetaError::Corrupt("gateway record without health".into()))?;
+            (queue, oldest, *healthy != 0, address)
+        }
+        _ => (0, 0, true, rest),
+    };
     Ok(GatewayRecord {
         id,
         address: String::from_utf8_lossy(address).into_owned(),
@@ -1882,11 +1909,43 @@ fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
         last_heartbeat_ns: heartbeat as i64,
         staged_blocks,
         staged_bytes,
+        queue_len,
+        oldest_waiting_ms,
+        healthy,
     })
 }
 
 impl From<KvError> for MetaError {
     fn from(error: KvError) -> Self {
         MetaError::Backend(error)
+    }
+}
+
+#[cfg(test)]
+mod gateway_record_tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_record_of_the_earlier_layout_still_reads() {
+        let id = [9; 16];
+        let old = [
+            keys::encode_pair(1, 77, &[]),
+            keys::encode_pair(4, 40, b"10.0.0.1:7070"),
+        ]
+        .concat();
+        let record = decode_gateway(id, &old).unwrap();
+        assert_eq!(
+            (record.address.as_str(), record.epoch, record.staged_blocks),
+            ("10.0.0.1:7070", 1, 4)
+        );
+        assert_eq!((record.queue_len, record.healthy), (0, true));
+        // And the new layout reads back what it wrote.
+        let new = GatewayRecord {
+            queue_len: 5,
+            oldest_waiting_ms: 6,
+            healthy: false,
+            ..record
+        };
+        assert_eq!(decode_gateway(id, &encode_gateway(&new)).unwrap(), new);
     }
 }

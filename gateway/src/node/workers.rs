@@ -193,6 +193,9 @@ async fn registry_worker(
         let load = GatewayLoad {
             staged_blocks: snapshot.blocks_staged,
             staged_bytes: snapshot.bytes_staged,
+            queue_len: snapshot.queue_len,
+            oldest_waiting_ms: snapshot.oldest_waiting.as_millis() as u64,
+            healthy: staging.failure().is_none(),
         };
         match engine.gateway_heartbeat(id, epoch, load).await {
             Ok(()) => {}

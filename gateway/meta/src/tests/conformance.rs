@@ -1558,6 +1558,9 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
     let load = GatewayLoad {
         staged_blocks: 3,
         staged_bytes: 12,
+        queue_len: 2,
+        oldest_waiting_ms: 1500,
+        healthy: false,
     };
     f.meta.gateway_heartbeat(a, 1, load).unwrap();
     // A takeover: the same id starts again elsewhere, with a higher epoch.
@@ -1583,9 +1586,17 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
             record.address.as_str(),
             record.epoch,
             record.staged_blocks,
-            record.staged_bytes
+            record.staged_bytes,
+            record.queue_len,
+            record.oldest_waiting_ms,
+            record.healthy,
         ),
-        ("10.0.0.9:7070", 2, 3, 12)
+        ("10.0.0.9:7070", 2, 3, 12, 2, 1500, false)
+    );
+    let other = gateways.iter().find(|g| g.id == b).unwrap();
+    assert!(
+        other.healthy,
+        "a gateway that did not say otherwise is healthy"
     );
     assert_eq!(
         errno(f.meta.gateway_heartbeat([3; 16], 1, load)),

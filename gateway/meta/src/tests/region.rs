@@ -91,7 +91,9 @@ fn a_full_region_refuses_changes_and_keeps_what_was_committed() {
     assert!(made > 100, "only {made} files fit: {text}");
     // The engine goes on (it opens the database again after redb stopped it): reads answer, and
     // writes go on failing the same clear way once room runs out again.
-    assert!(meta.lookup(ROOT_INO, format!("{long}-0").as_bytes()).is_ok());
+    assert!(meta
+        .lookup(ROOT_INO, format!("{long}-0").as_bytes())
+        .is_ok());
     let again = loop {
         match meta.mknod(ROOT_INO, format!("{long}-{made}").as_bytes(), &file()) {
             Ok(_) => made += 1,
@@ -100,7 +102,9 @@ fn a_full_region_refuses_changes_and_keeps_what_was_committed() {
         assert!(made < 1_000_000, "the region never filled again");
     };
     assert!(again.to_string().contains("full"), "{again}");
-    assert!(meta.lookup(ROOT_INO, format!("{long}-1").as_bytes()).is_ok());
+    assert!(meta
+        .lookup(ROOT_INO, format!("{long}-1").as_bytes())
+        .is_ok());
     drop(meta);
     let again = db.open(MetaConfig::default());
     for i in 0..made {
