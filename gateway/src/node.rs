@@ -233,9 +233,20 @@ impl Node {
         }
         let session = self.session_named(tenant, session).await?;
         let end = u64::from(key.block_index) * shared::BLOCK_SIZE + key.len();
-        match self.meta.pending_slice_len(session, key.slice_id).await? {
-            Some(len) if end <= u64::from(len) => Ok(()),
-            Some(len) => Err(MetaError::NotPermitted(format!(
+        match self.meta.pending_slice(session, key.slice_id).await? {
+            // Readers ask the gateway the slice names: staged anywhere else, its data would be
+            // unreadable until uploaded.
+            Some((_, gateway)) if gateway != self.settings.gateway_id => {
+                Err(MetaError::NotPermitted(format!(
+                    "block {key}: slice {} was recorded as staged on gateway {}, not on this one \
+                     ({})",
+                    key.slice_id,
+                    uuid::Uuid::from_bytes(gateway),
+                    uuid::Uuid::from_bytes(self.settings.gateway_id)
+                )))
+            }
+            Some((len, _)) if end <= u64::from(len) => Ok(()),
+            Some((len, _)) => Err(MetaError::NotPermitted(format!(
                 "block {key} ends at byte {end} of its slice, but session {session:032x} \
                  recorded only {len} bytes of it as pending"
             ))),

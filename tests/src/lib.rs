@@ -184,3 +184,42 @@ pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Runs `command`, which must succeed and print one JSON value (`status --json`,
+/// `inspect --json`); `what` names it in the failure.
+#[track_caller]
+pub fn json_output(command: &mut std::process::Command, what: &str) -> serde_json::Value {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e})"))
+}
+
+/// `stagefs status ADDR --json`.
+#[track_caller]
+pub fn status_json(addr: &str) -> serde_json::Value {
+    json_output(
+        std::process::Command::new(binaries::client_binary()).args(["status", addr, "--json"]),
+        &format!("stagefs status {addr}"),
+    )
+}
+
+/// Asserts that the file at `path` holds exactly `want`, naming the first difference.
+#[track_caller]
+pub fn assert_file_bytes(path: &Path, want: &[u8]) {
+    let got = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(got.len(), want.len(), "size of {}", path.display());
+    if got != want {
+        let first = got.iter().zip(want).position(|(g, w)| g != w);
+        panic!(
+            "{} holds other bytes, first difference at {first:?}",
+            path.display()
+        );
+    }
+}

@@ -73,18 +73,13 @@ fn redb_files(dir: &Path) -> Vec<PathBuf> {
 
 /// `stagefs-gateway inspect --device DEVICE --json`, parsed.
 fn inspect(device: &Path) -> serde_json::Value {
-    let output = Command::new(gateway_binary())
-        .args(["inspect", "--device"])
-        .arg(device)
-        .arg("--json")
-        .output()
-        .expect("run stagefs-gateway inspect");
-    assert!(
-        output.status.success(),
-        "inspect failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("inspect --json prints JSON")
+    stagefs_tests::json_output(
+        Command::new(gateway_binary())
+            .args(["inspect", "--device"])
+            .arg(device)
+            .arg("--json"),
+        "stagefs-gateway inspect",
+    )
 }
 
 #[test]

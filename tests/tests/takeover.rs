@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use stagefs_tests::binaries::client_binary;
-use stagefs_tests::{GatewayBuilder, GatewayCluster, Pattern};
+use stagefs_tests::{assert_file_bytes, status_json, GatewayBuilder, GatewayCluster, Pattern};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -28,19 +28,6 @@ fn held(_: usize, gateway: GatewayBuilder) -> GatewayBuilder {
     gateway
         .device_size("512MiB")
         .args(["--uploads-paused", "--heartbeat-interval", "1s"])
-}
-
-#[track_caller]
-fn assert_bytes(path: &Path, want: &[u8]) {
-    let got = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert_eq!(got.len(), want.len(), "size of {}", path.display());
-    if got != want {
-        let first = got.iter().zip(want).position(|(g, w)| g != w);
-        panic!(
-            "{} holds other bytes, first difference at {first:?}",
-            path.display()
-        );
-    }
 }
 
 /// A mixed size: mostly small files, some of a few blocks, a few large ones.
@@ -75,20 +62,6 @@ fn unpause_all(cluster: &GatewayCluster) {
             stagefs_tests::blocks::set_uploads_paused(&mut client, false).await;
         }
     });
-}
-
-/// `stagefs status ADDR --json`.
-fn status(addr: &str) -> serde_json::Value {
-    let out = Command::new(client_binary())
-        .args(["status", addr, "--json"])
-        .output()
-        .expect("run stagefs status");
-    assert!(
-        out.status.success(),
-        "stagefs status {addr}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
 }
 
 /// `stagefs sync PATH…`: returns once every block of the files is in the store.
@@ -130,7 +103,7 @@ fn three_gateways_share_the_writes_of_a_mount_given_one_address() {
     // A second mount, of another gateway, reads every file back from the three devices.
     let reader = cluster.mount(1, "reader").no_cache().start();
     for (name, seed, len) in &files {
-        assert_bytes(&reader.join(name), &Pattern::new(*seed).bytes(0, *len));
+        assert_file_bytes(&reader.join(name), &Pattern::new(*seed).bytes(0, *len));
     }
     assert!(
         cluster.block_on(cluster.s3.list()).is_empty(),
@@ -244,7 +217,7 @@ fn a_gateway_killed_under_a_writer_is_taken_over_at_a_new_address_and_nothing_is
     // A fresh mount given only a surviving gateway's address reads every closed file back.
     let fresh = cluster.mount(survivor, "fresh").no_cache().start();
     for (name, (seed, len)) in &written.closed {
-        assert_bytes(&fresh.join(name), &Pattern::new(*seed).bytes(0, *len));
+        assert_file_bytes(&fresh.join(name), &Pattern::new(*seed).bytes(0, *len));
     }
     // Once uploads resume, the store finally holds every block.
     unpause_all(&cluster);
@@ -300,7 +273,7 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
     // reports the staged file, so that `status` can tell what the kill puts at stake.
     let first = cluster.gateways[0].addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !status(&first)["gateways"]
+    while !status_json(&first)["gateways"]
         .as_array()
         .unwrap()
         .iter()
@@ -315,7 +288,7 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
     cluster.gateways[0].kill9();
 
     // The uploaded file reads from the store while its gateway is dead.
-    assert_bytes(&reader.join("uploaded"), &uploaded);
+    assert_file_bytes(&reader.join("uploaded"), &uploaded);
     // The staged one waits for its gateway.
     let path = reader.join("staged");
     let read = std::thread::spawn(move || fs::read(path));
@@ -329,7 +302,7 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
     let survivor = cluster.gateways[1].addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let seen = status(&survivor);
+        let seen = status_json(&survivor);
         let dead = seen["gateways"]
             .as_array()
             .unwrap()
@@ -469,7 +442,7 @@ fn a_lone_gateways_restart_is_ridden_out_by_calls_in_flight() {
         mkdir.wait().unwrap().success(),
         "mkdir failed across the restart"
     );
-    assert_bytes(&mount.join("copied"), &data);
+    assert_file_bytes(&mount.join("copied"), &data);
     assert!(mount.join("made").is_dir());
-    assert_bytes(&mount.join("before"), b"written before the kill");
+    assert_file_bytes(&mount.join("before"), b"written before the kill");
 }

@@ -73,7 +73,7 @@ impl BlockingMeta {
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
         record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
-        pending_slice_len(session: SessionId, slice_id: u64) -> Option<u32>;
+        pending_slice(session: SessionId, slice_id: u64) -> Option<(u32, GatewayId)>;
         set_lock(session: SessionId, ino: Ino, request: &LockRequest) -> ();
         get_lock(session: SessionId, ino: Ino, request: &LockRequest) -> Option<HeldLock>;
         release_locks(session: SessionId, ino: Ino, owner: Option<u64>) -> ();

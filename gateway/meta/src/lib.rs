@@ -411,9 +411,14 @@ pub trait MetaEngine: Send + Sync {
     async fn release_locks(&self, session: SessionId, ino: Ino, owner: Option<u64>) -> Result<()>;
 
     /// How many bytes of slice `slice_id` `session` has recorded as pending (staging it, not
-    /// committed yet); `None` when it holds no such pending slice. Blocks of a slice may be
-    /// staged only by the session that recorded it, and only within the recorded length.
-    async fn pending_slice_len(&self, session: SessionId, slice_id: u64) -> Result<Option<u32>>;
+    /// committed yet), and on which gateway; `None` when it holds no such pending slice. Blocks
+    /// of a slice may be staged only by the session that recorded it, only within the recorded
+    /// length, and only on the gateway it named (the one its readers will ask).
+    async fn pending_slice(
+        &self,
+        session: SessionId,
+        slice_id: u64,
+    ) -> Result<Option<(u32, GatewayId)>>;
 
     /// A new session of `tenant` (the name of the caller's token, empty without tokens).
     async fn open_session(&self, tenant: &str, description: &str) -> Result<SessionId>;

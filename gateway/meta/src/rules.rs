@@ -207,46 +207,29 @@ macro_rules! transact {
 macro_rules! transact_once {
     ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
         let tag = $crate::once::current();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            #[allow(unused_mut)]
-            let mut $tx = $meta.begin_tx(true).await?;
-            #[allow(clippy::redundant_closure_call)]
-            let outcome: $crate::Result<_> = async {
-                if let Some(tag) = &tag {
-                    // A backend that runs the transaction again after a conflict may have
-                    // committed the first run on another gateway's behalf: look too.
-                    if tag.retry || attempt > 1 {
-                        if let Some(recorded) = $tx.change_done(tag).await? {
-                            let attr = match recorded {
-                                0 => None,
-                                ino => Some($tx.inode(ino).await?.attr),
-                            };
-                            return $crate::once::Replayable::replayed(attr);
-                        }
+        let mut runs = 0u32;
+        $crate::transact!($meta, $durability, |$tx| {
+            runs += 1;
+            if let Some(tag) = &tag {
+                // A run that conflicted may have been committed by the backend after all (a
+                // lost answer from the database): look there too, not only on a client's retry.
+                if tag.retry || runs > 1 {
+                    if let Some(recorded) = $tx.change_done(tag).await? {
+                        let attr = match recorded {
+                            0 => None,
+                            ino => Some($tx.inode(ino).await?.attr),
+                        };
+                        return $crate::once::Replayable::replayed(attr);
                     }
                 }
-                let value: $crate::Result<_> = async { $body }.await;
-                let value = value?;
-                if let Some(tag) = &tag {
-                    $tx.record_change(tag, $crate::once::Replayable::recorded(&value));
-                }
-                Ok(value)
             }
-            .await;
-            let outcome = match outcome {
-                Ok(value) => $tx.commit($durability).await.map(|()| value),
-                Err(error) => Err(error),
-            };
-            match outcome {
-                Err(error) if error.is_conflict() && attempt < $crate::rules::max_attempts() => {
-                    $meta.count_conflict();
-                    $crate::rules::conflict_backoff(attempt).await;
-                }
-                outcome => break outcome,
+            let value: $crate::Result<_> = async { $body }.await;
+            let value = value?;
+            if let Some(tag) = &tag {
+                $tx.record_change(tag, $crate::once::Replayable::recorded(&value));
             }
-        }
+            Ok(value)
+        })
     }};
 }
 
@@ -1685,14 +1668,18 @@ impl MetaEngine for KvMeta {
         })
     }
 
-    async fn pending_slice_len(&self, session: SessionId, slice_id: u64) -> Result<Option<u32>> {
+    async fn pending_slice(
+        &self,
+        session: SessionId,
+        slice_id: u64,
+    ) -> Result<Option<(u32, GatewayId)>> {
         match self
             .read_tx()
             .await?
             .get(&keys::pending(session, slice_id))
             .await?
         {
-            Some(bytes) => Ok(Some(decode_slice_data(slice_id, &bytes)?.0)),
+            Some(bytes) => Ok(Some(decode_slice_data(slice_id, &bytes)?)),
             None => Ok(None),
         }
     }

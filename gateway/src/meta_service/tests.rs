@@ -624,3 +624,50 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
 }
+
+/// A block may be staged only on the gateway its slice's pending record names: its readers ask
+/// that gateway, so a block staged elsewhere would be unreadable until uploaded.
+#[tokio::test]
+async fn a_block_is_staged_only_on_the_gateway_its_slice_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = staging_log(&dir).await;
+    let engine = engine(&dir, fast_config()).await;
+    let node = Node::new(
+        log.clone(),
+        engine.clone(),
+        Arc::new(InMemory::new()),
+        ClientSettings {
+            store_url: "memory://".into(),
+            gateway_id: GATEWAY_ID,
+            gateway_address: "gateway.example:7070".into(),
+            heartbeat_interval: Duration::from_millis(1500),
+        },
+        crate::limits::Limits::default(),
+    );
+    let tenant = crate::access::Tenant::anonymous();
+    let session = engine.open_session("", "client").await.unwrap();
+    let wire = shared::meta::session_to_wire(session);
+    let ids = engine.allocate_slice_ids(session, 2).await.unwrap();
+    let mine = Slice {
+        slice_id: ids.start,
+        offset_in_chunk: 0,
+        len: 100,
+        gateway_id: GATEWAY_ID,
+    };
+    let elsewhere = Slice {
+        slice_id: ids.start + 1,
+        gateway_id: [0xee; 16],
+        ..mine
+    };
+    for slice in [&mine, &elsewhere] {
+        engine.record_pending_slice(session, slice).await.unwrap();
+    }
+    let key = |slice: &Slice| shared::BlockKey::new(slice.slice_id, 0, 100).unwrap();
+    node.may_stage(&tenant, &wire, &key(&mine)).await.unwrap();
+    let refused = node
+        .may_stage(&tenant, &wire, &key(&elsewhere))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not on this one"), "{refused}");
+    log.shutdown().await;
+}

@@ -1185,13 +1185,11 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     );
     // Blocks may be staged only by the session that recorded the slice pending.
     assert_eq!(
-        f.meta.pending_slice_len(thief, committed.slice_id).unwrap(),
+        f.meta.pending_slice(thief, committed.slice_id).unwrap(),
         None
     );
     assert_eq!(
-        f.meta
-            .pending_slice_len(f.session, committed.slice_id)
-            .unwrap(),
+        f.meta.pending_slice(f.session, committed.slice_id).unwrap(),
         None,
         "committed"
     );
@@ -1209,11 +1207,11 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
         .record_pending_slice(f.session, &Slice { len: 20, ..later })
         .expect("growing one's own pending record");
     assert_eq!(
-        f.meta.pending_slice_len(f.session, unused).unwrap(),
-        Some(20)
+        f.meta.pending_slice(f.session, unused).unwrap(),
+        Some((20, later.gateway_id))
     );
     let other = f.meta.open_session("", "other").unwrap();
-    assert_eq!(f.meta.pending_slice_len(other, unused).unwrap(), None);
+    assert_eq!(f.meta.pending_slice(other, unused).unwrap(), None);
     f.meta
         .commit_slice(f.session, victim.ino, 0, &later, 0, 0)
         .unwrap();
