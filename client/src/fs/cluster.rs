@@ -145,9 +145,8 @@ impl Cluster {
         if failures.len() == 1 {
             return Err(failures.remove(0));
         }
-        let op = "open_session";
         Err(FsError::MetaUnavailable {
-            op,
+            op: "open_session",
             message: seeds
                 .iter()
                 .zip(&failures)
@@ -312,26 +311,6 @@ impl Cluster {
         let conn = self.conn(&mut state, &address)?;
         Ok((address, conn.meta))
     }
-
-    /// Which gateways this mount uses, for `status`: (id, address, alive, left out of choices).
-    pub fn members(&self) -> Vec<(GatewayId, String, bool, bool)> {
-        let state = self.lock();
-        let now = Instant::now();
-        let mut out: Vec<_> = state
-            .members
-            .iter()
-            .map(|(id, m)| {
-                (
-                    *id,
-                    m.address.clone(),
-                    m.alive,
-                    state.is_down(&m.address, now),
-                )
-            })
-            .collect();
-        out.sort_by(|a, b| a.1.cmp(&b.1));
-        out
-    }
 }
 
 impl Conn {
@@ -408,10 +387,6 @@ impl GatewayDirectory for Cluster {
             blocks: conn.blocks,
             meta: Some(Arc::new(conn.meta)),
         })
-    }
-
-    fn write_failed(&self, id: &GatewayId) {
-        self.forget(id);
     }
 
     async fn refresh(&self) {

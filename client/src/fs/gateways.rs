@@ -34,12 +34,11 @@ pub trait GatewayDirectory: Send + Sync + 'static {
     /// The block service of gateway `id`; `None` when no live gateway has that id (its blocks
     /// can then only come from the object store).
     async fn blocks_of(&self, id: &GatewayId) -> FsResult<Option<Arc<dyn BlockApi>>>;
-    /// A call to gateway `id` failed: resolve it afresh next time (it may have moved).
+    /// A call to gateway `id` failed: resolve it afresh next time (it may have moved), and leave
+    /// it out of new choices for a while.
     fn forget(&self, id: &GatewayId);
     /// The gateway a new slice of chunk `chunk_index` of `ino` is staged on.
     async fn route(&self, ino: Ino, chunk_index: u64) -> FsResult<Route>;
-    /// Gateway `id` failed a write: leave it out of new choices for a while.
-    fn write_failed(&self, _id: &GatewayId) {}
     /// Looks at the registry again now (a gateway may have come back, or moved).
     async fn refresh(&self) {}
     /// How long a call waits for an unreachable gateway to come back (restart or takeover)

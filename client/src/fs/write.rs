@@ -350,7 +350,7 @@ impl DirtySlice {
                 // twice.
                 self.staged = None;
                 if e.is_transient() {
-                    ctx.gateways.write_failed(&staged.route.id);
+                    ctx.gateways.forget(&staged.route.id);
                 }
                 if e.errno() != libc::ENOSYS {
                     return Err(e);
@@ -533,7 +533,7 @@ impl DirtyFile {
             let Some(staged) = slice.staged.as_ref().filter(|_| unreachable) else {
                 continue;
             };
-            ctx.gateways.write_failed(&staged.route.id);
+            ctx.gateways.forget(&staged.route.id);
             slice.staged = None;
             for block in &mut slice.blocks {
                 block.upload = Upload::NotStarted;
