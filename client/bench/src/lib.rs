@@ -10,6 +10,7 @@
 //! Every fallible step returns [`BenchError`]; nothing here panics on bad input.
 
 pub mod chart;
+pub mod cluster;
 pub mod fs;
 pub mod gateway;
 pub mod latency_proxy;

@@ -24,6 +24,8 @@ enum BenchTarget {
     Proxy(bench::latency_proxy::ProxyArgs),
     #[command(about = bench::meta::ABOUT)]
     Meta(bench::meta::MetaBenchArgs),
+    #[command(about = bench::cluster::ABOUT, long_about = bench::cluster::LONG_ABOUT)]
+    Cluster(bench::cluster::ClusterBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +73,15 @@ async fn run(target: BenchTarget) -> anyhow::Result<()> {
         BenchTarget::Meta(args) => {
             let json = args.json;
             let report = bench::meta::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        BenchTarget::Cluster(args) => {
+            let json = args.json;
+            let report = bench::cluster::run(args).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -146,7 +146,8 @@ pub struct MountProcess {
 }
 
 impl MountProcess {
-    /// Runs `stagefs mount GATEWAY PATH ARGS…` (this executable), which returns once mounted.
+    /// Runs `stagefs mount GATEWAY PATH --s3-endpoint S3_ENDPOINT ARGS…`, which returns once
+    /// mounted.
     pub fn start(
         gateway: SocketAddr,
         path: &Path,
@@ -154,9 +155,21 @@ impl MountProcess {
         args: &[&str],
         log: &Path,
     ) -> Result<Self, BenchError> {
+        let mut all = vec!["--s3-endpoint", s3_endpoint, "--s3-allow-http"];
+        all.extend_from_slice(args);
+        Self::start_with(&gateway.to_string(), path, &all, log)
+    }
+
+    /// Runs `stagefs mount GATEWAYS PATH ARGS…` (`stagefs` is installed next to this program),
+    /// which returns once mounted; `GATEWAYS` is one address or several, comma-separated.
+    pub fn start_with(
+        gateways: &str,
+        path: &Path,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<Self, BenchError> {
         std::fs::create_dir_all(path)
             .map_err(|e| BenchError::io("cannot create mount point", path, e))?;
-        // `stagefs` itself mounts: it is installed next to this program.
         let exe = crate::process::find_program(
             "stagefs",
             None,
@@ -165,9 +178,8 @@ impl MountProcess {
         .map_err(BenchError::Args)?;
         let output = Command::new(&exe)
             .arg("mount")
-            .arg(gateway.to_string())
+            .arg(gateways)
             .arg(path)
-            .args(["--s3-endpoint", s3_endpoint, "--s3-allow-http"])
             .args(args)
             .envs(s3_env())
             .env("RUST_LOG", "warn")

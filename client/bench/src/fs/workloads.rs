@@ -70,23 +70,26 @@ pub fn checkpoint_file(dir: &Path, i: usize) -> PathBuf {
 /// Returns MiB/s over all bytes, from the first open to the last close.
 pub fn checkpoint(dir: &Path, writers: usize, size: u64) -> Result<f64, BenchError> {
     let start = Instant::now();
-    parallel(writers, |i| {
-        let path = checkpoint_file(dir, i);
-        let pattern = CheckpointPattern::new(i as u64);
-        let mut buf = vec![0u8; IO_SIZE];
-        let mut file = File::create(&path).map_err(|e| io_error("cannot create", &path, e))?;
-        let mut offset = 0u64;
-        while offset < size {
-            let len = (size - offset).min(IO_SIZE as u64) as usize;
-            pattern.fill(&mut buf, offset);
-            file.write_all(&buf[..len])
-                .map_err(|e| io_error("write failed on", &path, e))?;
-            offset += len as u64;
-        }
-        // close(): where stagefs waits for durability; its errors must not be dropped.
-        close(file, &path)
-    })?;
+    parallel(writers, |i| write_checkpoint_file(dir, i, size))?;
     Ok(mib_per_s(writers as u64 * size, start.elapsed()))
+}
+
+/// Writes checkpoint file `i` of `size` bytes in 1 MiB writes and closes it, reporting the
+/// error of any write or of `close` (where stagefs waits for durability).
+pub fn write_checkpoint_file(dir: &Path, i: usize, size: u64) -> Result<(), BenchError> {
+    let path = checkpoint_file(dir, i);
+    let pattern = CheckpointPattern::new(i as u64);
+    let mut buf = vec![0u8; IO_SIZE];
+    let mut file = File::create(&path).map_err(|e| io_error("cannot create", &path, e))?;
+    let mut offset = 0u64;
+    while offset < size {
+        let len = (size - offset).min(IO_SIZE as u64) as usize;
+        pattern.fill(&mut buf, offset);
+        file.write_all(&buf[..len])
+            .map_err(|e| io_error("write failed on", &path, e))?;
+        offset += len as u64;
+    }
+    close(file, &path)
 }
 
 /// Closes `file`, reporting the error `close(2)` returns (std's drop ignores it).
