@@ -41,12 +41,35 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         .await
         .with_context(|| format!("Status from {gateway}"))?
         .into_inner();
-    let gateways = meta_client(channel)
+    let gateways = meta_client(channel.clone())
         .list_gateways(proto::meta::Empty {})
         .await
         .with_context(|| format!("ListGateways from {gateway}"))?
         .into_inner()
         .gateways;
+    // An older gateway has no ListMounts: status shows the rest.
+    let mounts = match meta_client(channel.clone())
+        .list_mounts(proto::meta::Empty {})
+        .await
+    {
+        Ok(response) => Some(response.into_inner().mounts),
+        Err(status) if status.code() == tonic::Code::Unimplemented => None,
+        Err(status) => {
+            return Err(anyhow::Error::new(status).context(format!("ListMounts from {gateway}")))
+        }
+    };
+    let now = shared::meta::now_ns();
+    let addresses: BTreeMap<Vec<u8>, String> = gateways
+        .iter()
+        .map(|g| (g.id.to_vec(), g.address.clone()))
+        .collect();
+    // A gateway by its address in the registry, else by its id.
+    let name = |id: &[u8]| {
+        addresses
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| gateway_uuid(id))
+    };
     if json {
         let registered: Vec<_> = gateways
             .iter()
@@ -63,6 +86,17 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             .iter()
             .map(|q| serde_json::json!({"key": q.key, "len": q.len, "failed_attempts": q.failed_attempts, "last_error": q.last_error}))
             .collect();
+        let mounts_json: Option<Vec<_>> = mounts.as_ref().map(|mounts| {
+            mounts
+                .iter()
+                .map(|m| {
+                    serde_json::json!({"description": m.description, "tenant": m.tenant,
+                        "heartbeat_age_ms": now.saturating_sub(m.last_heartbeat_ns) / 1_000_000,
+                        "using": m.using_gateways.iter().map(|id| gateway_uuid(id)).collect::<Vec<_>>(),
+                        "avoiding": m.avoiding_gateways.iter().map(|id| gateway_uuid(id)).collect::<Vec<_>>()})
+                })
+                .collect()
+        });
         let value = serde_json::json!({
             "gateway_id": s.gateway_id, "generation": s.generation, "device_path": s.device_path,
             "io_engine": s.io_engine, "store_url": s.store_url, "device_bytes": s.device_bytes,
@@ -78,7 +112,7 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
             "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
             "healthy": s.healthy, "failure": s.failure,
-            "gateways": registered,
+            "gateways": registered, "mounts": mounts_json,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -157,7 +191,6 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         );
     }
     println!("gateways     {} registered in the metadata", gateways.len());
-    let now = shared::meta::now_ns();
     for g in &gateways {
         let state = match (g.alive, g.healthy) {
             (true, true) => "alive",
@@ -182,6 +215,40 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
                  those blocks wait for it meanwhile",
                 format_size(g.staged_bytes)
             );
+        }
+    }
+    match &mounts {
+        None => println!("mounts       (this gateway does not list them)"),
+        Some(mounts) => {
+            println!("mounts       {} open sessions", mounts.len());
+            for m in mounts {
+                let names = |ids: &[bytes::Bytes]| {
+                    ids.iter().map(|id| name(id)).collect::<Vec<_>>().join(", ")
+                };
+                let tenant = if m.tenant.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (tenant {})", m.tenant)
+                };
+                let using = if m.using_gateways.is_empty() {
+                    "gateways not reported".to_string()
+                } else {
+                    format!("using {}", names(&m.using_gateways))
+                };
+                let avoiding = if m.avoiding_gateways.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; LEFT OUT (not alive, or calls failed) {}",
+                        names(&m.avoiding_gateways)
+                    )
+                };
+                println!(
+                    "  {}{tenant}: {using}{avoiding}; heartbeat {:.1} s ago",
+                    m.description,
+                    now.saturating_sub(m.last_heartbeat_ns) as f64 / 1e9
+                );
+            }
         }
     }
     Ok(())

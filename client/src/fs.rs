@@ -248,19 +248,19 @@ impl Fs {
             config.max_concurrent_uploads,
             config.write_slices,
         ));
-        let fetcher =
-            BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         let heartbeat = grant.heartbeat_interval.map(|interval| {
-            let (meta, session) = (meta.clone(), grant.session_id);
+            let (meta, session, directory) = (meta.clone(), grant.session_id, directory.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(interval).await;
-                    if let Err(e) = meta.heartbeat(session).await {
+                    if let Err(e) = meta.heartbeat(session, &directory.view()).await {
                         tracing::warn!(session, error = %e, "session heartbeat failed");
                     }
                 }
             })
         });
+        let fetcher =
+            BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),

@@ -169,14 +169,18 @@ impl Meta for MetaService {
 
     async fn heartbeat(
         &self,
-        request: Request<pb::SessionRequest>,
+        request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let tenant = tenant_of(&request);
-        let session = request.into_inner().session_id;
+        let request = request.into_inner();
         self.call("Heartbeat", async {
-            self.engine
-                .heartbeat(self.session(&tenant, &session).await?)
-                .await
+            let session = self.session(&tenant, &request.session_id).await?;
+            let view = proto::meta_convert::mount_view(
+                &request.using_gateways,
+                &request.avoiding_gateways,
+            )
+            .map_err(|e| MetaError::Invalid(e.0))?;
+            self.engine.heartbeat(session, &view).await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -699,6 +703,27 @@ impl Meta for MetaService {
         _request: Request<pb::Empty>,
     ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
         Ok(Response::new(self.gateways().await?))
+    }
+
+    async fn list_mounts(
+        &self,
+        request: Request<pb::Empty>,
+    ) -> Result<Response<pb::ListMountsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let sessions = self.call("ListMounts", self.engine.list_sessions()).await?;
+        let mounts = sessions
+            .into_iter()
+            // Another tenant's mounts are not this tenant's business.
+            .filter(|s| tenant.is_admin() || s.tenant == tenant.name)
+            .map(|s| pb::MountInfo {
+                description: s.description,
+                tenant: s.tenant,
+                last_heartbeat_ns: s.last_heartbeat_ns,
+                using_gateways: proto::meta_convert::gateway_ids(&s.view.using),
+                avoiding_gateways: proto::meta_convert::gateway_ids(&s.view.avoiding),
+            })
+            .collect();
+        Ok(Response::new(pb::ListMountsResponse { mounts }))
     }
 }
 

@@ -3,7 +3,7 @@
 //! cannot hold; each side wraps [`WireError`] in its own error (EINVAL on the gateway, a protocol
 //! error on the client).
 
-use shared::meta::{Attr, FileKind, GatewayId, Slice};
+use shared::meta::{Attr, FileKind, GatewayId, MountView, Slice, MAX_VIEW_GATEWAYS};
 
 use crate::meta as pb;
 
@@ -108,4 +108,38 @@ pub fn slice(slice: &pb::Slice) -> Result<Slice, WireError> {
         len: slice.len,
         gateway_id,
     })
+}
+
+/// A mount's view of the gateways from the wire: every id 16 bytes, at most
+/// [`MAX_VIEW_GATEWAYS`] in all.
+pub fn mount_view(
+    using: &[bytes::Bytes],
+    avoiding: &[bytes::Bytes],
+) -> Result<MountView, WireError> {
+    if using.len() + avoiding.len() > MAX_VIEW_GATEWAYS {
+        return Err(WireError(format!(
+            "a view of {} gateways: at most {MAX_VIEW_GATEWAYS}",
+            using.len() + avoiding.len()
+        )));
+    }
+    let ids = |wire: &[bytes::Bytes]| {
+        wire.iter()
+            .map(|id| {
+                GatewayId::try_from(&id[..]).map_err(|_| {
+                    WireError(format!("a gateway id of {} bytes, must be 16", id.len()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(MountView {
+        using: ids(using)?,
+        avoiding: ids(avoiding)?,
+    })
+}
+
+/// The wire form of gateway ids.
+pub fn gateway_ids(ids: &[GatewayId]) -> Vec<bytes::Bytes> {
+    ids.iter()
+        .map(|id| bytes::Bytes::copy_from_slice(id))
+        .collect()
 }

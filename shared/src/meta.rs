@@ -117,6 +117,18 @@ mod request_tag_tests {
 
 /// The id of the gateway that staged a slice (the uuid on its device, see `format.rs`).
 pub type GatewayId = [u8; 16];
+
+/// The gateways a mount routes new slices to, and those it leaves out because calls to them
+/// failed: what the mount reports with each session heartbeat, so `stagefs status` can say
+/// which gateways each mount is using.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountView {
+    pub using: Vec<GatewayId>,
+    pub avoiding: Vec<GatewayId>,
+}
+
+/// Gateways one [`MountView`] may name in all: a bound on what a client makes the metadata hold.
+pub const MAX_VIEW_GATEWAYS: usize = 256;
 /// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.
 pub type TimeNs = i64;
 

@@ -451,8 +451,9 @@ async fn namespace_round_trips() {
     assert_eq!(statfs.files, 3, "root, moved.txt, latest");
     expect_errno(
         "Heartbeat of a closed session",
-        meta.heartbeat(pb::SessionRequest {
+        meta.heartbeat(pb::HeartbeatRequest {
             session_id: sid.clone(),
+            ..Default::default()
         })
         .await,
         libc::EIO,
@@ -619,8 +620,9 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
         let session_id = alive.session_id.clone();
         tokio::spawn(async move {
             loop {
-                meta.heartbeat(pb::SessionRequest {
+                meta.heartbeat(pb::HeartbeatRequest {
                     session_id: session_id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_or_else(|e| panic!("the live session's heartbeat failed: {e:?}"));
@@ -637,8 +639,9 @@ async fn silent_session_expires_and_its_pending_slice_is_cleaned() {
     .await;
     expect_errno(
         "Heartbeat of an expired session",
-        meta.heartbeat(pb::SessionRequest {
+        meta.heartbeat(pb::HeartbeatRequest {
             session_id: silent.session_id.clone(),
+            ..Default::default()
         })
         .await,
         libc::EIO,
@@ -732,8 +735,9 @@ async fn metadata_survives_sigkill() {
         );
     }
     // The session outlives the restart: clients could not heartbeat while the gateway was down.
-    meta.heartbeat(pb::SessionRequest {
+    meta.heartbeat(pb::HeartbeatRequest {
         session_id: sid.clone(),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("Heartbeat of a session opened before the restart: {e:?}"));

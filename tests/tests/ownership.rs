@@ -201,8 +201,9 @@ fn another_session_cannot_touch_what_a_session_owns() {
         );
         expect_errno(
             "Heartbeat of a forged session id",
-            meta.heartbeat(pb::SessionRequest {
+            meta.heartbeat(pb::HeartbeatRequest {
                 session_id: forged.clone(),
+                ..Default::default()
             })
             .await,
             libc::EIO,

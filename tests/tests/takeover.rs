@@ -269,9 +269,14 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
         .no_cache()
         .args(["--takeover-wait", "10m"])
         .start();
+    // `status` shows which gateways the reader's mount uses: both, once it has heartbeated.
+    let first = cluster.gateways[0].addr().to_string();
+    let survivor = cluster.gateways[1].addr().to_string();
+    let mut both = vec![first.clone(), survivor.clone()];
+    both.sort();
+    wait_for_view(&survivor, reader.path(), (both, Vec::new()));
     // The registry shows what a gateway holds as of its last heartbeat: wait for the one that
     // reports the staged file, so that `status` can tell what the kill puts at stake.
-    let first = cluster.gateways[0].addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !status_json(&first)["gateways"]
         .as_array()
@@ -299,7 +304,6 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
         read.join()
     );
     // `status` of the survivor shows the dead gateway, and what is at stake there.
-    let survivor = cluster.gateways[1].addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let seen = status_json(&survivor);
@@ -322,12 +326,67 @@ fn reads_of_a_dead_gateways_blocks_wait_for_its_takeover_and_uploaded_ones_do_no
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // ... and that the reader's mount has left it out.
+    wait_for_view(
+        &survivor,
+        reader.path(),
+        (vec![survivor.clone()], vec![first.clone()]),
+    );
     cluster.runtime.block_on(cluster.gateways[0].restart());
     let got = read
         .join()
         .unwrap()
         .expect("the read succeeds after the takeover");
     assert!(got == staged, "the waiting read returned other bytes");
+}
+
+/// The gateways (by address, sorted) the mount at `mountpoint` reports using and leaving out,
+/// as `stagefs status` shows them.
+fn mount_view(status: &serde_json::Value, mountpoint: &Path) -> Option<(Vec<String>, Vec<String>)> {
+    let address = |id: &serde_json::Value| {
+        status["gateways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == *id)
+            .map_or_else(
+                || format!("unknown {id}"),
+                |g| g["address"].as_str().unwrap().into(),
+            )
+    };
+    let mountpoint = mountpoint.display().to_string();
+    let mount = status["mounts"].as_array()?.iter().find(|m| {
+        m["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(&mountpoint))
+    })?;
+    let ids = |key: &str| {
+        let mut addresses: Vec<String> =
+            mount[key].as_array().unwrap().iter().map(address).collect();
+        addresses.sort();
+        addresses
+    };
+    Some((ids("using"), ids("avoiding")))
+}
+
+/// Waits (30 s at most) until `status` of the gateway at `gateway` shows the mount at
+/// `mountpoint` with `want` (using, leaving out).
+#[track_caller]
+fn wait_for_view(gateway: &str, mountpoint: &Path, want: (Vec<String>, Vec<String>)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status_json(gateway);
+        let seen = mount_view(&status, mountpoint);
+        if seen.as_ref() == Some(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount at {} shows {seen:?}, not {want:?}: {status}",
+            mountpoint.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

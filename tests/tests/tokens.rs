@@ -178,18 +178,63 @@ fn tokens_decide_who_may_connect_and_what_they_may_do() {
         // A session belongs to its tenant: another tenant's calls find none.
         let mut training_meta = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
         let refused = training_meta
-            .heartbeat(pb::SessionRequest {
+            .heartbeat(pb::HeartbeatRequest {
                 session_id: session.session_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
         assert_eq!(errno_of(&refused), libc::EIO, "{refused:?}");
         assert!(refused.message().contains("does not exist"), "{refused:?}");
-        meta.heartbeat(pb::SessionRequest {
+        meta.heartbeat(pb::HeartbeatRequest {
             session_id: session.session_id,
+            ..Default::default()
         })
         .await
         .expect("its own tenant's heartbeat");
+
+        // A tenant lists its own mounts only; an admin lists every tenant's.
+        let tenants = |mounts: Vec<pb::MountInfo>| {
+            mounts
+                .into_iter()
+                .map(|m| (m.tenant, m.description))
+                .collect::<Vec<_>>()
+        };
+        let own = tenants(
+            meta.list_mounts(pb::Empty {})
+                .await
+                .unwrap()
+                .into_inner()
+                .mounts,
+        );
+        let session_of_readers = ("readers".to_string(), "reader".to_string());
+        assert!(own.contains(&session_of_readers), "{own:?}");
+        assert!(own.iter().all(|(tenant, _)| tenant == "readers"), "{own:?}");
+        let training = tenants(
+            training_meta
+                .list_mounts(pb::Empty {})
+                .await
+                .unwrap()
+                .into_inner()
+                .mounts,
+        );
+        assert!(
+            training.iter().all(|(tenant, _)| tenant == "training"),
+            "training sees another tenant's mount: {training:?}"
+        );
+        let mut ops = stack.gateway.meta_client_as(&with_token(OPS)).await;
+        let all = tenants(
+            ops.list_mounts(pb::Empty {})
+                .await
+                .unwrap()
+                .into_inner()
+                .mounts,
+        );
+        assert!(all.contains(&session_of_readers), "{all:?}");
+        assert!(
+            all.iter().any(|(tenant, _)| tenant == "training"),
+            "the admin sees every tenant's mounts: {all:?}"
+        );
 
         // Admin-only operations.
         for (who, secret) in [("rw", TRAINING), ("ro", READERS)] {

@@ -30,8 +30,8 @@ use super::channel::{connect_gateway, lazy_gateway, GatewayAccess, GatewayChanne
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::meta_api::{
-    Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi, NewNode,
-    SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi, MountView,
+    NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 use super::meta_grpc::GrpcMeta;
 
@@ -396,6 +396,22 @@ impl GatewayDirectory for Cluster {
     fn takeover_wait(&self) -> Duration {
         self.takeover_wait
     }
+
+    fn view(&self) -> MountView {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut view = MountView::default();
+        for (id, member) in &state.members {
+            if member.alive && !state.is_down(&member.address, now) {
+                view.using.push(*id);
+            } else {
+                view.avoiding.push(*id);
+            }
+        }
+        view.using.sort_unstable();
+        view.avoiding.sort_unstable();
+        view
+    }
 }
 
 /// The slots of a session's changes in flight ([`RequestTag`]): a change takes one for as long
@@ -519,12 +535,10 @@ impl MetaApi for FailoverMeta {
         .await
     }
 
-    async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
-        self.call(
-            "heartbeat",
-            false,
-            |m| async move { m.heartbeat(session).await },
-        )
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> FsResult<()> {
+        self.call("heartbeat", false, |m| async move {
+            m.heartbeat(session, view).await
+        })
         .await
     }
 

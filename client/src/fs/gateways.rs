@@ -16,7 +16,7 @@ use super::block_api::BlockApi;
 use super::block_grpc::GrpcBlocks;
 use super::channel::{connect_gateway, GatewayAccess};
 use super::error::FsResult;
-use super::meta_api::{GatewayId, Ino, MetaApi};
+use super::meta_api::{GatewayId, Ino, MetaApi, MountView};
 
 /// Where one new slice is staged.
 #[derive(Clone)]
@@ -46,6 +46,9 @@ pub trait GatewayDirectory: Send + Sync + 'static {
     fn takeover_wait(&self) -> Duration {
         Duration::ZERO
     }
+    /// The gateways new slices go to, and those left out because they failed (reported with
+    /// the session's heartbeats, for `stagefs status`).
+    fn view(&self) -> MountView;
 }
 
 /// Connects to the block service of the gateway at an address.
@@ -129,5 +132,12 @@ impl GatewayDirectory for RegistryDirectory {
             blocks: self.home.clone(),
             meta: None,
         })
+    }
+
+    fn view(&self) -> MountView {
+        MountView {
+            using: vec![self.home_id],
+            avoiding: Vec::new(),
+        }
     }
 }

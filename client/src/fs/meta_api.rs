@@ -17,8 +17,8 @@ use bytes::Bytes;
 use super::error::{FsError, FsResult};
 
 pub use shared::meta::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, NewNode,
-    SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, MountView,
+    NewNode, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
 };
 
 /// What the gateway hands a client that opens a session.
@@ -39,7 +39,8 @@ pub struct SessionGrant {
 #[async_trait]
 pub trait MetaApi: Send + Sync + 'static {
     async fn open_session(&self, description: &str) -> FsResult<SessionGrant>;
-    async fn heartbeat(&self, session: SessionId) -> FsResult<()>;
+    /// Keeps the session alive and reports the mount's `view` of the gateways.
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> FsResult<()>;
     async fn close_session(&self, session: SessionId) -> FsResult<()>;
 
     async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr>;

@@ -20,7 +20,7 @@ use tonic::{Code, Request, Status};
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     Attr, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind, LockRequest,
-    MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -208,13 +208,15 @@ impl MetaApi for GrpcMeta {
         })
     }
 
-    async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> FsResult<()> {
         call!(
             self,
             "heartbeat",
             heartbeat,
-            pb::SessionRequest {
+            pb::HeartbeatRequest {
                 session_id: session_bytes(session),
+                using_gateways: proto::meta_convert::gateway_ids(&view.using),
+                avoiding_gateways: proto::meta_convert::gateway_ids(&view.avoiding),
             }
         )?;
         Ok(())

@@ -16,7 +16,7 @@ use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     write_slice_unsupported, Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest,
-    MetaApi, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -97,9 +97,9 @@ impl MetaApi for LocalMeta {
         })
     }
 
-    async fn heartbeat(&self, session: SessionId) -> FsResult<()> {
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> FsResult<()> {
         self.engine
-            .heartbeat(session)
+            .heartbeat(session, view)
             .await
             .map_err(fail("heartbeat"))
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::{
     Attr, DeletedSlice, DirEntry, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
-    LockRequest, MetaEngine, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
-    StatFs, TimeNs, XattrMode,
+    LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo,
+    SetAttr, Slice, StatFs, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -79,7 +79,7 @@ impl BlockingMeta {
         release_locks(session: SessionId, ino: Ino, owner: Option<u64>) -> ();
         open_session(tenant: &str, description: &str) -> SessionId;
         session(session: SessionId) -> SessionInfo;
-        heartbeat(session: SessionId) -> ();
+        heartbeat(session: SessionId, view: &MountView) -> ();
         close_session(session: SessionId) -> ();
         list_sessions() -> Vec<SessionInfo>;
         expired_sessions(heartbeat_before_ns: TimeNs) -> Vec<SessionId>;

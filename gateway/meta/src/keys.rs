@@ -16,6 +16,7 @@
 //! | usage counter     | `u` counter shard                  | u64 (sharded: see `rules`)         |
 //! | id sequence       | `n` name                           | u64, next id (backends that keep sequences in the key space) |
 //! | session           | `S` session                        | last heartbeat, description        |
+//! | a mount's gateways| `v` session                        | gateways used, then avoided (`rules`) |
 //! | open handles      | `h` session ino                    | u64                                |
 //! | slice-id lease    | `a` session end                    | u64, first (ids `first..end`)      |
 //! | pending slice     | `p` session slice-id               | len, gateway (`codec`)             |
@@ -26,8 +27,8 @@
 //! | a session's locks | `L` session ino owner              | empty (to drop them with the session) |
 //! | change slot       | `r` session slot                   | seq, ino of the result (`once`)    |
 //!
-//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `h`, `a`, `p`, `l`,
-//! `L` and `r`.
+//! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `v`, `h`, `a`, `p`,
+//! `l`, `L` and `r`.
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
@@ -133,6 +134,12 @@ pub fn session(session: SessionId) -> Vec<u8> {
 }
 
 pub const SESSION_PREFIX: &[u8] = b"S";
+
+pub fn mount_view(session: SessionId) -> Vec<u8> {
+    key(b'v', &session_parts(session), &[])
+}
+
+pub const MOUNT_VIEW_PREFIX: &[u8] = b"v";
 
 pub fn handle(session: SessionId, ino: Ino) -> Vec<u8> {
     let [high, low] = session_parts(session);

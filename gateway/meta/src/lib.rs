@@ -45,9 +45,9 @@ pub use locks::{HeldLock, LockKind, LockRequest};
 pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, NewNode, SessionId, SetAttr, Slice, StatFs,
-    TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN, ROOT_INO,
+    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, SessionId, SetAttr,
+    Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
+    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
 /// A slice whose data is no longer referenced and must be deleted from staging and the store.
@@ -159,6 +159,8 @@ pub struct SessionInfo {
     pub last_heartbeat_ns: TimeNs,
     /// Free text from the client (host, mount point, version), for `status`.
     pub description: String,
+    /// The gateways the client last said it uses (see [`MetaEngine::heartbeat`]).
+    pub view: MountView,
 }
 
 /// Tunables of an engine.
@@ -424,8 +426,10 @@ pub trait MetaEngine: Send + Sync {
     async fn open_session(&self, tenant: &str, description: &str) -> Result<SessionId>;
     /// The session `session`; [`MetaError::SessionGone`] when there is none.
     async fn session(&self, session: SessionId) -> Result<SessionInfo>;
-    /// Keeps a session alive; [`MetaError::SessionGone`] once it was closed.
-    async fn heartbeat(&self, session: SessionId) -> Result<()>;
+    /// Keeps a session alive and records the client's `view` of the gateways (an empty one
+    /// clears it); [`MetaError::SessionGone`] once it was closed, [`MetaError::Invalid`] for a
+    /// view naming more than [`shared::meta::MAX_VIEW_GATEWAYS`].
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> Result<()>;
     /// Ends a session: releases its open handles (removing unlinked files nobody holds any more)
     /// and queues the slices it staged but never committed for deletion.
     /// [`MetaError::SessionGone`] for a session that does not exist (closed already, or never

@@ -32,8 +32,9 @@ use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
     check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, GatewayLoad,
     GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine, MetaError,
-    NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs, XattrMode,
-    MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
+    MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs,
+    XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
 /// Bumped when the layout of the key space changes incompatibly. 3: session ids of 128 random
@@ -1003,13 +1004,49 @@ impl Tx<'_> {
     }
 
     async fn sessions(&mut self) -> Result<Vec<SessionInfo>> {
+        let mut views = HashMap::new();
+        for (key, value) in self.scan_prefix(keys::MOUNT_VIEW_PREFIX).await? {
+            let ([high, low], _) = keys::parse::<2>(&key)?;
+            let session = keys::session_from_parts(high, low);
+            views.insert(session, decode_mount_view(session, &value)?);
+        }
         let mut out = Vec::new();
         for (key, value) in self.scan_prefix(keys::SESSION_PREFIX).await? {
             let ([high, low], _) = keys::parse::<2>(&key)?;
-            out.push(decode_session(keys::session_from_parts(high, low), &value)?);
+            let id = keys::session_from_parts(high, low);
+            let view = views.remove(&id).unwrap_or_default();
+            out.push(decode_session(id, &value, view)?);
         }
         Ok(out)
     }
+}
+
+/// A mount's view: how many gateways it uses (u16), their ids, then the ids it avoids.
+fn encode_mount_view(view: &MountView) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + 16 * (view.using.len() + view.avoiding.len()));
+    out.extend_from_slice(&(view.using.len() as u16).to_be_bytes());
+    for id in view.using.iter().chain(&view.avoiding) {
+        out.extend_from_slice(id);
+    }
+    out
+}
+
+fn decode_mount_view(session: SessionId, record: &[u8]) -> Result<MountView> {
+    let corrupt = || MetaError::Corrupt(format!("gateway view of session {session:032x}"));
+    let (count, ids) = record.split_first_chunk::<2>().ok_or_else(corrupt)?;
+    let using = usize::from(u16::from_be_bytes(*count));
+    if ids.len() % 16 != 0 || ids.len() / 16 < using {
+        return Err(corrupt());
+    }
+    let mut all = ids
+        .chunks_exact(16)
+        .map(|id| GatewayId::try_from(id).map_err(|_| corrupt()))
+        .collect::<Result<Vec<_>>>()?;
+    let avoiding = all.split_off(using);
+    Ok(MountView {
+        using: all,
+        avoiding,
+    })
 }
 
 /// A session record: last heartbeat, the length of the tenant's name, then the name and the
@@ -1019,7 +1056,7 @@ fn encode_session(heartbeat: TimeNs, tenant: &str, description: &str) -> Vec<u8>
     keys::encode_pair(heartbeat as u64, tenant.len() as u64, &tail)
 }
 
-fn decode_session(id: SessionId, record: &[u8]) -> Result<SessionInfo> {
+fn decode_session(id: SessionId, record: &[u8], view: MountView) -> Result<SessionInfo> {
     let (heartbeat, tenant_len, tail) = keys::decode_pair("session", record)?;
     let split = usize::try_from(tenant_len)
         .ok()
@@ -1033,6 +1070,7 @@ fn decode_session(id: SessionId, record: &[u8]) -> Result<SessionInfo> {
         tenant: String::from_utf8_lossy(tenant).into_owned(),
         last_heartbeat_ns: heartbeat as i64,
         description: String::from_utf8_lossy(description).into_owned(),
+        view,
     })
 }
 
@@ -1548,7 +1586,13 @@ impl MetaEngine for KvMeta {
         })
     }
 
-    async fn heartbeat(&self, session: SessionId) -> Result<()> {
+    async fn heartbeat(&self, session: SessionId, view: &MountView) -> Result<()> {
+        let named = view.using.len() + view.avoiding.len();
+        if named > MAX_VIEW_GATEWAYS {
+            return Err(MetaError::Invalid(format!(
+                "a view of {named} gateways: at most {MAX_VIEW_GATEWAYS}"
+            )));
+        }
         crate::transact!(self, self.durability(), |tx| {
             let key = keys::session(session);
             let Some(record) = tx.get(&key).await? else {
@@ -1556,6 +1600,11 @@ impl MetaEngine for KvMeta {
             };
             let (_, tenant_len, tail) = keys::decode_pair("session", &record)?;
             tx.put(key, keys::encode_pair(tx.now as u64, tenant_len, tail));
+            if *view == MountView::default() {
+                tx.delete(keys::mount_view(session));
+            } else {
+                tx.put(keys::mount_view(session), encode_mount_view(view));
+            }
             Ok(())
         })
     }
@@ -1582,6 +1631,7 @@ impl MetaEngine for KvMeta {
             for (key, _) in tx.scan_prefix(&keys::change_slot_prefix(session)).await? {
                 tx.delete(key);
             }
+            tx.delete(keys::mount_view(session));
             tx.delete(keys::session(session));
             Ok(())
         })
@@ -1685,10 +1735,15 @@ impl MetaEngine for KvMeta {
     }
 
     async fn session(&self, session: SessionId) -> Result<SessionInfo> {
-        match self.read_tx().await?.get(&keys::session(session)).await? {
-            Some(record) => decode_session(session, &record),
-            None => Err(MetaError::SessionGone(session)),
-        }
+        let mut tx = self.read_tx().await?;
+        let Some(record) = tx.get(&keys::session(session)).await? else {
+            return Err(MetaError::SessionGone(session));
+        };
+        let view = match tx.get(&keys::mount_view(session)).await? {
+            Some(view) => decode_mount_view(session, &view)?,
+            None => MountView::default(),
+        };
+        decode_session(session, &record, view)
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {

@@ -424,7 +424,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     // A session heartbeating within the timeout survives; a silent one expires.
     let alive = engine.open_session("", "alive").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    engine.heartbeat(alive).await.unwrap();
+    engine.heartbeat(alive, &Default::default()).await.unwrap();
     let closed = expire_silent_sessions(&engine, Duration::from_millis(10))
         .await
         .unwrap();

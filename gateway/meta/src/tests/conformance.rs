@@ -1109,7 +1109,7 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
         .unwrap();
     let cutoff = now_ns();
     std::thread::sleep(Duration::from_millis(2));
-    f.meta.heartbeat(f.session).unwrap();
+    f.meta.heartbeat(f.session, &Default::default()).unwrap();
     assert_eq!(
         f.meta.expired_sessions(cutoff + 1_000_000).unwrap(),
         [dying]
@@ -1132,7 +1132,10 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
         (staged.slice_id, 5),
         "the longest recorded length"
     );
-    assert_eq!(errno(f.meta.heartbeat(dying)), libc::EIO);
+    assert_eq!(
+        errno(f.meta.heartbeat(dying, &Default::default())),
+        libc::EIO
+    );
     assert_eq!(errno(f.meta.open(dying, ROOT_INO)), libc::EIO);
     assert_eq!(
         errno(f.meta.close_session(dying)),
@@ -1140,6 +1143,54 @@ fn sessions_heartbeat_expire_and_clean_up_uncommitted_slices() {
         "a closed session is gone"
     );
     assert_eq!(f.meta.list_sessions().unwrap().len(), 1);
+}
+
+#[test]
+fn a_heartbeat_records_the_gateways_a_mount_uses_until_the_session_closes() {
+    let f = fixture();
+    let view = MountView {
+        using: vec![[1; 16], [2; 16]],
+        avoiding: vec![[3; 16]],
+    };
+    f.meta.heartbeat(f.session, &view).unwrap();
+    assert_eq!(f.meta.session(f.session).unwrap().view, view);
+    assert_eq!(f.meta.list_sessions().unwrap()[0].view, view);
+    // A new view replaces the old one; an empty one clears it.
+    let healed = MountView {
+        using: vec![[1; 16], [2; 16], [3; 16]],
+        avoiding: Vec::new(),
+    };
+    f.meta.heartbeat(f.session, &healed).unwrap();
+    assert_eq!(f.meta.session(f.session).unwrap().view, healed);
+    f.meta.heartbeat(f.session, &MountView::default()).unwrap();
+    assert_eq!(
+        f.meta.session(f.session).unwrap().view,
+        MountView::default()
+    );
+
+    // A client cannot make the metadata hold an unbounded view.
+    let huge = MountView {
+        using: vec![[9; 16]; MAX_VIEW_GATEWAYS + 1],
+        avoiding: Vec::new(),
+    };
+    assert_eq!(errno(f.meta.heartbeat(f.session, &huge)), libc::EINVAL);
+
+    // Closing the session takes its view with it: a new session starts with none.
+    f.meta.heartbeat(f.session, &view).unwrap();
+    f.meta.close_session(f.session).unwrap();
+    let next = f.meta.open_session("", "next").unwrap();
+    let sessions = f.meta.list_sessions().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(
+        (sessions[0].id, &sessions[0].view),
+        (next, &MountView::default())
+    );
+    let Fixture { db, meta, .. } = f;
+    drop(meta);
+    assert!(
+        db.keys_with_prefix(keys::MOUNT_VIEW_PREFIX).is_empty(),
+        "a closed session's view is left behind"
+    );
 }
 
 #[test]
@@ -1265,7 +1316,7 @@ fn leases_split_as_their_ids_are_staged_out_of_order() {
 fn sessions_are_unguessable_and_refuse_strangers() {
     let f = fixture();
     let other = f.meta.open_session("team", "other").unwrap();
-    f.meta.heartbeat(other).unwrap();
+    f.meta.heartbeat(other, &Default::default()).unwrap();
     assert_eq!(
         f.meta.session(other).unwrap().tenant,
         "team",
@@ -1285,7 +1336,10 @@ fn sessions_are_unguessable_and_refuse_strangers() {
     let stranger: SessionId = f.session ^ 1;
     assert_eq!(errno(f.meta.release(stranger, file.ino)), libc::EIO);
     assert_eq!(errno(f.meta.close_session(stranger)), libc::EIO);
-    assert_eq!(errno(f.meta.heartbeat(stranger)), libc::EIO);
+    assert_eq!(
+        errno(f.meta.heartbeat(stranger, &Default::default())),
+        libc::EIO
+    );
     assert_eq!(errno(f.meta.allocate_slice_ids(stranger, 1)), libc::EIO);
     assert_eq!(
         errno(f.meta.release(other, file.ino)),

@@ -103,6 +103,19 @@ impl Db {
         self.write_raw(vec![(key, Some(value))]);
     }
 
+    /// The keys that start with `prefix`, read behind the engine's back (close it first: a
+    /// redb file has one owner).
+    pub fn keys_with_prefix(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let store = self.store().await.unwrap();
+            let mut txn = store.begin(false).await.unwrap();
+            let end = crate::keys::prefix_end(prefix);
+            let pairs = txn.scan(prefix, &end, usize::MAX).await.unwrap();
+            pairs.into_iter().map(|(key, _)| key).collect()
+        })
+    }
+
     /// Applies `writes` behind the engine's back (records of an older format, corrupt ones).
     pub fn write_raw(&self, writes: Vec<crate::kv::Write>) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
