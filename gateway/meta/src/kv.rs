@@ -34,6 +34,10 @@ pub enum KvError {
     /// Anything else the backend refused: a broken schema, an unsupported server, a bug.
     #[error("metadata backend: {0}")]
     Failed(String),
+    /// The backend's storage is full (the metadata region of a device): the transaction was not
+    /// applied, and will not be until room is made.
+    #[error("{0}")]
+    Full(String),
 }
 
 impl KvError {

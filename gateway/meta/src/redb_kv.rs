@@ -76,12 +76,10 @@ fn failed(error: impl std::fmt::Display) -> KvError {
 /// that is full (a metadata region of a device) or returned other bytes than were written.
 fn storage(error: redb::StorageError) -> KvError {
     match error {
-        redb::StorageError::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::InvalidData
-            ) =>
-        {
+        redb::StorageError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            KvError::Full(io.to_string())
+        }
+        redb::StorageError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
             KvError::Failed(io.to_string())
         }
         redb::StorageError::Io(io) => KvError::Unavailable(io.to_string()),

@@ -62,7 +62,7 @@ pub const MIN_REGION_BYTES: u64 = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     #[error(
-        "no space: the metadata region of {device} is full: the metadata database needs {needed} \
+        "the metadata region of {device} is full: the metadata database needs {needed} \
          bytes and the region holds {capacity} (a region of {region} bytes, sized when the device \
          was formatted: --meta-region-size)"
     )]

@@ -1959,7 +1959,12 @@ fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
 
 impl From<KvError> for MetaError {
     fn from(error: KvError) -> Self {
-        MetaError::Backend(error)
+        match error {
+            // ENOSPC, as a full disk under a local file system gives: the application's
+            // problem to act on, not an I/O error.
+            KvError::Full(message) => MetaError::NoSpace(message),
+            other => MetaError::Backend(other),
+        }
     }
 }
 

@@ -80,6 +80,7 @@ fn a_full_region_refuses_changes_and_keeps_what_was_committed() {
     };
     let text = error.to_string();
     eprintln!("after {made} files: {text}");
+    assert_eq!(error.errno(), libc::ENOSPC, "{text}");
     assert!(
         text.contains("metadata region") && text.contains("full"),
         "{text}"
