@@ -108,6 +108,11 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "uploaded_bytes_total": s.uploaded_bytes_total, "upload_retries_total": s.upload_retries_total,
             "upload_failures_total": s.upload_failures_total, "blocks_quarantined": s.blocks_quarantined,
             "quarantined": quarantined, "uploads_paused": s.uploads_paused,
+            "upload_hours": s.upload_hours, "upload_window_closed": s.upload_window_closed,
+            "staging_high_water": s.staging_high_water, "staging_low_water": s.staging_low_water,
+            "writing_through": s.writing_through,
+            "written_through_blocks_total": s.written_through_blocks_total,
+            "written_through_bytes_total": s.written_through_bytes_total,
             "last_store_error": s.last_store_error, "recovery_ms": s.recovery_ms,
             "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
             "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
@@ -144,6 +149,21 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         s.segments_total
     );
     println!("store        {}", s.store_url);
+    if s.staging_high_water > 0.0 {
+        println!(
+            "high water   {:.0}% (staging resumes at {:.0}%): {}; {} blocks ({}) sent back to be \
+             written through since start",
+            s.staging_high_water * 100.0,
+            s.staging_low_water * 100.0,
+            if s.writing_through {
+                "WRITING THROUGH now: mounts PUT new blocks to the store themselves"
+            } else {
+                "staging"
+            },
+            s.written_through_blocks_total,
+            format_size(s.written_through_bytes_total)
+        );
+    }
     println!(
         "staged       {} blocks, {} not yet uploaded ({} uploading)",
         s.blocks_staged,
@@ -155,9 +175,14 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         s.queue_len,
         s.oldest_waiting_age_ms as f64 / 1000.0,
         if s.uploads_paused {
-            " (uploads PAUSED)"
+            " (uploads PAUSED)".to_string()
+        } else if s.upload_window_closed {
+            format!(
+                " (uploads HELD outside --upload-hours {}; synced blocks still go)",
+                s.upload_hours
+            )
         } else {
-            ""
+            String::new()
         }
     );
     println!(
@@ -331,23 +356,26 @@ fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Res
     Ok(())
 }
 
-/// `stagefs sync PATH…`: returns when every block of those files is in the object store.
+/// `stagefs sync PATH…`: returns when every block of those files is in the object store. The
+/// blocks go to the store next on their gateways (`upload_now`), whatever the upload delay, and
+/// sync says what holds them: paused uploads, a failing store, a dead gateway.
 pub async fn sync(
     paths: &[PathBuf],
     access: &GatewayAccess,
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
-    // Files grouped by the gateway of their mount.
-    let mut by_gateway: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    // Files grouped by the gateways of their mount.
+    let mut by_mount: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
     for path in paths {
         let path = path
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let (_, gateway) = gateway_of(&path)?;
-        collect_files(&path, by_gateway.entry(gateway).or_default())?;
+        let (_, gateways) = gateway_of(&path)?;
+        collect_files(&path, by_mount.entry(gateways).or_default())?;
     }
-    for (mount_gateway, files) in by_gateway {
-        let (channel, _) = staging(&mount_gateway, access).await?;
+    for (mount_gateways, files) in by_mount {
+        let (mount_gateway, channel) = connect_any(&mount_gateways, access).await?;
         let mut meta = meta_client(channel);
         // Blocks grouped by the gateway that staged them: each waits on its own gateway.
         let mut by_stager: BTreeMap<Vec<u8>, Vec<(BlockKey, u64)>> = BTreeMap::new();
@@ -359,30 +387,72 @@ pub async fn sync(
                 by_stager.entry(stager).or_default().push((key, len));
             }
         }
+        for (stager, blocks) in by_stager {
+            let address =
+                wait_alive(&mut meta, &mount_gateway, &stager, blocks.len(), deadline).await?;
+            wait_uploaded(&address, access, files.len(), &blocks, deadline).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The first of `gateways` (comma-separated, as a mount's source names them) that answers.
+async fn connect_any(
+    gateways: &str,
+    access: &GatewayAccess,
+) -> anyhow::Result<(String, GatewayChannel)> {
+    let mut last = None;
+    for gateway in gateways.split(',').filter(|g| !g.is_empty()) {
+        match staging(gateway, access).await {
+            Ok((channel, _)) => return Ok((gateway.to_string(), channel)),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no gateway address in {gateways:?}")))
+}
+
+/// The address of the gateway `stager` once the registry shows it alive, saying meanwhile that
+/// sync waits for it. A gateway the registry does not know (data from before the registry) is
+/// asked about through the mount's gateway, which checks the store.
+async fn wait_alive(
+    meta: &mut MetaClient<GatewayChannel>,
+    mount_gateway: &str,
+    stager: &[u8],
+    blocks: usize,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<String> {
+    let mut said = false;
+    loop {
         let registry = meta
             .list_gateways(proto::meta::Empty {})
             .await
             .with_context(|| format!("ListGateways from {mount_gateway}"))?
             .into_inner()
             .gateways;
-        for (stager, blocks) in by_stager {
-            // A gateway the registry does not know (data from before the registry): the mount's
-            // gateway checks the store for it.
-            let address = match registry.iter().find(|g| g.id[..] == stager[..]) {
-                Some(g) if !g.alive => anyhow::bail!(
-                    "gateway {} at {} is not alive: {} blocks of these files were staged there \
-                     and are not known to be uploaded; sync waits for it once it is back",
-                    gateway_uuid(&stager),
-                    g.address,
-                    blocks.len()
-                ),
-                Some(g) => g.address.clone(),
-                None => mount_gateway.clone(),
-            };
-            wait_uploaded(&address, access, files.len(), &blocks, timeout).await?;
+        match registry.iter().find(|g| g.id[..] == stager[..]) {
+            None => return Ok(mount_gateway.to_string()),
+            Some(g) if g.alive => return Ok(g.address.clone()),
+            Some(g) => {
+                if !said {
+                    eprintln!(
+                        "sync: waiting for gateway {} (last at {}), which is not alive: {blocks} \
+                         blocks of these files are staged there only; serve its device again \
+                         (`stagefs-gateway serve`, on another node if this one is lost)",
+                        gateway_uuid(stager),
+                        g.address
+                    );
+                    said = true;
+                }
+            }
         }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            anyhow::bail!(
+                "timed out: gateway {} is still not alive, holding {blocks} blocks of these files",
+                gateway_uuid(stager)
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    Ok(())
 }
 
 fn gateway_uuid(id: &[u8]) -> String {
@@ -392,31 +462,69 @@ fn gateway_uuid(id: &[u8]) -> String {
     }
 }
 
+/// What keeps blocks from the store right now, as the gateway's status tells it; `None` when
+/// they are simply on their way.
+fn holder(gateway: &str, status: &proto::staging::StatusResponse) -> Option<String> {
+    if status.uploads_paused {
+        return Some(format!(
+            "uploads are PAUSED on {gateway} (`stagefs uploads resume {gateway}`)"
+        ));
+    }
+    if status.upload_window_closed {
+        // Blocks a sync waits for go anyway; said so it is clear why nothing else moves.
+        return Some(format!(
+            "{gateway} holds other uploads outside --upload-hours {}; these go now",
+            status.upload_hours
+        ));
+    }
+    if !status.last_store_error.is_empty() && status.upload_bytes_per_sec < 1.0 {
+        return Some(format!(
+            "{gateway} cannot upload: {} (it retries until the store answers)",
+            status.last_store_error
+        ));
+    }
+    None
+}
+
 /// Waits until the gateway at `gateway` says every one of `blocks` is in the object store,
-/// showing progress on a terminal.
+/// having asked it to upload them next. Shows progress (bytes left, rate, and what holds the
+/// blocks): on a terminal as one line kept up to date, otherwise as a line whenever what holds
+/// them changes and every 10 s.
 async fn wait_uploaded(
     gateway: &str,
     access: &GatewayAccess,
     files: usize,
     blocks: &[(BlockKey, u64)],
-    timeout: Option<Duration>,
+    deadline: Option<std::time::Instant>,
 ) -> anyhow::Result<()> {
-    let progress = std::io::stderr().is_terminal();
+    let terminal = std::io::stderr().is_terminal();
     let (_, client) = staging(gateway, access).await?;
     let total_bytes: u64 = blocks.iter().map(|(_, len)| len).sum();
     let keys: Vec<String> = blocks.iter().map(|(k, _)| k.to_string()).collect();
     let started = std::time::Instant::now();
     let mut wait = client.clone();
     let wait_keys = keys.clone();
-    let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+    let timeout_ms = deadline.map_or(0, |d| {
+        d.saturating_duration_since(std::time::Instant::now())
+            .as_millis()
+            .max(1) as u64
+    });
     let mut waiting = tokio::spawn(async move {
         wait.wait_uploaded(WaitUploadedRequest {
             keys: wait_keys,
             timeout_ms,
+            upload_now: true,
         })
         .await
     });
     let mut client = client;
+    let mut last_said: Option<(String, std::time::Instant)> = None;
+    let mut last_done: Option<(u64, std::time::Instant)> = None;
+    let every = if terminal {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(1)
+    };
     loop {
         tokio::select! {
             result = &mut waiting => {
@@ -426,20 +534,47 @@ async fn wait_uploaded(
                 })?;
                 break;
             }
-            _ = tokio::time::sleep(Duration::from_millis(500)), if progress => {
-                let stats = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await;
-                if let Ok(stats) = stats {
-                    let done: u64 = stats.into_inner().blocks.iter()
-                        .filter(|b| b.state == BlockState::Uploaded as i32 || b.state == BlockState::Unknown as i32)
-                        .map(|b| b.len)
-                        .sum();
-                    eprint!("\rsync: {} of {} uploaded ({files} files, gateway {gateway})   ", format_size(done), format_size(total_bytes));
+            _ = tokio::time::sleep(every) => {
+                let Ok(stats) = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await else {
+                    continue;
+                };
+                let done: u64 = stats.into_inner().blocks.iter()
+                    .filter(|b| b.state == BlockState::Uploaded as i32 || b.state == BlockState::Unknown as i32)
+                    .map(|b| b.len)
+                    .sum();
+                let now = std::time::Instant::now();
+                let rate = match last_done {
+                    Some((before, at)) if now > at => (done.saturating_sub(before)) as f64 / (now - at).as_secs_f64(),
+                    _ => 0.0,
+                };
+                last_done = Some((done, now));
+                let held = match client.status(StatusRequest {}).await {
+                    Ok(status) => holder(gateway, &status.into_inner()),
+                    Err(_) => None,
+                };
+                let line = format!(
+                    "sync: {} of {} left ({files} files on {gateway}), {}/s{}",
+                    format_size(total_bytes.saturating_sub(done)),
+                    format_size(total_bytes),
+                    format_size(rate as u64),
+                    held.as_ref().map_or(String::new(), |h| format!("; waiting: {h}"))
+                );
+                if terminal {
+                    eprint!("\r{line}   ");
                     let _ = std::io::stderr().flush();
+                } else {
+                    let changed = last_said.as_ref().is_none_or(|(said, at)| {
+                        held.as_deref().unwrap_or("") != said || at.elapsed() >= Duration::from_secs(10)
+                    });
+                    if changed {
+                        eprintln!("{line}");
+                        last_said = Some((held.unwrap_or_default(), now));
+                    }
                 }
             }
         }
     }
-    if progress {
+    if terminal {
         eprintln!();
     }
     eprintln!(
@@ -447,6 +582,34 @@ async fn wait_uploaded(
         keys.len(),
         format_size(total_bytes),
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `stagefs sync --all GATEWAY`: uploads everything the gateway holds now, whatever the upload
+/// delay, and returns once nothing waits (an admin's call).
+pub async fn sync_all(
+    gateway: &str,
+    access: &GatewayAccess,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let (_, mut client) = staging(gateway, access).await?;
+    let started = std::time::Instant::now();
+    let status = client
+        .drain(proto::staging::DrainRequest {
+            timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+            upload_now: true,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("gateway {gateway}: {}", status.message()))?
+        .into_inner()
+        .status
+        .unwrap_or_default();
+    eprintln!(
+        "sync: everything staged on {gateway} is in the object store after {:.1} s ({} uploaded \
+         in its life)",
+        started.elapsed().as_secs_f64(),
+        format_size(status.uploaded_bytes_total)
     );
     Ok(())
 }

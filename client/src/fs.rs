@@ -247,6 +247,7 @@ impl Fs {
             config.slice_id_batch,
             config.max_concurrent_uploads,
             config.write_slices,
+            store.clone(),
         ));
         let heartbeat = grant.heartbeat_interval.map(|interval| {
             let (meta, session, directory) = (meta.clone(), grant.session_id, directory.clone());

@@ -34,6 +34,15 @@ enum Command {
     Umount {
         /// The mount point.
         mountpoint: std::path::PathBuf,
+        /// First wait until every file below the mount point is in the object store (as
+        /// `stagefs sync MOUNTPOINT`, which walks the tree), then unmount.
+        #[arg(long)]
+        sync: bool,
+        /// With --sync: give up (and stay mounted) after this long.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "sync")]
+        timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
     },
     /// Show a gateway's staging state: space, queue, uploads, failures, quarantine.
     Status {
@@ -45,12 +54,17 @@ enum Command {
         #[command(flatten)]
         access: client::cli::AccessArgs,
     },
-    /// Wait until every block of these files (directories: all files below) is in the object
-    /// store; shows progress on a terminal.
+    /// Upload every block of these files (directories: all files below) now, whatever the
+    /// upload delay, and wait until they are in the object store. Shows what is left, the rate,
+    /// and what holds the blocks (paused uploads, a failing store, a dead gateway).
     Sync {
         /// Files or directories inside a stagefs mount.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         paths: Vec<std::path::PathBuf>,
+        /// Instead of files: upload everything the gateway at this address holds, now (an admin
+        /// token's call when the gateway has --tokens).
+        #[arg(long, value_name = "GATEWAY")]
+        all: Option<String>,
         /// Give up after this long (e.g. 10m); default: wait as long as it takes.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
@@ -108,7 +122,11 @@ fn main() -> ExitCode {
     let direct = match cli.command {
         Command::Bench { args } => return run_bench(args),
         Command::Mount(args) => Some(client::mount::mount(*args)),
-        Command::Umount { mountpoint } => Some(client::mount::umount(&mountpoint)),
+        Command::Umount {
+            mountpoint,
+            sync: false,
+            ..
+        } => Some(client::mount::umount(&mountpoint)),
         other => {
             return client::cli::run_to_exit_code(run(Cli { command: other }));
         }
@@ -143,9 +161,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => client::admin::status(&gateway, &access.access()?, json).await?,
         Command::Sync {
             paths,
+            all: None,
             timeout,
             access,
         } => client::admin::sync(&paths, &access.access()?, timeout).await?,
+        Command::Sync {
+            all: Some(gateway),
+            timeout,
+            access,
+            ..
+        } => client::admin::sync_all(&gateway, &access.access()?, timeout).await?,
+        Command::Umount {
+            mountpoint,
+            sync: true,
+            timeout,
+            access,
+        } => {
+            client::admin::sync(
+                std::slice::from_ref(&mountpoint),
+                &access.access()?,
+                timeout,
+            )
+            .await?;
+            client::mount::umount(&mountpoint)?;
+        }
         Command::Mount(_) | Command::Umount { .. } | Command::Bench { .. } => {
             unreachable!("mount, umount and bench run outside the async runtime (see main)")
         }

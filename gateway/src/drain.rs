@@ -198,6 +198,7 @@ mod tests {
                 max_attempts: 3,
                 retry_initial: Duration::from_millis(1),
                 retry_max: Duration::from_millis(10),
+                window: None,
             },
         )
         .await;
@@ -259,6 +260,7 @@ mod tests {
                 max_attempts: 3,
                 retry_initial: Duration::from_millis(1),
                 retry_max: Duration::from_millis(10),
+                window: None,
             },
         )
         .await;

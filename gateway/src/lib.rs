@@ -15,6 +15,7 @@ pub mod drain;
 #[cfg(test)]
 mod faulty_store;
 pub mod format;
+pub mod high_water;
 pub mod inspect;
 pub mod io;
 pub mod limits;
@@ -26,6 +27,7 @@ pub mod node;
 pub mod recovery;
 pub mod service;
 pub mod staging;
+pub mod store_check;
 pub mod tasks;
 pub mod telemetry;
 pub mod volume;

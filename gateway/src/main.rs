@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gateway::access::{Authenticate, Tokens};
 use gateway::drain::{self, DrainConfig};
+use gateway::high_water::{self, HighWater};
 use gateway::io::EngineKind;
 use gateway::limits::{default_max_inflight, Limits};
 use gateway::meta::{self, MetaConfig, MetaEngine, MetaLocation};
@@ -19,6 +20,7 @@ use gateway::node::workers::{self as node_workers, WorkerConfig};
 use gateway::node::{ClientSettings, Node};
 use gateway::service::StagingService;
 use gateway::staging::UploadPolicy;
+use gateway::store_check::{self, StoreCheckMode};
 use gateway::tasks::Tasks;
 use gateway::volume::{open_volume_with_meta, DeviceMetaRegion, VolumeOptions};
 use proto::meta::meta_server::MetaServer;
@@ -113,6 +115,12 @@ struct ServeArgs {
     /// Object store: file:///dir, memory:// or s3://bucket[/prefix] (credentials from AWS_*).
     #[arg(long)]
     store: String,
+    /// At start, write, read back and delete a small probe object in the store: `fail` refuses
+    /// to start on a store that fails it, naming the problem (no such bucket, credentials refused
+    /// or missing, access denied, unreachable); `warn` logs it and starts anyway (uploads retry
+    /// until the store answers); `off` skips the probe.
+    #[arg(long, value_enum, default_value = "fail")]
+    store_check: StoreCheckMode,
     /// Address to serve gRPC on; port 0 picks a free port (printed as "listening on ADDR").
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -125,6 +133,11 @@ struct ServeArgs {
     /// Upload bandwidth limit in bytes per second (e.g. 100MiB); 0 for none.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     upload_bandwidth: u64,
+    /// Upload only between these hours of the day, local time (e.g. 22-6: from 22:00 to
+    /// 06:00). Outside them blocks stay staged, except those `stagefs sync` waits for, and
+    /// everything while writers wait for space or the device is 90 % full.
+    #[arg(long, value_name = "START-END")]
+    upload_hours: Option<gateway::staging::uploads::UploadWindow>,
     /// Wait this long after staging before uploading (blocks deleted meanwhile are never uploaded).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     upload_delay: Duration,
@@ -138,6 +151,14 @@ struct ServeArgs {
     /// Longest retry delay.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     retry_max: Duration,
+    /// Share of the device in use (e.g. 90%) above which clients that can reach the object
+    /// store (stagefs mounts) are told to write their blocks through to it themselves, so
+    /// writes go on at store speed instead of waiting for space; `off` to always stage.
+    #[arg(long, value_name = "SHARE", value_parser = high_water::parse_share, default_value = "90%")]
+    staging_high_water: f64,
+    /// Share of the device in use at which staging resumes after the high-water mark.
+    #[arg(long, value_name = "SHARE", value_parser = high_water::parse_share, default_value = "80%")]
+    staging_low_water: f64,
     /// How long a write waits for space on a full device before RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     full_wait: Duration,
@@ -496,6 +517,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow_http: args.s3_allow_http,
     };
     let store = open_store(&args.store, &s3)?;
+    match args.store_check {
+        StoreCheckMode::Off => {}
+        mode => {
+            match store_check::probe(store.as_ref(), &args.store).await {
+                Ok(()) => tracing::info!(store = %args.store, "object store probe passed"),
+                Err(error) if mode == StoreCheckMode::Warn => {
+                    tracing::warn!(%error, "object store probe failed; starting anyway (--store-check warn)")
+                }
+                Err(error) => return Err(anyhow::Error::new(error).context(
+                    "the object store failed its probe at start (--store-check warn starts anyway)",
+                )),
+            }
+        }
+    }
     anyhow::ensure!(
         !args.device_timeout.is_zero(),
         "--device-timeout must be longer than 0"
@@ -525,6 +560,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_attempts: args.upload_max_attempts.max(1),
                 retry_initial: args.retry_initial,
                 retry_max: args.retry_max,
+                window: args.upload_hours,
             },
         },
         args.meta_region_size,
@@ -585,18 +621,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit(args.max_connections as usize);
     let connections = limits.connections.clone();
     let max_inflight = limits.inflight.bytes();
-    let node = Arc::new(Node::new(
-        log.clone(),
-        meta,
-        store,
-        ClientSettings {
-            store_url: args.store.clone(),
-            gateway_id,
-            gateway_address: advertise.clone(),
-            heartbeat_interval,
-        },
-        limits,
-    ));
+    let node = Arc::new(
+        Node::new(
+            log.clone(),
+            meta,
+            store,
+            ClientSettings {
+                store_url: args.store.clone(),
+                gateway_id,
+                gateway_address: advertise.clone(),
+                heartbeat_interval,
+            },
+            limits,
+        )
+        .with_high_water(HighWater::new(
+            (args.staging_high_water > 0.0).then_some(args.staging_high_water),
+            args.staging_low_water,
+        )),
+    );
     node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
     node_workers::start(
         &node,

@@ -88,6 +88,8 @@ fn node_status(rpc: &str, error: NodeError) -> Status {
             errno_status(Code::DataLoss, libc::EIO, format!("{rpc}: {e}"))
         }
         NodeError::Task(m) => errno_status(Code::Internal, libc::EIO, format!("{rpc}: {m}")),
+        // The message starts with the prefix the client looks for: nothing goes before it.
+        NodeError::WriteThrough(m) => Status::failed_precondition(m),
     }
 }
 
@@ -659,6 +661,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("WriteSlice", &tenant)?;
         let source = crate::limits::source_of(&request);
+        let can_write_through = crate::high_water::can_write_through(&request);
         const RPC: &str = "WriteSlice";
         let request = request.into_inner();
         let commit = request
@@ -691,6 +694,7 @@ impl Meta for MetaService {
                 mtime_ns: commit.mtime_ns,
                 data: request.data,
                 crc32c: request.crc32c,
+                can_write_through,
             })
             .await
             .map_err(|e| node_status(RPC, e))?;

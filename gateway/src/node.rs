@@ -19,6 +19,7 @@ use shared::BlockKey;
 
 use crate::access::Tenant;
 use crate::aligned::AlignedBuf;
+use crate::high_water::HighWater;
 use crate::limits::Limits;
 use crate::meta::{
     Attr, GatewayId, Ino, LockRequest, MetaEngine, MetaError, SessionId, Slice, TimeNs,
@@ -52,6 +53,8 @@ pub struct Node {
     session_tenants: moka::sync::Cache<SessionId, Arc<str>>,
     /// Woken when locks are changed or dropped here: waiting `SetLock`s try again.
     locks_changed: tokio::sync::Notify,
+    /// When writes go through to the store instead of the device.
+    pub high_water: HighWater,
 }
 
 /// How often a waiting lock request looks again without being woken: releases at other
@@ -70,6 +73,10 @@ pub enum NodeError {
     /// The task that ran the steps died (a bug): never an answer about the file system.
     #[error("the write task failed: {0}")]
     Task(String),
+    /// The client is to write the block through to the store itself (the message starts with
+    /// [`proto::WRITE_THROUGH_PREFIX`]); `FAILED_PRECONDITION` on the wire.
+    #[error("{0}")]
+    WriteThrough(String),
 }
 
 /// A `WriteSlice`: a slice shorter than a block, its bytes, and the commit that makes it visible.
@@ -83,6 +90,9 @@ pub struct SliceWrite {
     pub mtime_ns: TimeNs,
     pub data: Bytes,
     pub crc32c: u32,
+    /// The client can write the block through to the store itself (above the high-water mark
+    /// it is told to, and nothing is recorded).
+    pub can_write_through: bool,
 }
 
 impl Node {
@@ -104,7 +114,31 @@ impl Node {
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
             locks_changed: tokio::sync::Notify::new(),
+            high_water: HighWater::off(),
         }
+    }
+
+    /// With `--staging-high-water`: clients that can are told to write blocks through above it.
+    pub fn with_high_water(mut self, high_water: HighWater) -> Node {
+        self.high_water = high_water;
+        self
+    }
+
+    /// [`NodeError::WriteThrough`] for block `key` when its client can write it through
+    /// (`can_write_through`) and the device is above its high-water mark.
+    pub fn stage_or_write_through(
+        &self,
+        key: &BlockKey,
+        can_write_through: bool,
+    ) -> Result<(), NodeError> {
+        if can_write_through && self.high_water.writes_go_through(&self.log) {
+            self.high_water.sent_through(key.len());
+            return Err(NodeError::WriteThrough(format!(
+                "{}block {key}: the staging device is above its high-water mark",
+                proto::WRITE_THROUGH_PREFIX
+            )));
+        }
+        Ok(())
     }
 
     /// Sets a byte-range lock ([`MetaEngine::set_lock`]); while another owner holds a
@@ -295,6 +329,7 @@ impl Node {
         }
         let key = BlockKey::new(slice.slice_id, 0, slice.len)
             .map_err(|e| MetaError::Invalid(e.to_string()))?;
+        self.stage_or_write_through(&key, write.can_write_through)?;
         let node = self.clone();
         let steps = async move {
             // Durable with the commit below. Should the gateway die first, the client has no

@@ -118,6 +118,7 @@ impl Staging for StagingService {
         let idle = limits.stream_idle_timeout;
         let source = source_of(&request);
         let tenant = tenant_of(&request);
+        let can_write_through = crate::high_water::can_write_through(&request);
         let mut stream = request.into_inner();
         let header = match next_within(&mut stream, idle, "WriteBlock").await {
             Some(Ok(pb::WriteBlockRequest {
@@ -135,8 +136,9 @@ impl Staging for StagingService {
                 ))
             }
         };
-        self.may_stage(&tenant, &header.session_id, &parse_key(&header.key)?)
-            .await?;
+        let key = parse_key(&header.key)?;
+        self.may_stage(&tenant, &header.session_id, &key).await?;
+        self.write_through(&key, can_write_through)?;
         // Room for the record before its buffer exists; a block is never longer than this.
         let _room = limits
             .inflight
@@ -170,6 +172,7 @@ impl Staging for StagingService {
         may_write(&request)?;
         let source = source_of(&request);
         let tenant = tenant_of(&request);
+        let can_write_through = crate::high_water::can_write_through(&request);
         let mut stream = request.into_inner();
         let (responses, out) = tokio::sync::mpsc::channel(WRITE_BLOCKS_IN_FLIGHT);
         let service = self.clone();
@@ -209,7 +212,9 @@ impl Staging for StagingService {
                 let tenant = tenant.clone();
                 tokio::spawn(async move {
                     let request_id = request.request_id;
-                    let result = service.stage_whole(&tenant, &request).await;
+                    let result = service
+                        .stage_whole(&tenant, &request, can_write_through)
+                        .await;
                     if result.is_ok() {
                         count_bytes(&tenant.name, "written", request.data.len() as u64);
                     }
@@ -317,6 +322,14 @@ impl Staging for StagingService {
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = timeout_of(req.timeout_ms).map(|t| Instant::now() + t);
         let mut changes = self.log().subscribe_changes();
+        if req.upload_now {
+            let expedited = self.log().expedite(&keys);
+            tracing::debug!(
+                expedited,
+                keys = keys.len(),
+                "uploading blocks a client waits for next"
+            );
+        }
         // Keys the gateway does not know must already be in the store; checked once.
         for key in &keys {
             if self.log().entry(key).is_none() {
@@ -397,8 +410,16 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let upload_now = request.get_ref().upload_now;
+        if upload_now {
+            must_be_admin(&request, "upload everything now")?;
+        }
         let deadline = timeout_of(request.into_inner().timeout_ms).map(|t| Instant::now() + t);
         let mut changes = self.log().subscribe_changes();
+        if upload_now {
+            let expedited = self.log().expedite_all();
+            tracing::info!(expedited, "uploading every waiting block now (sync --all)");
+        }
         loop {
             changes.borrow_and_update();
             let (backlog, paused) = self.log().upload_backlog();
@@ -482,17 +503,27 @@ impl StagingService {
         Ok(self.node.stage(key, block.finish(crc)?).await?)
     }
 
+    /// `FAILED_PRECONDITION` telling the client to write `key` through, when it can and the
+    /// device is above its high-water mark.
+    fn write_through(&self, key: &BlockKey, can_write_through: bool) -> Result<(), Status> {
+        self.node
+            .stage_or_write_through(key, can_write_through)
+            .map_err(|e| Status::failed_precondition(e.to_string()))
+    }
+
     async fn stage_whole(
         &self,
         tenant: &Tenant,
         request: &pb::WriteBlocksRequest,
+        can_write_through: bool,
     ) -> Result<u64, Status> {
         let header = request
             .header
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("WriteBlocks request without a header"))?;
-        self.may_stage(tenant, &header.session_id, &parse_key(&header.key)?)
-            .await?;
+        let key = parse_key(&header.key)?;
+        self.may_stage(tenant, &header.session_id, &key).await?;
+        self.write_through(&key, can_write_through)?;
         let (key, mut block) = IncomingBlock::start(&header.key, header.total_len)?;
         block.append(&request.data)?;
         self.stage(key, block, header.crc32c).await
@@ -535,6 +566,13 @@ impl StagingService {
                 })
                 .collect(),
             uploads_paused: snap.uploads_paused,
+            upload_hours: snap.upload_window.map_or(String::new(), |w| w.to_string()),
+            upload_window_closed: snap.upload_window_closed,
+            staging_high_water: self.node.high_water.marks().0,
+            staging_low_water: self.node.high_water.marks().1,
+            writing_through: self.node.high_water.is_above(),
+            written_through_blocks_total: self.node.high_water.totals().0,
+            written_through_bytes_total: self.node.high_water.totals().1,
             last_store_error: snap.counters.last_store_error.unwrap_or_default(),
             recovery_ms: log.recovery.duration.as_millis() as u64,
             recovered_blocks: log.recovery.blocks,

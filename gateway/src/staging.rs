@@ -135,6 +135,25 @@ struct LogState {
     waiting_for_space: u64,
 }
 
+/// Above this share of used segments, uploads run outside their window (the device must not
+/// fill because of it).
+const WINDOW_OVERRIDE_USED: f64 = 0.9;
+
+impl LogState {
+    /// Whether uploads may run now: inside `--upload-hours`, or at any hour while writers wait
+    /// for space or the device is nearly full.
+    fn upload_window_open(&self) -> bool {
+        let Some(window) = self.uploads.policy.window else {
+            return true;
+        };
+        if window.contains(uploads::local_hour()) || self.waiting_for_space > 0 {
+            return true;
+        }
+        let (total, free) = self.journal.segment_counts();
+        total > 0 && (total - free) as f64 / total as f64 >= WINDOW_OVERRIDE_USED
+    }
+}
+
 pub struct RecoveryInfo {
     pub duration: Duration,
     pub blocks: u64,
@@ -779,15 +798,46 @@ impl StagingLog {
         self.lock().uploads.policy.clone()
     }
 
+    /// Blocks `keys` go to the store next, before older ones and whatever the upload delay (a
+    /// client waits for them). Returns how many of them were waiting; the others are uploading,
+    /// uploaded, quarantined or unknown here.
+    pub fn expedite(&self, keys: &[BlockKey]) -> u64 {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut waiting = 0;
+        for key in keys {
+            let Some(entry) = st.index.get(key) else {
+                continue;
+            };
+            if entry.state == BlockState::Staged && st.uploads.expedite(entry.lsn) {
+                waiting += 1;
+            }
+        }
+        drop(guard);
+        if waiting > 0 {
+            self.upload_wakeup.notify_waiters();
+        }
+        waiting
+    }
+
+    /// Every waiting block goes to the store next, whatever the upload delay (`sync --all`).
+    pub fn expedite_all(&self) -> u64 {
+        let waiting = self.lock().uploads.expedite_all();
+        if waiting > 0 {
+            self.upload_wakeup.notify_waiters();
+        }
+        waiting
+    }
+
     /// The oldest block due for upload, marked as uploading.
     pub fn next_upload(&self) -> NextUpload {
         let mut guard = self.lock();
         let st = &mut *guard;
         let index = &st.index;
-        match st
-            .uploads
-            .next(Instant::now(), |key| index.get(key).map(|e| e.staged_at))
-        {
+        let window_open = st.upload_window_open();
+        match st.uploads.next(Instant::now(), window_open, |key| {
+            index.get(key).map(|e| e.staged_at)
+        }) {
             Next::Idle => NextUpload::Idle,
             Next::WaitUntil(t) => NextUpload::WaitUntil(t),
             Next::Ready(lsn, key) => {
@@ -1016,6 +1066,11 @@ impl StagingLog {
         self.lock().uploads.paused
     }
 
+    /// Segments of the device, and how many of them are free.
+    pub fn segment_usage(&self) -> (u64, u64) {
+        self.lock().journal.segment_counts()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let counters = self.metrics.snapshot();
         let st = self.lock();
@@ -1027,6 +1082,8 @@ impl StagingLog {
             queue_len: st.uploads.waiting(),
             counters,
             uploads_paused: st.uploads.paused,
+            upload_window: st.uploads.policy.window,
+            upload_window_closed: !st.upload_window_open(),
             writers_waiting_for_space: st.waiting_for_space,
             failure: self.failure(),
             ..Default::default()
@@ -1077,6 +1134,9 @@ pub struct Snapshot {
     pub counters: Counters,
     pub quarantined: Vec<(String, Entry)>,
     pub uploads_paused: bool,
+    /// `--upload-hours`, and whether it holds uploads right now.
+    pub upload_window: Option<uploads::UploadWindow>,
+    pub upload_window_closed: bool,
     pub writers_waiting_for_space: u64,
     /// Why the log accepts no more writes.
     pub failure: Option<String>,

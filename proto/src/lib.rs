@@ -27,3 +27,12 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 
 /// HTTP/2 DATA frame size both sides accept (the protocol default is 16 KiB).
 pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
+/// Request metadata key by which a client says it can write blocks through to the object store
+/// itself (`WriteBlock`, `WriteBlocks`, `WriteSlice`); value `1`.
+pub const WRITE_THROUGH_HEADER: &str = "stagefs-write-through";
+
+/// Start of the message of a `FAILED_PRECONDITION` that tells such a client to write a block
+/// through: the gateway's device is above its high-water mark. The client PUTs the block to the
+/// store and commits its slice as usual.
+pub const WRITE_THROUGH_PREFIX: &str = "write through: ";

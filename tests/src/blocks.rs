@@ -292,6 +292,7 @@ pub async fn wait_uploaded(
     let mut request = tonic::Request::new(WaitUploadedRequest {
         keys: keys.to_vec(),
         timeout_ms: timeout.as_millis() as u64,
+        ..Default::default()
     });
     request.set_timeout(timeout + Duration::from_secs(30));
     match tokio::time::timeout(
@@ -313,6 +314,7 @@ pub async fn wait_uploaded(
 pub async fn drain(client: &mut Client, timeout: Duration) -> Result<StatusResponse, Status> {
     let mut request = tonic::Request::new(DrainRequest {
         timeout_ms: timeout.as_millis() as u64,
+        ..Default::default()
     });
     request.set_timeout(timeout + Duration::from_secs(30));
     match tokio::time::timeout(timeout + Duration::from_secs(40), client.drain(request)).await {

@@ -207,7 +207,10 @@ pub async fn set_uploads_paused(client: &mut Client, paused: bool) -> Result<(),
 /// Waits until nothing waits for upload; `timeout` bounds both the gateway's wait and the RPC.
 pub async fn drain(client: &mut Client, timeout: Duration) -> Result<StatusResponse, BenchError> {
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    let mut request = tonic::Request::new(DrainRequest { timeout_ms });
+    let mut request = tonic::Request::new(DrainRequest {
+        timeout_ms,
+        ..Default::default()
+    });
     request.set_timeout(timeout + Duration::from_secs(10));
     let response = client
         .drain(request)

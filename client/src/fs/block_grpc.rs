@@ -117,10 +117,17 @@ impl GrpcBlocks {
             }
         }
         let (requests, queued) = mpsc::channel(STREAM_QUEUE);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(queued));
+        // This client can PUT a block to the store itself when the gateway's device is above
+        // its high-water mark (the write path does so on the answer that says so).
+        request.metadata_mut().insert(
+            proto::WRITE_THROUGH_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         let responses = self
             .client
             .clone()
-            .write_blocks(tokio_stream::wrappers::ReceiverStream::new(queued))
+            .write_blocks(request)
             .await
             .map_err(|status| FsError::GatewayUnavailable {
                 key: key.to_string(),
@@ -226,6 +233,9 @@ fn ack_result(response: &WriteBlocksResponse) -> FsResult<()> {
     let code = Code::from_i32(response.code);
     let key = String::new();
     let message = response.message.clone();
+    if let Some(through) = super::error::write_through_of(code, &message, &key) {
+        return Err(through);
+    }
     match code {
         Code::Ok => Ok(()),
         Code::Unavailable | Code::Cancelled | Code::Aborted => {
@@ -257,6 +267,10 @@ fn with_key(error: FsError, block: &BlockKey) -> FsError {
         } => FsError::BlockRejected {
             key: block,
             no_space,
+            message,
+        },
+        FsError::WriteThrough { message, .. } => FsError::WriteThrough {
+            key: block,
             message,
         },
         other => other,

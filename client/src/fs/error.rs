@@ -43,6 +43,10 @@ pub enum FsError {
     /// The object store failed to serve a block.
     #[error("object store, block {key}: {message}")]
     Store { key: String, message: String },
+    /// The gateway's device is above its high-water mark: the client is to PUT the block to
+    /// the store itself and commit its slice as usual.
+    #[error("gateway asks to write block {key} through: {message}")]
+    WriteThrough { key: String, message: String },
     #[error("file handle {0} is not open")]
     BadHandle(u64),
     #[error("file handle {fh} is not open for {access}")]
@@ -77,6 +81,7 @@ impl FsError {
             | BlockMissing { .. }
             | BlockCorrupt { .. }
             | Store { .. }
+            | WriteThrough { .. }
             | Internal(_) => libc::EIO,
             BadHandle(_) | WrongAccess { .. } => libc::EBADF,
             IsDirectory(_) => libc::EISDIR,
@@ -94,6 +99,16 @@ impl FsError {
             FsError::MetaUnavailable { .. } | FsError::GatewayUnavailable { .. }
         )
     }
+}
+
+/// [`FsError::WriteThrough`] when a gateway's refusal (`FAILED_PRECONDITION`, `message`) tells
+/// the client to write the block through.
+pub fn write_through_of(code: tonic::Code, message: &str, key: &str) -> Option<FsError> {
+    (code == tonic::Code::FailedPrecondition && message.starts_with(proto::WRITE_THROUGH_PREFIX))
+        .then(|| FsError::WriteThrough {
+            key: key.to_string(),
+            message: message.to_string(),
+        })
 }
 
 /// Shorthand for results of the file-system core.

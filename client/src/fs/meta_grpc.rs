@@ -638,23 +638,33 @@ impl MetaApi for GrpcMeta {
         mtime_ns: TimeNs,
         data: Bytes,
     ) -> FsResult<Attr> {
-        let answer = call!(
-            self,
-            "write_slice",
-            write_slice,
-            pb::WriteSliceRequest {
-                commit: Some(commit_request(
-                    session,
-                    ino,
-                    chunk_index,
-                    slice,
-                    new_size,
-                    mtime_ns
-                )),
-                crc32c: crc32c::crc32c(&data),
-                data,
-            }
-        )?;
+        let mut request = self.request(pb::WriteSliceRequest {
+            commit: Some(commit_request(
+                session,
+                ino,
+                chunk_index,
+                slice,
+                new_size,
+                mtime_ns,
+            )),
+            crc32c: crc32c::crc32c(&data),
+            data,
+        });
+        // Above its high-water mark the gateway tells this client to PUT the block itself.
+        request.metadata_mut().insert(
+            proto::WRITE_THROUGH_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        let answer = self
+            .client()
+            .write_slice(request)
+            .await
+            .map_err(|status| {
+                let key = format!("slice {}", slice.slice_id);
+                super::error::write_through_of(status.code(), status.message(), &key)
+                    .unwrap_or_else(|| status_error("write_slice", &status))
+            })?
+            .into_inner();
         attr_from_proto("write_slice", answer.attr)
     }
 }

@@ -22,25 +22,31 @@
 //!   gateway that cannot be reached fails the flush's writes to it; the flush then stages those
 //!   slices again, under fresh ids, wherever the directory now sends them (another live
 //!   gateway, or the same one once it is back), for up to the directory's takeover wait.
+//! - A gateway whose device is above its high-water mark answers a block (or a `write_slice`)
+//!   with "write through": the block is PUT to the object store from here, and the slice is
+//!   committed as usual, naming that gateway (which then answers reads with "not here", so
+//!   readers go to the store). Its blocks go straight to the store for [`WRITE_THROUGH_FOR`].
 //! - Failures keep the data: a block whose upload failed is uploaded again by the next flush, and
 //!   slices not yet committed stay dirty. Blocks are immutable and commits idempotent, so repeating
 //!   either is safe.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use object_store::ObjectStore;
 use shared::BlockKey;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::block_api::{BlockApi, StoreBlocks};
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
-use super::meta_api::{now_ns, Attr, Ino, MetaApi, SessionId, Slice};
+use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice};
 
 /// What every file's write path shares: the services, the session, slice ids, upload slots.
 pub struct WriteContext {
@@ -54,6 +60,10 @@ pub struct WriteContext {
     /// Small slices go with their commit in one `write_slice` call; cleared for good when the
     /// metadata service answers that it cannot.
     write_slices: AtomicBool,
+    /// Blocks written through to the store when a gateway asks for it.
+    store: StoreBlocks,
+    /// Gateways that asked for writes through, and until when their blocks skip them.
+    writing_through: Mutex<HashMap<GatewayId, Instant>>,
 }
 
 impl WriteContext {
@@ -64,6 +74,7 @@ impl WriteContext {
         slice_id_batch: u32,
         max_concurrent_uploads: usize,
         write_slices: bool,
+        store: Arc<dyn ObjectStore>,
     ) -> Self {
         WriteContext {
             meta,
@@ -72,6 +83,41 @@ impl WriteContext {
             slice_ids: SliceIdPool::new(slice_id_batch),
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
             write_slices: AtomicBool::new(write_slices),
+            store: StoreBlocks::new(store),
+            writing_through: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gateway `id` asked for writes through: its blocks go to the store for a while.
+    fn write_through(&self, id: GatewayId) {
+        let mut through = self
+            .writing_through
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if through
+            .insert(id, Instant::now() + WRITE_THROUGH_FOR)
+            .is_none()
+        {
+            tracing::info!(
+                gateway = %uuid::Uuid::from_bytes(id),
+                "gateway device above its high-water mark: writing blocks through to the store"
+            );
+        }
+    }
+
+    /// Whether blocks for gateway `id` go straight to the store now.
+    fn writes_through(&self, id: &GatewayId) -> bool {
+        let mut through = self
+            .writing_through
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match through.get(id) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                through.remove(id);
+                false
+            }
+            None => false,
         }
     }
 
@@ -166,6 +212,10 @@ struct SealedBlock {
     data: Bytes,
     upload: Upload,
 }
+
+/// How long blocks for a gateway that asked for writes through go straight to the store before
+/// it is asked again.
+const WRITE_THROUGH_FOR: Duration = Duration::from_secs(2);
 
 /// First pause before a flush stages again the slices a gateway did not take; doubles up to 2 s.
 const RESTAGE_PAUSE: Duration = Duration::from_millis(200);
@@ -344,6 +394,11 @@ impl DirtySlice {
                 self.blocks[0].upload = Upload::Done;
                 Ok(Some(attr))
             }
+            Err(FsError::WriteThrough { .. }) => {
+                // Nothing was recorded or staged: the usual steps write the block through.
+                ctx.write_through(staged.route.id);
+                Ok(None)
+            }
             Err(e) => {
                 // The next try takes a fresh id: this one may be committed already (a lost
                 // answer), and recording it as pending again would let a commit reference it
@@ -396,11 +451,23 @@ async fn upload_block(
         .map_err(|_| FsError::Internal("upload slots closed".into()))?;
     let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
     staged.ensure_recorded(&ctx, block_end).await?;
-    staged
-        .route
-        .blocks
-        .write_block(ctx.session, key, data)
-        .await
+    let route = &staged.route;
+    if !ctx.writes_through(&route.id) {
+        match route
+            .blocks
+            .write_block(ctx.session, key, data.clone())
+            .await
+        {
+            Err(FsError::WriteThrough { .. }) => ctx.write_through(route.id),
+            other => return other,
+        }
+    }
+    // Recorded as pending first, like a staged block: a client that dies before the commit
+    // leaves an object the session's cleanup deletes.
+    let len = key.len();
+    ctx.store.write_block(ctx.session, key, data).await?;
+    metrics::counter!("stagefs_written_through_bytes_total").increment(len);
+    Ok(())
 }
 
 /// Every uncommitted byte one client wrote to one file, slices in the order they were started.

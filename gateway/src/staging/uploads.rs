@@ -1,7 +1,8 @@
 //! The upload queue: which staged block goes to the store next, and what happens when it fails.
 //!
 //! Guarantees:
-//! - Oldest first (by lsn), each block no sooner than `delay` after it was staged.
+//! - Oldest first (by lsn), each block no sooner than `delay` after it was staged; a block
+//!   someone waits for (`stagefs sync`) goes before all of them, delay or not.
 //! - A block is handed to one upload at a time (it is `Uploading` until that upload ends).
 //! - Failures that name the block count against it; after `max_attempts` of them it is
 //!   quarantined: kept on the device, never uploaded again until asked, shown in Status. Store
@@ -27,7 +28,72 @@ pub struct UploadPolicy {
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Hours of the day (local time) in which uploads run; outside them only blocks a client
+    /// waits for go, or everything while the device is nearly full. `None`: always.
+    pub window: Option<UploadWindow>,
 }
+
+/// `--upload-hours START-END`: uploads run from START:00 to END:00 local time (END may be
+/// smaller than START: the window spans midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadWindow {
+    pub start: u8,
+    pub end: u8,
+}
+
+impl UploadWindow {
+    /// Whether hour `hour` (0–23) is inside the window.
+    pub fn contains(self, hour: u8) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&hour)
+        } else {
+            hour >= self.start || hour < self.end
+        }
+    }
+}
+
+impl std::str::FromStr for UploadWindow {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not START-END in whole hours, e.g. 22-6");
+        let (start, end) = text.split_once('-').ok_or_else(bad)?;
+        let hour = |h: &str| h.trim().parse::<u8>().map_err(|_| bad());
+        let (start, end) = (hour(start)?, hour(end)?);
+        if start > 23 || end > 24 || start == end % 24 {
+            return Err(format!(
+                "{text:?}: hours are 0-23 (the end may be 24) and the window cannot be empty or \
+                 the whole day (leave --upload-hours out for that)"
+            ));
+        }
+        Ok(UploadWindow {
+            start,
+            end: end % 24,
+        })
+    }
+}
+
+impl std::fmt::Display for UploadWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+/// The hour of the day in local time (0–23).
+pub fn local_hour() -> u8 {
+    // SAFETY: time and localtime_r write only into the values passed; tm is plain data.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return 0;
+        }
+        tm.tm_hour.clamp(0, 23) as u8
+    }
+}
+
+/// How long the queue waits before looking at the clock again while the window is closed.
+const WINDOW_RECHECK: Duration = Duration::from_secs(60);
 
 impl Default for UploadPolicy {
     fn default() -> Self {
@@ -36,6 +102,7 @@ impl Default for UploadPolicy {
             max_attempts: 5,
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
+            window: None,
         }
     }
 }
@@ -51,6 +118,8 @@ pub(super) struct UploadQueue {
     pub policy: UploadPolicy,
     /// Blocks waiting for upload, oldest first.
     queue: BTreeMap<u64, BlockKey>,
+    /// Blocks a client waits for: next, whatever their delay.
+    urgent: BTreeMap<u64, BlockKey>,
     /// Blocks waiting to be retried after a failed upload, by due time.
     retry: BTreeMap<(Instant, u64), BlockKey>,
     /// Blocks being uploaded (a count: waiters ask for it on every state change).
@@ -73,6 +142,7 @@ impl UploadQueue {
         UploadQueue {
             policy,
             queue: BTreeMap::new(),
+            urgent: BTreeMap::new(),
             retry: BTreeMap::new(),
             uploading: 0,
             paused,
@@ -96,14 +166,55 @@ impl UploadQueue {
     /// The block is no longer to be uploaded (deleted).
     pub fn remove(&mut self, lsn: u64, key: &BlockKey) {
         self.queue.remove(&lsn);
+        self.urgent.remove(&lsn);
         self.retry.retain(|_, k| k != key);
     }
 
+    /// Block `lsn` goes next, before older ones and whatever its delay or retry backoff (a
+    /// client waits for it). Returns whether it was waiting (not uploading, done or unknown).
+    pub fn expedite(&mut self, lsn: u64) -> bool {
+        if let Some(key) = self.queue.remove(&lsn) {
+            self.urgent.insert(lsn, key);
+            return true;
+        }
+        let retrying = self.retry.keys().find(|(_, l)| *l == lsn).copied();
+        if let Some(at) = retrying {
+            let key = self.retry.remove(&at).expect("found just now");
+            self.urgent.insert(lsn, key);
+            return true;
+        }
+        self.urgent.contains_key(&lsn)
+    }
+
+    /// Every waiting block goes next, whatever its delay or backoff (`stagefs sync --all`).
+    pub fn expedite_all(&mut self) -> u64 {
+        self.urgent.append(&mut self.queue);
+        for ((_, lsn), key) in std::mem::take(&mut self.retry) {
+            self.urgent.insert(lsn, key);
+        }
+        self.urgent.len() as u64
+    }
+
     /// The oldest block due at `now`, given when each was staged (`staged_at`); the caller
-    /// marks it uploading with [`UploadQueue::started`].
-    pub fn next(&mut self, now: Instant, staged_at: impl Fn(&BlockKey) -> Option<Instant>) -> Next {
+    /// marks it uploading with [`UploadQueue::started`]. Outside the upload window
+    /// (`window_open` false) only blocks a client waits for are offered.
+    pub fn next(
+        &mut self,
+        now: Instant,
+        window_open: bool,
+        staged_at: impl Fn(&BlockKey) -> Option<Instant>,
+    ) -> Next {
         if self.paused {
             return Next::Idle;
+        }
+        while let Some((&lsn, &key)) = self.urgent.iter().next() {
+            if staged_at(&key).is_some() {
+                return Next::Ready(lsn, key);
+            }
+            self.urgent.remove(&lsn);
+        }
+        if !window_open {
+            return Next::WaitUntil(now + WINDOW_RECHECK);
         }
         // Retries that are due go back into the ordered queue.
         while let Some((&(due, lsn), &key)) = self.retry.iter().next() {
@@ -133,6 +244,7 @@ impl UploadQueue {
 
     pub fn started(&mut self, lsn: u64) {
         self.queue.remove(&lsn);
+        self.urgent.remove(&lsn);
         self.uploading += 1;
     }
 
@@ -163,17 +275,101 @@ impl UploadQueue {
 
     /// Blocks waiting for (or in) upload, quarantined ones excepted.
     pub fn backlog(&self) -> u64 {
-        (self.queue.len() + self.retry.len()) as u64 + self.uploading
+        self.waiting() + self.uploading
     }
 
     /// Blocks waiting, not yet being uploaded.
     pub fn waiting(&self) -> u64 {
-        (self.queue.len() + self.retry.len()) as u64
+        (self.queue.len() + self.urgent.len() + self.retry.len()) as u64
     }
 
     /// The keys waiting, oldest first (tests).
     #[cfg(test)]
     pub fn queued_keys(&self) -> impl Iterator<Item = &BlockKey> {
         self.queue.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u64) -> BlockKey {
+        BlockKey::new(n, 0, 4096).expect("a valid key")
+    }
+
+    fn delayed(delay: Duration) -> UploadQueue {
+        UploadQueue::new(
+            UploadPolicy {
+                delay,
+                ..UploadPolicy::default()
+            },
+            false,
+        )
+    }
+
+    fn ready(next: Next) -> Option<u64> {
+        match next {
+            Next::Ready(lsn, _) => Some(lsn),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_expedited_block_goes_first_whatever_its_delay() {
+        let mut queue = delayed(Duration::from_secs(3600));
+        let now = Instant::now();
+        for lsn in 1..=3 {
+            queue.push(lsn, key(lsn)).unwrap();
+        }
+        let staged = |_: &BlockKey| Some(now);
+        assert!(matches!(queue.next(now, true, staged), Next::WaitUntil(_)));
+        assert!(queue.expedite(3));
+        assert_eq!(ready(queue.next(now, true, staged)), Some(3));
+        queue.started(3);
+        assert!(matches!(queue.next(now, true, staged), Next::WaitUntil(_)));
+        assert_eq!(queue.waiting(), 2);
+        // A block in retry backoff goes at once too; an unknown one is not waiting.
+        queue.retry_after(Duration::from_secs(3600), 9, key(9));
+        assert!(queue.expedite(9));
+        assert!(!queue.expedite(42));
+        assert_eq!(ready(queue.next(now, true, staged)), Some(9));
+        queue.started(9);
+        assert_eq!(queue.expedite_all(), 2);
+        assert_eq!(ready(queue.next(now, true, staged)), Some(1));
+    }
+
+    #[test]
+    fn outside_the_window_only_expedited_blocks_go() {
+        let mut queue = delayed(Duration::ZERO);
+        let now = Instant::now();
+        queue.push(1, key(1)).unwrap();
+        queue.push(2, key(2)).unwrap();
+        let staged = |_: &BlockKey| Some(now);
+        assert!(matches!(queue.next(now, false, staged), Next::WaitUntil(_)));
+        queue.expedite(2);
+        assert_eq!(ready(queue.next(now, false, staged)), Some(2));
+        queue.started(2);
+        assert!(matches!(queue.next(now, false, staged), Next::WaitUntil(_)));
+        assert_eq!(ready(queue.next(now, true, staged)), Some(1));
+        // Paused holds expedited blocks too.
+        queue.paused = true;
+        queue.expedite(1);
+        assert!(matches!(queue.next(now, true, staged), Next::Idle));
+    }
+
+    #[test]
+    fn windows_parse_and_span_midnight() {
+        let night: UploadWindow = "22-6".parse().unwrap();
+        assert!(night.contains(23) && night.contains(0) && night.contains(5));
+        assert!(!night.contains(6) && !night.contains(12) && !night.contains(21));
+        let day: UploadWindow = "9-17".parse().unwrap();
+        assert!(day.contains(9) && day.contains(16) && !day.contains(17) && !day.contains(3));
+        let to_midnight: UploadWindow = "20-24".parse().unwrap();
+        assert!(to_midnight.contains(23) && !to_midnight.contains(0));
+        assert_eq!(night.to_string(), "22-6");
+        for bad in ["", "22", "6-6", "0-24", "25-3", "a-b", "3-30"] {
+            assert!(bad.parse::<UploadWindow>().is_err(), "{bad:?} was accepted");
+        }
     }
 }
