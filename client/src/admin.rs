@@ -535,7 +535,7 @@ async fn wait_uploaded(
                 break;
             }
             _ = tokio::time::sleep(every) => {
-                let Ok(stats) = client.stat_blocks(StatBlocksRequest { keys: keys.clone() }).await else {
+                let Ok(stats) = client.stat_blocks(StatBlocksRequest { keys: keys.clone(), check_store: false }).await else {
                     continue;
                 };
                 let done: u64 = stats.into_inner().blocks.iter()
@@ -631,4 +631,235 @@ pub async fn set_uploads_paused(
         if paused { "paused" } else { "resumed" }
     );
     Ok(())
+}
+
+/// `stagefs gc GATEWAY`: the block objects in the store that nothing names (leaks), deleted
+/// with `delete`.
+pub async fn gc(
+    gateway: &str,
+    access: &GatewayAccess,
+    delete: bool,
+    min_age: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (_, mut client) = staging(gateway, access).await?;
+    let report = client
+        .collect_garbage(proto::staging::CollectGarbageRequest {
+            delete,
+            min_age_ms: min_age.as_millis().try_into().unwrap_or(u64::MAX),
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("gateway {gateway}: {}", status.message()))?
+        .into_inner();
+    if json {
+        let value = serde_json::json!({
+            "objects_listed": report.objects_listed, "other_objects": report.other_objects,
+            "too_young": report.too_young, "unreferenced_objects": report.unreferenced_objects,
+            "unreferenced_bytes": report.unreferenced_bytes,
+            "unreferenced_keys": report.unreferenced_keys,
+            "deleted_objects": report.deleted_objects, "delete_failures": report.delete_failures,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "gc: {} objects listed; {} block objects ({}) that no file, pending slice or queued \
+             deletion names{}",
+            report.objects_listed,
+            report.unreferenced_objects,
+            format_size(report.unreferenced_bytes),
+            if delete {
+                format!(
+                    "; {} deleted, {} could not be",
+                    report.deleted_objects, report.delete_failures
+                )
+            } else {
+                " (kept: --delete removes them)".to_string()
+            }
+        );
+        println!(
+            "    {} other objects are not blocks (never touched); {} blocks are younger than \
+             --min-age {} (not judged)",
+            report.other_objects,
+            report.too_young,
+            humantime::format_duration(min_age)
+        );
+        for key in report.unreferenced_keys.iter().take(20) {
+            println!("  {key}");
+        }
+        if report.unreferenced_keys.len() > 20 {
+            println!("  … (--json lists up to 1000)");
+        }
+    }
+    if report.delete_failures > 0 {
+        anyhow::bail!(
+            "{} unreferenced objects could not be deleted (the gateway's log says why)",
+            report.delete_failures
+        );
+    }
+    Ok(())
+}
+
+/// Where one file's blocks are, by `stagefs fsck`'s count.
+#[derive(Default)]
+struct FileCheck {
+    blocks: u64,
+    missing: Vec<String>,
+    quarantined: u64,
+    on_dead_gateway: u64,
+}
+
+/// Keys per `StatBlocks` of fsck.
+const FSCK_BATCH: usize = 1000;
+
+/// `stagefs fsck GATEWAY`: every block of every committed slice of every file is staged on a
+/// gateway or in the object store; names each file that is not. Fails when any is missing.
+pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
+    let (channel, home) = staging(gateway, access).await?;
+    let mut meta = meta_client(channel);
+    let files = walk_files(&mut meta).await?;
+    let registry = meta
+        .list_gateways(proto::meta::Empty {})
+        .await
+        .with_context(|| format!("ListGateways from {gateway}"))?
+        .into_inner()
+        .gateways;
+    // Blocks by the gateway that staged them, each with the file it belongs to.
+    let mut by_stager: BTreeMap<Vec<u8>, Vec<(String, usize)>> = BTreeMap::new();
+    let mut checks: Vec<FileCheck> = Vec::new();
+    for (index, (path, ino, size)) in files.iter().enumerate() {
+        checks.push(FileCheck::default());
+        for (key, _, stager) in file_blocks(&mut meta, *ino, *size)
+            .await
+            .with_context(|| format!("listing the blocks of {path}"))?
+        {
+            checks[index].blocks += 1;
+            by_stager
+                .entry(stager)
+                .or_default()
+                .push((key.to_string(), index));
+        }
+    }
+    for (stager, blocks) in by_stager {
+        let alive = registry
+            .iter()
+            .find(|g| g.id[..] == stager[..] && g.alive)
+            .map(|g| g.address.clone());
+        // A dead gateway's blocks: the store may have them; the rest wait on its device.
+        let mut client = match &alive {
+            Some(address) => staging(address, access).await?.1,
+            None => home.clone(),
+        };
+        for batch in blocks.chunks(FSCK_BATCH) {
+            let stats = client
+                .stat_blocks(StatBlocksRequest {
+                    keys: batch.iter().map(|(k, _)| k.clone()).collect(),
+                    check_store: true,
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("StatBlocks: {}", status.message()))?
+                .into_inner()
+                .blocks;
+            for (stat, (key, file)) in stats.iter().zip(batch) {
+                let check = &mut checks[*file];
+                match BlockState::try_from(stat.state).unwrap_or(BlockState::Unknown) {
+                    BlockState::Staged | BlockState::Uploading | BlockState::Uploaded => {}
+                    BlockState::Quarantined => check.quarantined += 1,
+                    _ if alive.is_none() => check.on_dead_gateway += 1,
+                    _ => check.missing.push(key.clone()),
+                }
+            }
+        }
+    }
+    let blocks: u64 = checks.iter().map(|c| c.blocks).sum();
+    let missing: usize = checks.iter().map(|c| c.missing.len()).sum();
+    let quarantined: u64 = checks.iter().map(|c| c.quarantined).sum();
+    let on_dead: u64 = checks.iter().map(|c| c.on_dead_gateway).sum();
+    let troubled: Vec<_> = files
+        .iter()
+        .zip(&checks)
+        .filter(|(_, c)| !c.missing.is_empty() || c.quarantined > 0 || c.on_dead_gateway > 0)
+        .collect();
+    if json {
+        let value = serde_json::json!({
+            "files": files.len(), "blocks": blocks, "missing_blocks": missing,
+            "quarantined_blocks": quarantined, "blocks_on_dead_gateways": on_dead,
+            "troubled_files": troubled.iter().map(|((path, ino, _), c)| serde_json::json!({
+                "path": path, "ino": ino, "blocks": c.blocks, "missing": c.missing,
+                "quarantined": c.quarantined, "on_dead_gateway": c.on_dead_gateway,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "fsck: {} files, {blocks} blocks: {missing} MISSING, {quarantined} quarantined, \
+             {on_dead} only on gateways that are not alive",
+            files.len()
+        );
+        for ((path, ino, _), c) in &troubled {
+            if let Some(first) = c.missing.first() {
+                println!(
+                    "  MISSING      {path} (inode {ino}): {} of {} blocks in no gateway and not \
+                     in the store, e.g. {first}",
+                    c.missing.len(),
+                    c.blocks
+                );
+            }
+            if c.quarantined > 0 {
+                println!(
+                    "  QUARANTINED  {path}: {} blocks kept on their gateway after failed uploads \
+                     (stagefs status)",
+                    c.quarantined
+                );
+            }
+            if c.on_dead_gateway > 0 {
+                println!(
+                    "  WAITING      {path}: {} blocks only on a gateway that is not alive (serve \
+                     its device again)",
+                    c.on_dead_gateway
+                );
+            }
+        }
+    }
+    if missing > 0 {
+        anyhow::bail!("{missing} blocks of {} files are missing", troubled.len());
+    }
+    Ok(())
+}
+
+/// Every regular file of the file system: path, inode, size (a walk through the metadata).
+async fn walk_files(
+    meta: &mut MetaClient<GatewayChannel>,
+) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    const PAGE: u32 = 1000;
+    let mut files = Vec::new();
+    let mut dirs = vec![(shared::meta::ROOT_INO, String::new())];
+    while let Some((dir, path)) = dirs.pop() {
+        let mut after_cookie = 0;
+        loop {
+            let entries = meta
+                .read_dir(proto::meta::ReadDirRequest {
+                    ino: dir,
+                    after_cookie,
+                    limit: PAGE,
+                })
+                .await
+                .with_context(|| format!("listing {}/", path))?
+                .into_inner()
+                .entries;
+            for entry in &entries {
+                let Some(attr) = &entry.attr else { continue };
+                let child = format!("{path}/{}", String::from_utf8_lossy(&entry.name));
+                match proto::meta::FileKind::try_from(attr.kind) {
+                    Ok(proto::meta::FileKind::Dir) => dirs.push((attr.ino, child)),
+                    Ok(proto::meta::FileKind::File) => files.push((child, attr.ino, attr.size)),
+                    _ => {}
+                }
+            }
+            match entries.last() {
+                Some(last) if entries.len() == PAGE as usize => after_cookie = last.cookie,
+                _ => break,
+            }
+        }
+    }
+    Ok(files)
 }

@@ -71,6 +71,38 @@ enum Command {
         #[command(flatten)]
         access: client::cli::AccessArgs,
     },
+    /// List the block objects in the object store that no file, pending slice or queued
+    /// deletion names (leaks), and with --delete remove them (an admin token's call). Objects
+    /// that are not blocks are never touched; the store's prefix must belong to this file
+    /// system alone.
+    Gc {
+        /// Gateway address (host:port).
+        gateway: String,
+        /// Delete what is found.
+        #[arg(long)]
+        delete: bool,
+        /// Objects younger than this are not judged (they may belong to a write in progress
+        /// on a clock that differs).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        min_age: std::time::Duration,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
+    },
+    /// Check that every block of every file is staged on a live gateway or in the object
+    /// store, and name each file that is not (an admin token's call). Walks the whole tree;
+    /// exits non-zero when a block is missing.
+    Fsck {
+        /// Gateway address (host:port).
+        gateway: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
+    },
     /// Hold or resume a gateway's uploads to the object store (staging goes on either way).
     Uploads {
         #[arg(value_enum)]
@@ -185,6 +217,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             client::mount::umount(&mountpoint)?;
         }
+        Command::Gc {
+            gateway,
+            delete,
+            min_age,
+            json,
+            access,
+        } => client::admin::gc(&gateway, &access.access()?, delete, min_age, json).await?,
+        Command::Fsck {
+            gateway,
+            json,
+            access,
+        } => client::admin::fsck(&gateway, &access.access()?, json).await?,
         Command::Mount(_) | Command::Umount { .. } | Command::Bench { .. } => {
             unreachable!("mount, umount and bench run outside the async runtime (see main)")
         }

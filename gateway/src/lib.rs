@@ -15,6 +15,7 @@ pub mod drain;
 #[cfg(test)]
 mod faulty_store;
 pub mod format;
+pub mod gc;
 pub mod high_water;
 pub mod inspect;
 pub mod io;

@@ -204,6 +204,15 @@ struct ServeArgs {
     /// the store, so readers that resolved a slice just before can still fetch its blocks.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     deleted_data_delay: Duration,
+    /// Every this long, delete the block objects in the store that no file, pending slice or
+    /// queued deletion names (leaks, such as the block of a WriteSlice cut off by a crash);
+    /// 0s: never (`stagefs gc` does it on request). The store's prefix must belong to this
+    /// file system alone.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    gc_interval: Duration,
+    /// Objects younger than this are never judged by the periodic gc.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    gc_min_age: Duration,
     /// How often clients must heartbeat their sessions (told to them by OpenSession). A session
     /// silent for 3 intervals expires: its open handles are released and its uncommitted slices
     /// deleted.
@@ -655,6 +664,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let tokens = tokens.clone();
         workers.spawn("token reload", move |stop| {
             reload_tokens_on_sighup(tokens, hangups, stop)
+        });
+    }
+    if !args.gc_interval.is_zero() {
+        let (node, interval, min_age) = (node.clone(), args.gc_interval, args.gc_min_age);
+        workers.spawn("gc", move |stop| async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                // A failed round is logged and tried again next time: leaks wait, data is safe.
+                if let Err(error) =
+                    gateway::gc::collect(node.store.as_ref(), node.meta.as_ref(), min_age, true)
+                        .await
+                {
+                    tracing::warn!(%error, "gc round failed");
+                }
+            }
         });
     }
     let meta_rate = gateway::meta_rate::MetaRateLayer::new(

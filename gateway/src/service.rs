@@ -288,8 +288,12 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::StatBlocksRequest>,
     ) -> Result<Response<pb::StatBlocksResponse>, Status> {
+        if request.get_ref().check_store {
+            must_be_admin(&request, "have blocks looked for in the store")?;
+        }
+        let request = request.into_inner();
         let mut blocks = Vec::new();
-        for key_text in request.into_inner().keys {
+        for key_text in request.keys {
             let key = parse_key(&key_text)?;
             blocks.push(match self.log().entry(&key) {
                 Some(e) => pb::BlockStat {
@@ -306,6 +310,9 @@ impl Staging for StagingService {
                     ..Default::default()
                 },
             });
+        }
+        if request.check_store {
+            self.look_in_store(&mut blocks).await?;
         }
         Ok(Response::new(pb::StatBlocksResponse { blocks }))
     }
@@ -477,7 +484,36 @@ impl Staging for StagingService {
         self.log().set_uploads_paused(paused);
         Ok(Response::new(pb::SetUploadsPausedResponse {}))
     }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        must_be_admin(&request, "look for or delete unreferenced objects")?;
+        let request = request.into_inner();
+        let report = crate::gc::collect(
+            self.store().as_ref(),
+            self.node.meta.as_ref(),
+            Duration::from_millis(request.min_age_ms),
+            request.delete,
+        )
+        .await
+        .map_err(|e| Status::unavailable(bounded(&e.to_string())))?;
+        Ok(Response::new(pb::CollectGarbageResponse {
+            objects_listed: report.objects_listed,
+            other_objects: report.other_objects,
+            too_young: report.too_young,
+            unreferenced_objects: report.unreferenced_objects,
+            unreferenced_bytes: report.unreferenced_bytes,
+            unreferenced_keys: report.unreferenced_keys,
+            deleted_objects: report.deleted_objects,
+            delete_failures: report.delete_failures,
+        }))
+    }
 }
+
+/// Store lookups one `StatBlocks` (`check_store`) runs at once.
+const STORE_LOOKUPS: usize = 16;
 
 /// Blocks of one WriteBlocks stream being staged, or answered and not yet read, at once.
 const WRITE_BLOCKS_IN_FLIGHT: usize = 64;
@@ -501,6 +537,53 @@ impl StagingService {
 
     async fn stage(&self, key: BlockKey, block: IncomingBlock, crc: u32) -> Result<u64, Status> {
         Ok(self.node.stage(key, block.finish(crc)?).await?)
+    }
+
+    /// Blocks not waiting here for upload are looked for in the store, the truth for them:
+    /// `UPLOADED` if it has them, else `UNKNOWN` (also for one this gateway thought uploaded).
+    async fn look_in_store(&self, blocks: &mut [pb::BlockStat]) -> Result<(), Status> {
+        use futures::StreamExt;
+        let absent = |b: &pb::BlockStat| {
+            b.state == pb::BlockState::Unknown as i32
+                || b.state == pb::BlockState::Deleted as i32
+                || b.state == pb::BlockState::Uploaded as i32
+        };
+        let store = self.store().clone();
+        let wanted: Vec<(usize, String)> = blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| absent(b))
+            .map(|(i, b)| (i, b.key.clone()))
+            .collect();
+        let found: Vec<(usize, Result<bool, String>)> = futures::stream::iter(wanted)
+            .map(|(i, key)| {
+                let store = store.clone();
+                async move {
+                    let path = object_store::path::Path::from(key);
+                    let found = match store.head(&path).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (i, found)
+                }
+            })
+            .buffer_unordered(STORE_LOOKUPS)
+            .collect()
+            .await;
+        for (i, found) in found {
+            match found {
+                Ok(true) => blocks[i].state = pb::BlockState::Uploaded as i32,
+                Ok(false) => blocks[i].state = pb::BlockState::Unknown as i32,
+                Err(e) => {
+                    return Err(Status::unavailable(bounded(&format!(
+                        "cannot look for block {} in the store: {e}",
+                        blocks[i].key
+                    ))))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `FAILED_PRECONDITION` telling the client to write `key` through, when it can and the

@@ -261,6 +261,7 @@ pub async fn stat_blocks(client: &mut Client, keys: &[String]) -> Vec<BlockStat>
     let stats = client
         .stat_blocks(StatBlocksRequest {
             keys: keys.to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("StatBlocks failed: {e:?}"))

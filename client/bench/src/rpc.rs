@@ -232,6 +232,7 @@ pub async fn stat_blocks(
         let response = client
             .stat_blocks(proto::staging::StatBlocksRequest {
                 keys: batch.to_vec(),
+                ..Default::default()
             })
             .await
             .map_err(|status| BenchError::rpc("StatBlocks", status))?;

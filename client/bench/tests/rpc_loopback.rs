@@ -96,6 +96,13 @@ impl Staging for Sink {
     ) -> Result<Response<SetUploadsPausedResponse>, Status> {
         Err(Status::unimplemented("sink"))
     }
+
+    async fn collect_garbage(
+        &self,
+        _: Request<proto::staging::CollectGarbageRequest>,
+    ) -> Result<Response<proto::staging::CollectGarbageResponse>, Status> {
+        Err(Status::unimplemented("sink"))
+    }
 }
 
 /// `nodelay`: whether accepted sockets get TCP_NODELAY. `Server::tcp_nodelay` does not apply to

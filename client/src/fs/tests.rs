@@ -1005,6 +1005,13 @@ impl Staging for FakeGateway {
     ) -> Answer<SetUploadsPausedResponse> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn collect_garbage(
+        &self,
+        _: Request<proto::staging::CollectGarbageRequest>,
+    ) -> Answer<proto::staging::CollectGarbageResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 async fn serve_fake(gateway: FakeGateway) -> SocketAddr {

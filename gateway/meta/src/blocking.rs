@@ -86,6 +86,7 @@ impl BlockingMeta {
         open(session: SessionId, ino: Ino) -> Attr;
         release(session: SessionId, ino: Ino) -> ();
         take_due_deleted_slices(gateway: Option<GatewayId>, now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;
+        referenced_slice_ids() -> std::collections::BTreeSet<u64>;
         ack_deleted_slices(slice_ids: &[u64]) -> ();
         register_gateway(id: GatewayId, address: &str) -> u64;
         gateway_heartbeat(id: GatewayId, epoch: u64, load: GatewayLoad) -> ();

@@ -467,6 +467,11 @@ pub trait MetaEngine: Send + Sync {
     async fn gateway_heartbeat(&self, id: GatewayId, epoch: u64, load: GatewayLoad) -> Result<()>;
     /// Every registered gateway, live or not.
     async fn list_gateways(&self) -> Result<Vec<GatewayRecord>>;
+
+    /// Every slice id something still names: a chunk of a file, a pending record of a session,
+    /// or the delete queue (whose data is still to be dropped). An object in the store whose
+    /// slice is not among them, and that existed before this call began, belongs to nothing.
+    async fn referenced_slice_ids(&self) -> Result<std::collections::BTreeSet<u64>>;
 }
 
 /// Where the metadata lives: `--meta` of the gateway.

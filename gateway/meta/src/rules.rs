@@ -37,6 +37,13 @@ use crate::{
     MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
+/// Records per page of the scan behind [`MetaEngine::referenced_slice_ids`] (tiny in tests, so
+/// they cross pages).
+#[cfg(not(test))]
+const REFERENCE_SCAN_PAGE: usize = 4096;
+#[cfg(test)]
+const REFERENCE_SCAN_PAGE: usize = 2;
+
 /// Bumped when the layout of the key space changes incompatibly. 3: session ids of 128 random
 /// bits, and slice-id leases (`a`).
 pub const FORMAT_VERSION: u64 = 3;
@@ -1883,6 +1890,47 @@ impl MetaEngine for KvMeta {
             tx.put(key, encode_gateway(&record));
             Ok(())
         })
+    }
+
+    async fn referenced_slice_ids(&self) -> Result<std::collections::BTreeSet<u64>> {
+        // One snapshot, read in pages so a large file system is never one answer.
+        let mut tx = self.read_tx().await?;
+        let mut ids = std::collections::BTreeSet::new();
+        for prefix in [b"c", b"p", b"Q"] {
+            let end = keys::prefix_end(prefix);
+            let mut start = prefix.to_vec();
+            loop {
+                let page = tx.scan(&start, &end, REFERENCE_SCAN_PAGE).await?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                start = [last.as_slice(), &[0]].concat();
+                let full = page.len() == REFERENCE_SCAN_PAGE;
+                for (key, value) in page {
+                    match prefix {
+                        b"c" => {
+                            let ([ino, chunk_index], _) = keys::parse::<2>(&key)?;
+                            ids.extend(
+                                decode_slices(ino, chunk_index, &value)?
+                                    .iter()
+                                    .map(|s| s.slice_id)
+                                    .filter(|&id| id != Slice::HOLE_ID),
+                            );
+                        }
+                        b"p" => {
+                            ids.insert(keys::parse::<3>(&key)?.0[2]);
+                        }
+                        _ => {
+                            ids.insert(keys::parse::<1>(&key)?.0[0]);
+                        }
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(ids)
     }
 
     async fn list_gateways(&self) -> Result<Vec<GatewayRecord>> {

@@ -1194,6 +1194,66 @@ fn a_heartbeat_records_the_gateways_a_mount_uses_until_the_session_closes() {
 }
 
 #[test]
+fn referenced_slices_are_those_of_chunks_pending_records_and_the_delete_queue() {
+    let f = fixture_with(MetaConfig {
+        deleted_data_delay: Duration::from_secs(3600),
+        ..config()
+    });
+    let file = f.file(ROOT_INO, "f");
+    let kept = f.write(file.ino, 0, 0, 10);
+    let in_second_chunk = f.write(file.ino, 1, 0, 10);
+    let shadowed = f.write(file.ino, 2, 0, 10);
+    let over = f.write(file.ino, 2, 0, 10);
+    let pending = f.meta.allocate_slice_ids(f.session, 1).unwrap().start;
+    f.meta
+        .record_pending_slice(
+            f.session,
+            &Slice {
+                slice_id: pending,
+                offset_in_chunk: 0,
+                len: 4,
+                gateway_id: GW,
+            },
+        )
+        .unwrap();
+    let leased_only = f.meta.allocate_slice_ids(f.session, 1).unwrap().start;
+    let gone = f.file(ROOT_INO, "gone");
+    let deleted = f.write(gone.ino, 0, 0, 10);
+    f.meta.unlink(ROOT_INO, b"gone").unwrap();
+
+    let ids = f.meta.referenced_slice_ids().unwrap();
+    for (what, id) in [
+        ("committed", kept.slice_id),
+        ("committed in another chunk", in_second_chunk.slice_id),
+        ("shadowing", over.slice_id),
+        ("pending", pending),
+        ("queued for deletion", deleted.slice_id),
+    ] {
+        assert!(ids.contains(&id), "{what} slice {id} missing from {ids:?}");
+    }
+    // A fully shadowed slice is dropped from its chunk and queued: still named until deleted.
+    assert!(ids.contains(&shadowed.slice_id), "{ids:?}");
+    assert!(
+        !ids.contains(&leased_only),
+        "an id never recorded names no data: {ids:?}"
+    );
+    assert!(!ids.contains(&0), "holes are not slices");
+
+    // Once the queue is acknowledged, the deleted slice is named by nothing.
+    let due: Vec<u64> = f
+        .meta
+        .take_due_deleted_slices(None, i64::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|d| d.slice_id)
+        .collect();
+    f.meta.ack_deleted_slices(&due).unwrap();
+    let ids = f.meta.referenced_slice_ids().unwrap();
+    assert!(!ids.contains(&deleted.slice_id), "{ids:?}");
+    assert!(ids.contains(&kept.slice_id), "{ids:?}");
+}
+
+#[test]
 fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     let f = fixture();
     let victim = f.file(ROOT_INO, "victim");
