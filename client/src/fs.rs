@@ -383,10 +383,14 @@ impl Fs {
             gid,
             rdev: 0,
         };
+        // The new file takes its directory's write policy (the engine copies it).
+        let write_through = self.write_through(parent).await?;
         let attr = self.meta.create(self.session, parent, name, &node).await?;
-        // A file made just now has no attributes: its first write need not ask.
+        // A file made just now has no capability: its first write need not ask.
         self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
+        self.xattr_absence.saw_write_policy(attr.ino, write_through);
         let file = self.attach(attr).await;
+        file.state.lock().await.dirty.write_through = write_through;
         Ok((attr, self.add_handle(file, access)))
     }
 
@@ -696,6 +700,16 @@ impl Fs {
             });
         }
         let file = self.attach(attr).await;
+        if access.writable {
+            match self.write_through(ino).await {
+                Ok(through) => file.state.lock().await.dirty.write_through = through,
+                Err(e) => {
+                    self.detach(&file);
+                    self.release_quietly(ino).await;
+                    return Err(e);
+                }
+            }
+        }
         let attr = if access.truncate {
             let truncated = {
                 let mut state = file.state.lock().await;
@@ -726,6 +740,25 @@ impl Fs {
         };
         let attr = self.local_attr(attr);
         Ok((self.add_handle(file, access), attr))
+    }
+
+    /// Whether `ino`'s write policy says `through` (`stagefs policy`): its blocks then go to the
+    /// object store before a flush returns. Cached for the attribute TTL.
+    async fn write_through(&self, ino: Ino) -> FsResult<bool> {
+        if let Some(known) = self.xattr_absence.write_through(ino) {
+            return Ok(known);
+        }
+        let through = match self
+            .meta
+            .getxattr(ino, shared::meta::WRITE_POLICY_XATTR)
+            .await
+        {
+            Ok(value) => value == b"through",
+            Err(e) if e.errno() == libc::ENODATA => false,
+            Err(e) => return Err(e),
+        };
+        self.xattr_absence.saw_write_policy(ino, through);
+        Ok(through)
     }
 
     /// Gives back a handle the engine counted, when opening failed after all.

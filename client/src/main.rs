@@ -103,6 +103,13 @@ enum Command {
         #[command(flatten)]
         access: client::cli::AccessArgs,
     },
+    /// Set or show the write policy of a directory tree: `through` makes every file made below
+    /// it (at any depth, from then on, on any mount) go to the object store before its close
+    /// returns; `gateway` stages (the default); `inherit` removes it.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Hold or resume a gateway's uploads to the object store (staging goes on either way).
     Uploads {
         #[arg(value_enum)]
@@ -120,6 +127,22 @@ enum Command {
         /// What `stagefs-bench` gets: the benchmark and its options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyAction {
+    /// Set the policy of PATH and of every directory below it.
+    Set {
+        /// A directory (or file) inside a stagefs mount.
+        path: std::path::PathBuf,
+        #[arg(value_enum)]
+        policy: client::policy::Policy,
+    },
+    /// Print the policy of PATH: through, gateway, or inherit (none of its own).
+    Get {
+        /// A directory or file inside a stagefs mount.
+        path: std::path::PathBuf,
     },
 }
 
@@ -159,6 +182,12 @@ fn main() -> ExitCode {
             sync: false,
             ..
         } => Some(client::mount::umount(&mountpoint)),
+        Command::Policy {
+            action: PolicyAction::Set { path, policy },
+        } => Some(client::policy::set(&path, policy)),
+        Command::Policy {
+            action: PolicyAction::Get { path },
+        } => Some(client::policy::get(&path)),
         other => {
             return client::cli::run_to_exit_code(run(Cli { command: other }));
         }
@@ -229,8 +258,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             access,
         } => client::admin::fsck(&gateway, &access.access()?, json).await?,
-        Command::Mount(_) | Command::Umount { .. } | Command::Bench { .. } => {
-            unreachable!("mount, umount and bench run outside the async runtime (see main)")
+        Command::Mount(_)
+        | Command::Umount { .. }
+        | Command::Bench { .. }
+        | Command::Policy { .. } => {
+            unreachable!("mount, umount, policy and bench run outside the async runtime (see main)")
         }
     }
     Ok(())

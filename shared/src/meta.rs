@@ -127,6 +127,12 @@ pub struct MountView {
     pub avoiding: Vec<GatewayId>,
 }
 
+/// The extended attribute holding a directory's or file's write policy (`stagefs policy`):
+/// `through` (blocks go to the object store before `close` returns) or `gateway` (staged).
+/// What is made in a directory gets the directory's; a name in the `user.` namespace, so the
+/// kernel passes it on like any other.
+pub const WRITE_POLICY_XATTR: &[u8] = b"user.stagefs.write_policy";
+
 /// Gateways one [`MountView`] may name in all: a bound on what a client makes the metadata hold.
 pub const MAX_VIEW_GATEWAYS: usize = 256;
 /// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.

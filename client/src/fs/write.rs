@@ -235,6 +235,8 @@ struct DirtySlice {
     frozen: bool,
     /// Set once the slice has an id (when its first block is sealed).
     staged: Option<Arc<StagedSlice>>,
+    /// The file's write policy is `through`: blocks go to the store, not to a gateway.
+    write_through: bool,
 }
 
 impl DirtySlice {
@@ -331,6 +333,7 @@ impl DirtySlice {
                 staged.clone(),
                 key,
                 block.data.clone(),
+                self.write_through,
             ));
             block.upload = Upload::Running(task);
         }
@@ -360,6 +363,7 @@ impl DirtySlice {
     /// sent yet, and a metadata service that takes such calls.
     fn fits_write_slice(&self, ctx: &WriteContext) -> bool {
         ctx.write_slices.load(Ordering::Relaxed)
+            && !self.write_through
             && self.frozen
             && self.staged.is_none()
             && self.blocks.len() == 1
@@ -436,12 +440,14 @@ impl DirtySlice {
     }
 }
 
-/// Stages one block: records the slice as pending far enough, then writes the block.
+/// Stages one block: records the slice as pending far enough, then writes the block to its
+/// gateway, or to the store (`write_through`, or when the gateway asks for it).
 async fn upload_block(
     ctx: Arc<WriteContext>,
     staged: Arc<StagedSlice>,
     key: BlockKey,
     data: Bytes,
+    write_through: bool,
 ) -> FsResult<()> {
     let _slot = ctx
         .upload_slots
@@ -452,7 +458,7 @@ async fn upload_block(
     let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
     staged.ensure_recorded(&ctx, block_end).await?;
     let route = &staged.route;
-    if !ctx.writes_through(&route.id) {
+    if !write_through && !ctx.writes_through(&route.id) {
         match route
             .blocks
             .write_block(ctx.session, key, data.clone())
@@ -475,6 +481,9 @@ async fn upload_block(
 pub struct DirtyFile {
     slices: VecDeque<DirtySlice>,
     bytes: u64,
+    /// The file's write policy says `through` (`stagefs policy`): its blocks are PUT to the
+    /// object store, so a flush returns once they are there.
+    pub write_through: bool,
 }
 
 impl DirtyFile {
@@ -525,6 +534,7 @@ impl DirtyFile {
                         tail: Vec::new(),
                         frozen: false,
                         staged: None,
+                        write_through: self.write_through,
                     });
                     self.slices.len() - 1
                 }

@@ -6,7 +6,10 @@
 //! - any attribute of a file a listing reported without extended attributes: `ls -l` asks for
 //!   `security.selinux` and `system.posix_acl_access` of every entry.
 //!
-//! Only absence is remembered, for the attribute TTL: the kernel itself decides from mode bits
+//! - `user.stagefs.write_policy`: read when a file is opened for writing (and of the directory
+//!   a file is created in, whose policy the new file takes).
+//!
+//! Only absence (and the write policy) is remembered, for the attribute TTL: the kernel itself decides from mode bits
 //! it caches that long, so another mount setting an attribute is seen no later than another
 //! mount's `chmod u+s` is. A change made through this mount forgets the file.
 
@@ -25,6 +28,8 @@ pub struct XattrAbsence {
     seen_absent: moka::sync::Cache<Ino, ()>,
     /// Files a listing reported without any extended attribute.
     without_any: moka::sync::Cache<Ino, ()>,
+    /// Files and directories whose write policy was read: whether it says `through`.
+    write_through: moka::sync::Cache<Ino, bool>,
     ttl: Duration,
 }
 
@@ -39,6 +44,10 @@ impl XattrAbsence {
         XattrAbsence {
             seen_absent: cache(),
             without_any: cache(),
+            write_through: moka::sync::Cache::builder()
+                .max_capacity(MAX_FILES)
+                .time_to_live(ttl.max(Duration::from_nanos(1)))
+                .build(),
             ttl,
         }
     }
@@ -72,6 +81,22 @@ impl XattrAbsence {
     pub fn forget(&self, ino: Ino) {
         self.seen_absent.invalidate(&ino);
         self.without_any.invalidate(&ino);
+        self.write_through.invalidate(&ino);
+    }
+
+    /// Whether `ino`'s write policy (`user.stagefs.write_policy`) says `through`, if known.
+    pub fn write_through(&self, ino: Ino) -> Option<bool> {
+        if self.known_none(ino) {
+            return Some(false);
+        }
+        self.write_through.get(&ino)
+    }
+
+    /// The engine answered `ino`'s write policy.
+    pub fn saw_write_policy(&self, ino: Ino, through: bool) {
+        if !self.ttl.is_zero() {
+            self.write_through.insert(ino, through);
+        }
     }
 }
 

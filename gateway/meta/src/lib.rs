@@ -47,7 +47,7 @@ pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 pub use shared::meta::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, SessionId, SetAttr,
     Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
-    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
+    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
 /// A slice whose data is no longer referenced and must be deleted from staging and the store.

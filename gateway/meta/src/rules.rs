@@ -34,7 +34,7 @@ use crate::{
     GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine, MetaError,
     MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs,
     XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN, ROOT_INO,
+    MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
 /// Records per page of the scan behind [`MetaEngine::referenced_slice_ids`] (tiny in tests, so
@@ -552,7 +552,7 @@ impl Tx<'_> {
         )))
     }
 
-    async fn check_new_name(&mut self, parent: Ino, name: &[u8]) -> Result<()> {
+    async fn check_new_name(&mut self, parent: Ino, name: &[u8]) -> Result<Inode> {
         check_name(name)?;
         let dir = self.dir(parent).await?;
         if dir.attr.nlink == 0 {
@@ -564,7 +564,7 @@ impl Tx<'_> {
                 name: String::from_utf8_lossy(name).into_owned(),
             });
         }
-        Ok(())
+        Ok(dir)
     }
 
     async fn create_node(
@@ -574,7 +574,7 @@ impl Tx<'_> {
         node: &NewNode,
         symlink_target: Option<&[u8]>,
     ) -> Result<Attr> {
-        self.check_new_name(parent, name).await?;
+        let dir = self.check_new_name(parent, name).await?;
         if let Some(max) = self.meta.config.max_files {
             if self.usage(FILES).await? >= max {
                 return Err(MetaError::NoSpace(format!("{max} inodes in use")));
@@ -582,6 +582,13 @@ impl Tx<'_> {
         }
         let ino = self.next_id(Sequence::Inode).await?;
         let is_dir = node.kind == FileKind::Dir;
+        // The directory's write policy goes to what is made in it (`stagefs policy`). Only a
+        // directory that has attributes (or may, from before the flag existed) is asked.
+        let policy = match dir.has_xattrs {
+            Some(false) => None,
+            _ => self.get(&keys::xattr(parent, WRITE_POLICY_XATTR)).await?,
+        }
+        .filter(|_| node.kind != FileKind::Symlink);
         let inode = Inode {
             attr: Attr {
                 ino,
@@ -598,9 +605,12 @@ impl Tx<'_> {
             },
             parent,
             open_handles: 0,
-            has_xattrs: Some(false),
+            has_xattrs: Some(policy.is_some()),
         };
         self.put_inode(&inode);
+        if let Some(policy) = policy {
+            self.put(keys::xattr(ino, WRITE_POLICY_XATTR), policy);
+        }
         if let Some(target) = symlink_target {
             self.put(keys::symlink(ino), target.to_vec());
         }

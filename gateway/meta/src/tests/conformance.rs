@@ -1254,6 +1254,49 @@ fn referenced_slices_are_those_of_chunks_pending_records_and_the_delete_queue() 
 }
 
 #[test]
+fn what_is_made_in_a_directory_takes_its_write_policy() {
+    let f = fixture();
+    let plain = f.meta.mkdir(ROOT_INO, b"plain", 0o755, 0, 0).unwrap();
+    let ckpt = f.meta.mkdir(ROOT_INO, b"ckpt", 0o755, 0, 0).unwrap();
+    f.meta
+        .setxattr(ckpt.ino, WRITE_POLICY_XATTR, b"through", XattrMode::Upsert)
+        .unwrap();
+    let policy = |ino| f.meta.getxattr(ino, WRITE_POLICY_XATTR);
+    let file = f.file(ckpt.ino, "f");
+    let created = f
+        .meta
+        .create(f.session, ckpt.ino, b"c", &node(FileKind::File))
+        .unwrap();
+    let sub = f.meta.mkdir(ckpt.ino, b"sub", 0o755, 0, 0).unwrap();
+    let deeper = f.file(sub.ino, "g");
+    for (what, ino) in [
+        ("mknod", file.ino),
+        ("create", created.ino),
+        ("mkdir", sub.ino),
+        ("a file in the new directory", deeper.ino),
+    ] {
+        assert_eq!(policy(ino).unwrap(), b"through", "{what}");
+        assert!(
+            f.meta
+                .listxattr(ino)
+                .unwrap()
+                .contains(&WRITE_POLICY_XATTR.to_vec()),
+            "{what}: listed"
+        );
+    }
+    let link = f.meta.symlink(ckpt.ino, b"l", b"f", 0, 0).unwrap();
+    assert_eq!(errno(policy(link.ino)), libc::ENODATA, "symlinks take none");
+    let elsewhere = f.file(plain.ino, "h");
+    assert_eq!(errno(policy(elsewhere.ino)), libc::ENODATA);
+    // A policy set later applies to what is made after, not to what exists.
+    f.meta
+        .setxattr(plain.ino, WRITE_POLICY_XATTR, b"gateway", XattrMode::Upsert)
+        .unwrap();
+    assert_eq!(errno(policy(elsewhere.ino)), libc::ENODATA);
+    assert_eq!(policy(f.file(plain.ino, "later").ino).unwrap(), b"gateway");
+}
+
+#[test]
 fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     let f = fixture();
     let victim = f.file(ROOT_INO, "victim");

@@ -1,0 +1,103 @@
+//! Per-path write policy: `stagefs policy set DIR through` makes every file made below DIR, at
+//! any depth and on any mount, be in the object store when its `close` returns (uploads are
+//! held here, so nothing else puts it there); files elsewhere stay staged. The policy lives in
+//! the metadata, so a second mount that never saw the `set` follows it.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use stagefs_tests::binaries::client_binary;
+use stagefs_tests::*;
+
+fn policy(args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(client_binary())
+        .arg("policy")
+        .args(args)
+        .output()
+        .expect("run stagefs policy");
+    assert!(
+        output.status.success(),
+        "stagefs policy {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn get(path: &Path) -> String {
+    policy(&["get".as_ref(), path.as_os_str()])
+}
+
+fn stored_bytes(stack: &FuseStack) -> u64 {
+    stack.block_on(stack.s3.list()).iter().map(|(_, n)| n).sum()
+}
+
+#[test]
+fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() {
+    let stack = FuseStack::start("policy", |gateway| gateway.arg("--uploads-paused"));
+    let a = stack.mount("a").start();
+    fs::create_dir_all(a.join("ckpt/old")).unwrap();
+    fs::create_dir_all(a.join("other")).unwrap();
+    policy(&[
+        "set".as_ref(),
+        a.join("ckpt").as_os_str(),
+        "through".as_ref(),
+    ]);
+    assert_eq!(get(&a.join("ckpt")), "through");
+    assert_eq!(
+        get(&a.join("ckpt/old")),
+        "through",
+        "set reaches existing directories"
+    );
+    assert!(get(&a.join("other")).starts_with("inherit"));
+
+    // Another mount, which never saw the `set`.
+    let b = stack.mount("b").start();
+    let files = [
+        ("ckpt/f1", 5 * 1024 * 1024 + 3, true),
+        ("ckpt/old/small", 1000, true),
+        ("other/f4", 3 * 1024 * 1024, false),
+    ];
+    let mut through = 0u64;
+    for (i, (name, len, in_store)) in files.iter().enumerate() {
+        fs::write(b.join(name), Pattern::new(i as u64).bytes(0, *len)).unwrap();
+        if *in_store {
+            through += *len as u64;
+        }
+        assert_eq!(
+            stored_bytes(&stack),
+            through,
+            "after closing {name}, the store must hold exactly the files below ckpt"
+        );
+    }
+    // A directory made after the `set` takes the policy, and so does a file in it.
+    fs::create_dir(b.join("ckpt/new")).unwrap();
+    assert_eq!(get(&b.join("ckpt/new")), "through");
+    let deep = Pattern::new(7).bytes(0, 2 * 1024 * 1024);
+    fs::write(b.join("ckpt/new/f3"), &deep).unwrap();
+    through += deep.len() as u64;
+    assert_eq!(stored_bytes(&stack), through);
+    assert_eq!(get(&b.join("ckpt/new/f3")), "through");
+
+    // Every file reads back on the first mount.
+    for (i, (name, len, _)) in files.iter().enumerate() {
+        assert_file_bytes(&a.join(name), &Pattern::new(i as u64).bytes(0, *len));
+    }
+    assert_file_bytes(&a.join("ckpt/new/f3"), &deep);
+
+    // Back to staging: what is made from now on stays on the device.
+    policy(&[
+        "set".as_ref(),
+        a.join("ckpt").as_os_str(),
+        "gateway".as_ref(),
+    ]);
+    assert_eq!(get(&a.join("ckpt/new")), "gateway");
+    fs::write(a.join("ckpt/staged"), Pattern::new(9).bytes(0, 1_000_000)).unwrap();
+    assert_eq!(stored_bytes(&stack), through);
+    policy(&[
+        "set".as_ref(),
+        a.join("ckpt").as_os_str(),
+        "inherit".as_ref(),
+    ]);
+    assert!(get(&a.join("ckpt")).starts_with("inherit"));
+}
