@@ -240,15 +240,18 @@ impl Fs {
         grant: &SessionGrant,
         config: FsConfig,
     ) -> Self {
-        let writer = Arc::new(WriteContext::new(
-            meta.clone(),
-            directory.clone(),
-            grant.session_id,
-            config.slice_id_batch,
-            config.max_concurrent_uploads,
-            config.write_slices,
-            store.clone(),
-        ));
+        let writer = Arc::new(
+            WriteContext::new(
+                meta.clone(),
+                directory.clone(),
+                grant.session_id,
+                config.slice_id_batch,
+                config.max_concurrent_uploads,
+                config.write_slices,
+                store.clone(),
+            )
+            .with_direct_threshold(grant.direct_threshold),
+        );
         let heartbeat = grant.heartbeat_interval.map(|interval| {
             let (meta, session, directory) = (meta.clone(), grant.session_id, directory.clone());
             tokio::spawn(async move {

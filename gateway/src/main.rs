@@ -151,6 +151,11 @@ struct ServeArgs {
     /// Longest retry delay.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     retry_max: Duration,
+    /// Mounts write the blocks of a file beyond its first SIZE bytes straight to the object
+    /// store instead of staging them, so one huge checkpoint does not crowd small files off the
+    /// device when the store is fast; 0: stage everything.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    direct_threshold: u64,
     /// Share of the device in use (e.g. 90%) above which clients that can reach the object
     /// store (stagefs mounts) are told to write their blocks through to it themselves, so
     /// writes go on at store speed instead of waiting for space; `off` to always stage.
@@ -640,6 +645,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 gateway_id,
                 gateway_address: advertise.clone(),
                 heartbeat_interval,
+                direct_threshold: args.direct_threshold,
             },
             limits,
         )

@@ -166,6 +166,7 @@ impl Meta for MetaService {
             gateway_id: bytes::Bytes::copy_from_slice(&settings.gateway_id),
             gateway_address: settings.gateway_address.clone(),
             heartbeat_interval_ms: settings.heartbeat_interval.as_millis() as u64,
+            direct_threshold: settings.direct_threshold,
         }))
     }
 

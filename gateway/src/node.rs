@@ -38,6 +38,9 @@ pub struct ClientSettings {
     pub gateway_address: String,
     /// Clients heartbeat at least this often; 3 missed intervals expire a session.
     pub heartbeat_interval: Duration,
+    /// Clients write the blocks of a file beyond its first this many bytes straight to the
+    /// store (`--direct-threshold`); 0: never.
+    pub direct_threshold: u64,
 }
 
 /// One gateway: its staging log, the shared metadata, the store.

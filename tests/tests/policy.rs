@@ -101,3 +101,28 @@ fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() 
     ]);
     assert!(get(&a.join("ckpt")).starts_with("inherit"));
 }
+
+#[test]
+fn blocks_past_the_direct_threshold_go_straight_to_the_store() {
+    let stack = FuseStack::start("direct-threshold", |gateway| {
+        gateway.args(["--uploads-paused", "--direct-threshold", "8MiB"])
+    });
+    let m = stack.mount("m").start();
+    let small = Pattern::new(1).bytes(0, 100_000);
+    fs::write(m.join("small"), &small).unwrap();
+    assert_eq!(
+        stored_bytes(&stack),
+        0,
+        "a file below the threshold is staged"
+    );
+    let big = Pattern::new(2).bytes(0, 20 * 1024 * 1024 + 5);
+    fs::write(m.join("big"), &big).unwrap();
+    assert_eq!(
+        stored_bytes(&stack),
+        (big.len() - 8 * 1024 * 1024) as u64,
+        "exactly the blocks past 8 MiB go to the store (uploads are held)"
+    );
+    let other = stack.mount("other").start();
+    assert_file_bytes(&other.join("big"), &big);
+    assert_file_bytes(&other.join("small"), &small);
+}

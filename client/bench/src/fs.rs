@@ -107,6 +107,11 @@ pub struct FsBenchArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub uploads: usize,
 
+    /// The gateway's `--direct-threshold`: blocks of a file past this many bytes go straight to
+    /// the store in gateway mode [default: 0, off].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub direct_threshold: u64,
+
     /// Where to write the PNG chart; `none` for no chart.
     #[arg(long, value_name = "PATH", default_value = "bench-fs.png")]
     pub chart: PathBuf,
@@ -226,6 +231,7 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         untar_source: args.untar_source.display().to_string(),
         device_size: plan.device_size,
         quick: args.quick,
+        direct_threshold: args.direct_threshold,
         ..FsReport::default()
     };
 
@@ -277,7 +283,10 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         s3_allow_http: true,
         uploads_paused: false,
         env: s3_env(),
-        extra: Vec::new(),
+        extra: vec![
+            "--direct-threshold".into(),
+            args.direct_threshold.to_string().into(),
+        ],
         log: work_path.join("gateway.log"),
     };
     let gateway = GatewayProcess::start(&spec, true, Duration::from_secs(60)).await?;

@@ -33,6 +33,8 @@ pub struct SessionGrant {
     pub gateway_address: String,
     /// Heartbeat at least this often; `None` when the engine does not expire sessions.
     pub heartbeat_interval: Option<Duration>,
+    /// Blocks of a file beyond its first this many bytes go straight to the store; 0: none.
+    pub direct_threshold: u64,
 }
 
 /// The metadata operations the file-system core uses, each one transaction on the engine.

@@ -205,6 +205,7 @@ impl MetaApi for GrpcMeta {
             gateway_address: grant.gateway_address,
             heartbeat_interval: (grant.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(grant.heartbeat_interval_ms)),
+            direct_threshold: grant.direct_threshold,
         })
     }
 

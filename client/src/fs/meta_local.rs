@@ -94,6 +94,7 @@ impl MetaApi for LocalMeta {
             gateway_id: LOCAL_GATEWAY_ID,
             gateway_address: String::new(),
             heartbeat_interval: None,
+            direct_threshold: 0,
         })
     }
 

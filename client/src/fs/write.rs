@@ -64,6 +64,9 @@ pub struct WriteContext {
     store: StoreBlocks,
     /// Gateways that asked for writes through, and until when their blocks skip them.
     writing_through: Mutex<HashMap<GatewayId, Instant>>,
+    /// Blocks of a file beyond its first this many bytes go straight to the store (the
+    /// gateway's `--direct-threshold`); 0: none.
+    pub direct_threshold: u64,
 }
 
 impl WriteContext {
@@ -85,7 +88,15 @@ impl WriteContext {
             write_slices: AtomicBool::new(write_slices),
             store: StoreBlocks::new(store),
             writing_through: Mutex::new(HashMap::new()),
+            direct_threshold: 0,
         }
+    }
+
+    /// With `--direct-threshold`: the blocks of a file beyond its first `threshold` bytes go
+    /// straight to the store.
+    pub fn with_direct_threshold(mut self, threshold: u64) -> Self {
+        self.direct_threshold = threshold;
+        self
     }
 
     /// Gateway `id` asked for writes through: its blocks go to the store for a while.
@@ -328,12 +339,15 @@ impl DirtySlice {
             }
             let key = BlockKey::new(staged.slice_id, index as u32, block.data.len() as u32)
                 .map_err(|e| FsError::Internal(e.to_string()))?;
+            let file_offset =
+                self.chunk_index * CHUNK_SIZE + self.offset_in_chunk + index as u64 * BLOCK_SIZE;
+            let direct = ctx.direct_threshold > 0 && file_offset >= ctx.direct_threshold;
             let task = tokio::spawn(upload_block(
                 ctx.clone(),
                 staged.clone(),
                 key,
                 block.data.clone(),
-                self.write_through,
+                self.write_through || direct,
             ));
             block.upload = Upload::Running(task);
         }

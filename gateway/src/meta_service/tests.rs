@@ -207,6 +207,7 @@ async fn service(
             gateway_id: GATEWAY_ID,
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(1500),
+            direct_threshold: 0,
         },
         crate::limits::Limits::default(),
     ));
@@ -496,6 +497,7 @@ async fn workers_stop_when_cancelled() {
             gateway_id: GATEWAY_ID,
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(20),
+            direct_threshold: 0,
         },
         crate::limits::Limits::default(),
     );
@@ -641,6 +643,7 @@ async fn a_block_is_staged_only_on_the_gateway_its_slice_names() {
             gateway_id: GATEWAY_ID,
             gateway_address: "gateway.example:7070".into(),
             heartbeat_interval: Duration::from_millis(1500),
+            direct_threshold: 0,
         },
         crate::limits::Limits::default(),
     );

@@ -42,6 +42,8 @@ pub struct FsReport {
 
     /// Raw `O_DIRECT` sequential writes to the gateway's device, before the gateway owns it.
     pub raw_device_mib_s: Option<f64>,
+    /// The gateway's `--direct-threshold` (0: off).
+    pub direct_threshold: u64,
     /// One 4 KiB PUT through the latency proxy, median (the store's own latency).
     pub store_put_p50_ms: Option<f64>,
     /// GETs of whole 4 MiB objects through the proxy, by as many streams as `cold_read` readers.
