@@ -507,6 +507,11 @@ impl FuseStack {
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
+
+    /// Bytes of every object in the store.
+    pub fn stored_bytes(&self) -> u64 {
+        self.block_on(self.s3.list()).iter().map(|(_, len)| len).sum()
+    }
 }
 
 /// A TCP forwarder on a fixed local port to a target that can change: the stable address of a

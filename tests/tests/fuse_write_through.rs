@@ -18,14 +18,6 @@ fn stack(name: &str) -> FuseStack {
     })
 }
 
-/// Bytes of every object in the store.
-fn stored_bytes(stack: &FuseStack) -> u64 {
-    stack
-        .block_on(stack.s3.list())
-        .iter()
-        .map(|(_, len)| len)
-        .sum()
-}
 
 fn staged_blocks(stack: &FuseStack) -> u64 {
     stack.block_on(async {
@@ -51,7 +43,7 @@ fn close_and_fsync_return_once_the_store_holds_the_blocks() {
     pattern.write_to(&mut file, size, MIB as usize).unwrap();
     drop(file);
     assert_eq!(
-        stored_bytes(&stack),
+        stack.stored_bytes(),
         size,
         "close returned, so every byte must be in the store"
     );
@@ -66,7 +58,7 @@ fn close_and_fsync_return_once_the_store_holds_the_blocks() {
         log.write_all(format!("row {row:03}\n").as_bytes()).unwrap();
         log.sync_all().unwrap();
         assert_eq!(
-            stored_bytes(&stack),
+            stack.stored_bytes(),
             size + 8 * (row + 1),
             "fsync of row {row} returned before the store held it"
         );

@@ -44,7 +44,7 @@ fn a_full_device_writes_through_instead_of_failing() {
     );
     // Uploads are held: every byte is either staged on the device or was written through.
     let staged = status["bytes_staged"].as_u64().unwrap();
-    let stored: u64 = stack.block_on(stack.s3.list()).iter().map(|(_, n)| n).sum();
+    let stored = stack.stored_bytes();
     assert!(stored > 0, "nothing was written through: {status}");
     assert_eq!(staged + stored, total, "{status}");
     assert!(
@@ -87,6 +87,6 @@ fn a_full_device_writes_through_instead_of_failing() {
         "{}",
         String::from_utf8_lossy(&drained.stderr)
     );
-    let stored: u64 = stack.block_on(stack.s3.list()).iter().map(|(_, n)| n).sum();
+    let stored = stack.stored_bytes();
     assert_eq!(stored, total, "every byte written is in the store");
 }

@@ -28,9 +28,6 @@ fn get(path: &Path) -> String {
     policy(&["get".as_ref(), path.as_os_str()])
 }
 
-fn stored_bytes(stack: &FuseStack) -> u64 {
-    stack.block_on(stack.s3.list()).iter().map(|(_, n)| n).sum()
-}
 
 #[test]
 fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() {
@@ -65,7 +62,7 @@ fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() 
             through += *len as u64;
         }
         assert_eq!(
-            stored_bytes(&stack),
+            stack.stored_bytes(),
             through,
             "after closing {name}, the store must hold exactly the files below ckpt"
         );
@@ -76,7 +73,7 @@ fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() 
     let deep = Pattern::new(7).bytes(0, 2 * 1024 * 1024);
     fs::write(b.join("ckpt/new/f3"), &deep).unwrap();
     through += deep.len() as u64;
-    assert_eq!(stored_bytes(&stack), through);
+    assert_eq!(stack.stored_bytes(), through);
     assert_eq!(get(&b.join("ckpt/new/f3")), "through");
 
     // Every file reads back on the first mount.
@@ -93,7 +90,7 @@ fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() 
     ]);
     assert_eq!(get(&a.join("ckpt/new")), "gateway");
     fs::write(a.join("ckpt/staged"), Pattern::new(9).bytes(0, 1_000_000)).unwrap();
-    assert_eq!(stored_bytes(&stack), through);
+    assert_eq!(stack.stored_bytes(), through);
     policy(&[
         "set".as_ref(),
         a.join("ckpt").as_os_str(),
@@ -111,14 +108,14 @@ fn blocks_past_the_direct_threshold_go_straight_to_the_store() {
     let small = Pattern::new(1).bytes(0, 100_000);
     fs::write(m.join("small"), &small).unwrap();
     assert_eq!(
-        stored_bytes(&stack),
+        stack.stored_bytes(),
         0,
         "a file below the threshold is staged"
     );
     let big = Pattern::new(2).bytes(0, 20 * 1024 * 1024 + 5);
     fs::write(m.join("big"), &big).unwrap();
     assert_eq!(
-        stored_bytes(&stack),
+        stack.stored_bytes(),
         (big.len() - 8 * 1024 * 1024) as u64,
         "exactly the blocks past 8 MiB go to the store (uploads are held)"
     );

@@ -14,14 +14,6 @@ use stagefs_tests::*;
 
 const MIB: usize = 1 << 20;
 
-/// Bytes the store holds, over all objects.
-fn stored_bytes(stack: &FuseStack) -> u64 {
-    stack
-        .block_on(stack.s3.list())
-        .iter()
-        .map(|(_, len)| len)
-        .sum()
-}
 
 fn stagefs(args: &[&std::ffi::OsStr]) -> std::process::Output {
     let output = Command::new(client_binary())
@@ -65,7 +57,7 @@ fn sync_uploads_now_and_says_what_holds_it() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(
-        stored_bytes(&stack),
+        stack.stored_bytes(),
         big.len() as u64,
         "the store must hold the synced file and nothing else"
     );
@@ -113,7 +105,7 @@ fn sync_uploads_now_and_says_what_holds_it() {
     let output = reader.join().unwrap();
     assert!(status.success(), "sync failed after the resume:\n{output}");
     assert_eq!(
-        stored_bytes(&stack),
+        stack.stored_bytes(),
         (big.len() + others[0].len()) as u64,
         "the store must hold the two synced files only:\n{output}"
     );
@@ -122,7 +114,7 @@ fn sync_uploads_now_and_says_what_holds_it() {
     let gateway = stack.gateway.addr().to_string();
     stagefs(&["sync".as_ref(), "--all".as_ref(), gateway.as_ref()]);
     let all: u64 = (big.len() + others.iter().map(Vec::len).sum::<usize>()) as u64;
-    assert_eq!(stored_bytes(&stack), all);
+    assert_eq!(stack.stored_bytes(), all);
 
     // `umount --sync`: a file closed just before is in the store once the mount is gone.
     let last = Pattern::new(99).bytes(0, 5 * MIB + 1);
@@ -132,7 +124,7 @@ fn sync_uploads_now_and_says_what_holds_it() {
         "--sync".as_ref(),
         mount.path().as_os_str(),
     ]);
-    assert_eq!(stored_bytes(&stack), all + last.len() as u64);
+    assert_eq!(stack.stored_bytes(), all + last.len() as u64);
     let deadline = Instant::now() + Duration::from_secs(30);
     while is_fuse_mounted(mount.path()) {
         assert!(
