@@ -41,12 +41,7 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         .await
         .with_context(|| format!("Status from {gateway}"))?
         .into_inner();
-    let gateways = meta_client(channel.clone())
-        .list_gateways(proto::meta::Empty {})
-        .await
-        .with_context(|| format!("ListGateways from {gateway}"))?
-        .into_inner()
-        .gateways;
+    let gateways = registry(&mut meta_client(channel.clone()), gateway).await?;
     // An older gateway has no ListMounts: status shows the rest.
     let mounts = match meta_client(channel.clone())
         .list_mounts(proto::meta::Empty {})
@@ -387,9 +382,17 @@ pub async fn sync(
                 by_stager.entry(stager).or_default().push((key, len));
             }
         }
+        let mut gateways = registry(&mut meta, &mount_gateway).await?;
         for (stager, blocks) in by_stager {
-            let address =
-                wait_alive(&mut meta, &mount_gateway, &stager, blocks.len(), deadline).await?;
+            let address = wait_alive(
+                &mut meta,
+                &mut gateways,
+                &mount_gateway,
+                &stager,
+                blocks.len(),
+                deadline,
+            )
+            .await?;
             wait_uploaded(&address, access, files.len(), &blocks, deadline).await?;
         }
     }
@@ -411,11 +414,26 @@ async fn connect_any(
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no gateway address in {gateways:?}")))
 }
 
-/// The address of the gateway `stager` once the registry shows it alive, saying meanwhile that
-/// sync waits for it. A gateway the registry does not know (data from before the registry) is
-/// asked about through the mount's gateway, which checks the store.
+/// Every gateway registered in the metadata, as the gateway at `gateway` reads it.
+async fn registry(
+    meta: &mut MetaClient<GatewayChannel>,
+    gateway: &str,
+) -> anyhow::Result<Vec<proto::meta::GatewayInfo>> {
+    Ok(meta
+        .list_gateways(proto::meta::Empty {})
+        .await
+        .with_context(|| format!("ListGateways from {gateway}"))?
+        .into_inner()
+        .gateways)
+}
+
+/// The address of the gateway `stager` once the registry (`known`, read again while waiting)
+/// shows it alive, saying meanwhile that sync waits for it. A gateway the registry does not
+/// know (data from before the registry) is asked about through the mount's gateway, which
+/// checks the store.
 async fn wait_alive(
     meta: &mut MetaClient<GatewayChannel>,
+    known: &mut Vec<proto::meta::GatewayInfo>,
     mount_gateway: &str,
     stager: &[u8],
     blocks: usize,
@@ -423,13 +441,7 @@ async fn wait_alive(
 ) -> anyhow::Result<String> {
     let mut said = false;
     loop {
-        let registry = meta
-            .list_gateways(proto::meta::Empty {})
-            .await
-            .with_context(|| format!("ListGateways from {mount_gateway}"))?
-            .into_inner()
-            .gateways;
-        match registry.iter().find(|g| g.id[..] == stager[..]) {
+        match known.iter().find(|g| g.id[..] == stager[..]) {
             None => return Ok(mount_gateway.to_string()),
             Some(g) if g.alive => return Ok(g.address.clone()),
             Some(g) => {
@@ -452,6 +464,7 @@ async fn wait_alive(
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+        *known = registry(meta, mount_gateway).await?;
     }
 }
 
@@ -717,12 +730,7 @@ pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::
     let (channel, home) = staging(gateway, access).await?;
     let mut meta = meta_client(channel);
     let files = walk_files(&mut meta).await?;
-    let registry = meta
-        .list_gateways(proto::meta::Empty {})
-        .await
-        .with_context(|| format!("ListGateways from {gateway}"))?
-        .into_inner()
-        .gateways;
+    let registry = registry(&mut meta, gateway).await?;
     // Blocks by the gateway that staged them, each with the file it belongs to.
     let mut by_stager: BTreeMap<Vec<u8>, Vec<(String, usize)>> = BTreeMap::new();
     let mut checks: Vec<FileCheck> = Vec::new();

@@ -340,9 +340,9 @@ impl Staging for StagingService {
         // Keys the gateway does not know must already be in the store; checked once.
         for key in &keys {
             if self.log().entry(key).is_none() {
-                match self.store().head(&key.object_path()).await {
-                    Ok(_) => {}
-                    Err(object_store::Error::NotFound { .. }) => {
+                match in_store(self.store().as_ref(), &key.object_path()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
                         return Err(Status::not_found(format!(
                             "block {key} is neither staged here nor in the object store"
                         )))
@@ -512,6 +512,18 @@ impl Staging for StagingService {
     }
 }
 
+/// Whether the store holds the object at `path`.
+async fn in_store(
+    store: &dyn ObjectStore,
+    path: &object_store::path::Path,
+) -> Result<bool, object_store::Error> {
+    match store.head(path).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Store lookups one `StatBlocks` (`check_store`) runs at once.
 const STORE_LOOKUPS: usize = 16;
 
@@ -560,12 +572,8 @@ impl StagingService {
                 let store = store.clone();
                 async move {
                     let path = object_store::path::Path::from(key);
-                    let found = match store.head(&path).await {
-                        Ok(_) => Ok(true),
-                        Err(object_store::Error::NotFound { .. }) => Ok(false),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    (i, found)
+                    let found = in_store(store.as_ref(), &path).await;
+                    (i, found.map_err(|e| e.to_string()))
                 }
             })
             .buffer_unordered(STORE_LOOKUPS)

@@ -510,7 +510,10 @@ impl FuseStack {
 
     /// Bytes of every object in the store.
     pub fn stored_bytes(&self) -> u64 {
-        self.block_on(self.s3.list()).iter().map(|(_, len)| len).sum()
+        self.block_on(self.s3.list())
+            .iter()
+            .map(|(_, len)| len)
+            .sum()
     }
 }
 

@@ -18,7 +18,6 @@ fn stack(name: &str) -> FuseStack {
     })
 }
 
-
 fn staged_blocks(stack: &FuseStack) -> u64 {
     stack.block_on(async {
         let mut client = stack.gateway.client().await;

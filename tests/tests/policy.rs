@@ -28,7 +28,6 @@ fn get(path: &Path) -> String {
     policy(&["get".as_ref(), path.as_os_str()])
 }
 
-
 #[test]
 fn a_through_policy_puts_files_in_the_store_before_close_returns_on_any_mount() {
     let stack = FuseStack::start("policy", |gateway| gateway.arg("--uploads-paused"));

@@ -14,7 +14,6 @@ use stagefs_tests::*;
 
 const MIB: usize = 1 << 20;
 
-
 fn stagefs(args: &[&std::ffi::OsStr]) -> std::process::Output {
     let output = Command::new(client_binary())
         .args(args)

@@ -604,7 +604,9 @@ async fn failover(
     let victim = count - 1;
     let survivor = world.gateway(0)?.addr;
     let victim_address = world.gateway(victim)?.addr.to_string();
-    let victim_id = registry(survivor)
+    let mut registry = Registry::connect(survivor).await?;
+    let victim_id = registry
+        .read()
         .await?
         .into_iter()
         .find(|(_, (_, address))| *address == victim_address)
@@ -639,7 +641,7 @@ async fn failover(
     let mut registry_dead = None;
     let watch_until = Instant::now() + window;
     while Instant::now() < watch_until {
-        if registry_dead.is_none() && !gateway_alive(survivor, &victim_id).await? {
+        if registry_dead.is_none() && !registry.alive(&victim_id).await? {
             registry_dead = Some(start.elapsed() - killed_at);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -649,7 +651,7 @@ async fn failover(
     // The registry's verdict may take longer than the writers ran (it waits for 3 missed
     // heartbeats); the takeover below does not depend on it, an operator's alert does.
     while registry_dead.is_none() && start.elapsed() - killed_at < REGISTRY_WAIT {
-        if !gateway_alive(survivor, &victim_id).await? {
+        if !registry.alive(&victim_id).await? {
             registry_dead = Some(start.elapsed() - killed_at);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -704,7 +706,7 @@ async fn failover(
     result.takeover_listening_ms = ms(spawned.elapsed());
     let new_address = taken.addr.to_string();
     loop {
-        if registered_at(survivor, &victim_id, &new_address).await? {
+        if registry.registered_at(&victim_id, &new_address).await? {
             break;
         }
         if spawned.elapsed() > Duration::from_secs(120) {
@@ -782,45 +784,51 @@ fn world_checkpoint_files(dir: &Path) -> Result<Vec<usize>, BenchError> {
     Ok(found)
 }
 
-/// The registry as the gateway at `addr` serves it: id → (alive, address).
-async fn registry(
-    addr: std::net::SocketAddr,
-) -> Result<BTreeMap<Vec<u8>, (bool, String)>, BenchError> {
-    let channel =
-        client::fs::connect_gateway(&addr.to_string(), &client::fs::GatewayAccess::default())
+/// The registry as one gateway serves it, over one connection for the whole run.
+struct Registry {
+    meta: proto::meta::meta_client::MetaClient<client::fs::GatewayChannel>,
+}
+
+impl Registry {
+    async fn connect(addr: std::net::SocketAddr) -> Result<Registry, BenchError> {
+        let channel =
+            client::fs::connect_gateway(&addr.to_string(), &client::fs::GatewayAccess::default())
+                .await
+                .map_err(|source| BenchError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        Ok(Registry {
+            meta: client::fs::meta_client(channel),
+        })
+    }
+
+    /// id → (alive, address).
+    async fn read(&mut self) -> Result<BTreeMap<Vec<u8>, (bool, String)>, BenchError> {
+        let gateways = self
+            .meta
+            .list_gateways(proto::meta::Empty {})
             .await
-            .map_err(|source| BenchError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-    let gateways = client::fs::meta_client(channel)
-        .list_gateways(proto::meta::Empty {})
-        .await
-        .map_err(|status| BenchError::rpc("ListGateways", status))?
-        .into_inner()
-        .gateways;
-    Ok(gateways
-        .into_iter()
-        .map(|g| (g.id.to_vec(), (g.alive, g.address)))
-        .collect())
-}
+            .map_err(|status| BenchError::rpc("ListGateways", status))?
+            .into_inner()
+            .gateways;
+        Ok(gateways
+            .into_iter()
+            .map(|g| (g.id.to_vec(), (g.alive, g.address)))
+            .collect())
+    }
 
-async fn gateway_alive(addr: std::net::SocketAddr, id: &[u8]) -> Result<bool, BenchError> {
-    Ok(registry(addr)
-        .await?
-        .get(id)
-        .is_some_and(|(alive, _)| *alive))
-}
+    async fn alive(&mut self, id: &[u8]) -> Result<bool, BenchError> {
+        Ok(self.read().await?.get(id).is_some_and(|(alive, _)| *alive))
+    }
 
-async fn registered_at(
-    addr: std::net::SocketAddr,
-    id: &[u8],
-    address: &str,
-) -> Result<bool, BenchError> {
-    Ok(registry(addr)
-        .await?
-        .get(id)
-        .is_some_and(|(alive, at)| *alive && at == address))
+    async fn registered_at(&mut self, id: &[u8], address: &str) -> Result<bool, BenchError> {
+        Ok(self
+            .read()
+            .await?
+            .get(id)
+            .is_some_and(|(alive, at)| *alive && at == address))
+    }
 }
 
 impl ClusterReport {
