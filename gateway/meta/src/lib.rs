@@ -374,6 +374,23 @@ pub trait MetaEngine: Send + Sync {
         new_size: u64,
         mtime_ns: TimeNs,
     ) -> Result<Attr>;
+    /// Slice compaction: swaps the slices `read[from..]` of a chunk for `merged`, one slice with
+    /// the same bytes. `read` is the chunk's list as the compactor read it; `merged` was staged
+    /// by `session` (recorded as pending), spans exactly what `read[from..]` spans, and holds
+    /// the bytes all of `read` showed there. The swap happens only if the chunk still begins
+    /// with `read` (slices committed since then stay after `merged`); the replaced slices, and
+    /// any earlier one `merged` now hides, are queued for deletion. Otherwise (the chunk was
+    /// overwritten, truncated or deleted meanwhile) nothing changes but `merged` is queued for
+    /// deletion, and the answer is `false`. Size and times stay: the file's bytes are the same.
+    async fn swap_compacted(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        read: &[Slice],
+        from: usize,
+        merged: &Slice,
+    ) -> Result<bool>;
     /// `count` fresh slice ids, never handed out before and never again, leased to `session`:
     /// no other session may stage or commit them.
     async fn allocate_slice_ids(&self, session: SessionId, count: u64) -> Result<Range<u64>>;

@@ -1550,6 +1550,71 @@ impl MetaEngine for KvMeta {
         })
     }
 
+    async fn swap_compacted(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        read: &[Slice],
+        from: usize,
+        merged: &Slice,
+    ) -> Result<bool> {
+        let run = read
+            .get(from..)
+            .filter(|run| !run.is_empty())
+            .ok_or_else(|| {
+                MetaError::Invalid(format!(
+                    "compaction of slices {from}.. of a chunk of {} slices",
+                    read.len()
+                ))
+            })?;
+        let span =
+            run.iter()
+                .map(|s| u64::from(s.offset_in_chunk))
+                .min()
+                .unwrap_or(0)..run.iter().map(Slice::end_in_chunk).max().unwrap_or(0);
+        if merged.slice_id == Slice::HOLE_ID
+            || u64::from(merged.offset_in_chunk) != span.start
+            || merged.end_in_chunk() != span.end
+            || span.end > CHUNK_SIZE
+        {
+            return Err(MetaError::Invalid(format!(
+                "compacted slice {merged:?} must hold bytes {span:?} of the chunk, the span of \
+                 the slices it replaces"
+            )));
+        }
+        crate::transact!(self, self.durability(), |tx| {
+            tx.check_session(session).await?;
+            let pending_key = keys::pending(session, merged.slice_id);
+            if tx.get(&pending_key).await?.is_none() {
+                return Err(MetaError::SliceNotPending {
+                    session,
+                    slice_id: merged.slice_id,
+                });
+            }
+            tx.delete(pending_key);
+            // Not in the file any more, inode included, is an empty chunk here.
+            let current = tx.chunk(ino, chunk_index).await?;
+            // Only appends since the read keep the merged bytes true: a truncation or an
+            // overwrite may have removed a slice, or clipped a hole, that the bytes depend on.
+            if !current.starts_with(read) {
+                tx.queue_deleted(merged.slice_id, merged.len, &merged.gateway_id)
+                    .await?;
+                return Ok(false);
+            }
+            let mut slices = Vec::with_capacity(current.len() - run.len() + 1);
+            slices.extend_from_slice(&current[..from]);
+            slices.push(*merged);
+            slices.extend_from_slice(&current[read.len()..]);
+            let (kept, shadowed) = drop_shadowed(slices);
+            for s in run.iter().chain(&shadowed) {
+                tx.queue_deleted(s.slice_id, s.len, &s.gateway_id).await?;
+            }
+            tx.put_chunk(ino, chunk_index, &kept);
+            Ok(true)
+        })
+    }
+
     async fn allocate_slice_ids(&self, session: SessionId, count: u64) -> Result<Range<u64>> {
         if count == 0 || count > MAX_SLICE_IDS_AT_ONCE {
             return Err(MetaError::Invalid(format!(

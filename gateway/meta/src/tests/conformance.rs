@@ -832,6 +832,154 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
     assert_eq!(attr.size, 5000);
 }
 
+impl Fixture {
+    /// A compacted slice for bytes `offset..offset + len`, recorded as pending.
+    fn merged(&self, offset: u32, len: u32) -> Slice {
+        let slice = Slice {
+            slice_id: self.meta.allocate_slice_ids(self.session, 1).unwrap().start,
+            offset_in_chunk: offset,
+            len,
+            gateway_id: GW,
+        };
+        self.meta
+            .record_pending_slice(self.session, &slice)
+            .unwrap();
+        slice
+    }
+}
+
+#[test]
+fn compaction_swaps_a_run_and_keeps_what_was_appended_since() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "log");
+    let a = f.write(file.ino, 0, 0, 100);
+    let b = f.write(file.ino, 0, 100, 100);
+    let c = f.write(file.ino, 0, 200, 100);
+    let read = f.meta.read_chunk(file.ino, 0).unwrap();
+    let d = f.write(file.ino, 0, 300, 100);
+    let before = f.meta.getattr(file.ino).unwrap();
+    let merged = f.merged(100, 200);
+    assert!(f
+        .meta
+        .swap_compacted(f.session, file.ino, 0, &read, 1, &merged)
+        .unwrap());
+    assert_eq!(
+        f.ids(file.ino, 0),
+        [a.slice_id, merged.slice_id, d.slice_id]
+    );
+    assert_eq!(
+        f.queued(),
+        BTreeSet::from([b.slice_id, c.slice_id]),
+        "the replaced slices, and only they, are queued"
+    );
+    assert_eq!(
+        f.meta.getattr(file.ino).unwrap(),
+        before,
+        "size and times stay"
+    );
+    assert!(f
+        .meta
+        .pending_slice(f.session, merged.slice_id)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn compaction_of_the_whole_list_hides_and_queues_every_slice_before() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "log");
+    let old: Vec<u64> = (0..4)
+        .map(|i| f.write(file.ino, 0, i * 50, 50).slice_id)
+        .collect();
+    let read = f.meta.read_chunk(file.ino, 0).unwrap();
+    let merged = f.merged(0, 200);
+    assert!(f
+        .meta
+        .swap_compacted(f.session, file.ino, 0, &read, 0, &merged)
+        .unwrap());
+    assert_eq!(f.ids(file.ino, 0), [merged.slice_id]);
+    assert_eq!(f.queued(), old.into_iter().collect::<BTreeSet<_>>());
+}
+
+#[test]
+fn compaction_is_refused_when_the_chunk_changed_other_than_by_appends() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "log");
+    f.write(file.ino, 0, 0, 100);
+    f.write(file.ino, 0, 100, 100);
+    let read = f.meta.read_chunk(file.ino, 0).unwrap();
+    // A truncation that removes a slice of the run changes what its bytes must be.
+    f.meta
+        .setattr(
+            file.ino,
+            &SetAttr {
+                size: Some(50),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+    let after_truncate = f.meta.read_chunk(file.ino, 0).unwrap();
+    let merged = f.merged(0, 200);
+    assert!(!f
+        .meta
+        .swap_compacted(f.session, file.ino, 0, &read, 0, &merged)
+        .unwrap());
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), after_truncate);
+    assert!(
+        f.queued().contains(&merged.slice_id),
+        "the unused merged slice is queued for deletion"
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .swap_compacted(f.session, file.ino, 0, &read, 0, &merged)
+        ),
+        libc::EPERM,
+        "its pending record is gone"
+    );
+}
+
+#[test]
+fn compaction_checks_the_merged_slice_and_the_run() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "log");
+    f.write(file.ino, 0, 0, 100);
+    f.write(file.ino, 0, 100, 100);
+    let read = f.meta.read_chunk(file.ino, 0).unwrap();
+    let merged = f.merged(0, 150);
+    assert_eq!(
+        errno(
+            f.meta
+                .swap_compacted(f.session, file.ino, 0, &read, 0, &merged)
+        ),
+        libc::EINVAL,
+        "shorter than the run it replaces"
+    );
+    assert_eq!(
+        errno(
+            f.meta
+                .swap_compacted(f.session, file.ino, 0, &read, 2, &merged)
+        ),
+        libc::EINVAL,
+        "an empty run"
+    );
+    let unrecorded = Slice {
+        slice_id: f.meta.allocate_slice_ids(f.session, 1).unwrap().start,
+        offset_in_chunk: 0,
+        len: 200,
+        gateway_id: GW,
+    };
+    assert_eq!(
+        errno(
+            f.meta
+                .swap_compacted(f.session, file.ino, 0, &read, 0, &unrecorded)
+        ),
+        libc::EPERM,
+        "not pending"
+    );
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), read);
+}
+
 #[test]
 fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     let f = fixture();
