@@ -92,6 +92,11 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
                 })
                 .collect()
         });
+        let compaction = serde_json::json!({
+            "compact_slices": s.compact_slices, "chunks_total": s.compacted_chunks_total,
+            "slices_total": s.compacted_slices_total, "bytes_total": s.compacted_bytes_total,
+            "skipped_total": s.compactions_skipped_total,
+        });
         let value = serde_json::json!({
             "gateway_id": s.gateway_id, "generation": s.generation, "device_path": s.device_path,
             "io_engine": s.io_engine, "store_url": s.store_url, "device_bytes": s.device_bytes,
@@ -108,6 +113,7 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "writing_through": s.writing_through,
             "written_through_blocks_total": s.written_through_blocks_total,
             "written_through_bytes_total": s.written_through_bytes_total,
+            "compaction": compaction,
             "last_store_error": s.last_store_error, "recovery_ms": s.recovery_ms,
             "recovered_blocks": s.recovered_blocks, "corrupt_records": s.corrupt_records,
             "writers_waiting_for_space": s.writers_waiting_for_space, "syncs_total": s.syncs_total,
@@ -157,6 +163,17 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             },
             s.written_through_blocks_total,
             format_size(s.written_through_bytes_total)
+        );
+    }
+    if s.compact_slices > 0 {
+        println!(
+            "compaction   chunks of more than {} slices: {} compacted ({} slices into one each, \
+             {} staged again), {} skipped since start",
+            s.compact_slices,
+            s.compacted_chunks_total,
+            s.compacted_slices_total,
+            format_size(s.compacted_bytes_total),
+            s.compactions_skipped_total
         );
     }
     println!(
@@ -317,6 +334,16 @@ async fn file_blocks(
     ino: u64,
     size: u64,
 ) -> anyhow::Result<Vec<Block>> {
+    file_layout(meta, ino, size, &mut 0).await
+}
+
+/// [`file_blocks`], and the most slices one chunk of the file holds raised into `most_slices`.
+async fn file_layout(
+    meta: &mut MetaClient<GatewayChannel>,
+    ino: u64,
+    size: u64,
+    most_slices: &mut usize,
+) -> anyhow::Result<Vec<Block>> {
     let mut keys = Vec::new();
     for chunk_index in 0..size.div_ceil(CHUNK_SIZE) {
         let slices = meta
@@ -325,6 +352,7 @@ async fn file_blocks(
             .with_context(|| format!("ReadChunk of inode {ino}, chunk {chunk_index}"))?
             .into_inner()
             .slices;
+        *most_slices = (*most_slices).max(slices.len());
         for slice in slices.iter().filter(|s| s.slice_id != 0) {
             keys.extend(
                 shared::meta::slice_block_keys(slice.slice_id, slice.len)
@@ -734,9 +762,11 @@ pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::
     // Blocks by the gateway that staged them, each with the file it belongs to.
     let mut by_stager: BTreeMap<Vec<u8>, Vec<(String, usize)>> = BTreeMap::new();
     let mut checks: Vec<FileCheck> = Vec::new();
+    // The longest slice list of any chunk: what slice compaction keeps short.
+    let mut most_slices = 0;
     for (index, (path, ino, size)) in files.iter().enumerate() {
         checks.push(FileCheck::default());
-        for (key, _, stager) in file_blocks(&mut meta, *ino, *size)
+        for (key, _, stager) in file_layout(&mut meta, *ino, *size, &mut most_slices)
             .await
             .with_context(|| format!("listing the blocks of {path}"))?
         {
@@ -791,6 +821,7 @@ pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::
         let value = serde_json::json!({
             "files": files.len(), "blocks": blocks, "missing_blocks": missing,
             "quarantined_blocks": quarantined, "blocks_on_dead_gateways": on_dead,
+            "most_slices_in_a_chunk": most_slices,
             "troubled_files": troubled.iter().map(|((path, ino, _), c)| serde_json::json!({
                 "path": path, "ino": ino, "blocks": c.blocks, "missing": c.missing,
                 "quarantined": c.quarantined, "on_dead_gateway": c.on_dead_gateway,
@@ -800,7 +831,8 @@ pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::
     } else {
         println!(
             "fsck: {} files, {blocks} blocks: {missing} MISSING, {quarantined} quarantined, \
-             {on_dead} only on gateways that are not alive",
+             {on_dead} only on gateways that are not alive; at most {most_slices} slices in a \
+             chunk",
             files.len()
         );
         for ((path, ino, _), c) in &troubled {

@@ -156,6 +156,11 @@ struct ServeArgs {
     /// device when the store is fast; 0: stage everything.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
     direct_threshold: u64,
+    /// Compact a chunk once it holds more than this many slices (every fsync of an append makes
+    /// one): its bytes are staged again as one fresh slice, swapped in atomically, and the old
+    /// slices deleted after --deleted-data-delay; 0: never.
+    #[arg(long, value_name = "SLICES", default_value_t = 100)]
+    compact_slices: usize,
     /// Share of the device in use (e.g. 90%) above which clients that can reach the object
     /// store (stagefs mounts) are told to write their blocks through to it themselves, so
     /// writes go on at store speed instead of waiting for space; `off` to always stage.
@@ -652,8 +657,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_high_water(HighWater::new(
             (args.staging_high_water > 0.0).then_some(args.staging_high_water),
             args.staging_low_water,
-        )),
+        ))
+        .with_compaction(args.compact_slices),
     );
+    gateway::node::compaction::start(&node, heartbeat_interval, &workers);
     node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
     node_workers::start(
         &node,

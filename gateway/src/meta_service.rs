@@ -640,7 +640,7 @@ impl Meta for MetaService {
         let attr = self
             .call("CommitSlice", async {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
-                self.engine
+                self.node
                     .commit_slice(
                         self.session(&tenant, &request.session_id).await?,
                         request.ino,

@@ -7,6 +7,7 @@
 //! slice, stage its block, commit it), and in [`workers`] the background work that keeps the
 //! two honest (session expiry, deleted-data cleanup, the registry heartbeat).
 
+pub mod compaction;
 pub mod incoming;
 pub mod workers;
 
@@ -58,6 +59,8 @@ pub struct Node {
     locks_changed: tokio::sync::Notify,
     /// When writes go through to the store instead of the device.
     pub high_water: HighWater,
+    /// Merges the slices of chunks that many commits made long.
+    pub compactor: compaction::Compactor,
 }
 
 /// How often a waiting lock request looks again without being woken: releases at other
@@ -118,7 +121,33 @@ impl Node {
                 .build(),
             locks_changed: tokio::sync::Notify::new(),
             high_water: HighWater::off(),
+            compactor: compaction::Compactor::new(0),
         }
+    }
+
+    /// With `--compact-slices`: chunks of more than `threshold` slices are compacted (once
+    /// [`compaction::start`] runs the compactor); 0: never.
+    pub fn with_compaction(mut self, threshold: usize) -> Node {
+        self.compactor = compaction::Compactor::new(threshold);
+        self
+    }
+
+    /// Commits a staged slice ([`MetaEngine::commit_slice`]) and counts it for compaction.
+    pub async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        mtime_ns: TimeNs,
+    ) -> Result<Attr, MetaError> {
+        let attr = self
+            .meta
+            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .await?;
+        self.compactor.note_commit(ino, chunk_index);
+        Ok(attr)
     }
 
     /// With `--staging-high-water`: clients that can are told to write blocks through above it.
@@ -355,7 +384,6 @@ impl Node {
                 Err(error) => return Err(error.into()),
             }
             Ok(node
-                .meta
                 .commit_slice(
                     write.session,
                     write.ino,

@@ -624,6 +624,8 @@ impl StagingService {
         let log = self.log();
         let snap = log.snapshot();
         let sb = &log.sb;
+        let compaction = &self.node.compactor.totals;
+        use std::sync::atomic::Ordering::Relaxed;
         pb::StatusResponse {
             gateway_id: uuid::Uuid::from_bytes(sb.gateway_id).to_string(),
             generation: sb.generation,
@@ -664,6 +666,11 @@ impl StagingService {
             writing_through: self.node.high_water.is_above(),
             written_through_blocks_total: self.node.high_water.totals().0,
             written_through_bytes_total: self.node.high_water.totals().1,
+            compact_slices: self.node.compactor.threshold() as u64,
+            compacted_chunks_total: compaction.chunks.load(Relaxed),
+            compacted_slices_total: compaction.slices.load(Relaxed),
+            compacted_bytes_total: compaction.bytes.load(Relaxed),
+            compactions_skipped_total: compaction.skipped.load(Relaxed),
             last_store_error: snap.counters.last_store_error.unwrap_or_default(),
             recovery_ms: log.recovery.duration.as_millis() as u64,
             recovered_blocks: log.recovery.blocks,
