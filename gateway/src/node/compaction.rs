@@ -344,17 +344,17 @@ impl<'a> BlockReader<'a> {
         let data = if stager == self.me {
             match self.node.log.read_block(&key).await {
                 Ok((data, _)) => data,
-                Err(StagingError::NotFound(_)) => self.from_store(key).await?,
+                Err(StagingError::NotFound(_)) => self.stored_block(key).await?,
                 Err(error) => return Err(error.into()),
             }
         } else {
-            self.from_store(key).await?
+            self.stored_block(key).await?
         };
         self.last = Some((key, data.clone()));
         Ok(data)
     }
 
-    async fn from_store(&self, key: BlockKey) -> Result<Bytes, CompactError> {
+    async fn stored_block(&self, key: BlockKey) -> Result<Bytes, CompactError> {
         let store: &dyn ObjectStore = self.node.store.as_ref();
         let data = match store.get(&key.object_path()).await {
             Ok(found) => found.bytes().await?,
