@@ -379,6 +379,49 @@ fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Res
     Ok(())
 }
 
+/// `stagefs du PATH…`: bytes, files and directories below each path, from the directory
+/// statistics the metadata keeps (a read per directory below, none per file).
+pub async fn du(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for path in paths {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let ino = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot stat {}", path.display()))?
+            .ino();
+        let (_, gateways) = gateway_of(&path)?;
+        let (gateway, channel) = connect_any(&gateways, access).await?;
+        let usage = meta_client(channel)
+            .dir_usage(proto::meta::InodeRequest { ino })
+            .await
+            .map_err(|status| anyhow::anyhow!("DirUsage on {gateway}: {}", status.message()))?
+            .into_inner();
+        rows.push((path, usage));
+    }
+    if json {
+        let value: Vec<_> = rows
+            .iter()
+            .map(|(path, u)| {
+                serde_json::json!({"path": path, "bytes": u.bytes, "files": u.files,
+                    "dirs": u.dirs})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        for (path, u) in &rows {
+            println!(
+                "{:>10}  {:>9} files  {:>7} dirs  {}",
+                format_size(u.bytes),
+                u.files,
+                u.dirs,
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `stagefs sync PATH…`: returns when every block of those files is in the object store. The
 /// blocks go to the store next on their gateways (`upload_now`), whatever the upload delay, and
 /// sync says what holds them: paused uploads, a failing store, a dead gateway.

@@ -71,6 +71,20 @@ enum Command {
         #[command(flatten)]
         access: client::cli::AccessArgs,
     },
+    /// Bytes, files and directories below each path, at once: read from the statistics every
+    /// directory keeps of its own children (a read per directory below, none per file). Bytes
+    /// are file sizes (holes count); a file is counted once, in the directory of the name it was
+    /// made or last renamed under.
+    Du {
+        /// Directories (or files) inside a stagefs mount.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
+    },
     /// List the block objects in the object store that no file, pending slice or queued
     /// deletion names (leaks), and with --delete remove them (an admin token's call). Objects
     /// that are not blocks are never touched; the store's prefix must belong to this file
@@ -253,6 +267,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             access,
         } => client::admin::gc(&gateway, &access.access()?, delete, min_age, json).await?,
+        Command::Du {
+            paths,
+            json,
+            access,
+        } => client::admin::du(&paths, &access.access()?, json).await?,
         Command::Fsck {
             gateway,
             json,

@@ -486,6 +486,21 @@ impl Meta for MetaService {
         Ok(Response::new(statfs_to_proto(&statfs)))
     }
 
+    async fn dir_usage(
+        &self,
+        request: Request<pb::InodeRequest>,
+    ) -> Result<Response<pb::DirUsageResponse>, Status> {
+        let ino = request.into_inner().ino;
+        let usage = self
+            .call("DirUsage", async { self.engine.dir_usage(ino).await })
+            .await?;
+        Ok(Response::new(pb::DirUsageResponse {
+            files: usage.files,
+            dirs: usage.dirs,
+            bytes: usage.bytes,
+        }))
+    }
+
     async fn open(
         &self,
         request: Request<pb::HandleRequest>,

@@ -90,6 +90,16 @@ pub struct FsBenchArgs {
     #[arg(long, value_name = "N")]
     pub appends: Option<usize>,
 
+    /// Appends of `appends` in write-through mode, where each costs a store PUT [default:
+    /// --appends].
+    #[arg(long, value_name = "N")]
+    pub through_appends: Option<usize>,
+
+    /// The gateway's `--compact-slices`: chunks of more slices are compacted (0: never)
+    /// [default: the gateway's, 100].
+    #[arg(long, value_name = "SLICES")]
+    pub compact_slices: Option<usize>,
+
     /// Files of `read_after_write` [default: 200, 20 with --quick].
     #[arg(long, value_name = "N")]
     pub read_after_write_files: Option<usize>,
@@ -139,6 +149,7 @@ struct Plan {
     checkpoint_size: u64,
     small_files: usize,
     appends: usize,
+    through_appends: usize,
     raw_files: usize,
     untar_files: usize,
 }
@@ -159,6 +170,9 @@ impl Plan {
             }),
             small_files: pick(args.small_files, 10_000, 200),
             appends: pick(args.appends, 1000, 50),
+            through_appends: args
+                .through_appends
+                .unwrap_or_else(|| pick(args.appends, 1000, 50)),
             raw_files: pick(args.read_after_write_files, 200, 20),
             untar_files: pick(args.untar_files, 5000, 200),
         };
@@ -283,10 +297,19 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         s3_allow_http: true,
         uploads_paused: false,
         env: s3_env(),
-        extra: vec![
-            "--direct-threshold".into(),
-            args.direct_threshold.to_string().into(),
-        ],
+        extra: [
+            "--direct-threshold".to_string(),
+            args.direct_threshold.to_string(),
+        ]
+        .into_iter()
+        .chain(
+            args.compact_slices
+                .map(|n| ["--compact-slices".to_string(), n.to_string()])
+                .into_iter()
+                .flatten(),
+        )
+        .map(Into::into)
+        .collect(),
         log: work_path.join("gateway.log"),
     };
     let gateway = GatewayProcess::start(&spec, true, Duration::from_secs(60)).await?;
@@ -432,17 +455,27 @@ async fn run_mode(
     figures.small_files_per_s = Some(rate);
     settle("small_files").await?;
 
-    let count = plan.appends;
+    let count = match mode {
+        Mode::Through => plan.through_appends,
+        Mode::Gateway => plan.appends,
+    };
     progress!("[{name}] appends: {count} × ~100 bytes + fsync");
     let d = dir.clone();
+    let compacted_before = compacted_slices(gateway).await?;
     let appends = blocking(move || workloads::appends(&d, count)).await?;
+    let compacted = compacted_slices(gateway).await? - compacted_before;
     progress!(
-        "[{name}] appends: {:.0}/s ({:.1} s)",
+        "[{name}] appends: {:.0}/s ({:.1} s; last tenth {:.2}× the rate of the first); the \
+         gateway compacted {compacted} slices meanwhile",
         appends.per_s,
-        appends.total.as_secs_f64()
+        appends.total.as_secs_f64(),
+        appends.end_ratio
     );
+    figures.appends_compacted_slices = Some(compacted);
+    figures.appends_tenths_per_s = appends.tenths_per_s.clone();
     figures.appends_per_s = Some(appends.per_s);
     figures.appends_total_s = Some(appends.total.as_secs_f64());
+    figures.appends_end_ratio = Some(appends.end_ratio);
     settle("appends").await?;
 
     let count = plan.raw_files;
@@ -472,6 +505,14 @@ async fn run_mode(
 
 /// Waits until the gateway has uploaded everything staged, so that the next workload does not
 /// share the machine with the last one's uploads; the seconds it took.
+/// Slices the gateway has compacted since it started.
+async fn compacted_slices(gateway: std::net::SocketAddr) -> Result<u64, BenchError> {
+    let mut client = super::rpc::connect(gateway, &Default::default()).await?;
+    Ok(super::rpc::status(&mut client)
+        .await?
+        .compacted_slices_total)
+}
+
 async fn wait_for_uploads(gateway: std::net::SocketAddr) -> Result<f64, BenchError> {
     let start = Instant::now();
     let mut client = super::rpc::connect(gateway, &Default::default()).await?;

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::{
-    Attr, DeletedSlice, DirEntry, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
+    Attr, DeletedSlice, DirEntry, DirUsage, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
     LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo,
     SetAttr, Slice, StatFs, TimeNs, XattrMode,
 };
@@ -68,6 +68,7 @@ impl BlockingMeta {
         listxattr(ino: Ino) -> Vec<Vec<u8>>;
         removexattr(ino: Ino, name: &[u8]) -> ();
         statfs() -> StatFs;
+        dir_usage(ino: Ino) -> DirUsage;
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;

@@ -14,6 +14,8 @@
 //! | xattr             | `x` ino name                       | value                              |
 //! | chunk             | `c` ino chunk-index                | slices in commit order (`codec`)   |
 //! | usage counter     | `u` counter shard                  | u64 (sharded: see `rules`)         |
+//! | directory stats   | `D` dir shard                      | files, dirs, bytes of its children (sharded) |
+//! | subdirectory      | `C` parent child                   | empty (`du` walks directories only) |
 //! | id sequence       | `n` name                           | u64, next id (backends that keep sequences in the key space) |
 //! | session           | `S` session                        | last heartbeat, description        |
 //! | a mount's gateways| `v` session                        | gateways used, then avoided (`rules`) |
@@ -113,6 +115,24 @@ pub fn usage(counter: u8, shard: u8) -> Vec<u8> {
 
 pub fn usage_prefix(counter: u8) -> Vec<u8> {
     vec![b'u', counter]
+}
+
+/// One shard of the statistics of `dir`'s direct children (its `du` share).
+pub fn dir_stats(dir: Ino, shard: u8) -> Vec<u8> {
+    key(b'D', &[dir], &[shard])
+}
+
+pub fn dir_stats_prefix(dir: Ino) -> Vec<u8> {
+    key(b'D', &[dir], &[])
+}
+
+/// Directory `child` is in directory `parent`.
+pub fn subdir(parent: Ino, child: Ino) -> Vec<u8> {
+    key(b'C', &[parent, child], &[])
+}
+
+pub fn subdir_prefix(parent: Ino) -> Vec<u8> {
+    key(b'C', &[parent], &[])
 }
 
 pub fn sequence(sequence: Sequence) -> Vec<u8> {

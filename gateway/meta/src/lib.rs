@@ -67,6 +67,19 @@ impl DeletedSlice {
     }
 }
 
+/// What `du` counts below a directory: kept as statistics of each directory's own children
+/// (DESIGN.md would call them directory statistics), summed over the directories below.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirUsage {
+    /// Non-directories, each counted once: in the directory of the name it was created under
+    /// (or renamed with).
+    pub files: u64,
+    /// Directories below, not counting the one asked about.
+    pub dirs: u64,
+    /// Bytes of the regular files (their sizes, holes included).
+    pub bytes: u64,
+}
+
 /// A gateway as the registry knows it (DESIGN.md, "Scale-out and takeover").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayRecord {
@@ -357,6 +370,10 @@ pub trait MetaEngine: Send + Sync {
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
 
     async fn statfs(&self) -> Result<StatFs>;
+    /// What is below `ino` at any depth ([`DirUsage`]); for a non-directory, itself. Reads the
+    /// statistics each directory keeps of its children, in one snapshot: the cost grows with
+    /// the directories below, not the files.
+    async fn dir_usage(&self, ino: Ino) -> Result<DirUsage>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.

@@ -30,11 +30,11 @@ use crate::codec::{
 use crate::keys;
 use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
-    check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, FileKind, GatewayId, GatewayLoad,
-    GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine, MetaError,
-    MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice, StatFs, TimeNs,
-    XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
+    check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, DirUsage, FileKind, GatewayId,
+    GatewayLoad, GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine,
+    MetaError, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
+    StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS,
+    MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
 /// Records per page of the scan behind [`MetaEngine::referenced_slice_ids`] (tiny in tests, so
@@ -46,7 +46,7 @@ const REFERENCE_SCAN_PAGE: usize = 2;
 
 /// Bumped when the layout of the key space changes incompatibly. 3: session ids of 128 random
 /// bits, and slice-id leases (`a`).
-pub const FORMAT_VERSION: u64 = 3;
+pub const FORMAT_VERSION: u64 = 4;
 
 /// The last format [`Tx::migrate`] can bring up to [`FORMAT_VERSION`].
 const OLDEST_MIGRATABLE_FORMAT: u64 = 2;
@@ -398,14 +398,67 @@ impl Tx<'_> {
         self.add_usage(1, 0).await
     }
 
-    /// Brings format `from` up to [`FORMAT_VERSION`] in this transaction.
-    ///
+    /// Brings format `from` up to [`FORMAT_VERSION`] in this transaction, one step at a time.
+    async fn migrate(&mut self, from: u64) -> Result<()> {
+        // Counted first, so that files the session step purges leave their directories' counts.
+        if from < 4 {
+            self.count_directories().await?;
+        }
+        if from < 3 {
+            self.migrate_sessions().await?;
+        }
+        self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
+        tracing::info!(from, to = FORMAT_VERSION, "migrated the metadata format");
+        Ok(())
+    }
+
+    /// 3 → 4: directory statistics (`du`). Every directory is indexed under its parent and
+    /// counted there; every other node gets as home the directory of its first name (format 3
+    /// kept a file's parent only from its creation) and is counted there, or nowhere when it
+    /// has no name left.
+    async fn count_directories(&mut self) -> Result<()> {
+        let mut first_name: HashMap<Ino, Ino> = HashMap::new();
+        for (key, value) in self.scan_prefix(b"d").await? {
+            let ([parent], _) = keys::parse::<1>(&key)?;
+            let (ino, _, _) = keys::decode_pair("directory entry", &value)?;
+            first_name.entry(ino).or_insert(parent);
+        }
+        let mut stats: HashMap<Ino, [i64; 3]> = HashMap::new();
+        for (key, value) in self.scan_prefix(b"i").await? {
+            let ([ino], _) = keys::parse::<1>(&key)?;
+            let mut inode = decode_inode(ino, &value)?;
+            if inode.attr.kind == FileKind::Dir {
+                if ino != ROOT_INO {
+                    self.put(keys::subdir(inode.parent, ino), Vec::new());
+                }
+            } else {
+                let home = match inode.attr.nlink {
+                    0 => 0,
+                    _ => first_name.get(&ino).copied().unwrap_or(0),
+                };
+                if inode.parent != home {
+                    inode.parent = home;
+                    self.put_inode(&inode);
+                }
+            }
+            if let Some(home) = home_of(&inode) {
+                let total = stats.entry(home).or_default();
+                for (t, d) in total.iter_mut().zip(counted(&inode.attr)) {
+                    *t += d;
+                }
+            }
+        }
+        for (dir, delta) in stats {
+            self.add_dir_stats(dir, delta).await?;
+        }
+        Ok(())
+    }
+
     /// 2 → 3: sessions had sequential 64-bit ids, which any client could guess. Each one is
     /// closed as an expired session is (its handles released, unlinked files nobody holds purged,
     /// slices it staged but never committed queued for deletion); its client is told the session
     /// is gone and opens a new one.
-    async fn migrate(&mut self, from: u64) -> Result<()> {
-        debug_assert_eq!(from, 2, "the only older format");
+    async fn migrate_sessions(&mut self) -> Result<()> {
         for (key, value) in self.scan_prefix(b"h").await? {
             let ([_session, ino], _) = keys::parse::<2>(&key)?;
             self.delete(key);
@@ -423,8 +476,6 @@ impl Tx<'_> {
         }
         // The session sequence of format 2, where the backend kept it in the key space.
         self.delete(b"nnext_session".to_vec());
-        self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
-        tracing::info!(from, to = FORMAT_VERSION, "migrated the metadata format");
         Ok(())
     }
 
@@ -449,6 +500,48 @@ impl Tx<'_> {
                 };
                 self.put(key, keys::encode_u64(value.wrapping_add_signed(delta)));
             }
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` (files, directories, bytes) to this transaction's shard of `dir`'s
+    /// statistics. Like the usage counters, a shard may wrap below zero; the sum is what counts.
+    async fn add_dir_stats(&mut self, dir: Ino, delta: [i64; 3]) -> Result<()> {
+        if delta == [0; 3] {
+            return Ok(());
+        }
+        let key = keys::dir_stats(dir, self.shard);
+        let mut values = match self.get(&key).await? {
+            Some(bytes) => decode_dir_stats(dir, &bytes)?,
+            None => [0; 3],
+        };
+        for (value, d) in values.iter_mut().zip(delta) {
+            *value = value.wrapping_add_signed(d);
+        }
+        self.put(key, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+        Ok(())
+    }
+
+    /// The statistics of `dir`'s direct children: the sum of its shards.
+    async fn dir_stats(&mut self, dir: Ino) -> Result<[u64; 3]> {
+        let mut total = [0u64; 3];
+        for (_, value) in self.scan_prefix(&keys::dir_stats_prefix(dir)).await? {
+            for (t, v) in total.iter_mut().zip(decode_dir_stats(dir, &value)?) {
+                *t = t.wrapping_add(v);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Moves what `inode` counts for from directory `from` to `to` (a rename); a directory's
+    /// index entry moves with it. `inode.parent` is the caller's to update.
+    async fn move_counted(&mut self, inode: &Inode, from: Ino, to: Ino) -> Result<()> {
+        let delta = counted(&inode.attr);
+        self.add_dir_stats(from, delta.map(|d| -d)).await?;
+        self.add_dir_stats(to, delta).await?;
+        if inode.attr.kind == FileKind::Dir {
+            self.delete(keys::subdir(from, inode.attr.ino));
+            self.put(keys::subdir(to, inode.attr.ino), Vec::new());
         }
         Ok(())
     }
@@ -617,18 +710,33 @@ impl Tx<'_> {
         self.add_entry(parent, name, ino).await?;
         self.touch_dir(parent, if is_dir { 1 } else { 0 }).await?;
         self.add_usage(1, 0).await?;
+        self.add_dir_stats(parent, counted(&inode.attr)).await?;
+        if is_dir {
+            self.put(keys::subdir(parent, ino), Vec::new());
+        }
         Ok(inode.attr)
     }
 
-    /// One name of a non-directory is gone; the inode goes with its last name unless open.
-    async fn drop_link(&mut self, ino: Ino) -> Result<()> {
+    /// The name of a non-directory in `dir` is gone; the inode goes with its last name unless
+    /// open. Removing the name in its home directory takes it out of that directory's
+    /// statistics (a hard-linked file then counts nowhere until linked again).
+    async fn drop_link(&mut self, dir: Ino, ino: Ino) -> Result<()> {
         let now = self.now;
+        let mut was_home = false;
         let inode = self
             .update_inode(ino, |i| {
                 i.attr.nlink = i.attr.nlink.saturating_sub(1);
                 i.attr.ctime_ns = now;
+                if i.parent == dir {
+                    i.parent = 0;
+                    was_home = true;
+                }
             })
             .await?;
+        if was_home {
+            self.add_dir_stats(dir, counted(&inode.attr).map(|d| -d))
+                .await?;
+        }
         if inode.attr.nlink == 0 && inode.open_handles == 0 {
             self.purge(ino).await?;
         }
@@ -644,6 +752,16 @@ impl Tx<'_> {
             self.delete(key);
         }
         self.drop_chunks_from(ino, 0).await?;
+        if let Some(home) = home_of(&inode) {
+            self.add_dir_stats(home, counted(&inode.attr).map(|d| -d))
+                .await?;
+        }
+        if inode.attr.kind == FileKind::Dir {
+            self.delete(keys::subdir(inode.parent, ino));
+            for (key, _) in self.scan_prefix(&keys::dir_stats_prefix(ino)).await? {
+                self.delete(key);
+            }
+        }
         let bytes = if inode.attr.kind == FileKind::File {
             inode.attr.size
         } else {
@@ -765,6 +883,10 @@ impl Tx<'_> {
             }
         }
         self.add_usage(0, new_size as i64 - old_size as i64).await?;
+        if let Some(home) = home_of(inode) {
+            self.add_dir_stats(home, [0, 0, new_size as i64 - old_size as i64])
+                .await?;
+        }
         inode.attr.size = new_size;
         Ok(())
     }
@@ -959,17 +1081,16 @@ impl Tx<'_> {
             self.remove_entry(new_parent, new_name).await?;
             self.add_entry(parent, name, dst_ino).await?;
             self.add_entry(new_parent, new_name, src_ino).await?;
-            for (ino, is_dir, home) in [
-                (src_ino, src_is_dir, new_parent),
-                (dst_ino, dst_is_dir, parent),
-            ] {
-                self.update_inode(ino, |i| {
-                    if is_dir {
-                        i.parent = home;
-                    }
-                    i.attr.ctime_ns = now;
-                })
-                .await?;
+            for (ino, from, to) in [(src_ino, parent, new_parent), (dst_ino, new_parent, parent)] {
+                let mut inode = self.inode(ino).await?;
+                // A directory always lives where its name is; another node moves its home only
+                // with the name it is counted under.
+                if from != to && inode.parent == from {
+                    self.move_counted(&inode, from, to).await?;
+                    inode.parent = to;
+                }
+                inode.attr.ctime_ns = now;
+                self.put_inode(&inode);
             }
             let moved_subdirs = i32::from(src_is_dir) - i32::from(dst_is_dir);
             if parent == new_parent {
@@ -997,18 +1118,18 @@ impl Tx<'_> {
                 self.purge(dst_ino).await?;
                 replaced_dir = true;
             } else {
-                self.drop_link(dst_ino).await?;
+                self.drop_link(new_parent, dst_ino).await?;
             }
         }
         self.remove_entry(parent, name).await?;
         self.add_entry(new_parent, new_name, src_ino).await?;
-        self.update_inode(src_ino, |i| {
-            if src_is_dir {
-                i.parent = new_parent;
-            }
-            i.attr.ctime_ns = now;
-        })
-        .await?;
+        let mut src = self.inode(src_ino).await?;
+        if parent != new_parent && src.parent == parent {
+            self.move_counted(&src, parent, new_parent).await?;
+            src.parent = new_parent;
+        }
+        src.attr.ctime_ns = now;
+        self.put_inode(&src);
         let moved_subdirs = i32::from(src_is_dir);
         if parent == new_parent {
             self.touch_dir(parent, -i32::from(replaced_dir)).await?;
@@ -1112,6 +1233,36 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// What a node counts for in its home directory's statistics: files (every non-directory),
+/// directories, bytes (of regular files).
+fn counted(attr: &Attr) -> [i64; 3] {
+    match attr.kind {
+        FileKind::Dir => [0, 1, 0],
+        FileKind::File => [1, 0, attr.size as i64],
+        _ => [1, 0, 0],
+    }
+}
+
+/// The directory whose statistics count `inode`: a directory's parent (none for the root), the
+/// directory of the name another node is counted under (none once that name is gone).
+fn home_of(inode: &Inode) -> Option<Ino> {
+    (inode.parent != 0 && inode.parent != inode.attr.ino).then_some(inode.parent)
+}
+
+fn decode_dir_stats(dir: Ino, bytes: &[u8]) -> Result<[u64; 3]> {
+    if bytes.len() != 24 {
+        return Err(MetaError::Corrupt(format!(
+            "statistics of directory {dir}: {} bytes, not 24",
+            bytes.len()
+        )));
+    }
+    let mut out = [0u64; 3];
+    for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    Ok(out)
 }
 
 /// Splits slices in commit order into those still showing at least one byte and those that later
@@ -1298,7 +1449,7 @@ impl MetaEngine for KvMeta {
             }
             tx.remove_entry(parent, name).await?;
             tx.touch_dir(parent, 0).await?;
-            tx.drop_link(ino).await
+            tx.drop_link(parent, ino).await
         })
     }
 
@@ -1352,12 +1503,21 @@ impl MetaEngine for KvMeta {
             tx.add_entry(new_parent, new_name, ino).await?;
             tx.touch_dir(new_parent, 0).await?;
             let now = tx.now;
+            let mut adopted = false;
             let inode = tx
                 .update_inode(ino, |i| {
                     i.attr.nlink += 1;
                     i.attr.ctime_ns = now;
+                    // Counted nowhere since the name it was counted under went: counted here.
+                    if i.parent == 0 {
+                        i.parent = new_parent;
+                        adopted = true;
+                    }
                 })
                 .await?;
+            if adopted {
+                tx.add_dir_stats(new_parent, counted(&inode.attr)).await?;
+            }
             Ok(inode.attr)
         })
     }
@@ -1487,6 +1647,35 @@ impl MetaEngine for KvMeta {
             used_bytes: tx.usage(USED_BYTES).await?,
             capacity_bytes: self.config.capacity_bytes,
             max_files: self.config.max_files,
+        })
+    }
+
+    async fn dir_usage(&self, ino: Ino) -> Result<DirUsage> {
+        let mut tx = self.read_tx().await?;
+        let inode = tx.inode(ino).await?;
+        if inode.attr.kind != FileKind::Dir {
+            let [files, _, bytes] = counted(&inode.attr);
+            return Ok(DirUsage {
+                files: files as u64,
+                dirs: 0,
+                bytes: bytes as u64,
+            });
+        }
+        let mut total = [0u64; 3];
+        let mut waiting = vec![ino];
+        while let Some(dir) = waiting.pop() {
+            for (t, v) in total.iter_mut().zip(tx.dir_stats(dir).await?) {
+                *t = t.wrapping_add(v);
+            }
+            for (key, _) in tx.scan_prefix(&keys::subdir_prefix(dir)).await? {
+                let ([_, child], _) = keys::parse::<2>(&key)?;
+                waiting.push(child);
+            }
+        }
+        Ok(DirUsage {
+            files: total[0],
+            dirs: total[1],
+            bytes: total[2],
         })
     }
 

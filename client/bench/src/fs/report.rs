@@ -22,6 +22,12 @@ pub struct ModeFigures {
     pub small_files_per_s: Option<f64>,
     pub appends_per_s: Option<f64>,
     pub appends_total_s: Option<f64>,
+    /// The rate of the last tenth of the appends ÷ that of the first.
+    pub appends_end_ratio: Option<f64>,
+    /// Slices the gateway compacted during the appends (both modes share the gateway).
+    pub appends_compacted_slices: Option<u64>,
+    /// Appends per second in each tenth of the run: the shape behind `appends_end_ratio`.
+    pub appends_tenths_per_s: Vec<f64>,
     pub raw_p50_ms: Option<f64>,
     pub raw_p99_ms: Option<f64>,
     pub untar_files_per_s: Option<f64>,
@@ -267,8 +273,11 @@ fn times(value: Option<f64>, suffix: &str) -> String {
 }
 
 fn appends(m: &ModeFigures) -> String {
-    match (m.appends_per_s, m.appends_total_s) {
-        (Some(rate), Some(total)) => format!("{rate:.0}/s ({total:.1} s)"),
+    match (m.appends_per_s, m.appends_total_s, m.appends_end_ratio) {
+        (Some(rate), Some(total), Some(end)) => {
+            format!("{rate:.0}/s ({total:.1} s; end {end:.2}× start)")
+        }
+        (Some(rate), Some(total), None) => format!("{rate:.0}/s ({total:.1} s)"),
         _ => "-".into(),
     }
 }

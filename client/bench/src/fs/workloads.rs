@@ -195,6 +195,11 @@ pub fn small_files(dir: &Path, count: usize, threads: usize) -> Result<f64, Benc
 pub struct Appends {
     pub per_s: f64,
     pub total: Duration,
+    /// The rate of the last tenth of the appends over that of the first: whether a long slice
+    /// list (or its compaction) slows a log down as it grows.
+    pub end_ratio: f64,
+    /// Appends per second in each tenth of the run.
+    pub tenths_per_s: Vec<f64>,
 }
 
 /// `count` appends of about 100 bytes to one file, each followed by `fsync`; then checks the
@@ -207,12 +212,22 @@ pub fn appends(dir: &Path, count: usize) -> Result<Appends, BenchError> {
         .append(true)
         .open(&path)
         .map_err(|e| io_error("cannot open", &path, e))?;
+    // Appends per second in each tenth of the run (the last one takes the remainder).
+    let tenth = (count / 10).max(1);
+    let mut tenths = Vec::with_capacity(10);
     let start = Instant::now();
+    let mut tenth_start = start;
     for i in 0..count {
         file.write_all(row(i).as_bytes())
             .map_err(|e| io_error("append failed on", &path, e))?;
         file.sync_all()
             .map_err(|e| io_error("fsync failed on", &path, e))?;
+        let done = i + 1;
+        if done == count || (done % tenth == 0 && tenths.len() < 9) {
+            let in_tenth = done - tenths.len() * tenth;
+            tenths.push(in_tenth as f64 / tenth_start.elapsed().as_secs_f64().max(1e-9));
+            tenth_start = Instant::now();
+        }
     }
     let total = start.elapsed();
     close(file, &path)?;
@@ -229,6 +244,9 @@ pub fn appends(dir: &Path, count: usize) -> Result<Appends, BenchError> {
     Ok(Appends {
         per_s: count as f64 / total.as_secs_f64().max(1e-9),
         total,
+        end_ratio: tenths.last().copied().unwrap_or(0.0)
+            / tenths.first().copied().unwrap_or(0.0).max(1e-9),
+        tenths_per_s: tenths,
     })
 }
 

@@ -1652,6 +1652,137 @@ fn data_is_checked_before_anything_is_staged() {
     );
 }
 
+fn du(files: u64, dirs: u64, bytes: u64) -> DirUsage {
+    DirUsage { files, dirs, bytes }
+}
+
+impl Fixture {
+    fn resize(&self, ino: Ino, size: u64) {
+        self.meta
+            .setattr(
+                ino,
+                &SetAttr {
+                    size: Some(size),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+    }
+}
+
+#[test]
+fn du_counts_files_directories_and_bytes_below_a_directory() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(a.ino, "b");
+    let f1 = f.file(a.ino, "f1");
+    f.resize(f1.ino, 100);
+    let f2 = f.file(b.ino, "f2");
+    f.write(f2.ino, 0, 0, 50);
+    f.meta.symlink(b.ino, b"s", b"f2", 0, 0).unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(3, 2, 150));
+    assert_eq!(f.meta.dir_usage(a.ino).unwrap(), du(3, 1, 150));
+    assert_eq!(f.meta.dir_usage(b.ino).unwrap(), du(2, 0, 50));
+    assert_eq!(
+        f.meta.dir_usage(f1.ino).unwrap(),
+        du(1, 0, 100),
+        "a file: itself"
+    );
+
+    f.meta
+        .rename(b.ino, b"f2", ROOT_INO, b"f2", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.meta.dir_usage(a.ino).unwrap(), du(2, 1, 100));
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(3, 2, 150));
+    f.write(f2.ino, 1, 0, 10);
+    assert_eq!(
+        f.meta.dir_usage(ROOT_INO).unwrap(),
+        du(3, 2, 100 + shared::CHUNK_SIZE + 10),
+        "a commit that grows a file counts"
+    );
+    f.resize(f2.ino, 50);
+    f.meta.unlink(a.ino, b"f1").unwrap();
+    f.meta
+        .rename(a.ino, b"b", ROOT_INO, b"b", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(f.meta.dir_usage(a.ino).unwrap(), du(0, 0, 0));
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(2, 2, 50));
+    f.meta.unlink(b.ino, b"s").unwrap();
+    f.meta.rmdir(ROOT_INO, b"b").unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(1, 1, 50));
+}
+
+#[test]
+fn du_counts_a_hard_linked_file_once() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(ROOT_INO, "b");
+    let file = f.file(a.ino, "f");
+    f.resize(file.ino, 10);
+    f.meta.link(file.ino, b.ino, b"g").unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(1, 2, 10));
+    assert_eq!(
+        f.meta.dir_usage(a.ino).unwrap(),
+        du(1, 0, 10),
+        "counted in its first home"
+    );
+    assert_eq!(f.meta.dir_usage(b.ino).unwrap(), du(0, 0, 0));
+    f.meta.unlink(b.ino, b"g").unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(1, 2, 10));
+    f.meta.link(file.ino, b.ino, b"g").unwrap();
+    f.meta.unlink(a.ino, b"f").unwrap();
+    assert_eq!(
+        f.meta.dir_usage(ROOT_INO).unwrap(),
+        du(0, 2, 0),
+        "the name it was counted under is gone: counted nowhere"
+    );
+    f.meta.link(file.ino, ROOT_INO, b"h").unwrap();
+    assert_eq!(
+        f.meta.dir_usage(ROOT_INO).unwrap(),
+        du(1, 2, 10),
+        "a new name counts it again"
+    );
+}
+
+#[test]
+fn format_3_gains_directory_statistics_on_upgrade() {
+    let f = fixture();
+    let a = f.mkdir(ROOT_INO, "a");
+    let b = f.mkdir(a.ino, "b");
+    let file = f.file(b.ino, "f");
+    f.resize(file.ino, 42);
+    f.file(ROOT_INO, "g");
+    let open = f.file(a.ino, "open-unlinked");
+    f.meta.open(f.session, open.ino).unwrap();
+    f.meta.unlink(a.ino, b"open-unlinked").unwrap();
+    let want = [
+        (ROOT_INO, du(2, 2, 42)),
+        (a.ino, du(1, 1, 42)),
+        (b.ino, du(1, 0, 42)),
+    ];
+    for (ino, usage) in want {
+        assert_eq!(f.meta.dir_usage(ino).unwrap(), usage);
+    }
+    let Fixture { db, meta, .. } = f;
+    drop(meta);
+    // Format 3 kept neither statistics nor the subdirectory index.
+    let mut writes: Vec<crate::kv::Write> = [&b"D"[..], b"C"]
+        .iter()
+        .flat_map(|prefix| db.keys_with_prefix(prefix))
+        .map(|key| (key, None))
+        .collect();
+    writes.push((keys::FORMAT.to_vec(), Some(keys::encode_u64(3))));
+    db.write_raw(writes);
+    let meta = db.open(config());
+    for (ino, usage) in want {
+        assert_eq!(
+            meta.dir_usage(ino).unwrap(),
+            usage,
+            "du of {ino} after the upgrade"
+        );
+    }
+}
+
 #[test]
 fn format_2_sessions_are_closed_by_the_upgrade() {
     let f = fixture();

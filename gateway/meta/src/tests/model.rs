@@ -92,7 +92,8 @@ struct Node {
     kind: FileKind,
     nlink: u32,
     size: u64,
-    /// Directories: their parent.
+    /// Directories: their parent. Other nodes: the directory whose statistics count them (`du`):
+    /// of the name they were made or last renamed under, 0 once that name is gone.
     parent: Ino,
     entries: BTreeMap<Vec<u8>, Ino>,
     open_handles: u32,
@@ -189,9 +190,12 @@ impl Model {
         self.removed.insert(ino);
     }
 
-    fn drop_link(&mut self, ino: Ino) {
+    fn drop_link(&mut self, dir: Ino, ino: Ino) {
         let node = self.node(ino);
         node.nlink -= 1;
+        if node.parent == dir {
+            node.parent = 0;
+        }
         if node.nlink == 0 && node.open_handles == 0 {
             self.remove(ino);
         }
@@ -217,7 +221,7 @@ impl Model {
             return Err(libc::EISDIR);
         }
         self.node(dir).entries.remove(name);
-        self.drop_link(ino);
+        self.drop_link(dir, ino);
         Ok(())
     }
 
@@ -266,14 +270,17 @@ impl Model {
             self.node(dir).entries.insert(name.to_vec(), dst);
             self.node(new_dir).entries.insert(new_name.to_vec(), src);
             if src_is_dir {
-                self.node(src).parent = new_dir;
                 self.node(dir).nlink -= 1;
                 self.node(new_dir).nlink += 1;
             }
             if dst_is_dir {
-                self.node(dst).parent = dir;
                 self.node(new_dir).nlink -= 1;
                 self.node(dir).nlink += 1;
+            }
+            for (ino, from, to) in [(src, dir, new_dir), (dst, new_dir, dir)] {
+                if self.nodes[&ino].parent == from {
+                    self.node(ino).parent = to;
+                }
             }
             return Ok(());
         }
@@ -287,15 +294,17 @@ impl Model {
                     self.node(new_dir).nlink -= 1;
                     self.remove(dst);
                 }
-                (false, false) => self.drop_link(dst),
+                (false, false) => self.drop_link(new_dir, dst),
             }
         }
         self.node(dir).entries.remove(name);
         self.node(new_dir).entries.insert(new_name.to_vec(), src);
         if src_is_dir {
-            self.node(src).parent = new_dir;
             self.node(dir).nlink -= 1;
             self.node(new_dir).nlink += 1;
+        }
+        if self.nodes[&src].parent == dir {
+            self.node(src).parent = new_dir;
         }
         Ok(())
     }
@@ -308,7 +317,11 @@ impl Model {
             return Err(libc::EEXIST);
         }
         self.node(new_dir).entries.insert(new_name.to_vec(), ino);
-        self.node(ino).nlink += 1;
+        let node = self.node(ino);
+        node.nlink += 1;
+        if node.parent == 0 {
+            node.parent = new_dir;
+        }
         Ok(())
     }
 
@@ -535,6 +548,7 @@ impl Harness {
             );
         }
         self.check_cleanup()?;
+        self.check_usage()?;
         let statfs = meta.statfs().unwrap();
         let used: u64 = model
             .nodes
@@ -546,6 +560,42 @@ impl Harness {
             (statfs.files, statfs.used_bytes),
             (model.nodes.len() as u64, used)
         );
+        Ok(())
+    }
+
+    /// `dir_usage` of every directory: what the nodes below it count for in their homes.
+    fn check_usage(&self) -> Result<(), TestCaseError> {
+        let model = &self.model;
+        let mut own: BTreeMap<Ino, DirUsage> = BTreeMap::new();
+        for (&ino, node) in &model.nodes {
+            if ino == ROOT_INO || node.parent == 0 {
+                continue;
+            }
+            let stats = own.entry(node.parent).or_default();
+            match node.kind {
+                FileKind::Dir => stats.dirs += 1,
+                FileKind::File => {
+                    stats.files += 1;
+                    stats.bytes += node.size;
+                }
+                _ => stats.files += 1,
+            }
+        }
+        for (&dir, node) in &model.nodes {
+            if node.kind != FileKind::Dir {
+                continue;
+            }
+            let mut want = DirUsage::default();
+            for (&ino, other) in &model.nodes {
+                if other.kind == FileKind::Dir && model.is_ancestor(dir, ino) {
+                    let stats = own.get(&ino).copied().unwrap_or_default();
+                    want.files += stats.files;
+                    want.dirs += stats.dirs;
+                    want.bytes += stats.bytes;
+                }
+            }
+            prop_assert_eq!(self.meta.dir_usage(dir).unwrap(), want, "du of {}", dir);
+        }
         Ok(())
     }
 
