@@ -16,6 +16,7 @@
 //! | usage counter     | `u` counter shard                  | u64 (sharded: see `rules`)         |
 //! | directory stats   | `D` dir shard                      | files, dirs, bytes of its children (sharded) |
 //! | subdirectory      | `C` parent child                   | empty (`du` walks directories only) |
+//! | names of a node   | `P` ino parent                     | u64: its names in `parent`, while it has several |
 //! | id sequence       | `n` name                           | u64, next id (backends that keep sequences in the key space) |
 //! | session           | `S` session                        | last heartbeat, description        |
 //! | a mount's gateways| `v` session                        | gateways used, then avoided (`rules`) |
@@ -124,6 +125,17 @@ pub fn dir_stats(dir: Ino, shard: u8) -> Vec<u8> {
 
 pub fn dir_stats_prefix(dir: Ino) -> Vec<u8> {
     key(b'D', &[dir], &[])
+}
+
+/// How many names node `ino` has in directory `parent` (kept while it has more than one name,
+/// so its statistics can move to another of its directories when the one counting it loses
+/// the name).
+pub fn names(ino: Ino, parent: Ino) -> Vec<u8> {
+    key(b'P', &[ino, parent], &[])
+}
+
+pub fn names_prefix(ino: Ino) -> Vec<u8> {
+    key(b'P', &[ino], &[])
 }
 
 /// Directory `child` is in directory `parent`.

@@ -417,11 +417,16 @@ impl Tx<'_> {
     /// kept a file's parent only from its creation) and is counted there, or nowhere when it
     /// has no name left.
     async fn count_directories(&mut self) -> Result<()> {
-        let mut first_name: HashMap<Ino, Ino> = HashMap::new();
+        // Each node's names by directory, in directory order.
+        let mut names: HashMap<Ino, Vec<(Ino, u64)>> = HashMap::new();
         for (key, value) in self.scan_prefix(b"d").await? {
             let ([parent], _) = keys::parse::<1>(&key)?;
             let (ino, _, _) = keys::decode_pair("directory entry", &value)?;
-            first_name.entry(ino).or_insert(parent);
+            let dirs = names.entry(ino).or_default();
+            match dirs.last_mut() {
+                Some((dir, count)) if *dir == parent => *count += 1,
+                _ => dirs.push((parent, 1)),
+            }
         }
         let mut stats: HashMap<Ino, [i64; 3]> = HashMap::new();
         for (key, value) in self.scan_prefix(b"i").await? {
@@ -432,10 +437,16 @@ impl Tx<'_> {
                     self.put(keys::subdir(inode.parent, ino), Vec::new());
                 }
             } else {
+                let dirs = names.get(&ino).map(Vec::as_slice).unwrap_or_default();
                 let home = match inode.attr.nlink {
                     0 => 0,
-                    _ => first_name.get(&ino).copied().unwrap_or(0),
+                    _ => dirs.first().map_or(0, |&(dir, _)| dir),
                 };
+                if inode.attr.nlink >= 2 {
+                    for &(dir, count) in dirs {
+                        self.put(keys::names(ino, dir), keys::encode_u64(count));
+                    }
+                }
                 if inode.parent != home {
                     inode.parent = home;
                     self.put_inode(&inode);
@@ -537,11 +548,62 @@ impl Tx<'_> {
     /// index entry moves with it. `inode.parent` is the caller's to update.
     async fn move_counted(&mut self, inode: &Inode, from: Ino, to: Ino) -> Result<()> {
         let delta = counted(&inode.attr);
-        self.add_dir_stats(from, delta.map(|d| -d)).await?;
-        self.add_dir_stats(to, delta).await?;
+        if from != 0 {
+            self.add_dir_stats(from, delta.map(|d| -d)).await?;
+        }
+        if to != 0 {
+            self.add_dir_stats(to, delta).await?;
+        }
         if inode.attr.kind == FileKind::Dir {
             self.delete(keys::subdir(from, inode.attr.ino));
             self.put(keys::subdir(to, inode.attr.ino), Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the names node `ino` has in `dir` (`P`); answers how many are left.
+    async fn add_names(&mut self, ino: Ino, dir: Ino, delta: i64) -> Result<u64> {
+        let key = keys::names(ino, dir);
+        let count = match self.get(&key).await? {
+            Some(bytes) => keys::decode_u64("names in a directory", &bytes)?,
+            None => 0,
+        }
+        .saturating_add_signed(delta);
+        if count == 0 {
+            self.delete(key);
+        } else {
+            self.put(key, keys::encode_u64(count));
+        }
+        Ok(count)
+    }
+
+    /// The directories holding a name of `ino` (with several names), in order.
+    async fn name_dirs(&mut self, ino: Ino) -> Result<Vec<(Vec<u8>, Ino)>> {
+        let mut dirs = Vec::new();
+        for (key, _) in self.scan_prefix(&keys::names_prefix(ino)).await? {
+            let ([_, dir], _) = keys::parse::<2>(&key)?;
+            dirs.push((key, dir));
+        }
+        Ok(dirs)
+    }
+
+    /// A name of `inode` moved from directory `from` to `to` (a rename). A directory, or another
+    /// node with one name, is counted where its name is; a node with several names stays
+    /// counted where it was unless that directory holds none of its names any more.
+    async fn move_name(&mut self, inode: &mut Inode, from: Ino, to: Ino) -> Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        let home_loses_it = if inode.attr.kind == FileKind::Dir || inode.attr.nlink < 2 {
+            true
+        } else {
+            let left = self.add_names(inode.attr.ino, from, -1).await?;
+            self.add_names(inode.attr.ino, to, 1).await?;
+            left == 0
+        };
+        if inode.parent == from && home_loses_it {
+            self.move_counted(inode, from, to).await?;
+            inode.parent = to;
         }
         Ok(())
     }
@@ -718,25 +780,35 @@ impl Tx<'_> {
     }
 
     /// The name of a non-directory in `dir` is gone; the inode goes with its last name unless
-    /// open. Removing the name in its home directory takes it out of that directory's
-    /// statistics (a hard-linked file then counts nowhere until linked again).
+    /// open. When its home directory holds none of its names any more, the first directory that
+    /// does counts it; after its last name, none.
     async fn drop_link(&mut self, dir: Ino, ino: Ino) -> Result<()> {
-        let now = self.now;
-        let mut was_home = false;
-        let inode = self
-            .update_inode(ino, |i| {
-                i.attr.nlink = i.attr.nlink.saturating_sub(1);
-                i.attr.ctime_ns = now;
-                if i.parent == dir {
-                    i.parent = 0;
-                    was_home = true;
+        let mut inode = self.inode(ino).await?;
+        let names_before = inode.attr.nlink;
+        inode.attr.nlink = names_before.saturating_sub(1);
+        inode.attr.ctime_ns = self.now;
+        let home = if names_before >= 2 {
+            let left_here = self.add_names(ino, dir, -1).await?;
+            let dirs = self.name_dirs(ino).await?;
+            if names_before == 2 {
+                // One name left: no index needed any more.
+                for (key, _) in &dirs {
+                    self.delete(key.clone());
                 }
-            })
-            .await?;
-        if was_home {
-            self.add_dir_stats(dir, counted(&inode.attr).map(|d| -d))
-                .await?;
+            }
+            match dirs.first() {
+                Some(&(_, first)) if inode.parent == dir && left_here == 0 => first,
+                Some(&(_, only)) if names_before == 2 => only,
+                _ => inode.parent,
+            }
+        } else {
+            0
+        };
+        if home != inode.parent {
+            self.move_counted(&inode, inode.parent, home).await?;
+            inode.parent = home;
         }
+        self.put_inode(&inode);
         if inode.attr.nlink == 0 && inode.open_handles == 0 {
             self.purge(ino).await?;
         }
@@ -749,6 +821,9 @@ impl Tx<'_> {
         self.delete(keys::inode(ino));
         self.delete(keys::symlink(ino));
         for (key, _) in self.scan_prefix(&keys::xattr_prefix(ino)).await? {
+            self.delete(key);
+        }
+        for (key, _) in self.name_dirs(ino).await? {
             self.delete(key);
         }
         self.drop_chunks_from(ino, 0).await?;
@@ -1083,12 +1158,7 @@ impl Tx<'_> {
             self.add_entry(new_parent, new_name, src_ino).await?;
             for (ino, from, to) in [(src_ino, parent, new_parent), (dst_ino, new_parent, parent)] {
                 let mut inode = self.inode(ino).await?;
-                // A directory always lives where its name is; another node moves its home only
-                // with the name it is counted under.
-                if from != to && inode.parent == from {
-                    self.move_counted(&inode, from, to).await?;
-                    inode.parent = to;
-                }
+                self.move_name(&mut inode, from, to).await?;
                 inode.attr.ctime_ns = now;
                 self.put_inode(&inode);
             }
@@ -1124,10 +1194,7 @@ impl Tx<'_> {
         self.remove_entry(parent, name).await?;
         self.add_entry(new_parent, new_name, src_ino).await?;
         let mut src = self.inode(src_ino).await?;
-        if parent != new_parent && src.parent == parent {
-            self.move_counted(&src, parent, new_parent).await?;
-            src.parent = new_parent;
-        }
+        self.move_name(&mut src, parent, new_parent).await?;
         src.attr.ctime_ns = now;
         self.put_inode(&src);
         let moved_subdirs = i32::from(src_is_dir);
@@ -1502,6 +1569,11 @@ impl MetaEngine for KvMeta {
             tx.check_new_name(new_parent, new_name).await?;
             tx.add_entry(new_parent, new_name, ino).await?;
             tx.touch_dir(new_parent, 0).await?;
+            // From its second name on, the directories of its names are indexed.
+            if inode.attr.nlink == 1 && inode.parent != 0 {
+                tx.add_names(ino, inode.parent, 1).await?;
+            }
+            tx.add_names(ino, new_parent, 1).await?;
             let now = tx.now;
             let mut adopted = false;
             let inode = tx

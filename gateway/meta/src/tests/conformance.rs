@@ -1730,18 +1730,35 @@ fn du_counts_a_hard_linked_file_once() {
     f.meta.unlink(b.ino, b"g").unwrap();
     assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(1, 2, 10));
     f.meta.link(file.ino, b.ino, b"g").unwrap();
-    f.meta.unlink(a.ino, b"f").unwrap();
-    assert_eq!(
-        f.meta.dir_usage(ROOT_INO).unwrap(),
-        du(0, 2, 0),
-        "the name it was counted under is gone: counted nowhere"
-    );
     f.meta.link(file.ino, ROOT_INO, b"h").unwrap();
+    f.meta.unlink(a.ino, b"f").unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(1, 2, 10));
     assert_eq!(
         f.meta.dir_usage(ROOT_INO).unwrap(),
         du(1, 2, 10),
-        "a new name counts it again"
+        "the directory counting it lost the name: the first that holds one counts it"
     );
+    assert_eq!(
+        f.meta.dir_usage(b.ino).unwrap(),
+        du(0, 0, 0),
+        "the root is first"
+    );
+    f.meta.unlink(ROOT_INO, b"h").unwrap();
+    assert_eq!(
+        f.meta.dir_usage(b.ino).unwrap(),
+        du(1, 0, 10),
+        "its last name"
+    );
+    f.meta
+        .rename(b.ino, b"g", a.ino, b"g", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(
+        f.meta.dir_usage(a.ino).unwrap(),
+        du(1, 0, 10),
+        "moved with it"
+    );
+    f.meta.unlink(a.ino, b"g").unwrap();
+    assert_eq!(f.meta.dir_usage(ROOT_INO).unwrap(), du(0, 2, 0));
 }
 
 #[test]
@@ -1752,11 +1769,14 @@ fn format_3_gains_directory_statistics_on_upgrade() {
     let file = f.file(b.ino, "f");
     f.resize(file.ino, 42);
     f.file(ROOT_INO, "g");
+    // A hard-linked file, counted once: after the upgrade, in the first directory of its names.
+    let z = f.mkdir(ROOT_INO, "z");
+    f.meta.link(file.ino, z.ino, b"linked").unwrap();
     let open = f.file(a.ino, "open-unlinked");
     f.meta.open(f.session, open.ino).unwrap();
     f.meta.unlink(a.ino, b"open-unlinked").unwrap();
     let want = [
-        (ROOT_INO, du(2, 2, 42)),
+        (ROOT_INO, du(2, 3, 42)),
         (a.ino, du(1, 1, 42)),
         (b.ino, du(1, 0, 42)),
     ];
@@ -1781,6 +1801,12 @@ fn format_3_gains_directory_statistics_on_upgrade() {
             "du of {ino} after the upgrade"
         );
     }
+    meta.unlink(b.ino, b"f").unwrap();
+    assert_eq!(
+        meta.dir_usage(z.ino).unwrap(),
+        du(1, 0, 42),
+        "the upgrade indexed the names of the linked file"
+    );
 }
 
 #[test]

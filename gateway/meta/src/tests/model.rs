@@ -93,7 +93,8 @@ struct Node {
     nlink: u32,
     size: u64,
     /// Directories: their parent. Other nodes: the directory whose statistics count them (`du`):
-    /// of the name they were made or last renamed under, 0 once that name is gone.
+    /// where they were made or last renamed to; once that directory holds none of their names,
+    /// the first (lowest-numbered) directory that does; 0 after the last name.
     parent: Ino,
     entries: BTreeMap<Vec<u8>, Ino>,
     open_handles: u32,
@@ -190,11 +191,41 @@ impl Model {
         self.removed.insert(ino);
     }
 
+    /// Names of `ino` in directory `dir`.
+    fn names_in(&self, dir: Ino, ino: Ino) -> usize {
+        self.nodes[&dir]
+            .entries
+            .values()
+            .filter(|&&i| i == ino)
+            .count()
+    }
+
+    /// The lowest-numbered directory holding a name of `ino`, or 0.
+    fn first_dir_of(&self, ino: Ino) -> Ino {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.kind == FileKind::Dir && n.entries.values().any(|&i| i == ino))
+            .map_or(0, |(&dir, _)| dir)
+    }
+
+    /// A name of `ino` moved from `from` to `to` (entries already changed): the home follows
+    /// when `from` holds none of its names any more.
+    fn move_home(&mut self, ino: Ino, from: Ino, to: Ino) {
+        if from != to && self.nodes[&ino].parent == from && self.names_in(from, ino) == 0 {
+            self.node(ino).parent = to;
+        }
+    }
+
+    /// The name of `ino` in `dir` is gone (its entry already removed).
     fn drop_link(&mut self, dir: Ino, ino: Ino) {
+        let first = self.first_dir_of(ino);
+        let left_here = self.names_in(dir, ino);
         let node = self.node(ino);
         node.nlink -= 1;
-        if node.parent == dir {
+        if node.nlink == 0 {
             node.parent = 0;
+        } else if node.parent == dir && left_here == 0 {
+            node.parent = first;
         }
         if node.nlink == 0 && node.open_handles == 0 {
             self.remove(ino);
@@ -278,9 +309,7 @@ impl Model {
                 self.node(dir).nlink += 1;
             }
             for (ino, from, to) in [(src, dir, new_dir), (dst, new_dir, dir)] {
-                if self.nodes[&ino].parent == from {
-                    self.node(ino).parent = to;
-                }
+                self.move_home(ino, from, to);
             }
             return Ok(());
         }
@@ -294,7 +323,10 @@ impl Model {
                     self.node(new_dir).nlink -= 1;
                     self.remove(dst);
                 }
-                (false, false) => self.drop_link(new_dir, dst),
+                (false, false) => {
+                    self.node(new_dir).entries.remove(new_name);
+                    self.drop_link(new_dir, dst);
+                }
             }
         }
         self.node(dir).entries.remove(name);
@@ -303,9 +335,7 @@ impl Model {
             self.node(dir).nlink -= 1;
             self.node(new_dir).nlink += 1;
         }
-        if self.nodes[&src].parent == dir {
-            self.node(src).parent = new_dir;
-        }
+        self.move_home(src, dir, new_dir);
         Ok(())
     }
 
