@@ -324,6 +324,41 @@ pub fn resolve(slices: &[Slice], range: Range<u64>) -> Vec<Segment> {
     segments
 }
 
+/// Bytes of one block that serve a chunk range, and where they go within the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangePiece {
+    pub block: BlockPiece,
+    /// The gateway that staged the block's slice (the first place to read it from).
+    pub gateway_id: GatewayId,
+    pub offset_in_range: u64,
+}
+
+/// The block pieces that serve bytes `range` of a chunk whose slices are `slices` (commit
+/// order). Bytes no slice with data covers are served by none: they read as zeros.
+pub fn range_pieces(slices: &[Slice], range: Range<u64>) -> Vec<RangePiece> {
+    let mut pieces = Vec::new();
+    for segment in resolve(slices, range.clone()) {
+        let Source::Slice {
+            slice_id,
+            slice_len,
+            offset_in_slice,
+            gateway_id,
+        } = segment.source
+        else {
+            continue;
+        };
+        let segment_in_range = segment.start - range.start;
+        for block in block_pieces(slice_id, slice_len, offset_in_slice, segment.len) {
+            pieces.push(RangePiece {
+                block,
+                gateway_id,
+                offset_in_range: segment_in_range + block.offset_in_read,
+            });
+        }
+    }
+    pieces
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use shared::BlockKey;
 use super::block_api::BlockSource;
 use super::cache::BlockCache;
 use super::error::{FsError, FsResult};
-use super::layout::{block_pieces, resolve, ChunkPiece, Source};
+use super::layout::{range_pieces, ChunkPiece};
 use super::meta_api::{GatewayId, Slice};
 
 /// Bytes of one block that a read needs, and where they go in the read's buffer.
@@ -35,28 +35,15 @@ pub struct Fetch {
 /// The block ranges that serve `piece` of a read, given the chunk's slices in commit order.
 /// Bytes no slice with data covers are not fetched (the buffer already holds zeros there).
 pub fn plan_chunk(slices: &[Slice], piece: &ChunkPiece) -> Vec<Fetch> {
-    let mut fetches = Vec::new();
-    for segment in resolve(slices, piece.offset_in_chunk..piece.end_in_chunk()) {
-        let Source::Slice {
-            slice_id,
-            slice_len,
-            offset_in_slice,
-            gateway_id,
-        } = segment.source
-        else {
-            continue;
-        };
-        let segment_in_read = piece.offset_in_range + (segment.start - piece.offset_in_chunk);
-        for block in block_pieces(slice_id, slice_len, offset_in_slice, segment.len) {
-            fetches.push(Fetch {
-                key: block.key,
-                gateway_id,
-                range_in_block: block.range_in_block(),
-                offset_in_buf: (segment_in_read + block.offset_in_read) as usize,
-            });
-        }
-    }
-    fetches
+    range_pieces(slices, piece.offset_in_chunk..piece.end_in_chunk())
+        .into_iter()
+        .map(|p| Fetch {
+            key: p.block.key,
+            gateway_id: p.gateway_id,
+            range_in_block: p.block.range_in_block(),
+            offset_in_buf: (piece.offset_in_range + p.offset_in_range) as usize,
+        })
+        .collect()
 }
 
 type BlockFuture = Shared<BoxFuture<'static, FsResult<Bytes>>>;

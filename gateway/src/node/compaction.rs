@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::{ObjectStore, ObjectStoreExt};
-use shared::layout::{block_pieces, resolve, Source};
+use shared::layout::range_pieces;
 use shared::BlockKey;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -313,24 +313,12 @@ impl<'a> BlockReader<'a> {
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>, CompactError> {
         let mut out = vec![0u8; (range.end - range.start) as usize];
-        for segment in resolve(slices, range.clone()) {
-            let Source::Slice {
-                slice_id,
-                slice_len,
-                offset_in_slice,
-                gateway_id,
-            } = segment.source
-            else {
-                continue;
-            };
-            let at = segment.start - range.start;
-            for piece in block_pieces(slice_id, slice_len, offset_in_slice, segment.len) {
-                let data = self.block(piece.key, gateway_id).await?;
-                let to = (at + piece.offset_in_read) as usize;
-                let from = piece.range_in_block();
-                out[to..to + piece.len as usize]
-                    .copy_from_slice(&data[from.start as usize..from.end as usize]);
-            }
+        for piece in range_pieces(slices, range) {
+            let data = self.block(piece.block.key, piece.gateway_id).await?;
+            let to = piece.offset_in_range as usize;
+            let from = piece.block.range_in_block();
+            out[to..to + piece.block.len as usize]
+                .copy_from_slice(&data[from.start as usize..from.end as usize]);
         }
         Ok(out)
     }
