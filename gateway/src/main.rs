@@ -705,6 +705,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let authenticate = Authenticate(tokens);
     if args.metrics_listen.is_some() {
         gateway::telemetry::start_gauges(&node, &workers);
+        gateway::telemetry::start_usage_gauges(&node, &workers);
     }
     let service = StagingService::new(node.clone());
     let node_for_tags = node.clone();

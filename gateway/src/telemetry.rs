@@ -44,6 +44,49 @@ pub fn start_gauges(node: &Arc<Node>, group: &Tasks) {
     });
 }
 
+/// How often the per-tenant usage totals are read from the metadata (a scan of a few records
+/// per tenant).
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `stagefs_tenant_files` and `stagefs_tenant_used_bytes` (label `tenant`) from the
+/// metadata's usage totals every [`USAGE_INTERVAL`]: what each tenant owns, whichever gateway
+/// wrote it, as a bill would count it.
+pub fn start_usage_gauges(node: &Arc<Node>, group: &Tasks) {
+    let node = node.clone();
+    group.spawn("tenant usage gauges", move |stop| async move {
+        let mut tick = ticker(USAGE_INTERVAL);
+        let mut shown = std::collections::BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            match node.meta.tenant_usage().await {
+                Ok(totals) => {
+                    let mut now_shown = std::collections::BTreeSet::new();
+                    for t in totals {
+                        let label = tenant_label(&t.tenant);
+                        metrics::gauge!("stagefs_tenant_files", "tenant" => label.clone())
+                            .set(t.files as f64);
+                        metrics::gauge!("stagefs_tenant_used_bytes", "tenant" => label.clone())
+                            .set(t.bytes as f64);
+                        now_shown.insert(label);
+                    }
+                    // A tenant that owns nothing any more shows zeros, not its last totals.
+                    for gone in shown.difference(&now_shown) {
+                        metrics::gauge!("stagefs_tenant_files", "tenant" => gone.clone()).set(0.0);
+                        metrics::gauge!("stagefs_tenant_used_bytes", "tenant" => gone.clone())
+                            .set(0.0);
+                    }
+                    shown = now_shown;
+                }
+                // Metrics wait for the next round; nothing else depends on them.
+                Err(error) => tracing::warn!(%error, "cannot read the tenants' usage totals"),
+            }
+        }
+    });
+}
+
 fn set_gauges(node: &Node) {
     use metrics::gauge;
     let snap = node.log.snapshot();

@@ -6,7 +6,8 @@
 //! entry comes back exactly once, and the gateway's resident memory (read from `/proc`) grows by
 //! less than its `--meta-cache 32MiB` plus a fixed allowance, whatever the number of entries.
 //! Through a real mount, a directory of `STAGEFS_MOUNT_DIR_ENTRIES` entries (default 5,000)
-//! lists completely, and `ls -l` of it asks for no lookup, getattr or extended attribute per
+//! lists completely, with the mount's peak memory under a fixed bound, and `ls -l` of it asks
+//! for no lookup, getattr or extended attribute per
 //! entry of the gateway (its RPC counts in `/metrics`): the attributes, and whether an entry has
 //! extended attributes, come with the listing (readdirplus), and the mount answers `ls`'s
 //! `security.selinux` and ACL probes itself.
@@ -26,12 +27,26 @@ const MIB: u64 = 1 << 20;
 const PAGE: u32 = 512;
 /// Beyond the metadata cache: allocator slack, a page in flight, gRPC buffers.
 const ALLOWANCE: u64 = 48 * MIB;
+/// The mount's whole peak RSS while it lists (it caches no directory, only one page per handle).
+const MOUNT_BOUND: u64 = 96 * MIB;
 
 fn knob(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// A `/proc/PID/status` field in bytes (`VmRSS`, `VmHWM`: the peak so far).
+fn proc_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kib * 1024
 }
 
 /// Makes directory `name` in the root with `count` empty files `f0`, `f1`, … in it.
@@ -216,5 +231,18 @@ fn listings_stream_in_bounded_pages() {
     );
     let names = std::fs::read_dir(&path).unwrap().count() as u64;
     assert_eq!(names, mounted_entries);
+    // The mount holds one page per open directory handle, not the directory.
+    let pid = mount.pid().expect("the mount's pid");
+    let (now, peak) = (proc_bytes(pid, "VmRSS"), proc_bytes(pid, "VmHWM"));
+    eprintln!(
+        "mount RSS {} MiB after listing {mounted_entries} entries twice, {} MiB at most",
+        now / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak < MOUNT_BOUND,
+        "the mount peaked at {} MiB listing {mounted_entries} entries",
+        peak / MIB
+    );
     let _ = mounted;
 }

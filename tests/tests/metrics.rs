@@ -2,7 +2,8 @@
 //! after a workload through a real mount (a 5 MiB file and a small one written, read back, a
 //! name that does not exist looked up, uploads drained), both parse as Prometheus text and carry
 //! the names the operators' dashboards need, with the values the workload implies; and the
-//! gateway's upload totals are the ones `Status` reports (one set of counters).
+//! gateway's upload totals are the ones `Status` reports (one set of counters); the usage
+//! gauges give the tenant that created the files their bytes.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -124,6 +125,32 @@ fn gateway_and_mount_metrics_carry_what_the_workload_did() {
             "stagefs_tenant_bytes_total{tenant=\"training\",direction=\"written\"}"
         ) >= (5 * MIB + 3000) as f64
     );
+
+    // What each tenant owns, read from the metadata every few seconds: the two files the
+    // training mount created, and the root, which no tenant made.
+    let owned = stack.block_on(within(
+        Duration::from_secs(30),
+        "the usage gauges show the training tenant's files",
+        async {
+            loop {
+                let samples = scrape(gateway_metrics);
+                if samples.get("stagefs_tenant_files{tenant=\"training\"}") == Some(&2.0) {
+                    return samples;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    ));
+    assert_eq!(
+        value(&owned, "stagefs_tenant_used_bytes{tenant=\"training\"}"),
+        (5 * MIB + 3000) as f64
+    );
+    assert_eq!(
+        value(&owned, "stagefs_tenant_files{tenant=\"anonymous\"}"),
+        1.0,
+        "the root directory"
+    );
+    assert!(!owned.contains_key("stagefs_tenant_files{tenant=\"ops\"}"));
 
     let mount_samples = scrape(mount_metrics);
     assert!(value(&mount_samples, "stagefs_fuse_written_bytes_total") >= (5 * MIB + 3000) as f64);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::{
     Attr, DeletedSlice, DirEntry, DirUsage, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
     LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo,
-    SetAttr, Slice, StatFs, TimeNs, XattrMode,
+    SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -69,6 +69,7 @@ impl BlockingMeta {
         removexattr(ino: Ino, name: &[u8]) -> ();
         statfs() -> StatFs;
         dir_usage(ino: Ino) -> DirUsage;
+        tenant_usage() -> Vec<TenantUsage>;
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;

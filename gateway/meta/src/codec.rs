@@ -7,13 +7,15 @@
 use super::{Attr, FileKind, GatewayId, Ino, MetaError, Result, Slice};
 
 /// 2 added the xattr flag (one byte at the end); records of format 1 are still read.
-const INODE_FORMAT: u8 = 2;
+const INODE_FORMAT: u8 = 3;
 const INODE_V1_LEN: usize = 2 + 5 * 4 + 6 * 8;
-const INODE_LEN: usize = INODE_V1_LEN + 1;
+const INODE_V2_LEN: usize = INODE_V1_LEN + 1;
+/// Format 3 is format 2 and the owner's name (a length byte, then the bytes).
+const INODE_FIXED_LEN: usize = INODE_V2_LEN + 1;
 const SLICE_LEN: usize = 8 + 4 + 4 + 16;
 
 /// An inode as stored: its attributes plus bookkeeping that `stat` does not show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Inode {
     pub attr: Attr,
     /// Directories: the one directory that contains it (itself for the root), needed to refuse
@@ -24,6 +26,9 @@ pub(super) struct Inode {
     /// Whether it has extended attributes; `None` for records written before this was kept
     /// (format 1). Listings pass it on, so a client need not ask for each entry's attributes.
     pub has_xattrs: Option<bool>,
+    /// The tenant whose session created it (`create`), or empty: its bytes and itself count in
+    /// that tenant's usage totals. Empty in records older than format 3.
+    pub owner: String,
 }
 
 fn kind_code(kind: FileKind) -> u8 {
@@ -76,7 +81,8 @@ impl Fields<'_> {
 
 pub(super) fn encode_inode(inode: &Inode) -> Vec<u8> {
     let a = &inode.attr;
-    let mut out = Vec::with_capacity(INODE_LEN);
+    let owner = &inode.owner.as_bytes()[..inode.owner.len().min(u8::MAX as usize)];
+    let mut out = Vec::with_capacity(INODE_FIXED_LEN + owner.len());
     out.push(INODE_FORMAT);
     out.push(kind_code(a.kind));
     for v in [a.mode, a.uid, a.gid, a.nlink, a.rdev] {
@@ -93,6 +99,8 @@ pub(super) fn encode_inode(inode: &Inode) -> Vec<u8> {
         Some(false) => 1,
         Some(true) => 2,
     });
+    out.push(owner.len() as u8);
+    out.extend_from_slice(owner);
     out
 }
 
@@ -101,7 +109,10 @@ pub(super) fn decode_inode(ino: Ino, bytes: &[u8]) -> Result<Inode> {
     let format = bytes.first().copied().unwrap_or(0);
     let expected = match format {
         1 => INODE_V1_LEN,
-        INODE_FORMAT => INODE_LEN,
+        2 => INODE_V2_LEN,
+        INODE_FORMAT => {
+            INODE_FIXED_LEN + usize::from(bytes.get(INODE_FIXED_LEN - 1).copied().unwrap_or(0))
+        }
         _ => return Err(corrupt(&format!("unknown format {format}"))),
     };
     if bytes.len() != expected {
@@ -140,6 +151,11 @@ pub(super) fn decode_inode(ino: Ino, bytes: &[u8]) -> Result<Inode> {
                 2 => Some(true),
                 other => return Err(corrupt(&format!("xattr flag {other}"))),
             }
+        },
+        owner: if format == INODE_FORMAT {
+            String::from_utf8_lossy(&bytes[INODE_FIXED_LEN..]).into_owned()
+        } else {
+            String::new()
         },
     })
 }

@@ -14,6 +14,7 @@
 //! | xattr             | `x` ino name                       | value                              |
 //! | chunk             | `c` ino chunk-index                | slices in commit order (`codec`)   |
 //! | usage counter     | `u` counter shard                  | u64 (sharded: see `rules`)         |
+//! | tenant usage      | `U` shard tenant                   | inodes, bytes the tenant owns (sharded) |
 //! | directory stats   | `D` dir shard                      | files, dirs, bytes of its children (sharded) |
 //! | subdirectory      | `C` parent child                   | empty (`du` walks directories only) |
 //! | names of a node   | `P` ino parent                     | u64: its names in `parent`, while it has several |
@@ -116,6 +117,20 @@ pub fn usage(counter: u8, shard: u8) -> Vec<u8> {
 
 pub fn usage_prefix(counter: u8) -> Vec<u8> {
     vec![b'u', counter]
+}
+
+/// One shard of the usage totals of the nodes `tenant` owns.
+pub fn tenant_usage(shard: u8, tenant: &str) -> Vec<u8> {
+    let mut key = vec![b'U', shard];
+    key.extend_from_slice(tenant.as_bytes());
+    key
+}
+
+pub const TENANT_USAGE_PREFIX: &[u8] = b"U";
+
+/// The tenant of a tenant-usage key.
+pub fn tenant_of_usage(key: &[u8]) -> String {
+    String::from_utf8_lossy(key.get(2..).unwrap_or_default()).into_owned()
 }
 
 /// One shard of the statistics of `dir`'s direct children (its `du` share).

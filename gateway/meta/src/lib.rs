@@ -80,6 +80,16 @@ pub struct DirUsage {
     pub bytes: u64,
 }
 
+/// What one tenant owns: the inodes its sessions created with `create` (regular files made
+/// through a mount), and their bytes (sizes). Nodes made otherwise (directories, symlinks,
+/// `mknod`) and those of gateways without tenants belong to the tenant named "".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub tenant: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
 /// A gateway as the registry knows it (DESIGN.md, "Scale-out and takeover").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayRecord {
@@ -374,6 +384,9 @@ pub trait MetaEngine: Send + Sync {
     /// statistics each directory keeps of its children, in one snapshot: the cost grows with
     /// the directories below, not the files.
     async fn dir_usage(&self, ino: Ino) -> Result<DirUsage>;
+    /// Every tenant's usage totals ([`TenantUsage`]), in one snapshot; tenants that own nothing
+    /// are left out.
+    async fn tenant_usage(&self) -> Result<Vec<TenantUsage>>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.

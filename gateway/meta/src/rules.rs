@@ -33,8 +33,8 @@ use crate::{
     check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, DirUsage, FileKind, GatewayId,
     GatewayLoad, GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine,
     MetaError, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
-    StatFs, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS,
-    MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
+    StatFs, TenantUsage, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN,
+    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
 /// Records per page of the scan behind [`MetaEngine::referenced_slice_ids`] (tiny in tests, so
@@ -392,10 +392,11 @@ impl Tx<'_> {
             parent: ROOT_INO,
             open_handles: 0,
             has_xattrs: Some(false),
+            owner: String::new(),
         };
         self.put_inode(&root);
         self.put(keys::FORMAT.to_vec(), keys::encode_u64(FORMAT_VERSION));
-        self.add_usage(1, 0).await
+        self.add_usage("", 1, 0).await
     }
 
     /// Brings format `from` up to [`FORMAT_VERSION`] in this transaction, one step at a time.
@@ -462,6 +463,18 @@ impl Tx<'_> {
         for (dir, delta) in stats {
             self.add_dir_stats(dir, delta).await?;
         }
+        // Nothing had an owner before: every inode and byte is the no-tenant's.
+        for (key, _) in self.scan_prefix(keys::TENANT_USAGE_PREFIX).await? {
+            self.delete(key);
+        }
+        let (files, bytes) = (self.usage(FILES).await?, self.usage(USED_BYTES).await?);
+        self.put(
+            keys::tenant_usage(0, ""),
+            [files, bytes]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
         Ok(())
     }
 
@@ -499,9 +512,20 @@ impl Tx<'_> {
         Ok(total)
     }
 
-    /// Adds to this transaction's shard of the usage counters. A shard may go "negative" (wrap)
-    /// when another shard holds the matching increment; the sum is what counts.
-    async fn add_usage(&mut self, files: i64, bytes: i64) -> Result<()> {
+    /// Adds to this transaction's shard of the usage counters, of the file system and of the
+    /// tenant `owner`. A shard may go "negative" (wrap) when another shard holds the matching
+    /// increment; the sum is what counts.
+    async fn add_usage(&mut self, owner: &str, files: i64, bytes: i64) -> Result<()> {
+        if files != 0 || bytes != 0 {
+            let key = keys::tenant_usage(self.shard, owner);
+            let mut values = match self.get(&key).await? {
+                Some(value) => decode_counts(&value)?,
+                None => [0; 2],
+            };
+            values[0] = values[0].wrapping_add_signed(files);
+            values[1] = values[1].wrapping_add_signed(bytes);
+            self.put(key, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+        }
         for (counter, delta) in [(FILES, files), (USED_BYTES, bytes)] {
             if delta != 0 {
                 let key = keys::usage(counter, self.shard);
@@ -728,6 +752,7 @@ impl Tx<'_> {
         name: &[u8],
         node: &NewNode,
         symlink_target: Option<&[u8]>,
+        owner: &str,
     ) -> Result<Attr> {
         let dir = self.check_new_name(parent, name).await?;
         if let Some(max) = self.meta.config.max_files {
@@ -761,6 +786,7 @@ impl Tx<'_> {
             parent,
             open_handles: 0,
             has_xattrs: Some(policy.is_some()),
+            owner: owner.to_string(),
         };
         self.put_inode(&inode);
         if let Some(policy) = policy {
@@ -771,7 +797,7 @@ impl Tx<'_> {
         }
         self.add_entry(parent, name, ino).await?;
         self.touch_dir(parent, if is_dir { 1 } else { 0 }).await?;
-        self.add_usage(1, 0).await?;
+        self.add_usage(owner, 1, 0).await?;
         self.add_dir_stats(parent, counted(&inode.attr)).await?;
         if is_dir {
             self.put(keys::subdir(parent, ino), Vec::new());
@@ -842,7 +868,7 @@ impl Tx<'_> {
         } else {
             0
         };
-        self.add_usage(-1, -(bytes as i64)).await
+        self.add_usage(&inode.owner, -1, -(bytes as i64)).await
     }
 
     // --- file data ---
@@ -957,7 +983,8 @@ impl Tx<'_> {
                 self.put_chunk(ino, chunk_index, &kept);
             }
         }
-        self.add_usage(0, new_size as i64 - old_size as i64).await?;
+        self.add_usage(&inode.owner, 0, new_size as i64 - old_size as i64)
+            .await?;
         if let Some(home) = home_of(inode) {
             self.add_dir_stats(home, [0, 0, new_size as i64 - old_size as i64])
                 .await?;
@@ -990,6 +1017,14 @@ impl Tx<'_> {
             keys::change_slot(tag.session, tag.slot),
             keys::encode_pair(tag.seq, ino, &[]),
         );
+    }
+
+    /// The tenant that opened `session`, which must be live.
+    async fn session_tenant(&mut self, session: SessionId) -> Result<String> {
+        match self.get(&keys::session(session)).await? {
+            Some(record) => Ok(decode_session(session, &record, MountView::default())?.tenant),
+            None => Err(MetaError::SessionGone(session)),
+        }
     }
 
     async fn check_session(&mut self, session: SessionId) -> Result<()> {
@@ -1318,6 +1353,19 @@ fn home_of(inode: &Inode) -> Option<Ino> {
     (inode.parent != 0 && inode.parent != inode.attr.ino).then_some(inode.parent)
 }
 
+/// A tenant's usage record: inodes, bytes.
+fn decode_counts(bytes: &[u8]) -> Result<[u64; 2]> {
+    match bytes.len() {
+        16 => Ok([
+            u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+        ]),
+        len => Err(MetaError::Corrupt(format!(
+            "tenant usage record of {len} bytes, not 16"
+        ))),
+    }
+}
+
 fn decode_dir_stats(dir: Ino, bytes: &[u8]) -> Result<[u64; 3]> {
     if bytes.len() != 24 {
         return Err(MetaError::Corrupt(format!(
@@ -1427,8 +1475,8 @@ impl MetaEngine for KvMeta {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
         crate::transact_once!(self, self.durability(), |tx| {
-            tx.check_session(session).await?;
-            let attr = tx.create_node(parent, name, node, None).await?;
+            let owner = tx.session_tenant(session).await?;
+            let attr = tx.create_node(parent, name, node, None, &owner).await?;
             tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
             tx.put(keys::handle(session, attr.ino), keys::encode_u64(1));
             Ok(attr)
@@ -1442,7 +1490,7 @@ impl MetaEngine for KvMeta {
             ));
         }
         crate::transact_once!(self, self.durability(), |tx| tx
-            .create_node(parent, name, node, None)
+            .create_node(parent, name, node, None, "")
             .await)
     }
 
@@ -1455,7 +1503,7 @@ impl MetaEngine for KvMeta {
             rdev: 0,
         };
         crate::transact_once!(self, self.durability(), |tx| tx
-            .create_node(parent, name, &node, None)
+            .create_node(parent, name, &node, None, "")
             .await)
     }
 
@@ -1487,7 +1535,7 @@ impl MetaEngine for KvMeta {
             rdev: 0,
         };
         crate::transact_once!(self, self.durability(), |tx| tx
-            .create_node(parent, name, &node, Some(target))
+            .create_node(parent, name, &node, Some(target), "")
             .await)
     }
 
@@ -1720,6 +1768,26 @@ impl MetaEngine for KvMeta {
             capacity_bytes: self.config.capacity_bytes,
             max_files: self.config.max_files,
         })
+    }
+
+    async fn tenant_usage(&self) -> Result<Vec<TenantUsage>> {
+        let mut tx = self.read_tx().await?;
+        let mut totals: BTreeMap<String, [u64; 2]> = BTreeMap::new();
+        for (key, value) in tx.scan_prefix(keys::TENANT_USAGE_PREFIX).await? {
+            let total = totals.entry(keys::tenant_of_usage(&key)).or_default();
+            for (t, v) in total.iter_mut().zip(decode_counts(&value)?) {
+                *t = t.wrapping_add(v);
+            }
+        }
+        Ok(totals
+            .into_iter()
+            .filter(|(_, [files, _])| *files != 0)
+            .map(|(tenant, [files, bytes])| TenantUsage {
+                tenant,
+                files,
+                bytes,
+            })
+            .collect())
     }
 
     async fn dir_usage(&self, ino: Ino) -> Result<DirUsage> {

@@ -1762,6 +1762,53 @@ fn du_counts_a_hard_linked_file_once() {
 }
 
 #[test]
+fn usage_is_totalled_per_tenant_that_created_the_files() {
+    let f = fixture();
+    let a = f.meta.open_session("team-a", "a").unwrap();
+    let b = f.meta.open_session("team-b", "b").unwrap();
+    let fa = f
+        .meta
+        .create(a, ROOT_INO, b"fa", &node(FileKind::File))
+        .unwrap();
+    let fb = f
+        .meta
+        .create(b, ROOT_INO, b"fb", &node(FileKind::File))
+        .unwrap();
+    f.resize(fa.ino, 1000);
+    f.resize(fb.ino, 10);
+    f.mkdir(ROOT_INO, "d");
+    let usage = |tenant: &str, files: u64, bytes: u64| TenantUsage {
+        tenant: tenant.into(),
+        files,
+        bytes,
+    };
+    assert_eq!(
+        f.meta.tenant_usage().unwrap(),
+        [
+            usage("", 2, 0),
+            usage("team-a", 1, 1000),
+            usage("team-b", 1, 10)
+        ],
+        "the root and the directory belong to no tenant"
+    );
+    // Whoever writes, the bytes are the owner's.
+    let slice = f.write(fa.ino, 0, 0, 2000);
+    assert_eq!(f.meta.tenant_usage().unwrap()[1], usage("team-a", 1, 2000));
+    let _ = slice;
+    f.meta.unlink(ROOT_INO, b"fa").unwrap();
+    assert_eq!(
+        f.meta.tenant_usage().unwrap()[1],
+        usage("team-a", 1, 2000),
+        "open: still there"
+    );
+    f.meta.release(a, fa.ino).unwrap();
+    assert_eq!(
+        f.meta.tenant_usage().unwrap(),
+        [usage("", 2, 0), usage("team-b", 1, 10)]
+    );
+}
+
+#[test]
 fn format_3_gains_directory_statistics_on_upgrade() {
     let f = fixture();
     let a = f.mkdir(ROOT_INO, "a");
@@ -1785,8 +1832,8 @@ fn format_3_gains_directory_statistics_on_upgrade() {
     }
     let Fixture { db, meta, .. } = f;
     drop(meta);
-    // Format 3 kept neither statistics nor the subdirectory index.
-    let mut writes: Vec<crate::kv::Write> = [&b"D"[..], b"C"]
+    // Format 3 kept neither statistics, nor the subdirectory and names indexes, nor owners.
+    let mut writes: Vec<crate::kv::Write> = [&b"D"[..], b"C", b"P", b"U"]
         .iter()
         .flat_map(|prefix| db.keys_with_prefix(prefix))
         .map(|key| (key, None))
@@ -1801,6 +1848,16 @@ fn format_3_gains_directory_statistics_on_upgrade() {
             "du of {ino} after the upgrade"
         );
     }
+    let statfs = meta.statfs().unwrap();
+    assert_eq!(
+        meta.tenant_usage().unwrap(),
+        [TenantUsage {
+            tenant: String::new(),
+            files: statfs.files,
+            bytes: statfs.used_bytes
+        }],
+        "what was there before owners were kept belongs to no tenant"
+    );
     meta.unlink(b.ino, b"f").unwrap();
     assert_eq!(
         meta.dir_usage(z.ino).unwrap(),

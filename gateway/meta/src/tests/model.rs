@@ -590,6 +590,15 @@ impl Harness {
             (statfs.files, statfs.used_bytes),
             (model.nodes.len() as u64, used)
         );
+        let by_tenant = meta.tenant_usage().unwrap();
+        prop_assert_eq!(
+            (
+                by_tenant.iter().map(|t| t.files).sum::<u64>(),
+                by_tenant.iter().map(|t| t.bytes).sum::<u64>()
+            ),
+            (statfs.files, statfs.used_bytes),
+            "the tenants' totals add up to the file system's"
+        );
         Ok(())
     }
 
