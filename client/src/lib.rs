@@ -11,3 +11,4 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod policy;
+pub mod updatedb;

@@ -62,6 +62,15 @@ pub struct MountArgs {
     /// another user it needs user_allow_other in /etc/fuse.conf.
     #[arg(long, overrides_with = "no_allow_other")]
     pub allow_other: bool,
+    /// Leave updatedb's configuration alone. By default a mount run as root adds fuse.stagefs
+    /// to PRUNEFS in --updatedb-conf, so nightly `updatedb` runs on every node do not walk the
+    /// shared tree (and the metadata engine) each night.
+    #[arg(long)]
+    pub no_prune_updatedb: bool,
+    /// The updatedb configuration a root mount adds fuse.stagefs to (nothing happens when it
+    /// does not exist).
+    #[arg(long, value_name = "PATH", default_value = crate::updatedb::DEFAULT_CONF)]
+    pub updatedb_conf: std::path::PathBuf,
     /// Serve Prometheus metrics (text format) at http://ADDR/metrics: every FUSE operation's
     /// count, time and errors (by errno), bytes read and written, block cache hits and misses.
     #[arg(long, value_name = "ADDR")]
@@ -218,6 +227,24 @@ fn serve_inner(
     ];
     if allow_other(args) {
         config.acl = SessionACL::All;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 && !args.no_prune_updatedb {
+        // A mount is no worse off for a configuration it could not change: say so and go on.
+        match crate::updatedb::prune(&args.updatedb_conf) {
+            Ok(true) => tracing::info!(
+                conf = %args.updatedb_conf.display(),
+                "added {} to PRUNEFS, so updatedb leaves stagefs mounts out",
+                crate::updatedb::FS_TYPE
+            ),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(
+                conf = %args.updatedb_conf.display(),
+                %error,
+                "cannot add {} to PRUNEFS: nightly updatedb runs may walk this mount",
+                crate::updatedb::FS_TYPE
+            ),
+        }
     }
     config.n_threads = Some(args.threads.max(1));
     let adapter = FuseFs::new(fs.clone(), runtime.handle().clone(), cache);

@@ -1,6 +1,7 @@
 //! A shared file system is multi-user: `stagefs mount` run as root mounts with `allow_other`
 //! (with `default_permissions`, so the kernel still checks modes), and `--no-allow-other` keeps
-//! the mount to its owner. Another user is played by `setpriv` (util-linux) as uid/gid 65534.
+//! the mount to its owner; a root mount adds `fuse.stagefs` to updatedb's `PRUNEFS` unless
+//! `--no-prune-updatedb`. Another user is played by `setpriv` (util-linux) as uid/gid 65534.
 //! Skipped, saying so, when the test does not run as root.
 
 use std::fs;
@@ -37,8 +38,30 @@ fn root_mounts_are_shared_with_other_users_unless_told_not_to() {
         return;
     }
     let stack = FuseStack::start("allow-other", |gateway| gateway);
-    let shared = stack.mount("shared").start();
-    let private = stack.mount("private").arg("--no-allow-other").start();
+    // Root's mounts keep updatedb off themselves, unless told not to.
+    let updatedb = stack.dir.join("updatedb.conf");
+    let untouched = stack.dir.join("untouched.conf");
+    for conf in [&updatedb, &untouched] {
+        fs::write(conf, "PRUNE_BIND_MOUNTS=\"yes\"\nPRUNEFS=\"NFS nfs4\"\n").unwrap();
+    }
+    let shared = stack
+        .mount("shared")
+        .args(["--updatedb-conf", updatedb.to_str().unwrap()])
+        .start();
+    let private = stack
+        .mount("private")
+        .args([
+            "--no-allow-other",
+            "--no-prune-updatedb",
+            "--updatedb-conf",
+            untouched.to_str().unwrap(),
+        ])
+        .start();
+    assert_eq!(
+        fs::read_to_string(&updatedb).unwrap(),
+        "PRUNE_BIND_MOUNTS=\"yes\"\nPRUNEFS=\"NFS nfs4 fuse.stagefs\"\n"
+    );
+    assert!(!fs::read_to_string(&untouched).unwrap().contains("stagefs"));
     let options = |mount: &Mount| fuse_mount_info(mount.path()).expect("mounted");
     assert!(
         options(&shared).contains("allow_other"),

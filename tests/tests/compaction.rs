@@ -5,10 +5,14 @@
 //!
 //! `STAGEFS_COMPACTION_APPENDS` sets the number of appends (default 1,500; the README's benchmark
 //! figure comes from `stagefs bench fs --appends 20000`).
+//!
+//! A second test SIGKILLs the gateway right after bursts of appends, while it compacts what they
+//! made, and restarts it: every acknowledged line reads back identical each time.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::Command;
+use std::time::Duration;
 
 use stagefs_tests::binaries::client_binary;
 use stagefs_tests::*;
@@ -83,5 +87,64 @@ fn an_fsync_per_append_keeps_a_short_slice_list_and_the_same_bytes() {
     assert_file_bytes(&reader.join("app.log"), &written);
     writer.unmount();
     let fresh = stack.mount("fresh").start();
+    assert_file_bytes(&fresh.join("app.log"), &written);
+}
+
+#[test]
+fn a_gateway_killed_while_it_compacts_loses_no_acknowledged_byte() {
+    let proxy = TcpProxy::start();
+    let mut stack = FuseStack::start("compaction-kill", |gateway| {
+        gateway.args([
+            "--compact-slices",
+            "8",
+            "--uploads-paused",
+            "--advertise",
+            &proxy.addr().to_string(),
+        ])
+    });
+    proxy.set_target(Some(stack.gateway.addr()));
+    // No open file of this process may span a restart: the harness's spawn of the new gateway
+    // would inherit it, and FUSE flushes it on exec.
+    let mount = stack.mount_at(proxy.addr(), "writer").no_cache().start();
+    let path = mount.join("app.log");
+    let mut written = Vec::new();
+    let mut next = 0;
+    for round in 0..4 {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for _ in 0..60 {
+            let bytes = line(next);
+            next += 1;
+            log.write_all(&bytes).unwrap();
+            log.sync_data().unwrap();
+            written.extend_from_slice(&bytes);
+        }
+        drop(log);
+        // At once: the compactions those appends asked for are under way.
+        stack.gateway.kill9();
+        proxy.set_target(None);
+        proxy.cut_connections();
+        std::thread::sleep(Duration::from_millis(300));
+        stack.runtime.block_on(stack.gateway.restart());
+        proxy.set_target(Some(stack.gateway.addr()));
+        assert_file_bytes(&path, &written);
+        eprintln!("round {round}: {} lines read back after the restart", next);
+    }
+    // Compaction went on across the restarts: 240 appends did not leave 240 slices.
+    let fsck = json_output(
+        Command::new(client_binary()).args(["fsck", &proxy.addr().to_string(), "--json"]),
+        "stagefs fsck",
+    );
+    assert_eq!(fsck["missing_blocks"], 0, "{fsck}");
+    let most = fsck["most_slices_in_a_chunk"].as_u64().unwrap();
+    eprintln!("{most} slices in the log's chunk after 4 kills");
+    assert!(
+        most <= 24,
+        "{most} slices: compaction stopped after a restart"
+    );
+    let fresh = stack.mount_at(proxy.addr(), "fresh").start();
     assert_file_bytes(&fresh.join("app.log"), &written);
 }
