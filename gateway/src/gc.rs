@@ -45,6 +45,12 @@ pub enum GcError {
     List(#[source] object_store::Error),
     #[error("cannot read which slices the metadata names: {0}")]
     Meta(#[source] MetaError),
+    /// Deleting there could delete another file system's blocks.
+    #[error(
+        "the store's prefix is not claimed by this file system ({0}); nothing deleted (a \
+         gateway claims it at start with --store-check fail or warn)"
+    )]
+    NotOurs(String),
 }
 
 /// Finds (and with `delete`, deletes) the block objects older than `min_age` that nothing in
@@ -55,6 +61,19 @@ pub async fn collect(
     min_age: Duration,
     delete: bool,
 ) -> Result<GcReport, GcError> {
+    if delete {
+        let id = meta.file_system_id().await.map_err(GcError::Meta)?;
+        match crate::store_check::owned_by(store, &id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(GcError::NotOurs(format!(
+                    "{} names another, or is missing",
+                    crate::store_check::OWNER_OBJECT
+                )))
+            }
+            Err(detail) => return Err(GcError::NotOurs(detail)),
+        }
+    }
     let mut report = GcReport::default();
     let cutoff = unix_seconds_before(min_age);
     // The listing first: see the module's comment.

@@ -601,6 +601,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    if args.store_check != StoreCheckMode::Off {
+        let id = meta
+            .file_system_id()
+            .await
+            .context("cannot read the file system's id")?;
+        match store_check::claim(store.as_ref(), &id, &args.store).await {
+            Ok(()) => tracing::info!(store = %args.store, "the store's prefix belongs to this file system"),
+            Err(error) if args.store_check == StoreCheckMode::Warn => {
+                tracing::warn!(%error, "starting anyway (--store-check warn)")
+            }
+            Err(error) => return Err(anyhow::Error::new(error).context(
+                "the object store's prefix is not this file system's (--store-check warn starts anyway)",
+            )),
+        }
+    }
     drain::start(
         log.clone(),
         store.clone(),

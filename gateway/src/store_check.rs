@@ -2,6 +2,11 @@
 //! deleted under the store's prefix. A gateway that cannot upload would otherwise listen, accept
 //! writes and fill its device while only `status` shows the store error; this says at once what
 //! is wrong (no such bucket, credentials refused or missing, access denied, unreachable).
+//!
+//! Then the prefix is claimed for this file system: an object [`OWNER_OBJECT`] names the file
+//! system whose blocks live there. Two file systems writing one prefix would overwrite each
+//! other's blocks (slice ids are per file system), so a gateway finding another's name refuses
+//! to start, and gc refuses to delete anything there.
 
 use std::time::Duration;
 
@@ -29,6 +34,8 @@ pub enum StoreProblem {
     AccessDenied,
     Unreachable,
     OtherBytes,
+    /// The prefix holds another file system's blocks.
+    OtherFileSystem,
     Failed,
 }
 
@@ -46,6 +53,10 @@ impl std::fmt::Display for StoreProblem {
             StoreProblem::AccessDenied => "denied access to the probe object (check the policy)",
             StoreProblem::Unreachable => "cannot be reached",
             StoreProblem::OtherBytes => "returned other bytes than were written",
+            StoreProblem::OtherFileSystem => {
+                "belongs to another stagefs file system (two file systems writing one prefix \
+                 would overwrite each other's blocks: give each its own bucket or prefix)"
+            }
             StoreProblem::Failed => "failed the probe",
         })
     }
@@ -58,6 +69,78 @@ pub struct StoreCheckError {
     pub problem: StoreProblem,
     /// What the store said (bounded).
     pub detail: String,
+}
+
+/// The object that names the file system a store prefix belongs to.
+pub const OWNER_OBJECT: &str = "stagefs-file-system";
+
+/// The owner object's text for file system `id`.
+fn owner_text(id: &[u8; 16]) -> String {
+    format!("stagefs file system {}\n", uuid::Uuid::from_bytes(*id))
+}
+
+/// Claims the store's prefix for file system `id`: writes [`OWNER_OBJECT`] when there is none,
+/// and fails with [`StoreProblem::OtherFileSystem`] when it names another.
+pub async fn claim(
+    store: &dyn ObjectStore,
+    id: &[u8; 16],
+    url: &str,
+) -> Result<(), StoreCheckError> {
+    let fail = |problem, detail: String| StoreCheckError {
+        url: url.to_string(),
+        problem,
+        detail,
+    };
+    let ours = owner_text(id);
+    match owner(store).await.map_err(|(p, d)| fail(p, d))? {
+        Some(text) if text == ours => return Ok(()),
+        Some(text) => {
+            return Err(fail(
+                StoreProblem::OtherFileSystem,
+                format!(
+                    "{OWNER_OBJECT} says {:?}; this is {:?}",
+                    shared::clip(text.trim(), 100),
+                    ours.trim()
+                ),
+            ))
+        }
+        None => {}
+    }
+    store
+        .put(&Path::from(OWNER_OBJECT), PutPayload::from(ours.clone()))
+        .await
+        .map_err(|e| {
+            let (problem, detail) = classify("PUT", &e);
+            fail(problem, detail)
+        })?;
+    // Two file systems claiming an empty prefix at once: the one whose claim was overwritten
+    // finds the other's name now.
+    match owner(store).await.map_err(|(p, d)| fail(p, d))? {
+        Some(text) if text == ours => Ok(()),
+        other => Err(fail(
+            StoreProblem::OtherFileSystem,
+            format!("{OWNER_OBJECT} was claimed meanwhile: {other:?}"),
+        )),
+    }
+}
+
+/// Whether the store's prefix belongs to file system `id`.
+pub async fn owned_by(store: &dyn ObjectStore, id: &[u8; 16]) -> Result<bool, String> {
+    match owner(store).await {
+        Ok(text) => Ok(text.as_deref() == Some(owner_text(id).as_str())),
+        Err((_, detail)) => Err(detail),
+    }
+}
+
+async fn owner(store: &dyn ObjectStore) -> Result<Option<String>, (StoreProblem, String)> {
+    match store.get(&Path::from(OWNER_OBJECT)).await {
+        Ok(found) => {
+            let bytes = found.bytes().await.map_err(|e| classify("GET", &e))?;
+            Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(classify("GET", &e)),
+    }
 }
 
 /// The probe object's name starts so.
@@ -171,6 +254,18 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_prefix_is_claimed_once_and_refused_to_another_file_system() {
+        let store = object_store::memory::InMemory::new();
+        let (ours, theirs) = ([1; 16], [2; 16]);
+        claim(&store, &ours, "memory://").await.unwrap();
+        claim(&store, &ours, "memory://").await.unwrap();
+        assert!(owned_by(&store, &ours).await.unwrap());
+        let error = claim(&store, &theirs, "memory://").await.unwrap_err();
+        assert_eq!(error.problem, StoreProblem::OtherFileSystem);
+        assert!(!owned_by(&store, &theirs).await.unwrap());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The store is probed at start: a gateway pointed at a bucket that does not exist, or given
 //! wrong credentials, exits non-zero with a message that says which, instead of listening and
-//! filling its device; `--store-check warn` starts anyway.
+//! filling its device; `--store-check warn` starts anyway. The prefix is claimed for the file
+//! system: another file system's gateway pointed at it refuses to start.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
@@ -137,12 +138,35 @@ fn a_gateway_refuses_to_start_on_a_store_it_cannot_use_and_says_why() {
         "{stderr}"
     );
 
-    // A store that works passes, and the probe leaves nothing in it.
+    // A store that works passes; the probe leaves nothing in it, and the prefix is claimed.
     let (code, stderr) = serve(&dir, &s3, &s3.store_url(), &keys, &[]);
     assert_eq!(code, None, "a working store must let it start:\n{stderr}");
     assert!(stderr.contains("object store probe passed"), "{stderr}");
+    let objects: Vec<String> = runtime
+        .block_on(s3.list())
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert_eq!(objects, ["stagefs-file-system"], "the probe left objects");
+
+    // The same file system starts again; another one (new metadata) on the same prefix does
+    // not, as its blocks would overwrite the first one's.
+    let (code, stderr) = serve(&dir, &s3, &s3.store_url(), &keys, &[]);
+    assert_eq!(code, None, "its own prefix:\n{stderr}");
+    std::fs::remove_file(dir.join("device.img.meta.redb")).unwrap();
+    let (code, stderr) = serve(&dir, &s3, &s3.store_url(), &keys, &[]);
+    assert_eq!(code, Some(1), "another file system's prefix:\n{stderr}");
     assert!(
-        runtime.block_on(s3.list()).is_empty(),
-        "the probe left objects"
+        stderr.contains("belongs to another stagefs file system"),
+        "{stderr}"
     );
+    let (code, stderr) = serve(
+        &dir,
+        &s3,
+        &s3.store_url(),
+        &keys,
+        &["--store-check", "warn"],
+    );
+    assert_eq!(code, None, "--store-check warn must start:\n{stderr}");
+    assert!(stderr.contains("starting anyway"), "{stderr}");
 }

@@ -68,6 +68,7 @@ impl BlockingMeta {
         listxattr(ino: Ino) -> Vec<Vec<u8>>;
         removexattr(ino: Ino, name: &[u8]) -> ();
         statfs() -> StatFs;
+        file_system_id() -> [u8; 16];
         dir_usage(ino: Ino) -> DirUsage;
         tenant_usage() -> Vec<TenantUsage>;
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;

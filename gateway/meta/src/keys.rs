@@ -7,6 +7,7 @@
 //! | record            | key                                | value                              |
 //! |-------------------|------------------------------------|------------------------------------|
 //! | format version    | `F`                                | u64                                |
+//! | file-system id    | `I`                                | 16 random bytes                    |
 //! | inode             | `i` ino                            | inode record (`codec`)             |
 //! | directory entry   | `d` parent name                    | ino, cookie                        |
 //! | listing order     | `o` parent cookie                  | ino, name                          |
@@ -41,6 +42,10 @@ use crate::kv::Sequence;
 use crate::{GatewayId, Ino, MetaError, Result, SessionId, TimeNs};
 
 pub const FORMAT: &[u8] = b"F";
+
+/// The file system's id: 16 random bytes, made once. The object store's prefix is claimed with
+/// it, so two file systems never share one.
+pub const FILE_SYSTEM_ID: &[u8] = b"I";
 
 fn key(tag: u8, numbers: &[u64], tail: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + 8 * numbers.len() + tail.len());

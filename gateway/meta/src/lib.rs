@@ -380,6 +380,9 @@ pub trait MetaEngine: Send + Sync {
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
 
     async fn statfs(&self) -> Result<StatFs>;
+    /// The file system's id, made (16 random bytes) the first time it is asked for: gateways
+    /// claim the object store's prefix with it, so that two file systems never write one.
+    async fn file_system_id(&self) -> Result<[u8; 16]>;
     /// What is below `ino` at any depth ([`DirUsage`]); for a non-directory, itself. Reads the
     /// statistics each directory keeps of its children, in one snapshot: the cost grows with
     /// the directories below, not the files.

@@ -1353,6 +1353,12 @@ fn home_of(inode: &Inode) -> Option<Ino> {
     (inode.parent != 0 && inode.parent != inode.attr.ino).then_some(inode.parent)
 }
 
+fn decode_file_system_id(bytes: &[u8]) -> Result<[u8; 16]> {
+    bytes
+        .try_into()
+        .map_err(|_| MetaError::Corrupt(format!("file-system id of {} bytes, not 16", bytes.len())))
+}
+
 /// A tenant's usage record: inodes, bytes.
 fn decode_counts(bytes: &[u8]) -> Result<[u64; 2]> {
     match bytes.len() {
@@ -1767,6 +1773,23 @@ impl MetaEngine for KvMeta {
             used_bytes: tx.usage(USED_BYTES).await?,
             capacity_bytes: self.config.capacity_bytes,
             max_files: self.config.max_files,
+        })
+    }
+
+    async fn file_system_id(&self) -> Result<[u8; 16]> {
+        let mut tx = self.read_tx().await?;
+        if let Some(id) = tx.get(keys::FILE_SYSTEM_ID).await? {
+            return decode_file_system_id(&id);
+        }
+        drop(tx);
+        crate::transact!(self, self.durability(), |tx| {
+            // Another gateway may have made it meanwhile: the first one made stays.
+            if let Some(id) = tx.get(keys::FILE_SYSTEM_ID).await? {
+                return decode_file_system_id(&id);
+            }
+            let id = *uuid::Uuid::new_v4().as_bytes();
+            tx.put(keys::FILE_SYSTEM_ID.to_vec(), id.to_vec());
+            Ok(id)
         })
     }
 
