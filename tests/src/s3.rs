@@ -36,6 +36,10 @@ pub struct S3Server {
     store: Arc<dyn ObjectStore>,
 }
 
+/// The object that claims a store prefix for one file system (the gateway's
+/// `store_check::OWNER_OBJECT`).
+pub const OWNER_OBJECT: &str = "stagefs-file-system";
+
 impl S3Server {
     /// Starts `s3s-fs` on a free port with data under `root` (created if needed) and creates the
     /// bucket [`S3_BUCKET`]. Its output goes to `<root>.log`.
@@ -220,8 +224,16 @@ impl S3Server {
         }
     }
 
-    /// Every object in the bucket: (key, size), sorted by key.
+    /// Every object in the bucket but the file system's claim of it (`stagefs-file-system`,
+    /// which a gateway writes at start): (key, size), sorted by key.
     pub async fn list(&self) -> Vec<(String, u64)> {
+        let mut objects = self.list_all().await;
+        objects.retain(|(key, _)| key != OWNER_OBJECT);
+        objects
+    }
+
+    /// Every object in the bucket, the claim included: (key, size), sorted by key.
+    pub async fn list_all(&self) -> Vec<(String, u64)> {
         let mut objects: Vec<(String, u64)> = self
             .store
             .list(None)

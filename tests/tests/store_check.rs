@@ -143,7 +143,7 @@ fn a_gateway_refuses_to_start_on_a_store_it_cannot_use_and_says_why() {
     assert_eq!(code, None, "a working store must let it start:\n{stderr}");
     assert!(stderr.contains("object store probe passed"), "{stderr}");
     let objects: Vec<String> = runtime
-        .block_on(s3.list())
+        .block_on(s3.list_all())
         .into_iter()
         .map(|(key, _)| key)
         .collect();

@@ -334,8 +334,10 @@ impl WorkPaths {
     fn device(&self, count: usize, k: usize) -> PathBuf {
         self.root().join(format!("device-{count}-{k}.img"))
     }
-    fn store(&self) -> PathBuf {
-        self.root().join("store")
+    /// Each configuration is a file system of its own (a fresh database), so it needs a store
+    /// of its own: a gateway refuses a store another file system claimed.
+    fn store(&self, count: usize) -> PathBuf {
+        self.root().join(format!("store-{count}"))
     }
 }
 
@@ -347,7 +349,7 @@ impl World {
         device_size: u64,
         database: &str,
     ) -> Result<Self, BenchError> {
-        let store = work.store();
+        let store = work.store(count);
         std::fs::create_dir_all(&store).map_err(|e| BenchError::io("cannot create", &store, e))?;
         let mut gateways = Vec::new();
         let mut specs = Vec::new();
