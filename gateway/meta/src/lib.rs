@@ -67,8 +67,8 @@ impl DeletedSlice {
     }
 }
 
-/// What `du` counts below a directory: kept as statistics of each directory's own children
-/// (DESIGN.md would call them directory statistics), summed over the directories below.
+/// What `du` counts below a directory: each directory keeps statistics of its own children,
+/// and these are their sums over the directories below.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirUsage {
     /// Non-directories, each counted once: in the directory of the name it was created under
