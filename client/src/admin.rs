@@ -383,6 +383,8 @@ fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Res
 /// statistics the metadata keeps (a read per directory below, none per file).
 pub async fn du(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
+    // One connection per mount, whatever the number of paths in it.
+    let mut connected: BTreeMap<String, (String, MetaClient<GatewayChannel>)> = BTreeMap::new();
     for path in paths {
         let path = path
             .canonicalize()
@@ -391,8 +393,12 @@ pub async fn du(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> anyhow
             .with_context(|| format!("cannot stat {}", path.display()))?
             .ino();
         let (_, gateways) = gateway_of(&path)?;
-        let (gateway, channel) = connect_any(&gateways, access).await?;
-        let usage = meta_client(channel)
+        if !connected.contains_key(&gateways) {
+            let (gateway, channel) = connect_any(&gateways, access).await?;
+            connected.insert(gateways.clone(), (gateway, meta_client(channel)));
+        }
+        let (gateway, meta) = connected.get_mut(&gateways).expect("connected above");
+        let usage = meta
             .dir_usage(proto::meta::InodeRequest { ino })
             .await
             .map_err(|status| anyhow::anyhow!("DirUsage on {gateway}: {}", status.message()))?

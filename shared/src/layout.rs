@@ -324,6 +324,14 @@ pub fn resolve(slices: &[Slice], range: Range<u64>) -> Vec<Segment> {
     segments
 }
 
+/// The bytes of a chunk that `slices` cover at least partly: from the lowest start to the
+/// highest end (empty for no slices). A compacted slice must span exactly this.
+pub fn span(slices: &[Slice]) -> Range<u64> {
+    let start = slices.iter().map(|s| u64::from(s.offset_in_chunk)).min();
+    let end = slices.iter().map(Slice::end_in_chunk).max();
+    start.unwrap_or(0)..end.unwrap_or(0)
+}
+
 /// Bytes of one block that serve a chunk range, and where they go within the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RangePiece {

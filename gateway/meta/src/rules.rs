@@ -468,13 +468,7 @@ impl Tx<'_> {
             self.delete(key);
         }
         let (files, bytes) = (self.usage(FILES).await?, self.usage(USED_BYTES).await?);
-        self.put(
-            keys::tenant_usage(0, ""),
-            [files, bytes]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        );
+        self.put(keys::tenant_usage(0, ""), encode_counters(&[files, bytes]));
         Ok(())
     }
 
@@ -505,67 +499,72 @@ impl Tx<'_> {
 
     /// A usage counter: the sum of its shards.
     async fn usage(&mut self, counter: u8) -> Result<u64> {
-        let mut total = 0u64;
-        for (_, value) in self.scan_prefix(&keys::usage_prefix(counter)).await? {
-            total = total.wrapping_add(keys::decode_u64("usage counter", &value)?);
+        let [total] = self
+            .sum_counters(&keys::usage_prefix(counter), "usage counter")
+            .await?;
+        Ok(total)
+    }
+
+    /// Adds `delta` to the counters at `key` (a shard of a sharded record: usage, a tenant's
+    /// totals, a directory's statistics). A shard may wrap below zero when another shard holds
+    /// the matching increment; the sum over the shards is what counts.
+    async fn add_counters<const N: usize>(
+        &mut self,
+        key: Vec<u8>,
+        what: &str,
+        delta: [i64; N],
+    ) -> Result<()> {
+        if delta == [0; N] {
+            return Ok(());
+        }
+        let mut values = match self.get(&key).await? {
+            Some(bytes) => decode_counters::<N>(what, &bytes)?,
+            None => [0; N],
+        };
+        for (value, d) in values.iter_mut().zip(delta) {
+            *value = value.wrapping_add_signed(d);
+        }
+        self.put(key, encode_counters(&values));
+        Ok(())
+    }
+
+    /// The sum of the shards of a sharded counter record, all under `prefix`.
+    async fn sum_counters<const N: usize>(
+        &mut self,
+        prefix: &[u8],
+        what: &str,
+    ) -> Result<[u64; N]> {
+        let mut total = [0; N];
+        for (_, value) in self.scan_prefix(prefix).await? {
+            add_wrapping(&mut total, decode_counters(what, &value)?);
         }
         Ok(total)
     }
 
     /// Adds to this transaction's shard of the usage counters, of the file system and of the
-    /// tenant `owner`. A shard may go "negative" (wrap) when another shard holds the matching
-    /// increment; the sum is what counts.
+    /// tenant `owner`.
     async fn add_usage(&mut self, owner: &str, files: i64, bytes: i64) -> Result<()> {
-        if files != 0 || bytes != 0 {
-            let key = keys::tenant_usage(self.shard, owner);
-            let mut values = match self.get(&key).await? {
-                Some(value) => decode_counts(&value)?,
-                None => [0; 2],
-            };
-            values[0] = values[0].wrapping_add_signed(files);
-            values[1] = values[1].wrapping_add_signed(bytes);
-            self.put(key, values.iter().flat_map(|v| v.to_le_bytes()).collect());
-        }
+        let key = keys::tenant_usage(self.shard, owner);
+        self.add_counters(key, "tenant usage", [files, bytes])
+            .await?;
         for (counter, delta) in [(FILES, files), (USED_BYTES, bytes)] {
-            if delta != 0 {
-                let key = keys::usage(counter, self.shard);
-                let value = match self.get(&key).await? {
-                    Some(bytes) => keys::decode_u64("usage counter", &bytes)?,
-                    None => 0,
-                };
-                self.put(key, keys::encode_u64(value.wrapping_add_signed(delta)));
-            }
+            self.add_counters(keys::usage(counter, self.shard), "usage counter", [delta])
+                .await?;
         }
         Ok(())
     }
 
     /// Adds `delta` (files, directories, bytes) to this transaction's shard of `dir`'s
-    /// statistics. Like the usage counters, a shard may wrap below zero; the sum is what counts.
+    /// statistics.
     async fn add_dir_stats(&mut self, dir: Ino, delta: [i64; 3]) -> Result<()> {
-        if delta == [0; 3] {
-            return Ok(());
-        }
         let key = keys::dir_stats(dir, self.shard);
-        let mut values = match self.get(&key).await? {
-            Some(bytes) => decode_dir_stats(dir, &bytes)?,
-            None => [0; 3],
-        };
-        for (value, d) in values.iter_mut().zip(delta) {
-            *value = value.wrapping_add_signed(d);
-        }
-        self.put(key, values.iter().flat_map(|v| v.to_le_bytes()).collect());
-        Ok(())
+        self.add_counters(key, "directory statistics", delta).await
     }
 
     /// The statistics of `dir`'s direct children: the sum of its shards.
     async fn dir_stats(&mut self, dir: Ino) -> Result<[u64; 3]> {
-        let mut total = [0u64; 3];
-        for (_, value) in self.scan_prefix(&keys::dir_stats_prefix(dir)).await? {
-            for (t, v) in total.iter_mut().zip(decode_dir_stats(dir, &value)?) {
-                *t = t.wrapping_add(v);
-            }
-        }
-        Ok(total)
+        self.sum_counters(&keys::dir_stats_prefix(dir), "directory statistics")
+            .await
     }
 
     /// Moves what `inode` counts for from directory `from` to `to` (a rename); a directory's
@@ -815,17 +814,19 @@ impl Tx<'_> {
         inode.attr.ctime_ns = self.now;
         let home = if names_before >= 2 {
             let left_here = self.add_names(ino, dir, -1).await?;
-            let dirs = self.name_dirs(ino).await?;
-            if names_before == 2 {
-                // One name left: no index needed any more.
-                for (key, _) in &dirs {
-                    self.delete(key.clone());
+            let home_lost_it = inode.parent == dir && left_here == 0;
+            if names_before == 2 || home_lost_it {
+                let dirs = self.name_dirs(ino).await?;
+                if names_before == 2 {
+                    // One name left: no index needed any more.
+                    for (key, _) in &dirs {
+                        self.delete(key.clone());
+                    }
                 }
-            }
-            match dirs.first() {
-                Some(&(_, first)) if inode.parent == dir && left_here == 0 => first,
-                Some(&(_, only)) if names_before == 2 => only,
-                _ => inode.parent,
+                // The first directory holding a name (the only one, with one name left).
+                dirs.first().map_or(inode.parent, |&(_, first)| first)
+            } else {
+                inode.parent
             }
         } else {
             0
@@ -1359,31 +1360,31 @@ fn decode_file_system_id(bytes: &[u8]) -> Result<[u8; 16]> {
         .map_err(|_| MetaError::Corrupt(format!("file-system id of {} bytes, not 16", bytes.len())))
 }
 
-/// A tenant's usage record: inodes, bytes.
-fn decode_counts(bytes: &[u8]) -> Result<[u64; 2]> {
-    match bytes.len() {
-        16 => Ok([
-            u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
-            u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
-        ]),
-        len => Err(MetaError::Corrupt(format!(
-            "tenant usage record of {len} bytes, not 16"
-        ))),
-    }
+/// A counter record: `N` little-endian u64s (one is what `keys::encode_u64` writes).
+fn encode_counters(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn decode_dir_stats(dir: Ino, bytes: &[u8]) -> Result<[u64; 3]> {
-    if bytes.len() != 24 {
+fn decode_counters<const N: usize>(what: &str, bytes: &[u8]) -> Result<[u64; N]> {
+    if bytes.len() != 8 * N {
         return Err(MetaError::Corrupt(format!(
-            "statistics of directory {dir}: {} bytes, not 24",
-            bytes.len()
+            "{what}: {} bytes, expected {}",
+            bytes.len(),
+            8 * N
         )));
     }
-    let mut out = [0u64; 3];
+    let mut out = [0u64; N];
     for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
         *value = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
     }
     Ok(out)
+}
+
+/// Adds `values` to `total`, wrapping as the shards of a counter may.
+fn add_wrapping<const N: usize>(total: &mut [u64; N], values: [u64; N]) {
+    for (t, v) in total.iter_mut().zip(values) {
+        *t = t.wrapping_add(v);
+    }
 }
 
 /// Splits slices in commit order into those still showing at least one byte and those that later
@@ -1798,9 +1799,7 @@ impl MetaEngine for KvMeta {
         let mut totals: BTreeMap<String, [u64; 2]> = BTreeMap::new();
         for (key, value) in tx.scan_prefix(keys::TENANT_USAGE_PREFIX).await? {
             let total = totals.entry(keys::tenant_of_usage(&key)).or_default();
-            for (t, v) in total.iter_mut().zip(decode_counts(&value)?) {
-                *t = t.wrapping_add(v);
-            }
+            add_wrapping(total, decode_counters("tenant usage", &value)?);
         }
         Ok(totals
             .into_iter()
@@ -1827,9 +1826,7 @@ impl MetaEngine for KvMeta {
         let mut total = [0u64; 3];
         let mut waiting = vec![ino];
         while let Some(dir) = waiting.pop() {
-            for (t, v) in total.iter_mut().zip(tx.dir_stats(dir).await?) {
-                *t = t.wrapping_add(v);
-            }
+            add_wrapping(&mut total, tx.dir_stats(dir).await?);
             for (key, _) in tx.scan_prefix(&keys::subdir_prefix(dir)).await? {
                 let ([_, child], _) = keys::parse::<2>(&key)?;
                 waiting.push(child);
@@ -1920,11 +1917,7 @@ impl MetaEngine for KvMeta {
                     read.len()
                 ))
             })?;
-        let span =
-            run.iter()
-                .map(|s| u64::from(s.offset_in_chunk))
-                .min()
-                .unwrap_or(0)..run.iter().map(Slice::end_in_chunk).max().unwrap_or(0);
+        let span = shared::layout::span(run);
         if merged.slice_id == Slice::HOLE_ID
             || u64::from(merged.offset_in_chunk) != span.start
             || merged.end_in_chunk() != span.end

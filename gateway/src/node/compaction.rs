@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::{ObjectStore, ObjectStoreExt};
-use shared::layout::range_pieces;
+use shared::layout::{range_pieces, span};
 use shared::BlockKey;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -238,12 +238,7 @@ pub async fn compact(
         return Ok(Outcome::DeviceFull);
     }
     let run = &read[from..];
-    let start = run
-        .iter()
-        .map(|s| u64::from(s.offset_in_chunk))
-        .min()
-        .unwrap_or(0);
-    let end = run.iter().map(Slice::end_in_chunk).max().unwrap_or(0);
+    let std::ops::Range { start, end } = span(run);
     let me = node.settings.gateway_id;
     let bytes = BlockReader::new(node, me).read(&read, start..end).await?;
     let session = match *session {
