@@ -1103,6 +1103,47 @@ impl Tx<'_> {
         }
     }
 
+    /// [`MetaEngine::within`].
+    async fn within(&mut self, root: Ino, ino: Ino, session: Option<SessionId>) -> Result<bool> {
+        if ino == root {
+            return Ok(true);
+        }
+        let inode = self.inode(ino).await?;
+        if inode.attr.kind != FileKind::Dir && inode.attr.nlink == 0 {
+            return Ok(match session {
+                Some(session) => self.handles(session, ino).await? > 0,
+                None => false,
+            });
+        }
+        let mut dirs = vec![inode.parent];
+        if inode.attr.kind != FileKind::Dir && inode.attr.nlink >= 2 {
+            dirs.extend(self.name_dirs(ino).await?.into_iter().map(|(_, dir)| dir));
+        }
+        for dir in dirs {
+            if self.dir_within(root, dir).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether directory `dir` is `root` or below it, walking up its parents.
+    async fn dir_within(&mut self, root: Ino, mut dir: Ino) -> Result<bool> {
+        // Directories form a tree; a chain this long is a loop, not a path.
+        for _ in 0..1 << 20 {
+            if dir == root {
+                return Ok(true);
+            }
+            if dir == ROOT_INO || dir == 0 {
+                return Ok(false);
+            }
+            dir = self.dir(dir).await?.parent;
+        }
+        Err(MetaError::Corrupt(format!(
+            "the parents of directory {dir} do not reach the root"
+        )))
+    }
+
     async fn handles(&mut self, session: SessionId, ino: Ino) -> Result<u64> {
         match self.get(&keys::handle(session, ino)).await? {
             Some(bytes) => keys::decode_u64("open handles", &bytes),
@@ -1810,6 +1851,10 @@ impl MetaEngine for KvMeta {
                 bytes,
             })
             .collect())
+    }
+
+    async fn within(&self, root: Ino, ino: Ino, session: Option<SessionId>) -> Result<bool> {
+        self.read_tx().await?.within(root, ino, session).await
     }
 
     async fn dir_usage(&self, ino: Ino) -> Result<DirUsage> {

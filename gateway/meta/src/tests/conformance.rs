@@ -123,6 +123,45 @@ impl Fixture {
 }
 
 #[test]
+fn within_follows_names_up_to_the_root_it_is_asked_about() {
+    let f = fixture();
+    let team = f.mkdir(ROOT_INO, "team");
+    let deep = f.mkdir(f.mkdir(team.ino, "a").ino, "b");
+    let inside = f.file(deep.ino, "f");
+    let other = f.mkdir(ROOT_INO, "other");
+    let outside = f.file(other.ino, "g");
+    let within = |ino| f.meta.within(team.ino, ino, None).unwrap();
+    assert!(within(team.ino) && within(deep.ino) && within(inside.ino));
+    assert!(!within(ROOT_INO) && !within(other.ino) && !within(outside.ino));
+    assert!(f.meta.within(ROOT_INO, outside.ino, None).unwrap());
+    assert_eq!(errno(f.meta.within(team.ino, 999, None)), libc::ENOENT);
+
+    // A second name inside the tree brings the node in; its first name leaving keeps it in.
+    f.meta.link(outside.ino, deep.ino, b"g2").unwrap();
+    assert!(within(outside.ino));
+    f.meta.unlink(other.ino, b"g").unwrap();
+    assert!(within(outside.ino));
+    // Moved out, it is out; a directory moved out takes its tree with it.
+    f.meta
+        .rename(deep.ino, b"g2", other.ino, b"g", RenameMode::Replace)
+        .unwrap();
+    assert!(!within(outside.ino));
+    f.meta
+        .rename(team.ino, b"a", other.ino, b"a", RenameMode::Replace)
+        .unwrap();
+    assert!(!within(deep.ino) && !within(inside.ino));
+
+    // Unlinked while open: in for the session that holds it, for no one else.
+    let open = f.file(team.ino, "open");
+    f.meta.open(f.session, open.ino).unwrap();
+    f.meta.unlink(team.ino, b"open").unwrap();
+    assert!(f.meta.within(team.ino, open.ino, Some(f.session)).unwrap());
+    let stranger = f.meta.open_session("", "stranger").unwrap();
+    assert!(!f.meta.within(team.ino, open.ino, Some(stranger)).unwrap());
+    assert!(!within(open.ino));
+}
+
+#[test]
 fn a_new_database_has_the_root_directory() {
     let f = fixture();
     let root = f.meta.getattr(ROOT_INO).unwrap();
