@@ -71,7 +71,7 @@ impl BlockingMeta {
         file_system_id() -> [u8; 16];
         dir_usage(ino: Ino) -> DirUsage;
         tenant_usage() -> Vec<TenantUsage>;
-        within(root: Ino, ino: Ino, session: Option<SessionId>) -> bool;
+        within(root: Ino, ino: Ino, tenant: &str) -> bool;
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;

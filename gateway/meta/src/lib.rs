@@ -391,10 +391,10 @@ pub trait MetaEngine: Send + Sync {
     /// are left out.
     async fn tenant_usage(&self) -> Result<Vec<TenantUsage>>;
     /// Whether node `ino` lies in the tree of directory `root`: it is `root`, or one of its
-    /// names is in `root` or a directory below it. A node with no name left counts while
-    /// `session` holds it open (it was in the tree when it was opened). What a tenant confined
-    /// to `root` may reach; costs one read per directory between the node and `root`.
-    async fn within(&self, root: Ino, ino: Ino, session: Option<SessionId>) -> Result<bool>;
+    /// names is in `root` or a directory below it. A node with no name left counts while a
+    /// session of `tenant` holds it open (it was in the tree when it was opened). What a tenant
+    /// confined to `root` may reach; costs one read per directory between the node and `root`.
+    async fn within(&self, root: Ino, ino: Ino, tenant: &str) -> Result<bool>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.

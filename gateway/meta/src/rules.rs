@@ -1104,16 +1104,19 @@ impl Tx<'_> {
     }
 
     /// [`MetaEngine::within`].
-    async fn within(&mut self, root: Ino, ino: Ino, session: Option<SessionId>) -> Result<bool> {
+    async fn within(&mut self, root: Ino, ino: Ino, tenant: &str) -> Result<bool> {
         if ino == root {
             return Ok(true);
         }
         let inode = self.inode(ino).await?;
         if inode.attr.kind != FileKind::Dir && inode.attr.nlink == 0 {
-            return Ok(match session {
-                Some(session) => self.handles(session, ino).await? > 0,
-                None => false,
-            });
+            // Rare (unlinked while open): the tenant's sessions are few.
+            for session in self.sessions().await? {
+                if session.tenant == tenant && self.handles(session.id, ino).await? > 0 {
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
         }
         let mut dirs = vec![inode.parent];
         if inode.attr.kind != FileKind::Dir && inode.attr.nlink >= 2 {
@@ -1853,8 +1856,8 @@ impl MetaEngine for KvMeta {
             .collect())
     }
 
-    async fn within(&self, root: Ino, ino: Ino, session: Option<SessionId>) -> Result<bool> {
-        self.read_tx().await?.within(root, ino, session).await
+    async fn within(&self, root: Ino, ino: Ino, tenant: &str) -> Result<bool> {
+        self.read_tx().await?.within(root, ino, tenant).await
     }
 
     async fn dir_usage(&self, ino: Ino) -> Result<DirUsage> {

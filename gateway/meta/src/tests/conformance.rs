@@ -130,11 +130,11 @@ fn within_follows_names_up_to_the_root_it_is_asked_about() {
     let inside = f.file(deep.ino, "f");
     let other = f.mkdir(ROOT_INO, "other");
     let outside = f.file(other.ino, "g");
-    let within = |ino| f.meta.within(team.ino, ino, None).unwrap();
+    let within = |ino| f.meta.within(team.ino, ino, "team").unwrap();
     assert!(within(team.ino) && within(deep.ino) && within(inside.ino));
     assert!(!within(ROOT_INO) && !within(other.ino) && !within(outside.ino));
-    assert!(f.meta.within(ROOT_INO, outside.ino, None).unwrap());
-    assert_eq!(errno(f.meta.within(team.ino, 999, None)), libc::ENOENT);
+    assert!(f.meta.within(ROOT_INO, outside.ino, "").unwrap());
+    assert_eq!(errno(f.meta.within(team.ino, 999, "team")), libc::ENOENT);
 
     // A second name inside the tree brings the node in; its first name leaving keeps it in.
     f.meta.link(outside.ino, deep.ino, b"g2").unwrap();
@@ -151,14 +151,18 @@ fn within_follows_names_up_to_the_root_it_is_asked_about() {
         .unwrap();
     assert!(!within(deep.ino) && !within(inside.ino));
 
-    // Unlinked while open: in for the session that holds it, for no one else.
+    // Unlinked while open: in for the tenant whose session holds it, for no other.
     let open = f.file(team.ino, "open");
-    f.meta.open(f.session, open.ino).unwrap();
+    let session = f.meta.open_session("team", "a mount").unwrap();
+    f.meta.open(session, open.ino).unwrap();
     f.meta.unlink(team.ino, b"open").unwrap();
-    assert!(f.meta.within(team.ino, open.ino, Some(f.session)).unwrap());
-    let stranger = f.meta.open_session("", "stranger").unwrap();
-    assert!(!f.meta.within(team.ino, open.ino, Some(stranger)).unwrap());
-    assert!(!within(open.ino));
+    assert!(within(open.ino));
+    assert!(!f.meta.within(team.ino, open.ino, "stranger").unwrap());
+    f.meta.release(session, open.ino).unwrap();
+    assert_eq!(
+        errno(f.meta.within(team.ino, open.ino, "team")),
+        libc::ENOENT
+    );
 }
 
 #[test]
