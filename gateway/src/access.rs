@@ -36,6 +36,46 @@ pub enum AccessLevel {
 pub struct Tenant {
     pub name: String,
     pub access: AccessLevel,
+    /// The directory it is confined to (`root = "/team-a"`), if any ([`crate::confine`]).
+    pub root: Option<TenantRoot>,
+}
+
+/// The directory a confined tenant sees as the root of the file system.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TenantRoot {
+    /// As the tokens file writes it, for messages.
+    pub path: String,
+    /// Its names from the file system's root down.
+    pub names: Vec<String>,
+    /// Its inode, found at the tenant's first request after the file was read (start or
+    /// SIGHUP): renaming the directory later does not change what the tenant sees.
+    pub ino: tokio::sync::OnceCell<u64>,
+}
+
+impl TenantRoot {
+    /// `path`, checked: absolute, no `.` or `..`, no empty or overlong names. `/` confines to
+    /// nothing (`None`).
+    fn parse(path: &str) -> Result<Option<TenantRoot>, String> {
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(format!("root {path:?} must be an absolute path"));
+        };
+        let names: Vec<String> = rest
+            .split('/')
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect();
+        if let Some(bad) = names
+            .iter()
+            .find(|n| *n == "." || *n == ".." || n.len() > 255 || n.contains('\0'))
+        {
+            return Err(format!("root {path:?} has the name {bad:?}"));
+        }
+        Ok((!names.is_empty()).then(|| TenantRoot {
+            path: path.to_string(),
+            names,
+            ino: tokio::sync::OnceCell::new(),
+        }))
+    }
 }
 
 impl Tenant {
@@ -44,6 +84,7 @@ impl Tenant {
         Arc::new(Tenant {
             name: String::new(),
             access: AccessLevel::Admin,
+            root: None,
         })
     }
 
@@ -198,10 +239,13 @@ fn read_tokens(path: &Path) -> Result<Known, TokensError> {
                  characters (e.g. `openssl rand -hex 32`)"
             )));
         }
-        if let Some(root) = entry.root {
+        let root = match &entry.root {
+            Some(path) => TenantRoot::parse(path).map_err(|e| invalid(format!("token {name:?}: {e}")))?,
+            None => None,
+        };
+        if root.is_some() && entry.access == AccessLevel::Admin {
             return Err(invalid(format!(
-                "token {name:?} has root = {root:?}: confining a tenant to a directory is not \
-                 supported yet, and a token without it would see the whole file system"
+                "token {name:?}: an admin acts on the whole gateway and cannot have a root"
             )));
         }
         if tenants.iter().any(|(_, t)| t.name == name) {
@@ -220,6 +264,7 @@ fn read_tokens(path: &Path) -> Result<Known, TokensError> {
             Arc::new(Tenant {
                 name,
                 access: entry.access,
+                root,
             }),
         ));
     }
@@ -333,9 +378,23 @@ mod tests {
             (
                 &format!(
                     "[[token]]\nname = \"a\"\nsecret = \"{SECRET_A}\"\naccess = \"rw\"\n\
+                     root = \"team-a\"\n"
+                ),
+                "absolute",
+            ),
+            (
+                &format!(
+                    "[[token]]\nname = \"a\"\nsecret = \"{SECRET_A}\"\naccess = \"rw\"\n\
+                     root = \"/team-a/../b\"\n"
+                ),
+                "has the name \"..\"",
+            ),
+            (
+                &format!(
+                    "[[token]]\nname = \"a\"\nsecret = \"{SECRET_A}\"\naccess = \"admin\"\n\
                      root = \"/team-a\"\n"
                 ),
-                "not supported yet",
+                "cannot have a root",
             ),
             (
                 &format!(
@@ -362,6 +421,15 @@ mod tests {
             Tokens::load(&dir.path().join("missing")),
             Err(TokensError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn a_root_is_read_as_its_names() {
+        let root = TenantRoot::parse("/team-a//runs/").unwrap().unwrap();
+        assert_eq!(root.names, ["team-a", "runs"]);
+        assert_eq!(root.path, "/team-a//runs/");
+        assert!(TenantRoot::parse("/").unwrap().is_none());
+        assert!(TenantRoot::parse("/a/./b").is_err());
     }
 
     #[test]

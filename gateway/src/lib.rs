@@ -10,6 +10,7 @@
 pub mod access;
 pub mod aligned;
 pub mod change_tags;
+pub mod confine;
 pub mod device;
 pub mod drain;
 #[cfg(test)]

@@ -19,6 +19,7 @@ use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
 use crate::access::{tenant_of, Tenant};
+use crate::confine::Scope;
 use crate::meta::{FileKind, LockKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
 use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
 use convert::*;
@@ -54,6 +55,16 @@ impl MetaService {
     /// is answered as one that does not exist.
     async fn session(&self, tenant: &Tenant, wire: &[u8]) -> Result<SessionId, MetaError> {
         self.node.session_named(tenant, wire).await
+    }
+
+    /// Where `tenant`'s requests may reach ([`crate::confine`]).
+    async fn scope(&self, tenant: &Arc<Tenant>) -> Result<Scope, MetaError> {
+        Scope::of(tenant.clone(), self.engine.as_ref()).await
+    }
+
+    /// The inode `ino` names for `tenant`, if it may reach it.
+    async fn reach(&self, tenant: &Arc<Tenant>, ino: u64) -> Result<u64, MetaError> {
+        self.scope(tenant).await?.reach(self.engine.as_ref(), ino).await
     }
 
     /// Runs one engine call; `rpc` names the call in error messages.
@@ -210,9 +221,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
         let pb::EntryRequest { parent, name } = request.into_inner();
         let attr = self
-            .call("Lookup", async { self.engine.lookup(parent, &name).await })
+            .call("Lookup", async {
+                let scope = self.scope(&tenant).await?;
+                scope.lookup(self.engine.as_ref(), parent, &name).await
+            })
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
@@ -221,9 +236,14 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let attr = self
-            .call("GetAttr", async { self.engine.getattr(ino).await })
+            .call("GetAttr", async {
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), ino).await?;
+                Ok(scope.attr(self.engine.getattr(ino).await?))
+            })
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
@@ -232,12 +252,15 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SetAttrRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
-        writable("SetAttr", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("SetAttr", &tenant)?;
         let request = request.into_inner();
         let changes = set_attr_from_proto(&request);
         let attr = self
             .call("SetAttr", async {
-                self.engine.setattr(request.ino, &changes).await
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), request.ino).await?;
+                Ok(scope.attr(self.engine.setattr(ino, &changes).await?))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -254,9 +277,13 @@ impl Meta for MetaService {
             .call("Create", async {
                 let node = new_node_from_proto(&request, Some(FileKind::File))?;
                 let session = self.session(&tenant, &request.session_id).await?;
-                self.engine
-                    .create(session, request.parent, &request.name, &node)
-                    .await
+                let scope = self.scope(&tenant).await?;
+                let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
+                let attr = self
+                    .engine
+                    .create(session, parent, &request.name, &node)
+                    .await?;
+                Ok(scope.attr(attr))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -266,14 +293,14 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
-        writable("Mknod", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Mknod", &tenant)?;
         let request = request.into_inner();
         let attr = self
             .call("Mknod", async {
                 let node = new_node_from_proto(&request, None)?;
-                self.engine
-                    .mknod(request.parent, &request.name, &node)
-                    .await
+                let parent = self.reach(&tenant, request.parent).await?;
+                self.engine.mknod(parent, &request.name, &node).await
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -283,7 +310,8 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
-        writable("Mkdir", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Mkdir", &tenant)?;
         let request = request.into_inner();
         let attr = self
             .call("Mkdir", async {
@@ -295,8 +323,9 @@ impl Meta for MetaService {
                         node.kind
                     )));
                 }
+                let parent = self.reach(&tenant, request.parent).await?;
                 self.engine
-                    .mkdir(request.parent, &request.name, node.mode, node.uid, node.gid)
+                    .mkdir(parent, &request.name, node.mode, node.uid, node.gid)
                     .await
             })
             .await?;
@@ -307,7 +336,8 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SymlinkRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
-        writable("Symlink", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Symlink", &tenant)?;
         let pb::SymlinkRequest {
             parent,
             name,
@@ -317,6 +347,7 @@ impl Meta for MetaService {
         } = request.into_inner();
         let attr = self
             .call("Symlink", async {
+                let parent = self.reach(&tenant, parent).await?;
                 self.engine.symlink(parent, &name, &target, uid, gid).await
             })
             .await?;
@@ -327,9 +358,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::ReadlinkResponse>, Status> {
+        let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let target = self
-            .call("Readlink", async { self.engine.readlink(ino).await })
+            .call("Readlink", async {
+                self.engine.readlink(self.reach(&tenant, ino).await?).await
+            })
             .await?;
         Ok(Response::new(pb::ReadlinkResponse {
             target: target.into(),
@@ -340,10 +374,15 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        writable("Unlink", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Unlink", &tenant)?;
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.call("Unlink", async { self.engine.unlink(parent, &name).await })
-            .await?;
+        self.call("Unlink", async {
+            self.engine
+                .unlink(self.reach(&tenant, parent).await?, &name)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -351,10 +390,15 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::EntryRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        writable("Rmdir", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Rmdir", &tenant)?;
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.call("Rmdir", async { self.engine.rmdir(parent, &name).await })
-            .await?;
+        self.call("Rmdir", async {
+            self.engine
+                .rmdir(self.reach(&tenant, parent).await?, &name)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -362,15 +406,19 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::RenameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        writable("Rename", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Rename", &tenant)?;
         let request = request.into_inner();
         self.call("Rename", async {
             let mode = RenameMode::from_flags(request.flags)?;
+            let scope = self.scope(&tenant).await?;
+            let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
+            let new_parent = scope.reach(self.engine.as_ref(), request.new_parent).await?;
             self.engine
                 .rename(
-                    request.parent,
+                    parent,
                     &request.name,
-                    request.new_parent,
+                    new_parent,
                     &request.new_name,
                     mode,
                 )
@@ -384,7 +432,8 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::LinkRequest>,
     ) -> Result<Response<pb::AttrResponse>, Status> {
-        writable("Link", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("Link", &tenant)?;
         let pb::LinkRequest {
             ino,
             new_parent,
@@ -392,7 +441,10 @@ impl Meta for MetaService {
         } = request.into_inner();
         let attr = self
             .call("Link", async {
-                self.engine.link(ino, new_parent, &new_name).await
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), ino).await?;
+                let new_parent = scope.reach(self.engine.as_ref(), new_parent).await?;
+                Ok(scope.attr(self.engine.link(ino, new_parent, &new_name).await?))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -402,8 +454,9 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::ReadDirRequest>,
     ) -> Result<Response<pb::ReadDirResponse>, Status> {
+        let tenant = tenant_of(&request);
         let request = request.into_inner();
-        let entries = self
+        let (scope, entries) = self
             .call("ReadDir", async {
                 if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
                     return Err(MetaError::Invalid(format!(
@@ -411,13 +464,23 @@ impl Meta for MetaService {
                         request.limit
                     )));
                 }
-                self.engine
-                    .readdir(request.ino, request.after_cookie, request.limit as usize)
-                    .await
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), request.ino).await?;
+                let entries = self
+                    .engine
+                    .readdir(ino, request.after_cookie, request.limit as usize)
+                    .await?;
+                Ok((scope, entries))
             })
             .await?;
         Ok(Response::new(pb::ReadDirResponse {
-            entries: entries.iter().map(dir_entry_to_proto).collect(),
+            entries: entries
+                .into_iter()
+                .map(|mut entry| {
+                    entry.attr = scope.attr(entry.attr);
+                    dir_entry_to_proto(&entry)
+                })
+                .collect(),
         }))
     }
 
@@ -425,9 +488,14 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::XattrValue>, Status> {
+        let tenant = tenant_of(&request);
         let pb::XattrRequest { ino, name } = request.into_inner();
         let value = self
-            .call("GetXattr", async { self.engine.getxattr(ino, &name).await })
+            .call("GetXattr", async {
+                self.engine
+                    .getxattr(self.reach(&tenant, ino).await?, &name)
+                    .await
+            })
             .await?;
         Ok(Response::new(pb::XattrValue {
             value: value.into(),
@@ -438,12 +506,14 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::SetXattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        writable("SetXattr", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("SetXattr", &tenant)?;
         let request = request.into_inner();
         self.call("SetXattr", async {
             let mode = XattrMode::from_flags(request.flags)?;
+            let ino = self.reach(&tenant, request.ino).await?;
             self.engine
-                .setxattr(request.ino, &request.name, &request.value, mode)
+                .setxattr(ino, &request.name, &request.value, mode)
                 .await
         })
         .await?;
@@ -454,9 +524,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::XattrNames>, Status> {
+        let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let names = self
-            .call("ListXattr", async { self.engine.listxattr(ino).await })
+            .call("ListXattr", async {
+                self.engine.listxattr(self.reach(&tenant, ino).await?).await
+            })
             .await?;
         Ok(Response::new(pb::XattrNames {
             names: names.into_iter().map(Into::into).collect(),
@@ -467,10 +540,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::XattrRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        writable("RemoveXattr", &tenant_of(&request))?;
+        let tenant = tenant_of(&request);
+        writable("RemoveXattr", &tenant)?;
         let pb::XattrRequest { ino, name } = request.into_inner();
         self.call("RemoveXattr", async {
-            self.engine.removexattr(ino, &name).await
+            self.engine
+                .removexattr(self.reach(&tenant, ino).await?, &name)
+                .await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -490,9 +566,12 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::InodeRequest>,
     ) -> Result<Response<pb::DirUsageResponse>, Status> {
+        let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let usage = self
-            .call("DirUsage", async { self.engine.dir_usage(ino).await })
+            .call("DirUsage", async {
+                self.engine.dir_usage(self.reach(&tenant, ino).await?).await
+            })
             .await?;
         Ok(Response::new(pb::DirUsageResponse {
             files: usage.files,
@@ -509,9 +588,10 @@ impl Meta for MetaService {
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         let attr = self
             .call("Open", async {
-                self.engine
-                    .open(self.session(&tenant, &session_id).await?, ino)
-                    .await
+                let session = self.session(&tenant, &session_id).await?;
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), ino).await?;
+                Ok(scope.attr(self.engine.open(session, ino).await?))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -524,8 +604,9 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         self.call("Release", async {
+            let session = self.session(&tenant, &session_id).await?;
             self.engine
-                .release(self.session(&tenant, &session_id).await?, ino)
+                .release(session, self.reach(&tenant, ino).await?)
                 .await
         })
         .await?;
@@ -547,6 +628,7 @@ impl Meta for MetaService {
         let wait = Duration::from_millis(wait_ms).min(MAX_LOCK_WAIT);
         self.call("SetLock", async {
             let session = self.session(&tenant, &session).await?;
+            let ino = self.reach(&tenant, ino).await?;
             self.node.set_lock(session, ino, &lock, wait).await
         })
         .await?;
@@ -564,7 +646,8 @@ impl Meta for MetaService {
         let conflict = self
             .call("GetLock", async {
                 let session = self.session(&tenant, &session).await?;
-                self.engine.get_lock(session, ino, &lock).await
+                let reached = self.reach(&tenant, ino).await?;
+                self.engine.get_lock(session, reached, &lock).await
             })
             .await?;
         Ok(Response::new(pb::GetLockResponse {
@@ -586,6 +669,7 @@ impl Meta for MetaService {
         self.call("ReleaseLocks", async {
             let session = self.session(&tenant, &session_id).await?;
             let owner = (!all_owners).then_some(owner);
+            let ino = self.reach(&tenant, ino).await?;
             self.node.release_locks(session, ino, owner).await
         })
         .await?;
@@ -596,10 +680,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::ReadChunkRequest>,
     ) -> Result<Response<pb::ReadChunkResponse>, Status> {
+        let tenant = tenant_of(&request);
         let pb::ReadChunkRequest { ino, chunk_index } = request.into_inner();
         let slices = self
             .call("ReadChunk", async {
-                self.engine.read_chunk(ino, chunk_index).await
+                self.engine
+                    .read_chunk(self.reach(&tenant, ino).await?, chunk_index)
+                    .await
             })
             .await?;
         Ok(Response::new(pb::ReadChunkResponse {
@@ -655,16 +742,21 @@ impl Meta for MetaService {
         let attr = self
             .call("CommitSlice", async {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
-                self.node
+                let session = self.session(&tenant, &request.session_id).await?;
+                let scope = self.scope(&tenant).await?;
+                let ino = scope.reach(self.engine.as_ref(), request.ino).await?;
+                let attr = self
+                    .node
                     .commit_slice(
-                        self.session(&tenant, &request.session_id).await?,
-                        request.ino,
+                        session,
+                        ino,
                         request.chunk_index,
                         &slice,
                         request.new_size,
                         request.mtime_ns,
                     )
-                    .await
+                    .await?;
+                Ok(scope.attr(attr))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))
@@ -685,10 +777,14 @@ impl Meta for MetaService {
             .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
         let slice =
             slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
-        let session = self
-            .session(&tenant, &commit.session_id)
-            .await
-            .map_err(|e| meta_status(RPC, &e))?;
+        let (session, scope, ino) = async {
+            let session = self.session(&tenant, &commit.session_id).await?;
+            let scope = self.scope(&tenant).await?;
+            let ino = scope.reach(self.engine.as_ref(), commit.ino).await?;
+            Ok((session, scope, ino))
+        }
+        .await
+        .map_err(|e: MetaError| meta_status(RPC, &e))?;
         // The data is decoded already; its record copy is what the budget bounds.
         let limits = &self.node.limits;
         let _room = limits
@@ -703,7 +799,7 @@ impl Meta for MetaService {
             .node
             .write_slice(SliceWrite {
                 session,
-                ino: commit.ino,
+                ino,
                 chunk_index: commit.chunk_index,
                 slice,
                 new_size: commit.new_size,
@@ -715,7 +811,7 @@ impl Meta for MetaService {
             .await
             .map_err(|e| node_status(RPC, e))?;
         crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
-        Ok(Response::new(attr_response(&attr)))
+        Ok(Response::new(attr_response(&scope.attr(attr))))
     }
 
     async fn list_gateways(

@@ -1,0 +1,99 @@
+//! Confining a tenant to a directory (`root = "/team-a"` in the tokens file).
+//!
+//! A confined tenant sees its root directory as the root of the file system: inode 1 in its
+//! requests means that directory, and that directory is inode 1 in the answers; `..` of it is
+//! itself. Every other inode number it names must lie in that tree ([`MetaEngine::within`]),
+//! else the request fails with ENOENT, as for an inode that does not exist, so numbers outside
+//! tell nothing. Data follows the same rule: a confined tenant reads a block only by naming the
+//! file and chunk that hold its slice (checked here), and is not told the object store's
+//! address, so uploaded blocks reach it through the gateway.
+//!
+//! The check walks from the node up to the tenant's root, one read per directory; tenants
+//! without a root pay nothing.
+
+use std::sync::Arc;
+
+use crate::access::Tenant;
+use crate::meta::{Attr, Ino, MetaEngine, MetaError, ROOT_INO};
+
+/// Where one tenant's requests may reach.
+#[derive(Clone)]
+pub struct Scope {
+    tenant: Arc<Tenant>,
+    /// The inode the tenant's root is; [`ROOT_INO`] for a tenant without one.
+    root: Ino,
+}
+
+impl Scope {
+    /// The scope of `tenant`, its root found on first use.
+    pub async fn of(tenant: Arc<Tenant>, engine: &dyn MetaEngine) -> Result<Scope, MetaError> {
+        let root = match &tenant.root {
+            None => ROOT_INO,
+            Some(root) => *root
+                .ino
+                .get_or_try_init(|| async {
+                    let mut ino = ROOT_INO;
+                    for name in &root.names {
+                        ino = engine.lookup(ino, name.as_bytes()).await?.ino;
+                    }
+                    engine.readdir(ino, 0, 1).await?;
+                    tracing::info!(tenant = %tenant.name, root = %root.path, ino, "tenant confined to its root");
+                    Ok::<Ino, MetaError>(ino)
+                })
+                .await
+                .inspect_err(|error| {
+                    tracing::warn!(tenant = %tenant.name, root = %root.path, %error, "a tenant's root cannot be found");
+                })?,
+        };
+        Ok(Scope { tenant, root })
+    }
+
+    pub fn confined(&self) -> bool {
+        self.root != ROOT_INO
+    }
+
+    /// The inode the tenant's number `ino` names, if it may reach it.
+    pub async fn reach(&self, engine: &dyn MetaEngine, ino: Ino) -> Result<Ino, MetaError> {
+        if !self.confined() {
+            return Ok(ino);
+        }
+        let real = if ino == ROOT_INO { self.root } else { ino };
+        if real == self.root || engine.within(self.root, real, &self.tenant.name).await? {
+            Ok(real)
+        } else {
+            // As for a number that names nothing: what lies outside is not told.
+            Err(MetaError::NoSuchInode(ino))
+        }
+    }
+
+    /// The number the tenant knows `ino` by.
+    pub fn number(&self, ino: Ino) -> Ino {
+        if ino == self.root {
+            ROOT_INO
+        } else {
+            ino
+        }
+    }
+
+    /// `attr` as the tenant sees it.
+    pub fn attr(&self, mut attr: Attr) -> Attr {
+        attr.ino = self.number(attr.ino);
+        attr
+    }
+
+    /// `lookup(parent, name)` within the scope: `..` of the tenant's root is the root itself.
+    pub async fn lookup(
+        &self,
+        engine: &dyn MetaEngine,
+        parent: Ino,
+        name: &[u8],
+    ) -> Result<Attr, MetaError> {
+        let parent = self.reach(engine, parent).await?;
+        let attr = if parent == self.root && name == b".." {
+            engine.getattr(parent).await?
+        } else {
+            engine.lookup(parent, name).await?
+        };
+        Ok(self.attr(attr))
+    }
+}
