@@ -240,7 +240,9 @@ fn read_tokens(path: &Path) -> Result<Known, TokensError> {
             )));
         }
         let root = match &entry.root {
-            Some(path) => TenantRoot::parse(path).map_err(|e| invalid(format!("token {name:?}: {e}")))?,
+            Some(path) => {
+                TenantRoot::parse(path).map_err(|e| invalid(format!("token {name:?}: {e}")))?
+            }
             None => None,
         };
         if root.is_some() && entry.access == AccessLevel::Admin {

@@ -13,6 +13,8 @@
 
 use std::sync::Arc;
 
+use shared::BlockKey;
+
 use crate::access::Tenant;
 use crate::meta::{Attr, Ino, MetaEngine, MetaError, ROOT_INO};
 
@@ -79,6 +81,35 @@ impl Scope {
     pub fn attr(&self, mut attr: Attr) -> Attr {
         attr.ino = self.number(attr.ino);
         attr
+    }
+
+    /// Refuses a confined tenant's read of block `key` unless chunk `chunk_index` of file `ino`
+    /// (the tenant's number, reachable) lists the block's slice.
+    pub async fn may_read_block(
+        &self,
+        engine: &dyn MetaEngine,
+        key: &BlockKey,
+        ino: Ino,
+        chunk_index: u64,
+    ) -> Result<(), MetaError> {
+        if !self.confined() {
+            return Ok(());
+        }
+        if ino == 0 {
+            return Err(MetaError::NotPermitted(format!(
+                "block {key}: a tenant confined to a directory names the file and chunk of each \
+                 block it reads"
+            )));
+        }
+        let real = self.reach(engine, ino).await?;
+        let slices = engine.read_chunk(real, chunk_index).await?;
+        if slices.iter().any(|s| s.slice_id == key.slice_id) {
+            Ok(())
+        } else {
+            Err(MetaError::NotPermitted(format!(
+                "block {key} is not in chunk {chunk_index} of inode {ino} (now)"
+            )))
+        }
     }
 
     /// `lookup(parent, name)` within the scope: `..` of the tenant's root is the root itself.

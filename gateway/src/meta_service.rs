@@ -64,7 +64,10 @@ impl MetaService {
 
     /// The inode `ino` names for `tenant`, if it may reach it.
     async fn reach(&self, tenant: &Arc<Tenant>, ino: u64) -> Result<u64, MetaError> {
-        self.scope(tenant).await?.reach(self.engine.as_ref(), ino).await
+        self.scope(tenant)
+            .await?
+            .reach(self.engine.as_ref(), ino)
+            .await
     }
 
     /// Runs one engine call; `rpc` names the call in error messages.
@@ -160,6 +163,16 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         let tenant = tenant_of(&request);
         let description = request.into_inner().description;
+        // A confined tenant whose root cannot be found learns it here, when it mounts.
+        let confined = self.scope(&tenant).await.map_err(|error| {
+            let root = tenant.root.as_ref().map_or("/", |r| r.path.as_str());
+            errno_status(
+                Code::FailedPrecondition,
+                error.errno(),
+                format!("OpenSession: this token's root {root} cannot be used: {error}"),
+            )
+        })?;
+        let confined = confined.confined();
         let session_id = self
             .call("OpenSession", async {
                 self.node.open_session(&tenant, &description).await
@@ -173,11 +186,21 @@ impl Meta for MetaService {
         let settings = &self.node.settings;
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: shared::meta::session_to_wire(session_id).into(),
-            store_url: settings.store_url.clone(),
+            // A confined tenant reads the store only through the gateway, which checks each block.
+            store_url: if confined {
+                String::new()
+            } else {
+                settings.store_url.clone()
+            },
+            read_through_gateway: confined,
             gateway_id: bytes::Bytes::copy_from_slice(&settings.gateway_id),
             gateway_address: settings.gateway_address.clone(),
             heartbeat_interval_ms: settings.heartbeat_interval.as_millis() as u64,
-            direct_threshold: settings.direct_threshold,
+            direct_threshold: if confined {
+                0
+            } else {
+                settings.direct_threshold
+            },
         }))
     }
 
@@ -413,15 +436,11 @@ impl Meta for MetaService {
             let mode = RenameMode::from_flags(request.flags)?;
             let scope = self.scope(&tenant).await?;
             let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
-            let new_parent = scope.reach(self.engine.as_ref(), request.new_parent).await?;
+            let new_parent = scope
+                .reach(self.engine.as_ref(), request.new_parent)
+                .await?;
             self.engine
-                .rename(
-                    parent,
-                    &request.name,
-                    new_parent,
-                    &request.new_name,
-                    mode,
-                )
+                .rename(parent, &request.name, new_parent, &request.new_name, mode)
                 .await
         })
         .await?;

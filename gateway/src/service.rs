@@ -11,6 +11,7 @@ use shared::BlockKey;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::{tenant_of, Tenant};
+use crate::confine::Scope;
 use crate::limits::{next_within, source_of};
 use crate::node::{BlockInputError, IncomingBlock, Node};
 use crate::staging::{BlockState, StagingError, StagingLog};
@@ -32,6 +33,32 @@ impl StagingService {
 
     fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.node.store
+    }
+
+    /// Bytes `range` of block `key` from the object store, for a client that reads through the
+    /// gateway.
+    async fn range_from_store(
+        &self,
+        key: &BlockKey,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, Status> {
+        let want = range.end - range.start;
+        if want == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        match self.store().get_range(&key.object_path(), range).await {
+            Ok(data) if data.len() as u64 == want => Ok(data),
+            Ok(data) => Err(Status::data_loss(format!(
+                "block {key}: the store gave {} bytes, not {want}",
+                data.len()
+            ))),
+            Err(object_store::Error::NotFound { .. }) => Err(Status::not_found(format!(
+                "block {key} is neither staged here nor in the store"
+            ))),
+            Err(e) => Err(Status::unavailable(bounded(&format!(
+                "block {key} from the store: {e}"
+            )))),
+        }
     }
 }
 
@@ -249,20 +276,20 @@ impl Staging for StagingService {
         request: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<pb::ReadBlockResponse>, Status> {
         let source = source_of(&request);
-        let tenant_name = tenant_of(&request).name.clone();
+        let tenant = tenant_of(&request);
         let req = request.into_inner();
         let key = parse_key(&req.key)?;
-        let limits = &self.node.limits;
-        let _room = limits
-            .inflight
-            .reserve(&source, key.len(), limits.stream_idle_timeout)
-            .await?;
-        let (data, state) = self.log().read_block(&key).await.inspect_err(|e| {
-            if let StagingError::Corrupt { .. } = e {
-                tracing::error!(%key, error = %e, "staged block fails verification; not served");
-            }
-        })?;
-        let len = data.len() as u64;
+        let engine = self.node.meta.as_ref();
+        async {
+            let scope = Scope::of(tenant.clone(), engine).await?;
+            scope
+                .may_read_block(engine, &key, req.ino, req.chunk_index)
+                .await
+        }
+        .await
+        .map_err(|e| crate::meta_service::meta_status("ReadBlock", &e))?;
+        // A block's length is in its key: the range is checked before anything is read.
+        let len = key.len();
         if req.offset > len {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the end of block {key} ({len} bytes)",
@@ -274,9 +301,35 @@ impl Staging for StagingService {
         } else {
             req.offset.saturating_add(req.length).min(len)
         };
-        let data = data.slice(req.offset as usize..end as usize);
+        let range = req.offset..end;
+        let limits = &self.node.limits;
+        let _room = limits
+            .inflight
+            .reserve(&source, key.len(), limits.stream_idle_timeout)
+            .await?;
+        let held = self.log().read_block(&key).await.inspect_err(|e| {
+            if let StagingError::Corrupt { .. } = e {
+                tracing::error!(%key, error = %e, "staged block fails verification; not served");
+            }
+        });
+        let (data, state) = match held {
+            Ok((data, state)) if data.len() as u64 == len => {
+                (data.slice(range.start as usize..range.end as usize), state)
+            }
+            Ok((data, _)) => {
+                return Err(Status::data_loss(format!(
+                    "staged block {key} holds {} bytes, not {len}",
+                    data.len()
+                )))
+            }
+            Err(StagingError::NotFound(_)) if req.from_store => (
+                self.range_from_store(&key, range).await?,
+                BlockState::Uploaded,
+            ),
+            Err(e) => return Err(e.into()),
+        };
         let crc32c = crc32c::crc32c(&data);
-        count_bytes(&tenant_name, "read", data.len() as u64);
+        count_bytes(&tenant.name, "read", data.len() as u64);
         Ok(Response::new(pb::ReadBlockResponse {
             data,
             crc32c,
