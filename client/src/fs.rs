@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use object_store::ObjectStore;
 
-pub use block_api::{BlockApi, BlockSource, MemoryBlocks, StoreBlocks};
+pub use block_api::{BlockApi, BlockHome, BlockSource, MemoryBlocks, StoreBlocks};
 pub use block_grpc::GrpcBlocks;
 pub use channel::{
     connect_gateway, error_chain, gateway_endpoint, meta_client, staging_client, tls_hint,
@@ -229,14 +229,15 @@ impl Fs {
             meta.clone(),
             gateways::grpc_connector(config.gateway_access.clone()),
         ));
-        Fs::with_gateways(meta, directory, store, grant, config)
+        Fs::with_gateways(meta, directory, Some(store), grant, config)
     }
 
-    /// The core of a mount whose slices go where `gateways` routes them.
+    /// The core of a mount whose slices go where `gateways` routes them. Without `store` (a
+    /// tenant confined to a directory) uploaded blocks are read through the gateways.
     pub fn with_gateways(
         meta: Arc<dyn MetaApi>,
         directory: Arc<dyn GatewayDirectory>,
-        store: Arc<dyn ObjectStore>,
+        store: Option<Arc<dyn ObjectStore>>,
         grant: &SessionGrant,
         config: FsConfig,
     ) -> Self {
@@ -795,7 +796,7 @@ impl Fs {
                 let slices = self
                     .chunk_slices(file.ino, &mut state, piece.chunk_index)
                     .await?;
-                fetches.extend(plan_chunk(&slices, &piece));
+                fetches.extend(plan_chunk(&slices, &piece, file.ino));
             }
             let overlay = state.dirty.overlay(offset, len);
             let prefetch = if sequential && self.config.readahead_blocks > 0 {
@@ -808,9 +809,9 @@ impl Fs {
                         .chunk_slices(file.ino, &mut state, piece.chunk_index)
                         .await?;
                     keys.extend(
-                        plan_chunk(&slices, &piece)
+                        plan_chunk(&slices, &piece, file.ino)
                             .into_iter()
-                            .map(|f| (f.key, f.gateway_id)),
+                            .map(|f| (f.key, f.home)),
                     );
                 }
                 keys.dedup();
@@ -828,8 +829,8 @@ impl Fs {
                 target.copy_from_slice(&bytes);
             }
         }
-        for (key, gateway) in prefetch {
-            self.fetcher.prefetch(key, gateway);
+        for (key, home) in prefetch {
+            self.fetcher.prefetch(key, home);
         }
         handle
             .next_sequential

@@ -324,8 +324,20 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         region: args.s3_region.clone(),
         allow_http: args.s3_allow_http,
     };
-    let store = open_store(&grant.store_url, &s3)
-        .with_context(|| format!("cannot open the gateway's object store {}", grant.store_url))?;
+    // A tenant confined to a directory is not given the store: the gateways read it for it.
+    let store = if grant.read_through_gateway {
+        if args.write_mode == WriteMode::Through {
+            bail!(
+                "this token is confined to a directory and is not given the object store: \
+                 --write-mode through cannot be used with it"
+            );
+        }
+        None
+    } else {
+        Some(open_store(&grant.store_url, &s3).with_context(|| {
+            format!("cannot open the gateway's object store {}", grant.store_url)
+        })?)
+    };
     let config = FsConfig {
         read_only: args.read_only,
         max_concurrent_uploads: args.max_uploads.max(1),
@@ -340,6 +352,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
     Ok(match args.write_mode {
         WriteMode::Gateway => Fs::with_gateways(meta, cluster, store, &grant, config),
         WriteMode::Through => {
+            let store = store.expect("a through mount has a store");
             let blocks = Arc::new(StoreBlocks::new(store.clone()));
             Fs::new(meta, blocks, store, &grant, config)
         }

@@ -12,12 +12,14 @@ use crate::staging::StagingLog;
 /// The request header by which a client says it can write blocks through to the store.
 pub const CAN_WRITE_THROUGH: &str = proto::WRITE_THROUGH_HEADER;
 
-/// Whether the client of `request` said it can write blocks through.
+/// Whether the client of `request` said it can write blocks through. A tenant confined to a
+/// directory cannot: it is not given the store.
 pub fn can_write_through<T>(request: &tonic::Request<T>) -> bool {
-    request
-        .metadata()
-        .get(CAN_WRITE_THROUGH)
-        .is_some_and(|value| value == "1")
+    crate::access::tenant_of(request).root.is_none()
+        && request
+            .metadata()
+            .get(CAN_WRITE_THROUGH)
+            .is_some_and(|value| value == "1")
 }
 
 /// `--staging-high-water` and `--staging-low-water`, and whether writes go through right now.

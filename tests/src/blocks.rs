@@ -143,6 +143,7 @@ pub async fn read_block(client: &mut Client, key: &str) -> Result<Bytes, Status>
             key: key.to_string(),
             offset: 0,
             length: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

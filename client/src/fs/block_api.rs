@@ -20,7 +20,7 @@ use shared::BlockKey;
 
 use super::error::{FsError, FsResult};
 use super::gateways::GatewayDirectory;
-use super::meta_api::GatewayId;
+use super::meta_api::{GatewayId, Ino};
 
 /// One gateway's block service.
 #[async_trait]
@@ -30,24 +30,64 @@ pub trait BlockApi: Send + Sync + 'static {
     /// the same bytes again is harmless.
     async fn write_block(&self, session: SessionId, key: BlockKey, data: Bytes) -> FsResult<()>;
     /// Bytes `range` (within the block) of a block the gateway holds; `Ok(None)` when it does
-    /// not hold it (any more): the caller then reads the object store.
-    async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>>;
+    /// not hold it (any more): the caller then reads the object store. With `from_store`, the
+    /// gateway reads the store itself for a block it does not hold (`None`: neither has it).
+    async fn read_block(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        home: &BlockHome,
+        from_store: bool,
+    ) -> FsResult<Option<Bytes>>;
+}
+
+/// Where a block belongs: the gateway that staged its slice (the first place to read it from),
+/// and the chunk of the file that lists the slice (a gateway checks it for a tenant confined to
+/// a directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockHome {
+    pub gateway_id: GatewayId,
+    pub ino: Ino,
+    pub chunk_index: u64,
 }
 
 /// Where blocks are read from: the gateway that staged them first, the object store when that
 /// gateway does not hold the block (any more), is not alive, or fails to serve it (uploaded
-/// blocks stay readable while it is down).
+/// blocks stay readable while it is down). A client not given the store (a tenant confined to
+/// a directory) has the gateways read it: the one that staged the block, or, while that one is
+/// unreachable, the one that chunk's new slices go to.
 pub struct BlockSource {
     gateways: Arc<dyn GatewayDirectory>,
-    store: Arc<dyn ObjectStore>,
+    store: Option<Arc<dyn ObjectStore>>,
 }
 
 impl BlockSource {
-    pub fn new(gateways: Arc<dyn GatewayDirectory>, store: Arc<dyn ObjectStore>) -> Self {
+    pub fn new(gateways: Arc<dyn GatewayDirectory>, store: Option<Arc<dyn ObjectStore>>) -> Self {
         BlockSource { gateways, store }
     }
 
-    /// Bytes `range` of block `key`, staged by gateway `gateway_id`: exactly
+    /// Bytes `range` of block `key` from the object store: directly, or through a live gateway.
+    async fn read_store(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        home: &BlockHome,
+    ) -> FsResult<Option<Bytes>> {
+        let Some(store) = &self.store else {
+            let route = self.gateways.route(home.ino, home.chunk_index).await?;
+            return route.blocks.read_block(key, range, home, true).await;
+        };
+        match store.get_range(&key.object_path(), range).await {
+            Ok(data) => Ok(Some(data)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(FsError::Store {
+                key: key.to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Bytes `range` of block `key`, staged by gateway `home.gateway_id`: exactly
     /// `range.end - range.start` of them. A block that is not in the store while its gateway
     /// cannot be reached is waited for, up to the directory's takeover wait: it is on that
     /// gateway's device, and comes back with the gateway (restarted, or taken over elsewhere).
@@ -55,7 +95,7 @@ impl BlockSource {
         &self,
         key: BlockKey,
         range: Range<u64>,
-        gateway_id: &GatewayId,
+        home: &BlockHome,
     ) -> FsResult<Bytes> {
         let want = range.end.saturating_sub(range.start);
         if range.end > key.len() || range.start > range.end {
@@ -68,24 +108,24 @@ impl BlockSource {
         let deadline = std::time::Instant::now() + wait;
         let mut waited = false;
         loop {
-            let unreachable = match self.read_from_gateway(key, range.clone(), gateway_id).await {
+            let unreachable = match self.read_from_gateway(key, range.clone(), home).await {
                 FromGateway::Held(data) => return check_len(&key, data, want),
+                // Without a store of its own, the gateway looked there too.
+                FromGateway::NotHeld if self.store.is_none() => {
+                    return Err(FsError::BlockMissing {
+                        key: key.to_string(),
+                    })
+                }
                 FromGateway::NotHeld => None,
                 FromGateway::Unreachable(e) => Some(e),
             };
-            match self
-                .store
-                .get_range(&key.object_path(), range.clone())
-                .await
-            {
-                Ok(data) => return check_len(&key, data, want),
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => {
-                    return Err(FsError::Store {
-                        key: key.to_string(),
-                        message: e.to_string(),
-                    })
-                }
+            let from_store = match self.read_store(key, range.clone(), home).await {
+                // Another gateway failing is not the one that staged it coming back.
+                Err(e) if unreachable.is_some() && e.is_transient() => None,
+                other => other?,
+            };
+            if let Some(data) = from_store {
+                return check_len(&key, data, want);
             }
             // A gateway that answered "not here" uploaded or dropped it: nothing to wait for.
             let Some(error) = unreachable else {
@@ -93,7 +133,7 @@ impl BlockSource {
                     key: key.to_string(),
                 });
             };
-            let gateway = uuid_text(gateway_id);
+            let gateway = uuid_text(&home.gateway_id);
             // A copy that failed verification does not get better by waiting.
             if !error.is_transient() || std::time::Instant::now() >= deadline {
                 if waited {
@@ -110,14 +150,16 @@ impl BlockSource {
         }
     }
 
-    /// The block from the gateway that staged it. A gateway that fails is resolved afresh and
-    /// tried once more: it may have restarted at another address.
+    /// The block from the gateway that staged it (which reads the store for it when this
+    /// client has none). A gateway that fails is resolved afresh and tried once more: it may
+    /// have restarted at another address.
     async fn read_from_gateway(
         &self,
         key: BlockKey,
         range: Range<u64>,
-        gateway_id: &GatewayId,
+        home: &BlockHome,
     ) -> FromGateway {
+        let gateway_id = &home.gateway_id;
         let mut last_error = None;
         for _ in 0..2 {
             let gateway = match self.gateways.blocks_of(gateway_id).await {
@@ -133,7 +175,10 @@ impl BlockSource {
                 }
                 Err(e) => return FromGateway::Unreachable(e),
             };
-            match gateway.read_block(key, range.clone()).await {
+            match gateway
+                .read_block(key, range.clone(), home, self.store.is_none())
+                .await
+            {
                 Ok(Some(data)) => return FromGateway::Held(data),
                 Ok(None) => return FromGateway::NotHeld,
                 // Unreachable, or its copy fails verification: an uploaded copy may still be
@@ -197,7 +242,13 @@ impl BlockApi for StoreBlocks {
             })
     }
 
-    async fn read_block(&self, _key: BlockKey, _range: Range<u64>) -> FsResult<Option<Bytes>> {
+    async fn read_block(
+        &self,
+        _key: BlockKey,
+        _range: Range<u64>,
+        _home: &BlockHome,
+        _from_store: bool,
+    ) -> FsResult<Option<Bytes>> {
         Ok(None)
     }
 }
@@ -306,7 +357,13 @@ impl BlockApi for MemoryBlocks {
         Ok(())
     }
 
-    async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>> {
+    async fn read_block(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        _home: &BlockHome,
+        _from_store: bool,
+    ) -> FsResult<Option<Bytes>> {
         let blocks = self.lock();
         let Some(data) = blocks.get(&key) else {
             return Ok(None);

@@ -25,7 +25,7 @@ use shared::BlockKey;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
-use super::block_api::BlockApi;
+use super::block_api::{BlockApi, BlockHome};
 use super::error::{FsError, FsResult};
 
 /// How long one block may wait for its acknowledgement. A full device makes the gateway hold
@@ -298,7 +298,13 @@ impl BlockApi for GrpcBlocks {
         }
     }
 
-    async fn read_block(&self, key: BlockKey, range: Range<u64>) -> FsResult<Option<Bytes>> {
+    async fn read_block(
+        &self,
+        key: BlockKey,
+        range: Range<u64>,
+        home: &BlockHome,
+        from_store: bool,
+    ) -> FsResult<Option<Bytes>> {
         let length = range.end.saturating_sub(range.start);
         if length == 0 {
             return Ok(Some(Bytes::new()));
@@ -307,6 +313,9 @@ impl BlockApi for GrpcBlocks {
             key: key.to_string(),
             offset: range.start,
             length,
+            ino: home.ino,
+            chunk_index: home.chunk_index,
+            from_store,
         });
         request.set_timeout(READ_TIMEOUT);
         let answer = match self.client.clone().read_block(request).await {

@@ -35,6 +35,9 @@ pub struct SessionGrant {
     pub heartbeat_interval: Option<Duration>,
     /// Blocks of a file beyond its first this many bytes go straight to the store; 0: none.
     pub direct_threshold: u64,
+    /// Read uploaded blocks through the gateways and write none to the store: the tenant is
+    /// confined to a directory and `store_url` is empty.
+    pub read_through_gateway: bool,
 }
 
 /// The metadata operations the file-system core uses, each one transaction on the engine.

@@ -206,6 +206,7 @@ impl MetaApi for GrpcMeta {
             heartbeat_interval: (grant.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(grant.heartbeat_interval_ms)),
             direct_threshold: grant.direct_threshold,
+            read_through_gateway: grant.read_through_gateway,
         })
     }
 

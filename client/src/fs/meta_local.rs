@@ -95,6 +95,7 @@ impl MetaApi for LocalMeta {
             gateway_address: String::new(),
             heartbeat_interval: None,
             direct_threshold: 0,
+            read_through_gateway: false,
         })
     }
 

@@ -16,30 +16,34 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use shared::BlockKey;
 
-use super::block_api::BlockSource;
+use super::block_api::{BlockHome, BlockSource};
 use super::cache::BlockCache;
 use super::error::{FsError, FsResult};
 use super::layout::{range_pieces, ChunkPiece};
-use super::meta_api::{GatewayId, Slice};
+use super::meta_api::{Ino, Slice};
 
 /// Bytes of one block that a read needs, and where they go in the read's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetch {
     pub key: BlockKey,
-    /// The gateway that staged the block's slice (the first place to read it from).
-    pub gateway_id: GatewayId,
+    pub home: BlockHome,
     pub range_in_block: Range<u64>,
     pub offset_in_buf: usize,
 }
 
-/// The block ranges that serve `piece` of a read, given the chunk's slices in commit order.
-/// Bytes no slice with data covers are not fetched (the buffer already holds zeros there).
-pub fn plan_chunk(slices: &[Slice], piece: &ChunkPiece) -> Vec<Fetch> {
+/// The block ranges that serve `piece` of a read of file `ino`, given the chunk's slices in
+/// commit order. Bytes no slice with data covers are not fetched (the buffer already holds
+/// zeros there).
+pub fn plan_chunk(slices: &[Slice], piece: &ChunkPiece, ino: Ino) -> Vec<Fetch> {
     range_pieces(slices, piece.offset_in_chunk..piece.end_in_chunk())
         .into_iter()
         .map(|p| Fetch {
             key: p.block.key,
-            gateway_id: p.gateway_id,
+            home: BlockHome {
+                gateway_id: p.gateway_id,
+                ino,
+                chunk_index: piece.chunk_index,
+            },
             range_in_block: p.block.range_in_block(),
             offset_in_buf: (piece.offset_in_range + p.offset_in_range) as usize,
         })
@@ -70,10 +74,10 @@ impl BlockFetcher {
 
     /// Starts fetching the whole block in a task of its own that fills the cache, so it finishes
     /// even if every reader waiting for it gives up.
-    fn start_fetch(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) -> BlockFuture {
+    fn start_fetch(self: &Arc<Self>, key: BlockKey, home: BlockHome) -> BlockFuture {
         let fetcher = self.clone();
         let task = tokio::spawn(async move {
-            let result = fetcher.source.read(key, 0..key.len(), &gateway).await;
+            let result = fetcher.source.read(key, 0..key.len(), &home).await;
             if let Ok(data) = &result {
                 fetcher.cache.insert(key, data.clone());
             }
@@ -89,14 +93,14 @@ impl BlockFetcher {
     }
 
     /// The whole block: cached, being fetched, or fetched now.
-    pub async fn whole(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) -> FsResult<Bytes> {
+    pub async fn whole(self: &Arc<Self>, key: BlockKey, home: BlockHome) -> FsResult<Bytes> {
         if let Some(data) = self.cache.get(&key) {
             return Ok(data);
         }
         let fetch = self
             .in_flight()
             .entry(key)
-            .or_insert_with(|| self.start_fetch(key, gateway))
+            .or_insert_with(|| self.start_fetch(key, home))
             .clone();
         fetch.await
     }
@@ -106,7 +110,7 @@ impl BlockFetcher {
     pub async fn range(
         self: &Arc<Self>,
         key: BlockKey,
-        gateway: GatewayId,
+        home: BlockHome,
         range: Range<u64>,
     ) -> FsResult<Bytes> {
         if let Some(data) = self.cache.get(&key) {
@@ -116,17 +120,17 @@ impl BlockFetcher {
         if let Some(fetch) = under_way {
             return sub_range(&key, &fetch.await?, range);
         }
-        self.source.read(key, range, &gateway).await
+        self.source.read(key, range, &home).await
     }
 
     /// Fetches the whole block into the cache in the background, unless it is there already.
-    pub fn prefetch(self: &Arc<Self>, key: BlockKey, gateway: GatewayId) {
+    pub fn prefetch(self: &Arc<Self>, key: BlockKey, home: BlockHome) {
         if self.cache.contains(&key) {
             return;
         }
         self.in_flight()
             .entry(key)
-            .or_insert_with(|| self.start_fetch(key, gateway));
+            .or_insert_with(|| self.start_fetch(key, home));
     }
 
     /// Copies every fetch into `buf`, fetching them concurrently. `whole_blocks` fetches (and
@@ -139,10 +143,10 @@ impl BlockFetcher {
     ) -> FsResult<()> {
         let loads = fetches.iter().map(|fetch| async move {
             if whole_blocks {
-                let block = self.whole(fetch.key, fetch.gateway_id).await?;
+                let block = self.whole(fetch.key, fetch.home).await?;
                 sub_range(&fetch.key, &block, fetch.range_in_block.clone())
             } else {
-                self.range(fetch.key, fetch.gateway_id, fetch.range_in_block.clone())
+                self.range(fetch.key, fetch.home, fetch.range_in_block.clone())
                     .await
             }
         });

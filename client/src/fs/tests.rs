@@ -31,6 +31,15 @@ use super::layout::{
 use super::meta_local::{LocalMeta, LOCAL_GATEWAY_ID};
 use super::*;
 
+/// A block of chunk 0 of inode 2, staged by `gateway_id`.
+fn home_on(gateway_id: GatewayId) -> BlockHome {
+    BlockHome {
+        gateway_id,
+        ino: 2,
+        chunk_index: 0,
+    }
+}
+
 const MIB: u64 = 1024 * 1024;
 
 // --- layout ---
@@ -1052,11 +1061,19 @@ async fn grpc_blocks_match_out_of_order_acknowledgements_to_their_writes() {
     }
     assert_eq!(fake.blocks.lock().unwrap().len(), 3);
     for key in &keys {
-        let got = blocks.read_block(*key, 10..20).await.unwrap().unwrap();
+        let got = blocks
+            .read_block(*key, 10..20, &home_on(LOCAL_GATEWAY_ID), false)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&got[..], &pattern(key.slice_id as u8, 10, 10)[..]);
     }
     let unknown = BlockKey::new(99, 0, 10).unwrap();
-    assert!(blocks.read_block(unknown, 0..10).await.unwrap().is_none());
+    assert!(blocks
+        .read_block(unknown, 0..10, &home_on(LOCAL_GATEWAY_ID), false)
+        .await
+        .unwrap()
+        .is_none());
     let full = BlockKey::new(FULL_SLICE, 0, 10).unwrap();
     let refused = blocks
         .write_block(7, full, Bytes::from_static(&[0; 10]))
@@ -1134,18 +1151,30 @@ async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_regis
         meta.clone(),
         connector,
     ));
-    let source = BlockSource::new(directory.clone(), Arc::new(InMemory::new()));
+    let source = BlockSource::new(directory.clone(), Some(Arc::new(InMemory::new())));
 
-    assert_eq!(source.read(key, 1..4, &other_id).await.unwrap(), "ell");
-    assert_eq!(source.read(key, 0..5, &other_id).await.unwrap(), "hello");
+    assert_eq!(
+        source.read(key, 1..4, &home_on(other_id)).await.unwrap(),
+        "ell"
+    );
+    assert_eq!(
+        source.read(key, 0..5, &home_on(other_id)).await.unwrap(),
+        "hello"
+    );
     assert_eq!(connects.load(Ordering::SeqCst), 1, "one connection, kept");
     // The mount's own gateway does not hold it: the home id never goes to the registry.
-    assert!(source.read(key, 0..5, &LOCAL_GATEWAY_ID).await.is_err());
+    assert!(source
+        .read(key, 0..5, &home_on(LOCAL_GATEWAY_ID))
+        .await
+        .is_err());
     // An id nobody registered: only the store could have it, and it does not.
-    let unknown = source.read(key, 0..5, &[1; 16]).await.unwrap_err();
+    let unknown = source.read(key, 0..5, &home_on([1; 16])).await.unwrap_err();
     assert_eq!(unknown.errno(), libc::EIO, "{unknown}");
     // Forgotten (it failed), the gateway is resolved and connected again.
     directory.forget(&other_id);
-    assert_eq!(source.read(key, 0..5, &other_id).await.unwrap(), "hello");
+    assert_eq!(
+        source.read(key, 0..5, &home_on(other_id)).await.unwrap(),
+        "hello"
+    );
     assert_eq!(connects.load(Ordering::SeqCst), 2);
 }

@@ -60,8 +60,9 @@ pub struct WriteContext {
     /// Small slices go with their commit in one `write_slice` call; cleared for good when the
     /// metadata service answers that it cannot.
     write_slices: AtomicBool,
-    /// Blocks written through to the store when a gateway asks for it.
-    store: StoreBlocks,
+    /// Blocks written through to the store when a gateway asks for it; `None` for a mount not
+    /// given the store (a tenant confined to a directory), whose blocks all go to gateways.
+    store: Option<StoreBlocks>,
     /// Gateways that asked for writes through, and until when their blocks skip them.
     writing_through: Mutex<HashMap<GatewayId, Instant>>,
     /// Blocks of a file beyond its first this many bytes go straight to the store (the
@@ -77,7 +78,7 @@ impl WriteContext {
         slice_id_batch: u32,
         max_concurrent_uploads: usize,
         write_slices: bool,
-        store: Arc<dyn ObjectStore>,
+        store: Option<Arc<dyn ObjectStore>>,
     ) -> Self {
         WriteContext {
             meta,
@@ -86,7 +87,7 @@ impl WriteContext {
             slice_ids: SliceIdPool::new(slice_id_batch),
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
             write_slices: AtomicBool::new(write_slices),
-            store: StoreBlocks::new(store),
+            store: store.map(StoreBlocks::new),
             writing_through: Mutex::new(HashMap::new()),
             direct_threshold: 0,
         }
@@ -101,6 +102,9 @@ impl WriteContext {
 
     /// Gateway `id` asked for writes through: its blocks go to the store for a while.
     fn write_through(&self, id: GatewayId) {
+        if self.store.is_none() {
+            return;
+        }
         let mut through = self
             .writing_through
             .lock()
@@ -472,6 +476,7 @@ async fn upload_block(
     let block_end = u64::from(key.block_index) * BLOCK_SIZE + key.len();
     staged.ensure_recorded(&ctx, block_end).await?;
     let route = &staged.route;
+    let write_through = write_through && ctx.store.is_some();
     if !write_through && !ctx.writes_through(&route.id) {
         match route
             .blocks
@@ -485,7 +490,12 @@ async fn upload_block(
     // Recorded as pending first, like a staged block: a client that dies before the commit
     // leaves an object the session's cleanup deletes.
     let len = key.len();
-    ctx.store.write_block(ctx.session, key, data).await?;
+    let Some(store) = &ctx.store else {
+        return Err(FsError::Internal(format!(
+            "block {key}: a gateway asked this mount, which has no object store, to write it there"
+        )));
+    };
+    store.write_block(ctx.session, key, data).await?;
     metrics::counter!("stagefs_written_through_bytes_total").increment(len);
     Ok(())
 }
