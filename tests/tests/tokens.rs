@@ -8,6 +8,10 @@
 //!   that ignores its own read-only flag changes nothing either);
 //! * only an `admin` token may pause uploads, retry quarantined blocks or delete blocks;
 //! * a session belongs to the tenant that opened it: another tenant's calls find no such session;
+//! * a token with `root = "/team-a"` sees that directory as the root: its mount lists, reads and
+//!   writes only that tree (uploaded blocks read through the gateway, which withholds the
+//!   store's address), and every RPC naming an inode or block of another tree fails as if it
+//!   did not exist, or is refused;
 //! * rotation: the file is edited and the gateway sent SIGHUP; the old secret is refused from then
 //!   on, the new one works, and a broken file leaves the tokens in force.
 
@@ -19,7 +23,9 @@ use bytes::Bytes;
 use client::fs::GatewayAccess;
 use proto::meta::{self as pb};
 use proto::staging::{DeleteBlocksRequest, RetryQuarantinedRequest, SetUploadsPausedRequest};
-use stagefs_tests::rpc::{errno_of, expect_errno, open_session, with_token};
+use stagefs_tests::rpc::{
+    attr_of, errno_of, expect_errno, name, open_session, read_chunk, with_token,
+};
 use stagefs_tests::*;
 use tonic::Code;
 
@@ -27,6 +33,7 @@ const TRAINING: &str = "training-0123456789abcdef0123456789abcdef";
 const READERS: &str = "readers-0123456789abcdef0123456789abcdef";
 const OPS: &str = "ops-0123456789abcdef0123456789abcdef0123";
 const ROTATED: &str = "training-rotated-0123456789abcdef012345";
+const TEAM: &str = "team-a-0123456789abcdef0123456789abcdef0";
 
 fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
     entries
@@ -446,4 +453,276 @@ async fn status_of(client: &mut Client) -> Result<proto::staging::StatusResponse
         .status(proto::staging::StatusRequest {})
         .await
         .map(|r| r.into_inner())
+}
+
+/// A token with `root = "/team-a"`: its root is that directory, through a mount and on raw
+/// RPCs; inode numbers, chunks and blocks of other trees are out of its reach.
+#[test]
+fn a_token_with_a_root_reaches_only_its_tree() {
+    let dir = TestDir::new("tokens-root-config");
+    let tokens = dir.join("tokens.toml");
+    fs::write(
+        &tokens,
+        format!(
+            "{}[[token]]\nname = \"team\"\nsecret = \"{TEAM}\"\naccess = \"rw\"\n\
+             root = \"/team-a\"\n",
+            tokens_file(&[("training", TRAINING, "rw"), ("ops", OPS, "admin")])
+        ),
+    )
+    .unwrap();
+    let stack = FuseStack::start("tokens-root", |gateway| gateway.tokens(&tokens, OPS));
+    let gateway = stack.gateway.addr().to_string();
+    let team_token = token_file(stack.dir.path(), "team.token", TEAM);
+    let team_args = ["--token-file", team_token.to_str().unwrap()];
+    let training_token = token_file(stack.dir.path(), "training.token", TRAINING);
+    let training_args = ["--token-file", training_token.to_str().unwrap()];
+
+    // Before its root exists, the tenant's mount fails and says why.
+    let early = stack.dir.join("early");
+    fs::create_dir(&early).unwrap();
+    let stderr = failing_mount(&gateway, &early, &team_args);
+    assert!(
+        stderr.contains("root /team-a"),
+        "the mount says why: {stderr}"
+    );
+
+    let whole = stack.mount("whole").args(training_args).start();
+    fs::create_dir_all(whole.join("team-a/sub")).unwrap();
+    fs::create_dir(whole.join("other")).unwrap();
+    let inside = Pattern::new(1).bytes(0, 5 << 20);
+    fs::write(whole.join("team-a/sub/inside.bin"), &inside).unwrap();
+    fs::write(whole.join("other/secret.txt"), b"not for team-a").unwrap();
+    // Blocks written straight to the store, which no gateway ever held: the confined mount,
+    // not given the store, reads them through the gateway.
+    let stored = Pattern::new(2).bytes(0, 300_000);
+    let through = stack
+        .mount("through")
+        .args(training_args)
+        .args(["--write-mode", "through"])
+        .start();
+    fs::write(through.join("team-a/stored.bin"), &stored).unwrap();
+    drop(through);
+
+    let team = stack.mount("team").args(team_args).start();
+    let listed = |path: &Path| {
+        let mut names: Vec<String> = fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listed(team.path()), ["stored.bin", "sub"]);
+    assert_eq!(fs::read(team.join("sub/inside.bin")).unwrap(), inside);
+    assert_eq!(fs::read(team.join("stored.bin")).unwrap(), stored);
+    fs::write(team.join("sub/by-team.txt"), b"from team-a").unwrap();
+    fs::rename(team.join("sub/by-team.txt"), team.join("moved.txt")).unwrap();
+    assert_eq!(
+        fs::read(whole.join("team-a/moved.txt")).unwrap(),
+        b"from team-a"
+    );
+
+    stack.block_on(async {
+        let mut training = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
+        let lookup = |parent: u64, entry: &'static str| {
+            let mut training = training.clone();
+            async move {
+                attr_of(
+                    training
+                        .lookup(pb::EntryRequest {
+                            parent,
+                            name: name(entry),
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("Lookup {entry}: {e:?}")),
+                )
+            }
+        };
+        let other = lookup(1, "other").await;
+        let secret = lookup(other.ino, "secret.txt").await;
+        let team_dir = lookup(1, "team-a").await;
+        let inside_attr = lookup(lookup(team_dir.ino, "sub").await.ino, "inside.bin").await;
+        let secret_slice = read_chunk(&mut training, secret.ino).await[0].clone();
+        let secret_key = block_key(secret_slice.slice_id, 0, secret_slice.len as usize);
+        let inside_slice = read_chunk(&mut training, inside_attr.ino).await[0].clone();
+        let inside_key = block_key(inside_slice.slice_id, 0, 4 << 20);
+
+        let mut meta = stack.gateway.meta_client_as(&with_token(TEAM)).await;
+        let session = open_session(&mut meta, "team, raw").await;
+        assert!(
+            session.store_url.is_empty() && session.read_through_gateway,
+            "a confined tenant is not given the store: {session:?}"
+        );
+        // Its root is inode 1; `..` of it is itself; the real number names the same directory.
+        let root = attr_of(meta.get_attr(pb::InodeRequest { ino: 1 }).await.unwrap());
+        assert_eq!(root.ino, 1);
+        let up = meta
+            .lookup(pb::EntryRequest {
+                parent: 1,
+                name: name(".."),
+            })
+            .await
+            .unwrap();
+        assert_eq!(attr_of(up).ino, 1, "`..` of the root stays in the root");
+        let by_number = meta
+            .get_attr(pb::InodeRequest { ino: team_dir.ino })
+            .await
+            .unwrap();
+        assert_eq!(attr_of(by_number).ino, 1);
+
+        // Every RPC naming an inode of another tree fails as for an inode that does not exist.
+        let session_id = session.session_id.clone();
+        let outside: Vec<(&str, Result<(), tonic::Status>)> = vec![
+            (
+                "GetAttr",
+                meta.get_attr(pb::InodeRequest { ino: secret.ino })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Lookup in another tree",
+                meta.lookup(pb::EntryRequest {
+                    parent: other.ino,
+                    name: name("secret.txt"),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "ReadDir",
+                meta.read_dir(pb::ReadDirRequest {
+                    ino: other.ino,
+                    after_cookie: 0,
+                    limit: 10,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "ReadChunk",
+                meta.read_chunk(pb::ReadChunkRequest {
+                    ino: secret.ino,
+                    chunk_index: 0,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Open",
+                meta.open(pb::HandleRequest {
+                    session_id: session_id.clone(),
+                    ino: secret.ino,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "SetAttr",
+                meta.set_attr(pb::SetAttrRequest {
+                    ino: secret.ino,
+                    size: Some(0),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Unlink",
+                meta.unlink(pb::EntryRequest {
+                    parent: other.ino,
+                    name: name("secret.txt"),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Rename out of the tree",
+                meta.rename(pb::RenameRequest {
+                    parent: 1,
+                    name: name("stored.bin"),
+                    new_parent: other.ino,
+                    new_name: name("taken"),
+                    flags: 0,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Link into the tree",
+                meta.link(pb::LinkRequest {
+                    ino: secret.ino,
+                    new_parent: 1,
+                    new_name: name("stolen"),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "GetXattr",
+                meta.get_xattr(pb::XattrRequest {
+                    ino: secret.ino,
+                    name: name("user.x"),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "DirUsage",
+                meta.dir_usage(pb::InodeRequest { ino: other.ino })
+                    .await
+                    .map(drop),
+            ),
+        ];
+        for (what, result) in outside {
+            expect_errno(what, result, libc::ENOENT, Code::NotFound);
+        }
+
+        // Blocks: only by naming a file of the tree whose chunk lists the block's slice.
+        let mut staging = stack.gateway.client_as(&with_token(TEAM)).await;
+        let read = |key: &str, ino: u64, from_store: bool| proto::staging::ReadBlockRequest {
+            key: key.to_string(),
+            ino,
+            chunk_index: 0,
+            from_store,
+            ..Default::default()
+        };
+        for (what, request, code) in [
+            (
+                "without naming its file",
+                read(&secret_key, 0, true),
+                Code::PermissionDenied,
+            ),
+            (
+                "naming a file of the tree whose chunk does not list it",
+                read(&secret_key, inside_attr.ino, true),
+                Code::PermissionDenied,
+            ),
+            (
+                "naming its file, outside the tree",
+                read(&secret_key, secret.ino, true),
+                Code::NotFound,
+            ),
+        ] {
+            let refused = staging.read_block(request).await.unwrap_err();
+            assert_eq!(refused.code(), code, "{what}: {refused:?}");
+        }
+        let served = staging
+            .read_block(read(&inside_key, inside_attr.ino, true))
+            .await
+            .expect("a block of the tree, named by its file")
+            .into_inner();
+        assert_eq!(&served.data[..], &inside[..4 << 20]);
+    });
+
+    // Nothing outside was touched, and the whole-tree tenant still sees all.
+    assert_eq!(
+        fs::read(whole.join("other/secret.txt")).unwrap(),
+        b"not for team-a"
+    );
+    assert_eq!(
+        listed(&whole.join("team-a")),
+        ["moved.txt", "stored.bin", "sub"]
+    );
+    drop(team);
+    drop(whole);
 }
