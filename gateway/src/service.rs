@@ -474,6 +474,7 @@ impl Staging for StagingService {
         if upload_now {
             must_be_admin(&request, "upload everything now")?;
         }
+        let tenant = tenant_of(&request);
         let deadline = timeout_of(request.into_inner().timeout_ms).map(|t| Instant::now() + t);
         let mut changes = self.log().subscribe_changes();
         if upload_now {
@@ -506,15 +507,15 @@ impl Staging for StagingService {
             }
         }
         Ok(Response::new(pb::DrainResponse {
-            status: Some(self.status_now()),
+            status: Some(self.status_for(&tenant)),
         }))
     }
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(self.status_now()))
+        Ok(Response::new(self.status_for(&tenant_of(&request))))
     }
 
     async fn retry_quarantined(
@@ -671,6 +672,16 @@ impl StagingService {
         let (key, mut block) = IncomingBlock::start(&header.key, header.total_len)?;
         block.append(&request.data)?;
         self.stage(key, block, header.crc32c).await
+    }
+
+    /// The gateway's status as `tenant` may see it: a tenant confined to a directory is not
+    /// told where the store is.
+    fn status_for(&self, tenant: &Tenant) -> pb::StatusResponse {
+        let mut status = self.status_now();
+        if tenant.root.is_some() {
+            status.store_url.clear();
+        }
+        status
     }
 
     fn status_now(&self) -> pb::StatusResponse {

@@ -521,6 +521,26 @@ fn a_token_with_a_root_reaches_only_its_tree() {
         fs::read(whole.join("team-a/moved.txt")).unwrap(),
         b"from team-a"
     );
+    // A file unlinked while open stays the tenant's to use.
+    {
+        use std::io::{Read, Seek, Write};
+        let mut held = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(team.join("scratch"))
+            .unwrap();
+        held.write_all(b"scratch space").unwrap();
+        held.sync_all().unwrap();
+        fs::remove_file(team.join("scratch")).unwrap();
+        held.set_len(7).unwrap();
+        assert_eq!(held.metadata().unwrap().len(), 7);
+        held.rewind().unwrap();
+        let mut back = String::new();
+        held.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "scratch");
+    }
 
     stack.block_on(async {
         let mut training = stack.gateway.meta_client_as(&with_token(TRAINING)).await;
@@ -679,6 +699,8 @@ fn a_token_with_a_root_reaches_only_its_tree() {
 
         // Blocks: only by naming a file of the tree whose chunk lists the block's slice.
         let mut staging = stack.gateway.client_as(&with_token(TEAM)).await;
+        let status = status_of(&mut staging).await.unwrap();
+        assert!(status.store_url.is_empty(), "{}", status.store_url);
         let read = |key: &str, ino: u64, from_store: bool| proto::staging::ReadBlockRequest {
             key: key.to_string(),
             ino,
