@@ -449,6 +449,7 @@ mod tests {
             [
                 ("training", AccessLevel::Rw),
                 ("readers", AccessLevel::Ro),
+                ("team-a", AccessLevel::Rw),
                 ("ops", AccessLevel::Admin)
             ]
         );

@@ -233,9 +233,11 @@ struct ServeArgs {
     #[arg(long)]
     advertise: Option<String>,
     /// Who may connect: a TOML file of `[[token]]` entries (`name`, `secret`, `access` = "rw",
-    /// "ro" or "admin"). Clients present the secret (`stagefs --token-file`, `STAGEFS_TOKEN`);
-    /// a missing or unknown one is refused, a read-only one may change nothing, and only admins
-    /// may pause uploads, retry quarantined blocks or delete blocks. Read again on SIGHUP.
+    /// "ro" or "admin", optional `root` = "/dir"). Clients present the secret (`stagefs
+    /// --token-file`, `STAGEFS_TOKEN`); a missing or unknown one is refused, a read-only one may
+    /// change nothing, one with a root sees that directory as the root and reaches nothing
+    /// outside it, and only admins may pause uploads, retry quarantined blocks or delete
+    /// blocks. Read again on SIGHUP.
     /// Without it, anyone who reaches the port may do anything (a warning says so at start).
     #[arg(long, value_name = "FILE")]
     tokens: Option<PathBuf>,
