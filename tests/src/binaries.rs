@@ -73,25 +73,7 @@ pub fn client_binary() -> PathBuf {
     binary("stagefs")
 }
 
-/// The `s3s-fs` S3 server: from `PATH`, else `$CARGO_HOME/bin` or `~/.cargo/bin`.
+/// The `s3s-fs` S3 server (`harness::programs::s3s_fs`).
 pub fn s3s_fs_binary() -> PathBuf {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("s3s-fs"))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        candidates.push(PathBuf::from(home).join("bin/s3s-fs"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
-    }
-    candidates
-        .into_iter()
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!("`s3s-fs` not found on PATH nor in ~/.cargo/bin: run scripts/setup.sh first")
-        })
+    harness::programs::s3s_fs(None).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -6,11 +6,13 @@
 //! marker line before each start, so tests can grep it ([`Gateway::log`],
 //! [`Gateway::current_log`]). Its stdout is copied to `gateway.stdout`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use harness::gateway::GatewayProcess;
 
 use client::fs::{connect_gateway, meta_client, staging_client, GatewayAccess, GatewayChannel};
 use proto::meta::meta_client::MetaClient;
@@ -168,8 +170,7 @@ impl GatewayBuilder {
             engine: self.engine,
             log_path: self.dir.join("gateway.log"),
             stdout_path: self.dir.join("gateway.stdout"),
-            child: None,
-            addr: None,
+            process: None,
             starts: 0,
             access: self.access,
         };
@@ -178,7 +179,8 @@ impl GatewayBuilder {
     }
 }
 
-/// A `stagefs-gateway serve` process (running or stopped). Dropping it kills the process.
+/// A `stagefs-gateway serve` process (running or stopped), started and stopped by
+/// `stagefs-harness`. Dropping it kills the process.
 pub struct Gateway {
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -187,8 +189,8 @@ pub struct Gateway {
     engine: String,
     log_path: PathBuf,
     stdout_path: PathBuf,
-    child: Option<Child>,
-    addr: Option<SocketAddr>,
+    /// The running process (`stagefs-harness` starts and stops it).
+    process: Option<GatewayProcess>,
     starts: u32,
     /// What the harness's own connections present.
     access: GatewayAccess,
@@ -213,7 +215,7 @@ impl Gateway {
     }
 
     async fn spawn_and_wait(&mut self) {
-        assert!(self.child.is_none(), "the gateway is already running");
+        assert!(self.process.is_none(), "the gateway is already running");
         self.starts += 1;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -227,92 +229,23 @@ impl Gateway {
             self.args.join(" ")
         )
         .expect("write the gateway log");
-        let binary = gateway_binary();
-        let mut command = Command::new(&binary);
+        let mut command = Command::new(gateway_binary());
         command
             .args(&self.args)
             .env("RUST_BACKTRACE", "1")
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_ENDPOINT_URL")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some(dir) = &self.working_dir {
             command.current_dir(dir);
         }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-
-        // A thread copies stdout to gateway.stdout and reports the `listening on` line.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut stdout_copy = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stdout_path)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.stdout_path.display()));
-        let (tx, rx) = tokio::sync::oneshot::channel::<Result<SocketAddr, String>>();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = writeln!(stdout_copy, "{line}");
-                if let Some(rest) = line.trim().strip_prefix("listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(
-                            rest.trim()
-                                .parse::<SocketAddr>()
-                                .map_err(|e| format!("cannot parse the address in {line:?}: {e}")),
-                        );
-                    }
-                }
-            }
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(Err(
-                    "stdout closed before a `listening on <addr>` line".into()
-                ));
-            }
-        });
-
-        let outcome = tokio::time::timeout(START_TIMEOUT, rx).await;
-        let problem = match outcome {
-            Ok(Ok(Ok(addr))) => {
-                self.child = Some(child);
-                self.addr = Some(addr);
-                self.verify_engine().await;
-                return;
-            }
-            Ok(Ok(Err(problem))) => problem,
-            Ok(Err(_)) => "the stdout reader went away".to_string(),
-            Err(_) => format!(
-                "no `listening on <addr>` line within {} s",
-                START_TIMEOUT.as_secs()
-            ),
-        };
-        // Give a crashing process a moment to finish writing its log, then report.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut status = None;
-        while Instant::now() < deadline {
-            if let Some(s) = child.try_wait().expect("poll the gateway") {
-                status = Some(s);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if status.is_none() {
-            let _ = child.kill();
-            status = child.wait().ok();
-        }
-        panic!(
-            "gateway start #{} failed: {problem}; exit status {status:?}\ncommand: {} {}\nstderr tail ({}):\n{}",
-            self.starts,
-            binary.display(),
-            self.args.join(" "),
-            self.log_path.display(),
-            crate::tail(&self.current_log(), 40)
-        );
+        let process =
+            GatewayProcess::start(command, &self.log_path, &self.stdout_path, START_TIMEOUT)
+                .await
+                .unwrap_or_else(|e| panic!("gateway start #{}: {e}", self.starts));
+        self.process = Some(process);
+        self.verify_engine().await;
     }
 
     /// Checks that the gateway runs the requested I/O engine (Status.io_engine). A `uring` gateway
@@ -342,7 +275,7 @@ impl Gateway {
     /// Starts the gateway again with the same arguments (same device). A still-running process is
     /// killed first (SIGKILL).
     pub async fn restart(&mut self) {
-        if self.child.is_some() {
+        if self.process.is_some() {
             self.kill9();
         }
         self.spawn_and_wait().await;
@@ -350,16 +283,13 @@ impl Gateway {
 
     /// The running gateway's resident memory, from `/proc/PID/status` (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let child = self.child.as_ref().expect("the gateway is not running");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-            .expect("read the gateway's /proc status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        kib * 1024
+        self.running()
+            .rss_bytes()
+            .unwrap_or_else(|e| panic!("the gateway's RSS: {e}"))
+    }
+
+    fn running(&self) -> &GatewayProcess {
+        self.process.as_ref().expect("the gateway is not running")
     }
 
     /// Samples the gateway's RSS every `every` until `work` resolves; returns the largest
@@ -381,66 +311,44 @@ impl Gateway {
 
     /// Sends `signal` to the running gateway (SIGHUP to reload its tokens, say).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let child = self.child.as_ref().expect("the gateway is not running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
-            .unwrap_or_else(|e| panic!("cannot send {signal} to the gateway: {e}"));
+        self.running()
+            .signal(signal)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Kills the gateway with SIGKILL and reaps it: a crash.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        self.addr = None;
-        let _ = child.kill();
-        child.wait().ok()
+        self.process.take()?.kill9()
     }
 
     /// Sends SIGTERM and waits (up to [`SIGTERM_TIMEOUT`]) for the process to exit; returns its
     /// exit status. Panics (after SIGKILL) if it does not exit in time.
     pub async fn sigterm(&mut self) -> ExitStatus {
-        let mut child = self
-            .child
+        let process = self
+            .process
             .take()
             .expect("sigterm: the gateway is not running");
-        self.addr = None;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .expect("send SIGTERM to the gateway");
-        let deadline = Instant::now() + SIGTERM_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("poll the gateway") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the gateway did not exit within {} s of SIGTERM; stderr tail:\n{}",
-                    SIGTERM_TIMEOUT.as_secs(),
-                    crate::tail(&self.current_log(), 40)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        process
+            .terminate(SIGTERM_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Whether the process is running (it may have crashed on its own).
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => child.try_wait().expect("poll the gateway").is_none(),
-            None => false,
-        }
+        self.process
+            .as_mut()
+            .is_some_and(|process| process.try_exited().is_none())
     }
 
     /// The exit status if the process has exited on its own.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|child| child.try_wait().expect("poll the gateway"))
+        self.process.as_mut().and_then(GatewayProcess::try_exited)
     }
 
     /// The address it listens on (changes on every restart).
     pub fn addr(&self) -> SocketAddr {
-        self.addr.expect("the gateway is not running")
+        self.running().addr()
     }
 
     /// A gRPC endpoint URL, `http://<addr>`.
@@ -510,15 +418,6 @@ impl Gateway {
     /// Runs `stagefs-gateway inspect --device <device> --json --records` and parses its report.
     pub async fn inspect(&self) -> InspectReport {
         inspect(&self.device).await
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

@@ -179,11 +179,7 @@ impl Drop for TestDir {
     }
 }
 
-/// The last `lines` lines of `text`.
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
+pub use harness::tail;
 
 /// Runs `command`, which must succeed and print one JSON value (`status --json`,
 /// `inspect --json`); `what` names it in the failure.

@@ -20,9 +20,11 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use harness::mount::MountProcess;
 
 use crate::binaries::client_binary;
 use crate::gateway::{Gateway, GatewayBuilder};
@@ -38,50 +40,7 @@ pub const UNMOUNT_BUSY_RETRY: Duration = Duration::from_secs(10);
 /// Default limit on the life of one mount; see the module docs.
 pub const WATCHDOG: Duration = Duration::from_secs(240);
 
-/// Whether `path` (an absolute, canonical path) is the mount point of a FUSE file system in this
-/// process's mount namespace (`/proc/self/mountinfo`).
-pub fn is_fuse_mounted(path: &Path) -> bool {
-    fuse_mount_info(path).is_some()
-}
-
-/// The `/proc/self/mountinfo` line of the FUSE mount on `path`, if any (the last one: mounts
-/// stack).
-pub fn fuse_mount_info(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    let wanted = path.as_os_str().as_encoded_bytes();
-    info.lines()
-        .rev()
-        .find(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let Some(sep) = fields.iter().position(|f| *f == "-") else {
-                return false;
-            };
-            fields.len() > sep + 1
-                && fields.len() > 4
-                && unescape_mountinfo(fields[4]) == wanted
-                && fields[sep + 1].starts_with("fuse")
-        })
-        .map(str::to_string)
-}
-
-/// Undoes the octal escapes (`\040` for a space, ...) of a `/proc/self/mountinfo` path.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(value) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
-}
+pub use harness::mount::{fuse_mount_info, is_fuse_mounted};
 
 /// The command `stagefs mount <gateway> <mountpoint>` (background mode unless `--foreground` is
 /// added), with a clean AWS environment.
@@ -172,7 +131,8 @@ impl MountBuilder {
         args
     }
 
-    /// Spawns `stagefs mount ... --foreground` and waits until the directory is a FUSE mount.
+    /// Spawns `stagefs mount ... --foreground` and waits until the directory is a FUSE mount
+    /// (`harness::mount::MountProcess`).
     pub fn start(self) -> Mount {
         std::fs::create_dir_all(&self.mountpoint).unwrap_or_else(|e| {
             panic!(
@@ -186,64 +146,22 @@ impl MountBuilder {
                 self.mountpoint.display()
             )
         });
-        assert!(
-            !is_fuse_mounted(&mountpoint),
-            "{} is already a FUSE mount",
-            mountpoint.display()
-        );
         let log_path = log_path_for(&mountpoint);
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
         let args = self.command_args();
-        writeln!(log, "=== stagefs-tests: stagefs {}", args.join(" "))
-            .expect("write the mount log");
-        let binary = client_binary();
         let mut command = mount_command(&self.gateway, &mountpoint);
         command
             .arg("--foreground")
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log);
-        let started = Instant::now();
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-        loop {
-            if is_fuse_mounted(&mountpoint) {
-                break;
-            }
-            if let Some(status) = child.try_wait().expect("poll the mount process") {
-                panic!(
-                    "`stagefs {}` exited with {status} before mounting; its log ({}):\n{}",
-                    args.join(" "),
-                    log_path.display(),
-                    crate::tail(&read_log(), 40)
-                );
-            }
-            if started.elapsed() > MOUNT_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`stagefs {}` did not mount within {} s; its log ({}):\n{}",
-                    args.join(" "),
-                    MOUNT_TIMEOUT.as_secs(),
-                    log_path.display(),
-                    crate::tail(&read_log(), 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let watchdog = Watchdog::start(self.watchdog, mountpoint.clone(), child.id());
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let process = MountProcess::start(command, &mountpoint, &log_path, MOUNT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pid = process.pid().expect("a started mount has its client");
+        let watchdog = Watchdog::start(self.watchdog, mountpoint.clone(), pid);
         Mount {
             mountpoint,
             log_path,
             args,
-            child: Some(child),
+            process: Some(process),
             watchdog: Some(watchdog),
         }
     }
@@ -307,7 +225,7 @@ pub struct Mount {
     mountpoint: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
-    child: Option<Child>,
+    process: Option<MountProcess>,
     watchdog: Option<Watchdog>,
 }
 
@@ -336,7 +254,7 @@ impl Mount {
 
     /// The client's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.as_ref().and_then(MountProcess::pid)
     }
 
     /// The client's log (stdout and stderr).
@@ -360,10 +278,7 @@ impl Mount {
 
     /// Whether the client process is running.
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => child.try_wait().expect("poll the mount process").is_none(),
-            None => false,
-        }
+        self.process.as_mut().is_some_and(MountProcess::is_running)
     }
 
     /// Unmounts with `stagefs umount` (retried for up to [`UNMOUNT_BUSY_RETRY`] while the mount is
@@ -401,24 +316,10 @@ impl Mount {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let mut child = self.child.take().expect("the mount process is running");
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("poll the mount process") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`stagefs {}` did not exit within {} s of being unmounted; log:\n{}",
-                    self.args.join(" "),
-                    EXIT_TIMEOUT.as_secs(),
-                    self.log_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut process = self.process.take().expect("the mount process is running");
+        let status = process
+            .wait_exit(EXIT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("`stagefs {}`: {e}", self.args.join(" ")));
         assert!(
             !self.is_mounted(),
             "{} is still a FUSE mount after `stagefs umount`",
@@ -433,28 +334,8 @@ impl Drop for Mount {
         if let Some(mut watchdog) = self.watchdog.take() {
             watchdog.cancel();
         }
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if is_fuse_mounted(&self.mountpoint) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.mountpoint)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        // Give the client a moment to flush and exit on its own, then kill it.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        // The process unmounts lazily if still mounted, and reaps or kills the client.
+        self.process.take();
     }
 }
 

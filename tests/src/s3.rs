@@ -4,35 +4,23 @@
 //! to a temporary file and renamed into place). Tests read objects back over HTTP with
 //! `object_store`'s S3 client, so they check what S3 actually serves.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use harness::s3::S3Process;
+pub use harness::s3::{S3_ACCESS_KEY, S3_BUCKET, S3_REGION, S3_SECRET_KEY};
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::binaries::s3s_fs_binary;
 
-/// Access key the S3 server accepts (and the gateway gets as `AWS_ACCESS_KEY_ID`).
-pub const S3_ACCESS_KEY: &str = "stagefs";
-/// Secret key the S3 server accepts (and the gateway gets as `AWS_SECRET_ACCESS_KEY`).
-pub const S3_SECRET_KEY: &str = "stagefs-secret";
-/// The bucket the gateway uploads to.
-pub const S3_BUCKET: &str = "stagefs";
-/// Region used for request signing.
-pub const S3_REGION: &str = "us-east-1";
-
-/// A running (or stopped) `s3s-fs` process with a fixed port and root directory.
+/// A running (or stopped) `s3s-fs` process with a fixed port and root directory
+/// (`harness::s3::S3Process`), and a client of it.
 pub struct S3Server {
-    root: PathBuf,
-    port: u16,
-    log_path: PathBuf,
-    child: Option<Child>,
+    process: S3Process,
     store: Arc<dyn ObjectStore>,
 }
 
@@ -45,120 +33,38 @@ impl S3Server {
     /// bucket [`S3_BUCKET`]. Its output goes to `<root>.log`.
     pub async fn start_in(root: impl Into<PathBuf>) -> S3Server {
         let root = root.into();
-        std::fs::create_dir_all(root.join(S3_BUCKET)).unwrap_or_else(|e| {
-            panic!(
-                "cannot create the bucket directory under {}: {e}",
-                root.display()
-            )
-        });
-        let port = free_port();
-        let log_path = root.with_extension("log");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let store: Arc<dyn ObjectStore> = Arc::new(
-            AmazonS3Builder::new()
-                // Client options first: they would reset `allow_http` set before them.
-                .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(60)))
-                .with_bucket_name(S3_BUCKET)
-                .with_endpoint(&endpoint)
-                .with_allow_http(true)
-                .with_region(S3_REGION)
-                .with_access_key_id(S3_ACCESS_KEY)
-                .with_secret_access_key(S3_SECRET_KEY)
-                .with_retry(RetryConfig {
-                    max_retries: 3,
-                    retry_timeout: Duration::from_secs(20),
-                    ..Default::default()
-                })
-                .build()
-                .expect("configure the test's S3 client"),
-        );
-        let mut server = S3Server {
-            root,
-            port,
-            log_path,
-            child: None,
-            store,
-        };
-        server.start().await;
-        server
+        let process = S3Process::start(&s3s_fs_binary(), &root, free_port())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = harness::s3::s3_store(&process.endpoint(), Duration::from_secs(60))
+            .expect("configure the test's S3 client");
+        S3Server { process, store }
     }
 
-    /// (Re)starts the server on the same port and root; waits until the port accepts TCP.
+    /// Starts the server again on the same port and root, after [`S3Server::stop`].
     pub async fn start(&mut self) {
-        assert!(self.child.is_none(), "the S3 server is already running");
-        let binary = s3s_fs_binary();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log_path)
-                .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
-            let mut child = Command::new(&binary)
-                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-                .arg(&self.root)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log file handle"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            // Wait for the port; if the process exits first (the port may still be held by the
-            // previous instance for a moment), try again until the deadline.
-            loop {
-                if let Some(status) = child.try_wait().expect("poll s3s-fs") {
-                    if Instant::now() > deadline {
-                        panic!(
-                            "s3s-fs exited with {status} before accepting connections on port {}; log:\n{}",
-                            self.port,
-                            crate::tail(&std::fs::read_to_string(&self.log_path).unwrap_or_default(), 30)
-                        );
-                    }
-                    break;
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                    .await
-                    .is_ok()
-                {
-                    self.child = Some(child);
-                    return;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "s3s-fs did not accept connections on port {} within 30 s",
-                        self.port
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.process
+            .restart()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Kills the server (SIGKILL) and waits for it: an abrupt outage.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.stop();
     }
 
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => child.try_wait().expect("poll s3s-fs").is_none(),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port()
     }
 
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.process.endpoint()
     }
 
     /// The gateway's store URL, `s3://<bucket>`.
@@ -189,11 +95,11 @@ impl S3Server {
 
     /// The file `s3s-fs` keeps object `key` in.
     pub fn object_file(&self, key: &str) -> PathBuf {
-        self.root.join(S3_BUCKET).join(key)
+        self.root().join(S3_BUCKET).join(key)
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.process.root()
     }
 
     /// An S3 client for the bucket (over HTTP, like the gateway's).
@@ -246,16 +152,9 @@ impl S3Server {
     }
 }
 
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    harness::free_port().unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[cfg(test)]

@@ -63,6 +63,9 @@ pub enum BenchError {
     Key(#[from] shared::KeyError),
     #[error("benchmark task failed: {0}")]
     Task(String),
+    /// Starting or stopping a process (`stagefs-harness`).
+    #[error(transparent)]
+    Process(#[from] harness::HarnessError),
 }
 
 impl BenchError {

@@ -4,96 +4,28 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
-use object_store::{ClientOptions, ObjectStore};
+pub use harness::s3::{s3_env, S3_BUCKET, S3_REGION};
+use object_store::ObjectStore;
 
 use super::super::latency_proxy::{self, ProxyArgs};
 use super::super::BenchError;
 
-/// Credentials, bucket and region the benchmark's S3 server accepts.
-pub const S3_ACCESS_KEY: &str = "stagefs";
-pub const S3_SECRET_KEY: &str = "stagefs-secret";
-pub const S3_BUCKET: &str = "stagefs";
-pub const S3_REGION: &str = "us-east-1";
-
-/// The environment that gives a child process the S3 server's credentials.
-pub fn s3_env() -> Vec<(String, String)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
-        ("AWS_REGION".into(), S3_REGION.into()),
-    ]
-}
-
-/// A free TCP port on loopback (bound and released; good enough for a benchmark).
-fn free_port() -> Result<u16, BenchError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| BenchError::io("cannot bind a local port", "127.0.0.1:0", e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| BenchError::io("cannot read a local port", "127.0.0.1:0", e))
-}
-
-/// `s3s-fs` serving a directory; killed on drop.
+/// `s3s-fs` serving a directory (`harness::s3`); killed on drop.
 pub struct S3Server {
-    child: Child,
+    _process: harness::s3::S3Process,
     pub addr: SocketAddr,
 }
 
 impl S3Server {
     pub async fn start(bin: &Path, root: &Path) -> Result<Self, BenchError> {
-        std::fs::create_dir_all(root.join(S3_BUCKET))
-            .map_err(|e| BenchError::io("cannot create the bucket directory in", root, e))?;
-        let port = free_port()?;
-        let log = root.with_extension("log");
-        let log_file =
-            std::fs::File::create(&log).map_err(|e| BenchError::io("cannot create", &log, e))?;
-        let stderr = log_file
-            .try_clone()
-            .map_err(|e| BenchError::io("cannot open", &log, e))?;
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(root)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| BenchError::io("cannot start", bin, e))?;
-        let mut server = S3Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(server.addr).await.is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(BenchError::Args(format!(
-                    "s3s-fs exited ({status}) before listening; see {}",
-                    log.display()
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Args(format!(
-                    "s3s-fs did not listen on {} within 30 s; see {}",
-                    server.addr,
-                    log.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let process = harness::s3::S3Process::start(bin, root, harness::free_port()?).await?;
+        Ok(S3Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], process.port())),
+            _process: process,
+        })
     }
 }
 
@@ -123,31 +55,20 @@ pub async fn start_proxy(upstream: SocketAddr, delay: Duration) -> Result<Socket
 
 /// An S3 client of the benchmark's bucket at `endpoint` (the proxy, for cloud latency).
 pub fn s3_store(endpoint: &str) -> Result<Arc<dyn ObjectStore>, BenchError> {
-    let store = AmazonS3Builder::new()
-        .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(120)))
-        .with_bucket_name(S3_BUCKET)
-        .with_endpoint(endpoint)
-        .with_allow_http(true)
-        .with_region(S3_REGION)
-        .with_access_key_id(S3_ACCESS_KEY)
-        .with_secret_access_key(S3_SECRET_KEY)
-        .build()
-        .map_err(|source| BenchError::Store {
-            url: endpoint.to_string(),
-            source,
-        })?;
-    Ok(Arc::new(store))
+    Ok(harness::s3::s3_store(endpoint, Duration::from_secs(120))?)
 }
 
-/// A `stagefs mount` in the background; unmounted on drop.
+/// How long a mount may take to appear, and its client to exit once unmounted.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A `stagefs mount --foreground` this benchmark owns (`harness::mount`); unmounted on drop.
 pub struct MountProcess {
+    inner: harness::mount::MountProcess,
     pub path: PathBuf,
-    mounted: bool,
 }
 
 impl MountProcess {
-    /// Runs `stagefs mount GATEWAY PATH --s3-endpoint S3_ENDPOINT ARGS…`, which returns once
-    /// mounted.
+    /// Runs `stagefs mount GATEWAY PATH --s3-endpoint S3_ENDPOINT ARGS…` until mounted.
     pub fn start(
         gateway: SocketAddr,
         path: &Path,
@@ -160,78 +81,40 @@ impl MountProcess {
         Self::start_with(&gateway.to_string(), path, &all, log)
     }
 
-    /// Runs `stagefs mount GATEWAYS PATH ARGS…` (`stagefs` is installed next to this program),
-    /// which returns once mounted; `GATEWAYS` is one address or several, comma-separated.
+    /// Runs `stagefs mount GATEWAYS PATH ARGS…` (`stagefs` is installed next to this program)
+    /// until mounted; `GATEWAYS` is one address or several, comma-separated.
     pub fn start_with(
         gateways: &str,
         path: &Path,
         args: &[&str],
         log: &Path,
     ) -> Result<Self, BenchError> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| BenchError::io("cannot create mount point", path, e))?;
-        let exe = crate::process::find_program(
+        let exe = harness::programs::find_program(
             "stagefs",
             None,
             "build it (cargo build --release --bins)",
         )
         .map_err(BenchError::Args)?;
-        let output = Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        command
             .arg("mount")
             .arg(gateways)
             .arg(path)
+            .arg("--foreground")
             .args(args)
             .envs(s3_env())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| BenchError::io("cannot run", &exe, e))?;
-        if !output.status.success() {
-            return Err(BenchError::Args(format!(
-                "stagefs mount {} failed ({}): {}",
-                path.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        let _ = std::fs::write(log, &output.stderr);
+            .env("RUST_LOG", "warn");
+        let inner = harness::mount::MountProcess::start(command, path, log, MOUNT_TIMEOUT)?;
+        // As given (not canonical): what the client's command line names.
         Ok(MountProcess {
             path: path.to_path_buf(),
-            mounted: true,
+            inner,
         })
     }
 
-    /// Unmounts (waiting for open files to be flushed and the mount to disappear).
-    pub fn unmount(mut self) -> Result<(), BenchError> {
-        self.mounted = false;
-        unmount(&self.path, false)
+    /// Unmounts (open files flushed) and waits for the client to exit.
+    pub fn unmount(self) -> Result<(), BenchError> {
+        self.inner.unmount(MOUNT_TIMEOUT)?;
+        Ok(())
     }
-}
-
-impl Drop for MountProcess {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = unmount(&self.path, true);
-        }
-    }
-}
-
-fn unmount(path: &Path, lazy: bool) -> Result<(), BenchError> {
-    let mut command = Command::new("fusermount3");
-    command.arg("-u");
-    if lazy {
-        command.arg("-z");
-    }
-    let status = command
-        .arg(path)
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| BenchError::io("cannot run fusermount3 for", path, e))?;
-    if !status.success() {
-        return Err(BenchError::Args(format!(
-            "fusermount3 -u {} failed ({status})",
-            path.display()
-        )));
-    }
-    Ok(())
 }

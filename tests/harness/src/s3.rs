@@ -1,0 +1,179 @@
+//! The S3 test server: `s3s-fs` serving a directory on loopback, and clients of it.
+//!
+//! `s3s-fs` stores object `<key>` of bucket `<bucket>` as the file `<root>/<bucket>/<key>`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::aws::AmazonS3Builder;
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
+
+use crate::{log_tail, HarnessError, Result};
+
+/// Access key the server accepts.
+pub const S3_ACCESS_KEY: &str = "stagefs";
+/// Secret key the server accepts.
+pub const S3_SECRET_KEY: &str = "stagefs-secret";
+/// The bucket stagefs stores to.
+pub const S3_BUCKET: &str = "stagefs";
+/// Region used for request signing.
+pub const S3_REGION: &str = "us-east-1";
+
+/// How long the server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The environment that gives a child process the server's credentials.
+pub fn s3_env() -> Vec<(String, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+        ("AWS_REGION".into(), S3_REGION.into()),
+    ]
+}
+
+/// An S3 client of the bucket at `endpoint` (`http://host:port`: the server, or a latency proxy
+/// in front of it), whose calls give up after `timeout`.
+pub fn s3_store(endpoint: &str, timeout: Duration) -> Result<Arc<dyn ObjectStore>> {
+    let store = AmazonS3Builder::new()
+        // Client options first: they would reset `allow_http` set before them.
+        .with_client_options(ClientOptions::new().with_timeout(timeout))
+        .with_bucket_name(S3_BUCKET)
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_region(S3_REGION)
+        .with_access_key_id(S3_ACCESS_KEY)
+        .with_secret_access_key(S3_SECRET_KEY)
+        .with_retry(RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(20),
+            ..Default::default()
+        })
+        .build()
+        .map_err(|e| {
+            HarnessError::Process(format!("cannot configure an S3 client of {endpoint}: {e}"))
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// `s3s-fs` serving `root` on a fixed loopback port; killed when dropped. It can be stopped and
+/// started again on the same port and data (an outage).
+pub struct S3Process {
+    bin: PathBuf,
+    root: PathBuf,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl S3Process {
+    /// Starts `bin` (`s3s-fs`) on `port` with data under `root` (created, with the bucket); its
+    /// output goes to `<root>.log`. Returns once the port accepts connections.
+    pub async fn start(bin: &Path, root: &Path, port: u16) -> Result<S3Process> {
+        std::fs::create_dir_all(root.join(S3_BUCKET))
+            .map_err(|e| HarnessError::io("cannot create the bucket directory under", root, e))?;
+        let mut server = S3Process {
+            bin: bin.to_path_buf(),
+            root: root.to_path_buf(),
+            port,
+            log: root.with_extension("log"),
+            child: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// Starts the server again on the same port and data, after [`S3Process::stop`]. A port
+    /// still held by the previous instance for a moment is tried again until the deadline.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Err(HarnessError::Process("s3s-fs is already running".into()));
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .map_err(|e| HarnessError::io("cannot open", &self.log, e))?;
+            let stderr = log
+                .try_clone()
+                .map_err(|e| HarnessError::io("cannot open", &self.log, e))?;
+            let mut child = Command::new(&self.bin)
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+                .arg(&self.root)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(stderr)
+                .spawn()
+                .map_err(|e| HarnessError::io("cannot start", &self.bin, e))?;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    if Instant::now() > deadline {
+                        return Err(HarnessError::Process(format!(
+                            "s3s-fs exited ({status}) before accepting connections on port {}; \
+                             its log ({}):\n{}",
+                            self.port,
+                            self.log.display(),
+                            log_tail(&self.log, 30)
+                        )));
+                    }
+                    break;
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+                {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(HarnessError::Process(format!(
+                        "s3s-fs did not accept connections on port {} within {START_TIMEOUT:?}",
+                        self.port
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL) and reaps it: an abrupt outage.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Drop for S3Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
