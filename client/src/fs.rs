@@ -921,9 +921,17 @@ impl Fs {
     /// Sets, changes or drops a lock of `owner` on the handle's file over bytes `start..=end`
     /// (`fcntl(F_SETLK)`, `F_SETLKW` with `wait`, and `flock` as a whole-file lock). The lock is
     /// held by the metadata engine, so it holds against every mount.
-    pub async fn setlk(&self, fh: FileHandle, lock: &LockRequest, wait: bool) -> FsResult<()> {
+    /// `fcntl(F_SETLK[W])` or `flock`; `waiter` is the thread that asks (the FUSE request's
+    /// pid; 0: unknown), whose signals end a wait with EINTR.
+    pub async fn setlk(
+        &self,
+        fh: FileHandle,
+        lock: &LockRequest,
+        wait: bool,
+        waiter: u32,
+    ) -> FsResult<()> {
         let ino = self.handle(fh)?.file.ino;
-        self.locks.set(ino, lock, wait).await
+        self.locks.set(ino, lock, wait, waiter).await
     }
 
     /// Another owner's lock that keeps `lock` from being taken (`fcntl(F_GETLK)`), on any mount.

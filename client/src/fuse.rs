@@ -552,7 +552,7 @@ impl Filesystem for FuseFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -566,8 +566,9 @@ impl Filesystem for FuseFs {
         let Some(lock) = lock_request(lock_owner, start, end, typ, pid) else {
             return reply.error(Errno::EINVAL);
         };
+        let waiter = req.pid();
         self.spawn("setlk", |fs| async move {
-            answer_empty(reply, fs.setlk(fh.0, &lock, sleep).await)
+            answer_empty(reply, fs.setlk(fh.0, &lock, sleep, waiter).await)
         });
     }
 

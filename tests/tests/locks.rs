@@ -6,6 +6,8 @@
 //! * a `F_SETLKW` blocked on B is granted once A unlocks;
 //! * SIGKILL of a process holding a lock releases it (its files are closed), and one killed while
 //!   it waits for a lock dies at once and gets nothing;
+//! * a handled signal (an alarm) ends a wait for a `flock` or an `fcntl` lock with EINTR, and the
+//!   interrupted waiter holds nothing;
 //! * a counter file incremented under `flock` by writers on both mounts ends at exactly the number
 //!   of increments;
 //! * SIGKILL of a whole mount releases its locks once its session expires (`--heartbeat-interval
@@ -311,4 +313,72 @@ fn a_killed_mounts_locks_go_with_its_session() {
         killed.elapsed()
     );
     kill_group(&mut holder);
+}
+
+/// Waits up to 60 s for `child` to exit (killing it after that) and returns its exit code.
+fn exit_code_within(child: &mut Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still waiting 60 s later: a signal does not interrupt a lock wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A thread waiting for a lock that another mount holds gives up with EINTR when it takes a
+/// signal, and holds nothing afterwards: `flock -w 1` (a SIGALRM timer) for `flock`, and a
+/// Python `lockf` whose alarm handler raises, for POSIX record locks.
+#[test]
+fn a_signal_interrupts_a_waiting_lock() {
+    let stack = FuseStack::start("locks-signal", |gateway| gateway);
+    let a = stack.mount("a").start();
+    let b = stack.mount("b").start();
+    let (on_a, on_b) = one_file_on_both(&a, &b, "signalled");
+    let path = b.join("signalled");
+
+    flock(&on_a, libc::LOCK_EX).unwrap();
+    let mut waiter = Command::new("flock")
+        .args(["-x", "-w", "1"])
+        .arg(&path)
+        .arg("true")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    assert_eq!(
+        exit_code_within(&mut waiter, "flock -w 1"),
+        Some(1),
+        "flock(1) gives up when its timer fires"
+    );
+    flock(&on_a, libc::LOCK_UN).unwrap();
+    flock(&on_b, libc::LOCK_EX | libc::LOCK_NB).expect("the interrupted waiter holds nothing");
+    flock(&on_b, libc::LOCK_UN).unwrap();
+
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK as i32, 0, 0).unwrap();
+    let script = "import fcntl, signal, sys\n\
+                  def expired(*_): raise TimeoutError\n\
+                  signal.signal(signal.SIGALRM, expired)\n\
+                  signal.alarm(1)\n\
+                  f = open(sys.argv[1], 'r+')\n\
+                  try:\n    fcntl.lockf(f, fcntl.LOCK_EX)\nexcept TimeoutError:\n    sys.exit(3)\n\
+                  sys.exit(0)\n";
+    let mut waiter = Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .spawn()
+        .expect("python3");
+    assert_eq!(
+        exit_code_within(&mut waiter, "lockf with an alarm"),
+        Some(3),
+        "the alarm interrupts F_SETLKW"
+    );
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_UNLCK as i32, 0, 0).unwrap();
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_WRLCK as i32, 0, 0)
+        .expect("the interrupted waiter holds nothing");
+    drop((on_a, on_b));
 }

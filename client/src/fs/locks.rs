@@ -4,8 +4,9 @@
 //! The mount remembers which (inode, lock owner) pairs may hold a lock, so that a `close` asks the
 //! engine to drop locks only when there may be some, and it keeps track of lock requests that
 //! wait: when their owner closes the file (the process exited, or was killed while it waited),
-//! the wait is given up and whatever it may have been granted meanwhile is dropped. Locks the
-//! mount never got to drop (it died) go with its session, once that expires.
+//! the wait is given up and whatever it may have been granted meanwhile is dropped. A signal the
+//! waiting thread would take ends its wait with EINTR (see [`signal_waiting`]). Locks the mount
+//! never got to drop (it died) go with its session, once that expires.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +16,10 @@ use std::time::Duration;
 use super::error::{FsError, FsResult};
 use super::meta_api::{HeldLock, Ino, LockRequest, MetaApi, SessionId};
 
-/// How long one `SetLock` call may wait at the gateway; a longer wait asks again.
-const WAIT_PER_CALL: Duration = Duration::from_secs(25);
+/// How long one `SetLock` call may wait at the gateway; a longer wait asks again, after looking
+/// whether a signal interrupts it. A call is never abandoned midway (its lock could be granted
+/// with no one to hear it), so this bounds how long a signal waits to be answered.
+const WAIT_PER_CALL: Duration = Duration::from_secs(1);
 
 /// Waiting `SetLock` calls of one mount at once: each holds an HTTP/2 stream of the mount's one
 /// connection (which heartbeats share), so more waiters queue here.
@@ -73,6 +76,28 @@ fn being_killed(pid: u32) -> bool {
     })
 }
 
+/// Whether thread `tid` has a signal pending that it would take: pending for it or its process,
+/// neither blocked nor ignored. The kernel keeps a thread that waits in a FUSE request there
+/// until the request is answered, with its signal pending (fuser answers the kernel's
+/// `FUSE_INTERRUPT` with ENOSYS instead of passing it on), so the mount looks for itself.
+fn signal_waiting(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    pending & !mask("SigBlk:") & !mask("SigIgn:") != 0
+}
+
 const OWNER_CLOSED: &str = "the lock's owner closed the file while it waited";
 
 fn interrupted(why: &str) -> FsError {
@@ -116,8 +141,9 @@ impl MountLocks {
     }
 
     /// `fcntl(F_SETLK)` (`wait` false: EAGAIN at once on a conflict) or `F_SETLKW` (waits until
-    /// granted; EINTR when the owner closes the file or its process is killed meanwhile).
-    pub async fn set(&self, ino: Ino, lock: &LockRequest, wait: bool) -> FsResult<()> {
+    /// granted; EINTR when the owner closes the file, its process is killed, or thread `waiter`
+    /// (0: unknown) gets a signal meanwhile).
+    pub async fn set(&self, ino: Ino, lock: &LockRequest, wait: bool, waiter: u32) -> FsResult<()> {
         if lock.kind.is_some() {
             // Noted before asking: a lock granted after its owner closed the file must be found.
             self.held().insert((ino, lock.owner));
@@ -126,7 +152,7 @@ impl MountLocks {
         let key = (ino, lock.owner);
         self.waiting().entry(key).or_default().push(cancel.clone());
         let result = if wait {
-            self.wait_for(ino, lock, &cancel).await
+            self.wait_for(ino, lock, &cancel, waiter).await
         } else {
             self.meta
                 .set_lock(self.session, ino, lock, Duration::ZERO)
@@ -148,7 +174,13 @@ impl MountLocks {
         result
     }
 
-    async fn wait_for(&self, ino: Ino, lock: &LockRequest, cancel: &Cancel) -> FsResult<()> {
+    async fn wait_for(
+        &self,
+        ino: Ino,
+        lock: &LockRequest,
+        cancel: &Cancel,
+        waiter: u32,
+    ) -> FsResult<()> {
         loop {
             let slot = tokio::select! {
                 slot = self.waiting_calls.clone().acquire_owned() => {
@@ -177,7 +209,12 @@ impl MountLocks {
             };
             drop(slot);
             match outcome {
-                Err(e) if e.errno() == libc::EAGAIN => continue,
+                // Nothing was granted: a signal may end the wait here.
+                Err(e) if e.errno() == libc::EAGAIN => {
+                    if signal_waiting(waiter) {
+                        return Err(interrupted("a signal arrived while it waited"));
+                    }
+                }
                 other => return other,
             }
         }
