@@ -38,6 +38,9 @@ pub enum KvError {
     /// applied, and will not be until room is made.
     #[error("{0}")]
     Full(String),
+    /// The backend takes no writes: a read-only replica (a PostgreSQL hot standby).
+    #[error("read-only metadata: {0}")]
+    ReadOnly(String),
 }
 
 impl KvError {
@@ -110,6 +113,12 @@ pub trait KvStore: Send + Sync + 'static {
     /// every id in its own transaction; a shared database wants fewer round trips on hot rows).
     fn id_batch(&self) -> u64 {
         1
+    }
+
+    /// Whether this store takes no writes (a replica): every write transaction is refused with
+    /// [`KvError::ReadOnly`], and the engine over it only reads.
+    fn read_only(&self) -> bool {
+        false
     }
 }
 

@@ -13,6 +13,10 @@
 //! [`PgCluster::stop`] or exited however it did, the watchdog shuts the server down and removes its
 //! directory. The watchdog runs initdb too, so even a process killed while the cluster is still
 //! being made leaves nothing behind.
+//!
+//! [`PgCluster::standby`] makes a hot standby of a cluster the same way, from a base backup
+//! (`pg_basebackup`), streaming its WAL over a replication slot: real streaming replication, for
+//! the mirror of another region.
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File};
@@ -36,19 +40,30 @@ const START_ATTEMPTS: u32 = 4;
 /// Lines of a log quoted in an error.
 const LOG_TAIL_LINES: usize = 25;
 
-/// The watchdog: `sh -c WATCHDOG stagefs-pg-watchdog DIR BIN SERVER-ARGUMENTS...`, with the pipe
-/// on its standard input. It runs initdb, starts the server in the background and waits for the
+/// The watchdog: `sh -c WATCHDOG stagefs-pg-watchdog DIR BIN SOURCE SERVER-ARGUMENTS...`, with the
+/// pipe on its standard input. It runs initdb (or, with SOURCE a primary's port, takes a base
+/// backup of that primary to be its standby), starts the server in the background and waits for the
 /// pipe to close; then it asks for a fast shutdown (again every 0.1 s, as a server that has not
 /// installed its handlers yet ignores it; an immediate shutdown after 30 s, SIGKILL after 60 s),
 /// waits for the server to exit and removes DIR. Files in DIR tell the starting process how things
 /// went: `initdb.failed`, or `server.exit` (the server's exit status, written when it exits).
 const WATCHDOG: &str = r#"
 set -u
-dir=$1 bin=$2
-shift 2
+dir=$1 bin=$2 source=$3
+shift 3
 exec 3<&0 </dev/null
-if "$bin/initdb" -D "$dir/data" --auth=trust --username=stagefs -E UTF8 --locale=C --no-sync \
-        >"$dir/initdb.log" 2>&1 3<&-; then
+if [ -z "$source" ]; then
+    make() {
+        "$bin/initdb" -D "$dir/data" --auth=trust --username=stagefs -E UTF8 --locale=C --no-sync
+    }
+else
+    make() {
+        "$bin/pg_basebackup" -h 127.0.0.1 -p "$source" -U stagefs -D "$dir/data" \
+            --write-recovery-conf --wal-method=stream --create-slot --slot="standby_$$" \
+            --checkpoint=fast --no-sync
+    }
+fi
+if make >"$dir/initdb.log" 2>&1 3<&-; then
     "$bin/postgres" -D "$dir/data" "$@" >"$dir/server.log" 2>&1 3<&- &
     server=$!
     {
@@ -103,10 +118,21 @@ impl PgCluster {
     /// An error says what went wrong: [`ErrorKind::NotFound`] when PostgreSQL is not installed,
     /// otherwise the tail of initdb's or the server's log.
     pub fn start(durability: PgDurability) -> io::Result<PgCluster> {
+        Self::start_from(None, durability)
+    }
+
+    /// Makes and starts a hot standby of this cluster: a base backup of it, then its WAL
+    /// streamed and replayed as it comes (over a replication slot, so the primary keeps what the
+    /// standby has not received). Read-only; waits until it accepts connections.
+    pub fn standby(&self, durability: PgDurability) -> io::Result<PgCluster> {
+        Self::start_from(Some(self.port), durability)
+    }
+
+    fn start_from(primary: Option<u16>, durability: PgDurability) -> io::Result<PgCluster> {
         let bin = bin_dir()?;
         let mut attempt = 1;
         loop {
-            match Self::start_once(&bin, durability) {
+            match Self::start_once(&bin, primary, durability) {
                 Err(error) if error.kind() == ErrorKind::AddrInUse && attempt < START_ATTEMPTS => {
                     attempt += 1;
                 }
@@ -204,6 +230,56 @@ impl PgCluster {
             .map_err(|error| io::Error::new(ErrorKind::InvalidData, error))
     }
 
+    /// The primary's WAL position now (`pg_current_wal_insert_lsn`): what a standby must have
+    /// replayed to see every commit made so far (also those not flushed yet, under
+    /// `synchronous_commit=off`).
+    pub fn current_wal_lsn(&self) -> io::Result<u64> {
+        parse_lsn(
+            self.psql("postgres", "SELECT pg_current_wal_insert_lsn()")?
+                .trim(),
+        )
+    }
+
+    /// A standby's WAL position replayed so far (`pg_last_wal_replay_lsn`).
+    pub fn replay_lsn(&self) -> io::Result<u64> {
+        parse_lsn(
+            self.psql("postgres", "SELECT pg_last_wal_replay_lsn()")?
+                .trim(),
+        )
+    }
+
+    /// Holds (or resumes) a standby's replay: replication lag on demand.
+    pub fn pause_replay(&self, paused: bool) -> io::Result<()> {
+        let call = if paused {
+            "pg_wal_replay_pause"
+        } else {
+            "pg_wal_replay_resume"
+        };
+        self.psql("postgres", &format!("SELECT {call}()")).map(drop)
+    }
+
+    /// Waits until this standby has replayed `lsn`, for at most `limit`.
+    pub fn wait_replayed(&self, lsn: u64, limit: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let replayed = self.replay_lsn()?;
+            if replayed >= lsn {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the standby replayed {} and not {} within {limit:?}",
+                        format_lsn(replayed),
+                        format_lsn(lsn)
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the server now (fast shutdown) and removes its directory. Idempotent.
     pub fn stop(&self) {
         let watchdog = self
@@ -223,7 +299,11 @@ impl PgCluster {
 
     /// One try at [`start`](Self::start): a new directory, port and watchdog. A port taken before
     /// the server could bind it is an [`ErrorKind::AddrInUse`] error.
-    fn start_once(bin: &Path, durability: PgDurability) -> io::Result<PgCluster> {
+    fn start_once(
+        bin: &Path,
+        primary: Option<u16>,
+        durability: PgDurability,
+    ) -> io::Result<PgCluster> {
         // The cluster owns the directory from here on (its drop removes it), even before the
         // watchdog runs.
         let mut cluster = PgCluster {
@@ -237,6 +317,7 @@ impl PgCluster {
             .args(["-c", WATCHDOG, "stagefs-pg-watchdog"])
             .arg(&cluster.dir)
             .arg(bin)
+            .arg(primary.map(|port| port.to_string()).unwrap_or_default())
             .args(["-p", &cluster.port.to_string(), "-k"])
             .arg(&cluster.dir);
         let mut settings = vec![
@@ -303,7 +384,8 @@ impl PgCluster {
                 ));
             }
             if self.dir.join("initdb.failed").exists() {
-                return Err(self.failure(ErrorKind::Other, "initdb failed", "initdb.log"));
+                let what = "initdb (or pg_basebackup, for a standby) failed";
+                return Err(self.failure(ErrorKind::Other, what, "initdb.log"));
             }
             if self.dir.join("server.exit").exists() {
                 let log = log_tail(&self.dir.join("server.log"));
@@ -338,7 +420,7 @@ impl PgCluster {
             Ok(lock_file) => Ok(lock_file
                 .lines()
                 .nth(7)
-                .is_some_and(|status| status.trim() == "ready")),
+                .is_some_and(|status| matches!(status.trim(), "ready" | "standby"))),
             Err(error) if error.kind() == ErrorKind::NotFound => Ok(false),
             Err(error) => Err(with_context(
                 error,
@@ -359,6 +441,23 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A WAL position as PostgreSQL writes it (`16/B374D848`: the high and low 32 bits in hex).
+pub fn parse_lsn(text: &str) -> io::Result<u64> {
+    let invalid = || io::Error::new(ErrorKind::InvalidData, format!("not an LSN: {text:?}"));
+    let (high, low) = text.split_once('/').ok_or_else(invalid)?;
+    let high = u64::from_str_radix(high, 16).map_err(|_| invalid())?;
+    let low = u64::from_str_radix(low, 16).map_err(|_| invalid())?;
+    if high > u32::MAX as u64 || low > u32::MAX as u64 {
+        return Err(invalid());
+    }
+    Ok(high << 32 | low)
+}
+
+/// `lsn` as PostgreSQL writes it.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// The directory of the PostgreSQL binaries: `STAGEFS_PG_BIN`, or the highest version of Debian's.

@@ -67,6 +67,8 @@ pub struct PostgresKv {
     ids: Pool,
     /// Whether the server accepted `SET LOCAL synchronous_commit`.
     lazy_commits: Arc<AtomicBool>,
+    /// The server is a hot standby (in recovery): only reads.
+    standby: bool,
 }
 
 /// Maps a driver error: conflicts are retried by the rules, lost connections may pass.
@@ -75,6 +77,9 @@ fn pg_error(error: tokio_postgres::Error) -> KvError {
         if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
         {
             return KvError::Conflict(error.to_string());
+        }
+        if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            return KvError::ReadOnly(error.to_string());
         }
         let class = &code.code()[..2];
         // 08: connection exception, 53: insufficient resources, 57: operator intervention.
@@ -123,13 +128,51 @@ impl PostgresKv {
                 .build()
                 .map_err(|e| KvError::Failed(format!("connection pool: {e}")))
         };
-        let store = PostgresKv {
+        let mut store = PostgresKv {
             pool: pool(POOL_SIZE)?,
             ids: pool(ID_POOL_SIZE)?,
             lazy_commits: Arc::new(AtomicBool::new(true)),
+            standby: false,
         };
-        store.migrate().await?;
+        let client = store.pool.get().await.map_err(pool_error)?;
+        store.standby = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        drop(client);
+        if store.standby {
+            store.check_schema().await?;
+        } else {
+            store.migrate().await?;
+        }
         Ok(store)
+    }
+
+    /// On a standby, which cannot migrate: the schema must be this build's.
+    async fn check_schema(&self) -> KvResult<()> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let current: Option<i32> = client
+            .query_one("SELECT max(version) FROM stagefs_migrations", &[])
+            .await
+            .map_err(|e| match e.code() {
+                Some(code) if *code == SqlState::UNDEFINED_TABLE => KvError::ReadOnly(
+                    "this standby's database has no stagefs schema yet: a gateway on its \
+                     primary creates it"
+                        .into(),
+                ),
+                _ => pg_error(e),
+            })?
+            .get(0);
+        let known = MIGRATIONS.len() as i32;
+        match current {
+            Some(version) if version == known => Ok(()),
+            other => Err(KvError::ReadOnly(format!(
+                "this standby's stagefs schema is version {}, this build's is {known}: a \
+                 gateway of this build on its primary migrates it",
+                other.unwrap_or(0)
+            ))),
+        }
     }
 
     /// Brings the schema to the newest version this build knows, one migration at a time, each in
@@ -204,6 +247,11 @@ impl KvStore for PostgresKv {
     }
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
+        if write && self.standby {
+            return Err(KvError::ReadOnly(
+                "the database is a hot standby (a mirror): changes go to its primary".into(),
+            ));
+        }
         let begin = if write {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         } else {
@@ -223,6 +271,10 @@ impl KvStore for PostgresKv {
 
     fn id_batch(&self) -> u64 {
         ID_BATCH
+    }
+
+    fn read_only(&self) -> bool {
+        self.standby
     }
 }
 

@@ -91,8 +91,34 @@ impl KvMeta {
             pools: Mutex::new(HashMap::new()),
             conflicts: std::sync::atomic::AtomicU64::new(0),
         };
-        crate::transact!(meta, Durability::Durable, |tx| tx.format_if_new().await)?;
+        if meta.store.read_only() {
+            // A replica: made by its primary's gateways; here only read.
+            meta.check_formatted().await?;
+        } else {
+            crate::transact!(meta, Durability::Durable, |tx| tx.format_if_new().await)?;
+        }
         Ok(meta)
+    }
+
+    /// On a read-only store: the file system must be there, in this build's format (its
+    /// primary's gateways format and migrate it).
+    async fn check_formatted(&self) -> Result<()> {
+        let mut tx = self.read_tx().await?;
+        let Some(bytes) = tx.get(keys::FORMAT).await? else {
+            return Err(MetaError::ReadOnly(
+                "this read-only database holds no stagefs file system yet: a gateway on its \
+                 primary makes it"
+                    .into(),
+            ));
+        };
+        let version = keys::decode_u64("format version", &bytes)?;
+        if version != FORMAT_VERSION {
+            return Err(MetaError::ReadOnly(format!(
+                "this read-only database is in metadata format {version}, this build serves \
+                 {FORMAT_VERSION}: a gateway of this build on its primary migrates it"
+            )));
+        }
+        Ok(())
     }
 
     /// The backend's name, for logs.
@@ -2479,6 +2505,8 @@ impl From<KvError> for MetaError {
             // ENOSPC, as a full disk under a local file system gives: the application's
             // problem to act on, not an I/O error.
             KvError::Full(message) => MetaError::NoSpace(message),
+            // EROFS, as a file system mounted read-only gives.
+            KvError::ReadOnly(message) => MetaError::ReadOnly(message),
             other => MetaError::Backend(other),
         }
     }

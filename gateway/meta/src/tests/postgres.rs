@@ -63,3 +63,76 @@ fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
         }
     });
 }
+
+/// A hot standby of the test server (real streaming replication), made once per test binary.
+fn standby() -> &'static crate::pg_cluster::PgCluster {
+    static STANDBY: std::sync::OnceLock<crate::pg_cluster::PgCluster> = std::sync::OnceLock::new();
+    STANDBY.get_or_init(|| {
+        crate::pg_cluster::PgCluster::shared()
+            .standby(crate::pg_cluster::PgDurability::Fast)
+            .unwrap_or_else(|error| panic!("cannot start the standby: {error}"))
+    })
+}
+
+/// The same database as `url` on the primary, reached on the standby.
+fn on_standby(url: &str) -> String {
+    let primary = crate::pg_cluster::PgCluster::shared().port();
+    url.replace(&format!(":{primary}/"), &format!(":{}/", standby().port()))
+}
+
+/// An engine on a hot standby answers reads with what its primary committed, once replayed,
+/// and refuses every change with EROFS (a mirror region's metadata); while replay is held, it
+/// keeps answering with what it had.
+#[test]
+fn an_engine_on_a_hot_standby_reads_what_the_primary_committed_and_changes_nothing() {
+    use crate::pg_cluster::PgCluster;
+    use crate::*;
+    use std::time::Duration;
+
+    let primary_db = db();
+    let Db::Postgres(url) = &primary_db else {
+        unreachable!()
+    };
+    let mirror_url = on_standby(url);
+    let primary = primary_db.open(MetaConfig::default());
+    let dir = primary.mkdir(ROOT_INO, b"replicated", 0o755, 1, 1).unwrap();
+    let lsn = PgCluster::shared().current_wal_lsn().unwrap();
+    standby()
+        .wait_replayed(lsn, Duration::from_secs(30))
+        .unwrap();
+
+    let mirror_db = Db::Postgres(mirror_url);
+    let mirror = mirror_db.open(MetaConfig::default());
+    assert_eq!(mirror.lookup(ROOT_INO, b"replicated").unwrap().ino, dir.ino);
+    let refused = mirror.mkdir(ROOT_INO, b"local", 0o755, 1, 1).unwrap_err();
+    assert_eq!(refused.errno(), libc::EROFS, "{refused}");
+    let refused = mirror
+        .open_session("", "a mirror's own session")
+        .unwrap_err();
+    assert_eq!(refused.errno(), libc::EROFS, "{refused}");
+
+    // Replay held: the primary's change is not there yet, then is.
+    standby().pause_replay(true).unwrap();
+    primary.mkdir(dir.ino, b"later", 0o755, 1, 1).unwrap();
+    let lsn = PgCluster::shared().current_wal_lsn().unwrap();
+    assert!(standby().replay_lsn().unwrap() < lsn);
+    assert_eq!(
+        mirror.lookup(dir.ino, b"later").unwrap_err().errno(),
+        libc::ENOENT,
+        "a standby whose replay is held does not see the change"
+    );
+    standby().pause_replay(false).unwrap();
+    standby()
+        .wait_replayed(lsn, Duration::from_secs(30))
+        .unwrap();
+    assert!(mirror.lookup(dir.ino, b"later").is_ok());
+}
+
+#[test]
+fn lsns_read_as_postgresql_writes_them() {
+    use crate::pg_cluster::{format_lsn, parse_lsn};
+    assert_eq!(parse_lsn("16/B374D848").unwrap(), 0x16_B374_D848);
+    assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+    assert!(parse_lsn("16B374D848").is_err());
+    assert!(parse_lsn("1/100000000").is_err());
+}
