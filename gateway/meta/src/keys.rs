@@ -202,6 +202,17 @@ pub fn handle_prefix(session: SessionId) -> Vec<u8> {
     key(b'h', &session_parts(session), &[])
 }
 
+/// Session `session` holds node `ino` open (beside its [`handle`] count, kept for as long as
+/// that is not zero): which sessions hold a node, without scanning them all.
+pub fn holder(ino: Ino, session: SessionId) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'H', &[ino, high, low], &[])
+}
+
+pub fn holders_prefix(ino: Ino) -> Vec<u8> {
+    key(b'H', &[ino], &[])
+}
+
 /// The slice ids `first..end` handed to `session` and not recorded as pending yet; keyed by
 /// `end`, so the lease that may hold an id is the first at or after `id + 1`.
 pub fn lease(session: SessionId, end: u64) -> Vec<u8> {

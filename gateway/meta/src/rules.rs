@@ -1136,9 +1136,12 @@ impl Tx<'_> {
         }
         let inode = self.inode(ino).await?;
         if inode.attr.kind != FileKind::Dir && inode.attr.nlink == 0 {
-            // Rare (unlinked while open): the tenant's sessions are few.
-            for session in self.sessions().await? {
-                if session.tenant == tenant && self.handles(session.id, ino).await? > 0 {
+            // Unlinked while open: the sessions that hold it, read from its own holder records
+            // (handles opened by a release before those were kept do not count).
+            for (key, _) in self.scan_prefix(&keys::holders_prefix(ino)).await? {
+                let ([_, high, low], _) = keys::parse::<3>(&key)?;
+                let session = keys::session_from_parts(high, low);
+                if matches!(self.session_tenant(session).await, Ok(owner) if owner == tenant) {
                     return Ok(true);
                 }
             }
@@ -1190,6 +1193,7 @@ impl Tx<'_> {
         let key = keys::handle(session, ino);
         if held == count {
             self.delete(key);
+            self.delete(keys::holder(ino, session));
         } else {
             self.put(key, keys::encode_u64(held - count));
         }
@@ -1556,6 +1560,7 @@ impl MetaEngine for KvMeta {
             let attr = tx.create_node(parent, name, node, None, &owner).await?;
             tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
             tx.put(keys::handle(session, attr.ino), keys::encode_u64(1));
+            tx.put(keys::holder(attr.ino, session), Vec::new());
             Ok(attr)
         })
     }
@@ -2267,6 +2272,7 @@ impl MetaEngine for KvMeta {
             let inode = tx.update_inode(ino, |i| i.open_handles += 1).await?;
             let held = tx.handles(session, ino).await?;
             tx.put(keys::handle(session, ino), keys::encode_u64(held + 1));
+            tx.put(keys::holder(ino, session), Vec::new());
             Ok(inode.attr)
         })
     }
