@@ -59,12 +59,23 @@ impl Scope {
         if !self.confined() {
             return Ok(ino);
         }
-        let real = if ino == ROOT_INO { self.root } else { ino };
+        let real = self.own(ino);
         if real == self.root || engine.within(self.root, real, &self.tenant.name).await? {
             Ok(real)
         } else {
             // As for a number that names nothing: what lies outside is not told.
             Err(MetaError::NoSuchInode(ino))
+        }
+    }
+
+    /// The inode the tenant's number `ino` names, unchecked: for calls that act only on what
+    /// the calling session itself holds (its handles, its locks), which it may give back even
+    /// once the node left the tree.
+    pub fn own(&self, ino: Ino) -> Ino {
+        if ino == ROOT_INO {
+            self.root
+        } else {
+            ino
         }
     }
 
@@ -112,6 +123,11 @@ impl Scope {
         }
     }
 
+    /// `error` as the tenant may see it: the inode numbers it names, as the tenant knows them.
+    pub fn error(&self, error: MetaError) -> MetaError {
+        renumber(error, |ino| self.number(ino))
+    }
+
     /// `lookup(parent, name)` within the scope: `..` of the tenant's root is the root itself.
     pub async fn lookup(
         &self,
@@ -126,5 +142,61 @@ impl Scope {
             engine.lookup(parent, name).await?
         };
         Ok(self.attr(attr))
+    }
+}
+
+/// `error` with every inode number it carries passed through `number` (free-text messages are
+/// left as they are).
+fn renumber(error: MetaError, number: impl Fn(Ino) -> Ino) -> MetaError {
+    use MetaError::*;
+    match error {
+        NoSuchEntry { parent, name } => NoSuchEntry {
+            parent: number(parent),
+            name,
+        },
+        AlreadyExists { parent, name } => AlreadyExists {
+            parent: number(parent),
+            name,
+        },
+        NoSuchInode(ino) => NoSuchInode(number(ino)),
+        NotADirectory(ino) => NotADirectory(number(ino)),
+        IsADirectory(ino) => IsADirectory(number(ino)),
+        DirectoryNotEmpty(ino) => DirectoryNotEmpty(number(ino)),
+        MoveIntoOwnSubtree(ino) => MoveIntoOwnSubtree(number(ino)),
+        TooManyLinks(ino) => TooManyLinks(number(ino)),
+        NoSuchXattr { ino, name } => NoSuchXattr {
+            ino: number(ino),
+            name,
+        },
+        XattrExists { ino, name } => XattrExists {
+            ino: number(ino),
+            name,
+        },
+        NotOpen { session, ino } => NotOpen {
+            session,
+            ino: number(ino),
+        },
+        WouldBlock { ino, start, end } => WouldBlock {
+            ino: number(ino),
+            start,
+            end,
+        },
+        TooManyLocks { ino, max } => TooManyLocks {
+            ino: number(ino),
+            max,
+        },
+        other => other,
+    }
+}
+
+/// `error` for `tenant`: a confined tenant's root, once found, is named 1 in it.
+pub fn error_for(tenant: &Tenant, error: MetaError) -> MetaError {
+    match tenant
+        .root
+        .as_ref()
+        .and_then(|root| root.ino.get().copied())
+    {
+        Some(root) => renumber(error, |ino| if ino == root { ROOT_INO } else { ino }),
+        None => error,
     }
 }

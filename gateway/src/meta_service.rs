@@ -78,6 +78,17 @@ impl MetaService {
     ) -> Result<T, Status> {
         work.await.map_err(|error| meta_status(rpc, &error))
     }
+
+    /// [`MetaService::call`] for `tenant`, whose errors name inodes as it knows them.
+    async fn call_for<T>(
+        &self,
+        rpc: &'static str,
+        tenant: &Tenant,
+        work: impl std::future::Future<Output = Result<T, MetaError>>,
+    ) -> Result<T, Status> {
+        work.await
+            .map_err(|error| meta_status(rpc, &crate::confine::error_for(tenant, error)))
+    }
 }
 
 /// Refuses a change from a read-only tenant, at the gateway (a client's own read-only flag is
@@ -174,7 +185,7 @@ impl Meta for MetaService {
         })?;
         let confined = confined.confined();
         let session_id = self
-            .call("OpenSession", async {
+            .call_for("OpenSession", &tenant, async {
                 self.node.open_session(&tenant, &description).await
             })
             .await?;
@@ -210,7 +221,7 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::Empty>, Status> {
         let tenant = tenant_of(&request);
         let request = request.into_inner();
-        self.call("Heartbeat", async {
+        self.call_for("Heartbeat", &tenant, async {
             let session = self.session(&tenant, &request.session_id).await?;
             let view = proto::meta_convert::mount_view(
                 &request.using_gateways,
@@ -230,7 +241,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let session = request.into_inner().session_id;
         let session = self
-            .call("CloseSession", async {
+            .call_for("CloseSession", &tenant, async {
                 let session = self.session(&tenant, &session).await?;
                 self.node.close_session(session).await?;
                 Ok(session)
@@ -247,7 +258,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let pb::EntryRequest { parent, name } = request.into_inner();
         let attr = self
-            .call("Lookup", async {
+            .call_for("Lookup", &tenant, async {
                 let scope = self.scope(&tenant).await?;
                 scope.lookup(self.engine.as_ref(), parent, &name).await
             })
@@ -262,7 +273,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let attr = self
-            .call("GetAttr", async {
+            .call_for("GetAttr", &tenant, async {
                 let scope = self.scope(&tenant).await?;
                 let ino = scope.reach(self.engine.as_ref(), ino).await?;
                 Ok(scope.attr(self.engine.getattr(ino).await?))
@@ -280,7 +291,7 @@ impl Meta for MetaService {
         let request = request.into_inner();
         let changes = set_attr_from_proto(&request);
         let attr = self
-            .call("SetAttr", async {
+            .call_for("SetAttr", &tenant, async {
                 let scope = self.scope(&tenant).await?;
                 let ino = scope.reach(self.engine.as_ref(), request.ino).await?;
                 Ok(scope.attr(self.engine.setattr(ino, &changes).await?))
@@ -297,7 +308,7 @@ impl Meta for MetaService {
         writable("Create", &tenant)?;
         let request = request.into_inner();
         let attr = self
-            .call("Create", async {
+            .call_for("Create", &tenant, async {
                 let node = new_node_from_proto(&request, Some(FileKind::File))?;
                 let session = self.session(&tenant, &request.session_id).await?;
                 let scope = self.scope(&tenant).await?;
@@ -320,7 +331,7 @@ impl Meta for MetaService {
         writable("Mknod", &tenant)?;
         let request = request.into_inner();
         let attr = self
-            .call("Mknod", async {
+            .call_for("Mknod", &tenant, async {
                 let node = new_node_from_proto(&request, None)?;
                 let parent = self.reach(&tenant, request.parent).await?;
                 self.engine.mknod(parent, &request.name, &node).await
@@ -337,7 +348,7 @@ impl Meta for MetaService {
         writable("Mkdir", &tenant)?;
         let request = request.into_inner();
         let attr = self
-            .call("Mkdir", async {
+            .call_for("Mkdir", &tenant, async {
                 // The kind is implied; anything but unspecified or DIR is a confused caller.
                 let node = new_node_from_proto(&request, Some(FileKind::Dir))?;
                 if node.kind != FileKind::Dir {
@@ -369,7 +380,7 @@ impl Meta for MetaService {
             gid,
         } = request.into_inner();
         let attr = self
-            .call("Symlink", async {
+            .call_for("Symlink", &tenant, async {
                 let parent = self.reach(&tenant, parent).await?;
                 self.engine.symlink(parent, &name, &target, uid, gid).await
             })
@@ -384,7 +395,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let target = self
-            .call("Readlink", async {
+            .call_for("Readlink", &tenant, async {
                 self.engine.readlink(self.reach(&tenant, ino).await?).await
             })
             .await?;
@@ -400,7 +411,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("Unlink", &tenant)?;
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.call("Unlink", async {
+        self.call_for("Unlink", &tenant, async {
             self.engine
                 .unlink(self.reach(&tenant, parent).await?, &name)
                 .await
@@ -416,7 +427,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("Rmdir", &tenant)?;
         let pb::EntryRequest { parent, name } = request.into_inner();
-        self.call("Rmdir", async {
+        self.call_for("Rmdir", &tenant, async {
             self.engine
                 .rmdir(self.reach(&tenant, parent).await?, &name)
                 .await
@@ -432,7 +443,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("Rename", &tenant)?;
         let request = request.into_inner();
-        self.call("Rename", async {
+        self.call_for("Rename", &tenant, async {
             let mode = RenameMode::from_flags(request.flags)?;
             let scope = self.scope(&tenant).await?;
             let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
@@ -459,7 +470,7 @@ impl Meta for MetaService {
             new_name,
         } = request.into_inner();
         let attr = self
-            .call("Link", async {
+            .call_for("Link", &tenant, async {
                 let scope = self.scope(&tenant).await?;
                 let ino = scope.reach(self.engine.as_ref(), ino).await?;
                 let new_parent = scope.reach(self.engine.as_ref(), new_parent).await?;
@@ -476,7 +487,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let request = request.into_inner();
         let (scope, entries) = self
-            .call("ReadDir", async {
+            .call_for("ReadDir", &tenant, async {
                 if request.limit == 0 || request.limit > MAX_READDIR_LIMIT {
                     return Err(MetaError::Invalid(format!(
                         "limit {} must be between 1 and {MAX_READDIR_LIMIT}",
@@ -510,7 +521,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let pb::XattrRequest { ino, name } = request.into_inner();
         let value = self
-            .call("GetXattr", async {
+            .call_for("GetXattr", &tenant, async {
                 self.engine
                     .getxattr(self.reach(&tenant, ino).await?, &name)
                     .await
@@ -528,7 +539,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("SetXattr", &tenant)?;
         let request = request.into_inner();
-        self.call("SetXattr", async {
+        self.call_for("SetXattr", &tenant, async {
             let mode = XattrMode::from_flags(request.flags)?;
             let ino = self.reach(&tenant, request.ino).await?;
             self.engine
@@ -546,7 +557,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let names = self
-            .call("ListXattr", async {
+            .call_for("ListXattr", &tenant, async {
                 self.engine.listxattr(self.reach(&tenant, ino).await?).await
             })
             .await?;
@@ -562,7 +573,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("RemoveXattr", &tenant)?;
         let pb::XattrRequest { ino, name } = request.into_inner();
-        self.call("RemoveXattr", async {
+        self.call_for("RemoveXattr", &tenant, async {
             self.engine
                 .removexattr(self.reach(&tenant, ino).await?, &name)
                 .await
@@ -588,7 +599,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let ino = request.into_inner().ino;
         let usage = self
-            .call("DirUsage", async {
+            .call_for("DirUsage", &tenant, async {
                 self.engine.dir_usage(self.reach(&tenant, ino).await?).await
             })
             .await?;
@@ -606,7 +617,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let pb::HandleRequest { session_id, ino } = request.into_inner();
         let attr = self
-            .call("Open", async {
+            .call_for("Open", &tenant, async {
                 let session = self.session(&tenant, &session_id).await?;
                 let scope = self.scope(&tenant).await?;
                 let ino = scope.reach(self.engine.as_ref(), ino).await?;
@@ -622,11 +633,12 @@ impl Meta for MetaService {
     ) -> Result<Response<pb::Empty>, Status> {
         let tenant = tenant_of(&request);
         let pb::HandleRequest { session_id, ino } = request.into_inner();
-        self.call("Release", async {
+        self.call_for("Release", &tenant, async {
             let session = self.session(&tenant, &session_id).await?;
-            self.engine
-                .release(session, self.reach(&tenant, ino).await?)
-                .await
+            // Gives back only what this session holds: no tree check, so a file moved out of
+            // the tree while open can still be closed.
+            let ino = self.scope(&tenant).await?.own(ino);
+            self.engine.release(session, ino).await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -645,7 +657,7 @@ impl Meta for MetaService {
             writable("SetLock", &tenant)?;
         }
         let wait = Duration::from_millis(wait_ms).min(MAX_LOCK_WAIT);
-        self.call("SetLock", async {
+        self.call_for("SetLock", &tenant, async {
             let session = self.session(&tenant, &session).await?;
             let ino = self.reach(&tenant, ino).await?;
             self.node.set_lock(session, ino, &lock, wait).await
@@ -663,7 +675,7 @@ impl Meta for MetaService {
         let (session, ino, lock) = lock_from_proto(Some(&wire), "GetLock")
             .map_err(|error| meta_status("GetLock", &error))?;
         let conflict = self
-            .call("GetLock", async {
+            .call_for("GetLock", &tenant, async {
                 let session = self.session(&tenant, &session).await?;
                 let reached = self.reach(&tenant, ino).await?;
                 self.engine.get_lock(session, reached, &lock).await
@@ -685,10 +697,11 @@ impl Meta for MetaService {
             owner,
             all_owners,
         } = request.into_inner();
-        self.call("ReleaseLocks", async {
+        self.call_for("ReleaseLocks", &tenant, async {
             let session = self.session(&tenant, &session_id).await?;
             let owner = (!all_owners).then_some(owner);
-            let ino = self.reach(&tenant, ino).await?;
+            // Drops only this session's own locks: as Release.
+            let ino = self.scope(&tenant).await?.own(ino);
             self.node.release_locks(session, ino, owner).await
         })
         .await?;
@@ -702,7 +715,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         let pb::ReadChunkRequest { ino, chunk_index } = request.into_inner();
         let slices = self
-            .call("ReadChunk", async {
+            .call_for("ReadChunk", &tenant, async {
                 self.engine
                     .read_chunk(self.reach(&tenant, ino).await?, chunk_index)
                     .await
@@ -721,7 +734,7 @@ impl Meta for MetaService {
         writable("AllocateSliceIds", &tenant)?;
         let pb::AllocateSliceIdsRequest { count, session_id } = request.into_inner();
         let ids = self
-            .call("AllocateSliceIds", async {
+            .call_for("AllocateSliceIds", &tenant, async {
                 let session = self.session(&tenant, &session_id).await?;
                 self.engine
                     .allocate_slice_ids(session, u64::from(count))
@@ -742,7 +755,7 @@ impl Meta for MetaService {
         let tenant = tenant_of(&request);
         writable("RecordPendingSlice", &tenant)?;
         let request = request.into_inner();
-        self.call("RecordPendingSlice", async {
+        self.call_for("RecordPendingSlice", &tenant, async {
             let slice = slice_from_proto(request.slice.as_ref(), "RecordPendingSlice")?;
             let session = self.session(&tenant, &request.session_id).await?;
             self.engine.record_pending_slice(session, &slice).await
@@ -759,7 +772,7 @@ impl Meta for MetaService {
         writable("CommitSlice", &tenant)?;
         let request = request.into_inner();
         let attr = self
-            .call("CommitSlice", async {
+            .call_for("CommitSlice", &tenant, async {
                 let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
                 let session = self.session(&tenant, &request.session_id).await?;
                 let scope = self.scope(&tenant).await?;
@@ -803,7 +816,7 @@ impl Meta for MetaService {
             Ok((session, scope, ino))
         }
         .await
-        .map_err(|e: MetaError| meta_status(RPC, &e))?;
+        .map_err(|e: MetaError| meta_status(RPC, &crate::confine::error_for(&tenant, e)))?;
         // The data is decoded already; its record copy is what the budget bounds.
         let limits = &self.node.limits;
         let _room = limits
@@ -828,7 +841,10 @@ impl Meta for MetaService {
                 can_write_through,
             })
             .await
-            .map_err(|e| node_status(RPC, e))?;
+            .map_err(|e| match e {
+                NodeError::Meta(e) => meta_status(RPC, &crate::confine::error_for(&tenant, e)),
+                other => node_status(RPC, other),
+            })?;
         crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
         Ok(Response::new(attr_response(&scope.attr(attr))))
     }
@@ -845,7 +861,9 @@ impl Meta for MetaService {
         request: Request<pb::Empty>,
     ) -> Result<Response<pb::ListMountsResponse>, Status> {
         let tenant = tenant_of(&request);
-        let sessions = self.call("ListMounts", self.engine.list_sessions()).await?;
+        let sessions = self
+            .call_for("ListMounts", &tenant, self.engine.list_sessions())
+            .await?;
         let mounts = sessions
             .into_iter()
             // Another tenant's mounts are not this tenant's business.

@@ -41,6 +41,7 @@ impl StagingService {
         &self,
         key: &BlockKey,
         range: std::ops::Range<u64>,
+        confined: bool,
     ) -> Result<bytes::Bytes, Status> {
         let want = range.end - range.start;
         if want == 0 {
@@ -56,9 +57,20 @@ impl StagingService {
                 "block {key} is neither staged here nor in the store"
             ))),
             Err(e) => Err(Status::unavailable(bounded(&format!(
-                "block {key} from the store: {e}"
+                "block {key} from the store: {}",
+                withheld(confined, e.to_string())
             )))),
         }
+    }
+}
+
+/// `text` (an object store's error, which names the store's address), or for a tenant confined
+/// to a directory, which is not told where the store is, only that there is something.
+fn withheld(confined: bool, text: String) -> String {
+    if confined && !text.is_empty() {
+        "(the store's error is withheld from a tenant confined to a directory)".into()
+    } else {
+        text
     }
 }
 
@@ -323,7 +335,8 @@ impl Staging for StagingService {
                 )))
             }
             Err(StagingError::NotFound(_)) if req.from_store => (
-                self.range_from_store(&key, range).await?,
+                self.range_from_store(&key, range, tenant.root.is_some())
+                    .await?,
                 BlockState::Uploaded,
             ),
             Err(e) => return Err(e.into()),
@@ -344,6 +357,7 @@ impl Staging for StagingService {
         if request.get_ref().check_store {
             must_be_admin(&request, "have blocks looked for in the store")?;
         }
+        let confined = tenant_of(&request).root.is_some();
         let request = request.into_inner();
         let mut blocks = Vec::new();
         for key_text in request.keys {
@@ -354,7 +368,7 @@ impl Staging for StagingService {
                     state: proto_state(e.state) as i32,
                     len: e.data_len as u64,
                     failed_attempts: e.failed_attempts,
-                    last_error: e.last_error.unwrap_or_default(),
+                    last_error: withheld(confined, e.last_error.unwrap_or_default()),
                 },
                 None => pb::BlockStat {
                     key: key_text,
@@ -374,6 +388,7 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::WaitUploadedRequest>,
     ) -> Result<Response<pb::WaitUploadedResponse>, Status> {
+        let confined = tenant_of(&request).root.is_some();
         let req = request.into_inner();
         let keys = req
             .keys
@@ -402,7 +417,8 @@ impl Staging for StagingService {
                     }
                     Err(e) => {
                         return Err(Status::unavailable(format!(
-                            "cannot check block {key} in the object store: {e}"
+                            "cannot check block {key} in the object store: {}",
+                            withheld(confined, e.to_string())
                         )))
                     }
                 }
@@ -417,7 +433,7 @@ impl Staging for StagingService {
                     Some((BlockState::Quarantined, error)) => {
                         return Err(Status::failed_precondition(format!(
                             "block {key} is quarantined after failed uploads: {}",
-                            error.unwrap_or_default()
+                            withheld(confined, error.unwrap_or_default())
                         )))
                     }
                     Some((BlockState::Deleted, _)) => {
@@ -675,11 +691,16 @@ impl StagingService {
     }
 
     /// The gateway's status as `tenant` may see it: a tenant confined to a directory is not
-    /// told where the store is.
+    /// told where the store or the device is, nor other tenants' block keys.
     fn status_for(&self, tenant: &Tenant) -> pb::StatusResponse {
         let mut status = self.status_now();
         if tenant.root.is_some() {
+            // Where the store and the device are, and other tenants' block keys, are not its
+            // business (the store's errors name its address).
             status.store_url.clear();
+            status.device_path.clear();
+            status.quarantined.clear();
+            status.last_store_error = withheld(true, std::mem::take(&mut status.last_store_error));
         }
         status
     }

@@ -589,6 +589,21 @@ fn a_token_with_a_root_reaches_only_its_tree() {
             .await
             .unwrap();
         assert_eq!(attr_of(by_number).ino, 1);
+        // Errors name the root as the tenant knows it, too.
+        let missing = meta
+            .lookup(pb::EntryRequest {
+                parent: 1,
+                name: name("missing"),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            missing.message().contains("directory 1")
+                && !missing
+                    .message()
+                    .contains(&format!("directory {}", team_dir.ino)),
+            "{missing:?}"
+        );
 
         // Every RPC naming an inode of another tree fails as for an inode that does not exist.
         let session_id = session.session_id.clone();
@@ -700,7 +715,10 @@ fn a_token_with_a_root_reaches_only_its_tree() {
         // Blocks: only by naming a file of the tree whose chunk lists the block's slice.
         let mut staging = stack.gateway.client_as(&with_token(TEAM)).await;
         let status = status_of(&mut staging).await.unwrap();
-        assert!(status.store_url.is_empty(), "{}", status.store_url);
+        assert!(
+            status.store_url.is_empty() && status.device_path.is_empty(),
+            "a confined tenant is told neither where the store nor where the device is: {status:?}"
+        );
         let read = |key: &str, ino: u64, from_store: bool| proto::staging::ReadBlockRequest {
             key: key.to_string(),
             ino,

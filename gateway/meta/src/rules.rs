@@ -59,6 +59,9 @@ const USAGE_SHARDS: u8 = 16;
 /// No real tree is this deep (a path is at most 4096 bytes, so at most 2048 levels).
 const MAX_TREE_DEPTH: u32 = 1 << 16;
 
+/// Directories [`MetaEngine::within`] walks up at most (a path of 4096 bytes has at most 2048).
+const MAX_WITHIN_DEPTH: u32 = 4096;
+
 /// Most slice ids one call hands out: each call leaves one lease record until its ids are used.
 pub const MAX_SLICE_IDS_AT_ONCE: u64 = 1 << 20;
 
@@ -1159,10 +1162,11 @@ impl Tx<'_> {
         Ok(false)
     }
 
-    /// Whether directory `dir` is `root` or below it, walking up its parents.
+    /// Whether directory `dir` is `root` or below it, walking up its parents, at most
+    /// [`MAX_WITHIN_DEPTH`] of them: a client must not make one call cost unbounded reads.
     async fn dir_within(&mut self, root: Ino, mut dir: Ino) -> Result<bool> {
-        // Directories form a tree; a chain this long is a loop, not a path.
-        for _ in 0..1 << 20 {
+        let start = dir;
+        for _ in 0..MAX_WITHIN_DEPTH {
             if dir == root {
                 return Ok(true);
             }
@@ -1171,8 +1175,9 @@ impl Tx<'_> {
             }
             dir = self.dir(dir).await?.parent;
         }
-        Err(MetaError::Corrupt(format!(
-            "the parents of directory {dir} do not reach the root"
+        Err(MetaError::NotPermitted(format!(
+            "directory {start} is more than {MAX_WITHIN_DEPTH} levels below the tenant's root, or \
+             outside it that deep: too deep to check"
         )))
     }
 
