@@ -21,6 +21,7 @@ pub mod high_water;
 pub mod inspect;
 pub mod io;
 pub mod limits;
+pub mod log_positions;
 /// The metadata engine, a crate of its own (`gateway/meta`).
 pub use ::meta;
 pub mod meta_rate;

@@ -773,10 +773,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             authenticate.clone(),
         ))
         .add_service(InterceptedService::new(
-            gateway::change_tags::ChangeTags::new(
-                MetaServer::new(meta_service)
-                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            gateway::log_positions::LogPositions::new(
+                gateway::change_tags::ChangeTags::new(
+                    MetaServer::new(meta_service)
+                        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+                    node_for_tags.clone(),
+                ),
                 node_for_tags,
             ),
             authenticate,

@@ -120,6 +120,13 @@ pub trait KvStore: Send + Sync + 'static {
     fn read_only(&self) -> bool {
         false
     }
+
+    /// Where the store's log stands, for replicas to be waited for: on a primary, a position at
+    /// or after every commit made so far; on a replica, how far it has applied its primary's
+    /// log. `None` for a store without replicas.
+    async fn log_position(&self) -> KvResult<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A transaction: reads see one snapshot; writes are handed over at commit. Dropping it without

@@ -395,6 +395,14 @@ pub trait MetaEngine: Send + Sync {
     /// session of `tenant` holds it open (it was in the tree when it was opened). What a tenant
     /// confined to `root` may reach; costs one read per directory between the node and `root`.
     async fn within(&self, root: Ino, ino: Ino, tenant: &str) -> Result<bool>;
+    /// Where the backend's log stands ([`kv::KvStore::log_position`]): on a primary, at or
+    /// after every change committed so far; on a replica (a mirror's hot standby), how far it
+    /// has applied them. `None` for a backend without replicas (redb).
+    async fn log_position(&self) -> Result<Option<u64>>;
+    /// Waits until this replica has applied its primary's log up to `position` (what
+    /// [`MetaEngine::log_position`] said there after a change), for at most `limit`: then the
+    /// change reads back here. At once on a backend without replicas.
+    async fn wait_position(&self, position: u64, limit: std::time::Duration) -> Result<()>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.

@@ -276,6 +276,24 @@ impl KvStore for PostgresKv {
     fn read_only(&self) -> bool {
         self.standby
     }
+
+    /// The WAL insert position on a primary (commits not flushed yet included), the replayed
+    /// one on a standby.
+    async fn log_position(&self) -> KvResult<Option<u64>> {
+        let query = if self.standby {
+            "SELECT pg_last_wal_replay_lsn()::text"
+        } else {
+            "SELECT pg_current_wal_insert_lsn()::text"
+        };
+        let client = self.ids.get().await.map_err(pool_error)?;
+        let text: Option<String> = client.query_one(query, &[]).await.map_err(pg_error)?.get(0);
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        crate::pg_cluster::parse_lsn(&text)
+            .map(Some)
+            .map_err(|e| KvError::Failed(e.to_string()))
+    }
 }
 
 struct PgTxn {

@@ -1892,6 +1892,34 @@ impl MetaEngine for KvMeta {
             .collect())
     }
 
+    async fn log_position(&self) -> Result<Option<u64>> {
+        Ok(self.store.log_position().await?)
+    }
+
+    async fn wait_position(&self, position: u64, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        // Replay on a nearby standby takes milliseconds: look often, then less so.
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.store.log_position().await? {
+                None => return Ok(()),
+                Some(reached) if reached >= position => return Ok(()),
+                Some(reached) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(MetaError::Backend(KvError::Unavailable(format!(
+                            "the replica applied its primary's log to {} and not to {} within \
+                             {limit:?}",
+                            crate::pg_cluster::format_lsn(reached),
+                            crate::pg_cluster::format_lsn(position)
+                        ))));
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
     async fn within(&self, root: Ino, ino: Ino, tenant: &str) -> Result<bool> {
         self.read_tx().await?.within(root, ino, tenant).await
     }

@@ -111,21 +111,39 @@ fn an_engine_on_a_hot_standby_reads_what_the_primary_committed_and_changes_nothi
         .unwrap_err();
     assert_eq!(refused.errno(), libc::EROFS, "{refused}");
 
-    // Replay held: the primary's change is not there yet, then is.
+    // Replay held: the primary's change is not there yet, and waiting for its position times
+    // out; resumed, the wait returns and the change reads back.
     standby().pause_replay(true).unwrap();
     primary.mkdir(dir.ino, b"later", 0o755, 1, 1).unwrap();
-    let lsn = PgCluster::shared().current_wal_lsn().unwrap();
-    assert!(standby().replay_lsn().unwrap() < lsn);
+    let position = primary
+        .log_position()
+        .unwrap()
+        .expect("a primary has a log position");
+    assert!(mirror.log_position().unwrap().unwrap() < position);
     assert_eq!(
         mirror.lookup(dir.ino, b"later").unwrap_err().errno(),
         libc::ENOENT,
         "a standby whose replay is held does not see the change"
     );
+    let late = mirror
+        .wait_position(position, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(late.is_retryable(), "{late}");
     standby().pause_replay(false).unwrap();
-    standby()
-        .wait_replayed(lsn, Duration::from_secs(30))
+    mirror
+        .wait_position(position, Duration::from_secs(30))
         .unwrap();
     assert!(mirror.lookup(dir.ino, b"later").is_ok());
+}
+
+/// Without replicas (redb) there is no position, and waiting for one returns at once.
+#[test]
+fn a_backend_without_replicas_has_no_log_position() {
+    let db = super::Db::redb();
+    let meta = db.open(crate::MetaConfig::default());
+    assert_eq!(meta.log_position().unwrap(), None);
+    meta.wait_position(u64::MAX, std::time::Duration::ZERO)
+        .unwrap();
 }
 
 #[test]
