@@ -170,6 +170,9 @@ pub struct StagingLog {
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
+    /// Held while upload completions are being written: a flush returns only once every
+    /// completion taken before it (by any flush) is durable, or put back.
+    flushing: tokio::sync::Mutex<()>,
     reclaim_kick: Notify,
     /// Bumped on every block state change (uploads done, quarantine, delete): wakes waiters.
     changed: watch::Sender<u64>,
@@ -291,6 +294,7 @@ impl StagingLog {
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
             space_freed: Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
             reclaim_kick: Notify::new(),
             changed: watch::channel(0).0,
             upload_wakeup: Notify::new(),
@@ -978,16 +982,27 @@ impl StagingLog {
         }
     }
 
+    /// Makes every upload completion so far durable. Serialized with the background flush: a
+    /// flush that found nothing left to take must not return while another's record, holding
+    /// completions made before this call, is still being written (a crash then would lose them,
+    /// which the power-loss model caught).
     pub async fn flush_uploaded(&self) -> Result<(), StagingError> {
-        let lsns = self.lock().uploads.take_completed(MAX_META_ENTRIES);
-        if lsns.is_empty() {
-            return Ok(());
+        let _flushing = self.flushing.lock().await;
+        loop {
+            let lsns = self.lock().uploads.take_completed(MAX_META_ENTRIES);
+            if lsns.is_empty() {
+                return Ok(());
+            }
+            // A full record may have left older completions behind; later ones wait their turn.
+            let more = lsns.len() == MAX_META_ENTRIES;
+            if let Err(e) = self.append_lsn_record(RecordKind::Uploaded, &lsns).await {
+                self.lock().uploads.restore_completed(lsns);
+                return Err(e);
+            }
+            if !more {
+                return Ok(());
+            }
         }
-        let result = self.append_lsn_record(RecordKind::Uploaded, &lsns).await;
-        if result.is_err() {
-            self.lock().uploads.restore_completed(lsns);
-        }
-        result
     }
 
     async fn append_lsn_record(&self, kind: RecordKind, lsns: &[u64]) -> Result<(), StagingError> {
