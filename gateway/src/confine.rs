@@ -123,11 +123,6 @@ impl Scope {
         }
     }
 
-    /// `error` as the tenant may see it: the inode numbers it names, as the tenant knows them.
-    pub fn error(&self, error: MetaError) -> MetaError {
-        renumber(error, |ino| self.number(ino))
-    }
-
     /// `lookup(parent, name)` within the scope: `..` of the tenant's root is the root itself.
     pub async fn lookup(
         &self,

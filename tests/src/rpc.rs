@@ -68,6 +68,17 @@ pub fn attr_of(response: tonic::Response<pb::AttrResponse>) -> pb::Attr {
         .expect("AttrResponse has an attr")
 }
 
+/// A `Mkdir` of `name` (mode 0755) in the root.
+pub fn mkdir_request(name: &str) -> pb::CreateRequest {
+    pb::CreateRequest {
+        parent: 1,
+        name: self::name(name),
+        kind: pb::FileKind::Dir as i32,
+        mode: 0o755,
+        ..Default::default()
+    }
+}
+
 /// Creates regular file `file` in `parent` for `session` (mode 0644, uid/gid 1000).
 pub async fn create(meta: &mut Meta, session: &Bytes, parent: u64, file: &str) -> pb::Attr {
     meta.create(pb::CreateRequest {

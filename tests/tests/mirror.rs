@@ -7,22 +7,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use meta::pg_cluster::{PgCluster, PgDurability};
 use meta::{MetaConfig, MetaEngine, MetaLocation, ROOT_INO};
-use proto::meta as pb;
-use stagefs_tests::rpc::attr_of;
+use stagefs_tests::rpc::{attr_of, mkdir_request};
 use stagefs_tests::*;
-
-fn mkdir_request(name: &str) -> pb::CreateRequest {
-    pb::CreateRequest {
-        parent: 1,
-        name: Bytes::copy_from_slice(name.as_bytes()),
-        kind: pb::FileKind::Dir as i32,
-        mode: 0o755,
-        ..Default::default()
-    }
-}
 
 #[test]
 fn a_change_reads_back_on_a_standby_once_its_log_position_is_applied() {

@@ -24,7 +24,7 @@ use client::fs::GatewayAccess;
 use proto::meta::{self as pb};
 use proto::staging::{DeleteBlocksRequest, RetryQuarantinedRequest, SetUploadsPausedRequest};
 use stagefs_tests::rpc::{
-    attr_of, errno_of, expect_errno, name, open_session, read_chunk, with_token,
+    attr_of, errno_of, expect_errno, mkdir_request, name, open_session, read_chunk, with_token,
 };
 use stagefs_tests::*;
 use tonic::Code;
@@ -50,16 +50,6 @@ fn token_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, format!("{secret}\n")).unwrap();
     path
-}
-
-fn mkdir_request(name: &str) -> pb::CreateRequest {
-    pb::CreateRequest {
-        parent: 1,
-        name: Bytes::copy_from_slice(name.as_bytes()),
-        kind: pb::FileKind::Dir as i32,
-        mode: 0o755,
-        ..Default::default()
-    }
 }
 
 #[test]
