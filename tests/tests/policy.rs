@@ -112,7 +112,18 @@ fn blocks_past_the_direct_threshold_go_straight_to_the_store() {
         "a file below the threshold is staged"
     );
     let big = Pattern::new(2).bytes(0, 20 * 1024 * 1024 + 5);
-    fs::write(m.join("big"), &big).unwrap();
+    // Written by a child process, not from this one: a process the other test forks while this
+    // file is open here inherits the descriptor, and closing it at exec makes the kernel send a
+    // FLUSH, which commits what is written so far and starts a new slice mid-file (its blocks
+    // then start off the 4 MiB grid, and the count below would shift by a block).
+    let source = stack.dir.join("big.source");
+    fs::write(&source, &big).unwrap();
+    let copied = Command::new("cp")
+        .arg(&source)
+        .arg(m.join("big"))
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "cp into the mount: {copied}");
     assert_eq!(
         stack.stored_bytes(),
         (big.len() - 8 * 1024 * 1024) as u64,
