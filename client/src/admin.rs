@@ -97,7 +97,7 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "slices_total": s.compacted_slices_total, "bytes_total": s.compacted_bytes_total,
             "skipped_total": s.compactions_skipped_total,
         });
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "gateway_id": s.gateway_id, "generation": s.generation, "device_path": s.device_path,
             "io_engine": s.io_engine, "store_url": s.store_url, "device_bytes": s.device_bytes,
             "device_used_bytes": s.device_used_bytes, "segments_total": s.segments_total,
@@ -120,6 +120,11 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "healthy": s.healthy, "failure": s.failure,
             "gateways": registered, "mounts": mounts_json,
         });
+        value["mirror"] = s.mirror.into();
+        // Known only on a mirror, once its replica applied a change.
+        value["replica_lag_seconds"] = (s.mirror && s.replica_lag_seconds >= 0.0)
+            .then_some(s.replica_lag_seconds)
+            .into();
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -150,6 +155,17 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
         s.segments_total
     );
     println!("store        {}", s.store_url);
+    if s.mirror {
+        let lag = if s.replica_lag_seconds >= 0.0 {
+            format!("{:.1} s", s.replica_lag_seconds)
+        } else {
+            "not known yet".to_string()
+        };
+        println!(
+            "mirror       metadata read from a replica of the source region's, changes sent \
+             there; last change replayed was committed {lag} ago there"
+        );
+    }
     if s.staging_high_water > 0.0 {
         println!(
             "high water   {:.0}% (staging resumes at {:.0}%): {}; {} blocks ({}) sent back to be \

@@ -26,6 +26,7 @@ pub mod log_positions;
 pub use ::meta;
 pub mod meta_rate;
 pub mod meta_service;
+pub mod mirror;
 pub mod node;
 pub mod recovery;
 pub mod service;

@@ -284,6 +284,51 @@ struct ServeArgs {
     /// Mutual TLS: only clients presenting a certificate signed by this CA (PEM) may connect.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve as a mirror in another region: --meta names a hot standby of the source region's
+    /// PostgreSQL database, metadata reads are answered from it, and every metadata change is
+    /// sent to these gateways of the source region (host:port or URL, comma-separated, tried in
+    /// order) and answered once the standby has replayed it, so a client reads its own changes
+    /// here at once. Both regions must serve the same --tokens file. A mirror does not register
+    /// itself or run the metadata's background work (session expiry, deleted-data cleanup,
+    /// compaction, gc): the source region's gateways do.
+    #[arg(long, value_name = "GATEWAY,...", value_delimiter = ',')]
+    source: Vec<String>,
+    /// Trust the --source gateways' TLS certificates signed by this CA (PEM); a host:port in
+    /// --source is then reached over TLS.
+    #[arg(long, value_name = "PEM", requires = "source")]
+    source_ca: Option<PathBuf>,
+}
+
+/// The source region's gateways of a mirror (`--source`), checked against `--meta`: a mirror
+/// serves a hot standby, and a standby can only be served as a mirror.
+fn mirror_source(
+    args: &ServeArgs,
+    meta: &dyn gateway::meta::MetaEngine,
+    location: &impl std::fmt::Display,
+) -> anyhow::Result<Option<gateway::mirror::Source>> {
+    if args.source.is_empty() {
+        anyhow::ensure!(
+            !meta.is_replica(),
+            "--meta {location} is a read-only replica (a hot standby): serve it as a mirror of \
+             the source region with --source GATEWAY"
+        );
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        meta.is_replica(),
+        "--source makes this gateway a mirror, whose --meta must be a hot standby of the source \
+         region's PostgreSQL database; {location} takes writes"
+    );
+    let ca = match &args.source_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read --source-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let source = gateway::mirror::Source::new(&args.source, ca.as_deref())?;
+    tracing::info!(source = ?source.addresses(), "a mirror: changes go to the source region");
+    Ok(Some(source))
 }
 
 /// The server's TLS settings from `--tls-*`, or `None` for plaintext.
@@ -603,6 +648,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let source = mirror_source(&args, meta.as_ref(), &meta_location)?;
     if args.store_check != StoreCheckMode::Off {
         let id = meta
             .file_system_id()
@@ -642,10 +688,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let heartbeat_interval = args.heartbeat_interval;
     let gateway_id = log.sb.gateway_id;
-    let epoch = meta
-        .register_gateway(gateway_id, &advertise)
-        .await
-        .context("cannot register this gateway in the metadata database")?;
+    let epoch = match &source {
+        // The mirror's database is read-only: its clients' blocks go to the registered gateways.
+        Some(_) => 0,
+        None => meta
+            .register_gateway(gateway_id, &advertise)
+            .await
+            .context("cannot register this gateway in the metadata database")?,
+    };
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
     let fenced = CancellationToken::new();
@@ -677,16 +727,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ))
         .with_compaction(args.compact_slices),
     );
-    gateway::node::compaction::start(&node, heartbeat_interval, &workers);
-    node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
-    node_workers::start(
-        &node,
-        WorkerConfig {
-            heartbeat_interval,
-            ..WorkerConfig::default()
-        },
-        &workers,
-    );
+    if source.is_none() {
+        // Each changes the metadata: in a mirror region the source's gateways do it.
+        gateway::node::compaction::start(&node, heartbeat_interval, &workers);
+        node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
+        node_workers::start(
+            &node,
+            WorkerConfig {
+                heartbeat_interval,
+                ..WorkerConfig::default()
+            },
+            &workers,
+        );
+    }
     {
         // Installed before serving: SIGHUP's default action would end the process.
         use tokio::signal::unix::{signal, SignalKind};
@@ -696,7 +749,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             reload_tokens_on_sighup(tokens, hangups, stop)
         });
     }
-    if !args.gc_interval.is_zero() {
+    if !args.gc_interval.is_zero() && source.is_none() {
         let (node, interval, min_age) = (node.clone(), args.gc_interval, args.gc_min_age);
         workers.spawn("gc", move |stop| async move {
             loop {
@@ -726,6 +779,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let service = StagingService::new(node.clone());
     let node_for_tags = node.clone();
+    let mirror_meta = node.meta.clone();
     let meta_service = MetaService::new(node);
     tracing::info!(
         %addr,
@@ -773,14 +827,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             authenticate.clone(),
         ))
         .add_service(InterceptedService::new(
-            gateway::log_positions::LogPositions::new(
-                gateway::change_tags::ChangeTags::new(
-                    MetaServer::new(meta_service)
-                        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-                    node_for_tags.clone(),
+            gateway::mirror::Forward::new(
+                gateway::log_positions::LogPositions::new(
+                    gateway::change_tags::ChangeTags::new(
+                        MetaServer::new(meta_service)
+                            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+                        node_for_tags.clone(),
+                    ),
+                    node_for_tags,
                 ),
-                node_for_tags,
+                source,
+                mirror_meta,
             ),
             authenticate,
         ))

@@ -212,6 +212,8 @@ impl Meta for MetaService {
             } else {
                 settings.direct_threshold
             },
+            // Set by the mirror that forwarded this call, if any (`mirror::Forward`).
+            mirror: false,
         }))
     }
 
@@ -621,7 +623,14 @@ impl Meta for MetaService {
                 let session = self.session(&tenant, &session_id).await?;
                 let scope = self.scope(&tenant).await?;
                 let ino = scope.reach(self.engine.as_ref(), ino).await?;
-                Ok(scope.attr(self.engine.open(session, ino).await?))
+                let attr = if self.engine.is_replica() {
+                    // A mirror answers an open itself only when the source region cannot be
+                    // reached (`mirror::Forward`): read-only, so the handle is not recorded.
+                    self.engine.getattr(ino).await?
+                } else {
+                    self.engine.open(session, ino).await?
+                };
+                Ok(scope.attr(attr))
             })
             .await?;
         Ok(Response::new(attr_response(&attr)))

@@ -531,7 +531,20 @@ impl Staging for StagingService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(self.status_for(&tenant_of(&request))))
+        let mut status = self.status_for(&tenant_of(&request));
+        let meta = &self.node.meta;
+        if meta.is_replica() {
+            status.mirror = true;
+            status.replica_lag_seconds = match meta.replica_lag().await {
+                Ok(Some(lag)) => lag.as_secs_f64(),
+                Ok(None) => -1.0,
+                Err(error) => {
+                    tracing::warn!(%error, "the replica's lag could not be read");
+                    -1.0
+                }
+            };
+        }
+        Ok(Response::new(status))
     }
 
     async fn retry_quarantined(
@@ -766,6 +779,9 @@ impl StagingService {
             synced_records_total: snap.counters.synced_records,
             healthy: snap.failure.is_none(),
             failure: snap.failure.unwrap_or_default(),
+            // Filled in by `status`, which can wait for the database.
+            mirror: false,
+            replica_lag_seconds: -1.0,
         }
     }
 }

@@ -359,7 +359,7 @@ fn a_signal_interrupts_a_waiting_lock() {
     flock(&on_b, libc::LOCK_EX | libc::LOCK_NB).expect("the interrupted waiter holds nothing");
     flock(&on_b, libc::LOCK_UN).unwrap();
 
-    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK as i32, 0, 0).unwrap();
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
     let script = "import fcntl, signal, sys\n\
                   def expired(*_): raise TimeoutError\n\
                   signal.signal(signal.SIGALRM, expired)\n\
@@ -377,8 +377,8 @@ fn a_signal_interrupts_a_waiting_lock() {
         Some(3),
         "the alarm interrupts F_SETLKW"
     );
-    fcntl_lock(&on_a, libc::F_SETLK, libc::F_UNLCK as i32, 0, 0).unwrap();
-    fcntl_lock(&on_b, libc::F_SETLK, libc::F_WRLCK as i32, 0, 0)
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_WRLCK, 0, 0)
         .expect("the interrupted waiter holds nothing");
     drop((on_a, on_b));
 }

@@ -1,9 +1,8 @@
-//! A mirror in another region, the pieces that exist so far: a gateway on PostgreSQL tells a
-//! caller that asks where the metadata's log stood after its call (`stagefs-log-position`), and
-//! an engine on a hot standby of that database (real streaming replication, made by the
-//! project's own `PgCluster::standby`) waits until it has applied the log that far, after which
-//! the change reads back there: what a mirror gateway needs to let its clients read their own
-//! writes.
+//! A mirror in another region: a gateway on PostgreSQL tells a caller that asks where the
+//! metadata's log stood after its call (`stagefs-log-position`); an engine on a hot standby of
+//! that database (real streaming replication, made by the project's own `PgCluster::standby`)
+//! waits until it has applied the log that far, after which the change reads back there; and a
+//! mirror gateway (`serve --source`) built on both serves a mount that reads its own writes.
 
 use std::time::Duration;
 
@@ -63,4 +62,133 @@ fn a_change_reads_back_on_a_standby_once_its_log_position_is_applied() {
             .unwrap_err();
         assert_eq!(refused.errno(), libc::EROFS, "{refused}");
     });
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `limit`.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A gateway in region "A" on the primary, a mirror gateway in "B" on a real hot standby, which
+/// reaches A through a link that can be cut. A mount of each.
+#[test]
+fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
+    let cluster = GatewayCluster::start("mirror-gateway", 1, |_, gateway| gateway);
+    let primary = PgCluster::shared();
+    let standby = primary
+        .standby(PgDurability::Fast)
+        .unwrap_or_else(|e| panic!("a hot standby of the test server: {e}"));
+    let on_standby = cluster.meta_url.replace(
+        &format!(":{}/", primary.port()),
+        &format!(":{}/", standby.port()),
+    );
+    let link = TcpProxy::start();
+    link.set_target(Some(cluster.gateways[0].addr()));
+    let home = cluster.dir.join("mirror");
+    std::fs::create_dir_all(&home).unwrap();
+    let mirror = cluster.block_on(
+        Gateway::builder(&home, &cluster.s3, "uring")
+            .args(["--meta", &on_standby, "--source", &link.addr().to_string()])
+            .start(),
+    );
+    let a = cluster.mount(0, "a").start();
+    let b = Mount::builder(mirror.addr().to_string(), cluster.dir.join("b"))
+        .s3(&cluster.s3)
+        .start();
+
+    // Written on B (every change through the source), read back at once on B and on A.
+    std::fs::create_dir_all(b.join("d1/d2/d3/d4")).unwrap();
+    let data = Pattern::new(16).bytes(0, 300_000);
+    std::fs::write(b.join("d1/d2/d3/d4/newf"), &data).unwrap();
+    assert_file_bytes(&b.join("d1/d2/d3/d4/newf"), &data);
+    assert_file_bytes(&a.join("d1/d2/d3/d4/newf"), &data);
+    std::fs::rename(b.join("d1/d2/d3/d4/newf"), b.join("d1/moved")).unwrap();
+    assert!(
+        !b.join("d1/d2/d3/d4/newf").exists(),
+        "a rename reads back on B at once"
+    );
+    assert_file_bytes(&b.join("d1/moved"), &data);
+
+    // Made on A: seen on B within the replication lag.
+    let from_a = Pattern::new(17).bytes(0, 5_000);
+    std::fs::write(a.join("from-a"), &from_a).unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "A's file appears whole on B",
+        || std::fs::metadata(b.join("from-a")).is_ok_and(|m| m.len() == from_a.len() as u64),
+    );
+    assert_file_bytes(&b.join("from-a"), &from_a);
+
+    // The mirror says so, with its lag.
+    let status = status_json(&mirror.addr().to_string());
+    assert_eq!(status["mirror"], true, "{status}");
+    assert!(status["replica_lag_seconds"].as_f64().is_some(), "{status}");
+
+    // With the standby's replay held, a change made on B does not return until it can be read
+    // back there.
+    standby.pause_replay(true).unwrap();
+    let held = Pattern::new(18).bytes(0, 1_000);
+    let writer = {
+        let (path, held) = (b.join("while-held"), held.clone());
+        std::thread::spawn(move || std::fs::write(path, held))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "a change returned before the mirror's replica replayed it"
+    );
+    assert!(
+        a.join("while-held").exists(),
+        "the change was made in A meanwhile"
+    );
+    standby.pause_replay(false).unwrap();
+    writer.join().unwrap().unwrap();
+    assert_file_bytes(&b.join("while-held"), &held);
+
+    // A cut off: B goes on reading (listing, stat, open and read) and fails changes at once,
+    // saying why.
+    link.set_target(None);
+    link.cut_connections();
+    let names: Vec<_> = std::fs::read_dir(b.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.iter().any(|n| n == "from-a"), "{names:?}");
+    assert_eq!(
+        std::fs::metadata(b.join("d1/moved")).unwrap().len(),
+        data.len() as u64
+    );
+    assert_file_bytes(&b.join("from-a"), &from_a);
+    let started = std::time::Instant::now();
+    assert_errno(
+        std::fs::create_dir(b.join("while-cut")),
+        libc::EROFS,
+        "a change with the source unreachable",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "a change with the source unreachable fails rather than hangs (took {:?})",
+        started.elapsed()
+    );
+    assert!(
+        mirror
+            .current_log()
+            .contains("no gateway of the source region took the change"),
+        "the mirror's log names the cause"
+    );
+    assert!(!a.join("while-cut").exists(), "nothing was made in A");
+    link.set_target(Some(cluster.gateways[0].addr()));
+    std::fs::create_dir(b.join("after-cut")).unwrap();
+    assert!(a.join("after-cut").is_dir());
+    assert!(
+        !b.log().contains("metadata calls go to another gateway"),
+        "the mirror's mount keeps its metadata calls at the mirror"
+    );
 }

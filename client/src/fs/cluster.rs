@@ -71,6 +71,9 @@ struct State {
     meta_at: String,
     /// Turns through the addresses when every one is down.
     rotation: usize,
+    /// The session was opened at a mirror gateway: metadata calls stay with the addresses given
+    /// (the registry's gateways are in the source region, behind the mirror).
+    mirror: bool,
     refreshed: Option<Instant>,
 }
 
@@ -126,14 +129,18 @@ impl Cluster {
                         let mut state = cluster.lock();
                         state.conns.insert(address.clone(), conn);
                         state.meta_at = address.clone();
-                        state.members.insert(
-                            grant.gateway_id,
-                            Member {
-                                address: address.clone(),
-                                epoch: 0,
-                                alive: true,
-                            },
-                        );
+                        state.mirror = grant.mirror;
+                        // A mirror answers with the source's grant: its gateway is not here.
+                        if !grant.mirror {
+                            state.members.insert(
+                                grant.gateway_id,
+                                Member {
+                                    address: address.clone(),
+                                    epoch: 0,
+                                    alive: true,
+                                },
+                            );
+                        }
                     }
                     cluster.refresh_now().await;
                     return Ok((cluster, grant));
@@ -182,14 +189,18 @@ impl Cluster {
             }
         };
         push(&state.meta_at);
-        for member in &live {
-            push(&member.address);
+        if !state.mirror {
+            for member in &live {
+                push(&member.address);
+            }
         }
         for seed in &self.seeds {
             push(seed);
         }
-        for member in state.members.values() {
-            push(&member.address);
+        if !state.mirror {
+            for member in state.members.values() {
+                push(&member.address);
+            }
         }
         let (up, down): (Vec<String>, Vec<String>) = ordered
             .into_iter()

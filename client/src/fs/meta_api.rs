@@ -38,6 +38,9 @@ pub struct SessionGrant {
     /// Read uploaded blocks through the gateways and write none to the store: the tenant is
     /// confined to a directory and `store_url` is empty.
     pub read_through_gateway: bool,
+    /// The gateway is a mirror of another region: metadata calls go to it (the addresses the
+    /// mount was given) and never to the registry's gateways, which are in the source region.
+    pub mirror: bool,
 }
 
 /// The metadata operations the file-system core uses, each one transaction on the engine.

@@ -207,6 +207,7 @@ impl MetaApi for GrpcMeta {
                 .then(|| Duration::from_millis(grant.heartbeat_interval_ms)),
             direct_threshold: grant.direct_threshold,
             read_through_gateway: grant.read_through_gateway,
+            mirror: grant.mirror,
         })
     }
 

@@ -96,6 +96,7 @@ impl MetaApi for LocalMeta {
             heartbeat_interval: None,
             direct_threshold: 0,
             read_through_gateway: false,
+            mirror: false,
         })
     }
 

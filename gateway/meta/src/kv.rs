@@ -127,6 +127,12 @@ pub trait KvStore: Send + Sync + 'static {
     async fn log_position(&self) -> KvResult<Option<u64>> {
         Ok(None)
     }
+
+    /// On a replica, how long ago the last change it applied was committed on its primary;
+    /// `None` elsewhere (or before a replica applied anything).
+    async fn replica_lag(&self) -> KvResult<Option<std::time::Duration>> {
+        Ok(None)
+    }
 }
 
 /// A transaction: reads see one snapshot; writes are handed over at commit. Dropping it without

@@ -403,6 +403,13 @@ pub trait MetaEngine: Send + Sync {
     /// [`MetaEngine::log_position`] said there after a change), for at most `limit`: then the
     /// change reads back here. At once on a backend without replicas.
     async fn wait_position(&self, position: u64, limit: std::time::Duration) -> Result<()>;
+    /// A read-only replica of another region's database (a hot standby): every change fails
+    /// with EROFS, and what is read lags its primary by the replication delay.
+    fn is_replica(&self) -> bool;
+    /// How long ago the last change this replica applied was committed on its primary (the
+    /// replication lag when the primary is busy; it grows while the primary is idle too).
+    /// `None` on a primary or a backend without replicas.
+    async fn replica_lag(&self) -> Result<Option<std::time::Duration>>;
 
     /// The slices of chunk `chunk_index` of file `ino`, in commit order (later shadows earlier).
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.

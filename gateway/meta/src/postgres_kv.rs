@@ -294,6 +294,22 @@ impl KvStore for PostgresKv {
             .map(Some)
             .map_err(|e| KvError::Failed(e.to_string()))
     }
+
+    async fn replica_lag(&self) -> KvResult<Option<std::time::Duration>> {
+        if !self.standby {
+            return Ok(None);
+        }
+        let client = self.ids.get().await.map_err(pool_error)?;
+        let seconds: Option<f64> = client
+            .query_one(
+                "SELECT EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        Ok(seconds.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+    }
 }
 
 struct PgTxn {

@@ -1896,6 +1896,14 @@ impl MetaEngine for KvMeta {
         Ok(self.store.log_position().await?)
     }
 
+    fn is_replica(&self) -> bool {
+        self.store.read_only()
+    }
+
+    async fn replica_lag(&self) -> Result<Option<Duration>> {
+        Ok(self.store.replica_lag().await?)
+    }
+
     async fn wait_position(&self, position: u64, limit: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
         // Replay on a nearby standby takes milliseconds: look often, then less so.

@@ -1,0 +1,422 @@
+//! A gateway of a mirror region (`serve --source`): metadata reads from a hot standby here,
+//! every change sent to the source region's gateways.
+//!
+//! Why the gateway forwards (and not the client, as JuiceFS's mirror does): a mount then needs
+//! one address and no knowledge of regions, the source is reached over one long-lived
+//! connection per mirror gateway instead of one per mount, and the wait for replay happens next
+//! to the standby, which is the only party that can tell when it is done. The cost is one extra
+//! hop inside the mirror region.
+//!
+//! Read-your-writes: a forwarded change asks the source for its log position
+//! ([`crate::log_positions`]) and is answered here only once the standby has replayed that far
+//! ([`MetaEngine::wait_position`]), so the client that made it reads it back from this mirror at
+//! once. Other clients of the mirror see the source's changes within the replication lag.
+//!
+//! The request is forwarded as it came (its token included: the source authenticates and
+//! confines the caller again, so both regions must serve the same tokens file); this gateway
+//! authenticates it first like any other request.
+//!
+//! [`MetaEngine::wait_position`]: crate::meta::MetaEngine::wait_position
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
+use tonic::server::NamedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::log_positions;
+use crate::meta::MetaEngine;
+
+/// `Meta` calls answered from this region's standby; every other one changes something (or, for
+/// `GetLock`, must see locks as they are now) and goes to the source.
+const LOCAL_READS: &[&str] = &[
+    "Lookup",
+    "GetAttr",
+    "Readlink",
+    "ReadDir",
+    "GetXattr",
+    "ListXattr",
+    "StatFs",
+    "DirUsage",
+    "ReadChunk",
+    "ListGateways",
+    "ListMounts",
+];
+
+/// How long a forwarded change waits for the standby to replay it: below the clients' own
+/// 30-second deadline for a metadata call, so they hear why rather than a bare timeout.
+pub const REPLAY_WAIT: Duration = Duration::from_secs(20);
+
+/// How long a change keeps trying to reach a source gateway before it fails: rides out a
+/// reconnection, not an outage.
+const SOURCE_WAIT: Duration = Duration::from_secs(2);
+
+/// Largest request forwarded: a `WriteSlice` with its block, and the gRPC frame around it.
+const MAX_FORWARDED_BYTES: usize = proto::MAX_MESSAGE_BYTES + 1024;
+
+/// Whether the `Meta` method of request path `path` (`/stagefs.meta.v1.Meta/Lookup`) is served
+/// from the standby.
+pub fn is_local_read(path: &str) -> bool {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    LOCAL_READS.contains(&method)
+}
+
+/// The source region's gateways, tried in order: the first that answers takes the change.
+#[derive(Clone)]
+pub struct Source {
+    gateways: Arc<Vec<(String, Channel)>>,
+}
+
+impl Source {
+    /// Lazy connections to `addresses` (`host:port`, or `http://`/`https://` URLs), over TLS
+    /// trusting `ca_pem` when given.
+    pub fn new(addresses: &[String], ca_pem: Option<&[u8]>) -> anyhow::Result<Source> {
+        anyhow::ensure!(!addresses.is_empty(), "--source names no gateway");
+        let mut gateways = Vec::new();
+        for address in addresses {
+            let url = match (address.split_once("://"), ca_pem) {
+                (Some(_), _) => address.clone(),
+                (None, Some(_)) => format!("https://{address}"),
+                (None, None) => format!("http://{address}"),
+            };
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| anyhow::anyhow!("--source {url:?}: {e}"))?;
+            if let Some(ca) = ca_pem {
+                endpoint = endpoint
+                    .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+                    .map_err(|e| anyhow::anyhow!("TLS settings for --source {url}: {e}"))?;
+            }
+            let channel = endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
+                .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
+                .connect_lazy();
+            gateways.push((url, channel));
+        }
+        Ok(Source {
+            gateways: Arc::new(gateways),
+        })
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.gateways.iter().map(|(url, _)| url.clone()).collect()
+    }
+
+    /// Sends `request` (its body already read: `body`) to the first source gateway that takes
+    /// it. A gateway that cannot be reached is passed over; one that answers, with any status,
+    /// has the last word.
+    async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<http::Response<Body>, tonic::Status> {
+        let mut failures = Vec::new();
+        let deadline = std::time::Instant::now() + SOURCE_WAIT;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.send_once(parts, body.clone(), &mut failures).await {
+                Some(response) => return Ok(response),
+                None if std::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                None => break,
+            }
+        }
+        failures.dedup();
+        let message = format!(
+            "this is a mirror gateway and no gateway of the source region took the change \
+             (changes fail until one can be reached; reads go on): {}",
+            failures.join("; ")
+        );
+        // Final for the client: an errno, so that it does not send the change elsewhere (the
+        // source's gateways are as far from it as from here) or wait for a takeover.
+        let mut status =
+            tonic::Status::unavailable(shared::clip(&message, shared::MAX_ERROR_MESSAGE_BYTES));
+        status.metadata_mut().insert(
+            proto::ERRNO_METADATA_KEY,
+            libc::EROFS
+                .to_string()
+                .parse()
+                .expect("a decimal number is valid metadata"),
+        );
+        Err(status)
+    }
+
+    /// One try at each source gateway in turn; `None` if none could be reached.
+    async fn send_once(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        failures: &mut Vec<String>,
+    ) -> Option<http::Response<Body>> {
+        for (url, channel) in self.gateways.iter() {
+            let mut request =
+                http::Request::new(Body::new(http_body_util::Full::new(body.clone())));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = parts.uri.clone();
+            *request.version_mut() = parts.version;
+            *request.headers_mut() = parts.headers.clone();
+            request
+                .headers_mut()
+                .insert(log_positions::WANT, http::HeaderValue::from_static("1"));
+            let mut channel = channel.clone();
+            match std::future::poll_fn(|cx| channel.poll_ready(cx)).await {
+                Ok(()) => match channel.call(request).await {
+                    Ok(response) => return Some(response),
+                    Err(error) => failures.push(format!("{url}: {}", error_chain(&error))),
+                },
+                Err(error) => failures.push(format!("{url}: {}", error_chain(&error))),
+            }
+        }
+        None
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `inner` (this gateway's `Meta` server, on the standby) for reads; the source for the rest.
+/// Without a source (not a mirror), `inner` for everything.
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+    source: Option<Source>,
+    meta: Arc<dyn MetaEngine>,
+}
+
+impl<S> Forward<S> {
+    pub fn new(inner: S, source: Option<Source>, meta: Arc<dyn MetaEngine>) -> Self {
+        Forward {
+            inner,
+            source,
+            meta,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Forward<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Forward<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Some(source) = self
+            .source
+            .clone()
+            .filter(|_| !is_local_read(request.uri().path()))
+        else {
+            return Box::pin(self.inner.call(request));
+        };
+        let meta = self.meta.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let method = request
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(64)
+                .collect::<String>();
+            let answer = match forward(&source, meta.as_ref(), request).await {
+                Err(Failed::Unreachable(status, request)) if method == "Open" => {
+                    // Reading goes on without the source: the open is answered here, unrecorded
+                    // (the file is not pinned against an unlink in the source region; its data
+                    // stays for --deleted-data-delay there, so this reader still gets it).
+                    tracing::info!(
+                        message = status.message(),
+                        "the source cannot be reached: an open answered by the mirror"
+                    );
+                    return inner.call(*request).await;
+                }
+                Err(Failed::Unreachable(status, _)) | Err(Failed::Refused(status)) => Err(status),
+                Ok(response) => Ok(response),
+            };
+            let outcome = if answer.is_ok() { "ok" } else { "failed" };
+            metrics::histogram!("stagefs_mirror_forward_seconds", "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            Ok(answer.unwrap_or_else(|status| {
+                tracing::warn!(%method, code = ?status.code(), message = status.message(), "a forwarded change failed");
+                status.into_http()
+            }))
+        })
+    }
+}
+
+/// Why a change was not forwarded.
+enum Failed {
+    /// No source gateway could be reached: the request, whole again, for a fallback.
+    Unreachable(tonic::Status, Box<http::Request<Body>>),
+    /// Any other failure, as the client's answer.
+    Refused(tonic::Status),
+}
+
+impl From<tonic::Status> for Failed {
+    fn from(status: tonic::Status) -> Self {
+        Failed::Refused(status)
+    }
+}
+
+/// Sends the change to the source and answers once this region's standby has replayed it.
+async fn forward(
+    source: &Source,
+    meta: &dyn MetaEngine,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, Failed> {
+    let (parts, body) = request.into_parts();
+    // Read whole so that it can go to a second source gateway if the first cannot be reached;
+    // bounded like any message this gateway accepts.
+    let body = http_body_util::Limited::new(body, MAX_FORWARDED_BYTES)
+        .collect()
+        .await
+        .map_err(|e| tonic::Status::invalid_argument(format!("reading the request: {e}")))?
+        .to_bytes();
+    let response = match source.send(&parts, body.clone()).await {
+        Ok(response) => response,
+        Err(status) => {
+            let whole =
+                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(body)));
+            return Err(Failed::Unreachable(status, Box::new(whole)));
+        }
+    };
+    let position = response
+        .headers()
+        .get(log_positions::POSITION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    match position {
+        Some(position) => meta
+            .wait_position(position, REPLAY_WAIT)
+            .await
+            .map_err(|error| {
+                tonic::Status::unavailable(format!(
+                    "the change was made in the source region, but this mirror's replica has not \
+                 replayed it within {} s (replication lag): {error}",
+                    REPLAY_WAIT.as_secs()
+                ))
+            })?,
+        None => {
+            // A source without a replicated log (or an answer that is not a gRPC one) cannot be
+            // waited for: say so rather than let the client read stale metadata silently.
+            if response
+                .headers()
+                .get("grpc-status")
+                .is_none_or(|s| s == "0")
+            {
+                tracing::warn!("the source answered a change without its log position; read-your-writes is not assured");
+            }
+        }
+    }
+    if parts.uri.path().ends_with("/OpenSession") {
+        return mark_mirror_grant(response).await;
+    }
+    Ok(response)
+}
+
+/// The source's session grant, marked as given by a mirror: the mount then keeps its metadata
+/// calls here instead of moving them to the source's gateways it finds in the registry.
+async fn mark_mirror_grant(response: http::Response<Body>) -> Result<http::Response<Body>, Failed> {
+    use prost::Message;
+    let (parts, body) = response.into_parts();
+    let collected = http_body_util::Limited::new(body, MAX_FORWARDED_BYTES)
+        .collect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("reading the source's answer: {e}")))?;
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
+    // A unary answer holds one uncompressed message, or none (a failure, told in the trailers).
+    let data = if bytes.is_empty() {
+        bytes
+    } else {
+        let message = match (bytes.first(), bytes.get(1..5), bytes.get(5..)) {
+            (Some(0), Some(len), Some(rest))
+                if u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize == rest.len() =>
+            {
+                rest
+            }
+            _ => {
+                return Err(tonic::Status::internal(
+                    "the source's session grant is not one uncompressed gRPC message",
+                )
+                .into())
+            }
+        };
+        let mut grant = proto::meta::OpenSessionResponse::decode(message)
+            .map_err(|e| tonic::Status::internal(format!("the source's session grant: {e}")))?;
+        grant.mirror = true;
+        let encoded = grant.encode_to_vec();
+        let mut framed = Vec::with_capacity(5 + encoded.len());
+        framed.push(0);
+        framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&encoded);
+        Bytes::from(framed)
+    };
+    let mut frames = vec![Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+        data,
+    ))];
+    frames.extend(trailers.map(|t| Ok(http_body::Frame::trailers(t))));
+    let body = Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+        frames,
+    )));
+    Ok(http::Response::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_stay_and_changes_go() {
+        assert!(is_local_read("/stagefs.meta.v1.Meta/Lookup"));
+        assert!(is_local_read("/stagefs.meta.v1.Meta/ReadChunk"));
+        for change in [
+            "OpenSession",
+            "Heartbeat",
+            "Create",
+            "Open",
+            "Release",
+            "SetLock",
+            "GetLock",
+            "CommitSlice",
+            "WriteSlice",
+            "AllocateSliceIds",
+            "SomethingNew",
+        ] {
+            assert!(
+                !is_local_read(&format!("/stagefs.meta.v1.Meta/{change}")),
+                "{change}"
+            );
+        }
+    }
+}
