@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod latency_proxy;
 pub mod load;
 pub mod meta;
+pub mod mirror;
 pub mod process;
 pub mod raw;
 pub mod report;

@@ -26,6 +26,8 @@ enum BenchTarget {
     Meta(bench::meta::MetaBenchArgs),
     #[command(about = bench::cluster::ABOUT, long_about = bench::cluster::LONG_ABOUT)]
     Cluster(bench::cluster::ClusterBenchArgs),
+    #[command(about = bench::mirror::ABOUT, long_about = bench::mirror::LONG_ABOUT)]
+    Mirror(bench::mirror::MirrorBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +84,15 @@ async fn run(target: BenchTarget) -> anyhow::Result<()> {
         BenchTarget::Cluster(args) => {
             let json = args.json;
             let report = bench::cluster::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        BenchTarget::Mirror(args) => {
+            let json = args.json;
+            let report = bench::mirror::run(args).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

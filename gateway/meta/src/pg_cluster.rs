@@ -128,6 +128,13 @@ impl PgCluster {
         Self::start_from(Some(self.port), durability)
     }
 
+    /// Like [`PgCluster::standby`], reaching this cluster at `port` on 127.0.0.1 instead of its
+    /// own: a proxy in front of it, which makes the primary as distant as the proxy says (the
+    /// WAL stream of a mirror in another region).
+    pub fn standby_via(&self, port: u16, durability: PgDurability) -> io::Result<PgCluster> {
+        Self::start_from(Some(port), durability)
+    }
+
     fn start_from(primary: Option<u16>, durability: PgDurability) -> io::Result<PgCluster> {
         let bin = bin_dir()?;
         let mut attempt = 1;
