@@ -17,6 +17,8 @@ fn bench_fs_runs_every_workload_and_reports_every_key() {
         .args(["--device-size", "512MiB", "--checkpoint-size", "8MiB"])
         .args(["--small-files", "40", "--appends", "10"])
         .args(["--read-after-write-files", "5", "--untar-files", "50"])
+        // Minutes through a debug build; `bench_fs_peer` runs it.
+        .arg("--no-venv")
         .arg("--workdir")
         .arg(dir.join("work"))
         .arg("--chart")

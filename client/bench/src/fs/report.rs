@@ -31,6 +31,8 @@ pub struct ModeFigures {
     pub raw_p50_ms: Option<f64>,
     pub raw_p99_ms: Option<f64>,
     pub untar_files_per_s: Option<f64>,
+    /// Seconds of `python3 -m venv` (lower is better).
+    pub venv_s: Option<f64>,
 }
 
 /// Every figure of a run. Field names are the JSON keys.
@@ -58,6 +60,18 @@ pub struct FsReport {
     pub cold_read_mib_s: Option<f64>,
     pub local_small_files_per_s: Option<f64>,
     pub local_untar_files_per_s: Option<f64>,
+    pub local_venv_s: Option<f64>,
+
+    /// `--peer juicefs`: what `juicefs version` said, and its figures with `--writeback` and
+    /// without, on the same store and proxy.
+    pub juicefs_version: Option<String>,
+    pub juicefs_writeback: Option<ModeFigures>,
+    pub juicefs_through: Option<ModeFigures>,
+    /// `vs_juicefs_{writeback,through}_{small_files,appends,checkpoint,untar,venv}`: stagefs's
+    /// gateway mode ÷ JuiceFS, as rates (for venv, JuiceFS's time ÷ ours): above 1, stagefs
+    /// is faster.
+    #[serde(flatten)]
+    pub vs_juicefs: std::collections::BTreeMap<String, f64>,
 
     pub store_delay_ms: f64,
     pub writers: usize,
@@ -87,6 +101,114 @@ impl FsReport {
         self.untar_speedup = both(g.untar_files_per_s, t.untar_files_per_s);
         self.raw_p99_ms = g.raw_p99_ms;
         self.cold_read_ratio = both(self.cold_read_mib_s, self.raw_get_mib_s);
+        self.vs_juicefs.clear();
+        for (name, peer) in [
+            ("writeback", &self.juicefs_writeback),
+            ("through", &self.juicefs_through),
+        ] {
+            let Some(p) = peer else { continue };
+            for (workload, value) in [
+                (
+                    "small_files",
+                    both(g.small_files_per_s, p.small_files_per_s),
+                ),
+                ("appends", both(g.appends_per_s, p.appends_per_s)),
+                ("checkpoint", both(g.checkpoint_mib_s, p.checkpoint_mib_s)),
+                ("untar", both(g.untar_files_per_s, p.untar_files_per_s)),
+                ("venv", both(p.venv_s, g.venv_s)),
+            ] {
+                if let Some(value) = value {
+                    self.vs_juicefs
+                        .insert(format!("vs_juicefs_{name}_{workload}"), value);
+                }
+            }
+        }
+    }
+
+    /// The side-by-side rows of `--peer juicefs`: each workload on stagefs's gateway mode and on
+    /// JuiceFS with and without `--writeback`, and the ratios (above 1: stagefs is faster).
+    fn peer_table(&self) -> String {
+        use std::fmt::Write;
+        let (Some(wb), Some(th)) = (&self.juicefs_writeback, &self.juicefs_through) else {
+            return String::new();
+        };
+        let g = &self.gateway;
+        let ratio_of = |name: &str, workload: &str| {
+            self.vs_juicefs
+                .get(&format!("vs_juicefs_{name}_{workload}"))
+                .map_or("-".to_string(), |r| format!("{r:.2}×"))
+        };
+        let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nstagefs gateway mode against {} (same store and proxy, SQLite metadata on the same disk):",
+            self.juicefs_version.as_deref().unwrap_or("JuiceFS")
+        );
+        let _ = writeln!(
+            out,
+            "{:<18} {:>16} {:>18} {:>18} {:>12} {:>12}",
+            "workload",
+            "stagefs gateway",
+            "juicefs writeback",
+            "juicefs through",
+            "vs wb",
+            "vs through"
+        );
+        let rows: [(&str, &str, String, String, String); 5] = [
+            (
+                "checkpoint",
+                "checkpoint",
+                rate(g.checkpoint_mib_s, "MiB/s"),
+                rate(wb.checkpoint_mib_s, "MiB/s"),
+                rate(th.checkpoint_mib_s, "MiB/s"),
+            ),
+            (
+                "small_files",
+                "small_files",
+                rate(g.small_files_per_s, "files/s"),
+                rate(wb.small_files_per_s, "files/s"),
+                rate(th.small_files_per_s, "files/s"),
+            ),
+            (
+                "appends+fsync",
+                "appends",
+                rate(g.appends_per_s, "/s"),
+                rate(wb.appends_per_s, "/s"),
+                rate(th.appends_per_s, "/s"),
+            ),
+            (
+                "untar",
+                "untar",
+                rate(g.untar_files_per_s, "files/s"),
+                rate(wb.untar_files_per_s, "files/s"),
+                rate(th.untar_files_per_s, "files/s"),
+            ),
+            (
+                "venv",
+                "venv",
+                secs(g.venv_s),
+                secs(wb.venv_s),
+                secs(th.venv_s),
+            ),
+        ];
+        for (label, key, ours, writeback, through) in rows {
+            let _ = writeln!(
+                out,
+                "{label:<18} {ours:>16} {writeback:>18} {through:>18} {:>12} {:>12}",
+                ratio_of("writeback", key),
+                ratio_of("through", key)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<18} {:>16} {:>18} {:>18}",
+            "read_after_write",
+            latency(g),
+            latency(wb),
+            latency(th)
+        );
+        out
     }
 
     pub fn table(&self) -> String {
@@ -187,6 +309,14 @@ impl FsReport {
                  returned (the run waits for it before the next workload)\n"
             ));
         }
+        if let (Some(g), Some(t)) = (self.gateway.venv_s, self.write_through.venv_s) {
+            out.push_str(&format!(
+                "venv (python3 -m venv): gateway {g:.1} s, write-through {t:.1} s, local {}\n",
+                self.local_venv_s
+                    .map_or("-".to_string(), |l| format!("{l:.1} s"))
+            ));
+        }
+        out.push_str(&self.peer_table());
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
         }

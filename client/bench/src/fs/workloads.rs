@@ -395,6 +395,40 @@ impl Tarball {
     }
 }
 
+/// `python3 -m venv DIR/venv` (pip included: about 1,500 small files, the seeds' developer
+/// environment case); the seconds it took. The tree is checked: its pip must import.
+pub fn venv(dir: &Path) -> Result<f64, BenchError> {
+    let target = dir.join("venv");
+    let started = Instant::now();
+    let output = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&target)
+        .output()
+        .map_err(|e| io_error("cannot run python3 -m venv for", &target, e))?;
+    let elapsed = started.elapsed();
+    if !output.status.success() {
+        return Err(BenchError::Task(format!(
+            "python3 -m venv {} failed ({}): {}",
+            target.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let python = target.join("bin/python");
+    let check = Command::new(&python)
+        .args(["-c", "import pip"])
+        .output()
+        .map_err(|e| io_error("cannot run", &python, e))?;
+    if !check.status.success() {
+        return Err(BenchError::Task(format!(
+            "the venv made in {} does not import pip: {}",
+            target.display(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        )));
+    }
+    Ok(elapsed.as_secs_f64())
+}
+
 fn run_tar(command: &mut Command) -> Result<(), BenchError> {
     let output = command
         .output()
