@@ -30,6 +30,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::log_positions;
 use crate::meta::MetaEngine;
+use shared::error_chain;
 
 /// `Meta` calls answered from this region's standby; every other one changes something (or, for
 /// `GetLock`, must see locks as they are now) and goes to the source.
@@ -178,17 +179,6 @@ impl Source {
         }
         None
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `inner` (this gateway's `Meta` server, on the standby) for reads; the source for the rest.

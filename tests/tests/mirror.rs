@@ -11,9 +11,8 @@ use meta::{MetaConfig, MetaEngine, MetaLocation, ROOT_INO};
 use stagefs_tests::rpc::{attr_of, mkdir_request};
 use stagefs_tests::*;
 
-#[test]
-fn a_change_reads_back_on_a_standby_once_its_log_position_is_applied() {
-    let cluster = GatewayCluster::start("mirror-position", 1, |_, gateway| gateway);
+/// A hot standby of the test server, and the URL of `cluster`'s database on it.
+fn standby_of(cluster: &GatewayCluster) -> (PgCluster, String) {
     let primary = PgCluster::shared();
     let standby = primary
         .standby(PgDurability::Fast)
@@ -22,6 +21,14 @@ fn a_change_reads_back_on_a_standby_once_its_log_position_is_applied() {
         &format!(":{}/", primary.port()),
         &format!(":{}/", standby.port()),
     );
+    (standby, on_standby)
+}
+
+#[test]
+fn a_change_reads_back_on_a_standby_once_its_log_position_is_applied() {
+    let cluster = GatewayCluster::start("mirror-position", 1, |_, gateway| gateway);
+    // Held to the end: dropping it stops the standby.
+    let (_standby, on_standby) = standby_of(&cluster);
     cluster.block_on(async {
         let mut meta = cluster.gateways[0].meta_client().await;
         let plain = meta.mkdir(mkdir_request("plain")).await.unwrap();
@@ -81,14 +88,7 @@ fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
 #[test]
 fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     let cluster = GatewayCluster::start("mirror-gateway", 1, |_, gateway| gateway);
-    let primary = PgCluster::shared();
-    let standby = primary
-        .standby(PgDurability::Fast)
-        .unwrap_or_else(|e| panic!("a hot standby of the test server: {e}"));
-    let on_standby = cluster.meta_url.replace(
-        &format!(":{}/", primary.port()),
-        &format!(":{}/", standby.port()),
-    );
+    let (standby, on_standby) = standby_of(&cluster);
     let link = TcpProxy::start();
     link.set_target(Some(cluster.gateways[0].addr()));
     let home = cluster.dir.join("mirror");

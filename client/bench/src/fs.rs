@@ -486,9 +486,50 @@ async fn run_mode(
     };
     let a = mount("a")?;
     let b = mount("b")?;
-    let dir = a.path.join(name);
+    let figures = workload_sequence(
+        name,
+        (&a.path, &b.path),
+        args,
+        plan,
+        tarball,
+        match mode {
+            Mode::Through => plan.through_appends,
+            Mode::Gateway => plan.appends,
+        },
+        Staging {
+            gateway: Some(gateway),
+            settle: mode == Mode::Gateway,
+        },
+    )
+    .await?;
+    b.unmount()?;
+    a.unmount()?;
+    Ok(figures)
+}
+
+/// The stagefs gateway behind the mounts a workload sequence runs on, if any.
+struct Staging {
+    /// Its compactions are counted during the appends.
+    gateway: Option<std::net::SocketAddr>,
+    /// Every workload waits until it has uploaded everything (gateway mode), so that no
+    /// workload shares the machine with the last one's uploads.
+    settle: bool,
+}
+
+/// Every workload, in order, in directory `name` of mount `a` (mount `b` reads back).
+async fn workload_sequence(
+    name: &str,
+    (a, b): (&Path, &Path),
+    args: &FsBenchArgs,
+    plan: &Plan,
+    tarball: &Arc<Tarball>,
+    appends_count: usize,
+    staging: Staging,
+) -> Result<ModeFigures, BenchError> {
+    let dir = a.join(name);
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("cannot create", &dir, e))?;
     let mut figures = ModeFigures::default();
+    let settle_on = staging.gateway.filter(|_| staging.settle);
 
     let (writers, size) = (args.writers, plan.checkpoint_size);
     progress!("[{name}] checkpoint: {writers} × {}", format_size(size));
@@ -496,14 +537,14 @@ async fn run_mode(
     let rate = blocking(move || workloads::checkpoint(&d, writers, size)).await?;
     progress!("[{name}] checkpoint: {rate:.0} MiB/s");
     figures.checkpoint_mib_s = Some(rate);
-    if mode == Mode::Gateway {
+    if let Some(gateway) = settle_on {
         let drained = wait_for_uploads(gateway).await?;
         progress!("[{name}] checkpoint uploaded by the gateway {drained:.1} s after close");
         figures.checkpoint_drain_s = Some(drained);
     }
     // Every workload starts with nothing left to upload from the one before.
     let settle = |what: &'static str| async move {
-        if mode == Mode::Gateway {
+        if let Some(gateway) = settle_on {
             let drained = wait_for_uploads(gateway).await?;
             progress!("[{name}] {what} uploaded by the gateway {drained:.1} s after it ended");
         }
@@ -518,23 +559,27 @@ async fn run_mode(
     figures.small_files_per_s = Some(rate);
     settle("small_files").await?;
 
-    let count = match mode {
-        Mode::Through => plan.through_appends,
-        Mode::Gateway => plan.appends,
-    };
+    let count = appends_count;
     progress!("[{name}] appends: {count} × ~100 bytes + fsync");
     let d = dir.clone();
-    let compacted_before = compacted_slices(gateway).await?;
+    let compacted_before = match staging.gateway {
+        Some(gateway) => Some(compacted_slices(gateway).await?),
+        None => None,
+    };
     let appends = blocking(move || workloads::appends(&d, count)).await?;
-    let compacted = compacted_slices(gateway).await? - compacted_before;
+    if let (Some(gateway), Some(before)) = (staging.gateway, compacted_before) {
+        figures.appends_compacted_slices = Some(compacted_slices(gateway).await? - before);
+    }
     progress!(
         "[{name}] appends: {:.0}/s ({:.1} s; last tenth {:.2}× the rate of the first); the \
-         gateway compacted {compacted} slices meanwhile",
+         gateway compacted {} slices meanwhile",
         appends.per_s,
         appends.total.as_secs_f64(),
-        appends.end_ratio
+        appends.end_ratio,
+        figures
+            .appends_compacted_slices
+            .map_or("no".to_string(), |n| n.to_string())
     );
-    figures.appends_compacted_slices = Some(compacted);
     figures.appends_tenths_per_s = appends.tenths_per_s.clone();
     figures.appends_per_s = Some(appends.per_s);
     figures.appends_total_s = Some(appends.total.as_secs_f64());
@@ -543,7 +588,7 @@ async fn run_mode(
 
     let count = plan.raw_files;
     progress!("[{name}] read_after_write: {count} files, A → B");
-    let (d, other) = (dir.clone(), b.path.join(name));
+    let (d, other) = (dir.clone(), b.join(name));
     let latency = blocking(move || workloads::read_after_write(&d, &other, count)).await?;
     progress!(
         "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms",
@@ -568,13 +613,10 @@ async fn run_mode(
         figures.venv_s = Some(seconds);
         settle("venv").await?;
     }
-
-    b.unmount()?;
-    a.unmount()?;
     Ok(figures)
 }
 
-/// The workloads of `run_mode` on two JuiceFS mounts of one volume (A writes; B reads back).
+/// The workloads on two JuiceFS mounts of one volume (A writes; B reads back).
 async fn run_juicefs(
     juicefs: &juicefs::JuiceFs,
     meta: &str,
@@ -600,59 +642,25 @@ async fn run_juicefs(
     };
     let a = mount("a")?;
     let b = mount("b")?;
-    let dir = a.path().join(name);
-    std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("cannot create", &dir, e))?;
-    let mut figures = ModeFigures::default();
-
-    let (writers, size) = (args.writers, plan.checkpoint_size);
-    progress!("[{name}] checkpoint: {writers} × {}", format_size(size));
-    let d = dir.clone();
-    let rate = blocking(move || workloads::checkpoint(&d, writers, size)).await?;
-    progress!("[{name}] checkpoint: {rate:.0} MiB/s");
-    figures.checkpoint_mib_s = Some(rate);
-
-    let count = plan.small_files;
-    let d = dir.clone();
-    let rate = blocking(move || workloads::small_files(&d, count, 4)).await?;
-    progress!("[{name}] small_files: {rate:.0} files/s");
-    figures.small_files_per_s = Some(rate);
-
-    let count = if writeback {
+    let appends = if writeback {
         plan.appends
     } else {
         plan.through_appends
     };
-    let d = dir.clone();
-    let appends = blocking(move || workloads::appends(&d, count)).await?;
-    progress!("[{name}] appends: {:.0}/s", appends.per_s);
-    figures.appends_tenths_per_s = appends.tenths_per_s.clone();
-    figures.appends_per_s = Some(appends.per_s);
-    figures.appends_total_s = Some(appends.total.as_secs_f64());
-    figures.appends_end_ratio = Some(appends.end_ratio);
-
-    let count = plan.raw_files;
-    let (d, other) = (dir.clone(), b.path().join(name));
-    let latency = blocking(move || workloads::read_after_write(&d, &other, count)).await?;
-    progress!(
-        "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms",
-        latency.p50_ms,
-        latency.p99_ms
-    );
-    figures.raw_p50_ms = Some(latency.p50_ms);
-    figures.raw_p99_ms = Some(latency.p99_ms);
-
-    let (d, tarball) = (dir.clone(), tarball.clone());
-    let rate = blocking(move || tarball.untar(&d)).await?;
-    progress!("[{name}] untar: {rate:.0} files/s");
-    figures.untar_files_per_s = Some(rate);
-
-    if !args.no_venv {
-        let d = dir.clone();
-        let seconds = blocking(move || workloads::venv(&d)).await?;
-        progress!("[{name}] venv: {seconds:.1} s");
-        figures.venv_s = Some(seconds);
-    }
-
+    let staging = Staging {
+        gateway: None,
+        settle: false,
+    };
+    let figures = workload_sequence(
+        name,
+        (a.path(), b.path()),
+        args,
+        plan,
+        tarball,
+        appends,
+        staging,
+    )
+    .await?;
     for mut m in [b, a] {
         harness::mount::fusermount_u(m.path(), false)?;
         m.wait_exit(Duration::from_secs(60))?;

@@ -163,17 +163,7 @@ pub fn lazy_gateway(address: &str, access: &GatewayAccess) -> FsResult<GatewayCh
     Ok(InterceptedService::new(channel, access.clone()))
 }
 
-/// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use shared::error_chain;
 
 /// What to check when a connection fails: a TLS mismatch looks like a broken connection.
 pub fn tls_hint(access: &GatewayAccess) -> &'static str {
