@@ -136,6 +136,9 @@ impl PgCluster {
     }
 
     fn start_from(primary: Option<u16>, durability: PgDurability) -> io::Result<PgCluster> {
+        // One base backup at a time in this process: each forces a checkpoint on the primary.
+        static BACKUPS: Mutex<()> = Mutex::new(());
+        let _one = primary.map(|_| BACKUPS.lock().unwrap_or_else(PoisonError::into_inner));
         let bin = bin_dir()?;
         let mut attempt = 1;
         loop {
@@ -331,6 +334,10 @@ impl PgCluster {
             "listen_addresses=127.0.0.1",
             "max_connections=300",
             "shared_buffers=128MB",
+            // A standby's base backup streams the WAL from its start: a checkpoint (another
+            // backup's, say) must not recycle those segments first ("requested WAL segment …
+            // has already been removed", seen when two tests made standbys at once).
+            "wal_keep_size=256MB",
         ];
         if durability == PgDurability::Fast {
             settings.extend([
