@@ -137,7 +137,7 @@ pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
 
 /// A status carrying `errno` in the `stagefs-errno` metadata. The message is cut to a bounded
 /// length: it may quote what a client sent (a name, a key).
-fn errno_status(code: Code, errno: i32, message: String) -> Status {
+pub fn errno_status(code: Code, errno: i32, message: String) -> Status {
     let mut status = Status::new(
         code,
         shared::clip(&message, shared::MAX_ERROR_MESSAGE_BYTES),

@@ -139,16 +139,11 @@ impl Source {
         );
         // Final for the client: an errno, so that it does not send the change elsewhere (the
         // source's gateways are as far from it as from here) or wait for a takeover.
-        let mut status =
-            tonic::Status::unavailable(shared::clip(&message, shared::MAX_ERROR_MESSAGE_BYTES));
-        status.metadata_mut().insert(
-            proto::ERRNO_METADATA_KEY,
-            libc::EROFS
-                .to_string()
-                .parse()
-                .expect("a decimal number is valid metadata"),
-        );
-        Err(status)
+        Err(crate::meta_service::errno_status(
+            tonic::Code::Unavailable,
+            libc::EROFS,
+            message,
+        ))
     }
 
     /// One try at each source gateway in turn; `None` if none could be reached.

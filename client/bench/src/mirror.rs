@@ -318,12 +318,14 @@ pub async fn run(args: MirrorBenchArgs) -> Result<MirrorReport, BenchError> {
     })
 }
 
+/// A `map_err` for an I/O failure `what` on `path`.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BenchError {
+    let path = path.to_path_buf();
+    move |e| BenchError::io(what, path, e)
+}
+
 /// Makes the tree on the local mount and waits until the mirror mount shows all of it.
 fn make_tree(local: &Path, mirror: &Path, listing_files: usize) -> Result<(), BenchError> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |e| BenchError::io(what, path, e)
-    };
     let deep = local.join("d1/d2/d3/d4");
     std::fs::create_dir_all(&deep).map_err(io("cannot create", &deep))?;
     let existing = deep.join("existing");
@@ -357,10 +359,6 @@ fn measure(
     iterations: usize,
     listing_files: usize,
 ) -> Result<Timings, BenchError> {
-    let io = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |e| BenchError::io(what, path, e)
-    };
     let mut timings: Timings = vec![Vec::new(); OPERATIONS.len()];
     let deep = root.join("d1/d2/d3/d4");
     let list = root.join("list");

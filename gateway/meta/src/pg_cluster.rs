@@ -125,7 +125,7 @@ impl PgCluster {
     /// streamed and replayed as it comes (over a replication slot, so the primary keeps what the
     /// standby has not received). Read-only; waits until it accepts connections.
     pub fn standby(&self, durability: PgDurability) -> io::Result<PgCluster> {
-        Self::start_from(Some(self.port), durability)
+        self.standby_via(self.port, durability)
     }
 
     /// Like [`PgCluster::standby`], reaching this cluster at `port` on 127.0.0.1 instead of its

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::stack::{s3_env, S3_REGION};
+use super::workloads::run_command as run;
 use super::BenchError;
 use crate::progress;
 
@@ -103,19 +104,4 @@ impl JuiceFs {
             MOUNT_TIMEOUT,
         )?)
     }
-}
-
-/// Runs `command`; its stdout, or an error with its stderr.
-fn run(command: &mut Command) -> Result<String, BenchError> {
-    let output = command
-        .output()
-        .map_err(|e| BenchError::Task(format!("cannot run {command:?}: {e}")))?;
-    if !output.status.success() {
-        return Err(BenchError::Task(format!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

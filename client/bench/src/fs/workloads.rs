@@ -343,7 +343,7 @@ impl Tarball {
         let list = out.with_extension("list");
         let names: String = files.iter().map(|f| format!("{}\n", f.display())).collect();
         fs::write(&list, names).map_err(|e| io_error("cannot write", &list, e))?;
-        run_tar(
+        run_command(
             Command::new("tar")
                 .arg("-cf")
                 .arg(out)
@@ -367,7 +367,7 @@ impl Tarball {
         let target = dir.join("untar");
         fs::create_dir_all(&target).map_err(|e| io_error("cannot create", &target, e))?;
         let start = Instant::now();
-        run_tar(
+        run_command(
             Command::new("tar")
                 .arg("-xf")
                 .arg(&self.path)
@@ -400,39 +400,17 @@ impl Tarball {
 pub fn venv(dir: &Path) -> Result<f64, BenchError> {
     let target = dir.join("venv");
     let started = Instant::now();
-    let output = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&target)
-        .output()
-        .map_err(|e| io_error("cannot run python3 -m venv for", &target, e))?;
+    run_command(Command::new("python3").args(["-m", "venv"]).arg(&target))?;
     let elapsed = started.elapsed();
-    if !output.status.success() {
-        return Err(BenchError::Task(format!(
-            "python3 -m venv {} failed ({}): {}",
-            target.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    let python = target.join("bin/python");
-    let check = Command::new(&python)
-        .args(["-c", "import pip"])
-        .output()
-        .map_err(|e| io_error("cannot run", &python, e))?;
-    if !check.status.success() {
-        return Err(BenchError::Task(format!(
-            "the venv made in {} does not import pip: {}",
-            target.display(),
-            String::from_utf8_lossy(&check.stderr).trim()
-        )));
-    }
+    run_command(Command::new(target.join("bin/python")).args(["-c", "import pip"]))?;
     Ok(elapsed.as_secs_f64())
 }
 
-fn run_tar(command: &mut Command) -> Result<(), BenchError> {
+/// Runs `command` to its end; its standard output, or an error quoting its standard error.
+pub(crate) fn run_command(command: &mut Command) -> Result<String, BenchError> {
     let output = command
         .output()
-        .map_err(|e| io_error("cannot run", Path::new("tar"), e))?;
+        .map_err(|e| io_error("cannot run", Path::new(command.get_program()), e))?;
     if !output.status.success() {
         return Err(BenchError::Task(format!(
             "{command:?} failed ({}): {}",
@@ -440,7 +418,7 @@ fn run_tar(command: &mut Command) -> Result<(), BenchError> {
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[cfg(test)]
