@@ -44,6 +44,33 @@ pub struct MetaBenchArgs {
     /// Keep the scratch directory.
     #[arg(long)]
     pub keep: bool,
+    /// Backends to measure: `redb` (a file), `region` (redb in a region of a device file, opened
+    /// with O_DIRECT, as a gateway keeps its embedded metadata) and `postgres`.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["redb".to_string(), "region".to_string(), "postgres".to_string()])]
+    pub backends: Vec<String>,
+}
+
+/// The size of the device file a `region` case formats (its region is the whole file).
+const REGION_BYTES: u64 = 256 << 20;
+
+/// Opens redb in a region of a device file made at `path`, as a gateway opens its embedded
+/// metadata.
+async fn open_region(path: PathBuf) -> Result<meta::KvMeta, BenchError> {
+    let backend = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let label = path.display().to_string();
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(REGION_BYTES))
+            .map_err(|e| format!("{label}: {e}"))?;
+        let file = meta::redb_region::open_direct(&path).map_err(|e| format!("{label}: {e}"))?;
+        meta::redb_region::format(&file, &label, 0, REGION_BYTES).map_err(|e| e.to_string())?;
+        meta::redb_region::RegionBackend::open(file, &label, 0, REGION_BYTES)
+            .map_err(|e| e.to_string())
+    })
+    .await?
+    .map_err(|e| BenchError::Args(format!("region: {e}")))?;
+    meta::open_region(backend, MetaConfig::default())
+        .await
+        .map_err(|e| BenchError::Args(format!("region: {e}")))
 }
 
 /// One measured case.
@@ -76,47 +103,66 @@ const OPS: [&str; 4] = ["create", "lookup", "getattr", "small_file_commit"];
 pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
     let seconds = if args.quick { 1.0 } else { args.seconds };
     let case = Duration::from_secs_f64(seconds.max(0.1));
+    if let Some(unknown) = args
+        .backends
+        .iter()
+        .find(|b| !["redb", "region", "postgres"].contains(&b.as_str()))
+    {
+        return Err(BenchError::Args(format!(
+            "--backends: unknown backend {unknown:?} (redb, region, postgres)"
+        )));
+    }
     if args.clients.is_empty() || args.clients.contains(&0) {
         return Err(BenchError::Args(
             "--clients must list counts above 0".into(),
         ));
     }
     let scratch = ScratchDir::create(&args.scratch, "stagefs-bench-meta", args.keep)?;
-    progress!("starting a PostgreSQL server (fsync on)");
-    let cluster = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
-        .await?
-        .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
     let mut report = MetaReport {
         seconds_per_case: case.as_secs_f64(),
         limit: BTreeMap::new(),
         engines: BTreeMap::new(),
         create_ratio_postgres: BTreeMap::new(),
     };
-    let limit_db = cluster
-        .fresh_database("limit")
-        .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
-    for &clients in &args.clients {
-        progress!("limit: single-row insert+commit, {clients} clients");
-        report
-            .limit
-            .insert(clients, insert_limit(&limit_db, clients, case).await?);
-    }
-    for backend in ["redb", "postgres"] {
+    // The limit is PostgreSQL's, so a run without the postgres backend starts no server.
+    let cluster = if args.backends.iter().any(|b| b == "postgres") {
+        progress!("starting a PostgreSQL server (fsync on)");
+        let cluster = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
+            .await?
+            .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
+        let limit_db = cluster
+            .fresh_database("limit")
+            .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
+        for &clients in &args.clients {
+            progress!("limit: single-row insert+commit, {clients} clients");
+            report
+                .limit
+                .insert(clients, insert_limit(&limit_db, clients, case).await?);
+        }
+        Some(cluster)
+    } else {
+        None
+    };
+    for backend in args.backends.iter().map(String::as_str) {
         for &clients in &args.clients {
             // A fresh database per client count, so every case starts from the same size.
             let location = match backend {
                 "redb" => MetaLocation::Redb(scratch.path().join(format!("meta-{clients}.redb"))),
+                "region" => MetaLocation::Device(scratch.path().join(format!("device-{clients}"))),
                 _ => MetaLocation::Postgres(
                     cluster
+                        .as_ref()
+                        .ok_or_else(|| BenchError::Args("no PostgreSQL server".into()))?
                         .fresh_database(&format!("engine_{clients}"))
                         .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?,
                 ),
             };
-            let kv = Arc::new(
-                meta::open(&location, MetaConfig::default())
+            let kv = Arc::new(match &location {
+                MetaLocation::Device(path) => open_region(path.clone()).await?,
+                _ => meta::open(&location, MetaConfig::default())
                     .await
                     .map_err(|e| BenchError::Args(format!("{backend}: {e}")))?,
-            );
+            });
             let engine: Arc<dyn MetaEngine> = kv.clone();
             let dirs = client_dirs(&engine, clients).await?;
             for op in OPS {
@@ -147,7 +193,9 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
             }
         }
     }
-    cluster.stop();
+    if let Some(cluster) = cluster {
+        cluster.stop();
+    }
     Ok(report)
 }
 
