@@ -67,6 +67,8 @@ const FORMAT_CHUNK: u64 = 1 << 20;
 const PENDING_LIMIT: usize = 64 << 20;
 /// The longest run of contiguous blocks written in one request at a sync.
 const RUN_LIMIT: usize = 1 << 20;
+/// Contiguous pending blocks: the first one and how many.
+type Run = (u64, usize);
 /// Writes in flight at once in the region's io_uring.
 const RING_ENTRIES: u32 = 64;
 
@@ -650,8 +652,8 @@ impl Region {
 
     /// The pending blocks as runs of contiguous blocks, `(first block, count)`, and one write per
     /// run, in the same order.
-    fn pending_runs(&self, state: &State) -> (Vec<(u64, usize)>, Vec<(u64, Aligned)>) {
-        let mut runs: Vec<(u64, usize)> = Vec::new();
+    fn pending_runs(&self, state: &State) -> (Vec<Run>, Vec<(u64, Aligned)>) {
+        let mut runs: Vec<Run> = Vec::new();
         for &block in state.pending.keys() {
             match runs.last_mut() {
                 Some((start, n)) if *start + *n as u64 == block && *n * BLOCK_USIZE < RUN_LIMIT => {
