@@ -33,6 +33,7 @@ mod meta_grpc;
 #[cfg(test)]
 mod meta_local;
 mod read;
+mod unsynced;
 mod write;
 mod xattr_cache;
 
@@ -116,6 +117,8 @@ impl Default for FsConfig {
 /// The file-system core of one mount (one metadata session).
 pub struct Fs {
     meta: Arc<dyn MetaApi>,
+    /// Namespace changes that `fsync` and `close` must still make durable.
+    unsynced: unsynced::Unsynced,
     config: FsConfig,
     session: SessionId,
     writer: Arc<WriteContext>,
@@ -271,6 +274,7 @@ impl Fs {
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
             listings: Mutex::new(HashMap::new()),
             meta,
+            unsynced: unsynced::Unsynced::default(),
             config,
             session: grant.session_id,
             writer,
@@ -341,6 +345,42 @@ impl Fs {
         result
     }
 
+    /// [`Fs::flush_locked`], then makes every namespace change this mount made before durable
+    /// (`fsync` and `close`): the slice commit of dirty data is durable and covers them, else a
+    /// `Sync` call does.
+    async fn flush_durably(&self, file: &OpenFile, state: &mut FileState) -> FsResult<()> {
+        let mark = self.unsynced.mark();
+        let had_dirty = !state.dirty.is_empty();
+        self.flush_locked(file, state).await?;
+        if !had_dirty {
+            self.sync_namespace_upto(mark).await?;
+        }
+        self.unsynced.covered(mark);
+        Ok(())
+    }
+
+    /// Calls `Sync` if changes up to `mark` may not be durable yet.
+    async fn sync_namespace_upto(&self, mark: u64) -> FsResult<()> {
+        if self.unsynced.pending(mark) {
+            self.meta.sync().await?;
+            self.unsynced.covered(mark);
+        }
+        Ok(())
+    }
+
+    /// `fsync` of a directory: every namespace change this mount made is durable on return.
+    pub async fn fsyncdir(&self) -> FsResult<()> {
+        self.sync_namespace_upto(self.unsynced.mark()).await
+    }
+
+    /// Counts a namespace change that was answered (see [`Fs::flush_durably`]).
+    fn changed<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
+        if outcome.is_ok() {
+            self.unsynced.changed();
+        }
+        outcome
+    }
+
     // --- names and attributes ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
@@ -356,11 +396,11 @@ impl Fs {
     pub async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
-            return self.meta.setattr(ino, changes).await;
+            return self.changed(self.meta.setattr(ino, changes).await);
         };
         let mut state = file.state.lock().await;
         self.flush_locked(&file, &mut state).await?;
-        let attr = self.meta.setattr(ino, changes).await?;
+        let attr = self.changed(self.meta.setattr(ino, changes).await)?;
         state.attr = attr;
         if changes.size.is_some() {
             state.chunks.clear();
@@ -389,7 +429,7 @@ impl Fs {
         };
         // The new file takes its directory's write policy (the engine copies it).
         let write_through = self.write_through(parent).await?;
-        let attr = self.meta.create(self.session, parent, name, &node).await?;
+        let attr = self.changed(self.meta.create(self.session, parent, name, &node).await)?;
         // A file made just now has no capability: its first write need not ask.
         self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
         self.xattr_absence.saw_write_policy(attr.ino, write_through);
@@ -423,7 +463,7 @@ impl Fs {
             gid,
             rdev,
         };
-        self.meta.mknod(parent, name, &node).await
+        self.changed(self.meta.mknod(parent, name, &node).await)
     }
 
     pub async fn mkdir(
@@ -435,19 +475,19 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        self.meta.mkdir(parent, name, mode, uid, gid).await
+        self.changed(self.meta.mkdir(parent, name, mode, uid, gid).await)
     }
 
     /// Removes a name. An open file lives on (the engine counts this session's handles), so its
     /// handles keep reading and writing it until they are released.
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.meta.unlink(parent, name).await
+        self.changed(self.meta.unlink(parent, name).await)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.meta.rmdir(parent, name).await
+        self.changed(self.meta.rmdir(parent, name).await)
     }
 
     /// `flags`: 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
@@ -460,14 +500,16 @@ impl Fs {
         flags: u32,
     ) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.meta
-            .rename(parent, name, new_parent, new_name, flags)
-            .await
+        self.changed(
+            self.meta
+                .rename(parent, name, new_parent, new_name, flags)
+                .await,
+        )
     }
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        Ok(self.local_attr(self.meta.link(ino, new_parent, new_name).await?))
+        Ok(self.local_attr(self.changed(self.meta.link(ino, new_parent, new_name).await)?))
     }
 
     pub async fn symlink(
@@ -479,7 +521,7 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        self.meta.symlink(parent, name, target, uid, gid).await
+        self.changed(self.meta.symlink(parent, name, target, uid, gid).await)
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -601,7 +643,7 @@ impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        let set = self.meta.setxattr(ino, name, value, flags).await;
+        let set = self.changed(self.meta.setxattr(ino, name, value, flags).await);
         // Again: a listing answered meanwhile may have said "none" from before the change.
         self.xattr_absence.forget(ino);
         set
@@ -617,7 +659,7 @@ impl Fs {
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        let removed = self.meta.removexattr(ino, name).await;
+        let removed = self.changed(self.meta.removexattr(ino, name).await);
         self.xattr_absence.forget(ino);
         removed
     }
@@ -906,11 +948,12 @@ impl Fs {
     }
 
     /// Commits everything written to the handle's file (`close` calls this): returns once it
-    /// is durable on the gateway and visible to every mount that opens the file afterwards.
+    /// is durable on the gateway and visible to every mount that opens the file afterwards,
+    /// with every namespace change this mount made before.
     pub async fn flush(&self, fh: FileHandle) -> FsResult<()> {
         let handle = self.handle(fh)?;
         let mut state = handle.file.state.lock().await;
-        self.flush_locked(&handle.file, &mut state).await
+        self.flush_durably(&handle.file, &mut state).await
     }
 
     /// Like [`Fs::flush`]: data and size are committed together, so `fdatasync` is no cheaper.
@@ -957,7 +1000,7 @@ impl Fs {
         let file = &handle.file;
         let flushed = {
             let mut state = file.state.lock().await;
-            self.flush_locked(file, &mut state).await
+            self.flush_durably(file, &mut state).await
         };
         if let Some(owner) = lock_owner {
             self.locks.closed_by(file.ino, owner).await;

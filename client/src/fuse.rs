@@ -585,6 +585,19 @@ impl Filesystem for FuseFs {
         });
     }
 
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn("fsyncdir", |fs| async move {
+            answer_empty(reply, fs.fsyncdir().await)
+        });
+    }
+
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         reply.opened(FileHandle(self.fs.opendir()), FopenFlags::empty());
     }

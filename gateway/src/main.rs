@@ -66,6 +66,16 @@ enum Command {
     Meta(MetaCommand),
 }
 
+/// When a namespace change is durable (`serve --namespace-sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NamespaceSync {
+    /// At the next fsync, fsyncdir or close of the mount that made it, and within
+    /// --namespace-sync-within.
+    Fsync,
+    /// Before it returns.
+    Change,
+}
+
 #[derive(Subcommand)]
 enum MetaCommand {
     /// Write every metadata record as JSON lines (a consistent snapshot, also while clients
@@ -214,6 +224,21 @@ struct ServeArgs {
     /// the store, so readers that resolved a slice just before can still fetch its blocks.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     deleted_data_delay: Duration,
+    /// When a namespace change (create, mkdir, symlink, link, unlink, rmdir, rename, chmod,
+    /// chown, utimes, truncate, xattrs) is durable. `fsync`: at the next fsync, fsyncdir or
+    /// close of the mount that made it (or any later slice commit), and within
+    /// --namespace-sync-within anyway; it
+    /// returns once committed and visible to every mount, as on a local file system, and a
+    /// crash of the gateway loses a suffix of such changes, never one that came before a
+    /// durable commit nor data a file names. `change`: every change is durable before it
+    /// returns. Applies to the embedded metadata (redb); on PostgreSQL every change is durable
+    /// when it returns. README, SEMANTICS.
+    #[arg(long, value_enum, default_value_t = NamespaceSync::Fsync)]
+    namespace_sync: NamespaceSync,
+    /// With `--namespace-sync fsync`: how long a namespace change waits at most for a durable
+    /// commit when no fsync or close asks for one (the most a crash can lose).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
+    namespace_sync_within: Duration,
     /// Every this long, delete the block objects in the store that no file, pending slice or
     /// queued deletion names (leaks, such as the block of a WriteSlice cut off by a crash);
     /// 0s: never (`stagefs gc` does it on request). The store's prefix must belong to this
@@ -644,6 +669,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         MetaConfig {
             deleted_data_delay: args.deleted_data_delay,
             redb_cache_bytes: Some(args.meta_cache as usize),
+            lazy_namespace: args.namespace_sync == NamespaceSync::Fsync
+                && !matches!(meta_location, MetaLocation::Postgres(_)),
+            eventual_flush: args.namespace_sync_within,
             ..MetaConfig::default()
         },
     )

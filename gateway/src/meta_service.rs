@@ -594,6 +594,12 @@ impl Meta for MetaService {
         Ok(Response::new(statfs_to_proto(&statfs)))
     }
 
+    async fn sync(&self, _request: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        self.call("Sync", async { self.engine.sync().await })
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn dir_usage(
         &self,
         request: Request<pb::InodeRequest>,

@@ -129,6 +129,9 @@ fn a_new_gateway_elsewhere_on_the_same_device_serves_every_closed_file() {
     std::os::unix::fs::symlink("deep/er/file-5", root.join("data/link")).unwrap();
     write_file(&root.join("deleted"), 43, 10_000);
     fs::remove_file(root.join("deleted")).unwrap();
+    // Namespace changes are durable once a directory is fsynced (README, SEMANTICS): what an
+    // application that needs them to survive a crash does, as on a local file system.
+    File::open(root.join("data")).unwrap().sync_all().unwrap();
 
     // A crash of the node: nothing is flushed or shut down.
     let mut stack = stack;

@@ -718,6 +718,11 @@ impl MetaApi for FailoverMeta {
             .await
     }
 
+    async fn sync(&self) -> FsResult<()> {
+        self.call("sync", false, |m| async move { m.sync().await })
+            .await
+    }
+
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
         self.call("open", true, |m| async move { m.open(session, ino).await })
             .await

@@ -102,6 +102,9 @@ pub trait MetaApi: Send + Sync + 'static {
     async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>>;
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()>;
     async fn statfs(&self) -> FsResult<StatFs>;
+    /// Returns once every metadata change committed so far is durable (namespace changes may be
+    /// acknowledged before: README, SEMANTICS).
+    async fn sync(&self) -> FsResult<()>;
 
     /// Records an open handle of `session` (an unlinked file lives until its last release).
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr>;

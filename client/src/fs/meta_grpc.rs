@@ -469,6 +469,11 @@ impl MetaApi for GrpcMeta {
             .collect()
     }
 
+    async fn sync(&self) -> FsResult<()> {
+        call!(self, "sync", sync, pb::Empty {})?;
+        Ok(())
+    }
+
     async fn statfs(&self) -> FsResult<StatFs> {
         let answer = call!(self, "statfs", stat_fs, pb::Empty {})?;
         Ok(StatFs {

@@ -273,6 +273,10 @@ impl MetaApi for LocalMeta {
         self.engine.statfs().await.map_err(fail("statfs"))
     }
 
+    async fn sync(&self) -> FsResult<()> {
+        self.engine.sync().await.map_err(fail("sync"))
+    }
+
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
         self.engine.open(session, ino).await.map_err(fail("open"))
     }

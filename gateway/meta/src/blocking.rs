@@ -74,6 +74,7 @@ impl BlockingMeta {
         within(root: Ino, ino: Ino, tenant: &str) -> bool;
         log_position() -> Option<u64>;
         wait_position(position: u64, limit: std::time::Duration) -> ();
+        sync() -> ();
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;

@@ -128,6 +128,16 @@ pub trait KvStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// How long an eventual commit may wait for the durable commit that carries it when nothing
+    /// asks for one sooner. A store whose every commit is durable ignores it.
+    fn set_eventual_flush(&self, _within: std::time::Duration) {}
+
+    /// Returns once every commit made so far is durable (eventual ones included). At once on a
+    /// store whose every commit is durable when it returns.
+    async fn sync(&self) -> KvResult<()> {
+        Ok(())
+    }
+
     /// On a replica, how long ago the last change it applied was committed on its primary;
     /// `None` elsewhere (or before a replica applied anything).
     async fn replica_lag(&self) -> KvResult<Option<std::time::Duration>> {
@@ -149,10 +159,8 @@ pub trait KvTxn: Send {
         limit: usize,
     ) -> KvResult<Vec<(Vec<u8>, Vec<u8>)>>;
 
-    /// `count` consecutive ids of `sequence` (returns the first), never handed out again once
-    /// this transaction commits. A backend that hands them out outside the transaction (a shared
-    /// database) never hands them out again at all; one whose ids roll back with an aborted
-    /// transaction (redb) must keep [`KvStore::id_batch`] at 1, so no id outlives its transaction.
+    /// `count` consecutive ids of `sequence` (returns the first), never handed out again, whether
+    /// this transaction commits or not, and even if its commit was eventual and lost in a crash.
     async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64>;
 
     /// Applies `writes` (in order; a key appears at most once) and commits.

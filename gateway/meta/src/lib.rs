@@ -202,6 +202,18 @@ pub struct MetaConfig {
     pub sync_commits: bool,
     /// Page cache of the embedded (redb) database; `None`: redb's default of 1 GiB.
     pub redb_cache_bytes: Option<usize>,
+    /// Namespace changes (create, mknod, mkdir, symlink, link, unlink, rmdir, rename, setattr,
+    /// setxattr, removexattr) return once committed and visible, before they are durable; the
+    /// next durable commit carries them: a slice commit (an fsync or close that wrote data),
+    /// [`MetaEngine::sync`], or the backend's own flush shortly after (redb: within
+    /// [`redb_kv::EVENTUAL_FLUSH`]). A crash loses a suffix of them, never a change a durable
+    /// commit came after, and never data a file names (slices are committed durably). What a
+    /// local file system promises without fsync; README's SEMANTICS section says it per
+    /// operation.
+    pub lazy_namespace: bool,
+    /// How long an eventual commit waits at most for a durable commit when nothing asks for one
+    /// (redb; see [`MetaConfig::lazy_namespace`]).
+    pub eventual_flush: Duration,
 }
 
 impl Default for MetaConfig {
@@ -212,6 +224,8 @@ impl Default for MetaConfig {
             max_files: None,
             sync_commits: true,
             redb_cache_bytes: None,
+            lazy_namespace: false,
+            eventual_flush: redb_kv::EVENTUAL_FLUSH,
         }
     }
 }
@@ -403,6 +417,10 @@ pub trait MetaEngine: Send + Sync {
     /// [`MetaEngine::log_position`] said there after a change), for at most `limit`: then the
     /// change reads back here. At once on a backend without replicas.
     async fn wait_position(&self, position: u64, limit: std::time::Duration) -> Result<()>;
+    /// Returns once every change committed so far is durable (with
+    /// [`MetaConfig::lazy_namespace`], namespace changes may return before): what `fsync` of a
+    /// directory, or the close of a file whose creation wrote no data, asks for.
+    async fn sync(&self) -> Result<()>;
     /// A read-only replica of another region's database (a hot standby): every change fails
     /// with EROFS, and what is read lags its primary by the replication delay.
     fn is_replica(&self) -> bool;

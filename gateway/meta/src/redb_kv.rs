@@ -17,8 +17,9 @@
 //! full region fails the writes that need room and nothing else. What a reopen drops was never
 //! durable: commits waiting for their fsync at that moment fail instead of returning.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use async_trait::async_trait;
@@ -48,7 +49,30 @@ struct Inner {
     /// The writer's turn: held from a write transaction's begin to its commit or drop.
     writer: Arc<tokio::sync::Mutex<()>>,
     group_sync: GroupSync,
+    /// Each sequence's next id and its durable ceiling, once read: see [`RedbTxn::take_ids`].
+    sequences: Mutex<HashMap<Vec<u8>, IdRange>>,
+    /// A durable commit is already scheduled for the eventual commits made since the last one.
+    flush_scheduled: AtomicBool,
+    /// [`KvStore::set_eventual_flush`], in microseconds.
+    flush_within_us: AtomicU64,
 }
+
+/// The ids of a sequence this process may hand out without a durable commit: `next..ceiling`,
+/// where `ceiling` is what the database holds durably for the sequence (no id at or above it was
+/// ever handed out).
+#[derive(Debug, Clone, Copy)]
+struct IdRange {
+    next: u64,
+    ceiling: u64,
+}
+
+/// Ids a durable raise of a sequence's ceiling reserves beyond what is taken: one durable commit
+/// per this many ids, and at most this many skipped after a crash.
+const ID_RESERVE: u64 = 4096;
+
+/// By default, an eventual commit is made durable within about this long even if nothing asks
+/// for it (a later fsync, close or sync usually does it sooner).
+pub const EVENTUAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Default)]
 struct GroupSync {
@@ -141,6 +165,9 @@ impl RedbKv {
                 label: label.to_string(),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 group_sync: GroupSync::default(),
+                sequences: Mutex::new(HashMap::new()),
+                flush_scheduled: AtomicBool::new(false),
+                flush_within_us: AtomicU64::new(EVENTUAL_FLUSH.as_micros() as u64),
             }),
         })
     }
@@ -271,6 +298,41 @@ impl Inner {
         }
     }
 
+    /// Makes the commits made so far durable within the flush bound, unless a flush is already
+    /// on its way (it will cover them: it reads the commit count when it starts).
+    fn schedule_flush(inner: &Arc<Inner>) {
+        if inner.flush_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = inner.clone();
+        let within =
+            std::time::Duration::from_micros(inner.flush_within_us.load(Ordering::Relaxed));
+        tokio::spawn(async move {
+            tokio::time::sleep(within).await;
+            inner.flush_scheduled.store(false, Ordering::Release);
+            let flushing = inner.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let upto = flushing
+                    .group_sync
+                    .state
+                    .lock()
+                    .expect("sync state poisoned")
+                    .committed;
+                flushing.wait_durable(upto)
+            })
+            .await;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(database = %inner.label, %error, "the timed durable commit failed; the next fsync, close or sync tries again")
+                }
+                Err(error) => {
+                    tracing::warn!(database = %inner.label, %error, "the timed durable commit task failed")
+                }
+            }
+        });
+    }
+
     /// An empty transaction committed durably: it persists every non-durable commit before it.
     /// It takes the writer's turn, so no rules transaction waits inside redb (on a runtime thread)
     /// for the fsync.
@@ -287,6 +349,27 @@ impl Inner {
 impl KvStore for RedbKv {
     fn kind(&self) -> &'static str {
         "redb"
+    }
+
+    fn set_eventual_flush(&self, within: std::time::Duration) {
+        self.inner
+            .flush_within_us
+            .store(within.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    async fn sync(&self) -> KvResult<()> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let upto = inner
+                .group_sync
+                .state
+                .lock()
+                .expect("sync state poisoned")
+                .committed;
+            inner.wait_durable(upto)
+        })
+        .await
+        .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))?
     }
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
@@ -325,7 +408,8 @@ struct RedbTxn {
     _read: ReadTransaction,
     table: ReadOnlyTable<&'static [u8], &'static [u8]>,
     turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-    /// Sequences advanced by this transaction: (key, next value), written at commit.
+    /// Sequences whose ceiling this transaction raises: (key, new ceiling), written at commit,
+    /// which is then durable.
     taken: Vec<(Vec<u8>, u64)>,
 }
 
@@ -360,34 +444,66 @@ impl KvTxn for RedbTxn {
         Ok(out)
     }
 
+    /// Ids come from the sequence's range in memory, so taking them needs no durable commit even
+    /// when the transaction's commit is eventual: what the database holds durably is a ceiling
+    /// that no id handed out reaches, raised (by [`ID_RESERVE`] beyond what is taken) in a
+    /// commit that is then durable. After a crash the ids between the last ones handed out and
+    /// the ceiling are skipped, never handed out twice: an eventual commit lost in the crash
+    /// cannot leave its inode or slice number to be given to something else while a client or
+    /// the staging log still knows it.
     async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64> {
         let key = keys::sequence(sequence);
-        let next = match self.taken.iter().find(|(k, _)| *k == key) {
-            Some((_, next)) => *next,
-            None => match self
-                .table
-                .get(key.as_slice())
-                .map_err(|e| self.inner.error(e))?
-            {
-                Some(v) => crate::keys::decode_u64("sequence", v.value())
-                    .map_err(|e| KvError::Failed(e.to_string()))?,
-                None => sequence.first(),
-            },
+        let mut sequences = self.inner.sequences.lock().expect("sequences poisoned");
+        let range = match sequences.get(&key) {
+            Some(range) => *range,
+            None => {
+                let stored = match self
+                    .table
+                    .get(key.as_slice())
+                    .map_err(|e| self.inner.error(e))?
+                {
+                    Some(v) => crate::keys::decode_u64("sequence", v.value())
+                        .map_err(|e| KvError::Failed(e.to_string()))?,
+                    None => sequence.first(),
+                };
+                IdRange {
+                    next: stored,
+                    ceiling: stored,
+                }
+            }
         };
         if count == 0 {
-            return Ok(next);
+            return Ok(range.next);
         }
         if self.turn.is_none() {
             return Err(KvError::Failed(
                 "ids can only be taken in a write transaction".into(),
             ));
         }
-        let after = next
+        let after = range
+            .next
             .checked_add(count)
             .ok_or_else(|| KvError::Failed(format!("sequence {} exhausted", sequence.name())))?;
-        self.taken.retain(|(k, _)| *k != key);
-        self.taken.push((key, after));
-        Ok(next)
+        let raised = self
+            .taken
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(range.ceiling, |(_, c)| *c);
+        if after > raised {
+            let ceiling = after.saturating_add(ID_RESERVE);
+            self.taken.retain(|(k, _)| *k != key);
+            self.taken.push((key.clone(), ceiling));
+        }
+        // Taken now, whatever becomes of the transaction: an id of one that rolls back is
+        // skipped, which is harmless.
+        sequences.insert(
+            key,
+            IdRange {
+                next: after,
+                ceiling: range.ceiling,
+            },
+        );
+        Ok(range.next)
     }
 
     async fn commit(self: Box<Self>, writes: Vec<Write>, durability: Durability) -> KvResult<()> {
@@ -402,11 +518,27 @@ impl KvTxn for RedbTxn {
                 "a read transaction cannot commit writes".into(),
             ));
         }
+        // A raised ceiling must be durable before an id above the old one can be lost in a crash
+        // and given again, so it makes the commit durable.
+        let durability = if taken.is_empty() {
+            durability
+        } else {
+            Durability::Durable
+        };
+        let sequence_keys =
+            [Sequence::Inode, Sequence::Slice, Sequence::Cookie].map(keys::sequence);
         let mut txn = inner.db()?.begin_write().map_err(|e| inner.error(e))?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| inner.error(e))?;
         {
             let mut table = txn.open_table(KV).map_err(|e| inner.error(e))?;
+            // A sequence written as a plain key (a load) replaces what memory holds of it.
+            if writes.iter().any(|(k, _)| sequence_keys.contains(k)) {
+                let mut sequences = inner.sequences.lock().expect("sequences poisoned");
+                for (key, _) in &writes {
+                    sequences.remove(key);
+                }
+            }
             for (key, value) in &writes {
                 match value {
                     Some(value) => table.insert(key.as_slice(), value.as_slice()),
@@ -429,10 +561,22 @@ impl KvTxn for RedbTxn {
         // The next writer may go while this one waits for its fsync: that is what lets many
         // commits share one.
         drop(turn);
-        if durability == Durability::Durable {
-            tokio::task::spawn_blocking(move || inner.wait_durable(ticket))
-                .await
-                .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
+        match durability {
+            Durability::Durable => {
+                let durable = inner.clone();
+                tokio::task::spawn_blocking(move || durable.wait_durable(ticket))
+                    .await
+                    .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
+                if !taken.is_empty() {
+                    let mut sequences = inner.sequences.lock().expect("sequences poisoned");
+                    for (key, ceiling) in taken {
+                        if let Some(range) = sequences.get_mut(&key) {
+                            range.ceiling = range.ceiling.max(ceiling);
+                        }
+                    }
+                }
+            }
+            Durability::Eventual => Inner::schedule_flush(&inner),
         }
         Ok(())
     }

@@ -88,6 +88,7 @@ pub struct KvMeta {
 impl KvMeta {
     /// An engine over `store`, formatting an empty store (root directory 1).
     pub async fn open(store: Arc<dyn KvStore>, config: MetaConfig) -> Result<KvMeta> {
+        store.set_eventual_flush(config.eventual_flush);
         let meta = KvMeta {
             store,
             config,
@@ -145,6 +146,16 @@ impl KvMeta {
             Durability::Durable
         } else {
             Durability::Eventual
+        }
+    }
+
+    /// Creates, links, renames, removals and attribute changes: eventual with
+    /// [`MetaConfig::lazy_namespace`] (SEMANTICS: durable at the next fsync, close or sync).
+    fn namespace_durability(&self) -> Durability {
+        if self.config.lazy_namespace {
+            Durability::Eventual
+        } else {
+            self.durability()
         }
     }
 
@@ -1519,7 +1530,7 @@ impl MetaEngine for KvMeta {
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr> {
-        crate::transact!(self, self.durability(), |tx| {
+        crate::transact!(self, self.namespace_durability(), |tx| {
             let mut inode = tx.inode(ino).await?;
             if let Some(size) = changes.size {
                 match inode.attr.kind {
@@ -1560,7 +1571,7 @@ impl MetaEngine for KvMeta {
         if node.kind != FileKind::File {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             let owner = tx.session_tenant(session).await?;
             let attr = tx.create_node(parent, name, node, None, &owner).await?;
             tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
@@ -1576,7 +1587,7 @@ impl MetaEngine for KvMeta {
                 "mknod does not make directories or symlinks".into(),
             ));
         }
-        crate::transact_once!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, node, None, "")
             .await)
     }
@@ -1589,7 +1600,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact_once!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, &node, None, "")
             .await)
     }
@@ -1621,7 +1632,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact_once!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, &node, Some(target), "")
             .await)
     }
@@ -1640,7 +1651,7 @@ impl MetaEngine for KvMeta {
 
     async fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             tx.dir(parent).await?;
             let (ino, _) = tx
                 .entry(parent, name)
@@ -1657,7 +1668,7 @@ impl MetaEngine for KvMeta {
 
     async fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             tx.dir(parent).await?;
             let (ino, _) = tx
                 .entry(parent, name)
@@ -1681,13 +1692,13 @@ impl MetaEngine for KvMeta {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
-        crate::transact_once!(self, self.durability(), |tx| tx
+        crate::transact_once!(self, self.namespace_durability(), |tx| tx
             .rename(parent, name, new_parent, new_name, mode)
             .await)
     }
 
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             let inode = tx.inode(ino).await?;
             if inode.attr.kind == FileKind::Dir {
                 return Err(MetaError::NotPermitted(format!(
@@ -1775,7 +1786,7 @@ impl MetaEngine for KvMeta {
                 max: MAX_XATTR_VALUE_LEN,
             });
         }
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             tx.inode(ino).await?;
             let key = keys::xattr(ino, name);
             let exists = tx.get(&key).await?.is_some();
@@ -1819,7 +1830,7 @@ impl MetaEngine for KvMeta {
 
     async fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
-        crate::transact_once!(self, self.durability(), |tx| {
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             tx.inode(ino).await?;
             let key = keys::xattr(ino, name);
             if tx.get(&key).await?.is_none() {
@@ -1902,6 +1913,10 @@ impl MetaEngine for KvMeta {
 
     async fn replica_lag(&self) -> Result<Option<Duration>> {
         Ok(self.store.replica_lag().await?)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        Ok(self.store.sync().await?)
     }
 
     async fn wait_position(&self, position: u64, limit: Duration) -> Result<()> {
@@ -2365,6 +2380,11 @@ impl MetaEngine for KvMeta {
         }
         out.sort_by_key(|s| (s.due_ns, s.slice_id));
         out.truncate(limit);
+        if !out.is_empty() {
+            // The caller deletes their data next: the changes that queued them (an unlink may be
+            // eventual) must not be lost in a crash after that.
+            self.store.sync().await?;
+        }
         Ok(out)
     }
 
