@@ -808,6 +808,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let service = StagingService::new(node.clone());
     let node_for_tags = node.clone();
     let mirror_meta = node.meta.clone();
+    let shutdown_meta = node.meta.clone();
     let meta_service = MetaService::new(node);
     tracing::info!(
         %addr,
@@ -897,6 +898,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped accepting requests; in-flight acknowledgements finished");
     workers.drain(Duration::from_secs(10)).await;
+    // Namespace changes acknowledged before their durable commit (--namespace-sync fsync) are
+    // made durable now: a clean stop loses nothing. Not when fenced: the device is another
+    // gateway's now, and this one must not write to it.
+    if !fenced.is_cancelled() {
+        if let Err(error) = shutdown_meta.sync().await {
+            tracing::error!(%error, "could not make the last namespace changes durable at shutdown; a crash-like restart may lose them");
+        }
+    }
     log.shutdown().await;
     if let Some(fatal) = tasks.fatal() {
         anyhow::bail!(

@@ -703,6 +703,8 @@ async fn metadata_survives_sigkill() {
     })
     .await
     .unwrap();
+    // A namespace change is durable once synced (README, SEMANTICS), as a mount's fsync does.
+    meta.sync(pb::Empty {}).await.unwrap();
 
     gateway.kill9();
     gateway.restart().await;

@@ -45,8 +45,10 @@ pub struct MetaBenchArgs {
     #[arg(long)]
     pub keep: bool,
     /// Backends to measure: `redb` (a file), `region` (redb in a region of a device file, opened
-    /// with O_DIRECT, as a gateway keeps its embedded metadata) and `postgres`.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["redb".to_string(), "region".to_string(), "postgres".to_string()])]
+    /// with O_DIRECT, as a gateway keeps its embedded metadata, every change durable before it
+    /// returns: `serve --namespace-sync change`), `region-lazy` (the same with namespace changes
+    /// durable at the next sync: the gateway's default) and `postgres`.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["redb".to_string(), "region".to_string(), "region-lazy".to_string(), "postgres".to_string()])]
     pub backends: Vec<String>,
 }
 
@@ -55,7 +57,7 @@ const REGION_BYTES: u64 = 256 << 20;
 
 /// Opens redb in a region of a device file made at `path`, as a gateway opens its embedded
 /// metadata.
-async fn open_region(path: PathBuf) -> Result<meta::KvMeta, BenchError> {
+async fn open_region(path: PathBuf, config: MetaConfig) -> Result<meta::KvMeta, BenchError> {
     let backend = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let label = path.display().to_string();
         std::fs::File::create(&path)
@@ -68,7 +70,7 @@ async fn open_region(path: PathBuf) -> Result<meta::KvMeta, BenchError> {
     })
     .await?
     .map_err(|e| BenchError::Args(format!("region: {e}")))?;
-    meta::open_region(backend, MetaConfig::default())
+    meta::open_region(backend, config)
         .await
         .map_err(|e| BenchError::Args(format!("region: {e}")))
 }
@@ -106,10 +108,10 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
     if let Some(unknown) = args
         .backends
         .iter()
-        .find(|b| !["redb", "region", "postgres"].contains(&b.as_str()))
+        .find(|b| !["redb", "region", "region-lazy", "postgres"].contains(&b.as_str()))
     {
         return Err(BenchError::Args(format!(
-            "--backends: unknown backend {unknown:?} (redb, region, postgres)"
+            "--backends: unknown backend {unknown:?} (redb, region, region-lazy, postgres)"
         )));
     }
     if args.clients.is_empty() || args.clients.contains(&0) {
@@ -148,7 +150,9 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
             // A fresh database per client count, so every case starts from the same size.
             let location = match backend {
                 "redb" => MetaLocation::Redb(scratch.path().join(format!("meta-{clients}.redb"))),
-                "region" => MetaLocation::Device(scratch.path().join(format!("device-{clients}"))),
+                "region" | "region-lazy" => {
+                    MetaLocation::Device(scratch.path().join(format!("{backend}-{clients}")))
+                }
                 _ => MetaLocation::Postgres(
                     cluster
                         .as_ref()
@@ -158,7 +162,13 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
                 ),
             };
             let kv = Arc::new(match &location {
-                MetaLocation::Device(path) => open_region(path.clone()).await?,
+                MetaLocation::Device(path) => {
+                    let config = MetaConfig {
+                        lazy_namespace: backend == "region-lazy",
+                        ..MetaConfig::default()
+                    };
+                    open_region(path.clone(), config).await?
+                }
                 _ => meta::open(&location, MetaConfig::default())
                     .await
                     .map_err(|e| BenchError::Args(format!("{backend}: {e}")))?,
@@ -387,7 +397,7 @@ impl MetaReport {
             self.seconds_per_case
         );
         out += &format!(
-            "{:<10} {:<18} {:>7} {:>12} {:>9} {:>9} {:>9} {:>7} {:>16}\n",
+            "{:<12} {:<18} {:>7} {:>12} {:>9} {:>9} {:>9} {:>7} {:>16}\n",
             "backend",
             "operation",
             "clients",
@@ -400,7 +410,7 @@ impl MetaReport {
         );
         for (&clients, rate) in &self.limit {
             out += &format!(
-                "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>14}\n",
+                "{:<12} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>14}\n",
                 "postgres",
                 "insert (limit)",
                 clients,
@@ -435,7 +445,7 @@ impl MetaReport {
                         ""
                     };
                     out += &format!(
-                        "{:<10} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>16}\n",
+                        "{:<12} {:<18} {:>7} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>16}\n",
                         backend,
                         op,
                         clients,
