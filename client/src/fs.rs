@@ -352,11 +352,12 @@ impl Fs {
         let mark = self.unsynced.mark();
         let had_dirty = !state.dirty.is_empty();
         self.flush_locked(file, state).await?;
-        if !had_dirty {
-            self.sync_namespace_upto(mark).await?;
+        if had_dirty {
+            self.unsynced.covered(mark);
+            Ok(())
+        } else {
+            self.sync_namespace_upto(mark).await
         }
-        self.unsynced.covered(mark);
-        Ok(())
     }
 
     /// Calls `Sync` if changes up to `mark` may not be durable yet.

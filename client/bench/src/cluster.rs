@@ -23,14 +23,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meta::pg_cluster::{PgCluster, PgDurability};
 use serde::Serialize;
 use shared::size::{format_size, parse_size};
 
 use super::fs::stack::MountProcess;
 use super::fs::workloads::{self, verify_checkpoint_file, write_checkpoint_file};
 use super::process::{find_gateway_bin, GatewayProcess, GatewaySpec};
-use super::{percentile_ms, progress, ratio, raw, rpc, BenchError, ScratchDir, MIB};
+use super::{
+    percentile_ms, progress, ratio, raw, rpc, start_postgres, BenchError, ScratchDir, MIB,
+};
 
 pub const ABOUT: &str =
     "Benchmark several gateways on one namespace: ingest over 1..N gateways, SIGKILL and takeover";
@@ -237,9 +238,7 @@ pub async fn run(args: ClusterBenchArgs) -> Result<ClusterReport, BenchError> {
     let work = WorkPaths(work);
     progress!("scratch directory {}", work.root().display());
     progress!("starting a PostgreSQL server (fsync on)");
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
-        .await?
-        .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
+    let pg = start_postgres().await?;
 
     let raw_device_mib_s = {
         let device = work.device(1, 0);

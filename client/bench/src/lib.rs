@@ -101,6 +101,15 @@ macro_rules! progress {
 }
 pub(crate) use progress;
 
+/// A throwaway PostgreSQL server of the benchmark's own (fsync on), stopped when dropped.
+pub(crate) async fn start_postgres() -> Result<::meta::pg_cluster::PgCluster, BenchError> {
+    tokio::task::spawn_blocking(|| {
+        ::meta::pg_cluster::PgCluster::start(::meta::pg_cluster::PgDurability::Durable)
+    })
+    .await?
+    .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))
+}
+
 /// Bytes per MiB, for throughput figures.
 pub(crate) const MIB: f64 = 1024.0 * 1024.0;
 

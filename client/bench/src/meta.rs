@@ -13,13 +13,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meta::pg_cluster::{PgCluster, PgDurability};
 use meta::{
     FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, SessionId, Slice, ROOT_INO,
 };
 use serde::Serialize;
 
-use super::{percentile_ms, progress, ratio, BenchError, ScratchDir};
+use super::{percentile_ms, progress, ratio, start_postgres, BenchError, ScratchDir};
 
 pub const ABOUT: &str =
     "Measure the metadata engine (redb and PostgreSQL) against PostgreSQL's own insert+commit rate";
@@ -44,12 +43,35 @@ pub struct MetaBenchArgs {
     /// Keep the scratch directory.
     #[arg(long)]
     pub keep: bool,
-    /// Backends to measure: `redb` (a file), `region` (redb in a region of a device file, opened
-    /// with O_DIRECT, as a gateway keeps its embedded metadata, every change durable before it
-    /// returns: `serve --namespace-sync change`), `region-lazy` (the same with namespace changes
-    /// durable at the next sync: the gateway's default) and `postgres`.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["redb".to_string(), "region".to_string(), "region-lazy".to_string(), "postgres".to_string()])]
-    pub backends: Vec<String>,
+    /// Backends to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Backend::Redb, Backend::Region, Backend::RegionLazy, Backend::Postgres])]
+    pub backends: Vec<Backend>,
+}
+
+/// Where a measured engine keeps its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// redb in a file.
+    Redb,
+    /// redb in a region of a device file, opened O_DIRECT, as a gateway keeps its embedded
+    /// metadata, every change durable before it returns (`serve --namespace-sync change`).
+    Region,
+    /// The same with namespace changes durable at the next sync (the gateway's default).
+    RegionLazy,
+    /// A throwaway PostgreSQL server (fsync on); also what the limit is measured on.
+    Postgres,
+}
+
+impl Backend {
+    /// Its name in the report.
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Redb => "redb",
+            Backend::Region => "region",
+            Backend::RegionLazy => "region-lazy",
+            Backend::Postgres => "postgres",
+        }
+    }
 }
 
 /// The size of the device file a `region` case formats (its region is the whole file).
@@ -105,15 +127,6 @@ const OPS: [&str; 4] = ["create", "lookup", "getattr", "small_file_commit"];
 pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
     let seconds = if args.quick { 1.0 } else { args.seconds };
     let case = Duration::from_secs_f64(seconds.max(0.1));
-    if let Some(unknown) = args
-        .backends
-        .iter()
-        .find(|b| !["redb", "region", "region-lazy", "postgres"].contains(&b.as_str()))
-    {
-        return Err(BenchError::Args(format!(
-            "--backends: unknown backend {unknown:?} (redb, region, region-lazy, postgres)"
-        )));
-    }
     if args.clients.is_empty() || args.clients.contains(&0) {
         return Err(BenchError::Args(
             "--clients must list counts above 0".into(),
@@ -127,11 +140,9 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
         create_ratio_postgres: BTreeMap::new(),
     };
     // The limit is PostgreSQL's, so a run without the postgres backend starts no server.
-    let cluster = if args.backends.iter().any(|b| b == "postgres") {
+    let cluster = if args.backends.contains(&Backend::Postgres) {
         progress!("starting a PostgreSQL server (fsync on)");
-        let cluster = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
-            .await?
-            .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
+        let cluster = start_postgres().await?;
         let limit_db = cluster
             .fresh_database("limit")
             .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
@@ -145,45 +156,45 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
     } else {
         None
     };
-    for backend in args.backends.iter().map(String::as_str) {
+    for &backend in &args.backends {
+        let name = backend.name();
         for &clients in &args.clients {
             // A fresh database per client count, so every case starts from the same size.
-            let location = match backend {
-                "redb" => MetaLocation::Redb(scratch.path().join(format!("meta-{clients}.redb"))),
-                "region" | "region-lazy" => {
-                    MetaLocation::Device(scratch.path().join(format!("{backend}-{clients}")))
+            let path = scratch.path().join(format!("{name}-{clients}"));
+            let failed = |e: meta::MetaError| BenchError::Args(format!("{name}: {e}"));
+            let kv = Arc::new(match backend {
+                Backend::Redb => meta::open(&MetaLocation::Redb(path), MetaConfig::default())
+                    .await
+                    .map_err(failed)?,
+                Backend::Region | Backend::RegionLazy => {
+                    let config = MetaConfig {
+                        lazy_namespace: backend == Backend::RegionLazy,
+                        ..MetaConfig::default()
+                    };
+                    open_region(path, config).await?
                 }
-                _ => MetaLocation::Postgres(
-                    cluster
+                Backend::Postgres => {
+                    let url = cluster
                         .as_ref()
                         .ok_or_else(|| BenchError::Args("no PostgreSQL server".into()))?
                         .fresh_database(&format!("engine_{clients}"))
-                        .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?,
-                ),
-            };
-            let kv = Arc::new(match &location {
-                MetaLocation::Device(path) => {
-                    let config = MetaConfig {
-                        lazy_namespace: backend == "region-lazy",
-                        ..MetaConfig::default()
-                    };
-                    open_region(path.clone(), config).await?
+                        .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
+                    meta::open(&MetaLocation::Postgres(url), MetaConfig::default())
+                        .await
+                        .map_err(failed)?
                 }
-                _ => meta::open(&location, MetaConfig::default())
-                    .await
-                    .map_err(|e| BenchError::Args(format!("{backend}: {e}")))?,
             });
             let engine: Arc<dyn MetaEngine> = kv.clone();
             let dirs = client_dirs(&engine, clients).await?;
             for op in OPS {
-                progress!("{backend}: {op}, {clients} clients");
+                progress!("{name}: {op}, {clients} clients");
                 let conflicts = kv.conflicts();
                 let mut rate = measure(&engine, op, &dirs, case).await?;
                 rate.retries_per_op =
                     (kv.conflicts() - conflicts) as f64 / (rate.ops.max(1)) as f64;
                 report
                     .engines
-                    .entry(backend.into())
+                    .entry(name.into())
                     .or_default()
                     .entry(op.into())
                     .or_default()

@@ -13,13 +13,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meta::pg_cluster::{PgCluster, PgDurability};
+use meta::pg_cluster::PgDurability;
 use serde::Serialize;
 
 use super::fs::stack::{start_proxy, MountProcess};
 use super::latency_proxy::{self, ProxyArgs};
 use super::process::{find_gateway_bin, GatewayProcess, GatewaySpec};
-use super::{percentile_ms, progress, ratio, rpc, BenchError, ScratchDir};
+use super::{percentile_ms, progress, ratio, rpc, start_postgres, BenchError, ScratchDir};
 
 pub const ABOUT: &str =
     "Benchmark a mirror region: metadata read from a local standby, changes sent to the source";
@@ -143,9 +143,7 @@ pub async fn run(args: MirrorBenchArgs) -> Result<MirrorReport, BenchError> {
     let root = work.path().to_path_buf();
     progress!("scratch directory {}", root.display());
     progress!("region A: a PostgreSQL primary (fsync on)");
-    let primary = tokio::task::spawn_blocking(|| PgCluster::start(PgDurability::Durable))
-        .await?
-        .map_err(|e| BenchError::Args(format!("cannot start PostgreSQL: {e}")))?;
+    let primary = start_postgres().await?;
     let database = primary
         .fresh_database("mirror")
         .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;

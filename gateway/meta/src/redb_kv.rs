@@ -311,16 +311,7 @@ impl Inner {
             tokio::time::sleep(within).await;
             inner.flush_scheduled.store(false, Ordering::Release);
             let flushing = inner.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let upto = flushing
-                    .group_sync
-                    .state
-                    .lock()
-                    .expect("sync state poisoned")
-                    .committed;
-                flushing.wait_durable(upto)
-            })
-            .await;
+            let outcome = tokio::task::spawn_blocking(move || flushing.wait_all_durable()).await;
             match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
@@ -331,6 +322,17 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// Returns once every commit made so far is durable. Blocking.
+    fn wait_all_durable(&self) -> KvResult<()> {
+        let upto = self
+            .group_sync
+            .state
+            .lock()
+            .expect("sync state poisoned")
+            .committed;
+        self.wait_durable(upto)
     }
 
     /// An empty transaction committed durably: it persists every non-durable commit before it.
@@ -359,17 +361,9 @@ impl KvStore for RedbKv {
 
     async fn sync(&self) -> KvResult<()> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let upto = inner
-                .group_sync
-                .state
-                .lock()
-                .expect("sync state poisoned")
-                .committed;
-            inner.wait_durable(upto)
-        })
-        .await
-        .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))?
+        tokio::task::spawn_blocking(move || inner.wait_all_durable())
+            .await
+            .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))?
     }
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {

@@ -678,12 +678,7 @@ impl Region {
     /// Takes the blocks of the runs written out of `pending`. A block leaves it only once its run
     /// is written, so after a failure the rest are still read from memory and written by the
     /// next sync.
-    fn settle(
-        &self,
-        state: &mut State,
-        runs: &[(u64, usize)],
-        outcomes: &[Result<(), RegionError>],
-    ) {
+    fn settle(&self, state: &mut State, runs: &[Run], outcomes: &[Result<(), RegionError>]) {
         for (&(start, n), outcome) in runs.iter().zip(outcomes) {
             if outcome.is_ok() {
                 for block in start..start + n as u64 {
@@ -722,9 +717,13 @@ impl Region {
                 // The ring itself failed (not a write): the writes it took may be in flight, so
                 // it is not used again; this group goes one by one.
                 Err(error) => {
-                    tracing::warn!(device = %self.device, %error, "io_uring failed; the metadata region writes one block run at a time from now on");
-                    self.ring_failed
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    // Said once, when it happens; later batches find it failed and say nothing.
+                    if !self
+                        .ring_failed
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(device = %self.device, %error, "io_uring failed; the metadata region writes one block run at a time from now on");
+                    }
                     outcomes.extend(one_by_one(group));
                 }
             }
