@@ -1,4 +1,4 @@
-//! `stagefs status GATEWAY` and `stagefs sync PATH…`.
+//! `stagefs status GATEWAY`, `stagefs sync PATH…` and `stagefs warmup PATH…`.
 //!
 //! `sync` waits until every block of the named files (directories: every file below them) is in
 //! the object store: it finds the mount's gateway in `/proc/self/mountinfo` (the source of a
@@ -121,6 +121,11 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "gateways": registered, "mounts": mounts_json,
         });
         value["mirror"] = s.mirror.into();
+        value["read_cache"] = serde_json::json!({
+            "budget_bytes": s.read_cache_bytes, "blocks": s.read_cache_blocks,
+            "used_bytes": s.read_cache_used_bytes, "fills_total": s.read_cache_fills_total,
+            "hits_total": s.read_cache_hits_total, "hit_bytes_total": s.read_cache_hit_bytes_total,
+        });
         // Known only on a mirror, once its replica applied a change.
         value["replica_lag_seconds"] = (s.mirror && s.replica_lag_seconds >= 0.0)
             .then_some(s.replica_lag_seconds)
@@ -179,6 +184,17 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             },
             s.written_through_blocks_total,
             format_size(s.written_through_bytes_total)
+        );
+    }
+    if s.read_cache_bytes > 0 {
+        println!(
+            "read cache   {} blocks, {} of {} (--read-cache); {} fills, {} hits ({}) since start",
+            s.read_cache_blocks,
+            format_size(s.read_cache_used_bytes),
+            format_size(s.read_cache_bytes),
+            s.read_cache_fills_total,
+            s.read_cache_hits_total,
+            format_size(s.read_cache_hit_bytes_total)
         );
     }
     if s.compact_slices > 0 {
@@ -341,8 +357,14 @@ fn gateway_of(path: &Path) -> anyhow::Result<(PathBuf, String)> {
     best.with_context(|| format!("{} is not inside a stagefs mount", path.display()))
 }
 
-/// A block to wait for: its key and length, and the gateway that staged it.
-type Block = (BlockKey, u64, Vec<u8>);
+/// A block of a file: its key and length, the gateway that staged it, and the chunk of the file
+/// that lists it.
+struct Block {
+    key: BlockKey,
+    len: u64,
+    stager: Vec<u8>,
+    chunk_index: u64,
+}
 
 /// Every block of a file, from its chunks' slices (holes have none).
 async fn file_blocks(
@@ -373,7 +395,12 @@ async fn file_layout(
             keys.extend(
                 shared::meta::slice_block_keys(slice.slice_id, slice.len)
                     .into_iter()
-                    .map(|key| (key, key.len(), slice.gateway_id.to_vec())),
+                    .map(|key| Block {
+                        key,
+                        len: key.len(),
+                        stager: slice.gateway_id.to_vec(),
+                        chunk_index,
+                    }),
             );
         }
     }
@@ -468,11 +495,14 @@ pub async fn sync(
         // Blocks grouped by the gateway that staged them: each waits on its own gateway.
         let mut by_stager: BTreeMap<Vec<u8>, Vec<(BlockKey, u64)>> = BTreeMap::new();
         for (path, ino, size) in &files {
-            for (key, len, stager) in file_blocks(&mut meta, *ino, *size)
+            for block in file_blocks(&mut meta, *ino, *size)
                 .await
                 .with_context(|| format!("listing the blocks of {}", path.display()))?
             {
-                by_stager.entry(stager).or_default().push((key, len));
+                by_stager
+                    .entry(block.stager)
+                    .or_default()
+                    .push((block.key, block.len));
             }
         }
         let mut gateways = registry(&mut meta, &mount_gateway).await?;
@@ -488,6 +518,137 @@ pub async fn sync(
             .await?;
             wait_uploaded(&address, access, files.len(), &blocks, deadline).await?;
         }
+    }
+    Ok(())
+}
+
+/// Blocks named in one `Warmup` call (the gateway's bound).
+const WARM_BATCH: usize = 64;
+
+/// What a warmup did, summed over its calls.
+#[derive(Default, serde::Serialize)]
+struct WarmupTotals {
+    files: u64,
+    blocks: u64,
+    bytes: u64,
+    fetched: u64,
+    fetched_bytes: u64,
+    held: u64,
+    not_uploaded: u64,
+    not_kept: u64,
+    seconds: f64,
+}
+
+/// `stagefs warmup PATH…`: every uploaded block of these files (directories: all files below)
+/// is read from the object store into the read cache of the mount's gateway (`--read-cache`),
+/// so that reads of them come from its device. Shows progress; blocks not uploaded yet are
+/// left where they are staged (reads get them from that gateway).
+pub async fn warmup(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
+    let mut by_mount: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
+    for path in paths {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let (_, gateways) = gateway_of(&path)?;
+        collect_files(&path, by_mount.entry(gateways).or_default())?;
+    }
+    let terminal = std::io::stderr().is_terminal() && !json;
+    let mut reports = Vec::new();
+    for (mount_gateways, files) in by_mount {
+        let started = std::time::Instant::now();
+        let (gateway, channel) = connect_any(&mount_gateways, access).await?;
+        let mut meta = meta_client(channel.clone());
+        let mut client = staging_client(channel);
+        let mut wanted = Vec::new();
+        for (path, ino, size) in &files {
+            for block in file_blocks(&mut meta, *ino, *size)
+                .await
+                .with_context(|| format!("listing the blocks of {}", path.display()))?
+            {
+                wanted.push(proto::staging::WarmBlock {
+                    key: block.key.to_string(),
+                    ino: *ino,
+                    chunk_index: block.chunk_index,
+                });
+            }
+        }
+        let mut totals = WarmupTotals {
+            files: files.len() as u64,
+            blocks: wanted.len() as u64,
+            bytes: wanted
+                .iter()
+                .filter_map(|b| b.key.parse::<BlockKey>().ok())
+                .map(|k| k.len())
+                .sum(),
+            ..WarmupTotals::default()
+        };
+        let mut last_said = std::time::Instant::now();
+        let mut done_bytes = 0u64;
+        for batch in wanted.chunks(WARM_BATCH) {
+            let answer = client
+                .warmup(proto::staging::WarmupRequest {
+                    blocks: batch.to_vec(),
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("Warmup on {gateway}: {}", status.message()))?
+                .into_inner();
+            totals.fetched += answer.fetched;
+            totals.fetched_bytes += answer.fetched_bytes;
+            totals.held += answer.held;
+            totals.not_uploaded += answer.not_uploaded;
+            totals.not_kept += answer.not_kept;
+            done_bytes += batch
+                .iter()
+                .filter_map(|b| b.key.parse::<BlockKey>().ok())
+                .map(|k| k.len())
+                .sum::<u64>();
+            let every = if terminal {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(10)
+            };
+            if !json && last_said.elapsed() >= every {
+                let rate = done_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let line = format!(
+                    "warmup: {} of {} left ({} files on {gateway}), {}/s",
+                    format_size(totals.bytes.saturating_sub(done_bytes)),
+                    format_size(totals.bytes),
+                    files.len(),
+                    format_size(rate as u64)
+                );
+                if terminal {
+                    eprint!("\r{line}   ");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    eprintln!("{line}");
+                }
+                last_said = std::time::Instant::now();
+            }
+        }
+        totals.seconds = started.elapsed().as_secs_f64();
+        if terminal {
+            eprintln!();
+        }
+        if !json {
+            eprintln!(
+                "warmup: {} files, {} blocks ({}) on {gateway} after {:.1} s: {} read from the \
+                 store ({}), {} already there, {} not uploaded yet (read from the gateway that \
+                 staged them), {} not kept (no free space on the device)",
+                totals.files,
+                totals.blocks,
+                format_size(totals.bytes),
+                totals.seconds,
+                totals.fetched,
+                format_size(totals.fetched_bytes),
+                totals.held,
+                totals.not_uploaded,
+                totals.not_kept
+            );
+        }
+        reports.push(serde_json::json!({"gateway": gateway, "totals": totals}));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(())
 }
@@ -831,7 +992,7 @@ pub async fn fsck(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow::
     let mut most_slices = 0;
     for (index, (path, ino, size)) in files.iter().enumerate() {
         checks.push(FileCheck::default());
-        for (key, _, stager) in file_layout(&mut meta, *ino, *size, &mut most_slices)
+        for Block { key, stager, .. } in file_layout(&mut meta, *ino, *size, &mut most_slices)
             .await
             .with_context(|| format!("listing the blocks of {path}"))?
         {

@@ -71,6 +71,21 @@ enum Command {
         #[command(flatten)]
         access: client::cli::AccessArgs,
     },
+    /// Read every uploaded block of these files (directories: all files below) into the read
+    /// cache of the mount's gateway, ahead of a job that reads them: the gateway must keep one
+    /// (`stagefs-gateway serve --read-cache SIZE`), and mounts of it then read those blocks
+    /// from its device instead of the object store. Blocks not uploaded yet stay where they are
+    /// staged. Shows progress, and what was fetched, already there, or not kept.
+    Warmup {
+        /// Files or directories inside a stagefs mount.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// One JSON array (one object per mount) instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: client::cli::AccessArgs,
+    },
     /// Bytes, files and directories below each path, at once: read from the statistics every
     /// directory keeps of its own children (a read per directory below, none per file). Bytes
     /// are file sizes (holes count); a file is counted once, in the directory of the name it was
@@ -272,6 +287,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             access,
         } => client::admin::du(&paths, &access.access()?, json).await?,
+        Command::Warmup {
+            paths,
+            json,
+            access,
+        } => client::admin::warmup(&paths, &access.access()?, json).await?,
         Command::Fsck {
             gateway,
             json,

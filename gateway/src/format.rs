@@ -221,6 +221,10 @@ pub enum RecordKind {
     Uploaded = 2,
     /// Data is a list of lsns whose blocks were deleted and must never be uploaded.
     Deleted = 3,
+    /// A block fetched from the object store and kept as read cache (`--read-cache`): key and
+    /// data as in `Block`, but already in the store, so never uploaded and never pinning its
+    /// segment.
+    Cached = 4,
 }
 
 impl RecordKind {
@@ -229,6 +233,7 @@ impl RecordKind {
             1 => Some(RecordKind::Block),
             2 => Some(RecordKind::Uploaded),
             3 => Some(RecordKind::Deleted),
+            4 => Some(RecordKind::Cached),
             _ => None,
         }
     }

@@ -179,6 +179,13 @@ struct ServeArgs {
     /// Share of the device in use at which staging resumes after the high-water mark.
     #[arg(long, value_name = "SHARE", value_parser = high_water::parse_share, default_value = "80%")]
     staging_low_water: f64,
+    /// Bytes of the device that blocks fetched from the object store may hold as read cache:
+    /// blocks this gateway reads from the store for a client, and those `stagefs warmup` asks
+    /// for, stay on the device and are served from there, least recently read first out. They
+    /// never hold space staging needs (the log reuses it as for any uploaded block) and survive
+    /// a restart. Mounts of a gateway with a read cache read uploaded blocks through it. 0: off.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    read_cache: u64,
     /// How long a write waits for space on a full device before RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     full_wait: Duration,
@@ -646,6 +653,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             full_wait: args.full_wait,
             uploads_paused: args.uploads_paused,
             device_timeout: args.device_timeout,
+            read_cache_bytes: args.read_cache,
             upload: UploadPolicy {
                 delay: args.upload_delay,
                 max_attempts: args.upload_max_attempts.max(1),

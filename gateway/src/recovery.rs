@@ -200,7 +200,7 @@ fn scan_segment(
         }
         records += 1;
         match header.kind {
-            RecordKind::Block => report.blocks.push(ScannedBlock {
+            RecordKind::Block | RecordKind::Cached => report.blocks.push(ScannedBlock {
                 key,
                 lsn: header.lsn,
                 segment: index as usize,

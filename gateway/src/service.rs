@@ -64,6 +64,73 @@ impl StagingService {
     }
 }
 
+/// Blocks one `Warmup` call may name.
+const MAX_WARM_BLOCKS: usize = 64;
+/// Store reads one `Warmup` call runs at once.
+const WARM_FETCHES: usize = 4;
+
+/// What a warmup did with one block.
+enum Warmed {
+    Fetched(u64),
+    Held,
+    NotUploaded,
+    NotKept,
+}
+
+impl StagingService {
+    /// [`Self::range_from_store`], for a gateway with a read cache: the whole block is read and
+    /// kept on the device (in the background: the reader does not wait for the device), so the
+    /// next read of it is served from there.
+    async fn read_through(
+        &self,
+        key: &BlockKey,
+        range: std::ops::Range<u64>,
+        confined: bool,
+    ) -> Result<bytes::Bytes, Status> {
+        if !self.log().keeps_read_cache() || range.is_empty() {
+            return self.range_from_store(key, range, confined).await;
+        }
+        let whole = self.range_from_store(key, 0..key.len(), confined).await?;
+        let (log, key_kept, data) = (self.log().clone(), *key, whole.clone());
+        tokio::spawn(async move {
+            if let Err(error) = log.fill(key_kept, &data).await {
+                tracing::warn!(key = %key_kept, %error, "could not keep a block read from the store as read cache");
+            }
+        });
+        Ok(whole.slice(range.start as usize..range.end as usize))
+    }
+
+    /// One block of a warmup: read from the store and kept, unless the device holds it.
+    async fn warm(&self, key: BlockKey, source: &str, confined: bool) -> Result<Warmed, Status> {
+        if self
+            .log()
+            .entry(&key)
+            .is_some_and(|e| e.state != BlockState::Deleted)
+        {
+            return Ok(Warmed::Held);
+        }
+        let limits = &self.node.limits;
+        let _room = limits
+            .inflight
+            .reserve(source, key.len(), limits.stream_idle_timeout)
+            .await?;
+        let data = match self.range_from_store(&key, 0..key.len(), confined).await {
+            Ok(data) => data,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Ok(Warmed::NotUploaded)
+            }
+            Err(status) => return Err(status),
+        };
+        match self.log().fill(key, &data).await {
+            Ok(true) => Ok(Warmed::Fetched(key.len())),
+            // Raced with a read or a staged write of the same block: it is here now.
+            Ok(false) if self.log().entry(&key).is_some() => Ok(Warmed::Held),
+            Ok(false) => Ok(Warmed::NotKept),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// `text` (an object store's error, which names the store's address), or for a tenant confined
 /// to a directory, which is not told where the store is, only that there is something.
 fn withheld(confined: bool, text: String) -> String {
@@ -335,7 +402,7 @@ impl Staging for StagingService {
                 )))
             }
             Err(StagingError::NotFound(_)) if req.from_store => (
-                self.range_from_store(&key, range, tenant.root.is_some())
+                self.read_through(&key, range, tenant.root.is_some())
                     .await?,
                 BlockState::Uploaded,
             ),
@@ -348,6 +415,60 @@ impl Staging for StagingService {
             crc32c,
             state: proto_state(state) as i32,
         }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<pb::WarmupRequest>,
+    ) -> Result<Response<pb::WarmupResponse>, Status> {
+        use futures::StreamExt;
+        let source = source_of(&request);
+        let tenant = tenant_of(&request);
+        let req = request.into_inner();
+        if !self.log().keeps_read_cache() {
+            return Err(Status::failed_precondition(
+                "this gateway keeps no read cache: start it with --read-cache SIZE to warm it up",
+            ));
+        }
+        if req.blocks.len() > MAX_WARM_BLOCKS {
+            return Err(Status::invalid_argument(format!(
+                "{} blocks in one Warmup call; at most {MAX_WARM_BLOCKS}",
+                req.blocks.len()
+            )));
+        }
+        let engine = self.node.meta.as_ref();
+        let mut keys = Vec::with_capacity(req.blocks.len());
+        let scope = Scope::of(tenant.clone(), engine)
+            .await
+            .map_err(|e| crate::meta_service::meta_status("Warmup", &e))?;
+        for block in &req.blocks {
+            let key = parse_key(&block.key)?;
+            scope
+                .may_read_block(engine, &key, block.ino, block.chunk_index)
+                .await
+                .map_err(|e| crate::meta_service::meta_status("Warmup", &e))?;
+            keys.push(key);
+        }
+        let confined = tenant.root.is_some();
+        let results: Vec<Result<Warmed, Status>> = futures::stream::iter(keys)
+            .map(|key| self.warm(key, &source, confined))
+            .buffer_unordered(WARM_FETCHES)
+            .collect()
+            .await;
+        let mut out = pb::WarmupResponse::default();
+        for result in results {
+            match result? {
+                Warmed::Fetched(bytes) => {
+                    out.fetched += 1;
+                    out.fetched_bytes += bytes;
+                }
+                Warmed::Held => out.held += 1,
+                Warmed::NotUploaded => out.not_uploaded += 1,
+                Warmed::NotKept => out.not_kept += 1,
+            }
+        }
+        count_bytes(&tenant.name, "warmup", out.fetched_bytes);
+        Ok(Response::new(out))
     }
 
     async fn stat_blocks(
@@ -782,6 +903,12 @@ impl StagingService {
             // Filled in by `status`, which can wait for the database.
             mirror: false,
             replica_lag_seconds: -1.0,
+            read_cache_bytes: snap.read_cache_budget,
+            read_cache_blocks: snap.read_cache_held.0,
+            read_cache_used_bytes: snap.read_cache_held.1,
+            read_cache_fills_total: snap.counters.cache_fills,
+            read_cache_hits_total: snap.counters.cache_hits,
+            read_cache_hit_bytes_total: snap.counters.cache_hit_bytes,
         }
     }
 }

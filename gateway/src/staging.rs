@@ -29,12 +29,14 @@ use crate::tasks::Tasks;
 mod index;
 mod journal;
 pub mod metrics;
+mod read_cache;
 pub mod uploads;
 
 use index::BlockIndex;
-use journal::{Journal, WriteJob};
+use journal::{Journal, RecordUse, WriteJob};
 pub use metrics::Counters;
 use metrics::StagingMetrics;
+use read_cache::ReadCache;
 pub use uploads::UploadPolicy;
 use uploads::{Next, UploadQueue};
 
@@ -132,7 +134,24 @@ struct LogState {
     journal: Journal,
     index: BlockIndex,
     uploads: UploadQueue,
+    /// Blocks fetched from the store and kept (`--read-cache`), least recently read first out.
+    read_cache: ReadCache,
     waiting_for_space: u64,
+}
+
+impl LogState {
+    /// Drops from the index the blocks the read cache let go (if they are still its: uploaded).
+    fn drop_cached(&mut self, keys: Vec<BlockKey>) {
+        for key in keys {
+            if self
+                .index
+                .get(&key)
+                .is_some_and(|e| e.state == BlockState::Uploaded)
+            {
+                self.index.remove(&key);
+            }
+        }
+    }
 }
 
 /// Above this share of used segments, uploads run outside their window (the device must not
@@ -196,6 +215,8 @@ pub struct LogConfig {
     /// Bound on one device operation; past it the device counts as failed.
     pub device_timeout: Duration,
     pub upload: UploadPolicy,
+    /// Bytes of blocks fetched from the store the log may keep as read cache (0: none).
+    pub read_cache_bytes: u64,
 }
 
 const META_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -219,6 +240,8 @@ impl StagingLog {
         let mut journal = Journal::recovered(&sb, &scan);
         let mut index = BlockIndex::default();
         let mut uploads = UploadQueue::new(config.upload.clone(), config.uploads_paused);
+        let mut read_cache = ReadCache::new(config.read_cache_bytes);
+        let mut cached_out = Vec::new();
         let mut recovered = 0;
         let mut corrupt = scan.corrupt.clone();
         for block in &scan.blocks {
@@ -234,9 +257,10 @@ impl StagingLog {
                     continue;
                 }
             };
+            let cached = block.header.kind == RecordKind::Cached;
             let state = if scan.deleted.contains(&block.lsn) {
                 BlockState::Deleted
-            } else if scan.uploaded.contains(&block.lsn) {
+            } else if cached || scan.uploaded.contains(&block.lsn) {
                 BlockState::Uploaded
             } else {
                 BlockState::Staged
@@ -255,6 +279,10 @@ impl StagingLog {
             // unless it was deleted.
             if !index.insert(key, entry) {
                 continue;
+            }
+            if cached && state == BlockState::Uploaded {
+                // In lsn order: the least recent fills go first when the budget shrank.
+                cached_out.extend(read_cache.admit(key, key.len()));
             }
             if state == BlockState::Staged {
                 journal.pin(block.segment);
@@ -276,12 +304,14 @@ impl StagingLog {
                 }
             }
         }
-        let state = LogState {
+        let mut state = LogState {
             journal,
             index,
             uploads,
+            read_cache,
             waiting_for_space: 0,
         };
+        state.drop_cached(cached_out);
         for c in &corrupt {
             tracing::error!(segment = c.segment, device_offset = c.device_offset, key = ?c.key, reason = %c.reason, "corrupt record found during recovery; it is never served or uploaded");
         }
@@ -450,7 +480,7 @@ impl StagingLog {
                 record,
                 key.block_len,
                 data_crc,
-                true,
+                RecordUse::Staged,
             )
             .await?;
         let (lsn, segment, device_offset, segment_sequence) = lsn;
@@ -486,6 +516,73 @@ impl StagingLog {
         Ok(lsn)
     }
 
+    /// Whether the log keeps blocks fetched from the store (`--read-cache` above 0).
+    pub fn keeps_read_cache(&self) -> bool {
+        self.lock().read_cache.budget() > 0
+    }
+
+    /// Keeps block `key`, whose bytes `data` were just read from the object store, as read
+    /// cache: written to the device like a staged block (so it survives a restart) but never
+    /// uploaded and never holding space that staging needs. Returns whether it was written: not
+    /// when the cache is off, the block is already held, or the device has no free space (a
+    /// cache fill never waits for it).
+    pub async fn fill(&self, key: BlockKey, data: &[u8]) -> Result<bool, StagingError> {
+        if data.len() as u64 != key.len() {
+            return Err(StagingError::Corrupt {
+                key: key.to_string(),
+                reason: format!(
+                    "{} bytes from the store, the key says {}",
+                    data.len(),
+                    key.len()
+                ),
+            });
+        }
+        {
+            let st = self.lock();
+            if st.read_cache.budget() == 0 || st.index.live(&key).is_some() {
+                return Ok(false);
+            }
+        }
+        let key_text = key.to_string();
+        let crc = crc32c::crc32c(data);
+        let record = crate::node::record_with(&key, data);
+        let appended = self
+            .append(
+                RecordKind::Cached,
+                key_text.as_bytes(),
+                record,
+                key.block_len,
+                crc,
+                RecordUse::Cached,
+            )
+            .await;
+        let (lsn, segment, device_offset, segment_sequence) = match appended {
+            Ok(at) => at,
+            Err(StagingError::Full { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut st = self.lock();
+        st.journal.add_key(segment, key);
+        let mut entry = BlockIndex::entry(
+            lsn,
+            segment,
+            segment_sequence,
+            device_offset,
+            key.block_len,
+            crc,
+        );
+        entry.state = BlockState::Uploaded;
+        // A staged write or another fill of the same block may have won the race.
+        if !st.index.insert(key, entry) {
+            return Ok(false);
+        }
+        let out = st.read_cache.admit(key, key.len());
+        st.drop_cached(out);
+        drop(st);
+        self.metrics.cache_filled(key.len());
+        Ok(true)
+    }
+
     /// Allocates space, writes the record, waits until it is durable.
     /// Returns (lsn, segment index, device offset, segment sequence).
     async fn append(
@@ -495,7 +592,7 @@ impl StagingLog {
         mut record: AlignedBuf,
         data_len: u32,
         data_crc: u32,
-        is_data: bool,
+        use_: RecordUse,
     ) -> Result<(u64, usize, u64, u64), StagingError> {
         let len = record.len() as u64;
         let started = Instant::now();
@@ -508,12 +605,21 @@ impl StagingLog {
                     return Err(StagingError::Failed(reason));
                 }
                 let mut st = self.lock();
-                if let Some(mut alloc) = st.journal.allocate(len, is_data, &self.sb) {
+                if let Some(mut alloc) = st.journal.allocate(len, use_, &self.sb) {
                     // Reuse: index entries still pointing into the segment's previous life go.
                     if let Some((segment, sequence, keys)) = alloc.evicted.take() {
-                        st.index.evict(segment, sequence, keys);
+                        for key in st.index.evict(segment, sequence, keys) {
+                            st.read_cache.forget(&key);
+                        }
                     }
                     break alloc;
+                }
+                if use_ == RecordUse::Cached {
+                    // Read cache never waits for space: the block is in the store anyway.
+                    return Err(StagingError::Full {
+                        waited: Duration::ZERO,
+                        waiting_bytes: st.index.pending_bytes(),
+                    });
                 }
                 st.waiting_for_space += 1;
             }
@@ -747,7 +853,15 @@ impl StagingLog {
             .filter(|e| e.state != BlockState::Deleted)
             .ok_or_else(|| StagingError::NotFound(key.to_string()))?;
         match self.read_verified(key, &entry).await {
-            Ok(bytes) => Ok((bytes, entry.state)),
+            Ok(bytes) => {
+                let mut st = self.lock();
+                if st.read_cache.contains(key) {
+                    st.read_cache.touch(key);
+                    drop(st);
+                    self.metrics.cache_hit(bytes.len() as u64);
+                }
+                Ok((bytes, entry.state))
+            }
             Err(StagingError::Corrupt { .. }) if !entry.state.is_pending() => {
                 // An uploaded block whose segment was reused since: not here any more.
                 Err(StagingError::NotFound(key.to_string()))
@@ -780,7 +894,7 @@ impl StagingLog {
         let header = RecordHeader::decode(&buf, entry.segment_sequence)
             .map_err(|_| corrupt("record header invalid"))?;
         if header.lsn != entry.lsn
-            || header.kind != RecordKind::Block
+            || !matches!(header.kind, RecordKind::Block | RecordKind::Cached)
             || header.data_len != entry.data_len
         {
             return Err(corrupt("record header does not match the index"));
@@ -1013,9 +1127,16 @@ impl StagingLog {
                 .copy_from_slice(&lsn.to_le_bytes());
         }
         let crc = crc32c::crc32c(&record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + data_len]);
-        self.append(kind, b"", record, data_len as u32, crc, false)
-            .await
-            .map(|_| ())
+        self.append(
+            kind,
+            b"",
+            record,
+            data_len as u32,
+            crc,
+            RecordUse::Bookkeeping,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Drops staged blocks of deleted data: those not yet uploaded never will be. Durable before
@@ -1043,6 +1164,7 @@ impl StagingLog {
                 }
                 e.state = BlockState::Deleted;
                 let (lsn, segment) = (e.lsn, e.segment);
+                st.read_cache.forget(key);
                 lsns.push(lsn);
                 if !was.is_pending() {
                     not_pending += 1;
@@ -1101,6 +1223,8 @@ impl StagingLog {
             upload_window_closed: !st.upload_window_open(),
             writers_waiting_for_space: st.waiting_for_space,
             failure: self.failure(),
+            read_cache_budget: st.read_cache.budget(),
+            read_cache_held: st.read_cache.held(),
             ..Default::default()
         };
         for (key, e) in st.index.iter() {
@@ -1155,6 +1279,9 @@ pub struct Snapshot {
     pub writers_waiting_for_space: u64,
     /// Why the log accepts no more writes.
     pub failure: Option<String>,
+    /// `--read-cache`, and the (blocks, bytes) it holds now.
+    pub read_cache_budget: u64,
+    pub read_cache_held: (u64, u64),
 }
 
 /// Bounds of one vectored write (IOV_MAX is 1024).

@@ -77,6 +77,8 @@ pub struct VolumeOptions {
     /// Bound on one device operation (`--device-timeout`).
     pub device_timeout: Duration,
     pub upload: UploadPolicy,
+    /// Bytes of blocks fetched from the store kept as read cache (`--read-cache`; 0: none).
+    pub read_cache_bytes: u64,
 }
 
 /// The default `--device-timeout`: far above any healthy fdatasync of a cloud volume (tens of
@@ -340,6 +342,7 @@ pub async fn open_volume_with_meta(
             uploads_paused: opts.uploads_paused,
             device_timeout: opts.device_timeout,
             upload: opts.upload.clone(),
+            read_cache_bytes: opts.read_cache_bytes,
         },
         tasks,
     );
@@ -484,6 +487,7 @@ pub async fn small_test_volume_with(
         uploads_paused,
         device_timeout: DEFAULT_DEVICE_TIMEOUT,
         upload,
+        read_cache_bytes: 0,
     })
     .await
     .expect("a test volume")
@@ -505,6 +509,7 @@ mod tests {
             uploads_paused: true,
             device_timeout: DEFAULT_DEVICE_TIMEOUT,
             upload: UploadPolicy::default(),
+            read_cache_bytes: 0,
         }
     }
 

@@ -103,6 +103,13 @@ impl Staging for Sink {
     ) -> Result<Response<proto::staging::CollectGarbageResponse>, Status> {
         Err(Status::unimplemented("sink"))
     }
+
+    async fn warmup(
+        &self,
+        _: Request<proto::staging::WarmupRequest>,
+    ) -> Result<Response<proto::staging::WarmupResponse>, Status> {
+        Err(Status::unimplemented("sink"))
+    }
 }
 
 /// `nodelay`: whether accepted sockets get TCP_NODELAY. `Server::tcp_nodelay` does not apply to

@@ -66,13 +66,24 @@ impl BlockSource {
         BlockSource { gateways, store }
     }
 
-    /// Bytes `range` of block `key` from the object store: directly, or through a live gateway.
+    /// Bytes `range` of block `key` from the object store: through the mount's read-cache
+    /// gateway (which keeps it), directly, or through a live gateway.
     async fn read_store(
         &self,
         key: BlockKey,
         range: Range<u64>,
         home: &BlockHome,
+        cache: Option<&Arc<dyn BlockApi>>,
     ) -> FsResult<Option<Bytes>> {
+        if let Some(near) = cache {
+            match near.read_block(key, range.clone(), home, true).await {
+                Ok(found) => return Ok(found),
+                Err(e) if self.store.is_some() => {
+                    tracing::debug!(%key, error = %e, "read-cache gateway failed; reading the store directly");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let Some(store) = &self.store else {
             let route = self.gateways.route(home.ino, home.chunk_index).await?;
             return route.blocks.read_block(key, range, home, true).await;
@@ -104,14 +115,33 @@ impl BlockSource {
                 key.len()
             )));
         }
+        // A gateway near this mount that keeps a read cache is asked first: a block warmed
+        // there, or read through it before, comes from its device. Then the gateway that staged
+        // the block; then the store, through the near gateway so that it keeps the block.
+        let cache = self.gateways.read_cache().await;
+        let home_caches = cache.as_ref().is_some_and(|(id, _)| *id == home.gateway_id);
+        if let Some((id, near)) = cache.as_ref().filter(|_| !home_caches) {
+            match near.read_block(key, range.clone(), home, false).await {
+                Ok(Some(data)) => return check_len(&key, data, want),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "read-cache gateway failed; reading elsewhere");
+                    self.gateways.forget(id);
+                }
+            }
+        }
+        let cache = cache.map(|(_, near)| near);
         let wait = self.gateways.takeover_wait();
         let deadline = std::time::Instant::now() + wait;
         let mut waited = false;
         loop {
-            let unreachable = match self.read_from_gateway(key, range.clone(), home).await {
+            let unreachable = match self
+                .read_from_gateway(key, range.clone(), home, home_caches)
+                .await
+            {
                 FromGateway::Held(data) => return check_len(&key, data, want),
-                // Without a store of its own, the gateway looked there too.
-                FromGateway::NotHeld if self.store.is_none() => {
+                // Without a store of its own, or as the read cache, the gateway looked there too.
+                FromGateway::NotHeld if self.store.is_none() || home_caches => {
                     return Err(FsError::BlockMissing {
                         key: key.to_string(),
                     })
@@ -119,7 +149,9 @@ impl BlockSource {
                 FromGateway::NotHeld => None,
                 FromGateway::Unreachable(e) => Some(e),
             };
-            let from_store = match self.read_store(key, range.clone(), home).await {
+            // A read-cache gateway that staged the block already looked in the store.
+            let near = cache.as_ref().filter(|_| !home_caches);
+            let from_store = match self.read_store(key, range.clone(), home, near).await {
                 // Another gateway failing is not the one that staged it coming back.
                 Err(e) if unreachable.is_some() && e.is_transient() => None,
                 other => other?,
@@ -151,13 +183,14 @@ impl BlockSource {
     }
 
     /// The block from the gateway that staged it (which reads the store for it when this
-    /// client has none). A gateway that fails is resolved afresh and tried once more: it may
-    /// have restarted at another address.
+    /// client has none, or when it is the mount's read-cache gateway: `caches`). A gateway that
+    /// fails is resolved afresh and tried once more: it may have restarted at another address.
     async fn read_from_gateway(
         &self,
         key: BlockKey,
         range: Range<u64>,
         home: &BlockHome,
+        caches: bool,
     ) -> FromGateway {
         let gateway_id = &home.gateway_id;
         let mut last_error = None;
@@ -176,7 +209,7 @@ impl BlockSource {
                 Err(e) => return FromGateway::Unreachable(e),
             };
             match gateway
-                .read_block(key, range.clone(), home, self.store.is_none())
+                .read_block(key, range.clone(), home, self.store.is_none() || caches)
                 .await
             {
                 Ok(Some(data)) => return FromGateway::Held(data),

@@ -27,6 +27,7 @@ use tonic::Code;
 
 use super::block_api::{BlockApi, BlockHome};
 use super::error::{FsError, FsResult};
+use super::meta_api::GatewayId;
 
 /// How long one block may wait for its acknowledgement. A full device makes the gateway hold
 /// writers for its `--full-wait` (30 s by default) before answering, so this is well above it.
@@ -93,6 +94,26 @@ enum Attempt {
 }
 
 impl GrpcBlocks {
+    /// The gateway's id when it keeps a read cache (`--read-cache`), from its Status; `None`
+    /// when it keeps none or does not answer (reads then go as without one).
+    pub async fn read_cache_id(&self) -> Option<GatewayId> {
+        let mut request = tonic::Request::new(proto::staging::StatusRequest {});
+        request.set_timeout(READ_TIMEOUT);
+        let status = match self.client.clone().status(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => {
+                tracing::debug!(%status, "cannot ask the gateway whether it keeps a read cache");
+                return None;
+            }
+        };
+        if status.read_cache_bytes == 0 {
+            return None;
+        }
+        uuid::Uuid::parse_str(&status.gateway_id)
+            .ok()
+            .map(|id| *id.as_bytes())
+    }
+
     pub fn new(channel: GatewayChannel) -> Self {
         GrpcBlocks {
             client: super::channel::staging_client(channel),

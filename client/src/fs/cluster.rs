@@ -74,6 +74,8 @@ struct State {
     /// The session was opened at a mirror gateway: metadata calls stay with the addresses given
     /// (the registry's gateways are in the source region, behind the mirror).
     mirror: bool,
+    /// The gateway the session was opened at, when it keeps a read cache: (id, address).
+    read_cache: Option<(GatewayId, String)>,
     refreshed: Option<Instant>,
 }
 
@@ -125,11 +127,16 @@ impl Cluster {
             let conn = Conn::new(channel);
             match conn.meta.open_session(description).await {
                 Ok(grant) => {
+                    let read_cache = conn.blocks.read_cache_id().await;
+                    if let Some(id) = read_cache {
+                        tracing::info!(gateway = %address, id = %uuid_text(&id), "uploaded blocks are read through this gateway's read cache");
+                    }
                     {
                         let mut state = cluster.lock();
                         state.conns.insert(address.clone(), conn);
                         state.meta_at = address.clone();
                         state.mirror = grant.mirror;
+                        state.read_cache = read_cache.map(|id| (id, address.clone()));
                         // A mirror answers with the source's grant: its gateway is not here.
                         if !grant.mirror {
                             state.members.insert(
@@ -364,7 +371,15 @@ impl GatewayDirectory for Cluster {
     }
 
     fn forget(&self, id: &GatewayId) {
-        let address = self.lock().members.get(id).map(|m| m.address.clone());
+        let address = {
+            let state = self.lock();
+            let cache = state.read_cache.as_ref().filter(|(c, _)| c == id);
+            state
+                .members
+                .get(id)
+                .map(|m| m.address.clone())
+                .or_else(|| cache.map(|(_, address)| address.clone()))
+        };
         if let Some(address) = address {
             self.mark_down(&address);
         }
@@ -402,6 +417,16 @@ impl GatewayDirectory for Cluster {
 
     async fn refresh(&self) {
         self.refresh_now().await;
+    }
+
+    async fn read_cache(&self) -> Option<(GatewayId, Arc<dyn BlockApi>)> {
+        let mut state = self.lock();
+        let (id, address) = state.read_cache.clone()?;
+        if state.is_down(&address, Instant::now()) {
+            return None;
+        }
+        let conn = self.conn(&mut state, &address).ok()?;
+        Some((id, conn.blocks as Arc<dyn BlockApi>))
     }
 
     fn takeover_wait(&self) -> Duration {

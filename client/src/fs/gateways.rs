@@ -41,6 +41,12 @@ pub trait GatewayDirectory: Send + Sync + 'static {
     async fn route(&self, ino: Ino, chunk_index: u64) -> FsResult<Route>;
     /// Looks at the registry again now (a gateway may have come back, or moved).
     async fn refresh(&self) {}
+    /// The gateway whose read cache (`--read-cache`) this mount reads uploaded blocks through,
+    /// with its id: the one it opened its session at, when that one keeps a read cache and has
+    /// not failed lately. `None`: uploaded blocks come from the store as they are.
+    async fn read_cache(&self) -> Option<(GatewayId, Arc<dyn BlockApi>)> {
+        None
+    }
     /// How long a call waits for an unreachable gateway to come back (restart or takeover)
     /// before it fails.
     fn takeover_wait(&self) -> Duration {

@@ -1021,6 +1021,13 @@ impl Staging for FakeGateway {
     ) -> Answer<proto::staging::CollectGarbageResponse> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn warmup(
+        &self,
+        _: Request<proto::staging::WarmupRequest>,
+    ) -> Answer<proto::staging::WarmupResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 async fn serve_fake(gateway: FakeGateway) -> SocketAddr {

@@ -47,8 +47,10 @@ impl BlockIndex {
         true
     }
 
-    /// Drops the entries that point into the previous life (`sequence`) of `segment`.
-    pub fn evict(&mut self, segment: usize, sequence: u64, keys: Vec<BlockKey>) {
+    /// Drops the entries that point into the previous life (`sequence`) of `segment`; returns
+    /// their keys.
+    pub fn evict(&mut self, segment: usize, sequence: u64, keys: Vec<BlockKey>) -> Vec<BlockKey> {
+        let mut removed = Vec::new();
         for key in keys {
             if self
                 .entries
@@ -56,8 +58,15 @@ impl BlockIndex {
                 .is_some_and(|e| e.segment == segment && e.segment_sequence == sequence)
             {
                 self.entries.remove(&key);
+                removed.push(key);
             }
         }
+        removed
+    }
+
+    /// Drops `key`'s entry (a block the read cache let go).
+    pub fn remove(&mut self, key: &BlockKey) {
+        self.entries.remove(key);
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&BlockKey, &Entry)> {

@@ -50,6 +50,17 @@ struct Segment {
     keys: Vec<BlockKey>,
 }
 
+/// What a record is for, which decides what space it may take and whether it pins it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RecordUse {
+    /// A staged block: may not take the reserve, pins its segment until uploaded.
+    Staged,
+    /// A block kept as read cache: may not take the reserve, pins nothing (it is in the store).
+    Cached,
+    /// An upload or delete record: may take the reserve.
+    Bookkeeping,
+}
+
 /// One record (or segment header) waiting to be written.
 pub(super) struct WriteJob {
     pub lsn: u64,
@@ -156,9 +167,9 @@ impl Journal {
     }
 
     /// Room for a record of `len` bytes, opening the next segment when the head one is full;
-    /// `None` when the ring is full (for a data record: when only the reserve is left). A data
-    /// record pins its segment from now on.
-    pub fn allocate(&mut self, len: u64, is_data: bool, sb: &Superblock) -> Option<Allocation> {
+    /// `None` when the ring is full (for a block record: when only the reserve is left). A
+    /// staged block pins its segment from now on.
+    pub fn allocate(&mut self, len: u64, use_: RecordUse, sb: &Superblock) -> Option<Allocation> {
         let mut new_segment = None;
         let mut evicted = None;
         if self.head_offset + len > sb.segment_bytes {
@@ -169,7 +180,10 @@ impl Journal {
                 .iter()
                 .filter(|s| s.use_ == SegmentUse::Free)
                 .count();
-            let reserve = if is_data { RESERVED_SEGMENTS } else { 0 };
+            let reserve = match use_ {
+                RecordUse::Staged | RecordUse::Cached => RESERVED_SEGMENTS,
+                RecordUse::Bookkeeping => 0,
+            };
             if self.segments[next].use_ != SegmentUse::Free || free <= reserve {
                 return None;
             }
@@ -205,7 +219,7 @@ impl Journal {
         let lsn = self.take_lsn();
         let device_offset = sb.segment_offset(self.head as u64) + self.head_offset;
         self.head_offset += len;
-        if is_data {
+        if use_ == RecordUse::Staged {
             // Pinned from now on, not from the acknowledgement: a segment must never be reclaimed
             // while a block write into it is still in flight.
             self.segments[self.head].pending += 1;

@@ -19,6 +19,10 @@ pub struct StagingMetrics {
     uploaded_bytes: AtomicU64,
     upload_retries: AtomicU64,
     upload_failures: AtomicU64,
+    cache_fills: AtomicU64,
+    cache_filled_bytes: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_hit_bytes: AtomicU64,
     recent: Mutex<Recent>,
 }
 
@@ -41,6 +45,11 @@ pub struct Counters {
     pub upload_failures: u64,
     pub upload_bytes_per_sec: f64,
     pub last_store_error: Option<String>,
+    /// Blocks (and bytes) written as read cache, and reads served from it.
+    pub cache_fills: u64,
+    pub cache_filled_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_hit_bytes: u64,
 }
 
 impl StagingMetrics {
@@ -81,6 +90,22 @@ impl StagingMetrics {
         metrics::counter!("stagefs_gateway_upload_failures_total").increment(1);
     }
 
+    /// A block fetched from the store kept as read cache.
+    pub fn cache_filled(&self, bytes: u64) {
+        self.cache_fills.fetch_add(1, Relaxed);
+        self.cache_filled_bytes.fetch_add(bytes, Relaxed);
+        metrics::counter!("stagefs_gateway_read_cache_fills_total").increment(1);
+        metrics::counter!("stagefs_gateway_read_cache_filled_bytes_total").increment(bytes);
+    }
+
+    /// A read served from the read cache.
+    pub fn cache_hit(&self, bytes: u64) {
+        self.cache_hits.fetch_add(1, Relaxed);
+        self.cache_hit_bytes.fetch_add(bytes, Relaxed);
+        metrics::counter!("stagefs_gateway_read_cache_hits_total").increment(1);
+        metrics::counter!("stagefs_gateway_read_cache_hit_bytes_total").increment(bytes);
+    }
+
     pub fn snapshot(&self) -> Counters {
         let now = Instant::now();
         let (window, last_store_error) = {
@@ -103,6 +128,10 @@ impl StagingMetrics {
             upload_failures: self.upload_failures.load(Relaxed),
             upload_bytes_per_sec: window as f64 / RATE_WINDOW.as_secs_f64(),
             last_store_error,
+            cache_fills: self.cache_fills.load(Relaxed),
+            cache_filled_bytes: self.cache_filled_bytes.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_hit_bytes: self.cache_hit_bytes.load(Relaxed),
         }
     }
 }

@@ -17,6 +17,7 @@ pub(super) fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
         uploads_paused: false,
         device_timeout: crate::volume::DEFAULT_DEVICE_TIMEOUT,
         upload: UploadPolicy::default(),
+        read_cache_bytes: 0,
     }
 }
 
@@ -505,5 +506,112 @@ async fn leftovers_under_a_later_lifes_segment_header_stay_dead() {
         "its record never reached the device"
     );
     assert_eq!(log.recovery.blocks, 1, "block 1 only");
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn read_cache_fills_are_served_never_uploaded_kept_across_a_restart_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path(), 64 << 20);
+    // Room for three blocks of 1 MB.
+    opts.read_cache_bytes = 3_000_000;
+    let log = open_volume(&opts).await.unwrap();
+    let staged = put(&log, 1, 1_000_000).await.unwrap();
+    let mut filled = Vec::new();
+    for slice in 10..13 {
+        let (key, data) = block(slice, 1_000_000);
+        assert!(log.fill(key, &data).await.unwrap(), "block {slice} is kept");
+        filled.push(key);
+    }
+    // A held block is not written twice; a staged one is not the cache's.
+    let (key, data) = block(10, 1_000_000);
+    assert!(!log.fill(key, &data).await.unwrap());
+    let (key, data) = block(1, 1_000_000);
+    assert!(!log.fill(key, &data).await.unwrap());
+    assert_eq!(log.entry(&staged).unwrap().state, BlockState::Staged);
+    // Fills are in the store already: never queued, served from the device.
+    assert_eq!(log.snapshot().queue_len, 1, "only the staged block waits");
+    for key in &filled {
+        let (bytes, state) = log.read_block(key).await.unwrap();
+        assert_eq!(state, BlockState::Uploaded);
+        assert_eq!(&bytes[..], &block(key.slice_id, key.block_len).1[..]);
+    }
+    // Read 10 again: 11 is now the least recently read, and goes for a fourth fill.
+    log.read_block(&filled[0]).await.unwrap();
+    let (key, data) = block(13, 1_000_000);
+    assert!(log.fill(key, &data).await.unwrap());
+    filled.push(key);
+    assert!(
+        log.entry(&filled[1]).is_none(),
+        "the least recently read left"
+    );
+    let snap = log.snapshot();
+    assert_eq!(snap.read_cache_held, (3, 3_000_000));
+    assert_eq!(snap.counters.cache_fills, 4);
+    assert!(snap.counters.cache_hits >= 4);
+    log.shutdown().await;
+    drop(log);
+
+    // The fills come back after a restart as uploaded blocks, and are still not uploaded.
+    // When they are more than the budget, the most recently fetched stay (how recently each
+    // was read is not written down): 11's record is still on the device, 10 is the oldest.
+    let log = open_volume(&opts).await.unwrap();
+    assert_eq!(
+        log.recovery.blocks, 1,
+        "only the staged block waits for upload"
+    );
+    for key in &filled[1..] {
+        let (bytes, state) = log.read_block(key).await.unwrap();
+        assert_eq!(state, BlockState::Uploaded);
+        assert_eq!(&bytes[..], &block(key.slice_id, key.block_len).1[..]);
+    }
+    assert!(log.entry(&filled[0]).is_none());
+    let snap = log.snapshot();
+    assert_eq!(snap.read_cache_held, (3, 3_000_000));
+    assert_eq!(snap.queue_len, 1);
+    log.shutdown().await;
+    drop(log);
+
+    // A log without a read cache keeps nothing it is offered.
+    opts.read_cache_bytes = 0;
+    let log = open_volume(&opts).await.unwrap();
+    let (key, data) = block(20, 1_000);
+    assert!(!log.fill(key, &data).await.unwrap());
+    assert!(log.entry(&key).is_none());
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn read_cache_fills_never_take_space_staging_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 segments of 8 MiB; one is kept in reserve for bookkeeping records.
+    let mut opts = options(dir.path(), 2 * 4096 + 5 * (8 << 20));
+    opts.read_cache_bytes = 1 << 30;
+    opts.uploads_paused = true;
+    let log = open_volume(&opts).await.unwrap();
+    // Fill the device with cache: more than it can hold, so the ring wraps.
+    for slice in 100..130 {
+        let (key, data) = block(slice, 2 << 20);
+        log.fill(key, &data).await.unwrap();
+    }
+    // Staging still gets every data segment: twelve 2 MiB blocks, as on an empty device.
+    let mut staged = Vec::new();
+    while staged.len() < 12 {
+        staged.push(put(&log, 1 + staged.len() as u64, 2 << 20).await.unwrap());
+    }
+    // And a fill on a device full of staged data is refused at once, not waited for.
+    let (key, data) = block(200, 2 << 20);
+    let started = Instant::now();
+    assert!(!log.fill(key, &data).await.unwrap());
+    assert!(
+        started.elapsed() < opts.full_wait,
+        "a fill never waits for space"
+    );
+    for key in &staged {
+        assert_eq!(
+            &log.read_block(key).await.unwrap().0[..],
+            &block(key.slice_id, key.block_len).1[..]
+        );
+    }
     log.shutdown().await;
 }
