@@ -360,9 +360,19 @@ impl FuseStack {
         name: &str,
         configure: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
     ) -> FuseStack {
+        FuseStack::start_logging_store(name, false, configure)
+    }
+
+    /// [`FuseStack::start`]; with `log_requests`, the S3 server logs every request, for
+    /// [`S3Server::count_requests`].
+    pub fn start_logging_store(
+        name: &str,
+        log_requests: bool,
+        configure: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
+    ) -> FuseStack {
         let dir = TestDir::new(name);
         let runtime = crate::harness_runtime();
-        let s3 = runtime.block_on(S3Server::start_in(dir.join("s3")));
+        let s3 = runtime.block_on(S3Server::start_logging_in(dir.join("s3"), log_requests));
         let builder = configure(Gateway::builder(dir.path(), &s3, "uring"));
         let gateway = runtime.block_on(builder.start());
         FuseStack {

@@ -32,8 +32,14 @@ impl S3Server {
     /// Starts `s3s-fs` on a free port with data under `root` (created if needed) and creates the
     /// bucket [`S3_BUCKET`]. Its output goes to `<root>.log`.
     pub async fn start_in(root: impl Into<PathBuf>) -> S3Server {
+        S3Server::start_logging_in(root, false).await
+    }
+
+    /// [`S3Server::start_in`]; with `log_requests`, [`S3Server::count_requests`] counts the
+    /// requests the server routes.
+    pub async fn start_logging_in(root: impl Into<PathBuf>, log_requests: bool) -> S3Server {
         let root = root.into();
-        let process = S3Process::start(&s3s_fs_binary(), &root, free_port())
+        let process = S3Process::start_logging(&s3s_fs_binary(), &root, free_port(), log_requests)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let store = harness::s3::s3_store(&process.endpoint(), Duration::from_secs(60))
@@ -52,6 +58,14 @@ impl S3Server {
     /// Kills the server (SIGKILL) and waits for it: an abrupt outage.
     pub fn stop(&mut self) {
         self.process.stop();
+    }
+
+    /// Requests for S3 operation `op` (`GetObject`, `PutObject`, …) on keys starting with
+    /// `key_prefix` the server routed so far.
+    pub fn count_requests(&self, op: &str, key_prefix: &str) -> usize {
+        self.process
+            .count_requests(op, key_prefix)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn is_running(&mut self) -> bool {

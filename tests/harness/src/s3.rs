@@ -64,6 +64,8 @@ pub struct S3Process {
     root: PathBuf,
     port: u16,
     log: PathBuf,
+    /// Each request's S3 operation is logged (see [`S3Process::count_requests`]).
+    log_requests: bool,
     child: Option<Child>,
 }
 
@@ -71,6 +73,18 @@ impl S3Process {
     /// Starts `bin` (`s3s-fs`) on `port` with data under `root` (created, with the bucket); its
     /// output goes to `<root>.log`. Returns once the port accepts connections.
     pub async fn start(bin: &Path, root: &Path, port: u16) -> Result<S3Process> {
+        S3Process::start_logging(bin, root, port, false).await
+    }
+
+    /// [`S3Process::start`], and with `log_requests` the server logs the operation of every
+    /// request it routes, which [`S3Process::count_requests`] counts: what a test asserts about
+    /// the requests the store itself saw.
+    pub async fn start_logging(
+        bin: &Path,
+        root: &Path,
+        port: u16,
+        log_requests: bool,
+    ) -> Result<S3Process> {
         std::fs::create_dir_all(root.join(S3_BUCKET))
             .map_err(|e| HarnessError::io("cannot create the bucket directory under", root, e))?;
         let mut server = S3Process {
@@ -78,6 +92,7 @@ impl S3Process {
             root: root.to_path_buf(),
             port,
             log: root.with_extension("log"),
+            log_requests,
             child: None,
         };
         server.restart().await?;
@@ -100,7 +115,12 @@ impl S3Process {
             let stderr = log
                 .try_clone()
                 .map_err(|e| HarnessError::io("cannot open", &self.log, e))?;
-            let mut child = Command::new(&self.bin)
+            let mut command = Command::new(&self.bin);
+            if self.log_requests {
+                // s3s logs "resolved route" with the operation's name for every request.
+                command.env("RUST_LOG", "info,s3s::ops=debug");
+            }
+            let mut child = command
                 .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
                 .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
                 .arg(&self.root)
@@ -169,6 +189,26 @@ impl S3Process {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Requests for S3 operation `op` (e.g. `GetObject`) on keys containing `key_part` the
+    /// server has routed so far; only counted when started with `log_requests`.
+    pub fn count_requests(&self, op: &str, key_part: &str) -> Result<usize> {
+        if !self.log_requests {
+            return Err(HarnessError::Process(
+                "s3s-fs was not started to log its requests".into(),
+            ));
+        }
+        let log = std::fs::read_to_string(&self.log)
+            .map_err(|e| HarnessError::io("cannot read", &self.log, e))?;
+        Ok(log
+            .lines()
+            .filter(|line| {
+                line.contains("resolved route")
+                    && line.contains(&format!("op: {op},"))
+                    && line.contains(&format!("key: \"{key_part}"))
+            })
+            .count())
     }
 }
 
