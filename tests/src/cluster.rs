@@ -29,12 +29,23 @@ impl GatewayCluster {
         count: usize,
         configure: impl Fn(usize, GatewayBuilder) -> GatewayBuilder,
     ) -> GatewayCluster {
+        GatewayCluster::start_logging_store(name, count, false, configure)
+    }
+
+    /// [`GatewayCluster::start`]; with `log_requests`, the S3 server logs every request, for
+    /// [`S3Server::count_requests`].
+    pub fn start_logging_store(
+        name: &str,
+        count: usize,
+        log_requests: bool,
+        configure: impl Fn(usize, GatewayBuilder) -> GatewayBuilder,
+    ) -> GatewayCluster {
         let dir = TestDir::new(name);
         let runtime = crate::harness_runtime();
         let meta_url = PgCluster::shared()
             .fresh_database(name)
             .unwrap_or_else(|e| panic!("a PostgreSQL database for {name}: {e}"));
-        let s3 = runtime.block_on(S3Server::start_in(dir.join("s3")));
+        let s3 = runtime.block_on(S3Server::start_logging_in(dir.join("s3"), log_requests));
         let mut gateways = Vec::new();
         for i in 0..count {
             let home = dir.join(format!("gw{i}"));

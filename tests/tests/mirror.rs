@@ -2,7 +2,9 @@
 //! metadata's log stood after its call (`stagefs-log-position`); an engine on a hot standby of
 //! that database (real streaming replication, made by the project's own `PgCluster::standby`)
 //! waits until it has applied the log that far, after which the change reads back there; and a
-//! mirror gateway (`serve --source`) built on both serves a mount that reads its own writes.
+//! mirror gateway (`serve --source`) built on both serves a mount that reads its own writes,
+//! and with a read cache (`--read-cache`) warmed by `stagefs warmup`, reads a data set from its
+//! own device: no store GET, and no need of region A.
 
 use std::time::Duration;
 
@@ -83,11 +85,25 @@ fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// `stagefs ARGS…`, which must succeed.
+fn stagefs(args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(stagefs_tests::binaries::client_binary())
+        .args(args)
+        .output()
+        .expect("run stagefs");
+    assert!(
+        out.status.success(),
+        "stagefs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A gateway in region "A" on the primary, a mirror gateway in "B" on a real hot standby, which
 /// reaches A through a link that can be cut. A mount of each.
 #[test]
 fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
-    let cluster = GatewayCluster::start("mirror-gateway", 1, |_, gateway| gateway);
+    let cluster =
+        GatewayCluster::start_logging_store("mirror-gateway", 1, true, |_, gateway| gateway);
     let (standby, on_standby) = standby_of(&cluster);
     let link = TcpProxy::start();
     link.set_target(Some(cluster.gateways[0].addr()));
@@ -96,6 +112,7 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     let mirror = cluster.block_on(
         Gateway::builder(&home, &cluster.s3, "uring")
             .args(["--meta", &on_standby, "--source", &link.addr().to_string()])
+            .args(["--read-cache", "64MiB"])
             .start(),
     );
     let a = cluster.mount(0, "a").start();
@@ -130,6 +147,20 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     let status = status_json(&mirror.addr().to_string());
     assert_eq!(status["mirror"], true, "{status}");
     assert!(status["replica_lag_seconds"].as_f64().is_some(), "{status}");
+
+    // A data set written and uploaded in A, warmed into the mirror's device from B.
+    std::fs::create_dir(a.join("data")).unwrap();
+    let set: Vec<Vec<u8>> = (0..3)
+        .map(|i| Pattern::new(30 + i).bytes(0, (5 << 20) + i as usize))
+        .collect();
+    for (i, bytes) in set.iter().enumerate() {
+        std::fs::write(a.join(format!("data/f{i}")), bytes).unwrap();
+    }
+    stagefs(&["sync".as_ref(), a.join("data").as_os_str()]);
+    eventually(Duration::from_secs(30), "A's data set appears on B", || {
+        std::fs::metadata(b.join("data/f2")).is_ok_and(|m| m.len() == set[2].len() as u64)
+    });
+    stagefs(&["warmup".as_ref(), b.join("data").as_os_str()]);
 
     // With the standby's replay held, a change made on B does not return until it can be read
     // back there.
@@ -166,6 +197,16 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         data.len() as u64
     );
     assert_file_bytes(&b.join("from-a"), &from_a);
+    // The warmed data set comes from the mirror's device: not from the store, nor from A.
+    let gets = cluster.s3.count_requests("GetObject", "chunks/");
+    for (i, bytes) in set.iter().enumerate() {
+        assert_file_bytes(&b.join(format!("data/f{i}")), bytes);
+    }
+    assert_eq!(
+        cluster.s3.count_requests("GetObject", "chunks/"),
+        gets,
+        "a warmed data set is read on B with no store GET"
+    );
     let started = std::time::Instant::now();
     assert_errno(
         std::fs::create_dir(b.join("while-cut")),
