@@ -148,15 +148,20 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     assert_eq!(status["mirror"], true, "{status}");
     assert!(status["replica_lag_seconds"].as_f64().is_some(), "{status}");
 
-    // A data set written and uploaded in A, warmed into the mirror's device from B.
-    std::fs::create_dir(a.join("data")).unwrap();
+    // A data set written in A straight to the store (no gateway holds it), warmed into the
+    // mirror's device from B.
+    let through = cluster
+        .mount(0, "a-through")
+        .args(["--write-mode", "through"])
+        .start();
+    std::fs::create_dir(through.join("data")).unwrap();
     let set: Vec<Vec<u8>> = (0..3)
         .map(|i| Pattern::new(30 + i).bytes(0, (5 << 20) + i as usize))
         .collect();
     for (i, bytes) in set.iter().enumerate() {
-        std::fs::write(a.join(format!("data/f{i}")), bytes).unwrap();
+        std::fs::write(through.join(format!("data/f{i}")), bytes).unwrap();
     }
-    stagefs(&["sync".as_ref(), a.join("data").as_os_str()]);
+    assert!(through.unmount().success());
     eventually(Duration::from_secs(30), "A's data set appears on B", || {
         std::fs::metadata(b.join("data/f2")).is_ok_and(|m| m.len() == set[2].len() as u64)
     });
