@@ -11,9 +11,12 @@
 //! deletion, and enters the queue at most once.
 //!
 //! Hot rows: a shared database would serialize every create on one counter row, so usage
-//! counters (files, bytes) are split into shards that transactions pick at random and `statfs`
-//! adds up, and ids come from sequences outside the transactions ([`crate::kv::KvTxn::take_ids`]),
-//! taken in batches when the backend asks for it.
+//! counters (files, bytes) and directory statistics are split into shards that `statfs` and
+//! `du` add up. A write transaction leases a shard no other transaction of this engine holds
+//! ([`ShardPool`]), so two creates of one gateway never touch the same counter row, and each
+//! engine leases from its own random order of the shards, so two gateways rarely do; ids come
+//! from sequences outside the transactions ([`crate::kv::KvTxn::take_ids`]), taken in batches
+//! when the backend asks for it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -54,7 +57,64 @@ const OLDEST_MIGRATABLE_FORMAT: u64 = 2;
 /// Usage counters, each split into [`USAGE_SHARDS`] keys.
 const FILES: u8 = b'f';
 const USED_BYTES: u8 = b'b';
-const USAGE_SHARDS: u8 = 16;
+/// Shards of each sharded counter on a shared database: above the transactions one gateway runs
+/// at once (its PostgreSQL pool holds 64 connections), so that none of its transactions waits
+/// for another's shard, with room for the shards other gateways hold.
+const USAGE_SHARDS: u16 = 128;
+
+/// The shards of the sharded counters, leased to one write transaction at a time. A store with
+/// one writer at a time (redb) has no use for more than shard 0.
+struct ShardPool {
+    shards: u16,
+    free: Mutex<Vec<u8>>,
+}
+
+impl ShardPool {
+    fn new(shards: u16) -> ShardPool {
+        use rand::seq::SliceRandom;
+        let mut free: Vec<u8> = (0..shards).map(|s| s as u8).collect();
+        free.shuffle(&mut rand::rng());
+        ShardPool {
+            shards,
+            free: Mutex::new(free),
+        }
+    }
+
+    /// A shard no other transaction of this engine holds; should every one be out (more write
+    /// transactions at once than shards), one at random.
+    fn lease(&self) -> ShardLease<'_> {
+        let taken = self.free.lock().expect("shard pool poisoned").pop();
+        match taken {
+            Some(shard) => ShardLease {
+                shard,
+                pool: Some(self),
+            },
+            None => ShardLease {
+                shard: rand::random_range(0..self.shards) as u8,
+                pool: None,
+            },
+        }
+    }
+}
+
+/// A shard held by one transaction; back to its pool when the transaction ends.
+struct ShardLease<'p> {
+    shard: u8,
+    pool: Option<&'p ShardPool>,
+}
+
+impl Drop for ShardLease<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool {
+            // Last in, first out: a quiet engine keeps to a few shards, so statfs and du read
+            // few rows.
+            pool.free
+                .lock()
+                .expect("shard pool poisoned")
+                .push(self.shard);
+        }
+    }
+}
 
 /// No real tree is this deep (a path is at most 4096 bytes, so at most 2048 levels).
 const MAX_TREE_DEPTH: u32 = 1 << 16;
@@ -83,6 +143,8 @@ pub struct KvMeta {
     pools: Mutex<HashMap<Sequence, Range<u64>>>,
     /// Transactions run again after a conflict with a concurrent one, since the start.
     conflicts: std::sync::atomic::AtomicU64,
+    /// The counter shards write transactions lease.
+    shards: ShardPool,
 }
 
 impl KvMeta {
@@ -90,10 +152,15 @@ impl KvMeta {
     pub async fn open(store: Arc<dyn KvStore>, config: MetaConfig) -> Result<KvMeta> {
         store.set_eventual_flush(config.eventual_flush);
         let meta = KvMeta {
-            store,
             config,
             pools: Mutex::new(HashMap::new()),
             conflicts: std::sync::atomic::AtomicU64::new(0),
+            shards: ShardPool::new(if store.id_batch() > 1 {
+                USAGE_SHARDS
+            } else {
+                1
+            }),
+            store,
         };
         if meta.store.read_only() {
             // A replica: made by its primary's gateways; here only read.
@@ -167,10 +234,14 @@ impl KvMeta {
             reads: HashMap::new(),
             meta: self,
             now: now_ns(),
-            shard: if self.store.id_batch() > 1 {
-                rand::random_range(0..USAGE_SHARDS)
+            // A read-only transaction writes no counter: shard 0, never used.
+            shard: if write {
+                self.shards.lease()
             } else {
-                0
+                ShardLease {
+                    shard: 0,
+                    pool: None,
+                }
             },
         })
     }
@@ -307,8 +378,9 @@ pub struct Tx<'m> {
     reads: HashMap<Vec<u8>, Option<Vec<u8>>>,
     meta: &'m KvMeta,
     now: TimeNs,
-    /// The usage-counter shard this transaction updates.
-    shard: u8,
+    /// The counter shard this transaction updates (its usage, its tenant's, and a directory's
+    /// statistics).
+    shard: ShardLease<'m>,
 }
 
 impl Tx<'_> {
@@ -584,12 +656,16 @@ impl Tx<'_> {
     /// Adds to this transaction's shard of the usage counters, of the file system and of the
     /// tenant `owner`.
     async fn add_usage(&mut self, owner: &str, files: i64, bytes: i64) -> Result<()> {
-        let key = keys::tenant_usage(self.shard, owner);
+        let key = keys::tenant_usage(self.shard.shard, owner);
         self.add_counters(key, "tenant usage", [files, bytes])
             .await?;
         for (counter, delta) in [(FILES, files), (USED_BYTES, bytes)] {
-            self.add_counters(keys::usage(counter, self.shard), "usage counter", [delta])
-                .await?;
+            self.add_counters(
+                keys::usage(counter, self.shard.shard),
+                "usage counter",
+                [delta],
+            )
+            .await?;
         }
         Ok(())
     }
@@ -597,7 +673,7 @@ impl Tx<'_> {
     /// Adds `delta` (files, directories, bytes) to this transaction's shard of `dir`'s
     /// statistics.
     async fn add_dir_stats(&mut self, dir: Ino, delta: [i64; 3]) -> Result<()> {
-        let key = keys::dir_stats(dir, self.shard);
+        let key = keys::dir_stats(dir, self.shard.shard);
         self.add_counters(key, "directory statistics", delta).await
     }
 
@@ -2605,5 +2681,28 @@ mod gateway_record_tests {
             ..record
         };
         assert_eq!(decode_gateway(id, &encode_gateway(&new)).unwrap(), new);
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    #[test]
+    fn transactions_in_flight_at_once_hold_different_shards() {
+        let pool = ShardPool::new(4);
+        let held: Vec<_> = (0..4).map(|_| pool.lease()).collect();
+        let mut shards: Vec<u8> = held.iter().map(|l| l.shard).collect();
+        shards.sort();
+        assert_eq!(shards, [0, 1, 2, 3], "four leases, four shards");
+        // A fifth at once shares one, within the pool's range, and gives nothing back.
+        let extra = pool.lease();
+        assert!(extra.shard < 4 && extra.pool.is_none());
+        let last = held[3].shard;
+        drop(held);
+        drop(extra);
+        assert_eq!(pool.free.lock().unwrap().len(), 4);
+        // Last in, first out: a quiet engine keeps to the same few shards.
+        assert_eq!(pool.lease().shard, last);
     }
 }
