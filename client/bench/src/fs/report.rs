@@ -323,9 +323,13 @@ impl FsReport {
         out
     }
 
-    /// One chart panel per workload, each with its own unit.
+    /// One chart panel per workload, each with its own unit; with `--peer juicefs`, JuiceFS's
+    /// bars beside ours.
     pub fn panels(&self) -> Vec<Panel> {
         let (g, t) = (&self.gateway, &self.write_through);
+        let none = ModeFigures::default();
+        let jw = self.juicefs_writeback.as_ref().unwrap_or(&none);
+        let jt = self.juicefs_through.as_ref().unwrap_or(&none);
         let panel = |title: &str, unit: &str, bars: &[(&str, Option<f64>)]| Panel {
             title: title.into(),
             unit: unit.into(),
@@ -336,6 +340,8 @@ impl FsReport {
         };
         const GW: &str = "stagefs gateway";
         const WT: &str = "write-through";
+        const JW: &str = "JuiceFS --writeback";
+        const JT: &str = "JuiceFS";
         vec![
             panel(
                 "checkpoint",
@@ -343,6 +349,8 @@ impl FsReport {
                 &[
                     (GW, g.checkpoint_mib_s),
                     (WT, t.checkpoint_mib_s),
+                    (JW, jw.checkpoint_mib_s),
+                    (JT, jt.checkpoint_mib_s),
                     ("raw device", self.raw_device_mib_s),
                 ],
             ),
@@ -352,18 +360,25 @@ impl FsReport {
                 &[
                     (GW, g.small_files_per_s),
                     (WT, t.small_files_per_s),
+                    (JW, jw.small_files_per_s),
+                    (JT, jt.small_files_per_s),
                     ("local disk", self.local_small_files_per_s),
                 ],
             ),
             panel(
                 "appends + fsync",
                 "appends/s",
-                &[(GW, g.appends_per_s), (WT, t.appends_per_s)],
+                &[
+                    (GW, g.appends_per_s),
+                    (WT, t.appends_per_s),
+                    (JW, jw.appends_per_s),
+                    (JT, jt.appends_per_s),
+                ],
             ),
             panel(
                 "read_after_write p99",
                 "ms (lower is better)",
-                &[(GW, g.raw_p99_ms), (WT, t.raw_p99_ms)],
+                &[(GW, g.raw_p99_ms), (WT, t.raw_p99_ms), (JW, jw.raw_p99_ms)],
             ),
             panel(
                 "cold_read",
@@ -379,7 +394,20 @@ impl FsReport {
                 &[
                     (GW, g.untar_files_per_s),
                     (WT, t.untar_files_per_s),
+                    (JW, jw.untar_files_per_s),
+                    (JT, jt.untar_files_per_s),
                     ("local disk", self.local_untar_files_per_s),
+                ],
+            ),
+            panel(
+                "venv (python3 -m venv)",
+                "s (lower is better)",
+                &[
+                    (GW, g.venv_s),
+                    (WT, t.venv_s),
+                    (JW, jw.venv_s),
+                    (JT, jt.venv_s),
+                    ("local disk", self.local_venv_s),
                 ],
             ),
         ]
@@ -456,6 +484,43 @@ mod tests {
             table.contains("500 MiB/s") && table.contains("30.00×"),
             "{table}"
         );
-        assert_eq!(report.panels().len(), 6);
+        assert_eq!(report.panels().len(), 7);
+    }
+
+    #[test]
+    fn the_chart_puts_juicefs_beside_stagefs_when_it_ran() {
+        let mut report = FsReport {
+            gateway: ModeFigures {
+                small_files_per_s: Some(400.0),
+                venv_s: Some(12.0),
+                ..ModeFigures::default()
+            },
+            ..FsReport::default()
+        };
+        let bars = |report: &FsReport, title: &str| -> Vec<String> {
+            report
+                .panels()
+                .into_iter()
+                .find(|p| p.title.starts_with(title))
+                .unwrap()
+                .bars
+                .into_iter()
+                .map(|(label, _)| label)
+                .collect()
+        };
+        assert_eq!(bars(&report, "small_files"), ["stagefs gateway"]);
+        report.juicefs_writeback = Some(ModeFigures {
+            small_files_per_s: Some(480.0),
+            venv_s: Some(9.0),
+            ..ModeFigures::default()
+        });
+        assert_eq!(
+            bars(&report, "small_files"),
+            ["stagefs gateway", "JuiceFS --writeback"]
+        );
+        assert_eq!(
+            bars(&report, "venv"),
+            ["stagefs gateway", "JuiceFS --writeback"]
+        );
     }
 }
