@@ -393,6 +393,7 @@ impl Staging for StagingService {
         });
         let (data, state) = match held {
             Ok((data, state)) if data.len() as u64 == len => {
+                self.log().keep_hot(key, data.clone());
                 (data.slice(range.start as usize..range.end as usize), state)
             }
             Ok((data, _)) => {

@@ -527,6 +527,46 @@ impl StagingLog {
     /// when the cache is off, the block is already held, or the device has no free space (a
     /// cache fill never waits for it).
     pub async fn fill(&self, key: BlockKey, data: &[u8]) -> Result<bool, StagingError> {
+        self.write_cached(key, data, None).await
+    }
+
+    /// A read of `key` was served from the read cache with `data`: should the ring be about to
+    /// reuse its space, the block is written again at the head, in the background, so that a
+    /// block read often outlives the ring's turn (out goes the least recently read, not the
+    /// first written).
+    pub fn keep_hot(self: &Arc<Self>, key: BlockKey, data: Bytes) {
+        let lsn = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let Some(entry) = st.index.get(&key) else {
+                return;
+            };
+            if entry.state != BlockState::Uploaded
+                || !st.read_cache.contains(&key)
+                || !st.journal.reused_soon(entry.segment)
+                || !st.read_cache.begin_refresh(key)
+            {
+                return;
+            }
+            entry.lsn
+        };
+        let log = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = log.write_cached(key, &data, Some(lsn)).await {
+                tracing::warn!(%key, %error, "could not keep a hot block ahead of the ring");
+            }
+            log.lock().read_cache.end_refresh(&key);
+        });
+    }
+
+    /// Writes `data` as a read-cache record of `key`: a new one (`replace` `None`), or a copy of
+    /// the one at lsn `replace` moved to the head.
+    async fn write_cached(
+        &self,
+        key: BlockKey,
+        data: &[u8],
+        replace: Option<u64>,
+    ) -> Result<bool, StagingError> {
         if data.len() as u64 != key.len() {
             return Err(StagingError::Corrupt {
                 key: key.to_string(),
@@ -537,9 +577,16 @@ impl StagingLog {
                 ),
             });
         }
+        let still = |st: &LogState| match replace {
+            None => st.index.live(&key).is_none(),
+            Some(lsn) => st
+                .index
+                .get(&key)
+                .is_some_and(|e| e.lsn == lsn && e.state == BlockState::Uploaded),
+        };
         {
             let st = self.lock();
-            if st.read_cache.budget() == 0 || st.index.live(&key).is_some() {
+            if st.read_cache.budget() == 0 || !still(&st) {
                 return Ok(false);
             }
         }
@@ -572,10 +619,15 @@ impl StagingLog {
             crc,
         );
         entry.state = BlockState::Uploaded;
-        // A staged write or another fill of the same block may have won the race.
-        if !st.index.insert(key, entry) {
+        // A staged write or another fill of the same block may have won the race, or the block
+        // moved meanwhile (deleted, dropped from the cache).
+        if !still(&st) {
             return Ok(false);
         }
+        if replace.is_some() {
+            st.index.remove(&key);
+        }
+        st.index.insert(key, entry);
         let out = st.read_cache.admit(key, key.len());
         st.drop_cached(out);
         drop(st);

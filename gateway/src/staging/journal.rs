@@ -282,6 +282,14 @@ impl Journal {
         self.segments[segment].use_ = SegmentUse::Free;
     }
 
+    /// Whether `segment` is among the next quarter of the ring the head moves on into (free
+    /// segments are reused in ring order after the head).
+    pub fn reused_soon(&self, segment: usize) -> bool {
+        let count = self.segments.len();
+        let distance = (segment + count - self.head - 1) % count;
+        distance < (count / 4).max(1)
+    }
+
     /// (total, free) segments.
     pub fn segment_counts(&self) -> (u64, u64) {
         let free = self

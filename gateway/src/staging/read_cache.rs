@@ -10,7 +10,7 @@
 //! - Staging never waits for it: its records do not pin their segments, so the ring reuses
 //!   their space like that of any uploaded block, and the caller forgets those that go so.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shared::BlockKey;
 
@@ -23,6 +23,8 @@ pub(super) struct ReadCache {
     by_key: HashMap<BlockKey, (u64, u64)>,
     /// Tick → key: the least recently read first.
     order: BTreeMap<u64, BlockKey>,
+    /// Blocks being written again ahead of the ring's reuse (one copy at a time).
+    refreshing: HashSet<BlockKey>,
 }
 
 impl ReadCache {
@@ -81,6 +83,20 @@ impl ReadCache {
             self.order.remove(&old);
             self.order.insert(tick, *key);
         }
+    }
+
+    /// Whether `key` may be written again ahead of the ring now: not while a copy is on its way.
+    pub fn begin_refresh(&mut self, key: BlockKey) -> bool {
+        self.refreshing.insert(key)
+    }
+
+    pub fn end_refresh(&mut self, key: &BlockKey) {
+        self.refreshing.remove(key);
+    }
+
+    #[cfg(test)]
+    pub fn is_refreshing(&self, key: &BlockKey) -> bool {
+        self.refreshing.contains(key)
     }
 
     /// `key` left the index another way (its space reused, or deleted).

@@ -615,3 +615,43 @@ async fn read_cache_fills_never_take_space_staging_needs() {
     }
     log.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_cached_block_read_often_outlives_the_rings_turns_and_one_never_read_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    // 7 segments of 8 MiB; staging 2 MiB blocks and uploading them turns the ring over.
+    let mut opts = options(dir.path(), 64 << 20);
+    opts.read_cache_bytes = 64 << 20;
+    let log = open_volume(&opts).await.unwrap();
+    let (hot, hot_data) = block(900, 1 << 20);
+    let (cold, cold_data) = block(901, 1 << 20);
+    assert!(log.fill(hot, &hot_data).await.unwrap());
+    assert!(log.fill(cold, &cold_data).await.unwrap());
+    let first_lsn = log.entry(&hot).unwrap().lsn;
+    // Three turns of the ring's worth of staged (and uploaded) data.
+    for slice in 1..=84 {
+        put(&log, slice, 2 << 20).await.unwrap();
+        upload_one(&log).await;
+        // A reader of the hot block, as the service answers one.
+        let (data, _) = log.read_block(&hot).await.expect("the hot block stays");
+        log.keep_hot(hot, data);
+        // Wait for a copy it started (the writes go on behind it otherwise).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.lock().read_cache.is_refreshing(&hot) {
+            assert!(Instant::now() < deadline, "the copy never finished");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(
+        log.entry(&hot).unwrap().lsn > first_lsn,
+        "the hot block was written again ahead of the ring"
+    );
+    assert_eq!(&log.read_block(&hot).await.unwrap().0[..], &hot_data[..]);
+    assert!(
+        log.entry(&cold).is_none(),
+        "a block never read goes with its segment's reuse"
+    );
+    // It is still one block to the cache, not one per copy.
+    assert_eq!(log.snapshot().read_cache_held, (1, 1 << 20));
+    log.shutdown().await;
+}
