@@ -73,7 +73,8 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
                     "alive": g.alive, "healthy": g.healthy, "staged_blocks": g.staged_blocks,
                     "staged_bytes": g.staged_bytes, "queue_len": g.queue_len,
                     "oldest_waiting_ms": g.oldest_waiting_ms,
-                    "at_risk_bytes": if g.alive { 0 } else { g.staged_bytes }})
+                    "at_risk_bytes": if g.alive { 0 } else { g.staged_bytes },
+                    "mirror": g.mirror})
             })
             .collect();
         let quarantined: Vec<_> = s
@@ -267,9 +268,10 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             (false, _) => "NOT ALIVE",
         };
         println!(
-            "  {} at {} (epoch {}): {state}, {} blocks ({}) not yet uploaded, {} queued (oldest {:.1} s), as of its heartbeat {:.1} s ago",
+            "  {} at {}{} (epoch {}): {state}, {} blocks ({}) not yet uploaded, {} queued (oldest {:.1} s), as of its heartbeat {:.1} s ago",
             gateway_uuid(&g.id),
             g.address,
+            if g.mirror { " (a mirror region's)" } else { "" },
             g.epoch,
             g.staged_blocks,
             format_size(g.staged_bytes),

@@ -320,15 +320,21 @@ struct ServeArgs {
     /// PostgreSQL database, metadata reads are answered from it, and every metadata change is
     /// sent to these gateways of the source region (host:port or URL, comma-separated, tried in
     /// order) and answered once the standby has replayed it, so a client reads its own changes
-    /// here at once. Both regions must serve the same --tokens file. A mirror does not register
-    /// itself or run the metadata's background work (session expiry, deleted-data cleanup,
-    /// compaction, gc): the source region's gateways do.
+    /// here at once. Both regions must serve the same --tokens file. A mirror stages the blocks
+    /// of its own region's mounts on its --device and registers in the source region's registry
+    /// (as a mirror: mounts there read from it, stage nothing on it); it does not run the
+    /// metadata's background work (session expiry, deleted-data cleanup, compaction, gc): the
+    /// source region's gateways do.
     #[arg(long, value_name = "GATEWAY,...", value_delimiter = ',')]
     source: Vec<String>,
     /// Trust the --source gateways' TLS certificates signed by this CA (PEM); a host:port in
     /// --source is then reached over TLS.
     #[arg(long, value_name = "PEM", requires = "source")]
     source_ca: Option<PathBuf>,
+    /// The mirror's own admin token for the source region (a file holding the secret), with
+    /// which it registers there and heartbeats: needed when the source serves --tokens.
+    #[arg(long, value_name = "PATH", requires = "source")]
+    source_token_file: Option<PathBuf>,
 }
 
 /// The source region's gateways of a mirror (`--source`), checked against `--meta`: a mirror
@@ -724,13 +730,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let heartbeat_interval = args.heartbeat_interval;
     let gateway_id = log.sb.gateway_id;
-    let epoch = match &source {
-        // The mirror's database is read-only: its clients' blocks go to the registered gateways.
-        Some(_) => 0,
-        None => meta
-            .register_gateway(gateway_id, &advertise)
-            .await
-            .context("cannot register this gateway in the metadata database")?,
+    // A mirror's database is read-only: it registers in the source region's, through a source
+    // gateway, in the background (the source may not answer yet).
+    let (registry, epoch): (Arc<dyn node_workers::Registry>, Option<u64>) = match &source {
+        Some(source) => {
+            let token = match &args.source_token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| {
+                            format!("cannot read --source-token-file {}", path.display())
+                        })?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            (
+                Arc::new(gateway::mirror::SourceRegistry::new(source.clone(), token)),
+                None,
+            )
+        }
+        None => {
+            let epoch = meta
+                .register_gateway(gateway_id, &advertise)
+                .await
+                .context("cannot register this gateway in the metadata database")?;
+            (
+                Arc::new(node_workers::EngineRegistry(meta.clone())),
+                Some(epoch),
+            )
+        }
     };
     // Cancelled when another process registers this gateway id with a higher epoch (it took over
     // the device): this one must stop serving at once.
@@ -763,10 +792,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ))
         .with_compaction(args.compact_slices),
     );
+    // A mirror too: mounts of the source region find the blocks staged here through it.
+    node_workers::start_registry(&node, registry, epoch, fenced.clone(), &workers);
     if source.is_none() {
         // Each changes the metadata: in a mirror region the source's gateways do it.
         gateway::node::compaction::start(&node, heartbeat_interval, &workers);
-        node_workers::start_registry(&node, epoch, fenced.clone(), &workers);
+
         node_workers::start(
             &node,
             WorkerConfig {
@@ -924,8 +955,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if fenced.is_cancelled() {
         anyhow::bail!(
-            "gateway {} (epoch {epoch}) was taken over by a later start on its device; stopped \
-             serving, staged data is intact",
+            "gateway {} was taken over by a later start on its device; stopped serving, staged \
+             data is intact",
             uuid::Uuid::from_bytes(gateway_id)
         );
     }

@@ -103,6 +103,29 @@ fn writable(rpc: &str, tenant: &Tenant) -> Result<(), Status> {
     ))
 }
 
+/// Refuses what acts on the registry for everyone unless the tenant is an admin (on a gateway
+/// without `--tokens`, everyone is).
+fn admin_only<T>(request: &Request<T>, rpc: &str) -> Result<(), Status> {
+    let tenant = tenant_of(request);
+    if tenant.is_admin() {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "{rpc}: only an admin token may; token {:?} is not one",
+        shared::clip(&tenant.name, LOGGED_TEXT_BYTES)
+    )))
+}
+
+/// Longest address a gateway may register.
+const MAX_GATEWAY_ADDRESS: usize = 1024;
+
+/// A gateway id as the wire carries it: 16 bytes.
+fn gateway_id_of(bytes: &[u8]) -> Result<crate::meta::GatewayId, Status> {
+    <[u8; 16]>::try_from(bytes).map_err(|_| {
+        Status::invalid_argument(format!("a gateway id is 16 bytes, not {}", bytes.len()))
+    })
+}
+
 /// The one mapping from a failed step of the core to what a `Meta` client sees.
 fn node_status(rpc: &str, error: NodeError) -> Status {
     match error {
@@ -871,6 +894,53 @@ impl Meta for MetaService {
         Ok(Response::new(self.gateways().await?))
     }
 
+    async fn register_gateway(
+        &self,
+        request: Request<pb::RegisterGatewayRequest>,
+    ) -> Result<Response<pb::RegisterGatewayResponse>, Status> {
+        admin_only(&request, "RegisterGateway")?;
+        let req = request.into_inner();
+        let id = gateway_id_of(&req.id)?;
+        if req.address.is_empty() || req.address.len() > MAX_GATEWAY_ADDRESS {
+            return Err(Status::invalid_argument(format!(
+                "RegisterGateway: an address of 1 to {MAX_GATEWAY_ADDRESS} bytes"
+            )));
+        }
+        let epoch = self
+            .call(
+                "RegisterGateway",
+                self.engine.register_gateway(id, &req.address),
+            )
+            .await?;
+        tracing::info!(gateway = %uuid::Uuid::from_bytes(id), address = %req.address, epoch, "gateway registered through this one");
+        Ok(Response::new(pb::RegisterGatewayResponse { epoch }))
+    }
+
+    async fn gateway_heartbeat(
+        &self,
+        request: Request<pb::GatewayHeartbeatRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        admin_only(&request, "GatewayHeartbeat")?;
+        let req = request.into_inner();
+        let id = gateway_id_of(&req.id)?;
+        let load = crate::meta::GatewayLoad {
+            staged_blocks: req.staged_blocks,
+            staged_bytes: req.staged_bytes,
+            queue_len: req.queue_len,
+            oldest_waiting_ms: req.oldest_waiting_ms,
+            healthy: req.healthy,
+            mirror: req.mirror,
+        };
+        match self.engine.gateway_heartbeat(id, req.epoch, load).await {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            // Said in so many words: the caller must stop serving.
+            Err(error @ MetaError::Fenced { .. }) => {
+                Err(Status::failed_precondition(format!("fenced: {error}")))
+            }
+            Err(error) => Err(meta_status("GatewayHeartbeat", &error)),
+        }
+    }
+
     async fn list_mounts(
         &self,
         request: Request<pb::Empty>,
@@ -918,6 +988,7 @@ impl MetaService {
                     queue_len: g.queue_len,
                     oldest_waiting_ms: g.oldest_waiting_ms,
                     healthy: g.healthy,
+                    mirror: g.mirror,
                 })
                 .collect(),
         })

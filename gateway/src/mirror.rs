@@ -29,7 +29,8 @@ use tonic::server::NamedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::log_positions;
-use crate::meta::MetaEngine;
+use crate::meta::{GatewayId, GatewayLoad, MetaEngine, MetaError};
+use crate::node::workers::Registry;
 use shared::error_chain;
 
 /// `Meta` calls answered from this region's standby; every other one changes something (or, for
@@ -176,6 +177,135 @@ impl Source {
     }
 }
 
+/// A mirror gateway's own registration, kept in the source region's registry through the first
+/// source gateway that answers (`RegisterGateway`, `GatewayHeartbeat`), with the mirror's own
+/// token (`--source-token-file`) when the source requires one.
+pub struct SourceRegistry {
+    source: Source,
+    token: Option<String>,
+}
+
+impl SourceRegistry {
+    pub fn new(source: Source, token: Option<String>) -> SourceRegistry {
+        SourceRegistry { source, token }
+    }
+
+    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, MetaError> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(SOURCE_CALL_TIMEOUT);
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| MetaError::Invalid("--source-token-file: not a valid token".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+
+    /// `call` on each source gateway in turn until one answers; what the last one said if none
+    /// did. An answer with an error status is the answer.
+    async fn first_answer<T, F, Fut>(&self, mut call: F) -> Result<T, MetaError>
+    where
+        F: FnMut(proto::meta::meta_client::MetaClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut failures = Vec::new();
+        for (url, channel) in self.source.gateways.iter() {
+            let client = proto::meta::meta_client::MetaClient::new(channel.clone());
+            match call(client).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+                {
+                    failures.push(format!("{url}: {}", status.message()))
+                }
+                Err(status) if status.message().starts_with("fenced") => {
+                    return Err(MetaError::Fenced {
+                        id: uuid::Uuid::nil(),
+                        epoch: 0,
+                        current: 0,
+                    })
+                }
+                Err(status) => {
+                    return Err(MetaError::Invalid(format!(
+                        "{url}: {}",
+                        shared::clip(status.message(), shared::MAX_ERROR_MESSAGE_BYTES)
+                    )))
+                }
+            }
+        }
+        Err(MetaError::Backend(crate::meta::KvError::Unavailable(
+            format!(
+                "no gateway of the source region answered: {}",
+                failures.join("; ")
+            ),
+        )))
+    }
+}
+
+/// Deadline of one registry call to the source region.
+const SOURCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tonic::async_trait]
+impl Registry for SourceRegistry {
+    async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError> {
+        let message = proto::meta::RegisterGatewayRequest {
+            id: Bytes::copy_from_slice(&id),
+            address: address.to_string(),
+        };
+        let answer = self
+            .first_answer(|mut client| {
+                let request = self.request(message.clone());
+                async move {
+                    client
+                        .register_gateway(
+                            request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+                        )
+                        .await
+                }
+            })
+            .await?;
+        Ok(answer.epoch)
+    }
+
+    async fn heartbeat(
+        &self,
+        id: GatewayId,
+        epoch: u64,
+        load: GatewayLoad,
+    ) -> Result<(), MetaError> {
+        let message = proto::meta::GatewayHeartbeatRequest {
+            id: Bytes::copy_from_slice(&id),
+            epoch,
+            staged_blocks: load.staged_blocks,
+            staged_bytes: load.staged_bytes,
+            queue_len: load.queue_len,
+            oldest_waiting_ms: load.oldest_waiting_ms,
+            healthy: load.healthy,
+            mirror: load.mirror,
+        };
+        self.first_answer(|mut client| {
+            let request = self.request(message.clone());
+            async move {
+                client
+                    .gateway_heartbeat(
+                        request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+                    )
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn mirror(&self) -> bool {
+        true
+    }
+}
+
 /// `inner` (this gateway's `Meta` server, on the standby) for reads; the source for the rest.
 /// Without a source (not a mirror), `inner` for everything.
 #[derive(Clone)]
@@ -234,6 +364,19 @@ where
                 .chars()
                 .take(64)
                 .collect::<String>();
+            if method == "WriteSlice" {
+                // Its block would be staged in the source region, over the WAN: the mount takes
+                // the three steps instead (the pending record and the commit go to the source,
+                // the block stays on this gateway's device).
+                return Ok(crate::meta_service::errno_status(
+                    tonic::Code::Unimplemented,
+                    libc::ENOSYS,
+                    "WriteSlice: a mirror stages blocks itself; record, write and commit the \
+                     slice in turn"
+                        .into(),
+                )
+                .into_http());
+            }
             let answer = match forward(&source, meta.as_ref(), request).await {
                 Err(Failed::Unreachable(status, request)) if method == "Open" => {
                     // Reading goes on without the source: the open is answered here, unrecorded

@@ -113,6 +113,9 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         Gateway::builder(&home, &cluster.s3, "uring")
             .args(["--meta", &on_standby, "--source", &link.addr().to_string()])
             .args(["--read-cache", "64MiB"])
+            // What B's mounts stage stays on the mirror's device: reads of it on A must come
+            // from there.
+            .arg("--uploads-paused")
             .start(),
     );
     let a = cluster.mount(0, "a").start();
@@ -126,6 +129,27 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     std::fs::write(b.join("d1/d2/d3/d4/newf"), &data).unwrap();
     assert_file_bytes(&b.join("d1/d2/d3/d4/newf"), &data);
     assert_file_bytes(&a.join("d1/d2/d3/d4/newf"), &data);
+    // Staged in B, on the mirror (whose uploads are held), not on A's gateway; A's mount read
+    // it from the mirror, which the source region's registry lists as a mirror.
+    let mirror_status = status_json(&mirror.addr().to_string());
+    assert!(
+        mirror_status["blocks_staged"].as_u64() >= Some(1),
+        "{mirror_status}"
+    );
+    let a_status = status_json(&cluster.gateways[0].addr().to_string());
+    assert_eq!(a_status["blocks_staged"], 0, "{a_status}");
+    let listed = a_status["gateways"].as_array().unwrap();
+    assert!(
+        listed.iter().any(|g| g["mirror"] == true
+            && g["id"] == mirror_status["gateway_id"]
+            && g["alive"] == true),
+        "the source region's registry lists the mirror: {a_status}"
+    );
+    assert_eq!(
+        cluster.s3.count_requests("PutObject", "chunks/"),
+        0,
+        "nothing uploaded yet"
+    );
     std::fs::rename(b.join("d1/d2/d3/d4/newf"), b.join("d1/moved")).unwrap();
     assert!(
         !b.join("d1/d2/d3/d4/newf").exists(),

@@ -94,9 +94,9 @@ enum Attempt {
 }
 
 impl GrpcBlocks {
-    /// The gateway's id when it keeps a read cache (`--read-cache`), from its Status; `None`
-    /// when it keeps none or does not answer (reads then go as without one).
-    pub async fn read_cache_id(&self) -> Option<GatewayId> {
+    /// The gateway's id, and whether it keeps a read cache (`--read-cache`), from its Status;
+    /// `None` when it does not answer.
+    pub async fn identity(&self) -> Option<(GatewayId, bool)> {
         let mut request = tonic::Request::new(proto::staging::StatusRequest {});
         request.set_timeout(READ_TIMEOUT);
         let status = match self.client.clone().status(request).await {
@@ -106,12 +106,8 @@ impl GrpcBlocks {
                 return None;
             }
         };
-        if status.read_cache_bytes == 0 {
-            return None;
-        }
-        uuid::Uuid::parse_str(&status.gateway_id)
-            .ok()
-            .map(|id| *id.as_bytes())
+        let id = uuid::Uuid::parse_str(&status.gateway_id).ok()?;
+        Some((*id.as_bytes(), status.read_cache_bytes > 0))
     }
 
     pub fn new(channel: GatewayChannel) -> Self {

@@ -51,6 +51,8 @@ struct Member {
     address: String,
     epoch: u64,
     alive: bool,
+    /// A mirror region's gateway: blocks are read from it, none staged on it from here.
+    mirror: bool,
 }
 
 /// The services of one gateway address.
@@ -76,6 +78,9 @@ struct State {
     mirror: bool,
     /// The gateway the session was opened at, when it keeps a read cache: (id, address).
     read_cache: Option<(GatewayId, String)>,
+    /// On a mirror: the mirror gateway itself (id, address), where new slices are staged, in
+    /// this region.
+    local: Option<(GatewayId, String)>,
     refreshed: Option<Instant>,
 }
 
@@ -127,9 +132,15 @@ impl Cluster {
             let conn = Conn::new(channel);
             match conn.meta.open_session(description).await {
                 Ok(grant) => {
-                    let read_cache = conn.blocks.read_cache_id().await;
+                    let identity = conn.blocks.identity().await;
+                    let read_cache = identity.filter(|(_, caches)| *caches).map(|(id, _)| id);
                     if let Some(id) = read_cache {
                         tracing::info!(gateway = %address, id = %uuid_text(&id), "uploaded blocks are read through this gateway's read cache");
+                    }
+                    // A mirror stages this region's blocks itself.
+                    let local = identity.filter(|_| grant.mirror).map(|(id, _)| id);
+                    if let Some(id) = local {
+                        tracing::info!(gateway = %address, id = %uuid_text(&id), "a mirror: new blocks are staged on it, in this region");
                     }
                     {
                         let mut state = cluster.lock();
@@ -137,6 +148,7 @@ impl Cluster {
                         state.meta_at = address.clone();
                         state.mirror = grant.mirror;
                         state.read_cache = read_cache.map(|id| (id, address.clone()));
+                        state.local = local.map(|id| (id, address.clone()));
                         // A mirror answers with the source's grant: its gateway is not here.
                         if !grant.mirror {
                             state.members.insert(
@@ -145,6 +157,7 @@ impl Cluster {
                                     address: address.clone(),
                                     epoch: 0,
                                     alive: true,
+                                    mirror: false,
                                 },
                             );
                         }
@@ -257,6 +270,7 @@ impl Cluster {
                 address: gateway.address.clone(),
                 epoch: gateway.epoch,
                 alive: gateway.alive,
+                mirror: gateway.mirror,
             };
             match state.members.get(&gateway.id) {
                 Some(known) if known.address != member.address && member.alive => {
@@ -364,6 +378,11 @@ impl GatewayDirectory for Cluster {
         self.refresh_if_stale().await;
         let mut state = self.lock();
         let Some(member) = state.members.get(id).filter(|m| m.alive).cloned() else {
+            // This region's mirror, before the registry shows it.
+            if let Some((_, address)) = state.local.clone().filter(|(local, _)| local == id) {
+                let conn = self.conn(&mut state, &address)?;
+                return Ok(Some(conn.blocks as Arc<dyn BlockApi>));
+            }
             return Ok(None);
         };
         let conn = self.conn(&mut state, &member.address)?;
@@ -389,10 +408,22 @@ impl GatewayDirectory for Cluster {
         self.refresh_if_stale().await;
         let mut state = self.lock();
         let now = Instant::now();
+        if let Some((id, address)) = state.local.clone() {
+            // A mirror's mount stages in its own region, on the mirror (its metadata service
+            // records and commits through the source).
+            let conn = self.conn(&mut state, &address)?;
+            return Ok(Route {
+                id,
+                blocks: conn.blocks,
+                meta: None,
+            });
+        }
         let pick = |usable: &dyn Fn(&Member) -> bool| {
             state
                 .members
                 .iter()
+                // Another region's mirror holds that region's blocks; nothing goes there from here.
+                .filter(|(_, m)| !m.mirror)
                 .filter(|(_, m)| usable(m))
                 .max_by_key(|(id, _)| rendezvous_score(id, ino, chunk_index))
                 .map(|(id, m)| (*id, m.address.clone()))

@@ -181,6 +181,8 @@ pub struct GatewayInfo {
     pub alive: bool,
     pub staged_blocks: u64,
     pub staged_bytes: u64,
+    /// A mirror region's gateway: read blocks from it, stage nothing on it from elsewhere.
+    pub mirror: bool,
 }
 
 /// The ENOSYS answer of a `write_slice` the metadata service cannot take; `why` says why.

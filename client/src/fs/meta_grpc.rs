@@ -464,6 +464,7 @@ impl MetaApi for GrpcMeta {
                     alive: g.alive,
                     staged_blocks: g.staged_blocks,
                     staged_bytes: g.staged_bytes,
+                    mirror: g.mirror,
                 })
             })
             .collect()

@@ -265,6 +265,7 @@ impl MetaApi for LocalMeta {
                 alive: true,
                 staged_blocks: g.staged_blocks,
                 staged_bytes: g.staged_bytes,
+                mirror: g.mirror,
             })
             .collect())
     }

@@ -110,6 +110,9 @@ pub struct GatewayRecord {
     pub oldest_waiting_ms: u64,
     /// False once its device or a task of its own failed (it then exits for a restart).
     pub healthy: bool,
+    /// A gateway of a mirror region (`serve --source`): it holds the blocks its own region's
+    /// mounts stage, and other regions' mounts stage nothing on it.
+    pub mirror: bool,
 }
 
 /// What a gateway reports with each heartbeat.
@@ -120,6 +123,8 @@ pub struct GatewayLoad {
     pub queue_len: u64,
     pub oldest_waiting_ms: u64,
     pub healthy: bool,
+    /// It serves a mirror region ([`GatewayRecord::mirror`]).
+    pub mirror: bool,
 }
 
 /// How `rename` treats an existing target (Linux `renameat2` flags).

@@ -2495,6 +2495,7 @@ impl MetaEngine for KvMeta {
                 queue_len: 0,
                 oldest_waiting_ms: 0,
                 healthy: true,
+                mirror: false,
             };
             tx.put(key, encode_gateway(&record));
             Ok(epoch)
@@ -2524,6 +2525,7 @@ impl MetaEngine for KvMeta {
             record.queue_len = load.queue_len;
             record.oldest_waiting_ms = load.oldest_waiting_ms;
             record.healthy = load.healthy;
+            record.mirror = load.mirror;
             tx.put(key, encode_gateway(&record));
             Ok(())
         })
@@ -2610,7 +2612,8 @@ fn encode_gateway(record: &GatewayRecord) -> Vec<u8> {
     out.extend(keys::encode_pair(
         record.queue_len,
         record.oldest_waiting_ms,
-        &[u8::from(record.healthy)],
+        // Bit 0: healthy; bit 1: a mirror region's (records from before read as not).
+        &[u8::from(record.healthy) | u8::from(record.mirror) << 1],
     ));
     out.extend(record.address.as_bytes());
     out
@@ -2625,9 +2628,9 @@ fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
             let (healthy, address) = rest
                 .split_first()
                 .ok_or_else(|| MetaError::Corrupt("gateway record without health".into()))?;
-            (queue, oldest, *healthy != 0, address)
+            (queue, oldest, *healthy, address)
         }
-        _ => (0, 0, true, rest),
+        _ => (0, 0, 1, rest),
     };
     Ok(GatewayRecord {
         id,
@@ -2638,7 +2641,8 @@ fn decode_gateway(id: GatewayId, bytes: &[u8]) -> Result<GatewayRecord> {
         staged_bytes,
         queue_len,
         oldest_waiting_ms,
-        healthy,
+        healthy: healthy & 1 != 0,
+        mirror: healthy & 2 != 0,
     })
 }
 
@@ -2681,6 +2685,15 @@ mod gateway_record_tests {
             ..record
         };
         assert_eq!(decode_gateway(id, &encode_gateway(&new)).unwrap(), new);
+        let mirror = GatewayRecord {
+            mirror: true,
+            healthy: true,
+            ..new
+        };
+        assert_eq!(
+            decode_gateway(id, &encode_gateway(&mirror)).unwrap(),
+            mirror
+        );
     }
 }
 

@@ -25,7 +25,7 @@ use object_store::ObjectStore;
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
-use crate::meta::{now_ns, DeletedSlice, GatewayLoad, MetaEngine, MetaError, SessionId};
+use crate::meta::{now_ns, DeletedSlice, GatewayId, GatewayLoad, MetaEngine, MetaError, SessionId};
 use crate::staging::StagingLog;
 use crate::tasks::{ticker, Tasks};
 
@@ -161,23 +161,72 @@ async fn cleanup_worker(cleaner: DataCleaner, config: WorkerConfig, shutdown: Ca
     }
 }
 
-/// Starts the registry heartbeat of `node` (registered with `epoch`) in `tasks`: it keeps this
-/// gateway's registration alive with its load every heartbeat interval, and cancels `fenced` when
-/// a later start of the same gateway id took over: this process must stop serving. A heartbeat
-/// the database cannot take is logged and tried again next tick.
-pub fn start_registry(node: &Node, epoch: u64, fenced: CancellationToken, tasks: &Tasks) {
-    let (engine, staging) = (node.meta.clone(), node.log.clone());
+/// Where a gateway keeps its registration: the metadata engine it serves, or, for a gateway of
+/// a mirror region, the source region's registry (reached through a source gateway: the mirror's
+/// own engine is a read-only standby).
+#[tonic::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Registers `id` at `address` with an epoch above every earlier start of it.
+    async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError>;
+    /// [`MetaError::Fenced`] once a later start of `id` registered.
+    async fn heartbeat(
+        &self,
+        id: GatewayId,
+        epoch: u64,
+        load: GatewayLoad,
+    ) -> Result<(), MetaError>;
+    /// Whether this gateway serves a mirror region (said with every heartbeat).
+    fn mirror(&self) -> bool {
+        false
+    }
+}
+
+/// The registry of the engine a gateway serves.
+pub struct EngineRegistry(pub Arc<dyn MetaEngine>);
+
+#[tonic::async_trait]
+impl Registry for EngineRegistry {
+    async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError> {
+        self.0.register_gateway(id, address).await
+    }
+
+    async fn heartbeat(
+        &self,
+        id: GatewayId,
+        epoch: u64,
+        load: GatewayLoad,
+    ) -> Result<(), MetaError> {
+        self.0.gateway_heartbeat(id, epoch, load).await
+    }
+}
+
+/// Starts the registry heartbeat of `node` in `tasks`: it keeps this gateway's registration
+/// alive with its load every heartbeat interval, and cancels `fenced` when a later start of the
+/// same gateway id took over: this process must stop serving. Registered at start with `epoch`;
+/// `None` (a mirror, whose source region may not answer yet): it registers itself at `address`
+/// first, trying again every tick. A heartbeat the registry cannot take is logged and tried
+/// again next tick.
+pub fn start_registry(
+    node: &Node,
+    registry: Arc<dyn Registry>,
+    epoch: Option<u64>,
+    fenced: CancellationToken,
+    tasks: &Tasks,
+) {
+    let staging = node.log.clone();
     let interval = node.settings.heartbeat_interval;
+    let address = node.settings.gateway_address.clone();
     tasks.spawn("node.registry", move |stop| async move {
-        registry_worker(engine, staging, epoch, interval, stop, fenced).await;
+        registry_worker(registry, staging, address, epoch, interval, stop, fenced).await;
         Ok(())
     });
 }
 
 async fn registry_worker(
-    engine: Arc<dyn MetaEngine>,
+    registry: Arc<dyn Registry>,
     staging: Arc<StagingLog>,
-    epoch: u64,
+    address: String,
+    mut epoch: Option<u64>,
     interval: Duration,
     shutdown: CancellationToken,
     fenced: CancellationToken,
@@ -189,6 +238,19 @@ async fn registry_worker(
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
+        let registered = match epoch {
+            Some(epoch) => epoch,
+            None => match registry.register(id, &address).await {
+                Ok(registered) => {
+                    tracing::info!(%address, epoch = registered, "registered in the source region");
+                    *epoch.insert(registered)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot register in the source region; trying again next tick");
+                    continue;
+                }
+            },
+        };
         let snapshot = staging.snapshot();
         let load = GatewayLoad {
             staged_blocks: snapshot.blocks_staged,
@@ -196,8 +258,9 @@ async fn registry_worker(
             queue_len: snapshot.queue_len,
             oldest_waiting_ms: snapshot.oldest_waiting.as_millis() as u64,
             healthy: staging.failure().is_none(),
+            mirror: registry.mirror(),
         };
-        match engine.gateway_heartbeat(id, epoch, load).await {
+        match registry.heartbeat(id, registered, load).await {
             Ok(()) => {}
             Err(error @ MetaError::Fenced { .. }) => {
                 tracing::error!(%error, "fenced: stopping");

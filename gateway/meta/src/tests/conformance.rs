@@ -2121,6 +2121,7 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
         queue_len: 2,
         oldest_waiting_ms: 1500,
         healthy: false,
+        mirror: true,
     };
     f.meta.gateway_heartbeat(a, 1, load).unwrap();
     // A takeover: the same id starts again elsewhere, with a higher epoch.
@@ -2150,13 +2151,14 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
             record.queue_len,
             record.oldest_waiting_ms,
             record.healthy,
+            record.mirror,
         ),
-        ("10.0.0.9:7070", 2, 3, 12, 2, 1500, false)
+        ("10.0.0.9:7070", 2, 3, 12, 2, 1500, false, true)
     );
     let other = gateways.iter().find(|g| g.id == b).unwrap();
     assert!(
-        other.healthy,
-        "a gateway that did not say otherwise is healthy"
+        other.healthy && !other.mirror,
+        "a gateway that did not say otherwise is healthy, and not a mirror's"
     );
     assert_eq!(
         errno(f.meta.gateway_heartbeat([3; 16], 1, load)),
