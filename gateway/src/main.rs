@@ -732,7 +732,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gateway_id = log.sb.gateway_id;
     // A mirror's database is read-only: it registers in the source region's, through a source
     // gateway, in the background (the source may not answer yet).
-    let (registry, epoch): (Arc<dyn node_workers::Registry>, Option<u64>) = match &source {
+    let (registry, epoch): (Arc<dyn node_workers::GatewayRecords>, Option<u64>) = match &source {
         Some(source) => {
             let token = match &args.source_token_file {
                 Some(path) => Some(
@@ -746,7 +746,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 None => None,
             };
             (
-                Arc::new(gateway::mirror::SourceRegistry::new(source.clone(), token)),
+                Arc::new(gateway::mirror::SourceRecords::new(source.clone(), token)),
                 None,
             )
         }
@@ -756,7 +756,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .context("cannot register this gateway in the metadata database")?;
             (
-                Arc::new(node_workers::EngineRegistry(meta.clone())),
+                Arc::new(node_workers::EngineRecords(meta.clone())),
                 Some(epoch),
             )
         }
@@ -793,7 +793,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_compaction(args.compact_slices),
     );
     // A mirror too: mounts of the source region find the blocks staged here through it.
-    node_workers::start_registry(&node, registry, epoch, fenced.clone(), &workers);
+    node_workers::start_registry(&node, registry.clone(), epoch, fenced.clone(), &workers);
+    if source.is_some() {
+        // The deleted slices staged here are this gateway's to drop, whichever region deleted
+        // them; the queue is the source's.
+        node_workers::start_cleanup(
+            &node,
+            registry,
+            WorkerConfig {
+                heartbeat_interval,
+                ..WorkerConfig::default()
+            },
+            &workers,
+        );
+    }
     if source.is_none() {
         // Each changes the metadata: in a mirror region the source's gateways do it.
         gateway::node::compaction::start(&node, heartbeat_interval, &workers);

@@ -116,6 +116,9 @@ fn admin_only<T>(request: &Request<T>, rpc: &str) -> Result<(), Status> {
     )))
 }
 
+/// Most deleted slices one `TakeDeletedSlices` or `AckDeletedSlices` call carries.
+const MAX_DELETED_SLICES_TAKEN: usize = 4096;
+
 /// Longest address a gateway may register.
 const MAX_GATEWAY_ADDRESS: usize = 1024;
 
@@ -939,6 +942,49 @@ impl Meta for MetaService {
             }
             Err(error) => Err(meta_status("GatewayHeartbeat", &error)),
         }
+    }
+
+    async fn take_deleted_slices(
+        &self,
+        request: Request<pb::TakeDeletedSlicesRequest>,
+    ) -> Result<Response<pb::TakeDeletedSlicesResponse>, Status> {
+        admin_only(&request, "TakeDeletedSlices")?;
+        let req = request.into_inner();
+        let id = gateway_id_of(&req.gateway_id)?;
+        let limit = (req.limit as usize).clamp(1, MAX_DELETED_SLICES_TAKEN);
+        let slices = self
+            .call(
+                "TakeDeletedSlices",
+                self.engine
+                    .take_due_deleted_slices(Some(id), crate::meta::now_ns(), limit),
+            )
+            .await?;
+        Ok(Response::new(pb::TakeDeletedSlicesResponse {
+            slices: slices
+                .into_iter()
+                .map(|s| pb::DeletedSliceInfo {
+                    slice_id: s.slice_id,
+                    len: s.len,
+                    due_ns: s.due_ns,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn ack_deleted_slices(
+        &self,
+        request: Request<pb::AckDeletedSlicesRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        admin_only(&request, "AckDeletedSlices")?;
+        let ids = request.into_inner().slice_ids;
+        if ids.len() > MAX_DELETED_SLICES_TAKEN {
+            return Err(Status::invalid_argument(format!(
+                "AckDeletedSlices: at most {MAX_DELETED_SLICES_TAKEN} slices at once"
+            )));
+        }
+        self.call("AckDeletedSlices", self.engine.ack_deleted_slices(&ids))
+            .await?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn list_mounts(

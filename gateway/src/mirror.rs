@@ -29,8 +29,8 @@ use tonic::server::NamedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::log_positions;
-use crate::meta::{GatewayId, GatewayLoad, MetaEngine, MetaError};
-use crate::node::workers::Registry;
+use crate::meta::{DeletedSlice, GatewayId, GatewayLoad, MetaEngine, MetaError};
+use crate::node::workers::GatewayRecords;
 use shared::error_chain;
 
 /// `Meta` calls answered from this region's standby; every other one changes something (or, for
@@ -180,14 +180,14 @@ impl Source {
 /// A mirror gateway's own registration, kept in the source region's registry through the first
 /// source gateway that answers (`RegisterGateway`, `GatewayHeartbeat`), with the mirror's own
 /// token (`--source-token-file`) when the source requires one.
-pub struct SourceRegistry {
+pub struct SourceRecords {
     source: Source,
     token: Option<String>,
 }
 
-impl SourceRegistry {
-    pub fn new(source: Source, token: Option<String>) -> SourceRegistry {
-        SourceRegistry { source, token }
+impl SourceRecords {
+    pub fn new(source: Source, token: Option<String>) -> SourceRecords {
+        SourceRecords { source, token }
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, MetaError> {
@@ -250,7 +250,7 @@ impl SourceRegistry {
 const SOURCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tonic::async_trait]
-impl Registry for SourceRegistry {
+impl GatewayRecords for SourceRecords {
     async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError> {
         let message = proto::meta::RegisterGatewayRequest {
             id: Bytes::copy_from_slice(&id),
@@ -303,6 +303,57 @@ impl Registry for SourceRegistry {
 
     fn mirror(&self) -> bool {
         true
+    }
+
+    async fn take_deleted(
+        &self,
+        id: GatewayId,
+        limit: usize,
+    ) -> Result<Vec<DeletedSlice>, MetaError> {
+        let message = proto::meta::TakeDeletedSlicesRequest {
+            gateway_id: Bytes::copy_from_slice(&id),
+            limit: limit.min(u32::MAX as usize) as u32,
+        };
+        let answer = self
+            .first_answer(|mut client| {
+                let request = self.request(message.clone());
+                async move {
+                    client
+                        .take_deleted_slices(
+                            request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+                        )
+                        .await
+                }
+            })
+            .await?;
+        Ok(answer
+            .slices
+            .into_iter()
+            .map(|s| DeletedSlice {
+                slice_id: s.slice_id,
+                len: s.len,
+                gateway_id: id,
+                due_ns: s.due_ns,
+            })
+            .collect())
+    }
+
+    async fn ack_deleted(&self, slice_ids: &[u64]) -> Result<(), MetaError> {
+        let message = proto::meta::AckDeletedSlicesRequest {
+            slice_ids: slice_ids.to_vec(),
+        };
+        self.first_answer(|mut client| {
+            let request = self.request(message.clone());
+            async move {
+                client
+                    .ack_deleted_slices(
+                        request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+                    )
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
     }
 }
 

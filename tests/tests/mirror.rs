@@ -102,8 +102,9 @@ fn stagefs(args: &[&std::ffi::OsStr]) {
 /// reaches A through a link that can be cut. A mount of each.
 #[test]
 fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
-    let cluster =
-        GatewayCluster::start_logging_store("mirror-gateway", 1, true, |_, gateway| gateway);
+    let cluster = GatewayCluster::start_logging_store("mirror-gateway", 1, true, |_, gateway| {
+        gateway.args(["--deleted-data-delay", "1s"])
+    });
     let (standby, on_standby) = standby_of(&cluster);
     let link = TcpProxy::start();
     link.set_target(Some(cluster.gateways[0].addr()));
@@ -149,6 +150,22 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         cluster.s3.count_requests("PutObject", "chunks/"),
         0,
         "nothing uploaded yet"
+    );
+    // A file staged in B and deleted: once its delay is over, the mirror takes it from the
+    // source's queue and drops its block, which is then never uploaded.
+    let staged_before = mirror_status["blocks_staged"].as_u64().unwrap();
+    std::fs::write(b.join("gone"), Pattern::new(19).bytes(0, 70_000)).unwrap();
+    let staged = |what: &str| {
+        status_json(&mirror.addr().to_string())["blocks_staged"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{what}: no blocks_staged"))
+    };
+    assert_eq!(staged("after the write"), staged_before + 1);
+    std::fs::remove_file(b.join("gone")).unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the mirror drops the block of a deleted file it staged",
+        || staged("after the delete") == staged_before,
     );
     std::fs::rename(b.join("d1/d2/d3/d4/newf"), b.join("d1/moved")).unwrap();
     assert!(

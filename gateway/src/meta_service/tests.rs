@@ -380,7 +380,7 @@ async fn an_expired_sessions_pending_slice_is_dropped_from_staging_and_the_store
     let engine = engine(&dir, fast_config()).await;
     let store = Arc::new(FaultyStore::refusing_deletes());
     let cleaner = DataCleaner {
-        engine: engine.clone(),
+        records: Arc::new(crate::node::workers::EngineRecords(engine.clone())),
         staging: log.clone(),
         store: store.clone(),
         batch: 10,

@@ -65,17 +65,32 @@ impl Default for WorkerConfig {
 /// Starts the session-expiry and cleanup workers of `node` in `tasks`.
 pub fn start(node: &Node, config: WorkerConfig, tasks: &Tasks) {
     let engine = node.meta.clone();
+    start_cleanup(
+        node,
+        Arc::new(EngineRecords(engine.clone())),
+        config.clone(),
+        tasks,
+    );
+    tasks.spawn("node.session-expiry", |stop| async move {
+        expire_sessions_worker(engine, config, stop).await;
+        Ok(())
+    });
+}
+
+/// Starts the deleted-data cleanup of `node` in `tasks`, taking its queue from `records` (a
+/// mirror's, from the source region: sessions there expire at the source's gateways).
+pub fn start_cleanup(
+    node: &Node,
+    records: Arc<dyn GatewayRecords>,
+    config: WorkerConfig,
+    tasks: &Tasks,
+) {
     let cleaner = DataCleaner {
-        engine: engine.clone(),
+        records,
         staging: node.log.clone(),
         store: node.store.clone(),
         batch: config.cleanup_batch.max(1),
     };
-    let expiry = config.clone();
-    tasks.spawn("node.session-expiry", |stop| async move {
-        expire_sessions_worker(engine, expiry, stop).await;
-        Ok(())
-    });
     tasks.spawn("node.cleanup", |stop| async move {
         cleanup_worker(cleaner, config, stop).await;
         Ok(())
@@ -161,11 +176,12 @@ async fn cleanup_worker(cleaner: DataCleaner, config: WorkerConfig, shutdown: Ca
     }
 }
 
-/// Where a gateway keeps its registration: the metadata engine it serves, or, for a gateway of
-/// a mirror region, the source region's registry (reached through a source gateway: the mirror's
-/// own engine is a read-only standby).
+/// What a gateway keeps about itself in the metadata, its registration and the queue of deleted
+/// data it must drop: in the engine it serves, or, for a gateway of a mirror region, in the
+/// source region's (reached through a source gateway: the mirror's own engine is a read-only
+/// standby).
 #[tonic::async_trait]
-pub trait Registry: Send + Sync + 'static {
+pub trait GatewayRecords: Send + Sync + 'static {
     /// Registers `id` at `address` with an epoch above every earlier start of it.
     async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError>;
     /// [`MetaError::Fenced`] once a later start of `id` registered.
@@ -179,13 +195,21 @@ pub trait Registry: Send + Sync + 'static {
     fn mirror(&self) -> bool {
         false
     }
+    /// [`MetaEngine::take_due_deleted_slices`] of the slices gateway `id` staged.
+    async fn take_deleted(
+        &self,
+        id: GatewayId,
+        limit: usize,
+    ) -> Result<Vec<DeletedSlice>, MetaError>;
+    /// [`MetaEngine::ack_deleted_slices`].
+    async fn ack_deleted(&self, slice_ids: &[u64]) -> Result<(), MetaError>;
 }
 
 /// The registry of the engine a gateway serves.
-pub struct EngineRegistry(pub Arc<dyn MetaEngine>);
+pub struct EngineRecords(pub Arc<dyn MetaEngine>);
 
 #[tonic::async_trait]
-impl Registry for EngineRegistry {
+impl GatewayRecords for EngineRecords {
     async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError> {
         self.0.register_gateway(id, address).await
     }
@@ -198,6 +222,20 @@ impl Registry for EngineRegistry {
     ) -> Result<(), MetaError> {
         self.0.gateway_heartbeat(id, epoch, load).await
     }
+
+    async fn take_deleted(
+        &self,
+        id: GatewayId,
+        limit: usize,
+    ) -> Result<Vec<DeletedSlice>, MetaError> {
+        self.0
+            .take_due_deleted_slices(Some(id), now_ns(), limit)
+            .await
+    }
+
+    async fn ack_deleted(&self, slice_ids: &[u64]) -> Result<(), MetaError> {
+        self.0.ack_deleted_slices(slice_ids).await
+    }
 }
 
 /// Starts the registry heartbeat of `node` in `tasks`: it keeps this gateway's registration
@@ -208,7 +246,7 @@ impl Registry for EngineRegistry {
 /// again next tick.
 pub fn start_registry(
     node: &Node,
-    registry: Arc<dyn Registry>,
+    registry: Arc<dyn GatewayRecords>,
     epoch: Option<u64>,
     fenced: CancellationToken,
     tasks: &Tasks,
@@ -223,7 +261,7 @@ pub fn start_registry(
 }
 
 async fn registry_worker(
-    registry: Arc<dyn Registry>,
+    registry: Arc<dyn GatewayRecords>,
     staging: Arc<StagingLog>,
     address: String,
     mut epoch: Option<u64>,
@@ -276,7 +314,8 @@ async fn registry_worker(
 
 /// Deletes the data of deleted slices: staged blocks at this gateway and objects in the store.
 pub struct DataCleaner {
-    pub engine: Arc<dyn MetaEngine>,
+    /// Where the queue of this gateway's deleted slices is.
+    pub records: Arc<dyn GatewayRecords>,
     pub staging: Arc<StagingLog>,
     pub store: Arc<dyn ObjectStore>,
     /// Most slices taken from the queue per round.
@@ -302,10 +341,9 @@ impl DataCleaner {
         let batch = self.batch;
         // Only the slices this gateway staged: it alone can drop their blocks from its device,
         // and no two gateways then delete the same thing.
-        let mine = Some(self.staging.sb.gateway_id);
         let due = self
-            .engine
-            .take_due_deleted_slices(mine, now_ns(), batch)
+            .records
+            .take_deleted(self.staging.sb.gateway_id, batch)
             .await?;
         let mut round = CleanupRound {
             taken: due.len(),
@@ -334,7 +372,7 @@ impl DataCleaner {
         if !cleaned.is_empty() {
             // Fails only if the database does; the slices then come back next round and their
             // (already gone) data is deleted again, which is harmless.
-            self.engine.ack_deleted_slices(&cleaned).await?;
+            self.records.ack_deleted(&cleaned).await?;
         }
         tracing::info!(
             cleaned = round.cleaned,
