@@ -47,6 +47,10 @@ const LOCAL_READS: &[&str] = &[
     "ReadChunk",
     "ListGateways",
     "ListMounts",
+    // The source's database is PostgreSQL, which makes every namespace change durable before
+    // answering it (`--namespace-sync` applies to the embedded metadata only): nothing is left
+    // for a sync to wait for, and a close need not pay a round trip to the source for it.
+    "Sync",
 ];
 
 /// How long a forwarded change waits for the standby to replay it: below the clients' own
