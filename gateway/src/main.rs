@@ -859,7 +859,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let service = StagingService::new(node.clone());
     let node_for_tags = node.clone();
-    let mirror_meta = node.meta.clone();
+    let mirror_node = node.clone();
     let shutdown_meta = node.meta.clone();
     let meta_service = MetaService::new(node);
     tracing::info!(
@@ -919,7 +919,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     node_for_tags,
                 ),
                 source,
-                mirror_meta,
+                mirror_node,
             ),
             authenticate,
         ))

@@ -130,7 +130,7 @@ fn gateway_id_of(bytes: &[u8]) -> Result<crate::meta::GatewayId, Status> {
 }
 
 /// The one mapping from a failed step of the core to what a `Meta` client sees.
-fn node_status(rpc: &str, error: NodeError) -> Status {
+pub(crate) fn node_status(rpc: &str, error: NodeError) -> Status {
     match error {
         NodeError::Meta(e) => meta_status(rpc, &e),
         NodeError::Staging(e) => Status::from(e),
@@ -888,6 +888,57 @@ impl Meta for MetaService {
             })?;
         crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
         Ok(Response::new(attr_response(&scope.attr(attr))))
+    }
+
+    async fn commit_staged_slice(
+        &self,
+        request: Request<pb::WriteSliceRequest>,
+    ) -> Result<Response<pb::AttrResponse>, Status> {
+        let tenant = tenant_of(&request);
+        writable("CommitStagedSlice", &tenant)?;
+        const RPC: &str = "CommitStagedSlice";
+        let request = request.into_inner();
+        if !request.data.is_empty() {
+            return Err(meta_status(
+                RPC,
+                &MetaError::Invalid("the block is staged already: no data".into()),
+            ));
+        }
+        let commit = request
+            .commit
+            .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
+        let slice =
+            slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
+        let attr = async {
+            let session = self.session(&tenant, &commit.session_id).await?;
+            let scope = self.scope(&tenant).await?;
+            let ino = scope.reach(self.engine.as_ref(), commit.ino).await?;
+            match self
+                .engine
+                .record_pending_slice_lazily(session, ino, &slice)
+                .await
+            {
+                // Recorded already (a retry after a lost answer): the commit says how it went.
+                Ok(()) | Err(MetaError::NotPermitted(_)) => {}
+                Err(error) => return Err(error),
+            }
+            let attr = self
+                .node
+                .commit_slice(
+                    session,
+                    ino,
+                    commit.chunk_index,
+                    &slice,
+                    commit.new_size,
+                    commit.mtime_ns,
+                )
+                .await?;
+            Ok(scope.attr(attr))
+        }
+        .await
+        .map_err(|e: MetaError| meta_status(RPC, &crate::confine::error_for(&tenant, e)))?;
+        crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
+        Ok(Response::new(attr_response(&attr)))
     }
 
     async fn list_gateways(

@@ -28,9 +28,11 @@ use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::access::Tenant;
 use crate::log_positions;
 use crate::meta::{DeletedSlice, GatewayId, GatewayLoad, MetaEngine, MetaError};
 use crate::node::workers::GatewayRecords;
+use crate::node::Node;
 use shared::error_chain;
 
 /// `Meta` calls answered from this region's standby; every other one changes something (or, for
@@ -368,14 +370,17 @@ pub struct Forward<S> {
     inner: S,
     source: Option<Source>,
     meta: Arc<dyn MetaEngine>,
+    /// Stages the blocks of this region's `WriteSlice` calls.
+    node: Arc<Node>,
 }
 
 impl<S> Forward<S> {
-    pub fn new(inner: S, source: Option<Source>, meta: Arc<dyn MetaEngine>) -> Self {
+    pub fn new(inner: S, source: Option<Source>, node: Arc<Node>) -> Self {
         Forward {
             inner,
             source,
-            meta,
+            meta: node.meta.clone(),
+            node,
         }
     }
 }
@@ -407,6 +412,7 @@ where
             return Box::pin(self.inner.call(request));
         };
         let meta = self.meta.clone();
+        let node = self.node.clone();
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();
@@ -419,20 +425,16 @@ where
                 .chars()
                 .take(64)
                 .collect::<String>();
-            if method == "WriteSlice" {
-                // Its block would be staged in the source region, over the WAN: the mount takes
-                // the three steps instead (the pending record and the commit go to the source,
-                // the block stays on this gateway's device).
-                return Ok(crate::meta_service::errno_status(
-                    tonic::Code::Unimplemented,
-                    libc::ENOSYS,
-                    "WriteSlice: a mirror stages blocks itself; record, write and commit the \
-                     slice in turn"
-                        .into(),
-                )
-                .into_http());
-            }
-            let answer = match forward(&source, meta.as_ref(), request).await {
+            let answer = if method == "WriteSlice" {
+                // The block is staged here, in this region; only its pending record and commit
+                // cross to the source, in one call.
+                write_slice_here(&source, meta.as_ref(), &node, request)
+                    .await
+                    .map_err(Failed::Refused)
+            } else {
+                forward(&source, meta.as_ref(), request).await
+            };
+            let answer = match answer {
                 Err(Failed::Unreachable(status, request)) if method == "Open" => {
                     // Reading goes on without the source: the open is answered here, unrecorded
                     // (the file is not pinned against an unlink in the source region; its data
@@ -454,6 +456,83 @@ where
                 status.into_http()
             }))
         })
+    }
+}
+
+/// A mount's `WriteSlice`: its block staged on this gateway (checked as the source would check
+/// it: the session is the caller's and holds the slice id), then the same request without the
+/// data sent to the source as `CommitStagedSlice`, which records the slice and commits it, and
+/// answered once the standby replayed that.
+async fn write_slice_here(
+    source: &Source,
+    meta: &dyn MetaEngine,
+    node: &Node,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, tonic::Status> {
+    use prost::Message;
+    let tenant = request
+        .extensions()
+        .get::<Arc<Tenant>>()
+        .cloned()
+        .unwrap_or_else(Tenant::anonymous);
+    if !tenant.may_write() {
+        return Err(tonic::Status::permission_denied(format!(
+            "WriteSlice: token {:?} is read-only",
+            shared::clip(&tenant.name, 256)
+        )));
+    }
+    let (mut parts, body) = request.into_parts();
+    let body = http_body_util::Limited::new(body, MAX_FORWARDED_BYTES)
+        .collect()
+        .await
+        .map_err(|e| tonic::Status::invalid_argument(format!("reading the request: {e}")))?
+        .to_bytes();
+    // One gRPC message: a flag byte (0: not compressed), its length, then the message.
+    let message = match body.first() {
+        Some(0) if body.len() >= 5 => body.slice(5..),
+        _ => {
+            return Err(tonic::Status::invalid_argument(
+                "WriteSlice: one uncompressed gRPC message expected",
+            ))
+        }
+    };
+    let mut write = proto::meta::WriteSliceRequest::decode(message)
+        .map_err(|e| tonic::Status::invalid_argument(format!("WriteSlice: {e}")))?;
+    let commit = write
+        .commit
+        .as_ref()
+        .ok_or_else(|| tonic::Status::invalid_argument("WriteSlice: no commit"))?;
+    let slice = crate::meta_service::convert::slice_from_proto(commit.slice.as_ref(), "WriteSlice")
+        .map_err(|e| crate::meta_service::meta_status("WriteSlice", &e))?;
+    node.stage_slice_here(
+        &tenant,
+        &commit.session_id,
+        &slice,
+        &write.data,
+        write.crc32c,
+    )
+    .await
+    .map_err(|e| crate::meta_service::node_status("WriteSlice", e))?;
+    write.data = Bytes::new();
+    let encoded = write.encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + encoded.len());
+    framed.push(0);
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = Some(http::uri::PathAndQuery::from_static(
+        "/stagefs.meta.v1.Meta/CommitStagedSlice",
+    ));
+    parts.uri = http::Uri::from_parts(uri)
+        .map_err(|e| tonic::Status::internal(format!("CommitStagedSlice: {e}")))?;
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let commit = http::Request::from_parts(
+        parts,
+        Body::new(http_body_util::Full::new(Bytes::from(framed))),
+    );
+    match forward(source, meta, commit).await {
+        Ok(response) => Ok(response),
+        Err(Failed::Unreachable(status, _)) | Err(Failed::Refused(status)) => Err(status),
     }
 }
 

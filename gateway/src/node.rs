@@ -336,6 +336,54 @@ impl Node {
             .inspect_err(|e| tracing::warn!(%key, error = %e, "block write refused"))
     }
 
+    /// On a mirror region's gateway, the block of a `WriteSlice` staged here before its pending
+    /// record and commit go to the source region in one call ([`crate::mirror`]); only once
+    /// this gateway's standby shows the slice id still leased to the caller's session, so that
+    /// nobody stages under another's block key. Should the commit then fail, the block is an
+    /// orphan (as after a crash between staging and committing): uploaded, named by nothing,
+    /// and removed by gc.
+    pub async fn stage_slice_here(
+        &self,
+        tenant: &Tenant,
+        session: &[u8],
+        slice: &Slice,
+        data: &[u8],
+        crc32c: u32,
+    ) -> Result<(), NodeError> {
+        if slice.gateway_id != self.settings.gateway_id {
+            return Err(MetaError::Invalid(format!(
+                "slice {} names gateway {}, but this gateway is {}",
+                slice.slice_id,
+                uuid::Uuid::from_bytes(slice.gateway_id),
+                uuid::Uuid::from_bytes(self.settings.gateway_id)
+            ))
+            .into());
+        }
+        if data.len() as u64 != u64::from(slice.len) {
+            return Err(MetaError::Invalid(format!(
+                "slice {} is {} bytes long but carries {} bytes",
+                slice.slice_id,
+                slice.len,
+                data.len()
+            ))
+            .into());
+        }
+        let session = self.session_named(tenant, session).await?;
+        if !self.meta.slice_leased(session, slice.slice_id).await? {
+            return Err(MetaError::NotPermitted(format!(
+                "slice id {} was not handed to this session, or was staged already",
+                slice.slice_id
+            ))
+            .into());
+        }
+        let key = BlockKey::new(slice.slice_id, 0, slice.len)
+            .map_err(|e| MetaError::Invalid(e.to_string()))?;
+        let mut block = IncomingBlock::for_key(key, key.to_string().len());
+        block.append(data)?;
+        self.stage(key, block.finish(crc32c)?).await?;
+        Ok(())
+    }
+
     /// Records the slice as pending, stages its block on this gateway's device and commits it:
     /// one round trip for a small file or an append. Runs to the end in a task of its own even
     /// if the caller goes away, so a staged block is never left without its pending record.

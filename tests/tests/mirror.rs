@@ -278,4 +278,8 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         !b.log().contains("metadata calls go to another gateway"),
         "the mirror's mount keeps its metadata calls at the mirror"
     );
+    assert!(
+        !b.log().contains("small slices take three calls"),
+        "the mirror takes WriteSlice (staging the block in B, committing in A)"
+    );
 }

@@ -82,6 +82,7 @@ impl BlockingMeta {
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
         record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
         pending_slice(session: SessionId, slice_id: u64) -> Option<(u32, GatewayId)>;
+        slice_leased(session: SessionId, slice_id: u64) -> bool;
         set_lock(session: SessionId, ino: Ino, request: &LockRequest) -> ();
         get_lock(session: SessionId, ino: Ino, request: &LockRequest) -> Option<HeldLock>;
         release_locks(session: SessionId, ino: Ino, owner: Option<u64>) -> ();

@@ -505,6 +505,10 @@ pub trait MetaEngine: Send + Sync {
     /// session's owners). Dropping nothing is no error.
     async fn release_locks(&self, session: SessionId, ino: Ino, owner: Option<u64>) -> Result<()>;
 
+    /// Whether slice id `slice_id` is still leased to `session` (handed to it, not recorded as
+    /// pending yet): what lets a mirror region's gateway stage the block of a `WriteSlice`
+    /// before the source records it.
+    async fn slice_leased(&self, session: SessionId, slice_id: u64) -> Result<bool>;
     /// How many bytes of slice `slice_id` `session` has recorded as pending (staging it, not
     /// committed yet), and on which gateway; `None` when it holds no such pending slice. Blocks
     /// of a slice may be staged only by the session that recorded it, only within the recorded

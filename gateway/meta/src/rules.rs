@@ -2356,6 +2356,20 @@ impl MetaEngine for KvMeta {
         })
     }
 
+    async fn slice_leased(&self, session: SessionId, slice_id: u64) -> Result<bool> {
+        let Some(after) = slice_id.checked_add(1) else {
+            return Ok(false);
+        };
+        let mut tx = self.read_tx().await?;
+        // As `take_leased` finds it: the lease whose end is the first above the id.
+        let start = keys::lease(session, after);
+        let end = keys::prefix_end(&keys::lease_prefix(session));
+        let Some((_, value)) = tx.scan(&start, &end, 1).await?.pop() else {
+            return Ok(false);
+        };
+        Ok(keys::decode_u64("slice-id lease", &value)? <= slice_id)
+    }
+
     async fn pending_slice(
         &self,
         session: SessionId,

@@ -875,6 +875,34 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
     assert_eq!(attr.size, 5000);
 }
 
+#[test]
+fn a_slice_id_is_leased_to_its_session_until_recorded() {
+    let f = fixture();
+    let ids = f.meta.allocate_slice_ids(f.session, 3).unwrap();
+    let other = f.meta.open_session("", "other").unwrap();
+    for id in ids.clone() {
+        assert!(f.meta.slice_leased(f.session, id).unwrap(), "id {id}");
+        assert!(
+            !f.meta.slice_leased(other, id).unwrap(),
+            "not another session's"
+        );
+    }
+    assert!(!f.meta.slice_leased(f.session, ids.end).unwrap());
+    assert!(!f.meta.slice_leased(f.session, u64::MAX).unwrap());
+    // Recording the middle one takes it out of the lease; its neighbours stay leased.
+    let middle = ids.start + 1;
+    let slice = Slice {
+        slice_id: middle,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    assert!(!f.meta.slice_leased(f.session, middle).unwrap());
+    assert!(f.meta.slice_leased(f.session, ids.start).unwrap());
+    assert!(f.meta.slice_leased(f.session, ids.start + 2).unwrap());
+}
+
 impl Fixture {
     /// A compacted slice for bytes `offset..offset + len`, recorded as pending.
     fn merged(&self, offset: u32, len: u32) -> Slice {
