@@ -167,6 +167,51 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         "the mirror drops the block of a deleted file it staged",
         || staged("after the delete") == staged_before,
     );
+    // A WriteSlice under a slice id its session was not handed stages nothing on the mirror.
+    // The gateway id as status prints it: a uuid, 32 hex digits and four dashes.
+    let hex: String = mirror_status["gateway_id"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .filter(|c| *c != '-')
+        .collect();
+    let mirror_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    cluster.block_on(async {
+        use proto::meta as pb;
+        let mut meta = mirror.meta_client().await;
+        let session = stagefs_tests::rpc::open_session(&mut meta, "outsider")
+            .await
+            .session_id;
+        let own = stagefs_tests::rpc::create(&mut meta, &session, ROOT_INO, "outsider").await;
+        let data = vec![7u8; 4096];
+        let slice = pb::Slice {
+            slice_id: 1 << 40,
+            offset_in_chunk: 0,
+            len: data.len() as u32,
+            gateway_id: mirror_id.clone().into(),
+        };
+        stagefs_tests::rpc::expect_errno(
+            "WriteSlice through the mirror of a slice id not handed to the session",
+            meta.write_slice(pb::WriteSliceRequest {
+                commit: Some(pb::CommitSliceRequest {
+                    session_id: session.clone(),
+                    ino: own.ino,
+                    chunk_index: 0,
+                    slice: Some(slice),
+                    new_size: data.len() as u64,
+                    mtime_ns: 1,
+                }),
+                crc32c: crc32c::crc32c(&data),
+                data: data.into(),
+            })
+            .await,
+            libc::EPERM,
+            tonic::Code::PermissionDenied,
+        );
+    });
+    assert_eq!(staged("after a refused WriteSlice"), staged_before);
     std::fs::rename(b.join("d1/d2/d3/d4/newf"), b.join("d1/moved")).unwrap();
     assert!(
         !b.join("d1/d2/d3/d4/newf").exists(),
