@@ -409,6 +409,23 @@ async fn file_layout(
     Ok(keys)
 }
 
+/// A file found below a path: (path, inode, size).
+type FileEntry = (PathBuf, u64, u64);
+
+/// The files named (directories: every file below), as (path, inode, size), grouped by the
+/// gateways of the stagefs mount each is in.
+fn files_by_mount(paths: &[PathBuf]) -> anyhow::Result<BTreeMap<String, Vec<FileEntry>>> {
+    let mut by_mount: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
+    for path in paths {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let (_, gateways) = gateway_of(&path)?;
+        collect_files(&path, by_mount.entry(gateways).or_default())?;
+    }
+    Ok(by_mount)
+}
+
 fn collect_files(path: &Path, out: &mut Vec<(PathBuf, u64, u64)>) -> anyhow::Result<()> {
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("cannot stat {}", path.display()))?;
@@ -482,15 +499,7 @@ pub async fn sync(
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
-    // Files grouped by the gateways of their mount.
-    let mut by_mount: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
-    for path in paths {
-        let path = path
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let (_, gateways) = gateway_of(&path)?;
-        collect_files(&path, by_mount.entry(gateways).or_default())?;
-    }
+    let by_mount = files_by_mount(paths)?;
     for (mount_gateways, files) in by_mount {
         let (mount_gateway, channel) = connect_any(&mount_gateways, access).await?;
         let mut meta = meta_client(channel);
@@ -546,14 +555,7 @@ struct WarmupTotals {
 /// so that reads of them come from its device. Shows progress; blocks not uploaded yet are
 /// left where they are staged (reads get them from that gateway).
 pub async fn warmup(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> anyhow::Result<()> {
-    let mut by_mount: BTreeMap<String, Vec<(PathBuf, u64, u64)>> = BTreeMap::new();
-    for path in paths {
-        let path = path
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let (_, gateways) = gateway_of(&path)?;
-        collect_files(&path, by_mount.entry(gateways).or_default())?;
-    }
+    let by_mount = files_by_mount(paths)?;
     let terminal = std::io::stderr().is_terminal() && !json;
     let mut reports = Vec::new();
     for (mount_gateways, files) in by_mount {

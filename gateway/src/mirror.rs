@@ -208,17 +208,18 @@ impl SourceRecords {
         Ok(request)
     }
 
-    /// `call` on each source gateway in turn until one answers; what the last one said if none
-    /// did. An answer with an error status is the answer.
-    async fn first_answer<T, F, Fut>(&self, mut call: F) -> Result<T, MetaError>
+    /// `call` with `message` on each source gateway in turn until one answers; what the last
+    /// one said if none did. An answer with an error status is the answer.
+    async fn first_answer<M, T, F, Fut>(&self, message: M, mut call: F) -> Result<T, MetaError>
     where
-        F: FnMut(proto::meta::meta_client::MetaClient<Channel>) -> Fut,
+        M: Clone,
+        F: FnMut(proto::meta::meta_client::MetaClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut failures = Vec::new();
         for (url, channel) in self.source.gateways.iter() {
             let client = proto::meta::meta_client::MetaClient::new(channel.clone());
-            match call(client).await {
+            match call(client, self.request(message.clone())?).await {
                 Ok(answer) => return Ok(answer.into_inner()),
                 Err(status)
                     if matches!(
@@ -263,15 +264,8 @@ impl GatewayRecords for SourceRecords {
             address: address.to_string(),
         };
         let answer = self
-            .first_answer(|mut client| {
-                let request = self.request(message.clone());
-                async move {
-                    client
-                        .register_gateway(
-                            request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
-                        )
-                        .await
-                }
+            .first_answer(message, |mut client, request| async move {
+                client.register_gateway(request).await
             })
             .await?;
         Ok(answer.epoch)
@@ -293,15 +287,8 @@ impl GatewayRecords for SourceRecords {
             healthy: load.healthy,
             mirror: load.mirror,
         };
-        self.first_answer(|mut client| {
-            let request = self.request(message.clone());
-            async move {
-                client
-                    .gateway_heartbeat(
-                        request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
-                    )
-                    .await
-            }
+        self.first_answer(message, |mut client, request| async move {
+            client.gateway_heartbeat(request).await
         })
         .await?;
         Ok(())
@@ -321,15 +308,8 @@ impl GatewayRecords for SourceRecords {
             limit: limit.min(u32::MAX as usize) as u32,
         };
         let answer = self
-            .first_answer(|mut client| {
-                let request = self.request(message.clone());
-                async move {
-                    client
-                        .take_deleted_slices(
-                            request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
-                        )
-                        .await
-                }
+            .first_answer(message, |mut client, request| async move {
+                client.take_deleted_slices(request).await
             })
             .await?;
         Ok(answer
@@ -348,15 +328,8 @@ impl GatewayRecords for SourceRecords {
         let message = proto::meta::AckDeletedSlicesRequest {
             slice_ids: slice_ids.to_vec(),
         };
-        self.first_answer(|mut client| {
-            let request = self.request(message.clone());
-            async move {
-                client
-                    .ack_deleted_slices(
-                        request.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
-                    )
-                    .await
-            }
+        self.first_answer(message, |mut client, request| async move {
+            client.ack_deleted_slices(request).await
         })
         .await?;
         Ok(())

@@ -350,24 +350,7 @@ impl Node {
         data: &[u8],
         crc32c: u32,
     ) -> Result<(), NodeError> {
-        if slice.gateway_id != self.settings.gateway_id {
-            return Err(MetaError::Invalid(format!(
-                "slice {} names gateway {}, but this gateway is {}",
-                slice.slice_id,
-                uuid::Uuid::from_bytes(slice.gateway_id),
-                uuid::Uuid::from_bytes(self.settings.gateway_id)
-            ))
-            .into());
-        }
-        if data.len() as u64 != u64::from(slice.len) {
-            return Err(MetaError::Invalid(format!(
-                "slice {} is {} bytes long but carries {} bytes",
-                slice.slice_id,
-                slice.len,
-                data.len()
-            ))
-            .into());
-        }
+        let key = self.slice_block_here(slice, data.len())?;
         let session = self.session_named(tenant, session).await?;
         if !self.meta.slice_leased(session, slice.slice_id).await? {
             return Err(MetaError::NotPermitted(format!(
@@ -376,19 +359,15 @@ impl Node {
             ))
             .into());
         }
-        let key = BlockKey::new(slice.slice_id, 0, slice.len)
-            .map_err(|e| MetaError::Invalid(e.to_string()))?;
         let mut block = IncomingBlock::for_key(key, key.to_string().len());
         block.append(data)?;
         self.stage(key, block.finish(crc32c)?).await?;
         Ok(())
     }
 
-    /// Records the slice as pending, stages its block on this gateway's device and commits it:
-    /// one round trip for a small file or an append. Runs to the end in a task of its own even
-    /// if the caller goes away, so a staged block is never left without its pending record.
-    pub async fn write_slice(self: &Arc<Self>, write: SliceWrite) -> Result<Attr, NodeError> {
-        let slice = write.slice;
+    /// The key of the one block of a `WriteSlice` for this gateway carrying `data_len` bytes:
+    /// the slice must name this gateway (its readers ask the one it names) and carry its length.
+    fn slice_block_here(&self, slice: &Slice, data_len: usize) -> Result<BlockKey, NodeError> {
         if slice.gateway_id != self.settings.gateway_id {
             return Err(MetaError::Invalid(format!(
                 "slice {} names gateway {}, but this gateway is {}",
@@ -398,17 +377,23 @@ impl Node {
             ))
             .into());
         }
-        if write.data.len() as u64 != u64::from(slice.len) {
+        if data_len as u64 != u64::from(slice.len) {
             return Err(MetaError::Invalid(format!(
-                "slice {} is {} bytes long but carries {} bytes",
-                slice.slice_id,
-                slice.len,
-                write.data.len()
+                "slice {} is {} bytes long but carries {data_len} bytes",
+                slice.slice_id, slice.len,
             ))
             .into());
         }
-        let key = BlockKey::new(slice.slice_id, 0, slice.len)
-            .map_err(|e| MetaError::Invalid(e.to_string()))?;
+        Ok(BlockKey::new(slice.slice_id, 0, slice.len)
+            .map_err(|e| MetaError::Invalid(e.to_string()))?)
+    }
+
+    /// Records the slice as pending, stages its block on this gateway's device and commits it:
+    /// one round trip for a small file or an append. Runs to the end in a task of its own even
+    /// if the caller goes away, so a staged block is never left without its pending record.
+    pub async fn write_slice(self: &Arc<Self>, write: SliceWrite) -> Result<Attr, NodeError> {
+        let slice = write.slice;
+        let key = self.slice_block_here(&slice, write.data.len())?;
         self.stage_or_write_through(&key, write.can_write_through)?;
         let node = self.clone();
         let steps = async move {
