@@ -422,6 +422,12 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Listens on a free port of 127.0.0.1, without a target yet.
     pub fn start() -> TcpProxy {
+        TcpProxy::start_with_delay(Duration::ZERO)
+    }
+
+    /// [`TcpProxy::start`], holding every byte `one_way` in each direction (a round trip of
+    /// twice that between the two sides, as between two regions).
+    pub fn start_with_delay(one_way: Duration) -> TcpProxy {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tcp-proxy")
@@ -448,7 +454,16 @@ impl TcpProxy {
                         return;
                     };
                     let _ = outbound.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if one_way.is_zero() {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        delayed_copy(in_read, out_write, one_way),
+                        delayed_copy(out_read, in_write, one_way)
+                    );
                 });
                 let mut list = c.lock().unwrap();
                 list.retain(|handle| !handle.is_finished());
@@ -479,6 +494,39 @@ impl TcpProxy {
             handle.abort();
         }
     }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read (reading goes on
+/// meanwhile, so the delay adds latency, not a cap on throughput).
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (chunks, mut due) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if chunks
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 impl Drop for TcpProxy {

@@ -99,14 +99,15 @@ fn stagefs(args: &[&std::ffi::OsStr]) {
 }
 
 /// A gateway in region "A" on the primary, a mirror gateway in "B" on a real hot standby, which
-/// reaches A through a link that can be cut. A mount of each.
+/// reaches A through a link with a 30 ms round trip that can be cut. A mount of each.
 #[test]
 fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
     let cluster = GatewayCluster::start_logging_store("mirror-gateway", 1, true, |_, gateway| {
         gateway.args(["--deleted-data-delay", "1s"])
     });
     let (standby, on_standby) = standby_of(&cluster);
-    let link = TcpProxy::start();
+    // The regions are 30 ms apart.
+    let link = TcpProxy::start_with_delay(Duration::from_millis(15));
     link.set_target(Some(cluster.gateways[0].addr()));
     let home = cluster.dir.join("mirror");
     std::fs::create_dir_all(&home).unwrap();
