@@ -229,6 +229,11 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
         || std::fs::metadata(b.join("from-a")).is_ok_and(|m| m.len() == from_a.len() as u64),
     );
     assert_file_bytes(&b.join("from-a"), &from_a);
+    assert_eq!(
+        staged("after A's write"),
+        staged_before,
+        "a mount of A stages nothing on B's mirror"
+    );
 
     // The mirror says so, with its lag.
     let status = status_json(&mirror.addr().to_string());
