@@ -752,7 +752,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => {
             let epoch = meta
-                .register_gateway(gateway_id, &advertise)
+                .register_gateway(gateway_id, &advertise, false)
                 .await
                 .context("cannot register this gateway in the metadata database")?;
             (

@@ -963,7 +963,7 @@ impl Meta for MetaService {
         let epoch = self
             .call(
                 "RegisterGateway",
-                self.engine.register_gateway(id, &req.address),
+                self.engine.register_gateway(id, &req.address, req.mirror),
             )
             .await?;
         tracing::info!(gateway = %uuid::Uuid::from_bytes(id), address = %req.address, epoch, "gateway registered through this one");

@@ -262,6 +262,7 @@ impl GatewayRecords for SourceRecords {
         let message = proto::meta::RegisterGatewayRequest {
             id: Bytes::copy_from_slice(&id),
             address: address.to_string(),
+            mirror: true,
         };
         let answer = self
             .first_answer(message, |mut client, request| async move {

@@ -1132,7 +1132,7 @@ async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_regis
     let meta = Arc::new(LocalMeta::open(dir.path()).await);
     let other_id = [9; 16];
     meta.engine()
-        .register_gateway(other_id, "other:7070")
+        .register_gateway(other_id, "other:7070", false)
         .await
         .unwrap();
     let home = Arc::new(MemoryBlocks::new());

@@ -97,7 +97,7 @@ impl BlockingMeta {
         take_due_deleted_slices(gateway: Option<GatewayId>, now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;
         referenced_slice_ids() -> std::collections::BTreeSet<u64>;
         ack_deleted_slices(slice_ids: &[u64]) -> ();
-        register_gateway(id: GatewayId, address: &str) -> u64;
+        register_gateway(id: GatewayId, address: &str, mirror: bool) -> u64;
         gateway_heartbeat(id: GatewayId, epoch: u64, load: GatewayLoad) -> ();
         list_gateways() -> Vec<GatewayRecord>;
     }

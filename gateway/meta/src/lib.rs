@@ -557,8 +557,9 @@ pub trait MetaEngine: Send + Sync {
     async fn ack_deleted_slices(&self, slice_ids: &[u64]) -> Result<()>;
 
     /// Registers gateway `id` at `address` with an epoch above every earlier one of this id, and
-    /// returns it.
-    async fn register_gateway(&self, id: GatewayId, address: &str) -> Result<u64>;
+    /// returns it. `mirror`: it serves a mirror region ([`GatewayRecord::mirror`]), said in the
+    /// same transaction so that no mount ever sees it as one to stage on.
+    async fn register_gateway(&self, id: GatewayId, address: &str, mirror: bool) -> Result<u64>;
     /// Keeps a registration alive and records its load; [`MetaError::Fenced`] once a later start
     /// of the same id registered a higher epoch.
     async fn gateway_heartbeat(&self, id: GatewayId, epoch: u64, load: GatewayLoad) -> Result<()>;

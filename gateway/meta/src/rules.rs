@@ -2492,7 +2492,7 @@ impl MetaEngine for KvMeta {
         })
     }
 
-    async fn register_gateway(&self, id: GatewayId, address: &str) -> Result<u64> {
+    async fn register_gateway(&self, id: GatewayId, address: &str, mirror: bool) -> Result<u64> {
         crate::transact!(self, Durability::Durable, |tx| {
             let key = keys::gateway(&id);
             let epoch = match tx.get(&key).await? {
@@ -2509,7 +2509,7 @@ impl MetaEngine for KvMeta {
                 queue_len: 0,
                 oldest_waiting_ms: 0,
                 healthy: true,
-                mirror: false,
+                mirror,
             };
             tx.put(key, encode_gateway(&record));
             Ok(epoch)

@@ -211,7 +211,7 @@ pub struct EngineRecords(pub Arc<dyn MetaEngine>);
 #[tonic::async_trait]
 impl GatewayRecords for EngineRecords {
     async fn register(&self, id: GatewayId, address: &str) -> Result<u64, MetaError> {
-        self.0.register_gateway(id, address).await
+        self.0.register_gateway(id, address, false).await
     }
 
     async fn heartbeat(

@@ -2141,8 +2141,14 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
     let f = fixture();
     let (a, b) = ([1; 16], [2; 16]);
     assert!(f.meta.list_gateways().unwrap().is_empty());
-    assert_eq!(f.meta.register_gateway(a, "10.0.0.1:7070").unwrap(), 1);
-    assert_eq!(f.meta.register_gateway(b, "10.0.0.2:7070").unwrap(), 1);
+    assert_eq!(
+        f.meta.register_gateway(a, "10.0.0.1:7070", false).unwrap(),
+        1
+    );
+    assert_eq!(
+        f.meta.register_gateway(b, "10.0.0.2:7070", false).unwrap(),
+        1
+    );
     let load = GatewayLoad {
         staged_blocks: 3,
         staged_bytes: 12,
@@ -2153,7 +2159,10 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
     };
     f.meta.gateway_heartbeat(a, 1, load).unwrap();
     // A takeover: the same id starts again elsewhere, with a higher epoch.
-    assert_eq!(f.meta.register_gateway(a, "10.0.0.9:7070").unwrap(), 2);
+    assert_eq!(
+        f.meta.register_gateway(a, "10.0.0.9:7070", false).unwrap(),
+        2
+    );
     let fenced = f.meta.gateway_heartbeat(a, 1, load).unwrap_err();
     assert!(
         matches!(
@@ -2188,8 +2197,16 @@ fn gateways_register_with_rising_epochs_and_a_superseded_one_is_fenced() {
         other.healthy && !other.mirror,
         "a gateway that did not say otherwise is healthy, and not a mirror's"
     );
+    // A mirror region's gateway is one from its registration on, before any heartbeat.
+    let c = [3; 16];
     assert_eq!(
-        errno(f.meta.gateway_heartbeat([3; 16], 1, load)),
+        f.meta.register_gateway(c, "10.1.0.1:7070", true).unwrap(),
+        1
+    );
+    let listed = f.meta.list_gateways().unwrap();
+    assert!(listed.iter().find(|g| g.id == c).unwrap().mirror);
+    assert_eq!(
+        errno(f.meta.gateway_heartbeat([4; 16], 1, load)),
         libc::EINVAL,
         "an unregistered gateway cannot heartbeat"
     );

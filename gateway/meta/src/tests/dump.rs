@@ -63,7 +63,7 @@ fn populate(meta: &BlockingMeta) -> SessionId {
     let sub = meta.mkdir(ROOT_INO, b"sub", 0o750, 1, 2).unwrap();
     meta.symlink(sub.ino, b"link", b"../target", 0, 0).unwrap();
     let gw = [3; 16];
-    meta.register_gateway(gw, "10.0.0.1:7070").unwrap();
+    meta.register_gateway(gw, "10.0.0.1:7070", false).unwrap();
     for i in 0..30u32 {
         let file = meta
             .mknod(sub.ino, format!("f{i}").as_bytes(), &node)
