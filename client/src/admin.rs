@@ -569,21 +569,18 @@ pub async fn warmup(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> an
                 .await
                 .with_context(|| format!("listing the blocks of {}", path.display()))?
             {
-                wanted.push(proto::staging::WarmBlock {
+                let warm = proto::staging::WarmBlock {
                     key: block.key.to_string(),
                     ino: *ino,
                     chunk_index: block.chunk_index,
-                });
+                };
+                wanted.push((warm, block.len));
             }
         }
         let mut totals = WarmupTotals {
             files: files.len() as u64,
             blocks: wanted.len() as u64,
-            bytes: wanted
-                .iter()
-                .filter_map(|b| b.key.parse::<BlockKey>().ok())
-                .map(|k| k.len())
-                .sum(),
+            bytes: wanted.iter().map(|(_, len)| len).sum(),
             ..WarmupTotals::default()
         };
         let mut last_said = std::time::Instant::now();
@@ -591,7 +588,7 @@ pub async fn warmup(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> an
         for batch in wanted.chunks(WARM_BATCH) {
             let answer = client
                 .warmup(proto::staging::WarmupRequest {
-                    blocks: batch.to_vec(),
+                    blocks: batch.iter().map(|(warm, _)| warm.clone()).collect(),
                 })
                 .await
                 .map_err(|status| anyhow::anyhow!("Warmup on {gateway}: {}", status.message()))?
@@ -601,11 +598,7 @@ pub async fn warmup(paths: &[PathBuf], access: &GatewayAccess, json: bool) -> an
             totals.held += answer.held;
             totals.not_uploaded += answer.not_uploaded;
             totals.not_kept += answer.not_kept;
-            done_bytes += batch
-                .iter()
-                .filter_map(|b| b.key.parse::<BlockKey>().ok())
-                .map(|k| k.len())
-                .sum::<u64>();
+            done_bytes += batch.iter().map(|(_, len)| len).sum::<u64>();
             let every = if terminal {
                 Duration::from_millis(500)
             } else {

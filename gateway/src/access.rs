@@ -295,11 +295,28 @@ impl Interceptor for Authenticate {
 /// The caller of `request`, as [`Authenticate`] found it. A request that did not pass through it
 /// (a service called directly, in unit tests) is anonymous.
 pub fn tenant_of<T>(request: &Request<T>) -> Arc<Tenant> {
-    request
-        .extensions()
+    tenant_in(request.extensions())
+}
+
+/// [`tenant_of`] from a request's extensions (a raw HTTP request, below the gRPC layer).
+pub fn tenant_in(extensions: &tonic::codegen::http::Extensions) -> Arc<Tenant> {
+    extensions
         .get::<Arc<Tenant>>()
         .cloned()
         .unwrap_or_else(Tenant::anonymous)
+}
+
+/// Refuses what acts on the gateway for everyone (`what`: "delete blocks") unless the tenant is
+/// an admin (on a gateway without `--tokens`, everyone is).
+pub fn must_be_admin<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    let tenant = tenant_of(request);
+    if tenant.is_admin() {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "only an admin token may {what}; token {:?} is not one",
+        shared::clip(&tenant.name, shared::MAX_ERROR_MESSAGE_BYTES / 4)
+    )))
 }
 
 #[cfg(test)]

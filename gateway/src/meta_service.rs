@@ -18,7 +18,7 @@ use proto::meta as pb;
 use proto::meta::meta_server::Meta;
 use tonic::{Code, Request, Response, Status};
 
-use crate::access::{tenant_of, Tenant};
+use crate::access::{must_be_admin, tenant_of, Tenant};
 use crate::confine::Scope;
 use crate::meta::{FileKind, LockKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
 use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
@@ -89,6 +89,43 @@ impl MetaService {
         work.await
             .map_err(|error| meta_status(rpc, &crate::confine::error_for(tenant, error)))
     }
+
+    /// Commits the slice of `commit` for `tenant` (within its scope), having recorded it as
+    /// pending first with `record_first` (`CommitStagedSlice`: its block is staged already).
+    async fn commit_as(
+        &self,
+        tenant: &Arc<Tenant>,
+        commit: &pb::CommitSliceRequest,
+        record_first: bool,
+    ) -> Result<crate::meta::Attr, MetaError> {
+        let slice = slice_from_proto(commit.slice.as_ref(), "CommitSlice")?;
+        let session = self.session(tenant, &commit.session_id).await?;
+        let scope = self.scope(tenant).await?;
+        let ino = scope.reach(self.engine.as_ref(), commit.ino).await?;
+        if record_first {
+            match self
+                .engine
+                .record_pending_slice_lazily(session, ino, &slice)
+                .await
+            {
+                // Recorded already (a retry after a lost answer): the commit says how it went.
+                Ok(()) | Err(MetaError::NotPermitted(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let attr = self
+            .node
+            .commit_slice(
+                session,
+                ino,
+                commit.chunk_index,
+                &slice,
+                commit.new_size,
+                commit.mtime_ns,
+            )
+            .await?;
+        Ok(scope.attr(attr))
+    }
 }
 
 /// Refuses a change from a read-only tenant, at the gateway (a client's own read-only flag is
@@ -101,19 +138,6 @@ fn writable(rpc: &str, tenant: &Tenant) -> Result<(), Status> {
         rpc,
         &MetaError::ReadOnly(format!("token {:?} is read-only", tenant.name)),
     ))
-}
-
-/// Refuses what acts on the registry for everyone unless the tenant is an admin (on a gateway
-/// without `--tokens`, everyone is).
-fn admin_only<T>(request: &Request<T>, rpc: &str) -> Result<(), Status> {
-    let tenant = tenant_of(request);
-    if tenant.is_admin() {
-        return Ok(());
-    }
-    Err(Status::permission_denied(format!(
-        "{rpc}: only an admin token may; token {:?} is not one",
-        shared::clip(&tenant.name, LOGGED_TEXT_BYTES)
-    )))
 }
 
 /// Most deleted slices one `TakeDeletedSlices` or `AckDeletedSlices` call carries.
@@ -813,24 +837,11 @@ impl Meta for MetaService {
         writable("CommitSlice", &tenant)?;
         let request = request.into_inner();
         let attr = self
-            .call_for("CommitSlice", &tenant, async {
-                let slice = slice_from_proto(request.slice.as_ref(), "CommitSlice")?;
-                let session = self.session(&tenant, &request.session_id).await?;
-                let scope = self.scope(&tenant).await?;
-                let ino = scope.reach(self.engine.as_ref(), request.ino).await?;
-                let attr = self
-                    .node
-                    .commit_slice(
-                        session,
-                        ino,
-                        request.chunk_index,
-                        &slice,
-                        request.new_size,
-                        request.mtime_ns,
-                    )
-                    .await?;
-                Ok(scope.attr(attr))
-            })
+            .call_for(
+                "CommitSlice",
+                &tenant,
+                self.commit_as(&tenant, &request, false),
+            )
             .await?;
         Ok(Response::new(attr_response(&attr)))
     }
@@ -907,37 +918,12 @@ impl Meta for MetaService {
         let commit = request
             .commit
             .ok_or_else(|| meta_status(RPC, &MetaError::Invalid("no commit".into())))?;
-        let slice =
-            slice_from_proto(commit.slice.as_ref(), RPC).map_err(|e| meta_status(RPC, &e))?;
-        let attr = async {
-            let session = self.session(&tenant, &commit.session_id).await?;
-            let scope = self.scope(&tenant).await?;
-            let ino = scope.reach(self.engine.as_ref(), commit.ino).await?;
-            match self
-                .engine
-                .record_pending_slice_lazily(session, ino, &slice)
-                .await
-            {
-                // Recorded already (a retry after a lost answer): the commit says how it went.
-                Ok(()) | Err(MetaError::NotPermitted(_)) => {}
-                Err(error) => return Err(error),
-            }
-            let attr = self
-                .node
-                .commit_slice(
-                    session,
-                    ino,
-                    commit.chunk_index,
-                    &slice,
-                    commit.new_size,
-                    commit.mtime_ns,
-                )
-                .await?;
-            Ok(scope.attr(attr))
+        let attr = self
+            .call_for(RPC, &tenant, self.commit_as(&tenant, &commit, true))
+            .await?;
+        if let Some(slice) = &commit.slice {
+            crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
         }
-        .await
-        .map_err(|e: MetaError| meta_status(RPC, &crate::confine::error_for(&tenant, e)))?;
-        crate::telemetry::count_bytes(&tenant.name, "written", u64::from(slice.len));
         Ok(Response::new(attr_response(&attr)))
     }
 
@@ -952,7 +938,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::RegisterGatewayRequest>,
     ) -> Result<Response<pb::RegisterGatewayResponse>, Status> {
-        admin_only(&request, "RegisterGateway")?;
+        must_be_admin(&request, "register a gateway")?;
         let req = request.into_inner();
         let id = gateway_id_of(&req.id)?;
         if req.address.is_empty() || req.address.len() > MAX_GATEWAY_ADDRESS {
@@ -974,7 +960,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::GatewayHeartbeatRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        admin_only(&request, "GatewayHeartbeat")?;
+        must_be_admin(&request, "heartbeat for a gateway")?;
         let req = request.into_inner();
         let id = gateway_id_of(&req.id)?;
         let load = crate::meta::GatewayLoad {
@@ -999,7 +985,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::TakeDeletedSlicesRequest>,
     ) -> Result<Response<pb::TakeDeletedSlicesResponse>, Status> {
-        admin_only(&request, "TakeDeletedSlices")?;
+        must_be_admin(&request, "take a gateway's deleted slices")?;
         let req = request.into_inner();
         let id = gateway_id_of(&req.gateway_id)?;
         let limit = (req.limit as usize).clamp(1, MAX_DELETED_SLICES_TAKEN);
@@ -1026,7 +1012,7 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::AckDeletedSlicesRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        admin_only(&request, "AckDeletedSlices")?;
+        must_be_admin(&request, "acknowledge deleted slices")?;
         let ids = request.into_inner().slice_ids;
         if ids.len() > MAX_DELETED_SLICES_TAKEN {
             return Err(Status::invalid_argument(format!(

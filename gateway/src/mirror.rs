@@ -28,7 +28,6 @@ use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::access::Tenant;
 use crate::log_positions;
 use crate::meta::{DeletedSlice, GatewayId, GatewayLoad, MetaEngine, MetaError};
 use crate::node::workers::GatewayRecords;
@@ -444,11 +443,7 @@ async fn write_slice_here(
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, tonic::Status> {
     use prost::Message;
-    let tenant = request
-        .extensions()
-        .get::<Arc<Tenant>>()
-        .cloned()
-        .unwrap_or_else(Tenant::anonymous);
+    let tenant = crate::access::tenant_in(request.extensions());
     if !tenant.may_write() {
         return Err(tonic::Status::permission_denied(format!(
             "WriteSlice: token {:?} is read-only",

@@ -10,7 +10,7 @@ use proto::staging::{self as pb, write_block_request::Frame};
 use shared::BlockKey;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::{tenant_of, Tenant};
+use crate::access::{must_be_admin, tenant_of, Tenant};
 use crate::confine::Scope;
 use crate::limits::{next_within, source_of};
 use crate::node::{BlockInputError, IncomingBlock, Node};
@@ -183,18 +183,6 @@ fn may_write<T>(request: &Request<T>) -> Result<(), Status> {
     }
     Err(Status::permission_denied(format!(
         "token {:?} is read-only: it may not stage blocks",
-        tenant.name
-    )))
-}
-
-/// Refuses what acts on the gateway for everyone unless the tenant is an admin.
-fn must_be_admin<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
-    let tenant = tenant_of(request);
-    if tenant.is_admin() {
-        return Ok(());
-    }
-    Err(Status::permission_denied(format!(
-        "only an admin token may {what}; token {:?} is not one",
         tenant.name
     )))
 }
