@@ -9,6 +9,12 @@
 //!   [`KvError::Conflict`] if committing would break serializability with a concurrent
 //!   transaction (another gateway on the same database). A conflicted transaction left no trace,
 //!   so the rules simply run it again.
+//! - **Snapshot transactions with explicit conflicts**, on request ([`KvStore::begin_snapshot`]):
+//!   two transactions that write the same key never both commit, and a key read with
+//!   [`KvTxn::get_pinned`] is not changed by anyone else before the transaction ends, but other
+//!   reads are not protected. The rules use them only for the hot changes whose every dependency
+//!   they made explicit (see `rules.rs`), because a shared database runs them without the
+//!   page-wide read locks that make serializable transactions on different records conflict.
 //! - **Durability on request.** A commit with [`Durability::Durable`] returns once the
 //!   transaction survives a crash of the machine; [`Durability::Eventual`] may return earlier, and
 //!   the next durable commit carries it.
@@ -109,6 +115,12 @@ pub trait KvStore: Send + Sync + 'static {
     /// backend run it without taking a writer's turn.
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>>;
 
+    /// Begins a write transaction with explicit conflicts (see the module's documentation): a
+    /// store without a cheaper isolation than serializable gives a serializable one.
+    async fn begin_snapshot(&self) -> KvResult<Box<dyn KvTxn>> {
+        self.begin(true).await
+    }
+
     /// How many ids the rules should take from a sequence at once and keep in memory (1 keeps
     /// every id in its own transaction; a shared database wants fewer round trips on hot rows).
     fn id_batch(&self) -> u64 {
@@ -150,6 +162,34 @@ pub trait KvStore: Send + Sync + 'static {
 #[async_trait]
 pub trait KvTxn: Send {
     async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>>;
+
+    /// Reads `key` and keeps it from changing until this transaction ends: a concurrent change
+    /// of it waits for this transaction, and one committed since this transaction's snapshot
+    /// makes this read fail with [`KvError::Conflict`]. What a snapshot transaction relies on
+    /// without writing it is read this way. A store whose transactions are all serializable (or
+    /// run one writer at a time) reads it as any key.
+    async fn get_pinned(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        self.get(key).await
+    }
+
+    /// The values of several keys, in the order asked, the first `pinned` of them read as
+    /// [`KvTxn::get_pinned`] reads. A shared database answers them in one round trip, so the
+    /// rules ask for what they know they will read up front.
+    async fn get_many(
+        &mut self,
+        keys: &[Vec<u8>],
+        pinned: usize,
+    ) -> KvResult<Vec<Option<Vec<u8>>>> {
+        let mut values = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            values.push(if i < pinned {
+                self.get_pinned(key).await?
+            } else {
+                self.get(key).await?
+            });
+        }
+        Ok(values)
+    }
 
     /// Up to `limit` pairs with `start <= key < end`, in key order.
     async fn scan(

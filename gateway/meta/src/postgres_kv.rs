@@ -2,15 +2,25 @@
 //! serve one file system.
 //!
 //! One table of keys and values (`stagefs_kv`) under the same rules as the embedded backend, and
-//! one table of id sequences (`stagefs_sequences`). Transactions run `SERIALIZABLE`: the rules
-//! read-modify-write arbitrary records (a rename checks a chain of parents, `rmdir` checks that a
-//! directory is empty), which only serializable isolation keeps correct across gateways.
+//! one table of id sequences (`stagefs_sequences`). Write transactions run `SERIALIZABLE`: the
+//! rules read-modify-write arbitrary records (a rename checks a chain of parents, `rmdir` checks
+//! that a directory is empty), which only serializable isolation keeps correct across gateways.
 //! Serialization failures and deadlocks come back as [`KvError::Conflict`] and the rules run the
 //! transaction again. Reads run `REPEATABLE READ READ ONLY`: one snapshot, never a conflict.
 //!
-//! Writes are buffered by the rules and sent at commit in two statements (an upsert of every
-//! written pair and a delete of every removed key), so a transaction costs its reads plus three
-//! round trips. Ids are taken in autocommit statements on a second connection, outside the
+//! The hot changes (creates, slice commits) run `REPEATABLE READ` instead
+//! ([`KvStore::begin_snapshot`]): serializable isolation locks whole btree pages for what a
+//! transaction reads, and on a young database the records of unrelated directories share pages,
+//! so creates in different directories conflicted and ran again (`stagefs bench meta`, README).
+//! Under snapshot isolation a row two transactions change fails the later one, provided it is
+//! changed with `UPDATE` or `DELETE`: an upsert of a row deleted meanwhile would write it again,
+//! so a snapshot transaction sends what it read as an `UPDATE` ([`UPDATE`]). Pinned reads are
+//! `SELECT … FOR SHARE`.
+//!
+//! Writes are buffered by the rules and sent at commit, pipelined with `COMMIT` (an upsert of
+//! every written pair, an update of those a snapshot transaction read, a delete of every removed
+//! key), so a transaction costs its reads plus one round trip; the rules read what they know they
+//! need up front in one round trip ([`KvTxn::get_many`]). Ids are taken in autocommit statements on a second connection, outside the
 //! transaction, so the hot sequence rows are locked for one statement and never conflict: a
 //! `SEQUENCE` would do the same but hands out fixed steps, and slice ids are taken in batches of
 //! the client's choosing.
@@ -22,6 +32,7 @@
 //! `SET LOCAL synchronous_commit` (changes whose loss in a crash is harmless skip the WAL flush;
 //! a server that refuses the setting makes them durable instead).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +63,21 @@ const MIGRATIONS: &[(&str, &str)] = &[(
 )];
 
 const GET: &str = "SELECT v FROM stagefs_kv WHERE k = $1";
+const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ";
+const GET_MANY: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1)";
+/// A pinned read: a row lock that lets other readers and pinners in but keeps writers out until
+/// this transaction ends (under `REPEATABLE READ`, a row changed since the snapshot fails it).
+const GET_PINNED: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR SHARE";
 const SCAN: &str = "SELECT k, v FROM stagefs_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
 const UPSERT: &str =
     "INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
                       ON CONFLICT (k) DO UPDATE SET v = excluded.v";
+/// In a snapshot transaction, the new values of records it read: an `UPDATE` of a row another
+/// transaction changed or deleted since the snapshot fails (`REPEATABLE READ`), where an upsert
+/// would write the row again as if it had never been deleted.
+/// (Keys found through the primary key's index, not a join the planner may scan the table for.)
+const UPDATE: &str = "UPDATE stagefs_kv SET v = ($2::bytea[])[array_position($1::bytea[], k)] \
+                      WHERE k = ANY($1)";
 const DELETE: &str = "DELETE FROM stagefs_kv WHERE k = ANY($1)";
 const TAKE_IDS: &str =
     "UPDATE stagefs_sequences SET next = next + $2 WHERE name = $1 RETURNING next - $2";
@@ -247,26 +269,18 @@ impl KvStore for PostgresKv {
     }
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
-        if write && self.standby {
-            return Err(KvError::ReadOnly(
-                "the database is a hot standby (a mirror): changes go to its primary".into(),
-            ));
-        }
-        let begin = if write {
+        self.begin_as(if write {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         } else {
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-        };
-        // BEGIN goes out with the transaction's first statement, in the same round trip. Should
-        // a call be cancelled (a client gone) once it was sent, dropping the transaction rolls
-        // it back before the connection is reused.
-        Ok(Box::new(PgTxn {
-            client: Some(self.pool.get().await.map_err(pool_error)?),
-            ids: self.ids.clone(),
-            lazy_commits: self.lazy_commits.clone(),
-            begin,
-            begun: AtomicBool::new(false),
-        }))
+        })
+        .await
+    }
+
+    /// `REPEATABLE READ` is snapshot isolation in PostgreSQL: a row two transactions update (or
+    /// one deletes and one pins) fails the later one, and nothing takes predicate locks.
+    async fn begin_snapshot(&self) -> KvResult<Box<dyn KvTxn>> {
+        self.begin_as(BEGIN_SNAPSHOT).await
     }
 
     fn id_batch(&self) -> u64 {
@@ -312,6 +326,28 @@ impl KvStore for PostgresKv {
     }
 }
 
+impl PostgresKv {
+    async fn begin_as(&self, begin: &'static str) -> KvResult<Box<dyn KvTxn>> {
+        if !begin.ends_with("READ ONLY") && self.standby {
+            return Err(KvError::ReadOnly(
+                "the database is a hot standby (a mirror): changes go to its primary".into(),
+            ));
+        }
+        // BEGIN goes out with the transaction's first statement, in the same round trip. Should
+        // a call be cancelled (a client gone) once it was sent, dropping the transaction rolls
+        // it back before the connection is reused.
+        Ok(Box::new(PgTxn {
+            client: Some(self.pool.get().await.map_err(pool_error)?),
+            ids: self.ids.clone(),
+            lazy_commits: self.lazy_commits.clone(),
+            snapshot: begin == BEGIN_SNAPSHOT,
+            read: HashSet::new(),
+            begin,
+            begun: AtomicBool::new(false),
+        }))
+    }
+}
+
 struct PgTxn {
     /// `None` once committed (or handed to the rollback task).
     client: Option<Object>,
@@ -321,6 +357,11 @@ struct PgTxn {
     /// The BEGIN of this transaction, sent (pipelined) with its first statement.
     begin: &'static str,
     begun: AtomicBool,
+    /// A snapshot transaction ([`KvStore::begin_snapshot`]).
+    snapshot: bool,
+    /// In a snapshot transaction, the keys its reads found: what it writes of them is sent as
+    /// an `UPDATE` ([`UPDATE`]).
+    read: HashSet<Vec<u8>>,
 }
 
 type PgResult<T> = Result<T, tokio_postgres::Error>;
@@ -360,7 +401,61 @@ impl KvTxn for PgTxn {
         // keeps BEGIN and the query back to back.
         let statement = client.prepare_cached(GET).await.map_err(pg_error)?;
         let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
-        Ok(row.map(|row| row.get(0)))
+        let value = row.map(|row| row.get(0));
+        if self.snapshot && value.is_some() {
+            self.read.insert(key.to_vec());
+        }
+        Ok(value)
+    }
+
+    async fn get_pinned(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        let mut values = self.get_many(&[key.to_vec()], 1).await?;
+        Ok(values.pop().flatten())
+    }
+
+    /// At most two statements (the pinned keys, the others), sent together in one round trip.
+    async fn get_many(
+        &mut self,
+        keys: &[Vec<u8>],
+        pinned: usize,
+    ) -> KvResult<Vec<Option<Vec<u8>>>> {
+        if keys.len() == 1 && pinned == 0 {
+            return Ok(vec![self.get(&keys[0]).await?]);
+        }
+        let pinned = pinned.min(keys.len());
+        let (pin, plain) = keys.split_at(pinned);
+        let client = self.client();
+        let get_pinned = client.prepare_cached(GET_PINNED).await.map_err(pg_error)?;
+        let get_many = client.prepare_cached(GET_MANY).await.map_err(pg_error)?;
+        let (pinned_rows, rows) = self
+            .in_txn(async {
+                // Each is sent when first polled, and try_join polls them in order.
+                let pinned_rows = async {
+                    if pin.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        client.query(&get_pinned, &[&pin]).await
+                    }
+                };
+                let rows = async {
+                    if plain.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        client.query(&get_many, &[&plain]).await
+                    }
+                };
+                futures::try_join!(pinned_rows, rows)
+            })
+            .await?;
+        let found: std::collections::HashMap<Vec<u8>, Vec<u8>> = pinned_rows
+            .into_iter()
+            .chain(rows)
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        if self.snapshot {
+            self.read.extend(found.keys().cloned());
+        }
+        Ok(keys.iter().map(|key| found.get(key).cloned()).collect())
     }
 
     async fn scan(
@@ -378,10 +473,14 @@ impl KvTxn for PgTxn {
         let rows = self
             .in_txn(client.query(&statement, &[&start, &end, &limit]))
             .await?;
-        Ok(rows
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = rows
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
-            .collect())
+            .collect();
+        if self.snapshot {
+            self.read.extend(pairs.iter().map(|(key, _)| key.clone()));
+        }
+        Ok(pairs)
     }
 
     async fn take_ids(&mut self, sequence: Sequence, count: u64) -> KvResult<u64> {
@@ -438,8 +537,13 @@ impl PgTxn {
     async fn commit_on(&self, writes: Vec<Write>, durability: Durability) -> KvResult<()> {
         let client = self.client();
         let (mut put_keys, mut put_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut update_keys, mut update_values) = (Vec::new(), Vec::new());
         for (key, value) in writes {
             match value {
+                Some(value) if self.read.contains(&key) => {
+                    update_keys.push(key);
+                    update_values.push(value);
+                }
                 Some(value) => {
                     put_keys.push(key);
                     put_values.push(value);
@@ -448,6 +552,7 @@ impl PgTxn {
             }
         }
         let upsert = client.prepare_cached(UPSERT).await.map_err(pg_error)?;
+        let update = client.prepare_cached(UPDATE).await.map_err(pg_error)?;
         let delete = client.prepare_cached(DELETE).await.map_err(pg_error)?;
         if durability == Durability::Eventual && self.lazy_commits.load(Ordering::Relaxed) {
             if let Err(error) = self
@@ -464,6 +569,8 @@ impl PgTxn {
         }
         let upsert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
             [&put_keys, &put_values];
+        let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&update_keys, &update_values];
         let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&deletes];
         // In the order they must reach the server: each is sent when first polled, and
         // try_join_all polls them in order.
@@ -474,6 +581,11 @@ impl PgTxn {
         if !put_keys.is_empty() {
             steps.push(Box::pin(async {
                 client.execute(&upsert, &upsert_params).await.map(drop)
+            }));
+        }
+        if !update_keys.is_empty() {
+            steps.push(Box::pin(async {
+                client.execute(&update, &update_params).await.map(drop)
             }));
         }
         if !deletes.is_empty() {

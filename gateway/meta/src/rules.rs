@@ -18,7 +18,7 @@
 //! from sequences outside the transactions ([`crate::kv::KvTxn::take_ids`]), taken in batches
 //! when the backend asks for it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,11 +227,17 @@ impl KvMeta {
     }
 
     #[doc(hidden)]
-    pub async fn begin_tx(&self, write: bool) -> Result<Tx<'_>> {
+    pub async fn begin_tx(&self, kind: TxKind) -> Result<Tx<'_>> {
+        let write = kind != TxKind::Read;
         Ok(Tx {
-            inner: self.store.begin(write).await?,
+            inner: match kind {
+                TxKind::Explicit => self.store.begin_snapshot().await?,
+                _ => self.store.begin(write).await?,
+            },
             writes: BTreeMap::new(),
             reads: HashMap::new(),
+            explicit: kind == TxKind::Explicit,
+            pinned: HashSet::new(),
             meta: self,
             now: now_ns(),
             // A read-only transaction writes no counter: shard 0, never used.
@@ -253,7 +259,7 @@ impl KvMeta {
     }
 
     async fn read_tx(&self) -> Result<Tx<'_>> {
-        self.begin_tx(false).await
+        self.begin_tx(TxKind::Read).await
     }
 
     /// [`MetaEngine::record_pending_slice`], waiting for durability only when `durability` says;
@@ -271,12 +277,18 @@ impl KvMeta {
                  its chunk"
             )));
         }
-        crate::transact!(self, durability, |tx| {
+        crate::transact!(@explicit, self, durability, |tx| {
+            let key = keys::pending(session, slice.slice_id);
+            let mut reads = vec![key.clone()];
+            reads.extend(file.map(keys::inode));
+            tx.fetch(Some(keys::session(session)), reads).await?;
             tx.check_session(session).await?;
+            // Whether it is a regular file is checked once, before anything is staged; should it
+            // be removed meanwhile, the commit finds it gone and the pending record goes with
+            // the session.
             if let Some(ino) = file {
                 tx.regular_file(ino).await?;
             }
-            let key = keys::pending(session, slice.slice_id);
             let recorded_len = match tx.get(&key).await? {
                 Some(bytes) => decode_slice_data(slice.slice_id, &bytes)?.0,
                 None => {
@@ -296,12 +308,18 @@ impl KvMeta {
 #[macro_export]
 #[doc(hidden)]
 macro_rules! transact {
-    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
+    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {
+        $crate::transact!(@kind $crate::rules::TxKind::Write, $meta, $durability, |$tx| $body)
+    };
+    (@explicit, $meta:expr, $durability:expr, |$tx:ident| $body:expr) => {
+        $crate::transact!(@kind $crate::rules::TxKind::Explicit, $meta, $durability, |$tx| $body)
+    };
+    (@kind $kind:expr, $meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             #[allow(unused_mut)]
-            let mut $tx = $meta.begin_tx(true).await?;
+            let mut $tx = $meta.begin_tx($kind).await?;
             #[allow(clippy::redundant_closure_call)]
             let outcome: $crate::Result<_> = async { $body }.await;
             let outcome = match outcome {
@@ -324,10 +342,18 @@ macro_rules! transact {
 #[macro_export]
 #[doc(hidden)]
 macro_rules! transact_once {
-    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
+    ($meta:expr, $durability:expr, |$tx:ident| $body:expr) => {
+        $crate::transact_once!(@kind $crate::rules::TxKind::Write, $meta, $durability, |$tx| $body)
+    };
+    (@explicit, $meta:expr, $durability:expr, |$tx:ident| $body:expr) => {
+        $crate::transact_once!(
+            @kind $crate::rules::TxKind::Explicit, $meta, $durability, |$tx| $body
+        )
+    };
+    (@kind $kind:expr, $meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
         let tag = $crate::once::current();
         let mut runs = 0u32;
-        $crate::transact!($meta, $durability, |$tx| {
+        $crate::transact!(@kind $kind, $meta, $durability, |$tx| {
             runs += 1;
             if let Some(tag) = &tag {
                 // A run that conflicted may have been committed by the backend after all (a
@@ -365,6 +391,33 @@ pub async fn conflict_backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_micros(rand::random_range(0..=ceiling_us))).await;
 }
 
+/// How a transaction is isolated.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxKind {
+    /// Reads only, from one snapshot.
+    Read,
+    /// A serializable write transaction: whatever it read is protected.
+    Write,
+    /// A snapshot write transaction ([`KvStore::begin_snapshot`]), for the hot changes whose
+    /// dependencies are all explicit. What such a change relies on, and how it is protected:
+    /// - a record it also writes (the parent directory a create touches, a chunk, a file's inode,
+    ///   a counter shard, a pending-slice record it deletes): two writers of one key never both
+    ///   commit;
+    /// - a name it finds free: it writes the name, and two creators of one key never both
+    ///   commit;
+    /// - its session: read pinned ([`Tx::session_record`]); closing a session first marks it
+    ///   closing in a transaction of its own, so a change either finishes before the close looks
+    ///   for what the session holds, or sees the mark and fails;
+    /// - a directory's write policy (an extended attribute): setting one writes the directory's
+    ///   inode, which a create writes too.
+    ///
+    /// Not protected: the file-count and capacity limits (`max_files`, `capacity_bytes`) are
+    /// checked against a snapshot of the totals, so concurrent changes on a shared database may
+    /// pass them by what they add together (README, Limits).
+    Explicit,
+}
+
 /// One transaction: reads go to the backend's snapshot unless this transaction wrote the key;
 /// writes are buffered and handed to the backend at commit.
 #[doc(hidden)]
@@ -376,6 +429,10 @@ pub struct Tx<'m> {
     /// read some records more than once (a parent directory checked, then touched), which would
     /// otherwise cost a database round trip each.
     reads: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// A snapshot transaction ([`TxKind::Explicit`]).
+    explicit: bool,
+    /// Keys read pinned ([`KvTxn::get_pinned`]).
+    pinned: HashSet<Vec<u8>>,
     meta: &'m KvMeta,
     now: TimeNs,
     /// The counter shard this transaction updates (its usage, its tenant's, and a directory's
@@ -402,6 +459,47 @@ impl Tx<'_> {
         let value = self.inner.get(key).await?;
         self.reads.insert(key.to_vec(), value.clone());
         Ok(value)
+    }
+
+    /// Reads `keys` in one round trip where the backend can, so that the rules' later `get`s of
+    /// them cost nothing: for a change that knows up front most of what it will read.
+    async fn prefetch(&mut self, keys: Vec<Vec<u8>>) -> Result<()> {
+        self.fetch(None, keys).await
+    }
+
+    /// [`Tx::prefetch`], with `pin` read as this transaction relies on it: pinned in a snapshot
+    /// transaction (see [`TxKind::Explicit`]).
+    async fn fetch(&mut self, pin: Option<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Result<()> {
+        let mut pin = pin.filter(|key| !self.writes.contains_key(key));
+        if !self.explicit {
+            keys.extend(pin.take());
+        }
+        let pin = pin.filter(|key| !self.pinned.contains(key));
+        keys.retain(|key| {
+            !self.writes.contains_key(key)
+                && !self.reads.contains_key(key)
+                && Some(key) != pin.as_ref()
+        });
+        keys.sort();
+        keys.dedup();
+        let pinned = usize::from(pin.is_some());
+        keys.splice(0..0, pin);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let values = self.inner.get_many(&keys, pinned).await?;
+        if values.len() != keys.len() {
+            return Err(MetaError::Corrupt(format!(
+                "the backend answered {} values for {} keys",
+                values.len(),
+                keys.len()
+            )));
+        }
+        if pinned == 1 {
+            self.pinned.insert(keys[0].clone());
+        }
+        self.reads.extend(keys.into_iter().zip(values));
+        Ok(())
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -861,6 +959,20 @@ impl Tx<'_> {
         Ok(dir)
     }
 
+    /// What [`Tx::create_node`] reads (the tenant's usage when `owner` is known), to be read in
+    /// one round trip.
+    fn new_node_keys(&self, parent: Ino, name: &[u8], owner: Option<&str>) -> Vec<Vec<u8>> {
+        let shard = self.shard.shard;
+        let mut keys = vec![
+            keys::inode(parent),
+            keys::dentry(parent, name),
+            keys::usage(FILES, shard),
+            keys::dir_stats(parent, shard),
+        ];
+        keys.extend(owner.map(|owner| keys::tenant_usage(shard, owner)));
+        keys
+    }
+
     async fn create_node(
         &mut self,
         parent: Ino,
@@ -869,6 +981,9 @@ impl Tx<'_> {
         symlink_target: Option<&[u8]>,
         owner: &str,
     ) -> Result<Attr> {
+        check_name(name)?;
+        self.prefetch(self.new_node_keys(parent, name, Some(owner)))
+            .await?;
         let dir = self.check_new_name(parent, name).await?;
         if let Some(max) = self.meta.config.max_files {
             if self.usage(FILES).await? >= max {
@@ -1137,18 +1252,24 @@ impl Tx<'_> {
     }
 
     /// The tenant that opened `session`, which must be live.
-    async fn session_tenant(&mut self, session: SessionId) -> Result<String> {
-        match self.get(&keys::session(session)).await? {
-            Some(record) => Ok(decode_session(session, &record, MountView::default())?.tenant),
-            None => Err(MetaError::SessionGone(session)),
+    /// The record of `session`, which must be open (not gone, not closing), read as this
+    /// transaction relies on it (pinned in a snapshot transaction, see [`TxKind::Explicit`]).
+    async fn session_record(&mut self, session: SessionId) -> Result<Vec<u8>> {
+        let key = keys::session(session);
+        self.fetch(Some(key.clone()), Vec::new()).await?;
+        match self.get(&key).await? {
+            Some(record) if !session_closing(&record)? => Ok(record),
+            _ => Err(MetaError::SessionGone(session)),
         }
     }
 
+    async fn session_tenant(&mut self, session: SessionId) -> Result<String> {
+        let record = self.session_record(session).await?;
+        Ok(decode_session(session, &record, MountView::default())?.tenant)
+    }
+
     async fn check_session(&mut self, session: SessionId) -> Result<()> {
-        match self.get(&keys::session(session)).await? {
-            Some(_) => Ok(()),
-            None => Err(MetaError::SessionGone(session)),
-        }
+        self.session_record(session).await.map(drop)
     }
 
     /// Drops the lock records of `session`: of lock owner `owner` on `ino`, of every owner on
@@ -1463,8 +1584,18 @@ fn encode_session(heartbeat: TimeNs, tenant: &str, description: &str) -> Vec<u8>
     keys::encode_pair(heartbeat as u64, tenant.len() as u64, &tail)
 }
 
+/// Set in a session record's tenant-length field once the session is closing
+/// ([`MetaEngine::close_session`]): from then on no change may use it.
+const SESSION_CLOSING: u64 = 1 << 63;
+
+fn session_closing(record: &[u8]) -> Result<bool> {
+    let (_, tenant_len, _) = keys::decode_pair("session", record)?;
+    Ok(tenant_len & SESSION_CLOSING != 0)
+}
+
 fn decode_session(id: SessionId, record: &[u8], view: MountView) -> Result<SessionInfo> {
     let (heartbeat, tenant_len, tail) = keys::decode_pair("session", record)?;
+    let tenant_len = tenant_len & !SESSION_CLOSING;
     let split = usize::try_from(tenant_len)
         .ok()
         .filter(|&len| len <= tail.len())
@@ -1647,7 +1778,12 @@ impl MetaEngine for KvMeta {
         if node.kind != FileKind::File {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
-        crate::transact_once!(self, self.namespace_durability(), |tx| {
+        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| {
+            // The session first (it names the tenant whose usage grows), with all else a create
+            // reads that does not depend on the tenant.
+            check_name(name)?;
+            let keys = tx.new_node_keys(parent, name, None);
+            tx.fetch(Some(keys::session(session)), keys).await?;
             let owner = tx.session_tenant(session).await?;
             let attr = tx.create_node(parent, name, node, None, &owner).await?;
             tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
@@ -1663,7 +1799,7 @@ impl MetaEngine for KvMeta {
                 "mknod does not make directories or symlinks".into(),
             ));
         }
-        crate::transact_once!(self, self.namespace_durability(), |tx| tx
+        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, node, None, "")
             .await)
     }
@@ -1676,7 +1812,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact_once!(self, self.namespace_durability(), |tx| tx
+        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, &node, None, "")
             .await)
     }
@@ -1708,7 +1844,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact_once!(self, self.namespace_durability(), |tx| tx
+        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
             .create_node(parent, name, &node, Some(target), "")
             .await)
     }
@@ -2075,9 +2211,17 @@ impl MetaEngine for KvMeta {
             .and_then(|start| start.checked_add(slice.end_in_chunk()))
             .filter(|&end| end <= MAX_FILE_SIZE)
             .ok_or(MetaError::FileTooLarge(u64::MAX))?;
-        crate::transact!(self, self.durability(), |tx| {
-            tx.check_session(session).await?;
+        crate::transact!(@explicit, self, self.durability(), |tx| {
             let pending_key = keys::pending(session, slice.slice_id);
+            let shard = tx.shard.shard;
+            tx.fetch(Some(keys::session(session)), vec![
+                pending_key.clone(),
+                keys::inode(ino),
+                keys::chunk(ino, chunk_index),
+                keys::usage(USED_BYTES, shard),
+            ])
+            .await?;
+            tx.check_session(session).await?;
             let was_pending = tx.get(&pending_key).await?.is_some();
             tx.delete(pending_key);
             let mut inode = tx.regular_file(ino).await?;
@@ -2101,6 +2245,9 @@ impl MetaEngine for KvMeta {
             tx.put_chunk(ino, chunk_index, &kept);
             let size = inode.attr.size.max(new_size).max(slice_end);
             if size > inode.attr.size {
+                let mut counters = vec![keys::tenant_usage(shard, &inode.owner)];
+                counters.extend(home_of(&inode).map(|home| keys::dir_stats(home, shard)));
+                tx.prefetch(counters).await?;
                 tx.resize_file(&mut inode, size).await?;
             }
             inode.attr.mtime_ns = mtime_ns;
@@ -2233,9 +2380,7 @@ impl MetaEngine for KvMeta {
         }
         crate::transact!(self, self.durability(), |tx| {
             let key = keys::session(session);
-            let Some(record) = tx.get(&key).await? else {
-                return Err(MetaError::SessionGone(session));
-            };
+            let record = tx.session_record(session).await?;
             let (_, tenant_len, tail) = keys::decode_pair("session", &record)?;
             tx.put(key, keys::encode_pair(tx.now as u64, tenant_len, tail));
             if *view == MountView::default() {
@@ -2248,8 +2393,27 @@ impl MetaEngine for KvMeta {
     }
 
     async fn close_session(&self, session: SessionId) -> Result<()> {
+        // First the mark, in a transaction of its own: a snapshot change that uses the session
+        // (a create, a slice commit) pins its record, so it either ends before the mark is
+        // written (and what it left is found below) or fails on it (TxKind::Explicit).
+        crate::transact!(self, Durability::Eventual, |tx| {
+            let key = keys::session(session);
+            let Some(record) = tx.get(&key).await? else {
+                return Err(MetaError::SessionGone(session));
+            };
+            let (heartbeat, tenant_len, tail) = keys::decode_pair("session", &record)?;
+            if tenant_len & SESSION_CLOSING == 0 {
+                tx.put(
+                    key,
+                    keys::encode_pair(heartbeat, tenant_len | SESSION_CLOSING, tail),
+                );
+            }
+            Ok(())
+        })?;
         crate::transact!(self, self.durability(), |tx| {
-            tx.check_session(session).await?;
+            if tx.get(&keys::session(session)).await?.is_none() {
+                return Err(MetaError::SessionGone(session));
+            }
             for (key, value) in tx.scan_prefix(&keys::handle_prefix(session)).await? {
                 let ([_, _, ino], _) = keys::parse::<3>(&key)?;
                 let count = keys::decode_u64("open handles", &value)?;

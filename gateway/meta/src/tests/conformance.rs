@@ -2516,3 +2516,155 @@ fn a_tagged_change_sent_twice_happens_once() {
     );
     assert_eq!(errno(after), libc::EEXIST);
 }
+
+// --- changes racing each other (on a shared database, the snapshot transactions of creates and
+// slice commits; see rules::TxKind::Explicit) ---
+
+/// Creates of one name from many tasks at once: exactly one makes it, the others find it.
+#[test]
+fn creates_of_one_name_at_once_make_exactly_one_file() {
+    let f = fixture();
+    let dir = f.meta.mkdir(ROOT_INO, b"race", 0o755, 0, 0).unwrap();
+    let engine = f.meta.engine().clone();
+    let session = f.session;
+    let outcomes: Vec<Result<Attr>> = f.meta.block_on(async move {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if i % 2 == 0 {
+                        engine
+                            .create(session, dir.ino, b"one", &node(FileKind::File))
+                            .await
+                    } else {
+                        engine.mknod(dir.ino, b"one", &node(FileKind::File)).await
+                    }
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        outcomes
+    });
+    let made: Vec<&Attr> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+    assert_eq!(made.len(), 1, "{outcomes:?}");
+    for outcome in &outcomes {
+        if let Err(error) = outcome {
+            assert_eq!(error.errno(), libc::EEXIST, "{error}");
+        }
+    }
+    assert_eq!(f.meta.lookup(dir.ino, b"one").unwrap().ino, made[0].ino);
+    assert_eq!(
+        f.meta.readdir(dir.ino, 0, 100).unwrap().len(),
+        1,
+        "one entry"
+    );
+    assert_eq!(f.meta.dir_usage(dir.ino).unwrap().files, 1);
+}
+
+/// Files made in a directory while it is removed: either the removal wins (and no file was
+/// made in it) or it finds the directory not empty; never a file made in a directory that is
+/// gone.
+#[test]
+fn files_are_never_made_in_a_directory_being_removed() {
+    let f = fixture();
+    for round in 0..40 {
+        let name = format!("doomed-{round}");
+        let dir = f
+            .meta
+            .mkdir(ROOT_INO, name.as_bytes(), 0o755, 0, 0)
+            .unwrap();
+        let engine = f.meta.engine().clone();
+        let (made, removed) = f.meta.block_on(async move {
+            let makers: Vec<_> = (0..8)
+                .map(|t| {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        // Spread over the removal's own round trips.
+                        let pause = (t as u64 * 7 + round as u64 * 13) % 40 * 50;
+                        tokio::time::sleep(Duration::from_micros(pause)).await;
+                        engine
+                            .mknod(dir.ino, format!("f{t}").as_bytes(), &node(FileKind::File))
+                            .await
+                            .ok()
+                    })
+                })
+                .collect();
+            let removed = engine.rmdir(ROOT_INO, name.as_bytes()).await;
+            let mut made = Vec::new();
+            for maker in makers {
+                made.extend(maker.await.unwrap());
+            }
+            (made, removed)
+        });
+        match removed {
+            Ok(()) => {
+                assert!(
+                    made.is_empty(),
+                    "round {round}: {} files made in a directory that was removed",
+                    made.len()
+                );
+                assert_eq!(errno(f.meta.getattr(dir.ino)), libc::ENOENT);
+            }
+            Err(error) => {
+                assert_eq!(error.errno(), libc::ENOTEMPTY, "round {round}: {error}");
+                assert!(!made.is_empty());
+                assert_eq!(f.meta.readdir(dir.ino, 0, 100).unwrap().len(), made.len());
+            }
+        }
+    }
+}
+
+/// A session closed while its mount still creates files: whatever a create answered made is
+/// released by the close (no open handle outlives its session), so removing the files frees
+/// their inodes; creates after the close are refused.
+#[test]
+fn closing_a_session_releases_every_file_its_racing_creates_made() {
+    let f = fixture();
+    let dir = f.meta.mkdir(ROOT_INO, b"closing", 0o755, 0, 0).unwrap();
+    for round in 0..10u64 {
+        let session = f.meta.open_session("", "racing").unwrap();
+        let engine = f.meta.engine().clone();
+        let made: Vec<(String, Ino)> = f.meta.block_on(async move {
+            let creators: Vec<_> = (0..8)
+                .map(|t| {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        let mut made = Vec::new();
+                        for n in 0.. {
+                            let name = format!("r{round}-t{t}-{n}");
+                            match engine
+                                .create(session, dir.ino, name.as_bytes(), &node(FileKind::File))
+                                .await
+                            {
+                                Ok(attr) => made.push((name, attr.ino)),
+                                Err(error) => {
+                                    assert!(matches!(error, MetaError::SessionGone(_)), "{error}");
+                                    break;
+                                }
+                            }
+                        }
+                        made
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(5 + round * 3)).await;
+            engine.close_session(session).await.unwrap();
+            let mut made = Vec::new();
+            for creator in creators {
+                made.extend(creator.await.unwrap());
+            }
+            made
+        });
+        for (name, ino) in made {
+            f.meta.unlink(dir.ino, name.as_bytes()).unwrap();
+            assert_eq!(
+                errno(f.meta.getattr(ino)),
+                libc::ENOENT,
+                "round {round}: {name} is still open after its session was closed"
+            );
+        }
+    }
+}
