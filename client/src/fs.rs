@@ -24,6 +24,7 @@ mod block_grpc;
 mod cache;
 mod channel;
 pub mod cluster;
+mod dir_attrs;
 mod error;
 pub mod gateways;
 pub mod layout;
@@ -95,6 +96,10 @@ pub struct FsConfig {
     pub capability_absence_ttl: Duration,
     /// What every connection to another gateway (to read the blocks it staged) presents.
     pub gateway_access: GatewayAccess,
+    /// How long a directory's attributes read from the engine answer `getattr` (brought forward
+    /// by this mount's own creates in it, see `fs/dir_attrs.rs`); zero asks the engine every
+    /// time. The mount passes its attribute TTL.
+    pub dir_attr_ttl: Duration,
 }
 
 impl Default for FsConfig {
@@ -110,6 +115,7 @@ impl Default for FsConfig {
             write_slices: true,
             capability_absence_ttl: Duration::from_secs(1),
             gateway_access: GatewayAccess::default(),
+            dir_attr_ttl: Duration::ZERO,
         }
     }
 }
@@ -129,6 +135,7 @@ pub struct Fs {
     next_handle: AtomicU64,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     xattr_absence: XattrAbsence,
+    dir_attrs: dir_attrs::DirAttrs,
     locks: locks::MountLocks,
     /// Directory listings in progress, by directory handle.
     listings: Mutex<HashMap<FileHandle, Listing>>,
@@ -271,6 +278,7 @@ impl Fs {
             BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
+            dir_attrs: dir_attrs::DirAttrs::new(config.dir_attr_ttl),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
             listings: Mutex::new(HashMap::new()),
             meta,
@@ -385,11 +393,31 @@ impl Fs {
     // --- names and attributes ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        Ok(self.local_attr(self.meta.lookup(parent, name).await?))
+        let attr = self.meta.lookup(parent, name).await?;
+        self.dir_attrs.saw(&attr);
+        Ok(self.local_attr(attr))
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        Ok(self.local_attr(self.meta.getattr(ino).await?))
+        if let Some(attr) = self.dir_attrs.get(ino) {
+            return Ok(attr);
+        }
+        let attr = self.meta.getattr(ino).await?;
+        self.dir_attrs.saw(&attr);
+        Ok(self.local_attr(attr))
+    }
+
+    /// A node made in `parent` by this mount: the directory's attributes follow.
+    fn made_in(&self, parent: Ino, outcome: FsResult<Attr>) -> FsResult<Attr> {
+        let attr = self.changed(outcome)?;
+        self.dir_attrs.made_in(parent, &attr);
+        Ok(attr)
+    }
+
+    /// A change whose effect on directories' attributes the mount does not follow.
+    fn changed_dirs<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
+        self.dir_attrs.forget_all();
+        self.changed(outcome)
     }
 
     /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
@@ -397,15 +425,31 @@ impl Fs {
     pub async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
-            return self.changed(self.meta.setattr(ino, changes).await);
+            self.dir_attrs.forget(ino);
+            let attr = self.changed(self.meta.setattr(ino, changes).await)?;
+            self.dir_attrs.saw(&attr);
+            return Ok(attr);
         };
         let mut state = file.state.lock().await;
+        if changes.size.is_none() {
+            // Mode, owner and times do not touch the data: the dirty data stays for the close,
+            // whose durable commit then covers this change too (`tar` sets all three on each
+            // file it writes: without this each file cost a slice commit here and a `Sync` at
+            // close). An mtime set now is what the data's commit keeps.
+            let attr = self.changed(self.meta.setattr(ino, changes).await)?;
+            if !state.dirty.is_empty() {
+                if let Some(mtime_ns) = changes.mtime_ns {
+                    state.dirty.set_mtime = Some(mtime_ns);
+                }
+            }
+            state.attr = attr;
+            drop(state);
+            return Ok(self.local_attr(attr));
+        }
         self.flush_locked(&file, &mut state).await?;
         let attr = self.changed(self.meta.setattr(ino, changes).await)?;
         state.attr = attr;
-        if changes.size.is_some() {
-            state.chunks.clear();
-        }
+        state.chunks.clear();
         Ok(attr)
     }
 
@@ -430,7 +474,10 @@ impl Fs {
         };
         // The new file takes its directory's write policy (the engine copies it).
         let write_through = self.write_through(parent).await?;
-        let attr = self.changed(self.meta.create(self.session, parent, name, &node).await)?;
+        let attr = self.made_in(
+            parent,
+            self.meta.create(self.session, parent, name, &node).await,
+        )?;
         // A file made just now has no capability: its first write need not ask.
         self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
         self.xattr_absence.saw_write_policy(attr.ino, write_through);
@@ -464,7 +511,7 @@ impl Fs {
             gid,
             rdev,
         };
-        self.changed(self.meta.mknod(parent, name, &node).await)
+        self.made_in(parent, self.meta.mknod(parent, name, &node).await)
     }
 
     pub async fn mkdir(
@@ -476,19 +523,21 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        self.changed(self.meta.mkdir(parent, name, mode, uid, gid).await)
+        self.made_in(parent, self.meta.mkdir(parent, name, mode, uid, gid).await)
     }
 
     /// Removes a name. An open file lives on (the engine counts this session's handles), so its
     /// handles keep reading and writing it until they are released.
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.changed(self.meta.unlink(parent, name).await)
+        let outcome = self.meta.unlink(parent, name).await;
+        self.dir_attrs.forget(parent);
+        self.changed(outcome)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.changed(self.meta.rmdir(parent, name).await)
+        self.changed_dirs(self.meta.rmdir(parent, name).await)
     }
 
     /// `flags`: 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
@@ -501,7 +550,7 @@ impl Fs {
         flags: u32,
     ) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.changed(
+        self.changed_dirs(
             self.meta
                 .rename(parent, name, new_parent, new_name, flags)
                 .await,
@@ -510,7 +559,9 @@ impl Fs {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        Ok(self.local_attr(self.changed(self.meta.link(ino, new_parent, new_name).await)?))
+        let outcome = self.meta.link(ino, new_parent, new_name).await;
+        self.dir_attrs.forget(new_parent);
+        Ok(self.local_attr(self.changed(outcome)?))
     }
 
     pub async fn symlink(
@@ -522,7 +573,10 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        self.changed(self.meta.symlink(parent, name, target, uid, gid).await)
+        self.made_in(
+            parent,
+            self.meta.symlink(parent, name, target, uid, gid).await,
+        )
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -645,6 +699,7 @@ impl Fs {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
         let set = self.changed(self.meta.setxattr(ino, name, value, flags).await);
+        self.dir_attrs.forget(ino);
         // Again: a listing answered meanwhile may have said "none" from before the change.
         self.xattr_absence.forget(ino);
         set
@@ -661,6 +716,7 @@ impl Fs {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
         let removed = self.changed(self.meta.removexattr(ino, name).await);
+        self.dir_attrs.forget(ino);
         self.xattr_absence.forget(ino);
         removed
     }
@@ -938,6 +994,8 @@ impl Fs {
             .dirty
             .write(&self.writer, file.ino, offset, data)
             .await;
+        // A write after `utimensat` moves the mtime on again.
+        state.dirty.set_mtime = None;
         file.dirty_end.store(state.dirty.end(), Ordering::Release);
         if over_limit(&state.dirty) {
             if let Err(e) = self.flush_locked(file, &mut state).await {

@@ -1185,3 +1185,101 @@ async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_regis
     );
     assert_eq!(connects.load(Ordering::SeqCst), 2);
 }
+
+/// A directory's attributes after this mount's own creates in it are what the engine holds,
+/// without asking it again (the kernel asks before every create); a change made elsewhere shows
+/// once the mount changes the directory in a way it does not follow, or after the TTL.
+#[tokio::test]
+async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
+    let world = World::new().await;
+    let a = world
+        .mount(FsConfig {
+            dir_attr_ttl: Duration::from_secs(60),
+            ..FsConfig::default()
+        })
+        .await;
+    let b = world.mount(FsConfig::default()).await;
+    let dir = a.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
+    assert_eq!(a.getattr(dir.ino).await.unwrap(), dir);
+    let (_, fh) = a
+        .create(dir.ino, b"f", 0o644, 0, 0, RW)
+        .await
+        .expect("create");
+    assert_eq!(
+        a.getattr(dir.ino).await.unwrap(),
+        b.getattr(dir.ino).await.unwrap()
+    );
+    a.mkdir(dir.ino, b"sub", 0o755, 0, 0).await.unwrap();
+    a.symlink(dir.ino, b"link", b"f", 0, 0).await.unwrap();
+    a.mknod(dir.ino, b"fifo", FileKind::Fifo, 0o644, 0, 0, 0)
+        .await
+        .unwrap();
+    let followed = a.getattr(dir.ino).await.unwrap();
+    assert_eq!(followed, b.getattr(dir.ino).await.unwrap());
+    assert_eq!(followed.nlink, 3, "the subdirectory's link");
+
+    // Changed behind the mount's back: within the TTL it answers what it knows (as the
+    // kernel's own attribute cache would) ...
+    let chmod = SetAttr {
+        mode: Some(0o700),
+        ..SetAttr::default()
+    };
+    b.setattr(dir.ino, &chmod).await.unwrap();
+    assert_eq!(a.getattr(dir.ino).await.unwrap().mode, 0o755);
+    // ... until it changes the directory in a way it does not follow.
+    a.unlink(dir.ino, b"link").await.unwrap();
+    let asked = a.getattr(dir.ino).await.unwrap();
+    assert_eq!(asked.mode, 0o700);
+    assert_eq!(asked, b.getattr(dir.ino).await.unwrap());
+    a.rename(dir.ino, b"fifo", ROOT_INO, b"fifo", 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.getattr(dir.ino).await.unwrap(),
+        b.getattr(dir.ino).await.unwrap()
+    );
+    a.release(fh, None).await.unwrap();
+}
+
+/// Mode, owner and times set on a file with data not committed yet (as `tar` does before it
+/// closes each file): the data's commit at close keeps the mtime that was set, and everything
+/// reads back on another mount; a write after the `utimensat` moves the mtime on again.
+#[tokio::test]
+async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
+    let world = World::new().await;
+    let a = world.mount(FsConfig::default()).await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "untarred").await;
+    let bytes = pattern(3, 0, 5000);
+    a.write(fh, 0, &bytes).await.unwrap();
+    let set = SetAttr {
+        mode: Some(0o640),
+        mtime_ns: Some(1_000_000_000),
+        atime_ns: Some(2_000_000_000),
+        ..SetAttr::default()
+    };
+    let answered = a.setattr(attr.ino, &set).await.unwrap();
+    assert_eq!(
+        answered.size, 5000,
+        "the size the kernel is told counts the dirty bytes"
+    );
+    a.release(fh, None).await.unwrap();
+    let seen = b.getattr(attr.ino).await.unwrap();
+    assert_eq!(
+        (seen.mode, seen.mtime_ns, seen.atime_ns, seen.size),
+        (0o640, 1_000_000_000, 2_000_000_000, 5000)
+    );
+    assert_eq!(read_path(&b, "untarred", 0, 5000).await, bytes);
+
+    let fh = a.open(attr.ino, RW).await.unwrap().0;
+    a.write(fh, 5000, b"more").await.unwrap();
+    a.setattr(attr.ino, &set).await.unwrap();
+    a.write(fh, 5004, b"again").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    let seen = b.getattr(attr.ino).await.unwrap();
+    assert_eq!(seen.size, 5009);
+    assert!(
+        seen.mtime_ns > 1_000_000_000,
+        "a write after utimensat sets the mtime"
+    );
+}

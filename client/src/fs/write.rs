@@ -46,7 +46,7 @@ use super::block_api::{BlockApi, StoreBlocks};
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
-use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice};
+use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice, TimeNs};
 
 /// What every file's write path shares: the services, the session, slice ids, upload slots.
 pub struct WriteContext {
@@ -395,6 +395,7 @@ impl DirtySlice {
         ctx: &WriteContext,
         ino: Ino,
         new_size: u64,
+        mtime_ns: TimeNs,
     ) -> FsResult<Option<Attr>> {
         let staged = self.staged(ctx).await?;
         let data = self.blocks[0].data.clone();
@@ -407,7 +408,7 @@ impl DirtySlice {
                 self.chunk_index,
                 &slice,
                 new_size,
-                now_ns(),
+                mtime_ns,
                 data,
             )
             .await;
@@ -508,6 +509,9 @@ pub struct DirtyFile {
     /// The file's write policy says `through` (`stagefs policy`): its blocks are PUT to the
     /// object store, so a flush returns once they are there.
     pub write_through: bool,
+    /// The mtime a `utimensat` set after the last write: the commit of the data written before
+    /// it keeps it (a commit otherwise sets the mtime to its own time). Cleared by a write.
+    pub set_mtime: Option<TimeNs>,
 }
 
 impl DirtyFile {
@@ -671,8 +675,11 @@ impl DirtyFile {
         while let Some(slice) = self.slices.front_mut() {
             let len = slice.len();
             let new_size = slice.file_start() + len;
+            let mtime_ns = self.set_mtime.unwrap_or_else(now_ns);
             let written = if slice.fits_write_slice(ctx) {
-                slice.write_with_commit(ctx, ino, new_size).await?
+                slice
+                    .write_with_commit(ctx, ino, new_size, mtime_ns)
+                    .await?
             } else {
                 None
             };
@@ -694,7 +701,7 @@ impl DirtyFile {
                             slice.chunk_index,
                             &staged.slice(len),
                             new_size,
-                            now_ns(),
+                            mtime_ns,
                         )
                         .await?
                 }
@@ -703,6 +710,7 @@ impl DirtyFile {
             self.bytes = self.bytes.saturating_sub(len);
             self.slices.pop_front();
         }
+        self.set_mtime = None;
         Ok(())
     }
 }
