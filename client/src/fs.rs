@@ -96,10 +96,12 @@ pub struct FsConfig {
     pub capability_absence_ttl: Duration,
     /// What every connection to another gateway (to read the blocks it staged) presents.
     pub gateway_access: GatewayAccess,
-    /// How long a directory's attributes read from the engine answer `getattr` (brought forward
-    /// by this mount's own creates in it, see `fs/dir_attrs.rs`); zero asks the engine every
-    /// time. The mount passes its attribute TTL.
-    pub dir_attr_ttl: Duration,
+    /// How long attributes read from the engine answer `getattr` without asking it again: a
+    /// directory's (brought forward by this mount's own creates in it, see `fs/dir_attrs.rs`)
+    /// and an open file's (kept by its handles with this mount's own changes); zero asks the
+    /// engine every time. The mount passes its attribute TTL, the bound the kernel's own cache
+    /// gives to changes made elsewhere.
+    pub attr_ttl: Duration,
 }
 
 impl Default for FsConfig {
@@ -115,7 +117,7 @@ impl Default for FsConfig {
             write_slices: true,
             capability_absence_ttl: Duration::from_secs(1),
             gateway_access: GatewayAccess::default(),
-            dir_attr_ttl: Duration::ZERO,
+            attr_ttl: Duration::ZERO,
         }
     }
 }
@@ -136,6 +138,9 @@ pub struct Fs {
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     xattr_absence: XattrAbsence,
     dir_attrs: dir_attrs::DirAttrs,
+    /// Removals, renames and links this mount made: each may change the link count and ctime of
+    /// a file it has open, so attributes read before one are asked for again.
+    renamed: AtomicU64,
     locks: locks::MountLocks,
     /// Directory listings in progress, by directory handle.
     listings: Mutex<HashMap<FileHandle, Listing>>,
@@ -173,12 +178,20 @@ struct OpenFile {
 struct FileState {
     /// Attributes as the engine last reported them.
     attr: Attr,
+    /// When the engine reported them, and the mount's [`Fs::renamed`] count then.
+    attr_read: Option<(std::time::Instant, u64)>,
     dirty: DirtyFile,
     /// Slices of chunks already asked for, since the last change this mount knows of.
     chunks: HashMap<u64, Arc<Vec<Slice>>>,
 }
 
 impl FileState {
+    /// The engine reported `attr` just now.
+    fn engine_says(&mut self, attr: Attr, renamed: u64) {
+        self.attr = attr;
+        self.attr_read = Some((std::time::Instant::now(), renamed));
+    }
+
     /// The size this mount sees: committed, or further if it wrote past the end.
     fn size(&self) -> u64 {
         self.attr.size.max(self.dirty.end())
@@ -278,7 +291,8 @@ impl Fs {
             BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
-            dir_attrs: dir_attrs::DirAttrs::new(config.dir_attr_ttl),
+            dir_attrs: dir_attrs::DirAttrs::new(config.attr_ttl),
+            renamed: AtomicU64::new(0),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
             listings: Mutex::new(HashMap::new()),
             meta,
@@ -348,6 +362,14 @@ impl Fs {
         if had_dirty {
             // Whatever got committed now comes from the engine, not the dirty overlay.
             state.chunks.clear();
+            if result.is_ok() {
+                state.attr_read = Some((
+                    std::time::Instant::now(),
+                    self.renamed.load(Ordering::Acquire),
+                ));
+            } else {
+                state.attr_read = None;
+            }
         }
         file.dirty_end.store(state.dirty.end(), Ordering::Release);
         result
@@ -402,9 +424,35 @@ impl Fs {
         if let Some(attr) = self.dir_attrs.get(ino) {
             return Ok(attr);
         }
+        if let Some(attr) = self.open_file_attr(ino) {
+            return Ok(attr);
+        }
         let attr = self.meta.getattr(ino).await?;
         self.dir_attrs.saw(&attr);
         Ok(self.local_attr(attr))
+    }
+
+    /// The attributes of a file this mount has open, if the engine reported them within the
+    /// TTL and this mount removed, renamed or linked nothing since (the kernel asks after every
+    /// write, and `tar` sets mode, owner and times on each file it writes).
+    fn open_file_attr(&self, ino: Ino) -> Option<Attr> {
+        let file = self.open_file(ino)?;
+        // A flush or write holds the state: ask the engine rather than wait.
+        let state = file.state.try_lock().ok()?;
+        let (read_at, renamed) = state.attr_read?;
+        let fresh = read_at.elapsed() < self.config.attr_ttl
+            && renamed == self.renamed.load(Ordering::Acquire);
+        fresh.then(|| {
+            let mut attr = state.attr;
+            attr.size = state.size();
+            attr
+        })
+    }
+
+    /// A change that may alter the link count or ctime of a file this mount has open.
+    fn renaming<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
+        self.renamed.fetch_add(1, Ordering::AcqRel);
+        outcome
     }
 
     /// A node made in `parent` by this mount: the directory's attributes follow.
@@ -417,7 +465,7 @@ impl Fs {
     /// A change whose effect on directories' attributes the mount does not follow.
     fn changed_dirs<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
         self.dir_attrs.forget_all();
-        self.changed(outcome)
+        self.changed(self.renaming(outcome))
     }
 
     /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
@@ -442,13 +490,13 @@ impl Fs {
                     state.dirty.set_mtime = Some(mtime_ns);
                 }
             }
-            state.attr = attr;
+            state.engine_says(attr, self.renamed.load(Ordering::Acquire));
             drop(state);
             return Ok(self.local_attr(attr));
         }
         self.flush_locked(&file, &mut state).await?;
         let attr = self.changed(self.meta.setattr(ino, changes).await)?;
-        state.attr = attr;
+        state.engine_says(attr, self.renamed.load(Ordering::Acquire));
         state.chunks.clear();
         Ok(attr)
     }
@@ -530,7 +578,7 @@ impl Fs {
     /// handles keep reading and writing it until they are released.
     pub async fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
-        let outcome = self.meta.unlink(parent, name).await;
+        let outcome = self.renaming(self.meta.unlink(parent, name).await);
         self.dir_attrs.forget(parent);
         self.changed(outcome)
     }
@@ -559,7 +607,7 @@ impl Fs {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        let outcome = self.meta.link(ino, new_parent, new_name).await;
+        let outcome = self.renaming(self.meta.link(ino, new_parent, new_name).await);
         self.dir_attrs.forget(new_parent);
         Ok(self.local_attr(self.changed(outcome)?))
     }
@@ -731,6 +779,7 @@ impl Fs {
     /// A file already open here has its view refreshed: close-to-open means an `open` sees
     /// every commit made before it, from any mount.
     async fn attach(&self, attr: Attr) -> Arc<OpenFile> {
+        let renamed = self.renamed.load(Ordering::Acquire);
         let (file, is_new) = {
             let mut files = self.files();
             let mut is_new = false;
@@ -744,6 +793,7 @@ impl Fs {
                         dirty_end: AtomicU64::new(0),
                         state: tokio::sync::Mutex::new(FileState {
                             attr,
+                            attr_read: Some((std::time::Instant::now(), renamed)),
                             dirty: DirtyFile::default(),
                             chunks: HashMap::new(),
                         }),
@@ -755,7 +805,7 @@ impl Fs {
         };
         if !is_new {
             let mut state = file.state.lock().await;
-            state.attr = attr;
+            state.engine_says(attr, renamed);
             state.chunks.clear();
         }
         file
@@ -823,7 +873,7 @@ impl Fs {
                             ..SetAttr::default()
                         };
                         self.meta.setattr(ino, &changes).await.inspect(|attr| {
-                            state.attr = *attr;
+                            state.engine_says(*attr, self.renamed.load(Ordering::Acquire));
                             state.chunks.clear();
                         })
                     }

@@ -346,7 +346,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         max_dirty_bytes_per_file: args.max_dirty_per_file.max(1),
         write_slices: args.write_mode == WriteMode::Gateway,
         capability_absence_ttl: args.attr_ttl,
-        dir_attr_ttl: args.attr_ttl,
+        attr_ttl: args.attr_ttl,
         gateway_access: access,
         ..FsConfig::default()
     };

@@ -1194,7 +1194,7 @@ async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
     let world = World::new().await;
     let a = world
         .mount(FsConfig {
-            dir_attr_ttl: Duration::from_secs(60),
+            attr_ttl: Duration::from_secs(60),
             ..FsConfig::default()
         })
         .await;
@@ -1282,4 +1282,42 @@ async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
         seen.mtime_ns > 1_000_000_000,
         "a write after utimensat sets the mtime"
     );
+}
+
+/// The attributes of a file this mount has open answer `getattr` from what the engine last
+/// said (with the mount's own writes and attribute changes) within the TTL; a removal, rename or
+/// link by this mount makes it ask again.
+#[tokio::test]
+async fn an_open_file_s_attributes_are_the_mount_s_own_within_the_ttl() {
+    let world = World::new().await;
+    let a = world
+        .mount(FsConfig {
+            attr_ttl: Duration::from_secs(60),
+            ..FsConfig::default()
+        })
+        .await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "open").await;
+    a.write(fh, 0, b"twelve bytes").await.unwrap();
+    let mine = a.getattr(attr.ino).await.unwrap();
+    assert_eq!(mine.size, 12, "the mount's own dirty bytes count");
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    a.setattr(attr.ino, &chmod).await.unwrap();
+    assert_eq!(a.getattr(attr.ino).await.unwrap().mode, 0o600);
+    // Changed elsewhere: within the TTL the mount answers what it knows ...
+    let chmod_elsewhere = SetAttr {
+        mode: Some(0o644),
+        ..SetAttr::default()
+    };
+    b.setattr(attr.ino, &chmod_elsewhere).await.unwrap();
+    assert_eq!(a.getattr(attr.ino).await.unwrap().mode, 0o600);
+    // ... until it links, renames or removes something.
+    a.link(attr.ino, ROOT_INO, b"second name").await.unwrap();
+    let asked = a.getattr(attr.ino).await.unwrap();
+    assert_eq!((asked.mode, asked.nlink, asked.size), (0o644, 2, 12));
+    a.release(fh, None).await.unwrap();
+    assert_eq!(b.getattr(attr.ino).await.unwrap().size, 12);
 }
