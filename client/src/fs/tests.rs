@@ -1186,19 +1186,24 @@ async fn a_block_is_read_from_the_gateway_that_staged_it_found_through_the_regis
     assert_eq!(connects.load(Ordering::SeqCst), 2);
 }
 
-/// A directory's attributes after this mount's own creates in it are what the engine holds,
-/// without asking it again (the kernel asks before every create); a change made elsewhere shows
-/// once the mount changes the directory in a way it does not follow, or after the TTL.
-#[tokio::test]
-async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
-    let world = World::new().await;
+/// Two mounts: `a` answers attributes it knows for a minute, `b` always asks the engine.
+async fn remembering_and_asking(world: &World) -> (Fs, Fs) {
     let a = world
         .mount(FsConfig {
             attr_ttl: Duration::from_secs(60),
             ..FsConfig::default()
         })
         .await;
-    let b = world.mount(FsConfig::default()).await;
+    (a, world.mount(FsConfig::default()).await)
+}
+
+/// A directory's attributes after this mount's own creates in it are what the engine holds,
+/// without asking it again (the kernel asks before every create); a change made elsewhere shows
+/// once the mount changes the directory in a way it does not follow, or after the TTL.
+#[tokio::test]
+async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
+    let world = World::new().await;
+    let (a, b) = remembering_and_asking(&world).await;
     let dir = a.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
     assert_eq!(a.getattr(dir.ino).await.unwrap(), dir);
     let (_, fh) = a
@@ -1290,13 +1295,7 @@ async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
 #[tokio::test]
 async fn an_open_file_s_attributes_are_the_mount_s_own_within_the_ttl() {
     let world = World::new().await;
-    let a = world
-        .mount(FsConfig {
-            attr_ttl: Duration::from_secs(60),
-            ..FsConfig::default()
-        })
-        .await;
-    let b = world.mount(FsConfig::default()).await;
+    let (a, b) = remembering_and_asking(&world).await;
     let (attr, fh) = create(&a, "open").await;
     a.write(fh, 0, b"twelve bytes").await.unwrap();
     let mine = a.getattr(attr.ino).await.unwrap();
