@@ -138,8 +138,9 @@ pub struct Fs {
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     xattr_absence: XattrAbsence,
     dir_attrs: dir_attrs::DirAttrs,
-    /// Removals, renames and links this mount made: each may change the link count and ctime of
-    /// a file it has open, so attributes read before one are asked for again.
+    /// Removals, renames, links and extended-attribute changes this mount made: each may change
+    /// the link count or ctime of a file it has open, so attributes the engine answered before
+    /// one (read before the call was sent) are asked for again.
     renamed: AtomicU64,
     locks: locks::MountLocks,
     /// Directory listings in progress, by directory handle.
@@ -355,6 +356,7 @@ impl Fs {
     /// Commits every dirty byte of an open file (its state locked by the caller).
     async fn flush_locked(&self, file: &OpenFile, state: &mut FileState) -> FsResult<()> {
         let had_dirty = !state.dirty.is_empty();
+        let renamed = self.renamed.load(Ordering::Acquire);
         let result = state
             .dirty
             .flush(&self.writer, file.ino, &mut state.attr)
@@ -363,10 +365,7 @@ impl Fs {
             // Whatever got committed now comes from the engine, not the dirty overlay.
             state.chunks.clear();
             if result.is_ok() {
-                state.attr_read = Some((
-                    std::time::Instant::now(),
-                    self.renamed.load(Ordering::Acquire),
-                ));
+                state.attr_read = Some((std::time::Instant::now(), renamed));
             } else {
                 state.attr_read = None;
             }
@@ -415,8 +414,9 @@ impl Fs {
     // --- names and attributes ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        let asked = self.dir_attrs.generation();
         let attr = self.meta.lookup(parent, name).await?;
-        self.dir_attrs.saw(&attr);
+        self.dir_attrs.saw(&attr, asked);
         Ok(self.local_attr(attr))
     }
 
@@ -427,8 +427,9 @@ impl Fs {
         if let Some(attr) = self.open_file_attr(ino) {
             return Ok(attr);
         }
+        let asked = self.dir_attrs.generation();
         let attr = self.meta.getattr(ino).await?;
-        self.dir_attrs.saw(&attr);
+        self.dir_attrs.saw(&attr, asked);
         Ok(self.local_attr(attr))
     }
 
@@ -474,8 +475,9 @@ impl Fs {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
             self.dir_attrs.forget(ino);
+            let asked = self.dir_attrs.generation();
             let attr = self.changed(self.meta.setattr(ino, changes).await)?;
-            self.dir_attrs.saw(&attr);
+            self.dir_attrs.saw(&attr, asked);
             return Ok(attr);
         };
         let mut state = file.state.lock().await;
@@ -484,19 +486,21 @@ impl Fs {
             // whose durable commit then covers this change too (`tar` sets all three on each
             // file it writes: without this each file cost a slice commit here and a `Sync` at
             // close). An mtime set now is what the data's commit keeps.
+            let renamed = self.renamed.load(Ordering::Acquire);
             let attr = self.changed(self.meta.setattr(ino, changes).await)?;
             if !state.dirty.is_empty() {
                 if let Some(mtime_ns) = changes.mtime_ns {
                     state.dirty.set_mtime = Some(mtime_ns);
                 }
             }
-            state.engine_says(attr, self.renamed.load(Ordering::Acquire));
+            state.engine_says(attr, renamed);
             drop(state);
             return Ok(self.local_attr(attr));
         }
         self.flush_locked(&file, &mut state).await?;
+        let renamed = self.renamed.load(Ordering::Acquire);
         let attr = self.changed(self.meta.setattr(ino, changes).await)?;
-        state.engine_says(attr, self.renamed.load(Ordering::Acquire));
+        state.engine_says(attr, renamed);
         state.chunks.clear();
         Ok(attr)
     }
@@ -522,6 +526,7 @@ impl Fs {
         };
         // The new file takes its directory's write policy (the engine copies it).
         let write_through = self.write_through(parent).await?;
+        let renamed = self.renamed.load(Ordering::Acquire);
         let attr = self.made_in(
             parent,
             self.meta.create(self.session, parent, name, &node).await,
@@ -529,7 +534,7 @@ impl Fs {
         // A file made just now has no capability: its first write need not ask.
         self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
         self.xattr_absence.saw_write_policy(attr.ino, write_through);
-        let file = self.attach(attr).await;
+        let file = self.attach(attr, renamed).await;
         file.state.lock().await.dirty.write_through = write_through;
         Ok((attr, self.add_handle(file, access)))
     }
@@ -746,7 +751,7 @@ impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        let set = self.changed(self.meta.setxattr(ino, name, value, flags).await);
+        let set = self.changed(self.renaming(self.meta.setxattr(ino, name, value, flags).await));
         self.dir_attrs.forget(ino);
         // Again: a listing answered meanwhile may have said "none" from before the change.
         self.xattr_absence.forget(ino);
@@ -763,7 +768,7 @@ impl Fs {
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.check_writable_mount()?;
         self.xattr_absence.forget(ino);
-        let removed = self.changed(self.meta.removexattr(ino, name).await);
+        let removed = self.changed(self.renaming(self.meta.removexattr(ino, name).await));
         self.dir_attrs.forget(ino);
         self.xattr_absence.forget(ino);
         removed
@@ -778,8 +783,8 @@ impl Fs {
     /// Registers one more handle of this mount on a file the engine already counts as open.
     /// A file already open here has its view refreshed: close-to-open means an `open` sees
     /// every commit made before it, from any mount.
-    async fn attach(&self, attr: Attr) -> Arc<OpenFile> {
-        let renamed = self.renamed.load(Ordering::Acquire);
+    /// `renamed`: [`Fs::renamed`] as it was before the engine answered `attr`.
+    async fn attach(&self, attr: Attr, renamed: u64) -> Arc<OpenFile> {
         let (file, is_new) = {
             let mut files = self.files();
             let mut is_new = false;
@@ -844,6 +849,7 @@ impl Fs {
         if access.writable {
             self.check_writable_mount()?;
         }
+        let renamed = self.renamed.load(Ordering::Acquire);
         let attr = self.meta.open(self.session, ino).await?;
         if attr.kind != FileKind::File {
             self.release_quietly(ino).await;
@@ -852,7 +858,7 @@ impl Fs {
                 _ => FsError::NotRegularFile(ino),
             });
         }
-        let file = self.attach(attr).await;
+        let file = self.attach(attr, renamed).await;
         if access.writable {
             match self.write_through(ino).await {
                 Ok(through) => file.state.lock().await.dirty.write_through = through,
@@ -872,8 +878,9 @@ impl Fs {
                             size: Some(0),
                             ..SetAttr::default()
                         };
+                        let renamed = self.renamed.load(Ordering::Acquire);
                         self.meta.setattr(ino, &changes).await.inspect(|attr| {
-                            state.engine_says(*attr, self.renamed.load(Ordering::Acquire));
+                            state.engine_says(*attr, renamed);
                             state.chunks.clear();
                         })
                     }

@@ -23,7 +23,16 @@ const MAX_DIRS: usize = 4096;
 
 pub struct DirAttrs {
     ttl: Duration,
-    dirs: Mutex<HashMap<Ino, (Attr, Instant)>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each directory's attributes and when the engine answered them.
+    dirs: HashMap<Ino, (Attr, Instant)>,
+    /// Changes the mount followed or dropped so far: an answer the engine gave before one of
+    /// them (a `getattr` in flight meanwhile) is not kept over it.
+    generation: u64,
 }
 
 impl DirAttrs {
@@ -31,29 +40,39 @@ impl DirAttrs {
     pub fn new(ttl: Duration) -> DirAttrs {
         DirAttrs {
             ttl,
-            dirs: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
-    fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, (Attr, Instant)>> {
-        self.dirs
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// What [`DirAttrs::saw`] needs from before the engine is asked.
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
     /// The attributes of directory `ino`, if read from the engine within the TTL.
     pub fn get(&self, ino: Ino) -> Option<Attr> {
-        let dirs = self.dirs();
-        let (attr, read_at) = dirs.get(&ino)?;
+        let state = self.state();
+        let (attr, read_at) = state.dirs.get(&ino)?;
         (read_at.elapsed() < self.ttl).then_some(*attr)
     }
 
-    /// The engine answered `attr` just now.
-    pub fn saw(&self, attr: &Attr) {
+    /// The engine answered `attr`, asked for when [`DirAttrs::generation`] said `asked`: kept
+    /// unless the mount changed or dropped a directory's attributes meanwhile.
+    pub fn saw(&self, attr: &Attr, asked: u64) {
         if attr.kind != FileKind::Dir || self.ttl.is_zero() {
             return;
         }
-        let mut dirs = self.dirs();
+        let mut state = self.state();
+        if state.generation != asked {
+            return;
+        }
+        let dirs = &mut state.dirs;
         if dirs.len() >= MAX_DIRS && !dirs.contains_key(&attr.ino) {
             let ttl = self.ttl;
             dirs.retain(|_, (_, read_at)| read_at.elapsed() < ttl);
@@ -61,21 +80,15 @@ impl DirAttrs {
                 dirs.clear();
             }
         }
-        match dirs.get_mut(&attr.ino) {
-            // An answer sent before one of this mount's creates committed may arrive after the
-            // create's own update: keep the newer.
-            Some((known, read_at)) if known.ctime_ns > attr.ctime_ns => *read_at = Instant::now(),
-            _ => {
-                dirs.insert(attr.ino, (*attr, Instant::now()));
-            }
-        }
+        dirs.insert(attr.ino, (*attr, Instant::now()));
     }
 
     /// This mount made `child` in `parent`: the directory's mtime and ctime are the child's
     /// ctime, and a new subdirectory adds a link. The TTL still runs from the last read.
     pub fn made_in(&self, parent: Ino, child: &Attr) {
-        let mut dirs = self.dirs();
-        if let Some((dir, _)) = dirs.get_mut(&parent) {
+        let mut state = self.state();
+        state.generation += 1;
+        if let Some((dir, _)) = state.dirs.get_mut(&parent) {
             dir.mtime_ns = dir.mtime_ns.max(child.ctime_ns);
             dir.ctime_ns = dir.ctime_ns.max(child.ctime_ns);
             if child.kind == FileKind::Dir {
@@ -86,12 +99,16 @@ impl DirAttrs {
 
     /// Drops what is known of `ino`.
     pub fn forget(&self, ino: Ino) {
-        self.dirs().remove(&ino);
+        let mut state = self.state();
+        state.generation += 1;
+        state.dirs.remove(&ino);
     }
 
     /// Drops everything (a change whose directories are not all known: a rename, a removal).
     pub fn forget_all(&self) {
-        self.dirs().clear();
+        let mut state = self.state();
+        state.generation += 1;
+        state.dirs.clear();
     }
 }
 
@@ -120,19 +137,20 @@ mod tests {
         let attrs = DirAttrs::new(Duration::from_millis(200));
         attrs.made_in(5, &dir(9, 50, 2));
         assert_eq!(attrs.get(5), None, "an unknown directory stays unknown");
-        attrs.saw(&dir(5, 10, 2));
+        attrs.saw(&dir(5, 10, 2), attrs.generation());
         attrs.made_in(5, &dir(9, 50, 2));
         let mut file = dir(10, 60, 1);
         file.kind = FileKind::File;
         attrs.made_in(5, &file);
         let known = attrs.get(5).unwrap();
         assert_eq!((known.mtime_ns, known.ctime_ns, known.nlink), (60, 60, 3));
-        // An older answer does not undo the creates.
-        attrs.saw(&dir(5, 10, 2));
+        // An answer asked for before the creates does not undo them.
+        let before_the_creates = attrs.generation() - 2;
+        attrs.saw(&dir(5, 10, 2), before_the_creates);
         assert_eq!(attrs.get(5).unwrap().nlink, 3);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(attrs.get(5), None, "past the TTL the engine is asked again");
-        attrs.saw(&dir(5, 70, 4));
+        attrs.saw(&dir(5, 70, 4), attrs.generation());
         attrs.forget(5);
         assert_eq!(attrs.get(5), None);
     }
@@ -140,12 +158,12 @@ mod tests {
     #[test]
     fn a_zero_ttl_keeps_nothing_and_the_table_is_bounded() {
         let off = DirAttrs::new(Duration::ZERO);
-        off.saw(&dir(5, 10, 2));
+        off.saw(&dir(5, 10, 2), off.generation());
         assert_eq!(off.get(5), None);
         let attrs = DirAttrs::new(Duration::from_secs(60));
         for ino in 0..(MAX_DIRS as Ino * 2) {
-            attrs.saw(&dir(ino, 1, 2));
+            attrs.saw(&dir(ino, 1, 2), attrs.generation());
         }
-        assert!(attrs.dirs().len() <= MAX_DIRS);
+        assert!(attrs.state().dirs.len() <= MAX_DIRS);
     }
 }

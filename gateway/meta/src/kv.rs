@@ -163,12 +163,20 @@ pub trait KvStore: Send + Sync + 'static {
 pub trait KvTxn: Send {
     async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>>;
 
-    /// Reads `key` and keeps it from changing until this transaction ends: a concurrent change
-    /// of it waits for this transaction, and one committed since this transaction's snapshot
-    /// makes this read fail with [`KvError::Conflict`]. What a snapshot transaction relies on
-    /// without writing it is read this way. A store whose transactions are all serializable (or
-    /// run one writer at a time) reads it as any key.
+    /// Reads `key` and keeps it from being removed, or taken with [`KvTxn::get_locked`], by
+    /// anyone else until this transaction ends (those wait for it); a change committed since
+    /// this transaction's snapshot makes this read fail with [`KvError::Conflict`]. Other
+    /// writers of the key do not wait (a session's heartbeat is not held up by the creates that
+    /// pin the session). What a snapshot transaction relies on without writing it is read this
+    /// way. A store whose transactions are all serializable (or run one writer at a time) reads
+    /// it as any key.
     async fn get_pinned(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        self.get(key).await
+    }
+
+    /// Reads `key` and takes it for this transaction: waits until every transaction that
+    /// pinned or took it has ended, and keeps new ones waiting until this one ends.
+    async fn get_locked(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
         self.get(key).await
     }
 

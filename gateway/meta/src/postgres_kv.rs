@@ -15,7 +15,8 @@
 //! Under snapshot isolation a row two transactions change fails the later one, provided it is
 //! changed with `UPDATE` or `DELETE`: an upsert of a row deleted meanwhile would write it again,
 //! so a snapshot transaction sends what it read as an `UPDATE` ([`UPDATE`]). Pinned reads are
-//! `SELECT … FOR SHARE`.
+//! `SELECT … FOR KEY SHARE` (a heartbeat's `UPDATE` of a pinned session passes), taken keys
+//! `SELECT … FOR UPDATE`.
 //!
 //! Writes are buffered by the rules and sent at commit, pipelined with `COMMIT` (an upsert of
 //! every written pair, an update of those a snapshot transaction read, a delete of every removed
@@ -65,9 +66,12 @@ const MIGRATIONS: &[(&str, &str)] = &[(
 const GET: &str = "SELECT v FROM stagefs_kv WHERE k = $1";
 const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ";
 const GET_MANY: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1)";
-/// A pinned read: a row lock that lets other readers and pinners in but keeps writers out until
-/// this transaction ends (under `REPEATABLE READ`, a row changed since the snapshot fails it).
-const GET_PINNED: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR SHARE";
+/// A pinned read: a row lock that keeps out `DELETE` and `FOR UPDATE` (a taken key) until this
+/// transaction ends but not an `UPDATE` of the value (under `REPEATABLE READ`, a row changed
+/// since the snapshot fails it).
+const GET_PINNED: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE";
+/// A taken key ([`KvTxn::get_locked`]).
+const GET_LOCKED: &str = "SELECT v FROM stagefs_kv WHERE k = $1 FOR UPDATE";
 const SCAN: &str = "SELECT k, v FROM stagefs_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
 const UPSERT: &str =
     "INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
@@ -400,6 +404,17 @@ impl KvTxn for PgTxn {
         // Prepared statements belong to the connection, not the transaction: preparing first
         // keeps BEGIN and the query back to back.
         let statement = client.prepare_cached(GET).await.map_err(pg_error)?;
+        let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
+        let value = row.map(|row| row.get(0));
+        if self.snapshot && value.is_some() {
+            self.read.insert(key.to_vec());
+        }
+        Ok(value)
+    }
+
+    async fn get_locked(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        let client = self.client();
+        let statement = client.prepare_cached(GET_LOCKED).await.map_err(pg_error)?;
         let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
         let value = row.map(|row| row.get(0));
         if self.snapshot && value.is_some() {

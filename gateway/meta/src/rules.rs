@@ -406,15 +406,22 @@ pub enum TxKind {
     ///   commit;
     /// - a name it finds free: it writes the name, and two creators of one key never both
     ///   commit;
-    /// - its session: read pinned ([`Tx::session_record`]); closing a session first marks it
-    ///   closing in a transaction of its own, so a change either finishes before the close looks
-    ///   for what the session holds, or sees the mark and fails;
+    /// - its session: read pinned ([`Tx::session_record`]); closing a session first takes its
+    ///   record ([`KvTxn::get_locked`], which waits for the pins) and marks it closing in a
+    ///   transaction of its own, so a change either finishes before the close looks for what
+    ///   the session holds, or sees the mark and fails;
     /// - a directory's write policy (an extended attribute): setting one writes the directory's
     ///   inode, which a create writes too.
     ///
     /// Not protected: the file-count and capacity limits (`max_files`, `capacity_bytes`) are
     /// checked against a snapshot of the totals, so concurrent changes on a shared database may
-    /// pass them by what they add together (README, Limits).
+    /// pass them by what they add together (README, Known gaps).
+    ///
+    /// The other way round: a shared database's serializable checks do not see what snapshot
+    /// transactions write, so a serializable change that relies on a record a snapshot change
+    /// writes must write that record too (today every such record is an inode or name the
+    /// serializable change also writes; a rename's walk up a chain of parents reads inodes a
+    /// `mkdir` writes, harmless because a `mkdir` never changes an existing inode's parent).
     Explicit,
 }
 
@@ -500,6 +507,16 @@ impl Tx<'_> {
         }
         self.reads.extend(keys.into_iter().zip(values));
         Ok(())
+    }
+
+    /// [`KvTxn::get_locked`]: `key`, taken for this transaction.
+    async fn get_locked(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(written) = self.writes.get(key) {
+            return Ok(written.clone());
+        }
+        let value = self.inner.get_locked(key).await?;
+        self.reads.insert(key.to_vec(), value.clone());
+        Ok(value)
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -2398,7 +2415,7 @@ impl MetaEngine for KvMeta {
         // written (and what it left is found below) or fails on it (TxKind::Explicit).
         crate::transact!(self, Durability::Eventual, |tx| {
             let key = keys::session(session);
-            let Some(record) = tx.get(&key).await? else {
+            let Some(record) = tx.get_locked(&key).await? else {
                 return Err(MetaError::SessionGone(session));
             };
             let (heartbeat, tenant_len, tail) = keys::decode_pair("session", &record)?;

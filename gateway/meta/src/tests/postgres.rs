@@ -154,3 +154,44 @@ fn lsns_read_as_postgresql_writes_them() {
     assert!(parse_lsn("16B374D848").is_err());
     assert!(parse_lsn("1/100000000").is_err());
 }
+
+/// A change that pins its session (a create in flight) does not hold up the session's
+/// heartbeat, which only updates the record; the close, which takes the record, waits for it.
+#[test]
+fn a_pinned_session_still_takes_heartbeats_and_its_close_waits() {
+    use crate::kv::KvStore;
+    use crate::*;
+    use std::time::Duration;
+
+    let db = db();
+    let meta = db.open(MetaConfig::default());
+    let session = meta.open_session("", "pinned").unwrap();
+    let engine = meta.engine().clone();
+    meta.block_on(async {
+        let store = db.store().await.unwrap();
+        let mut pin = store.begin_snapshot().await.unwrap();
+        assert!(pin
+            .get_pinned(&crate::keys::session(session))
+            .await
+            .unwrap()
+            .is_some());
+        // A generous bound against a hang, not a timing claim.
+        let beat = tokio::time::timeout(
+            Duration::from_secs(30),
+            engine.heartbeat(session, &MountView::default()),
+        )
+        .await;
+        assert!(
+            matches!(beat, Ok(Ok(()))),
+            "the heartbeat waited for the pin: {beat:?}"
+        );
+        let close = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.close_session(session).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!close.is_finished(), "the close did not wait for the pin");
+        drop(pin);
+        close.await.unwrap().unwrap();
+    });
+}
