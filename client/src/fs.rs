@@ -193,6 +193,14 @@ impl FileState {
         self.attr_read = Some((std::time::Instant::now(), renamed));
     }
 
+    /// The attributes this mount sees: the engine's, with the size its dirty bytes make.
+    fn seen_attr(&self) -> Attr {
+        Attr {
+            size: self.size(),
+            ..self.attr
+        }
+    }
+
     /// The size this mount sees: committed, or further if it wrote past the end.
     fn size(&self) -> u64 {
         self.attr.size.max(self.dirty.end())
@@ -356,7 +364,7 @@ impl Fs {
     /// Commits every dirty byte of an open file (its state locked by the caller).
     async fn flush_locked(&self, file: &OpenFile, state: &mut FileState) -> FsResult<()> {
         let had_dirty = !state.dirty.is_empty();
-        let renamed = self.renamed.load(Ordering::Acquire);
+        let renamed = self.renamed_count();
         let result = state
             .dirty
             .flush(&self.writer, file.ino, &mut state.attr)
@@ -441,13 +449,13 @@ impl Fs {
         // A flush or write holds the state: ask the engine rather than wait.
         let state = file.state.try_lock().ok()?;
         let (read_at, renamed) = state.attr_read?;
-        let fresh = read_at.elapsed() < self.config.attr_ttl
-            && renamed == self.renamed.load(Ordering::Acquire);
-        fresh.then(|| {
-            let mut attr = state.attr;
-            attr.size = state.size();
-            attr
-        })
+        let fresh = read_at.elapsed() < self.config.attr_ttl && renamed == self.renamed_count();
+        fresh.then(|| state.seen_attr())
+    }
+
+    /// [`Fs::renamed`], read before asking the engine for attributes to keep.
+    fn renamed_count(&self) -> u64 {
+        self.renamed.load(Ordering::Acquire)
     }
 
     /// A change that may alter the link count or ctime of a file this mount has open.
@@ -481,28 +489,24 @@ impl Fs {
             return Ok(attr);
         };
         let mut state = file.state.lock().await;
-        if changes.size.is_none() {
-            // Mode, owner and times do not touch the data: the dirty data stays for the close,
-            // whose durable commit then covers this change too (`tar` sets all three on each
-            // file it writes: without this each file cost a slice commit here and a `Sync` at
-            // close). An mtime set now is what the data's commit keeps.
-            let renamed = self.renamed.load(Ordering::Acquire);
-            let attr = self.changed(self.meta.setattr(ino, changes).await)?;
-            if !state.dirty.is_empty() {
-                if let Some(mtime_ns) = changes.mtime_ns {
-                    state.dirty.set_mtime = Some(mtime_ns);
-                }
-            }
-            state.engine_says(attr, renamed);
-            drop(state);
-            return Ok(self.local_attr(attr));
+        // Mode, owner and times do not touch the data: the dirty data stays for the close, whose
+        // durable commit then covers this change too (`tar` sets all three on each file it
+        // writes: otherwise each file cost a slice commit here and a `Sync` at close). A size
+        // applies after the writes before it.
+        let resizes = changes.size.is_some();
+        if resizes {
+            self.flush_locked(&file, &mut state).await?;
         }
-        self.flush_locked(&file, &mut state).await?;
-        let renamed = self.renamed.load(Ordering::Acquire);
+        let renamed = self.renamed_count();
         let attr = self.changed(self.meta.setattr(ino, changes).await)?;
         state.engine_says(attr, renamed);
-        state.chunks.clear();
-        Ok(attr)
+        if resizes {
+            state.chunks.clear();
+        } else if let (false, Some(mtime_ns)) = (state.dirty.is_empty(), changes.mtime_ns) {
+            // An mtime set now is what the data's commit keeps.
+            state.dirty.set_mtime = Some(mtime_ns);
+        }
+        Ok(state.seen_attr())
     }
 
     /// Creates a regular file and opens it (`flags` as for `open`).
@@ -526,7 +530,7 @@ impl Fs {
         };
         // The new file takes its directory's write policy (the engine copies it).
         let write_through = self.write_through(parent).await?;
-        let renamed = self.renamed.load(Ordering::Acquire);
+        let renamed = self.renamed_count();
         let attr = self.made_in(
             parent,
             self.meta.create(self.session, parent, name, &node).await,
@@ -849,7 +853,7 @@ impl Fs {
         if access.writable {
             self.check_writable_mount()?;
         }
-        let renamed = self.renamed.load(Ordering::Acquire);
+        let renamed = self.renamed_count();
         let attr = self.meta.open(self.session, ino).await?;
         if attr.kind != FileKind::File {
             self.release_quietly(ino).await;
@@ -878,7 +882,7 @@ impl Fs {
                             size: Some(0),
                             ..SetAttr::default()
                         };
-                        let renamed = self.renamed.load(Ordering::Acquire);
+                        let renamed = self.renamed_count();
                         self.meta.setattr(ino, &changes).await.inspect(|attr| {
                             state.engine_says(*attr, renamed);
                             state.chunks.clear();

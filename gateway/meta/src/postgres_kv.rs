@@ -344,8 +344,7 @@ impl PostgresKv {
             client: Some(self.pool.get().await.map_err(pool_error)?),
             ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
-            snapshot: begin == BEGIN_SNAPSHOT,
-            read: HashSet::new(),
+            found: (begin == BEGIN_SNAPSHOT).then(HashSet::new),
             begin,
             begun: AtomicBool::new(false),
         }))
@@ -361,11 +360,9 @@ struct PgTxn {
     /// The BEGIN of this transaction, sent (pipelined) with its first statement.
     begin: &'static str,
     begun: AtomicBool,
-    /// A snapshot transaction ([`KvStore::begin_snapshot`]).
-    snapshot: bool,
-    /// In a snapshot transaction, the keys its reads found: what it writes of them is sent as
-    /// an `UPDATE` ([`UPDATE`]).
-    read: HashSet<Vec<u8>>,
+    /// In a snapshot transaction ([`KvStore::begin_snapshot`]), the keys its reads found: what
+    /// it writes of them is sent as an `UPDATE` ([`UPDATE`]).
+    found: Option<HashSet<Vec<u8>>>,
 }
 
 type PgResult<T> = Result<T, tokio_postgres::Error>;
@@ -373,6 +370,27 @@ type PgResult<T> = Result<T, tokio_postgres::Error>;
 impl PgTxn {
     fn client(&self) -> &Object {
         self.client.as_ref().expect("transaction already finished")
+    }
+
+    /// One key's value by `query` (a [`GET`] with or without a row lock).
+    async fn get_one(&mut self, query: &str, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        let client = self.client();
+        // Prepared statements belong to the connection, not the transaction: preparing first
+        // keeps BEGIN and the query back to back.
+        let statement = client.prepare_cached(query).await.map_err(pg_error)?;
+        let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
+        let value: Option<Vec<u8>> = row.map(|row| row.get(0));
+        if value.is_some() {
+            self.note_found(std::iter::once(key));
+        }
+        Ok(value)
+    }
+
+    /// Keys a read found, kept in a snapshot transaction ([`PgTxn::found`]).
+    fn note_found<'k>(&mut self, keys: impl Iterator<Item = &'k (impl AsRef<[u8]> + 'k + ?Sized)>) {
+        if let Some(found) = &mut self.found {
+            found.extend(keys.map(|key| key.as_ref().to_vec()));
+        }
     }
 
     /// The BEGIN to send ahead of the next statement, once.
@@ -400,27 +418,11 @@ impl PgTxn {
 #[async_trait]
 impl KvTxn for PgTxn {
     async fn get(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
-        let client = self.client();
-        // Prepared statements belong to the connection, not the transaction: preparing first
-        // keeps BEGIN and the query back to back.
-        let statement = client.prepare_cached(GET).await.map_err(pg_error)?;
-        let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
-        let value = row.map(|row| row.get(0));
-        if self.snapshot && value.is_some() {
-            self.read.insert(key.to_vec());
-        }
-        Ok(value)
+        self.get_one(GET, key).await
     }
 
     async fn get_locked(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
-        let client = self.client();
-        let statement = client.prepare_cached(GET_LOCKED).await.map_err(pg_error)?;
-        let row = self.in_txn(client.query_opt(&statement, &[&key])).await?;
-        let value = row.map(|row| row.get(0));
-        if self.snapshot && value.is_some() {
-            self.read.insert(key.to_vec());
-        }
-        Ok(value)
+        self.get_one(GET_LOCKED, key).await
     }
 
     async fn get_pinned(&mut self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
@@ -442,35 +444,22 @@ impl KvTxn for PgTxn {
         let client = self.client();
         let get_pinned = client.prepare_cached(GET_PINNED).await.map_err(pg_error)?;
         let get_many = client.prepare_cached(GET_MANY).await.map_err(pg_error)?;
+        // Each is sent when first polled, and try_join polls them in order.
         let (pinned_rows, rows) = self
             .in_txn(async {
-                // Each is sent when first polled, and try_join polls them in order.
-                let pinned_rows = async {
-                    if pin.is_empty() {
-                        Ok(Vec::new())
-                    } else {
-                        client.query(&get_pinned, &[&pin]).await
-                    }
-                };
-                let rows = async {
-                    if plain.is_empty() {
-                        Ok(Vec::new())
-                    } else {
-                        client.query(&get_many, &[&plain]).await
-                    }
-                };
-                futures::try_join!(pinned_rows, rows)
+                futures::try_join!(
+                    rows_of(client, &get_pinned, pin),
+                    rows_of(client, &get_many, plain)
+                )
             })
             .await?;
-        let found: std::collections::HashMap<Vec<u8>, Vec<u8>> = pinned_rows
+        let values: std::collections::HashMap<Vec<u8>, Vec<u8>> = pinned_rows
             .into_iter()
             .chain(rows)
             .map(|row| (row.get(0), row.get(1)))
             .collect();
-        if self.snapshot {
-            self.read.extend(found.keys().cloned());
-        }
-        Ok(keys.iter().map(|key| found.get(key).cloned()).collect())
+        self.note_found(values.keys());
+        Ok(keys.iter().map(|key| values.get(key).cloned()).collect())
     }
 
     async fn scan(
@@ -492,9 +481,7 @@ impl KvTxn for PgTxn {
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
-        if self.snapshot {
-            self.read.extend(pairs.iter().map(|(key, _)| key.clone()));
-        }
+        self.note_found(pairs.iter().map(|(key, _)| key));
         Ok(pairs)
     }
 
@@ -555,7 +542,12 @@ impl PgTxn {
         let (mut update_keys, mut update_values) = (Vec::new(), Vec::new());
         for (key, value) in writes {
             match value {
-                Some(value) if self.read.contains(&key) => {
+                Some(value)
+                    if self
+                        .found
+                        .as_ref()
+                        .is_some_and(|found| found.contains(&key)) =>
+                {
                     update_keys.push(key);
                     update_values.push(value);
                 }
@@ -614,6 +606,18 @@ impl PgTxn {
             .map(drop)
             .map_err(pg_error)
     }
+}
+
+/// The rows `statement` finds for `keys` (none asked: no statement sent).
+async fn rows_of(
+    client: &Object,
+    statement: &tokio_postgres::Statement,
+    keys: &[Vec<u8>],
+) -> PgResult<Vec<tokio_postgres::Row>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    client.query(statement, &[&keys]).await
 }
 
 /// Ends a transaction that was not committed before its connection is reused; a connection that

@@ -477,11 +477,14 @@ impl Tx<'_> {
     /// [`Tx::prefetch`], with `pin` read as this transaction relies on it: pinned in a snapshot
     /// transaction (see [`TxKind::Explicit`]).
     async fn fetch(&mut self, pin: Option<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Result<()> {
-        let mut pin = pin.filter(|key| !self.writes.contains_key(key));
-        if !self.explicit {
-            keys.extend(pin.take());
-        }
-        let pin = pin.filter(|key| !self.pinned.contains(key));
+        // Outside a snapshot transaction every read is protected: a pin is a plain read.
+        let pin = match pin {
+            Some(key) if !self.explicit => {
+                keys.push(key);
+                None
+            }
+            pin => pin.filter(|key| !self.writes.contains_key(key) && !self.pinned.contains(key)),
+        };
         keys.retain(|key| {
             !self.writes.contains_key(key)
                 && !self.reads.contains_key(key)
@@ -979,15 +982,24 @@ impl Tx<'_> {
     /// What [`Tx::create_node`] reads (the tenant's usage when `owner` is known), to be read in
     /// one round trip.
     fn new_node_keys(&self, parent: Ino, name: &[u8], owner: Option<&str>) -> Vec<Vec<u8>> {
-        let shard = self.shard.shard;
-        let mut keys = vec![
-            keys::inode(parent),
-            keys::dentry(parent, name),
-            keys::usage(FILES, shard),
-            keys::dir_stats(parent, shard),
-        ];
-        keys.extend(owner.map(|owner| keys::tenant_usage(shard, owner)));
+        let mut keys = vec![keys::inode(parent), keys::dentry(parent, name)];
+        keys.extend(self.counter_keys(Some(FILES), owner, Some(parent)));
         keys
+    }
+
+    /// This transaction's shards of the counters [`Tx::add_usage`] and [`Tx::add_dir_stats`]
+    /// update: usage `counter`, `owner`'s totals, `dir`'s statistics (each when given).
+    fn counter_keys(
+        &self,
+        counter: Option<u8>,
+        owner: Option<&str>,
+        dir: Option<Ino>,
+    ) -> impl Iterator<Item = Vec<u8>> {
+        let shard = self.shard.shard;
+        let usage = counter.map(|counter| keys::usage(counter, shard));
+        let tenant = owner.map(|owner| keys::tenant_usage(shard, owner));
+        let stats = dir.map(|dir| keys::dir_stats(dir, shard));
+        usage.into_iter().chain(tenant).chain(stats)
     }
 
     async fn create_node(
@@ -1268,7 +1280,6 @@ impl Tx<'_> {
         );
     }
 
-    /// The tenant that opened `session`, which must be live.
     /// The record of `session`, which must be open (not gone, not closing), read as this
     /// transaction relies on it (pinned in a snapshot transaction, see [`TxKind::Explicit`]).
     async fn session_record(&mut self, session: SessionId) -> Result<Vec<u8>> {
@@ -1280,6 +1291,7 @@ impl Tx<'_> {
         }
     }
 
+    /// The tenant that opened `session`, which must be open.
     async fn session_tenant(&mut self, session: SessionId) -> Result<String> {
         let record = self.session_record(session).await?;
         Ok(decode_session(session, &record, MountView::default())?.tenant)
@@ -2230,14 +2242,13 @@ impl MetaEngine for KvMeta {
             .ok_or(MetaError::FileTooLarge(u64::MAX))?;
         crate::transact!(@explicit, self, self.durability(), |tx| {
             let pending_key = keys::pending(session, slice.slice_id);
-            let shard = tx.shard.shard;
-            tx.fetch(Some(keys::session(session)), vec![
+            let mut reads = vec![
                 pending_key.clone(),
                 keys::inode(ino),
                 keys::chunk(ino, chunk_index),
-                keys::usage(USED_BYTES, shard),
-            ])
-            .await?;
+            ];
+            reads.extend(tx.counter_keys(Some(USED_BYTES), None, None));
+            tx.fetch(Some(keys::session(session)), reads).await?;
             tx.check_session(session).await?;
             let was_pending = tx.get(&pending_key).await?.is_some();
             tx.delete(pending_key);
@@ -2262,9 +2273,8 @@ impl MetaEngine for KvMeta {
             tx.put_chunk(ino, chunk_index, &kept);
             let size = inode.attr.size.max(new_size).max(slice_end);
             if size > inode.attr.size {
-                let mut counters = vec![keys::tenant_usage(shard, &inode.owner)];
-                counters.extend(home_of(&inode).map(|home| keys::dir_stats(home, shard)));
-                tx.prefetch(counters).await?;
+                let counters = tx.counter_keys(None, Some(&inode.owner), home_of(&inode));
+                tx.prefetch(counters.collect()).await?;
                 tx.resize_file(&mut inode, size).await?;
             }
             inode.attr.mtime_ns = mtime_ns;
