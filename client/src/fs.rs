@@ -170,10 +170,20 @@ struct OpenFile {
     ino: Ino,
     /// Handles of this mount on the file; changed only with `Fs::files` locked.
     handles: AtomicUsize,
-    /// End of this mount's uncommitted data (0 when clean), readable without the state lock so
-    /// attribute calls can report the size this mount has written.
+    /// End of this mount's uncommitted data (0 when clean) and the attributes set on it that
+    /// wait for its commit ([`DirtyFile::set_attrs`]), readable without the state lock so
+    /// attribute calls can report what this mount has written and set.
     dirty_end: AtomicU64,
+    set_attrs: std::sync::Mutex<SetAttr>,
     state: tokio::sync::Mutex<FileState>,
+}
+
+impl OpenFile {
+    /// Mirrors what attribute calls read of `dirty` (after every change to it).
+    fn mirror(&self, dirty: &DirtyFile) {
+        self.dirty_end.store(dirty.end(), Ordering::Release);
+        *self.set_attrs.lock().unwrap_or_else(|p| p.into_inner()) = dirty.set_attrs;
+    }
 }
 
 struct FileState {
@@ -193,12 +203,15 @@ impl FileState {
         self.attr_read = Some((std::time::Instant::now(), renamed));
     }
 
-    /// The attributes this mount sees: the engine's, with the size its dirty bytes make.
+    /// The attributes this mount sees: the engine's, with the size its dirty bytes make and
+    /// the attributes set that wait for their commit.
     fn seen_attr(&self) -> Attr {
-        Attr {
+        let mut attr = Attr {
             size: self.size(),
             ..self.attr
-        }
+        };
+        self.dirty.set_attrs.apply_to(&mut attr);
+        attr
     }
 
     /// The size this mount sees: committed, or further if it wrote past the end.
@@ -356,6 +369,8 @@ impl Fs {
         if attr.kind == FileKind::File {
             if let Some(file) = self.open_file(attr.ino) {
                 attr.size = attr.size.max(file.dirty_end.load(Ordering::Acquire));
+                let set = *file.set_attrs.lock().unwrap_or_else(|p| p.into_inner());
+                set.apply_to(&mut attr);
             }
         }
         attr
@@ -378,7 +393,7 @@ impl Fs {
                 state.attr_read = None;
             }
         }
-        file.dirty_end.store(state.dirty.end(), Ordering::Release);
+        file.mirror(&state.dirty);
         result
     }
 
@@ -489,23 +504,37 @@ impl Fs {
             return Ok(attr);
         };
         let mut state = file.state.lock().await;
-        // Mode, owner and times do not touch the data: the dirty data stays for the close, whose
-        // durable commit then covers this change too (`tar` sets all three on each file it
-        // writes: otherwise each file cost a slice commit here and a `Sync` at close). A size
-        // applies after the writes before it.
         let resizes = changes.size.is_some();
+        if !resizes && !state.dirty.is_empty() {
+            // Mode, owner and times of a file with data this mount has not committed yet go
+            // with the data's commit: no call now, and the close's durable commit covers them
+            // (`tar` sets all three on each file it writes; the kernel passes no handle for
+            // `fchmod`, so any caller's change waits). The kernel checked the caller's right to
+            // make them (`default_permissions`); the gateway refuses none of them on a file
+            // this session holds open. SEMANTICS says when others see them.
+            state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
+            state.attr.ctime_ns = now_ns();
+            file.mirror(&state.dirty);
+            return Ok(state.seen_attr());
+        }
+        // A size applies after the writes before it.
         if resizes {
             self.flush_locked(&file, &mut state).await?;
         }
+        // Changes waiting for the data's commit (its flush just sent them) go first.
+        let changes = state.dirty.set_attrs.then(changes);
         let renamed = self.renamed_count();
-        let attr = self.changed(self.meta.setattr(ino, changes).await)?;
+        let attr = self.changed(self.meta.setattr(ino, &changes).await)?;
         state.engine_says(attr, renamed);
         if resizes {
             state.chunks.clear();
-        } else if let (false, Some(mtime_ns)) = (state.dirty.is_empty(), changes.mtime_ns) {
-            // An mtime set now is what the data's commit keeps.
-            state.dirty.set_mtime = Some(mtime_ns);
         }
+        // The data's commit keeps an mtime set now (it otherwise sets its own time).
+        state.dirty.set_attrs = SetAttr {
+            mtime_ns: changes.mtime_ns.filter(|_| !state.dirty.is_empty()),
+            ..SetAttr::default()
+        };
+        file.mirror(&state.dirty);
         Ok(state.seen_attr())
     }
 
@@ -800,6 +829,7 @@ impl Fs {
                         ino: attr.ino,
                         handles: AtomicUsize::new(0),
                         dirty_end: AtomicU64::new(0),
+                        set_attrs: std::sync::Mutex::new(SetAttr::default()),
                         state: tokio::sync::Mutex::new(FileState {
                             attr,
                             attr_read: Some((std::time::Instant::now(), renamed)),
@@ -1056,8 +1086,8 @@ impl Fs {
             .write(&self.writer, file.ino, offset, data)
             .await;
         // A write after `utimensat` moves the mtime on again.
-        state.dirty.set_mtime = None;
-        file.dirty_end.store(state.dirty.end(), Ordering::Release);
+        state.dirty.set_attrs.mtime_ns = None;
+        file.mirror(&state.dirty);
         if over_limit(&state.dirty) {
             if let Err(e) = self.flush_locked(file, &mut state).await {
                 // These bytes are taken: the error is the next write's, fsync's or close's.

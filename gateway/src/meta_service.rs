@@ -121,7 +121,7 @@ impl MetaService {
                 commit.chunk_index,
                 &slice,
                 commit.new_size,
-                commit.mtime_ns,
+                &commit_attrs_from_proto(commit),
             )
             .await?;
         Ok(scope.attr(attr))
@@ -887,7 +887,7 @@ impl Meta for MetaService {
                 chunk_index: commit.chunk_index,
                 slice,
                 new_size: commit.new_size,
-                mtime_ns: commit.mtime_ns,
+                attrs: commit_attrs_from_proto(&commit),
                 data: request.data,
                 crc32c: request.crc32c,
                 can_write_through,

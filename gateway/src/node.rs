@@ -23,7 +23,7 @@ use crate::aligned::AlignedBuf;
 use crate::high_water::HighWater;
 use crate::limits::Limits;
 use crate::meta::{
-    Attr, GatewayId, Ino, LockRequest, MetaEngine, MetaError, SessionId, Slice, TimeNs,
+    Attr, CommitAttrs, GatewayId, Ino, LockRequest, MetaEngine, MetaError, SessionId, Slice,
 };
 use crate::staging::{StagingError, StagingLog};
 pub use incoming::{record_with, BlockInputError, IncomingBlock};
@@ -93,7 +93,7 @@ pub struct SliceWrite {
     pub chunk_index: u64,
     pub slice: Slice,
     pub new_size: u64,
-    pub mtime_ns: TimeNs,
+    pub attrs: CommitAttrs,
     pub data: Bytes,
     pub crc32c: u32,
     /// The client can write the block through to the store itself (above the high-water mark
@@ -140,11 +140,11 @@ impl Node {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> Result<Attr, MetaError> {
         let attr = self
             .meta
-            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .commit_slice(session, ino, chunk_index, slice, new_size, attrs)
             .await?;
         self.compactor.note_commit(ino, chunk_index);
         Ok(attr)
@@ -423,7 +423,7 @@ impl Node {
                     write.chunk_index,
                     &slice,
                     write.new_size,
-                    write.mtime_ns,
+                    &write.attrs,
                 )
                 .await?)
         };

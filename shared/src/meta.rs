@@ -196,6 +196,67 @@ pub struct SetAttr {
     pub mtime_ns: Option<TimeNs>,
 }
 
+/// What a slice's commit sets on its file besides the data: the mtime, and the mode, owner and
+/// atime that a `chmod`, `chown` or `utimensat` set while the data was not committed yet (the
+/// mount answers those itself and sends them with the data's durable commit, see SEMANTICS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitAttrs {
+    /// The writer's clock at the commit, or what a `utimensat` after the last write set.
+    pub mtime_ns: TimeNs,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime_ns: Option<TimeNs>,
+}
+
+impl CommitAttrs {
+    /// A commit that sets the mtime only.
+    pub fn at(mtime_ns: TimeNs) -> Self {
+        Self {
+            mtime_ns,
+            ..Self::default()
+        }
+    }
+
+    /// The same changes as a `setattr` would make them.
+    pub fn changes(&self) -> SetAttr {
+        SetAttr {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: None,
+            atime_ns: self.atime_ns,
+            mtime_ns: Some(self.mtime_ns),
+        }
+    }
+}
+
+impl SetAttr {
+    /// Sets mode, owner and times on `attr` as `setattr` does; the size and the ctime are the
+    /// caller's.
+    pub fn apply_to(&self, attr: &mut Attr) {
+        if let Some(mode) = self.mode {
+            attr.mode = mode & 0o7777;
+        }
+        attr.uid = self.uid.unwrap_or(attr.uid);
+        attr.gid = self.gid.unwrap_or(attr.gid);
+        attr.atime_ns = self.atime_ns.unwrap_or(attr.atime_ns);
+        attr.mtime_ns = self.mtime_ns.unwrap_or(attr.mtime_ns);
+    }
+
+    /// `later` on top of these changes: each field `later` sets wins.
+    pub fn then(&self, later: &SetAttr) -> SetAttr {
+        SetAttr {
+            mode: later.mode.or(self.mode),
+            uid: later.uid.or(self.uid),
+            gid: later.gid.or(self.gid),
+            size: later.size.or(self.size),
+            atime_ns: later.atime_ns.or(self.atime_ns),
+            mtime_ns: later.mtime_ns.or(self.mtime_ns),
+        }
+    }
+}
+
 /// Owner and permissions of a new inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewNode {

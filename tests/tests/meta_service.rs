@@ -154,6 +154,7 @@ async fn commit_slice(
         slice: Some(slice.clone()),
         new_size: u64::from(slice.offset_in_chunk) + u64::from(slice.len),
         mtime_ns: 1_700_000_000_000_000_000,
+        ..Default::default()
     })
     .await
     .map(attr_of)

@@ -203,6 +203,7 @@ fn a_mirror_mount_reads_its_own_writes_and_keeps_reading_without_the_source() {
                     slice: Some(slice),
                     new_size: data.len() as u64,
                     mtime_ns: 1,
+                    ..Default::default()
                 }),
                 crc32c: crc32c::crc32c(&data),
                 data: data.into(),

@@ -59,6 +59,7 @@ fn commit(session: &Bytes, ino: u64, slice: &pb::Slice) -> pb::CommitSliceReques
         slice: Some(slice.clone()),
         new_size: u64::from(slice.len),
         mtime_ns: 1,
+        ..Default::default()
     }
 }
 

@@ -420,6 +420,7 @@ fn blocks_are_staged_only_by_the_session_that_holds_their_slice() {
             slice: Some(slice.clone()),
             new_size: 5000,
             mtime_ns: 1,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meta::{
-    FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, SessionId, Slice, ROOT_INO,
+    CommitAttrs, FileKind, Ino, MetaConfig, MetaEngine, MetaLocation, NewNode, SessionId, Slice,
+    ROOT_INO,
 };
 use serde::Serialize;
 
@@ -342,7 +343,9 @@ async fn small_file_commit(
         gateway_id: [1; 16],
     };
     engine.record_pending_slice(session, &slice).await?;
-    engine.commit_slice(session, ino, 0, &slice, 0, 0).await?;
+    engine
+        .commit_slice(session, ino, 0, &slice, 0, &CommitAttrs::at(0))
+        .await?;
     Ok(())
 }
 

@@ -30,8 +30,8 @@ use super::channel::{connect_gateway, lazy_gateway, GatewayAccess, GatewayChanne
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::meta_api::{
-    Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi, MountView,
-    NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi,
+    MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
 };
 use super::meta_grpc::GrpcMeta;
 
@@ -864,11 +864,11 @@ impl MetaApi for FailoverMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> FsResult<Attr> {
         // Committing a slice again is a no-op for the engine.
         self.call("commit_slice", false, |m| async move {
-            m.commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            m.commit_slice(session, ino, chunk_index, slice, new_size, attrs)
                 .await
         })
         .await
@@ -890,11 +890,11 @@ impl MetaApi for FailoverMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
         data: Bytes,
     ) -> FsResult<Attr> {
         let (_, meta) = self.cluster.meta_target()?;
-        meta.write_slice(session, ino, chunk_index, slice, new_size, mtime_ns, data)
+        meta.write_slice(session, ino, chunk_index, slice, new_size, attrs, data)
             .await
     }
 }

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use super::error::{FsError, FsResult};
 
 pub use shared::meta::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, MountView,
-    NewNode, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest,
+    MountView, NewNode, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
 };
 
 /// What the gateway hands a client that opens a session.
@@ -147,7 +147,7 @@ pub trait MetaApi: Send + Sync + 'static {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> FsResult<Attr>;
     /// [`MetaApi::record_pending_slice`], the slice's one block (`data`, all of it) and
     /// [`MetaApi::commit_slice`] in one call, staged on the gateway that serves the metadata.
@@ -163,7 +163,7 @@ pub trait MetaApi: Send + Sync + 'static {
         _chunk_index: u64,
         _slice: &Slice,
         _new_size: u64,
-        _mtime_ns: TimeNs,
+        _attrs: &CommitAttrs,
         _data: Bytes,
     ) -> FsResult<Attr> {
         Err(write_slice_unsupported(

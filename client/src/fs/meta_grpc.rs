@@ -19,8 +19,8 @@ use tonic::{Code, Request, Status};
 
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    Attr, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind, LockRequest,
-    MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    Attr, CommitAttrs, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind,
+    LockRequest, MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -626,13 +626,13 @@ impl MetaApi for GrpcMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> FsResult<Attr> {
         let answer = call!(
             self,
             "commit_slice",
             commit_slice,
-            commit_request(session, ino, chunk_index, slice, new_size, mtime_ns)
+            commit_request(session, ino, chunk_index, slice, new_size, attrs)
         )?;
         attr_from_proto("commit_slice", answer.attr)
     }
@@ -644,7 +644,7 @@ impl MetaApi for GrpcMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
         data: Bytes,
     ) -> FsResult<Attr> {
         let mut request = self.request(pb::WriteSliceRequest {
@@ -654,7 +654,7 @@ impl MetaApi for GrpcMeta {
                 chunk_index,
                 slice,
                 new_size,
-                mtime_ns,
+                attrs,
             )),
             crc32c: crc32c::crc32c(&data),
             data,
@@ -706,7 +706,7 @@ fn commit_request(
     chunk_index: u64,
     slice: &Slice,
     new_size: u64,
-    mtime_ns: TimeNs,
+    attrs: &CommitAttrs,
 ) -> pb::CommitSliceRequest {
     pb::CommitSliceRequest {
         session_id: session_bytes(session),
@@ -714,7 +714,11 @@ fn commit_request(
         chunk_index,
         slice: Some(slice_to_proto(slice)),
         new_size,
-        mtime_ns,
+        mtime_ns: attrs.mtime_ns,
+        mode: attrs.mode,
+        uid: attrs.uid,
+        gid: attrs.gid,
+        atime_ns: attrs.atime_ns,
     }
 }
 

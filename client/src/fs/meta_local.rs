@@ -15,8 +15,8 @@ use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    write_slice_unsupported, Attr, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest,
-    MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs,
+    write_slice_unsupported, Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino,
+    LockRequest, MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -33,6 +33,8 @@ pub struct LocalMeta {
     slices_written: Arc<AtomicU64>,
     /// The next `write_slice` commits and then fails, as if its answer were lost.
     lose_next_answer: Arc<AtomicBool>,
+    /// `setattr` calls that reached the engine.
+    setattrs: Arc<AtomicU64>,
 }
 
 impl LocalMeta {
@@ -50,6 +52,7 @@ impl LocalMeta {
             staging: None,
             slices_written: Arc::new(AtomicU64::new(0)),
             lose_next_answer: Arc::new(AtomicBool::new(false)),
+            setattrs: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -61,6 +64,10 @@ impl LocalMeta {
 
     pub fn slices_written(&self) -> u64 {
         self.slices_written.load(Ordering::SeqCst)
+    }
+
+    pub fn setattrs(&self) -> u64 {
+        self.setattrs.load(Ordering::SeqCst)
     }
 
     pub fn lose_next_write_slice_answer(&self) {
@@ -126,6 +133,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
+        self.setattrs.fetch_add(1, Ordering::SeqCst);
         self.engine
             .setattr(ino, changes)
             .await
@@ -362,10 +370,10 @@ impl MetaApi for LocalMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> FsResult<Attr> {
         self.engine
-            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .commit_slice(session, ino, chunk_index, slice, new_size, attrs)
             .await
             .map_err(fail("commit_slice"))
     }
@@ -377,7 +385,7 @@ impl MetaApi for LocalMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
         data: Bytes,
     ) -> FsResult<Attr> {
         let Some(staging) = &self.staging else {
@@ -391,7 +399,7 @@ impl MetaApi for LocalMeta {
             .map_err(|e| FsError::Internal(e.to_string()))?;
         staging.write_block(session, key, data).await?;
         let attr = self
-            .commit_slice(session, ino, chunk_index, slice, new_size, mtime_ns)
+            .commit_slice(session, ino, chunk_index, slice, new_size, attrs)
             .await?;
         self.slices_written.fetch_add(1, Ordering::SeqCst);
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {

@@ -1247,10 +1247,11 @@ async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
 }
 
 /// Mode, owner and times set on a file with data not committed yet (as `tar` does before it
-/// closes each file): the data's commit at close keeps the mtime that was set, and everything
-/// reads back on another mount; a write after the `utimensat` moves the mtime on again.
+/// closes each file) cost no call: this mount answers them at once, and the data's commit at
+/// close sets them, durable with the data; another mount sees them from then on. A write after
+/// the `utimensat` moves the mtime on again.
 #[tokio::test]
-async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
+async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
     let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
     let b = world.mount(FsConfig::default()).await;
@@ -1259,21 +1260,32 @@ async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
     a.write(fh, 0, &bytes).await.unwrap();
     let set = SetAttr {
         mode: Some(0o640),
+        uid: Some(1234),
+        gid: Some(5678),
         mtime_ns: Some(1_000_000_000),
         atime_ns: Some(2_000_000_000),
         ..SetAttr::default()
     };
+    let calls = world.meta.setattrs();
     let answered = a.setattr(attr.ino, &set).await.unwrap();
+    let expected = (0o640, 1234, 5678, 1_000_000_000, 2_000_000_000, 5000);
+    let view = |a: Attr| (a.mode, a.uid, a.gid, a.mtime_ns, a.atime_ns, a.size);
     assert_eq!(
-        answered.size, 5000,
-        "the size the kernel is told counts the dirty bytes"
+        view(answered),
+        expected,
+        "the kernel is told the changes, and a size that counts the dirty bytes"
+    );
+    assert_eq!(world.meta.setattrs(), calls, "no call before the commit");
+    // The engine is asked (no TTL here): the mount's own changes still show.
+    assert_eq!(view(a.getattr(attr.ino).await.unwrap()), expected);
+    assert_eq!(
+        b.getattr(attr.ino).await.unwrap().mode,
+        0o644,
+        "another mount sees them with the data"
     );
     a.release(fh, None).await.unwrap();
-    let seen = b.getattr(attr.ino).await.unwrap();
-    assert_eq!(
-        (seen.mode, seen.mtime_ns, seen.atime_ns, seen.size),
-        (0o640, 1_000_000_000, 2_000_000_000, 5000)
-    );
+    assert_eq!(world.meta.setattrs(), calls, "the commit carried them");
+    assert_eq!(view(b.getattr(attr.ino).await.unwrap()), expected);
     assert_eq!(read_path(&b, "untarred", 0, 5000).await, bytes);
 
     let fh = a.open(attr.ino, RW).await.unwrap().0;
@@ -1282,11 +1294,60 @@ async fn attributes_set_before_the_data_is_committed_survive_its_commit() {
     a.write(fh, 5004, b"again").await.unwrap();
     a.release(fh, None).await.unwrap();
     let seen = b.getattr(attr.ino).await.unwrap();
-    assert_eq!(seen.size, 5009);
+    assert_eq!((seen.size, seen.mode), (5009, 0o640));
     assert!(
         seen.mtime_ns > 1_000_000_000,
         "a write after utimensat sets the mtime"
     );
+}
+
+/// Changes waiting for the data's commit keep their order with the changes that cannot wait:
+/// a truncate commits the data (with them) first, and later ones merge, the last one made
+/// winning; the commit keeps an mtime set meanwhile.
+#[tokio::test]
+async fn waiting_attribute_changes_keep_their_order() {
+    let world = World::new().await;
+    let a = world.mount(FsConfig::default()).await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "mixed").await;
+    a.write(fh, 0, b"some data").await.unwrap();
+    let chown = SetAttr {
+        mode: Some(0o600),
+        uid: Some(42),
+        ..SetAttr::default()
+    };
+    a.setattr(attr.ino, &chown).await.unwrap();
+    let truncate = SetAttr {
+        size: Some(4),
+        ..SetAttr::default()
+    };
+    let calls = world.meta.setattrs();
+    a.setattr(attr.ino, &truncate).await.unwrap();
+    assert_eq!(world.meta.setattrs(), calls + 1, "a size is sent at once");
+    let seen = b.getattr(attr.ino).await.unwrap();
+    assert_eq!((seen.mode, seen.uid, seen.size), (0o600, 42, 4));
+
+    a.write(fh, 4, b"more").await.unwrap();
+    for change in [
+        SetAttr {
+            mode: Some(0o755),
+            ..SetAttr::default()
+        },
+        SetAttr {
+            mtime_ns: Some(3_000_000_000),
+            ..SetAttr::default()
+        },
+    ] {
+        a.setattr(attr.ino, &change).await.unwrap();
+    }
+    a.release(fh, None).await.unwrap();
+    assert_eq!(world.meta.setattrs(), calls + 1, "the commit carried both");
+    let seen = b.getattr(attr.ino).await.unwrap();
+    assert_eq!(
+        (seen.mode, seen.uid, seen.mtime_ns, seen.size),
+        (0o755, 42, 3_000_000_000, 8)
+    );
+    assert_eq!(read_path(&b, "mixed", 0, 8).await, b"somemore");
 }
 
 /// The attributes of a file this mount has open answer `getattr` from what the engine last
@@ -1300,6 +1361,8 @@ async fn an_open_file_s_attributes_are_the_mount_s_own_within_the_ttl() {
     a.write(fh, 0, b"twelve bytes").await.unwrap();
     let mine = a.getattr(attr.ino).await.unwrap();
     assert_eq!(mine.size, 12, "the mount's own dirty bytes count");
+    // Committed, so the chmod below is sent at once rather than with the data.
+    a.fsync(fh, false).await.unwrap();
     let chmod = SetAttr {
         mode: Some(0o600),
         ..SetAttr::default()

@@ -46,7 +46,9 @@ use super::block_api::{BlockApi, StoreBlocks};
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
-use super::meta_api::{now_ns, Attr, GatewayId, Ino, MetaApi, SessionId, Slice, TimeNs};
+use super::meta_api::{
+    now_ns, Attr, CommitAttrs, GatewayId, Ino, MetaApi, SessionId, SetAttr, Slice,
+};
 
 /// What every file's write path shares: the services, the session, slice ids, upload slots.
 pub struct WriteContext {
@@ -395,7 +397,7 @@ impl DirtySlice {
         ctx: &WriteContext,
         ino: Ino,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> FsResult<Option<Attr>> {
         let staged = self.staged(ctx).await?;
         let data = self.blocks[0].data.clone();
@@ -408,7 +410,7 @@ impl DirtySlice {
                 self.chunk_index,
                 &slice,
                 new_size,
-                mtime_ns,
+                attrs,
                 data,
             )
             .await;
@@ -509,9 +511,11 @@ pub struct DirtyFile {
     /// The file's write policy says `through` (`stagefs policy`): its blocks are PUT to the
     /// object store, so a flush returns once they are there.
     pub write_through: bool,
-    /// The mtime a `utimensat` set after the last write: the commit of the data written before
-    /// it keeps it (a commit otherwise sets the mtime to its own time). Cleared by a write.
-    pub set_mtime: Option<TimeNs>,
+    /// Mode, owner and times a `chmod`, `chown` or `utimensat` set while data was uncommitted
+    /// (never a size): the data's commit sets them, so they cost no call of their own and are
+    /// durable with the data (`tar` sets all three on each file it writes). A commit otherwise
+    /// sets the mtime to its own time; a write clears an mtime set before it.
+    pub set_attrs: SetAttr,
 }
 
 impl DirtyFile {
@@ -675,11 +679,16 @@ impl DirtyFile {
         while let Some(slice) = self.slices.front_mut() {
             let len = slice.len();
             let new_size = slice.file_start() + len;
-            let mtime_ns = self.set_mtime.unwrap_or_else(now_ns);
+            let set = &self.set_attrs;
+            let attrs = CommitAttrs {
+                mtime_ns: set.mtime_ns.unwrap_or_else(now_ns),
+                mode: set.mode,
+                uid: set.uid,
+                gid: set.gid,
+                atime_ns: set.atime_ns,
+            };
             let written = if slice.fits_write_slice(ctx) {
-                slice
-                    .write_with_commit(ctx, ino, new_size, mtime_ns)
-                    .await?
+                slice.write_with_commit(ctx, ino, new_size, &attrs).await?
             } else {
                 None
             };
@@ -701,7 +710,7 @@ impl DirtyFile {
                             slice.chunk_index,
                             &staged.slice(len),
                             new_size,
-                            mtime_ns,
+                            &attrs,
                         )
                         .await?
                 }
@@ -710,7 +719,7 @@ impl DirtyFile {
             self.bytes = self.bytes.saturating_sub(len);
             self.slices.pop_front();
         }
-        self.set_mtime = None;
+        self.set_attrs = SetAttr::default();
         Ok(())
     }
 }

@@ -5,9 +5,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::{
-    Attr, DeletedSlice, DirEntry, DirUsage, GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino,
-    LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo,
-    SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode,
+    Attr, CommitAttrs, DeletedSlice, DirEntry, DirUsage, GatewayId, GatewayLoad, GatewayRecord,
+    HeldLock, Ino, LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId,
+    SessionInfo, SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -76,7 +76,7 @@ impl BlockingMeta {
         wait_position(position: u64, limit: std::time::Duration) -> ();
         sync() -> ();
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
-        commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, mtime_ns: TimeNs) -> Attr;
+        commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, attrs: &CommitAttrs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();

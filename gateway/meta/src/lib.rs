@@ -45,8 +45,8 @@ pub use locks::{HeldLock, LockKind, LockRequest};
 pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
-    now_ns, Attr, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, SessionId, SetAttr,
-    Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
+    now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, SessionId,
+    SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
     MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
@@ -438,7 +438,8 @@ pub trait MetaEngine: Send + Sync {
     /// Bytes at or past the file's size are not part of the file, whatever a slice says.
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> Result<Vec<Slice>>;
     /// Makes a staged slice part of the file: appended to the chunk, the file's size grown to at
-    /// least `new_size` and the slice's end, mtime set. The slice must have been recorded with
+    /// least `new_size` and the slice's end, `attrs` set (as `setattr` would; ctime is now), in
+    /// one transaction. The slice must have been recorded with
     /// [`MetaEngine::record_pending_slice`] by the same live session; committing it again after a
     /// success is a no-op, so a commit whose answer was lost can be retried.
     async fn commit_slice(
@@ -448,7 +449,7 @@ pub trait MetaEngine: Send + Sync {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> Result<Attr>;
     /// Slice compaction: swaps the slices `read[from..]` of a chunk for `merged`, one slice with
     /// the same bytes. `read` is the chunk's list as the compactor read it; `merged` was staged

@@ -33,10 +33,10 @@ use crate::codec::{
 use crate::keys;
 use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
-    check_name, locks, now_ns, Attr, DeletedSlice, DirEntry, DirUsage, FileKind, GatewayId,
-    GatewayLoad, GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig, MetaEngine,
-    MetaError, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr, Slice,
-    StatFs, TenantUsage, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN,
+    check_name, locks, now_ns, Attr, CommitAttrs, DeletedSlice, DirEntry, DirUsage, FileKind,
+    GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig,
+    MetaEngine, MetaError, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr,
+    Slice, StatFs, TenantUsage, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN,
     MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
@@ -1783,15 +1783,8 @@ impl MetaEngine for KvMeta {
                     inode.attr.mtime_ns = tx.now;
                 }
             }
-            let a = &mut inode.attr;
-            if let Some(mode) = changes.mode {
-                a.mode = mode & 0o7777;
-            }
-            a.uid = changes.uid.unwrap_or(a.uid);
-            a.gid = changes.gid.unwrap_or(a.gid);
-            a.atime_ns = changes.atime_ns.unwrap_or(a.atime_ns);
-            a.mtime_ns = changes.mtime_ns.unwrap_or(a.mtime_ns);
-            a.ctime_ns = tx.now;
+            changes.apply_to(&mut inode.attr);
+            inode.attr.ctime_ns = tx.now;
             tx.put_inode(&inode);
             Ok(inode.attr)
         })
@@ -2228,7 +2221,7 @@ impl MetaEngine for KvMeta {
         chunk_index: u64,
         slice: &Slice,
         new_size: u64,
-        mtime_ns: TimeNs,
+        attrs: &CommitAttrs,
     ) -> Result<Attr> {
         if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
             return Err(MetaError::Invalid(format!(
@@ -2277,7 +2270,7 @@ impl MetaEngine for KvMeta {
                 tx.prefetch(counters.collect()).await?;
                 tx.resize_file(&mut inode, size).await?;
             }
-            inode.attr.mtime_ns = mtime_ns;
+            attrs.changes().apply_to(&mut inode.attr);
             inode.attr.ctime_ns = tx.now;
             tx.put_inode(&inode);
             Ok(inode.attr)

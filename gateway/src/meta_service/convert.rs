@@ -8,8 +8,8 @@ use proto::meta as pb;
 use proto::meta_convert::{self, WireError};
 
 use crate::meta::{
-    Attr, DirEntry, FileKind, HeldLock, Ino, LockKind, LockRequest, MetaError, NewNode, SetAttr,
-    Slice, StatFs,
+    Attr, CommitAttrs, DirEntry, FileKind, HeldLock, Ino, LockKind, LockRequest, MetaError,
+    NewNode, SetAttr, Slice, StatFs,
 };
 
 fn invalid(e: WireError) -> MetaError {
@@ -32,6 +32,17 @@ pub fn attr_to_proto(attr: &Attr) -> pb::Attr {
 pub fn attr_response(attr: &Attr) -> pb::AttrResponse {
     pb::AttrResponse {
         attr: Some(attr_to_proto(attr)),
+    }
+}
+
+/// What a commit sets on its file besides the data.
+pub fn commit_attrs_from_proto(commit: &pb::CommitSliceRequest) -> CommitAttrs {
+    CommitAttrs {
+        mtime_ns: commit.mtime_ns,
+        mode: commit.mode,
+        uid: commit.uid,
+        gid: commit.gid,
+        atime_ns: commit.atime_ns,
     }
 }
 

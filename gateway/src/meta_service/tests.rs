@@ -536,6 +536,7 @@ fn write_slice_request(
             slice: Some(slice_to_proto(slice)),
             new_size: u64::from(slice.offset_in_chunk + slice.len),
             mtime_ns: 1,
+            ..Default::default()
         }),
         data: data.to_vec().into(),
         crc32c: crc32c::crc32c(data),

@@ -86,7 +86,14 @@ impl Fixture {
             .record_pending_slice(self.session, &slice)
             .unwrap();
         self.meta
-            .commit_slice(self.session, ino, chunk_index, &slice, 0, 42)
+            .commit_slice(
+                self.session,
+                ino,
+                chunk_index,
+                &slice,
+                0,
+                &CommitAttrs::at(42),
+            )
             .unwrap();
         slice
     }
@@ -870,9 +877,44 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
     f.meta.record_pending_slice(f.session, &slice).unwrap();
     let attr = f
         .meta
-        .commit_slice(f.session, file.ino, 0, &slice, 5000, 1)
+        .commit_slice(f.session, file.ino, 0, &slice, 5000, &CommitAttrs::at(1))
         .unwrap();
     assert_eq!(attr.size, 5000);
+}
+
+/// Mode, owner and atime a mount set while the data was uncommitted land with the commit, in
+/// its transaction, as `setattr` would set them; what the commit does not name stays.
+#[test]
+fn commit_sets_the_attributes_it_carries() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let slice = Slice {
+        slice_id: f.meta.allocate_slice_ids(f.session, 1).unwrap().start,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    let attrs = CommitAttrs {
+        mtime_ns: 7,
+        mode: Some(0o100_640),
+        uid: Some(1234),
+        gid: None,
+        atime_ns: Some(9),
+    };
+    let before = f.meta.getattr(file.ino).unwrap();
+    let attr = f
+        .meta
+        .commit_slice(f.session, file.ino, 0, &slice, 10, &attrs)
+        .unwrap();
+    let seen = (attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.atime_ns);
+    assert_eq!(
+        seen,
+        (0o640, 1234, before.gid, 7, 9),
+        "file type bits dropped"
+    );
+    assert!(attr.ctime_ns >= before.ctime_ns);
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), attr);
 }
 
 #[test]
@@ -1063,27 +1105,33 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
         gateway_id: GW,
     };
     assert_eq!(
-        errno(f.meta.commit_slice(f.session, file.ino, 0, &slice, 0, 0)),
+        errno(
+            f.meta
+                .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
+        ),
         libc::EPERM,
         "not recorded as pending"
     );
     f.meta.record_pending_slice(f.session, &slice).unwrap();
     assert_eq!(
-        errno(f.meta.commit_slice(f.session, ROOT_INO, 0, &slice, 0, 0)),
+        errno(
+            f.meta
+                .commit_slice(f.session, ROOT_INO, 0, &slice, 0, &CommitAttrs::at(0))
+        ),
         libc::EISDIR
     );
     assert_eq!(
         errno(
             f.meta
-                .commit_slice(f.session + 1, file.ino, 0, &slice, 0, 0)
+                .commit_slice(f.session + 1, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
         ),
         libc::EIO
     );
     f.meta
-        .commit_slice(f.session, file.ino, 0, &slice, 0, 0)
+        .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
         .unwrap();
     f.meta
-        .commit_slice(f.session, file.ino, 0, &slice, 0, 0)
+        .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
         .expect("a retried commit succeeds");
     assert_eq!(f.ids(file.ino, 0), [id]);
 
@@ -1096,7 +1144,7 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     assert_eq!(
         errno(
             f.meta
-                .commit_slice(f.session, file.ino, 0, &bad(0, 0), 0, 0)
+                .commit_slice(f.session, file.ino, 0, &bad(0, 0), 0, &CommitAttrs::at(0))
         ),
         libc::EINVAL
     );
@@ -1104,15 +1152,19 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     assert_eq!(
         errno(
             f.meta
-                .commit_slice(f.session, file.ino, 0, &past_chunk, 0, 0)
+                .commit_slice(f.session, file.ino, 0, &past_chunk, 0, &CommitAttrs::at(0))
         ),
         libc::EINVAL
     );
     assert_eq!(
-        errno(
-            f.meta
-                .commit_slice(f.session, file.ino, u64::MAX, &bad(0, 1), 0, 0)
-        ),
+        errno(f.meta.commit_slice(
+            f.session,
+            file.ino,
+            u64::MAX,
+            &bad(0, 1),
+            0,
+            &CommitAttrs::at(0)
+        )),
         libc::EFBIG
     );
     let hole = Slice {
@@ -1544,10 +1596,14 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
             libc::EPERM
         );
         assert_eq!(
-            errno(
-                f.meta
-                    .commit_slice(thief, own.ino, 0, &as_thief(slice_id), 0, 0)
-            ),
+            errno(f.meta.commit_slice(
+                thief,
+                own.ino,
+                0,
+                &as_thief(slice_id),
+                0,
+                &CommitAttrs::at(0)
+            )),
             libc::EPERM
         );
     }
@@ -1586,7 +1642,7 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     let other = f.meta.open_session("", "other").unwrap();
     assert_eq!(f.meta.pending_slice(other, unused).unwrap(), None);
     f.meta
-        .commit_slice(f.session, victim.ino, 0, &later, 0, 0)
+        .commit_slice(f.session, victim.ino, 0, &later, 0, &CommitAttrs::at(0))
         .unwrap();
     assert_eq!(
         f.ids(victim.ino, 0),
@@ -2227,7 +2283,7 @@ fn each_gateway_takes_only_the_deleted_slices_it_staged() {
         };
         f.meta.record_pending_slice(f.session, &slice).unwrap();
         f.meta
-            .commit_slice(f.session, file.ino, 0, &slice, 0, 1)
+            .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(1))
             .unwrap();
         slice
     };

@@ -78,7 +78,7 @@ fn populate(meta: &BlockingMeta) -> SessionId {
             gateway_id: gw,
         };
         meta.record_pending_slice(session, &slice).unwrap();
-        meta.commit_slice(session, file.ino, 0, &slice, 0, 5)
+        meta.commit_slice(session, file.ino, 0, &slice, 0, &CommitAttrs::at(5))
             .unwrap();
     }
     meta.link(meta.lookup(sub.ino, b"f1").unwrap().ino, ROOT_INO, b"hard")

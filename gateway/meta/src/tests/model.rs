@@ -505,7 +505,7 @@ impl Harness {
                     gateway_id: [1; 16],
                 };
                 meta.record_pending_slice(session, &slice).unwrap();
-                let got = meta.commit_slice(session, ino, chunk, &slice, 0, 0);
+                let got = meta.commit_slice(session, ino, chunk, &slice, 0, &CommitAttrs::at(0));
                 (
                     outcome(got),
                     model.commit(ino, chunk, offset, len, slice_id),

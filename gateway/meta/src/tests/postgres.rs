@@ -159,7 +159,6 @@ fn lsns_read_as_postgresql_writes_them() {
 /// heartbeat, which only updates the record; the close, which takes the record, waits for it.
 #[test]
 fn a_pinned_session_still_takes_heartbeats_and_its_close_waits() {
-    use crate::kv::KvStore;
     use crate::*;
     use std::time::Duration;
 
