@@ -496,7 +496,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.spawn("flush", |fs| async move {
-            let flushed = fs.flush(fh.0).await;
+            let flushed = fs.close(fh.0).await;
             fs.close_by(fh.0, lock_owner.0).await;
             answer_empty(reply, flushed)
         });

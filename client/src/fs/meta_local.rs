@@ -33,8 +33,8 @@ pub struct LocalMeta {
     slices_written: Arc<AtomicU64>,
     /// The next `write_slice` commits and then fails, as if its answer were lost.
     lose_next_answer: Arc<AtomicBool>,
-    /// `setattr` calls that reached the engine.
-    setattrs: Arc<AtomicU64>,
+    /// Calls of the operations tests count, by name.
+    calls: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, u64>>>,
 }
 
 impl LocalMeta {
@@ -52,7 +52,7 @@ impl LocalMeta {
             staging: None,
             slices_written: Arc::new(AtomicU64::new(0)),
             lose_next_answer: Arc::new(AtomicBool::new(false)),
-            setattrs: Arc::new(AtomicU64::new(0)),
+            calls: Arc::default(),
         }
     }
 
@@ -66,8 +66,14 @@ impl LocalMeta {
         self.slices_written.load(Ordering::SeqCst)
     }
 
-    pub fn setattrs(&self) -> u64 {
-        self.setattrs.load(Ordering::SeqCst)
+    /// How many `op` calls (`setattr`, `sync`) reached the engine.
+    pub fn calls(&self, op: &str) -> u64 {
+        let calls = self.calls.lock().unwrap();
+        calls.get(op).copied().unwrap_or(0)
+    }
+
+    fn count(&self, op: &'static str) {
+        *self.calls.lock().unwrap().entry(op).or_default() += 1;
     }
 
     pub fn lose_next_write_slice_answer(&self) {
@@ -133,7 +139,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
-        self.setattrs.fetch_add(1, Ordering::SeqCst);
+        self.count("setattr");
         self.engine
             .setattr(ino, changes)
             .await
@@ -283,6 +289,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn sync(&self) -> FsResult<()> {
+        self.count("sync");
         self.engine.sync().await.map_err(fail("sync"))
     }
 

@@ -1266,7 +1266,7 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         atime_ns: Some(2_000_000_000),
         ..SetAttr::default()
     };
-    let calls = world.meta.setattrs();
+    let calls = world.meta.calls("setattr");
     let answered = a.setattr(attr.ino, &set).await.unwrap();
     let expected = (0o640, 1234, 5678, 1_000_000_000, 2_000_000_000, 5000);
     let view = |a: Attr| (a.mode, a.uid, a.gid, a.mtime_ns, a.atime_ns, a.size);
@@ -1275,7 +1275,7 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         expected,
         "the kernel is told the changes, and a size that counts the dirty bytes"
     );
-    assert_eq!(world.meta.setattrs(), calls, "no call before the commit");
+    assert_eq!(world.meta.calls("setattr"), calls, "no call before the commit");
     // The engine is asked (no TTL here): the mount's own changes still show.
     assert_eq!(view(a.getattr(attr.ino).await.unwrap()), expected);
     assert_eq!(
@@ -1284,7 +1284,7 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         "another mount sees them with the data"
     );
     a.release(fh, None).await.unwrap();
-    assert_eq!(world.meta.setattrs(), calls, "the commit carried them");
+    assert_eq!(world.meta.calls("setattr"), calls, "the commit carried them");
     assert_eq!(view(b.getattr(attr.ino).await.unwrap()), expected);
     assert_eq!(read_path(&b, "untarred", 0, 5000).await, bytes);
 
@@ -1299,6 +1299,35 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         seen.mtime_ns > 1_000_000_000,
         "a write after utimensat sets the mtime"
     );
+}
+
+/// `close` of a handle opened for writing makes the mount's namespace changes durable (a
+/// `Sync` when it had no data to commit); of one opened read-only, it costs no call. `fsync`
+/// of either still does; the release after the last close (which nobody waits for) never.
+#[tokio::test]
+async fn only_a_writable_handle_s_close_makes_namespace_changes_durable() {
+    let world = World::new().await;
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "read me").await;
+    a.release(fh, None).await.unwrap();
+    a.mkdir(ROOT_INO, b"unsynced", 0o755, 0, 0).await.unwrap();
+    let syncs = world.meta.calls("sync");
+    let (reader, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    a.close(reader).await.unwrap();
+    assert_eq!(world.meta.calls("sync"), syncs, "a read-only close asks nothing");
+    a.fsync(reader, false).await.unwrap();
+    assert_eq!(world.meta.calls("sync"), syncs + 1, "its fsync does");
+    a.release(reader, None).await.unwrap();
+
+    a.mkdir(ROOT_INO, b"unsynced too", 0o755, 0, 0).await.unwrap();
+    let (writer, _) = a.open(attr.ino, RW).await.unwrap();
+    a.close(writer).await.unwrap();
+    assert_eq!(world.meta.calls("sync"), syncs + 2, "a writable close syncs");
+    a.mkdir(ROOT_INO, b"left to its bound", 0o755, 0, 0)
+        .await
+        .unwrap();
+    a.release(writer, None).await.unwrap();
+    assert_eq!(world.meta.calls("sync"), syncs + 2, "a release asks nothing");
 }
 
 /// Changes waiting for the data's commit keep their order with the changes that cannot wait:
@@ -1321,9 +1350,9 @@ async fn waiting_attribute_changes_keep_their_order() {
         size: Some(4),
         ..SetAttr::default()
     };
-    let calls = world.meta.setattrs();
+    let calls = world.meta.calls("setattr");
     a.setattr(attr.ino, &truncate).await.unwrap();
-    assert_eq!(world.meta.setattrs(), calls + 1, "a size is sent at once");
+    assert_eq!(world.meta.calls("setattr"), calls + 1, "a size is sent at once");
     let seen = b.getattr(attr.ino).await.unwrap();
     assert_eq!((seen.mode, seen.uid, seen.size), (0o600, 42, 4));
 
@@ -1341,7 +1370,7 @@ async fn waiting_attribute_changes_keep_their_order() {
         a.setattr(attr.ino, &change).await.unwrap();
     }
     a.release(fh, None).await.unwrap();
-    assert_eq!(world.meta.setattrs(), calls + 1, "the commit carried both");
+    assert_eq!(world.meta.calls("setattr"), calls + 1, "the commit carried both");
     let seen = b.getattr(attr.ino).await.unwrap();
     assert_eq!(
         (seen.mode, seen.uid, seen.mtime_ns, seen.size),

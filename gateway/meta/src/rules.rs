@@ -2597,7 +2597,9 @@ impl MetaEngine for KvMeta {
     }
 
     async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr> {
-        crate::transact_once!(self, self.durability(), |tx| {
+        // Durable as a create's handle is: lost in a crash (with the namespace changes after the
+        // last durable commit), the handle no longer keeps an unlinked file's data.
+        crate::transact_once!(self, self.namespace_durability(), |tx| {
             tx.check_session(session).await?;
             let inode = tx.update_inode(ino, |i| i.open_handles += 1).await?;
             let held = tx.handles(session, ino).await?;
