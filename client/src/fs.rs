@@ -505,13 +505,15 @@ impl Fs {
         };
         let mut state = file.state.lock().await;
         let resizes = changes.size.is_some();
-        if !resizes && !state.dirty.is_empty() {
-            // Mode, owner and times of a file with data this mount has not committed yet go
-            // with the data's commit: no call now, and the close's durable commit covers them
-            // (`tar` sets all three on each file it writes; the kernel passes no handle for
-            // `fchmod`, so any caller's change waits). The kernel checked the caller's right to
-            // make them (`default_permissions`); the gateway refuses none of them on a file
-            // this session holds open. SEMANTICS says when others see them.
+        if !resizes && !state.dirty.is_empty() && state.attr.size == 0 {
+            // Mode, owner and times of a file being written for the first time (nothing of it
+            // committed yet) go with the data's commit: no call now, and the close's durable
+            // commit covers them (`tar` and `pip` set them on each file they write; the kernel
+            // passes no handle for `fchmod`, so any caller's change waits). Nothing of the file
+            // can be read elsewhere meanwhile, so holding back a change that removes rights
+            // exposes nothing. The kernel checked the caller's right to make them
+            // (`default_permissions`); the gateway refuses none of them on a file this session
+            // holds open. SEMANTICS says when others see them.
             state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
             state.attr.ctime_ns = now_ns();
             file.mirror(&state.dirty);
@@ -529,7 +531,8 @@ impl Fs {
         if resizes {
             state.chunks.clear();
         }
-        // The data's commit keeps an mtime set now (it otherwise sets its own time).
+        // The commit of data still dirty (a file with committed bytes whose changes went at
+        // once) keeps an mtime set now: it otherwise sets its own time.
         state.dirty.set_attrs = SetAttr {
             mtime_ns: changes.mtime_ns.filter(|_| !state.dirty.is_empty()),
             ..SetAttr::default()
@@ -1176,8 +1179,9 @@ impl Fs {
                 tracing::error!(
                     ino = file.ino,
                     bytes = state.dirty.bytes(),
+                    attributes = ?state.dirty.set_attrs,
                     error = ?flushed.as_ref().err(),
-                    "last handle closed with data that could not be committed; it is lost"
+                    "last handle closed with data (and the attributes set on it) that could not be committed; it is lost"
                 );
             }
         }

@@ -218,6 +218,15 @@ impl CommitAttrs {
         }
     }
 
+    /// Whether `attr` shows the mode, owner and atime these set (a commit's answer does,
+    /// unless the gateway that took it predates them and dropped them).
+    pub fn shown_by(&self, attr: &Attr) -> bool {
+        self.mode.is_none_or(|mode| attr.mode == mode & 0o7777)
+            && self.uid.is_none_or(|uid| attr.uid == uid)
+            && self.gid.is_none_or(|gid| attr.gid == gid)
+            && self.atime_ns.is_none_or(|atime| attr.atime_ns == atime)
+    }
+
     /// The same changes as a `setattr` would make them.
     pub fn changes(&self) -> SetAttr {
         SetAttr {

@@ -24,6 +24,16 @@ fn held_back_stack(name: &str) -> FuseStack {
     })
 }
 
+fn libc_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+fn libc_gid() -> u32 {
+    // SAFETY: getgid has no preconditions.
+    unsafe { libc::getgid() }
+}
+
 /// Asserts that `path` (on another mount) holds exactly `want`: size from stat, size from the
 /// open file, and the bytes.
 #[track_caller]
@@ -121,6 +131,41 @@ fn close_to_open_before_upload() {
                 &format!("B reads {name} written and closed on A"),
             );
         }
+
+        // What `tar` does to each file it writes: mode, owner (as root) and times set before the
+        // close travel with the data's commit. A answers them at once; B sees them once A's
+        // close returned.
+        let untarred = a.join("untarred");
+        let file = File::create(&untarred).unwrap();
+        file.write_all_at(b"a header", 0).unwrap();
+        file.set_permissions(fs::Permissions::from_mode(0o751))
+            .unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            std::os::unix::fs::fchown(&file, Some(4321), Some(8765)).unwrap();
+        }
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        file.set_times(fs::FileTimes::new().set_modified(mtime).set_accessed(mtime))
+            .unwrap();
+        let (owner, group) = if root {
+            (4321, 8765)
+        } else {
+            (libc_uid(), libc_gid())
+        };
+        let view = |m: fs::Metadata| (m.mode() & 0o7777, m.uid(), m.gid(), m.mtime(), m.len());
+        let want = (0o751, owner, group, 1_000_000_000, 8);
+        assert_eq!(
+            view(file.metadata().unwrap()),
+            want,
+            "A's own view before the close"
+        );
+        drop(file);
+        assert_eq!(
+            view(fs::metadata(b.join("untarred")).unwrap()),
+            want,
+            "B after A's close"
+        );
 
         // In-place overwrites on A (the file keeps its size), after B has read the old bytes.
         for (name, data) in contents.iter_mut().filter(|(_, d)| d.len() >= 4096) {

@@ -1,8 +1,8 @@
 //! README, SEMANTICS: what a SIGKILL of the gateway keeps, with the embedded metadata and the
 //! default `--namespace-sync fsync`.
 //!
-//! A mount writes files and closes them, makes empty files and closes them, changes modes and
-//! fsyncs, renames and removes names and fsyncs the directory: every one of these must be there
+//! A mount writes files and closes them (one with its mode and mtime set before the close, as
+//! `tar` does), makes empty files and closes them, changes modes and fsyncs, renames and removes names and fsyncs the directory: every one of these must be there
 //! after the crash, byte for byte. Then it makes directories and renames with no fsync or close
 //! after them, and the gateway is SIGKILLed at once: those may be lost, but what is kept of them
 //! is a prefix of the order they were made in, and `stagefs fsck` finds no file naming data that
@@ -30,6 +30,10 @@ fn write_and_close(path: &Path, seed: u64, len: u64) {
     // close(2)'s result: FUSE flush, which is where durability is promised.
     let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
     nix::unistd::close(fd).unwrap_or_else(|e| panic!("close {}: {e}", path.display()));
+}
+
+fn untarred_mtime() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000)
 }
 
 fn verify(path: &Path, seed: u64, len: u64) {
@@ -60,6 +64,16 @@ fn a_gateway_crash_keeps_what_fsync_and_close_covered_and_a_prefix_of_the_rest()
     for i in 0..FILES {
         write_and_close(&root.join(format!("kept/f{i:03}")), 100 + i, 1 + i * 7919);
     }
+    // Covered by close: mode and times set on a file being written (as tar does), which the
+    // mount sends with the data's commit.
+    let untarred = File::create(root.join("kept/untarred")).unwrap();
+    (&untarred).write_all(b"archived").unwrap();
+    untarred
+        .set_permissions(fs::Permissions::from_mode(0o640))
+        .unwrap();
+    untarred.set_modified(untarred_mtime()).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(untarred);
+    nix::unistd::close(fd).unwrap();
     // Covered by fsync: a mode change on an open file.
     let moded = File::create(root.join("kept/moded")).unwrap();
     moded
@@ -94,6 +108,16 @@ fn a_gateway_crash_keeps_what_fsync_and_close_covered_and_a_prefix_of_the_rest()
     assert!(
         !root.join("kept/f000").exists() && !root.join("kept/f001").exists(),
         "a rename or unlink fsynced before the crash was undone"
+    );
+    let untarred = fs::metadata(root.join("kept/untarred")).unwrap();
+    assert_eq!(
+        (
+            untarred.permissions().mode() & 0o777,
+            untarred.modified().unwrap(),
+            untarred.len()
+        ),
+        (0o640, untarred_mtime(), 8),
+        "mode and mtime set before a close that returned were lost"
     );
     let mode = fs::metadata(root.join("kept/moded"))
         .unwrap()

@@ -1246,10 +1246,10 @@ async fn a_directory_s_attributes_follow_the_mount_s_own_creates() {
     a.release(fh, None).await.unwrap();
 }
 
-/// Mode, owner and times set on a file with data not committed yet (as `tar` does before it
-/// closes each file) cost no call: this mount answers them at once, and the data's commit at
-/// close sets them, durable with the data; another mount sees them from then on. A write after
-/// the `utimensat` moves the mtime on again.
+/// Mode, owner and times set on a file being written for the first time (as `tar` does before
+/// it closes each file) cost no call: this mount answers them at once, and the data's commit at
+/// close sets them, durable with the data; another mount sees them from then on. On a file with
+/// committed bytes they go at once; a write after the `utimensat` moves the mtime on again.
 #[tokio::test]
 async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
     let world = World::new().await;
@@ -1275,7 +1275,11 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         expected,
         "the kernel is told the changes, and a size that counts the dirty bytes"
     );
-    assert_eq!(world.meta.calls("setattr"), calls, "no call before the commit");
+    assert_eq!(
+        world.meta.calls("setattr"),
+        calls,
+        "no call before the commit"
+    );
     // The engine is asked (no TTL here): the mount's own changes still show.
     assert_eq!(view(a.getattr(attr.ino).await.unwrap()), expected);
     assert_eq!(
@@ -1284,13 +1288,20 @@ async fn attributes_set_on_a_file_being_written_go_with_the_data_s_commit() {
         "another mount sees them with the data"
     );
     a.release(fh, None).await.unwrap();
-    assert_eq!(world.meta.calls("setattr"), calls, "the commit carried them");
+    assert_eq!(
+        world.meta.calls("setattr"),
+        calls,
+        "the commit carried them"
+    );
     assert_eq!(view(b.getattr(attr.ino).await.unwrap()), expected);
     assert_eq!(read_path(&b, "untarred", 0, 5000).await, bytes);
 
+    // With bytes committed (readable elsewhere), a change goes at once: one that removes
+    // rights must not wait for a writer that may not close for hours.
     let fh = a.open(attr.ino, RW).await.unwrap().0;
     a.write(fh, 5000, b"more").await.unwrap();
     a.setattr(attr.ino, &set).await.unwrap();
+    assert_eq!(world.meta.calls("setattr"), calls + 1, "sent at once");
     a.write(fh, 5004, b"again").await.unwrap();
     a.release(fh, None).await.unwrap();
     let seen = b.getattr(attr.ino).await.unwrap();
@@ -1314,25 +1325,39 @@ async fn only_a_writable_handle_s_close_makes_namespace_changes_durable() {
     let syncs = world.meta.calls("sync");
     let (reader, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
     a.close(reader).await.unwrap();
-    assert_eq!(world.meta.calls("sync"), syncs, "a read-only close asks nothing");
+    assert_eq!(
+        world.meta.calls("sync"),
+        syncs,
+        "a read-only close asks nothing"
+    );
     a.fsync(reader, false).await.unwrap();
     assert_eq!(world.meta.calls("sync"), syncs + 1, "its fsync does");
     a.release(reader, None).await.unwrap();
 
-    a.mkdir(ROOT_INO, b"unsynced too", 0o755, 0, 0).await.unwrap();
+    a.mkdir(ROOT_INO, b"unsynced too", 0o755, 0, 0)
+        .await
+        .unwrap();
     let (writer, _) = a.open(attr.ino, RW).await.unwrap();
     a.close(writer).await.unwrap();
-    assert_eq!(world.meta.calls("sync"), syncs + 2, "a writable close syncs");
+    assert_eq!(
+        world.meta.calls("sync"),
+        syncs + 2,
+        "a writable close syncs"
+    );
     a.mkdir(ROOT_INO, b"left to its bound", 0o755, 0, 0)
         .await
         .unwrap();
     a.release(writer, None).await.unwrap();
-    assert_eq!(world.meta.calls("sync"), syncs + 2, "a release asks nothing");
+    assert_eq!(
+        world.meta.calls("sync"),
+        syncs + 2,
+        "a release asks nothing"
+    );
 }
 
 /// Changes waiting for the data's commit keep their order with the changes that cannot wait:
-/// a truncate commits the data (with them) first, and later ones merge, the last one made
-/// winning; the commit keeps an mtime set meanwhile.
+/// a truncate commits the data (with them) first; later ones, on a file with committed bytes,
+/// go at once, the last one made winning, and the data's commit keeps an mtime set meanwhile.
 #[tokio::test]
 async fn waiting_attribute_changes_keep_their_order() {
     let world = World::new().await;
@@ -1352,7 +1377,11 @@ async fn waiting_attribute_changes_keep_their_order() {
     };
     let calls = world.meta.calls("setattr");
     a.setattr(attr.ino, &truncate).await.unwrap();
-    assert_eq!(world.meta.calls("setattr"), calls + 1, "a size is sent at once");
+    assert_eq!(
+        world.meta.calls("setattr"),
+        calls + 1,
+        "a size is sent at once"
+    );
     let seen = b.getattr(attr.ino).await.unwrap();
     assert_eq!((seen.mode, seen.uid, seen.size), (0o600, 42, 4));
 
@@ -1370,7 +1399,11 @@ async fn waiting_attribute_changes_keep_their_order() {
         a.setattr(attr.ino, &change).await.unwrap();
     }
     a.release(fh, None).await.unwrap();
-    assert_eq!(world.meta.calls("setattr"), calls + 1, "the commit carried both");
+    assert_eq!(
+        world.meta.calls("setattr"),
+        calls + 3,
+        "with bytes committed, each went at once"
+    );
     let seen = b.getattr(attr.ino).await.unwrap();
     assert_eq!(
         (seen.mode, seen.uid, seen.mtime_ns, seen.size),

@@ -715,6 +715,17 @@ impl DirtyFile {
                         .await?
                 }
             };
+            // A gateway older than `CommitAttrs` drops them without a word; its answer shows
+            // it, and they go as a change of their own.
+            let committed = if attrs.shown_by(&committed) {
+                committed
+            } else {
+                let changes = SetAttr {
+                    mtime_ns: None,
+                    ..attrs.changes()
+                };
+                ctx.meta.setattr(ino, &changes).await?
+            };
             *attr = committed;
             self.bytes = self.bytes.saturating_sub(len);
             self.slices.pop_front();

@@ -2250,6 +2250,16 @@ impl MetaEngine for KvMeta {
             if slices.iter().any(|s| s.slice_id == slice.slice_id) {
                 // A retry of a commit that succeeded but whose answer was lost. Checked even when
                 // the slice was recorded as pending again, so that no chunk ever holds an id twice.
+                // Attributes set since the first try come with the retry: they apply now.
+                let changes = SetAttr {
+                    mtime_ns: None,
+                    ..attrs.changes()
+                };
+                if changes != SetAttr::default() {
+                    changes.apply_to(&mut inode.attr);
+                    inode.attr.ctime_ns = tx.now;
+                    tx.put_inode(&inode);
+                }
                 return Ok(inode.attr);
             }
             if !was_pending {

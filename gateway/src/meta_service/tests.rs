@@ -596,6 +596,28 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
         vec![]
     );
 
+    // Mode, owner and atime set while the data waited travel with it (and with a retry).
+    let mut with_attrs = write_slice_request(session, file.ino, &slice, &data).into_inner();
+    let commit = with_attrs.commit.as_mut().unwrap();
+    (commit.mode, commit.uid, commit.gid, commit.atime_ns) =
+        (Some(0o600), Some(1234), Some(5678), Some(99));
+    let attr = service
+        .write_slice(Request::new(with_attrs))
+        .await
+        .unwrap()
+        .into_inner()
+        .attr
+        .unwrap();
+    assert_eq!(
+        (attr.mode, attr.uid, attr.gid, attr.atime_ns),
+        (0o600, 1234, 5678, 99)
+    );
+    let stored = engine.getattr(file.ino).await.unwrap();
+    assert_eq!(
+        (stored.mode, stored.uid, stored.gid, stored.atime_ns),
+        (0o600, 1234, 5678, 99)
+    );
+
     // What the gateway must refuse, each with the errno the client returns, nothing committed.
     let other = Slice {
         slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,

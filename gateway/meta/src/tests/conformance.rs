@@ -915,6 +915,19 @@ fn commit_sets_the_attributes_it_carries() {
     );
     assert!(attr.ctime_ns >= before.ctime_ns);
     assert_eq!(f.meta.getattr(file.ino).unwrap(), attr);
+
+    // A retry (the first answer lost) keeps the data as it is but takes attributes set since.
+    let retry = CommitAttrs {
+        mtime_ns: 8,
+        mode: Some(0o600),
+        ..CommitAttrs::default()
+    };
+    let again = f
+        .meta
+        .commit_slice(f.session, file.ino, 0, &slice, 10, &retry)
+        .unwrap();
+    assert_eq!((again.mode, again.uid, again.mtime_ns), (0o600, 1234, 7));
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![slice]);
 }
 
 #[test]
