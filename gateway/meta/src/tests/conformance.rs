@@ -73,8 +73,8 @@ impl Fixture {
         self.meta.getattr(ino).unwrap().nlink
     }
 
-    /// Allocates, records and commits a slice; returns it.
-    fn write(&self, ino: Ino, chunk_index: u64, offset: u32, len: u32) -> Slice {
+    /// Allocates a slice and records it as pending; returns it.
+    fn pending(&self, offset: u32, len: u32) -> Slice {
         let id = self.meta.allocate_slice_ids(self.session, 1).unwrap().start;
         let slice = Slice {
             slice_id: id,
@@ -85,6 +85,12 @@ impl Fixture {
         self.meta
             .record_pending_slice(self.session, &slice)
             .unwrap();
+        slice
+    }
+
+    /// Allocates, records and commits a slice; returns it.
+    fn write(&self, ino: Ino, chunk_index: u64, offset: u32, len: u32) -> Slice {
+        let slice = self.pending(offset, len);
         self.meta
             .commit_slice(
                 self.session,
@@ -868,13 +874,7 @@ fn committed_slices_read_back_in_commit_order_and_shadowed_ones_are_queued() {
 fn commit_grows_the_file_to_the_size_the_writer_reports() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
-    let slice = Slice {
-        slice_id: f.meta.allocate_slice_ids(f.session, 1).unwrap().start,
-        offset_in_chunk: 0,
-        len: 10,
-        gateway_id: GW,
-    };
-    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    let slice = f.pending(0, 10);
     let attr = f
         .meta
         .commit_slice(f.session, file.ino, 0, &slice, 5000, &CommitAttrs::at(1))
@@ -888,13 +888,7 @@ fn commit_grows_the_file_to_the_size_the_writer_reports() {
 fn commit_sets_the_attributes_it_carries() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
-    let slice = Slice {
-        slice_id: f.meta.allocate_slice_ids(f.session, 1).unwrap().start,
-        offset_in_chunk: 0,
-        len: 10,
-        gateway_id: GW,
-    };
-    f.meta.record_pending_slice(f.session, &slice).unwrap();
+    let slice = f.pending(0, 10);
     let attrs = CommitAttrs {
         mtime_ns: 7,
         mode: Some(0o100_640),
