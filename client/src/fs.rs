@@ -142,6 +142,9 @@ pub struct Fs {
     /// the link count or ctime of a file it has open, so attributes the engine answered before
     /// one (read before the call was sent) are asked for again.
     renamed: AtomicU64,
+    /// Times attributes held for a commit left an open file's mirror (sent, or dropped by a
+    /// write): an engine answer read before one may miss them (see [`Fs::settled`]).
+    held_attrs_sent: AtomicU64,
     locks: locks::MountLocks,
     /// Directory listings in progress, by directory handle.
     listings: Mutex<HashMap<FileHandle, Listing>>,
@@ -179,10 +182,15 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    /// Mirrors what attribute calls read of `dirty` (after every change to it).
-    fn mirror(&self, dirty: &DirtyFile) {
+    /// Mirrors what attribute calls read of `dirty` (after every change to it); counts in
+    /// `sent` attributes that leave the mirror, before they do.
+    fn mirror(&self, dirty: &DirtyFile, sent: &AtomicU64) {
         self.dirty_end.store(dirty.end(), Ordering::Release);
-        *self.set_attrs.lock().unwrap_or_else(|p| p.into_inner()) = dirty.set_attrs;
+        let mut held = self.set_attrs.lock().unwrap_or_else(|p| p.into_inner());
+        if *held != SetAttr::default() && *held != dirty.set_attrs {
+            sent.fetch_add(1, Ordering::AcqRel);
+        }
+        *held = dirty.set_attrs;
     }
 }
 
@@ -315,6 +323,7 @@ impl Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             dir_attrs: dir_attrs::DirAttrs::new(config.attr_ttl),
             renamed: AtomicU64::new(0),
+            held_attrs_sent: AtomicU64::new(0),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
             listings: Mutex::new(HashMap::new()),
             meta,
@@ -393,7 +402,7 @@ impl Fs {
                 state.attr_read = None;
             }
         }
-        file.mirror(&state.dirty);
+        file.mirror(&state.dirty, &self.held_attrs_sent);
         result
     }
 
@@ -438,9 +447,24 @@ impl Fs {
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
         let asked = self.dir_attrs.generation();
+        let sent = self.held_attrs_sent.load(Ordering::Acquire);
         let attr = self.meta.lookup(parent, name).await?;
         self.dir_attrs.saw(&attr, asked);
-        Ok(self.local_attr(attr))
+        Ok(self.settled(self.local_attr(attr), sent).await)
+    }
+
+    /// `attr` as [`Fs::local_attr`] made it from an engine answer read after `sent` was
+    /// [`Fs::held_attrs_sent`]; should attributes held for a commit have left an open file's
+    /// mirror since, the answer may predate their commit and miss them: the file's own state
+    /// (locked, so after that commit) answers instead.
+    async fn settled(&self, attr: Attr, sent: u64) -> Attr {
+        if self.held_attrs_sent.load(Ordering::Acquire) == sent {
+            return attr;
+        }
+        match self.open_file(attr.ino) {
+            Some(file) => file.state.lock().await.seen_attr(),
+            None => attr,
+        }
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
@@ -451,9 +475,10 @@ impl Fs {
             return Ok(attr);
         }
         let asked = self.dir_attrs.generation();
+        let sent = self.held_attrs_sent.load(Ordering::Acquire);
         let attr = self.meta.getattr(ino).await?;
         self.dir_attrs.saw(&attr, asked);
-        Ok(self.local_attr(attr))
+        Ok(self.settled(self.local_attr(attr), sent).await)
     }
 
     /// The attributes of a file this mount has open, if the engine reported them within the
@@ -516,7 +541,7 @@ impl Fs {
             // holds open. SEMANTICS says when others see them.
             state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
             state.attr.ctime_ns = now_ns();
-            file.mirror(&state.dirty);
+            file.mirror(&state.dirty, &self.held_attrs_sent);
             return Ok(state.seen_attr());
         }
         // A size applies after the writes before it.
@@ -537,7 +562,7 @@ impl Fs {
             mtime_ns: changes.mtime_ns.filter(|_| !state.dirty.is_empty()),
             ..SetAttr::default()
         };
-        file.mirror(&state.dirty);
+        file.mirror(&state.dirty, &self.held_attrs_sent);
         Ok(state.seen_attr())
     }
 
@@ -1090,7 +1115,7 @@ impl Fs {
             .await;
         // A write after `utimensat` moves the mtime on again.
         state.dirty.set_attrs.mtime_ns = None;
-        file.mirror(&state.dirty);
+        file.mirror(&state.dirty, &self.held_attrs_sent);
         if over_limit(&state.dirty) {
             if let Err(e) = self.flush_locked(file, &mut state).await {
                 // These bytes are taken: the error is the next write's, fsync's or close's.

@@ -33,6 +33,17 @@ pub struct LocalMeta {
     slices_written: Arc<AtomicU64>,
     /// The next `write_slice` commits and then fails, as if its answer were lost.
     lose_next_answer: Arc<AtomicBool>,
+    /// The next `getattr` reads its answer, says so on the sender and waits for the receiver
+    /// before returning it: a test runs something between an answer and its arrival.
+    #[allow(clippy::type_complexity)]
+    pause_getattr: Arc<
+        std::sync::Mutex<
+            Option<(
+                tokio::sync::oneshot::Sender<()>,
+                tokio::sync::oneshot::Receiver<()>,
+            )>,
+        >,
+    >,
     /// Calls of the operations tests count, by name.
     calls: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, u64>>>,
 }
@@ -52,6 +63,7 @@ impl LocalMeta {
             staging: None,
             slices_written: Arc::new(AtomicU64::new(0)),
             lose_next_answer: Arc::new(AtomicBool::new(false)),
+            pause_getattr: Arc::default(),
             calls: Arc::default(),
         }
     }
@@ -64,6 +76,20 @@ impl LocalMeta {
 
     pub fn slices_written(&self) -> u64 {
         self.slices_written.load(Ordering::SeqCst)
+    }
+
+    /// Holds the next `getattr`'s answer: the first receiver fires once it is read, and it
+    /// returns once the second sender fires.
+    pub fn pause_next_getattr(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (answered, read) = tokio::sync::oneshot::channel();
+        let (go, wait) = tokio::sync::oneshot::channel();
+        *self.pause_getattr.lock().unwrap() = Some((answered, wait));
+        (read, go)
     }
 
     /// How many `op` calls (`setattr`, `sync`) reached the engine.
@@ -135,7 +161,13 @@ impl MetaApi for LocalMeta {
     }
 
     async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        self.engine.getattr(ino).await.map_err(fail("getattr"))
+        let answer = self.engine.getattr(ino).await.map_err(fail("getattr"));
+        let pause = self.pause_getattr.lock().unwrap().take();
+        if let Some((answered, wait)) = pause {
+            let _ = answered.send(());
+            let _ = wait.await;
+        }
+        answer
     }
 
     async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {

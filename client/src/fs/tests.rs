@@ -1355,6 +1355,32 @@ async fn only_a_writable_handle_s_close_makes_namespace_changes_durable() {
     );
 }
 
+/// An engine answer read before the commit that carried attributes held for it, arriving
+/// after that commit, is not what the mount answers: it would show the file without them.
+#[tokio::test]
+async fn an_answer_older_than_the_commit_of_held_attributes_is_not_served() {
+    let world = World::new().await;
+    let a = Arc::new(world.mount(FsConfig::default()).await);
+    let (attr, fh) = create(&a, "racing").await;
+    a.write(fh, 0, b"data").await.unwrap();
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    a.setattr(attr.ino, &chmod).await.unwrap();
+    let (answered, go) = world.meta.pause_next_getattr();
+    let asking = tokio::spawn({
+        let a = a.clone();
+        async move { a.getattr(attr.ino).await.unwrap() }
+    });
+    answered.await.unwrap();
+    // The engine's answer (mode 0644) is read; the commit goes before it arrives.
+    a.flush(fh).await.unwrap();
+    go.send(()).unwrap();
+    assert_eq!(asking.await.unwrap().mode, 0o600);
+    a.release(fh, None).await.unwrap();
+}
+
 /// Changes waiting for the data's commit keep their order with the changes that cannot wait:
 /// a truncate commits the data (with them) first; later ones, on a file with committed bytes,
 /// go at once, the last one made winning, and the data's commit keeps an mtime set meanwhile.
