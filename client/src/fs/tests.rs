@@ -1355,6 +1355,24 @@ async fn only_a_writable_handle_s_close_makes_namespace_changes_durable() {
     );
 }
 
+/// Data a failed `close` left uncommitted is committed by the release that follows (which
+/// makes nothing else durable), and reads back elsewhere.
+#[tokio::test]
+async fn a_release_commits_what_a_failed_close_left() {
+    let mut world = World::new().await;
+    world.meta = world.meta.clone().with_staging(world.blocks.clone());
+    let a = world.mount(FsConfig::default()).await;
+    let (_, fh) = create(&a, "retried").await;
+    a.write(fh, 0, b"kept at release").await.unwrap();
+    world.meta.lose_next_write_slice_answer();
+    assert_eq!(errno(a.close(fh).await), libc::EIO);
+    let syncs = world.meta.calls("sync");
+    a.release(fh, None).await.unwrap();
+    assert_eq!(world.meta.calls("sync"), syncs);
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(read_path(&b, "retried", 0, 64).await, b"kept at release");
+}
+
 /// An engine answer read before the commit that carried attributes held for it, arriving
 /// after that commit, is not what the mount answers: it would show the file without them.
 #[tokio::test]
