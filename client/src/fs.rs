@@ -181,19 +181,6 @@ struct OpenFile {
     state: tokio::sync::Mutex<FileState>,
 }
 
-impl OpenFile {
-    /// Mirrors what attribute calls read of `dirty` (after every change to it); counts in
-    /// `sent` attributes that leave the mirror, before they do.
-    fn mirror(&self, dirty: &DirtyFile, sent: &AtomicU64) {
-        self.dirty_end.store(dirty.end(), Ordering::Release);
-        let mut held = self.set_attrs.lock().unwrap_or_else(|p| p.into_inner());
-        if *held != SetAttr::default() && *held != dirty.set_attrs {
-            sent.fetch_add(1, Ordering::AcqRel);
-        }
-        *held = dirty.set_attrs;
-    }
-}
-
 struct FileState {
     /// Attributes as the engine last reported them.
     attr: Attr,
@@ -402,7 +389,7 @@ impl Fs {
                 state.attr_read = None;
             }
         }
-        file.mirror(&state.dirty, &self.held_attrs_sent);
+        self.mirror(file, &state.dirty);
         result
     }
 
@@ -451,6 +438,17 @@ impl Fs {
         let attr = self.meta.lookup(parent, name).await?;
         self.dir_attrs.saw(&attr, asked);
         Ok(self.settled(self.local_attr(attr), sent).await)
+    }
+
+    /// Mirrors what attribute calls read of `file`'s `dirty` (after every change to it); counts
+    /// in [`Fs::held_attrs_sent`] attributes that leave the mirror, before they do.
+    fn mirror(&self, file: &OpenFile, dirty: &DirtyFile) {
+        file.dirty_end.store(dirty.end(), Ordering::Release);
+        let mut held = file.set_attrs.lock().unwrap_or_else(|p| p.into_inner());
+        if *held != SetAttr::default() && *held != dirty.set_attrs {
+            self.held_attrs_sent.fetch_add(1, Ordering::AcqRel);
+        }
+        *held = dirty.set_attrs;
     }
 
     /// `attr` as [`Fs::local_attr`] made it from an engine answer read after `sent` was
@@ -541,7 +539,7 @@ impl Fs {
             // holds open. SEMANTICS says when others see them.
             state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
             state.attr.ctime_ns = now_ns();
-            file.mirror(&state.dirty, &self.held_attrs_sent);
+            self.mirror(&file, &state.dirty);
             return Ok(state.seen_attr());
         }
         // A size applies after the writes before it.
@@ -562,7 +560,7 @@ impl Fs {
             mtime_ns: changes.mtime_ns.filter(|_| !state.dirty.is_empty()),
             ..SetAttr::default()
         };
-        file.mirror(&state.dirty, &self.held_attrs_sent);
+        self.mirror(&file, &state.dirty);
         Ok(state.seen_attr())
     }
 
@@ -1115,7 +1113,7 @@ impl Fs {
             .await;
         // A write after `utimensat` moves the mtime on again.
         state.dirty.set_attrs.mtime_ns = None;
-        file.mirror(&state.dirty, &self.held_attrs_sent);
+        self.mirror(file, &state.dirty);
         if over_limit(&state.dirty) {
             if let Err(e) = self.flush_locked(file, &mut state).await {
                 // These bytes are taken: the error is the next write's, fsync's or close's.

@@ -218,25 +218,44 @@ impl CommitAttrs {
         }
     }
 
-    /// Whether `attr` shows the mode, owner and atime these set (a commit's answer does,
-    /// unless the gateway that took it predates them and dropped them).
-    pub fn shown_by(&self, attr: &Attr) -> bool {
-        self.mode.is_none_or(|mode| attr.mode == mode & 0o7777)
-            && self.uid.is_none_or(|uid| attr.uid == uid)
-            && self.gid.is_none_or(|gid| attr.gid == gid)
-            && self.atime_ns.is_none_or(|atime| attr.atime_ns == atime)
+    /// A commit at `mtime_ns` carrying the mode, owner and atime of `held` (its size and mtime
+    /// are not taken).
+    pub fn new(mtime_ns: TimeNs, held: &SetAttr) -> Self {
+        Self {
+            mtime_ns,
+            mode: held.mode,
+            uid: held.uid,
+            gid: held.gid,
+            atime_ns: held.atime_ns,
+        }
     }
 
-    /// The same changes as a `setattr` would make them.
-    pub fn changes(&self) -> SetAttr {
+    /// The mode, owner and atime these carry, as a `setattr` would make them (no mtime).
+    pub fn held(&self) -> SetAttr {
         SetAttr {
             mode: self.mode,
             uid: self.uid,
             gid: self.gid,
             size: None,
             atime_ns: self.atime_ns,
-            mtime_ns: Some(self.mtime_ns),
+            mtime_ns: None,
         }
+    }
+
+    /// Everything these set, as a `setattr` would make them.
+    pub fn changes(&self) -> SetAttr {
+        SetAttr {
+            mtime_ns: Some(self.mtime_ns),
+            ..self.held()
+        }
+    }
+
+    /// Whether `attr` shows the mode, owner and atime these carry (a commit's answer does,
+    /// unless the gateway that took it predates them and dropped them).
+    pub fn shown_by(&self, attr: &Attr) -> bool {
+        let mut with = *attr;
+        self.held().apply_to(&mut with);
+        with == *attr
     }
 }
 

@@ -679,14 +679,8 @@ impl DirtyFile {
         while let Some(slice) = self.slices.front_mut() {
             let len = slice.len();
             let new_size = slice.file_start() + len;
-            let set = &self.set_attrs;
-            let attrs = CommitAttrs {
-                mtime_ns: set.mtime_ns.unwrap_or_else(now_ns),
-                mode: set.mode,
-                uid: set.uid,
-                gid: set.gid,
-                atime_ns: set.atime_ns,
-            };
+            let mtime_ns = self.set_attrs.mtime_ns.unwrap_or_else(now_ns);
+            let attrs = CommitAttrs::new(mtime_ns, &self.set_attrs);
             let written = if slice.fits_write_slice(ctx) {
                 slice.write_with_commit(ctx, ino, new_size, &attrs).await?
             } else {
@@ -720,11 +714,7 @@ impl DirtyFile {
             let committed = if attrs.shown_by(&committed) {
                 committed
             } else {
-                let changes = SetAttr {
-                    mtime_ns: None,
-                    ..attrs.changes()
-                };
-                ctx.meta.setattr(ino, &changes).await?
+                ctx.meta.setattr(ino, &attrs.held()).await?
             };
             *attr = committed;
             self.bytes = self.bytes.saturating_sub(len);

@@ -2251,10 +2251,7 @@ impl MetaEngine for KvMeta {
                 // A retry of a commit that succeeded but whose answer was lost. Checked even when
                 // the slice was recorded as pending again, so that no chunk ever holds an id twice.
                 // Attributes set since the first try come with the retry: they apply now.
-                let changes = SetAttr {
-                    mtime_ns: None,
-                    ..attrs.changes()
-                };
+                let changes = attrs.held();
                 if changes != SetAttr::default() {
                     changes.apply_to(&mut inode.attr);
                     inode.attr.ctime_ns = tx.now;
