@@ -122,6 +122,15 @@ pub struct UploadJob {
     pub entry: Entry,
 }
 
+/// A block a delete has hidden, until its delete record is durable.
+struct Hidden {
+    key: BlockKey,
+    lsn: u64,
+    segment: usize,
+    /// Its state before the delete, to put back should the record fail.
+    was: BlockState,
+}
+
 pub enum NextUpload {
     Ready(UploadJob),
     /// Nothing is due before this instant (upload delay or retry backoff).
@@ -192,6 +201,8 @@ pub struct StagingLog {
     /// Held while upload completions are being written: a flush returns only once every
     /// completion taken before it (by any flush) is durable, or put back.
     flushing: tokio::sync::Mutex<()>,
+    /// Held by a delete until its record is durable or its blocks are put back.
+    deleting: tokio::sync::Mutex<()>,
     reclaim_kick: Notify,
     /// Bumped on every block state change (uploads done, quarantine, delete): wakes waiters.
     changed: watch::Sender<u64>,
@@ -325,6 +336,7 @@ impl StagingLog {
             write_kick: Notify::new(),
             space_freed: Notify::new(),
             flushing: tokio::sync::Mutex::new(()),
+            deleting: tokio::sync::Mutex::new(()),
             reclaim_kick: Notify::new(),
             changed: watch::channel(0).0,
             upload_wakeup: Notify::new(),
@@ -1197,8 +1209,17 @@ impl StagingLog {
     /// An uploaded block gets a delete record too: its upload completion may not be durable yet,
     /// and without the record a crash would bring it back waiting for upload, and the drain
     /// would put back the object the cleaner just deleted.
+    ///
+    /// A delete that fails (no space for its record, a failed device) leaves every block it had
+    /// not yet recorded as it was: still pinning its segment, back in the upload queue, and
+    /// deleted again by the caller's retry, which writes the record. Until its record is durable
+    /// a block is only hidden (no upload starts, no read is served): freeing its segment earlier
+    /// let the ring reuse the space of a block whose delete then failed, and a crash lost a
+    /// block nothing had deleted (found by the power-loss model). Deletes run one at a time, so
+    /// one that finds a block already deleted knows its record is durable.
     pub async fn delete_blocks(&self, keys: &[BlockKey]) -> Result<(u64, u64), StagingError> {
-        let mut lsns = Vec::new();
+        let _deleting = self.deleting.lock().await;
+        let mut marked = Vec::new();
         let mut dropped = 0;
         let mut not_pending = 0;
         {
@@ -1215,9 +1236,13 @@ impl StagingLog {
                     continue;
                 }
                 e.state = BlockState::Deleted;
-                let (lsn, segment) = (e.lsn, e.segment);
+                marked.push(Hidden {
+                    key: *key,
+                    lsn: e.lsn,
+                    segment: e.segment,
+                    was,
+                });
                 st.read_cache.forget(key);
-                lsns.push(lsn);
                 if !was.is_pending() {
                     not_pending += 1;
                     continue;
@@ -1226,18 +1251,65 @@ impl StagingLog {
                 if was == BlockState::Uploading {
                     st.uploads.ended();
                 }
-                st.uploads.remove(lsn, key);
-                st.journal.unpin(segment);
+                st.uploads.remove(e.lsn, key);
             }
         }
-        if !lsns.is_empty() {
-            for chunk in lsns.chunks(MAX_META_ENTRIES) {
-                self.append_lsn_record(RecordKind::Deleted, chunk).await?;
-            }
-            self.changed.send_modify(|v| *v += 1);
-            self.reclaim_kick.notify_one();
+        if marked.is_empty() {
+            return Ok((dropped, not_pending));
         }
+        self.changed.send_modify(|v| *v += 1);
+        let mut chunks = marked.chunks(MAX_META_ENTRIES);
+        while let Some(chunk) = chunks.next() {
+            let lsns: Vec<u64> = chunk.iter().map(|h| h.lsn).collect();
+            if let Err(error) = self.append_lsn_record(RecordKind::Deleted, &lsns).await {
+                let unrecorded: Vec<&Hidden> = chunk.iter().chain(chunks.flatten()).collect();
+                self.restore_hidden(&unrecorded);
+                tracing::warn!(blocks = unrecorded.len(), %error, "a delete of staged blocks failed; they stay staged until it is retried");
+                return Err(error);
+            }
+            // Recorded: the blocks that waited for upload free their segments.
+            let mut st = self.lock();
+            for hidden in chunk.iter().filter(|h| h.was.is_pending()) {
+                st.journal.unpin(hidden.segment);
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+        self.reclaim_kick.notify_one();
         Ok((dropped, not_pending))
+    }
+
+    /// Puts back blocks a failed delete had hidden: as they were, waiting ones queued again.
+    fn restore_hidden(&self, hidden: &[&Hidden]) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for h in hidden {
+            let Some(e) = st
+                .index
+                .get_mut(&h.key)
+                .filter(|e| e.lsn == h.lsn && e.state == BlockState::Deleted)
+            else {
+                // A fresh write of the key took its place meanwhile: this record is superseded.
+                if h.was.is_pending() {
+                    st.journal.unpin(h.segment);
+                }
+                continue;
+            };
+            e.state = match h.was {
+                // An upload that ran meanwhile saw the block deleted and removed its object (or
+                // will ignore its completion now): it goes to the store again.
+                BlockState::Staged | BlockState::Uploading => BlockState::Staged,
+                other => other,
+            };
+            if e.state == BlockState::Staged {
+                if let Err(held) = st.uploads.push(h.lsn, h.key) {
+                    tracing::error!(lsn = h.lsn, key = %h.key, %held, "cannot queue a block again: another holds its lsn");
+                    e.state = BlockState::Quarantined;
+                }
+            }
+        }
+        drop(guard);
+        self.changed.send_modify(|v| *v += 1);
+        self.upload_wakeup.notify_waiters();
     }
 
     /// A receiver that changes whenever a block changes state.

@@ -159,6 +159,12 @@ impl Journal {
         self.opened
     }
 
+    /// Blocks in `segment` that still wait for upload.
+    #[cfg(test)]
+    pub fn pending(&self, segment: usize) -> u64 {
+        self.segments[segment].pending
+    }
+
     fn take_lsn(&mut self) -> u64 {
         let lsn = self.next_lsn;
         self.next_lsn += 1;

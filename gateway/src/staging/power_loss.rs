@@ -231,9 +231,22 @@ impl Harness {
                 };
             }
         }
-        // A failed delete promises nothing either way: the blocks stay as they were, and the
-        // metadata would retry it. The model keeps them as they were (a lost Deleted record
-        // makes them wait for upload again, which Acked allows).
+        // A failed delete (no room for its record) leaves the blocks as they were, for the
+        // cleaner's retry; the model keeps them as they were (should the record have reached the
+        // device after all, a crash brings them back deleted, which the check allows).
+        else {
+            for slice in &slices {
+                if self.known[slice].1 == Known::Acked {
+                    let key = block(*slice, self.known[slice].0).0;
+                    let state = self.log.entry(&key).map(|e| e.state);
+                    assert_eq!(
+                        state,
+                        Some(BlockState::Staged),
+                        "{key}: a failed delete must leave it waiting for upload"
+                    );
+                }
+            }
+        }
     }
 
     async fn crash(&mut self, crash: &Crash, lens: &[u32]) {
@@ -309,7 +322,13 @@ impl Harness {
             }
             match known.map(|(_, k)| k) {
                 Some(Known::Acked) => {
-                    assert!(read.is_ok(), "acknowledged {key} lost: {:?}", read.err());
+                    assert!(
+                        read.is_ok(),
+                        "acknowledged {key} lost: {:?}; its index entry: {entry:?}; corrupt \
+                         records found by recovery: {:?}",
+                        read.err(),
+                        log.recovery.corrupt
+                    );
                     self.verified += 1;
                     assert_eq!(
                         state,
@@ -475,4 +494,52 @@ fn power_loss_after_an_eio() {
             Step::Write(vec![30_000; 3]),
         ]);
     }
+}
+
+#[test]
+fn power_loss_after_a_failed_delete_keeps_the_block() {
+    // The model found a delete whose record failed (no room) while its block's segment was
+    // freed all the same: the ring reused it, and a crash lost a block nothing had deleted.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, faulty) = open_faulty(dir.path()).await;
+        let staged = put(&log, 1, 3 << 20).await.unwrap();
+        let segment = log.entry(&staged).unwrap().segment;
+        faulty.fail(Op::Write, 0);
+        assert!(log.delete_blocks(&[staged]).await.is_err());
+        // As it was: readable, waiting for upload, pinning its segment.
+        assert_eq!(
+            log.entry(&staged).map(|e| e.state),
+            Some(BlockState::Staged)
+        );
+        assert_eq!(log.lock().journal.pending(segment), 1);
+        assert_eq!(
+            &log.read_block(&staged).await.unwrap().0[..],
+            &block(1, 3 << 20).1[..]
+        );
+        match log.next_upload() {
+            NextUpload::Ready(job) => assert_eq!(job.key, staged),
+            _ => panic!("the block must be offered for upload again"),
+        }
+        faulty.cut_power().await.unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("dev"), copy.path().join("dev")).unwrap();
+        log.shutdown().await;
+        drop(log);
+        let (log, _) = open_faulty(copy.path()).await;
+        assert_eq!(
+            log.entry(&staged).map(|e| e.state),
+            Some(BlockState::Staged)
+        );
+        assert_eq!(
+            &log.read_block(&staged).await.unwrap().0[..],
+            &block(1, 3 << 20).1[..]
+        );
+        log.shutdown().await;
+    });
 }
