@@ -104,6 +104,40 @@ pub(super) fn first_sequence(generation: u64, max_found: u64) -> u64 {
     floor.max(max_found + 1)
 }
 
+/// Keeps the recovered ring one run from `tail` to `head`; returns how many segments it holds.
+///
+/// Segment writes run concurrently, so a crash can keep a newer segment's header and lose an
+/// older one's (nothing in it was acknowledged: its header's lsn is below theirs). Left free,
+/// such a gap inside the ring was miscounted: reclaim walked the tail through it, `live` fell
+/// below the segments really in use, and the head found the next segment still live although
+/// free ones were left. It stays in the ring, empty, and is reclaimed in its turn.
+fn close_gaps(segments: &mut [Segment], scan: &ScanReport, tail: usize, head: usize) -> usize {
+    let count = segments.len();
+    let from_tail = |index: usize| (index + count - tail) % count;
+    // Sequence order follows ring order (the head always opens the next segment); say so if a
+    // device ever disagrees, rather than reclaim out of order.
+    let ordered = scan
+        .segments
+        .windows(2)
+        .all(|w| from_tail(w[0].index as usize) < from_tail(w[1].index as usize));
+    if !ordered {
+        tracing::error!(
+            segments = ?scan.segments.iter().map(|s| (s.index, s.sequence)).collect::<Vec<_>>(),
+            "live segments are not in ring order; reclaim follows the ring from the oldest"
+        );
+    }
+    let mut index = tail;
+    let mut held = 1;
+    while index != head {
+        index = (index + 1) % count;
+        held += 1;
+        if segments[index].use_ == SegmentUse::Free {
+            segments[index].use_ = SegmentUse::Live;
+        }
+    }
+    held
+}
+
 impl Journal {
     /// The ring as the recovery scan found it: its live segments, head and tail.
     pub fn recovered(sb: &Superblock, scan: &ScanReport) -> Journal {
@@ -121,16 +155,20 @@ impl Journal {
             s.use_ = SegmentUse::Live;
             s.sequence = seg.sequence;
         }
-        let (head, tail, live, head_offset) = match (scan.segments.first(), scan.segments.last()) {
-            (Some(first), Some(last)) => (
-                last.index as usize,
-                first.index as usize,
-                scan.segments.len(),
-                last.bytes,
-            ),
-            // Nothing live: the next segment opened will be the first of the ring.
-            _ => (count - 1, 0, 0, sb.segment_bytes),
-        };
+        let (head, tail, mut live, head_offset) =
+            match (scan.segments.first(), scan.segments.last()) {
+                (Some(first), Some(last)) => (
+                    last.index as usize,
+                    first.index as usize,
+                    scan.segments.len(),
+                    last.bytes,
+                ),
+                // Nothing live: the next segment opened will be the first of the ring.
+                _ => (count - 1, 0, 0, sb.segment_bytes),
+            };
+        if live > 0 {
+            live = close_gaps(&mut segments, scan, tail, head);
+        }
         Journal {
             segments,
             head,
@@ -304,5 +342,55 @@ impl Journal {
             .filter(|s| s.use_ == SegmentUse::Free)
             .count();
         (self.segments.len() as u64, free as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery::ScannedSegment;
+
+    #[test]
+    fn a_segment_whose_header_was_lost_stays_in_the_ring() {
+        let sb = Superblock {
+            format_version: 2,
+            device_uuid: [1; 16],
+            gateway_id: [2; 16],
+            generation: 3,
+            device_bytes: 64 << 20,
+            segment_bytes: 1 << 20,
+            segment_count: 6,
+        };
+        // Segments 2..=5 and 0 were opened in turn; 3's and 4's headers never reached the device.
+        let found = |index: u64, sequence: u64| ScannedSegment {
+            index,
+            sequence,
+            records: 1,
+            bytes: 8192,
+        };
+        let scan = ScanReport {
+            segments: vec![found(2, 10), found(5, 13), found(0, 14)],
+            max_lsn: 40,
+            ..ScanReport::default()
+        };
+        let mut journal = Journal::recovered(&sb, &scan);
+        assert_eq!(journal.segment_counts(), (6, 1), "only segment 1 is free");
+        // Reclaimed oldest first through the gap, never the head (0).
+        let mut reclaimed = Vec::new();
+        while let Some(segment) = journal.start_reclaim() {
+            journal.reclaimed(segment);
+            reclaimed.push(segment);
+        }
+        assert_eq!(reclaimed, [2, 3, 4, 5]);
+        // The head moves on into segment 1, then into the reclaimed ones in ring order.
+        let opened: Vec<usize> = (0..3)
+            .map(|_| {
+                let at = journal
+                    .allocate(sb.segment_bytes - 4096, RecordUse::Bookkeeping, &sb)
+                    .expect("a free segment");
+                at.segment
+            })
+            .collect();
+        assert_eq!(opened, [1, 2, 3]);
     }
 }
