@@ -122,15 +122,6 @@ pub struct UploadJob {
     pub entry: Entry,
 }
 
-/// A block a delete has hidden, until its delete record is durable.
-struct Hidden {
-    key: BlockKey,
-    lsn: u64,
-    segment: usize,
-    /// Its state before the delete, to put back should the record fail.
-    was: BlockState,
-}
-
 pub enum NextUpload {
     Ready(UploadJob),
     /// Nothing is due before this instant (upload delay or retry backoff).
@@ -201,8 +192,6 @@ pub struct StagingLog {
     /// Held while upload completions are being written: a flush returns only once every
     /// completion taken before it (by any flush) is durable, or put back.
     flushing: tokio::sync::Mutex<()>,
-    /// Held by a delete until its record is durable or its blocks are put back.
-    deleting: tokio::sync::Mutex<()>,
     reclaim_kick: Notify,
     /// Bumped on every block state change (uploads done, quarantine, delete): wakes waiters.
     changed: watch::Sender<u64>,
@@ -336,7 +325,6 @@ impl StagingLog {
             write_kick: Notify::new(),
             space_freed: Notify::new(),
             flushing: tokio::sync::Mutex::new(()),
-            deleting: tokio::sync::Mutex::new(()),
             reclaim_kick: Notify::new(),
             changed: watch::channel(0).0,
             upload_wakeup: Notify::new(),
@@ -1210,106 +1198,67 @@ impl StagingLog {
     /// and without the record a crash would bring it back waiting for upload, and the drain
     /// would put back the object the cleaner just deleted.
     ///
-    /// A delete that fails (no space for its record, a failed device) leaves every block it had
-    /// not yet recorded as it was: still pinning its segment, back in the upload queue, and
-    /// deleted again by the caller's retry, which writes the record. Until its record is durable
-    /// a block is only hidden (no upload starts, no read is served): freeing its segment earlier
-    /// let the ring reuse the space of a block whose delete then failed, and a crash lost a
-    /// block nothing had deleted (found by the power-loss model). Deletes run one at a time, so
-    /// one that finds a block already deleted knows its record is durable.
+    /// The record is written first, and the blocks change only once it is durable: a delete
+    /// that fails (no room for its record, a failed device) or is cancelled leaves them as they
+    /// were, waiting for upload and pinning their segments, for the caller's retry to delete.
+    /// (Dropping them first let the ring reuse the space of a block whose delete then failed, so
+    /// that a crash lost a block nothing had deleted, and the retry found it gone and wrote no
+    /// record: found by the power-loss model.) A block may be uploaded while its record is
+    /// written; the cleaner deletes its object after this returns.
     pub async fn delete_blocks(&self, keys: &[BlockKey]) -> Result<(u64, u64), StagingError> {
-        let _deleting = self.deleting.lock().await;
-        let mut marked = Vec::new();
+        let held: Vec<(BlockKey, u64)> = {
+            let st = self.lock();
+            keys.iter()
+                .filter_map(|key| st.index.live(key).map(|e| (*key, e.lsn)))
+                .collect()
+        };
+        let mut not_pending = (keys.len() - held.len()) as u64;
         let mut dropped = 0;
-        let mut not_pending = 0;
-        {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            for key in keys {
-                let Some(e) = st.index.get_mut(key) else {
-                    not_pending += 1;
-                    continue;
-                };
-                let was = e.state;
-                if was == BlockState::Deleted {
-                    not_pending += 1;
-                    continue;
-                }
-                e.state = BlockState::Deleted;
-                marked.push(Hidden {
-                    key: *key,
-                    lsn: e.lsn,
-                    segment: e.segment,
-                    was,
-                });
-                st.read_cache.forget(key);
-                if !was.is_pending() {
-                    not_pending += 1;
-                    continue;
-                }
-                dropped += 1;
-                if was == BlockState::Uploading {
-                    st.uploads.ended();
-                }
-                st.uploads.remove(e.lsn, key);
-            }
+        for chunk in held.chunks(MAX_META_ENTRIES) {
+            let lsns: Vec<u64> = chunk.iter().map(|(_, lsn)| *lsn).collect();
+            self.append_lsn_record(RecordKind::Deleted, &lsns).await?;
+            let (chunk_dropped, chunk_not_pending) = self.apply_deletes(chunk);
+            dropped += chunk_dropped;
+            not_pending += chunk_not_pending;
+            self.changed.send_modify(|v| *v += 1);
+            self.reclaim_kick.notify_one();
         }
-        if marked.is_empty() {
-            return Ok((dropped, not_pending));
-        }
-        self.changed.send_modify(|v| *v += 1);
-        let mut chunks = marked.chunks(MAX_META_ENTRIES);
-        while let Some(chunk) = chunks.next() {
-            let lsns: Vec<u64> = chunk.iter().map(|h| h.lsn).collect();
-            if let Err(error) = self.append_lsn_record(RecordKind::Deleted, &lsns).await {
-                let unrecorded: Vec<&Hidden> = chunk.iter().chain(chunks.flatten()).collect();
-                self.restore_hidden(&unrecorded);
-                tracing::warn!(blocks = unrecorded.len(), %error, "a delete of staged blocks failed; they stay staged until it is retried");
-                return Err(error);
-            }
-            // Recorded: the blocks that waited for upload free their segments.
-            let mut st = self.lock();
-            for hidden in chunk.iter().filter(|h| h.was.is_pending()) {
-                st.journal.unpin(hidden.segment);
-            }
-        }
-        self.changed.send_modify(|v| *v += 1);
-        self.reclaim_kick.notify_one();
         Ok((dropped, not_pending))
     }
 
-    /// Puts back blocks a failed delete had hidden: as they were, waiting ones queued again.
-    fn restore_hidden(&self, hidden: &[&Hidden]) {
+    /// Marks deleted the blocks a durable delete record names (each by its key and lsn): those
+    /// that waited for upload leave the queue and free their segments. Returns (dropped, not
+    /// pending).
+    fn apply_deletes(&self, recorded: &[(BlockKey, u64)]) -> (u64, u64) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        for h in hidden {
+        let (mut dropped, mut not_pending) = (0, 0);
+        for (key, lsn) in recorded {
+            // Gone meanwhile (its segment reused after upload) or deleted by a concurrent call.
             let Some(e) = st
                 .index
-                .get_mut(&h.key)
-                .filter(|e| e.lsn == h.lsn && e.state == BlockState::Deleted)
+                .get_mut(key)
+                .filter(|e| e.lsn == *lsn && e.state != BlockState::Deleted)
             else {
-                // A fresh write of the key took its place meanwhile: this record is superseded.
-                if h.was.is_pending() {
-                    st.journal.unpin(h.segment);
-                }
+                not_pending += 1;
                 continue;
             };
-            e.state = match h.was {
-                // An upload that ran meanwhile saw the block deleted and removed its object (or
-                // will ignore its completion now): it goes to the store again.
-                BlockState::Staged | BlockState::Uploading => BlockState::Staged,
-                other => other,
-            };
-            if e.state == BlockState::Staged {
-                if let Err(held) = st.uploads.push(h.lsn, h.key) {
-                    tracing::error!(lsn = h.lsn, key = %h.key, %held, "cannot queue a block again: another holds its lsn");
-                    e.state = BlockState::Quarantined;
-                }
+            let was = e.state;
+            e.state = BlockState::Deleted;
+            let segment = e.segment;
+            st.read_cache.forget(key);
+            if !was.is_pending() {
+                not_pending += 1;
+                continue;
             }
+            dropped += 1;
+            if was == BlockState::Uploading {
+                st.uploads.ended();
+            }
+            st.uploads.remove(*lsn, key);
+            st.journal.unpin(segment);
         }
-        drop(guard);
-        self.changed.send_modify(|v| *v += 1);
-        self.upload_wakeup.notify_waiters();
+        (dropped, not_pending)
     }
 
     /// A receiver that changes whenever a block changes state.

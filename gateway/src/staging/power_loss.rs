@@ -231,9 +231,8 @@ impl Harness {
                 };
             }
         }
-        // A failed delete (no room for its record) leaves the blocks as they were, for the
-        // cleaner's retry; the model keeps them as they were (should the record have reached the
-        // device after all, a crash brings them back deleted, which the check allows).
+        // A failed delete (here: no room for its record, so none was written) leaves the blocks
+        // as they were, for the cleaner's retry.
         else {
             for slice in &slices {
                 if self.known[slice].1 == Known::Acked {

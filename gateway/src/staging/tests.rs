@@ -47,6 +47,24 @@ async fn upload_one(log: &StagingLog) -> BlockKey {
 }
 
 #[tokio::test]
+async fn a_cancelled_delete_leaves_its_block_waiting_for_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_volume(&options(dir.path(), 64 << 20)).await.unwrap();
+    let key = put(&log, 1, 5000).await.unwrap();
+    let segment = log.entry(&key).unwrap().segment;
+    // Dropped while its record is being written (a client that hung up): nothing changes.
+    let cancelled = futures::FutureExt::now_or_never(log.delete_blocks(&[key]));
+    assert!(cancelled.is_none(), "a delete cannot finish before its record is written");
+    assert_eq!(log.entry(&key).unwrap().state, BlockState::Staged);
+    assert_eq!(log.lock().journal.pending(segment), 1);
+    // The retry deletes it, and frees its segment.
+    assert_eq!(log.delete_blocks(&[key]).await.unwrap(), (1, 0));
+    assert_eq!(log.entry(&key).unwrap().state, BlockState::Deleted);
+    assert_eq!(log.lock().journal.pending(segment), 0);
+    log.shutdown().await;
+}
+
+#[tokio::test]
 async fn restart_keeps_staged_blocks_and_remembers_uploads_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_volume(&options(dir.path(), 64 << 20)).await.unwrap();
