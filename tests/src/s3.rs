@@ -176,6 +176,25 @@ mod tests {
     use super::*;
     use object_store::PutPayload;
 
+    /// A port picked free but taken by another process before `s3s-fs` binds it is swapped for
+    /// a free one: the server is never taken to be the process that happens to answer there.
+    #[tokio::test]
+    async fn a_port_taken_before_the_server_binds_it_is_swapped_for_a_free_one() {
+        let dir = crate::TestDir::new("harness-s3-port");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let process = S3Process::start(&s3s_fs_binary(), &dir.join("s3"), port)
+            .await
+            .unwrap();
+        assert_ne!(process.port(), port, "the taken port was kept");
+        let store = harness::s3::s3_store(&process.endpoint(), Duration::from_secs(10)).unwrap();
+        store
+            .put(&ObjectPath::from("k"), PutPayload::from(vec![1u8; 10]))
+            .await
+            .expect("s3s-fs answers on the port it was given instead");
+        drop(taken);
+    }
+
     /// The harness itself: objects put over HTTP land at `<root>/<bucket>/<key>`, and survive a
     /// stop/start of the server on the same port.
     #[tokio::test]

@@ -54,7 +54,10 @@ async fn a_cancelled_delete_leaves_its_block_waiting_for_the_retry() {
     let segment = log.entry(&key).unwrap().segment;
     // Dropped while its record is being written (a client that hung up): nothing changes.
     let cancelled = futures::FutureExt::now_or_never(log.delete_blocks(&[key]));
-    assert!(cancelled.is_none(), "a delete cannot finish before its record is written");
+    assert!(
+        cancelled.is_none(),
+        "a delete cannot finish before its record is written"
+    );
     assert_eq!(log.entry(&key).unwrap().state, BlockState::Staged);
     assert_eq!(log.lock().journal.pending(segment), 1);
     // The retry deletes it, and frees its segment.

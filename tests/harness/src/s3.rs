@@ -67,6 +67,43 @@ pub struct S3Process {
     /// Each request's S3 operation is logged (see [`S3Process::count_requests`]).
     log_requests: bool,
     child: Option<Child>,
+    /// Whether it ever accepted connections: until then a port someone else took is swapped for
+    /// a free one; afterwards the port is kept (gateways were pointed at it).
+    started: bool,
+}
+
+/// Whether process `pid` holds the listening TCP socket of loopback port `port` (Linux: the
+/// socket's inode in `/proc/net/tcp*` among the process's open files). A port picked free and
+/// released can be taken by another process before the server binds it; a connection then
+/// reaches that process, and the server itself exits unseen (a CI run failed so: the other
+/// process was a test's gateway, which then stopped).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is fields[1] (HEXIP:HEXPORT), st fields[3] (0A: LISTEN), inode fields[9].
+            if fields.len() < 10 || fields[3] != "0A" {
+                continue;
+            }
+            let local_port = fields[1]
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            if local_port == Some(port) {
+                sockets.push(format!("socket:[{}]", fields[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+    })
 }
 
 impl S3Process {
@@ -94,6 +131,7 @@ impl S3Process {
             log: root.with_extension("log"),
             log_requests,
             child: None,
+            started: false,
         };
         server.restart().await?;
         Ok(server)
@@ -131,6 +169,10 @@ impl S3Process {
                 .map_err(|e| HarnessError::io("cannot start", &self.bin, e))?;
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
+                    if !self.started {
+                        // Most likely its port was taken meanwhile: try another.
+                        self.port = crate::free_port()?;
+                    }
                     if Instant::now() > deadline {
                         return Err(HarnessError::Process(format!(
                             "s3s-fs exited ({status}) before accepting connections on port {}; \
@@ -146,8 +188,24 @@ impl S3Process {
                     .await
                     .is_ok()
                 {
-                    self.child = Some(child);
-                    return Ok(());
+                    if listens_on(child.id(), self.port) {
+                        self.child = Some(child);
+                        self.started = true;
+                        return Ok(());
+                    }
+                    // Another process answers on the port: this server cannot bind it.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if Instant::now() > deadline {
+                        return Err(HarnessError::Process(format!(
+                            "another process holds port {}, which s3s-fs needs",
+                            self.port
+                        )));
+                    }
+                    if !self.started {
+                        self.port = crate::free_port()?;
+                    }
+                    break;
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
