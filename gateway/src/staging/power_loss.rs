@@ -415,13 +415,17 @@ fn cases() -> u32 {
         .unwrap_or(24)
 }
 
-fn run_case(steps: &[Step]) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A runtime of its own for each case, with two workers so that writers really run at once.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+fn run_case(steps: &[Step]) {
+    runtime().block_on(async {
         let mut harness = Harness::new().await;
         harness.run(steps).await;
     });
@@ -499,12 +503,7 @@ fn power_loss_after_an_eio() {
 fn power_loss_after_a_failed_delete_keeps_the_block() {
     // The model found a delete whose record failed (no room) while its block's segment was
     // freed all the same: the ring reused it, and a crash lost a block nothing had deleted.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let (log, faulty) = open_faulty(dir.path()).await;
         let staged = put(&log, 1, 3 << 20).await.unwrap();
