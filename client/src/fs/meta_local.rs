@@ -22,6 +22,12 @@ use super::meta_api::{
 /// The gateway id the in-process engine hands out.
 pub const LOCAL_GATEWAY_ID: GatewayId = [7; 16];
 
+/// A held `getattr` answer: who to tell it was read, and what to wait for before returning it.
+type GetattrPause = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
+
 /// The embedded engine, called directly.
 #[derive(Clone)]
 pub struct LocalMeta {
@@ -35,15 +41,7 @@ pub struct LocalMeta {
     lose_next_answer: Arc<AtomicBool>,
     /// The next `getattr` reads its answer, says so on the sender and waits for the receiver
     /// before returning it: a test runs something between an answer and its arrival.
-    #[allow(clippy::type_complexity)]
-    pause_getattr: Arc<
-        std::sync::Mutex<
-            Option<(
-                tokio::sync::oneshot::Sender<()>,
-                tokio::sync::oneshot::Receiver<()>,
-            )>,
-        >,
-    >,
+    pause_getattr: Arc<std::sync::Mutex<Option<GetattrPause>>>,
     /// Calls of the operations tests count, by name.
     calls: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, u64>>>,
 }

@@ -155,20 +155,15 @@ impl Journal {
             s.use_ = SegmentUse::Live;
             s.sequence = seg.sequence;
         }
-        let (head, tail, mut live, head_offset) =
-            match (scan.segments.first(), scan.segments.last()) {
-                (Some(first), Some(last)) => (
-                    last.index as usize,
-                    first.index as usize,
-                    scan.segments.len(),
-                    last.bytes,
-                ),
-                // Nothing live: the next segment opened will be the first of the ring.
-                _ => (count - 1, 0, 0, sb.segment_bytes),
-            };
-        if live > 0 {
-            live = close_gaps(&mut segments, scan, tail, head);
-        }
+        let (head, tail, live, head_offset) = match (scan.segments.first(), scan.segments.last()) {
+            (Some(first), Some(last)) => {
+                let (head, tail) = (last.index as usize, first.index as usize);
+                let live = close_gaps(&mut segments, scan, tail, head);
+                (head, tail, live, last.bytes)
+            }
+            // Nothing live: the next segment opened will be the first of the ring.
+            _ => (count - 1, 0, 0, sb.segment_bytes),
+        };
         Journal {
             segments,
             head,
