@@ -171,9 +171,12 @@ pub(crate) fn node_status(rpc: &str, error: NodeError) -> Status {
 /// The gRPC code the proto's header comment derives from an errno.
 pub fn code_for_errno(errno: i32, retryable: bool) -> Code {
     match errno {
-        libc::ENOENT => Code::NotFound,
+        // A missing attribute is an answer about the file system, as a missing name is; so
+        // are the size limits below. INTERNAL is kept for what the operator must look at.
+        libc::ENOENT | libc::ENODATA => Code::NotFound,
         libc::EEXIST => Code::AlreadyExists,
-        libc::EINVAL | libc::ENAMETOOLONG => Code::InvalidArgument,
+        libc::EINVAL | libc::ENAMETOOLONG | libc::ERANGE | libc::E2BIG => Code::InvalidArgument,
+        libc::EFBIG => Code::OutOfRange,
         libc::EPERM | libc::EROFS => Code::PermissionDenied,
         libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EMLINK | libc::EBADF => {
             Code::FailedPrecondition

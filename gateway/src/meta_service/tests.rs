@@ -136,12 +136,12 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
                 name: "user.a".into(),
             },
             libc::ENODATA,
-            Code::Internal,
+            Code::NotFound,
         ),
         (
             MetaError::BadXattrName { len: 0, max: 255 },
             libc::ERANGE,
-            Code::Internal,
+            Code::InvalidArgument,
         ),
         (
             MetaError::XattrValueTooLarge {
@@ -149,12 +149,12 @@ fn every_engine_error_maps_to_its_errno_and_the_code_the_proto_promises() {
                 max: 65_536,
             },
             libc::E2BIG,
-            Code::Internal,
+            Code::InvalidArgument,
         ),
         (
             MetaError::FileTooLarge(u64::MAX),
             libc::EFBIG,
-            Code::Internal,
+            Code::OutOfRange,
         ),
         (MetaError::SessionGone(7), libc::EIO, Code::Internal),
         (
