@@ -281,6 +281,10 @@ impl Fs {
         grant: &SessionGrant,
         config: FsConfig,
     ) -> Self {
+        let fetcher = BlockFetcher::new(
+            BlockSource::new(directory.clone(), store.clone()),
+            config.block_cache_bytes,
+        );
         let writer = Arc::new(
             WriteContext::new(
                 meta.clone(),
@@ -291,7 +295,8 @@ impl Fs {
                 config.write_slices,
                 store.clone(),
             )
-            .with_direct_threshold(grant.direct_threshold),
+            .with_direct_threshold(grant.direct_threshold)
+            .with_block_cache(fetcher.cache().clone()),
         );
         let heartbeat = grant.heartbeat_interval.map(|interval| {
             let (meta, session, directory) = (meta.clone(), grant.session_id, directory.clone());
@@ -304,8 +309,6 @@ impl Fs {
                 }
             })
         });
-        let fetcher =
-            BlockFetcher::new(BlockSource::new(directory, store), config.block_cache_bytes);
         Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             dir_attrs: dir_attrs::DirAttrs::new(config.attr_ttl),

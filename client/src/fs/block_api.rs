@@ -302,6 +302,7 @@ fn check_len(key: &BlockKey, data: Bytes, want: u64) -> FsResult<Bytes> {
 pub struct MemoryBlocks {
     blocks: Mutex<HashMap<BlockKey, Bytes>>,
     writes: AtomicU64,
+    reads: AtomicU64,
     fail_writes: AtomicBool,
 }
 
@@ -322,6 +323,11 @@ impl MemoryBlocks {
     /// Number of successful block writes so far (rewrites of a held block count too).
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Number of block reads asked of it so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// Makes every write fail as if the gateway were unreachable (or work again).
@@ -397,6 +403,7 @@ impl BlockApi for MemoryBlocks {
         _home: &BlockHome,
         _from_store: bool,
     ) -> FsResult<Option<Bytes>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let blocks = self.lock();
         let Some(data) = blocks.get(&key) else {
             return Ok(None);

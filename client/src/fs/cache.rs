@@ -8,7 +8,9 @@
 use bytes::Bytes;
 use shared::BlockKey;
 
-/// Whole blocks, by key, at most `capacity_bytes` of them in all.
+/// Whole blocks, by key, at most `capacity_bytes` of them in all. Clones share one cache: the
+/// writer adds the small blocks it writes, the readers find them there.
+#[derive(Clone)]
 pub struct BlockCache {
     cache: moka::sync::Cache<BlockKey, Bytes>,
 }

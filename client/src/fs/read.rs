@@ -164,6 +164,11 @@ impl BlockFetcher {
         Ok(())
     }
 
+    /// The cache this fetcher fills and reads (clones share it).
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
     #[cfg(test)]
     pub fn cached_blocks(&self) -> u64 {
         self.cache.usage().0

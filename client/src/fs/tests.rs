@@ -605,6 +605,33 @@ async fn small_slices_go_with_their_commit_and_a_lost_answer_commits_a_fresh_cop
 }
 
 #[tokio::test]
+async fn a_small_file_reads_back_on_its_own_mount_without_a_fetch() {
+    let mut world = World::new().await;
+    world.meta = world.meta.clone().with_staging(world.blocks.clone());
+    let a = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "module.py").await;
+    a.write(fh, 0, b"print('hello')\n").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    assert_eq!(world.meta.slices_written(), 1);
+    let (fh, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(a.read(fh, 0, 4096).await.unwrap(), b"print('hello')\n");
+    a.release(fh, None).await.unwrap();
+    assert_eq!(
+        world.blocks.reads(),
+        0,
+        "the mount that wrote the block read it from its cache"
+    );
+
+    // Another mount has no copy: it fetches the block from the gateway.
+    let b = world.mount(FsConfig::default()).await;
+    assert_eq!(read_path(&b, "module.py", 0, 64).await, b"print('hello')\n");
+    assert!(
+        world.blocks.reads() > 0,
+        "the other mount fetched the block"
+    );
+}
+
+#[tokio::test]
 async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
     let world = World::new().await;
     let config = FsConfig {

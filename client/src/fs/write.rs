@@ -43,6 +43,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::block_api::{BlockApi, StoreBlocks};
+use super::cache::BlockCache;
 use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::layout::{chunk_pieces, BLOCK_SIZE, CHUNK_SIZE};
@@ -70,6 +71,11 @@ pub struct WriteContext {
     /// Blocks of a file beyond its first this many bytes go straight to the store (the
     /// gateway's `--direct-threshold`); 0: none.
     pub direct_threshold: u64,
+    /// The readers' cache, given the block of each small slice this mount writes and commits in
+    /// one call: a file read back on this mount right after its `close` (a compiler's output, a
+    /// package's files) costs no call. Large blocks are left out: a checkpoint would only push
+    /// out what readers use.
+    written_blocks: Option<BlockCache>,
 }
 
 impl WriteContext {
@@ -92,7 +98,14 @@ impl WriteContext {
             store: store.map(StoreBlocks::new),
             writing_through: Mutex::new(HashMap::new()),
             direct_threshold: 0,
+            written_blocks: None,
         }
+    }
+
+    /// Puts the block of every small slice written and committed in one call into `cache`.
+    pub fn with_block_cache(mut self, cache: BlockCache) -> Self {
+        self.written_blocks = Some(cache);
+        self
     }
 
     /// With `--direct-threshold`: the blocks of a file beyond its first `threshold` bytes go
@@ -411,12 +424,16 @@ impl DirtySlice {
                 &slice,
                 new_size,
                 attrs,
-                data,
+                data.clone(),
             )
             .await;
         match result {
             Ok(attr) => {
                 self.blocks[0].upload = Upload::Done;
+                if let (Some(cache), [key]) = (&ctx.written_blocks, &slice.block_keys()[..]) {
+                    // Committed: these are the bytes its key names from now on, for every reader.
+                    cache.insert(*key, data);
+                }
                 Ok(Some(attr))
             }
             Err(FsError::WriteThrough { .. }) => {
