@@ -54,7 +54,7 @@ const ID_POOL_SIZE: usize = 8;
 /// How long a transaction waits for a free connection before the call fails (retryably).
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// Ids taken from a sequence at once for inode numbers and cookies (the rules keep the rest).
-const ID_BATCH: u64 = 64;
+pub(crate) const ID_BATCH: u64 = 64;
 
 /// Each migration, in order; its index + 1 is its version.
 const MIGRATIONS: &[(&str, &str)] = &[(

@@ -141,6 +141,12 @@ pub struct KvMeta {
     config: MetaConfig,
     /// Ids taken from the store's sequences but not handed out yet (when the store batches).
     pools: Mutex<HashMap<Sequence, Range<u64>>>,
+    /// Held while a pool is refilled, so that one transaction takes the next batch and the
+    /// others wait for it: taken by every transaction that found the pool empty, the batches
+    /// were all but one thrown away, and the sequence's row was a hot spot (16 concurrent
+    /// creates on PostgreSQL: about 16 updates of it, each waiting for the previous one's
+    /// commit, per 64 creates).
+    refill: tokio::sync::Mutex<()>,
     /// Transactions run again after a conflict with a concurrent one, since the start.
     conflicts: std::sync::atomic::AtomicU64,
     /// The counter shards write transactions lease.
@@ -154,6 +160,7 @@ impl KvMeta {
         let meta = KvMeta {
             config,
             pools: Mutex::new(HashMap::new()),
+            refill: tokio::sync::Mutex::new(()),
             conflicts: std::sync::atomic::AtomicU64::new(0),
             shards: ShardPool::new(if store.id_batch() > 1 {
                 USAGE_SHARDS
@@ -571,11 +578,16 @@ impl Tx<'_> {
         if let Some(id) = self.meta.take_pooled(sequence) {
             return Ok(id);
         }
+        let _refilling = self.meta.refill.lock().await;
+        // Refilled while this one waited.
+        if let Some(id) = self.meta.take_pooled(sequence) {
+            return Ok(id);
+        }
         let first = self.inner.take_ids(sequence, batch).await?;
         let mut pools = self.meta.pools.lock().expect("id pools poisoned");
         let pool = pools.entry(sequence).or_insert(0..0);
-        // If another transaction refilled the pool meanwhile, the rest of this batch is skipped:
-        // ids must never repeat, gaps are harmless.
+        // Only the refill's holder fills a pool; should a pool hold ids all the same, the rest
+        // of this batch is skipped: ids must never repeat, gaps are harmless.
         if pool.is_empty() {
             *pool = first + 1..first + batch;
         }
