@@ -54,7 +54,10 @@ const ID_POOL_SIZE: usize = 8;
 /// How long a transaction waits for a free connection before the call fails (retryably).
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// Ids taken from a sequence at once for inode numbers and cookies (the rules keep the rest).
-pub(crate) const ID_BATCH: u64 = 64;
+/// A refill is a commit of its own that the creates needing an id wait for: with 64 at once, a
+/// batch of 64 had every round of creates wait for one. What a restart skips (the rest of a
+/// batch) costs nothing: the numbers are 64-bit.
+pub(crate) const ID_BATCH: u64 = 1024;
 
 /// Each migration, in order; its index + 1 is its version.
 const MIGRATIONS: &[(&str, &str)] = &[(
