@@ -142,10 +142,8 @@ pub struct KvMeta {
     /// Ids taken from the store's sequences but not handed out yet (when the store batches).
     pools: Mutex<HashMap<Sequence, Range<u64>>>,
     /// Held while a pool is refilled, so that one transaction takes the next batch and the
-    /// others wait for it: taken by every transaction that found the pool empty, the batches
-    /// were all but one thrown away, and the sequence's row was a hot spot (16 concurrent
-    /// creates on PostgreSQL: about 16 updates of it, each waiting for the previous one's
-    /// commit, per 64 creates).
+    /// others wait for it: a batch taken by each transaction that found the pool empty made
+    /// the sequence's row a hot spot, each update waiting for the previous one's commit.
     refill: tokio::sync::Mutex<()>,
     /// Transactions run again after a conflict with a concurrent one, since the start.
     conflicts: std::sync::atomic::AtomicU64,
@@ -584,13 +582,12 @@ impl Tx<'_> {
             return Ok(id);
         }
         let first = self.inner.take_ids(sequence, batch).await?;
-        let mut pools = self.meta.pools.lock().expect("id pools poisoned");
-        let pool = pools.entry(sequence).or_insert(0..0);
-        // Only the refill's holder fills a pool; should a pool hold ids all the same, the rest
-        // of this batch is skipped: ids must never repeat, gaps are harmless.
-        if pool.is_empty() {
-            *pool = first + 1..first + batch;
-        }
+        // Only the refill's holder fills a pool, and it found this one empty.
+        self.meta
+            .pools
+            .lock()
+            .expect("id pools poisoned")
+            .insert(sequence, first + 1..first + batch);
         Ok(first)
     }
 
