@@ -388,20 +388,20 @@ impl Node {
             .map_err(|e| MetaError::Invalid(e.to_string()))?)
     }
 
-    /// Records the slice as pending, stages its block on this gateway's device and commits it:
-    /// one round trip for a small file or an append. Runs to the end in a task of its own even
-    /// if the caller goes away, so a staged block is never left without its pending record.
+    /// Checks that the slice is the caller's to stage, stages its block on this gateway's
+    /// device and commits it (the commit takes the slice id's lease): one round trip and one
+    /// write transaction for a small file or an append. Runs to the end in a task of its own
+    /// even if the caller goes away, so a staged block is never left unaccounted for: should
+    /// the commit fail, the slice is recorded as pending, and goes with the session.
     pub async fn write_slice(self: &Arc<Self>, write: SliceWrite) -> Result<Attr, NodeError> {
         let slice = write.slice;
         let key = self.slice_block_here(&slice, write.data.len())?;
         self.stage_or_write_through(&key, write.can_write_through)?;
         let node = self.clone();
         let steps = async move {
-            // Durable with the commit below. Should the gateway die first, the client has no
-            // answer and writes the slice again, under a fresh id.
-            match node
+            let staged = match node
                 .meta
-                .record_pending_slice_lazily(write.session, write.ino, &slice)
+                .check_slice_write(write.session, write.ino, &slice)
                 .await
             {
                 Ok(()) => {
@@ -409,14 +409,15 @@ impl Node {
                     let mut block = IncomingBlock::for_key(key, key.to_string().len());
                     block.append(&write.data)?;
                     node.stage(key, block.finish(write.crc32c)?).await?;
+                    true
                 }
                 // Not this session's to stage, or staged and committed already: a retry of a
                 // write whose answer was lost finds its slice in the chunk and is answered as
                 // before; anything else the commit refuses. Nothing is staged either way.
-                Err(MetaError::NotPermitted(_)) => {}
+                Err(MetaError::NotPermitted(_)) => false,
                 Err(error) => return Err(error.into()),
-            }
-            Ok(node
+            };
+            let committed = node
                 .commit_slice(
                     write.session,
                     write.ino,
@@ -425,7 +426,20 @@ impl Node {
                     write.new_size,
                     &write.attrs,
                 )
-                .await?)
+                .await;
+            if let (Err(error), true) = (&committed, staged) {
+                // The block is staged and named by nothing. As a pending slice of the session
+                // it is deleted when the session ends; if the lease is gone (the session ended,
+                // or a retry of this write committed it), the record is refused, and the block
+                // is either named by the file or left to `gc` as after a crash.
+                let recorded = node.meta.record_pending_slice(write.session, &slice).await;
+                tracing::warn!(
+                    slice_id = slice.slice_id, ino = write.ino, %error,
+                    recorded_pending = ?recorded.err().map(|e| e.to_string()),
+                    "a WriteSlice's commit failed after its block was staged"
+                );
+            }
+            Ok(committed?)
         };
         tokio::spawn(steps)
             .await

@@ -428,8 +428,10 @@ impl MetaApi for LocalMeta {
         let Some(staging) = &self.staging else {
             return Err(write_slice_unsupported("no staging in this test"));
         };
+        // As the gateway does it (`Node::write_slice`): checked, staged, and the commit takes the
+        // slice id's lease.
         self.engine
-            .record_pending_slice_lazily(session, ino, slice)
+            .check_slice_write(session, ino, slice)
             .await
             .map_err(fail("write_slice"))?;
         let key = shared::BlockKey::new(slice.slice_id, 0, slice.len)

@@ -81,6 +81,7 @@ impl BlockingMeta {
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();
         record_pending_slice_lazily(session: SessionId, ino: Ino, slice: &Slice) -> ();
+        check_slice_write(session: SessionId, ino: Ino, slice: &Slice) -> ();
         pending_slice(session: SessionId, slice_id: u64) -> Option<(u32, GatewayId)>;
         slice_leased(session: SessionId, slice_id: u64) -> bool;
         set_lock(session: SessionId, ino: Ino, request: &LockRequest) -> ();

@@ -276,12 +276,7 @@ impl KvMeta {
         slice: &Slice,
         durability: Durability,
     ) -> Result<()> {
-        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
-            return Err(MetaError::Invalid(format!(
-                "slice {slice:?}: id 0 is reserved for holes, and a slice has data and fits in \
-                 its chunk"
-            )));
-        }
+        check_slice_shape(slice)?;
         crate::transact!(@explicit, self, durability, |tx| {
             let key = keys::pending(session, slice.slice_id);
             let mut reads = vec![key.clone()];
@@ -306,6 +301,17 @@ impl KvMeta {
             Ok(())
         })
     }
+}
+
+/// A slice a session may stage: not the hole id, with data, within its chunk.
+fn check_slice_shape(slice: &Slice) -> Result<()> {
+    if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
+        return Err(MetaError::Invalid(format!(
+            "slice {slice:?}: id 0 is reserved for holes, and a slice has data and fits in its \
+             chunk"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `$body` (which uses the transaction `$tx`) in a write transaction committed with
@@ -1338,21 +1344,7 @@ impl Tx<'_> {
     /// handed to may stage it, and only once (after its commit the id is in no lease and no
     /// pending record, so it cannot be recorded again and then dropped as orphaned).
     async fn take_leased(&mut self, session: SessionId, slice_id: u64) -> Result<()> {
-        let not_leased = || {
-            MetaError::NotPermitted(format!(
-                "slice id {slice_id} was not handed to this session, or was staged already"
-            ))
-        };
-        let start = keys::lease(session, slice_id.checked_add(1).ok_or_else(not_leased)?);
-        let end = keys::prefix_end(&keys::lease_prefix(session));
-        let Some((key, value)) = self.scan(&start, &end, 1).await?.pop() else {
-            return Err(not_leased());
-        };
-        let ([_, _, lease_end], _) = keys::parse::<3>(&key)?;
-        let first = keys::decode_u64("slice-id lease", &value)?;
-        if slice_id < first {
-            return Err(not_leased());
-        }
+        let (key, first, lease_end) = self.lease_of(session, slice_id).await?;
         self.delete(key);
         if first < slice_id {
             self.put(keys::lease(session, slice_id), keys::encode_u64(first));
@@ -1364,6 +1356,28 @@ impl Tx<'_> {
             );
         }
         Ok(())
+    }
+
+    /// The lease of `session` that holds slice id `slice_id`: its key, first id and end.
+    /// [`MetaError::NotPermitted`] when no lease of the session holds it.
+    async fn lease_of(&mut self, session: SessionId, slice_id: u64) -> Result<(Vec<u8>, u64, u64)> {
+        let not_leased = || {
+            MetaError::NotPermitted(format!(
+                "slice id {slice_id} was not handed to this session, or was staged already"
+            ))
+        };
+        // Leases are keyed by their end: the first above the id is the only one that may hold it.
+        let start = keys::lease(session, slice_id.checked_add(1).ok_or_else(not_leased)?);
+        let end = keys::prefix_end(&keys::lease_prefix(session));
+        let Some((key, value)) = self.scan(&start, &end, 1).await?.pop() else {
+            return Err(not_leased());
+        };
+        let ([_, _, lease_end], _) = keys::parse::<3>(&key)?;
+        let first = keys::decode_u64("slice-id lease", &value)?;
+        if slice_id < first {
+            return Err(not_leased());
+        }
+        Ok((key, first, lease_end))
     }
 
     /// The inode `ino`, which must be a regular file (data goes nowhere else).
@@ -2269,10 +2283,18 @@ impl MetaEngine for KvMeta {
                 return Ok(inode.attr);
             }
             if !was_pending {
-                return Err(MetaError::SliceNotPending {
-                    session,
-                    slice_id: slice.slice_id,
-                });
+                // A `WriteSlice`: checked before staging, leased still (nothing else takes a
+                // lease but this session's own commits and records, and its end).
+                match tx.take_leased(session, slice.slice_id).await {
+                    Ok(()) => {}
+                    Err(MetaError::NotPermitted(_)) => {
+                        return Err(MetaError::SliceNotPending {
+                            session,
+                            slice_id: slice.slice_id,
+                        })
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             slices.push(*slice);
             let (kept, shadowed) = drop_shadowed(slices);
@@ -2557,17 +2579,28 @@ impl MetaEngine for KvMeta {
     }
 
     async fn slice_leased(&self, session: SessionId, slice_id: u64) -> Result<bool> {
-        let Some(after) = slice_id.checked_add(1) else {
-            return Ok(false);
-        };
+        match self.read_tx().await?.lease_of(session, slice_id).await {
+            Ok(_) => Ok(true),
+            Err(MetaError::NotPermitted(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn check_slice_write(&self, session: SessionId, ino: Ino, slice: &Slice) -> Result<()> {
+        check_slice_shape(slice)?;
         let mut tx = self.read_tx().await?;
-        // As `take_leased` finds it: the lease whose end is the first above the id.
-        let start = keys::lease(session, after);
-        let end = keys::prefix_end(&keys::lease_prefix(session));
-        let Some((_, value)) = tx.scan(&start, &end, 1).await?.pop() else {
-            return Ok(false);
-        };
-        Ok(keys::decode_u64("slice-id lease", &value)? <= slice_id)
+        let pending_key = keys::pending(session, slice.slice_id);
+        tx.fetch(
+            Some(keys::session(session)),
+            vec![pending_key.clone(), keys::inode(ino)],
+        )
+        .await?;
+        tx.check_session(session).await?;
+        tx.regular_file(ino).await?;
+        if tx.get(&pending_key).await?.is_none() {
+            tx.lease_of(session, slice.slice_id).await?;
+        }
+        Ok(())
     }
 
     async fn pending_slice(

@@ -650,6 +650,78 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
     assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![slice]);
 }
 
+/// A `WriteSlice` whose commit fails once its block is staged leaves the slice pending under
+/// its session, so that the block goes when the session ends rather than staying named by
+/// nothing; and a write another session's id names stages nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_slice_whose_commit_fails_leaves_its_block_to_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, engine, log) = service(&dir, fast_config()).await;
+    let session = engine.open_session("", "writer").await.unwrap();
+    let node = crate::meta::NewNode {
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    };
+    let file = engine
+        .create(session, crate::meta::ROOT_INO, b"f", &node)
+        .await
+        .unwrap();
+    let data = b"bytes that never make it into the file".to_vec();
+    let slice = Slice {
+        slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
+        offset_in_chunk: 0,
+        len: data.len() as u32,
+        gateway_id: GATEWAY_ID,
+    };
+    let key = shared::BlockKey::new(slice.slice_id, 0, slice.len).unwrap();
+
+    // Another session's write under this id is refused before anything is staged.
+    let thief = engine.open_session("", "thief").await.unwrap();
+    let refused = service
+        .write_slice(write_slice_request(thief, file.ino, &slice, &data))
+        .await
+        .unwrap_err();
+    assert_eq!(errno_of(&refused), libc::EPERM, "{refused:?}");
+    assert!(log.read_block(&key).await.is_err(), "nothing staged");
+    assert_eq!(
+        engine.pending_slice(session, slice.slice_id).await.unwrap(),
+        None
+    );
+
+    // A chunk past the largest file: checked by the commit only, after the block is staged.
+    let mut past_the_end = write_slice_request(session, file.ino, &slice, &data).into_inner();
+    past_the_end.commit.as_mut().unwrap().chunk_index = u64::MAX / shared::layout::CHUNK_SIZE;
+    let refused = service
+        .write_slice(Request::new(past_the_end))
+        .await
+        .unwrap_err();
+    assert_eq!(errno_of(&refused), libc::EFBIG, "{refused:?}");
+    assert!(
+        log.read_block(&key).await.is_ok(),
+        "staged before the commit"
+    );
+    assert_eq!(engine.read_chunk(file.ino, 0).await.unwrap(), vec![]);
+    assert_eq!(
+        engine.pending_slice(session, slice.slice_id).await.unwrap(),
+        Some((slice.len, GATEWAY_ID)),
+        "recorded as pending once the commit failed"
+    );
+    engine.close_session(session).await.unwrap();
+    let queued = engine
+        .take_due_deleted_slices(None, i64::MAX, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        queued.iter().map(|q| q.slice_id).collect::<Vec<_>>(),
+        vec![slice.slice_id],
+        "queued for deletion with the session: {queued:?}"
+    );
+    log.shutdown().await;
+}
+
 /// A block may be staged only on the gateway its slice's pending record names: its readers ask
 /// that gateway, so a block staged elsewhere would be unreadable until uploaded.
 #[tokio::test]

@@ -1101,7 +1101,7 @@ fn compaction_checks_the_merged_slice_and_the_run() {
 }
 
 #[test]
-fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
+fn commit_needs_a_pending_or_leased_slice_of_a_live_session_and_can_be_retried() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
     let id = f.meta.allocate_slice_ids(f.session, 3).unwrap().start;
@@ -1111,13 +1111,21 @@ fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
         len: 10,
         gateway_id: GW,
     };
+    let never_handed_out = Slice {
+        slice_id: id + 1_000,
+        ..slice
+    };
     assert_eq!(
-        errno(
-            f.meta
-                .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
-        ),
+        errno(f.meta.commit_slice(
+            f.session,
+            file.ino,
+            0,
+            &never_handed_out,
+            0,
+            &CommitAttrs::at(0)
+        )),
         libc::EPERM,
-        "not recorded as pending"
+        "neither recorded as pending nor leased"
     );
     f.meta.record_pending_slice(f.session, &slice).unwrap();
     assert_eq!(
@@ -1575,6 +1583,83 @@ fn what_is_made_in_a_directory_takes_its_write_policy() {
 }
 
 #[test]
+fn a_write_slice_commit_takes_the_lease_of_its_id() {
+    let f = fixture();
+    let file = f.file(ROOT_INO, "f");
+    let ids = f.meta.allocate_slice_ids(f.session, 3).unwrap();
+    let slice = |slice_id| Slice {
+        slice_id,
+        offset_in_chunk: 0,
+        len: 10,
+        gateway_id: GW,
+    };
+    // The middle id of the lease, so that the lease is split around it.
+    let middle = slice(ids.start + 1);
+    f.meta
+        .check_slice_write(f.session, file.ino, &middle)
+        .unwrap();
+    assert_eq!(
+        f.meta.pending_slice(f.session, middle.slice_id).unwrap(),
+        None,
+        "the check records nothing"
+    );
+    let attr = f
+        .meta
+        .commit_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
+        .expect("a leased id commits without a pending record");
+    assert_eq!(attr.size, 10);
+    assert_eq!(f.ids(file.ino, 0), [middle.slice_id]);
+    // A retry whose first answer was lost: not the session's to stage again, and its commit
+    // answers as the first did without committing the id twice.
+    assert_eq!(
+        errno(f.meta.check_slice_write(f.session, file.ino, &middle)),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(f.meta.record_pending_slice(f.session, &middle)),
+        libc::EPERM,
+        "a committed id cannot be recorded pending (and so queued with the session)"
+    );
+    f.meta
+        .commit_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
+        .unwrap();
+    assert_eq!(f.ids(file.ino, 0), [middle.slice_id]);
+    // Another file cannot take the id either: it is not leased any more.
+    let other = f.file(ROOT_INO, "g");
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slice(f.session, other.ino, 0, &middle, 0, &CommitAttrs::at(0))
+        ),
+        libc::EPERM
+    );
+    // The ids on either side are still leased, once each.
+    for id in [ids.start, ids.start + 2] {
+        assert!(f.meta.slice_leased(f.session, id).unwrap(), "id {id}");
+        f.meta
+            .check_slice_write(f.session, other.ino, &slice(id))
+            .unwrap();
+        f.meta
+            .commit_slice(f.session, other.ino, 0, &slice(id), 0, &CommitAttrs::at(0))
+            .unwrap();
+        assert!(!f.meta.slice_leased(f.session, id).unwrap(), "id {id}");
+    }
+    assert_eq!(
+        f.ids(other.ino, 0),
+        [ids.start + 2],
+        "the later shadows the first"
+    );
+    // A session that ended has nothing to write.
+    let ended = f.meta.open_session("", "ended").unwrap();
+    let id = f.meta.allocate_slice_ids(ended, 1).unwrap().start;
+    f.meta.close_session(ended).unwrap();
+    assert!(f
+        .meta
+        .check_slice_write(ended, file.ino, &slice(id))
+        .is_err());
+}
+
+#[test]
 fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
     let f = fixture();
     let victim = f.file(ROOT_INO, "victim");
@@ -1601,6 +1686,14 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
                     .record_pending_slice_lazily(thief, own.ino, &as_thief(slice_id))
             ),
             libc::EPERM
+        );
+        assert_eq!(
+            errno(
+                f.meta
+                    .check_slice_write(thief, own.ino, &as_thief(slice_id))
+            ),
+            libc::EPERM,
+            "slice {slice_id} is not the thief's to write"
         );
         assert_eq!(
             errno(f.meta.commit_slice(
@@ -1772,6 +1865,18 @@ fn data_is_checked_before_anything_is_staged() {
     assert_eq!(
         errno(f.meta.record_pending_slice_lazily(f.session, 999, &fits)),
         libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.meta.check_slice_write(f.session, ROOT_INO, &fits)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(f.meta.check_slice_write(f.session, 999, &fits)),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(f.meta.check_slice_write(f.session, 999, &past_chunk)),
+        libc::EINVAL
     );
     f.meta.close_session(f.session).unwrap();
     assert!(f.queued().is_empty(), "nothing was recorded");
