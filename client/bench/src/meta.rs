@@ -327,8 +327,9 @@ async fn measure(
     })
 }
 
-/// What a small file costs the engine once its block is staged: a slice id, the pending record
-/// and the commit.
+/// What a small file costs the engine around its staged block, as `WriteSlice` makes the calls:
+/// a slice id, the check that it is the session's to stage, and the commit (which takes its
+/// lease).
 async fn small_file_commit(
     engine: &Arc<dyn MetaEngine>,
     session: SessionId,
@@ -342,7 +343,7 @@ async fn small_file_commit(
         len: 4096,
         gateway_id: [1; 16],
     };
-    engine.record_pending_slice(session, &slice).await?;
+    engine.check_slice_write(session, ino, &slice).await?;
     engine
         .commit_slice(session, ino, 0, &slice, 0, &CommitAttrs::at(0))
         .await?;
