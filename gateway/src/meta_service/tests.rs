@@ -543,29 +543,60 @@ fn write_slice_request(
     })
 }
 
+/// A gateway's service with a session, an empty file `f` and a slice id leased for `data`.
+struct WriteSliceCase {
+    service: MetaService,
+    engine: Arc<dyn MetaEngine>,
+    log: Arc<StagingLog>,
+    session: crate::meta::SessionId,
+    file: crate::meta::Attr,
+    slice: Slice,
+}
+
+impl WriteSliceCase {
+    async fn new(dir: &tempfile::TempDir, data: &[u8]) -> WriteSliceCase {
+        let (service, engine, log) = service(dir, fast_config()).await;
+        let session = engine.open_session("", "writer").await.unwrap();
+        let node = crate::meta::NewNode {
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let file = engine
+            .create(session, crate::meta::ROOT_INO, b"f", &node)
+            .await
+            .unwrap();
+        let slice = Slice {
+            slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
+            offset_in_chunk: 0,
+            len: data.len() as u32,
+            gateway_id: GATEWAY_ID,
+        };
+        WriteSliceCase {
+            service,
+            engine,
+            log,
+            session,
+            file,
+            slice,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_slice_stages_the_block_and_commits_it_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, engine, log) = service(&dir, fast_config()).await;
-    let session = engine.open_session("", "writer").await.unwrap();
-    let node = crate::meta::NewNode {
-        kind: FileKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-    };
-    let file = engine
-        .create(session, crate::meta::ROOT_INO, b"log", &node)
-        .await
-        .unwrap();
     let data = b"one row of an append log\n".to_vec();
-    let slice = Slice {
-        slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
-        offset_in_chunk: 0,
-        len: data.len() as u32,
-        gateway_id: GATEWAY_ID,
-    };
+    let WriteSliceCase {
+        service,
+        engine,
+        log,
+        session,
+        file,
+        slice,
+    } = WriteSliceCase::new(&dir, &data).await;
 
     let attr = service
         .write_slice(write_slice_request(session, file.ino, &slice, &data))
@@ -656,26 +687,15 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_slice_whose_commit_fails_leaves_its_block_to_the_session() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, engine, log) = service(&dir, fast_config()).await;
-    let session = engine.open_session("", "writer").await.unwrap();
-    let node = crate::meta::NewNode {
-        kind: FileKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-    };
-    let file = engine
-        .create(session, crate::meta::ROOT_INO, b"f", &node)
-        .await
-        .unwrap();
     let data = b"bytes that never make it into the file".to_vec();
-    let slice = Slice {
-        slice_id: engine.allocate_slice_ids(session, 1).await.unwrap().start,
-        offset_in_chunk: 0,
-        len: data.len() as u32,
-        gateway_id: GATEWAY_ID,
-    };
+    let WriteSliceCase {
+        service,
+        engine,
+        log,
+        session,
+        file,
+        slice,
+    } = WriteSliceCase::new(&dir, &data).await;
     let key = shared::BlockKey::new(slice.slice_id, 0, slice.len).unwrap();
 
     // Another session's write under this id is refused before anything is staged.
