@@ -150,6 +150,24 @@ impl Node {
         Ok(attr)
     }
 
+    /// [`Node::commit_slice`] of a `WriteSlice`'s slice, whose block this gateway staged after
+    /// [`MetaEngine::check_slice_write`]: the commit takes the id's lease.
+    async fn commit_written_slice(&self, write: &SliceWrite) -> Result<Attr, MetaError> {
+        let attr = self
+            .meta
+            .commit_written_slice(
+                write.session,
+                write.ino,
+                write.chunk_index,
+                &write.slice,
+                write.new_size,
+                &write.attrs,
+            )
+            .await?;
+        self.compactor.note_commit(write.ino, write.chunk_index);
+        Ok(attr)
+    }
+
     /// With `--staging-high-water`: clients that can are told to write blocks through above it.
     pub fn with_high_water(mut self, high_water: HighWater) -> Node {
         self.high_water = high_water;
@@ -417,16 +435,7 @@ impl Node {
                 Err(MetaError::NotPermitted(_)) => false,
                 Err(error) => return Err(error.into()),
             };
-            let committed = node
-                .commit_slice(
-                    write.session,
-                    write.ino,
-                    write.chunk_index,
-                    &slice,
-                    write.new_size,
-                    &write.attrs,
-                )
-                .await;
+            let committed = node.commit_written_slice(&write).await;
             if let (Err(error), true) = (&committed, staged) {
                 // The block is staged and named by nothing. As a pending slice of the session
                 // it is deleted when the session ends; if the lease is gone (the session ended,

@@ -345,7 +345,7 @@ async fn small_file_commit(
     };
     engine.check_slice_write(session, ino, &slice).await?;
     engine
-        .commit_slice(session, ino, 0, &slice, 0, &CommitAttrs::at(0))
+        .commit_written_slice(session, ino, 0, &slice, 0, &CommitAttrs::at(0))
         .await?;
     Ok(())
 }

@@ -438,8 +438,10 @@ impl MetaApi for LocalMeta {
             .map_err(|e| FsError::Internal(e.to_string()))?;
         staging.write_block(session, key, data).await?;
         let attr = self
-            .commit_slice(session, ino, chunk_index, slice, new_size, attrs)
-            .await?;
+            .engine
+            .commit_written_slice(session, ino, chunk_index, slice, new_size, attrs)
+            .await
+            .map_err(fail("write_slice"))?;
         self.slices_written.fetch_add(1, Ordering::SeqCst);
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {
             return Err(FsError::MetaUnavailable {

@@ -407,7 +407,7 @@ impl DirtySlice {
     /// (then never tried again): the caller takes the usual steps.
     async fn write_with_commit(
         &mut self,
-        ctx: &WriteContext,
+        ctx: &Arc<WriteContext>,
         ino: Ino,
         new_size: u64,
         attrs: &CommitAttrs,
@@ -437,8 +437,11 @@ impl DirtySlice {
                 Ok(Some(attr))
             }
             Err(FsError::WriteThrough { .. }) => {
-                // Nothing was recorded or staged: the usual steps write the block through.
+                // Nothing was recorded or staged: the usual steps write the block through (the
+                // slice has its id already, so the caller would go straight to the commit).
                 ctx.write_through(staged.route.id);
+                self.start_uploads(ctx, true).await?;
+                self.wait_uploads().await?;
                 Ok(None)
             }
             Err(e) => {

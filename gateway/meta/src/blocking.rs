@@ -77,6 +77,7 @@ impl BlockingMeta {
         sync() -> ();
         read_chunk(ino: Ino, chunk_index: u64) -> Vec<Slice>;
         commit_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, attrs: &CommitAttrs) -> Attr;
+        commit_written_slice(session: SessionId, ino: Ino, chunk_index: u64, slice: &Slice, new_size: u64, attrs: &CommitAttrs) -> Attr;
         swap_compacted(session: SessionId, ino: Ino, chunk_index: u64, read: &[Slice], from: usize, merged: &Slice) -> bool;
         allocate_slice_ids(session: SessionId, count: u64) -> Range<u64>;
         record_pending_slice(session: SessionId, slice: &Slice) -> ();

@@ -440,11 +440,24 @@ pub trait MetaEngine: Send + Sync {
     /// Makes a staged slice part of the file: appended to the chunk, the file's size grown to at
     /// least `new_size` and the slice's end, `attrs` set (as `setattr` would; ctime is now), in
     /// one transaction. The slice must have been recorded with
-    /// [`MetaEngine::record_pending_slice`] by the same live session, or be still leased to it
-    /// (a `WriteSlice`, checked with [`MetaEngine::check_slice_write`] before staging: the
-    /// commit takes the lease); committing it again after a success is a no-op, so a commit
-    /// whose answer was lost can be retried.
+    /// [`MetaEngine::record_pending_slice`] by the same live session; committing it again after a
+    /// success is a no-op, so a commit whose answer was lost can be retried.
     async fn commit_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        attrs: &CommitAttrs,
+    ) -> Result<Attr>;
+    /// [`MetaEngine::commit_slice`] of a slice whose one block the caller has just staged itself
+    /// after [`MetaEngine::check_slice_write`] (the gateway serving `WriteSlice`): the id may be
+    /// still leased to the session rather than pending, and the commit then takes the lease.
+    /// Never for a client's own `CommitSlice`: the pending record is what says its blocks were
+    /// meant to be written, and a commit refused for want of one is how a client finds that it
+    /// skipped them.
+    async fn commit_written_slice(
         &self,
         session: SessionId,
         ino: Ino,
@@ -494,9 +507,10 @@ pub trait MetaEngine: Send + Sync {
     /// `ino` is a regular file, and the id is leased to the session (or recorded by it as
     /// pending). [`MetaError::NotPermitted`] when the id is not the session's to stage: not
     /// leased to it, or taken by a commit already (a retry whose first answer was lost, which
-    /// the commit then answers). The commit takes the lease, so a `WriteSlice` is one write
-    /// transaction; should it fail after the block was staged, the caller records the slice as
-    /// pending, so that the block goes with the session.
+    /// the commit then answers). The commit ([`MetaEngine::commit_written_slice`]) takes the
+    /// lease, so a `WriteSlice` is one write transaction; should it fail after the block was
+    /// staged, the caller records the slice as pending, so that the block goes with the
+    /// session.
     async fn check_slice_write(&self, session: SessionId, ino: Ino, slice: &Slice) -> Result<()>;
 
     /// Changes the byte-range locks of lock owner `request.owner` of `session` on `ino`, as

@@ -303,6 +303,91 @@ impl KvMeta {
     }
 }
 
+impl KvMeta {
+    /// [`MetaEngine::commit_slice`], or with `take_lease` [`MetaEngine::commit_written_slice`].
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        attrs: &CommitAttrs,
+        take_lease: bool,
+    ) -> Result<Attr> {
+        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
+            return Err(MetaError::Invalid(format!(
+                "slice {slice:?} does not fit in a chunk or has no data"
+            )));
+        }
+        let slice_end = chunk_index
+            .checked_mul(CHUNK_SIZE)
+            .and_then(|start| start.checked_add(slice.end_in_chunk()))
+            .filter(|&end| end <= MAX_FILE_SIZE)
+            .ok_or(MetaError::FileTooLarge(u64::MAX))?;
+        crate::transact!(@explicit, self, self.durability(), |tx| {
+            let pending_key = keys::pending(session, slice.slice_id);
+            let mut reads = vec![
+                pending_key.clone(),
+                keys::inode(ino),
+                keys::chunk(ino, chunk_index),
+            ];
+            reads.extend(tx.counter_keys(Some(USED_BYTES), None, None));
+            tx.fetch(Some(keys::session(session)), reads).await?;
+            tx.check_session(session).await?;
+            let was_pending = tx.get(&pending_key).await?.is_some();
+            tx.delete(pending_key);
+            let mut inode = tx.regular_file(ino).await?;
+            let mut slices = tx.chunk(ino, chunk_index).await?;
+            if slices.iter().any(|s| s.slice_id == slice.slice_id) {
+                // A retry of a commit that succeeded but whose answer was lost. Checked even when
+                // the slice was recorded as pending again, so that no chunk ever holds an id twice.
+                // Attributes set since the first try come with the retry: they apply now.
+                let changes = attrs.held();
+                if changes != SetAttr::default() {
+                    changes.apply_to(&mut inode.attr);
+                    inode.attr.ctime_ns = tx.now;
+                    tx.put_inode(&inode);
+                }
+                return Ok(inode.attr);
+            }
+            if !was_pending {
+                let not_pending = MetaError::SliceNotPending {
+                    session,
+                    slice_id: slice.slice_id,
+                };
+                if !take_lease {
+                    return Err(not_pending);
+                }
+                // A `WriteSlice`: checked before staging, leased still (nothing else takes a
+                // lease but this session's own commits and records, and its end).
+                match tx.take_leased(session, slice.slice_id).await {
+                    Ok(()) => {}
+                    Err(MetaError::NotPermitted(_)) => return Err(not_pending),
+                    Err(error) => return Err(error),
+                }
+            }
+            slices.push(*slice);
+            let (kept, shadowed) = drop_shadowed(slices);
+            for s in &shadowed {
+                tx.queue_deleted(s.slice_id, s.len, &s.gateway_id).await?;
+            }
+            tx.put_chunk(ino, chunk_index, &kept);
+            let size = inode.attr.size.max(new_size).max(slice_end);
+            if size > inode.attr.size {
+                let counters = tx.counter_keys(None, Some(&inode.owner), home_of(&inode));
+                tx.prefetch(counters.collect()).await?;
+                tx.resize_file(&mut inode, size).await?;
+            }
+            attrs.changes().apply_to(&mut inode.attr);
+            inode.attr.ctime_ns = tx.now;
+            tx.put_inode(&inode);
+            Ok(inode.attr)
+        })
+    }
+}
+
 /// A slice a session may stage: not the hole id, with data, within its chunk.
 fn check_slice_shape(slice: &Slice) -> Result<()> {
     if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
@@ -2246,73 +2331,21 @@ impl MetaEngine for KvMeta {
         new_size: u64,
         attrs: &CommitAttrs,
     ) -> Result<Attr> {
-        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
-            return Err(MetaError::Invalid(format!(
-                "slice {slice:?} does not fit in a chunk or has no data"
-            )));
-        }
-        let slice_end = chunk_index
-            .checked_mul(CHUNK_SIZE)
-            .and_then(|start| start.checked_add(slice.end_in_chunk()))
-            .filter(|&end| end <= MAX_FILE_SIZE)
-            .ok_or(MetaError::FileTooLarge(u64::MAX))?;
-        crate::transact!(@explicit, self, self.durability(), |tx| {
-            let pending_key = keys::pending(session, slice.slice_id);
-            let mut reads = vec![
-                pending_key.clone(),
-                keys::inode(ino),
-                keys::chunk(ino, chunk_index),
-            ];
-            reads.extend(tx.counter_keys(Some(USED_BYTES), None, None));
-            tx.fetch(Some(keys::session(session)), reads).await?;
-            tx.check_session(session).await?;
-            let was_pending = tx.get(&pending_key).await?.is_some();
-            tx.delete(pending_key);
-            let mut inode = tx.regular_file(ino).await?;
-            let mut slices = tx.chunk(ino, chunk_index).await?;
-            if slices.iter().any(|s| s.slice_id == slice.slice_id) {
-                // A retry of a commit that succeeded but whose answer was lost. Checked even when
-                // the slice was recorded as pending again, so that no chunk ever holds an id twice.
-                // Attributes set since the first try come with the retry: they apply now.
-                let changes = attrs.held();
-                if changes != SetAttr::default() {
-                    changes.apply_to(&mut inode.attr);
-                    inode.attr.ctime_ns = tx.now;
-                    tx.put_inode(&inode);
-                }
-                return Ok(inode.attr);
-            }
-            if !was_pending {
-                // A `WriteSlice`: checked before staging, leased still (nothing else takes a
-                // lease but this session's own commits and records, and its end).
-                match tx.take_leased(session, slice.slice_id).await {
-                    Ok(()) => {}
-                    Err(MetaError::NotPermitted(_)) => {
-                        return Err(MetaError::SliceNotPending {
-                            session,
-                            slice_id: slice.slice_id,
-                        })
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            slices.push(*slice);
-            let (kept, shadowed) = drop_shadowed(slices);
-            for s in &shadowed {
-                tx.queue_deleted(s.slice_id, s.len, &s.gateway_id).await?;
-            }
-            tx.put_chunk(ino, chunk_index, &kept);
-            let size = inode.attr.size.max(new_size).max(slice_end);
-            if size > inode.attr.size {
-                let counters = tx.counter_keys(None, Some(&inode.owner), home_of(&inode));
-                tx.prefetch(counters.collect()).await?;
-                tx.resize_file(&mut inode, size).await?;
-            }
-            attrs.changes().apply_to(&mut inode.attr);
-            inode.attr.ctime_ns = tx.now;
-            tx.put_inode(&inode);
-            Ok(inode.attr)
-        })
+        self.commit(session, ino, chunk_index, slice, new_size, attrs, false)
+            .await
+    }
+
+    async fn commit_written_slice(
+        &self,
+        session: SessionId,
+        ino: Ino,
+        chunk_index: u64,
+        slice: &Slice,
+        new_size: u64,
+        attrs: &CommitAttrs,
+    ) -> Result<Attr> {
+        self.commit(session, ino, chunk_index, slice, new_size, attrs, true)
+            .await
     }
 
     async fn swap_compacted(

@@ -1101,7 +1101,7 @@ fn compaction_checks_the_merged_slice_and_the_run() {
 }
 
 #[test]
-fn commit_needs_a_pending_or_leased_slice_of_a_live_session_and_can_be_retried() {
+fn commit_needs_a_pending_slice_of_a_live_session_and_can_be_retried() {
     let f = fixture();
     let file = f.file(ROOT_INO, "f");
     let id = f.meta.allocate_slice_ids(f.session, 3).unwrap().start;
@@ -1111,22 +1111,15 @@ fn commit_needs_a_pending_or_leased_slice_of_a_live_session_and_can_be_retried()
         len: 10,
         gateway_id: GW,
     };
-    let never_handed_out = Slice {
-        slice_id: id + 1_000,
-        ..slice
-    };
     assert_eq!(
-        errno(f.meta.commit_slice(
-            f.session,
-            file.ino,
-            0,
-            &never_handed_out,
-            0,
-            &CommitAttrs::at(0)
-        )),
+        errno(
+            f.meta
+                .commit_slice(f.session, file.ino, 0, &slice, 0, &CommitAttrs::at(0))
+        ),
         libc::EPERM,
-        "neither recorded as pending nor leased"
+        "leased, but not recorded as pending: a client that skipped its blocks finds out"
     );
+    assert!(f.meta.slice_leased(f.session, id).unwrap(), "still leased");
     f.meta.record_pending_slice(f.session, &slice).unwrap();
     assert_eq!(
         errno(
@@ -1605,8 +1598,9 @@ fn a_write_slice_commit_takes_the_lease_of_its_id() {
     );
     let attr = f
         .meta
-        .commit_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
+        .commit_written_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
         .expect("a leased id commits without a pending record");
+    assert!(!f.meta.slice_leased(f.session, middle.slice_id).unwrap());
     assert_eq!(attr.size, 10);
     assert_eq!(f.ids(file.ino, 0), [middle.slice_id]);
     // A retry whose first answer was lost: not the session's to stage again, and its commit
@@ -1621,16 +1615,20 @@ fn a_write_slice_commit_takes_the_lease_of_its_id() {
         "a committed id cannot be recorded pending (and so queued with the session)"
     );
     f.meta
-        .commit_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
+        .commit_written_slice(f.session, file.ino, 0, &middle, 0, &CommitAttrs::at(0))
         .unwrap();
     assert_eq!(f.ids(file.ino, 0), [middle.slice_id]);
     // Another file cannot take the id either: it is not leased any more.
     let other = f.file(ROOT_INO, "g");
     assert_eq!(
-        errno(
-            f.meta
-                .commit_slice(f.session, other.ino, 0, &middle, 0, &CommitAttrs::at(0))
-        ),
+        errno(f.meta.commit_written_slice(
+            f.session,
+            other.ino,
+            0,
+            &middle,
+            0,
+            &CommitAttrs::at(0)
+        )),
         libc::EPERM
     );
     // The ids on either side are still leased, once each.
@@ -1640,7 +1638,7 @@ fn a_write_slice_commit_takes_the_lease_of_its_id() {
             .check_slice_write(f.session, other.ino, &slice(id))
             .unwrap();
         f.meta
-            .commit_slice(f.session, other.ino, 0, &slice(id), 0, &CommitAttrs::at(0))
+            .commit_written_slice(f.session, other.ino, 0, &slice(id), 0, &CommitAttrs::at(0))
             .unwrap();
         assert!(!f.meta.slice_leased(f.session, id).unwrap(), "id {id}");
     }
@@ -1694,6 +1692,18 @@ fn a_slice_id_belongs_to_the_session_it_was_handed_to() {
             ),
             libc::EPERM,
             "slice {slice_id} is not the thief's to write"
+        );
+        assert_eq!(
+            errno(f.meta.commit_written_slice(
+                thief,
+                own.ino,
+                0,
+                &as_thief(slice_id),
+                0,
+                &CommitAttrs::at(0)
+            )),
+            libc::EPERM,
+            "nor to commit as written"
         );
         assert_eq!(
             errno(f.meta.commit_slice(
