@@ -407,7 +407,7 @@ impl DirtySlice {
     /// (then never tried again): the caller takes the usual steps.
     async fn write_with_commit(
         &mut self,
-        ctx: &Arc<WriteContext>,
+        ctx: &WriteContext,
         ino: Ino,
         new_size: u64,
         attrs: &CommitAttrs,
@@ -437,11 +437,8 @@ impl DirtySlice {
                 Ok(Some(attr))
             }
             Err(FsError::WriteThrough { .. }) => {
-                // Nothing was recorded or staged: the usual steps write the block through (the
-                // slice has its id already, so the caller would go straight to the commit).
+                // Nothing was recorded or staged: the usual steps write the block through.
                 ctx.write_through(staged.route.id);
-                self.start_uploads(ctx, true).await?;
-                self.wait_uploads().await?;
                 Ok(None)
             }
             Err(e) => {
@@ -709,11 +706,11 @@ impl DirtyFile {
             let committed = match written {
                 Some(attr) => attr,
                 None => {
-                    if slice.staged.is_none() {
-                        // `write_slice` just turned out to be unavailable: the usual steps.
-                        slice.start_uploads(ctx, true).await?;
-                        slice.wait_uploads().await?;
-                    }
+                    // `write_slice` was refused (write through) or turned out to be unavailable:
+                    // the usual steps, for blocks not written yet (none, for a slice that never
+                    // fitted it; the slice may have its id already, so the id says nothing).
+                    slice.start_uploads(ctx, true).await?;
+                    slice.wait_uploads().await?;
                     let staged = slice.staged.as_ref().ok_or_else(|| {
                         FsError::Internal("a frozen slice with uploaded blocks has no id".into())
                     })?;

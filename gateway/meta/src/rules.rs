@@ -301,9 +301,7 @@ impl KvMeta {
             Ok(())
         })
     }
-}
 
-impl KvMeta {
     /// [`MetaEngine::commit_slice`], or with `take_lease` [`MetaEngine::commit_written_slice`].
     #[allow(clippy::too_many_arguments)]
     async fn commit(
@@ -316,11 +314,7 @@ impl KvMeta {
         attrs: &CommitAttrs,
         take_lease: bool,
     ) -> Result<Attr> {
-        if slice.slice_id == Slice::HOLE_ID || slice.len == 0 || slice.end_in_chunk() > CHUNK_SIZE {
-            return Err(MetaError::Invalid(format!(
-                "slice {slice:?} does not fit in a chunk or has no data"
-            )));
-        }
+        check_slice_shape(slice)?;
         let slice_end = chunk_index
             .checked_mul(CHUNK_SIZE)
             .and_then(|start| start.checked_add(slice.end_in_chunk()))
