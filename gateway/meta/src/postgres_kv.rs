@@ -18,10 +18,12 @@
 //! `SELECT … FOR KEY SHARE` (a heartbeat's `UPDATE` of a pinned session passes), taken keys
 //! `SELECT … FOR UPDATE`.
 //!
-//! Writes are buffered by the rules and sent at commit, pipelined with `COMMIT` (an upsert of
-//! every written pair, an update of those a snapshot transaction read, a delete of every removed
-//! key), so a transaction costs its reads plus one round trip; the rules read what they know they
-//! need up front in one round trip ([`KvTxn::get_many`]). Ids are taken in autocommit statements on a second connection, outside the
+//! Writes are buffered by the rules and sent at commit in one statement, pipelined with `COMMIT`
+//! (an upsert of every written pair, an update of those a snapshot transaction read, a delete of
+//! every removed key), so a transaction costs its reads plus one round trip; the rules read what
+//! they know they need up front in one statement ([`KvTxn::get_many`]). Statements are few
+//! because the server spends its CPU mostly per statement, and at 16 clients its CPU is what
+//! limits creates. Ids are taken in autocommit statements on a second connection, outside the
 //! transaction, so the hot sequence rows are locked for one statement and never conflict: a
 //! `SEQUENCE` would do the same but hands out fixed steps, and slice ids are taken in batches of
 //! the client's choosing.
@@ -73,6 +75,12 @@ const GET_MANY: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1)";
 /// transaction ends but not an `UPDATE` of the value (under `REPEATABLE READ`, a row changed
 /// since the snapshot fails it).
 const GET_PINNED: &str = "SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE";
+/// Pinned keys ($1) and plain ones ($2) in one statement: each statement is a round of the
+/// protocol the server answers on its own, and at 16 clients the server's CPU, spent mostly per
+/// statement, is what limits creates (`stagefs bench meta`).
+const GET_PINNED_AND_MANY: &str =
+    "WITH pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE) \
+     SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2)";
 /// A taken key ([`KvTxn::get_locked`]).
 const GET_LOCKED: &str = "SELECT v FROM stagefs_kv WHERE k = $1 FOR UPDATE";
 const SCAN: &str = "SELECT k, v FROM stagefs_kv WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3";
@@ -86,6 +94,15 @@ const UPSERT: &str =
 const UPDATE: &str = "UPDATE stagefs_kv SET v = ($2::bytea[])[array_position($1::bytea[], k)] \
                       WHERE k = ANY($1)";
 const DELETE: &str = "DELETE FROM stagefs_kv WHERE k = ANY($1)";
+/// [`UPSERT`] ($1, $2), [`UPDATE`] ($3, $4) and [`DELETE`] ($5) as one statement, for a commit
+/// that needs more than one of them (a create inserts records and updates others). The keys of
+/// the three are disjoint, so that the parts, which run on one snapshot and do not see each
+/// other's rows, never touch the same row.
+const WRITE_ALL: &str = "WITH deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($5)), \
+     updated AS (UPDATE stagefs_kv SET v = ($4::bytea[])[array_position($3::bytea[], k)] \
+     WHERE k = ANY($3)) \
+     INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+     ON CONFLICT (k) DO UPDATE SET v = excluded.v";
 const TAKE_IDS: &str =
     "UPDATE stagefs_sequences SET next = next + $2 WHERE name = $1 RETURNING next - $2";
 const PEEK_ID: &str = "SELECT next FROM stagefs_sequences WHERE name = $1";
@@ -445,20 +462,19 @@ impl KvTxn for PgTxn {
         let pinned = pinned.min(keys.len());
         let (pin, plain) = keys.split_at(pinned);
         let client = self.client();
-        let get_pinned = client.prepare_cached(GET_PINNED).await.map_err(pg_error)?;
-        let get_many = client.prepare_cached(GET_MANY).await.map_err(pg_error)?;
-        // Each is sent when first polled, and try_join polls them in order.
-        let (pinned_rows, rows) = self
-            .in_txn(async {
-                futures::try_join!(
-                    rows_of(client, &get_pinned, pin),
-                    rows_of(client, &get_many, plain)
-                )
-            })
-            .await?;
-        let values: std::collections::HashMap<Vec<u8>, Vec<u8>> = pinned_rows
+        let (query, params): (_, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) =
+            match (pin.is_empty(), plain.is_empty()) {
+                (_, true) => (GET_PINNED, vec![&pin]),
+                (true, false) => (GET_MANY, vec![&plain]),
+                (false, false) => (GET_PINNED_AND_MANY, vec![&pin, &plain]),
+            };
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statement = client.prepare_cached(query).await.map_err(pg_error)?;
+        let rows = self.in_txn(client.query(&statement, &params)).await?;
+        let values: std::collections::HashMap<Vec<u8>, Vec<u8>> = rows
             .into_iter()
-            .chain(rows)
             .map(|row| (row.get(0), row.get(1)))
             .collect();
         self.note_found(values.keys());
@@ -561,66 +577,67 @@ impl PgTxn {
                 None => deletes.push(key),
             }
         }
-        let upsert = client.prepare_cached(UPSERT).await.map_err(pg_error)?;
-        let update = client.prepare_cached(UPDATE).await.map_err(pg_error)?;
-        let delete = client.prepare_cached(DELETE).await.map_err(pg_error)?;
-        if durability == Durability::Eventual && self.lazy_commits.load(Ordering::Relaxed) {
-            if let Err(error) = self
-                .in_txn(client.batch_execute("SET LOCAL synchronous_commit TO OFF"))
-                .await
-            {
-                // A server that does not know the setting aborts the transaction: stop asking,
-                // and let the rules run this one again (durably, which is always allowed).
-                self.lazy_commits.store(false, Ordering::Relaxed);
-                return Err(KvError::Conflict(format!(
-                    "the server refused synchronous_commit: {error}"
-                )));
-            }
-        }
-        let upsert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&put_keys, &put_values];
-        let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&update_keys, &update_values];
-        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&deletes];
+        let kinds = [&put_keys, &update_keys, &deletes]
+            .iter()
+            .filter(|keys| !keys.is_empty())
+            .count();
+        // One statement for all the writes: the three apart when only one of them has keys
+        // (their plans are simpler), else the three in one.
+        let (query, params): (_, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) = if kinds > 1 {
+            (
+                WRITE_ALL,
+                vec![
+                    &put_keys,
+                    &put_values,
+                    &update_keys,
+                    &update_values,
+                    &deletes,
+                ],
+            )
+        } else if !put_keys.is_empty() {
+            (UPSERT, vec![&put_keys, &put_values])
+        } else if !update_keys.is_empty() {
+            (UPDATE, vec![&update_keys, &update_values])
+        } else {
+            (DELETE, vec![&deletes])
+        };
+        let write = client.prepare_cached(query).await.map_err(pg_error)?;
         // In the order they must reach the server: each is sent when first polled, and
         // try_join_all polls them in order.
         let mut steps: Vec<futures::future::BoxFuture<'_, PgResult<()>>> = Vec::new();
         if let Some(begin) = self.pending_begin() {
             steps.push(Box::pin(client.batch_execute(begin)));
         }
-        if !put_keys.is_empty() {
+        let lazy = durability == Durability::Eventual && self.lazy_commits.load(Ordering::Relaxed);
+        // Which step is the setting, to tell its failure from the others'.
+        let set_local = lazy.then(|| {
+            steps.push(Box::pin(
+                client.batch_execute("SET LOCAL synchronous_commit TO OFF"),
+            ));
+            steps.len() - 1
+        });
+        if kinds > 0 {
             steps.push(Box::pin(async {
-                client.execute(&upsert, &upsert_params).await.map(drop)
-            }));
-        }
-        if !update_keys.is_empty() {
-            steps.push(Box::pin(async {
-                client.execute(&update, &update_params).await.map(drop)
-            }));
-        }
-        if !deletes.is_empty() {
-            steps.push(Box::pin(async {
-                client.execute(&delete, &delete_params).await.map(drop)
+                client.execute(&write, &params).await.map(drop)
             }));
         }
         steps.push(Box::pin(client.batch_execute("COMMIT")));
-        futures::future::try_join_all(steps)
-            .await
-            .map(drop)
-            .map_err(pg_error)
+        // Every step is answered; the first error is the one that counts (the later steps fail
+        // only because the transaction was aborted by it).
+        let outcomes = futures::future::join_all(steps).await;
+        match outcomes.into_iter().enumerate().find(|(_, o)| o.is_err()) {
+            None => Ok(()),
+            Some((step, Err(error))) if Some(step) == set_local => {
+                // A server that does not know the setting aborts the transaction: stop asking,
+                // and let the rules run this one again (durably, which is always allowed).
+                self.lazy_commits.store(false, Ordering::Relaxed);
+                Err(KvError::Conflict(format!(
+                    "the server refused synchronous_commit: {error}"
+                )))
+            }
+            Some((_, outcome)) => outcome.map_err(pg_error),
+        }
     }
-}
-
-/// The rows `statement` finds for `keys` (none asked: no statement sent).
-async fn rows_of(
-    client: &Object,
-    statement: &tokio_postgres::Statement,
-    keys: &[Vec<u8>],
-) -> PgResult<Vec<tokio_postgres::Row>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    client.query(statement, &[&keys]).await
 }
 
 /// Ends a transaction that was not committed before its connection is reused; a connection that

@@ -64,6 +64,140 @@ fn a_cancelled_commit_never_leaves_half_a_transaction_behind() {
     });
 }
 
+/// One read of pinned and plain keys answers both, and pins only the first: a delete of a
+/// pinned key waits for the reader's transaction, a delete of a plain one does not.
+#[test]
+fn a_read_of_pinned_and_plain_keys_pins_only_the_pinned_ones() {
+    use crate::kv::{Durability, KvError};
+    use std::time::Duration;
+
+    let db = db();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = db.store().await.unwrap();
+        let (pinned, plain, missing) = (
+            b"test/pin/p".to_vec(),
+            b"test/pin/q".to_vec(),
+            b"test/pin/none".to_vec(),
+        );
+        let seed = store.begin(true).await.unwrap();
+        seed.commit(
+            vec![
+                (pinned.clone(), Some(b"p".to_vec())),
+                (plain.clone(), Some(b"q".to_vec())),
+            ],
+            Durability::Durable,
+        )
+        .await
+        .unwrap();
+        let mut reader = store.begin_snapshot().await.unwrap();
+        let values = reader
+            .get_many(&[pinned.clone(), plain.clone(), missing.clone()], 1)
+            .await
+            .unwrap();
+        assert_eq!(values, [Some(b"p".to_vec()), Some(b"q".to_vec()), None]);
+        let delete = |key: Vec<u8>| {
+            let store = store.clone();
+            async move {
+                let txn = store.begin_snapshot().await?;
+                txn.commit(vec![(key, None)], Durability::Durable).await
+            }
+        };
+        // A generous bound against a hang, not a timing claim.
+        let plain_gone = tokio::time::timeout(Duration::from_secs(30), delete(plain)).await;
+        assert!(matches!(plain_gone, Ok(Ok(()))), "{plain_gone:?}");
+        let pinned_gone = tokio::spawn(delete(pinned.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !pinned_gone.is_finished(),
+            "the delete did not wait for the pin"
+        );
+        drop(reader);
+        let outcome: Result<(), KvError> = pinned_gone.await.unwrap();
+        outcome.unwrap();
+    });
+}
+
+/// A commit that inserts, updates and deletes (one statement) applies all of it or, when a
+/// record it read changed meanwhile, none of it.
+#[test]
+fn a_commit_that_inserts_updates_and_deletes_is_all_or_nothing() {
+    use crate::kv::{Durability, KvError};
+
+    let db = db();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = db.store().await.unwrap();
+        let key = |name: &str| format!("test/mixed/{name}").into_bytes();
+        let seed = store.begin(true).await.unwrap();
+        seed.commit(
+            vec![
+                (key("read"), Some(b"0".to_vec())),
+                (key("gone"), Some(b"x".to_vec())),
+            ],
+            Durability::Durable,
+        )
+        .await
+        .unwrap();
+        let value = |key: Vec<u8>| {
+            let store = store.clone();
+            async move {
+                let mut txn = store.begin(false).await.unwrap();
+                txn.get(&key).await.unwrap()
+            }
+        };
+        for round in 1..=2u8 {
+            let mut txn = store.begin_snapshot().await.unwrap();
+            assert!(txn.get(&key("read")).await.unwrap().is_some());
+            if round == 2 {
+                // Someone else changes the record this transaction read.
+                let other = store.begin_snapshot().await.unwrap();
+                other
+                    .commit(
+                        vec![(key("read"), Some(b"other".to_vec()))],
+                        Durability::Durable,
+                    )
+                    .await
+                    .unwrap();
+            }
+            let outcome = txn
+                .commit(
+                    vec![
+                        (key("read"), Some(vec![b'0' + round])),
+                        (key(&format!("new{round}")), Some(b"n".to_vec())),
+                        (key("gone"), None),
+                    ],
+                    Durability::Durable,
+                )
+                .await;
+            if round == 1 {
+                outcome.unwrap();
+                assert_eq!(value(key("read")).await, Some(b"1".to_vec()));
+                assert_eq!(value(key("new1")).await, Some(b"n".to_vec()));
+                assert_eq!(value(key("gone")).await, None);
+                // Back for the second round.
+                let again = store.begin(true).await.unwrap();
+                again
+                    .commit(
+                        vec![(key("gone"), Some(b"x".to_vec()))],
+                        Durability::Durable,
+                    )
+                    .await
+                    .unwrap();
+            } else {
+                assert!(matches!(outcome, Err(KvError::Conflict(_))), "{outcome:?}");
+                assert_eq!(value(key("read")).await, Some(b"other".to_vec()));
+                assert_eq!(value(key("new2")).await, None, "half a commit");
+                assert_eq!(
+                    value(key("gone")).await,
+                    Some(b"x".to_vec()),
+                    "half a commit"
+                );
+            }
+        }
+    });
+}
+
 /// A hot standby of the test server (real streaming replication), made once per test binary.
 fn standby() -> &'static crate::pg_cluster::PgCluster {
     static STANDBY: std::sync::OnceLock<crate::pg_cluster::PgCluster> = std::sync::OnceLock::new();
