@@ -1,0 +1,51 @@
+//! `stagefs bench meta` end to end at a tiny size (one client, one second per case): it starts
+//! its own PostgreSQL server, measures the insert limit and every operation on the device's
+//! region and on PostgreSQL (durable and lazy), and reports each in one JSON object. Figures at
+//! this size mean nothing, so none is compared with a target here; an operation that failed
+//! fails the test.
+
+use std::process::Command;
+
+use stagefs_tests::binaries::binary;
+use stagefs_tests::TestDir;
+
+#[test]
+fn bench_meta_measures_every_operation_on_every_backend() {
+    let dir = TestDir::new("bench-meta");
+    let output = Command::new(binary("stagefs"))
+        .args(["bench", "meta", "--quick", "--json", "--clients", "1"])
+        .args(["--backends", "region-lazy,postgres,postgres-lazy"])
+        .arg("--scratch")
+        .arg(dir.path())
+        .output()
+        .expect("run stagefs bench meta");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench meta failed ({}):\n{stderr}",
+        output.status
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    let measured = |rate: &serde_json::Value| {
+        rate["ops"].as_u64().is_some_and(|ops| ops > 0)
+            && rate["ops_per_sec"].as_f64().is_some_and(|r| r > 0.0)
+            && rate["p50_ms"].as_f64().is_some()
+    };
+    assert!(measured(&report["limit"]["1"]), "the limit: {report}");
+    for backend in ["region-lazy", "postgres", "postgres-lazy"] {
+        for op in ["create", "lookup", "getattr", "small_file_commit"] {
+            let rate = &report["engines"][backend][op]["1"];
+            assert!(measured(rate), "{backend} {op}: {rate}");
+            assert_eq!(rate["failed"], 0, "{backend} {op}: {rate}");
+        }
+    }
+    assert!(
+        report["create_ratio_postgres"]["1"].as_f64().is_some(),
+        "the aim's ratio: {report}"
+    );
+}
