@@ -1,6 +1,6 @@
 //! `stagefs bench meta` end to end at a tiny size (one client, one second per case): it starts
 //! its own PostgreSQL server, measures the insert limit and every operation on the device's
-//! region and on PostgreSQL (durable and lazy), and reports each in one JSON object. Figures at
+//! region and on PostgreSQL, and reports each in one JSON object. Figures at
 //! this size mean nothing, so none is compared with a target here; an operation that failed
 //! fails the test.
 
@@ -14,7 +14,7 @@ fn bench_meta_measures_every_operation_on_every_backend() {
     let dir = TestDir::new("bench-meta");
     let output = Command::new(binary("stagefs"))
         .args(["bench", "meta", "--quick", "--json", "--clients", "1"])
-        .args(["--backends", "region-lazy,postgres,postgres-lazy"])
+        .args(["--backends", "region-lazy,postgres"])
         .arg("--scratch")
         .arg(dir.path())
         .output()
@@ -37,7 +37,7 @@ fn bench_meta_measures_every_operation_on_every_backend() {
             && rate["p50_ms"].as_f64().is_some()
     };
     assert!(measured(&report["limit"]["1"]), "the limit: {report}");
-    for backend in ["region-lazy", "postgres", "postgres-lazy"] {
+    for backend in ["region-lazy", "postgres"] {
         for op in ["create", "lookup", "getattr", "small_file_commit"] {
             let rate = &report["engines"][backend][op]["1"];
             assert!(measured(rate), "{backend} {op}: {rate}");

@@ -61,9 +61,6 @@ pub enum Backend {
     RegionLazy,
     /// A throwaway PostgreSQL server (fsync on); also what the limit is measured on.
     Postgres,
-    /// The same with namespace changes durable at the next sync (a gateway's default on
-    /// PostgreSQL too: their commits skip the WAL flush). Not what the aim is measured on.
-    PostgresLazy,
 }
 
 impl Backend {
@@ -74,7 +71,6 @@ impl Backend {
             Backend::Region => "region",
             Backend::RegionLazy => "region-lazy",
             Backend::Postgres => "postgres",
-            Backend::PostgresLazy => "postgres-lazy",
         }
     }
 }
@@ -145,11 +141,7 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
         create_ratio_postgres: BTreeMap::new(),
     };
     // The limit is PostgreSQL's, so a run without the postgres backend starts no server.
-    let cluster = if args
-        .backends
-        .iter()
-        .any(|b| matches!(b, Backend::Postgres | Backend::PostgresLazy))
-    {
+    let cluster = if args.backends.contains(&Backend::Postgres) {
         progress!("starting a PostgreSQL server (fsync on)");
         let cluster = start_postgres().await?;
         let limit_db = cluster
@@ -182,17 +174,13 @@ pub async fn run(args: MetaBenchArgs) -> Result<MetaReport, BenchError> {
                     };
                     open_region(path, config).await?
                 }
-                Backend::Postgres | Backend::PostgresLazy => {
+                Backend::Postgres => {
                     let url = cluster
                         .as_ref()
                         .ok_or_else(|| BenchError::Args("no PostgreSQL server".into()))?
                         .fresh_database(&format!("engine_{}_{clients}", name.replace('-', "_")))
                         .map_err(|e| BenchError::Args(format!("PostgreSQL: {e}")))?;
-                    let config = MetaConfig {
-                        lazy_namespace: backend == Backend::PostgresLazy,
-                        ..MetaConfig::default()
-                    };
-                    meta::open(&MetaLocation::Postgres(url), config)
+                    meta::open(&MetaLocation::Postgres(url), MetaConfig::default())
                         .await
                         .map_err(failed)?
                 }
