@@ -218,6 +218,7 @@ mod tests {
                     key,
                     crate::node::record_with(&key, &data),
                     crc32c::crc32c(&data),
+                    crate::staging::Wait::Durable,
                 )
                 .await
                 .unwrap();
@@ -297,6 +298,7 @@ mod tests {
                     key,
                     crate::node::record_with(&key, &data),
                     crc32c::crc32c(&data),
+                    crate::staging::Wait::Durable,
                 )
                 .await
                 .unwrap();

@@ -790,7 +790,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (args.staging_high_water > 0.0).then_some(args.staging_high_water),
             args.staging_low_water,
         ))
-        .with_compaction(args.compact_slices),
+        .with_compaction(args.compact_slices)
+        .with_metadata_in_device(matches!(meta_location, MetaLocation::Device(_))),
     );
     // A mirror too: mounts of the source region find the blocks staged here through it.
     node_workers::start_registry(&node, registry.clone(), epoch, fenced.clone(), &workers);

@@ -25,7 +25,7 @@ use crate::limits::Limits;
 use crate::meta::{
     Attr, CommitAttrs, GatewayId, Ino, LockRequest, MetaEngine, MetaError, SessionId, Slice,
 };
-use crate::staging::{StagingError, StagingLog};
+use crate::staging::{StagingError, StagingLog, Wait};
 pub use incoming::{record_with, BlockInputError, IncomingBlock};
 
 /// What `OpenSession` tells every client: where the data goes and how to stay alive.
@@ -61,6 +61,10 @@ pub struct Node {
     pub high_water: HighWater,
     /// Merges the slices of chunks that many commits made long.
     pub compactor: compaction::Compactor,
+    /// The metadata lives in this node's staging device, so a durable commit ends with an
+    /// `fdatasync` of the device, which makes every block written before it durable as well
+    /// ([`Node::with_metadata_in_device`]).
+    commits_sync_device: bool,
 }
 
 /// How often a waiting lock request looks again without being woken: releases at other
@@ -122,7 +126,17 @@ impl Node {
             locks_changed: tokio::sync::Notify::new(),
             high_water: HighWater::off(),
             compactor: compaction::Compactor::new(0),
+            commits_sync_device: false,
         }
+    }
+
+    /// The metadata engine is redb in this node's staging device (`--meta` the device): its
+    /// durable commits `fdatasync` the device, so a `WriteSlice` stages its block without
+    /// waiting for the log's own flush and lets its commit's flush cover both. Only for a
+    /// device whose durable commits really flush it: never for PostgreSQL or a redb file.
+    pub fn with_metadata_in_device(mut self, yes: bool) -> Node {
+        self.commits_sync_device = yes;
+        self
     }
 
     /// With `--compact-slices`: chunks of more than `threshold` slices are compacted (once
@@ -346,10 +360,20 @@ impl Node {
     pub async fn stage(
         &self,
         key: BlockKey,
+        block: (AlignedBuf, u32),
+    ) -> Result<u64, StagingError> {
+        self.stage_then(key, block, Wait::Durable).await
+    }
+
+    /// [`Node::stage`], waiting for `wait`.
+    async fn stage_then(
+        &self,
+        key: BlockKey,
         (record, crc): (AlignedBuf, u32),
+        wait: Wait,
     ) -> Result<u64, StagingError> {
         self.log
-            .write_block(key, record, crc)
+            .write_block(key, record, crc, wait)
             .await
             .inspect_err(|e| tracing::warn!(%key, error = %e, "block write refused"))
     }
@@ -426,7 +450,15 @@ impl Node {
                     // The key is parsed and matches the data's length (it was made from it).
                     let mut block = IncomingBlock::for_key(key, key.to_string().len());
                     block.append(&write.data)?;
-                    node.stage(key, block.finish(write.crc32c)?).await?;
+                    // With the metadata in this device, the commit's own `fdatasync` covers
+                    // the block too: one flush for both, where there were two in series.
+                    let wait = if node.commits_sync_device {
+                        Wait::Written
+                    } else {
+                        Wait::Durable
+                    };
+                    node.stage_then(key, block.finish(write.crc32c)?, wait)
+                        .await?;
                     true
                 }
                 // Not this session's to stage, or staged and committed already: a retry of a

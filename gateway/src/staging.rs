@@ -179,6 +179,18 @@ pub struct RecoveryInfo {
     pub corrupt: Vec<CorruptRecord>,
 }
 
+/// What a write into the log waits for before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The log's own group commit: an `fdatasync` issued after the record was written.
+    Durable,
+    /// The record written, with every record before it: not durable yet, but made so by the
+    /// next `fdatasync` of the device, whoever issues it (a recovery scan stops only at a hole,
+    /// and there is none before it). For a caller that issues one itself right after, such as a
+    /// durable commit of the metadata kept in the same device: one flush then covers both.
+    Written,
+}
+
 pub struct StagingLog {
     engine: Arc<dyn IoEngine>,
     pub sb: Superblock,
@@ -186,6 +198,9 @@ pub struct StagingLog {
     state: Mutex<LogState>,
     /// Highest durable lsn, or the reason the log failed (then it accepts no more writes).
     synced: watch::Sender<Result<u64, String>>,
+    /// The write watermark: every record up to it is written, with no hole before it, so the
+    /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Written`]).
+    written: watch::Sender<u64>,
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
@@ -320,6 +335,7 @@ impl StagingLog {
             sb,
             device_path,
             synced: watch::channel(Ok(scan.max_lsn)).0,
+            written: watch::channel(scan.max_lsn).0,
             state: Mutex::new(state),
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
@@ -454,23 +470,28 @@ impl StagingLog {
     // ---------------------------------------------------------------- writing
 
     /// Stages one block whose data already sits in `record` at offset `RECORD_HEADER_BYTES + key
-    /// length`; returns once it is durable. An identical block already held is acknowledged
-    /// without a second write.
+    /// length`; returns once it is durable, or with [`Wait::Written`] once the next `fdatasync`
+    /// of the device will make it so. An identical block already held is acknowledged without a
+    /// second write, once durable: the writer that staged it may have asked only for
+    /// [`Wait::Written`], and this caller's promise is not that one's.
     pub async fn write_block(
         &self,
         key: BlockKey,
         record: AlignedBuf,
         data_crc: u32,
+        wait: Wait,
     ) -> Result<u64, StagingError> {
-        if let Some(existing) = self.lock().index.live(&key) {
-            if existing.data_crc != data_crc {
+        let held = self.lock().index.live(&key).map(|e| (e.data_crc, e.lsn));
+        if let Some((existing_crc, existing_lsn)) = held {
+            if existing_crc != data_crc {
                 return Err(StagingError::Conflict {
                     key: key.to_string(),
-                    existing: existing.data_crc,
+                    existing: existing_crc,
                     new: data_crc,
                 });
             }
-            return Ok(existing.lsn);
+            self.wait_durable(existing_lsn).await?;
+            return Ok(existing_lsn);
         }
         let key_text = key.to_string();
         let lsn = self
@@ -481,39 +502,50 @@ impl StagingLog {
                 key.block_len,
                 data_crc,
                 RecordUse::Staged,
+                wait,
             )
             .await?;
         let (lsn, segment, device_offset, segment_sequence) = lsn;
-        let mut st = self.lock();
-        st.journal.add_key(segment, key);
-        let entry = BlockIndex::entry(
-            lsn,
-            segment,
-            segment_sequence,
-            device_offset,
-            key.block_len,
-            data_crc,
-        );
-        if !st.index.insert(key, entry) {
-            // A concurrent write of the same block won the race; this record is redundant
-            // and releases the pin its allocation took.
-            let existing_lsn = st.index.live(&key).map_or(lsn, |e| e.lsn);
-            st.journal.unpin(segment);
-            drop(st);
-            self.reclaim_kick.notify_one();
-            return Ok(existing_lsn);
+        // Either this record is the block's (indexed and queued for upload in one critical
+        // section) or a concurrent write of the same block won the race.
+        let outcome = {
+            let mut st = self.lock();
+            st.journal.add_key(segment, key);
+            let entry = BlockIndex::entry(
+                lsn,
+                segment,
+                segment_sequence,
+                device_offset,
+                key.block_len,
+                data_crc,
+            );
+            if st.index.insert(key, entry) {
+                if let Err(held) = st.uploads.push(lsn, key) {
+                    tracing::error!(lsn, %key, %held, "a fresh lsn was already queued for another block");
+                }
+                Ok(st.uploads.paused)
+            } else {
+                // This record is redundant and releases the pin its allocation took.
+                st.journal.unpin(segment);
+                Err(st.index.live(&key).map_or(lsn, |e| e.lsn))
+            }
+        };
+        match outcome {
+            Ok(paused) => {
+                // One new block needs one worker; waking all of them for every block (or any
+                // while uploads are paused) costs more CPU than the write itself for small
+                // blocks.
+                if !paused {
+                    self.upload_wakeup.notify_one();
+                }
+                Ok(lsn)
+            }
+            Err(existing_lsn) => {
+                self.reclaim_kick.notify_one();
+                self.wait_durable(existing_lsn).await?;
+                Ok(existing_lsn)
+            }
         }
-        if let Err(held) = st.uploads.push(lsn, key) {
-            tracing::error!(lsn, %key, %held, "a fresh lsn was already queued for another block");
-        }
-        let paused = st.uploads.paused;
-        drop(st);
-        // One new block needs one worker; waking all of them for every block (or any while
-        // uploads are paused) costs more CPU than the write itself for small blocks.
-        if !paused {
-            self.upload_wakeup.notify_one();
-        }
-        Ok(lsn)
     }
 
     /// Whether the log keeps blocks fetched from the store (`--read-cache` above 0).
@@ -601,6 +633,7 @@ impl StagingLog {
                 key.block_len,
                 crc,
                 RecordUse::Cached,
+                Wait::Durable,
             )
             .await;
         let (lsn, segment, device_offset, segment_sequence) = match appended {
@@ -645,6 +678,7 @@ impl StagingLog {
         data_len: u32,
         data_crc: u32,
         use_: RecordUse,
+        wait: Wait,
     ) -> Result<(u64, usize, u64, u64), StagingError> {
         let len = record.len() as u64;
         let started = Instant::now();
@@ -716,13 +750,39 @@ impl StagingLog {
             });
         }
         self.write_kick.notify_one();
-        self.wait_durable(alloc.lsn).await?;
+        self.wait(alloc.lsn, wait).await?;
         Ok((
             alloc.lsn,
             alloc.segment,
             alloc.device_offset,
             alloc.segment_sequence,
         ))
+    }
+
+    async fn wait(&self, lsn: u64, wait: Wait) -> Result<(), StagingError> {
+        match wait {
+            Wait::Durable => self.wait_durable(lsn).await,
+            Wait::Written => self.wait_written(lsn).await,
+        }
+    }
+
+    /// Until the write watermark passes `lsn` ([`Wait::Written`]), or the log fails.
+    async fn wait_written(&self, lsn: u64) -> Result<(), StagingError> {
+        let mut written = self.written.subscribe();
+        let mut synced = self.synced.subscribe();
+        loop {
+            if let Err(reason) = &*synced.borrow_and_update() {
+                return Err(StagingError::Failed(reason.clone()));
+            }
+            if *written.borrow_and_update() >= lsn {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = written.changed() => changed,
+                changed = synced.changed() => changed,
+            }
+            .map_err(|_| StagingError::ShuttingDown)?;
+        }
     }
 
     async fn wait_durable(&self, lsn: u64) -> Result<(), StagingError> {
@@ -792,7 +852,18 @@ impl StagingLog {
         };
         match result {
             Ok(()) => {
-                self.lock().journal.written(&lsns);
+                let watermark = {
+                    let mut st = self.lock();
+                    st.journal.written(&lsns);
+                    st.journal.watermark()
+                };
+                self.written.send_if_modified(|written| {
+                    let higher = watermark > *written;
+                    if higher {
+                        *written = watermark;
+                    }
+                    higher
+                });
                 self.sync_kick.notify_one();
             }
             // The failed lsns stay in `inflight`, so the watermark never passes them and nothing
@@ -1186,6 +1257,7 @@ impl StagingLog {
             data_len as u32,
             crc,
             RecordUse::Bookkeeping,
+            Wait::Durable,
         )
         .await
         .map(|_| ())

@@ -357,6 +357,7 @@ async fn stage(log: &StagingLog, key: &shared::BlockKey) {
         *key,
         crate::node::record_with(key, &data),
         crc32c::crc32c(&data),
+        crate::staging::Wait::Durable,
     )
     .await
     .unwrap();

@@ -1,7 +1,9 @@
 //! Model-based proof of the journal and its recovery against power loss (`power_loss_*`).
 //!
 //! A case is a random program of steps against a small log (6 segments of the smallest size,
-//! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses segments): batches of concurrent block writes, upload
+//! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses segments): batches of concurrent block writes (some waiting only for
+//! their write, [`Wait::Written`], and made durable by one `fdatasync` of the device issued
+//! afterwards, as a `WriteSlice`'s metadata commit in the same device does), upload
 //! completions, flushes of the completion record, deletes, and crashes. A crash is a power cut
 //! at a random moment under concurrent writers, a write torn at a 512-byte boundary, or an EIO
 //! on the nth write or sync followed by a power cut; the fault-injecting engine then drops every
@@ -22,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
-use super::tests::{block, options, put};
+use super::tests::{block, options, put_waiting};
 use super::*;
 use crate::io::faulty::{FaultyEngine, Op};
 use crate::tasks::Tasks;
@@ -33,8 +35,9 @@ const SEGMENTS: u64 = 6;
 
 #[derive(Debug, Clone)]
 enum Crash {
-    /// Power is cut this many milliseconds into a batch of concurrent writes.
-    PowerCut { after_ms: u64 },
+    /// Power is cut this many milliseconds into a batch of concurrent writes (covered: they
+    /// wait only for their writes, then one sync of the device covers them).
+    PowerCut { after_ms: u64, covered: bool },
     /// The nth write from now is torn after this many sectors, and the machine dies with it.
     Torn { skip: u64, sectors: usize },
     /// The nth operation from now fails with EIO; the batch goes on, then the power is cut.
@@ -45,6 +48,9 @@ enum Crash {
 enum Step {
     /// Concurrent writes of fresh blocks of these lengths.
     Write(Vec<u32>),
+    /// The same, each waiting only for its write; then one sync of the device, after which
+    /// they count as acknowledged.
+    WriteCovered(Vec<u32>),
     /// Take up to this many blocks due for upload and record them uploaded.
     Upload(usize),
     /// Make the upload completions durable (the bookkeeping task does it every 200 ms too).
@@ -67,7 +73,8 @@ fn lengths() -> impl Strategy<Value = Vec<u32>> {
 
 fn crash() -> impl Strategy<Value = Crash> {
     prop_oneof![
-        (0u64..40).prop_map(|after_ms| Crash::PowerCut { after_ms }),
+        (0u64..40, any::<bool>())
+            .prop_map(|(after_ms, covered)| Crash::PowerCut { after_ms, covered }),
         (0u64..6, 0usize..64).prop_map(|(skip, sectors)| Crash::Torn { skip, sectors }),
         (prop_oneof![Just(Op::Write), Just(Op::Sync)], 0u64..6)
             .prop_map(|(op, skip)| Crash::Eio { op, skip }),
@@ -76,7 +83,8 @@ fn crash() -> impl Strategy<Value = Crash> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => lengths().prop_map(Step::Write),
+        4 => lengths().prop_map(Step::Write),
+        2 => lengths().prop_map(Step::WriteCovered),
         4 => (1usize..12).prop_map(Step::Upload),
         1 => Just(Step::Flush),
         2 => proptest::collection::vec(any::<usize>(), 1..6).prop_map(Step::Delete),
@@ -148,6 +156,13 @@ impl Harness {
 
     /// Writes fresh blocks concurrently; records the acknowledged ones.
     async fn write(&mut self, lens: &[u32]) {
+        self.write_waiting(lens, Wait::Durable).await;
+    }
+
+    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Written`], then
+    /// syncs the device itself, as the metadata's durable commit does after a `WriteSlice`
+    /// staged its block, and only what that sync covered is acknowledged.
+    async fn write_waiting(&mut self, lens: &[u32], wait: Wait) {
         let writers: Vec<_> = lens
             .iter()
             .map(|&len| {
@@ -155,15 +170,22 @@ impl Harness {
                 self.next_slice += 1;
                 self.lens.insert(slice, len);
                 let log = self.log.clone();
-                tokio::spawn(async move { (slice, len, put(&log, slice, len).await) })
+                tokio::spawn(async move { (slice, len, put_waiting(&log, slice, len, wait).await) })
             })
             .collect();
+        let mut written = Vec::new();
         for writer in writers {
             let (slice, len, result) = writer.await.unwrap();
             // An error (full, or the device failed) acknowledges nothing, and promises nothing.
             if result.is_ok() {
-                self.known.insert(slice, (len, Known::Acked));
+                written.push((slice, len));
             }
+        }
+        if wait == Wait::Written && !written.is_empty() && self.faulty.sync().await.is_err() {
+            return;
+        }
+        for (slice, len) in written {
+            self.known.insert(slice, (len, Known::Acked));
         }
     }
 
@@ -250,14 +272,19 @@ impl Harness {
 
     async fn crash(&mut self, crash: &Crash, lens: &[u32]) {
         match crash {
-            Crash::PowerCut { after_ms } => {
+            Crash::PowerCut { after_ms, covered } => {
                 let faulty = self.faulty.clone();
                 let after = Duration::from_millis(*after_ms);
                 let cut = tokio::spawn(async move {
                     tokio::time::sleep(after).await;
                     faulty.cut_power().await.unwrap();
                 });
-                self.write(lens).await;
+                let wait = if *covered {
+                    Wait::Written
+                } else {
+                    Wait::Durable
+                };
+                self.write_waiting(lens, wait).await;
                 cut.await.unwrap();
             }
             Crash::Torn { skip, sectors } => {
@@ -386,6 +413,7 @@ impl Harness {
         for step in steps {
             match step {
                 Step::Write(lens) => self.write(lens).await,
+                Step::WriteCovered(lens) => self.write_waiting(lens, Wait::Written).await,
                 Step::Upload(n) => self.upload(*n),
                 Step::Flush => self.flush().await,
                 Step::Delete(picks) => self.delete(picks).await,
@@ -472,7 +500,13 @@ fn power_loss_after_reclaim_and_reuse_of_segments() {
             Step::Write(vec![2 << 20; 8]),
             Step::Upload(64),
             Step::Write(vec![2 << 20; 6]),
-            Step::Crash(Crash::PowerCut { after_ms }, vec![1 << 20; 6]),
+            Step::Crash(
+                Crash::PowerCut {
+                    after_ms,
+                    covered: false,
+                },
+                vec![1 << 20; 6],
+            ),
         ]);
     }
 }
@@ -484,7 +518,13 @@ fn power_loss_with_deletes_of_uploaded_blocks_before_their_record() {
         Step::Write(vec![5000, 6000, 7000]),
         Step::Upload(3),
         Step::Delete(vec![0, 1, 2]),
-        Step::Crash(Crash::PowerCut { after_ms: 0 }, vec![100]),
+        Step::Crash(
+            Crash::PowerCut {
+                after_ms: 0,
+                covered: false,
+            },
+            vec![100],
+        ),
     ]);
 }
 

@@ -30,8 +30,17 @@ pub(super) fn block(slice: u64, len: u32) -> (BlockKey, Vec<u8>) {
 }
 
 pub(super) async fn put(log: &StagingLog, slice: u64, len: u32) -> Result<BlockKey, StagingError> {
+    put_waiting(log, slice, len, Wait::Durable).await
+}
+
+pub(super) async fn put_waiting(
+    log: &StagingLog,
+    slice: u64,
+    len: u32,
+    wait: Wait,
+) -> Result<BlockKey, StagingError> {
     let (key, data) = block(slice, len);
-    log.write_block(key, record_with(&key, &data), crc32c::crc32c(&data))
+    log.write_block(key, record_with(&key, &data), crc32c::crc32c(&data), wait)
         .await
         .map(|_| key)
 }
@@ -110,8 +119,13 @@ async fn restart_keeps_staged_blocks_and_remembers_uploads_and_deletes() {
     let (key, mut data) = block(5, keys[4].block_len);
     data[0] ^= 1;
     assert!(matches!(
-        log.write_block(key, record_with(&key, &data), crc32c::crc32c(&data))
-            .await,
+        log.write_block(
+            key,
+            record_with(&key, &data),
+            crc32c::crc32c(&data),
+            Wait::Durable
+        )
+        .await,
         Err(StagingError::Conflict { .. })
     ));
     log.shutdown().await;
