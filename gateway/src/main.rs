@@ -19,7 +19,7 @@ use gateway::meta_service::MetaService;
 use gateway::node::workers::{self as node_workers, WorkerConfig};
 use gateway::node::{ClientSettings, Node};
 use gateway::service::StagingService;
-use gateway::staging::UploadPolicy;
+use gateway::staging::{StagingLog, UploadPolicy};
 use gateway::store_check::{self, StoreCheckMode};
 use gateway::tasks::Tasks;
 use gateway::volume::{open_volume_with_meta, DeviceMetaRegion, VolumeOptions};
@@ -450,6 +450,7 @@ async fn check_block_device_meta(args: &ServeArgs) -> anyhow::Result<()> {
 async fn open_meta(
     location: &MetaLocation,
     region: Option<DeviceMetaRegion>,
+    log: &Arc<StagingLog>,
     config: MetaConfig,
 ) -> anyhow::Result<Arc<dyn MetaEngine>> {
     let engine = match (location, region) {
@@ -458,6 +459,7 @@ async fn open_meta(
             let backend = region
                 .backend()
                 .context("cannot open the metadata region of the device")?;
+            backend.set_device_sync(device_sync_through(log.clone()));
             let described = backend.describe();
             if !formatted_now && backend.database_len() == 0 {
                 // Served before, but never with its metadata inside: it was kept elsewhere.
@@ -483,6 +485,20 @@ async fn open_meta(
         }
     };
     Ok(Arc::new(engine))
+}
+
+/// The metadata region's flush, done by the staging log's group commit: one `fdatasync` of the
+/// device for blocks and metadata alike (so a `WriteSlice`'s block and its commit share one),
+/// and one place that sees a flush fail (a failed flush fails the log, and the commit with it).
+fn device_sync_through(log: Arc<StagingLog>) -> meta::redb_region::DeviceSync {
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move || {
+        let log = log.clone();
+        // redb's durable commits run on blocking threads; should one run on a worker,
+        // block_in_place hands its other tasks to another worker meanwhile.
+        tokio::task::block_in_place(|| runtime.block_on(async move { log.sync_device().await }))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
 }
 
 async fn open_meta_store(location: &MetaLocation) -> anyhow::Result<Arc<dyn meta::kv::KvStore>> {
@@ -680,6 +696,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let meta = open_meta(
         &meta_location,
         volume.meta_region,
+        &log,
         MetaConfig {
             deleted_data_delay: args.deleted_data_delay,
             redb_cache_bytes: Some(args.meta_cache as usize),

@@ -325,7 +325,15 @@ struct Region {
     ring: Option<Mutex<io_uring::IoUring>>,
     /// Set once the ring failed: it is not trusted again.
     ring_failed: std::sync::atomic::AtomicBool,
+    /// Who flushes the device at a sync ([`RegionBackend::set_device_sync`]); unset: the
+    /// region's own `fdatasync`.
+    device_sync: std::sync::OnceLock<DeviceSync>,
 }
+
+/// Flushes the whole device the region lives in (`fdatasync`): given by the owner of the device
+/// when it flushes it for other writers too, so that one flush serves all of them and a flush
+/// error is seen in one place. Called on a blocking thread.
+pub type DeviceSync = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
 
 struct State {
     /// The database's length (redb's file length).
@@ -487,8 +495,17 @@ impl RegionBackend {
                     }
                 },
                 ring_failed: std::sync::atomic::AtomicBool::new(false),
+                device_sync: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// From now on a sync ends with `sync` instead of the region's own `fdatasync`; it must
+    /// flush the same device (every write completed before it was called). Set once.
+    pub fn set_device_sync(&self, sync: DeviceSync) {
+        if self.region.device_sync.set(sync).is_err() {
+            tracing::warn!(device = %self.region.device, "the region's device sync was set already; kept the first");
+        }
     }
 
     /// The bytes of database this region can hold.
@@ -843,7 +860,11 @@ impl Region {
         let outcomes = self.write_batch(&writes);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
-        self.file.sync_data().map_err(|e| self.io(self.base, e))?;
+        match self.device_sync.get() {
+            Some(sync) => sync(),
+            None => self.file.sync_data(),
+        }
+        .map_err(|e| self.io(self.base, e))?;
         state.dirty.clear();
         if header_changed {
             state.sequence += 1;

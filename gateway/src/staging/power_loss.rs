@@ -2,8 +2,8 @@
 //!
 //! A case is a random program of steps against a small log (6 segments of the smallest size,
 //! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses segments): batches of concurrent block writes (some waiting only for
-//! their write, [`Wait::Written`], and made durable by one `fdatasync` of the device issued
-//! afterwards, as a `WriteSlice`'s metadata commit in the same device does), upload
+//! their write, [`Wait::Written`], and made durable by a flush of the device asked for
+//! afterwards, [`StagingLog::sync_device`], as a `WriteSlice`'s metadata commit does), upload
 //! completions, flushes of the completion record, deletes, and crashes. A crash is a power cut
 //! at a random moment under concurrent writers, a write torn at a 512-byte boundary, or an EIO
 //! on the nth write or sync followed by a power cut; the fault-injecting engine then drops every
@@ -36,7 +36,7 @@ const SEGMENTS: u64 = 6;
 #[derive(Debug, Clone)]
 enum Crash {
     /// Power is cut this many milliseconds into a batch of concurrent writes (covered: they
-    /// wait only for their writes, then one sync of the device covers them).
+    /// wait only for their writes, then a flush asked for covers them).
     PowerCut { after_ms: u64, covered: bool },
     /// The nth write from now is torn after this many sectors, and the machine dies with it.
     Torn { skip: u64, sectors: usize },
@@ -48,8 +48,8 @@ enum Crash {
 enum Step {
     /// Concurrent writes of fresh blocks of these lengths.
     Write(Vec<u32>),
-    /// The same, each waiting only for its write; then one sync of the device, after which
-    /// they count as acknowledged.
+    /// The same, each waiting only for its write; then a flush of the device asked for, after
+    /// which they count as acknowledged.
     WriteCovered(Vec<u32>),
     /// Take up to this many blocks due for upload and record them uploaded.
     Upload(usize),
@@ -159,9 +159,10 @@ impl Harness {
         self.write_waiting(lens, Wait::Durable).await;
     }
 
-    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Written`], then
-    /// syncs the device itself, as the metadata's durable commit does after a `WriteSlice`
-    /// staged its block, and only what that sync covered is acknowledged.
+    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Written`], then asks
+    /// for a flush of the device ([`StagingLog::sync_device`]), as the metadata's durable
+    /// commit does after a `WriteSlice` staged its block, and only what that flush covered is
+    /// acknowledged.
     async fn write_waiting(&mut self, lens: &[u32], wait: Wait) {
         let writers: Vec<_> = lens
             .iter()
@@ -181,7 +182,7 @@ impl Harness {
                 written.push((slice, len));
             }
         }
-        if wait == Wait::Written && !written.is_empty() && self.faulty.sync().await.is_err() {
+        if wait == Wait::Written && !written.is_empty() && self.log.sync_device().await.is_err() {
             return;
         }
         for (slice, len) in written {

@@ -198,6 +198,40 @@ async fn recovery_reads_records_straddling_read_chunks() {
     log.shutdown().await;
 }
 
+/// A flush asked for by another writer of the device (the metadata region) covers a block that
+/// waited only for its write, through a power cut; and a flush that fails fails the log: the
+/// caller is told, and so is every writer after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
+    use crate::io::faulty::{FaultyEngine, Op};
+    use crate::volume::open_volume_with;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut handle = None;
+    let log = open_volume_with(&options(dir.path(), 64 << 20), Tasks::new(), |engine| {
+        let faulty = Arc::new(FaultyEngine::new(engine));
+        handle = Some(faulty.clone());
+        faulty
+    })
+    .await
+    .unwrap();
+    let faulty = handle.unwrap();
+    let written = put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
+    log.sync_device().await.unwrap();
+    faulty.fail(Op::Sync, 0);
+    let refused = log.sync_device().await.unwrap_err();
+    assert!(matches!(refused, StagingError::Failed(_)), "{refused:?}");
+    assert!(log.failure().is_some(), "a failed flush must fail the log");
+    let after = put_waiting(&log, 2, 5000, Wait::Written).await;
+    assert!(after.is_err(), "a failed log took a write: {after:?}");
+    faulty.cut_power().await.unwrap();
+    let image = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
+    let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+    let (got, _) = recovered.read_block(&written).await.unwrap();
+    assert_eq!(&got[..], &block(1, 5000).1[..]);
+}
+
 /// Power loss at varied moments under 8 concurrent writers: the device keeps only what a
 /// completed fdatasync covered (FaultyEngine undoes the rest), and recovery from that image
 /// returns every acknowledged block byte for byte; any unacknowledged block it returns is whole
