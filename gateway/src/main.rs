@@ -487,9 +487,10 @@ async fn open_meta(
     Ok(Arc::new(engine))
 }
 
-/// The metadata region's flush, done by the staging log's group commit: one `fdatasync` of the
-/// device for blocks and metadata alike (so a `WriteSlice`'s block and its commit share one),
-/// and one place that sees a flush fail (a failed flush fails the log, and the commit with it).
+/// The metadata region's flush, done by the staging log through its engine: one kind of
+/// `fdatasync` of the device for blocks and metadata alike (a `WriteSlice`'s block is made
+/// durable by its commit's), and one place that sees a flush fail (a failed flush fails the log,
+/// and the commit with it).
 fn device_sync_through(log: Arc<StagingLog>) -> meta::redb_region::DeviceSync {
     let runtime = tokio::runtime::Handle::current();
     Arc::new(move || {

@@ -201,10 +201,6 @@ pub struct StagingLog {
     /// The write watermark: every record up to it is written, with no hole before it, so the
     /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Written`]).
     written: watch::Sender<u64>,
-    /// Flushes of the device asked for by others ([`StagingLog::sync_device`]): the last ticket
-    /// handed out, and the last one a completed `fdatasync` covered.
-    sync_requested: std::sync::atomic::AtomicU64,
-    sync_served: watch::Sender<u64>,
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
@@ -340,8 +336,6 @@ impl StagingLog {
             device_path,
             synced: watch::channel(Ok(scan.max_lsn)).0,
             written: watch::channel(scan.max_lsn).0,
-            sync_requested: std::sync::atomic::AtomicU64::new(0),
-            sync_served: watch::channel(0).0,
             state: Mutex::new(state),
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
@@ -885,82 +879,71 @@ impl StagingLog {
 
     /// Flushes the device for another writer of it (the metadata region in the same device):
     /// returns once an `fdatasync` issued after this call completed, so every write of the
-    /// caller's that completed before it is durable. It shares the log's group commit (one
-    /// flush serves blocks and metadata alike) and its failure: a failed flush fails the log,
-    /// and this call with it.
+    /// caller's that completed before it is durable. The flush is the log's own kind, through
+    /// its engine: it makes the log's written records durable too, and a failed one fails the
+    /// log, and this call with it, as a failed flush of the log's own would.
     pub async fn sync_device(&self) -> Result<(), StagingError> {
-        let ticket = self
-            .sync_requested
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            + 1;
-        let mut served = self.sync_served.subscribe();
-        let mut synced = self.synced.subscribe();
-        self.sync_kick.notify_one();
-        loop {
-            if let Err(reason) = &*synced.borrow_and_update() {
-                return Err(StagingError::Failed(reason.clone()));
-            }
-            if *served.borrow_and_update() >= ticket {
-                return Ok(());
-            }
-            tokio::select! {
-                changed = served.changed() => changed,
-                changed = synced.changed() => changed,
-            }
-            .map_err(|_| StagingError::ShuttingDown)?;
+        if let Some(reason) = self.failure() {
+            return Err(StagingError::Failed(reason));
+        }
+        self.flush().await.map_err(StagingError::Failed)?;
+        // A failure recorded meanwhile (a write of the log's) stands.
+        match self.failure() {
+            Some(reason) => Err(StagingError::Failed(reason)),
+            None => Ok(()),
         }
     }
 
-    /// The group commit: one fdatasync covers every write completed before it started, and
-    /// every [`StagingLog::sync_device`] asked for before it started.
+    /// One `fdatasync`: on success every record below the write watermark read before it is
+    /// durable; on failure the log fails (nothing is acknowledged after a failed flush).
+    async fn flush(&self) -> Result<(), String> {
+        let watermark = self.lock().journal.watermark();
+        let durable = match &*self.synced.borrow() {
+            Ok(d) => *d,
+            Err(reason) => return Err(reason.clone()),
+        };
+        let started = Instant::now();
+        let result = self
+            .bounded(|| "fdatasync".into(), self.engine.sync())
+            .await;
+        self.metrics
+            .synced(started.elapsed(), watermark.saturating_sub(durable));
+        match result {
+            Ok(()) => {
+                // A failure recorded meanwhile stands: nobody is acknowledged after it.
+                self.synced.send_if_modified(|synced| match synced {
+                    Ok(durable) if *durable < watermark => {
+                        *synced = Ok(watermark);
+                        true
+                    }
+                    _ => false,
+                });
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(device = %self.device_path.display(), %reason, "refusing further writes");
+                self.fail(reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    /// The group commit: one fdatasync covers every write completed before it started.
     async fn sync_task(self: Arc<Self>) {
         loop {
             self.sync_kick.notified().await;
             loop {
                 let watermark = self.lock().journal.watermark();
-                // Read before the flush is issued: a request made later waits for the next one.
-                let requested = self
-                    .sync_requested
-                    .load(std::sync::atomic::Ordering::Acquire);
                 let durable = match &*self.synced.borrow() {
                     Ok(d) => *d,
                     // Failed: writers behind a failed write were answered by `fail`.
                     Err(_) => return,
                 };
-                if watermark <= durable && requested <= *self.sync_served.borrow() {
+                if watermark <= durable {
                     break;
                 }
-                let started = Instant::now();
-                let result = self
-                    .bounded(|| "fdatasync".into(), self.engine.sync())
-                    .await;
-                self.metrics
-                    .synced(started.elapsed(), watermark.saturating_sub(durable));
-                match result {
-                    Ok(()) => {
-                        // A failure recorded meanwhile stands: nobody is acknowledged after it.
-                        self.synced.send_if_modified(|synced| match synced {
-                            Ok(durable) if *durable < watermark => {
-                                *synced = Ok(watermark);
-                                true
-                            }
-                            _ => false,
-                        });
-                        if self.failure().is_none() {
-                            self.sync_served.send_if_modified(|served| {
-                                let higher = requested > *served;
-                                if higher {
-                                    *served = requested;
-                                }
-                                higher
-                            });
-                        }
-                    }
-                    Err(reason) => {
-                        tracing::error!(device = %self.device_path.display(), %reason, "refusing further writes");
-                        self.fail(reason);
-                        return;
-                    }
+                if self.flush().await.is_err() {
+                    return;
                 }
             }
         }
