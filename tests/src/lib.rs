@@ -31,6 +31,7 @@
 //! * `STAGEFS_BIN_DIR=DIR` takes the binaries from `DIR` instead of the newest build;
 //! * `STAGEFS_CRASH_ROUNDS=N` sets the number of kill/restart rounds of `crash_rounds`.
 
+pub mod bench;
 pub mod binaries;
 pub mod blocks;
 pub mod certs;

@@ -6,34 +6,24 @@
 
 use std::process::Command;
 
+use stagefs_tests::bench::json_report;
 use stagefs_tests::binaries::binary;
 use stagefs_tests::TestDir;
 
 #[test]
 fn bench_cluster_measures_ingest_failover_and_takeover() {
     let dir = TestDir::new("bench-cluster");
-    let output = Command::new(binary("stagefs"))
-        .args(["bench", "cluster", "--quick", "--json"])
-        .args(["--device-size", "512MiB", "--checkpoint-size", "8MiB"])
-        .args(["--failover-time", "2s", "--failover-file-size", "1MiB"])
-        .arg("--workdir")
-        .arg(dir.join("work"))
-        .arg("--gateway-bin")
-        .arg(binary("stagefs-gateway"))
-        .output()
-        .expect("run stagefs bench cluster");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "bench cluster failed ({}):\n{stderr}",
-        output.status
+    let report = json_report(
+        Command::new(binary("stagefs"))
+            .args(["bench", "cluster", "--quick", "--json"])
+            .args(["--device-size", "512MiB", "--checkpoint-size", "8MiB"])
+            .args(["--failover-time", "2s", "--failover-file-size", "1MiB"])
+            .arg("--workdir")
+            .arg(dir.join("work"))
+            .arg("--gateway-bin")
+            .arg(binary("stagefs-gateway")),
+        "bench cluster",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
     let ingest = report["ingest"].as_array().expect("ingest rows");
     assert_eq!(ingest.len(), 3, "{report}");
     for (n, row) in ingest.iter().enumerate() {

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use stagefs_tests::bench::json_report;
 use stagefs_tests::binaries::{binary, s3s_fs_binary};
 use stagefs_tests::TestDir;
 
@@ -46,33 +47,22 @@ fn bench_fs_runs_every_workload_on_juicefs_too() {
         }
     };
     let dir = TestDir::new("bench-fs-peer");
-    let output = Command::new(binary("stagefs"))
-        .args(["bench", "fs", "--quick", "--json", "--chart", "none"])
-        .args(["--device-size", "512MiB", "--checkpoint-size", "8MiB"])
-        .args(["--small-files", "40", "--appends", "10"])
-        .args(["--read-after-write-files", "5", "--untar-files", "50"])
-        .args(["--peer", "juicefs", "--juicefs-bin"])
-        .arg(&juicefs)
-        .arg("--workdir")
-        .arg(dir.join("work"))
-        .arg("--gateway-bin")
-        .arg(binary("stagefs-gateway"))
-        .arg("--s3s-fs-bin")
-        .arg(s3s_fs_binary())
-        .output()
-        .expect("run stagefs bench fs --peer juicefs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "bench fs --peer juicefs failed ({}):\n{stderr}",
-        output.status
+    let report = json_report(
+        Command::new(binary("stagefs"))
+            .args(["bench", "fs", "--quick", "--json", "--chart", "none"])
+            .args(["--device-size", "512MiB", "--checkpoint-size", "8MiB"])
+            .args(["--small-files", "40", "--appends", "10"])
+            .args(["--read-after-write-files", "5", "--untar-files", "50"])
+            .args(["--peer", "juicefs", "--juicefs-bin"])
+            .arg(&juicefs)
+            .arg("--workdir")
+            .arg(dir.join("work"))
+            .arg("--gateway-bin")
+            .arg(binary("stagefs-gateway"))
+            .arg("--s3s-fs-bin")
+            .arg(s3s_fs_binary()),
+        "bench fs --peer juicefs",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
     assert!(
         report["juicefs_version"]
             .as_str()

@@ -6,31 +6,21 @@
 
 use std::process::Command;
 
+use stagefs_tests::bench::json_report;
 use stagefs_tests::binaries::binary;
 use stagefs_tests::TestDir;
 
 #[test]
 fn bench_meta_measures_every_operation_on_every_backend() {
     let dir = TestDir::new("bench-meta");
-    let output = Command::new(binary("stagefs"))
-        .args(["bench", "meta", "--quick", "--json", "--clients", "1"])
-        .args(["--backends", "region-lazy,postgres"])
-        .arg("--scratch")
-        .arg(dir.path())
-        .output()
-        .expect("run stagefs bench meta");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "bench meta failed ({}):\n{stderr}",
-        output.status
+    let report = json_report(
+        Command::new(binary("stagefs"))
+            .args(["bench", "meta", "--quick", "--json", "--clients", "1"])
+            .args(["--backends", "region-lazy,postgres"])
+            .arg("--scratch")
+            .arg(dir.path()),
+        "bench meta",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
     let measured = |rate: &serde_json::Value| {
         rate["ops"].as_u64().is_some_and(|ops| ops > 0)
             && rate["ops_per_sec"].as_f64().is_some_and(|r| r > 0.0)

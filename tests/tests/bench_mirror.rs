@@ -6,40 +6,30 @@
 
 use std::process::Command;
 
+use stagefs_tests::bench::json_report;
 use stagefs_tests::binaries::binary;
 use stagefs_tests::TestDir;
 
 #[test]
 fn bench_mirror_measures_the_three_mounts() {
     let dir = TestDir::new("bench-mirror");
-    let output = Command::new(binary("stagefs"))
-        .args(["bench", "mirror", "--quick", "--json"])
-        .args([
-            "--iterations",
-            "3",
-            "--listing-files",
-            "50",
-            "--rtt",
-            "10ms",
-        ])
-        .arg("--workdir")
-        .arg(dir.join("work"))
-        .arg("--gateway-bin")
-        .arg(binary("stagefs-gateway"))
-        .output()
-        .expect("run stagefs bench mirror");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "bench mirror failed ({}):\n{stderr}",
-        output.status
+    let report = json_report(
+        Command::new(binary("stagefs"))
+            .args(["bench", "mirror", "--quick", "--json"])
+            .args([
+                "--iterations",
+                "3",
+                "--listing-files",
+                "50",
+                "--rtt",
+                "10ms",
+            ])
+            .arg("--workdir")
+            .arg(dir.join("work"))
+            .arg("--gateway-bin")
+            .arg(binary("stagefs-gateway")),
+        "bench mirror",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
     let names: Vec<&str> = report["operations"]
         .as_array()
         .expect("operations")

@@ -198,24 +198,30 @@ async fn recovery_reads_records_straddling_read_chunks() {
     log.shutdown().await;
 }
 
-/// A flush asked for by another writer of the device (the metadata region) covers a block that
-/// waited only for its write, through a power cut; and a flush that fails fails the log: the
-/// caller is told, and so is every writer after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
-    use crate::io::faulty::{FaultyEngine, Op};
-    use crate::volume::open_volume_with;
-
-    let dir = tempfile::tempdir().unwrap();
+/// A 64 MiB log in `dir` on a fault-injecting engine (power cuts, failed syncs).
+async fn open_faulty_volume(
+    dir: &std::path::Path,
+) -> (Arc<StagingLog>, Arc<crate::io::faulty::FaultyEngine>) {
     let mut handle = None;
-    let log = open_volume_with(&options(dir.path(), 64 << 20), Tasks::new(), |engine| {
-        let faulty = Arc::new(FaultyEngine::new(engine));
+    let log = crate::volume::open_volume_with(&options(dir, 64 << 20), Tasks::new(), |engine| {
+        let faulty = Arc::new(crate::io::faulty::FaultyEngine::new(engine));
         handle = Some(faulty.clone());
         faulty
     })
     .await
     .unwrap();
-    let faulty = handle.unwrap();
+    (log, handle.expect("the engine was wrapped"))
+}
+
+/// A flush asked for by another writer of the device (the metadata region) covers a block that
+/// waited only for its write, through a power cut; and a flush that fails fails the log: the
+/// caller is told, and so is every writer after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
+    use crate::io::faulty::Op;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (log, faulty) = open_faulty_volume(dir.path()).await;
     let written = put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
     log.sync_device().await.unwrap();
     faulty.fail(Op::Sync, 0);
@@ -238,24 +244,13 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
 /// too (checksums are checked on every read). `STAGEFS_POWER_LOSS_ROUNDS` scales the rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_keeps_every_acknowledged_block() {
-    use crate::io::faulty::FaultyEngine;
-    use crate::volume::open_volume_with;
-
     let rounds: u64 = std::env::var("STAGEFS_POWER_LOSS_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
     for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
-        let mut handle = None;
-        let log = open_volume_with(&options(dir.path(), 64 << 20), Tasks::new(), |engine| {
-            let faulty = Arc::new(FaultyEngine::new(engine));
-            handle = Some(faulty.clone());
-            faulty
-        })
-        .await
-        .unwrap();
-        let faulty = handle.unwrap();
+        let (log, faulty) = open_faulty_volume(dir.path()).await;
         let acked = Arc::new(Mutex::new(Vec::new()));
         let writers: Vec<_> = (0..8u64)
             .map(|w| {
