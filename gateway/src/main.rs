@@ -491,14 +491,26 @@ async fn open_meta(
 /// `fdatasync` of the device for blocks and metadata alike (a `WriteSlice`'s block is made
 /// durable by its commit's), and one place that sees a flush fail (a failed flush fails the log,
 /// and the commit with it).
+/// After the log stopped (redb's own close comes later), and where blocking is not allowed (a
+/// single-threaded runtime), the region flushes by itself.
 fn device_sync_through(log: Arc<StagingLog>) -> meta::redb_region::DeviceSync {
-    let runtime = tokio::runtime::Handle::current();
+    use gateway::staging::StagingError;
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let runtime = Handle::current();
     Arc::new(move || {
+        if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread) {
+            return None;
+        }
         let log = log.clone();
         // redb's durable commits run on blocking threads; should one run on a worker,
         // block_in_place hands its other tasks to another worker meanwhile.
-        tokio::task::block_in_place(|| runtime.block_on(async move { log.sync_device().await }))
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        match tokio::task::block_in_place(|| {
+            runtime.block_on(async move { log.sync_device().await })
+        }) {
+            Ok(()) => Some(Ok(())),
+            Err(StagingError::ShuttingDown) => None,
+            Err(error) => Some(Err(std::io::Error::other(error.to_string()))),
+        }
     })
 }
 

@@ -331,9 +331,9 @@ struct Region {
 }
 
 /// Flushes the whole device the region lives in (`fdatasync`): given by the owner of the device
-/// when it flushes it for other writers too, so that one flush serves all of them and a flush
-/// error is seen in one place. Called on a blocking thread.
-pub type DeviceSync = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+/// when it flushes it for other writers too, so that a flush error is seen in one place. Called
+/// on a blocking thread. `None`: the owner cannot now (it stopped); the region flushes itself.
+pub type DeviceSync = Arc<dyn Fn() -> Option<io::Result<()>> + Send + Sync>;
 
 struct State {
     /// The database's length (redb's file length).
@@ -860,8 +860,8 @@ impl Region {
         let outcomes = self.write_batch(&writes);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
-        match self.device_sync.get() {
-            Some(sync) => sync(),
+        match self.device_sync.get().and_then(|sync| sync()) {
+            Some(flushed) => flushed,
             None => self.file.sync_data(),
         }
         .map_err(|e| self.io(self.base, e))?;
