@@ -892,9 +892,7 @@ impl StagingLog {
         if self.shut_down.load(std::sync::atomic::Ordering::Acquire) {
             return Err(StagingError::ShuttingDown);
         }
-        if let Some(reason) = self.failure() {
-            return Err(StagingError::Failed(reason));
-        }
+        // A log that failed already answers with its reason, without a flush.
         self.flush().await.map_err(StagingError::Failed)?;
         // A failure recorded meanwhile (a write of the log's) stands.
         match self.failure() {

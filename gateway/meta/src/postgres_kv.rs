@@ -459,6 +459,9 @@ impl KvTxn for PgTxn {
         if keys.len() == 1 && pinned == 0 {
             return Ok(vec![self.get(&keys[0]).await?]);
         }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let pinned = pinned.min(keys.len());
         let (pin, plain) = keys.split_at(pinned);
         let client = self.client();
@@ -468,9 +471,6 @@ impl KvTxn for PgTxn {
                 (true, false) => (GET_MANY, vec![&plain]),
                 (false, false) => (GET_PINNED_AND_MANY, vec![&pin, &plain]),
             };
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
         let statement = client.prepare_cached(query).await.map_err(pg_error)?;
         let rows = self.in_txn(client.query(&statement, &params)).await?;
         let values: std::collections::HashMap<Vec<u8>, Vec<u8>> = rows
