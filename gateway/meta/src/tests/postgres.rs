@@ -410,3 +410,80 @@ fn concurrent_creates_share_one_batch_of_inode_numbers() {
         "{creates} concurrent creates took {taken} inode numbers from the sequence: a batch each"
     );
 }
+
+/// Every connection plans a statement once, and only ever through the key's index: even when
+/// the plan is made on a table so small that reading it whole looks cheaper, since the plan is
+/// kept while the table grows (until the next `ANALYZE`).
+#[test]
+fn every_connection_plans_once_and_reads_through_the_index() {
+    use crate::kv::{Durability, KvStore};
+    use crate::postgres_kv::{PostgresKv, GET_MANY};
+
+    let db = db();
+    let Db::Postgres(url) = &db else {
+        unreachable!("the PostgreSQL suite")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = PostgresKv::connect(url).await.unwrap();
+        let seed = store.begin(true).await.unwrap();
+        let pairs = (0..3u8).map(|i| (vec![b't', i], Some(vec![i]))).collect();
+        seed.commit(pairs, Durability::Durable).await.unwrap();
+        for ids in [false, true] {
+            let client = store.connection(ids).await.unwrap();
+            for (setting, wanted) in [
+                ("plan_cache_mode", "force_generic_plan"),
+                ("enable_seqscan", "off"),
+            ] {
+                let row = client
+                    .query_one(&format!("SHOW {setting}"), &[])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    row.get::<_, String>(0),
+                    wanted,
+                    "{setting} (ids pool: {ids})"
+                );
+            }
+        }
+        let client = store.connection(false).await.unwrap();
+        client.batch_execute("ANALYZE stagefs_kv").await.unwrap();
+        let plan = |name: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .batch_execute(&format!("PREPARE {name}(bytea[]) AS {GET_MANY}"))
+                    .await
+                    .unwrap();
+                let rows = client
+                    .query(
+                        &format!("EXPLAIN EXECUTE {name}(ARRAY['\\x7400'::bytea])"),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let lines: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+                lines.join("\n")
+            }
+        };
+        let planned = plan("with_settings").await;
+        assert!(
+            planned.contains("stagefs_kv_pkey") && !planned.contains("Seq Scan"),
+            "a read by key on a small table:\n{planned}"
+        );
+        // Against a vacuous pass: the same connection with sequential scans allowed reads the
+        // small table whole.
+        client
+            .batch_execute("SET enable_seqscan = on")
+            .await
+            .unwrap();
+        let planned = plan("scans_allowed").await;
+        assert!(planned.contains("Seq Scan"), "{planned}");
+        client
+            .batch_execute(
+                "SET enable_seqscan = off; DEALLOCATE with_settings; DEALLOCATE scans_allowed",
+            )
+            .await
+            .unwrap();
+    });
+}
