@@ -434,6 +434,7 @@ fn every_connection_plans_once_and_reads_through_the_index() {
             for (setting, wanted) in [
                 ("plan_cache_mode", "force_generic_plan"),
                 ("enable_seqscan", "off"),
+                ("enable_bitmapscan", "off"),
             ] {
                 let row = client
                     .query_one(&format!("SHOW {setting}"), &[])
@@ -468,7 +469,7 @@ fn every_connection_plans_once_and_reads_through_the_index() {
         };
         let planned = plan("with_settings").await;
         assert!(
-            planned.contains("stagefs_kv_pkey") && !planned.contains("Seq Scan"),
+            planned.contains("Index Scan using stagefs_kv_pkey") && !planned.contains("Seq Scan"),
             "a read by key on a small table:\n{planned}"
         );
         // Against a vacuous pass: the same connection with sequential scans allowed reads the
