@@ -36,7 +36,8 @@ pub trait IoEngine: Send + Sync + 'static {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// io_uring through tokio-uring on a dedicated thread.
+    /// io_uring through tokio-uring on a dedicated thread (reads and writes; fdatasync on a
+    /// thread pool).
     Uring,
     /// pread/pwrite/fdatasync on a thread pool; works everywhere.
     Psync,
