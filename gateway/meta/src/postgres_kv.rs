@@ -104,7 +104,7 @@ const WRITE_ALL: &str = "WITH deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($
      WHERE k = ANY($3)) \
      INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
      ON CONFLICT (k) DO UPDATE SET v = excluded.v";
-/// Every connection's session settings, in one implicit transaction (both or neither): plan
+/// Every connection's session settings, in one implicit transaction (all or none): plan
 /// each statement once per connection, and read the table only through its key's index.
 /// Re-planning every execution of a statement of `k = ANY($1)` (PostgreSQL's choice for them,
 /// since a generic plan does not look cheaper) was a sixth of the server's CPU in a profile of
