@@ -203,8 +203,6 @@ pub struct StagingLog {
     /// The write watermark: every record up to it is written, with no hole before it, so the
     /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Written`]).
     written: watch::Sender<u64>,
-    /// Set once [`StagingLog::shutdown`] ran: the device's flushes are no longer this log's.
-    shut_down: std::sync::atomic::AtomicBool,
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
@@ -340,7 +338,6 @@ impl StagingLog {
             device_path,
             synced: watch::channel(Ok(scan.max_lsn)).0,
             written: watch::channel(scan.max_lsn).0,
-            shut_down: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(state),
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
@@ -886,10 +883,10 @@ impl StagingLog {
     /// returns once an `fdatasync` issued after this call completed, so every write of the
     /// caller's that completed before it is durable. The flush is the log's own kind, through
     /// its engine: it makes the log's written records durable too, and a failed one fails the
-    /// log, and this call with it, as a failed flush of the log's own would. After
-    /// [`StagingLog::shutdown`] it answers `ShuttingDown`: the caller flushes by itself.
+    /// log, and this call with it, as a failed flush of the log's own would. Once
+    /// [`StagingLog::shutdown`] has begun it answers `ShuttingDown`: the caller flushes by itself.
     pub async fn sync_device(&self) -> Result<(), StagingError> {
-        if self.shut_down.load(std::sync::atomic::Ordering::Acquire) {
+        if self.tasks.is_stopped() {
             return Err(StagingError::ShuttingDown);
         }
         // A log that failed already answers with its reason, without a flush.
@@ -1436,8 +1433,6 @@ impl StagingLog {
             tracing::warn!(error = %e, "could not record the last upload completions; they will be uploaded again after restart");
         }
         self.tasks.drain(SHUTDOWN_BOUND).await;
-        self.shut_down
-            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -196,6 +196,11 @@ impl Tasks {
         }
     }
 
+    /// Whether [`Tasks::drain`] has begun stopping the group.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
     /// Stops the group and waits up to `bound` for its tasks; the ones still running are aborted.
     pub async fn drain(&self, bound: Duration) {
         self.stop.cancel();

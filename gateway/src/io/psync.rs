@@ -22,12 +22,18 @@ impl PsyncEngine {
     }
 }
 
-pub(super) async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| io::Error::other(format!("I/O task failed: {e}")))?
+}
+
+/// `fdatasync` of `file` on tokio's blocking pool: how both engines flush.
+pub(super) fn sync_on_pool(file: &Arc<File>) -> BoxFuture<'static, io::Result<()>> {
+    let file = file.clone();
+    Box::pin(blocking(move || file.sync_data()))
 }
 
 impl IoEngine for PsyncEngine {
@@ -90,8 +96,7 @@ impl IoEngine for PsyncEngine {
     }
 
     fn sync(&self) -> BoxFuture<'static, io::Result<()>> {
-        let file = self.file.clone();
-        Box::pin(blocking(move || file.sync_data()))
+        sync_on_pool(&self.file)
     }
 
     fn name(&self) -> &'static str {

@@ -161,8 +161,7 @@ impl IoEngine for UringEngine {
     /// append + `fsync` loop on a mount, 2,000 each, five runs a build: p99 1.8–8.1 ms through
     /// the ring, 2.0–3.3 ms on the pool, the median unchanged).
     fn sync(&self) -> BoxFuture<'static, io::Result<()>> {
-        let file = self.sync_file.clone();
-        Box::pin(super::psync::blocking(move || file.sync_data()))
+        super::psync::sync_on_pool(&self.sync_file)
     }
 
     fn name(&self) -> &'static str {
