@@ -98,15 +98,8 @@ pub struct MountArgs {
     /// Bytes of whole blocks kept in memory for readers (0: none).
     #[arg(long, value_parser = parse_size, default_value = "128MiB")]
     pub block_cache_size: u64,
-    /// S3 endpoint override for the object store (default from AWS_ENDPOINT).
-    #[arg(long)]
-    pub s3_endpoint: Option<String>,
-    /// S3 region override (default from AWS_REGION).
-    #[arg(long)]
-    pub s3_region: Option<String>,
-    /// Allow a plain-HTTP S3 endpoint.
-    #[arg(long)]
-    pub s3_allow_http: bool,
+    #[command(flatten)]
+    pub s3: S3Options,
     /// How long a call waits for an unreachable gateway to come back (restarted, or its device
     /// taken over by another node) before it fails with EIO: a write moves to another live
     /// gateway at once, but a read of a block only that gateway holds, or any call when it is
@@ -319,11 +312,6 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         })
         .with_context(|| format!("is stagefs-gateway running at {}?", args.gateway))?;
     let meta = Arc::new(FailoverMeta::new(cluster.clone(), grant.session_id));
-    let s3 = S3Options {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        allow_http: args.s3_allow_http,
-    };
     // A tenant confined to a directory is not given the store: the gateways read it for it.
     let store = if grant.read_through_gateway {
         if args.write_mode == WriteMode::Through {
@@ -334,7 +322,7 @@ async fn connect(args: &MountArgs) -> anyhow::Result<Fs> {
         }
         None
     } else {
-        Some(open_store(&grant.store_url, &s3).with_context(|| {
+        Some(open_store(&grant.store_url, &args.s3).with_context(|| {
             format!("cannot open the gateway's object store {}", grant.store_url)
         })?)
     };

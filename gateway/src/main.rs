@@ -197,15 +197,8 @@ struct ServeArgs {
     /// staged go on, and the gateway exits non-zero once everything it can read is uploaded.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     device_timeout: Duration,
-    /// S3 endpoint (e.g. http://127.0.0.1:9000); default from AWS_ENDPOINT / AWS_ENDPOINT_URL.
-    #[arg(long)]
-    s3_endpoint: Option<String>,
-    /// S3 region; default from AWS_REGION / AWS_DEFAULT_REGION.
-    #[arg(long)]
-    s3_region: Option<String>,
-    /// Allow plain-HTTP S3 endpoints.
-    #[arg(long)]
-    s3_allow_http: bool,
+    #[command(flatten)]
+    s3: S3Options,
     /// Where the file-system metadata lives. Default: inside the staging device, in the metadata
     /// region reserved when it was formatted (see --meta-region-size), so the device alone holds
     /// everything and another node that attaches it gets the file system back. A device formatted
@@ -644,12 +637,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Tokens::open_to_all()
         }
     });
-    let s3 = S3Options {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        allow_http: args.s3_allow_http,
-    };
-    let store = open_store(&args.store, &s3)?;
+    let store = open_store(&args.store, &args.s3)?;
     match args.store_check {
         StoreCheckMode::Off => {}
         mode => {

@@ -120,6 +120,17 @@ impl GatewayBuilder {
     }
 
     /// One extra argument, e.g. `--uploads-paused`.
+    /// Reaches the S3 server at `endpoint` instead (a proxy in front of it).
+    pub fn s3_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        let at = self
+            .store_args
+            .iter()
+            .position(|a| a == "--s3-endpoint")
+            .expect("the store flags name an endpoint");
+        self.store_args[at + 1] = endpoint.into();
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.extra.push(arg.into());
         self

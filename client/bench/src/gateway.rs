@@ -279,6 +279,7 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         endpoint: args.s3_endpoint.clone(),
         region: args.s3_region.clone(),
         allow_http: args.s3_allow_http,
+        ..S3Options::default()
     };
     open_store(&store, &s3)?;
     let spec = GatewaySpec {
@@ -790,6 +791,7 @@ impl Bench<'_> {
             endpoint: self.args.s3_endpoint.clone(),
             region: self.args.s3_region.clone(),
             allow_http: self.args.s3_allow_http,
+            ..S3Options::default()
         }
     }
 
