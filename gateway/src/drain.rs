@@ -199,6 +199,7 @@ mod tests {
                 retry_initial: Duration::from_millis(1),
                 retry_max: Duration::from_millis(10),
                 window: None,
+                defer_max: Duration::ZERO,
             },
         )
         .await;
@@ -262,6 +263,7 @@ mod tests {
                 retry_initial: Duration::from_millis(1),
                 retry_max: Duration::from_millis(10),
                 window: None,
+                defer_max: Duration::ZERO,
             },
         )
         .await;

@@ -151,6 +151,13 @@ struct ServeArgs {
     /// Wait this long after staging before uploading (blocks deleted meanwhile are never uploaded).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     upload_delay: Duration,
+    /// Writers first: while clients are staging blocks, uploads wait for them to pause (100 ms
+    /// without a new block), a block at most this long, so that the CPU and the device's
+    /// bandwidth go to the writes; staged blocks are durable and readable from every mount all
+    /// the same. Uploads run at once, whoever writes, for blocks `stagefs sync` waits for, while
+    /// a writer waits for space, and once half the device is in use. 0s: uploads never wait.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    upload_defer_max: Duration,
     /// Failed attempts (permanent errors) after which a block is quarantined. Store outages
     /// (unreachable, timeouts, 5xx) are retried without limit and never quarantine.
     #[arg(long, default_value_t = 5)]
@@ -683,6 +690,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 retry_initial: args.retry_initial,
                 retry_max: args.retry_max,
                 window: args.upload_hours,
+                defer_max: args.upload_defer_max,
             },
         },
         args.meta_region_size,

@@ -139,6 +139,8 @@ struct LogState {
     /// Blocks fetched from the store and kept (`--read-cache`), least recently read first out.
     read_cache: ReadCache,
     waiting_for_space: u64,
+    /// When a client's block was last staged: uploads wait for writers to pause.
+    last_staged: Option<Instant>,
 }
 
 impl LogState {
@@ -159,6 +161,11 @@ impl LogState {
 /// Above this share of used segments, uploads run outside their window (the device must not
 /// fill because of it).
 const WINDOW_OVERRIDE_USED: f64 = 0.9;
+/// Writers count as paused once no block has been staged for this long.
+const WRITERS_PAUSE: Duration = Duration::from_millis(100);
+/// From this share of used segments on, uploads no longer wait for writers to pause: the rest
+/// of the device is room for the drain to catch up before writes must go through or wait.
+const DEFER_UNTIL_USED: f64 = 0.5;
 
 impl LogState {
     /// Whether uploads may run now: inside `--upload-hours`, or at any hour while writers wait
@@ -170,8 +177,24 @@ impl LogState {
         if window.contains(uploads::local_hour()) || self.waiting_for_space > 0 {
             return true;
         }
+        self.used_share() >= WINDOW_OVERRIDE_USED
+    }
+
+    /// When the writers staging blocks now will count as paused, if they hold uploads back:
+    /// not once the device is half full or a writer waits for space.
+    fn writers_pause(&self, now: Instant) -> Option<Instant> {
+        let pause = self.last_staged? + WRITERS_PAUSE;
+        (pause > now && self.waiting_for_space == 0 && self.used_share() < DEFER_UNTIL_USED)
+            .then_some(pause)
+    }
+
+    /// The share of the device's segments in use.
+    fn used_share(&self) -> f64 {
         let (total, free) = self.journal.segment_counts();
-        total > 0 && (total - free) as f64 / total as f64 >= WINDOW_OVERRIDE_USED
+        if total == 0 {
+            return 0.0;
+        }
+        (total - free) as f64 / total as f64
     }
 }
 
@@ -327,6 +350,7 @@ impl StagingLog {
             uploads,
             read_cache,
             waiting_for_space: 0,
+            last_staged: None,
         };
         state.drop_cached(cached_out);
         for c in &corrupt {
@@ -522,6 +546,7 @@ impl StagingLog {
                 data_crc,
             );
             if st.index.insert(key, entry) {
+                st.last_staged = Some(Instant::now());
                 if let Err(held) = st.uploads.push(lsn, key) {
                     tracing::error!(lsn, %key, %held, "a fresh lsn was already queued for another block");
                 }
@@ -1112,7 +1137,9 @@ impl StagingLog {
         let st = &mut *guard;
         let index = &st.index;
         let window_open = st.upload_window_open();
-        match st.uploads.next(Instant::now(), window_open, |key| {
+        let now = Instant::now();
+        let writers_pause = st.writers_pause(now);
+        match st.uploads.next(now, window_open, writers_pause, |key| {
             index.get(key).map(|e| e.staged_at)
         }) {
             Next::Idle => NextUpload::Idle,

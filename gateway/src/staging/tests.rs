@@ -719,3 +719,40 @@ async fn a_cached_block_read_often_outlives_the_rings_turns_and_one_never_read_d
     assert_eq!(log.snapshot().read_cache_held, (1, 1 << 20));
     log.shutdown().await;
 }
+
+#[tokio::test]
+async fn uploads_wait_for_writers_to_pause_until_half_the_device_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(dir.path(), 64 << 20);
+    options.upload = UploadPolicy {
+        defer_max: Duration::from_secs(3600),
+        ..UploadPolicy::default()
+    };
+    let log = open_volume(&options).await.unwrap();
+    let first = put(&log, 1, 4096).await.unwrap();
+    assert!(
+        matches!(log.next_upload(), NextUpload::WaitUntil(_)),
+        "an upload was offered right after a block was staged"
+    );
+    tokio::time::sleep(WRITERS_PAUSE + Duration::from_millis(50)).await;
+    assert_eq!(upload_one(&log).await, first, "writers paused: the block goes");
+    // Writing on until half the device is in use: uploads wait exactly until then.
+    let mut slice = 2;
+    loop {
+        put(&log, slice, 1 << 20).await.unwrap();
+        slice += 1;
+        let half = log.lock().used_share() >= DEFER_UNTIL_USED;
+        match log.next_upload() {
+            NextUpload::Ready(_) => {
+                assert!(half, "an upload started while writers were busy");
+                break;
+            }
+            NextUpload::WaitUntil(_) => {
+                assert!(!half, "half the device is in use and uploads still wait")
+            }
+            NextUpload::Idle => panic!("staged blocks wait, the queue cannot be idle"),
+        }
+        assert!(slice < 200, "the device never got half full");
+    }
+    log.shutdown().await;
+}

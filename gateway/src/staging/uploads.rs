@@ -3,6 +3,11 @@
 //! Guarantees:
 //! - Oldest first (by lsn), each block no sooner than `delay` after it was staged; a block
 //!   someone waits for (`stagefs sync`) goes before all of them, delay or not.
+//! - Writers first: while clients are staging blocks, no upload starts until they pause, or the
+//!   oldest waiting block has waited `defer_max` (the caller says when they count as paused,
+//!   and stops saying so when the device fills). Uploads cost the CPU and the device bandwidth
+//!   the writers need, and the device is durable: what waits loses nothing, as a page cache's
+//!   dirty pages wait for a pause or their expiry.
 //! - A block is handed to one upload at a time (it is `Uploading` until that upload ends).
 //! - Failures that name the block count against it; after `max_attempts` of them it is
 //!   quarantined: kept on the device, never uploaded again until asked, shown in Status. Store
@@ -31,6 +36,9 @@ pub struct UploadPolicy {
     /// Hours of the day (local time) in which uploads run; outside them only blocks a client
     /// waits for go, or everything while the device is nearly full. `None`: always.
     pub window: Option<UploadWindow>,
+    /// The longest a block's upload waits for writers to pause (`--upload-defer-max`); zero:
+    /// uploads never wait for them.
+    pub defer_max: Duration,
 }
 
 /// `--upload-hours START-END`: uploads run from START:00 to END:00 local time (END may be
@@ -103,6 +111,7 @@ impl Default for UploadPolicy {
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             window: None,
+            defer_max: Duration::ZERO,
         }
     }
 }
@@ -197,11 +206,14 @@ impl UploadQueue {
 
     /// The oldest block due at `now`, given when each was staged (`staged_at`); the caller
     /// marks it uploading with [`UploadQueue::started`]. Outside the upload window
-    /// (`window_open` false) only blocks a client waits for are offered.
+    /// (`window_open` false) only blocks a client waits for are offered. `writers_pause`: when
+    /// clients writing now will count as paused, `None` when they do not hold uploads back
+    /// (none are writing, or the device is filling).
     pub fn next(
         &mut self,
         now: Instant,
         window_open: bool,
+        writers_pause: Option<Instant>,
         staged_at: impl Fn(&BlockKey) -> Option<Instant>,
     ) -> Next {
         if self.paused {
@@ -234,7 +246,10 @@ impl UploadQueue {
                 self.queue.remove(&lsn);
                 continue;
             };
-            let due = staged + self.policy.delay;
+            let mut due = staged + self.policy.delay;
+            if let Some(pause) = writers_pause.filter(|_| !self.policy.defer_max.is_zero()) {
+                due = due.max(pause.min(staged + self.policy.defer_max));
+            }
             if due > now {
                 return Next::WaitUntil(next_retry.map_or(due, |r| r.min(due)));
             }
@@ -323,20 +338,20 @@ mod tests {
             queue.push(lsn, key(lsn)).unwrap();
         }
         let staged = |_: &BlockKey| Some(now);
-        assert!(matches!(queue.next(now, true, staged), Next::WaitUntil(_)));
+        assert!(matches!(queue.next(now, true, None, staged), Next::WaitUntil(_)));
         assert!(queue.expedite(3));
-        assert_eq!(ready(queue.next(now, true, staged)), Some(3));
+        assert_eq!(ready(queue.next(now, true, None, staged)), Some(3));
         queue.started(3);
-        assert!(matches!(queue.next(now, true, staged), Next::WaitUntil(_)));
+        assert!(matches!(queue.next(now, true, None, staged), Next::WaitUntil(_)));
         assert_eq!(queue.waiting(), 2);
         // A block in retry backoff goes at once too; an unknown one is not waiting.
         queue.retry_after(Duration::from_secs(3600), 9, key(9));
         assert!(queue.expedite(9));
         assert!(!queue.expedite(42));
-        assert_eq!(ready(queue.next(now, true, staged)), Some(9));
+        assert_eq!(ready(queue.next(now, true, None, staged)), Some(9));
         queue.started(9);
         assert_eq!(queue.expedite_all(), 2);
-        assert_eq!(ready(queue.next(now, true, staged)), Some(1));
+        assert_eq!(ready(queue.next(now, true, None, staged)), Some(1));
     }
 
     #[test]
@@ -346,16 +361,63 @@ mod tests {
         queue.push(1, key(1)).unwrap();
         queue.push(2, key(2)).unwrap();
         let staged = |_: &BlockKey| Some(now);
-        assert!(matches!(queue.next(now, false, staged), Next::WaitUntil(_)));
+        assert!(matches!(queue.next(now, false, None, staged), Next::WaitUntil(_)));
         queue.expedite(2);
-        assert_eq!(ready(queue.next(now, false, staged)), Some(2));
+        assert_eq!(ready(queue.next(now, false, None, staged)), Some(2));
         queue.started(2);
-        assert!(matches!(queue.next(now, false, staged), Next::WaitUntil(_)));
-        assert_eq!(ready(queue.next(now, true, staged)), Some(1));
+        assert!(matches!(queue.next(now, false, None, staged), Next::WaitUntil(_)));
+        assert_eq!(ready(queue.next(now, true, None, staged)), Some(1));
         // Paused holds expedited blocks too.
         queue.paused = true;
         queue.expedite(1);
-        assert!(matches!(queue.next(now, true, staged), Next::Idle));
+        assert!(matches!(queue.next(now, true, None, staged), Next::Idle));
+    }
+
+    #[test]
+    fn uploads_wait_for_writers_to_pause_at_most_defer_max() {
+        let mut queue = UploadQueue::new(
+            UploadPolicy {
+                defer_max: Duration::from_secs(10),
+                ..UploadPolicy::default()
+            },
+            false,
+        );
+        let t0 = Instant::now();
+        queue.push(1, key(1)).unwrap();
+        queue.push(2, key(2)).unwrap();
+        let secs = Duration::from_secs;
+        let staged = |k: &BlockKey| Some(if *k == key(1) { t0 } else { t0 + secs(5) });
+        // Writers busy: nothing goes before they pause.
+        let pause = t0 + Duration::from_millis(100);
+        match queue.next(t0, true, Some(pause), staged) {
+            Next::WaitUntil(t) => assert_eq!(t, pause),
+            _ => panic!("an upload started while writers were busy"),
+        }
+        // Paused (no writer): the oldest goes.
+        assert_eq!(ready(queue.next(t0, true, None, staged)), Some(1));
+        queue.started(1);
+        // Still busy much later: a block goes once it has waited defer_max, not before.
+        let busy_until = t0 + secs(60);
+        match queue.next(t0 + secs(6), true, Some(busy_until), staged) {
+            Next::WaitUntil(t) => assert_eq!(t, t0 + secs(15)),
+            _ => panic!("block 2 went before defer_max while writers were busy"),
+        }
+        assert_eq!(
+            ready(queue.next(t0 + secs(15), true, Some(busy_until), staged)),
+            Some(2)
+        );
+        queue.started(2);
+        // A block a client waits for goes at once, busy or not.
+        queue.push(3, key(3)).unwrap();
+        assert!(queue.expedite(3));
+        assert_eq!(ready(queue.next(t0, true, Some(busy_until), staged)), Some(3));
+        // Zero turns deferring off.
+        let mut eager = delayed(Duration::ZERO);
+        eager.push(4, key(4)).unwrap();
+        assert_eq!(
+            ready(eager.next(t0 + secs(5), true, Some(busy_until), staged)),
+            Some(4)
+        );
     }
 
     #[test]
