@@ -122,6 +122,8 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             "gateways": registered, "mounts": mounts_json,
         });
         value["mirror"] = s.mirror.into();
+        value["upload_defer_max_ms"] = s.upload_defer_max_ms.into();
+        value["uploads_deferred"] = s.uploads_deferred.into();
         value["read_cache"] = serde_json::json!({
             "budget_bytes": s.read_cache_bytes, "blocks": s.read_cache_blocks,
             "used_bytes": s.read_cache_used_bytes, "fills_total": s.read_cache_fills_total,
@@ -225,6 +227,11 @@ pub async fn status(gateway: &str, access: &GatewayAccess, json: bool) -> anyhow
             format!(
                 " (uploads HELD outside --upload-hours {}; synced blocks still go)",
                 s.upload_hours
+            )
+        } else if s.uploads_deferred {
+            format!(
+                " (uploads WAIT for writers to pause, each block at most --upload-defer-max {:.1} s)",
+                s.upload_defer_max_ms as f64 / 1000.0
             )
         } else {
             String::new()

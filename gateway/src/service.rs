@@ -869,6 +869,8 @@ impl StagingService {
             uploads_paused: snap.uploads_paused,
             upload_hours: snap.upload_window.map_or(String::new(), |w| w.to_string()),
             upload_window_closed: snap.upload_window_closed,
+            upload_defer_max_ms: snap.upload_defer_max.as_millis() as u64,
+            uploads_deferred: snap.uploads_deferred,
             staging_high_water: self.node.high_water.marks().0,
             staging_low_water: self.node.high_water.marks().1,
             writing_through: self.node.high_water.is_above(),

@@ -1429,6 +1429,9 @@ impl StagingLog {
             uploads_paused: st.uploads.paused,
             upload_window: st.uploads.policy.window,
             upload_window_closed: !st.upload_window_open(),
+            upload_defer_max: st.uploads.policy.defer_max,
+            uploads_deferred: !st.uploads.policy.defer_max.is_zero()
+                && st.writers_pause(now).is_some(),
             writers_waiting_for_space: st.waiting_for_space,
             failure: self.failure(),
             read_cache_budget: st.read_cache.budget(),
@@ -1484,6 +1487,9 @@ pub struct Snapshot {
     /// `--upload-hours`, and whether it holds uploads right now.
     pub upload_window: Option<uploads::UploadWindow>,
     pub upload_window_closed: bool,
+    /// `--upload-defer-max`, and whether uploads wait for writers to pause right now.
+    pub upload_defer_max: Duration,
+    pub uploads_deferred: bool,
     pub writers_waiting_for_space: u64,
     /// Why the log accepts no more writes.
     pub failure: Option<String>,
