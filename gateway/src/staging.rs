@@ -181,10 +181,14 @@ impl LogState {
     }
 
     /// When the writers staging blocks now will count as paused, if they hold uploads back:
-    /// not once the device is half full or a writer waits for space.
+    /// not with `--upload-defer-max 0s`, once the device is half full, or while a writer waits
+    /// for space.
     fn writers_pause(&self, now: Instant) -> Option<Instant> {
         let pause = self.last_staged? + WRITERS_PAUSE;
-        (pause > now && self.waiting_for_space == 0 && self.used_share() < DEFER_UNTIL_USED)
+        (pause > now
+            && !self.uploads.policy.defer_max.is_zero()
+            && self.waiting_for_space == 0
+            && self.used_share() < DEFER_UNTIL_USED)
             .then_some(pause)
     }
 
@@ -1430,8 +1434,7 @@ impl StagingLog {
             upload_window: st.uploads.policy.window,
             upload_window_closed: !st.upload_window_open(),
             upload_defer_max: st.uploads.policy.defer_max,
-            uploads_deferred: !st.uploads.policy.defer_max.is_zero()
-                && st.writers_pause(now).is_some(),
+            uploads_deferred: st.writers_pause(now).is_some(),
             writers_waiting_for_space: st.waiting_for_space,
             failure: self.failure(),
             read_cache_budget: st.read_cache.budget(),

@@ -21,7 +21,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 /// The S3 flags of every command that opens the store.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct S3Options {
     /// S3 endpoint (e.g. http://127.0.0.1:9000); default from AWS_ENDPOINT / AWS_ENDPOINT_URL.
     #[arg(long = "s3-endpoint")]
@@ -36,9 +36,30 @@ pub struct S3Options {
     /// CRC64NVME of the body that the store verifies (AWS S3, MinIO, s3s; the body is not part of
     /// the request's signature), `signed` puts the body's SHA-256 into the signature, which every
     /// S3-compatible store verifies but costs both sides a hash of every byte. Use `signed` for a
-    /// store that rejects the checksum header (the gateway's start-up probe fails on one).
+    /// store that rejects the checksum header (the gateway's start-up probe fails on one) or
+    /// ignores it (which no probe can tell: over plain HTTP it would take bodies unchecked).
     #[arg(long = "s3-integrity", value_enum, default_value_t)]
     pub integrity: S3Integrity,
+}
+
+impl S3Options {
+    /// The command-line flags that give these options to another stagefs program.
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(endpoint) = &self.endpoint {
+            flags.extend(["--s3-endpoint".into(), endpoint.clone()]);
+        }
+        if let Some(region) = &self.region {
+            flags.extend(["--s3-region".into(), region.clone()]);
+        }
+        if self.allow_http {
+            flags.push("--s3-allow-http".into());
+        }
+        let integrity = clap::ValueEnum::to_possible_value(&self.integrity)
+            .expect("every integrity setting has a name");
+        flags.extend(["--s3-integrity".into(), integrity.get_name().to_string()]);
+        flags
+    }
 }
 
 /// How the store verifies an uploaded object's bytes (see [`S3Options::integrity`]).
@@ -159,5 +180,25 @@ mod tests {
             Err(StoreUrlError::Parse { .. })
         ));
         assert!(open_store("memory://", &S3Options::default()).is_ok());
+    }
+
+    #[test]
+    fn flags_parse_back_to_the_same_options() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            s3: S3Options,
+        }
+        use clap::Parser;
+        let options = S3Options {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: Some("eu-west-1".into()),
+            allow_http: true,
+            integrity: S3Integrity::Signed,
+        };
+        for options in [options, S3Options::default()] {
+            let line = std::iter::once("stagefs".to_string()).chain(options.flags());
+            assert_eq!(Command::try_parse_from(line).unwrap().s3, options);
+        }
     }
 }

@@ -25,7 +25,9 @@ struct Tally {
 /// Forwards TCP connections to `upstream`, flipping one bit in the middle of the body of the
 /// first PUT of a block object (`chunks/…`); everything else passes unchanged.
 async fn corrupting_proxy(upstream: u16) -> (u16, Arc<Tally>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
     let port = listener.local_addr().unwrap().port();
     let tally = Arc::new(Tally::default());
     let seen = tally.clone();
@@ -80,10 +82,12 @@ async fn forward_requests(
         let mut request: Vec<u8> = buf.drain(..head_end + body_len).collect();
         if head.starts_with("put ") && head.contains("/chunks/") && body_len > 0 {
             tally.block_puts.fetch_add(1, Ordering::SeqCst);
-            if tally.corrupted.fetch_add(1, Ordering::SeqCst) == 0 {
+            let first = tally
+                .corrupted
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+            if first {
                 request[head_end + body_len / 2] ^= 0x10;
-            } else {
-                tally.corrupted.fetch_sub(1, Ordering::SeqCst);
             }
         }
         to.write_all(&request).await?;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use shared::size::{format_size, parse_size};
+use shared::store::S3Options;
 
 use super::fs::stack::MountProcess;
 use super::fs::workloads::{self, verify_checkpoint_file, write_checkpoint_file};
@@ -361,9 +362,7 @@ impl World {
                 listen: "127.0.0.1:0".into(),
                 upload_concurrency: 8,
                 io_engine: None,
-                s3_endpoint: None,
-                s3_region: None,
-                s3_allow_http: false,
+                s3: S3Options::default(),
                 uploads_paused: true,
                 env: Vec::new(),
                 extra: vec![

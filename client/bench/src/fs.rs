@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use shared::size::{format_size, parse_size};
+use shared::store::S3Options;
 
 use self::report::{FsReport, ModeFigures};
 use self::stack::{s3_env, s3_store, start_proxy, MountProcess, S3Server};
@@ -322,9 +323,12 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
         listen: "127.0.0.1:0".into(),
         upload_concurrency: args.uploads,
         io_engine: None,
-        s3_endpoint: Some(endpoint.clone()),
-        s3_region: Some(stack::S3_REGION.into()),
-        s3_allow_http: true,
+        s3: S3Options {
+            endpoint: Some(endpoint.clone()),
+            region: Some(stack::S3_REGION.into()),
+            allow_http: true,
+            ..S3Options::default()
+        },
         uploads_paused: false,
         env: s3_env(),
         extra: [

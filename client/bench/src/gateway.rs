@@ -152,17 +152,9 @@ pub struct GatewayBenchArgs {
     #[arg(long)]
     pub quick: bool,
 
-    /// S3 endpoint URL (MinIO, s3s-fs, ...), for s3:// stores.
-    #[arg(long, value_name = "URL")]
-    pub s3_endpoint: Option<String>,
-
-    /// S3 region, for s3:// stores.
-    #[arg(long, value_name = "REGION")]
-    pub s3_region: Option<String>,
-
-    /// Allow plain-HTTP S3 endpoints.
-    #[arg(long)]
-    pub s3_allow_http: bool,
+    /// For s3:// stores; the gateway is given the same.
+    #[command(flatten)]
+    pub s3: S3Options,
 }
 
 /// Amounts and durations of one run, derived from the arguments.
@@ -275,13 +267,7 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         None => format!("file://{}", workdir.path().join("store").display()),
     };
     // Catch a bad store URL before minutes of raw measurements (opening does no I/O for S3).
-    let s3 = S3Options {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        allow_http: args.s3_allow_http,
-        ..S3Options::default()
-    };
-    open_store(&store, &s3)?;
+    open_store(&store, &args.s3)?;
     let spec = GatewaySpec {
         bin,
         device: args.device.clone(),
@@ -290,9 +276,7 @@ pub async fn run(args: GatewayBenchArgs) -> Result<Report, BenchError> {
         listen: args.gateway.clone(),
         upload_concurrency: args.upload_concurrency,
         io_engine: args.io_engine.map(|e| e.as_str().to_string()),
-        s3_endpoint: args.s3_endpoint.clone(),
-        s3_region: args.s3_region.clone(),
-        s3_allow_http: args.s3_allow_http,
+        s3: args.s3.clone(),
         uploads_paused: true,
         env: Vec::new(),
         extra: Vec::new(),
@@ -786,19 +770,10 @@ impl Bench<'_> {
         Ok(keys)
     }
 
-    fn s3_options(&self) -> S3Options {
-        S3Options {
-            endpoint: self.args.s3_endpoint.clone(),
-            region: self.args.s3_region.clone(),
-            allow_http: self.args.s3_allow_http,
-            ..S3Options::default()
-        }
-    }
-
     /// Phase 5b: the same PUTs made directly with object_store, the limit of the drain.
     async fn store_put(&self, report: &mut Report) -> Result<(), BenchError> {
         let url = self.spec.store.clone();
-        let store = open_store(&url, &self.s3_options())?;
+        let store = open_store(&url, &self.args.s3)?;
         let blocks = report.drain_bytes / BLOCK_BYTES;
         let concurrency = self.args.upload_concurrency;
         let prefix = format!("stagefs-bench/store-put/{:016x}", rand::random::<u64>());
@@ -870,7 +845,7 @@ impl Bench<'_> {
 
     /// Best-effort removal of the benchmark's block objects from a store the user named.
     async fn remove_objects(&self, what: &str, keys: Vec<String>) {
-        match open_store(&self.spec.store, &self.s3_options()) {
+        match open_store(&self.spec.store, &self.args.s3) {
             Ok(store) => {
                 let paths: Vec<StorePath> = keys.into_iter().map(StorePath::from).collect();
                 progress!(

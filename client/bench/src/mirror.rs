@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use meta::pg_cluster::PgDurability;
 use serde::Serialize;
+use shared::store::S3Options;
 
 use super::fs::stack::{start_proxy, MountProcess};
 use super::latency_proxy::{self, ProxyArgs};
@@ -181,9 +182,7 @@ pub async fn run(args: MirrorBenchArgs) -> Result<MirrorReport, BenchError> {
             listen: "127.0.0.1:0".into(),
             upload_concurrency: 8,
             io_engine: None,
-            s3_endpoint: None,
-            s3_region: None,
-            s3_allow_http: false,
+            s3: S3Options::default(),
             uploads_paused: false,
             env: Vec::new(),
             extra: all,

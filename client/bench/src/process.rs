@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub use harness::log_tail;
 pub use harness::programs::find_program;
+use shared::store::S3Options;
 
 use super::BenchError;
 
@@ -37,9 +38,7 @@ pub struct GatewaySpec {
     pub listen: String,
     pub upload_concurrency: usize,
     pub io_engine: Option<String>,
-    pub s3_endpoint: Option<String>,
-    pub s3_region: Option<String>,
-    pub s3_allow_http: bool,
+    pub s3: S3Options,
     /// Start with uploads paused, so the benchmark decides when the drain runs.
     pub uploads_paused: bool,
     /// Environment of the process besides this one's (e.g. S3 credentials).
@@ -76,15 +75,7 @@ impl GatewaySpec {
         if let Some(engine) = &self.io_engine {
             args.extend(["--io-engine".into(), engine.into()]);
         }
-        if let Some(endpoint) = &self.s3_endpoint {
-            args.extend(["--s3-endpoint".into(), endpoint.into()]);
-        }
-        if let Some(region) = &self.s3_region {
-            args.extend(["--s3-region".into(), region.into()]);
-        }
-        if self.s3_allow_http {
-            args.push("--s3-allow-http".into());
-        }
+        args.extend(self.s3.flags().into_iter().map(OsString::from));
         args.extend(self.extra.iter().cloned());
         args
     }

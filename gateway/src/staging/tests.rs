@@ -734,10 +734,20 @@ async fn uploads_wait_for_writers_to_pause_until_half_the_device_is_in_use() {
         matches!(log.next_upload(), NextUpload::WaitUntil(_)),
         "an upload was offered right after a block was staged"
     );
-    assert!(log.snapshot().uploads_deferred, "status must say uploads wait");
+    assert!(
+        log.snapshot().uploads_deferred,
+        "status must say uploads wait"
+    );
     tokio::time::sleep(WRITERS_PAUSE + Duration::from_millis(50)).await;
-    assert!(!log.snapshot().uploads_deferred, "writers paused: status must not say so");
-    assert_eq!(upload_one(&log).await, first, "writers paused: the block goes");
+    assert!(
+        !log.snapshot().uploads_deferred,
+        "writers paused: status must not say so"
+    );
+    assert_eq!(
+        upload_one(&log).await,
+        first,
+        "writers paused: the block goes"
+    );
     // Writing on until half the device is in use: uploads wait exactly until then.
     let mut slice = 2;
     loop {

@@ -247,7 +247,7 @@ impl UploadQueue {
                 continue;
             };
             let mut due = staged + self.policy.delay;
-            if let Some(pause) = writers_pause.filter(|_| !self.policy.defer_max.is_zero()) {
+            if let Some(pause) = writers_pause {
                 due = due.max(pause.min(staged + self.policy.defer_max));
             }
             if due > now {
@@ -338,11 +338,17 @@ mod tests {
             queue.push(lsn, key(lsn)).unwrap();
         }
         let staged = |_: &BlockKey| Some(now);
-        assert!(matches!(queue.next(now, true, None, staged), Next::WaitUntil(_)));
+        assert!(matches!(
+            queue.next(now, true, None, staged),
+            Next::WaitUntil(_)
+        ));
         assert!(queue.expedite(3));
         assert_eq!(ready(queue.next(now, true, None, staged)), Some(3));
         queue.started(3);
-        assert!(matches!(queue.next(now, true, None, staged), Next::WaitUntil(_)));
+        assert!(matches!(
+            queue.next(now, true, None, staged),
+            Next::WaitUntil(_)
+        ));
         assert_eq!(queue.waiting(), 2);
         // A block in retry backoff goes at once too; an unknown one is not waiting.
         queue.retry_after(Duration::from_secs(3600), 9, key(9));
@@ -361,11 +367,17 @@ mod tests {
         queue.push(1, key(1)).unwrap();
         queue.push(2, key(2)).unwrap();
         let staged = |_: &BlockKey| Some(now);
-        assert!(matches!(queue.next(now, false, None, staged), Next::WaitUntil(_)));
+        assert!(matches!(
+            queue.next(now, false, None, staged),
+            Next::WaitUntil(_)
+        ));
         queue.expedite(2);
         assert_eq!(ready(queue.next(now, false, None, staged)), Some(2));
         queue.started(2);
-        assert!(matches!(queue.next(now, false, None, staged), Next::WaitUntil(_)));
+        assert!(matches!(
+            queue.next(now, false, None, staged),
+            Next::WaitUntil(_)
+        ));
         assert_eq!(ready(queue.next(now, true, None, staged)), Some(1));
         // Paused holds expedited blocks too.
         queue.paused = true;
@@ -410,7 +422,10 @@ mod tests {
         // A block a client waits for goes at once, busy or not.
         queue.push(3, key(3)).unwrap();
         assert!(queue.expedite(3));
-        assert_eq!(ready(queue.next(t0, true, Some(busy_until), staged)), Some(3));
+        assert_eq!(
+            ready(queue.next(t0, true, Some(busy_until), staged)),
+            Some(3)
+        );
         // Zero turns deferring off.
         let mut eager = delayed(Duration::ZERO);
         eager.push(4, key(4)).unwrap();
