@@ -14,6 +14,7 @@
 //! ([`metrics`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -230,6 +231,12 @@ pub struct StagingLog {
     /// The write watermark: every record up to it is written, with no hole before it, so the
     /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Written`]).
     written: watch::Sender<u64>,
+    /// The highest lsn a writer waits to see durable ([`Wait::Durable`]). A completed write
+    /// wakes the group commit only while it is above the durable lsn: a record whose writer
+    /// flushes the device itself right after ([`Wait::Written`], a `WriteSlice` whose commit
+    /// flushes it) must not also start a flush of the log's own, which made every such call
+    /// wait for two `fdatasync`s where one covers it.
+    durable_wanted: AtomicU64,
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
@@ -366,6 +373,7 @@ impl StagingLog {
             device_path,
             synced: watch::channel(Ok(scan.max_lsn)).0,
             written: watch::channel(scan.max_lsn).0,
+            durable_wanted: AtomicU64::new(0),
             state: Mutex::new(state),
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
@@ -433,6 +441,11 @@ impl StagingLog {
     /// Why the log accepts no more writes, if it does not.
     pub fn failure(&self) -> Option<String> {
         self.synced.borrow().as_ref().err().cloned()
+    }
+
+    /// The highest durable lsn; after a failure, 0 (whoever waits then is answered by it).
+    fn durable_lsn(&self) -> u64 {
+        *self.synced.borrow().as_ref().unwrap_or(&0)
     }
 
     /// The background tasks of the log (tests look for a fatal error there).
@@ -817,6 +830,9 @@ impl StagingLog {
     }
 
     async fn wait_durable(&self, lsn: u64) -> Result<(), StagingError> {
+        // Before the kick below: a write completing after this sees the want and kicks again
+        // (the group commit may run before the write is done, and cover less than `lsn`).
+        self.durable_wanted.fetch_max(lsn, Ordering::SeqCst);
         let mut synced = self.synced.subscribe();
         loop {
             match &*synced.borrow_and_update() {
@@ -895,7 +911,9 @@ impl StagingLog {
                     }
                     higher
                 });
-                self.sync_kick.notify_one();
+                if self.durable_wanted.load(Ordering::SeqCst) > self.durable_lsn() {
+                    self.sync_kick.notify_one();
+                }
             }
             // The failed lsns stay in `inflight`, so the watermark never passes them and nothing
             // written after them is acknowledged. A device failure fails the log, not the
@@ -972,7 +990,9 @@ impl StagingLog {
                     // Failed: writers behind a failed write were answered by `fail`.
                     Err(_) => return,
                 };
-                if watermark <= durable {
+                // Nobody waits for what is written past the durable lsn: whoever wrote it
+                // flushes the device itself ([`Wait::Written`]).
+                if watermark <= durable || self.durable_wanted.load(Ordering::SeqCst) <= durable {
                     break;
                 }
                 if self.flush().await.is_err() {

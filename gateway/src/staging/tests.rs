@@ -238,6 +238,37 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
     assert_eq!(&got[..], &block(1, 5000).1[..]);
 }
 
+/// A block that waits only for its write, made durable by its writer's own flush (a
+/// `WriteSlice` whose commit flushes the device), costs that one `fdatasync`: the log must not
+/// start one of its own for it as well, which made each such call wait for two. A writer that
+/// waits for durability still gets the log's flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_block_costs_only_its_writers_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_volume(&options(dir.path(), 64 << 20)).await.unwrap();
+    let syncs = || log.snapshot().counters.syncs;
+    // Let the flushes of opening the log settle first.
+    put(&log, 1, 4096).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..20u64 {
+        let before = syncs();
+        put_waiting(&log, 100 + i, 4096, Wait::Written)
+            .await
+            .unwrap();
+        log.sync_device().await.unwrap();
+        // Time for a flush of the log's own to start, if anything started one.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            syncs() - before,
+            1,
+            "block {i}: one flush, the writer's own"
+        );
+    }
+    let before = syncs();
+    put(&log, 200, 4096).await.unwrap();
+    assert!(syncs() > before, "a durable write is flushed by the log");
+}
+
 /// Power loss at varied moments under 8 concurrent writers: the device keeps only what a
 /// completed fdatasync covered (FaultyEngine undoes the rest), and recovery from that image
 /// returns every acknowledged block byte for byte; any unacknowledged block it returns is whole
