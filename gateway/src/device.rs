@@ -136,3 +136,119 @@ fn create_file(path: &Path, size: u64) -> Result<(), DeviceError> {
     }
     Ok(())
 }
+
+/// What formatting a regular file as the device writes first (`--device-fill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceFill {
+    /// Zeros over every part of the file its file system has not written yet: holes, and the
+    /// preallocated ("unwritten") extents of `fallocate`. The log's first pass over such a part
+    /// makes the file system convert it to written at the next `fdatasync`, a journal commit on
+    /// ext4 and XFS: on this project's CI machine a 64 KiB `O_DIRECT` write + `fdatasync` took
+    /// 0.32 ms there against 0.17 ms over written blocks, and every `close` pays it.
+    #[default]
+    Zeros,
+    /// Leave the file as it is (a faster format; the first pass pays the conversions).
+    None,
+}
+
+/// Bytes written at once by [`fill_unwritten`].
+const FILL_CHUNK: usize = 8 << 20;
+
+/// Writes zeros over the parts of the first `size` bytes of `file` that read as zeros without
+/// having been written (holes and unwritten extents, both reported by `SEEK_HOLE`): what they
+/// read does not change, and the file system no longer converts them under the log's writes.
+/// Nothing for a block device. Returns the bytes written. `file` may be `O_DIRECT`: holes start
+/// and end on file-system blocks, and the buffer is aligned.
+pub fn fill_unwritten(file: &File, size: u64) -> io::Result<u64> {
+    if !file.metadata()?.is_file() {
+        return Ok(0);
+    }
+    // The extent of data (`SEEK_DATA`) or of a hole (`SEEK_HOLE`) at or after `at`; the end of
+    // the file when there is none.
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<u64> {
+        // SAFETY: lseek on a descriptor we hold; it only moves the file offset.
+        let found = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+        if found >= 0 {
+            return Ok((found as u64).min(size));
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(size),
+            e => Err(e),
+        }
+    };
+    let zeros = crate::aligned::AlignedBuf::zeroed(FILL_CHUNK);
+    let mut filled = 0;
+    let mut at = 0;
+    while at < size {
+        let data = seek(at, libc::SEEK_DATA)?;
+        while at < data {
+            let len = ((data - at) as usize).min(FILL_CHUNK);
+            std::os::unix::fs::FileExt::write_all_at(file, &zeros[..len], at)?;
+            at += len as u64;
+            filled += len as u64;
+        }
+        if at >= size {
+            break;
+        }
+        let hole = seek(at, libc::SEEK_HOLE)?;
+        if hole <= at {
+            break; // a file system that answers oddly: leave the rest as it is
+        }
+        at = hole;
+    }
+    file.sync_data()?;
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// The first offset at or after `at` that reads as a hole (unwritten), or the size.
+    fn first_hole(file: &File, at: u64) -> u64 {
+        // SAFETY: lseek on a descriptor we hold.
+        unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_HOLE) as u64 }
+    }
+
+    /// A preallocated file with some bytes written: the fill leaves those bytes alone, writes
+    /// zeros over the rest (what it read before), and leaves no unwritten part behind.
+    #[test]
+    fn fill_writes_zeros_over_unwritten_parts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let size = 16u64 << 20;
+        create_file(&path, size).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let written: Vec<u8> = (0..8192u32).map(|i| (i % 251 + 1) as u8).collect();
+        file.write_all_at(&written, 4 << 20).unwrap();
+        file.write_all_at(&written, size - 8192).unwrap();
+        file.sync_all().unwrap();
+        if first_hole(&file, 0) >= size {
+            // tmpfs and some others report no holes in a preallocated file: nothing to check.
+            eprintln!("skipped: this file system reports no unwritten extents");
+            return;
+        }
+        let filled = fill_unwritten(&file, size).unwrap();
+        assert_eq!(filled, size - 2 * 8192);
+        assert_eq!(first_hole(&file, 0), size, "an unwritten part is left");
+        let mut all = vec![0u8; size as usize];
+        file.read_exact_at(&mut all, 0).unwrap();
+        let at = 4usize << 20;
+        assert_eq!(&all[at..at + 8192], &written[..]);
+        assert_eq!(&all[size as usize - 8192..], &written[..]);
+        let zeros = all[..at]
+            .iter()
+            .chain(&all[at + 8192..size as usize - 8192]);
+        assert!(
+            zeros.into_iter().all(|b| *b == 0),
+            "the fill changed what a part read"
+        );
+        // A second fill finds nothing left to do.
+        assert_eq!(fill_unwritten(&file, size).unwrap(), 0);
+    }
+}

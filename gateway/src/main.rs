@@ -115,6 +115,13 @@ struct ServeArgs {
     /// Size of the file created when --device does not exist (e.g. 64GiB).
     #[arg(long, value_parser = parse_size, default_value = "1GiB")]
     device_size: u64,
+    /// When formatting a regular file: `zeros` first writes zeros over every part of it that its
+    /// file system has not written yet (holes, and the unwritten extents `fallocate` leaves),
+    /// which then costs no extent conversion (an ext4 journal commit) at each `fdatasync` of the
+    /// log's first pass over the device; it takes as long as writing the file once. `none` skips
+    /// it. Nothing is written to a block device.
+    #[arg(long, value_enum, default_value = "zeros")]
+    device_fill: gateway::device::DeviceFill,
     /// Segment size used when formatting (default: device/64, between 8 MiB and 64 MiB).
     #[arg(long, value_parser = parse_size)]
     segment_size: Option<u64>,
@@ -679,6 +686,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             create_size: args.device_size,
             segment_size: args.segment_size,
             format: args.format,
+            device_fill: args.device_fill,
             engine: args.io_engine,
             full_wait: args.full_wait,
             uploads_paused: args.uploads_paused,

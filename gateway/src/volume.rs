@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::aligned::{AlignedBuf, ALIGN};
-use crate::device::{open_device, DeviceError};
+use crate::device::{fill_unwritten, open_device, DeviceError, DeviceFill};
 use crate::format::{
     record_len, MetaRegion, Superblock, SuperblockError, DATA_START, FORMAT_VERSION,
     FORMAT_VERSION_NO_REGION, MAX_KEY_BYTES,
@@ -79,6 +79,8 @@ pub struct VolumeOptions {
     pub upload: UploadPolicy,
     /// Bytes of blocks fetched from the store kept as read cache (`--read-cache`; 0: none).
     pub read_cache_bytes: u64,
+    /// What formatting a regular file writes first (`--device-fill`).
+    pub device_fill: DeviceFill,
 }
 
 /// The default `--device-timeout`: far above any healthy fdatasync of a cloud volume (tens of
@@ -309,6 +311,7 @@ pub async fn open_volume_with_meta(
                 device.size,
                 opts.segment_size,
                 meta_region_size,
+                opts.device_fill,
             )
             .await
             .map_err(|e| match e {
@@ -379,6 +382,7 @@ pub async fn format(
     device_bytes: u64,
     segment_size: Option<u64>,
     meta_region_size: Option<u64>,
+    fill: DeviceFill,
 ) -> Result<(Superblock, Option<MetaRegion>), FormatError> {
     let region_bytes = meta_region_size.unwrap_or_else(|| default_meta_region_size(device_bytes));
     let log_bytes = device_bytes.saturating_sub(region_bytes);
@@ -417,6 +421,9 @@ pub async fn format(
         segment_bytes: segment,
         segment_count: count,
     };
+    if fill == DeviceFill::Zeros {
+        fill_device(region_file, path, device_bytes).await?;
+    }
     // The region takes what the segments leave, from the end of the last one.
     let region = (region_bytes > 0).then(|| {
         let offset = sb.segment_offset(count);
@@ -464,6 +471,36 @@ pub async fn format(
     Ok((sb, region))
 }
 
+/// `--device-fill zeros`: the file's unwritten parts written with zeros before anything else
+/// ([`DeviceFill::Zeros`]). A file that cannot take them fails the format, saying how to skip it.
+async fn fill_device(file: &File, path: &std::path::Path, bytes: u64) -> Result<(), FormatError> {
+    let file = file.try_clone().map_err(FormatError::Io)?;
+    let started = Instant::now();
+    let filled = tokio::task::spawn_blocking(move || fill_unwritten(&file, bytes))
+        .await
+        .map_err(|e| FormatError::Io(std::io::Error::other(e)))?
+        .map_err(|e| {
+            FormatError::Io(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot write zeros over the unwritten parts of the device file {} ({e}); \
+                     --device-fill none formats without",
+                    path.display()
+                ),
+            ))
+        })?;
+    if filled > 0 {
+        tracing::info!(
+            device = %path.display(),
+            bytes = filled,
+            took_ms = started.elapsed().as_millis() as u64,
+            "wrote zeros over the parts of the device file its file system had not written yet \
+             (--device-fill zeros), so that the log's first pass over them converts no extents"
+        );
+    }
+    Ok(())
+}
+
 /// Tests only: a small volume in `dir` (64 MiB, 8 MiB segments, the portable engine).
 #[cfg(test)]
 pub async fn small_test_volume(dir: &std::path::Path, uploads_paused: bool) -> Arc<StagingLog> {
@@ -481,6 +518,7 @@ pub async fn small_test_volume_with(
         path: dir.join("device"),
         create_size: 64 << 20,
         segment_size: Some(8 << 20),
+        device_fill: DeviceFill::None,
         format: false,
         engine: EngineKind::Psync,
         full_wait: Duration::from_secs(1),
@@ -504,6 +542,7 @@ mod tests {
             create_size: 64 << 20,
             segment_size: None,
             format,
+            device_fill: DeviceFill::None,
             engine: EngineKind::Psync,
             full_wait: Duration::from_secs(1),
             uploads_paused: true,

@@ -94,6 +94,17 @@ fn a_new_gateway_elsewhere_on_the_same_device_serves_every_closed_file() {
         "the gateway does not say its metadata is in the device; log tail:\n{}",
         stagefs_tests::tail(&stack.gateway.current_log(), 20)
     );
+    // By default the gateway wrote zeros through the new device file before formatting it
+    // (`--device-fill zeros`): no part of it is left unwritten for the log to convert.
+    let file = fs::File::open(&device).unwrap();
+    let size = file.metadata().unwrap().len();
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor this test holds.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert_eq!(
+        hole as u64, size,
+        "the new device file has an unwritten part"
+    );
 
     let mount = stack.mount("first").start();
     let root = mount.path().to_path_buf();

@@ -12,6 +12,7 @@ pub(super) fn options(dir: &std::path::Path, size: u64) -> VolumeOptions {
         create_size: size,
         segment_size: Some(8 << 20),
         format: false,
+        device_fill: crate::device::DeviceFill::None,
         engine: EngineKind::Psync,
         full_wait: Duration::from_millis(300),
         uploads_paused: false,
