@@ -74,7 +74,8 @@ start_gateway() { # NAME FLAGS...: starts a gateway, sets $gateway to its addres
         --store s3://stagefs "${s3_flags[@]}" --listen "$gateway" --uploads-paused "$@" \
         >"$work/$name.out" 2>"$work/$name.log" &
     pids+=($!)
-    for _ in $(seq 1 100); do grep -q "listening on" "$work/$name.out" 2>/dev/null && break; sleep 0.1; done
+    # A new device file is written with zeros first (--device-fill): seconds per GiB.
+    for _ in $(seq 1 1200); do grep -q "listening on" "$work/$name.out" 2>/dev/null && break; sleep 0.1; done
     grep "listening on" "$work/$name.out" || { cat "$work/$name.log"; exit 1; }
 }
 device_mib=$(( files * file_mib + 1024 ))
