@@ -10,7 +10,9 @@
 //! until one durable commit made after it has returned. Whoever finds no sync running makes that
 //! commit for everyone waiting, so concurrent operations share one fsync (a durable redb commit
 //! costs two) instead of queueing for one each. redb guarantees that a durable commit also makes
-//! every earlier non-durable commit durable.
+//! every earlier non-durable commit durable. A durable commit that no other writer waits behind
+//! is made durable by itself instead: one transaction where the group needs two, the case of a
+//! program that closes one file at a time.
 //!
 //! After an I/O error (a full metadata region among them) redb refuses every further call on that
 //! database ("previous I/O error"); the next transaction opens it again on the same storage, so a
@@ -19,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use async_trait::async_trait;
@@ -48,6 +50,8 @@ struct Inner {
     label: String,
     /// The writer's turn: held from a write transaction's begin to its commit or drop.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Write transactions that hold the turn or wait for it ([`Turn`]).
+    writers: Arc<AtomicUsize>,
     group_sync: GroupSync,
     /// Each sequence's next id and its durable ceiling, once read: see [`RedbTxn::take_ids`].
     sequences: Mutex<HashMap<Vec<u8>, IdRange>>,
@@ -164,6 +168,7 @@ impl RedbKv {
                 broken: AtomicBool::new(false),
                 label: label.to_string(),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
+                writers: Arc::new(AtomicUsize::new(0)),
                 group_sync: GroupSync::default(),
                 sequences: Mutex::new(HashMap::new()),
                 flush_scheduled: AtomicBool::new(false),
@@ -338,6 +343,19 @@ impl Inner {
     /// An empty transaction committed durably: it persists every non-durable commit before it.
     /// It takes the writer's turn, so no rules transaction waits inside redb (on a runtime thread)
     /// for the fsync.
+    /// The sequences' ceilings a durable commit raised (see [`RedbTxn::take_ids`]).
+    fn raise_ceilings(&self, taken: Vec<(Vec<u8>, u64)>) {
+        if taken.is_empty() {
+            return;
+        }
+        let mut sequences = self.sequences.lock().expect("sequences poisoned");
+        for (key, ceiling) in taken {
+            if let Some(range) = sequences.get_mut(&key) {
+                range.ceiling = range.ceiling.max(ceiling);
+            }
+        }
+    }
+
     fn durable_commit(&self) -> KvResult<()> {
         let _turn = self.writer.blocking_lock();
         let mut txn = self.db()?.begin_write().map_err(|e| self.error(e))?;
@@ -368,7 +386,12 @@ impl KvStore for RedbKv {
 
     async fn begin(&self, write: bool) -> KvResult<Box<dyn KvTxn>> {
         let turn = if write {
-            Some(self.inner.writer.clone().lock_owned().await)
+            let waiting = Waiting::new(&self.inner.writers);
+            let guard = self.inner.writer.clone().lock_owned().await;
+            Some(Turn {
+                _guard: guard,
+                _waiting: waiting,
+            })
         } else {
             None
         };
@@ -396,12 +419,35 @@ impl KvStore for RedbKv {
     }
 }
 
+/// The writer's turn, counted among [`Inner::writers`] from before it was waited for until it
+/// is given back.
+struct Turn {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _waiting: Waiting,
+}
+
+/// One write transaction counted in [`Inner::writers`] while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Waiting {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct RedbTxn {
     inner: Arc<Inner>,
     /// Keeps the snapshot alive for `table`.
     _read: ReadTransaction,
     table: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    turn: Option<Turn>,
     /// Sequences whose ceiling this transaction raises: (key, new ceiling), written at commit,
     /// which is then durable.
     taken: Vec<(Vec<u8>, u64)>,
@@ -521,9 +567,26 @@ impl KvTxn for RedbTxn {
         };
         let sequence_keys =
             [Sequence::Inode, Sequence::Slice, Sequence::Cookie].map(keys::sequence);
+        // Alone (no other write transaction holds or waits for the turn, no group flush under
+        // way), a durable commit is made durable itself: one redb transaction, where the group
+        // commit makes two (this one, then an empty durable one that flushes it), and nobody
+        // waits for the turn it keeps through its flush. `tar` and `pip` close one file at a
+        // time, each `close` such a commit.
+        let direct = durability == Durability::Durable
+            && inner.writers.load(Ordering::SeqCst) == 1
+            && !inner
+                .group_sync
+                .state
+                .lock()
+                .expect("sync state poisoned")
+                .syncing;
         let mut txn = inner.db()?.begin_write().map_err(|e| inner.error(e))?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| inner.error(e))?;
+        txn.set_durability(if direct {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(|e| inner.error(e))?;
         {
             let mut table = txn.open_table(KV).map_err(|e| inner.error(e))?;
             // A sequence written as a plain key (a load) replaces what memory holds of it.
@@ -546,6 +609,23 @@ impl KvTxn for RedbTxn {
                     .map_err(|e| inner.error(e))?;
             }
         }
+        if direct {
+            let committing = inner.clone();
+            // The commit flushes the device: on a blocking thread.
+            tokio::task::spawn_blocking(move || txn.commit().map_err(|e| committing.error(e)))
+                .await
+                .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
+            {
+                let mut state = inner.group_sync.state.lock().expect("sync state poisoned");
+                state.committed += 1;
+                // A durable commit makes every earlier one durable too (redb's guarantee).
+                state.durable = state.committed;
+            }
+            inner.group_sync.synced.notify_all();
+            drop(turn);
+            inner.raise_ceilings(taken);
+            return Ok(());
+        }
         txn.commit().map_err(|e| inner.error(e))?;
         let ticket = {
             let mut state = inner.group_sync.state.lock().expect("sync state poisoned");
@@ -561,14 +641,7 @@ impl KvTxn for RedbTxn {
                 tokio::task::spawn_blocking(move || durable.wait_durable(ticket))
                     .await
                     .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
-                if !taken.is_empty() {
-                    let mut sequences = inner.sequences.lock().expect("sequences poisoned");
-                    for (key, ceiling) in taken {
-                        if let Some(range) = sequences.get_mut(&key) {
-                            range.ceiling = range.ceiling.max(ceiling);
-                        }
-                    }
-                }
+                inner.raise_ceilings(taken);
             }
             Durability::Eventual => Inner::schedule_flush(&inner),
         }

@@ -63,6 +63,38 @@ fn concurrent_operations_are_durable_when_they_return() {
     }
 }
 
+/// One durable change at a time, after lazy ones: each is made durable by its own commit (no
+/// other writer waits, so no group flush is shared), and that commit covers the lazy changes
+/// before it. A copy of the device taken as each returns (what a power loss leaves) holds it and
+/// everything before it.
+#[test]
+fn a_lone_durable_change_is_durable_with_the_lazy_ones_before_it() {
+    let db = db();
+    let config = MetaConfig {
+        lazy_namespace: true,
+        ..MetaConfig::default()
+    };
+    let meta = db.open(config.clone());
+    for round in 0..5 {
+        for i in 0..10 {
+            meta.mknod(ROOT_INO, format!("lazy-{round}-{i}").as_bytes(), &file())
+                .unwrap();
+        }
+        // Durable whatever the namespace setting: a session.
+        meta.open_session("", &format!("round {round}")).unwrap();
+        let copy = Db::region_of(super::REGION_BYTES);
+        std::fs::copy(db.redb_path(), copy.redb_path()).unwrap();
+        let crashed = copy.open(config.clone());
+        for i in 0..10 {
+            let name = format!("lazy-{round}-{i}");
+            assert!(
+                crashed.lookup(ROOT_INO, name.as_bytes()).is_ok(),
+                "{name} came before a durable change that returned, but is not durable"
+            );
+        }
+    }
+}
+
 /// Lazy namespace changes (README, SEMANTICS): a copy of the device taken right after they
 /// returned (what a power loss leaves) holds a prefix of them and everything before the last
 /// sync; after `sync` it holds them all; and an inode number handed out before the crash is never
