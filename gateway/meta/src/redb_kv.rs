@@ -340,9 +340,6 @@ impl Inner {
         self.wait_durable(upto)
     }
 
-    /// An empty transaction committed durably: it persists every non-durable commit before it.
-    /// It takes the writer's turn, so no rules transaction waits inside redb (on a runtime thread)
-    /// for the fsync.
     /// The sequences' ceilings a durable commit raised (see [`RedbTxn::take_ids`]).
     fn raise_ceilings(&self, taken: Vec<(Vec<u8>, u64)>) {
         if taken.is_empty() {
@@ -356,6 +353,9 @@ impl Inner {
         }
     }
 
+    /// An empty transaction committed durably: it persists every non-durable commit before it.
+    /// It takes the writer's turn, so no rules transaction waits inside redb (on a runtime thread)
+    /// for the fsync.
     fn durable_commit(&self) -> KvResult<()> {
         let _turn = self.writer.blocking_lock();
         let mut txn = self.db()?.begin_write().map_err(|e| self.error(e))?;
@@ -611,18 +611,24 @@ impl KvTxn for RedbTxn {
         }
         if direct {
             let committing = inner.clone();
-            // The commit flushes the device: on a blocking thread.
-            tokio::task::spawn_blocking(move || txn.commit().map_err(|e| committing.error(e)))
-                .await
-                .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
-            {
-                let mut state = inner.group_sync.state.lock().expect("sync state poisoned");
-                state.committed += 1;
-                // A durable commit makes every earlier one durable too (redb's guarantee).
-                state.durable = state.committed;
-            }
-            inner.group_sync.synced.notify_all();
-            drop(turn);
+            // The commit flushes the device: on a blocking thread, which also gives the turn
+            // back, so that a caller gone meanwhile never lets the next writer in (to wait in
+            // redb on a runtime thread) before the commit is done.
+            tokio::task::spawn_blocking(move || {
+                txn.commit().map_err(|e| committing.error(e))?;
+                {
+                    let sync = &committing.group_sync;
+                    let mut state = sync.state.lock().expect("sync state poisoned");
+                    state.committed += 1;
+                    // A durable commit makes every earlier one durable too (redb's guarantee).
+                    state.durable = state.committed;
+                }
+                committing.group_sync.synced.notify_all();
+                drop(turn);
+                Ok::<(), KvError>(())
+            })
+            .await
+            .map_err(|e| KvError::Failed(format!("durable commit task failed: {e}")))??;
             inner.raise_ceilings(taken);
             return Ok(());
         }
