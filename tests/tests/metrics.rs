@@ -3,7 +3,8 @@
 //! name that does not exist looked up, uploads drained), both parse as Prometheus text and carry
 //! the names the operators' dashboards need, with the values the workload implies; and the
 //! gateway's upload totals are the ones `Status` reports (one set of counters); the usage
-//! gauges give the tenant that created the files their bytes.
+//! gauges give the tenant that created the files their bytes; the small file's `WriteSlice`
+//! steps and the metadata region's syncs are counted.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -32,7 +33,9 @@ fn gateway_and_mount_metrics_carry_what_the_workload_did() {
     let gateway_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mount_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let stack = FuseStack::start("metrics", |gateway| {
+        // Metadata in the device, as by default: its region's syncs are counted.
         gateway
+            .meta_in_device()
             .tokens(&tokens, OPS)
             .args(["--metrics-listen", &gateway_metrics.to_string()])
     });
@@ -119,6 +122,36 @@ fn gateway_and_mount_metrics_carry_what_the_workload_did() {
         ) >= 5.0
     );
     assert!(value(&gateway, "stagefs_tenant_requests_total{tenant=\"ops\"}") >= 1.0);
+    // The small file went in one `WriteSlice`: its two steps timed, its commit durable by itself
+    // or with others, through the metadata region in the device (every sync writes at least
+    // redb's header page).
+    for step in ["stage", "commit"] {
+        assert!(
+            value(
+                &gateway,
+                &format!("stagefs_gateway_write_slice_seconds_count{{step=\"{step}\"}}")
+            ) >= 1.0
+        );
+    }
+    let durable_commits: f64 = ["alone", "group"]
+        .iter()
+        .filter_map(|kind| {
+            gateway
+                .get(&format!(
+                    "stagefs_meta_durable_commit_seconds_count{{kind=\"{kind}\"}}"
+                ))
+                .copied()
+        })
+        .sum();
+    assert!(durable_commits >= 1.0, "no durable redb commit counted");
+    let syncs = value(&gateway, "stagefs_meta_region_syncs_total");
+    assert!(syncs >= durable_commits, "{syncs} region syncs");
+    assert!(value(&gateway, "stagefs_meta_region_writes_total") >= syncs);
+    assert!(value(&gateway, "stagefs_meta_region_written_bytes_total") >= syncs * 4096.0);
+    assert_eq!(
+        value(&gateway, "stagefs_meta_region_write_seconds_count"),
+        syncs
+    );
     assert!(
         value(
             &gateway,

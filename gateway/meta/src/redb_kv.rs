@@ -361,8 +361,18 @@ impl Inner {
         let mut txn = self.db()?.begin_write().map_err(|e| self.error(e))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| self.error(e))?;
-        txn.commit().map_err(|e| self.error(e))
+        let started = std::time::Instant::now();
+        txn.commit().map_err(|e| self.error(e))?;
+        record_durable_commit("group", started);
+        Ok(())
     }
+}
+
+/// The time of one durable redb commit (its page writes and its flush): `alone` for a commit
+/// made durable by itself, `group` for the empty one that makes the lazy ones before it durable.
+fn record_durable_commit(kind: &'static str, started: std::time::Instant) {
+    metrics::histogram!("stagefs_meta_durable_commit_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
 }
 
 #[async_trait]
@@ -615,7 +625,9 @@ impl KvTxn for RedbTxn {
             // back, so that a caller gone meanwhile never lets the next writer in (to wait in
             // redb on a runtime thread) before the commit is done.
             tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 txn.commit().map_err(|e| committing.error(e))?;
+                record_durable_commit("alone", started);
                 {
                     let sync = &committing.group_sync;
                     let mut state = sync.state.lock().expect("sync state poisoned");

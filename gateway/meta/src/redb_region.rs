@@ -857,9 +857,18 @@ impl Region {
             // The copy not holding the newest header: a torn write leaves that one intact.
             writes.push((self.base + (header.sequence % 2) * BLOCK, header.encode()));
         }
+        let started = std::time::Instant::now();
         let outcomes = self.write_batch(&writes);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
+        // What a durable commit costs in writes (redb copies every page it changes, and the
+        // lazy commits since the last sync add theirs): bytes and writes per sync.
+        metrics::histogram!("stagefs_meta_region_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("stagefs_meta_region_syncs_total").increment(1);
+        metrics::counter!("stagefs_meta_region_writes_total").increment(writes.len() as u64);
+        metrics::counter!("stagefs_meta_region_written_bytes_total")
+            .increment(writes.iter().map(|(_, buf)| buf.len() as u64).sum());
         match self.device_sync.get().and_then(|sync| sync()) {
             Some(flushed) => flushed,
             None => self.file.sync_data(),
