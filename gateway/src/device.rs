@@ -43,9 +43,19 @@ nix::ioctl_read_bad!(blk_get_ssz, 0x1268, libc::c_int);
 
 /// Opens `path` for staging; a missing file is created with `create_size` bytes (preallocated).
 pub fn open_device(path: &Path, create_size: u64, writable: bool) -> Result<Device, DeviceError> {
+    open_device_filled(path, create_size, writable, DeviceFill::None)
+}
+
+/// [`open_device`], writing a missing file through with `fill` before it takes its name.
+pub fn open_device_filled(
+    path: &Path,
+    create_size: u64,
+    writable: bool,
+    fill: DeviceFill,
+) -> Result<Device, DeviceError> {
     let created = writable && !path.exists();
     if created {
-        create_file(path, create_size)?;
+        create_file(path, create_size, fill)?;
     }
     let meta = std::fs::metadata(path).map_err(|source| DeviceError::Open {
         path: path.into(),
@@ -109,28 +119,70 @@ pub fn open_device(path: &Path, create_size: u64, writable: bool) -> Result<Devi
     })
 }
 
-fn create_file(path: &Path, size: u64) -> Result<(), DeviceError> {
+/// The name a new device file is made under until it is whole: `<name>.partial` beside it.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Creates the device file `path` of `size` bytes, preallocated and written through with `fill`.
+/// It is made under [`partial_path`] and takes its name only once whole: writing zeros through a
+/// large file takes minutes, and a start cut off meanwhile must not leave a file at `path` that
+/// the next start refuses as not formatted. That start takes the partial file up where it was
+/// left (the zeros written are data, which the fill skips). An existing `path` is never replaced.
+fn create_file(path: &Path, size: u64, fill: DeviceFill) -> Result<(), DeviceError> {
     let err = |source| DeviceError::Create {
         path: path.into(),
         size,
         source,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(err)?;
+    let partial = partial_path(path);
+    let resumed = partial.exists();
+    let mut open = OpenOptions::new();
+    open.read(true).write(true).create(true);
+    if fill == DeviceFill::Zeros {
+        // Gigabytes of zeros through the page cache would crowd it out for nothing.
+        open.custom_flags(libc::O_DIRECT);
+    }
+    let file = open.open(&partial).map_err(err)?;
+    if resumed && file.metadata().map_err(err)?.len() > size {
+        // Left by a start asked for a larger device: never anybody's data.
+        file.set_len(size).map_err(err)?;
+    }
     // Preallocate so the log never hits ENOSPC in the file system underneath it.
     match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size as i64) {
         Ok(()) => {}
         Err(nix::errno::Errno::EOPNOTSUPP) => file.set_len(size).map_err(err)?,
         Err(e) => {
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&partial);
             return Err(err(e.into()));
         }
     }
+    if fill == DeviceFill::Zeros {
+        tracing::info!(
+            device = %path.display(),
+            partial = %partial.display(),
+            bytes = size,
+            resumed,
+            "writing zeros through the new device file before it takes its name (--device-fill \
+             zeros; about as long as writing the file once)"
+        );
+        fill_unwritten(&file, size).map_err(err)?;
+    }
     file.sync_all().map_err(err)?;
-    // Make the new directory entry durable too.
+    // A link fails where a rename would replace: whatever appeared at `path` meanwhile stays.
+    match std::fs::hard_link(&partial, path) {
+        Ok(()) => std::fs::remove_file(&partial).map_err(err)?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(err(e));
+        }
+        // A file system without hard links: a rename, after a last look.
+        Err(_) if !path.exists() => std::fs::rename(&partial, path).map_err(err)?,
+        Err(e) => return Err(err(e)),
+    }
+    // Make the new directory entries durable too.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     }
@@ -218,7 +270,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dev");
         let size = 16u64 << 20;
-        create_file(&path, size).unwrap();
+        create_file(&path, size, DeviceFill::None).unwrap();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -250,5 +302,51 @@ mod tests {
         );
         // A second fill finds nothing left to do.
         assert_eq!(fill_unwritten(&file, size).unwrap(), 0);
+    }
+
+    /// A creation cut off while writing zeros left only `<name>.partial`, never a device file
+    /// without a superblock; the next creation takes it up (what was written stays, the rest is
+    /// filled), gives it its name, and leaves no partial file behind.
+    #[test]
+    fn an_interrupted_creation_is_taken_up_where_it_was_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let size = 16u64 << 20;
+        // As a start cut off during the fill leaves it: preallocated, partly written.
+        let partial = partial_path(&path);
+        let file = File::create(&partial).unwrap();
+        file.set_len(size).unwrap();
+        let marker = vec![0xa5u8; 4096];
+        file.write_all_at(&marker, 8 << 20).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        assert!(!path.exists());
+
+        let device = open_device_filled(&path, size, true, DeviceFill::Zeros).unwrap();
+        assert!(device.created);
+        assert_eq!(device.size, size);
+        assert!(!partial.exists(), "the partial file is left behind");
+        drop(device);
+        let file = File::open(&path).unwrap();
+        let mut read = vec![0u8; 4096];
+        file.read_exact_at(&mut read, 8 << 20).unwrap();
+        assert_eq!(read, marker, "the partial file was not the one taken up");
+        file.read_exact_at(&mut read, 0).unwrap();
+        assert!(read.iter().all(|b| *b == 0));
+        if first_hole(&file, 0) < size {
+            panic!("an unwritten part is left at {}", first_hole(&file, 0));
+        }
+    }
+
+    /// A file that appears at the device's path while a creation runs is never replaced.
+    #[test]
+    fn a_creation_never_replaces_a_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, b"somebody else's").unwrap();
+        let err = create_file(&path, 1 << 20, DeviceFill::None).unwrap_err();
+        assert!(matches!(err, DeviceError::Create { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"somebody else's");
+        assert!(!partial_path(&path).exists());
     }
 }

@@ -469,9 +469,11 @@ impl Node {
                 Err(error) => return Err(error.into()),
             };
             // The two steps of a small file's `close`, timed apart: what each costs shows
-            // where its latency goes.
-            metrics::histogram!("stagefs_gateway_write_slice_seconds", "step" => "stage")
-                .record(started.elapsed().as_secs_f64());
+            // where its latency goes (a retry that staged nothing is no staging).
+            if staged {
+                metrics::histogram!("stagefs_gateway_write_slice_seconds", "step" => "stage")
+                    .record(started.elapsed().as_secs_f64());
+            }
             let committing = std::time::Instant::now();
             let committed = node.commit_written_slice(&write).await;
             metrics::histogram!("stagefs_gateway_write_slice_seconds", "step" => "commit")

@@ -260,7 +260,8 @@ pub async fn open_volume_with_meta(
     tasks: Tasks,
     wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
 ) -> Result<Volume, VolumeError> {
-    let device = open_device(&opts.path, opts.create_size, true)?;
+    let device =
+        crate::device::open_device_filled(&opts.path, opts.create_size, true, opts.device_fill)?;
     let io = |source| VolumeError::Io {
         path: opts.path.clone(),
         source,

@@ -146,12 +146,9 @@ fn gateway_and_mount_metrics_carry_what_the_workload_did() {
     assert!(durable_commits >= 1.0, "no durable redb commit counted");
     let syncs = value(&gateway, "stagefs_meta_region_syncs_total");
     assert!(syncs >= durable_commits, "{syncs} region syncs");
-    assert!(value(&gateway, "stagefs_meta_region_writes_total") >= syncs);
-    assert!(value(&gateway, "stagefs_meta_region_written_bytes_total") >= syncs * 4096.0);
-    assert_eq!(
-        value(&gateway, "stagefs_meta_region_write_seconds_count"),
-        syncs
-    );
+    // A durable commit writes at least redb's header page.
+    assert!(value(&gateway, "stagefs_meta_region_writes_total") >= durable_commits);
+    assert!(value(&gateway, "stagefs_meta_region_written_bytes_total") >= durable_commits * 4096.0);
     assert!(
         value(
             &gateway,

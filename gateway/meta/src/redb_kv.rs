@@ -579,9 +579,10 @@ impl KvTxn for RedbTxn {
             [Sequence::Inode, Sequence::Slice, Sequence::Cookie].map(keys::sequence);
         // Alone (no other write transaction holds or waits for the turn, no group flush under
         // way), a durable commit is made durable itself: one redb transaction, where the group
-        // commit makes two (this one, then an empty durable one that flushes it), and nobody
-        // waits for the turn it keeps through its flush. `tar` and `pip` close one file at a
-        // time, each `close` such a commit.
+        // commit makes two (this one, then an empty durable one that flushes it). It keeps the
+        // turn through its flush, so a writer arriving meanwhile waits for that flush, as it
+        // would wait for a group one. `tar` and `pip` close one file at a time, each `close`
+        // such a commit.
         let direct = durability == Durability::Durable
             && inner.writers.load(Ordering::SeqCst) == 1
             && !inner
