@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::aligned::{AlignedBuf, ALIGN};
-use crate::device::{fill_unwritten, open_device, DeviceError, DeviceFill};
+use crate::device::{fill_unwritten, open_device, open_device_filled, DeviceError, DeviceFill};
 use crate::format::{
     record_len, MetaRegion, Superblock, SuperblockError, DATA_START, FORMAT_VERSION,
     FORMAT_VERSION_NO_REGION, MAX_KEY_BYTES,
@@ -260,8 +260,7 @@ pub async fn open_volume_with_meta(
     tasks: Tasks,
     wrap: impl FnOnce(Arc<dyn IoEngine>) -> Arc<dyn IoEngine>,
 ) -> Result<Volume, VolumeError> {
-    let device =
-        crate::device::open_device_filled(&opts.path, opts.create_size, true, opts.device_fill)?;
+    let device = open_device_filled(&opts.path, opts.create_size, true, opts.device_fill)?;
     let io = |source| VolumeError::Io {
         path: opts.path.clone(),
         source,
@@ -312,7 +311,12 @@ pub async fn open_volume_with_meta(
                 device.size,
                 opts.segment_size,
                 meta_region_size,
-                opts.device_fill,
+                // A file created now was filled before it took its name: no second pass.
+                if device.created {
+                    DeviceFill::None
+                } else {
+                    opts.device_fill
+                },
             )
             .await
             .map_err(|e| match e {
