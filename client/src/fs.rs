@@ -469,10 +469,7 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        if let Some(attr) = self.dir_attrs.get(ino) {
-            return Ok(attr);
-        }
-        if let Some(attr) = self.open_file_attr(ino) {
+        if let Some(attr) = self.getattr_here(ino) {
             return Ok(attr);
         }
         let asked = self.dir_attrs.generation();
@@ -480,6 +477,13 @@ impl Fs {
         let attr = self.meta.getattr(ino).await?;
         self.dir_attrs.saw(&attr, asked);
         Ok(self.settled(self.local_attr(attr), sent).await)
+    }
+
+    /// The attributes of `ino` when this mount can answer without the engine and without
+    /// waiting (a directory it read within the TTL, a file it has open): the FUSE adapter
+    /// answers those on the kernel's thread.
+    pub fn getattr_here(&self, ino: Ino) -> Option<Attr> {
+        self.dir_attrs.get(ino).or_else(|| self.open_file_attr(ino))
     }
 
     /// The attributes of a file this mount has open, if the engine reported them within the
@@ -520,6 +524,41 @@ impl Fs {
 
     /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
     /// first, so the change applies after the writes that came before it.
+    /// [`Fs::setattr`] when it can be answered without the engine and without waiting: a
+    /// change held for the commit of a file this mount is writing for the first time (see
+    /// [`Fs::hold_attrs`]), or a read-only mount's refusal.
+    pub fn setattr_here(&self, ino: Ino, changes: &SetAttr) -> Option<FsResult<Attr>> {
+        if let Err(e) = self.check_writable_mount() {
+            return Some(Err(e));
+        }
+        let file = self.open_file(ino)?;
+        let mut state = file.state.try_lock().ok()?;
+        self.hold_attrs(&file, &mut state, changes).map(Ok)
+    }
+
+    /// Holds mode, owner and times of a file being written for the first time (nothing of it
+    /// committed yet) for the data's commit: no call now, and the close's durable commit
+    /// covers them (`tar` and `pip` set them on each file they write; the kernel passes no
+    /// handle for `fchmod`, so any caller's change waits). Nothing of the file can be read
+    /// elsewhere meanwhile, so holding back a change that removes rights exposes nothing. The
+    /// kernel checked the caller's right to make them (`default_permissions`); the gateway
+    /// refuses none of them on a file this session holds open. SEMANTICS says when others see
+    /// them. None: not such a change; it goes to the engine.
+    fn hold_attrs(
+        &self,
+        file: &OpenFile,
+        state: &mut FileState,
+        changes: &SetAttr,
+    ) -> Option<Attr> {
+        if changes.size.is_some() || state.dirty.is_empty() || state.attr.size != 0 {
+            return None;
+        }
+        state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
+        state.attr.ctime_ns = now_ns();
+        self.mirror(file, &state.dirty);
+        Some(state.seen_attr())
+    }
+
     pub async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
@@ -530,21 +569,10 @@ impl Fs {
             return Ok(attr);
         };
         let mut state = file.state.lock().await;
-        let resizes = changes.size.is_some();
-        if !resizes && !state.dirty.is_empty() && state.attr.size == 0 {
-            // Mode, owner and times of a file being written for the first time (nothing of it
-            // committed yet) go with the data's commit: no call now, and the close's durable
-            // commit covers them (`tar` and `pip` set them on each file they write; the kernel
-            // passes no handle for `fchmod`, so any caller's change waits). Nothing of the file
-            // can be read elsewhere meanwhile, so holding back a change that removes rights
-            // exposes nothing. The kernel checked the caller's right to make them
-            // (`default_permissions`); the gateway refuses none of them on a file this session
-            // holds open. SEMANTICS says when others see them.
-            state.dirty.set_attrs = state.dirty.set_attrs.then(changes);
-            state.attr.ctime_ns = now_ns();
-            self.mirror(&file, &state.dirty);
-            return Ok(state.seen_attr());
+        if let Some(attr) = self.hold_attrs(&file, &mut state, changes) {
+            return Ok(attr);
         }
+        let resizes = changes.size.is_some();
         // A size applies after the writes before it.
         if resizes {
             self.flush_locked(&file, &mut state).await?;
@@ -794,13 +822,21 @@ impl Fs {
         Ok((entries, end))
     }
 
-    pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
-        if self.xattr_absence.known_absent(ino, name) {
-            return Err(FsError::Meta {
+    /// [`Fs::getxattr`] when this mount remembers the attribute absent (the kernel asks for
+    /// `security.capability` before every write).
+    pub fn getxattr_here(&self, ino: Ino, name: &[u8]) -> Option<FsResult<Vec<u8>>> {
+        self.xattr_absence.known_absent(ino, name).then(|| {
+            Err(FsError::Meta {
                 op: "getxattr",
                 errno: libc::ENODATA,
                 message: "no such attribute (remembered)".into(),
-            });
+            })
+        })
+    }
+
+    pub async fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        if let Some(answer) = self.getxattr_here(ino, name) {
+            return answer;
         }
         let value = self.meta.getxattr(ino, name).await;
         if matches!(&value, Err(e) if e.errno() == libc::ENODATA) {
@@ -820,9 +856,14 @@ impl Fs {
         set
     }
 
+    /// [`Fs::listxattr`] when this mount remembers the file has none.
+    pub fn listxattr_here(&self, ino: Ino) -> Option<Vec<Vec<u8>>> {
+        self.xattr_absence.known_none(ino).then(Vec::new)
+    }
+
     pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
-        if self.xattr_absence.known_none(ino) {
-            return Ok(Vec::new());
+        if let Some(names) = self.listxattr_here(ino) {
+            return Ok(names);
         }
         self.meta.listxattr(ino).await
     }

@@ -1516,3 +1516,64 @@ async fn an_open_file_s_attributes_are_the_mount_s_own_within_the_ttl() {
     a.release(fh, None).await.unwrap();
     assert_eq!(b.getattr(attr.ino).await.unwrap().size, 12);
 }
+
+/// What the kernel asks about a file while it is written for the first time (its attributes,
+/// the mode, owner and times `tar` sets, the `security.capability` it checks before each
+/// write) the mount answers without waiting, so the FUSE adapter answers it on the kernel's
+/// thread; anything that needs the engine is not answered there.
+#[tokio::test]
+async fn what_the_kernel_asks_about_a_file_being_written_is_answered_without_waiting() {
+    let world = World::new().await;
+    let config = FsConfig {
+        attr_ttl: Duration::from_secs(60),
+        ..FsConfig::default()
+    };
+    let a = world.mount(config).await;
+    let (attr, fh) = create(&a, "untarred").await;
+    a.write(fh, 0, &pattern(5, 0, 3000)).await.unwrap();
+    let set = SetAttr {
+        mode: Some(0o600),
+        mtime_ns: Some(7_000_000_000),
+        ..SetAttr::default()
+    };
+    let calls = world.meta.calls("setattr");
+    let held = a
+        .setattr_here(attr.ino, &set)
+        .expect("held for the commit")
+        .unwrap();
+    assert_eq!(
+        (held.mode, held.mtime_ns, held.size),
+        (0o600, 7_000_000_000, 3000)
+    );
+    assert_eq!(world.meta.calls("setattr"), calls, "no call");
+    let seen = a.getattr_here(attr.ino).expect("an open file's attributes");
+    assert_eq!((seen.mode, seen.size), (0o600, 3000));
+
+    // A new file has no extended attributes (its create said so), until one is set.
+    let capability = b"security.capability";
+    assert_eq!(
+        errno(a.getxattr_here(attr.ino, capability).expect("known absent")),
+        libc::ENODATA
+    );
+    a.setxattr(attr.ino, b"user.tag", b"1", 0).await.unwrap();
+    assert!(
+        a.getxattr_here(attr.ino, capability).is_none(),
+        "asked again"
+    );
+    assert_eq!(errno(a.getxattr(attr.ino, capability).await), libc::ENODATA);
+    assert!(
+        a.getxattr_here(attr.ino, capability).is_some(),
+        "remembered absent"
+    );
+    a.release(fh, None).await.unwrap();
+
+    // Bytes committed: a change goes to the engine at once, so it is not answered here.
+    let fh = a.open(attr.ino, RW).await.unwrap().0;
+    a.write(fh, 3000, b"more").await.unwrap();
+    assert!(a.setattr_here(attr.ino, &set).is_none());
+    a.release(fh, None).await.unwrap();
+    assert!(
+        a.getattr_here(attr.ino).is_none(),
+        "a file no longer open is asked about"
+    );
+}
