@@ -522,8 +522,6 @@ impl Fs {
         self.changed(self.renaming(outcome))
     }
 
-    /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
-    /// first, so the change applies after the writes that came before it.
     /// [`Fs::setattr`] when it can be answered without the engine and without waiting: a
     /// change held for the commit of a file this mount is writing for the first time (see
     /// [`Fs::hold_attrs`]), or a read-only mount's refusal.
@@ -559,6 +557,8 @@ impl Fs {
         Some(state.seen_attr())
     }
 
+    /// Changes attributes; a `size` truncates or extends. An open file's dirty data is committed
+    /// first, so the change applies after the writes that came before it.
     pub async fn setattr(&self, ino: Ino, changes: &SetAttr) -> FsResult<Attr> {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {

@@ -53,39 +53,36 @@ impl FuseFs {
         self.runtime.spawn(instrumented(op, work(self.fs.clone())));
     }
 
-    /// Answers the operation `op` on this (the kernel's) thread when `here` can without
-    /// waiting; `here` gets the reply and gives it back when it cannot, and the operation then
-    /// goes to the runtime as with [`FuseFs::spawn`].
+    /// Answers the operation `op` with `here`, the mount's own answer, on this (the kernel's)
+    /// thread when there is one; otherwise runs `work` on the runtime as [`FuseFs::spawn`]
+    /// does and answers with its outcome.
     ///
     /// Why: handing a request to a runtime thread wakes that thread, and on a small VM a wake-up
     /// across CPUs costs tens of microseconds, more than a local answer. An untarred file gets
     /// about nine such calls (three `setattr`s, `getattr`s, the `security.capability` the
     /// kernel asks for before each write).
-    fn here_or_spawn<R, F>(
+    fn answer_here_or_spawn<R, T, F>(
         &self,
         op: &'static str,
         reply: R,
-        here: impl FnOnce(&Fs, R) -> Option<R>,
-        work: impl FnOnce(Arc<Fs>, R) -> F,
+        here: Option<crate::fs::FsResult<T>>,
+        work: impl FnOnce(Arc<Fs>) -> F,
+        answer: impl FnOnce(R, crate::fs::FsResult<T>) + Send + 'static,
     ) where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        R: Send + 'static,
+        F: std::future::Future<Output = crate::fs::FsResult<T>> + Send + 'static,
     {
-        let started = std::time::Instant::now();
-        match OP.sync_scope(op, || here(&self.fs, reply)) {
-            None => counted(op, started),
-            Some(reply) => self.spawn(op, |fs| work(fs, reply)),
+        match here {
+            Some(outcome) => {
+                let started = std::time::Instant::now();
+                OP.sync_scope(op, || answer(reply, outcome));
+                counted(op, started);
+            }
+            None => self.spawn(op, |fs| {
+                let outcome = work(fs);
+                async move { answer(reply, outcome.await) }
+            }),
         }
-    }
-}
-
-/// `reply` sent with `answer` when there is one (None), else given back.
-fn send_if<T, R>(answer: Option<T>, reply: R, send: impl FnOnce(R, T)) -> Option<R> {
-    match answer {
-        Some(answer) => {
-            send(reply, answer);
-            None
-        }
-        None => Some(reply),
     }
 }
 
@@ -311,15 +308,12 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.cache.attr_ttl;
-        self.here_or_spawn(
+        self.answer_here_or_spawn(
             "getattr",
             reply,
-            |fs, reply| {
-                send_if(fs.getattr_here(ino.0), reply, |reply, attr| {
-                    answer_attr(reply, ttl, Ok(attr))
-                })
-            },
-            move |fs, reply| async move { answer_attr(reply, ttl, fs.getattr(ino.0).await) },
+            self.fs.getattr_here(ino.0).map(Ok),
+            move |fs| async move { fs.getattr(ino.0).await },
+            move |reply, attr| answer_attr(reply, ttl, attr),
         );
     }
 
@@ -350,17 +344,12 @@ impl Filesystem for FuseFs {
             mtime_ns: mtime.map(time_or_now),
         };
         let ttl = self.cache.attr_ttl;
-        self.here_or_spawn(
+        self.answer_here_or_spawn(
             "setattr",
             reply,
-            |fs, reply| {
-                send_if(fs.setattr_here(ino.0, &changes), reply, |reply, answer| {
-                    answer_attr(reply, ttl, answer)
-                })
-            },
-            move |fs, reply| async move {
-                answer_attr(reply, ttl, fs.setattr(ino.0, &changes).await)
-            },
+            self.fs.setattr_here(ino.0, &changes),
+            move |fs| async move { fs.setattr(ino.0, &changes).await },
+            move |reply, attr| answer_attr(reply, ttl, attr),
         );
     }
 
@@ -791,39 +780,35 @@ impl Filesystem for FuseFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        let answer = move |reply: ReplyXattr, value: crate::fs::FsResult<Vec<u8>>| match value {
-            Ok(value) => reply_xattr(reply, size, &value),
-            Err(e) => reply.error(errno(&e)),
-        };
-        self.here_or_spawn(
+        self.answer_here_or_spawn(
             "getxattr",
-            (reply, name),
-            |fs, (reply, name)| {
-                let here = fs.getxattr_here(ino.0, &name);
-                send_if(here, reply, answer).map(|reply| (reply, name))
+            reply,
+            self.fs.getxattr_here(ino.0, &name),
+            move |fs| async move { fs.getxattr(ino.0, &name).await },
+            move |reply: ReplyXattr, value| match value {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(&e)),
             },
-            move |fs, (reply, name)| async move { answer(reply, fs.getxattr(ino.0, &name).await) },
         );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let answer = move |reply: ReplyXattr, names: crate::fs::FsResult<Vec<Vec<u8>>>| match names
-        {
-            Ok(names) => {
-                let mut list = Vec::new();
-                for name in names {
-                    list.extend_from_slice(&name);
-                    list.push(0);
-                }
-                reply_xattr(reply, size, &list)
-            }
-            Err(e) => reply.error(errno(&e)),
-        };
-        self.here_or_spawn(
+        self.answer_here_or_spawn(
             "listxattr",
             reply,
-            |fs, reply| send_if(fs.listxattr_here(ino.0).map(Ok), reply, answer),
-            move |fs, reply| async move { answer(reply, fs.listxattr(ino.0).await) },
+            self.fs.listxattr_here(ino.0).map(Ok),
+            move |fs| async move { fs.listxattr(ino.0).await },
+            move |reply: ReplyXattr, names| match names {
+                Ok(names) => {
+                    let mut list = Vec::new();
+                    for name in names {
+                        list.extend_from_slice(&name);
+                        list.push(0);
+                    }
+                    reply_xattr(reply, size, &list)
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
         );
     }
 
