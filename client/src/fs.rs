@@ -34,6 +34,7 @@ mod meta_grpc;
 #[cfg(test)]
 mod meta_local;
 mod read;
+mod releases;
 mod unsynced;
 mod write;
 mod xattr_cache;
@@ -102,6 +103,10 @@ pub struct FsConfig {
     /// engine every time. The mount passes its attribute TTL, the bound the kernel's own cache
     /// gives to changes made elsewhere.
     pub attr_ttl: Duration,
+    /// How long the releases of closed handles are gathered before they go to the engine as one
+    /// call (`fs/releases.rs`); zero sends each as it comes. The longest an unlinked file's
+    /// data outlives its last `close`.
+    pub release_window: Duration,
 }
 
 impl Default for FsConfig {
@@ -118,6 +123,7 @@ impl Default for FsConfig {
             capability_absence_ttl: Duration::from_secs(1),
             gateway_access: GatewayAccess::default(),
             attr_ttl: Duration::ZERO,
+            release_window: Duration::from_millis(50),
         }
     }
 }
@@ -146,6 +152,7 @@ pub struct Fs {
     /// write): an engine answer read before one may miss them (see [`Fs::settled`]).
     held_attrs_sent: AtomicU64,
     locks: locks::MountLocks,
+    releases: releases::Releases,
     /// Directory listings in progress, by directory handle.
     listings: Mutex<HashMap<FileHandle, Listing>>,
 }
@@ -315,6 +322,11 @@ impl Fs {
             renamed: AtomicU64::new(0),
             held_attrs_sent: AtomicU64::new(0),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
+            releases: releases::Releases::new(
+                meta.clone(),
+                grant.session_id,
+                config.release_window,
+            ),
             listings: Mutex::new(HashMap::new()),
             meta,
             unsynced: unsynced::Unsynced::default(),
@@ -1027,7 +1039,7 @@ impl Fs {
 
     /// Gives back a handle the engine counted, when opening failed after all.
     async fn release_quietly(&self, ino: Ino) {
-        if let Err(e) = self.meta.release(self.session, ino).await {
+        if let Err(e) = self.meta.release(self.session, &[ino]).await {
             tracing::warn!(ino, error = %e, "releasing a handle of a failed open");
         }
     }
@@ -1221,9 +1233,9 @@ impl Fs {
         }
     }
 
-    /// Closes a handle: commits the file's data, then gives the handle back to the engine (the
-    /// last one of an unlinked file removes it). A flush error is returned, and the handle is
-    /// gone either way. The locks of `lock_owner` (a `flock` owner) go, and with the mount's last
+    /// Closes a handle: commits the file's data, then gives the handle back to the engine within
+    /// the release window (the last one of an unlinked file removes it). A flush error is
+    /// returned, and the handle is gone either way. The locks of `lock_owner` (a `flock` owner) go, and with the mount's last
     /// handle on the file, every lock the mount holds on it.
     pub async fn release(&self, fh: FileHandle, lock_owner: Option<u64>) -> FsResult<()> {
         let handle = self.handles().remove(&fh).ok_or(FsError::BadHandle(fh))?;
@@ -1238,7 +1250,7 @@ impl Fs {
         if let Some(owner) = lock_owner {
             self.locks.closed_by(file.ino, owner).await;
         }
-        let released = self.meta.release(self.session, file.ino).await;
+        self.releases.give_back(file.ino).await;
         if self.detach(file) {
             self.locks.last_close(file.ino).await;
             let state = file.state.lock().await;
@@ -1252,7 +1264,7 @@ impl Fs {
                 );
             }
         }
-        flushed.and(released)
+        flushed
     }
 
     /// Commits every open file, releases every handle and closes the session (unmount).
@@ -1264,6 +1276,9 @@ impl Fs {
                 first_error.get_or_insert(e);
             }
         }
+        // Closing the session would give the handles back too; sent first, the gathered
+        // releases are not left to fail against a closed session.
+        self.releases.flush().await;
         if let Err(e) = self.meta.close_session(self.session).await {
             first_error.get_or_insert(e);
         }

@@ -16,11 +16,14 @@ use std::time::Duration;
 
 use proto::meta as pb;
 use proto::meta::meta_server::Meta;
+use shared::meta::MAX_RELEASE_BATCH;
 use tonic::{Code, Request, Response, Status};
 
 use crate::access::{must_be_admin, tenant_of, Tenant};
 use crate::confine::Scope;
-use crate::meta::{FileKind, LockKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode};
+use crate::meta::{
+    FileKind, Ino, LockKind, MetaEngine, MetaError, RenameMode, SessionId, XattrMode,
+};
 use crate::node::{BlockInputError, Node, NodeError, SliceWrite};
 use convert::*;
 
@@ -697,16 +700,23 @@ impl Meta for MetaService {
 
     async fn release(
         &self,
-        request: Request<pb::HandleRequest>,
+        request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let tenant = tenant_of(&request);
-        let pb::HandleRequest { session_id, ino } = request.into_inner();
+        let pb::ReleaseRequest { session_id, inos } = request.into_inner();
         self.call_for("Release", &tenant, async {
+            if inos.len() > MAX_RELEASE_BATCH {
+                return Err(MetaError::Invalid(format!(
+                    "at most {MAX_RELEASE_BATCH} handles per call, not {}",
+                    inos.len()
+                )));
+            }
             let session = self.session(&tenant, &session_id).await?;
             // Gives back only what this session holds: no tree check, so a file moved out of
             // the tree while open can still be closed.
-            let ino = self.scope(&tenant).await?.own(ino);
-            self.engine.release(session, ino).await
+            let scope = self.scope(&tenant).await?;
+            let inos: Vec<Ino> = inos.into_iter().map(|ino| scope.own(ino)).collect();
+            self.engine.release(session, &inos).await
         })
         .await?;
         Ok(Response::new(pb::Empty {}))

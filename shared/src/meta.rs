@@ -133,6 +133,10 @@ pub struct MountView {
 /// kernel passes it on like any other.
 pub const WRITE_POLICY_XATTR: &[u8] = b"user.stagefs.write_policy";
 
+/// Handles one `Release` call may give back: a bound on what one call makes the engine do in
+/// one transaction. A mount gathers fewer (see the client's `releases` module).
+pub const MAX_RELEASE_BATCH: usize = 1024;
+
 /// Gateways one [`MountView`] may name in all: a bound on what a client makes the metadata hold.
 pub const MAX_VIEW_GATEWAYS: usize = 256;
 /// Nanoseconds since the Unix epoch. Signed, because `touch -d 1960-01-01` is legal.

@@ -521,15 +521,24 @@ async fn deleted_data_is_dropped_and_deleted_from_s3() {
         BlockState::Staged
     );
 
-    // Closing the handles Create opened, then unlinking, deletes both files and queues their data.
-    for file in [&uploaded, &staged] {
-        meta.release(pb::HandleRequest {
+    // Closing the handles Create opened (in one call, as a mount gathers them), then
+    // unlinking, deletes both files and queues their data.
+    expect_errno(
+        "Release of more handles than one call may give back",
+        meta.release(pb::ReleaseRequest {
             session_id: sid.clone(),
-            ino: file.ino,
+            inos: vec![staged.ino; shared::meta::MAX_RELEASE_BATCH + 1],
         })
-        .await
-        .unwrap();
-    }
+        .await,
+        libc::EINVAL,
+        Code::InvalidArgument,
+    );
+    meta.release(pb::ReleaseRequest {
+        session_id: sid.clone(),
+        inos: vec![uploaded.ino, staged.ino],
+    })
+    .await
+    .unwrap();
     unlink(&mut meta, ROOT, "uploaded").await;
     unlink(&mut meta, ROOT, "staged").await;
     expect_errno(

@@ -63,10 +63,10 @@ fn commit(session: &Bytes, ino: u64, slice: &pb::Slice) -> pb::CommitSliceReques
     }
 }
 
-fn handle(session: &Bytes, ino: u64) -> pb::HandleRequest {
-    pb::HandleRequest {
+fn released(session: &Bytes, ino: u64) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
         session_id: session.clone(),
-        ino,
+        inos: vec![ino],
     }
 }
 
@@ -180,14 +180,14 @@ fn another_session_cannot_touch_what_a_session_owns() {
         }
         expect_errno(
             "Release of the victim's open-unlinked file by another session",
-            meta.release(handle(&attacker, kept_ino)).await,
+            meta.release(released(&attacker, kept_ino)).await,
             libc::EBADF,
             Code::FailedPrecondition,
         );
         let forged = Bytes::from(rand::random::<[u8; 16]>().to_vec());
         expect_errno(
             "Release under a forged session id",
-            meta.release(handle(&forged, kept_ino)).await,
+            meta.release(released(&forged, kept_ino)).await,
             libc::EIO,
             Code::Internal,
         );
@@ -212,8 +212,11 @@ fn another_session_cannot_touch_what_a_session_owns() {
         );
         expect_errno(
             "Release under a sequential 64-bit id of the old format",
-            meta.release(handle(&Bytes::from(2u64.to_be_bytes().to_vec()), kept_ino))
-                .await,
+            meta.release(released(
+                &Bytes::from(2u64.to_be_bytes().to_vec()),
+                kept_ino,
+            ))
+            .await,
             libc::EINVAL,
             Code::InvalidArgument,
         );
@@ -265,7 +268,7 @@ fn another_session_cannot_touch_what_a_session_owns() {
         })
         .await
         .unwrap();
-        meta.release(handle(&sid, canary.ino)).await.unwrap();
+        meta.release(released(&sid, canary.ino)).await.unwrap();
         meta.unlink(pb::EntryRequest {
             parent: ROOT,
             name: name("canary"),

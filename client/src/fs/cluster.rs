@@ -784,12 +784,10 @@ impl MetaApi for FailoverMeta {
             .await
     }
 
-    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
-        self.call(
-            "release",
-            true,
-            |m| async move { m.release(session, ino).await },
-        )
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {
+        self.call("release", true, |m| async move {
+            m.release(session, inos).await
+        })
         .await
     }
 

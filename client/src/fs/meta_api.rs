@@ -108,7 +108,9 @@ pub trait MetaApi: Send + Sync + 'static {
 
     /// Records an open handle of `session` (an unlinked file lives until its last release).
     async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr>;
-    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()>;
+    /// Gives back one handle of `session` per entry (an inode twice for two), all in one
+    /// transaction: EBADF, and nothing given back, when any is not held.
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()>;
 
     /// Sets a byte-range lock of one lock owner of `session` (`fcntl(F_SETLK)` semantics, held
     /// in the engine across mounts); while another owner holds a conflicting one, waits up to

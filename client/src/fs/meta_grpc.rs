@@ -498,14 +498,14 @@ impl MetaApi for GrpcMeta {
         attr_from_proto("open", answer.attr)
     }
 
-    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {
         call!(
             self,
             "release",
             release,
-            pb::HandleRequest {
+            pb::ReleaseRequest {
                 session_id: session_bytes(session),
-                ino,
+                inos: inos.to_vec(),
             }
         )?;
         Ok(())

@@ -90,7 +90,7 @@ impl LocalMeta {
         (read, go)
     }
 
-    /// How many `op` calls (`setattr`, `sync`) reached the engine.
+    /// How many `op` calls (`setattr`, `sync`, `release`) reached the engine.
     pub fn calls(&self, op: &str) -> u64 {
         let calls = self.calls.lock().unwrap();
         calls.get(op).copied().unwrap_or(0)
@@ -327,9 +327,10 @@ impl MetaApi for LocalMeta {
         self.engine.open(session, ino).await.map_err(fail("open"))
     }
 
-    async fn release(&self, session: SessionId, ino: Ino) -> FsResult<()> {
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {
+        self.count("release");
         self.engine
-            .release(session, ino)
+            .release(session, inos)
             .await
             .map_err(fail("release"))
     }

@@ -503,7 +503,50 @@ async fn an_unlinked_file_stays_readable_through_its_open_handle() {
     assert_eq!(a.getattr(attr.ino).await.unwrap().nlink, 0);
     assert_eq!(a.read(fh, 0, 100).await.unwrap(), b"still here, and more");
     a.release(fh, None).await.unwrap();
+    a.releases.flush().await;
     assert_eq!(errno(a.getattr(attr.ino).await), libc::ENOENT);
+}
+
+#[tokio::test]
+async fn the_releases_of_a_window_go_to_the_engine_as_one_call() {
+    let world = World::new().await;
+    let a = world
+        .mount(FsConfig {
+            release_window: Duration::from_secs(3600),
+            ..FsConfig::default()
+        })
+        .await;
+    let (doomed, first) = create(&a, "doomed").await;
+    let (second, _) = a.open(doomed.ino, libc::O_RDONLY).await.unwrap();
+    let (kept, third) = create(&a, "kept").await;
+    a.unlink(ROOT_INO, b"doomed").await.unwrap();
+    for fh in [first, second, third] {
+        a.release(fh, None).await.unwrap();
+    }
+    assert_eq!(world.meta.calls("release"), 0, "gathered for the window");
+    assert_eq!(
+        a.getattr(doomed.ino).await.unwrap().nlink,
+        0,
+        "the engine still counts the unlinked file's handles"
+    );
+
+    a.releases.flush().await;
+    assert_eq!(world.meta.calls("release"), 1, "three handles, one call");
+    assert_eq!(errno(a.getattr(doomed.ino).await), libc::ENOENT);
+    assert_eq!(
+        errno(world.meta.release(a.session(), &[kept.ino]).await),
+        libc::EBADF,
+        "kept's handle was given back too"
+    );
+
+    // A handle the engine does not count (an open that a gateway crash lost) refuses the
+    // whole call; the others still go, one by one.
+    let (other, fh) = create(&a, "other").await;
+    a.unlink(ROOT_INO, b"other").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    a.releases.give_back(kept.ino).await;
+    a.releases.flush().await;
+    assert_eq!(errno(a.getattr(other.ino).await), libc::ENOENT);
 }
 
 #[tokio::test]

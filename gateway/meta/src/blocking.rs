@@ -95,7 +95,7 @@ impl BlockingMeta {
         list_sessions() -> Vec<SessionInfo>;
         expired_sessions(heartbeat_before_ns: TimeNs) -> Vec<SessionId>;
         open(session: SessionId, ino: Ino) -> Attr;
-        release(session: SessionId, ino: Ino) -> ();
+        release(session: SessionId, inos: &[Ino]) -> ();
         take_due_deleted_slices(gateway: Option<GatewayId>, now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;
         referenced_slice_ids() -> std::collections::BTreeSet<u64>;
         ack_deleted_slices(slice_ids: &[u64]) -> ();

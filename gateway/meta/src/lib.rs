@@ -565,9 +565,11 @@ pub trait MetaEngine: Send + Sync {
     /// Records an open handle of `session` on `ino` and returns the current attributes
     /// (close-to-open: the size a reader must honour).
     async fn open(&self, session: SessionId, ino: Ino) -> Result<Attr>;
-    /// Drops one handle; the last release of an unlinked file removes it. [`MetaError::NotOpen`]
-    /// when `session` holds no handle on `ino`.
-    async fn release(&self, session: SessionId, ino: Ino) -> Result<()>;
+    /// Drops one handle of `session` per entry of `inos` (an inode listed twice gives back two),
+    /// in one transaction; the last release of an unlinked file removes it. All or nothing:
+    /// [`MetaError::NotOpen`] names the first inode `session` holds fewer handles on than
+    /// listed, and nothing is released.
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> Result<()>;
 
     /// Up to `limit` queued slices due at `now_ns`, oldest due first: those staged by
     /// `gateway` (the one that can drop their staged blocks; each gateway cleans its own, so no

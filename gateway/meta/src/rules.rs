@@ -2685,15 +2685,31 @@ impl MetaEngine for KvMeta {
         })
     }
 
-    async fn release(&self, session: SessionId, ino: Ino) -> Result<()> {
+    async fn release(&self, session: SessionId, inos: &[Ino]) -> Result<()> {
+        // Handles given back per inode, in the order first listed (so the first not held is
+        // the one named).
+        let mut counts: Vec<(Ino, u64)> = Vec::with_capacity(inos.len());
+        let mut index = std::collections::HashMap::with_capacity(inos.len());
+        for &ino in inos {
+            let at = *index.entry(ino).or_insert_with(|| {
+                counts.push((ino, 0));
+                counts.len() - 1
+            });
+            counts[at].1 += 1;
+        }
         // Given back without waiting for durability: lost in a crash, the handle is given back
         // when its session expires after the restart, and an unlinked file is purged then.
         crate::transact_once!(self, Durability::Eventual, |tx| {
             tx.check_session(session).await?;
-            if tx.handles(session, ino).await? == 0 {
-                return Err(MetaError::NotOpen { session, ino });
+            for &(ino, count) in &counts {
+                if tx.handles(session, ino).await? < count {
+                    return Err(MetaError::NotOpen { session, ino });
+                }
             }
-            tx.release_handles(session, ino, 1).await
+            for &(ino, count) in &counts {
+                tx.release_handles(session, ino, count).await?;
+            }
+            Ok(())
         })
     }
 

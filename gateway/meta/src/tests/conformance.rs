@@ -171,7 +171,7 @@ fn within_follows_names_up_to_the_root_it_is_asked_about() {
     f.meta.unlink(team.ino, b"open").unwrap();
     assert!(within(open.ino));
     assert!(!f.meta.within(team.ino, open.ino, "stranger").unwrap());
-    f.meta.release(session, open.ino).unwrap();
+    f.meta.release(session, &[open.ino]).unwrap();
     assert_eq!(
         errno(f.meta.within(team.ino, open.ino, "team")),
         libc::ENOENT
@@ -295,7 +295,7 @@ fn create_opens_the_new_file() {
         0,
         "kept alive by the handle"
     );
-    f.meta.release(f.session, attr.ino).unwrap();
+    f.meta.release(f.session, &[attr.ino]).unwrap();
     assert_eq!(errno(f.meta.getattr(attr.ino)), libc::ENOENT);
     assert_eq!(
         errno(f.meta.create(12345, ROOT_INO, b"x", &node(FileKind::File))),
@@ -724,7 +724,7 @@ fn rename_replacing_an_open_file_keeps_it_until_release() {
     assert_eq!(f.meta.getattr(old.ino).unwrap().nlink, 0);
     assert_eq!(f.ids(old.ino, 0), [slice.slice_id]);
     assert!(f.queued().is_empty());
-    f.meta.release(f.session, old.ino).unwrap();
+    f.meta.release(f.session, &[old.ino]).unwrap();
     assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
 }
 
@@ -1289,10 +1289,10 @@ fn unlink_of_an_open_file_keeps_it_until_the_last_release() {
         libc::ENOENT
     );
 
-    f.meta.release(f.session, file.ino).unwrap();
-    f.meta.release(f.session, file.ino).unwrap();
+    f.meta.release(f.session, &[file.ino]).unwrap();
+    f.meta.release(f.session, &[file.ino]).unwrap();
     assert_eq!(
-        errno(f.meta.release(f.session, file.ino)),
+        errno(f.meta.release(f.session, &[file.ino])),
         libc::EBADF,
         "one release too many is refused, and changes nothing"
     );
@@ -1308,6 +1308,41 @@ fn unlink_of_an_open_file_keeps_it_until_the_last_release() {
     assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
     assert_eq!(f.meta.statfs().unwrap().files, 1);
     assert_eq!(errno(f.meta.open(f.session, file.ino)), libc::ENOENT);
+}
+
+#[test]
+fn one_release_gives_back_a_handle_per_entry_all_or_nothing() {
+    let f = fixture();
+    let a = f.file(ROOT_INO, "a");
+    let b = f.file(ROOT_INO, "b");
+    let slice = f.write(a.ino, 0, 0, 10);
+    f.meta.open(f.session, a.ino).unwrap();
+    f.meta.open(f.session, a.ino).unwrap();
+    f.meta.open(f.session, b.ino).unwrap();
+    f.meta.unlink(ROOT_INO, b"a").unwrap();
+
+    assert_eq!(
+        errno(f.meta.release(f.session, &[b.ino, a.ino, a.ino, a.ino])),
+        libc::EBADF,
+        "one entry more than held refuses the whole call"
+    );
+    assert_eq!(f.ids(a.ino, 0), [slice.slice_id], "nothing was released");
+    assert!(f.queued().is_empty());
+
+    f.meta.release(f.session, &[a.ino, b.ino, a.ino]).unwrap();
+    assert_eq!(
+        errno(f.meta.getattr(a.ino)),
+        libc::ENOENT,
+        "both handles went in one call: the unlinked file is gone"
+    );
+    assert_eq!(f.queued(), BTreeSet::from([slice.slice_id]));
+    assert_eq!(f.meta.getattr(b.ino).unwrap().nlink, 1);
+    assert_eq!(
+        errno(f.meta.release(f.session, &[b.ino])),
+        libc::EBADF,
+        "b's one handle went too"
+    );
+    f.meta.release(f.session, &[]).unwrap();
 }
 
 #[test]
@@ -1822,7 +1857,7 @@ fn sessions_are_unguessable_and_refuse_strangers() {
     f.meta.unlink(ROOT_INO, b"f").unwrap();
 
     let stranger: SessionId = f.session ^ 1;
-    assert_eq!(errno(f.meta.release(stranger, file.ino)), libc::EIO);
+    assert_eq!(errno(f.meta.release(stranger, &[file.ino])), libc::EIO);
     assert_eq!(errno(f.meta.close_session(stranger)), libc::EIO);
     assert_eq!(
         errno(f.meta.heartbeat(stranger, &Default::default())),
@@ -1830,12 +1865,12 @@ fn sessions_are_unguessable_and_refuse_strangers() {
     );
     assert_eq!(errno(f.meta.allocate_slice_ids(stranger, 1)), libc::EIO);
     assert_eq!(
-        errno(f.meta.release(other, file.ino)),
+        errno(f.meta.release(other, &[file.ino])),
         libc::EBADF,
         "another session holds no handle on it"
     );
     assert_eq!(f.meta.getattr(file.ino).unwrap().nlink, 0, "still there");
-    f.meta.release(f.session, file.ino).unwrap();
+    f.meta.release(f.session, &[file.ino]).unwrap();
     assert_eq!(errno(f.meta.getattr(file.ino)), libc::ENOENT);
 
     assert_eq!(
@@ -2050,7 +2085,7 @@ fn usage_is_totalled_per_tenant_that_created_the_files() {
         usage("team-a", 1, 2000),
         "open: still there"
     );
-    f.meta.release(a, fa.ino).unwrap();
+    f.meta.release(a, &[fa.ino]).unwrap();
     assert_eq!(
         f.meta.tenant_usage().unwrap(),
         [usage("", 2, 0), usage("team-b", 1, 10)]
@@ -2642,8 +2677,13 @@ fn a_tagged_change_sent_twice_happens_once() {
 
     // release: the retry drops no second handle, so a second open keeps the file after unlink.
     f.meta.open(f.session, first.ino).unwrap();
-    run(&f, tag(4, 1, false), engine.release(f.session, first.ino)).unwrap();
-    run(&f, tag(4, 1, true), engine.release(f.session, first.ino)).unwrap();
+    run(
+        &f,
+        tag(4, 1, false),
+        engine.release(f.session, &[first.ino]),
+    )
+    .unwrap();
+    run(&f, tag(4, 1, true), engine.release(f.session, &[first.ino])).unwrap();
     run(&f, tag(5, 1, false), engine.unlink(ROOT_INO, name)).unwrap();
     run(&f, tag(5, 1, true), engine.unlink(ROOT_INO, name)).unwrap();
     assert_eq!(

@@ -526,7 +526,7 @@ impl Harness {
                 }
                 let ino = model.handles.remove(index % model.handles.len());
                 model.release(ino);
-                (outcome(meta.release(session, ino)), Ok(()))
+                (outcome(meta.release(session, &[ino])), Ok(()))
             }
         }
     }
