@@ -104,8 +104,8 @@ pub struct FsConfig {
     /// gives to changes made elsewhere.
     pub attr_ttl: Duration,
     /// How long the releases of closed handles are gathered before they go to the engine as one
-    /// call (`fs/releases.rs`); zero sends each as it comes. The longest an unlinked file's
-    /// data outlives its last `close`.
+    /// call (`fs/releases.rs`); zero sends each as it comes. An unlinked file's data outlives
+    /// its last `close` by this and the call.
     pub release_window: Duration,
 }
 
@@ -1037,7 +1037,8 @@ impl Fs {
         Ok(through)
     }
 
-    /// Gives back a handle the engine counted, when opening failed after all.
+    /// Gives back a handle the engine counted, when opening failed after all: at once, as the
+    /// failed `open` is answered after it (no window to wait for).
     async fn release_quietly(&self, ino: Ino) {
         if let Err(e) = self.meta.release(self.session, &[ino]).await {
             tracing::warn!(ino, error = %e, "releasing a handle of a failed open");
@@ -1235,8 +1236,8 @@ impl Fs {
 
     /// Closes a handle: commits the file's data, then gives the handle back to the engine within
     /// the release window (the last one of an unlinked file removes it). A flush error is
-    /// returned, and the handle is gone either way. The locks of `lock_owner` (a `flock` owner) go, and with the mount's last
-    /// handle on the file, every lock the mount holds on it.
+    /// returned, and the handle is gone either way. The locks of `lock_owner` (a `flock` owner)
+    /// go, and with the mount's last handle on the file, every lock the mount holds on it.
     pub async fn release(&self, fh: FileHandle, lock_owner: Option<u64>) -> FsResult<()> {
         let handle = self.handles().remove(&fh).ok_or(FsError::BadHandle(fh))?;
         let file = &handle.file;
@@ -1277,8 +1278,8 @@ impl Fs {
             }
         }
         // Closing the session would give the handles back too; sent first, the gathered
-        // releases are not left to fail against a closed session.
-        self.releases.flush().await;
+        // releases do not fail against a closed session, and later ones are not sent.
+        self.releases.close().await;
         if let Err(e) = self.meta.close_session(self.session).await {
             first_error.get_or_insert(e);
         }

@@ -355,6 +355,8 @@ const METRICS_COUNTERS: &[&str] = &[
     "stagefs_block_cache_hits_total",
     "stagefs_block_cache_misses_total",
     "stagefs_written_through_bytes_total",
+    "stagefs_released_handles_total",
+    "stagefs_release_calls_total",
 ];
 
 /// Whether other users may access the mount: asked for, or by default when mounted by root

@@ -202,5 +202,10 @@ fn gateway_and_mount_metrics_carry_what_the_workload_did() {
     let cache = value(&mount_samples, "stagefs_block_cache_hits_total")
         + value(&mount_samples, "stagefs_block_cache_misses_total");
     assert!(cache >= 1.0, "the reads went through the block cache");
+    // Two files written and read back: four handles, given back in windows of 50 ms long
+    // before the gauges above settled.
+    assert_eq!(value(&mount_samples, "stagefs_released_handles_total"), 4.0);
+    let calls = value(&mount_samples, "stagefs_release_calls_total");
+    assert!((1.0..=4.0).contains(&calls), "{calls} release calls");
     drop(mount);
 }

@@ -1,15 +1,16 @@
 //! Handles given back to the engine a few at a time. Nobody waits for a release: the kernel
-//! sends it after the last `close` of a handle returned, and that `close` already made the
-//! file's data and namespace changes durable. So the releases of a short window go to the
-//! engine as one `Release` call and one transaction instead of one call and one transaction
-//! each (on both processes, a round trip and a few wake-ups per small file; in the engine, pages
-//! the next durable commit writes).
+//! sends it after the last `close` of a handle returned, and a release promises nothing (what
+//! `close` promises it did itself). So the releases of a short window go to the engine as one
+//! `Release` call and one transaction instead of one call and one transaction each (on both
+//! processes, a round trip and a few wake-ups per small file; in the engine, pages the next
+//! durable commit writes).
 //!
 //! What the window delays is only the engine's count of this session's handles: an unlinked
-//! file's data is dropped up to one window later than its last `close`. A mount that dies with
-//! releases gathered loses nothing: its handles go with its session. Unmount sends what is
-//! gathered before it closes the session.
+//! file's data is dropped a window (and the call) later than its last `close`. A mount that dies
+//! with releases gathered loses nothing: its handles go with its session. Unmount sends what is
+//! gathered, then closes the session, which gives back any handle released after that.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ struct Inner {
     meta: Arc<dyn MetaApi>,
     session: SessionId,
     window: Duration,
+    /// The session is closing: what is given back now goes with it.
+    closed: AtomicBool,
     /// One entry per handle given back and not yet sent.
     gathered: Mutex<Vec<Ino>>,
     /// Held while a call is in flight, so `flush` returns only once everything gathered before
@@ -44,6 +47,7 @@ impl Releases {
                 meta,
                 session,
                 window,
+                closed: AtomicBool::new(false),
                 gathered: Mutex::new(Vec::new()),
                 sending: tokio::sync::Mutex::new(()),
             }),
@@ -52,6 +56,13 @@ impl Releases {
 
     /// Gives back one handle on `ino`: within the window, with the others given back in it.
     pub async fn give_back(&self, ino: Ino) {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            tracing::debug!(
+                ino,
+                "handle released while the session closes: it goes with it"
+            );
+            return;
+        }
         let opens_window = {
             let mut gathered = self.inner.gathered();
             gathered.push(ino);
@@ -72,6 +83,13 @@ impl Releases {
     pub async fn flush(&self) {
         self.inner.send().await;
     }
+
+    /// Sends everything gathered, before the session closes; what is given back afterwards is
+    /// not sent (closing the session gives it back).
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.flush().await;
+    }
 }
 
 impl Inner {
@@ -89,20 +107,27 @@ impl Inner {
         for batch in gathered.chunks(BATCH) {
             metrics::counter!("stagefs_released_handles_total").increment(batch.len() as u64);
             metrics::counter!("stagefs_release_calls_total").increment(1);
-            match self.meta.release(self.session, batch).await {
-                Ok(()) => {}
-                // One handle the engine does not count (an open a gateway crash lost) refuses
-                // the whole call: the others go one by one.
-                Err(e) if e.errno() == libc::EBADF && batch.len() > 1 => {
-                    for &ino in batch {
-                        if let Err(e) = self.meta.release(self.session, &[ino]).await {
-                            tracing::warn!(session = self.session, ino, error = %e, "giving back a handle failed; it goes with the session");
-                        }
-                    }
+            let Err(e) = self.meta.release(self.session, batch).await else {
+                continue;
+            };
+            if batch.len() == 1 {
+                tracing::warn!(session = self.session, ino = batch[0], error = %e, "giving back a handle failed; it goes with the session");
+                continue;
+            }
+            // The call is all or nothing: one handle the engine does not count (an open that a
+            // gateway crash lost) or one file it cannot update refuses every other. Those go
+            // one by one, so one bad entry keeps no other file's data.
+            tracing::debug!(session = self.session, handles = batch.len(), error = %e, "giving back handles together failed; one by one");
+            let mut failed = 0;
+            let mut first_error = None;
+            for &ino in batch {
+                if let Err(e) = self.meta.release(self.session, &[ino]).await {
+                    failed += 1;
+                    first_error.get_or_insert((ino, e));
                 }
-                Err(e) => {
-                    tracing::warn!(session = self.session, handles = batch.len(), first_ino = batch[0], error = %e, "giving back handles failed; they go with the session");
-                }
+            }
+            if let Some((ino, e)) = first_error {
+                tracing::warn!(session = self.session, failed, first_ino = ino, error = %e, "giving back handles failed; they go with the session");
             }
         }
     }

@@ -550,6 +550,32 @@ async fn the_releases_of_a_window_go_to_the_engine_as_one_call() {
 }
 
 #[tokio::test]
+async fn a_window_closes_by_itself() {
+    let world = World::new().await;
+    let a = world
+        .mount(FsConfig {
+            release_window: Duration::from_millis(20),
+            ..FsConfig::default()
+        })
+        .await;
+    let (doomed, fh) = create(&a, "doomed").await;
+    a.unlink(ROOT_INO, b"doomed").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    // However slow this machine is, the call comes without anything else asking for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while world.meta.calls("release") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the window's call never came"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.releases.flush().await;
+    assert_eq!(world.meta.calls("release"), 1);
+    assert_eq!(errno(a.getattr(doomed.ino).await), libc::ENOENT);
+}
+
+#[tokio::test]
 async fn blocks_the_gateway_dropped_are_read_from_the_store() {
     let world = World::new().await;
     let a = world.mount(FsConfig::default()).await;
@@ -942,7 +968,14 @@ async fn shutdown_commits_open_files_and_closes_the_session() {
     let a = world.mount(FsConfig::default()).await;
     let (_, fh) = create(&a, "open at unmount").await;
     a.write(fh, 0, b"saved").await.unwrap();
+    let (_, closed) = create(&a, "closed before").await;
+    a.release(closed, None).await.unwrap();
     a.shutdown().await.unwrap();
+    assert_eq!(
+        world.meta.calls("release"),
+        1,
+        "both handles given back in one call before the session closed"
+    );
     use gateway::meta::MetaEngine;
     assert!(world
         .meta

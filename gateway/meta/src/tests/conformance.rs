@@ -1320,14 +1320,21 @@ fn one_release_gives_back_a_handle_per_entry_all_or_nothing() {
     f.meta.open(f.session, a.ino).unwrap();
     f.meta.open(f.session, b.ino).unwrap();
     f.meta.unlink(ROOT_INO, b"a").unwrap();
+    let other = f.meta.open_session("", "other").unwrap();
+    let theirs = f.file(ROOT_INO, "theirs");
+    f.meta.open(other, theirs.ino).unwrap();
 
-    assert_eq!(
-        errno(f.meta.release(f.session, &[b.ino, a.ino, a.ino, a.ino])),
-        libc::EBADF,
-        "one entry more than held refuses the whole call"
-    );
+    match f.meta.release(f.session, &[b.ino, a.ino, a.ino, a.ino]) {
+        Err(MetaError::NotOpen { session, ino }) => assert_eq!((session, ino), (f.session, a.ino)),
+        answer => panic!("one entry more than held refuses the whole call: {answer:?}"),
+    }
+    match f.meta.release(f.session, &[a.ino, theirs.ino]) {
+        Err(MetaError::NotOpen { ino, .. }) => assert_eq!(ino, theirs.ino),
+        answer => panic!("another session's handle is not this one's to give back: {answer:?}"),
+    }
     assert_eq!(f.ids(a.ino, 0), [slice.slice_id], "nothing was released");
     assert!(f.queued().is_empty());
+    f.meta.release(other, &[theirs.ino]).unwrap();
 
     f.meta.release(f.session, &[a.ino, b.ino, a.ino]).unwrap();
     assert_eq!(
