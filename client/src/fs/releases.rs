@@ -19,9 +19,6 @@ use shared::meta::MAX_RELEASE_BATCH;
 use super::meta_api::MetaApi;
 use super::{Ino, SessionId};
 
-/// Handles one call gives back at most: the engine's bound, which a window rarely reaches.
-const BATCH: usize = MAX_RELEASE_BATCH;
-
 pub struct Releases {
     inner: Arc<Inner>,
 }
@@ -104,7 +101,8 @@ impl Inner {
     async fn send(&self) {
         let _one_at_a_time = self.sending.lock().await;
         let gathered = std::mem::take(&mut *self.gathered());
-        for batch in gathered.chunks(BATCH) {
+        // The gateway's bound on one call, which a window rarely reaches.
+        for batch in gathered.chunks(MAX_RELEASE_BATCH) {
             metrics::counter!("stagefs_released_handles_total").increment(batch.len() as u64);
             metrics::counter!("stagefs_release_calls_total").increment(1);
             let Err(e) = self.meta.release(self.session, batch).await else {
