@@ -31,6 +31,11 @@ pub trait IoEngine: Send + Sync + 'static {
     fn read_at(&self, buf: AlignedBuf, offset: u64) -> BoxFuture<'static, io::Result<AlignedBuf>>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> BoxFuture<'static, io::Result<()>>;
+    /// The same `fdatasync`, issued on the calling thread, for a caller that may block; `None`
+    /// when the engine cannot (the caller then uses [`IoEngine::sync`]).
+    fn sync_here(&self) -> Option<io::Result<()>> {
+        None
+    }
     fn name(&self) -> &'static str;
 }
 

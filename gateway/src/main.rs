@@ -508,12 +508,14 @@ fn device_sync_through(log: Arc<StagingLog>) -> meta::redb_region::DeviceSync {
         if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread) {
             return None;
         }
-        let log = log.clone();
         // redb's durable commits run on blocking threads; should one run on a worker,
-        // block_in_place hands its other tasks to another worker meanwhile.
-        match tokio::task::block_in_place(|| {
-            runtime.block_on(async move { log.sync_device().await })
-        }) {
+        // block_in_place hands its other tasks to another worker meanwhile. The flush is
+        // issued on this thread where the engine can (two wake-ups fewer per commit).
+        let flushed = tokio::task::block_in_place(|| match log.sync_device_here() {
+            Some(flushed) => flushed,
+            None => runtime.block_on(log.sync_device()),
+        });
+        match flushed {
             Ok(()) => Some(Ok(())),
             Err(StagingError::ShuttingDown) => None,
             Err(error) => Some(Err(std::io::Error::other(error.to_string()))),

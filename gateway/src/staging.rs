@@ -251,6 +251,9 @@ pub struct StagingLog {
     full_wait: Duration,
     /// A device write, sync or read that takes longer fails (the device stopped answering).
     device_timeout: Duration,
+    /// When the flush that [`StagingLog::sync_device_here`] runs on its caller's thread began:
+    /// watched by the bookkeeping task, which fails the log once it outlasts `device_timeout`.
+    flushing_here_since: Mutex<Option<Instant>>,
     pub recovery: RecoveryInfo,
     /// The log's own background tasks (write combiner, sync, reclaim, bookkeeping).
     tasks: Tasks,
@@ -384,6 +387,7 @@ impl StagingLog {
             upload_wakeup: Notify::new(),
             full_wait: config.full_wait,
             device_timeout: config.device_timeout,
+            flushing_here_since: Mutex::new(None),
             recovery: RecoveryInfo {
                 duration: scan_duration,
                 blocks: recovered,
@@ -948,15 +952,86 @@ impl StagingLog {
     /// One `fdatasync`: on success every record below the write watermark read before it is
     /// durable; on failure the log fails (nothing is acknowledged after a failed flush).
     async fn flush(&self) -> Result<(), String> {
-        let watermark = self.lock().journal.watermark();
-        let durable = match &*self.synced.borrow() {
-            Ok(d) => *d,
-            Err(reason) => return Err(reason.clone()),
-        };
+        let (watermark, durable) = self.before_flush()?;
         let started = Instant::now();
         let result = self
             .bounded(|| "fdatasync".into(), self.engine.sync())
             .await;
+        self.after_flush(watermark, durable, started, result)
+    }
+
+    /// [`StagingLog::sync_device`] on the calling thread, for a caller that may block: redb's
+    /// durable commit of the metadata region, on a blocking thread. Handing the `fdatasync` to
+    /// the pool and waiting for it cost that thread two wake-ups per commit, on a small VM a
+    /// good part of a `WriteSlice`. A device that stops answering holds this thread (as it
+    /// holds the region's own page writes before it); once the flush outlasts
+    /// `--device-timeout` the bookkeeping task fails the log, so every other writer is answered.
+    /// `None`: the engine cannot flush on this thread, or the log has stopped; use
+    /// [`StagingLog::sync_device`].
+    pub fn sync_device_here(&self) -> Option<Result<(), StagingError>> {
+        if self.tasks.is_stopped() {
+            return None;
+        }
+        let (watermark, durable) = match self.before_flush() {
+            Ok(positions) => positions,
+            Err(reason) => return Some(Err(StagingError::Failed(reason))),
+        };
+        let started = Instant::now();
+        *self.flush_watch() = Some(started);
+        let result = self.engine.sync_here();
+        *self.flush_watch() = None;
+        let result = result?.map_err(|e| format!("fdatasync: {e}"));
+        Some(
+            self.after_flush(watermark, durable, started, result)
+                .map_err(StagingError::Failed)
+                .and_then(|()| match self.failure() {
+                    // A failure recorded meanwhile (a write of the log's) stands.
+                    Some(reason) => Err(StagingError::Failed(reason)),
+                    None => Ok(()),
+                }),
+        )
+    }
+
+    fn flush_watch(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.flushing_here_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Fails the log when a flush on a caller's thread ([`StagingLog::sync_device_here`]) has
+    /// outlasted `--device-timeout`: that caller stays held until the device answers, but every
+    /// other writer is answered, and `Status` says why.
+    fn watch_flush_here(&self) {
+        let since = *self.flush_watch();
+        if since.is_some_and(|since| since.elapsed() > self.device_timeout) {
+            let reason = format!(
+                "fdatasync: the device did not answer within {:?} (--device-timeout)",
+                self.device_timeout
+            );
+            tracing::error!(device = %self.device_path.display(), %reason, "refusing further writes");
+            self.fail(reason);
+        }
+    }
+
+    /// What a flush will cover (the write watermark now) and the durable lsn before it; the
+    /// reason the log failed, if it did.
+    fn before_flush(&self) -> Result<(u64, u64), String> {
+        let watermark = self.lock().journal.watermark();
+        match &*self.synced.borrow() {
+            Ok(durable) => Ok((watermark, *durable)),
+            Err(reason) => Err(reason.clone()),
+        }
+    }
+
+    /// Records a flush begun at `started` that covered `watermark`: durable up to it, or the
+    /// log failed.
+    fn after_flush(
+        &self,
+        watermark: u64,
+        durable: u64,
+        started: Instant,
+        result: Result<(), String>,
+    ) -> Result<(), String> {
         self.metrics
             .synced(started.elapsed(), watermark.saturating_sub(durable));
         match result {
@@ -1295,11 +1370,13 @@ impl StagingLog {
     }
 
     /// Writes the accumulated upload completions as one record now and then. They only save a
-    /// re-upload after a restart, so they are not waited for by anyone.
+    /// re-upload after a restart, so they are not waited for by anyone. Watches flushes made on
+    /// callers' threads on the same tick.
     async fn meta_flush_task(self: Arc<Self>) {
         let mut tick = tokio::time::interval(META_FLUSH_INTERVAL);
         loop {
             tick.tick().await;
+            self.watch_flush_here();
             if let Err(e) = self.flush_uploaded().await {
                 tracing::debug!(error = %e, "upload completions not recorded yet");
             }

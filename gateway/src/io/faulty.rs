@@ -197,6 +197,19 @@ impl FaultyEngine {
     }
 }
 
+/// Records a sync that covered the writes completed up to number `covers`: they are durable, and
+/// a power cut no longer undoes them.
+fn synced(state: &Mutex<State>, covers: u64) -> io::Result<()> {
+    let mut st = state.lock().expect("fault state poisoned");
+    if st.powered_off {
+        return Err(eio("the power was cut during this sync"));
+    }
+    st.durable_upto = st.durable_upto.max(covers);
+    let durable = st.durable_upto;
+    st.undo.retain(|(number, _, _)| *number > durable);
+    Ok(())
+}
+
 /// Writes `old` back at `offset` through aligned buffers.
 async fn restore(inner: &Arc<dyn IoEngine>, offset: u64, old: &[u8]) -> io::Result<()> {
     let mut buf = AlignedBuf::zeroed(old.len());
@@ -295,16 +308,26 @@ impl IoEngine for FaultyEngine {
             }
             allowed?;
             inner.sync().await?;
-            let mut st = state.lock().expect("fault state poisoned");
-            if st.powered_off {
-                return Err(eio("the power was cut during this sync"));
-            }
-            st.durable_upto = st.durable_upto.max(covers);
-            let durable = st.durable_upto;
-            st.undo.retain(|(number, _, _)| *number > durable);
-            Ok(())
+            synced(&state, covers)
         }
         .boxed()
+    }
+
+    /// As [`FaultyEngine::sync`], blocking: a delay or a hang holds the calling thread.
+    fn sync_here(&self) -> Option<io::Result<()>> {
+        let (allowed, delay) = self.before(Op::Sync);
+        let covers = self.lock().completed_writes;
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
+        let flushed = allowed.and_then(|()| {
+            self.inner.sync_here().unwrap_or_else(|| {
+                Err(io::Error::other(
+                    "the engine under the faults cannot flush on this thread",
+                ))
+            })
+        });
+        Some(flushed.and_then(|()| synced(&self.state, covers)))
     }
 
     fn name(&self) -> &'static str {

@@ -99,6 +99,10 @@ impl IoEngine for PsyncEngine {
         sync_on_pool(&self.file)
     }
 
+    fn sync_here(&self) -> Option<io::Result<()>> {
+        Some(self.file.sync_data())
+    }
+
     fn name(&self) -> &'static str {
         "psync"
     }

@@ -164,6 +164,10 @@ impl IoEngine for UringEngine {
         super::psync::sync_on_pool(&self.sync_file)
     }
 
+    fn sync_here(&self) -> Option<io::Result<()>> {
+        Some(self.sync_file.sync_data())
+    }
+
     fn name(&self) -> &'static str {
         "uring"
     }

@@ -214,29 +214,92 @@ async fn open_faulty_volume(
     (log, handle.expect("the engine was wrapped"))
 }
 
+/// A flush of the device asked for by another writer of it (the metadata region's durable
+/// commit): on the caller's thread where the engine can ([`StagingLog::sync_device_here`], what
+/// the gateway's region does), else handed to the pool ([`StagingLog::sync_device`]).
+async fn flush_for_region(log: &Arc<StagingLog>, here: bool) -> Result<(), StagingError> {
+    if !here {
+        return log.sync_device().await;
+    }
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || log.sync_device_here())
+        .await
+        .unwrap()
+        .expect("both engines flush on the caller's thread")
+}
+
 /// A flush asked for by another writer of the device (the metadata region) covers a block that
 /// waited only for its write, through a power cut; and a flush that fails fails the log: the
-/// caller is told, and so is every writer after it.
+/// caller is told, and so is every writer after it. Both ways of flushing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
     use crate::io::faulty::Op;
 
+    for here in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, faulty) = open_faulty_volume(dir.path()).await;
+        let written = put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
+        flush_for_region(&log, here).await.unwrap();
+        faulty.fail(Op::Sync, 0);
+        let refused = flush_for_region(&log, here).await.unwrap_err();
+        assert!(matches!(refused, StagingError::Failed(_)), "{refused:?}");
+        assert!(
+            log.failure().is_some(),
+            "here: {here}: a failed flush must fail the log"
+        );
+        let after = put_waiting(&log, 2, 5000, Wait::Written).await;
+        assert!(
+            after.is_err(),
+            "here: {here}: a failed log took a write: {after:?}"
+        );
+        faulty.cut_power().await.unwrap();
+        let image = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
+        let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+        let (got, _) = recovered.read_block(&written).await.unwrap();
+        assert_eq!(&got[..], &block(1, 5000).1[..], "here: {here}");
+    }
+}
+
+/// A flush on the caller's thread that outlasts `--device-timeout` cannot be abandoned, but it
+/// fails the log meanwhile: every other writer is answered, and the reason names the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_on_the_callers_thread_that_hangs_fails_the_log_within_the_timeout() {
+    use crate::io::faulty::Op;
+
     let dir = tempfile::tempdir().unwrap();
-    let (log, faulty) = open_faulty_volume(dir.path()).await;
-    let written = put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
-    log.sync_device().await.unwrap();
-    faulty.fail(Op::Sync, 0);
-    let refused = log.sync_device().await.unwrap_err();
-    assert!(matches!(refused, StagingError::Failed(_)), "{refused:?}");
-    assert!(log.failure().is_some(), "a failed flush must fail the log");
+    let timeout = Duration::from_millis(300);
+    let (log, faulty) = faulty_log(dir.path(), timeout).await;
+    put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
+    faulty.delay(Op::Sync, Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let flushing = tokio::spawn({
+        let log = log.clone();
+        async move { flush_for_region(&log, true).await }
+    });
+    // A guard against a hang, not a performance bound.
+    while log.failure().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a hung flush never failed the log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed_after = started.elapsed();
+    assert!(
+        !flushing.is_finished(),
+        "the log failed only once the flush had returned"
+    );
+    let reason = log.failure().unwrap();
+    assert!(reason.contains("--device-timeout"), "{reason}");
     let after = put_waiting(&log, 2, 5000, Wait::Written).await;
     assert!(after.is_err(), "a failed log took a write: {after:?}");
-    faulty.cut_power().await.unwrap();
-    let image = tempfile::tempdir().unwrap();
-    std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
-    let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
-    let (got, _) = recovered.read_block(&written).await.unwrap();
-    assert_eq!(&got[..], &block(1, 5000).1[..]);
+    let flushed = flushing.await.unwrap();
+    assert!(
+        flushed.is_err(),
+        "a flush that outlasted the bound succeeded"
+    );
+    eprintln!("a hung flush failed the log after {failed_after:?} (device timeout {timeout:?})");
 }
 
 /// A block that waits only for its write, made durable by its writer's own flush (a
@@ -245,29 +308,31 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
 /// waits for durability still gets the log's flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_written_block_costs_only_its_writers_flush() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = open_volume(&options(dir.path(), 64 << 20)).await.unwrap();
-    let syncs = || log.snapshot().counters.syncs;
-    // Let the flushes of opening the log settle first.
-    put(&log, 1, 4096).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for i in 0..20u64 {
+    for here in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_volume(&options(dir.path(), 64 << 20)).await.unwrap();
+        let syncs = || log.snapshot().counters.syncs;
+        // Let the flushes of opening the log settle first.
+        put(&log, 1, 4096).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for i in 0..20u64 {
+            let before = syncs();
+            put_waiting(&log, 100 + i, 4096, Wait::Written)
+                .await
+                .unwrap();
+            flush_for_region(&log, here).await.unwrap();
+            // Time for a flush of the log's own to start, if anything started one.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(
+                syncs() - before,
+                1,
+                "here: {here}: block {i}: one flush, the writer's own"
+            );
+        }
         let before = syncs();
-        put_waiting(&log, 100 + i, 4096, Wait::Written)
-            .await
-            .unwrap();
-        log.sync_device().await.unwrap();
-        // Time for a flush of the log's own to start, if anything started one.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(
-            syncs() - before,
-            1,
-            "block {i}: one flush, the writer's own"
-        );
+        put(&log, 200, 4096).await.unwrap();
+        assert!(syncs() > before, "a durable write is flushed by the log");
     }
-    let before = syncs();
-    put(&log, 200, 4096).await.unwrap();
-    assert!(syncs() > before, "a durable write is flushed by the log");
 }
 
 /// Power loss at varied moments under 8 concurrent writers: the device keeps only what a
