@@ -23,6 +23,7 @@ mod block_api;
 mod block_grpc;
 mod cache;
 mod channel;
+mod closed_attrs;
 pub mod cluster;
 mod dir_attrs;
 mod error;
@@ -144,6 +145,7 @@ pub struct Fs {
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     xattr_absence: XattrAbsence,
     dir_attrs: dir_attrs::DirAttrs,
+    closed_attrs: closed_attrs::ClosedAttrs,
     /// Removals, renames, links and extended-attribute changes this mount made: each may change
     /// the link count or ctime of a file it has open, so attributes the engine answered before
     /// one (read before the call was sent) are asked for again.
@@ -319,6 +321,7 @@ impl Fs {
         Fs {
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             dir_attrs: dir_attrs::DirAttrs::new(config.attr_ttl),
+            closed_attrs: closed_attrs::ClosedAttrs::new(config.attr_ttl),
             renamed: AtomicU64::new(0),
             held_attrs_sent: AtomicU64::new(0),
             locks: locks::MountLocks::new(meta.clone(), grant.session_id),
@@ -492,17 +495,22 @@ impl Fs {
     }
 
     /// The attributes of `ino` when this mount can answer without the engine and without
-    /// waiting (a directory it read within the TTL, a file it has open): the FUSE adapter
-    /// answers those on the kernel's thread.
+    /// waiting (a directory it read within the TTL, a file it has open or closed within it): the
+    /// FUSE adapter answers those on the kernel's thread.
     pub fn getattr_here(&self, ino: Ino) -> Option<Attr> {
-        self.dir_attrs.get(ino).or_else(|| self.open_file_attr(ino))
+        if let Some(attr) = self.dir_attrs.get(ino) {
+            return Some(attr);
+        }
+        match self.open_file(ino) {
+            Some(file) => self.open_file_attr(&file),
+            None => self.closed_attrs.get(ino, self.renamed_count()),
+        }
     }
 
     /// The attributes of a file this mount has open, if the engine reported them within the
     /// TTL and this mount removed, renamed or linked nothing since (the kernel asks after every
     /// write, and `tar` sets mode, owner and times on each file it writes).
-    fn open_file_attr(&self, ino: Ino) -> Option<Attr> {
-        let file = self.open_file(ino)?;
+    fn open_file_attr(&self, file: &OpenFile) -> Option<Attr> {
         // A flush or write holds the state: ask the engine rather than wait.
         let state = file.state.try_lock().ok()?;
         let (read_at, renamed) = state.attr_read?;
@@ -575,6 +583,7 @@ impl Fs {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
             self.dir_attrs.forget(ino);
+            self.closed_attrs.forget(ino);
             let asked = self.dir_attrs.generation();
             let attr = self.changed(self.meta.setattr(ino, changes).await)?;
             self.dir_attrs.saw(&attr, asked);
@@ -900,6 +909,9 @@ impl Fs {
     /// every commit made before it, from any mount.
     /// `renamed`: [`Fs::renamed`] as it was before the engine answered `attr`.
     async fn attach(&self, attr: Attr, renamed: u64) -> Arc<OpenFile> {
+        // Open again: the file's own state answers from now on, and its next close leaves newer
+        // attributes.
+        self.closed_attrs.forget(attr.ino);
         let (file, is_new) = {
             let mut files = self.files();
             let mut is_new = false;
@@ -1255,6 +1267,10 @@ impl Fs {
         if self.detach(file) {
             self.locks.last_close(file.ino).await;
             let state = file.state.lock().await;
+            if let (Some((read_at, renamed)), true) = (state.attr_read, state.dirty.is_empty()) {
+                self.closed_attrs
+                    .closed(state.seen_attr(), read_at, renamed);
+            }
             if !state.dirty.is_empty() {
                 tracing::error!(
                     ino = file.ino,

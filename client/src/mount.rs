@@ -357,6 +357,7 @@ const METRICS_COUNTERS: &[&str] = &[
     "stagefs_written_through_bytes_total",
     "stagefs_released_handles_total",
     "stagefs_release_calls_total",
+    "stagefs_closed_file_attrs_answered_total",
 ];
 
 /// Whether other users may access the mount: asked for, or by default when mounted by root

@@ -90,7 +90,7 @@ impl LocalMeta {
         (read, go)
     }
 
-    /// How many `op` calls (`setattr`, `sync`, `release`) reached the engine.
+    /// How many `op` calls (`getattr`, `setattr`, `sync`, `release`) reached the engine.
     pub fn calls(&self, op: &str) -> u64 {
         let calls = self.calls.lock().unwrap();
         calls.get(op).copied().unwrap_or(0)
@@ -159,6 +159,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        self.count("getattr");
         let answer = self.engine.getattr(ino).await.map_err(fail("getattr"));
         let pause = self.pause_getattr.lock().unwrap().take();
         if let Some((answered, wait)) = pause {

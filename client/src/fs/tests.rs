@@ -1648,8 +1648,56 @@ async fn what_the_kernel_asks_about_a_file_being_written_is_answered_without_wai
     a.write(fh, 3000, b"more").await.unwrap();
     assert!(a.setattr_here(attr.ino, &set).is_none());
     a.release(fh, None).await.unwrap();
-    assert!(
-        a.getattr_here(attr.ino).is_none(),
-        "a file no longer open is asked about"
+    assert_eq!(
+        a.getattr_here(attr.ino).map(|closed| closed.size),
+        Some(3004),
+        "a file closed within the TTL: what its last commit returned"
     );
+}
+
+/// A `stat` right after `close` (pip, compileall) is answered from what the file's commit
+/// returned, without a call, for the TTL; this mount's own changes make it ask again, and a
+/// mount without an attribute TTL always asks.
+#[tokio::test]
+async fn a_file_closed_here_is_stat_without_a_call_within_the_ttl() {
+    let world = World::new().await;
+    let (a, b) = remembering_and_asking(&world).await;
+    let (attr, fh) = create(&a, "f").await;
+    a.write(fh, 0, b"twelve bytes").await.unwrap();
+    a.flush(fh).await.unwrap();
+    a.release(fh, None).await.unwrap();
+    let asked = world.meta.calls("getattr");
+    let here = a.getattr_here(attr.ino).expect("closed within the TTL");
+    assert_eq!(here.size, 12);
+    assert_eq!(
+        here,
+        b.getattr(attr.ino).await.unwrap(),
+        "what the engine holds"
+    );
+    assert_eq!(world.meta.calls("getattr"), asked + 1, "only b asked");
+
+    // This mount changes the file's attributes: asked again, and the answer is the new one.
+    a.setattr(
+        attr.ino,
+        &SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.getattr_here(attr.ino), None, "its own chmod");
+
+    // Opened and closed again: kept again; a rename on this mount (the ctime or link count of
+    // any file may change) drops it.
+    let (fh, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    a.release(fh, None).await.unwrap();
+    assert_eq!(a.getattr_here(attr.ino).map(|a| a.mode), Some(0o600));
+    a.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0).await.unwrap();
+    assert_eq!(a.getattr_here(attr.ino), None, "a rename since");
+
+    // b, with no attribute TTL (FsConfig's default, `--attr-ttl 0`), keeps nothing.
+    let (other, fh) = create(&b, "h").await;
+    b.release(fh, None).await.unwrap();
+    assert_eq!(b.getattr_here(other.ino), None, "--attr-ttl 0");
 }
