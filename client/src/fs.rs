@@ -503,7 +503,7 @@ impl Fs {
         }
         match self.open_file(ino) {
             Some(file) => self.open_file_attr(&file),
-            None => self.closed_attrs.get(ino, self.renamed_count()),
+            None => self.closed_attrs.get(ino),
         }
     }
 
@@ -523,9 +523,11 @@ impl Fs {
         self.renamed.load(Ordering::Acquire)
     }
 
-    /// A change that may alter the link count or ctime of a file this mount has open.
+    /// A change that may alter the link count or ctime of a file this mount has open, or of
+    /// one it closed: which one, the mount does not know.
     fn renaming<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
-        self.renamed.fetch_add(1, Ordering::AcqRel);
+        let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
+        self.closed_attrs.forget_all(count);
         outcome
     }
 
@@ -583,9 +585,12 @@ impl Fs {
         self.check_writable_mount()?;
         let Some(file) = self.open_file(ino) else {
             self.dir_attrs.forget(ino);
-            self.closed_attrs.forget(ino);
             let asked = self.dir_attrs.generation();
-            let attr = self.changed(self.meta.setattr(ino, changes).await)?;
+            let attr = self.changed(self.meta.setattr(ino, changes).await);
+            // Answers about the file asked for before this change are not kept once it closed.
+            let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
+            self.closed_attrs.forget(ino, count);
+            let attr = attr?;
             self.dir_attrs.saw(&attr, asked);
             return Ok(attr);
         };
@@ -714,11 +719,45 @@ impl Fs {
         flags: u32,
     ) -> FsResult<()> {
         self.check_writable_mount()?;
-        self.changed_dirs(
-            self.meta
-                .rename(parent, name, new_parent, new_name, flags)
-                .await,
-        )
+        let renamed = match self
+            .meta
+            .rename(parent, name, new_parent, new_name, flags)
+            .await
+        {
+            Ok(renamed) if renamed.moved != 0 => renamed,
+            // The engine did not say which inodes changed: forget everything.
+            outcome => return self.changed_dirs(outcome.map(drop)),
+        };
+        // Only the two directories and the inodes the rename moved or replaced changed: what
+        // the mount knows of other directories and closed files stays (`pip` and `compileall`
+        // rename every file they write, each a `stat` of the others away). Open files ask again,
+        // as after any rename.
+        let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
+        for ino in [renamed.moved].into_iter().chain(renamed.other) {
+            self.dir_attrs.forget(ino);
+            self.closed_attrs.forget(ino, count);
+        }
+        // A file moved (over another file or not): the directories keep their link counts, and
+        // their mtime and ctime are the file's new ctime (one clock reading in the engine), as
+        // after a create. The file's own attributes are the rename's answer, read after it.
+        let file_moved = renamed
+            .attr
+            .filter(|attr| attr.kind != FileKind::Dir && flags & libc::RENAME_EXCHANGE == 0);
+        match file_moved {
+            Some(attr) => {
+                self.dir_attrs.made_in(parent, &attr);
+                self.dir_attrs.made_in(new_parent, &attr);
+                if self.open_file(attr.ino).is_none() {
+                    self.closed_attrs
+                        .closed(attr, std::time::Instant::now(), count);
+                }
+            }
+            None => {
+                self.dir_attrs.forget(parent);
+                self.dir_attrs.forget(new_parent);
+            }
+        }
+        self.changed(Ok(()))
     }
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
@@ -911,7 +950,7 @@ impl Fs {
     async fn attach(&self, attr: Attr, renamed: u64) -> Arc<OpenFile> {
         // Open again: the file's own state answers from now on, and its next close leaves newer
         // attributes.
-        self.closed_attrs.forget(attr.ino);
+        self.closed_attrs.opened(attr.ino);
         let (file, is_new) = {
             let mut files = self.files();
             let mut is_new = false;

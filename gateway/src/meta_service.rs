@@ -497,23 +497,32 @@ impl Meta for MetaService {
     async fn rename(
         &self,
         request: Request<pb::RenameRequest>,
-    ) -> Result<Response<pb::Empty>, Status> {
+    ) -> Result<Response<pb::RenameResponse>, Status> {
         let tenant = tenant_of(&request);
         writable("Rename", &tenant)?;
         let request = request.into_inner();
-        self.call_for("Rename", &tenant, async {
-            let mode = RenameMode::from_flags(request.flags)?;
-            let scope = self.scope(&tenant).await?;
-            let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
-            let new_parent = scope
-                .reach(self.engine.as_ref(), request.new_parent)
-                .await?;
-            self.engine
-                .rename(parent, &request.name, new_parent, &request.new_name, mode)
-                .await
-        })
-        .await?;
-        Ok(Response::new(pb::Empty {}))
+        let renamed = self
+            .call_for("Rename", &tenant, async {
+                let mode = RenameMode::from_flags(request.flags)?;
+                let scope = self.scope(&tenant).await?;
+                let parent = scope.reach(self.engine.as_ref(), request.parent).await?;
+                let new_parent = scope
+                    .reach(self.engine.as_ref(), request.new_parent)
+                    .await?;
+                let renamed = self
+                    .engine
+                    .rename(parent, &request.name, new_parent, &request.new_name, mode)
+                    .await?;
+                // In the tenant's numbers (0 stays 0: not said).
+                let number = |ino: Ino| if ino == 0 { 0 } else { scope.number(ino) };
+                Ok(pb::RenameResponse {
+                    moved: number(renamed.moved),
+                    other: renamed.other.map_or(0, number),
+                    moved_attr: renamed.attr.map(|attr| attr_to_proto(&scope.attr(attr))),
+                })
+            })
+            .await?;
+        Ok(Response::new(renamed))
     }
 
     async fn link(

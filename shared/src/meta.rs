@@ -188,6 +188,21 @@ pub struct Attr {
     pub rdev: u32,
 }
 
+/// The inodes a `rename` changed besides the two directories: their ctime, and for `other`
+/// replaced by the move, its link count. A mount forgets what it knew of these alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Renamed {
+    /// The inode that had the old name; 0 when the engine does not say (a retried rename's
+    /// answer, an older gateway, or nothing changed): the mount then forgets what it knew of
+    /// every inode.
+    pub moved: Ino,
+    /// The inode that had the new name: replaced, or with `RENAME_EXCHANGE` moved the other way.
+    pub other: Option<Ino>,
+    /// `moved`'s attributes after the rename: its ctime is the two directories' new mtime and
+    /// ctime (one clock reading).
+    pub attr: Option<Attr>,
+}
+
 /// What `setattr` changes; `None` leaves a field alone. `ctime` always becomes now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetAttr {

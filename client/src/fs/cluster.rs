@@ -31,7 +31,7 @@ use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::meta_api::{
     Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi,
-    MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
+    MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice, StatFs,
 };
 use super::meta_grpc::GrpcMeta;
 
@@ -716,7 +716,7 @@ impl MetaApi for FailoverMeta {
         new_parent: Ino,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<()> {
+    ) -> FsResult<Renamed> {
         self.call("rename", true, |m| async move {
             m.rename(parent, name, new_parent, new_name, flags).await
         })

@@ -18,7 +18,8 @@ use super::error::{FsError, FsResult};
 
 pub use shared::meta::{
     now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest,
-    MountView, NewNode, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    MountView, NewNode, Renamed, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE,
+    ROOT_INO,
 };
 
 /// What the gateway hands a client that opens a session.
@@ -91,7 +92,7 @@ pub trait MetaApi: Send + Sync + 'static {
         new_parent: Ino,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<()>;
+    ) -> FsResult<Renamed>;
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr>;
     /// Up to `limit` entries after `after_cookie` (0: from the start), without `.` and `..`.
     async fn readdir(&self, ino: Ino, after_cookie: u64, limit: u32) -> FsResult<Vec<DirEntry>>;

@@ -20,7 +20,8 @@ use tonic::{Code, Request, Status};
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     Attr, CommitAttrs, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind,
-    LockRequest, MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
+    LockRequest, MetaApi, MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice,
+    StatFs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -350,8 +351,8 @@ impl MetaApi for GrpcMeta {
         new_parent: Ino,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<()> {
-        call!(
+    ) -> FsResult<Renamed> {
+        let answer = call!(
             self,
             "rename",
             rename,
@@ -363,7 +364,14 @@ impl MetaApi for GrpcMeta {
                 flags,
             }
         )?;
-        Ok(())
+        Ok(Renamed {
+            moved: answer.moved,
+            other: (answer.other != 0).then_some(answer.other),
+            attr: answer
+                .moved_attr
+                .map(|attr| attr_from_proto("rename", Some(attr)))
+                .transpose()?,
+        })
     }
 
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {

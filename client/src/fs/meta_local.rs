@@ -16,7 +16,8 @@ use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     write_slice_unsupported, Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino,
-    LockRequest, MetaApi, MountView, NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs,
+    LockRequest, MetaApi, MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice,
+    StatFs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -247,7 +248,7 @@ impl MetaApi for LocalMeta {
         new_parent: Ino,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<()> {
+    ) -> FsResult<Renamed> {
         let mode = engine::RenameMode::from_flags(flags).map_err(fail("rename"))?;
         self.engine
             .rename(parent, name, new_parent, new_name, mode)

@@ -1688,13 +1688,36 @@ async fn a_file_closed_here_is_stat_without_a_call_within_the_ttl() {
     .unwrap();
     assert_eq!(a.getattr_here(attr.ino), None, "its own chmod");
 
-    // Opened and closed again: kept again; a rename on this mount (the ctime or link count of
-    // any file may change) drops it.
+    // Opened and closed again: kept again. A rename drops the inodes it moved or replaced (their
+    // ctime, a link count) and keeps the others; a removal (the mount does not know whose link
+    // count it changed) drops them all.
     let (fh, _) = a.open(attr.ino, libc::O_RDONLY).await.unwrap();
     a.release(fh, None).await.unwrap();
     assert_eq!(a.getattr_here(attr.ino).map(|a| a.mode), Some(0o600));
+    let (kept, fh) = create(&a, "k").await;
+    a.release(fh, None).await.unwrap();
+    let (replaced, fh) = create(&a, "g").await;
+    a.release(fh, None).await.unwrap();
+    a.getattr(ROOT_INO).await.unwrap();
     a.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0).await.unwrap();
-    assert_eq!(a.getattr_here(attr.ino), None, "a rename since");
+    assert_eq!(
+        a.getattr_here(attr.ino),
+        Some(b.getattr(attr.ino).await.unwrap()),
+        "moved: its new ctime, from the rename's answer"
+    );
+    assert_eq!(
+        a.getattr_here(replaced.ino),
+        None,
+        "replaced: its link count"
+    );
+    assert_eq!(
+        a.getattr_here(ROOT_INO),
+        Some(b.getattr(ROOT_INO).await.unwrap()),
+        "the directory's times follow the rename, without a call"
+    );
+    assert_eq!(a.getattr_here(kept.ino), Some(kept), "another file's stays");
+    a.unlink(ROOT_INO, b"k").await.unwrap();
+    assert_eq!(a.getattr_here(kept.ino), None, "a removal");
 
     // b, with no attribute TTL (FsConfig's default, `--attr-ttl 0`), keeps nothing.
     let (other, fh) = create(&b, "h").await;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::{
     Attr, CommitAttrs, DeletedSlice, DirEntry, DirUsage, GatewayId, GatewayLoad, GatewayRecord,
-    HeldLock, Ino, LockRequest, MetaEngine, MountView, NewNode, RenameMode, Result, SessionId,
-    SessionInfo, SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode,
+    HeldLock, Ino, LockRequest, MetaEngine, MountView, NewNode, RenameMode, Renamed, Result,
+    SessionId, SessionInfo, SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode,
 };
 
 /// Every [`MetaEngine`] call, blocking until it returns. Callable from many threads at once.
@@ -60,7 +60,7 @@ impl BlockingMeta {
         readlink(ino: Ino) -> Vec<u8>;
         unlink(parent: Ino, name: &[u8]) -> ();
         rmdir(parent: Ino, name: &[u8]) -> ();
-        rename(parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], mode: RenameMode) -> ();
+        rename(parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], mode: RenameMode) -> Renamed;
         link(ino: Ino, new_parent: Ino, new_name: &[u8]) -> Attr;
         readdir(ino: Ino, after_cookie: u64, limit: usize) -> Vec<DirEntry>;
         getxattr(ino: Ino, name: &[u8]) -> Vec<u8>;

@@ -45,9 +45,10 @@ pub use locks::{HeldLock, LockKind, LockRequest};
 pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
-    now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, SessionId,
-    SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
-    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
+    now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, Renamed,
+    SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN,
+    MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
+    WRITE_POLICY_XATTR,
 };
 
 /// A slice whose data is no longer referenced and must be deleted from staging and the store.
@@ -386,7 +387,7 @@ pub trait MetaEngine: Send + Sync {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
-    ) -> Result<()>;
+    ) -> Result<Renamed>;
     /// A new name `new_parent/new_name` for the non-directory `ino`.
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr>;
     /// Up to `limit` entries of directory `ino` after `after_cookie` (0 = from the start), without

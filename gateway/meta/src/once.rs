@@ -64,6 +64,18 @@ impl Replayable for () {
     }
 }
 
+impl Replayable for crate::Renamed {
+    fn recorded(&self) -> u64 {
+        self.moved
+    }
+
+    /// Which inode the new name replaced is not recorded: the answer names none, which tells
+    /// the client to forget what it knew of every inode (as a rename did before it was told).
+    fn replayed(_: Option<crate::Attr>) -> Result<crate::Renamed> {
+        Ok(crate::Renamed::default())
+    }
+}
+
 impl Replayable for crate::Attr {
     fn recorded(&self) -> u64 {
         self.ino

@@ -35,9 +35,10 @@ use crate::kv::{Durability, KvError, KvStore, KvTxn, Sequence, Write};
 use crate::{
     check_name, locks, now_ns, Attr, CommitAttrs, DeletedSlice, DirEntry, DirUsage, FileKind,
     GatewayId, GatewayLoad, GatewayRecord, HeldLock, Ino, LockKind, LockRequest, MetaConfig,
-    MetaEngine, MetaError, MountView, NewNode, RenameMode, Result, SessionId, SessionInfo, SetAttr,
-    Slice, StatFs, TenantUsage, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS, MAX_SYMLINK_LEN,
-    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
+    MetaEngine, MetaError, MountView, NewNode, RenameMode, Renamed, Result, SessionId, SessionInfo,
+    SetAttr, Slice, StatFs, TenantUsage, TimeNs, XattrMode, MAX_FILE_SIZE, MAX_LINKS,
+    MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
+    WRITE_POLICY_XATTR,
 };
 
 /// Records per page of the scan behind [`MetaEngine::referenced_slice_ids`] (tiny in tests, so
@@ -1570,7 +1571,7 @@ impl Tx<'_> {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
-    ) -> Result<()> {
+    ) -> Result<Renamed> {
         check_name(name)?;
         check_name(new_name)?;
         self.dir(parent).await?;
@@ -1593,7 +1594,7 @@ impl Tx<'_> {
         }
         // Two names of one inode (or the same name twice): POSIX says rename does nothing.
         if target.is_some_and(|(ino, _)| ino == src_ino) {
-            return Ok(());
+            return Ok(Renamed::default());
         }
         let src_is_dir = src.attr.kind == FileKind::Dir;
         if src_is_dir && parent != new_parent && self.is_ancestor(src_ino, new_parent).await? {
@@ -1623,7 +1624,11 @@ impl Tx<'_> {
                 self.touch_dir(parent, -moved_subdirs).await?;
                 self.touch_dir(new_parent, moved_subdirs).await?;
             }
-            return Ok(());
+            return Ok(Renamed {
+                moved: src_ino,
+                other: Some(dst_ino),
+                attr: Some(self.inode(src_ino).await?.attr),
+            });
         }
         let mut replaced_dir = false;
         if let Some((dst_ino, _)) = target {
@@ -1659,7 +1664,11 @@ impl Tx<'_> {
             self.touch_dir(new_parent, moved_subdirs - i32::from(replaced_dir))
                 .await?;
         }
-        Ok(())
+        Ok(Renamed {
+            moved: src_ino,
+            other: target.map(|(ino, _)| ino),
+            attr: Some(src.attr),
+        })
     }
 
     async fn sessions(&mut self) -> Result<Vec<SessionInfo>> {
@@ -2027,7 +2036,7 @@ impl MetaEngine for KvMeta {
         new_parent: Ino,
         new_name: &[u8],
         mode: RenameMode,
-    ) -> Result<()> {
+    ) -> Result<Renamed> {
         crate::transact_once!(self, self.namespace_durability(), |tx| tx
             .rename(parent, name, new_parent, new_name, mode)
             .await)

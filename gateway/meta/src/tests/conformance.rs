@@ -537,6 +537,52 @@ fn rename_replaces_a_file_and_cleans_its_data() {
     );
 }
 
+/// A rename says which inodes it changed besides the directories (a mount forgets what it knew
+/// of those alone): the one moved, and the one the new name had, replaced or exchanged.
+#[test]
+fn rename_says_which_inodes_it_changed() {
+    let f = fixture();
+    let a = f.file(ROOT_INO, "a");
+    let b = f.file(ROOT_INO, "b");
+    let dir = f.mkdir(ROOT_INO, "d");
+    let names = |r: Renamed| (r.moved, r.other);
+    let moved = f
+        .meta
+        .rename(ROOT_INO, b"a", dir.ino, b"a", RenameMode::NoReplace)
+        .unwrap();
+    assert_eq!(names(moved), (a.ino, None));
+    // Its attributes after the rename: a new ctime, the directories' new mtime and ctime.
+    let attr = moved.attr.expect("the moved inode's attributes");
+    assert_eq!(attr, f.meta.getattr(a.ino).unwrap());
+    assert!(attr.ctime_ns >= a.ctime_ns);
+    for parent in [ROOT_INO, dir.ino] {
+        let parent = f.meta.getattr(parent).unwrap();
+        assert_eq!(
+            (parent.mtime_ns, parent.ctime_ns),
+            (attr.ctime_ns, attr.ctime_ns)
+        );
+    }
+    let c = f.file(ROOT_INO, "c");
+    let exchanged = f
+        .meta
+        .rename(ROOT_INO, b"b", ROOT_INO, b"c", RenameMode::Exchange)
+        .unwrap();
+    assert_eq!(names(exchanged), (b.ino, Some(c.ino)));
+    let replaced = f
+        .meta
+        .rename(dir.ino, b"a", ROOT_INO, b"b", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(names(replaced), (a.ino, Some(c.ino)));
+    assert_eq!(replaced.attr.map(|attr| attr.ino), Some(a.ino));
+    // Two names of one inode: nothing changed, and none is named.
+    f.meta.link(a.ino, ROOT_INO, b"also").unwrap();
+    let nothing = f
+        .meta
+        .rename(ROOT_INO, b"b", ROOT_INO, b"also", RenameMode::Replace)
+        .unwrap();
+    assert_eq!(nothing, Renamed::default());
+}
+
 #[test]
 fn rename_over_a_directory_needs_an_empty_directory() {
     let f = fixture();
