@@ -523,11 +523,16 @@ impl Fs {
         self.renamed.load(Ordering::Acquire)
     }
 
+    /// Counts a change this mount made, once it was answered: attributes asked for before it
+    /// are not kept. The count after it.
+    fn count_change(&self) -> u64 {
+        self.renamed.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
     /// A change that may alter the link count or ctime of a file this mount has open, or of
     /// one it closed: which one, the mount does not know.
     fn renaming<T>(&self, outcome: FsResult<T>) -> FsResult<T> {
-        let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
-        self.closed_attrs.forget_all(count);
+        self.closed_attrs.forget_all(self.count_change());
         outcome
     }
 
@@ -588,8 +593,7 @@ impl Fs {
             let asked = self.dir_attrs.generation();
             let attr = self.changed(self.meta.setattr(ino, changes).await);
             // Answers about the file asked for before this change are not kept once it closed.
-            let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
-            self.closed_attrs.forget(ino, count);
+            self.closed_attrs.forget(ino, self.count_change());
             let attr = attr?;
             self.dir_attrs.saw(&attr, asked);
             return Ok(attr);
@@ -732,7 +736,7 @@ impl Fs {
         // the mount knows of other directories and closed files stays (`pip` and `compileall`
         // rename every file they write, each a `stat` of the others away). Open files ask again,
         // as after any rename.
-        let count = self.renamed.fetch_add(1, Ordering::AcqRel) + 1;
+        let count = self.count_change();
         for ino in [renamed.moved].into_iter().chain(renamed.other) {
             self.dir_attrs.forget(ino);
             self.closed_attrs.forget(ino, count);
@@ -1306,11 +1310,12 @@ impl Fs {
         if self.detach(file) {
             self.locks.last_close(file.ino).await;
             let state = file.state.lock().await;
-            if let (Some((read_at, renamed)), true) = (state.attr_read, state.dirty.is_empty()) {
-                self.closed_attrs
-                    .closed(state.seen_attr(), read_at, renamed);
-            }
-            if !state.dirty.is_empty() {
+            if state.dirty.is_empty() {
+                if let Some((read_at, renamed)) = state.attr_read {
+                    self.closed_attrs
+                        .closed(state.seen_attr(), read_at, renamed);
+                }
+            } else {
                 tracing::error!(
                     ino = file.ino,
                     bytes = state.dirty.bytes(),

@@ -513,11 +513,10 @@ impl Meta for MetaService {
                     .engine
                     .rename(parent, &request.name, new_parent, &request.new_name, mode)
                     .await?;
-                // In the tenant's numbers (0 stays 0: not said).
-                let number = |ino: Ino| if ino == 0 { 0 } else { scope.number(ino) };
+                // In the tenant's numbers (0, "not said", stays 0: no root is inode 0).
                 Ok(pb::RenameResponse {
-                    moved: number(renamed.moved),
-                    other: renamed.other.map_or(0, number),
+                    moved: scope.number(renamed.moved),
+                    other: renamed.other.map_or(0, |ino| scope.number(ino)),
                     moved_attr: renamed.attr.map(|attr| attr_to_proto(&scope.attr(attr))),
                 })
             })

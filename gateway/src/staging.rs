@@ -942,7 +942,11 @@ impl StagingLog {
         }
         // A log that failed already answers with its reason, without a flush.
         self.flush().await.map_err(StagingError::Failed)?;
-        // A failure recorded meanwhile (a write of the log's) stands.
+        self.not_failed_meanwhile()
+    }
+
+    /// A failure recorded while a flush for another writer ran (a write of the log's) stands.
+    fn not_failed_meanwhile(&self) -> Result<(), StagingError> {
         match self.failure() {
             Some(reason) => Err(StagingError::Failed(reason)),
             None => Ok(()),
@@ -984,11 +988,7 @@ impl StagingLog {
         Some(
             self.after_flush(watermark, durable, started, result)
                 .map_err(StagingError::Failed)
-                .and_then(|()| match self.failure() {
-                    // A failure recorded meanwhile (a write of the log's) stands.
-                    Some(reason) => Err(StagingError::Failed(reason)),
-                    None => Ok(()),
-                }),
+                .and_then(|()| self.not_failed_meanwhile()),
         )
     }
 

@@ -1611,11 +1611,15 @@ impl Tx<'_> {
             self.remove_entry(new_parent, new_name).await?;
             self.add_entry(parent, name, dst_ino).await?;
             self.add_entry(new_parent, new_name, src_ino).await?;
+            let mut moved_attr = src.attr;
             for (ino, from, to) in [(src_ino, parent, new_parent), (dst_ino, new_parent, parent)] {
                 let mut inode = self.inode(ino).await?;
                 self.move_name(&mut inode, from, to).await?;
                 inode.attr.ctime_ns = now;
                 self.put_inode(&inode);
+                if ino == src_ino {
+                    moved_attr = inode.attr;
+                }
             }
             let moved_subdirs = i32::from(src_is_dir) - i32::from(dst_is_dir);
             if parent == new_parent {
@@ -1627,7 +1631,7 @@ impl Tx<'_> {
             return Ok(Renamed {
                 moved: src_ino,
                 other: Some(dst_ino),
-                attr: Some(self.inode(src_ino).await?.attr),
+                attr: Some(moved_attr),
             });
         }
         let mut replaced_dir = false;
