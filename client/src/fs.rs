@@ -60,7 +60,8 @@ pub use error::{FsError, FsResult};
 pub use gateways::GatewayDirectory;
 pub use meta_api::{
     now_ns, Attr, DirEntry, FileKind, GatewayId, HeldLock, Ino, LockKind, LockRequest, MetaApi,
-    NewNode, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, ROOT_INO,
+    NewNode, Opened, SessionGrant, SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE,
+    ROOT_INO,
 };
 pub use meta_grpc::GrpcMeta;
 
@@ -654,7 +655,7 @@ impl Fs {
         // A file made just now has no capability: its first write need not ask.
         self.xattr_absence.saw_absent(attr.ino, CAPABILITY_XATTR);
         self.xattr_absence.saw_write_policy(attr.ino, write_through);
-        let file = self.attach(attr, renamed).await;
+        let file = self.attach(attr, renamed, None).await;
         file.state.lock().await.dirty.write_through = write_through;
         Ok((attr, self.add_handle(file, access)))
     }
@@ -951,7 +952,14 @@ impl Fs {
     /// A file already open here has its view refreshed: close-to-open means an `open` sees
     /// every commit made before it, from any mount.
     /// `renamed`: [`Fs::renamed`] as it was before the engine answered `attr`.
-    async fn attach(&self, attr: Attr, renamed: u64) -> Arc<OpenFile> {
+    /// `first_chunk`: chunk 0 as the engine answered it with `attr`, kept only for a file this
+    /// mount had not open (with a handle open here, a commit of this mount may be newer).
+    async fn attach(
+        &self,
+        attr: Attr,
+        renamed: u64,
+        first_chunk: Option<Vec<Slice>>,
+    ) -> Arc<OpenFile> {
         // Open again: the file's own state answers from now on, and its next close leaves newer
         // attributes.
         self.closed_attrs.opened(attr.ino);
@@ -971,7 +979,10 @@ impl Fs {
                             attr,
                             attr_read: Some((std::time::Instant::now(), renamed)),
                             dirty: DirtyFile::default(),
-                            chunks: HashMap::new(),
+                            chunks: first_chunk
+                                .map(|slices| (0, Arc::new(slices)))
+                                .into_iter()
+                                .collect(),
                         }),
                     })
                 })
@@ -1021,7 +1032,11 @@ impl Fs {
             self.check_writable_mount()?;
         }
         let renamed = self.renamed_count();
-        let attr = self.meta.open(self.session, ino).await?;
+        // A reader's first read needs chunk 0: the open brings it (one call, not two).
+        let Opened { attr, first_chunk } = self
+            .meta
+            .open(self.session, ino, access.readable && !access.truncate)
+            .await?;
         if attr.kind != FileKind::File {
             self.release_quietly(ino).await;
             return Err(match attr.kind {
@@ -1029,7 +1044,7 @@ impl Fs {
                 _ => FsError::NotRegularFile(ino),
             });
         }
-        let file = self.attach(attr, renamed).await;
+        let file = self.attach(attr, renamed, first_chunk).await;
         if access.writable {
             match self.write_through(ino).await {
                 Ok(through) => file.state.lock().await.dirty.write_through = through,

@@ -32,6 +32,10 @@ use convert::*;
 /// 8192 entries with 255-byte names stay under tonic's default 4 MiB decoding limit.
 pub const MAX_READDIR_LIMIT: u32 = 8192;
 
+/// Most slices an `Open` answer carries with the file's first chunk (about 60 bytes each); a
+/// chunk of more is left to `ReadChunk`. Compaction keeps chunks far below it.
+const MAX_OPEN_CHUNK_SLICES: usize = 1024;
+
 /// Longest one `SetLock` waits for a conflicting lock; a client that waits longer asks again.
 const MAX_LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -685,10 +689,14 @@ impl Meta for MetaService {
     async fn open(
         &self,
         request: Request<pb::HandleRequest>,
-    ) -> Result<Response<pb::AttrResponse>, Status> {
+    ) -> Result<Response<pb::OpenResponse>, Status> {
         let tenant = tenant_of(&request);
-        let pb::HandleRequest { session_id, ino } = request.into_inner();
-        let attr = self
+        let pb::HandleRequest {
+            session_id,
+            ino,
+            with_first_chunk,
+        } = request.into_inner();
+        let (attr, first_chunk) = self
             .call_for("Open", &tenant, async {
                 let session = self.session(&tenant, &session_id).await?;
                 let scope = self.scope(&tenant).await?;
@@ -700,10 +708,22 @@ impl Meta for MetaService {
                 } else {
                     self.engine.open(session, ino).await?
                 };
-                Ok(scope.attr(attr))
+                // Read after the open, as the reader's ReadChunk would be: at least as new as
+                // the attributes, which is all close-to-open asks.
+                let first_chunk = if with_first_chunk && attr.kind == FileKind::File {
+                    Some(self.engine.read_chunk(ino, 0).await?)
+                        .filter(|slices| slices.len() <= MAX_OPEN_CHUNK_SLICES)
+                } else {
+                    None
+                };
+                Ok((scope.attr(attr), first_chunk))
             })
             .await?;
-        Ok(Response::new(attr_response(&attr)))
+        Ok(Response::new(pb::OpenResponse {
+            attr: Some(attr_to_proto(&attr)),
+            first_chunk_given: first_chunk.is_some(),
+            first_chunk: first_chunk.iter().flatten().map(slice_to_proto).collect(),
+        }))
     }
 
     async fn release(

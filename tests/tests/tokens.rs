@@ -638,6 +638,8 @@ fn a_token_with_a_root_reaches_only_its_tree() {
                 meta.open(pb::HandleRequest {
                     session_id: session_id.clone(),
                     ino: secret.ino,
+                    // Refused before its chunk is read, as ReadChunk above is.
+                    with_first_chunk: true,
                 })
                 .await
                 .map(drop),

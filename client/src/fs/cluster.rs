@@ -31,7 +31,7 @@ use super::error::{FsError, FsResult};
 use super::gateways::{GatewayDirectory, Route};
 use super::meta_api::{
     Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino, LockRequest, MetaApi,
-    MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice, StatFs,
+    MountView, NewNode, Opened, Renamed, SessionGrant, SessionId, SetAttr, Slice, StatFs,
 };
 use super::meta_grpc::GrpcMeta;
 
@@ -779,9 +779,11 @@ impl MetaApi for FailoverMeta {
             .await
     }
 
-    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
-        self.call("open", true, |m| async move { m.open(session, ino).await })
-            .await
+    async fn open(&self, session: SessionId, ino: Ino, first_chunk: bool) -> FsResult<Opened> {
+        self.call("open", true, |m| async move {
+            m.open(session, ino, first_chunk).await
+        })
+        .await
     }
 
     async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {

@@ -44,6 +44,15 @@ pub struct SessionGrant {
     pub mirror: bool,
 }
 
+/// What an open answers: the file's attributes and, when asked for and given, its chunk 0 (what
+/// [`MetaApi::read_chunk`] would answer next), so that reading a small file after its open
+/// costs no second call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub attr: Attr,
+    pub first_chunk: Option<Vec<Slice>>,
+}
+
 /// The metadata operations the file-system core uses, each one transaction on the engine.
 #[async_trait]
 pub trait MetaApi: Send + Sync + 'static {
@@ -108,7 +117,8 @@ pub trait MetaApi: Send + Sync + 'static {
     async fn sync(&self) -> FsResult<()>;
 
     /// Records an open handle of `session` (an unlinked file lives until its last release).
-    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr>;
+    /// With `first_chunk`, the answer may carry the file's chunk 0, read after the open.
+    async fn open(&self, session: SessionId, ino: Ino, first_chunk: bool) -> FsResult<Opened>;
     /// Gives back one handle of `session` per entry (an inode twice for two), all in one
     /// transaction: EBADF, and nothing given back, when any is not held.
     async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()>;

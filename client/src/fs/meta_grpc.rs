@@ -20,8 +20,8 @@ use tonic::{Code, Request, Status};
 use super::error::{FsError, FsResult};
 use super::meta_api::{
     Attr, CommitAttrs, DirEntry, FileKind, GatewayId, GatewayInfo, HeldLock, Ino, LockKind,
-    LockRequest, MetaApi, MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice,
-    StatFs,
+    LockRequest, MetaApi, MountView, NewNode, Opened, Renamed, SessionGrant, SessionId, SetAttr,
+    Slice, StatFs,
 };
 
 /// Deadline of one metadata call: every call is one small transaction, so a call this slow means
@@ -493,7 +493,7 @@ impl MetaApi for GrpcMeta {
         })
     }
 
-    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
+    async fn open(&self, session: SessionId, ino: Ino, first_chunk: bool) -> FsResult<Opened> {
         let answer = call!(
             self,
             "open",
@@ -501,9 +501,23 @@ impl MetaApi for GrpcMeta {
             pb::HandleRequest {
                 session_id: session_bytes(session),
                 ino,
+                with_first_chunk: first_chunk,
             }
         )?;
-        attr_from_proto("open", answer.attr)
+        let first_chunk = answer
+            .first_chunk_given
+            .then(|| {
+                answer
+                    .first_chunk
+                    .iter()
+                    .map(|s| slice_from_proto("open", s))
+                    .collect::<FsResult<Vec<_>>>()
+            })
+            .transpose()?;
+        Ok(Opened {
+            attr: attr_from_proto("open", answer.attr)?,
+            first_chunk,
+        })
     }
 
     async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {

@@ -15,9 +15,9 @@ use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    write_slice_unsupported, Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino,
-    LockRequest, MetaApi, MountView, NewNode, Renamed, SessionGrant, SessionId, SetAttr, Slice,
-    StatFs,
+    write_slice_unsupported, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, GatewayInfo,
+    HeldLock, Ino, LockRequest, MetaApi, MountView, NewNode, Opened, Renamed, SessionGrant,
+    SessionId, SetAttr, Slice, StatFs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -91,7 +91,8 @@ impl LocalMeta {
         (read, go)
     }
 
-    /// How many `op` calls (`getattr`, `setattr`, `sync`, `release`) reached the engine.
+    /// How many `op` calls (`getattr`, `setattr`, `sync`, `release`, `read_chunk`) reached the
+    /// engine.
     pub fn calls(&self, op: &str) -> u64 {
         let calls = self.calls.lock().unwrap();
         calls.get(op).copied().unwrap_or(0)
@@ -325,8 +326,15 @@ impl MetaApi for LocalMeta {
         self.engine.sync().await.map_err(fail("sync"))
     }
 
-    async fn open(&self, session: SessionId, ino: Ino) -> FsResult<Attr> {
-        self.engine.open(session, ino).await.map_err(fail("open"))
+    async fn open(&self, session: SessionId, ino: Ino, first_chunk: bool) -> FsResult<Opened> {
+        let attr = self.engine.open(session, ino).await.map_err(fail("open"))?;
+        // As the gateway answers (`meta_service`): read after the open, regular files only.
+        let first_chunk = if first_chunk && attr.kind == FileKind::File {
+            Some(self.engine.read_chunk(ino, 0).await.map_err(fail("open"))?)
+        } else {
+            None
+        };
+        Ok(Opened { attr, first_chunk })
     }
 
     async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()> {
@@ -383,6 +391,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn read_chunk(&self, ino: Ino, chunk_index: u64) -> FsResult<Vec<Slice>> {
+        self.count("read_chunk");
         self.engine
             .read_chunk(ino, chunk_index)
             .await

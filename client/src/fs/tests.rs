@@ -700,6 +700,55 @@ async fn a_small_file_reads_back_on_its_own_mount_without_a_fetch() {
     );
 }
 
+/// A file opened to be read gets its first chunk with the open: the read asks nothing more.
+/// The chunk is as new as the open (close-to-open), and not taken while a handle of this mount
+/// is open on the file (its commits may be newer) nor by a truncating open.
+#[tokio::test]
+async fn an_open_brings_the_first_chunk_and_the_read_asks_no_more() {
+    let world = World::new().await;
+    let a = world.mount(FsConfig::default()).await;
+    let b = world.mount(FsConfig::default()).await;
+    let (attr, fh) = create(&a, "f").await;
+    a.write(fh, 0, b"first").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    let asked = world.meta.calls("read_chunk");
+    assert_eq!(read_path(&b, "f", 0, 64).await, b"first");
+    assert_eq!(
+        world.meta.calls("read_chunk"),
+        asked,
+        "the open brought chunk 0"
+    );
+
+    // A write on a elsewhere after b's handle closed: b's next open sees it.
+    let (fh, _) = a.open(attr.ino, RW).await.unwrap();
+    a.write(fh, 0, b"SECOND").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    assert_eq!(read_path(&b, "f", 0, 64).await, b"SECOND");
+
+    // With a handle open on b, a second open takes no chunk from its answer: b's own write,
+    // committed through the first handle, is what the second reads.
+    let (writer, _) = b.open(attr.ino, RW).await.unwrap();
+    b.write(writer, 0, b"third!").await.unwrap();
+    let (reader, _) = b.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    b.flush(writer).await.unwrap();
+    assert_eq!(b.read(reader, 0, 64).await.unwrap(), b"third!");
+    b.release(reader, None).await.unwrap();
+    b.release(writer, None).await.unwrap();
+    assert_eq!(read_path(&a, "f", 0, 64).await, b"third!");
+
+    // A chunk past the first is asked for as before.
+    let (big, fh) = create(&a, "big").await;
+    let at = shared::layout::CHUNK_SIZE;
+    a.write(fh, at, b"far").await.unwrap();
+    a.release(fh, None).await.unwrap();
+    let asked = world.meta.calls("read_chunk");
+    let (fh, _) = b.open(big.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(b.read(fh, at, 16).await.unwrap(), b"far");
+    assert_eq!(b.read(fh, 0, 4).await.unwrap(), vec![0; 4]);
+    b.release(fh, None).await.unwrap();
+    assert_eq!(world.meta.calls("read_chunk"), asked + 1, "chunk 1 only");
+}
+
 #[tokio::test]
 async fn a_write_refused_at_the_dirty_limit_takes_nothing() {
     let world = World::new().await;

@@ -685,6 +685,55 @@ async fn write_slice_stages_the_block_and_commits_it_once() {
 /// A `WriteSlice` whose commit fails once its block is staged leaves the slice pending under
 /// its session, so that the block goes when the session ends rather than staying named by
 /// nothing; and a write another session's id names stages nothing.
+/// `Open` with `with_first_chunk` answers the file's chunk 0 (read after the open records the
+/// handle); not asked, or for a directory, it answers none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_answers_the_first_chunk_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = b"a module\n".to_vec();
+    let WriteSliceCase {
+        service,
+        engine,
+        session,
+        file,
+        slice,
+        ..
+    } = WriteSliceCase::new(&dir, &data).await;
+    let open = |ino: u64, with_first_chunk: bool| {
+        service.open(Request::new(pb::HandleRequest {
+            session_id: shared::meta::session_to_wire(session).into(),
+            ino,
+            with_first_chunk,
+        }))
+    };
+    let empty = open(file.ino, true).await.unwrap().into_inner();
+    assert!(empty.first_chunk_given);
+    assert_eq!(empty.first_chunk, vec![]);
+    service
+        .write_slice(write_slice_request(session, file.ino, &slice, &data))
+        .await
+        .unwrap();
+    let opened = open(file.ino, true).await.unwrap().into_inner();
+    assert_eq!(opened.attr.unwrap().size, data.len() as u64);
+    assert!(opened.first_chunk_given);
+    assert_eq!(opened.first_chunk, vec![slice_to_proto(&slice)]);
+    let not_asked = open(file.ino, false).await.unwrap().into_inner();
+    assert!(!not_asked.first_chunk_given);
+    assert_eq!(not_asked.first_chunk, vec![]);
+    // Each open recorded a handle, as without the chunk.
+    engine
+        .release(session, &[file.ino, file.ino, file.ino])
+        .await
+        .unwrap();
+
+    let dir_attr = engine
+        .mkdir(crate::meta::ROOT_INO, b"d", 0o755, 0, 0)
+        .await
+        .unwrap();
+    let answer = open(dir_attr.ino, true).await.unwrap().into_inner();
+    assert!(!answer.first_chunk_given, "a directory has no chunk");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_slice_whose_commit_fails_leaves_its_block_to_the_session() {
     let dir = tempfile::tempdir().unwrap();
