@@ -147,9 +147,11 @@ pub struct Fs {
     xattr_absence: XattrAbsence,
     dir_attrs: dir_attrs::DirAttrs,
     closed_attrs: closed_attrs::ClosedAttrs,
-    /// Removals, renames, links and extended-attribute changes this mount made: each may change
+    /// Removals, renames, links and extended-attribute changes this mount made (each may change
     /// the link count or ctime of a file it has open, so attributes the engine answered before
-    /// one (read before the call was sent) are asked for again.
+    /// one, read before the call was sent, are asked for again), and its `setattr`s of files it
+    /// has not open (counted so that [`closed_attrs`] orders them; open files ask again after
+    /// those too).
     renamed: AtomicU64,
     /// Times attributes held for a commit left an open file's mirror (sent, or dropped by a
     /// write): an engine answer read before one may miss them (see [`Fs::settled`]).

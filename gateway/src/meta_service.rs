@@ -32,10 +32,6 @@ use convert::*;
 /// 8192 entries with 255-byte names stay under tonic's default 4 MiB decoding limit.
 pub const MAX_READDIR_LIMIT: u32 = 8192;
 
-/// Most slices an `Open` answer carries with the file's first chunk (about 60 bytes each); a
-/// chunk of more is left to `ReadChunk`. Compaction keeps chunks far below it.
-const MAX_OPEN_CHUNK_SLICES: usize = 1024;
-
 /// Longest one `SetLock` waits for a conflicting lock; a client that waits longer asks again.
 const MAX_LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -708,11 +704,8 @@ impl Meta for MetaService {
                 } else {
                     self.engine.open(session, ino).await?
                 };
-                // Read after the open, as the reader's ReadChunk would be: at least as new as
-                // the attributes, which is all close-to-open asks.
-                let first_chunk = if with_first_chunk && attr.kind == FileKind::File {
-                    Some(self.engine.read_chunk(ino, 0).await?)
-                        .filter(|slices| slices.len() <= MAX_OPEN_CHUNK_SLICES)
+                let first_chunk = if with_first_chunk {
+                    crate::meta::first_chunk(self.engine.as_ref(), &attr).await?
                 } else {
                     None
                 };

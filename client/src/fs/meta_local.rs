@@ -15,9 +15,9 @@ use gateway::meta::{self as engine, KvMeta, MetaEngine, MetaLocation};
 use super::block_api::BlockApi;
 use super::error::{FsError, FsResult};
 use super::meta_api::{
-    write_slice_unsupported, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, GatewayInfo,
-    HeldLock, Ino, LockRequest, MetaApi, MountView, NewNode, Opened, Renamed, SessionGrant,
-    SessionId, SetAttr, Slice, StatFs,
+    write_slice_unsupported, Attr, CommitAttrs, DirEntry, GatewayId, GatewayInfo, HeldLock, Ino,
+    LockRequest, MetaApi, MountView, NewNode, Opened, Renamed, SessionGrant, SessionId, SetAttr,
+    Slice, StatFs,
 };
 
 /// The gateway id the in-process engine hands out.
@@ -328,9 +328,10 @@ impl MetaApi for LocalMeta {
 
     async fn open(&self, session: SessionId, ino: Ino, first_chunk: bool) -> FsResult<Opened> {
         let attr = self.engine.open(session, ino).await.map_err(fail("open"))?;
-        // As the gateway answers (`meta_service`): read after the open, regular files only.
-        let first_chunk = if first_chunk && attr.kind == FileKind::File {
-            Some(self.engine.read_chunk(ino, 0).await.map_err(fail("open"))?)
+        let first_chunk = if first_chunk {
+            engine::first_chunk(self.engine.as_ref(), &attr)
+                .await
+                .map_err(fail("open"))?
         } else {
             None
         };

@@ -647,6 +647,22 @@ impl std::fmt::Display for MetaLocation {
     }
 }
 
+/// Most slices of a file's first chunk an open answers with it; a chunk of more is left to
+/// [`MetaEngine::read_chunk`]. Compaction keeps chunks far below it.
+pub const MAX_OPEN_CHUNK_SLICES: usize = 1024;
+
+/// What an open that asks for the file's first chunk answers besides `attr` (the open's answer):
+/// chunk 0, read after the open as the reader's `read_chunk` would be, so at least as new as
+/// `attr`, which is all close-to-open asks. None for anything but a regular file, or for a
+/// chunk of more than [`MAX_OPEN_CHUNK_SLICES`].
+pub async fn first_chunk(engine: &dyn MetaEngine, attr: &Attr) -> Result<Option<Vec<Slice>>> {
+    if attr.kind != FileKind::File {
+        return Ok(None);
+    }
+    let slices = engine.read_chunk(attr.ino, 0).await?;
+    Ok(Some(slices).filter(|slices| slices.len() <= MAX_OPEN_CHUNK_SLICES))
+}
+
 /// Opens (creating, formatting or migrating as needed) the metadata at `location`.
 pub async fn open(location: &MetaLocation, config: MetaConfig) -> Result<KvMeta> {
     let store = open_store_with(location, config.redb_cache_bytes).await?;
