@@ -743,6 +743,48 @@ impl Meta for MetaService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn take_dir_lease(
+        &self,
+        request: Request<pb::DirLeaseRequest>,
+    ) -> Result<Response<pb::TakeDirLeaseResponse>, Status> {
+        let tenant = tenant_of(&request);
+        // A lease serves a mount that adds names: none for those who may not.
+        writable("TakeDirLease", &tenant)?;
+        let pb::DirLeaseRequest { session_id, dir } = request.into_inner();
+        let granted = self
+            .call_for("TakeDirLease", &tenant, async {
+                let session = self.session(&tenant, &session_id).await?;
+                let dir = self.reach(&tenant, dir).await?;
+                self.engine.take_dir_lease(session, dir).await
+            })
+            .await?;
+        Ok(Response::new(pb::TakeDirLeaseResponse { granted }))
+    }
+
+    async fn keep_dir_leases(
+        &self,
+        request: Request<pb::KeepDirLeasesRequest>,
+    ) -> Result<Response<pb::KeepDirLeasesResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let pb::KeepDirLeasesRequest {
+            session_id,
+            keep,
+            release,
+        } = request.into_inner();
+        let held = self
+            .call_for("KeepDirLeases", &tenant, async {
+                let session = self.session(&tenant, &session_id).await?;
+                // Only what this session holds is kept or given back: no tree check, as for
+                // `Release`.
+                let scope = self.scope(&tenant).await?;
+                let keep: Vec<Ino> = keep.into_iter().map(|dir| scope.own(dir)).collect();
+                let release: Vec<Ino> = release.into_iter().map(|dir| scope.own(dir)).collect();
+                self.engine.keep_dir_leases(session, &keep, &release).await
+            })
+            .await?;
+        Ok(Response::new(pb::KeepDirLeasesResponse { held }))
+    }
+
     async fn set_lock(
         &self,
         request: Request<pb::SetLockRequest>,

@@ -28,6 +28,8 @@ pub const COUNTERS: &[&str] = &[
     "stagefs_gateway_upload_retries_total",
     "stagefs_gateway_upload_failures_total",
     "stagefs_gateway_connections_refused_total",
+    "stagefs_meta_dir_lease_recalls_total",
+    "stagefs_meta_dir_lease_recalls_timed_out_total",
 ];
 
 /// Sets the gauges from the log's snapshot every [`GAUGE_INTERVAL`].

@@ -25,6 +25,18 @@ pub fn session_from_wire(bytes: &[u8]) -> Option<SessionId> {
 /// flight (see the metadata engine's `once` module).
 pub const MAX_CHANGE_SLOTS: u16 = 1024;
 
+/// How long a directory lease answers for the mount that holds it, counted from when the mount
+/// sent the call that granted or kept it (at most one heartbeat interval, see the engine's
+/// `rules/dir_leases`). Another session that adds a name to a leased directory first recalls
+/// the lease and waits for the holder to give it back, or for [`DIR_LEASE_RECALL_WAIT`].
+pub const DIR_LEASE_TERM: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long an addition to a leased directory waits, after recalling the lease, for its holder
+/// to give it back before it takes the lease away itself: past [`DIR_LEASE_TERM`], so a holder
+/// that neither kept nor gave it back has stopped answering from it by then.
+pub const DIR_LEASE_RECALL_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+/// Directories one `KeepDirLeases` call may name (kept and given back together).
+pub const MAX_DIR_LEASES_PER_CALL: usize = 4096;
+
 /// The gRPC metadata key a change's [`RequestTag`] travels in.
 pub const CHANGE_TAG_HEADER: &str = "stagefs-once";
 

@@ -94,6 +94,8 @@ impl BlockingMeta {
         close_session(session: SessionId) -> ();
         list_sessions() -> Vec<SessionInfo>;
         expired_sessions(heartbeat_before_ns: TimeNs) -> Vec<SessionId>;
+        take_dir_lease(session: SessionId, dir: Ino) -> bool;
+        keep_dir_leases(session: SessionId, keep: &[Ino], release: &[Ino]) -> Vec<bool>;
         open(session: SessionId, ino: Ino) -> Attr;
         release(session: SessionId, inos: &[Ino]) -> ();
         take_due_deleted_slices(gateway: Option<GatewayId>, now_ns: TimeNs, limit: usize) -> Vec<DeletedSlice>;

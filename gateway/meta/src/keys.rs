@@ -31,9 +31,11 @@
 //! | byte-range locks  | `l` ino session owner              | one owner's locks (`locks::encode`) |
 //! | a session's locks | `L` session ino owner              | empty (to drop them with the session) |
 //! | change slot       | `r` session slot                   | seq, ino of the result (`once`)    |
+//! | directory lease   | `e` dir                            | holder session, recalled (`rules/dir_leases`) |
+//! | a session's leases| `E` session dir                    | empty (to drop them with the session) |
 //!
 //! A session id is 128 bits, so it takes two numbers (high half first) in `S`, `v`, `h`, `a`, `p`,
-//! `l`, `L` and `r`.
+//! `l`, `L`, `r` and `E`.
 //!
 //! `o` exists so that `readdir` pages by cookie: a cookie is fixed for the life of an entry, so
 //! paging by cookie never repeats an entry and never skips one that existed throughout.
@@ -264,6 +266,21 @@ pub fn session_lock_prefix(session: SessionId, ino: Option<Ino>) -> Vec<u8> {
         Some(ino) => key(b'L', &[high, low, ino], &[]),
         None => key(b'L', &[high, low], &[]),
     }
+}
+
+/// The lease on directory `dir` ([`crate::rules`], "Directory leases").
+pub fn dir_lease(dir: Ino) -> Vec<u8> {
+    key(b'e', &[dir], &[])
+}
+
+/// `session` holds the lease on `dir`: its leases, without scanning everyone's.
+pub fn session_dir_lease(session: SessionId, dir: Ino) -> Vec<u8> {
+    let [high, low] = session_parts(session);
+    key(b'E', &[high, low, dir], &[])
+}
+
+pub fn session_dir_lease_prefix(session: SessionId) -> Vec<u8> {
+    key(b'E', &session_parts(session), &[])
 }
 
 /// The delete queue is kept per gateway (the one that staged the slice and cleans it up), by due

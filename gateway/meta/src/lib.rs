@@ -46,9 +46,9 @@ pub use rules::{KvMeta, MAX_SESSION_DESCRIPTION, MAX_SLICE_IDS_AT_ONCE};
 
 pub use shared::meta::{
     now_ns, Attr, CommitAttrs, DirEntry, FileKind, GatewayId, Ino, MountView, NewNode, Renamed,
-    SessionId, SetAttr, Slice, StatFs, TimeNs, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN,
-    MAX_SYMLINK_LEN, MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
-    WRITE_POLICY_XATTR,
+    SessionId, SetAttr, Slice, StatFs, TimeNs, DIR_LEASE_RECALL_WAIT, DIR_LEASE_TERM,
+    MAX_DIR_LEASES_PER_CALL, MAX_FILE_SIZE, MAX_LINKS, MAX_NAME_LEN, MAX_SYMLINK_LEN,
+    MAX_VIEW_GATEWAYS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO, WRITE_POLICY_XATTR,
 };
 
 /// A slice whose data is no longer referenced and must be deleted from staging and the store.
@@ -299,6 +299,10 @@ pub enum MetaError {
     WouldBlock { ino: Ino, start: u64, end: u64 },
     #[error("inode {ino}: one owner may hold at most {max} separate lock ranges")]
     TooManyLocks { ino: Ino, max: usize },
+    /// Another session holds the lease on directory `0` (an addition to it recalls the lease
+    /// first, `rules/dir_leases`); a caller sees it only when the recall kept failing.
+    #[error("directory {0} is leased to another mount, which did not give it back")]
+    DirLeased(Ino),
     #[error("corrupt metadata record: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -329,6 +333,7 @@ impl MetaError {
             NoSpace(_) => libc::ENOSPC,
             WouldBlock { .. } => libc::EAGAIN,
             TooManyLocks { .. } => libc::ENOLCK,
+            DirLeased(_) => libc::EAGAIN,
             SessionGone(_) | Fenced { .. } | Corrupt(_) | Backend(_) => libc::EIO,
         }
     }
@@ -562,6 +567,21 @@ pub trait MetaEngine: Send + Sync {
     async fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
     /// Sessions whose last heartbeat is older than `heartbeat_before_ns`: the caller closes them.
     async fn expired_sessions(&self, heartbeat_before_ns: TimeNs) -> Result<Vec<SessionId>>;
+
+    /// Leases the empty directory `dir` to `session`: until the lease is recalled, nobody else
+    /// adds a name to it, so the holder may answer a lookup of a name it did not add itself
+    /// (absent) without asking. `false` if `dir` is not empty or another live session holds
+    /// it. The holder keeps it with [`MetaEngine::keep_dir_leases`] (rules: `rules/dir_leases`).
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> Result<bool>;
+    /// Gives back the leases on `release` and says, for each of `keep`, whether `session` still
+    /// holds it unrecalled; refreshes the session's heartbeat. At most
+    /// [`MAX_DIR_LEASES_PER_CALL`] directories in all.
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> Result<Vec<bool>>;
 
     /// Records an open handle of `session` on `ino` and returns the current attributes
     /// (close-to-open: the size a reader must honour).

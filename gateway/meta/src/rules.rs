@@ -26,6 +26,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use shared::CHUNK_SIZE;
 
+mod dir_leases;
+
 use crate::codec::{
     decode_inode, decode_slice_data, decode_slices, encode_inode, encode_slice_data, encode_slices,
     Inode,
@@ -407,6 +409,7 @@ macro_rules! transact {
     };
     (@kind $kind:expr, $meta:expr, $durability:expr, |$tx:ident| $body:expr) => {{
         let mut attempt = 0u32;
+        let mut recalls = 0u32;
         loop {
             attempt += 1;
             #[allow(unused_mut)]
@@ -415,12 +418,25 @@ macro_rules! transact {
             let outcome: $crate::Result<_> = async { $body }.await;
             let outcome = match outcome {
                 Ok(value) => $tx.commit($durability).await.map(|()| value),
-                Err(error) => Err(error),
+                Err(error) => {
+                    // Ended before any wait below: a recall runs transactions of its own, and
+                    // redb has one writer.
+                    drop($tx);
+                    Err(error)
+                }
             };
             match outcome {
                 Err(error) if error.is_conflict() && attempt < $crate::rules::max_attempts() => {
                     $meta.count_conflict();
                     $crate::rules::conflict_backoff(attempt).await;
+                }
+                // An addition to a directory another session holds the lease on: recall it,
+                // then run again (`rules/dir_leases`).
+                Err($crate::MetaError::DirLeased(dir)) if recalls < $crate::rules::MAX_RECALLS => {
+                    recalls += 1;
+                    if let Err(error) = Box::pin($meta.recall_dir_lease(dir)).await {
+                        break Err(error);
+                    }
                 }
                 outcome => break outcome,
             }
@@ -468,6 +484,9 @@ macro_rules! transact_once {
         })
     }};
 }
+
+#[doc(hidden)]
+pub use dir_leases::MAX_RECALLS;
 
 #[doc(hidden)]
 pub fn max_attempts() -> u32 {
@@ -1014,6 +1033,7 @@ impl Tx<'_> {
     }
 
     async fn add_entry(&mut self, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        self.check_dir_lease(parent).await?;
         let cookie = self.next_id(Sequence::Cookie).await?;
         self.put(
             keys::dentry(parent, name),
@@ -1077,7 +1097,11 @@ impl Tx<'_> {
     /// What [`Tx::create_node`] reads (the tenant's usage when `owner` is known), to be read in
     /// one round trip.
     fn new_node_keys(&self, parent: Ino, name: &[u8], owner: Option<&str>) -> Vec<Vec<u8>> {
-        let mut keys = vec![keys::inode(parent), keys::dentry(parent, name)];
+        let mut keys = vec![
+            keys::inode(parent),
+            keys::dentry(parent, name),
+            keys::dir_lease(parent),
+        ];
         keys.extend(self.counter_keys(Some(FILES), owner, Some(parent)));
         keys
     }
@@ -1214,6 +1238,7 @@ impl Tx<'_> {
                 .await?;
         }
         if inode.attr.kind == FileKind::Dir {
+            self.forget_dir_lease(ino).await?;
             self.delete(keys::subdir(inode.parent, ino));
             for (key, _) in self.scan_prefix(&keys::dir_stats_prefix(ino)).await? {
                 self.delete(key);
@@ -1394,6 +1419,15 @@ impl Tx<'_> {
 
     async fn check_session(&mut self, session: SessionId) -> Result<()> {
         self.session_record(session).await.map(drop)
+    }
+
+    /// `session`, which must be open, is alive now: its heartbeat.
+    async fn beat(&mut self, session: SessionId) -> Result<()> {
+        let record = self.session_record(session).await?;
+        let (_, tenant_len, tail) = keys::decode_pair("session", &record)?;
+        let beat = keys::encode_pair(self.now as u64, tenant_len, tail);
+        self.put(keys::session(session), beat);
+        Ok(())
     }
 
     /// Drops the lock records of `session`: of lock owner `owner` on `ino`, of every owner on
@@ -2469,6 +2503,34 @@ impl MetaEngine for KvMeta {
         })
     }
 
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> Result<bool> {
+        // Durable before the holder counts on it: a grant lost in a crash would let others add
+        // names the holder answers as absent.
+        crate::transact!(self, self.durability(), |tx| tx
+            .take_dir_lease(session, dir)
+            .await)
+    }
+
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> Result<Vec<bool>> {
+        let named = keep.len() + release.len();
+        if named > crate::MAX_DIR_LEASES_PER_CALL {
+            return Err(MetaError::Invalid(format!(
+                "{named} directory leases in one call: at most {}",
+                crate::MAX_DIR_LEASES_PER_CALL
+            )));
+        }
+        // What it changes may be lost in a crash: a heartbeat, and leases given back (a
+        // recall then waits them out).
+        crate::transact!(self, Durability::Eventual, |tx| tx
+            .keep_dir_leases(session, keep, release)
+            .await)
+    }
+
     async fn heartbeat(&self, session: SessionId, view: &MountView) -> Result<()> {
         let named = view.using.len() + view.avoiding.len();
         if named > MAX_VIEW_GATEWAYS {
@@ -2477,10 +2539,7 @@ impl MetaEngine for KvMeta {
             )));
         }
         crate::transact!(self, self.durability(), |tx| {
-            let key = keys::session(session);
-            let record = tx.session_record(session).await?;
-            let (_, tenant_len, tail) = keys::decode_pair("session", &record)?;
-            tx.put(key, keys::encode_pair(tx.now as u64, tenant_len, tail));
+            tx.beat(session).await?;
             if *view == MountView::default() {
                 tx.delete(keys::mount_view(session));
             } else {
@@ -2528,6 +2587,7 @@ impl MetaEngine for KvMeta {
                 tx.delete(key);
             }
             tx.drop_locks(session, None, None).await?;
+            tx.drop_session_dir_leases(session).await?;
             for (key, _) in tx.scan_prefix(&keys::change_slot_prefix(session)).await? {
                 tx.delete(key);
             }

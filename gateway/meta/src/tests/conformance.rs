@@ -2939,3 +2939,134 @@ fn closing_a_session_releases_every_file_its_racing_creates_made() {
         }
     }
 }
+
+/// Directory leases (`rules/dir_leases`): granted on an empty directory only, one holder at a
+/// time; the holder's own additions pass; anyone else's recalls the lease and runs once the
+/// holder gave it back, so the holder's keep sees the recall before the addition is made.
+#[test]
+fn a_directory_lease_is_recalled_by_another_sessions_addition() {
+    use crate::once::{scope, RequestTag};
+    let f = fixture();
+    let engine = f.meta.engine().clone();
+    let dir = f.mkdir(ROOT_INO, "leased").ino;
+    let full = f.mkdir(ROOT_INO, "full").ino;
+    f.file(full, "x");
+    let file = f.file(ROOT_INO, "plain").ino;
+    let other = f.meta.open_session("", "other").unwrap();
+
+    assert!(f.meta.take_dir_lease(f.session, dir).unwrap());
+    assert!(f.meta.take_dir_lease(f.session, dir).unwrap(), "its own");
+    assert!(!f.meta.take_dir_lease(other, dir).unwrap(), "one holder");
+    assert!(
+        !f.meta.take_dir_lease(f.session, full).unwrap(),
+        "not empty"
+    );
+    assert_eq!(errno(f.meta.take_dir_lease(f.session, file)), libc::ENOTDIR);
+    assert_eq!(
+        f.meta
+            .keep_dir_leases(f.session, &[dir, full], &[])
+            .unwrap(),
+        [true, false]
+    );
+    assert_eq!(f.meta.keep_dir_leases(other, &[dir], &[]).unwrap(), [false]);
+
+    // The holder's own additions (its change tag names its session) leave the lease alone.
+    let own = Some(RequestTag {
+        session: f.session,
+        slot: 1,
+        seq: 1,
+        retry: false,
+    });
+    let mine = f.meta.block_on(scope(
+        own,
+        engine.create(f.session, dir, b"mine", &node(FileKind::File)),
+    ));
+    assert!(mine.is_ok(), "{mine:?}");
+    assert_eq!(
+        f.meta.keep_dir_leases(f.session, &[dir], &[]).unwrap(),
+        [true]
+    );
+
+    // Another session's addition waits for the holder: a holder that keeps its leases sees the
+    // recall, stops answering from the lease, and gives it back.
+    let gave_back = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|threads| {
+        threads.spawn(|| loop {
+            let held = f.meta.keep_dir_leases(f.session, &[dir], &[]).unwrap();
+            if held == [false] {
+                gave_back.store(true, std::sync::atomic::Ordering::SeqCst);
+                f.meta.keep_dir_leases(f.session, &[], &[dir]).unwrap();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        });
+        f.meta.mknod(dir, b"theirs", &node(FileKind::File)).unwrap();
+        assert!(
+            gave_back.load(std::sync::atomic::Ordering::SeqCst),
+            "the addition was made before the holder learnt of the recall"
+        );
+    });
+    assert_eq!(
+        f.meta.keep_dir_leases(f.session, &[dir], &[]).unwrap(),
+        [false]
+    );
+    assert!(f.meta.lookup(dir, b"theirs").is_ok());
+    assert!(
+        !f.meta.take_dir_lease(f.session, dir).unwrap(),
+        "not empty any more"
+    );
+}
+
+/// A holder that neither keeps nor gives back its lease holds up another session's addition
+/// for the recall wait, no less (past the term it counted on), and then loses the lease; a
+/// lease goes with its directory and its session, and a call names a bounded number.
+#[test]
+fn an_unreturned_directory_lease_is_taken_away_after_the_recall_wait() {
+    let f = fixture();
+    let dir = f.mkdir(ROOT_INO, "leased").ino;
+    let src = f.file(ROOT_INO, "src");
+    let other = f.meta.open_session("", "other").unwrap();
+    assert!(f.meta.take_dir_lease(f.session, dir).unwrap());
+    let started = std::time::Instant::now();
+    f.meta
+        .rename(ROOT_INO, b"src", dir, b"moved", RenameMode::Replace)
+        .unwrap();
+    assert!(started.elapsed() >= DIR_LEASE_RECALL_WAIT);
+    assert_eq!(f.meta.lookup(dir, b"moved").unwrap().ino, src.ino);
+    assert_eq!(
+        f.meta.keep_dir_leases(f.session, &[dir], &[]).unwrap(),
+        [false]
+    );
+
+    // With its directory.
+    let gone = f.mkdir(ROOT_INO, "gone").ino;
+    assert!(f.meta.take_dir_lease(other, gone).unwrap());
+    f.meta.rmdir(ROOT_INO, b"gone").unwrap();
+    assert_eq!(
+        f.meta.keep_dir_leases(other, &[gone], &[]).unwrap(),
+        [false]
+    );
+
+    // With its session: another session's addition does not wait for a closed one.
+    let next = f.mkdir(ROOT_INO, "next").ino;
+    assert!(f.meta.take_dir_lease(other, next).unwrap());
+    f.meta.close_session(other).unwrap();
+    assert!(f.meta.take_dir_lease(f.session, next).unwrap());
+    assert_eq!(
+        errno(f.meta.keep_dir_leases(other, &[next], &[])),
+        libc::EIO,
+        "a closed session keeps nothing"
+    );
+    assert!(f
+        .meta
+        .keep_dir_leases(f.session, &[], &[next])
+        .unwrap()
+        .is_empty());
+    f.file(next, "free");
+
+    let many = vec![next; MAX_DIR_LEASES_PER_CALL + 1];
+    assert_eq!(
+        errno(f.meta.keep_dir_leases(f.session, &many, &[])),
+        libc::EINVAL
+    );
+}
