@@ -26,6 +26,7 @@ mod channel;
 mod closed_attrs;
 pub mod cluster;
 mod dir_attrs;
+mod dir_leases;
 mod error;
 pub mod gateways;
 pub mod layout;
@@ -109,6 +110,9 @@ pub struct FsConfig {
     /// call (`fs/releases.rs`); zero sends each as it comes. An unlinked file's data outlives
     /// its last `close` by this and the call.
     pub release_window: Duration,
+    /// Take the lease of each directory this mount makes, and answer lookups of names it did
+    /// not add there without asking the engine (`fs/dir_leases.rs`).
+    pub dir_leases: bool,
 }
 
 impl Default for FsConfig {
@@ -126,6 +130,7 @@ impl Default for FsConfig {
             gateway_access: GatewayAccess::default(),
             attr_ttl: Duration::ZERO,
             release_window: Duration::from_millis(50),
+            dir_leases: true,
         }
     }
 }
@@ -144,6 +149,9 @@ pub struct Fs {
     handles: Mutex<HashMap<FileHandle, Arc<Handle>>>,
     next_handle: AtomicU64,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    /// The directories this mount holds the lease on, and their keeper (with `dir_leases`).
+    dir_leases: Arc<dir_leases::DirLeases>,
+    lease_keeper: Option<tokio::task::JoinHandle<()>>,
     xattr_absence: XattrAbsence,
     dir_attrs: dir_attrs::DirAttrs,
     closed_attrs: closed_attrs::ClosedAttrs,
@@ -321,7 +329,13 @@ impl Fs {
                 }
             })
         });
+        let dir_leases = Arc::new(dir_leases::DirLeases::new(grant.heartbeat_interval));
+        let lease_keeper = config
+            .dir_leases
+            .then(|| tokio::spawn(dir_leases.clone().keep(meta.clone(), grant.session_id)));
         Fs {
+            dir_leases,
+            lease_keeper,
             xattr_absence: XattrAbsence::new(config.capability_absence_ttl),
             dir_attrs: dir_attrs::DirAttrs::new(config.attr_ttl),
             closed_attrs: closed_attrs::ClosedAttrs::new(config.attr_ttl),
@@ -454,6 +468,17 @@ impl Fs {
     // --- names and attributes ---
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        if self.dir_leases.absent(parent, name) {
+            metrics::counter!("stagefs_dir_lease_absent_answers_total").increment(1);
+            return Err(FsError::Meta {
+                op: "lookup",
+                errno: libc::ENOENT,
+                message: format!(
+                    "no entry {:?} in directory {parent} (this mount holds its lease)",
+                    String::from_utf8_lossy(name)
+                ),
+            });
+        }
         let asked = self.dir_attrs.generation();
         let sent = self.held_attrs_sent.load(Ordering::Acquire);
         let attr = self.meta.lookup(parent, name).await?;
@@ -649,6 +674,7 @@ impl Fs {
         };
         // The new file takes its directory's write policy (the engine copies it).
         let write_through = self.write_through(parent).await?;
+        self.dir_leases.adding(parent, name);
         let renamed = self.renamed_count();
         let attr = self.made_in(
             parent,
@@ -687,6 +713,7 @@ impl Fs {
             gid,
             rdev,
         };
+        self.dir_leases.adding(parent, name);
         self.made_in(parent, self.meta.mknod(parent, name, &node).await)
     }
 
@@ -699,7 +726,30 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
-        self.made_in(parent, self.meta.mkdir(parent, name, mode, uid, gid).await)
+        self.dir_leases.adding(parent, name);
+        let attr = self.made_in(parent, self.meta.mkdir(parent, name, mode, uid, gid).await)?;
+        self.take_dir_lease(attr.ino).await;
+        Ok(attr)
+    }
+
+    /// Asks for the lease of `dir`, which this mount just made, before the kernel hears of it
+    /// (so before any name this mount adds to it); a refusal or failure only costs the lease.
+    async fn take_dir_lease(&self, dir: Ino) {
+        if self.lease_keeper.is_none() {
+            return;
+        }
+        let Some(generation) = self.dir_leases.asking(dir) else {
+            return;
+        };
+        let sent = std::time::Instant::now();
+        let granted = match self.meta.take_dir_lease(self.session, dir).await {
+            Ok(granted) => granted,
+            Err(error) => {
+                tracing::debug!(dir, %error, "directory lease not taken");
+                false
+            }
+        };
+        self.dir_leases.answered(dir, generation, sent, granted);
     }
 
     /// Removes a name. An open file lives on (the engine counts this session's handles), so its
@@ -726,6 +776,10 @@ impl Fs {
         flags: u32,
     ) -> FsResult<()> {
         self.check_writable_mount()?;
+        self.dir_leases.adding(new_parent, new_name);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.dir_leases.adding(parent, name);
+        }
         let renamed = match self
             .meta
             .rename(parent, name, new_parent, new_name, flags)
@@ -769,6 +823,7 @@ impl Fs {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
         self.check_writable_mount()?;
+        self.dir_leases.adding(new_parent, new_name);
         let outcome = self.renaming(self.meta.link(ino, new_parent, new_name).await);
         self.dir_attrs.forget(new_parent);
         Ok(self.local_attr(self.changed(outcome)?))
@@ -783,6 +838,7 @@ impl Fs {
         gid: u32,
     ) -> FsResult<Attr> {
         self.check_writable_mount()?;
+        self.dir_leases.adding(parent, name);
         self.made_in(
             parent,
             self.meta.symlink(parent, name, target, uid, gid).await,
@@ -1368,6 +1424,9 @@ impl Drop for Fs {
     fn drop(&mut self) {
         if let Some(heartbeat) = &self.heartbeat {
             heartbeat.abort();
+        }
+        if let Some(keeper) = &self.lease_keeper {
+            keeper.abort();
         }
     }
 }

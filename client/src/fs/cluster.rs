@@ -793,6 +793,25 @@ impl MetaApi for FailoverMeta {
         .await
     }
 
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> FsResult<bool> {
+        self.call("take_dir_lease", false, |m| async move {
+            m.take_dir_lease(session, dir).await
+        })
+        .await
+    }
+
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> FsResult<Vec<bool>> {
+        self.call("keep_dir_leases", false, |m| async move {
+            m.keep_dir_leases(session, keep, release).await
+        })
+        .await
+    }
+
     async fn set_lock(
         &self,
         session: SessionId,

@@ -123,6 +123,17 @@ pub trait MetaApi: Send + Sync + 'static {
     /// transaction: EBADF, and nothing given back, when any is not held.
     async fn release(&self, session: SessionId, inos: &[Ino]) -> FsResult<()>;
 
+    /// Leases the empty directory `dir` to `session`, so that the mount may answer lookups of
+    /// names it did not add there itself (`fs/dir_leases.rs`); `false` when not granted.
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> FsResult<bool>;
+    /// Whether `session` still holds each lease of `keep` unrecalled; gives back `release`.
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> FsResult<Vec<bool>>;
+
     /// Sets a byte-range lock of one lock owner of `session` (`fcntl(F_SETLK)` semantics, held
     /// in the engine across mounts); while another owner holds a conflicting one, waits up to
     /// `wait` for it to go, then fails with EAGAIN.

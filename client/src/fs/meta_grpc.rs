@@ -533,6 +533,44 @@ impl MetaApi for GrpcMeta {
         Ok(())
     }
 
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> FsResult<bool> {
+        let answer = call!(
+            self,
+            "take_dir_lease",
+            take_dir_lease,
+            pb::DirLeaseRequest {
+                session_id: session_bytes(session),
+                dir,
+            }
+        )?;
+        Ok(answer.granted)
+    }
+
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> FsResult<Vec<bool>> {
+        let answer = call!(
+            self,
+            "keep_dir_leases",
+            keep_dir_leases,
+            pb::KeepDirLeasesRequest {
+                session_id: session_bytes(session),
+                keep: keep.to_vec(),
+                release: release.to_vec(),
+            }
+        )?;
+        if answer.held.len() != keep.len() {
+            return Err(malformed(
+                "keep_dir_leases",
+                "the answer does not name every lease asked about",
+            ));
+        }
+        Ok(answer.held)
+    }
+
     async fn set_lock(
         &self,
         session: SessionId,

@@ -45,6 +45,10 @@ pub struct LocalMeta {
     pause_getattr: Arc<std::sync::Mutex<Option<GetattrPause>>>,
     /// Calls of the operations tests count, by name.
     calls: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, u64>>>,
+    /// The session this face's additions of names are tagged with, as a mount's are
+    /// ([`LocalMeta::for_session`]), and the count its slots and sequences come from.
+    tag_session: Option<engine::SessionId>,
+    tags: Arc<AtomicU64>,
 }
 
 impl LocalMeta {
@@ -64,7 +68,35 @@ impl LocalMeta {
             lose_next_answer: Arc::new(AtomicBool::new(false)),
             pause_getattr: Arc::default(),
             calls: Arc::default(),
+            tag_session: None,
+            tags: Arc::default(),
         }
+    }
+
+    /// A face whose additions of names carry a change tag of `session`, as a mount's calls do
+    /// (so the engine tells the holder of a directory lease from everyone else).
+    pub fn for_session(&self, session: engine::SessionId) -> LocalMeta {
+        LocalMeta {
+            tag_session: Some(session),
+            tags: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Runs `work` under the next change tag of this face's session, if it has one: a slot per
+    /// change in flight (as many as the engine allows), a sequence that grows with each use.
+    async fn tagged<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let tag = self.tag_session.map(|session| {
+            let n = self.tags.fetch_add(1, Ordering::SeqCst);
+            let slots = u64::from(engine::once::MAX_SLOTS);
+            engine::once::RequestTag {
+                session,
+                slot: (n % slots) as u16,
+                seq: n / slots + 1,
+                retry: false,
+            }
+        });
+        engine::once::scope(tag, work).await
     }
 
     /// Serves `write_slice`, staging its blocks on `blocks`.
@@ -154,6 +186,7 @@ impl MetaApi for LocalMeta {
     }
 
     async fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.count("lookup");
         self.engine
             .lookup(parent, name)
             .await
@@ -186,15 +219,13 @@ impl MetaApi for LocalMeta {
         name: &[u8],
         node: &NewNode,
     ) -> FsResult<Attr> {
-        self.engine
-            .create(session, parent, name, node)
+        self.tagged(self.engine.create(session, parent, name, node))
             .await
             .map_err(fail("create"))
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> FsResult<Attr> {
-        self.engine
-            .mknod(parent, name, node)
+        self.tagged(self.engine.mknod(parent, name, node))
             .await
             .map_err(fail("mknod"))
     }
@@ -207,8 +238,7 @@ impl MetaApi for LocalMeta {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.engine
-            .mkdir(parent, name, mode, uid, gid)
+        self.tagged(self.engine.mkdir(parent, name, mode, uid, gid))
             .await
             .map_err(fail("mkdir"))
     }
@@ -221,8 +251,7 @@ impl MetaApi for LocalMeta {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.engine
-            .symlink(parent, name, target, uid, gid)
+        self.tagged(self.engine.symlink(parent, name, target, uid, gid))
             .await
             .map_err(fail("symlink"))
     }
@@ -251,15 +280,13 @@ impl MetaApi for LocalMeta {
         flags: u32,
     ) -> FsResult<Renamed> {
         let mode = engine::RenameMode::from_flags(flags).map_err(fail("rename"))?;
-        self.engine
-            .rename(parent, name, new_parent, new_name, mode)
+        self.tagged(self.engine.rename(parent, name, new_parent, new_name, mode))
             .await
             .map_err(fail("rename"))
     }
 
     async fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> FsResult<Attr> {
-        self.engine
-            .link(ino, new_parent, new_name)
+        self.tagged(self.engine.link(ino, new_parent, new_name))
             .await
             .map_err(fail("link"))
     }
@@ -344,6 +371,27 @@ impl MetaApi for LocalMeta {
             .release(session, inos)
             .await
             .map_err(fail("release"))
+    }
+
+    async fn take_dir_lease(&self, session: SessionId, dir: Ino) -> FsResult<bool> {
+        self.count("take_dir_lease");
+        self.engine
+            .take_dir_lease(session, dir)
+            .await
+            .map_err(fail("take_dir_lease"))
+    }
+
+    async fn keep_dir_leases(
+        &self,
+        session: SessionId,
+        keep: &[Ino],
+        release: &[Ino],
+    ) -> FsResult<Vec<bool>> {
+        self.count("keep_dir_leases");
+        self.engine
+            .keep_dir_leases(session, keep, release)
+            .await
+            .map_err(fail("keep_dir_leases"))
     }
 
     async fn set_lock(

@@ -263,7 +263,7 @@ impl World {
     pub async fn mount(&self, config: FsConfig) -> Fs {
         let grant = self.meta.open_session("test mount").await.expect("session");
         Fs::new(
-            Arc::new(self.meta.clone()),
+            Arc::new(self.meta.for_session(grant.session_id)),
             self.blocks.clone(),
             self.store.clone(),
             &grant,
@@ -747,6 +747,64 @@ async fn an_open_brings_the_first_chunk_and_the_read_asks_no_more() {
     assert_eq!(b.read(fh, 0, 4).await.unwrap(), vec![0; 4]);
     b.release(fh, None).await.unwrap();
     assert_eq!(world.meta.calls("read_chunk"), asked + 1, "chunk 1 only");
+}
+
+/// A directory this mount made answers lookups of names it did not add as absent without
+/// asking (its lease), names it added are asked about, and another mount's addition recalls the
+/// lease first: once that file is closed, this mount finds it (close-to-open), and it asks
+/// about every name of that directory from then on.
+#[tokio::test]
+async fn a_directory_made_here_answers_absent_names_until_another_mount_adds_one() {
+    let world = World::new().await;
+    let a = world.mount(FsConfig::default()).await;
+    let b = world.mount(FsConfig::default()).await;
+    let dir = a.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap().ino;
+    let asked = world.meta.calls("lookup");
+    for name in ["x", "y", "mine"] {
+        assert_eq!(errno(a.lookup(dir, name.as_bytes()).await), libc::ENOENT);
+    }
+    assert_eq!(world.meta.calls("lookup"), asked, "answered by the lease");
+
+    let (mine, fh) = a.create(dir, b"mine", 0o644, 0, 0, RW).await.unwrap();
+    a.release(fh, None).await.unwrap();
+    let sub = a.mkdir(dir, b"sub", 0o755, 0, 0).await.unwrap().ino;
+    assert_eq!(a.lookup(dir, b"mine").await.unwrap().ino, mine.ino);
+    assert_eq!(a.lookup(dir, b"sub").await.unwrap().ino, sub);
+    assert_eq!(
+        world.meta.calls("lookup"),
+        asked + 2,
+        "its own names are asked about"
+    );
+    assert_eq!(errno(a.lookup(sub, b"deeper").await), libc::ENOENT);
+    assert_eq!(
+        world.meta.calls("lookup"),
+        asked + 2,
+        "a new directory's lease"
+    );
+
+    // Another mount's create waits for the recall; a has stopped answering from the lease
+    // before the file exists.
+    let (theirs, fh) = b.create(dir, b"theirs", 0o644, 0, 0, RW).await.unwrap();
+    b.write(fh, 0, b"from b").await.unwrap();
+    b.release(fh, None).await.unwrap();
+    assert_eq!(a.lookup(dir, b"theirs").await.unwrap().ino, theirs.ino);
+    assert_eq!(read_path_in(&a, dir, "theirs").await, b"from b");
+    let before = world.meta.calls("lookup");
+    assert_eq!(errno(a.lookup(dir, b"x").await), libc::ENOENT);
+    assert_eq!(world.meta.calls("lookup"), before + 1, "the lease is gone");
+
+    // b renames a file into the other leased directory: seen there at once.
+    b.rename(dir, b"theirs", sub, b"moved", 0).await.unwrap();
+    assert_eq!(a.lookup(sub, b"moved").await.unwrap().ino, theirs.ino);
+}
+
+/// Opens `name` in directory `dir` on `fs`, reads it whole (up to 64 KiB), releases.
+async fn read_path_in(fs: &Fs, dir: Ino, name: &str) -> Vec<u8> {
+    let attr = fs.lookup(dir, name.as_bytes()).await.expect("lookup");
+    let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.expect("open");
+    let data = fs.read(fh, 0, 64 * 1024).await.expect("read");
+    fs.release(fh, None).await.expect("release");
+    data
 }
 
 #[tokio::test]
