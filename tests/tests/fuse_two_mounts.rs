@@ -374,6 +374,73 @@ fn namespace_changes_are_seen_by_the_other_mount() {
     });
 }
 
+/// A directory mount A made is leased to it: A answers lookups of names it did not add there
+/// without asking (its metrics count them). Whatever mount B adds to it (a file, a directory,
+/// a symlink, a hard link, a rename) recalls the lease first, so A finds each at once, and the
+/// file's bytes after B's close.
+#[test]
+fn names_another_mount_adds_to_a_leased_directory_are_seen_at_once() {
+    use stagefs_tests::prometheus::{scrape, value};
+    timed(
+        "names_another_mount_adds_to_a_leased_directory_are_seen_at_once",
+        || {
+            let stack = held_back_stack("fuse-two-leases");
+            let metrics: std::net::SocketAddr =
+                format!("127.0.0.1:{}", stagefs_tests::s3::free_port())
+                    .parse()
+                    .unwrap();
+            let a = stack
+                .mount("a")
+                .no_cache()
+                .args(["--metrics-listen", &metrics.to_string()])
+                .start();
+            let b = stack.mount("b").no_cache().start();
+            let answered = || value(&scrape(metrics), "stagefs_dir_lease_absent_answers_total");
+
+            fs::create_dir(a.join("d")).unwrap();
+            fs::create_dir(a.join("e")).unwrap();
+            fs::write(a.join("d/own"), b"a's own").unwrap();
+            let before = answered();
+            for name in ["x", "sub", "sym", "link", "moved"] {
+                assert_errno(
+                    fs::metadata(a.join("d").join(name)),
+                    libc::ENOENT,
+                    "A stats",
+                );
+            }
+            assert_eq!(answered(), before + 5.0, "A answered from its lease");
+            assert_content(&a.join("d/own"), b"a's own", "A reads its own file");
+
+            fs::write(b.join("d/x"), b"written on B").unwrap();
+            assert_content(&a.join("d/x"), b"written on B", "A reads B's file");
+            fs::create_dir(b.join("e/sub")).unwrap();
+            assert!(
+                fs::metadata(a.join("e/sub")).unwrap().is_dir(),
+                "A sees B's dir"
+            );
+            fs::write(b.join("other"), b"to be moved").unwrap();
+            fs::rename(b.join("other"), b.join("d/moved")).unwrap();
+            assert_content(&a.join("d/moved"), b"to be moved", "A reads B's rename");
+            symlink("x", b.join("d/sym")).unwrap();
+            assert_eq!(fs::read_link(a.join("d/sym")).unwrap(), Path::new("x"));
+            fs::hard_link(b.join("d/x"), b.join("d/link")).unwrap();
+            assert_eq!(fs::metadata(a.join("d/link")).unwrap().nlink(), 2);
+            assert_errno(
+                fs::metadata(a.join("d/absent")),
+                libc::ENOENT,
+                "A stats a name nobody made",
+            );
+            assert_eq!(
+                names(&a.join("d")),
+                ["link", "moved", "own", "sym", "x"],
+                "A lists the directory"
+            );
+            b.unmount();
+            a.unmount();
+        },
+    );
+}
+
 #[test]
 fn unlink_on_one_mount_keeps_the_other_mounts_open_file_readable() {
     timed(
