@@ -6,7 +6,8 @@
 //! attacker with an independent gRPC client built from `proto/` then tries every move that used
 //! to destroy committed data: recording the victim's slice ids as its own pending slices,
 //! committing them into its own file, `WriteSlice` with them, staging other bytes under their
-//! block keys in its own session (`WriteBlock`), releasing the victim's handles,
+//! block keys in its own session (`WriteBlock`), releasing the victim's handles, taking, keeping
+//! or giving back the lease of a directory the victim's mount made,
 //! closing or heartbeating sessions it does not own (forged ids, malformed ids). Every attempt is
 //! refused with the errno the proto promises; then the attacker closes its session, and once the
 //! gateway's cleanup has demonstrably run after the attacks (a canary slice of the attacker's own
@@ -38,6 +39,17 @@ async fn lookup(meta: &mut Meta, entry: &str) -> pb::Attr {
     .into_inner()
     .attr
     .unwrap()
+}
+
+async fn take_dir_lease(meta: &mut Meta, session: &Bytes, dir: u64) -> bool {
+    meta.take_dir_lease(pb::DirLeaseRequest {
+        session_id: session.clone(),
+        dir,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("TakeDirLease of {dir}: {e:?}"))
+    .into_inner()
+    .granted
 }
 
 fn keys_of(slices: &[pb::Slice]) -> Vec<String> {
@@ -102,6 +114,8 @@ fn another_session_cannot_touch_what_a_session_owns() {
         .unwrap();
     kept.write_to(&mut open_unlinked, SMALL, 1 << 20).unwrap();
     open_unlinked.sync_all().unwrap();
+    // Made by the victim's mount, which holds its lease.
+    std::fs::create_dir(victim.join("leased")).unwrap();
 
     stack.block_on(async {
         let mut meta = stack.gateway.meta_client().await;
@@ -216,6 +230,51 @@ fn another_session_cannot_touch_what_a_session_owns() {
                 &Bytes::from(2u64.to_be_bytes().to_vec()),
                 kept_ino,
             ))
+            .await,
+            libc::EINVAL,
+            Code::InvalidArgument,
+        );
+        let leased = lookup(&mut meta, "leased").await.ino;
+        let granted = take_dir_lease(&mut meta, &attacker, leased).await;
+        assert!(
+            !granted,
+            "the victim's directory lease went to another session"
+        );
+        let kept_by_attacker = meta
+            .keep_dir_leases(pb::KeepDirLeasesRequest {
+                session_id: attacker.clone(),
+                keep: vec![leased],
+                release: vec![leased],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .held;
+        assert_eq!(
+            kept_by_attacker,
+            [false],
+            "another session keeps the victim's lease"
+        );
+        let granted = take_dir_lease(&mut meta, &attacker, leased).await;
+        assert!(!granted, "another session gave the victim's lease back");
+        expect_errno(
+            "KeepDirLeases under a forged session id",
+            meta.keep_dir_leases(pb::KeepDirLeasesRequest {
+                session_id: forged.clone(),
+                keep: vec![leased],
+                release: vec![leased],
+            })
+            .await,
+            libc::EIO,
+            Code::Internal,
+        );
+        expect_errno(
+            "KeepDirLeases naming 4,097 directories",
+            meta.keep_dir_leases(pb::KeepDirLeasesRequest {
+                session_id: attacker.clone(),
+                keep: vec![leased; shared::meta::MAX_DIR_LEASES_PER_CALL + 1],
+                release: Vec::new(),
+            })
             .await,
             libc::EINVAL,
             Code::InvalidArgument,
