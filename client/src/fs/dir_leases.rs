@@ -25,6 +25,9 @@ use super::meta_api::{Ino, MetaApi, SessionId};
 const MAX_LEASES: usize = 1024;
 /// Names recorded per lease at most; the addition past it gives the lease back.
 const MAX_NAMES: usize = 16 * 1024;
+/// Names recorded over all leases at most (names are up to 255 bytes: about 32 MiB at worst);
+/// the addition past it gives its directory's lease back.
+const MAX_NAMES_IN_ALL: usize = 128 * 1024;
 /// A lease that answered nothing for this long is given back (it costs the keeper a key).
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -44,6 +47,18 @@ struct State {
     /// Leases dropped here, to give back with the next keep.
     released: Vec<Ino>,
     generation: u64,
+    /// Names recorded over all leases.
+    names: usize,
+}
+
+impl State {
+    /// Stops answering from the lease on `dir` (if held here) and queues it to be given back.
+    fn drop_lease(&mut self, dir: Ino) {
+        if let Some(lease) = self.leases.remove(&dir) {
+            self.names -= lease.names.len();
+            self.released.push(dir);
+        }
+    }
 }
 
 pub(super) struct DirLeases {
@@ -93,15 +108,19 @@ impl DirLeases {
     /// Before this mount sends a call that adds `name` to `parent`.
     pub fn adding(&self, parent: Ino, name: &[u8]) {
         let mut state = self.state();
+        let in_all = state.names;
         let Some(lease) = state.leases.get_mut(&parent) else {
             return;
         };
-        if lease.names.len() < MAX_NAMES {
-            lease.names.insert(name.to_vec());
+        if lease.names.contains(name) {
             return;
         }
-        state.leases.remove(&parent);
-        state.released.push(parent);
+        if lease.names.len() < MAX_NAMES && in_all < MAX_NAMES_IN_ALL {
+            lease.names.insert(name.to_vec());
+            state.names += 1;
+            return;
+        }
+        state.drop_lease(parent);
         self.wake.notify_one();
     }
 
@@ -114,15 +133,15 @@ impl DirLeases {
         }
         state.generation += 1;
         let generation = state.generation;
-        state.leases.insert(
-            dir,
-            Lease {
-                until: None,
-                names: HashSet::new(),
-                last_used: Instant::now(),
-                generation,
-            },
-        );
+        let asked = Lease {
+            until: None,
+            names: HashSet::new(),
+            last_used: Instant::now(),
+            generation,
+        };
+        if let Some(earlier) = state.leases.insert(dir, asked) {
+            state.names -= earlier.names.len();
+        }
         Some(generation)
     }
 
@@ -134,7 +153,8 @@ impl DirLeases {
                 if granted {
                     lease.until = Some(sent + self.term);
                 } else {
-                    state.leases.remove(&dir);
+                    let lease = state.leases.remove(&dir).expect("matched above");
+                    state.names -= lease.names.len();
                 }
             }
             _ => {}
@@ -166,8 +186,7 @@ impl DirLeases {
                 .map(|(&dir, _)| dir)
                 .collect();
             for dir in idle {
-                state.leases.remove(&dir);
-                state.released.push(dir);
+                state.drop_lease(dir);
             }
             let keep: Vec<(Ino, u64)> = state
                 .leases
@@ -208,8 +227,7 @@ impl DirLeases {
                 lease.until = lease.until.max(Some(sent + self.term));
             } else {
                 // Recalled (or gone with its directory): stop answering, then give it back.
-                state.leases.remove(&dir);
-                state.released.push(dir);
+                state.drop_lease(dir);
                 recalled = true;
             }
         }
@@ -217,5 +235,75 @@ impl DirLeases {
             metrics::counter!("stagefs_dir_leases_recalled_total").increment(1);
             self.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_answers_absent_names_only_while_granted_and_good() {
+        let leases = DirLeases::new(Some(Duration::from_secs(5)));
+        assert_eq!(
+            leases.term,
+            shared::meta::DIR_LEASE_TERM,
+            "at most the term"
+        );
+        let short = DirLeases::new(Some(Duration::from_millis(250)));
+        assert_eq!(
+            short.term,
+            Duration::from_millis(250),
+            "at most one heartbeat"
+        );
+
+        assert!(!leases.absent(7, b"x"), "no lease");
+        let generation = leases.asking(7).unwrap();
+        leases.adding(7, b"made-while-asking");
+        assert!(!leases.absent(7, b"x"), "asked, not granted yet");
+        let sent = Instant::now();
+        leases.answered(7, generation, sent, true);
+        assert!(leases.absent(7, b"x"));
+        assert!(
+            !leases.absent(7, b"made-while-asking"),
+            "its own names are asked about"
+        );
+        for name in [&b"."[..], b"..", &[b'n'; 300]] {
+            assert!(!leases.absent(7, name), "{name:?} goes to the engine");
+        }
+        leases.adding(7, b"y");
+        assert!(!leases.absent(7, b"y"));
+
+        // Past its term it answers nothing until a keep finds it held again.
+        leases.state().leases.get_mut(&7).unwrap().until = Some(Instant::now());
+        assert!(!leases.absent(7, b"x"), "expired");
+
+        // A refusal drops it; an answer to an earlier ask changes nothing.
+        let second = leases.asking(8).unwrap();
+        leases.answered(8, second, Instant::now(), false);
+        assert!(!leases.absent(8, b"x"));
+        let third = leases.asking(9).unwrap();
+        let fourth = leases.asking(9).unwrap();
+        leases.answered(9, third, Instant::now(), true);
+        assert!(!leases.absent(9, b"x"), "the answer to a replaced ask");
+        leases.answered(9, fourth, Instant::now(), true);
+        assert!(leases.absent(9, b"x"));
+        assert_eq!(leases.state().names, 2, "names counted over all leases");
+    }
+
+    #[test]
+    fn a_lease_past_its_names_is_given_back() {
+        let leases = DirLeases::new(None);
+        let generation = leases.asking(3).unwrap();
+        leases.answered(3, generation, Instant::now(), true);
+        for n in 0..MAX_NAMES {
+            leases.adding(3, format!("n{n}").as_bytes());
+        }
+        assert!(leases.absent(3, b"other"));
+        leases.adding(3, b"one-too-many");
+        assert!(!leases.absent(3, b"other"), "dropped");
+        let state = leases.state();
+        assert_eq!(state.released, [3], "to be given back");
+        assert_eq!(state.names, 0);
     }
 }
