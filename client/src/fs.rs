@@ -735,7 +735,7 @@ impl Fs {
     /// Asks for the lease of `dir`, which this mount just made, before the kernel hears of it
     /// (so before any name this mount adds to it); a refusal or failure only costs the lease.
     async fn take_dir_lease(&self, dir: Ino) {
-        if self.lease_keeper.is_none() {
+        if !self.config.dir_leases {
             return;
         }
         let Some(generation) = self.dir_leases.asking(dir) else {

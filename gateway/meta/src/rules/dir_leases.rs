@@ -83,20 +83,28 @@ impl Tx<'_> {
         self.delete(keys::session_dir_lease(holder, dir));
     }
 
+    /// The lease on `dir`, unless there is none or its holder's session is gone (a void lease
+    /// is removed here).
+    async fn live_dir_lease(&mut self, dir: Ino) -> Result<Option<DirLease>> {
+        let Some(lease) = self.dir_lease(dir).await? else {
+            return Ok(None);
+        };
+        if self.get(&keys::session(lease.holder)).await?.is_none() {
+            self.drop_dir_lease(dir, lease.holder);
+            return Ok(None);
+        }
+        Ok(Some(lease))
+    }
+
     /// Before a name is added to `dir`: passes for the holder of its lease (or when there is
     /// none, or its holder's session is gone); [`MetaError::DirLeased`] for anyone else.
     pub(super) async fn check_dir_lease(&mut self, dir: Ino) -> Result<()> {
-        let Some(lease) = self.dir_lease(dir).await? else {
-            return Ok(());
-        };
-        if crate::once::current().is_some_and(|tag| tag.session == lease.holder) {
-            return Ok(());
+        match self.live_dir_lease(dir).await? {
+            Some(lease) if crate::once::current().is_none_or(|tag| tag.session != lease.holder) => {
+                Err(MetaError::DirLeased(dir))
+            }
+            _ => Ok(()),
         }
-        if self.get(&keys::session(lease.holder)).await?.is_none() {
-            self.drop_dir_lease(dir, lease.holder);
-            return Ok(());
-        }
-        Err(MetaError::DirLeased(dir))
     }
 
     /// Directory `dir` is going away: so does its lease.
@@ -109,12 +117,19 @@ impl Tx<'_> {
 
     /// Every lease `session` holds goes (the session ends).
     pub(super) async fn drop_session_dir_leases(&mut self, session: SessionId) -> Result<()> {
+        let mut dirs = Vec::new();
         for (key, _) in self
             .scan_prefix(&keys::session_dir_lease_prefix(session))
             .await?
         {
             let ([_, _, dir], _) = keys::parse::<3>(&key)?;
-            self.delete(key);
+            dirs.push(dir);
+        }
+        // The lease records in one read, not one round trip each.
+        self.prefetch(dirs.iter().map(|&dir| keys::dir_lease(dir)).collect())
+            .await?;
+        for dir in dirs {
+            self.delete(keys::session_dir_lease(session, dir));
             if self
                 .dir_lease(dir)
                 .await?
@@ -133,15 +148,8 @@ impl Tx<'_> {
         if inode.attr.nlink == 0 || !self.dir_is_empty(dir).await? {
             return Ok(false);
         }
-        match self.dir_lease(dir).await? {
-            Some(lease) if lease.holder == session => return Ok(!lease.recalled),
-            Some(lease) => {
-                if self.get(&keys::session(lease.holder)).await?.is_some() {
-                    return Ok(false);
-                }
-                self.drop_dir_lease(dir, lease.holder);
-            }
-            None => {}
+        if let Some(lease) = self.live_dir_lease(dir).await? {
+            return Ok(lease.holder == session && !lease.recalled);
         }
         // An addition to `dir` writes its inode too (the directory's times), also when it runs
         // as a snapshot transaction: of the two, one fails, so a lease is never granted beside
