@@ -452,11 +452,19 @@ impl Node {
                     let mut block = IncomingBlock::for_key(key, key.to_string().len());
                     block.append(&write.data)?;
                     // With the metadata in this device, the commit's own `fdatasync` covers
-                    // the block too: one flush for both, where there were two in series.
-                    let wait = if node.commits_sync_device {
-                        Wait::Written
-                    } else {
+                    // the block too: one flush for both, where there were two in series. The
+                    // block's write overlaps the commit, whose flush waits for it; that wait is
+                    // in the flush the staging log does for the region, which a single-threaded
+                    // runtime cannot use (the region flushes by itself there): there the block
+                    // is written before the commit begins.
+                    let wait = if !node.commits_sync_device {
                         Wait::Durable
+                    } else if tokio::runtime::Handle::current().runtime_flavor()
+                        == tokio::runtime::RuntimeFlavor::MultiThread
+                    {
+                        Wait::Queued
+                    } else {
+                        Wait::Written
                     };
                     node.stage_then(key, block.finish(write.crc32c)?, wait)
                         .await?;

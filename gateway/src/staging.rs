@@ -1,7 +1,7 @@
 //! The staging log: blocks appended to a ring of segments on the device, acknowledged only once
 //! durable (or, for a writer that flushes the device itself right after, once written with no
-//! hole before them: [`Wait::Written`], [`StagingLog::sync_device`]), indexed in memory, handed
-//! to the upload drain oldest first, and reclaimed segment by segment once nothing in the oldest
+//! hole before them, or once queued: [`Wait::Written`], [`Wait::Queued`],
+//! [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first, and reclaimed segment by segment once nothing in the oldest
 //! segment still waits for upload.
 //!
 //! The state is split by job, each part a module that owns its state and says what it
@@ -219,6 +219,13 @@ pub enum Wait {
     /// and there is none before it). For a caller that issues one itself right after, such as a
     /// durable commit of the metadata kept in the same device: one flush then covers both.
     Written,
+    /// Nothing: the record is queued for its write and indexed at once, and the write overlaps
+    /// whatever the caller does next. The next flush of the device for another writer
+    /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits for the write
+    /// before it flushes, and a read of the block waits for it too. For a `WriteSlice` whose
+    /// commit goes to the metadata in the same device: the block is written while the commit
+    /// runs, and the commit's own flush makes both durable, never the commit without the block.
+    Queued,
 }
 
 pub struct StagingLog {
@@ -237,6 +244,9 @@ pub struct StagingLog {
     /// flushes it) must not also start a flush of the log's own, which made every such call
     /// wait for two `fdatasync`s where one covers it.
     durable_wanted: AtomicU64,
+    /// The highest lsn queued with [`Wait::Queued`]: a flush for another writer waits until it
+    /// is written.
+    queued_for_device_sync: AtomicU64,
     sync_kick: Notify,
     write_kick: Notify,
     space_freed: Notify,
@@ -377,6 +387,7 @@ impl StagingLog {
             synced: watch::channel(Ok(scan.max_lsn)).0,
             written: watch::channel(scan.max_lsn).0,
             durable_wanted: AtomicU64::new(0),
+            queued_for_device_sync: AtomicU64::new(0),
             state: Mutex::new(state),
             sync_kick: Notify::new(),
             write_kick: Notify::new(),
@@ -797,6 +808,11 @@ impl StagingLog {
                 buf: record,
             });
         }
+        if wait == Wait::Queued {
+            // Before the caller's next step: the flush that step asks for must wait for it.
+            self.queued_for_device_sync
+                .fetch_max(alloc.lsn, Ordering::SeqCst);
+        }
         self.write_kick.notify_one();
         self.wait(alloc.lsn, wait).await?;
         Ok((
@@ -811,11 +827,15 @@ impl StagingLog {
         match wait {
             Wait::Durable => self.wait_durable(lsn).await,
             Wait::Written => self.wait_written(lsn).await,
+            Wait::Queued => Ok(()),
         }
     }
 
     /// Until the write watermark passes `lsn` ([`Wait::Written`]), or the log fails.
     async fn wait_written(&self, lsn: u64) -> Result<(), StagingError> {
+        if *self.written.borrow() >= lsn {
+            return Ok(());
+        }
         let mut written = self.written.subscribe();
         let mut synced = self.synced.subscribe();
         loop {
@@ -938,11 +958,28 @@ impl StagingLog {
     /// [`StagingLog::shutdown`] has begun it answers `ShuttingDown`: the caller flushes by itself.
     pub async fn sync_device(&self) -> Result<(), StagingError> {
         if self.tasks.is_stopped() {
-            return Err(StagingError::ShuttingDown);
+            return Err(self.stopped_before_queued_writes());
         }
+        self.wait_written(self.queued_for_device_sync.load(Ordering::SeqCst))
+            .await?;
         // A log that failed already answers with its reason, without a flush.
         self.flush().await.map_err(StagingError::Failed)?;
         self.not_failed_meanwhile()
+    }
+
+    /// Why a stopped log cannot flush for another writer: `ShuttingDown` (the caller flushes by
+    /// itself) once every [`Wait::Queued`] record is written; else a failure, since a flush
+    /// without them could make durable a commit that names a block never written.
+    fn stopped_before_queued_writes(&self) -> StagingError {
+        if *self.written.borrow() >= self.queued_for_device_sync.load(Ordering::SeqCst) {
+            StagingError::ShuttingDown
+        } else {
+            StagingError::Failed(
+                "the staging log stopped before a block queued for the metadata's flush was \
+                 written"
+                    .into(),
+            )
+        }
     }
 
     /// A failure recorded while a flush for another writer ran (a write of the log's) stands.
@@ -974,7 +1011,15 @@ impl StagingLog {
     /// [`StagingLog::sync_device`].
     pub fn sync_device_here(&self) -> Option<Result<(), StagingError>> {
         if self.tasks.is_stopped() {
-            return None;
+            return match self.stopped_before_queued_writes() {
+                StagingError::ShuttingDown => None,
+                error => Some(Err(error)),
+            };
+        }
+        // The write tasks run on the runtime's workers and the ring's thread, never this one.
+        let queued = self.queued_for_device_sync.load(Ordering::SeqCst);
+        if let Err(error) = futures::executor::block_on(self.wait_written(queued)) {
+            return Some(Err(error));
         }
         let (watermark, durable) = match self.before_flush() {
             Ok(positions) => positions,
@@ -1154,6 +1199,8 @@ impl StagingLog {
     }
 
     async fn read_verified(&self, key: &BlockKey, entry: &Entry) -> Result<Bytes, StagingError> {
+        // A block queued with [`Wait::Queued`] is indexed before its write completes.
+        self.wait_written(entry.lsn).await?;
         let key_text = key.to_string();
         let len = entry.record_len(&key_text) as usize;
         let what = || {

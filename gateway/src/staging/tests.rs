@@ -261,6 +261,40 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
     }
 }
 
+/// A block queued without waiting for its write ([`Wait::Queued`], a `WriteSlice` whose commit
+/// flushes the device) is indexed at once, but a read of it waits for the write, and so does a
+/// flush asked for by another writer of the device: the flush that makes the commit durable
+/// makes the block durable too, through a power cut. The write is held back so that the read
+/// and the flush are asked for before it lands. Both ways of flushing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_block_is_read_and_flushed_only_once_written() {
+    use crate::io::faulty::Op;
+
+    for here in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, faulty) = open_faulty_volume(dir.path()).await;
+        faulty.delay(Op::Write, Duration::from_millis(300));
+        let queued = put_waiting(&log, 1, 5000, Wait::Queued).await.unwrap();
+        assert!(
+            log.entry(&queued).is_some(),
+            "here: {here}: indexed at once"
+        );
+        let reading = tokio::spawn({
+            let log = log.clone();
+            async move { log.read_block(&queued).await }
+        });
+        flush_for_region(&log, here).await.unwrap();
+        let (read, _) = reading.await.unwrap().unwrap();
+        assert_eq!(&read[..], &block(1, 5000).1[..], "here: {here}");
+        faulty.cut_power().await.unwrap();
+        let image = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
+        let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+        let (got, _) = recovered.read_block(&queued).await.unwrap();
+        assert_eq!(&got[..], &block(1, 5000).1[..], "here: {here}");
+    }
+}
+
 /// A flush on the caller's thread that outlasts `--device-timeout` cannot be abandoned, but it
 /// fails the log meanwhile: every other writer is answered, and the reason names the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
