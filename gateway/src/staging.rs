@@ -1,8 +1,8 @@
 //! The staging log: blocks appended to a ring of segments on the device, acknowledged only once
 //! durable (or, for a writer that flushes the device itself right after, once written with no
 //! hole before them, or once queued: [`Wait::Written`], [`Wait::Queued`],
-//! [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first, and reclaimed segment by segment once nothing in the oldest
-//! segment still waits for upload.
+//! [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first,
+//! and reclaimed segment by segment once nothing in the oldest segment still waits for upload.
 //!
 //! The state is split by job, each part a module that owns its state and says what it
 //! guarantees: [`journal`] (lsns, the segment ring, the write queue and the durability
