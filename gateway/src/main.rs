@@ -466,7 +466,10 @@ async fn open_meta(
             let backend = region
                 .backend()
                 .context("cannot open the metadata region of the device")?;
-            backend.set_device_sync(device_sync_through(log.clone()));
+            backend.set_shared_device(Arc::new(LogOwnsDevice {
+                log: log.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }));
             let described = backend.describe();
             if !formatted_now && backend.database_len() == 0 {
                 // Served before, but never with its metadata inside: it was kept elsewhere.
@@ -494,33 +497,61 @@ async fn open_meta(
     Ok(Arc::new(engine))
 }
 
-/// The metadata region's flush, done by the staging log through its engine: one kind of
-/// `fdatasync` of the device for blocks and metadata alike (a `WriteSlice`'s block is made
-/// durable by its commit's), and one place that sees a flush fail (a failed flush fails the log,
-/// and the commit with it).
+/// The staging log as the owner of the device the metadata region lives in. Its flush is the
+/// region's: one kind of `fdatasync` of the device for blocks and metadata alike (a
+/// `WriteSlice`'s block is made durable by its commit's), and one place that sees a flush fail
+/// (a failed flush fails the log, and the commit with it). The region's pages wait for the
+/// blocks queued for a commit ([`gateway::staging::Wait::Queued`]) before they are written.
 /// After the log stopped (redb's own close comes later), and where blocking is not allowed (a
 /// single-threaded runtime), the region flushes by itself.
-fn device_sync_through(log: Arc<StagingLog>) -> meta::redb_region::DeviceSync {
-    use gateway::staging::StagingError;
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    let runtime = Handle::current();
-    Arc::new(move || {
-        if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread) {
+struct LogOwnsDevice {
+    log: Arc<StagingLog>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LogOwnsDevice {
+    fn single_threaded() -> bool {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread)
+    }
+}
+
+impl meta::redb_region::SharedDevice for LogOwnsDevice {
+    fn before_writes(&self) -> std::io::Result<()> {
+        if self.log.queued_written() {
+            return Ok(());
+        }
+        // A single-threaded runtime queues no block (a `WriteSlice` there writes it first).
+        if Self::single_threaded() {
+            return Err(std::io::Error::other(
+                "a block queued for the metadata's flush is not written yet, and this thread \
+                 cannot wait for it",
+            ));
+        }
+        // Should the region write on a worker, block_in_place hands the worker's other tasks
+        // to another thread meanwhile.
+        tokio::task::block_in_place(|| self.log.wait_queued_written_here())
+            .map_err(|error| std::io::Error::other(error.to_string()))
+    }
+
+    fn sync(&self) -> Option<std::io::Result<()>> {
+        use gateway::staging::StagingError;
+        if Self::single_threaded() {
             return None;
         }
         // redb's durable commits run on blocking threads; should one run on a worker,
         // block_in_place hands its other tasks to another worker meanwhile. The flush is
         // issued on this thread where the engine can (two wake-ups fewer per commit).
-        let flushed = tokio::task::block_in_place(|| match log.sync_device_here() {
+        let flushed = tokio::task::block_in_place(|| match self.log.sync_device_here() {
             Some(flushed) => flushed,
-            None => runtime.block_on(log.sync_device()),
+            None => self.runtime.block_on(self.log.sync_device()),
         });
         match flushed {
             Ok(()) => Some(Ok(())),
             Err(StagingError::ShuttingDown) => None,
             Err(error) => Some(Err(std::io::Error::other(error.to_string()))),
         }
-    })
+    }
 }
 
 async fn open_meta_store(location: &MetaLocation) -> anyhow::Result<Arc<dyn meta::kv::KvStore>> {

@@ -453,10 +453,9 @@ impl Node {
                     block.append(&write.data)?;
                     // With the metadata in this device, the commit's own `fdatasync` covers
                     // the block too: one flush for both, where there were two in series. The
-                    // block's write overlaps the commit, whose flush waits for it; that wait is
-                    // in the flush the staging log does for the region, which a single-threaded
-                    // runtime cannot use (the region flushes by itself there): there the block
-                    // is written before the commit begins.
+                    // block's write overlaps the commit's transaction; the region's page writes
+                    // and flush wait for it. A single-threaded runtime cannot wait there (the
+                    // region flushes by itself): there the block is written before the commit.
                     let wait = if !node.commits_sync_device {
                         Wait::Durable
                     } else if tokio::runtime::Handle::current().runtime_flavor()

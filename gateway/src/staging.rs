@@ -222,9 +222,11 @@ pub enum Wait {
     /// Nothing: the record is queued for its write and indexed at once, and the write overlaps
     /// whatever the caller does next. The next flush of the device for another writer
     /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits for the write
-    /// before it flushes, and a read of the block waits for it too. For a `WriteSlice` whose
-    /// commit goes to the metadata in the same device: the block is written while the commit
-    /// runs, and the commit's own flush makes both durable, never the commit without the block.
+    /// before it flushes, and so do a read of the block and the metadata region before it writes
+    /// pages ([`StagingLog::wait_queued_written_here`]). For a `WriteSlice` whose commit goes to
+    /// the metadata in the same device: the block is written while the commit's transaction is
+    /// made, and the commit's own flush makes both durable; the commit's pages never reach the
+    /// device before the block.
     Queued,
 }
 
@@ -793,6 +795,11 @@ impl StagingLog {
         }
         .encode(&mut record, key);
 
+        if wait == Wait::Queued {
+            // Before the caller's next step: the flush that step asks for must wait for it.
+            self.queued_for_device_sync
+                .fetch_max(alloc.lsn, Ordering::SeqCst);
+        }
         {
             let mut st = self.lock();
             if let Some((lsn, offset, header)) = alloc.new_segment {
@@ -807,11 +814,6 @@ impl StagingLog {
                 offset: alloc.device_offset,
                 buf: record,
             });
-        }
-        if wait == Wait::Queued {
-            // Before the caller's next step: the flush that step asks for must wait for it.
-            self.queued_for_device_sync
-                .fetch_max(alloc.lsn, Ordering::SeqCst);
         }
         self.write_kick.notify_one();
         self.wait(alloc.lsn, wait).await?;
@@ -967,11 +969,24 @@ impl StagingLog {
         self.not_failed_meanwhile()
     }
 
+    /// Whether every [`Wait::Queued`] record is written.
+    pub fn queued_written(&self) -> bool {
+        *self.written.borrow() >= self.queued_for_device_sync.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling thread until every [`Wait::Queued`] record is written, or the log
+    /// fails: for the metadata region, before it writes pages that may name them.
+    pub fn wait_queued_written_here(&self) -> Result<(), StagingError> {
+        let queued = self.queued_for_device_sync.load(Ordering::SeqCst);
+        // The write tasks run on the runtime's workers and the ring's thread, never this one.
+        futures::executor::block_on(self.wait_written(queued))
+    }
+
     /// Why a stopped log cannot flush for another writer: `ShuttingDown` (the caller flushes by
     /// itself) once every [`Wait::Queued`] record is written; else a failure, since a flush
     /// without them could make durable a commit that names a block never written.
     fn stopped_before_queued_writes(&self) -> StagingError {
-        if *self.written.borrow() >= self.queued_for_device_sync.load(Ordering::SeqCst) {
+        if self.queued_written() {
             StagingError::ShuttingDown
         } else {
             StagingError::Failed(
@@ -1016,9 +1031,7 @@ impl StagingLog {
                 error => Some(Err(error)),
             };
         }
-        // The write tasks run on the runtime's workers and the ring's thread, never this one.
-        let queued = self.queued_for_device_sync.load(Ordering::SeqCst);
-        if let Err(error) = futures::executor::block_on(self.wait_written(queued)) {
+        if let Err(error) = self.wait_queued_written_here() {
             return Some(Err(error));
         }
         let (watermark, durable) = match self.before_flush() {

@@ -201,3 +201,10 @@ fn a_device_that_stops_answering_gives_eio_on_close() {
 fn a_sync_error_gives_eio_on_close() {
     device_failure_through_a_mount("sync eio");
 }
+
+/// A small file's block is written while its commit is made (the commit's pages and flush wait
+/// for it): a failed block write must fail the commit too, so its `close` gives EIO.
+#[test]
+fn a_write_error_gives_eio_on_close() {
+    device_failure_through_a_mount("write eio");
+}

@@ -325,15 +325,25 @@ struct Region {
     ring: Option<Mutex<io_uring::IoUring>>,
     /// Set once the ring failed: it is not trusted again.
     ring_failed: std::sync::atomic::AtomicBool,
-    /// Who flushes the device at a sync ([`RegionBackend::set_device_sync`]); unset: the
-    /// region's own `fdatasync`.
-    device_sync: std::sync::OnceLock<DeviceSync>,
+    /// The owner of the device, when it writes it too ([`RegionBackend::set_shared_device`]);
+    /// unset: the region writes and flushes it alone.
+    shared_device: std::sync::OnceLock<Arc<dyn SharedDevice>>,
 }
 
-/// Flushes the whole device the region lives in (`fdatasync`): given by the owner of the device
-/// when it flushes it for other writers too, so that a flush error is seen in one place. Called
-/// on a blocking thread. `None`: the owner cannot now (it stopped); the region flushes itself.
-pub type DeviceSync = Arc<dyn Fn() -> Option<io::Result<()>> + Send + Sync>;
+/// The owner of the device the region lives in, when it writes the device too (the staging
+/// log): given so that the region's pages never reach the device before what they may name, and
+/// so that one flush covers both and a flush error is seen in one place. Both are called on a
+/// thread that may block, with the region's state locked.
+pub trait SharedDevice: Send + Sync {
+    /// Returns once every write of the owner's that a page about to be written may name is on
+    /// the device (a block a commit among those pages points at), or says why it never will be.
+    /// Called before every batch of page writes: a commit's pages on the device without its
+    /// block could become durable through anyone's later flush.
+    fn before_writes(&self) -> io::Result<()>;
+    /// Flushes the whole device (`fdatasync`): every write completed before the call. `None`:
+    /// the owner cannot now (it stopped); the region flushes itself.
+    fn sync(&self) -> Option<io::Result<()>>;
+}
 
 struct State {
     /// The database's length (redb's file length).
@@ -495,16 +505,17 @@ impl RegionBackend {
                     }
                 },
                 ring_failed: std::sync::atomic::AtomicBool::new(false),
-                device_sync: std::sync::OnceLock::new(),
+                shared_device: std::sync::OnceLock::new(),
             }),
         })
     }
 
-    /// From now on a sync ends with `sync` instead of the region's own `fdatasync`; it must
-    /// flush the same device (every write completed before it was called). Set once.
-    pub fn set_device_sync(&self, sync: DeviceSync) {
-        if self.region.device_sync.set(sync).is_err() {
-            tracing::warn!(device = %self.region.device, "the region's device sync was set already; kept the first");
+    /// From now on every batch of page writes waits for `owner`'s writes first, and a sync ends
+    /// with `owner`'s flush instead of the region's own `fdatasync`; it must flush the same
+    /// device. Set once.
+    pub fn set_shared_device(&self, owner: Arc<dyn SharedDevice>) {
+        if self.region.shared_device.set(owner).is_err() {
+            tracing::warn!(device = %self.region.device, "the region's device owner was set already; kept the first");
         }
     }
 
@@ -713,6 +724,14 @@ impl Region {
     /// device: they go out side by side in one io_uring submission, one by one where io_uring
     /// cannot be used.
     fn write_batch(&self, writes: &[(u64, Aligned)]) -> Vec<Result<(), RegionError>> {
+        if let Some(owner) = self.shared_device.get() {
+            if let Err(e) = owner.before_writes() {
+                let error = |(at, _): &(u64, Aligned)| {
+                    Err(self.io(*at, io::Error::new(e.kind(), e.to_string())))
+                };
+                return writes.iter().map(error).collect();
+            }
+        }
         let one_by_one = |writes: &[(u64, Aligned)]| -> Vec<Result<(), RegionError>> {
             writes
                 .iter()
@@ -862,7 +881,7 @@ impl Region {
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
         let wrote = started.elapsed();
-        match self.device_sync.get().and_then(|sync| sync()) {
+        match self.shared_device.get().and_then(|owner| owner.sync()) {
             Some(flushed) => flushed,
             None => self.file.sync_data(),
         }
@@ -1128,6 +1147,70 @@ mod tests {
                 "ring {ring}: the sync did not write every block"
             );
         }
+    }
+
+    /// The device's owner, for the tests: refuses page writes while `refuse` is set, counts the
+    /// batches it was asked about, and leaves the flush to the region.
+    #[derive(Default)]
+    struct Owner {
+        refuse: std::sync::atomic::AtomicBool,
+        asked: std::sync::atomic::AtomicU64,
+    }
+
+    impl SharedDevice for Owner {
+        fn before_writes(&self) -> io::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.asked.fetch_add(1, SeqCst);
+            if self.refuse.load(SeqCst) {
+                return Err(io::Error::other(
+                    "a block the pages may name was never written",
+                ));
+            }
+            Ok(())
+        }
+
+        fn sync(&self) -> Option<io::Result<()>> {
+            None
+        }
+    }
+
+    /// Every batch of page writes asks the device's owner first; while it refuses (a block a
+    /// commit names failed its write), the sync fails and no page reaches the device, so no
+    /// later flush can make that commit durable; once it agrees, the next sync writes them.
+    #[test]
+    fn pages_wait_for_the_owners_writes_and_go_nowhere_when_it_refuses() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dir, path) = device();
+        let backend = open(&path);
+        let owner = Arc::new(Owner::default());
+        backend.set_shared_device(owner.clone());
+        backend.write(0, &pattern(4 * BLOCK_USIZE, 1)).unwrap();
+        backend.sync_data().unwrap();
+        let asked = owner.asked.load(SeqCst);
+        assert!(asked >= 1, "a sync wrote pages without asking the owner");
+        owner.refuse.store(true, SeqCst);
+        backend.write(BLOCK, &pattern(2 * BLOCK_USIZE, 2)).unwrap();
+        let refused = backend.sync_data();
+        assert!(refused.is_err(), "a sync went on past the owner's refusal");
+        assert!(owner.asked.load(SeqCst) > asked);
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy).unwrap();
+        let mut out = vec![0u8; 4 * BLOCK_USIZE];
+        open(&copy).read(0, &mut out).unwrap();
+        assert!(
+            out == pattern(4 * BLOCK_USIZE, 1),
+            "a page reached the device although the owner refused"
+        );
+        owner.refuse.store(false, SeqCst);
+        backend.sync_data().unwrap();
+        drop(backend);
+        let mut model = pattern(4 * BLOCK_USIZE, 1);
+        model[BLOCK_USIZE..3 * BLOCK_USIZE].copy_from_slice(&pattern(2 * BLOCK_USIZE, 2));
+        open(&path).read(0, &mut out).unwrap();
+        assert!(
+            out == model,
+            "the pages held back were not written by the next sync"
+        );
     }
 
     /// Past `PENDING_LIMIT` the blocks are written early (a large transaction does not hold
