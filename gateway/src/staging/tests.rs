@@ -228,6 +228,19 @@ async fn flush_for_region(log: &Arc<StagingLog>, here: bool) -> Result<(), Stagi
         .expect("both engines flush on the caller's thread")
 }
 
+/// The log recovered from what a power cut leaves of the faulty log's device in `dir` (from a
+/// copy in the directory returned with it, so that the faulty log can stay open).
+async fn after_power_cut(
+    dir: &std::path::Path,
+    faulty: &crate::io::faulty::FaultyEngine,
+) -> (tempfile::TempDir, Arc<StagingLog>) {
+    faulty.cut_power().await.unwrap();
+    let image = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("dev"), image.path().join("dev")).unwrap();
+    let log = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+    (image, log)
+}
+
 /// A flush asked for by another writer of the device (the metadata region) covers a block that
 /// waited only for its write, through a power cut; and a flush that fails fails the log: the
 /// caller is told, and so is every writer after it. Both ways of flushing.
@@ -252,10 +265,7 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
             after.is_err(),
             "here: {here}: a failed log took a write: {after:?}"
         );
-        faulty.cut_power().await.unwrap();
-        let image = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
-        let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+        let (_image, recovered) = after_power_cut(dir.path(), &faulty).await;
         let (got, _) = recovered.read_block(&written).await.unwrap();
         assert_eq!(&got[..], &block(1, 5000).1[..], "here: {here}");
     }
@@ -286,10 +296,7 @@ async fn a_queued_block_is_read_and_flushed_only_once_written() {
         flush_for_region(&log, here).await.unwrap();
         let (read, _) = reading.await.unwrap().unwrap();
         assert_eq!(&read[..], &block(1, 5000).1[..], "here: {here}");
-        faulty.cut_power().await.unwrap();
-        let image = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join("dev"), image.path().join("dev")).unwrap();
-        let recovered = open_volume(&options(image.path(), 64 << 20)).await.unwrap();
+        let (_image, recovered) = after_power_cut(dir.path(), &faulty).await;
         let (got, _) = recovered.read_block(&queued).await.unwrap();
         assert_eq!(&got[..], &block(1, 5000).1[..], "here: {here}");
     }
