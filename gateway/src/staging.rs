@@ -833,7 +833,9 @@ impl StagingLog {
         }
     }
 
-    /// Until the write watermark passes `lsn` ([`Wait::Written`]), or the log fails.
+    /// Until the write watermark passes `lsn` ([`Wait::Written`]), or the log fails. At once if
+    /// it has passed: a failure since does not unwrite the record (a failed log still serves
+    /// reads), and a flush after it refuses anyway.
     async fn wait_written(&self, lsn: u64) -> Result<(), StagingError> {
         if *self.written.borrow() >= lsn {
             return Ok(());
