@@ -521,7 +521,8 @@ impl meta::redb_region::SharedDevice for LogOwnsDevice {
         if self.log.queued_written() {
             return Ok(());
         }
-        // A single-threaded runtime queues no block (a `WriteSlice` there writes it first).
+        // A single-threaded runtime cannot wait here (the gateway runs none): refused, the
+        // commit fails rather than go to the device ahead of its block.
         if Self::single_threaded() {
             return Err(std::io::Error::other(
                 "a block queued for the metadata's flush is not written yet, and this thread \

@@ -454,16 +454,11 @@ impl Node {
                     // With the metadata in this device, the commit's own `fdatasync` covers
                     // the block too: one flush for both, where there were two in series. The
                     // block's write overlaps the commit's transaction; the region's page writes
-                    // and flush wait for it. A single-threaded runtime cannot wait there (the
-                    // region flushes by itself): there the block is written before the commit.
-                    let wait = if !node.commits_sync_device {
-                        Wait::Durable
-                    } else if tokio::runtime::Handle::current().runtime_flavor()
-                        == tokio::runtime::RuntimeFlavor::MultiThread
-                    {
+                    // and flush wait for it.
+                    let wait = if node.commits_sync_device {
                         Wait::Queued
                     } else {
-                        Wait::Written
+                        Wait::Durable
                     };
                     node.stage_then(key, block.finish(write.crc32c)?, wait)
                         .await?;

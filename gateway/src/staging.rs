@@ -1,7 +1,6 @@
 //! The staging log: blocks appended to a ring of segments on the device, acknowledged only once
-//! durable (or, for a writer that flushes the device itself right after, once written with no
-//! hole before them, or once queued: [`Wait::Written`], [`Wait::Queued`],
-//! [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first,
+//! durable (or, for a writer that has the device flushed itself right after, once queued:
+//! [`Wait::Queued`], [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first,
 //! and reclaimed segment by segment once nothing in the oldest segment still waits for upload.
 //!
 //! The state is split by job, each part a module that owns its state and says what it
@@ -214,15 +213,11 @@ pub struct RecoveryInfo {
 pub enum Wait {
     /// The log's own group commit: an `fdatasync` issued after the record was written.
     Durable,
-    /// The record written, with every record before it: not durable yet, but made so by the
-    /// next `fdatasync` of the device, whoever issues it (a recovery scan stops only at a hole,
-    /// and there is none before it). For a caller that issues one itself right after, such as a
-    /// durable commit of the metadata kept in the same device: one flush then covers both.
-    Written,
     /// Nothing: the record is queued for its write and indexed at once, and the write overlaps
     /// whatever the caller does next. The next flush of the device for another writer
-    /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits for the write
-    /// before it flushes, and so do a read of the block and the metadata region before it writes
+    /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits until it and every
+    /// record before it are written (a recovery scan stops only at a hole, and then there is
+    /// none before it) before it flushes, and so do a read of the block and the metadata region before it writes
     /// pages ([`StagingLog::wait_queued_written_here`]). For a `WriteSlice` whose commit goes to
     /// the metadata in the same device: the block is written while the commit's transaction is
     /// made, and the commit's own flush makes both durable; the commit's pages never reach the
@@ -238,11 +233,11 @@ pub struct StagingLog {
     /// Highest durable lsn, or the reason the log failed (then it accepts no more writes).
     synced: watch::Sender<Result<u64, String>>,
     /// The write watermark: every record up to it is written, with no hole before it, so the
-    /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Written`]).
+    /// next `fdatasync` of the device makes it durable, whoever issues it ([`Wait::Queued`]).
     written: watch::Sender<u64>,
     /// The highest lsn a writer waits to see durable ([`Wait::Durable`]). A completed write
     /// wakes the group commit only while it is above the durable lsn: a record whose writer
-    /// flushes the device itself right after ([`Wait::Written`], a `WriteSlice` whose commit
+    /// has the device flushed itself right after ([`Wait::Queued`], a `WriteSlice` whose commit
     /// flushes it) must not also start a flush of the log's own, which made every such call
     /// wait for two `fdatasync`s where one covers it.
     durable_wanted: AtomicU64,
@@ -530,10 +525,10 @@ impl StagingLog {
     // ---------------------------------------------------------------- writing
 
     /// Stages one block whose data already sits in `record` at offset `RECORD_HEADER_BYTES + key
-    /// length`; returns once it is durable, or with [`Wait::Written`] once the next `fdatasync`
-    /// of the device will make it so. An identical block already held is acknowledged without a
-    /// second write, once durable: the writer that staged it may have asked only for
-    /// [`Wait::Written`], and this caller's promise is not that one's.
+    /// length`; returns once it is durable, or with [`Wait::Queued`] once queued (the next
+    /// flush of the device for another writer will make it so). An identical block already
+    /// held is acknowledged without a second write, once durable: the writer that staged it may
+    /// have asked only for [`Wait::Queued`], and this caller's promise is not that one's.
     pub async fn write_block(
         &self,
         key: BlockKey,
@@ -828,12 +823,11 @@ impl StagingLog {
     async fn wait(&self, lsn: u64, wait: Wait) -> Result<(), StagingError> {
         match wait {
             Wait::Durable => self.wait_durable(lsn).await,
-            Wait::Written => self.wait_written(lsn).await,
             Wait::Queued => Ok(()),
         }
     }
 
-    /// Until the write watermark passes `lsn` ([`Wait::Written`]), or the log fails. At once if
+    /// Until the write watermark passes `lsn`, or the log fails. At once if
     /// it has passed: a failure since does not unwrite the record (a failed log still serves
     /// reads), and a flush after it refuses anyway.
     async fn wait_written(&self, lsn: u64) -> Result<(), StagingError> {
@@ -1126,7 +1120,7 @@ impl StagingLog {
                     Err(_) => return,
                 };
                 // Nobody waits for what is written past the durable lsn: whoever wrote it
-                // flushes the device itself ([`Wait::Written`]).
+                // has the device flushed itself ([`Wait::Queued`]).
                 if watermark <= durable || self.durable_wanted.load(Ordering::SeqCst) <= durable {
                     break;
                 }

@@ -4,8 +4,8 @@
 //! - Lsns are handed out with device offsets, in order along the ring. The *durability
 //!   watermark* is the highest lsn below which every write has completed; the group commit
 //!   acknowledges a record only once an `fdatasync` issued after the watermark passed it has
-//!   completed (a `Wait::Written` writer waits for the watermark alone, and has the device
-//!   flushed itself). An acknowledged record therefore never sits behind a hole, and the
+//!   completed (a `Wait::Queued` writer waits for nothing, and the flush it has the device
+//!   given waits for the watermark first). An acknowledged record therefore never sits behind a hole, and the
 //!   recovery scan, which stops at the first hole, always finds it.
 //! - A write that fails stays in flight forever: the watermark never passes it, so nothing
 //!   written after it is acknowledged by this process.

@@ -1,9 +1,9 @@
 //! Model-based proof of the journal and its recovery against power loss (`power_loss_*`).
 //!
 //! A case is a random program of steps against a small log (6 segments of the smallest size,
-//! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses segments): batches of concurrent block writes (some waiting only for
-//! their write, [`Wait::Written`], or for nothing, [`Wait::Queued`], and made durable by a flush of the device asked for
-//! afterwards, [`StagingLog::sync_device`], as a `WriteSlice`'s metadata commit does), upload
+//! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses
+//! segments): batches of concurrent block writes (some waiting for nothing but their queueing,
+//! [`Wait::Queued`], and made durable by a flush of the device asked for afterwards, [`StagingLog::sync_device`], as a `WriteSlice`'s metadata commit does), upload
 //! completions, flushes of the completion record, deletes, and crashes. A crash is a power cut
 //! at a random moment under concurrent writers, a write torn at a 512-byte boundary, or an EIO
 //! on the nth write or sync followed by a power cut; the fault-injecting engine then drops every
@@ -35,9 +35,9 @@ const SEGMENTS: u64 = 6;
 
 #[derive(Debug, Clone)]
 enum Crash {
-    /// Power is cut this many milliseconds into a batch of concurrent writes, each waiting for
-    /// `wait` (with [`Wait::Written`] or [`Wait::Queued`], a flush asked for then covers them).
-    PowerCut { after_ms: u64, wait: Wait },
+    /// Power is cut this many milliseconds into a batch of concurrent writes (covered: they
+    /// wait only for their queueing, then a flush asked for covers them).
+    PowerCut { after_ms: u64, covered: bool },
     /// The nth write from now is torn after this many sectors, and the machine dies with it.
     Torn { skip: u64, sectors: usize },
     /// The nth operation from now fails with EIO; the batch goes on, then the power is cut.
@@ -48,10 +48,9 @@ enum Crash {
 enum Step {
     /// Concurrent writes of fresh blocks of these lengths.
     Write(Vec<u32>),
-    /// The same, each waiting only for its write ([`Wait::Written`]) or for nothing
-    /// ([`Wait::Queued`]); then a flush of the device asked for, after which they count as
-    /// acknowledged.
-    WriteCovered(Wait, Vec<u32>),
+    /// The same, each waiting only for its queueing; then a flush of the device asked for, after
+    /// which they count as acknowledged.
+    WriteCovered(Vec<u32>),
     /// Take up to this many blocks due for upload and record them uploaded.
     Upload(usize),
     /// Make the upload completions durable (the bookkeeping task does it every 200 ms too).
@@ -72,18 +71,10 @@ fn lengths() -> impl Strategy<Value = Vec<u32>> {
     proptest::collection::vec(len, 1..10)
 }
 
-/// A wait whose writes a flush asked for by another writer of the device covers.
-fn covering_wait() -> impl Strategy<Value = Wait> {
-    prop_oneof![Just(Wait::Written), Just(Wait::Queued)]
-}
-
-fn any_wait() -> impl Strategy<Value = Wait> {
-    prop_oneof![Just(Wait::Durable), covering_wait()]
-}
-
 fn crash() -> impl Strategy<Value = Crash> {
     prop_oneof![
-        (0u64..40, any_wait()).prop_map(|(after_ms, wait)| Crash::PowerCut { after_ms, wait }),
+        (0u64..40, any::<bool>())
+            .prop_map(|(after_ms, covered)| Crash::PowerCut { after_ms, covered }),
         (0u64..6, 0usize..64).prop_map(|(skip, sectors)| Crash::Torn { skip, sectors }),
         (prop_oneof![Just(Op::Write), Just(Op::Sync)], 0u64..6)
             .prop_map(|(op, skip)| Crash::Eio { op, skip }),
@@ -93,7 +84,7 @@ fn crash() -> impl Strategy<Value = Crash> {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => lengths().prop_map(Step::Write),
-        2 => (covering_wait(), lengths()).prop_map(|(wait, lens)| Step::WriteCovered(wait, lens)),
+        2 => lengths().prop_map(Step::WriteCovered),
         4 => (1usize..12).prop_map(Step::Upload),
         1 => Just(Step::Flush),
         2 => proptest::collection::vec(any::<usize>(), 1..6).prop_map(Step::Delete),
@@ -168,8 +159,7 @@ impl Harness {
         self.write_waiting(lens, Wait::Durable).await;
     }
 
-    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Written`] or
-    /// [`Wait::Queued`], then asks
+    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Queued`], then asks
     /// for a flush of the device ([`StagingLog::sync_device`]), as the metadata's durable
     /// commit does after a `WriteSlice` staged its block, and only what that flush covered is
     /// acknowledged.
@@ -192,7 +182,7 @@ impl Harness {
                 written.push((slice, len));
             }
         }
-        if wait != Wait::Durable && !written.is_empty() && self.log.sync_device().await.is_err() {
+        if wait == Wait::Queued && !written.is_empty() && self.log.sync_device().await.is_err() {
             return;
         }
         for (slice, len) in written {
@@ -283,14 +273,19 @@ impl Harness {
 
     async fn crash(&mut self, crash: &Crash, lens: &[u32]) {
         match crash {
-            Crash::PowerCut { after_ms, wait } => {
+            Crash::PowerCut { after_ms, covered } => {
                 let faulty = self.faulty.clone();
                 let after = Duration::from_millis(*after_ms);
                 let cut = tokio::spawn(async move {
                     tokio::time::sleep(after).await;
                     faulty.cut_power().await.unwrap();
                 });
-                self.write_waiting(lens, *wait).await;
+                let wait = if *covered {
+                    Wait::Queued
+                } else {
+                    Wait::Durable
+                };
+                self.write_waiting(lens, wait).await;
                 cut.await.unwrap();
             }
             Crash::Torn { skip, sectors } => {
@@ -419,7 +414,7 @@ impl Harness {
         for step in steps {
             match step {
                 Step::Write(lens) => self.write(lens).await,
-                Step::WriteCovered(wait, lens) => self.write_waiting(lens, *wait).await,
+                Step::WriteCovered(lens) => self.write_waiting(lens, Wait::Queued).await,
                 Step::Upload(n) => self.upload(*n),
                 Step::Flush => self.flush().await,
                 Step::Delete(picks) => self.delete(picks).await,
@@ -509,7 +504,7 @@ fn power_loss_after_reclaim_and_reuse_of_segments() {
             Step::Crash(
                 Crash::PowerCut {
                     after_ms,
-                    wait: Wait::Durable,
+                    covered: false,
                 },
                 vec![1 << 20; 6],
             ),
@@ -527,7 +522,7 @@ fn power_loss_with_deletes_of_uploaded_blocks_before_their_record() {
         Step::Crash(
             Crash::PowerCut {
                 after_ms: 0,
-                wait: Wait::Durable,
+                covered: false,
             },
             vec![100],
         ),

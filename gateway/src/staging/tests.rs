@@ -242,7 +242,7 @@ async fn after_power_cut(
 }
 
 /// A flush asked for by another writer of the device (the metadata region) covers a block that
-/// waited only for its write, through a power cut; and a flush that fails fails the log: the
+/// waited only for its queueing, through a power cut; and a flush that fails fails the log: the
 /// caller is told, and so is every writer after it. Both ways of flushing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
@@ -251,7 +251,7 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
     for here in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let (log, faulty) = open_faulty_volume(dir.path()).await;
-        let written = put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
+        let written = put_waiting(&log, 1, 5000, Wait::Queued).await.unwrap();
         flush_for_region(&log, here).await.unwrap();
         faulty.fail(Op::Sync, 0);
         let refused = flush_for_region(&log, here).await.unwrap_err();
@@ -260,7 +260,7 @@ async fn a_device_sync_covers_written_blocks_and_its_failure_fails_the_log() {
             log.failure().is_some(),
             "here: {here}: a failed flush must fail the log"
         );
-        let after = put_waiting(&log, 2, 5000, Wait::Written).await;
+        let after = put_waiting(&log, 2, 5000, Wait::Queued).await;
         assert!(
             after.is_err(),
             "here: {here}: a failed log took a write: {after:?}"
@@ -311,7 +311,7 @@ async fn a_flush_on_the_callers_thread_that_hangs_fails_the_log_within_the_timeo
     let dir = tempfile::tempdir().unwrap();
     let timeout = Duration::from_millis(300);
     let (log, faulty) = faulty_log(dir.path(), timeout).await;
-    put_waiting(&log, 1, 5000, Wait::Written).await.unwrap();
+    put_waiting(&log, 1, 5000, Wait::Queued).await.unwrap();
     faulty.delay(Op::Sync, Duration::from_secs(3));
     let started = std::time::Instant::now();
     let flushing = tokio::spawn({
@@ -333,7 +333,7 @@ async fn a_flush_on_the_callers_thread_that_hangs_fails_the_log_within_the_timeo
     );
     let reason = log.failure().unwrap();
     assert!(reason.contains("--device-timeout"), "{reason}");
-    let after = put_waiting(&log, 2, 5000, Wait::Written).await;
+    let after = put_waiting(&log, 2, 5000, Wait::Queued).await;
     assert!(after.is_err(), "a failed log took a write: {after:?}");
     let flushed = flushing.await.unwrap();
     assert!(
@@ -343,7 +343,7 @@ async fn a_flush_on_the_callers_thread_that_hangs_fails_the_log_within_the_timeo
     eprintln!("a hung flush failed the log after {failed_after:?} (device timeout {timeout:?})");
 }
 
-/// A block that waits only for its write, made durable by its writer's own flush (a
+/// A block that waits only for its queueing, made durable by its writer's own flush (a
 /// `WriteSlice` whose commit flushes the device), costs that one `fdatasync`: the log must not
 /// start one of its own for it as well, which made each such call wait for two. A writer that
 /// waits for durability still gets the log's flush.
@@ -358,7 +358,7 @@ async fn a_written_block_costs_only_its_writers_flush() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         for i in 0..20u64 {
             let before = syncs();
-            put_waiting(&log, 100 + i, 4096, Wait::Written)
+            put_waiting(&log, 100 + i, 4096, Wait::Queued)
                 .await
                 .unwrap();
             flush_for_region(&log, here).await.unwrap();
