@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use shared::CHUNK_SIZE;
 
+mod batch;
 mod dir_leases;
 
 use crate::codec::{
@@ -152,6 +153,10 @@ pub struct KvMeta {
     conflicts: std::sync::atomic::AtomicU64,
     /// The counter shards write transactions lease.
     shards: ShardPool,
+    /// Creates sharing transactions, on a shared database (`rules/batch`).
+    batches: Option<batch::Batches>,
+    /// The tenant each session created for last ([`KvMeta::tenant_hint`]).
+    tenants: Mutex<HashMap<SessionId, String>>,
 }
 
 impl KvMeta {
@@ -168,6 +173,9 @@ impl KvMeta {
             } else {
                 1
             }),
+            // One writer at a time (redb) gains nothing from sharing a transaction.
+            batches: (store.id_batch() > 1).then(batch::Batches::new),
+            tenants: Mutex::new(HashMap::new()),
             store,
         };
         if meta.store.read_only() {
@@ -243,6 +251,7 @@ impl KvMeta {
                 _ => self.store.begin(write).await?,
             },
             writes: BTreeMap::new(),
+            undo: None,
             reads: HashMap::new(),
             explicit: kind == TxKind::Explicit,
             pinned: HashSet::new(),
@@ -303,6 +312,19 @@ impl KvMeta {
             tx.put(key, encode_slice_data(len, &slice.gateway_id));
             Ok(())
         })
+    }
+
+    /// [`MetaEngine::mknod`] and [`MetaEngine::mkdir`]: a node counted for no tenant, in a
+    /// transaction shared with other creates where the store gains from it (`rules/batch`).
+    async fn make_node(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        if let Some(batches) = &self.batches {
+            if let Some(attr) = self.create_batched(batches, None, parent, name, node).await {
+                return Ok(attr);
+            }
+        }
+        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
+            .create_node(parent, name, node, None, "")
+            .await)
     }
 
     /// [`MetaEngine::commit_slice`], or with `take_lease` [`MetaEngine::commit_written_slice`].
@@ -463,16 +485,8 @@ macro_rules! transact_once {
         $crate::transact!(@kind $kind, $meta, $durability, |$tx| {
             runs += 1;
             if let Some(tag) = &tag {
-                // A run that conflicted may have been committed by the backend after all (a
-                // lost answer from the database): look there too, not only on a client's retry.
-                if tag.retry || runs > 1 {
-                    if let Some(recorded) = $tx.change_done(tag).await? {
-                        let attr = match recorded {
-                            0 => None,
-                            ino => Some($tx.inode(ino).await?.attr),
-                        };
-                        return $crate::once::Replayable::replayed(attr);
-                    }
+                if let Some(done) = $tx.replayed(tag, runs).await? {
+                    return Ok(done);
                 }
             }
             let value: $crate::Result<_> = async { $body }.await;
@@ -535,6 +549,9 @@ pub enum TxKind {
     Explicit,
 }
 
+/// A key written, and what the transaction's writes held of it before (`None`: nothing).
+type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
+
 /// One transaction: reads go to the backend's snapshot unless this transaction wrote the key;
 /// writes are buffered and handed to the backend at commit.
 #[doc(hidden)]
@@ -542,6 +559,9 @@ pub struct Tx<'m> {
     inner: Box<dyn KvTxn>,
     /// Every key written so far, `None` for deleted.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// While a change shares this transaction with others (`rules/batch`): what `writes` held
+    /// of each key it wrote before it did (`None`: nothing), so that a failed one is undone.
+    undo: Option<Vec<Undo>>,
     /// Every key read so far: the snapshot does not change within a transaction, and the rules
     /// read some records more than once (a parent directory checked, then touched), which would
     /// otherwise cost a database round trip each.
@@ -586,24 +606,24 @@ impl Tx<'_> {
 
     /// [`Tx::prefetch`], with `pin` read as this transaction relies on it: pinned in a snapshot
     /// transaction (see [`TxKind::Explicit`]).
-    async fn fetch(&mut self, pin: Option<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Result<()> {
+    async fn fetch(&mut self, pin: Option<Vec<u8>>, keys: Vec<Vec<u8>>) -> Result<()> {
+        self.fetch_pinned(pin.into_iter().collect(), keys).await
+    }
+
+    /// [`Tx::fetch`] with any number of keys read pinned (`pins`, distinct).
+    async fn fetch_pinned(&mut self, mut pins: Vec<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Result<()> {
         // Outside a snapshot transaction every read is protected: a pin is a plain read.
-        let pin = match pin {
-            Some(key) if !self.explicit => {
-                keys.push(key);
-                None
-            }
-            pin => pin.filter(|key| !self.writes.contains_key(key) && !self.pinned.contains(key)),
-        };
+        if !self.explicit {
+            keys.append(&mut pins);
+        }
+        pins.retain(|key| !self.writes.contains_key(key) && !self.pinned.contains(key));
         keys.retain(|key| {
-            !self.writes.contains_key(key)
-                && !self.reads.contains_key(key)
-                && Some(key) != pin.as_ref()
+            !self.writes.contains_key(key) && !self.reads.contains_key(key) && !pins.contains(key)
         });
         keys.sort();
         keys.dedup();
-        let pinned = usize::from(pin.is_some());
-        keys.splice(0..0, pin);
+        let pinned = pins.len();
+        keys.splice(0..0, pins);
         if keys.is_empty() {
             return Ok(());
         }
@@ -615,9 +635,7 @@ impl Tx<'_> {
                 keys.len()
             )));
         }
-        if pinned == 1 {
-            self.pinned.insert(keys[0].clone());
-        }
+        self.pinned.extend(keys[..pinned].iter().cloned());
         self.reads.extend(keys.into_iter().zip(values));
         Ok(())
     }
@@ -633,11 +651,39 @@ impl Tx<'_> {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.writes.insert(key, Some(value));
+        self.write(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
+        self.write(key, None);
+    }
+
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let before = self.writes.insert(key.clone(), value);
+        if let Some(undo) = &mut self.undo {
+            undo.push((key, before));
+        }
+    }
+
+    /// From now on, every write can be undone by [`Tx::undo`] (until [`Tx::stop_undo`]): the
+    /// next change sharing this transaction begins.
+    fn start_undo(&mut self) {
+        self.undo = Some(Vec::new());
+    }
+
+    /// Takes back every write since [`Tx::start_undo`]. What was read stays: the snapshot is
+    /// the same.
+    fn undo(&mut self) {
+        for (key, before) in self.undo.take().unwrap_or_default().into_iter().rev() {
+            match before {
+                Some(value) => self.writes.insert(key, value),
+                None => self.writes.remove(&key),
+            };
+        }
+    }
+
+    fn stop_undo(&mut self) {
+        self.undo = None;
     }
 
     /// Up to `limit` pairs with `start <= key < end` as this transaction sees them.
@@ -1121,6 +1167,29 @@ impl Tx<'_> {
         usage.into_iter().chain(tenant).chain(stats)
     }
 
+    /// A regular file `name` in `parent`, open for `session` (a create), and the tenant it
+    /// counts for.
+    async fn create_file(
+        &mut self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Result<(Attr, String)> {
+        // The session (it names the tenant whose usage grows) with all else a create reads: the
+        // tenant's totals too when the session's tenant is known from before.
+        check_name(name)?;
+        let hint = self.meta.tenant_hint(session);
+        let keys = self.new_node_keys(parent, name, hint.as_deref());
+        self.fetch(Some(keys::session(session)), keys).await?;
+        let owner = self.session_tenant(session).await?;
+        let attr = self.create_node(parent, name, node, None, &owner).await?;
+        self.update_inode(attr.ino, |i| i.open_handles += 1).await?;
+        self.put(keys::handle(session, attr.ino), keys::encode_u64(1));
+        self.put(keys::holder(attr.ino, session), Vec::new());
+        Ok((attr, owner))
+    }
+
     async fn create_node(
         &mut self,
         parent: Ino,
@@ -1393,7 +1462,31 @@ impl Tx<'_> {
         }
     }
 
-    fn record_change(&mut self, tag: &crate::once::RequestTag, ino: u64) {
+    /// What a change already done recorded, answered again (`runs`: how often its transaction
+    /// ran so far); `None` when it still has to be made. Only a retry, or a transaction run
+    /// again, looks: a conflicted run may have been committed after all (a lost answer from the
+    /// database).
+    #[doc(hidden)]
+    pub async fn replayed<T: crate::once::Replayable>(
+        &mut self,
+        tag: &crate::once::RequestTag,
+        runs: u32,
+    ) -> Result<Option<T>> {
+        if !tag.retry && runs <= 1 {
+            return Ok(None);
+        }
+        let Some(recorded) = self.change_done(tag).await? else {
+            return Ok(None);
+        };
+        let attr = match recorded {
+            0 => None,
+            ino => Some(self.inode(ino).await?.attr),
+        };
+        T::replayed(attr).map(Some)
+    }
+
+    #[doc(hidden)]
+    pub fn record_change(&mut self, tag: &crate::once::RequestTag, ino: u64) {
         self.put(
             keys::change_slot(tag.session, tag.slot),
             keys::encode_pair(tag.seq, ino, &[]),
@@ -1949,19 +2042,24 @@ impl MetaEngine for KvMeta {
         if node.kind != FileKind::File {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
-        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| {
-            // The session first (it names the tenant whose usage grows), with all else a create
-            // reads that does not depend on the tenant.
-            check_name(name)?;
-            let keys = tx.new_node_keys(parent, name, None);
-            tx.fetch(Some(keys::session(session)), keys).await?;
-            let owner = tx.session_tenant(session).await?;
-            let attr = tx.create_node(parent, name, node, None, &owner).await?;
-            tx.update_inode(attr.ino, |i| i.open_handles += 1).await?;
-            tx.put(keys::handle(session, attr.ino), keys::encode_u64(1));
-            tx.put(keys::holder(attr.ino, session), Vec::new());
+        if let Some(batches) = &self.batches {
+            if let Some(attr) = self
+                .create_batched(batches, Some(session), parent, name, node)
+                .await
+            {
+                return Ok(attr);
+            }
+        }
+        let mut owner = None;
+        let attr = crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| {
+            let (attr, tenant) = tx.create_file(session, parent, name, node).await?;
+            owner = Some(tenant);
             Ok(attr)
-        })
+        })?;
+        if let Some(owner) = owner {
+            self.note_tenant(session, &owner);
+        }
+        Ok(attr)
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
@@ -1970,9 +2068,7 @@ impl MetaEngine for KvMeta {
                 "mknod does not make directories or symlinks".into(),
             ));
         }
-        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
-            .create_node(parent, name, node, None, "")
-            .await)
+        self.make_node(parent, name, node).await
     }
 
     async fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
@@ -1983,9 +2079,7 @@ impl MetaEngine for KvMeta {
             gid,
             rdev: 0,
         };
-        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
-            .create_node(parent, name, &node, None, "")
-            .await)
+        self.make_node(parent, name, &node).await
     }
 
     async fn symlink(

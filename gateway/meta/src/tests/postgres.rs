@@ -488,3 +488,163 @@ fn every_connection_plans_once_and_reads_through_the_index() {
             .unwrap();
     });
 }
+
+/// Creates that arrive while one is in flight share the next transaction (`rules/batch`), and
+/// each answers what it would have alone: fresh names made with inode numbers of their own, a
+/// taken name refused (also when an earlier create in the same batch took it), a directory
+/// counted in its parent's links, every one of them listed once.
+#[test]
+fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
+    use crate::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let db = db();
+    let Db::Postgres(url) = &db else {
+        unreachable!("the PostgreSQL suite")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let meta = std::sync::Arc::new(
+            KvMeta::open(db.store().await.unwrap(), MetaConfig::default())
+                .await
+                .unwrap(),
+        );
+        let session = meta.open_session("", "batch").await.unwrap();
+        let file = NewNode {
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let dir = meta
+            .mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        meta.mknod(dir, b"taken", &file).await.unwrap();
+        // A directory whose statistics are unreadable: a create in it fails after it wrote its
+        // inode and name, so sharing a transaction must undo those.
+        let broken = meta
+            .mkdir(ROOT_INO, b"broken", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let planted = (0..=u8::MAX)
+            .map(|shard| {
+                (
+                    crate::keys::dir_stats(broken, shard as _),
+                    Some(b"?".to_vec()),
+                )
+            })
+            .collect();
+        let store = db.store().await.unwrap();
+        store
+            .begin(true)
+            .await
+            .unwrap()
+            .commit(planted, crate::kv::Durability::Durable)
+            .await
+            .unwrap();
+        // The directory's row held by another transaction: the first create's commit waits on
+        // it, and the others queue behind that create meanwhile.
+        let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder
+            .execute(
+                "SELECT 1 FROM stagefs_kv WHERE k = $1 FOR UPDATE",
+                &[&crate::keys::inode(dir)],
+            )
+            .await
+            .unwrap();
+        let names: Vec<String> = (0..40)
+            .map(|i| match i % 10 {
+                3 => "taken".to_string(),
+                7 => "twin".to_string(),
+                _ => format!("n{i}"),
+            })
+            .collect();
+        let calls: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let (meta, name) = (meta.clone(), name.clone());
+                tokio::spawn(async move {
+                    let made = match i % 3 {
+                        0 => meta.create(session, dir, name.as_bytes(), &file).await,
+                        1 => meta.mknod(dir, name.as_bytes(), &file).await,
+                        _ => meta.mkdir(dir, name.as_bytes(), 0o755, 0, 0).await,
+                    };
+                    (name, made)
+                })
+            })
+            .collect();
+        let broken_create = {
+            let meta = meta.clone();
+            tokio::spawn(async move { meta.create(session, broken, b"x", &file).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        let mut made: BTreeMap<String, Attr> = BTreeMap::new();
+        match broken_create.await.unwrap() {
+            Err(MetaError::Corrupt(_)) => {}
+            other => panic!("a create in a directory with unreadable statistics: {other:?}"),
+        }
+        assert!(
+            matches!(
+                meta.lookup(broken, b"x").await,
+                Err(MetaError::NoSuchEntry { .. })
+            ),
+            "a failed create left its name behind"
+        );
+        let mut inos = BTreeSet::new();
+        for call in calls {
+            let (name, outcome) = call.await.unwrap();
+            match outcome {
+                Ok(attr) => {
+                    assert!(inos.insert(attr.ino), "{name}: inode {} twice", attr.ino);
+                    assert!(
+                        made.insert(name.clone(), attr).is_none(),
+                        "{name} was made twice"
+                    );
+                }
+                Err(MetaError::AlreadyExists { .. }) => {
+                    assert!(
+                        name == "taken" || name == "twin",
+                        "{name}: refused as taken"
+                    );
+                }
+                Err(error) => panic!("{name}: {error}"),
+            }
+        }
+        assert!(!made.contains_key("taken"), "a taken name was made again");
+        assert!(made.contains_key("twin"), "one of the twins is made");
+        assert!(
+            meta.shared_create_batches() > 0,
+            "the queued creates shared no transaction"
+        );
+        // The directory as a later reader finds it: every name once, links counted.
+        let listed = meta.readdir(dir, 0, 1000).await.unwrap();
+        let listed: Vec<String> = listed
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        let mut wanted: Vec<String> = made.keys().cloned().collect();
+        wanted.push("taken".into());
+        wanted.sort();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        assert_eq!(sorted, wanted, "the directory's listing");
+        for (name, attr) in &made {
+            let found = meta.lookup(dir, name.as_bytes()).await.unwrap();
+            assert_eq!(found.ino, attr.ino, "{name}");
+            assert_eq!(found.kind, attr.kind, "{name}");
+        }
+        let subdirs = made.values().filter(|a| a.kind == FileKind::Dir).count() as u32;
+        assert_eq!(meta.getattr(dir).await.unwrap().nlink, 2 + subdirs);
+    });
+}

@@ -1,0 +1,244 @@
+//! Creates that share one transaction, on a shared database.
+//!
+//! Why: on PostgreSQL a create is a read, a write and a commit, and with many clients the
+//! server's CPU limits how many it makes (README, `stagefs bench meta`): every transaction pays
+//! for its statements, its commit and its rows, the counter shards among them. Creates that
+//! arrive while others are in flight wait and go together in one transaction, as the embedded
+//! backend's group commit shares one fsync: one read of what they all need, one write, one
+//! commit; a shard, or a parent they share, written once.
+//!
+//! How: a create queues itself, then waits for its answer or for the turn to lead a batch
+//! ([`LEADERS`]), whichever comes first. A leader takes what is queued (at most [`MAX_BATCH`]) and runs it
+//! in one transaction, each create as it would run alone (its own change tag in scope, so the
+//! holder of a directory lease passes its check), seeing the ones before it. One client alone
+//! always finds a turn free and runs by itself, so nothing waits that would not have.
+//!
+//! What never changes: what a create does and answers. A create that fails inside the batch (a
+//! name taken, a directory leased to another mount, anything) is undone within the transaction
+//! and run again alone, where its error comes about as it always does; so does every create of
+//! a batch whose transaction fails as a whole. Creates a shared transaction relies on are
+//! protected as their own transactions' would be: the rules' explicit dependencies (written
+//! records, pinned sessions) are the union of theirs, in one transaction.
+
+use std::sync::Mutex;
+
+use tokio::sync::{oneshot, Semaphore};
+
+use super::{KvMeta, Tx};
+use crate::once::RequestTag;
+use crate::{keys, Attr, Ino, MetaError, NewNode, Result, SessionId};
+
+/// Batches in flight at once: while all are, arriving creates queue for the next one. One: two
+/// measured no faster (`stagefs bench meta`, 16 and 64 clients), and two batches in one
+/// directory would conflict over its inode.
+pub(super) const LEADERS: usize = 1;
+
+/// The most creates one transaction makes (its write is one statement, its read one too).
+pub(super) const MAX_BATCH: usize = 128;
+
+/// Tenants remembered by session ([`KvMeta::tenant_hint`]) before the memory is cleared.
+const MAX_TENANT_HINTS: usize = 1 << 16;
+
+/// The creates waiting for a batch, and the turns to lead one.
+pub(super) struct Batches {
+    queue: Mutex<Vec<Queued>>,
+    leaders: Semaphore,
+    /// Transactions that made more than one create, since the start (for tests and metrics).
+    pub(super) shared: std::sync::atomic::AtomicU64,
+}
+
+impl Batches {
+    pub(super) fn new() -> Batches {
+        Batches {
+            queue: Mutex::new(Vec::new()),
+            leaders: Semaphore::new(LEADERS),
+            shared: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// A create waiting in the queue.
+struct Queued {
+    /// The session a file is created and opened for; `None` for a node made without a handle
+    /// (`mknod`, `mkdir`), counted for no tenant.
+    session: Option<SessionId>,
+    parent: Ino,
+    name: Vec<u8>,
+    node: NewNode,
+    tag: Option<RequestTag>,
+    /// `None`: run it alone.
+    answer: oneshot::Sender<Option<Attr>>,
+}
+
+impl KvMeta {
+    /// Transactions that made more than one create, since the start.
+    #[doc(hidden)]
+    pub fn shared_create_batches(&self) -> u64 {
+        self.batches
+            .as_ref()
+            .map_or(0, |b| b.shared.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A create made in a shared transaction, or `None` when it must run alone (see the module
+    /// comment): nothing of it was made then. With `session`, a regular file opened for it (a
+    /// create); without, a node of any kind but a symlink (`mknod`, `mkdir`).
+    pub(super) async fn create_batched(
+        &self,
+        batches: &Batches,
+        session: Option<SessionId>,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Option<Attr> {
+        let (answer, mut answered) = oneshot::channel();
+        lock(&batches.queue).push(Queued {
+            session,
+            parent,
+            name: name.to_vec(),
+            node: *node,
+            tag: crate::once::current(),
+            answer,
+        });
+        tokio::select! {
+            biased;
+            outcome = &mut answered => return outcome.ok().flatten(),
+            turn = batches.leaders.acquire() => {
+                let turn = turn.ok()?;
+                let queued = {
+                    let mut queue = lock(&batches.queue);
+                    let take = queue.len().min(MAX_BATCH);
+                    queue.drain(..take).collect::<Vec<_>>()
+                };
+                // Empty when another leader took this create: its answer is on its way.
+                if !queued.is_empty() {
+                    self.run_batch(batches, queued).await;
+                }
+                drop(turn);
+            }
+        }
+        answered.await.ok().flatten()
+    }
+
+    /// Runs `queued` in one transaction and answers each (see the module comment).
+    async fn run_batch(&self, batches: &Batches, mut queued: Vec<Queued>) {
+        // A caller gone meanwhile asks for nothing: its create is not made.
+        queued.retain(|q| !q.answer.is_closed());
+        if queued.is_empty() {
+            return;
+        }
+        let mut made: Vec<Option<(Attr, String)>> = Vec::new();
+        let mut runs = 0u32;
+        let outcome: Result<()> = async {
+            crate::transact!(@explicit, self, self.namespace_durability(), |tx| {
+                runs += 1;
+                made.clear();
+                // What every create reads, in one round trip: the sessions pinned, as each create
+                // pins its own.
+                let mut pins: Vec<Vec<u8>> =
+                    queued.iter().filter_map(|q| q.session.map(keys::session)).collect();
+                pins.sort();
+                pins.dedup();
+                let mut reads = Vec::new();
+                for q in &queued {
+                    let owner = match q.session {
+                        Some(session) => self.tenant_hint(session),
+                        None => Some(String::new()),
+                    };
+                    reads.extend(tx.new_node_keys(q.parent, &q.name, owner.as_deref()));
+                    if let Some(tag) = q.tag.filter(|t| t.retry || runs > 1) {
+                        reads.push(keys::change_slot(tag.session, tag.slot));
+                    }
+                }
+                tx.fetch_pinned(pins, reads).await?;
+                for q in &queued {
+                    tx.start_undo();
+                    let one = crate::once::scope(q.tag, tx.create_once(q, runs)).await;
+                    match one {
+                        Ok(created) => made.push(Some(created)),
+                        // The transaction itself failed: the whole batch runs alone.
+                        Err(error @ MetaError::Backend(_)) => return Err(error),
+                        Err(_) => {
+                            tx.undo();
+                            made.push(None);
+                        }
+                    }
+                }
+                tx.stop_undo();
+                Ok(())
+            })
+        }
+        .await;
+        if outcome.is_ok() && made.iter().flatten().count() > 1 {
+            batches
+                .shared
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        metrics::histogram!("stagefs_meta_create_batch_size").record(queued.len() as f64);
+        for (i, q) in queued.into_iter().enumerate() {
+            let created = match &outcome {
+                Ok(()) => made.get(i).cloned().flatten(),
+                Err(_) => None,
+            };
+            if let Some((attr, owner)) = created {
+                if let Some(session) = q.session.filter(|_| !owner.is_empty()) {
+                    self.note_tenant(session, &owner);
+                }
+                let _ = q.answer.send(Some(attr));
+            } else {
+                let _ = q.answer.send(None);
+            }
+        }
+    }
+
+    /// The tenant `session` created for last, if remembered: what a create reads of its
+    /// tenant's totals can then go with its first read. Only a guess: the session's record,
+    /// read in the same transaction, decides.
+    pub(super) fn tenant_hint(&self, session: SessionId) -> Option<String> {
+        lock(&self.tenants).get(&session).cloned()
+    }
+
+    /// Remembers that `session` creates for `owner` ([`KvMeta::tenant_hint`]).
+    pub(super) fn note_tenant(&self, session: SessionId, owner: &str) {
+        let mut tenants = lock(&self.tenants);
+        if tenants.get(&session).is_some_and(|known| known == owner) {
+            return;
+        }
+        if tenants.len() >= MAX_TENANT_HINTS {
+            tenants.clear();
+        }
+        tenants.insert(session, owner.to_string());
+    }
+}
+
+impl Tx<'_> {
+    /// One queued create in a shared transaction, as `transact_once!` runs one alone: a retry
+    /// whose change is done answers what it recorded.
+    async fn create_once(&mut self, q: &Queued, runs: u32) -> Result<(Attr, String)> {
+        if let Some(tag) = &q.tag {
+            if let Some(attr) = self.replayed::<Attr>(tag, runs).await? {
+                // Whose it is matters only to the tenant hint: none.
+                return Ok((attr, String::new()));
+            }
+        }
+        let created = match q.session {
+            Some(session) => {
+                self.create_file(session, q.parent, &q.name, &q.node)
+                    .await?
+            }
+            None => {
+                let attr = self
+                    .create_node(q.parent, &q.name, &q.node, None, "")
+                    .await?;
+                (attr, String::new())
+            }
+        };
+        if let Some(tag) = &q.tag {
+            self.record_change(tag, created.0.ino);
+        }
+        Ok(created)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
