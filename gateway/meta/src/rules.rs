@@ -317,14 +317,15 @@ impl KvMeta {
     /// [`MetaEngine::mknod`] and [`MetaEngine::mkdir`]: a node counted for no tenant, in a
     /// transaction shared with other creates where the store gains from it (`rules/batch`).
     async fn make_node(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
-        if let Some(batches) = &self.batches {
-            if let Some(attr) = self.create_batched(batches, None, parent, name, node).await {
-                return Ok(attr);
-            }
+        let alone = async {
+            crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
+                .create_node(parent, name, node, None, "")
+                .await)
+        };
+        match self.make_shared(None, parent, name, node).await {
+            batch::Shared::Done(made) => made,
+            batch::Shared::Alone(tag) => crate::once::scope(tag, alone).await,
         }
-        crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
-            .create_node(parent, name, node, None, "")
-            .await)
     }
 
     /// [`MetaEngine::commit_slice`], or with `take_lease` [`MetaEngine::commit_written_slice`].
@@ -1167,15 +1168,14 @@ impl Tx<'_> {
         usage.into_iter().chain(tenant).chain(stats)
     }
 
-    /// A regular file `name` in `parent`, open for `session` (a create), and the tenant it
-    /// counts for.
+    /// A regular file `name` in `parent`, open for `session` (a create).
     async fn create_file(
         &mut self,
         session: SessionId,
         parent: Ino,
         name: &[u8],
         node: &NewNode,
-    ) -> Result<(Attr, String)> {
+    ) -> Result<Attr> {
         // The session (it names the tenant whose usage grows) with all else a create reads: the
         // tenant's totals too when the session's tenant is known from before.
         check_name(name)?;
@@ -1183,11 +1183,13 @@ impl Tx<'_> {
         let keys = self.new_node_keys(parent, name, hint.as_deref());
         self.fetch(Some(keys::session(session)), keys).await?;
         let owner = self.session_tenant(session).await?;
+        // Right as read, whether this transaction commits or not.
+        self.meta.note_tenant(session, &owner);
         let attr = self.create_node(parent, name, node, None, &owner).await?;
         self.update_inode(attr.ino, |i| i.open_handles += 1).await?;
         self.put(keys::handle(session, attr.ino), keys::encode_u64(1));
         self.put(keys::holder(attr.ino, session), Vec::new());
-        Ok((attr, owner))
+        Ok(attr)
     }
 
     async fn create_node(
@@ -2042,24 +2044,15 @@ impl MetaEngine for KvMeta {
         if node.kind != FileKind::File {
             return Err(MetaError::Invalid("create makes regular files only".into()));
         }
-        if let Some(batches) = &self.batches {
-            if let Some(attr) = self
-                .create_batched(batches, Some(session), parent, name, node)
-                .await
-            {
-                return Ok(attr);
-            }
+        let alone = async {
+            crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| tx
+                .create_file(session, parent, name, node)
+                .await)
+        };
+        match self.make_shared(Some(session), parent, name, node).await {
+            batch::Shared::Done(made) => made,
+            batch::Shared::Alone(tag) => crate::once::scope(tag, alone).await,
         }
-        let mut owner = None;
-        let attr = crate::transact_once!(@explicit, self, self.namespace_durability(), |tx| {
-            let (attr, tenant) = tx.create_file(session, parent, name, node).await?;
-            owner = Some(tenant);
-            Ok(attr)
-        })?;
-        if let Some(owner) = owner {
-            self.note_tenant(session, &owner);
-        }
-        Ok(attr)
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {

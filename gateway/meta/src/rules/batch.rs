@@ -16,7 +16,10 @@
 //! What never changes: what a create does and answers. A create that fails inside the batch (a
 //! name taken, a directory leased to another mount, anything) is undone within the transaction
 //! and run again alone, where its error comes about as it always does; so does every create of
-//! a batch whose transaction fails as a whole. Creates a shared transaction relies on are
+//! a batch whose transaction fails as a whole. Should the leader's call be cancelled (its client
+//! went away) with the batch in flight, the others cannot know whether it committed: each runs
+//! alone as a retry of its change (its tag answers what a commit recorded), and one without a
+//! tag fails as a commit with a lost answer does. Creates a shared transaction relies on are
 //! protected as their own transactions' would be: the rules' explicit dependencies (written
 //! records, pinned sessions) are the union of theirs, in one transaction.
 
@@ -25,6 +28,7 @@ use std::sync::Mutex;
 use tokio::sync::{oneshot, Semaphore};
 
 use super::{KvMeta, Tx};
+use crate::kv::KvError;
 use crate::once::RequestTag;
 use crate::{keys, Attr, Ino, MetaError, NewNode, Result, SessionId};
 
@@ -57,6 +61,24 @@ impl Batches {
     }
 }
 
+/// What [`KvMeta::make_shared`] leaves to its caller.
+pub(super) enum Shared {
+    /// Made (or refused) in a shared transaction.
+    Done(Result<Attr>),
+    /// Run it alone, with this change tag in scope.
+    Alone(Option<RequestTag>),
+}
+
+/// How a queued create came out.
+enum Batched {
+    Made(Attr),
+    /// Nothing of it was made: run it alone.
+    Alone,
+    /// The leader was cancelled (its caller went away) with the batch in flight, or the backend
+    /// went away: whether the transaction committed is unknown.
+    Unknown,
+}
+
 /// A create waiting in the queue.
 struct Queued {
     /// The session a file is created and opened for; `None` for a node made without a handle
@@ -66,8 +88,7 @@ struct Queued {
     name: Vec<u8>,
     node: NewNode,
     tag: Option<RequestTag>,
-    /// `None`: run it alone.
-    answer: oneshot::Sender<Option<Attr>>,
+    answer: oneshot::Sender<Batched>,
 }
 
 impl KvMeta {
@@ -79,17 +100,49 @@ impl KvMeta {
             .map_or(0, |b| b.shared.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// A create made in a shared transaction, or `None` when it must run alone (see the module
-    /// comment): nothing of it was made then. With `session`, a regular file opened for it (a
-    /// create); without, a node of any kind but a symlink (`mknod`, `mkdir`).
-    pub(super) async fn create_batched(
+    /// A create made in a transaction shared with others where the store gains from it, or
+    /// what the caller runs alone instead (the same create in a transaction of its own). With
+    /// `session`, a regular file opened for it (a create); without, a node of any kind but a
+    /// symlink (`mknod`, `mkdir`).
+    pub(super) async fn make_shared(
+        &self,
+        session: Option<SessionId>,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Shared {
+        let tag = crate::once::current();
+        let Some(batches) = &self.batches else {
+            return Shared::Alone(tag);
+        };
+        match self
+            .create_batched(batches, session, parent, name, node)
+            .await
+        {
+            Batched::Made(attr) => Shared::Done(Ok(attr)),
+            Batched::Alone => Shared::Alone(tag),
+            // Run again as a retry of the same change, which answers what the abandoned
+            // transaction recorded if it did commit; without a tag there is no telling.
+            Batched::Unknown => match tag {
+                Some(tag) => Shared::Alone(Some(RequestTag { retry: true, ..tag })),
+                None => Shared::Done(Err(MetaError::Backend(KvError::Unavailable(
+                    "the transaction this create shared ended without an answer (the call that \
+                     led it was cancelled, or the database went away): whether it committed is \
+                     unknown"
+                        .into(),
+                )))),
+            },
+        }
+    }
+
+    async fn create_batched(
         &self,
         batches: &Batches,
         session: Option<SessionId>,
         parent: Ino,
         name: &[u8],
         node: &NewNode,
-    ) -> Option<Attr> {
+    ) -> Batched {
         let (answer, mut answered) = oneshot::channel();
         lock(&batches.queue).push(Queued {
             session,
@@ -101,9 +154,12 @@ impl KvMeta {
         });
         tokio::select! {
             biased;
-            outcome = &mut answered => return outcome.ok().flatten(),
+            outcome = &mut answered => return answer_of(outcome),
             turn = batches.leaders.acquire() => {
-                let turn = turn.ok()?;
+                // The semaphore is never closed.
+                let Ok(turn) = turn else {
+                    return Batched::Unknown;
+                };
                 let queued = {
                     let mut queue = lock(&batches.queue);
                     let take = queue.len().min(MAX_BATCH);
@@ -116,7 +172,7 @@ impl KvMeta {
                 drop(turn);
             }
         }
-        answered.await.ok().flatten()
+        answer_of(answered.await)
     }
 
     /// Runs `queued` in one transaction and answers each (see the module comment).
@@ -126,7 +182,7 @@ impl KvMeta {
         if queued.is_empty() {
             return;
         }
-        let mut made: Vec<Option<(Attr, String)>> = Vec::new();
+        let mut made: Vec<Option<Attr>> = Vec::new();
         let mut runs = 0u32;
         let outcome: Result<()> = async {
             crate::transact!(@explicit, self, self.namespace_durability(), |tx| {
@@ -175,18 +231,17 @@ impl KvMeta {
         }
         metrics::histogram!("stagefs_meta_create_batch_size").record(queued.len() as f64);
         for (i, q) in queued.into_iter().enumerate() {
-            let created = match &outcome {
-                Ok(()) => made.get(i).cloned().flatten(),
-                Err(_) => None,
+            let answer = match &outcome {
+                Ok(()) => made
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map_or(Batched::Alone, Batched::Made),
+                // A backend gone mid-way may have taken the commit: as if cancelled.
+                Err(MetaError::Backend(KvError::Unavailable(_))) => Batched::Unknown,
+                Err(_) => Batched::Alone,
             };
-            if let Some((attr, owner)) = created {
-                if let Some(session) = q.session.filter(|_| !owner.is_empty()) {
-                    self.note_tenant(session, &owner);
-                }
-                let _ = q.answer.send(Some(attr));
-            } else {
-                let _ = q.answer.send(None);
-            }
+            let _ = q.answer.send(answer);
         }
     }
 
@@ -213,30 +268,32 @@ impl KvMeta {
 impl Tx<'_> {
     /// One queued create in a shared transaction, as `transact_once!` runs one alone: a retry
     /// whose change is done answers what it recorded.
-    async fn create_once(&mut self, q: &Queued, runs: u32) -> Result<(Attr, String)> {
+    async fn create_once(&mut self, q: &Queued, runs: u32) -> Result<Attr> {
         if let Some(tag) = &q.tag {
             if let Some(attr) = self.replayed::<Attr>(tag, runs).await? {
-                // Whose it is matters only to the tenant hint: none.
-                return Ok((attr, String::new()));
+                return Ok(attr);
             }
         }
-        let created = match q.session {
+        let attr = match q.session {
             Some(session) => {
                 self.create_file(session, q.parent, &q.name, &q.node)
                     .await?
             }
             None => {
-                let attr = self
-                    .create_node(q.parent, &q.name, &q.node, None, "")
-                    .await?;
-                (attr, String::new())
+                self.create_node(q.parent, &q.name, &q.node, None, "")
+                    .await?
             }
         };
         if let Some(tag) = &q.tag {
-            self.record_change(tag, created.0.ino);
+            self.record_change(tag, attr.ino);
         }
-        Ok(created)
+        Ok(attr)
     }
+}
+
+/// What a create's answer channel brought: dropped unanswered means its leader was cancelled.
+fn answer_of(answer: std::result::Result<Batched, oneshot::error::RecvError>) -> Batched {
+    answer.unwrap_or(Batched::Unknown)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -648,3 +648,111 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
         assert_eq!(meta.getattr(dir).await.unwrap().nlink, 2 + subdirs);
     });
 }
+
+/// The call leading a shared transaction is cancelled (its client went away) while the
+/// transaction waits at its commit, which may then commit or not: every tagged create it
+/// carried answers as a retry does (made once, with the inode its name holds: never EEXIST for
+/// its own name), and an untagged one says that its outcome is unknown.
+#[test]
+fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
+    use crate::once::{scope, RequestTag};
+    use crate::*;
+
+    let db = db();
+    let Db::Postgres(url) = &db else {
+        unreachable!("the PostgreSQL suite")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let meta = std::sync::Arc::new(
+            KvMeta::open(db.store().await.unwrap(), MetaConfig::default())
+                .await
+                .unwrap(),
+        );
+        let session = meta.open_session("", "abandoned").await.unwrap();
+        let file = NewNode {
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let first = meta
+            .mkdir(ROOT_INO, b"first", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let dir = meta
+            .mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let mut holders = Vec::new();
+        for held in [first, dir] {
+            let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            holder.batch_execute("BEGIN").await.unwrap();
+            holder
+                .execute(
+                    "SELECT 1 FROM stagefs_kv WHERE k = $1 FOR UPDATE",
+                    &[&crate::keys::inode(held)],
+                )
+                .await
+                .unwrap();
+            holders.push(holder);
+        }
+        let tagged = |slot: u16, name: &'static str| {
+            let meta = meta.clone();
+            let tag = RequestTag {
+                session,
+                slot,
+                seq: 1,
+                retry: false,
+            };
+            tokio::spawn(scope(Some(tag), async move {
+                meta.create(session, dir, name.as_bytes(), &file).await
+            }))
+        };
+        // A batch of one waits at `first`'s row; the leader-to-be of the next queues first.
+        let blocker = {
+            let meta = meta.clone();
+            tokio::spawn(async move { meta.mknod(first, b"x", &file).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let leader = tagged(0, "leader");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let carried: Vec<_> = [(1, "c1"), (2, "c2"), (3, "c3"), (4, "c4")]
+            .into_iter()
+            .map(|(slot, name)| (name, tagged(slot, name)))
+            .collect();
+        let untagged = {
+            let meta = meta.clone();
+            tokio::spawn(async move { meta.mknod(dir, b"untagged", &file).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The first batch commits; the leader takes the queue and waits at `dir`'s row.
+        holders[0].batch_execute("COMMIT").await.unwrap();
+        blocker.await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        leader.abort();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        holders[1].batch_execute("COMMIT").await.unwrap();
+        for (name, call) in carried {
+            let attr = call
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{name}, carried by an abandoned transaction: {e}"));
+            let found = meta.lookup(dir, name.as_bytes()).await.unwrap();
+            assert_eq!(
+                found.ino, attr.ino,
+                "{name}: answered another inode than its name holds"
+            );
+        }
+        match untagged.await.unwrap() {
+            Err(MetaError::Backend(crate::kv::KvError::Unavailable(_))) => {}
+            other => panic!("an untagged create carried by an abandoned transaction: {other:?}"),
+        }
+    });
+}
