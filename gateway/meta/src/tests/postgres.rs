@@ -504,19 +504,8 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let meta = std::sync::Arc::new(
-            KvMeta::open(db.store().await.unwrap(), MetaConfig::default())
-                .await
-                .unwrap(),
-        );
-        let session = meta.open_session("", "batch").await.unwrap();
-        let file = NewNode {
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        };
+        let (meta, session) = shared_engine(&db, "batch").await;
+        let file = regular_file();
         let dir = meta
             .mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
             .await
@@ -548,18 +537,7 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
             .unwrap();
         // The directory's row held by another transaction: the first create's commit waits on
         // it, and the others queue behind that create meanwhile.
-        let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        holder.batch_execute("BEGIN").await.unwrap();
-        holder
-            .execute(
-                "SELECT 1 FROM stagefs_kv WHERE k = $1 FOR UPDATE",
-                &[&crate::keys::inode(dir)],
-            )
-            .await
-            .unwrap();
+        let holder = hold_row(url, crate::keys::inode(dir)).await;
         let names: Vec<String> = (0..40)
             .map(|i| match i % 10 {
                 3 => "taken".to_string(),
@@ -664,19 +642,8 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let meta = std::sync::Arc::new(
-            KvMeta::open(db.store().await.unwrap(), MetaConfig::default())
-                .await
-                .unwrap(),
-        );
-        let session = meta.open_session("", "abandoned").await.unwrap();
-        let file = NewNode {
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        };
+        let (meta, session) = shared_engine(&db, "abandoned").await;
+        let file = regular_file();
         let first = meta
             .mkdir(ROOT_INO, b"first", 0o755, 0, 0)
             .await
@@ -689,19 +656,7 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
             .ino;
         let mut holders = Vec::new();
         for held in [first, dir] {
-            let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(connection);
-            holder.batch_execute("BEGIN").await.unwrap();
-            holder
-                .execute(
-                    "SELECT 1 FROM stagefs_kv WHERE k = $1 FOR UPDATE",
-                    &[&crate::keys::inode(held)],
-                )
-                .await
-                .unwrap();
-            holders.push(holder);
+            holders.push(hold_row(url, crate::keys::inode(held)).await);
         }
         let tagged = |slot: u16, name: &'static str| {
             let meta = meta.clone();
@@ -755,4 +710,39 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
             other => panic!("an untagged create carried by an abandoned transaction: {other:?}"),
         }
     });
+}
+
+/// An engine of its own on `db` (a shared database: creates share transactions), and a session.
+async fn shared_engine(db: &Db, client: &str) -> (std::sync::Arc<crate::KvMeta>, crate::SessionId) {
+    use crate::MetaEngine;
+    let meta = crate::KvMeta::open(db.store().await.unwrap(), crate::MetaConfig::default())
+        .await
+        .unwrap();
+    let session = meta.open_session("", client).await.unwrap();
+    (std::sync::Arc::new(meta), session)
+}
+
+fn regular_file() -> crate::NewNode {
+    crate::NewNode {
+        kind: crate::FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    }
+}
+
+/// A connection holding `key`'s row locked (`FOR UPDATE`) until it sends `COMMIT`: a write of
+/// the row waits for it.
+async fn hold_row(url: &str, key: Vec<u8>) -> tokio_postgres::Client {
+    let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("SELECT 1 FROM stagefs_kv WHERE k = $1 FOR UPDATE", &[&key])
+        .await
+        .unwrap();
+    holder
 }
