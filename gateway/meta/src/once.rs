@@ -24,20 +24,19 @@ use crate::{MetaError, Result};
 pub use shared::meta::{RequestTag, CHANGE_TAG_HEADER as HEADER, MAX_CHANGE_SLOTS as MAX_SLOTS};
 
 tokio::task_local! {
-    static TAG: RequestTag;
+    static TAG: Option<RequestTag>;
 }
 
-/// Runs `work` with `tag` (none: as an untagged request) as the tag of the changes it makes.
+/// Runs `work` with `tag` (none: as an untagged request, whatever tag the caller runs with) as
+/// the tag of the changes it makes. One task may serve several requests' changes: creates that
+/// share a transaction run in the task of the one that leads it (`rules/batch`).
 pub async fn scope<F: Future>(tag: Option<RequestTag>, work: F) -> F::Output {
-    match tag {
-        Some(tag) => TAG.scope(tag, work).await,
-        None => work.await,
-    }
+    TAG.scope(tag, work).await
 }
 
 /// The tag of the request being served, if it has one.
 pub fn current() -> Option<RequestTag> {
-    TAG.try_with(|tag| *tag).ok()
+    TAG.try_with(|tag| *tag).ok().flatten()
 }
 
 /// Reads a tag from its header text.

@@ -8,10 +8,11 @@
 //! commit; a shard, or a parent they share, written once.
 //!
 //! How: a create queues itself, then waits for its answer or for the turn to lead a batch
-//! ([`LEADERS`]), whichever comes first. A leader takes what is queued (at most [`MAX_BATCH`]) and runs it
-//! in one transaction, each create as it would run alone (its own change tag in scope, so the
-//! holder of a directory lease passes its check), seeing the ones before it. One client alone
-//! always finds a turn free and runs by itself, so nothing waits that would not have.
+//! ([`LEADERS`]), whichever comes first. A leader takes what is queued (at most [`MAX_BATCH`])
+//! and runs it in one transaction, each create as it would run alone (its own change tag in
+//! scope, or none, so that the holder of a directory lease passes its check and no one else
+//! does), seeing the ones before it. One client alone always finds a turn free and runs by
+//! itself, so nothing waits that would not have.
 //!
 //! What never changes: what a create does and answers. A create that fails inside the batch (a
 //! name taken, a directory leased to another mount, anything) is undone within the transaction

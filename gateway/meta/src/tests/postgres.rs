@@ -746,3 +746,76 @@ async fn hold_row(url: &str, key: Vec<u8>) -> tokio_postgres::Client {
         .unwrap();
     holder
 }
+
+/// A create without a change tag, carried by a transaction whose leader is the holder of a
+/// directory lease, is not the holder's: its addition to the leased directory recalls the lease
+/// as it would alone, instead of passing the holder's check.
+#[test]
+fn a_shared_transaction_lends_no_create_its_leaders_lease() {
+    use crate::once::{scope, RequestTag};
+    use crate::*;
+
+    let db = db();
+    let Db::Postgres(url) = &db else {
+        unreachable!("the PostgreSQL suite")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (meta, holder) = shared_engine(&db, "holder").await;
+        let file = regular_file();
+        let first = meta
+            .mkdir(ROOT_INO, b"first", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let other = meta
+            .mkdir(ROOT_INO, b"other", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let leased = meta
+            .mkdir(ROOT_INO, b"leased", 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        assert!(meta.take_dir_lease(holder, leased).await.unwrap());
+        let lock = hold_row(url, crate::keys::inode(first)).await;
+        let blocker = {
+            let meta = meta.clone();
+            tokio::spawn(async move { meta.mknod(first, b"x", &file).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Queued in this order: the holder's tagged create leads the next batch.
+        let leader = {
+            let meta = meta.clone();
+            let tag = RequestTag {
+                session: holder,
+                slot: 0,
+                seq: 1,
+                retry: false,
+            };
+            tokio::spawn(scope(Some(tag), async move {
+                meta.create(holder, other, b"mine", &file).await
+            }))
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let untagged = {
+            let meta = meta.clone();
+            tokio::spawn(async move { meta.mknod(leased, b"theirs", &file).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        lock.batch_execute("COMMIT").await.unwrap();
+        blocker.await.unwrap().unwrap();
+        leader.await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(
+            meta.keep_dir_leases(holder, &[leased], &[]).await.unwrap(),
+            vec![false],
+            "an untagged addition to the leased directory did not recall the lease"
+        );
+        // Given back: the recall ends and the addition is made.
+        meta.keep_dir_leases(holder, &[], &[leased]).await.unwrap();
+        untagged.await.unwrap().unwrap();
+        assert!(meta.lookup(leased, b"theirs").await.is_ok());
+    });
+}
