@@ -1,7 +1,8 @@
 //! The staging log: blocks appended to a ring of segments on the device, acknowledged only once
 //! durable (or, for a writer that has the device flushed itself right after, once queued:
-//! [`Wait::Queued`], [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain oldest first,
-//! and reclaimed segment by segment once nothing in the oldest segment still waits for upload.
+//! [`Wait::Queued`], [`StagingLog::sync_device`]), indexed in memory, handed to the upload drain
+//! oldest first, and reclaimed segment by segment once nothing in the oldest segment still waits
+//! for upload.
 //!
 //! The state is split by job, each part a module that owns its state and says what it
 //! guarantees: [`journal`] (lsns, the segment ring, the write queue and the durability
@@ -217,11 +218,11 @@ pub enum Wait {
     /// whatever the caller does next. The next flush of the device for another writer
     /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits until it and every
     /// record before it are written (a recovery scan stops only at a hole, and then there is
-    /// none before it) before it flushes, and so do a read of the block and the metadata region before it writes
-    /// pages ([`StagingLog::wait_queued_written_here`]). For a `WriteSlice` whose commit goes to
-    /// the metadata in the same device: the block is written while the commit's transaction is
-    /// made, and the commit's own flush makes both durable; the commit's pages never reach the
-    /// device before the block.
+    /// none before it) before it flushes, and so do a read of the block and the metadata region
+    /// before it writes pages ([`StagingLog::wait_queued_written_here`]). For a `WriteSlice`
+    /// whose commit goes to the metadata in the same device: the block is written while the
+    /// commit's transaction is made, and the commit's own flush makes both durable; the commit's
+    /// pages never reach the device before the block.
     Queued,
 }
 

@@ -322,10 +322,7 @@ impl KvMeta {
                 .create_node(parent, name, node, None, "")
                 .await)
         };
-        match self.make_shared(None, parent, name, node).await {
-            batch::Shared::Done(made) => made,
-            batch::Shared::Alone(tag) => crate::once::scope(tag, alone).await,
-        }
+        self.make_shared(None, parent, name, node, alone).await
     }
 
     /// [`MetaEngine::commit_slice`], or with `take_lease` [`MetaEngine::commit_written_slice`].
@@ -2049,10 +2046,8 @@ impl MetaEngine for KvMeta {
                 .create_file(session, parent, name, node)
                 .await)
         };
-        match self.make_shared(Some(session), parent, name, node).await {
-            batch::Shared::Done(made) => made,
-            batch::Shared::Alone(tag) => crate::once::scope(tag, alone).await,
-        }
+        self.make_shared(Some(session), parent, name, node, alone)
+            .await
     }
 
     async fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {

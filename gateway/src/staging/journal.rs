@@ -5,8 +5,8 @@
 //!   watermark* is the highest lsn below which every write has completed; the group commit
 //!   acknowledges a record only once an `fdatasync` issued after the watermark passed it has
 //!   completed (a `Wait::Queued` writer waits for nothing, and the flush it has the device
-//!   given waits for the watermark first). An acknowledged record therefore never sits behind a hole, and the
-//!   recovery scan, which stops at the first hole, always finds it.
+//!   given waits for the watermark first). An acknowledged record therefore never sits behind a
+//!   hole, and the recovery scan, which stops at the first hole, always finds it.
 //! - A write that fails stays in flight forever: the watermark never passes it, so nothing
 //!   written after it is acknowledged by this process.
 //! - Segments are reclaimed strictly from the tail, so a record that states an upload or a

@@ -3,10 +3,11 @@
 //! A case is a random program of steps against a small log (6 segments of the smallest size,
 //! one 4 MiB block record each, so writes fill it, uploads free it and reclaim reuses
 //! segments): batches of concurrent block writes (some waiting for nothing but their queueing,
-//! [`Wait::Queued`], and made durable by a flush of the device asked for afterwards, [`StagingLog::sync_device`], as a `WriteSlice`'s metadata commit does), upload
-//! completions, flushes of the completion record, deletes, and crashes. A crash is a power cut
-//! at a random moment under concurrent writers, a write torn at a 512-byte boundary, or an EIO
-//! on the nth write or sync followed by a power cut; the fault-injecting engine then drops every
+//! [`Wait::Queued`], and made durable by a flush of the device asked for afterwards,
+//! [`StagingLog::sync_device`], as a `WriteSlice`'s metadata commit does), upload completions,
+//! flushes of the completion record, deletes, and crashes. A crash is a power cut at a random
+//! moment under concurrent writers, a write torn at a 512-byte boundary, or an EIO on the nth
+//! write or sync followed by a power cut; the fault-injecting engine then drops every
 //! write no completed fdatasync covers, and the log is recovered from what is left.
 //!
 //! After every recovery the model demands:

@@ -48,7 +48,7 @@ const MAX_TENANT_HINTS: usize = 1 << 16;
 pub(super) struct Batches {
     queue: Mutex<Vec<Queued>>,
     leaders: Semaphore,
-    /// Transactions that made more than one create, since the start (for tests and metrics).
+    /// Transactions that made more than one create, since the start (for tests).
     pub(super) shared: std::sync::atomic::AtomicU64,
 }
 
@@ -60,14 +60,6 @@ impl Batches {
             shared: std::sync::atomic::AtomicU64::new(0),
         }
     }
-}
-
-/// What [`KvMeta::make_shared`] leaves to its caller.
-pub(super) enum Shared {
-    /// Made (or refused) in a shared transaction.
-    Done(Result<Attr>),
-    /// Run it alone, with this change tag in scope.
-    Alone(Option<RequestTag>),
 }
 
 /// How a queued create came out.
@@ -101,58 +93,59 @@ impl KvMeta {
             .map_or(0, |b| b.shared.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// A create made in a transaction shared with others where the store gains from it, or
-    /// what the caller runs alone instead (the same create in a transaction of its own). With
-    /// `session`, a regular file opened for it (a create); without, a node of any kind but a
-    /// symlink (`mknod`, `mkdir`).
+    /// A create made in a transaction shared with others where the store gains from it, else
+    /// by `alone` (the same create in a transaction of its own). With `session`, a regular file
+    /// opened for it (a create); without, a node of any kind but a symlink (`mknod`, `mkdir`).
     pub(super) async fn make_shared(
         &self,
         session: Option<SessionId>,
         parent: Ino,
         name: &[u8],
         node: &NewNode,
-    ) -> Shared {
+        alone: impl std::future::Future<Output = Result<Attr>>,
+    ) -> Result<Attr> {
         let tag = crate::once::current();
         let Some(batches) = &self.batches else {
-            return Shared::Alone(tag);
+            return alone.await;
         };
-        match self
-            .create_batched(batches, session, parent, name, node)
-            .await
-        {
-            Batched::Made(attr) => Shared::Done(Ok(attr)),
-            Batched::Alone => Shared::Alone(tag),
-            // Run again as a retry of the same change, which answers what the abandoned
-            // transaction recorded if it did commit; without a tag there is no telling.
-            Batched::Unknown => match tag {
-                Some(tag) => Shared::Alone(Some(RequestTag { retry: true, ..tag })),
-                None => Shared::Done(Err(MetaError::Backend(KvError::Unavailable(
-                    "the transaction this create shared ended without an answer (the call that \
-                     led it was cancelled, or the database went away): whether it committed is \
-                     unknown"
-                        .into(),
-                )))),
-            },
-        }
-    }
-
-    async fn create_batched(
-        &self,
-        batches: &Batches,
-        session: Option<SessionId>,
-        parent: Ino,
-        name: &[u8],
-        node: &NewNode,
-    ) -> Batched {
-        let (answer, mut answered) = oneshot::channel();
-        lock(&batches.queue).push(Queued {
+        let (answer, answered) = oneshot::channel();
+        let queued = Queued {
             session,
             parent,
             name: name.to_vec(),
             node: *node,
-            tag: crate::once::current(),
+            tag,
             answer,
-        });
+        };
+        match self.create_batched(batches, queued, answered).await {
+            Batched::Made(attr) => Ok(attr),
+            Batched::Alone => alone.await,
+            // Run again as a retry of the same change, which answers what the abandoned
+            // transaction recorded if it did commit; without a tag there is no telling.
+            Batched::Unknown => match tag {
+                Some(tag) => {
+                    let retry = RequestTag { retry: true, ..tag };
+                    crate::once::scope(Some(retry), alone).await
+                }
+                None => Err(MetaError::Backend(KvError::Unavailable(
+                    "the transaction this create shared ended without an answer (the call that \
+                     led it was cancelled, or the database went away): whether it committed is \
+                     unknown"
+                        .into(),
+                ))),
+            },
+        }
+    }
+
+    /// Queues `queued` and waits for its answer on `answered`, leading a batch if the turn
+    /// comes first.
+    async fn create_batched(
+        &self,
+        batches: &Batches,
+        queued: Queued,
+        mut answered: oneshot::Receiver<Batched>,
+    ) -> Batched {
+        lock(&batches.queue).push(queued);
         tokio::select! {
             biased;
             outcome = &mut answered => return answer_of(outcome),

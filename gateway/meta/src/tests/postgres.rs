@@ -506,19 +506,11 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
     runtime.block_on(async {
         let (meta, session) = shared_engine(&db, "batch").await;
         let file = regular_file();
-        let dir = meta
-            .mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
+        let dir = top_dir(&meta, "shared").await;
         meta.mknod(dir, b"taken", &file).await.unwrap();
         // A directory whose statistics are unreadable: a create in it fails after it wrote its
         // inode and name, so sharing a transaction must undo those.
-        let broken = meta
-            .mkdir(ROOT_INO, b"broken", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
+        let broken = top_dir(&meta, "broken").await;
         let planted = (0..=u8::MAX)
             .map(|shard| {
                 (
@@ -633,7 +625,6 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
 /// its own name), and an untagged one says that its outcome is unknown.
 #[test]
 fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
-    use crate::once::{scope, RequestTag};
     use crate::*;
 
     let db = db();
@@ -643,38 +634,15 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (meta, session) = shared_engine(&db, "abandoned").await;
-        let file = regular_file();
-        let first = meta
-            .mkdir(ROOT_INO, b"first", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
-        let dir = meta
-            .mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
+        let first = top_dir(&meta, "first").await;
+        let dir = top_dir(&meta, "shared").await;
         let mut holders = Vec::new();
         for held in [first, dir] {
             holders.push(hold_row(url, crate::keys::inode(held)).await);
         }
-        let tagged = |slot: u16, name: &'static str| {
-            let meta = meta.clone();
-            let tag = RequestTag {
-                session,
-                slot,
-                seq: 1,
-                retry: false,
-            };
-            tokio::spawn(scope(Some(tag), async move {
-                meta.create(session, dir, name.as_bytes(), &file).await
-            }))
-        };
+        let tagged = |slot, name| spawn_tagged_create(&meta, session, slot, dir, name);
         // A batch of one waits at `first`'s row; the leader-to-be of the next queues first.
-        let blocker = {
-            let meta = meta.clone();
-            tokio::spawn(async move { meta.mknod(first, b"x", &file).await })
-        };
+        let blocker = spawn_mknod(&meta, first, "x");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let leader = tagged(0, "leader");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -682,10 +650,7 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
             .into_iter()
             .map(|(slot, name)| (name, tagged(slot, name)))
             .collect();
-        let untagged = {
-            let meta = meta.clone();
-            tokio::spawn(async move { meta.mknod(dir, b"untagged", &file).await })
-        };
+        let untagged = spawn_mknod(&meta, dir, "untagged");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // The first batch commits; the leader takes the queue and waits at `dir`'s row.
         holders[0].batch_execute("COMMIT").await.unwrap();
@@ -752,7 +717,6 @@ async fn hold_row(url: &str, key: Vec<u8>) -> tokio_postgres::Client {
 /// as it would alone, instead of passing the holder's check.
 #[test]
 fn a_shared_transaction_lends_no_create_its_leaders_lease() {
-    use crate::once::{scope, RequestTag};
     use crate::*;
 
     let db = db();
@@ -762,47 +726,17 @@ fn a_shared_transaction_lends_no_create_its_leaders_lease() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (meta, holder) = shared_engine(&db, "holder").await;
-        let file = regular_file();
-        let first = meta
-            .mkdir(ROOT_INO, b"first", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
-        let other = meta
-            .mkdir(ROOT_INO, b"other", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
-        let leased = meta
-            .mkdir(ROOT_INO, b"leased", 0o755, 0, 0)
-            .await
-            .unwrap()
-            .ino;
+        let first = top_dir(&meta, "first").await;
+        let other = top_dir(&meta, "other").await;
+        let leased = top_dir(&meta, "leased").await;
         assert!(meta.take_dir_lease(holder, leased).await.unwrap());
         let lock = hold_row(url, crate::keys::inode(first)).await;
-        let blocker = {
-            let meta = meta.clone();
-            tokio::spawn(async move { meta.mknod(first, b"x", &file).await })
-        };
+        let blocker = spawn_mknod(&meta, first, "x");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         // Queued in this order: the holder's tagged create leads the next batch.
-        let leader = {
-            let meta = meta.clone();
-            let tag = RequestTag {
-                session: holder,
-                slot: 0,
-                seq: 1,
-                retry: false,
-            };
-            tokio::spawn(scope(Some(tag), async move {
-                meta.create(holder, other, b"mine", &file).await
-            }))
-        };
+        let leader = spawn_tagged_create(&meta, holder, 0, other, "mine");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let untagged = {
-            let meta = meta.clone();
-            tokio::spawn(async move { meta.mknod(leased, b"theirs", &file).await })
-        };
+        let untagged = spawn_mknod(&meta, leased, "theirs");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         lock.batch_execute("COMMIT").await.unwrap();
         blocker.await.unwrap().unwrap();
@@ -818,4 +752,46 @@ fn a_shared_transaction_lends_no_create_its_leaders_lease() {
         untagged.await.unwrap().unwrap();
         assert!(meta.lookup(leased, b"theirs").await.is_ok());
     });
+}
+
+/// A directory `name` in the root.
+async fn top_dir(meta: &crate::KvMeta, name: &str) -> crate::Ino {
+    use crate::MetaEngine;
+    meta.mkdir(crate::ROOT_INO, name.as_bytes(), 0o755, 0, 0)
+        .await
+        .unwrap()
+        .ino
+}
+
+/// A `mknod` of a regular file, in a task of its own.
+fn spawn_mknod(
+    meta: &std::sync::Arc<crate::KvMeta>,
+    dir: crate::Ino,
+    name: &'static str,
+) -> tokio::task::JoinHandle<crate::Result<crate::Attr>> {
+    use crate::MetaEngine;
+    let meta = meta.clone();
+    tokio::spawn(async move { meta.mknod(dir, name.as_bytes(), &regular_file()).await })
+}
+
+/// A create for `session` under change tag (`session`, `slot`, 1), in a task of its own.
+fn spawn_tagged_create(
+    meta: &std::sync::Arc<crate::KvMeta>,
+    session: crate::SessionId,
+    slot: u16,
+    dir: crate::Ino,
+    name: &'static str,
+) -> tokio::task::JoinHandle<crate::Result<crate::Attr>> {
+    use crate::MetaEngine;
+    let meta = meta.clone();
+    let tag = crate::once::RequestTag {
+        session,
+        slot,
+        seq: 1,
+        retry: false,
+    };
+    tokio::spawn(crate::once::scope(Some(tag), async move {
+        meta.create(session, dir, name.as_bytes(), &regular_file())
+            .await
+    }))
 }
