@@ -199,6 +199,21 @@ pub trait KvTxn: Send {
         Ok(values)
     }
 
+    /// Says that the rules expect `key` to be absent (the name a create makes). A store that
+    /// may answer reads from what it remembers, and checks them before the transaction ends,
+    /// may then answer a read of it with nothing without asking; should it be there after all,
+    /// the transaction fails with [`KvError::Conflict`] and its next run reads it. Others
+    /// ignore it.
+    fn expect_absent(&mut self, _key: &[u8]) {}
+
+    /// Confirms what this transaction read, for one about to end without a commit whose
+    /// outcome (an error for the caller) depends on it: a store that answered reads from what
+    /// it remembers checks them now, and fails with [`KvError::Conflict`] when one had changed.
+    /// Reads that went to the store need nothing.
+    async fn check_reads(&mut self) -> KvResult<()> {
+        Ok(())
+    }
+
     /// Up to `limit` pairs with `start <= key < end`, in key order.
     async fn scan(
         &mut self,

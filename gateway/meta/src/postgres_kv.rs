@@ -21,7 +21,11 @@
 //! Writes are buffered by the rules and sent at commit in one statement, pipelined with `COMMIT`
 //! (an upsert of every written pair, an update of those a snapshot transaction read, a delete of
 //! every removed key), so a transaction costs its reads plus one round trip; the rules read what
-//! they know they need up front in one statement ([`KvTxn::get_many`]). Statements are few
+//! they know they need up front in one statement ([`KvTxn::get_many`]). A snapshot transaction
+//! may not need its read at all: what this gateway's snapshot transactions last read or wrote is
+//! remembered ([`cache`]), a read answered from it is checked inside the transaction that used
+//! it, and a transaction that read nothing is one statement, checks, writes and commit
+//! ([`ONE_STATEMENT`]): one round trip for a create, as for the server's own insert. Statements are few
 //! because the server spends its CPU mostly per statement, and at 16 clients its CPU is what
 //! limits creates; for the same reason each connection plans a statement once ([`PLAN_ONCE`]).
 //! Ids are taken in autocommit statements on a second connection, outside the
@@ -33,10 +37,11 @@
 //! applied, and a gateway that finds a newer schema than it knows refuses to start.
 //!
 //! SQL kept to what CockroachDB and YugabyteDB also accept, except two optional settings:
-//! `SET LOCAL synchronous_commit` (changes whose loss in a crash is harmless skip the WAL flush;
-//! a server that refuses the setting makes them durable instead) and [`PLAN_ONCE`].
+//! `SET LOCAL synchronous_commit`, or `set_config('synchronous_commit', …, true)` in
+//! [`ONE_STATEMENT`] (changes whose loss in a crash is harmless skip the WAL flush; a server
+//! that refuses the setting makes them durable instead) and [`PLAN_ONCE`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +52,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use crate::kv::{Durability, KvError, KvResult, KvStore, KvTxn, Sequence, Write};
+
+mod cache;
+use cache::ReadCache;
 
 /// Connections kept open to the server by one gateway for transactions.
 const POOL_SIZE: usize = 64;
@@ -116,6 +124,46 @@ const WRITE_ALL: &str = "WITH deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($
 /// 64 clients 7–12 % faster without it).
 const PLAN_ONCE: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
                          SET plan_cache_mode = force_generic_plan";
+/// The check of the values a snapshot transaction took from [`ReadCache`] instead of reading
+/// them, pipelined ahead of its writes: the keys to pin ($1) and the others ($2) read as
+/// [`GET_PINNED_AND_MANY`] reads them, compared with what was assumed of each key ($3, $4, in
+/// that order; a `NULL` value for no record). Any difference fails the statement, and with it
+/// the transaction, before its writes: a division by zero (SQLSTATE 22012), raised from the
+/// data so that the planner cannot fold it, and what every server of the protocol implements.
+const CHECK: &str =
+    "WITH pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE), \
+     seen AS (SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2)) \
+     SELECT 1 / (CASE WHEN count(*) = 0 THEN 1 ELSE 0 END) \
+     FROM unnest($3::bytea[], $4::bytea[]) AS assumed (k, v) LEFT JOIN seen ON seen.k = assumed.k \
+     WHERE seen.v IS DISTINCT FROM assumed.v";
+/// A snapshot transaction that read nothing (every value guessed), whole, as one statement
+/// outside any `BEGIN`: the statement is its transaction, and it commits when it returns. Its
+/// [`CHECK`] ($1–$4) gates its [`WRITE_ALL`] ($5–$9): a one-time filter on the insert, which
+/// the server evaluates before anything else runs, so a wrong guess fails the statement before
+/// it changed anything. $10 is the commit's `synchronous_commit` (`NULL`: the server's own),
+/// set for this transaction alone.
+///
+/// Why: each statement of a pipelined transaction is answered on its own, and at one client
+/// the server's sends of `BEGIN`, the check, the writes and `COMMIT` were most of a create's
+/// cost (`stagefs bench meta`). Safe only under snapshot isolation, which the connections of
+/// the transactions' pool default to ([`SESSION`]); the statement checks that it has it, and
+/// fails as a wrong guess without (the next run reads, and commits as any other transaction).
+const ONE_STATEMENT: &str = "WITH pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE), \
+     seen AS (SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2)), \
+     checked AS (SELECT 1 / (CASE WHEN count(*) = 0 AND current_setting('transaction_isolation') \
+         IN ('repeatable read', 'serializable') THEN 1 ELSE 0 END) AS ok \
+       FROM unnest($3::bytea[], $4::bytea[]) AS assumed (k, v) LEFT JOIN seen ON seen.k = assumed.k \
+       WHERE seen.v IS DISTINCT FROM assumed.v), \
+     deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($9)), \
+     updated AS (UPDATE stagefs_kv SET v = ($8::bytea[])[array_position($7::bytea[], k)] \
+       WHERE k = ANY($7)) \
+     INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($5::bytea[], $6::bytea[]) \
+     WHERE (SELECT ok FROM checked) = 1 AND set_config('synchronous_commit', \
+       COALESCE($10, current_setting('synchronous_commit')), true) IS NOT NULL \
+     ON CONFLICT (k) DO UPDATE SET v = excluded.v";
+/// Every connection of the transactions' pool: a statement outside `BEGIN` runs under snapshot
+/// isolation ([`ONE_STATEMENT`]; every other transaction names its isolation).
+const SESSION: &str = "SET default_transaction_isolation TO 'repeatable read'";
 const TAKE_IDS: &str =
     "UPDATE stagefs_sequences SET next = next + $2 WHERE name = $1 RETURNING next - $2";
 const PEEK_ID: &str = "SELECT next FROM stagefs_sequences WHERE name = $1";
@@ -128,6 +176,8 @@ pub struct PostgresKv {
     lazy_commits: Arc<AtomicBool>,
     /// The server is a hot standby (in recovery): only reads.
     standby: bool,
+    /// What snapshot transactions read, so that the next can do without ([`ReadCache`]).
+    cache: Arc<ReadCache>,
 }
 
 /// Applies [`PLAN_ONCE`] to a new connection. A server that refuses it (PostgreSQL before 12,
@@ -197,7 +247,7 @@ impl PostgresKv {
             .parse()
             .map_err(|e| KvError::Failed(format!("bad PostgreSQL URL: {e}")))?;
         let planned_once = Arc::new(AtomicBool::new(true));
-        let pool = |size: usize| {
+        let pool = |size: usize, session: Option<&'static str>| {
             let manager = Manager::from_config(
                 config.clone(),
                 NoTls,
@@ -212,7 +262,14 @@ impl PostgresKv {
                     Box::pin(async move {
                         plan_once(client, &planned_once)
                             .await
-                            .map_err(deadpool_postgres::HookError::Backend)
+                            .map_err(deadpool_postgres::HookError::Backend)?;
+                        if let Some(session) = session {
+                            client
+                                .batch_execute(session)
+                                .await
+                                .map_err(deadpool_postgres::HookError::Backend)?;
+                        }
+                        Ok(())
                     })
                 }))
                 .max_size(size)
@@ -223,10 +280,11 @@ impl PostgresKv {
                 .map_err(|e| KvError::Failed(format!("connection pool: {e}")))
         };
         let mut store = PostgresKv {
-            pool: pool(POOL_SIZE)?,
-            ids: pool(ID_POOL_SIZE)?,
+            pool: pool(POOL_SIZE, Some(SESSION))?,
+            ids: pool(ID_POOL_SIZE, None)?,
             lazy_commits: Arc::new(AtomicBool::new(true)),
             standby: false,
+            cache: Arc::default(),
         };
         let client = store.pool.get().await.map_err(pool_error)?;
         store.standby = client
@@ -293,7 +351,14 @@ impl PostgresKv {
             .map_err(pg_error)?;
         let known = MIGRATIONS.len() as i32;
         loop {
-            let txn = client.transaction().await.map_err(pg_error)?;
+            // Read committed: once the row lock is had, what the migrator before it committed
+            // must be seen ([`SESSION`] would make it snapshot isolation).
+            let txn = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .await
+                .map_err(pg_error)?;
             txn.query_one(
                 "SELECT version FROM stagefs_migrations WHERE version = 0 FOR UPDATE",
                 &[],
@@ -415,13 +480,16 @@ impl PostgresKv {
         // BEGIN goes out with the transaction's first statement, in the same round trip. Should
         // a call be cancelled (a client gone) once it was sent, dropping the transaction rolls
         // it back before the connection is reused.
+        let snapshot = begin == BEGIN_SNAPSHOT;
         Ok(Box::new(PgTxn {
             client: Some(self.pool.get().await.map_err(pool_error)?),
             ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
-            found: (begin == BEGIN_SNAPSHOT).then(HashSet::new),
+            found: snapshot.then(HashSet::new),
             begin,
             begun: AtomicBool::new(false),
+            cache: self.cache.clone(),
+            guesses: snapshot.then(Guesses::default),
         }))
     }
 }
@@ -438,9 +506,47 @@ struct PgTxn {
     /// In a snapshot transaction ([`KvStore::begin_snapshot`]), the keys its reads found: what
     /// it writes of them is sent as an `UPDATE` ([`UPDATE`]).
     found: Option<HashSet<Vec<u8>>>,
+    cache: Arc<ReadCache>,
+    /// In a snapshot transaction, what it took from [`ReadCache`] instead of reading.
+    guesses: Option<Guesses>,
+}
+
+/// What a snapshot transaction assumed without reading, checked before it ends ([`CHECK`]).
+#[derive(Default)]
+struct Guesses {
+    /// Each key's assumed value, and whether it is read pinned.
+    assumed: HashMap<Vec<u8>, (Option<Vec<u8>>, bool)>,
+    /// Keys the rules expect to be absent ([`KvTxn::expect_absent`]).
+    absent: HashSet<Vec<u8>>,
 }
 
 type PgResult<T> = Result<T, tokio_postgres::Error>;
+
+/// The parameters of [`CHECK`].
+struct CheckParams {
+    pinned: Vec<Vec<u8>>,
+    plain: Vec<Vec<u8>>,
+    keys: Vec<Vec<u8>>,
+    values: Vec<Option<Vec<u8>>>,
+}
+
+impl CheckParams {
+    fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
+        [&self.pinned, &self.plain, &self.keys, &self.values]
+    }
+}
+
+/// A failed [`CHECK`]: a guessed value had changed (a conflict: nothing was applied, and the run
+/// after reads it), or the statement failed as any would.
+fn check_error(error: tokio_postgres::Error) -> KvError {
+    if error.code() == Some(&SqlState::DIVISION_BY_ZERO) {
+        metrics::counter!("stagefs_meta_pg_guesses_refuted_total").increment(1);
+        return KvError::Conflict(
+            "a record this gateway remembered had changed: read again".into(),
+        );
+    }
+    pg_error(error)
+}
 
 impl PgTxn {
     fn client(&self) -> &Object {
@@ -449,6 +555,11 @@ impl PgTxn {
 
     /// One key's value by `query` (a [`GET`] with or without a row lock).
     async fn get_one(&mut self, query: &str, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        if query == GET {
+            if let Some(mut values) = self.guess(&[key.to_vec()], 0) {
+                return Ok(values.pop().flatten());
+            }
+        }
         let client = self.client();
         // Prepared statements belong to the connection, not the transaction: preparing first
         // keeps BEGIN and the query back to back.
@@ -458,7 +569,73 @@ impl PgTxn {
         if value.is_some() {
             self.note_found(std::iter::once(key));
         }
+        if self.guesses.is_some() {
+            self.cache.learn(std::iter::once((key, value.as_deref())));
+        }
         Ok(value)
+    }
+
+    /// In a snapshot transaction, the values of `keys` (the first `pinned` of them to be read
+    /// pinned) as [`ReadCache`] remembers them, when it knows every one: taken as read, and
+    /// checked before the transaction ends ([`CHECK`]).
+    fn guess(&mut self, keys: &[Vec<u8>], pinned: usize) -> Option<Vec<Option<Vec<u8>>>> {
+        let guesses = self.guesses.as_mut()?;
+        let mut values = self.cache.values(keys, &guesses.absent)?;
+        for (i, (key, value)) in keys.iter().zip(values.iter_mut()).enumerate() {
+            // A key guessed twice keeps its first value: one transaction, one snapshot.
+            let (assumed, pin) = guesses
+                .assumed
+                .entry(key.clone())
+                .or_insert_with(|| (value.clone(), false));
+            *value = assumed.clone();
+            *pin |= i < pinned;
+        }
+        self.note_found(
+            keys.iter()
+                .zip(&values)
+                .filter(|(_, value)| value.is_some())
+                .map(|(key, _)| key),
+        );
+        metrics::counter!("stagefs_meta_pg_guessed_reads_total").increment(1);
+        Some(values)
+    }
+
+    /// What [`CHECK`] is given: the keys to pin, the others, and every key with its assumed
+    /// value (pinned first). `None` when nothing was guessed.
+    fn check_params(&self) -> Option<CheckParams> {
+        let assumed = &self.guesses.as_ref()?.assumed;
+        if assumed.is_empty() {
+            return None;
+        }
+        let (mut pinned, mut plain) = (Vec::new(), Vec::new());
+        let (mut pinned_values, mut plain_values) = (Vec::new(), Vec::new());
+        for (key, (value, pin)) in assumed {
+            if *pin {
+                pinned.push(key.clone());
+                pinned_values.push(value.clone());
+            } else {
+                plain.push(key.clone());
+                plain_values.push(value.clone());
+            }
+        }
+        let keys = pinned.iter().chain(&plain).cloned().collect();
+        pinned_values.append(&mut plain_values);
+        Some(CheckParams {
+            pinned,
+            plain,
+            keys,
+            values: pinned_values,
+        })
+    }
+
+    /// After a failed commit or check: what was guessed, and what was to be written of
+    /// remembered keys, is read again next time.
+    fn refute_guesses(&self, written: &[Write]) {
+        if let Some(guesses) = &self.guesses {
+            self.cache.refute(guesses.assumed.keys().map(Vec::as_slice));
+        }
+        self.cache
+            .refute(written.iter().map(|(key, _)| key.as_slice()));
     }
 
     /// Keys a read found, kept in a snapshot transaction ([`PgTxn::found`]).
@@ -518,6 +695,9 @@ impl KvTxn for PgTxn {
             return Ok(Vec::new());
         }
         let pinned = pinned.min(keys.len());
+        if let Some(values) = self.guess(keys, pinned) {
+            return Ok(values);
+        }
         let (pin, plain) = keys.split_at(pinned);
         let client = self.client();
         let (query, params): (_, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) =
@@ -528,11 +708,17 @@ impl KvTxn for PgTxn {
             };
         let statement = client.prepare_cached(query).await.map_err(pg_error)?;
         let rows = self.in_txn(client.query(&statement, &params)).await?;
-        let values: std::collections::HashMap<Vec<u8>, Vec<u8>> = rows
+        let values: HashMap<Vec<u8>, Vec<u8>> = rows
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
         self.note_found(values.keys());
+        if self.guesses.is_some() {
+            self.cache.learn(
+                keys.iter()
+                    .map(|key| (key.as_slice(), values.get(key).map(Vec::as_slice))),
+            );
+        }
         Ok(keys.iter().map(|key| values.get(key).cloned()).collect())
     }
 
@@ -594,26 +780,85 @@ impl KvTxn for PgTxn {
         // is cancelled, or a statement fails, dropping the transaction rolls it back before the
         // connection goes back to the pool (a connection returned mid-transaction would have
         // its half-written changes committed by the next transaction on it).
-        if writes.is_empty() && !self.begun.load(Ordering::Relaxed) {
+        let check = self.check_params();
+        if writes.is_empty() && !self.begun.load(Ordering::Relaxed) && check.is_none() {
             // Nothing was read or written: there is no transaction on the server to end.
             self.begun.store(true, Ordering::Relaxed);
             drop(self.client.take());
             return Ok(());
         }
-        self.commit_on(writes, durability).await?;
+        // What is remembered of the keys written is updated once the commit took effect.
+        let guessed = |key: &[u8]| {
+            self.guesses
+                .as_ref()
+                .is_some_and(|guesses| guesses.assumed.contains_key(key))
+        };
+        let remembered = self.cache.remembered(&writes, guessed);
+        let committed = match check {
+            Some(check) if !self.begun.swap(true, Ordering::Relaxed) => {
+                let committed = self
+                    .commit_in_one_statement(writes, check, durability)
+                    .await;
+                // Whatever came of it, the statement was its transaction: nothing to roll back.
+                drop(self.client.take());
+                committed
+            }
+            check => self.commit_on(writes, check, durability).await,
+        };
+        match committed {
+            Ok(()) => self.cache.committed(&remembered),
+            Err(error) => {
+                self.refute_guesses(&remembered);
+                return Err(error);
+            }
+        }
         // Committed: the connection goes back to the pool as it is.
         drop(self.client.take());
         Ok(())
     }
+
+    fn expect_absent(&mut self, key: &[u8]) {
+        if let Some(guesses) = &mut self.guesses {
+            guesses.absent.insert(key.to_vec());
+        }
+    }
+
+    async fn check_reads(&mut self) -> KvResult<()> {
+        let Some(check) = self.check_params() else {
+            return Ok(());
+        };
+        let client = self.client();
+        let statement = client.prepare_cached(CHECK).await.map_err(pg_error)?;
+        let params = check.as_params();
+        let checked = match self.pending_begin() {
+            Some(begin) => futures::try_join!(
+                client.batch_execute(begin),
+                client.execute(&statement, &params)
+            )
+            .map(drop),
+            None => client.execute(&statement, &params).await.map(drop),
+        };
+        checked.map_err(|error| {
+            self.refute_guesses(&[]);
+            check_error(error)
+        })
+    }
+}
+
+/// A transaction's writes as [`WRITE_ALL`] takes them.
+#[derive(Default)]
+struct SplitWrites {
+    put_keys: Vec<Vec<u8>>,
+    put_values: Vec<Vec<u8>>,
+    update_keys: Vec<Vec<u8>>,
+    update_values: Vec<Vec<u8>>,
+    deletes: Vec<Vec<u8>>,
 }
 
 impl PgTxn {
-    /// Sends the writes and COMMIT in one round trip (pipelined; should a write fail, the server
-    /// turns the COMMIT into a rollback and the write's error is what comes back).
-    async fn commit_on(&self, writes: Vec<Write>, durability: Durability) -> KvResult<()> {
-        let client = self.client();
-        let (mut put_keys, mut put_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut update_keys, mut update_values) = (Vec::new(), Vec::new());
+    /// Upserts, updates (what a snapshot transaction found: see [`UPDATE`]) and deletes.
+    fn split(&self, writes: Vec<Write>) -> SplitWrites {
+        let mut split = SplitWrites::default();
         for (key, value) in writes {
             match value {
                 Some(value)
@@ -622,16 +867,91 @@ impl PgTxn {
                         .as_ref()
                         .is_some_and(|found| found.contains(&key)) =>
                 {
-                    update_keys.push(key);
-                    update_values.push(value);
+                    split.update_keys.push(key);
+                    split.update_values.push(value);
                 }
                 Some(value) => {
-                    put_keys.push(key);
-                    put_values.push(value);
+                    split.put_keys.push(key);
+                    split.put_values.push(value);
                 }
-                None => deletes.push(key),
+                None => split.deletes.push(key),
             }
         }
+        split
+    }
+
+    /// A transaction that read nothing, committed as [`ONE_STATEMENT`]: its check, its writes
+    /// and its commit in one statement and one round trip.
+    async fn commit_in_one_statement(
+        &self,
+        writes: Vec<Write>,
+        check: CheckParams,
+        durability: Durability,
+    ) -> KvResult<()> {
+        let client = self.client();
+        let statement = client
+            .prepare_cached(ONE_STATEMENT)
+            .await
+            .map_err(pg_error)?;
+        let split = self.split(writes);
+        let lazy = durability == Durability::Eventual && self.lazy_commits.load(Ordering::Relaxed);
+        let synchronous_commit: Option<&str> = lazy.then_some("off");
+        let [pinned, plain, keys, values] = check.as_params();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+            pinned,
+            plain,
+            keys,
+            values,
+            &split.put_keys,
+            &split.put_values,
+            &split.update_keys,
+            &split.update_values,
+            &split.deletes,
+            &synchronous_commit,
+        ];
+        match client.execute(&statement, &params).await {
+            Ok(_) => Ok(()),
+            // A server that refuses the setting (an unknown parameter or value, or no
+            // `set_config`): stop asking, and let the rules run this one again (durably, which
+            // is always allowed).
+            Err(error)
+                if lazy
+                    && [
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        SqlState::UNDEFINED_OBJECT,
+                        SqlState::UNDEFINED_FUNCTION,
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        SqlState::CANT_CHANGE_RUNTIME_PARAM,
+                    ]
+                    .iter()
+                    .any(|code| error.code() == Some(code)) =>
+            {
+                self.lazy_commits.store(false, Ordering::Relaxed);
+                Err(KvError::Conflict(format!(
+                    "the server refused synchronous_commit: {error}"
+                )))
+            }
+            Err(error) => Err(check_error(error)),
+        }
+    }
+
+    /// Sends the check of what was guessed ([`CHECK`]), the writes and COMMIT in one round trip
+    /// (pipelined; should a statement fail, the server turns the COMMIT into a rollback and the
+    /// statement's error is what comes back).
+    async fn commit_on(
+        &self,
+        writes: Vec<Write>,
+        check: Option<CheckParams>,
+        durability: Durability,
+    ) -> KvResult<()> {
+        let client = self.client();
+        let SplitWrites {
+            put_keys,
+            put_values,
+            update_keys,
+            update_values,
+            deletes,
+        } = self.split(writes);
         let kinds = [&put_keys, &update_keys, &deletes]
             .iter()
             .filter(|keys| !keys.is_empty())
@@ -657,6 +977,10 @@ impl PgTxn {
             (DELETE, vec![&deletes])
         };
         let write = client.prepare_cached(query).await.map_err(pg_error)?;
+        let check_statement = match &check {
+            Some(_) => Some(client.prepare_cached(CHECK).await.map_err(pg_error)?),
+            None => None,
+        };
         // In the order they must reach the server: each is sent when first polled, and
         // try_join_all polls them in order.
         let mut steps: Vec<futures::future::BoxFuture<'_, PgResult<()>>> = Vec::new();
@@ -671,6 +995,18 @@ impl PgTxn {
             ));
             steps.len() - 1
         });
+        let check_step = check
+            .as_ref()
+            .zip(check_statement.as_ref())
+            .map(|(check, statement)| {
+                steps.push(Box::pin(async move {
+                    client
+                        .execute(statement, &check.as_params())
+                        .await
+                        .map(drop)
+                }));
+                steps.len() - 1
+            });
         if kinds > 0 {
             steps.push(Box::pin(async {
                 client.execute(&write, &params).await.map(drop)
@@ -690,6 +1026,7 @@ impl PgTxn {
                     "the server refused synchronous_commit: {error}"
                 )))
             }
+            Some((step, Err(error))) if Some(step) == check_step => Err(check_error(error)),
             Some((_, outcome)) => outcome.map_err(pg_error),
         }
     }

@@ -144,7 +144,7 @@ pub struct KvMeta {
     store: Arc<dyn KvStore>,
     config: MetaConfig,
     /// Ids taken from the store's sequences but not handed out yet (when the store batches).
-    pools: Mutex<HashMap<Sequence, Range<u64>>>,
+    pools: Mutex<HashMap<Sequence, IdPool>>,
     /// Held while a pool is refilled, so that one transaction takes the next batch and the
     /// others wait for it: a batch taken by each transaction that found the pool empty made
     /// the sequence's row a hot spot, each update waiting for the previous one's commit.
@@ -251,6 +251,7 @@ impl KvMeta {
                 _ => self.store.begin(write).await?,
             },
             writes: BTreeMap::new(),
+            pooled_ids: Vec::new(),
             undo: None,
             reads: HashMap::new(),
             explicit: kind == TxKind::Explicit,
@@ -272,7 +273,18 @@ impl KvMeta {
     /// An id left in this engine's batch of `sequence`, if any.
     fn take_pooled(&self, sequence: Sequence) -> Option<u64> {
         let mut pools = self.pools.lock().expect("id pools poisoned");
-        pools.get_mut(&sequence).and_then(|pool| pool.next())
+        pools.get_mut(&sequence).and_then(IdPool::next)
+    }
+
+    /// Ids a transaction took from the pools and never committed: handed out again.
+    fn give_back(&self, ids: Vec<(Sequence, u64)>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut pools = self.pools.lock().expect("id pools poisoned");
+        for (sequence, id) in ids {
+            pools.entry(sequence).or_default().returned.insert(id);
+        }
     }
 
     async fn read_tx(&self) -> Result<Tx<'_>> {
@@ -439,8 +451,15 @@ macro_rules! transact {
             let outcome = match outcome {
                 Ok(value) => $tx.commit($durability).await.map(|()| value),
                 Err(error) => {
+                    // An error the reads led to must hold for the store, not only for what a
+                    // backend remembered of it (`KvTxn::check_reads`).
+                    let error = match error {
+                        $crate::MetaError::Backend(_) => error,
+                        error => $tx.check_reads().await.map_or_else(|e| e, |()| error),
+                    };
                     // Ended before any wait below: a recall runs transactions of its own, and
                     // redb has one writer.
+                    $tx.give_back_ids();
                     drop($tx);
                     Err(error)
                 }
@@ -547,6 +566,21 @@ pub enum TxKind {
     Explicit,
 }
 
+/// The ids of one sequence this engine took from the store and has not handed out.
+#[derive(Default)]
+struct IdPool {
+    /// Taken by transactions that did not commit ([`Tx::give_back_ids`]): handed out first,
+    /// lowest first.
+    returned: std::collections::BTreeSet<u64>,
+    fresh: Range<u64>,
+}
+
+impl IdPool {
+    fn next(&mut self) -> Option<u64> {
+        self.returned.pop_first().or_else(|| self.fresh.next())
+    }
+}
+
 /// A key written, and what the transaction's writes held of it before (`None`: nothing).
 type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
 
@@ -557,6 +591,8 @@ pub struct Tx<'m> {
     inner: Box<dyn KvTxn>,
     /// Every key written so far, `None` for deleted.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Ids taken from the engine's pools ([`Tx::give_back_ids`]).
+    pooled_ids: Vec<(Sequence, u64)>,
     /// While a change shares this transaction with others (`rules/batch`): what `writes` held
     /// of each key it wrote before it did (`None`: nothing), so that a failed one is undone.
     undo: Option<Vec<Undo>>,
@@ -578,8 +614,23 @@ pub struct Tx<'m> {
 impl Tx<'_> {
     pub async fn commit(self, durability: Durability) -> Result<()> {
         let writes: Vec<Write> = self.writes.into_iter().collect();
-        self.inner.commit(writes, durability).await?;
-        Ok(())
+        match self.inner.commit(writes, durability).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // A conflict applied nothing; any other failure may have committed.
+                if matches!(error, KvError::Conflict(_)) {
+                    self.meta.give_back(self.pooled_ids);
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// [`KvTxn::check_reads`], before an error that came of this transaction's reads is
+    /// returned instead of a commit.
+    #[doc(hidden)]
+    pub async fn check_reads(&mut self) -> Result<()> {
+        Ok(self.inner.check_reads().await?)
     }
 
     // --- the key-value layer ---
@@ -684,6 +735,11 @@ impl Tx<'_> {
         self.undo = None;
     }
 
+    /// A name about to be made: expected free ([`KvTxn::expect_absent`]), before it is read.
+    fn expect_new_name(&mut self, parent: Ino, name: &[u8]) {
+        self.inner.expect_absent(&keys::dentry(parent, name));
+    }
+
     /// Up to `limit` pairs with `start <= key < end` as this transaction sees them.
     async fn scan(
         &mut self,
@@ -723,11 +779,13 @@ impl Tx<'_> {
             return Ok(self.inner.take_ids(sequence, 1).await?);
         }
         if let Some(id) = self.meta.take_pooled(sequence) {
+            self.pooled_ids.push((sequence, id));
             return Ok(id);
         }
         let _refilling = self.meta.refill.lock().await;
         // Refilled while this one waited.
         if let Some(id) = self.meta.take_pooled(sequence) {
+            self.pooled_ids.push((sequence, id));
             return Ok(id);
         }
         let first = self.inner.take_ids(sequence, batch).await?;
@@ -736,8 +794,19 @@ impl Tx<'_> {
             .pools
             .lock()
             .expect("id pools poisoned")
-            .insert(sequence, first + 1..first + batch);
+            .entry(sequence)
+            .or_default()
+            .fresh = first + 1..first + batch;
+        self.pooled_ids.push((sequence, first));
         Ok(first)
+    }
+
+    /// This transaction will not commit: the ids it took from the engine's pools go back
+    /// (a transaction that guessed a name free and found it taken at its commit took one for
+    /// nothing, and a run that failed should not leave a gap each time). Not after a commit
+    /// whose outcome is unknown: it may have used them.
+    pub fn give_back_ids(&mut self) {
+        self.meta.give_back(std::mem::take(&mut self.pooled_ids));
     }
 
     // --- format and counters ---
@@ -1176,6 +1245,7 @@ impl Tx<'_> {
         // The session (it names the tenant whose usage grows) with all else a create reads: the
         // tenant's totals too when the session's tenant is known from before.
         check_name(name)?;
+        self.expect_new_name(parent, name);
         let hint = self.meta.tenant_hint(session);
         let keys = self.new_node_keys(parent, name, hint.as_deref());
         self.fetch(Some(keys::session(session)), keys).await?;
@@ -1198,6 +1268,7 @@ impl Tx<'_> {
         owner: &str,
     ) -> Result<Attr> {
         check_name(name)?;
+        self.expect_new_name(parent, name);
         self.prefetch(self.new_node_keys(parent, name, Some(owner)))
             .await?;
         let dir = self.check_new_name(parent, name).await?;

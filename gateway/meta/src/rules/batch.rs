@@ -194,6 +194,7 @@ impl KvMeta {
                         Some(session) => self.tenant_hint(session),
                         None => Some(String::new()),
                     };
+                    tx.expect_new_name(q.parent, &q.name);
                     reads.extend(tx.new_node_keys(q.parent, &q.name, owner.as_deref()));
                     if let Some(tag) = q.tag.filter(|t| t.retry || runs > 1) {
                         reads.push(keys::change_slot(tag.session, tag.slot));

@@ -795,3 +795,220 @@ fn spawn_tagged_create(
             .await
     }))
 }
+
+/// A snapshot transaction whose every read the store answers from what it remembers sends no
+/// read: it commits in one statement that checks what it assumed. A record changed behind the
+/// store's back (here by SQL, as another gateway would) fails the commit whole, as a conflict,
+/// and the next transaction reads the record again. So does a name expected free that is
+/// taken, and a check before an error is answered finds the same.
+#[test]
+fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again() {
+    use crate::kv::{Durability, KvError};
+
+    let db = db();
+    let Db::Postgres(url) = &db else {
+        unreachable!("the PostgreSQL suite")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = db.store().await.unwrap();
+        let key = |name: &str| format!("test/guess/{name}").into_bytes();
+        let (sql, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let set = |name: &str, value: &str| {
+            let (sql, key) = (&sql, key(name));
+            let value = value.as_bytes().to_vec();
+            async move {
+                sql.execute(
+                    "INSERT INTO stagefs_kv (k, v) VALUES ($1, $2) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    &[&key, &value],
+                )
+                .await
+                .unwrap();
+            }
+        };
+        let stored = |name: &str| {
+            let (sql, key) = (&sql, key(name));
+            async move {
+                sql.query_opt("SELECT v FROM stagefs_kv WHERE k = $1", &[&key])
+                    .await
+                    .unwrap()
+                    .map(|row| row.get::<_, Vec<u8>>(0))
+            }
+        };
+        let reads = [key("counter"), key("name")];
+        set("counter", "1").await;
+        // Read for real and committed: remembered.
+        let mut txn = store.begin_snapshot().await.unwrap();
+        txn.expect_absent(&key("name"));
+        assert_eq!(
+            txn.get_many(&reads, 1).await.unwrap(),
+            vec![Some(b"1".to_vec()), None]
+        );
+        txn.commit(
+            vec![(key("counter"), Some(b"2".to_vec()))],
+            Durability::Durable,
+        )
+        .await
+        .unwrap();
+
+        // Changed elsewhere: the store answers what it remembers, and the commit fails whole.
+        set("counter", "7").await;
+        let mut txn = store.begin_snapshot().await.unwrap();
+        txn.expect_absent(&key("name"));
+        assert_eq!(
+            txn.get_many(&reads, 1).await.unwrap(),
+            vec![Some(b"2".to_vec()), None],
+            "answered from memory"
+        );
+        let outcome = txn
+            .commit(
+                vec![
+                    (key("counter"), Some(b"3".to_vec())),
+                    (key("name"), Some(b"mine".to_vec())),
+                    (key("gone"), None),
+                ],
+                Durability::Durable,
+            )
+            .await;
+        assert!(matches!(outcome, Err(KvError::Conflict(_))), "{outcome:?}");
+        assert_eq!(
+            stored("counter").await,
+            Some(b"7".to_vec()),
+            "half a commit"
+        );
+        assert_eq!(stored("name").await, None, "half a commit");
+
+        // What the check refuted is read again.
+        let mut txn = store.begin_snapshot().await.unwrap();
+        txn.expect_absent(&key("name"));
+        assert_eq!(
+            txn.get_many(&reads, 1).await.unwrap(),
+            vec![Some(b"7".to_vec()), None]
+        );
+        drop(txn);
+        // A name remembered free, but taken elsewhere.
+        set("name", "theirs").await;
+        let mut txn = store.begin_snapshot().await.unwrap();
+        txn.expect_absent(&key("name"));
+        assert_eq!(
+            txn.get_many(&reads, 1).await.unwrap(),
+            vec![Some(b"7".to_vec()), None],
+            "answered from memory"
+        );
+        let outcome = txn
+            .commit(
+                vec![(key("name"), Some(b"mine".to_vec()))],
+                Durability::Durable,
+            )
+            .await;
+        assert!(matches!(outcome, Err(KvError::Conflict(_))), "{outcome:?}");
+        assert_eq!(stored("name").await, Some(b"theirs".to_vec()));
+        let mut txn = store.begin_snapshot().await.unwrap();
+        txn.expect_absent(&key("name"));
+        assert_eq!(
+            txn.get_many(&reads, 1).await.unwrap(),
+            vec![Some(b"7".to_vec()), Some(b"theirs".to_vec())],
+            "a name found taken is read, not guessed free again"
+        );
+        txn.check_reads().await.unwrap();
+
+        // An answer that a transaction would give from memory without committing is checked.
+        set("name", "changed").await;
+        let mut txn = store.begin_snapshot().await.unwrap();
+        assert_eq!(
+            txn.get(&key("name")).await.unwrap(),
+            Some(b"theirs".to_vec())
+        );
+        let checked = txn.check_reads().await;
+        assert!(matches!(checked, Err(KvError::Conflict(_))), "{checked:?}");
+    });
+}
+
+/// Two gateways' engines on one database, each creating in one directory: what one remembers
+/// of the directory is stale once the other changed it, and no change of it is lost, no name
+/// taken twice, no name refused that is free.
+#[test]
+fn creates_from_memory_lose_nothing_another_gateway_changed() {
+    use crate::*;
+
+    let db = db();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (a, session_a) = shared_engine(&db, "a").await;
+        let (b, _) = shared_engine(&db, "b").await;
+        let dir = top_dir(&a, "shared").await;
+        // A remembers the directory: its later creates there read nothing.
+        for name in ["a1", "a2"] {
+            a.mkdir(dir, name.as_bytes(), 0o755, 0, 0).await.unwrap();
+        }
+        // B adds a subdirectory (the parent's link count) and a name A never saw.
+        b.mkdir(dir, b"b1", 0o755, 0, 0).await.unwrap();
+        let theirs = b.mknod(dir, b"taken", &regular_file()).await.unwrap();
+        let conflicts = a.conflicts();
+        a.mkdir(dir, b"a3", 0o755, 0, 0).await.unwrap();
+        assert_eq!(
+            a.getattr(dir).await.unwrap().nlink,
+            2 + 4,
+            "a subdirectory's link lost"
+        );
+        assert!(
+            a.conflicts() > conflicts,
+            "the stale directory was not found by the check"
+        );
+        match a.mknod(dir, b"taken", &regular_file()).await {
+            Err(MetaError::AlreadyExists { .. }) => {}
+            other => panic!("a name taken on the other gateway: {other:?}"),
+        }
+        assert_eq!(a.lookup(dir, b"taken").await.unwrap().ino, theirs.ino);
+        // A name A made, then B removed: free, though A remembers it taken.
+        a.mknod(dir, b"again", &regular_file()).await.unwrap();
+        b.unlink(dir, b"again").await.unwrap();
+        a.mknod(dir, b"again", &regular_file()).await.unwrap();
+        let names: Vec<_> = a
+            .readdir(dir, 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entry| String::from_utf8(entry.name).unwrap())
+            .filter(|name| name != "." && name != "..")
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["a1", "a2", "a3", "again", "b1", "taken"]);
+        // An error a transaction would answer from memory is checked first: A asks about an
+        // inode B has not made yet (then remembered absent), B makes it, A asks again.
+        let first = b.mknod(dir, b"b-first", &regular_file()).await.unwrap().ino;
+        let slice = Slice {
+            slice_id: a.allocate_slice_ids(session_a, 1).await.unwrap().start,
+            offset_in_chunk: 0,
+            len: 4096,
+            gateway_id: [1; 16],
+        };
+        match a
+            .record_pending_slice_lazily(session_a, first + 1, &slice)
+            .await
+        {
+            Err(MetaError::NoSuchInode(_)) => {}
+            other => panic!("a slice for an inode not made yet: {other:?}"),
+        }
+        let next = b.mknod(dir, b"b-next", &regular_file()).await.unwrap().ino;
+        assert_eq!(next, first + 1, "the other engine's inode numbers in order");
+        a.record_pending_slice_lazily(session_a, next, &slice)
+            .await
+            .unwrap();
+        // A session closed on the other gateway creates nothing, though A remembers it open.
+        a.create(session_a, dir, b"before", &regular_file())
+            .await
+            .unwrap();
+        let before = a.lookup(dir, b"before").await.unwrap().ino;
+        a.release(session_a, &[before]).await.unwrap();
+        b.close_session(session_a).await.unwrap();
+        let outcome = a.create(session_a, dir, b"after", &regular_file()).await;
+        assert!(outcome.is_err(), "a closed session created: {outcome:?}");
+        assert!(a.lookup(dir, b"after").await.is_err());
+    });
+}
