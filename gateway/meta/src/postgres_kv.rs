@@ -124,18 +124,32 @@ const WRITE_ALL: &str = "WITH deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($
 /// 64 clients 7–12 % faster without it).
 const PLAN_ONCE: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
                          SET plan_cache_mode = force_generic_plan";
+/// The records a check compares ([`CHECK`], [`ONE_STATEMENT`]): the keys to pin ($1) and the
+/// others ($2) read as [`GET_PINNED_AND_MANY`] reads them. (Macros, for `concat!`.)
+macro_rules! seen_sql {
+    () => {
+        "pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE), \
+         seen AS (SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2))"
+    };
+}
+/// The keys whose record is not what was assumed of it ($3, $4, in that order; a `NULL` value
+/// for no record), as rows to count.
+macro_rules! differences_sql {
+    () => {
+        "FROM unnest($3::bytea[], $4::bytea[]) AS assumed (k, v) \
+         LEFT JOIN seen ON seen.k = assumed.k WHERE seen.v IS DISTINCT FROM assumed.v"
+    };
+}
 /// The check of the values a snapshot transaction took from [`ReadCache`] instead of reading
-/// them, pipelined ahead of its writes: the keys to pin ($1) and the others ($2) read as
-/// [`GET_PINNED_AND_MANY`] reads them, compared with what was assumed of each key ($3, $4, in
-/// that order; a `NULL` value for no record). Any difference fails the statement, and with it
-/// the transaction, before its writes: a division by zero (SQLSTATE 22012), raised from the
-/// data so that the planner cannot fold it, and what every server of the protocol implements.
-const CHECK: &str =
-    "WITH pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE), \
-     seen AS (SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2)) \
-     SELECT 1 / (CASE WHEN count(*) = 0 THEN 1 ELSE 0 END) \
-     FROM unnest($3::bytea[], $4::bytea[]) AS assumed (k, v) LEFT JOIN seen ON seen.k = assumed.k \
-     WHERE seen.v IS DISTINCT FROM assumed.v";
+/// them, pipelined ahead of its writes. Any difference fails the statement, and with it the
+/// transaction, before its writes: a division by zero (SQLSTATE 22012), raised from the data so
+/// that the planner cannot fold it, and what every server of the protocol implements.
+const CHECK: &str = concat!(
+    "WITH ",
+    seen_sql!(),
+    " SELECT 1 / (CASE WHEN count(*) = 0 THEN 1 ELSE 0 END) ",
+    differences_sql!()
+);
 /// A snapshot transaction that read nothing (every value guessed), whole, as one statement
 /// outside any `BEGIN`: the statement is its transaction, and it commits when it returns. Its
 /// [`CHECK`] ($1–$4) gates its [`WRITE_ALL`] ($5–$9): a one-time filter on the insert, which
@@ -148,19 +162,21 @@ const CHECK: &str =
 /// cost (`stagefs bench meta`). Safe only under snapshot isolation, which the connections of
 /// the transactions' pool default to ([`SESSION`]); the statement checks that it has it, and
 /// fails as a wrong guess without (the next run reads, and commits as any other transaction).
-const ONE_STATEMENT: &str = "WITH pinned AS (SELECT k, v FROM stagefs_kv WHERE k = ANY($1) FOR KEY SHARE), \
-     seen AS (SELECT k, v FROM pinned UNION ALL SELECT k, v FROM stagefs_kv WHERE k = ANY($2)), \
-     checked AS (SELECT 1 / (CASE WHEN count(*) = 0 AND current_setting('transaction_isolation') \
-         IN ('repeatable read', 'serializable') THEN 1 ELSE 0 END) AS ok \
-       FROM unnest($3::bytea[], $4::bytea[]) AS assumed (k, v) LEFT JOIN seen ON seen.k = assumed.k \
-       WHERE seen.v IS DISTINCT FROM assumed.v), \
-     deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($9)), \
+const ONE_STATEMENT: &str = concat!(
+    "WITH ",
+    seen_sql!(),
+    ", checked AS (SELECT 1 / (CASE WHEN count(*) = 0 AND \
+       current_setting('transaction_isolation') IN ('repeatable read', 'serializable') \
+       THEN 1 ELSE 0 END) AS ok ",
+    differences_sql!(),
+    "), deleted AS (DELETE FROM stagefs_kv WHERE k = ANY($9)), \
      updated AS (UPDATE stagefs_kv SET v = ($8::bytea[])[array_position($7::bytea[], k)] \
        WHERE k = ANY($7)) \
      INSERT INTO stagefs_kv (k, v) SELECT * FROM unnest($5::bytea[], $6::bytea[]) \
      WHERE (SELECT ok FROM checked) = 1 AND set_config('synchronous_commit', \
        COALESCE($10, current_setting('synchronous_commit')), true) IS NOT NULL \
-     ON CONFLICT (k) DO UPDATE SET v = excluded.v";
+     ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+);
 /// Every connection of the transactions' pool: a statement outside `BEGIN` runs under snapshot
 /// isolation ([`ONE_STATEMENT`]; every other transaction names its isolation).
 const SESSION: &str = "SET default_transaction_isolation TO 'repeatable read'";
@@ -480,16 +496,14 @@ impl PostgresKv {
         // BEGIN goes out with the transaction's first statement, in the same round trip. Should
         // a call be cancelled (a client gone) once it was sent, dropping the transaction rolls
         // it back before the connection is reused.
-        let snapshot = begin == BEGIN_SNAPSHOT;
         Ok(Box::new(PgTxn {
             client: Some(self.pool.get().await.map_err(pool_error)?),
             ids: self.ids.clone(),
             lazy_commits: self.lazy_commits.clone(),
-            found: snapshot.then(HashSet::new),
+            snapshot: (begin == BEGIN_SNAPSHOT).then(Snapshot::default),
             begin,
             begun: AtomicBool::new(false),
             cache: self.cache.clone(),
-            guesses: snapshot.then(Guesses::default),
         }))
     }
 }
@@ -503,18 +517,20 @@ struct PgTxn {
     /// The BEGIN of this transaction, sent (pipelined) with its first statement.
     begin: &'static str,
     begun: AtomicBool,
-    /// In a snapshot transaction ([`KvStore::begin_snapshot`]), the keys its reads found: what
-    /// it writes of them is sent as an `UPDATE` ([`UPDATE`]).
-    found: Option<HashSet<Vec<u8>>>,
+    /// What a snapshot transaction ([`KvStore::begin_snapshot`]) keeps of its reads; `None` in
+    /// the others.
+    snapshot: Option<Snapshot>,
     cache: Arc<ReadCache>,
-    /// In a snapshot transaction, what it took from [`ReadCache`] instead of reading.
-    guesses: Option<Guesses>,
 }
 
-/// What a snapshot transaction assumed without reading, checked before it ends ([`CHECK`]).
+/// What a snapshot transaction keeps of its reads.
 #[derive(Default)]
-struct Guesses {
-    /// Each key's assumed value, and whether it is read pinned.
+struct Snapshot {
+    /// The keys its reads found (or guessed there): what it writes of them is sent as an
+    /// `UPDATE` ([`UPDATE`]).
+    found: HashSet<Vec<u8>>,
+    /// What it took from [`ReadCache`] instead of reading, checked before it ends ([`CHECK`]):
+    /// each key's assumed value, and whether it is read pinned.
     assumed: HashMap<Vec<u8>, (Option<Vec<u8>>, bool)>,
     /// Keys the rules expect to be absent ([`KvTxn::expect_absent`]).
     absent: HashSet<Vec<u8>>,
@@ -569,7 +585,7 @@ impl PgTxn {
         if value.is_some() {
             self.note_found(std::iter::once(key));
         }
-        if self.guesses.is_some() {
+        if self.snapshot.is_some() {
             self.cache.learn(std::iter::once((key, value.as_deref())));
         }
         Ok(value)
@@ -579,23 +595,20 @@ impl PgTxn {
     /// pinned) as [`ReadCache`] remembers them, when it knows every one: taken as read, and
     /// checked before the transaction ends ([`CHECK`]).
     fn guess(&mut self, keys: &[Vec<u8>], pinned: usize) -> Option<Vec<Option<Vec<u8>>>> {
-        let guesses = self.guesses.as_mut()?;
-        let mut values = self.cache.values(keys, &guesses.absent)?;
+        let snapshot = self.snapshot.as_mut()?;
+        let mut values = self.cache.values(keys, &snapshot.absent)?;
         for (i, (key, value)) in keys.iter().zip(values.iter_mut()).enumerate() {
             // A key guessed twice keeps its first value: one transaction, one snapshot.
-            let (assumed, pin) = guesses
+            let (assumed, pin) = snapshot
                 .assumed
                 .entry(key.clone())
                 .or_insert_with(|| (value.clone(), false));
             *value = assumed.clone();
             *pin |= i < pinned;
+            if value.is_some() {
+                snapshot.found.insert(key.clone());
+            }
         }
-        self.note_found(
-            keys.iter()
-                .zip(&values)
-                .filter(|(_, value)| value.is_some())
-                .map(|(key, _)| key),
-        );
         metrics::counter!("stagefs_meta_pg_guessed_reads_total").increment(1);
         Some(values)
     }
@@ -603,7 +616,7 @@ impl PgTxn {
     /// What [`CHECK`] is given: the keys to pin, the others, and every key with its assumed
     /// value (pinned first). `None` when nothing was guessed.
     fn check_params(&self) -> Option<CheckParams> {
-        let assumed = &self.guesses.as_ref()?.assumed;
+        let assumed = &self.snapshot.as_ref()?.assumed;
         if assumed.is_empty() {
             return None;
         }
@@ -631,17 +644,18 @@ impl PgTxn {
     /// After a failed commit or check: what was guessed, and what was to be written of
     /// remembered keys, is read again next time.
     fn refute_guesses(&self, written: &[Write]) {
-        if let Some(guesses) = &self.guesses {
-            self.cache.refute(guesses.assumed.keys().map(Vec::as_slice));
+        if let Some(snapshot) = &self.snapshot {
+            self.cache
+                .refute(snapshot.assumed.keys().map(Vec::as_slice));
         }
         self.cache
             .refute(written.iter().map(|(key, _)| key.as_slice()));
     }
 
-    /// Keys a read found, kept in a snapshot transaction ([`PgTxn::found`]).
+    /// Keys a read found, kept in a snapshot transaction ([`Snapshot::found`]).
     fn note_found<'k>(&mut self, keys: impl Iterator<Item = &'k (impl AsRef<[u8]> + 'k + ?Sized)>) {
-        if let Some(found) = &mut self.found {
-            found.extend(keys.map(|key| key.as_ref().to_vec()));
+        if let Some(snapshot) = &mut self.snapshot {
+            snapshot.found.extend(keys.map(|key| key.as_ref().to_vec()));
         }
     }
 
@@ -657,13 +671,20 @@ impl PgTxn {
         &self,
         query: impl std::future::Future<Output = PgResult<T>>,
     ) -> KvResult<T> {
-        let outcome = match self.pending_begin() {
+        self.in_txn_as(query).await.map_err(pg_error)
+    }
+
+    /// [`PgTxn::in_txn`], its error as the driver gave it.
+    async fn in_txn_as<T>(
+        &self,
+        query: impl std::future::Future<Output = PgResult<T>>,
+    ) -> PgResult<T> {
+        match self.pending_begin() {
             Some(begin) => {
                 futures::try_join!(self.client().batch_execute(begin), query).map(|(_, out)| out)
             }
             None => query.await,
-        };
-        outcome.map_err(pg_error)
+        }
     }
 }
 
@@ -713,7 +734,7 @@ impl KvTxn for PgTxn {
             .map(|row| (row.get(0), row.get(1)))
             .collect();
         self.note_found(values.keys());
-        if self.guesses.is_some() {
+        if self.snapshot.is_some() {
             self.cache.learn(
                 keys.iter()
                     .map(|key| (key.as_slice(), values.get(key).map(Vec::as_slice))),
@@ -789,9 +810,9 @@ impl KvTxn for PgTxn {
         }
         // What is remembered of the keys written is updated once the commit took effect.
         let guessed = |key: &[u8]| {
-            self.guesses
+            self.snapshot
                 .as_ref()
-                .is_some_and(|guesses| guesses.assumed.contains_key(key))
+                .is_some_and(|snapshot| snapshot.assumed.contains_key(key))
         };
         let remembered = self.cache.remembered(&writes, guessed);
         let committed = match check {
@@ -818,8 +839,8 @@ impl KvTxn for PgTxn {
     }
 
     fn expect_absent(&mut self, key: &[u8]) {
-        if let Some(guesses) = &mut self.guesses {
-            guesses.absent.insert(key.to_vec());
+        if let Some(snapshot) = &mut self.snapshot {
+            snapshot.absent.insert(key.to_vec());
         }
     }
 
@@ -830,15 +851,8 @@ impl KvTxn for PgTxn {
         let client = self.client();
         let statement = client.prepare_cached(CHECK).await.map_err(pg_error)?;
         let params = check.as_params();
-        let checked = match self.pending_begin() {
-            Some(begin) => futures::try_join!(
-                client.batch_execute(begin),
-                client.execute(&statement, &params)
-            )
-            .map(drop),
-            None => client.execute(&statement, &params).await.map(drop),
-        };
-        checked.map_err(|error| {
+        let checked = self.in_txn_as(client.execute(&statement, &params)).await;
+        checked.map(drop).map_err(|error| {
             self.refute_guesses(&[]);
             check_error(error)
         })
@@ -863,9 +877,9 @@ impl PgTxn {
             match value {
                 Some(value)
                     if self
-                        .found
+                        .snapshot
                         .as_ref()
-                        .is_some_and(|found| found.contains(&key)) =>
+                        .is_some_and(|snapshot| snapshot.found.contains(&key)) =>
                 {
                     split.update_keys.push(key);
                     split.update_values.push(value);
@@ -912,8 +926,7 @@ impl PgTxn {
         match client.execute(&statement, &params).await {
             Ok(_) => Ok(()),
             // A server that refuses the setting (an unknown parameter or value, or no
-            // `set_config`): stop asking, and let the rules run this one again (durably, which
-            // is always allowed).
+            // `set_config`).
             Err(error)
                 if lazy
                     && [
@@ -926,13 +939,17 @@ impl PgTxn {
                     .iter()
                     .any(|code| error.code() == Some(code)) =>
             {
-                self.lazy_commits.store(false, Ordering::Relaxed);
-                Err(KvError::Conflict(format!(
-                    "the server refused synchronous_commit: {error}"
-                )))
+                Err(self.refuse_lazy_commits(error))
             }
             Err(error) => Err(check_error(error)),
         }
+    }
+
+    /// The server refused `synchronous_commit` (as `error` says): stop asking, and let the
+    /// rules run the transaction again (durably, which is always allowed).
+    fn refuse_lazy_commits(&self, error: tokio_postgres::Error) -> KvError {
+        self.lazy_commits.store(false, Ordering::Relaxed);
+        KvError::Conflict(format!("the server refused synchronous_commit: {error}"))
     }
 
     /// Sends the check of what was guessed ([`CHECK`]), the writes and COMMIT in one round trip
@@ -977,8 +994,8 @@ impl PgTxn {
             (DELETE, vec![&deletes])
         };
         let write = client.prepare_cached(query).await.map_err(pg_error)?;
-        let check_statement = match &check {
-            Some(_) => Some(client.prepare_cached(CHECK).await.map_err(pg_error)?),
+        let check = match check {
+            Some(check) => Some((client.prepare_cached(CHECK).await.map_err(pg_error)?, check)),
             None => None,
         };
         // In the order they must reach the server: each is sent when first polled, and
@@ -995,18 +1012,15 @@ impl PgTxn {
             ));
             steps.len() - 1
         });
-        let check_step = check
-            .as_ref()
-            .zip(check_statement.as_ref())
-            .map(|(check, statement)| {
-                steps.push(Box::pin(async move {
-                    client
-                        .execute(statement, &check.as_params())
-                        .await
-                        .map(drop)
-                }));
-                steps.len() - 1
-            });
+        let check_step = check.as_ref().map(|(statement, check)| {
+            steps.push(Box::pin(async move {
+                client
+                    .execute(statement, &check.as_params())
+                    .await
+                    .map(drop)
+            }));
+            steps.len() - 1
+        });
         if kinds > 0 {
             steps.push(Box::pin(async {
                 client.execute(&write, &params).await.map(drop)
@@ -1018,13 +1032,9 @@ impl PgTxn {
         let outcomes = futures::future::join_all(steps).await;
         match outcomes.into_iter().enumerate().find(|(_, o)| o.is_err()) {
             None => Ok(()),
+            // A server that does not know the setting aborts the transaction.
             Some((step, Err(error))) if Some(step) == set_local => {
-                // A server that does not know the setting aborts the transaction: stop asking,
-                // and let the rules run this one again (durably, which is always allowed).
-                self.lazy_commits.store(false, Ordering::Relaxed);
-                Err(KvError::Conflict(format!(
-                    "the server refused synchronous_commit: {error}"
-                )))
+                Err(self.refuse_lazy_commits(error))
             }
             Some((step, Err(error))) if Some(step) == check_step => Err(check_error(error)),
             Some((_, outcome)) => outcome.map_err(pg_error),

@@ -614,16 +614,16 @@ pub struct Tx<'m> {
 impl Tx<'_> {
     pub async fn commit(self, durability: Durability) -> Result<()> {
         let writes: Vec<Write> = self.writes.into_iter().collect();
-        match self.inner.commit(writes, durability).await {
-            Ok(()) => Ok(()),
-            Err(error) => {
+        self.inner
+            .commit(writes, durability)
+            .await
+            .map_err(|error| {
                 // A conflict applied nothing; any other failure may have committed.
                 if matches!(error, KvError::Conflict(_)) {
                     self.meta.give_back(self.pooled_ids);
                 }
-                Err(error.into())
-            }
-        }
+                error.into()
+            })
     }
 
     /// [`KvTxn::check_reads`], before an error that came of this transaction's reads is

@@ -6,6 +6,14 @@ fn db() -> Db {
     Db::postgres()
 }
 
+/// Where `db` (of this suite) is served.
+fn url(db: &Db) -> &str {
+    match db {
+        Db::Postgres(url) => url,
+        _ => unreachable!("the PostgreSQL suite"),
+    }
+}
+
 /// Cases of the model test unless `PROPTEST_CASES` says otherwise.
 const MODEL_CASES: u32 = 48;
 
@@ -373,9 +381,7 @@ fn concurrent_creates_share_one_batch_of_inode_numbers() {
     let engine = meta.engine().clone();
     let batch = crate::postgres_kv::ID_BATCH;
     let before = next_inode();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     meta.block_on(async {
         // The sequence's row held locked until every create waits for an id: whoever takes the
         // next batch is then sure to find the others waiting.
@@ -420,9 +426,7 @@ fn every_connection_plans_once_and_reads_through_the_index() {
     use crate::postgres_kv::{PostgresKv, GET_MANY};
 
     let db = db();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let store = PostgresKv::connect(url).await.unwrap();
@@ -499,9 +503,7 @@ fn creates_in_flight_together_share_a_transaction_and_answer_as_alone() {
     use std::collections::{BTreeMap, BTreeSet};
 
     let db = db();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (meta, session) = shared_engine(&db, "batch").await;
@@ -628,9 +630,7 @@ fn creates_whose_shared_transaction_was_abandoned_answer_once_made() {
     use crate::*;
 
     let db = db();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (meta, session) = shared_engine(&db, "abandoned").await;
@@ -720,9 +720,7 @@ fn a_shared_transaction_lends_no_create_its_leaders_lease() {
     use crate::*;
 
     let db = db();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (meta, holder) = shared_engine(&db, "holder").await;
@@ -806,9 +804,7 @@ fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again
     use crate::kv::{Durability, KvError};
 
     let db = db();
-    let Db::Postgres(url) = &db else {
-        unreachable!("the PostgreSQL suite")
-    };
+    let url = url(&db);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let store = db.store().await.unwrap();
