@@ -48,6 +48,8 @@ const MAX_TENANT_HINTS: usize = 1 << 16;
 pub(super) struct Batches {
     queue: Mutex<Vec<Queued>>,
     leaders: Semaphore,
+    /// Numbers the queued creates, so that a leader finds its own.
+    tokens: std::sync::atomic::AtomicU64,
     /// Transactions that made more than one create, since the start (for tests).
     pub(super) shared: std::sync::atomic::AtomicU64,
 }
@@ -57,6 +59,7 @@ impl Batches {
         Batches {
             queue: Mutex::new(Vec::new()),
             leaders: Semaphore::new(LEADERS),
+            tokens: std::sync::atomic::AtomicU64::new(0),
             shared: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -81,7 +84,10 @@ struct Queued {
     name: Vec<u8>,
     node: NewNode,
     tag: Option<RequestTag>,
-    answer: oneshot::Sender<Batched>,
+    /// Which create this is ([`Batches::tokens`]).
+    token: u64,
+    /// Where its answer goes; `None` for the leader's own, which the batch returns.
+    answer: Option<oneshot::Sender<Batched>>,
 }
 
 impl KvMeta {
@@ -115,7 +121,10 @@ impl KvMeta {
             name: name.to_vec(),
             node: *node,
             tag,
-            answer,
+            token: batches
+                .tokens
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            answer: Some(answer),
         };
         match self.create_batched(batches, queued, answered).await {
             Batched::Made(attr) => Ok(attr),
@@ -145,36 +154,48 @@ impl KvMeta {
         queued: Queued,
         mut answered: oneshot::Receiver<Batched>,
     ) -> Batched {
+        let token = queued.token;
         lock(&batches.queue).push(queued);
-        tokio::select! {
+        let turn = tokio::select! {
             biased;
             outcome = &mut answered => return answer_of(outcome),
-            turn = batches.leaders.acquire() => {
-                // The semaphore is never closed.
-                let Ok(turn) = turn else {
-                    return Batched::Unknown;
-                };
-                let queued = {
-                    let mut queue = lock(&batches.queue);
-                    let take = queue.len().min(MAX_BATCH);
-                    queue.drain(..take).collect::<Vec<_>>()
-                };
-                // Empty when another leader took this create: its answer is on its way.
-                if !queued.is_empty() {
-                    self.run_batch(batches, queued).await;
-                }
-                drop(turn);
+            turn = batches.leaders.acquire() => turn,
+        };
+        // The semaphore is never closed.
+        let Ok(turn) = turn else {
+            return Batched::Unknown;
+        };
+        let mut taken = {
+            let mut queue = lock(&batches.queue);
+            let take = queue.len().min(MAX_BATCH);
+            queue.drain(..take).collect::<Vec<_>>()
+        };
+        let Some(own) = taken.iter_mut().find(|q| q.token == token) else {
+            // Another leader took this create: its answer is on its way.
+            if !taken.is_empty() {
+                self.run_batch(batches, taken).await;
             }
-        }
-        answer_of(answered.await)
+            drop(turn);
+            return answer_of(answered.await);
+        };
+        // Its own create the leader answers by return, not through the channel it waited on:
+        // a task woken while it runs (by its own send, or by the sender's drop) is scheduled
+        // again as if it yielded, and that wakes the runtime's other thread to steal it.
+        // Closed first, the channel wakes no one.
+        drop(answered);
+        own.answer = None;
+        let answer = self.run_batch(batches, taken).await;
+        drop(turn);
+        answer.unwrap_or(Batched::Unknown)
     }
 
-    /// Runs `queued` in one transaction and answers each (see the module comment).
-    async fn run_batch(&self, batches: &Batches, mut queued: Vec<Queued>) {
+    /// Runs `queued` in one transaction and answers each (see the module comment); the
+    /// answer of the leader's own create (the one without a channel) is returned.
+    async fn run_batch(&self, batches: &Batches, mut queued: Vec<Queued>) -> Option<Batched> {
         // A caller gone meanwhile asks for nothing: its create is not made.
-        queued.retain(|q| !q.answer.is_closed());
+        queued.retain(|q| q.answer.as_ref().is_none_or(|answer| !answer.is_closed()));
         if queued.is_empty() {
-            return;
+            return None;
         }
         let mut made: Vec<Option<Attr>> = Vec::new();
         let mut runs = 0u32;
@@ -230,6 +251,7 @@ impl KvMeta {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         metrics::histogram!("stagefs_meta_create_batch_size").record(queued.len() as f64);
+        let mut own = None;
         for (i, q) in queued.into_iter().enumerate() {
             let answer = match &outcome {
                 Ok(()) => made
@@ -241,8 +263,14 @@ impl KvMeta {
                 Err(MetaError::Backend(KvError::Unavailable(_))) => Batched::Unknown,
                 Err(_) => Batched::Alone,
             };
-            let _ = q.answer.send(answer);
+            match q.answer {
+                Some(channel) => {
+                    let _ = channel.send(answer);
+                }
+                None => own = Some(answer),
+            }
         }
+        own
     }
 
     /// The tenant `session` created for last, if remembered: what a create reads of its

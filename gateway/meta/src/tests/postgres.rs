@@ -1008,3 +1008,78 @@ fn creates_from_memory_lose_nothing_another_gateway_changed() {
         assert!(a.lookup(dir, b"after").await.is_err());
     });
 }
+
+/// A create alone never wakes its own task while it runs. Tokio schedules a task woken inside
+/// its own poll again as if it had yielded, and wakes the runtime's other thread to steal it:
+/// a leader that answered its own create through the channel it had waited on paid two futex
+/// calls and a hand-off between threads per create (`stagefs bench meta`, one client).
+#[test]
+fn a_create_alone_never_wakes_its_own_task() {
+    use crate::*;
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+
+    thread_local! {
+        /// Whether this thread is inside the watched poll: a wake from another thread (the
+        /// driver's, answering the server) is what a task waits for.
+        static POLLING: Cell<bool> = const { Cell::new(false) };
+    }
+    struct Watched {
+        inner: Waker,
+        woken_in_poll: Arc<AtomicUsize>,
+    }
+    impl Wake for Watched {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref()
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            if POLLING.get() {
+                self.woken_in_poll.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.wake_by_ref();
+        }
+    }
+
+    let db = db();
+    let meta = db.open(MetaConfig::default());
+    let engine = meta.engine().clone();
+    let dir = meta
+        .block_on(engine.mkdir(ROOT_INO, b"alone", 0o755, 0, 0))
+        .unwrap()
+        .ino;
+    let node = NewNode {
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    };
+    let woken_in_poll = Arc::new(AtomicUsize::new(0));
+    for i in 0..20 {
+        let name = format!("f{i}");
+        let mut create = Box::pin(engine.mknod(dir, name.as_bytes(), &node));
+        let made = meta.block_on(std::future::poll_fn(|cx| {
+            let waker = Waker::from(Arc::new(Watched {
+                inner: cx.waker().clone(),
+                woken_in_poll: woken_in_poll.clone(),
+            }));
+            POLLING.set(true);
+            let polled = create.as_mut().poll(&mut Context::from_waker(&waker));
+            POLLING.set(false);
+            polled
+        }));
+        made.unwrap();
+    }
+    assert_eq!(
+        woken_in_poll.load(Ordering::SeqCst),
+        0,
+        "a lone create woke its own task while it ran"
+    );
+    assert_eq!(
+        meta.block_on(engine.readdir(dir, 0, 100)).unwrap().len(),
+        20
+    );
+}
