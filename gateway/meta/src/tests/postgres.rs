@@ -836,14 +836,24 @@ fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again
             }
         };
         let reads = [key("counter"), key("name")];
+        // A snapshot transaction that expects the name free, after it read both records as
+        // `expected` (a create's read).
+        let read = |expected: [Option<&str>; 2], why: &'static str| {
+            let (store, reads, name) = (&store, &reads, key("name"));
+            let expected: Vec<Option<Vec<u8>>> = expected
+                .iter()
+                .map(|value| value.map(|v| v.as_bytes().to_vec()))
+                .collect();
+            async move {
+                let mut txn = store.begin_snapshot().await.unwrap();
+                txn.expect_absent(&name);
+                assert_eq!(txn.get_many(reads, 1).await.unwrap(), expected, "{why}");
+                txn
+            }
+        };
         set("counter", "1").await;
         // Read for real and committed: remembered.
-        let mut txn = store.begin_snapshot().await.unwrap();
-        txn.expect_absent(&key("name"));
-        assert_eq!(
-            txn.get_many(&reads, 1).await.unwrap(),
-            vec![Some(b"1".to_vec()), None]
-        );
+        let txn = read([Some("1"), None], "read").await;
         txn.commit(
             vec![(key("counter"), Some(b"2".to_vec()))],
             Durability::Durable,
@@ -853,13 +863,7 @@ fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again
 
         // Changed elsewhere: the store answers what it remembers, and the commit fails whole.
         set("counter", "7").await;
-        let mut txn = store.begin_snapshot().await.unwrap();
-        txn.expect_absent(&key("name"));
-        assert_eq!(
-            txn.get_many(&reads, 1).await.unwrap(),
-            vec![Some(b"2".to_vec()), None],
-            "answered from memory"
-        );
+        let txn = read([Some("2"), None], "answered from memory").await;
         let outcome = txn
             .commit(
                 vec![
@@ -879,22 +883,10 @@ fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again
         assert_eq!(stored("name").await, None, "half a commit");
 
         // What the check refuted is read again.
-        let mut txn = store.begin_snapshot().await.unwrap();
-        txn.expect_absent(&key("name"));
-        assert_eq!(
-            txn.get_many(&reads, 1).await.unwrap(),
-            vec![Some(b"7".to_vec()), None]
-        );
-        drop(txn);
+        drop(read([Some("7"), None], "read again").await);
         // A name remembered free, but taken elsewhere.
         set("name", "theirs").await;
-        let mut txn = store.begin_snapshot().await.unwrap();
-        txn.expect_absent(&key("name"));
-        assert_eq!(
-            txn.get_many(&reads, 1).await.unwrap(),
-            vec![Some(b"7".to_vec()), None],
-            "answered from memory"
-        );
+        let txn = read([Some("7"), None], "answered from memory").await;
         let outcome = txn
             .commit(
                 vec![(key("name"), Some(b"mine".to_vec()))],
@@ -903,13 +895,11 @@ fn a_remembered_value_changed_elsewhere_fails_the_commit_whole_and_is_read_again
             .await;
         assert!(matches!(outcome, Err(KvError::Conflict(_))), "{outcome:?}");
         assert_eq!(stored("name").await, Some(b"theirs".to_vec()));
-        let mut txn = store.begin_snapshot().await.unwrap();
-        txn.expect_absent(&key("name"));
-        assert_eq!(
-            txn.get_many(&reads, 1).await.unwrap(),
-            vec![Some(b"7".to_vec()), Some(b"theirs".to_vec())],
-            "a name found taken is read, not guessed free again"
-        );
+        let mut txn = read(
+            [Some("7"), Some("theirs")],
+            "a name found taken is read, not guessed free again",
+        )
+        .await;
         txn.check_reads().await.unwrap();
 
         // An answer that a transaction would give from memory without committing is checked.
@@ -1050,13 +1040,7 @@ fn a_create_alone_never_wakes_its_own_task() {
         .block_on(engine.mkdir(ROOT_INO, b"alone", 0o755, 0, 0))
         .unwrap()
         .ino;
-    let node = NewNode {
-        kind: FileKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-    };
+    let node = regular_file();
     let woken_in_poll = Arc::new(AtomicUsize::new(0));
     for i in 0..20 {
         let name = format!("f{i}");
