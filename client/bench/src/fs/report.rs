@@ -35,6 +35,50 @@ pub struct ModeFigures {
     pub venv_s: Option<f64>,
 }
 
+/// One workload of the paired rounds (`--peer-rounds`): each round runs it on stagefs's gateway
+/// mode and on JuiceFS `--writeback` back to back, so that both meet the same state of the
+/// machine, whose speed drifts by more than the differences measured over the minutes between
+/// the two sequences.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Paired {
+    /// One figure per round, in the workload's unit (venv: seconds, lower is better).
+    pub stagefs: Vec<f64>,
+    pub juicefs_writeback: Vec<f64>,
+    /// Each round's stagefs ÷ JuiceFS as rates (venv: JuiceFS's time ÷ ours): above 1, stagefs
+    /// was faster in that round.
+    pub ratios: Vec<f64>,
+}
+
+impl Paired {
+    /// Adds a round; `lower_is_better` for a time.
+    pub fn push(&mut self, stagefs: f64, juicefs: f64, lower_is_better: bool) {
+        self.stagefs.push(stagefs);
+        self.juicefs_writeback.push(juicefs);
+        let r = if lower_is_better {
+            ratio(juicefs, stagefs)
+        } else {
+            ratio(stagefs, juicefs)
+        };
+        self.ratios.push(r.unwrap_or(f64::NAN));
+    }
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count); `None` when
+/// there are none or any is not a number.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
+}
+
 /// Every figure of a run. Field names are the JSON keys.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FsReport {
@@ -70,8 +114,12 @@ pub struct FsReport {
     /// `vs_juicefs_{writeback,through}_{small_files,appends,checkpoint,untar,venv}`: stagefs's
     /// gateway mode ÷ JuiceFS, as rates (for venv, JuiceFS's time ÷ ours): above 1, stagefs
     /// is faster.
+    /// Also `paired_vs_juicefs_writeback_{small_files,appends,untar,venv}`: the median of the
+    /// paired rounds' ratios ([`Paired`]).
     #[serde(flatten)]
     pub vs_juicefs: std::collections::BTreeMap<String, f64>,
+    /// The paired rounds by workload (`--peer-rounds`).
+    pub paired_rounds: std::collections::BTreeMap<String, Paired>,
 
     pub store_delay_ms: f64,
     pub writers: usize,
@@ -121,6 +169,12 @@ impl FsReport {
                     self.vs_juicefs
                         .insert(format!("vs_juicefs_{name}_{workload}"), value);
                 }
+            }
+        }
+        for (workload, paired) in &self.paired_rounds {
+            if let Some(value) = median(&paired.ratios) {
+                self.vs_juicefs
+                    .insert(format!("paired_vs_juicefs_writeback_{workload}"), value);
             }
         }
     }
@@ -208,6 +262,48 @@ impl FsReport {
             latency(wb),
             latency(th)
         );
+        out
+    }
+
+    /// The paired rounds, one row per workload: each round's figures and ratio, and the median.
+    fn paired_table(&self) -> String {
+        use std::fmt::Write;
+        let Some(rounds) = self.paired_rounds.values().map(|p| p.ratios.len()).max() else {
+            return String::new();
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\npaired rounds, stagefs gateway / JuiceFS --writeback, run back to back (which goes \
+             first alternates), each after both finished uploading:"
+        );
+        let mut header = format!("{:<14}", "workload");
+        for round in 1..=rounds {
+            let _ = write!(header, " {:>26}", format!("round {round}"));
+        }
+        let _ = writeln!(out, "{header} {:>8}", "median");
+        for (workload, paired) in &self.paired_rounds {
+            let unit = if workload == "venv" { "s" } else { "/s" };
+            let mut row = format!("{workload:<14}");
+            for ((ours, theirs), r) in paired
+                .stagefs
+                .iter()
+                .zip(&paired.juicefs_writeback)
+                .zip(&paired.ratios)
+            {
+                let figures = if workload == "venv" {
+                    format!("{ours:.2} / {theirs:.2} {unit} {r:.2}×")
+                } else {
+                    format!("{ours:.0} / {theirs:.0}{unit} {r:.2}×")
+                };
+                let _ = write!(row, " {figures:>26}");
+            }
+            for _ in paired.ratios.len()..rounds {
+                let _ = write!(row, " {:>26}", "-");
+            }
+            let median = median(&paired.ratios).map_or("-".to_string(), |m| format!("{m:.2}×"));
+            let _ = writeln!(out, "{row} {median:>8}");
+        }
         out
     }
 
@@ -317,6 +413,7 @@ impl FsReport {
             ));
         }
         out.push_str(&self.peer_table());
+        out.push_str(&self.paired_table());
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
         }
@@ -485,6 +582,40 @@ mod tests {
             "{table}"
         );
         assert_eq!(report.panels().len(), 7);
+    }
+
+    #[test]
+    fn paired_rounds_report_each_rounds_ratio_and_their_median() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.0, f64::NAN]), None);
+        let mut report = FsReport::default();
+        let small = report
+            .paired_rounds
+            .entry("small_files".into())
+            .or_default();
+        for (ours, theirs) in [(800.0, 400.0), (300.0, 400.0), (900.0, 600.0)] {
+            small.push(ours, theirs, false);
+        }
+        let venv = report.paired_rounds.entry("venv".into()).or_default();
+        // Seconds: JuiceFS's time ÷ ours.
+        venv.push(5.0, 6.0, true);
+        venv.push(6.0, 6.0, true);
+        report.derive();
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["paired_rounds"]["small_files"]["ratios"],
+            serde_json::json!([2.0, 0.75, 1.5])
+        );
+        assert_eq!(json["paired_vs_juicefs_writeback_small_files"], 1.5);
+        assert_eq!(json["paired_vs_juicefs_writeback_venv"], 1.1);
+        let table = report.table();
+        assert!(
+            table.contains("800 / 400/s 2.00×") && table.contains("1.50×"),
+            "{table}"
+        );
+        assert!(table.contains("5.00 / 6.00 s 1.20×"), "{table}");
     }
 
     #[test]
