@@ -74,6 +74,14 @@ fn bench_fs_runs_every_workload_and_reports_every_key() {
             );
         }
     }
+    // Close-to-open across mounts: mount B reads every file mount A closed at the first try.
+    for mode in ["gateway", "write_through"] {
+        assert_eq!(
+            report[mode]["raw_failed_reads"].as_u64(),
+            Some(0),
+            "{mode}: {report}"
+        );
+    }
     // The store pays the proxy's 25 ms on every request, so no PUT can be faster.
     assert!(report["store_put_p50_ms"].as_f64().unwrap() >= 25.0);
     if stderr.contains("no chart") {

@@ -620,12 +620,14 @@ async fn workload_sequence(
     let (d, other) = (dir.clone(), b.join(name));
     let latency = blocking(move || workloads::read_after_write(&d, &other, count)).await?;
     progress!(
-        "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms",
+        "[{name}] read_after_write: p50 {:.1} ms, p99 {:.1} ms, {} failed reads tried again",
         latency.p50_ms,
-        latency.p99_ms
+        latency.p99_ms,
+        latency.failed_reads
     );
     figures.raw_p50_ms = Some(latency.p50_ms);
     figures.raw_p99_ms = Some(latency.p99_ms);
+    figures.raw_failed_reads = Some(latency.failed_reads);
     settle("read_after_write").await?;
 
     progress!("[{name}] untar: {} files", tarball.files.len());

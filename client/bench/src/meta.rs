@@ -334,7 +334,6 @@ const SLICE_ID_BATCH: u64 = 64;
 /// What a small file costs the engine around its staged block, as a mount and `WriteSlice` make
 /// the calls: a slice id (from the client's batch), the check that it is the session's to
 /// stage, and the commit (which takes its lease).
-
 async fn small_file_commit(
     engine: &Arc<dyn MetaEngine>,
     session: SessionId,

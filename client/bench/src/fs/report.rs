@@ -30,6 +30,9 @@ pub struct ModeFigures {
     pub appends_tenths_per_s: Vec<f64>,
     pub raw_p50_ms: Option<f64>,
     pub raw_p99_ms: Option<f64>,
+    /// Reads on mount B that failed (an error, such as EIO) and were tried again until one
+    /// succeeded; the latency includes the wait.
+    pub raw_failed_reads: Option<u64>,
     pub untar_files_per_s: Option<f64>,
     /// Seconds of `python3 -m venv` (lower is better).
     pub venv_s: Option<f64>,
@@ -538,8 +541,11 @@ fn appends(m: &ModeFigures) -> String {
 }
 
 fn latency(m: &ModeFigures) -> String {
-    match (m.raw_p50_ms, m.raw_p99_ms) {
-        (Some(p50), Some(p99)) => format!("p50 {p50:.1} / p99 {p99:.1} ms"),
+    match (m.raw_p50_ms, m.raw_p99_ms, m.raw_failed_reads) {
+        (Some(p50), Some(p99), Some(failed)) if failed > 0 => {
+            format!("p50 {p50:.1} / p99 {p99:.1} ms, {failed} failed reads")
+        }
+        (Some(p50), Some(p99), _) => format!("p50 {p50:.1} / p99 {p99:.1} ms"),
         _ => "-".into(),
     }
 }

@@ -254,16 +254,26 @@ pub fn appends(dir: &Path, count: usize) -> Result<Appends, BenchError> {
 pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Reads that failed before one succeeded ([`read_after_write`]).
+    pub failed_reads: u64,
 }
+
+/// How long a reader tries again after a failed read in [`read_after_write`]: JuiceFS
+/// `--writeback` answers EIO on another mount for a block its writer has not uploaded yet, once
+/// its own retries are spent.
+const RAW_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// `count` times: a 64 KiB file written and closed on `writer`, then opened, read and verified
 /// on `reader` (another mount of the same file system). The latency is the reader's open to
-/// verified, the time another node waits to see a file that was just closed.
+/// verified, the time another node waits to see a file that was just closed; a read that fails
+/// is tried again (and counted) until it succeeds or [`RAW_RETRY_FOR`] has passed. Bytes that
+/// differ are never tried again: they fail the workload.
 pub fn read_after_write(writer: &Path, reader: &Path, count: usize) -> Result<Latency, BenchError> {
     let name = |i: usize| format!("raw-{i}");
     let mut rng = rand::rng();
     let mut content = vec![0u8; RAW_FILE_SIZE];
     let mut latencies = Vec::with_capacity(count);
+    let mut failed_reads = 0;
     for i in 0..count {
         rng.fill_bytes(&mut content);
         let path = writer.join(name(i));
@@ -273,7 +283,18 @@ pub fn read_after_write(writer: &Path, reader: &Path, count: usize) -> Result<La
         close(file, &path)?;
         let other = reader.join(name(i));
         let start = Instant::now();
-        let got = fs::read(&other).map_err(|e| io_error("cannot read", &other, e))?;
+        let got = loop {
+            match fs::read(&other) {
+                Ok(got) => break got,
+                Err(e) if start.elapsed() >= RAW_RETRY_FOR => {
+                    return Err(io_error("cannot read", &other, e));
+                }
+                Err(_) => {
+                    failed_reads += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
         latencies.push(start.elapsed());
         if got != content {
             return Err(BenchError::Task(format!(
@@ -284,7 +305,10 @@ pub fn read_after_write(writer: &Path, reader: &Path, count: usize) -> Result<La
             )));
         }
     }
-    Ok(latency(latencies))
+    Ok(Latency {
+        failed_reads,
+        ..latency(latencies)
+    })
 }
 
 fn latency(mut samples: Vec<Duration>) -> Latency {
@@ -292,6 +316,7 @@ fn latency(mut samples: Vec<Duration>) -> Latency {
     Latency {
         p50_ms: percentile_ms(&samples, 0.50),
         p99_ms: percentile_ms(&samples, 0.99),
+        failed_reads: 0,
     }
 }
 
