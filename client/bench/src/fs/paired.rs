@@ -129,7 +129,11 @@ async fn rounds(
             let mut values = [0.0; 2];
             for &i in &order {
                 let side = &sides[i];
-                side.settle().await?;
+                // Both: the side that just ran uploads what it staged (the gateway defers its
+                // uploads while writers write, then starts), which would land on this run.
+                for side in sides {
+                    side.settle().await?;
+                }
                 let dir = side.root().join(format!("paired-{}", round + 1));
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BenchError::io("cannot create", &dir, e))?;
