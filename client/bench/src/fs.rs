@@ -692,9 +692,8 @@ async fn run_juicefs(
         staging,
     )
     .await?;
-    for mut m in [b, a] {
-        harness::mount::fusermount_u(m.path(), false)?;
-        m.wait_exit(Duration::from_secs(60))?;
+    for m in [b, a] {
+        juicefs::JuiceFs::unmount(m)?;
     }
     Ok(figures)
 }

@@ -104,4 +104,11 @@ impl JuiceFs {
             MOUNT_TIMEOUT,
         )?)
     }
+
+    /// Unmounts a mount of [`JuiceFs::mount`] and waits for its process to end.
+    pub fn unmount(mut mount: harness::mount::MountProcess) -> Result<(), BenchError> {
+        harness::mount::fusermount_u(mount.path(), false)?;
+        mount.wait_exit(Duration::from_secs(60))?;
+        Ok(())
+    }
 }

@@ -22,7 +22,50 @@ use crate::progress;
 const JUICEFS_SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The workloads of a round, in order; venv is left out with `--no-venv`.
-const WORKLOADS: [&str; 4] = ["small_files", "appends", "untar", "venv"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    SmallFiles,
+    Appends,
+    Untar,
+    Venv,
+}
+
+impl Workload {
+    const ALL: [Workload; 4] = [
+        Workload::SmallFiles,
+        Workload::Appends,
+        Workload::Untar,
+        Workload::Venv,
+    ];
+
+    /// Its key in the report ([`Paired`] by workload).
+    fn name(self) -> &'static str {
+        match self {
+            Workload::SmallFiles => "small_files",
+            Workload::Appends => "appends",
+            Workload::Untar => "untar",
+            Workload::Venv => "venv",
+        }
+    }
+
+    /// One run in `dir`: files/s, appends/s, or venv's seconds (the one figure where lower is
+    /// better).
+    async fn run(
+        self,
+        dir: PathBuf,
+        plan: &Plan,
+        tarball: &Arc<Tarball>,
+    ) -> Result<f64, BenchError> {
+        let (small_files, appends, tarball) = (plan.small_files, plan.appends, tarball.clone());
+        blocking(move || match self {
+            Workload::SmallFiles => workloads::small_files(&dir, small_files, 4),
+            Workload::Appends => workloads::appends(&dir, appends).map(|a| a.per_s),
+            Workload::Untar => tarball.untar(&dir),
+            Workload::Venv => workloads::venv(&dir),
+        })
+        .await
+    }
+}
 
 /// One side of a pair: where it writes, and how to wait until it has uploaded everything.
 enum Side {
@@ -88,7 +131,7 @@ pub(super) async fn run(
         &work.join("mount-paired-stagefs.log"),
     )?;
     let cache = work.join("cache-paired-juicefs");
-    let mut theirs = juicefs.mount(
+    let theirs = juicefs.mount(
         meta,
         &work.join("mnt-paired-juicefs"),
         true,
@@ -106,8 +149,7 @@ pub(super) async fn run(
         },
     ];
     let outcome = rounds(&sides, args, plan, tarball).await;
-    harness::mount::fusermount_u(theirs.path(), false)?;
-    theirs.wait_exit(Duration::from_secs(60))?;
+    JuiceFs::unmount(theirs)?;
     ours.unmount()?;
     outcome
 }
@@ -122,54 +164,37 @@ async fn rounds(
     for round in 0..plan.peer_rounds {
         // Alternating who goes first cancels a steady drift of the machine within a pair.
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for workload in WORKLOADS {
-            if workload == "venv" && args.no_venv {
+        for workload in Workload::ALL {
+            if workload == Workload::Venv && args.no_venv {
                 continue;
             }
             let mut values = [0.0; 2];
             for &i in &order {
-                let side = &sides[i];
                 // Both: the side that just ran uploads what it staged (the gateway defers its
                 // uploads while writers write, then starts), which would land on this run.
                 for side in sides {
                     side.settle().await?;
                 }
-                let dir = side.root().join(format!("paired-{}", round + 1));
+                let runner = &sides[i];
+                let dir = runner.root().join(format!("paired-{}", round + 1));
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BenchError::io("cannot create", &dir, e))?;
-                values[i] = run_workload(workload, dir, plan, tarball).await?;
+                values[i] = workload.run(dir, plan, tarball).await?;
                 progress!(
-                    "[paired round {}] {workload} on {}: {:.2}",
+                    "[paired round {}] {} on {}: {:.2}",
                     round + 1,
-                    side.name(),
+                    workload.name(),
+                    runner.name(),
                     values[i]
                 );
             }
-            figures.entry(workload.to_string()).or_default().push(
-                values[0],
-                values[1],
-                workload == "venv",
-            );
+            figures
+                .entry(workload.name().to_string())
+                .or_default()
+                .push(values[0], values[1], workload == Workload::Venv);
         }
     }
     Ok(figures)
-}
-
-/// One run of `workload` in `dir`: files/s, appends/s, or venv's seconds.
-async fn run_workload(
-    workload: &'static str,
-    dir: PathBuf,
-    plan: &Plan,
-    tarball: &Arc<Tarball>,
-) -> Result<f64, BenchError> {
-    let (small_files, appends, tarball) = (plan.small_files, plan.appends, tarball.clone());
-    blocking(move || match workload {
-        "small_files" => workloads::small_files(&dir, small_files, 4),
-        "appends" => workloads::appends(&dir, appends).map(|a| a.per_s),
-        "untar" => tarball.untar(&dir),
-        _ => workloads::venv(&dir),
-    })
-    .await
 }
 
 /// Waits until no block is left in a `rawstaging` directory under `cache` (where JuiceFS
