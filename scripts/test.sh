@@ -47,4 +47,13 @@ awk '/^test result:/ {
      }
      END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
 echo "test: target/ holds $(du -sh "$target_dir" 2>/dev/null | cut -f1)"
+
+# Each failure's own output again, last: the end of a long log is what a CI page keeps, and a
+# failure in the middle of the run would otherwise be named there without its message.
+if [ "$status" -ne 0 ]; then
+    echo "test: what each failed test printed (first 60 lines each):"
+    awk '/^---- .* stdout ----$/ { shown = 0; inside = 1 }
+         /^failures:$/ { inside = 0 }
+         inside && shown < 60 { print substr($0, 1, 1000); shown++ }' "$log"
+fi
 exit "$status"

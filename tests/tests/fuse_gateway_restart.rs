@@ -483,16 +483,22 @@ fn acknowledged_appends_survive_gateway_sigkill() {
                 .map(|()| i)
         })
     };
+    let gateway_log = stack.gateway.log_path().to_path_buf();
     let wait_rows = |at_least: u64, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(90);
         while acked.load(Ordering::SeqCst) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: only {} rows acknowledged; failures: {:?}\nmount log:\n{}",
-                acked.load(Ordering::SeqCst),
-                failures.lock().unwrap(),
-                mnt.log_tail(30)
-            );
+            if Instant::now() >= deadline {
+                let failures = failures.lock().unwrap();
+                panic!(
+                    "{what}: only {} rows acknowledged; {} failures, the last: {:?}\nmount \
+                     log:\n{}\ngateway log:\n{}",
+                    acked.load(Ordering::SeqCst),
+                    failures.len(),
+                    &failures[failures.len().saturating_sub(5)..],
+                    mnt.log_tail(30),
+                    stagefs_tests::tail(&fs::read_to_string(&gateway_log).unwrap_or_default(), 20)
+                );
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     };
