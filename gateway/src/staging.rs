@@ -951,16 +951,19 @@ impl StagingLog {
 
     /// Flushes the device for another writer of it (the metadata region in the same device):
     /// returns once an `fdatasync` issued after this call completed, so every write of the
-    /// caller's that completed before it is durable. The flush is the log's own kind, through
-    /// its engine: it makes the log's written records durable too, and a failed one fails the
-    /// log, and this call with it, as a failed flush of the log's own would. Once
-    /// [`StagingLog::shutdown`] has begun it answers `ShuttingDown`: the caller flushes by itself.
-    pub async fn sync_device(&self) -> Result<(), StagingError> {
+    /// caller's that completed before it is durable, and with `queued` every [`Wait::Queued`]
+    /// record too. The flush is the log's own kind, through its engine: it makes the log's
+    /// written records durable too, and a failed one fails the log, and this call with it, as a
+    /// failed flush of the log's own would. Once [`StagingLog::shutdown`] has begun it answers
+    /// `ShuttingDown`: the caller flushes by itself.
+    pub async fn sync_device(&self, queued: bool) -> Result<(), StagingError> {
         if self.tasks.is_stopped() {
-            return Err(self.stopped_before_queued_writes());
+            return Err(self.stopped_before(queued));
         }
-        self.wait_written(self.queued_for_device_sync.load(Ordering::SeqCst))
-            .await?;
+        if queued {
+            self.wait_written(self.queued_for_device_sync.load(Ordering::SeqCst))
+                .await?;
+        }
         // A log that failed already answers with its reason, without a flush.
         self.flush().await.map_err(StagingError::Failed)?;
         self.not_failed_meanwhile()
@@ -980,10 +983,11 @@ impl StagingLog {
     }
 
     /// Why a stopped log cannot flush for another writer: `ShuttingDown` (the caller flushes by
-    /// itself) once every [`Wait::Queued`] record is written; else a failure, since a flush
-    /// without them could make durable a commit that names a block never written.
-    fn stopped_before_queued_writes(&self) -> StagingError {
-        if self.queued_written() {
+    /// itself) once every [`Wait::Queued`] record is written, or when the flush need not cover
+    /// them (`queued` false); else a failure, since a flush without them could make durable a
+    /// commit that names a block never written.
+    fn stopped_before(&self, queued: bool) -> StagingError {
+        if !queued || self.queued_written() {
             StagingError::ShuttingDown
         } else {
             StagingError::Failed(
@@ -1020,16 +1024,18 @@ impl StagingLog {
     /// holds the region's own page writes before it); once the flush outlasts
     /// `--device-timeout` the bookkeeping task fails the log, so every other writer is answered.
     /// `None`: the engine cannot flush on this thread, or the log has stopped; use
-    /// [`StagingLog::sync_device`].
-    pub fn sync_device_here(&self) -> Option<Result<(), StagingError>> {
+    /// [`StagingLog::sync_device`]. `queued`: as there.
+    pub fn sync_device_here(&self, queued: bool) -> Option<Result<(), StagingError>> {
         if self.tasks.is_stopped() {
-            return match self.stopped_before_queued_writes() {
+            return match self.stopped_before(queued) {
                 StagingError::ShuttingDown => None,
                 error => Some(Err(error)),
             };
         }
-        if let Err(error) = self.wait_queued_written_here() {
-            return Some(Err(error));
+        if queued {
+            if let Err(error) = self.wait_queued_written_here() {
+                return Some(Err(error));
+            }
         }
         let (watermark, durable) = match self.before_flush() {
             Ok(positions) => positions,

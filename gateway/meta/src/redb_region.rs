@@ -331,17 +331,25 @@ struct Region {
 }
 
 /// The owner of the device the region lives in, when it writes the device too (the staging
-/// log): given so that the region's pages never reach the device before what they may name, and
-/// so that one flush covers both and a flush error is seen in one place. Both are called on a
-/// thread that may block, with the region's state locked.
+/// log): given so that a commit never reaches the device before what it may name, and so that
+/// one flush covers both and a flush error is seen in one place. Both are called on a thread
+/// that may block, with the region's state locked.
+///
+/// Only redb's header (data block 0) makes pages reachable after a crash: pages written without
+/// it are unreachable until a later batch writes a header naming them. So only a batch with the
+/// header waits for the owner's writes, and a sync waits for them before it locks the region's
+/// state. Nothing else may wait: redb flushes while it grows the file, holding locks that
+/// readers on the runtime's workers block on (as they block on the region's state), and the
+/// owner's writes need those workers to finish (a gateway deadlocked so, 2026-12-06).
 pub trait SharedDevice: Send + Sync {
     /// Returns once every write of the owner's that a page about to be written may name is on
     /// the device (a block a commit among those pages points at), or says why it never will be.
-    /// Called before every batch of page writes: a commit's pages on the device without its
-    /// block could become durable through anyone's later flush.
+    /// Called before a batch of page writes that holds redb's header: a commit on the device
+    /// without its block could become durable through anyone's later flush.
     fn before_writes(&self) -> io::Result<()>;
-    /// Flushes the whole device (`fdatasync`): every write completed before the call. `None`:
-    /// the owner cannot now (it stopped); the region flushes itself.
+    /// Flushes the whole device (`fdatasync`): every write completed before the call. It must
+    /// not wait for other writes of the owner's (see above). `None`: the owner cannot now (it
+    /// stopped); the region flushes itself.
     fn sync(&self) -> Option<io::Result<()>>;
 }
 
@@ -361,6 +369,9 @@ struct State {
     /// What the device holds in data block 0, redb's header, once written: redb rewrites part of
     /// it at every commit, and reading it back first cost a device read per commit.
     written0: Option<Box<[u8]>>,
+    /// Block 0 (redb's header) was written since the last sync: the next one waits for the
+    /// owner's writes first ([`SharedDevice::before_writes`]).
+    header_unsynced: bool,
 }
 
 impl std::fmt::Debug for RegionBackend {
@@ -495,6 +506,7 @@ impl RegionBackend {
                     dirty: BTreeSet::new(),
                     pending: BTreeMap::new(),
                     written0: None,
+                    header_unsynced: false,
                 }),
                 locked: Mutex::new(false),
                 ring: match io_uring::IoUring::new(RING_ENTRIES) {
@@ -657,6 +669,7 @@ impl Region {
             self.read_blocks(state, last - 1, &mut buf[at..], last - 1 != 0)?;
         }
         buf[head..head + data.len()].copy_from_slice(data);
+        state.header_unsynced |= first == 0;
         for (i, block_data) in buf.chunks_exact(BLOCK_USIZE).enumerate() {
             let block = first + i as u64;
             state.entries[block as usize] = WRITTEN | u64::from(block_crc(block, block_data));
@@ -673,7 +686,7 @@ impl Region {
     /// Writes the pending blocks to the device (without a sync).
     fn write_pending(&self, state: &mut State) -> Result<(), RegionError> {
         let (runs, writes) = self.pending_runs(state);
-        let outcomes = self.write_batch(&writes);
+        let outcomes = self.write_batch(&writes, false);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect()
     }
@@ -723,8 +736,22 @@ impl Region {
     /// the database, so its runs are short and many, and each `O_DIRECT` write waits for the
     /// device: they go out side by side in one io_uring submission, one by one where io_uring
     /// cannot be used.
-    fn write_batch(&self, writes: &[(u64, Aligned)]) -> Vec<Result<(), RegionError>> {
-        if let Some(owner) = self.shared_device.get() {
+    /// With `owner_ready` the caller has waited for the owner's writes
+    /// ([`SharedDevice::before_writes`]) since the header was last written.
+    fn write_batch(
+        &self,
+        writes: &[(u64, Aligned)],
+        owner_ready: bool,
+    ) -> Vec<Result<(), RegionError>> {
+        let header = self.data_offset(0);
+        let names_roots = writes
+            .iter()
+            .any(|(at, buf)| (*at..*at + buf.len() as u64).contains(&header));
+        if let Some(owner) = self
+            .shared_device
+            .get()
+            .filter(|_| names_roots && !owner_ready)
+        {
             if let Err(e) = owner.before_writes() {
                 let error = |(at, _): &(u64, Aligned)| {
                     Err(self.io(*at, io::Error::new(e.kind(), e.to_string())))
@@ -850,7 +877,7 @@ impl Region {
     /// header copy in one batch, then `fdatasync`s: nothing before the sync was promised, so the
     /// order among them does not matter (a block or table entry written after the last sync is
     /// one no durable commit reaches).
-    fn sync_locked(&self, state: &mut State) -> Result<(), RegionError> {
+    fn sync_locked(&self, state: &mut State, owner_ready: bool) -> Result<(), RegionError> {
         let (runs, mut writes) = self.pending_runs(state);
         let table = self.base + 2 * BLOCK;
         for &table_block in &state.dirty {
@@ -877,7 +904,7 @@ impl Region {
             writes.push((self.base + (header.sequence % 2) * BLOCK, header.encode()));
         }
         let started = std::time::Instant::now();
-        let outcomes = self.write_batch(&writes);
+        let outcomes = self.write_batch(&writes, owner_ready);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
         let wrote = started.elapsed();
@@ -895,6 +922,7 @@ impl Region {
         metrics::counter!("stagefs_meta_region_written_bytes_total")
             .increment(writes.iter().map(|(_, buf)| buf.len() as u64).sum());
         state.dirty.clear();
+        state.header_unsynced = false;
         if header_changed {
             state.sequence += 1;
             state.persisted_len = state.len;
@@ -972,8 +1000,18 @@ impl redb::StorageBackend for RegionBackend {
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
+        // The owner's writes are waited for before the state is locked: the region's readers
+        // (redb's page reads, on the runtime's workers) would wait behind the lock, and the
+        // owner's writes need those workers to finish.
+        let owner_ready = match self.region.shared_device.get() {
+            Some(owner) if self.region.read_state().header_unsynced => {
+                owner.before_writes()?;
+                true
+            }
+            _ => false,
+        };
         let mut state = self.region.write_state();
-        Ok(self.region.sync_locked(&mut state)?)
+        Ok(self.region.sync_locked(&mut state, owner_ready)?)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
@@ -1174,9 +1212,10 @@ mod tests {
         }
     }
 
-    /// Every batch of page writes asks the device's owner first; while it refuses (a block a
-    /// commit names failed its write), the sync fails and no page reaches the device, so no
-    /// later flush can make that commit durable; once it agrees, the next sync writes them.
+    /// Every batch of page writes with redb's header asks the device's owner first; while it
+    /// refuses (a block a commit names failed its write), the sync fails and no page reaches the
+    /// device, so no later flush can make that commit durable; once it agrees, the next sync
+    /// writes them.
     #[test]
     fn pages_wait_for_the_owners_writes_and_go_nowhere_when_it_refuses() {
         use std::sync::atomic::Ordering::SeqCst;
@@ -1189,7 +1228,7 @@ mod tests {
         let asked = owner.asked.load(SeqCst);
         assert!(asked >= 1, "a sync wrote pages without asking the owner");
         owner.refuse.store(true, SeqCst);
-        backend.write(BLOCK, &pattern(2 * BLOCK_USIZE, 2)).unwrap();
+        backend.write(0, &pattern(3 * BLOCK_USIZE, 2)).unwrap();
         let refused = backend.sync_data();
         assert!(refused.is_err(), "a sync went on past the owner's refusal");
         assert!(owner.asked.load(SeqCst) > asked);
@@ -1205,12 +1244,77 @@ mod tests {
         backend.sync_data().unwrap();
         drop(backend);
         let mut model = pattern(4 * BLOCK_USIZE, 1);
-        model[BLOCK_USIZE..3 * BLOCK_USIZE].copy_from_slice(&pattern(2 * BLOCK_USIZE, 2));
+        model[..3 * BLOCK_USIZE].copy_from_slice(&pattern(3 * BLOCK_USIZE, 2));
         open(&path).read(0, &mut out).unwrap();
         assert!(
             out == model,
             "the pages held back were not written by the next sync"
         );
+    }
+
+    /// A sync waits for the owner's writes before it locks the region's state: those writes may
+    /// need a worker thread that is reading the region meanwhile, blocked on that lock.
+    #[test]
+    fn a_sync_waits_for_the_owner_before_it_locks_out_readers() {
+        struct NeedsAReader(std::sync::OnceLock<std::sync::Weak<RegionBackend>>);
+        impl SharedDevice for NeedsAReader {
+            fn before_writes(&self) -> io::Result<()> {
+                let backend = self.0.get().and_then(|b| b.upgrade()).expect("the backend");
+                let (read, was_read) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let mut out = vec![0u8; BLOCK_USIZE];
+                    let _ = read.send(backend.read(0, &mut out).map(drop));
+                });
+                match was_read.recv_timeout(std::time::Duration::from_secs(30)) {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(io::Error::other(
+                        "a reader of the region was locked out while the owner waited",
+                    )),
+                }
+            }
+
+            fn sync(&self) -> Option<io::Result<()>> {
+                None
+            }
+        }
+        let (_dir, path) = device();
+        let backend = Arc::new(open(&path));
+        let owner = Arc::new(NeedsAReader(std::sync::OnceLock::new()));
+        let _ = owner.0.set(Arc::downgrade(&backend));
+        backend.set_shared_device(owner);
+        backend.write(0, &pattern(2 * BLOCK_USIZE, 1)).unwrap();
+        backend.sync_data().unwrap();
+    }
+
+    /// Pages without redb's header name nothing a crash can reach, so they go to the device
+    /// without asking the owner, even while it refuses: redb flushes so while it grows the file,
+    /// holding locks that the owner's writes may wait behind.
+    #[test]
+    fn pages_without_the_header_do_not_wait_for_the_owner() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dir, path) = device();
+        let backend = open(&path);
+        let owner = Arc::new(Owner::default());
+        backend.set_shared_device(owner.clone());
+        backend.write(0, &pattern(BLOCK_USIZE, 1)).unwrap();
+        backend.sync_data().unwrap();
+        let asked = owner.asked.load(SeqCst);
+        owner.refuse.store(true, SeqCst);
+        backend.write(BLOCK, &pattern(3 * BLOCK_USIZE, 2)).unwrap();
+        backend.sync_data().unwrap();
+        assert_eq!(
+            owner.asked.load(SeqCst),
+            asked,
+            "pages without the header asked the owner"
+        );
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy).unwrap();
+        let mut out = vec![0u8; 4 * BLOCK_USIZE];
+        open(&copy).read(0, &mut out).unwrap();
+        let mut model = pattern(4 * BLOCK_USIZE, 0);
+        model[..BLOCK_USIZE].copy_from_slice(&pattern(BLOCK_USIZE, 1));
+        model[BLOCK_USIZE..].copy_from_slice(&pattern(3 * BLOCK_USIZE, 2));
+        assert!(out == model, "the synced pages did not reach the device");
     }
 
     /// Past `PENDING_LIMIT` the blocks are written early (a large transaction does not hold

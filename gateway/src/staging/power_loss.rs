@@ -183,7 +183,8 @@ impl Harness {
                 written.push((slice, len));
             }
         }
-        if wait == Wait::Queued && !written.is_empty() && self.log.sync_device().await.is_err() {
+        if wait == Wait::Queued && !written.is_empty() && self.log.sync_device(true).await.is_err()
+        {
             return;
         }
         for (slice, len) in written {

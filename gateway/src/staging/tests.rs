@@ -219,10 +219,10 @@ async fn open_faulty_volume(
 /// the gateway's region does), else handed to the pool ([`StagingLog::sync_device`]).
 async fn flush_for_region(log: &Arc<StagingLog>, here: bool) -> Result<(), StagingError> {
     if !here {
-        return log.sync_device().await;
+        return log.sync_device(true).await;
     }
     let log = log.clone();
-    tokio::task::spawn_blocking(move || log.sync_device_here())
+    tokio::task::spawn_blocking(move || log.sync_device_here(true))
         .await
         .unwrap()
         .expect("both engines flush on the caller's thread")
