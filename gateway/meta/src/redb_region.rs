@@ -683,9 +683,15 @@ impl Region {
         Ok(())
     }
 
-    /// Writes the pending blocks to the device (without a sync).
+    /// Writes the pending blocks to the device (without a sync), but for redb's header: that one
+    /// waits for the sync, which waits for the owner's writes before it locks the state
+    /// ([`SharedDevice`]).
     fn write_pending(&self, state: &mut State) -> Result<(), RegionError> {
+        let header = state.pending.remove(&0);
         let (runs, writes) = self.pending_runs(state);
+        if let Some(header) = header {
+            state.pending.insert(0, header);
+        }
         let outcomes = self.write_batch(&writes, false);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect()
@@ -1318,15 +1324,19 @@ mod tests {
     }
 
     /// Past `PENDING_LIMIT` the blocks are written early (a large transaction does not hold
-    /// them all in memory), and still read back and survive the sync.
+    /// them all in memory), and still read back and survive the sync. redb's header is left for
+    /// the sync: written early, it would wait for the owner's writes with the state locked.
     #[test]
     fn a_large_transaction_writes_its_blocks_early() {
+        use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("device");
         let bytes = (PENDING_LIMIT as u64) * 2;
         File::create(&path).unwrap().set_len(bytes).unwrap();
         format(&open_direct(&path).unwrap(), "test", 0, bytes).unwrap();
         let backend = RegionBackend::open(open_direct(&path).unwrap(), "test", 0, bytes).unwrap();
+        let owner = Arc::new(Owner::default());
+        backend.set_shared_device(owner.clone());
         let len = PENDING_LIMIT + 8 * BLOCK_USIZE;
         let data = pattern(len, 3);
         for (i, piece) in data.chunks(BLOCK_USIZE * 16).enumerate() {
@@ -1337,10 +1347,21 @@ mod tests {
             held <= PENDING_LIMIT,
             "{held} bytes held, the limit is {PENDING_LIMIT}"
         );
+        assert!(backend.region.read_state().pending.contains_key(&0));
+        assert_eq!(
+            owner.asked.load(SeqCst),
+            0,
+            "an early write asked the owner"
+        );
         let mut out = vec![0u8; len];
         backend.read(0, &mut out).unwrap();
         assert!(out == data);
         backend.sync_data().unwrap();
+        assert_eq!(
+            owner.asked.load(SeqCst),
+            1,
+            "the sync did not ask the owner"
+        );
         drop(backend);
         let reopened = RegionBackend::open(open_direct(&path).unwrap(), "test", 0, bytes).unwrap();
         reopened.read(0, &mut out).unwrap();
