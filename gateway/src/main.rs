@@ -543,11 +543,9 @@ impl meta::redb_region::SharedDevice for LogOwnsDevice {
         // redb's durable commits run on blocking threads; should one run on a worker,
         // block_in_place hands its other tasks to another worker meanwhile. The flush is
         // issued on this thread where the engine can (two wake-ups fewer per commit).
-        // The region waited for the queued blocks a commit may name (`before_writes`) before
-        // it locked its state; waiting here, under that lock, could deadlock (SharedDevice).
-        let flushed = tokio::task::block_in_place(|| match self.log.sync_device_here(false) {
+        let flushed = tokio::task::block_in_place(|| match self.log.sync_device_here() {
             Some(flushed) => flushed,
-            None => self.runtime.block_on(self.log.sync_device(false)),
+            None => self.runtime.block_on(self.log.sync_device()),
         });
         match flushed {
             Ok(()) => Some(Ok(())),

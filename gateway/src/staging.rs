@@ -215,11 +215,11 @@ pub enum Wait {
     /// The log's own group commit: an `fdatasync` issued after the record was written.
     Durable,
     /// Nothing: the record is queued for its write and indexed at once, and the write overlaps
-    /// whatever the caller does next. The next flush of the device for another writer
-    /// ([`StagingLog::sync_device`], [`StagingLog::sync_device_here`]) waits until it and every
-    /// record before it are written (a recovery scan stops only at a hole, and then there is
-    /// none before it) before it flushes, and so do a read of the block and the metadata region
-    /// before it writes pages ([`StagingLog::wait_queued_written_here`]). For a `WriteSlice`
+    /// whatever the caller does next. Another writer of the device (the metadata region) waits
+    /// until it and every record before it are written (a recovery scan stops only at a hole,
+    /// and then there is none before it) before it writes pages that may name it
+    /// ([`StagingLog::wait_queued_written`]), then flushes ([`StagingLog::sync_device`]); a
+    /// read of the block waits so too. For a `WriteSlice`
     /// whose commit goes to the metadata in the same device: the block is written while the
     /// commit's transaction is made, and the commit's own flush makes both durable; the commit's
     /// pages never reach the device before the block.
@@ -951,18 +951,15 @@ impl StagingLog {
 
     /// Flushes the device for another writer of it (the metadata region in the same device):
     /// returns once an `fdatasync` issued after this call completed, so every write of the
-    /// caller's that completed before it is durable, and with `queued` every [`Wait::Queued`]
-    /// record too. The flush is the log's own kind, through its engine: it makes the log's
-    /// written records durable too, and a failed one fails the log, and this call with it, as a
-    /// failed flush of the log's own would. Once [`StagingLog::shutdown`] has begun it answers
-    /// `ShuttingDown`: the caller flushes by itself.
-    pub async fn sync_device(&self, queued: bool) -> Result<(), StagingError> {
+    /// caller's that completed before it is durable. It does not wait for [`Wait::Queued`]
+    /// records: the caller waits for them first ([`StagingLog::wait_queued_written`]), before
+    /// it holds anything a write of the log's may wait behind. The flush is the log's own kind,
+    /// through its engine: it makes the log's written records durable too, and a failed one
+    /// fails the log, and this call with it, as a failed flush of the log's own would. Once
+    /// [`StagingLog::shutdown`] has begun it answers `ShuttingDown`: the caller flushes by itself.
+    pub async fn sync_device(&self) -> Result<(), StagingError> {
         if self.tasks.is_stopped() {
-            return Err(self.stopped_before(queued));
-        }
-        if queued {
-            self.wait_written(self.queued_for_device_sync.load(Ordering::SeqCst))
-                .await?;
+            return Err(StagingError::ShuttingDown);
         }
         // A log that failed already answers with its reason, without a flush.
         self.flush().await.map_err(StagingError::Failed)?;
@@ -974,28 +971,26 @@ impl StagingLog {
         *self.written.borrow() >= self.queued_for_device_sync.load(Ordering::SeqCst)
     }
 
-    /// Blocks the calling thread until every [`Wait::Queued`] record is written, or the log
-    /// fails: for the metadata region, before it writes pages that may name them.
-    pub fn wait_queued_written_here(&self) -> Result<(), StagingError> {
-        let queued = self.queued_for_device_sync.load(Ordering::SeqCst);
-        // The write tasks run on the runtime's workers and the ring's thread, never this one.
-        futures::executor::block_on(self.wait_written(queued))
-    }
-
-    /// Why a stopped log cannot flush for another writer: `ShuttingDown` (the caller flushes by
-    /// itself) once every [`Wait::Queued`] record is written, or when the flush need not cover
-    /// them (`queued` false); else a failure, since a flush without them could make durable a
-    /// commit that names a block never written.
-    fn stopped_before(&self, queued: bool) -> StagingError {
-        if !queued || self.queued_written() {
-            StagingError::ShuttingDown
-        } else {
-            StagingError::Failed(
+    /// Until every [`Wait::Queued`] record is written, or the log fails: for the metadata
+    /// region, before it writes pages that may name them. A log that stopped before they were
+    /// written fails it: a flush without them could make durable a commit that names a block
+    /// never written.
+    pub async fn wait_queued_written(&self) -> Result<(), StagingError> {
+        if self.tasks.is_stopped() && !self.queued_written() {
+            return Err(StagingError::Failed(
                 "the staging log stopped before a block queued for the metadata's flush was \
                  written"
                     .into(),
-            )
+            ));
         }
+        self.wait_written(self.queued_for_device_sync.load(Ordering::SeqCst))
+            .await
+    }
+
+    /// [`StagingLog::wait_queued_written`], blocking the calling thread.
+    pub fn wait_queued_written_here(&self) -> Result<(), StagingError> {
+        // The write tasks run on the runtime's workers and the ring's thread, never this one.
+        futures::executor::block_on(self.wait_queued_written())
     }
 
     /// A failure recorded while a flush for another writer ran (a write of the log's) stands.
@@ -1024,18 +1019,10 @@ impl StagingLog {
     /// holds the region's own page writes before it); once the flush outlasts
     /// `--device-timeout` the bookkeeping task fails the log, so every other writer is answered.
     /// `None`: the engine cannot flush on this thread, or the log has stopped; use
-    /// [`StagingLog::sync_device`]. `queued`: as there.
-    pub fn sync_device_here(&self, queued: bool) -> Option<Result<(), StagingError>> {
+    /// [`StagingLog::sync_device`], which it is in all but the thread.
+    pub fn sync_device_here(&self) -> Option<Result<(), StagingError>> {
         if self.tasks.is_stopped() {
-            return match self.stopped_before(queued) {
-                StagingError::ShuttingDown => None,
-                error => Some(Err(error)),
-            };
-        }
-        if queued {
-            if let Err(error) = self.wait_queued_written_here() {
-                return Some(Err(error));
-            }
+            return None;
         }
         let (watermark, durable) = match self.before_flush() {
             Ok(positions) => positions,

@@ -333,19 +333,19 @@ struct Region {
 /// The owner of the device the region lives in, when it writes the device too (the staging
 /// log): given so that a commit never reaches the device before what it may name, and so that
 /// one flush covers both and a flush error is seen in one place. Both are called on a thread
-/// that may block, with the region's state locked.
+/// that may block.
 ///
 /// Only redb's header (data block 0) makes pages reachable after a crash: pages written without
-/// it are unreachable until a later batch writes a header naming them. So only a batch with the
-/// header waits for the owner's writes, and a sync waits for them before it locks the region's
-/// state. Nothing else may wait: redb flushes while it grows the file, holding locks that
-/// readers on the runtime's workers block on (as they block on the region's state), and the
-/// owner's writes need those workers to finish (a gateway deadlocked so, 2026-12-06).
+/// it are unreachable until a later batch writes a header naming them. So the header is written
+/// by a sync only, which waits for the owner's writes first, before it locks the region's state.
+/// Nothing else may wait: redb flushes while it grows the file, holding locks that readers on
+/// the runtime's workers block on (as they block on the region's state), and the owner's writes
+/// need those workers to finish (a gateway deadlocked so, 2026-12-06).
 pub trait SharedDevice: Send + Sync {
     /// Returns once every write of the owner's that a page about to be written may name is on
     /// the device (a block a commit among those pages points at), or says why it never will be.
-    /// Called before a batch of page writes that holds redb's header: a commit on the device
-    /// without its block could become durable through anyone's later flush.
+    /// Called before a sync that writes redb's header: a commit on the device without its block
+    /// could become durable through anyone's later flush.
     fn before_writes(&self) -> io::Result<()>;
     /// Flushes the whole device (`fdatasync`): every write completed before the call. It must
     /// not wait for other writes of the owner's (see above). `None`: the owner cannot now (it
@@ -369,9 +369,6 @@ struct State {
     /// What the device holds in data block 0, redb's header, once written: redb rewrites part of
     /// it at every commit, and reading it back first cost a device read per commit.
     written0: Option<Box<[u8]>>,
-    /// Block 0 (redb's header) was written since the last sync: the next one waits for the
-    /// owner's writes first ([`SharedDevice::before_writes`]).
-    header_unsynced: bool,
 }
 
 impl std::fmt::Debug for RegionBackend {
@@ -506,7 +503,6 @@ impl RegionBackend {
                     dirty: BTreeSet::new(),
                     pending: BTreeMap::new(),
                     written0: None,
-                    header_unsynced: false,
                 }),
                 locked: Mutex::new(false),
                 ring: match io_uring::IoUring::new(RING_ENTRIES) {
@@ -669,7 +665,6 @@ impl Region {
             self.read_blocks(state, last - 1, &mut buf[at..], last - 1 != 0)?;
         }
         buf[head..head + data.len()].copy_from_slice(data);
-        state.header_unsynced |= first == 0;
         for (i, block_data) in buf.chunks_exact(BLOCK_USIZE).enumerate() {
             let block = first + i as u64;
             state.entries[block as usize] = WRITTEN | u64::from(block_crc(block, block_data));
@@ -692,7 +687,7 @@ impl Region {
         if let Some(header) = header {
             state.pending.insert(0, header);
         }
-        let outcomes = self.write_batch(&writes, false);
+        let outcomes = self.write_batch(&writes);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect()
     }
@@ -742,29 +737,7 @@ impl Region {
     /// the database, so its runs are short and many, and each `O_DIRECT` write waits for the
     /// device: they go out side by side in one io_uring submission, one by one where io_uring
     /// cannot be used.
-    /// With `owner_ready` the caller has waited for the owner's writes
-    /// ([`SharedDevice::before_writes`]) since the header was last written.
-    fn write_batch(
-        &self,
-        writes: &[(u64, Aligned)],
-        owner_ready: bool,
-    ) -> Vec<Result<(), RegionError>> {
-        let header = self.data_offset(0);
-        let names_roots = writes
-            .iter()
-            .any(|(at, buf)| (*at..*at + buf.len() as u64).contains(&header));
-        if let Some(owner) = self
-            .shared_device
-            .get()
-            .filter(|_| names_roots && !owner_ready)
-        {
-            if let Err(e) = owner.before_writes() {
-                let error = |(at, _): &(u64, Aligned)| {
-                    Err(self.io(*at, io::Error::new(e.kind(), e.to_string())))
-                };
-                return writes.iter().map(error).collect();
-            }
-        }
+    fn write_batch(&self, writes: &[(u64, Aligned)]) -> Vec<Result<(), RegionError>> {
         let one_by_one = |writes: &[(u64, Aligned)]| -> Vec<Result<(), RegionError>> {
             writes
                 .iter()
@@ -883,7 +856,7 @@ impl Region {
     /// header copy in one batch, then `fdatasync`s: nothing before the sync was promised, so the
     /// order among them does not matter (a block or table entry written after the last sync is
     /// one no durable commit reaches).
-    fn sync_locked(&self, state: &mut State, owner_ready: bool) -> Result<(), RegionError> {
+    fn sync_locked(&self, state: &mut State) -> Result<(), RegionError> {
         let (runs, mut writes) = self.pending_runs(state);
         let table = self.base + 2 * BLOCK;
         for &table_block in &state.dirty {
@@ -910,7 +883,7 @@ impl Region {
             writes.push((self.base + (header.sequence % 2) * BLOCK, header.encode()));
         }
         let started = std::time::Instant::now();
-        let outcomes = self.write_batch(&writes, owner_ready);
+        let outcomes = self.write_batch(&writes);
         self.settle(state, &runs, &outcomes);
         outcomes.into_iter().collect::<Result<(), _>>()?;
         let wrote = started.elapsed();
@@ -928,7 +901,6 @@ impl Region {
         metrics::counter!("stagefs_meta_region_written_bytes_total")
             .increment(writes.iter().map(|(_, buf)| buf.len() as u64).sum());
         state.dirty.clear();
-        state.header_unsynced = false;
         if header_changed {
             state.sequence += 1;
             state.persisted_len = state.len;
@@ -1008,16 +980,20 @@ impl redb::StorageBackend for RegionBackend {
     fn sync_data(&self) -> Result<(), io::Error> {
         // The owner's writes are waited for before the state is locked: the region's readers
         // (redb's page reads, on the runtime's workers) would wait behind the lock, and the
-        // owner's writes need those workers to finish.
-        let owner_ready = match self.region.shared_device.get() {
-            Some(owner) if self.region.read_state().header_unsynced => {
-                owner.before_writes()?;
-                true
+        // owner's writes need those workers to finish. Only redb, the caller, writes the header
+        // meanwhile.
+        if let Some(owner) = self.region.shared_device.get() {
+            if self.region.read_state().pending.contains_key(&0) {
+                owner.before_writes().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("metadata region of {}: {e}", self.region.device),
+                    )
+                })?;
             }
-            _ => false,
-        };
+        }
         let mut state = self.region.write_state();
-        Ok(self.region.sync_locked(&mut state, owner_ready)?)
+        Ok(self.region.sync_locked(&mut state)?)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
@@ -1079,6 +1055,16 @@ mod tests {
 
     fn open(path: &std::path::Path) -> RegionBackend {
         RegionBackend::open(open_direct(path).unwrap(), "test", BASE, BYTES).unwrap()
+    }
+
+    /// The first `len` bytes of the region in the device at `path`, as a crash now would leave
+    /// them: read from a copy in `dir`, opened afresh.
+    fn as_after_a_crash(dir: &std::path::Path, path: &std::path::Path, len: usize) -> Vec<u8> {
+        let copy = dir.join("copy");
+        std::fs::copy(path, &copy).unwrap();
+        let mut out = vec![0u8; len];
+        open(&copy).read(0, &mut out).unwrap();
+        out
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -1174,12 +1160,8 @@ mod tests {
                 out == model,
                 "ring {ring}: a pending block reads back other bytes"
             );
-            let before_sync = dir.path().join("copy");
-            std::fs::copy(&path, &before_sync).unwrap();
-            let crashed = open(&before_sync);
-            crashed.read(0, &mut out).unwrap();
             assert!(
-                out == pattern(16 * BLOCK_USIZE, 1),
+                as_after_a_crash(dir.path(), &path, out.len()) == pattern(16 * BLOCK_USIZE, 1),
                 "ring {ring}: a block reached the device before the sync"
             );
             backend.sync_data().unwrap();
@@ -1238,12 +1220,8 @@ mod tests {
         let refused = backend.sync_data();
         assert!(refused.is_err(), "a sync went on past the owner's refusal");
         assert!(owner.asked.load(SeqCst) > asked);
-        let copy = dir.path().join("copy");
-        std::fs::copy(&path, &copy).unwrap();
-        let mut out = vec![0u8; 4 * BLOCK_USIZE];
-        open(&copy).read(0, &mut out).unwrap();
         assert!(
-            out == pattern(4 * BLOCK_USIZE, 1),
+            as_after_a_crash(dir.path(), &path, 4 * BLOCK_USIZE) == pattern(4 * BLOCK_USIZE, 1),
             "a page reached the device although the owner refused"
         );
         owner.refuse.store(false, SeqCst);
@@ -1251,6 +1229,7 @@ mod tests {
         drop(backend);
         let mut model = pattern(4 * BLOCK_USIZE, 1);
         model[..3 * BLOCK_USIZE].copy_from_slice(&pattern(3 * BLOCK_USIZE, 2));
+        let mut out = vec![0u8; 4 * BLOCK_USIZE];
         open(&path).read(0, &mut out).unwrap();
         assert!(
             out == model,
@@ -1313,10 +1292,7 @@ mod tests {
             asked,
             "pages without the header asked the owner"
         );
-        let copy = dir.path().join("copy");
-        std::fs::copy(&path, &copy).unwrap();
-        let mut out = vec![0u8; 4 * BLOCK_USIZE];
-        open(&copy).read(0, &mut out).unwrap();
+        let out = as_after_a_crash(dir.path(), &path, 4 * BLOCK_USIZE);
         let mut model = pattern(4 * BLOCK_USIZE, 0);
         model[..BLOCK_USIZE].copy_from_slice(&pattern(BLOCK_USIZE, 1));
         model[BLOCK_USIZE..].copy_from_slice(&pattern(3 * BLOCK_USIZE, 2));

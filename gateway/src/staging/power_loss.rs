@@ -160,8 +160,9 @@ impl Harness {
         self.write_waiting(lens, Wait::Durable).await;
     }
 
-    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Queued`], then asks
-    /// for a flush of the device ([`StagingLog::sync_device`]), as the metadata's durable
+    /// Writes fresh blocks concurrently, waiting for `wait`; with [`Wait::Queued`], then waits
+    /// for them to be written and asks for a flush of the device ([`StagingLog::sync_device`]),
+    /// as the metadata's durable
     /// commit does after a `WriteSlice` staged its block, and only what that flush covered is
     /// acknowledged.
     async fn write_waiting(&mut self, lens: &[u32], wait: Wait) {
@@ -183,9 +184,15 @@ impl Harness {
                 written.push((slice, len));
             }
         }
-        if wait == Wait::Queued && !written.is_empty() && self.log.sync_device(true).await.is_err()
-        {
-            return;
+        if wait == Wait::Queued && !written.is_empty() {
+            // As the region does: the queued records first, then the flush.
+            let flushed = match self.log.wait_queued_written().await {
+                Ok(()) => self.log.sync_device().await,
+                Err(e) => Err(e),
+            };
+            if flushed.is_err() {
+                return;
+            }
         }
         for (slice, len) in written {
             self.known.insert(slice, (len, Known::Acked));

@@ -215,17 +215,22 @@ async fn open_faulty_volume(
 }
 
 /// A flush of the device asked for by another writer of it (the metadata region's durable
-/// commit): on the caller's thread where the engine can ([`StagingLog::sync_device_here`], what
-/// the gateway's region does), else handed to the pool ([`StagingLog::sync_device`]).
+/// commit), after the queued records it may name are written: on the caller's thread where the
+/// engine can ([`StagingLog::sync_device_here`], what the gateway's region does), else handed
+/// to the pool ([`StagingLog::sync_device`]).
 async fn flush_for_region(log: &Arc<StagingLog>, here: bool) -> Result<(), StagingError> {
     if !here {
-        return log.sync_device(true).await;
+        log.wait_queued_written().await?;
+        return log.sync_device().await;
     }
     let log = log.clone();
-    tokio::task::spawn_blocking(move || log.sync_device_here(true))
-        .await
-        .unwrap()
-        .expect("both engines flush on the caller's thread")
+    tokio::task::spawn_blocking(move || {
+        log.wait_queued_written_here()?;
+        log.sync_device_here()
+            .expect("both engines flush on the caller's thread")
+    })
+    .await
+    .unwrap()
 }
 
 /// The log recovered from what a power cut leaves of the faulty log's device in `dir` (from a
